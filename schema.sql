@@ -23,8 +23,9 @@ CREATE TABLE sessions (
 );
 
 -- Covering index for one user's earnings: the sums never touch the table.
+-- id after the receive time gives the (received_at_us, id) keyset order.
 CREATE INDEX sessions_by_user
-    ON sessions (user_id, received_at_us, property_id, revenue_nano, ads_viewed, duration_s);
+    ON sessions (user_id, received_at_us, id, property_id, revenue_nano, ads_viewed, duration_s);
 
 -- Postbacks that passed auth but were refused with 400: kept for inspection.
 CREATE TABLE rejected (
@@ -43,3 +44,9 @@ CREATE TABLE conflicts (
     stored_body     TEXT    NOT NULL,
     new_body        TEXT    NOT NULL
 );
+
+-- version 2
+-- Covering index on the receive time, for the payout export and the
+-- reconciliation totals, which read one window of receipts.
+CREATE INDEX sessions_by_time
+    ON sessions (received_at_us, user_id, property_id, country, revenue_nano, ads_viewed, duration_s);

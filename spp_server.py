@@ -10,10 +10,14 @@ Sections: configuration, money and time, storage, validation, HTTP, server/CLI.
 """
 
 import argparse
+import base64
 import concurrent.futures
+import csv
 import decimal
 import hmac
+import io
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -26,6 +30,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
@@ -42,6 +47,7 @@ DEFAULTS = {
     "port": 8080,
     "threads": 4,
     "busy_timeout_ms": 5000,
+    "reward_share": None,  # Decimal in (0, 1]: adds rewardable-revenue to earnings
     "postback_tokens": (),  # bytes; empty = postbacks need no auth
     "read_tokens": (),  # bytes; empty = reads need no auth (loopback only)
 }
@@ -52,6 +58,16 @@ SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 
 class ConfigError(Exception):
     """A setting that makes it unsafe or impossible to start."""
+
+
+class Invalid(Exception):
+    """Input that breaks a rule, naming the field or parameter: answered 400
+    (and, for a postback, kept in the `rejected` table)."""
+
+    def __init__(self, field, message):
+        super().__init__(message)
+        self.field = field
+        self.message = message
 
 
 def load_tokens(env_var, credential_name, environ):
@@ -102,6 +118,7 @@ NANO = decimal.Decimal("1e-9")
 MAX_REVENUE = decimal.Decimal(1_000_000)
 # Wide enough that no valid revenue below MAX_REVENUE loses a digit.
 MONEY_CONTEXT = decimal.Context(prec=40, rounding=decimal.ROUND_HALF_EVEN)
+REWARD_CONTEXT = decimal.Context(prec=60)  # exact for any stored sum times any share
 
 
 def usd_to_nanos(amount):
@@ -128,6 +145,90 @@ def iso_utc(us):
     return f"{stamp}.{micros:06d}Z" if micros else f"{stamp}Z"
 
 
+def parse_reward_share(text):
+    """'0.7' -> Decimal('0.7'); a share of revenue in (0, 1]."""
+    try:
+        share = decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        share = None
+    if share is None or not share.is_finite() or not 0 < share <= 1 or len(text) > 20:
+        raise ValueError(f"reward share must be a decimal in (0, 1], such as 0.7, not {text!r}")
+    return share
+
+
+def rewardable_nanos(nanos, share):
+    """nanos x share, rounded down to the nano-USD: what may be paid out."""
+    exact = decimal.Decimal(nanos).fma(share, 0, context=REWARD_CONTEXT)
+    return int(exact.to_integral_value(rounding=decimal.ROUND_FLOOR))
+
+
+ISO_INSTANT = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})"
+    r"(?:T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,6}))?(Z|[+ -][0-9]{2}:[0-9]{2}))?"
+)
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def parse_instant(text):
+    """A point in time -> microseconds since the epoch (ValueError if unreadable).
+    Forms: 2026-11-23T10:00:00Z, 2026-11-23T15:30:00.250+05:30, 2026-11-23
+    (midnight UTC), or unix seconds.  A space stands for '+' in an offset,
+    because an unencoded '+' in a query string arrives as a space."""
+    if re.fullmatch(r"[0-9]{1,10}", text):
+        return int(text) * 1_000_000
+    match = ISO_INSTANT.fullmatch(text)
+    if not match:
+        raise ValueError(text)
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    tz = timezone.utc
+    if zone and zone != "Z":
+        sign = -1 if zone[0] == "-" else 1
+        tz = timezone(sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])))
+    moment = datetime(
+        int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0),
+        int((fraction or "0").ljust(6, "0")), tzinfo=tz,
+    )
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+@dataclass(frozen=True)
+class Window:
+    """The half-open window [since, until) on receive times; None is open."""
+
+    since: int | None = None
+    until: int | None = None
+
+    def params(self, property_id=None):
+        """Bind values for SQL_WINDOW."""
+        return {
+            "since": -(2**63) if self.since is None else self.since,
+            "until": 2**63 - 1 if self.until is None else self.until,
+            "property": property_id,
+        }
+
+
+def parse_window(since_text, until_text, required=False):
+    bounds = {}
+    for name, text in (("since", since_text), ("until", until_text)):
+        if not text:
+            if required:
+                raise Invalid(name, "is required")
+            bounds[name] = None
+            continue
+        try:
+            bounds[name] = parse_instant(text)
+        except ValueError:
+            raise Invalid(
+                name,
+                "must be ISO 8601 with Z or an offset (2026-11-23T10:00:00Z), "
+                "a date (2026-11-23) or unix seconds",
+            ) from None
+    window = Window(**bounds)
+    if None not in (window.since, window.until) and window.since >= window.until:
+        raise Invalid("until", "must be later than since")
+    return window
+
+
 # ---------------------------------------------------------------------------
 # Storage
 # ---------------------------------------------------------------------------
@@ -146,15 +247,60 @@ SQL = {
         VALUES (?, ?, ?, ?)""",
     "insert_rejected": """
         INSERT INTO rejected (received_at_us, field, reason, raw_body) VALUES (?, ?, ?, ?)""",
-    # Revenue is summed as whole USD and nano remainder so that SUM cannot
-    # overflow 64 bits however many sessions a user has; Python joins them.
     "user_earnings": """
-        SELECT count(*), coalesce(sum(ads_viewed), 0), coalesce(sum(duration_s), 0),
-               coalesce(sum(revenue_nano / 1000000000), 0),
-               coalesce(sum(revenue_nano % 1000000000), 0)
-        FROM sessions WHERE user_id = ?""",
+        SELECT {sums} FROM sessions
+        WHERE user_id = :user AND {window}""",
+    "earnings_by_user": """
+        SELECT user_id, {sums} FROM sessions INDEXED BY sessions_by_time
+        WHERE {window}
+        GROUP BY user_id ORDER BY user_id""",
+    # {keys}: a choice of TOTALS_GROUPS, never text from a request.
+    "totals": """
+        SELECT {keys}{sums} FROM sessions INDEXED BY sessions_by_time
+        WHERE {window} {group_by}""",
+    # Keyset pagination, newest first: stable while sessions arrive.
+    "user_sessions": """
+        SELECT session_id, country, ads_viewed, revenue_nano, duration_s, property_id,
+               received_at_us, id
+        FROM sessions
+        WHERE user_id = :user AND (received_at_us, id) < (:before_at, :before_id)
+        ORDER BY received_at_us DESC, id DESC LIMIT :limit""",
+    "stats": """
+        SELECT (SELECT count(*) FROM sessions), (SELECT max(received_at_us) FROM sessions),
+               (SELECT count(*) FROM rejected), (SELECT count(*) FROM conflicts)""",
+    "newest_rejected": """
+        SELECT id, received_at_us, field, reason, raw_body
+        FROM rejected ORDER BY id DESC LIMIT ?""",
+    "newest_conflicts": """
+        SELECT id, session_id, received_at_us, stored_body, new_body
+        FROM conflicts ORDER BY id DESC LIMIT ?""",
     "health": "PRAGMA user_version",
 }
+# What every earnings and totals query sums.  Revenue is summed as whole USD
+# and nano remainder so that SUM cannot overflow 64 bits however many
+# sessions there are; Python joins the two exactly.
+SQL_SUMS = """count(*), coalesce(sum(ads_viewed), 0), coalesce(sum(duration_s), 0),
+    coalesce(sum(revenue_nano / 1000000000), 0), coalesce(sum(revenue_nano % 1000000000), 0),
+    min(received_at_us), max(received_at_us)"""
+SQL_WINDOW = """received_at_us >= :since AND received_at_us < :until
+    AND (:property IS NULL OR property_id = :property)"""
+for _name in ("user_earnings", "earnings_by_user"):
+    SQL[_name] = SQL[_name].format(sums=SQL_SUMS, window=SQL_WINDOW)
+TOTALS_GROUPS = {
+    "day": "strftime('%Y-%m-%d', received_at_us / 1000000, 'unixepoch')",
+    "property-id": "property_id",
+    "country": "country",
+}
+
+
+def totals_sql(groups):
+    keys = [TOTALS_GROUPS[group] for group in groups]
+    return SQL["totals"].format(
+        keys="".join(f"{key}, " for key in keys),
+        sums=SQL_SUMS,
+        window=SQL_WINDOW,
+        group_by=f"GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}" if keys else "",
+    )
 
 
 def ensure_private_file(path):
@@ -324,6 +470,19 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"the database cannot be read: {exc}") from exc
 
+    def stream(self, sql, params=()):
+        """Rows of one read-only query, one at a time: memory does not grow
+        with the result.  The first row is fetched at once, so that a database
+        that cannot answer raises StoreUnavailable before any output."""
+        try:
+            cursor = self._reader().execute(sql, params)
+            first = cursor.fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the database cannot be read: {exc}") from exc
+        if first is None:
+            return iter(())
+        return itertools.chain([first], cursor)
+
     def _reader(self):
         conn = getattr(self._local, "conn", None)
         if conn is None:
@@ -381,15 +540,210 @@ def record_rejected(field, reason, raw_body):
     return op
 
 
-def user_earnings(store, user_id):
-    count, ads, duration, whole_usd, nano_rest = store.read(SQL["user_earnings"], (user_id,))[0]
+def earnings_columns(share):
+    """The fields of one earnings record, in order (also the CSV header)."""
+    return [
+        "user-id", "sessions", "ads-viewed", "session-duration", "estimated-revenue",
+        *(["rewardable-revenue"] if share is not None else []),
+        "first-received-at", "last-received-at", "since", "until",
+    ]
+
+
+def sums_record(sums):
+    """The SQL_SUMS columns -> the totals every earnings record carries."""
+    count, ads, duration, whole_usd, nano_rest, first, last = sums
     return {
-        "user-id": user_id,
         "sessions": count,
         "ads-viewed": ads,
         "session-duration": duration,
-        "estimated-revenue": nanos_to_usd(whole_usd * NANOS_PER_USD + nano_rest),
+        "nanos": whole_usd * NANOS_PER_USD + nano_rest,
+        "first": first,
+        "last": last,
     }
+
+
+def earnings_record(user_id, sums, window, share):
+    totals = sums_record(sums)
+    record = {
+        "user-id": user_id,
+        "sessions": totals["sessions"],
+        "ads-viewed": totals["ads-viewed"],
+        "session-duration": totals["session-duration"],
+        "estimated-revenue": nanos_to_usd(totals["nanos"]),
+    }
+    if share is not None:
+        record["rewardable-revenue"] = nanos_to_usd(rewardable_nanos(totals["nanos"], share))
+    record["first-received-at"] = iso_utc(totals["first"])
+    record["last-received-at"] = iso_utc(totals["last"])
+    record["since"] = iso_utc(window.since)
+    record["until"] = iso_utc(window.until)
+    return record
+
+
+def user_earnings(store, user_id, window=Window(), property_id=None, share=None):
+    [sums] = store.read(SQL["user_earnings"], {"user": user_id, **window.params(property_id)})
+    return earnings_record(user_id, sums, window, share)
+
+
+def earnings_export(rows, window, share, fmt):
+    """(user_id, *SQL_SUMS) rows -> the payout export as chunks of bytes."""
+    records = (earnings_record(row[0], row[1:], window, share) for row in rows)
+    return in_chunks(encode_records(records, earnings_columns(share), fmt))
+
+
+def export_earnings(store, window, property_id, share, fmt):
+    """The payout export: one record per user with sessions in the window,
+    ordered by user-id, streamed.  Shared by GET /earnings and `export`."""
+    rows = store.stream(SQL["earnings_by_user"], window.params(property_id))
+    return earnings_export(rows, window, share, fmt)
+
+
+def totals(store, window, groups):
+    rows = store.read(totals_sql(groups), window.params())
+    result = []
+    for row in rows:
+        sums = sums_record(row[len(groups):])
+        record = dict(zip(groups, row[: len(groups)]))
+        record["sessions"] = sums["sessions"]
+        record["ads-viewed"] = sums["ads-viewed"]
+        record["session-duration"] = sums["session-duration"]
+        record["estimated-revenue"] = nanos_to_usd(sums["nanos"])
+        result.append(record)
+    return result
+
+
+def user_sessions(store, user_id, limit, before):
+    """One page of a user's sessions, newest first, and the cursor of the next page."""
+    before_at, before_id = before or (2**63 - 1, 2**63 - 1)
+    rows = store.read(
+        SQL["user_sessions"],
+        {"user": user_id, "before_at": before_at, "before_id": before_id, "limit": limit + 1},
+    )
+    sessions = [
+        {
+            "session-id": session_id,
+            "country": country,
+            "count-of-ads-viewed": ads,
+            "your-estimated-revenue": nanos_to_usd(nanos),
+            "session-duration": duration,
+            "property-id": property_id,
+            "received-at": iso_utc(received),
+        }
+        for session_id, country, ads, nanos, duration, property_id, received, _ in rows[:limit]
+    ]
+    more = len(rows) > limit
+    return sessions, encode_cursor(rows[limit - 1][6], rows[limit - 1][7]) if more else None
+
+
+def encode_cursor(received_at_us, row_id):
+    return base64.urlsafe_b64encode(f"{received_at_us}:{row_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(text):
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
+        received_at_us, row_id = (int(part) for part in raw.split(":"))
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise Invalid("before", "is not a cursor this server gave out") from None
+    return received_at_us, row_id
+
+
+def stats(store, counters):
+    sessions, last, rejected, conflicts = store.read(SQL["stats"])[0]
+    return {
+        "sessions": sessions,
+        "rejected": rejected,
+        "conflicts": conflicts,
+        "last-received-at": iso_utc(last),
+        "last-received-age-seconds": None if last is None else (now_us() - last) // 1_000_000,
+        "since-start": counters.snapshot(),
+    }
+
+
+def newest_rejected(store, limit):
+    return [
+        {
+            "id": row_id,
+            "received-at": iso_utc(received),
+            "field": field,
+            "reason": reason,
+            # The bytes as received, shown as text; bytes that are not UTF-8 as \xNN.
+            "raw-body": bytes(raw).decode("utf-8", "backslashreplace"),
+        }
+        for row_id, received, field, reason, raw in store.read(SQL["newest_rejected"], (limit,))
+    ]
+
+
+def newest_conflicts(store, limit):
+    return [
+        {
+            "id": row_id,
+            "session-id": session_id,
+            "received-at": iso_utc(received),
+            "stored-body": stored,
+            "new-body": new,
+        }
+        for row_id, session_id, received, stored, new in store.read(
+            SQL["newest_conflicts"], (limit,)
+        )
+    ]
+
+
+class PostbackCounters:
+    """What this process has seen since it started, for /stats."""
+
+    OUTCOMES = ("recorded", "duplicate", "rejected", "unauthorized")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(self.OUTCOMES, 0)
+
+    def add(self, outcome):
+        with self._lock:
+            self._counts[outcome] += 1
+
+    def snapshot(self):
+        with self._lock:
+            return dict(self._counts)
+
+
+# ---------------------------------------------------------------------------
+# Output formats
+# ---------------------------------------------------------------------------
+
+EXPORT_FORMATS = {"ndjson": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
+
+
+def encode_records(records, columns, fmt):
+    """Records -> lines of bytes: NDJSON, or CSV with a header row (RFC 4180:
+    CRLF, and quotes around any field with a comma, quote or line break)."""
+    if fmt == "ndjson":
+        for record in records:
+            yield (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        return
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    for values in itertools.chain(
+        [columns], ([record[c] for c in columns] for record in records)
+    ):
+        writer.writerow(["" if value is None else value for value in values])
+        yield buffer.getvalue().encode("utf-8")
+        buffer.seek(0)
+        buffer.truncate()
+
+
+def in_chunks(lines, size=64 * 1024):
+    """Join small pieces into writes of about `size` bytes."""
+    chunk = []
+    length = 0
+    for line in lines:
+        chunk.append(line)
+        length += len(line)
+        if length >= size:
+            yield b"".join(chunk)
+            chunk, length = [], 0
+    if chunk:
+        yield b"".join(chunk)
 
 
 # ---------------------------------------------------------------------------
@@ -402,15 +756,6 @@ MAX_COUNT = 2**31 - 1  # ads viewed, seconds: anything larger is not a real sess
 DECIMAL_STRING = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 DIGITS = re.compile(r"[0-9]{1,10}")
 COUNTRY = re.compile(r"[A-Za-z]{2}")
-
-
-class Invalid(Exception):
-    """A postback that cannot be recorded: answered 400, kept in `rejected`."""
-
-    def __init__(self, field, message):
-        super().__init__(message)
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -567,6 +912,8 @@ def log_unexpected_errors(callback):
             return callback(*args, **kwargs)
         except HTTPResponse:
             raise
+        except Invalid as invalid:
+            raise ApiError(400, invalid.message, invalid.field) from None
         except StoreUnavailable as exc:
             log.error("%s %s: %s", request.method, request.path, exc)
             raise ApiError(503, f"storage unavailable: {exc}") from None
@@ -620,7 +967,9 @@ def read_body(environ, limit=MAX_BODY_BYTES):
     return body
 
 
-def log_postback(outcome, status, session_id="-", user_id="-"):
+def account_postback(outcome, status, session_id="-", user_id="-"):
+    """Count the outcome for /stats and log the one line per postback."""
+    request.app.counters.add(outcome)
     # json.dumps quotes ids so that a newline in one cannot forge a log line.
     log.info(
         "postback %s status=%d session-id=%s user-id=%s",
@@ -637,13 +986,15 @@ def handle_postback():
         require_token(app.config["spp.postback_tokens"], "a postback")
         body = read_body(request.environ)
     except ApiError as error:
-        log_postback("unauthorized" if error.status_code == 401 else "rejected", error.status_code)
+        account_postback(
+            "unauthorized" if error.status_code == 401 else "rejected", error.status_code
+        )
         raise
     try:
         session = parse_postback(body)
     except Invalid as invalid:
         app.store.write(record_rejected(invalid.field, invalid.message, body))
-        log_postback("rejected", 400)
+        account_postback("rejected", 400)
         raise ApiError(400, invalid.message, invalid.field) from None
     outcome = app.store.write(record_session(session, body.decode("utf-8")))
     if outcome == "conflict":
@@ -653,13 +1004,115 @@ def handle_postback():
             json.dumps(session.session_id, ensure_ascii=False),
         )
         outcome = "duplicate"
-    log_postback(outcome, 200, session.session_id, session.user_id)
+    account_postback(outcome, 200, session.session_id, session.user_id)
     return {"status": outcome}
 
 
+def read_endpoint(handler):
+    """A GET that needs the read token when one is configured."""
+
+    def guarded(*args, **kwargs):
+        require_token(request.app.config["spp.read_tokens"], "reading")
+        return handler(*args, **kwargs)
+
+    return guarded
+
+
+def query():
+    """The query string, decoded as UTF-8."""
+    return request.query.decode()
+
+
+def parse_limit(params, default=50, maximum=1000):
+    text = params.get("limit")
+    if text is None:
+        return default
+    if not re.fullmatch(r"[0-9]{1,7}", text) or not 1 <= int(text) <= maximum:
+        raise Invalid("limit", f"must be a whole number from 1 to {maximum}")
+    return int(text)
+
+
+def parse_format(params, allowed, default):
+    fmt = params.get("format") or default
+    if fmt not in allowed:
+        raise Invalid("format", f"must be one of {', '.join(allowed)}")
+    return fmt
+
+
+def parse_groups(params):
+    groups = [g for g in (params.get("group-by") or "").split(",") if g]
+    unknown = [g for g in groups if g not in TOTALS_GROUPS]
+    if unknown or len(set(groups)) != len(groups):
+        raise Invalid("group-by", f"must be distinct ones of {', '.join(TOTALS_GROUPS)}")
+    return groups
+
+
+def stream_response(chunks, fmt):
+    response.content_type = EXPORT_FORMATS[fmt]
+    return chunks
+
+
+@read_endpoint
 def handle_user_earnings(user_id):
-    require_token(request.app.config["spp.read_tokens"], "reading earnings")
-    return user_earnings(request.app.store, user_id)
+    params = query()
+    window = parse_window(params.get("since"), params.get("until"))
+    return user_earnings(
+        request.app.store, user_id, window, params.get("property-id"),
+        request.app.config["spp.reward_share"],
+    )
+
+
+@read_endpoint
+def handle_earnings_export():
+    params = query()
+    window = parse_window(params.get("since"), params.get("until"), required=True)
+    fmt = parse_format(params, EXPORT_FORMATS, "ndjson")
+    chunks = export_earnings(
+        request.app.store, window, params.get("property-id"), request.app.config["spp.reward_share"], fmt
+    )
+    return stream_response(chunks, fmt)
+
+
+@read_endpoint
+def handle_totals():
+    params = query()
+    window = parse_window(params.get("since"), params.get("until"))
+    groups = parse_groups(params)
+    fmt = parse_format(params, ("json", "csv"), "json")
+    records = totals(request.app.store, window, groups)
+    if fmt == "csv":
+        columns = [*groups, "sessions", "ads-viewed", "session-duration", "estimated-revenue"]
+        return stream_response(encode_records(records, columns, fmt), fmt)
+    return {
+        "since": iso_utc(window.since),
+        "until": iso_utc(window.until),
+        "group-by": groups,
+        "totals": records,
+    }
+
+
+@read_endpoint
+def handle_user_sessions(user_id):
+    params = query()
+    limit = parse_limit(params)
+    before = decode_cursor(params["before"]) if params.get("before") else None
+    sessions, cursor = user_sessions(request.app.store, user_id, limit, before)
+    return {"user-id": user_id, "sessions": sessions, "next": cursor}
+
+
+@read_endpoint
+def handle_stats():
+    return stats(request.app.store, request.app.counters)
+
+
+@read_endpoint
+def handle_rejected():
+    return {"rejected": newest_rejected(request.app.store, parse_limit(query()))}
+
+
+@read_endpoint
+def handle_conflicts():
+    return {"conflicts": newest_conflicts(request.app.store, parse_limit(query()))}
 
 
 def handle_healthz():
@@ -676,13 +1129,21 @@ def create_app(config):
     app = Bottle()
     app.config.update("spp", **settings)
     app.store = Store(settings["db"], settings["busy_timeout_ms"])
+    app.counters = PostbackCounters()
     app.install(log_unexpected_errors)
     for status in ERROR_STATUSES:
         app.error(status)(render_error)
     # The trailing-slash form too: a redirect would count as a failed delivery.
     app.route("/postback", "POST", handle_postback)
     app.route("/postback/", "POST", handle_postback)
+    # A user id may hold '/' (sent as %2F, decoded before routing) or be empty.
     app.route("/users/<user_id:re:.*>/earnings", "GET", handle_user_earnings)
+    app.route("/users/<user_id:re:.*>/sessions", "GET", handle_user_sessions)
+    app.route("/earnings", "GET", handle_earnings_export)
+    app.route("/totals", "GET", handle_totals)
+    app.route("/stats", "GET", handle_stats)
+    app.route("/rejected", "GET", handle_rejected)
+    app.route("/conflicts", "GET", handle_conflicts)
     app.route("/healthz", "GET", handle_healthz)
     return app
 
@@ -819,12 +1280,34 @@ def port_number(text):
     return value
 
 
+def reward_share(text):
+    try:
+        return parse_reward_share(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_shared_options(parser, environ):
+    """Options both the server and `export` take."""
+    parser.add_argument(
+        "--db", default=environ.get("SPP_DB", DEFAULTS["db"]),
+        help="SQLite database file, created on first start [SPP_DB, default %(default)s]",
+    )
+    parser.add_argument(
+        "--reward-share", type=reward_share, default=environ.get("SPP_REWARD_SHARE"),
+        help="share of the estimated revenue you pay out as rewards, in (0, 1], e.g. 0.7; "
+        "adds rewardable-revenue (rounded down to the nano-USD) to earnings "
+        "[SPP_REWARD_SHARE, default: not shown]",
+    )
+
+
 def build_parser(environ):
     env = environ.get
     parser = argparse.ArgumentParser(
         prog="spp_server.py",
         description="Receive Gamezop Session Performance Postbacks into SQLite and "
-        "report what each user earned.",
+        "report what each user earned. `spp_server.py export --help` for the payout "
+        "export without the server.",
         epilog="Secrets are never options (the command line shows in ps): the postback "
         "token comes from SPP_POSTBACK_TOKEN or $CREDENTIALS_DIRECTORY/postback-token, "
         "the read token from SPP_READ_TOKEN or $CREDENTIALS_DIRECTORY/read-token; "
@@ -832,10 +1315,7 @@ def build_parser(environ):
         "for rotation. Without a postback token, postbacks need no auth. "
         "Under systemd, a socket passed with LISTEN_FDS is used instead of --host/--port.",
     )
-    parser.add_argument(
-        "--db", default=env("SPP_DB", DEFAULTS["db"]),
-        help="SQLite database file, created on first start [SPP_DB, default %(default)s]",
-    )
+    add_shared_options(parser, environ)
     parser.add_argument(
         "--host", default=env("SPP_HOST", DEFAULTS["host"]),
         help="address to listen on; other than loopback needs a read token "
@@ -852,15 +1332,53 @@ def build_parser(environ):
     return parser
 
 
+def build_export_parser(environ):
+    parser = argparse.ArgumentParser(
+        prog="spp_server.py export",
+        description="Write the payout export (what GET /earnings answers) to stdout, "
+        "reading the database directly; safe while the server runs.",
+    )
+    add_shared_options(parser, environ)
+    parser.add_argument("--since", required=True, help="start of the window, included")
+    parser.add_argument("--until", required=True, help="end of the window, excluded")
+    parser.add_argument("--property-id", help="only sessions of this property")
+    parser.add_argument("--format", choices=list(EXPORT_FORMATS), default="ndjson")
+    return parser
+
+
 def build_config(args, environ):
     return {
         "db": args.db,
         "host": args.host,
         "port": args.port,
         "threads": args.threads,
+        "reward_share": args.reward_share,
         "postback_tokens": load_tokens("SPP_POSTBACK_TOKEN", "postback-token", environ),
         "read_tokens": load_tokens("SPP_READ_TOKEN", "read-token", environ),
     }
+
+
+def run_export(argv, environ, out):
+    parser = build_export_parser(environ)
+    args = parser.parse_args(argv)
+    try:
+        window = parse_window(args.since, args.until, required=True)
+    except Invalid as invalid:
+        parser.error(f"--{invalid.field}: {invalid.message}")
+    if not os.path.exists(args.db):
+        print(f"spp_server.py export: no database at {args.db}", file=sys.stderr)
+        return 1
+    store = Store(args.db, DEFAULTS["busy_timeout_ms"])
+    try:
+        for chunk in export_earnings(store, window, args.property_id, args.reward_share, args.format):
+            out.write(chunk)
+        out.flush()
+    except StoreUnavailable as exc:
+        print(f"spp_server.py export: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    return 0
 
 
 def setup_logging():
@@ -874,6 +1392,9 @@ def setup_logging():
 
 def main(argv=None, environ=None):
     environ = os.environ if environ is None else environ
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return run_export(argv[1:], environ, sys.stdout.buffer)
     args = build_parser(environ).parse_args(argv)
     setup_logging()
     try:

@@ -429,13 +429,17 @@ def test_earnings_totals_every_counter_and_treats_null_as_zero(client):
     post(client, postback(user_id="u", count_of_ads_viewed=None, session_duration=None))
     post(client, postback(user_id="u", count_of_ads_viewed=3, session_duration=40))
     post(client, postback(user_id="someone-else"))
-    assert earnings(client, "u").json == {
+    res = earnings(client, "u").json
+    assert {k: res[k] for k in TOTAL_KEYS} == {
         "user-id": "u",
         "sessions": 3,
         "ads-viewed": 5,
         "session-duration": 100,
         "estimated-revenue": "0.000036",
     }
+
+
+TOTAL_KEYS = ["user-id", "sessions", "ads-viewed", "session-duration", "estimated-revenue"]
 
 
 def test_user_without_sessions_gets_zeros(client):
@@ -445,6 +449,10 @@ def test_user_without_sessions_gets_zeros(client):
         "ads-viewed": 0,
         "session-duration": 0,
         "estimated-revenue": "0",
+        "first-received-at": None,
+        "last-received-at": None,
+        "since": None,
+        "until": None,
     }
 
 
@@ -639,6 +647,426 @@ def test_older_database_is_upgraded_in_place_keeping_rows(db, old_version):
 
 def test_schema_sections_are_numbered_in_increasing_order():
     assert SCHEMA_VERSIONS == sorted(set(SCHEMA_VERSIONS)) and SCHEMA_VERSIONS[0] == 1
+
+
+# ---------------------------------------------------------------------------
+# Read side: windows, payout export, totals, sessions, operator views
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The receive time the server stamps on writes, set by the test."""
+
+    class Clock:
+        us = spp_server.parse_instant("2026-11-23T10:00:00Z")
+
+        def set(self, text):
+            self.us = spp_server.parse_instant(text)
+
+    fake = Clock()
+    monkeypatch.setattr(spp_server, "now_us", lambda: fake.us)
+    return fake
+
+
+def post_at(client, clock, when, **fields):
+    clock.set(when)
+    body = postback(**fields)
+    post(client, body)
+    return body
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-23T10:00:00Z",
+        "2026-11-23T10:00:00.000Z",
+        "2026-11-23T15:30:00+05:30",
+        "2026-11-23T15:30:00 05:30",  # '+' left unencoded in a query string
+        "2026-11-23T05:00:00-05:00",
+        "1795428000",
+    ],
+)
+def test_every_accepted_form_names_the_same_instant(text):
+    assert spp_server.parse_instant(text) == 1795428000 * 10**6
+
+
+def test_fractions_and_dates_are_read_exactly():
+    assert spp_server.parse_instant("2026-11-23T15:30:00.250+05:30") == 1795428000_250000
+    assert spp_server.parse_instant("2026-11-23") == 1795392000 * 10**6
+    assert spp_server.parse_instant("1970-01-01T00:00:00.000001Z") == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["yesterday", "2026-13-01", "2026-02-30", "2026-11-23T10:00:00", "2026-11-23T10:00Z",
+     "2026-11-23T25:00:00Z", "2026-11-23T10:00:00.1234567Z", "1e9", "-5", "1795428000.5",
+     "2026-11-23T10:00:00+25:00", "٢٠٢٦-11-23"],
+)
+@pytest.mark.parametrize("param", ["since", "until"])
+def test_unreadable_window_bound_is_a_400_naming_it(client, bad, param):
+    assert_error(earnings(client, "u", status=400, **{param: bad}), 400, param)
+
+
+@pytest.mark.parametrize("since, until", [("2026-11-23", "2026-11-23"),
+                                          ("2026-11-24", "2026-11-23T23:59:59Z")])
+def test_empty_or_backwards_window_is_a_400(client, since, until):
+    assert_error(earnings(client, "u", status=400, since=since, until=until), 400, "until")
+
+
+def test_window_is_half_open_on_the_receive_time(client, clock):
+    post_at(client, clock, "2026-11-23T09:59:59.999999Z", user_id="u")
+    post_at(client, clock, "2026-11-23T10:00:00Z", user_id="u")
+    post_at(client, clock, "2026-11-23T10:59:59Z", user_id="u")
+    post_at(client, clock, "2026-11-23T11:00:00Z", user_id="u")
+    res = earnings(client, "u", since="2026-11-23T10:00:00Z", until="2026-11-23T11:00:00Z").json
+    assert res["sessions"] == 2
+    assert (res["first-received-at"], res["last-received-at"]) == (
+        "2026-11-23T10:00:00Z", "2026-11-23T10:59:59Z")
+    assert (res["since"], res["until"]) == ("2026-11-23T10:00:00Z", "2026-11-23T11:00:00Z")
+    only_since = earnings(client, "u", since="2026-11-23T10:00:00+00:00").json
+    assert (only_since["sessions"], only_since["until"]) == (3, None)
+
+
+def test_consecutive_windows_count_every_session_exactly_once(client, clock):
+    times = ["2026-11-22T23:59:59Z", "2026-11-23T00:00:00Z", "2026-11-23T06:00:00.5Z",
+             "2026-11-23T12:00:00Z", "2026-11-23T12:00:00.000001Z", "2026-11-23T23:59:59Z"]
+    for i, when in enumerate(times):
+        post_at(client, clock, when, user_id="u", your_estimated_revenue=f"0.{i + 1}")
+    cuts = ["2026-11-22", "2026-11-23", "2026-11-23T12:00:00Z", "2026-11-24"]
+    windows = [earnings(client, "u", since=a, until=b).json for a, b in zip(cuts, cuts[1:])]
+    everything = earnings(client, "u").json
+    assert sum(w["sessions"] for w in windows) == everything["sessions"] == len(times)
+    assert sum(Decimal(w["estimated-revenue"]) for w in windows) == Decimal(
+        everything["estimated-revenue"]) == Decimal("2.1")
+
+
+def test_property_filter_restricts_to_one_property(client):
+    post(client, postback(user_id="u", property_id="A", your_estimated_revenue="1"))
+    post(client, postback(user_id="u", property_id=7, your_estimated_revenue="2"))
+    assert earnings(client, "u", **{"property-id": "7"}).json["estimated-revenue"] == "2"
+    assert earnings(client, "u", **{"property-id": "B"}).json["sessions"] == 0
+
+
+@pytest.mark.parametrize(
+    "share, revenues, rewardable",
+    [
+        ("0.7", ["0.000012"], "0.0000084"),
+        ("0.7", ["0.000000001", "0.000000001", "0.000000001"], "0.000000002"),  # 2.1 -> 2
+        ("0.5", ["0.000000003"], "0.000000001"),  # 1.5 -> 1, never up
+        ("1", ["0.3", "0.1"], "0.4"),
+        ("0.333333333", ["1"], "0.333333333"),
+    ],
+)
+def test_reward_share_is_applied_and_rounded_down(make_client, share, revenues, rewardable):
+    client = make_client(reward_share=spp_server.parse_reward_share(share))
+    for amount in revenues:
+        post(client, postback(user_id="u", your_estimated_revenue=amount))
+    assert earnings(client, "u").json["rewardable-revenue"] == rewardable
+
+
+def test_without_a_reward_share_there_is_no_rewardable_revenue(client):
+    post(client, SAMPLE)
+    assert "rewardable-revenue" not in earnings(client, "sub1").json
+
+
+@pytest.mark.parametrize("bad", ["0", "-0.1", "1.01", "abc", "NaN", "Infinity", ""])
+def test_bad_reward_share_is_refused(fake_serve, db, bad):
+    with pytest.raises(SystemExit) as exited:
+        spp_server.main(["--db", db], environ={"SPP_REWARD_SHARE": bad})
+    assert exited.value.code == 2
+
+
+def test_reward_share_comes_from_flag_or_environment(fake_serve, db):
+    spp_server.main(["--db", db], environ={"SPP_REWARD_SHARE": "0.7"})
+    spp_server.main(["--db", db, "--reward-share", "0.5"], environ={"SPP_REWARD_SHARE": "0.7"})
+    assert [c["reward_share"] for c in fake_serve] == [Decimal("0.7"), Decimal("0.5")]
+
+
+def export(client, status=200, **params):
+    return client.get("/earnings", params=params, status=status)
+
+
+DAY = {"since": "2026-11-23", "until": "2026-11-24"}
+
+
+def test_export_needs_since_and_until(client):
+    assert_error(export(client, status=400, since="2026-11-23"), 400, "until")
+    assert_error(export(client, status=400, until="2026-11-23"), 400, "since")
+
+
+def test_export_is_one_ndjson_line_per_user_ordered_and_adding_up(client, clock):
+    post_at(client, clock, "2026-11-22T23:00:00Z", user_id="b")  # outside the window
+    for user, amount in [("b", "0.1"), ("a", "0.2"), ("", "0.3"), ("b", "0.4"), ("c", "1")]:
+        post_at(client, clock, "2026-11-23T10:00:00Z", user_id=user, your_estimated_revenue=amount)
+    res = export(client, **DAY)
+    assert res.content_type == "application/x-ndjson"
+    lines = res.body.decode().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["user-id"] for r in records] == ["", "a", "b", "c"]
+    assert [r["sessions"] for r in records] == [1, 1, 2, 1]
+    assert records[2]["estimated-revenue"] == "0.5"
+    assert sum(Decimal(r["estimated-revenue"]) for r in records) == Decimal("2.0")
+    assert records[0] == earnings(client, "", **DAY).json  # the same fields as per-user
+
+
+def test_export_of_an_empty_window_is_empty(client):
+    assert export(client, **DAY).body == b""
+    assert export(client, format="csv", **DAY).body.decode().splitlines() == [
+        "user-id,sessions,ads-viewed,session-duration,estimated-revenue,"
+        "first-received-at,last-received-at,since,until"]
+
+
+AWKWARD_IDS = ['comma,id', 'quote"id', "new\nline", "cr\r\nlf", " spaced ", "=1+1", "ユーザー"]
+
+
+def test_export_csv_quotes_awkward_user_ids(make_client, clock):
+    import csv
+    import io
+
+    client = make_client(reward_share=Decimal("0.7"))
+    for user in AWKWARD_IDS:
+        post_at(client, clock, "2026-11-23T10:00:00Z", user_id=user)
+    res = export(client, format="csv", **DAY)
+    assert res.content_type == "text/csv"
+    assert res.body.endswith(b"\r\n")
+    table = list(csv.reader(io.StringIO(res.body.decode(), newline="")))
+    assert table[0][:6] == ["user-id", "sessions", "ads-viewed", "session-duration",
+                            "estimated-revenue", "rewardable-revenue"]
+    assert [row[0] for row in table[1:]] == sorted(AWKWARD_IDS, key=lambda u: u.encode())
+    assert all(row[1] == "1" and row[5] == "0.0000084" for row in table[1:])
+
+
+def test_export_property_filter(client, clock):
+    post_at(client, clock, "2026-11-23T10:00:00Z", user_id="a", property_id="1")
+    post_at(client, clock, "2026-11-23T10:00:00Z", user_id="b", property_id="2")
+    lines = export(client, **{**DAY, "property-id": "2"}).body.decode().splitlines()
+    assert [json.loads(line)["user-id"] for line in lines] == ["b"]
+
+
+def test_export_streams_without_building_a_list_of_users():
+    pulled = []
+
+    def rows():
+        for i in range(100_000):
+            pulled.append(i)
+            yield (f"user-{i:06d}", 1, 0, 0, 0, 12_000, 1, 1)
+
+    chunks = spp_server.earnings_export(rows(), spp_server.Window(1, 2), None, "ndjson")
+    first = next(chunks)
+    assert first.startswith(b'{"user-id": "user-000000"')
+    assert len(pulled) < 2_000  # one chunk's worth, not the whole window
+
+
+def test_export_subcommand_matches_the_endpoint_byte_for_byte(make_client, clock, db):
+    import io
+
+    client = make_client(reward_share=Decimal("0.7"))
+    for user in AWKWARD_IDS + ["plain"]:
+        post_at(client, clock, "2026-11-23T10:00:00Z", user_id=user, property_id="9")
+    for fmt in ["ndjson", "csv"]:
+        http = export(client, format=fmt, **{**DAY, "property-id": "9"}).body
+        out = io.BytesIO()
+        code = spp_server.run_export(
+            ["--db", db, "--since", DAY["since"], "--until", DAY["until"], "--format", fmt,
+             "--property-id", "9"],
+            {"SPP_REWARD_SHARE": "0.7"}, out)
+        assert code == 0
+        assert out.getvalue() == http and http.count(b"plain") == 1
+
+
+def test_export_subcommand_runs_from_the_command_line(client, db):
+    post(client, SAMPLE)
+    out = subprocess.run(
+        [sys.executable, str(SERVER), "export", "--since", "2000-01-01", "--until", "2100-01-01",
+         "--db", db], capture_output=True, check=True)
+    assert json.loads(out.stdout)["user-id"] == "sub1"
+    bad = subprocess.run([sys.executable, str(SERVER), "export", "--since", "soon", "--until",
+                          "2100-01-01", "--db", db], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--since" in bad.stderr
+    missing = subprocess.run([sys.executable, str(SERVER), "export", "--since", "2000-01-01",
+                              "--until", "2100-01-01", "--db", db + ".nope"],
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and not os.path.exists(db + ".nope")
+
+
+def test_totals_group_by_day_property_and_country(client, clock):
+    post_at(client, clock, "2026-11-22T23:59:59Z", property_id="1", country="IN",
+            your_estimated_revenue="0.1", count_of_ads_viewed=1, session_duration=10)
+    post_at(client, clock, "2026-11-23T00:00:00Z", property_id="1", country="IN",
+            your_estimated_revenue="0.2", count_of_ads_viewed=2, session_duration=20)
+    post_at(client, clock, "2026-11-23T12:00:00Z", property_id="2", country="US",
+            your_estimated_revenue="0.3", count_of_ads_viewed=None, session_duration=30)
+    post_at(client, clock, "2026-11-23T13:00:00Z", property_id="1", country=None,
+            your_estimated_revenue="0.4", count_of_ads_viewed=4, session_duration=None)
+    res = client.get("/totals", params={"group-by": "day,property-id"}, status=200).json
+    assert res["group-by"] == ["day", "property-id"]
+    assert [(t["day"], t["property-id"], t["sessions"], t["estimated-revenue"])
+            for t in res["totals"]] == [
+        ("2026-11-22", "1", 1, "0.1"), ("2026-11-23", "1", 2, "0.6"), ("2026-11-23", "2", 1, "0.3")]
+    by_country = client.get("/totals", params={"group-by": "country", **DAY}).json["totals"]
+    assert [(t["country"], t["ads-viewed"], t["session-duration"]) for t in by_country] == [
+        (None, 4, 0), ("IN", 2, 20), ("US", 0, 30)]
+    overall = client.get("/totals", params=DAY).json
+    assert overall["totals"] == [{"sessions": 3, "ads-viewed": 6, "session-duration": 50,
+                                  "estimated-revenue": "0.9"}]
+    assert (overall["since"], overall["until"]) == ("2026-11-23T00:00:00Z", "2026-11-24T00:00:00Z")
+
+
+def test_totals_as_csv(client, clock):
+    post_at(client, clock, "2026-11-23T10:00:00Z", country="IN")
+    res = client.get("/totals", params={"group-by": "day,country", "format": "csv"}, status=200)
+    assert res.content_type == "text/csv"
+    assert res.body.decode().splitlines() == [
+        "day,country,sessions,ads-viewed,session-duration,estimated-revenue",
+        "2026-11-23,IN,1,1,163,0.000012"]
+
+
+@pytest.mark.parametrize("params, field", [({"group-by": "user"}, "group-by"),
+                                           ({"group-by": "day,day"}, "group-by"),
+                                           ({"format": "xml"}, "format"),
+                                           ({"since": "x"}, "since")])
+def test_totals_bad_parameters_are_400(client, params, field):
+    assert_error(client.get("/totals", params=params, status=400), 400, field)
+
+
+def test_conflicts_are_counted_and_listed_newest_first(client):
+    first = postback(your_estimated_revenue="1")
+    post(client, first)
+    post(client, {**first, "your-estimated-revenue": "2"})
+    post(client, {**first, "country": "US"})
+    post(client, first)  # an exact copy is no conflict
+    conflicts = client.get("/conflicts", params={"limit": 5}).json["conflicts"]
+    assert [json.loads(c["new-body"]).get("country") for c in conflicts] == ["US", "IN"]
+    assert all(c["session-id"] == first["session-id"] for c in conflicts)
+    assert json.loads(conflicts[0]["stored-body"]) == first
+    assert client.get("/stats").json["conflicts"] == 2
+    assert len(client.get("/conflicts", params={"limit": 1}).json["conflicts"]) == 1
+
+
+def sessions_page(client, user, status=200, **params):
+    return client.get(f"/users/{quote(user, safe='')}/sessions", params=params, status=status)
+
+
+def test_sessions_of_a_user_newest_first_with_every_field(client, clock):
+    old = post_at(client, clock, "2026-11-23T09:00:00Z", user_id="u/1", country="in",
+                  your_estimated_revenue="0.5", count_of_ads_viewed=None)
+    new = post_at(client, clock, "2026-11-23T10:00:00.5Z", user_id="u/1", property_id=42)
+    post_at(client, clock, "2026-11-23T11:00:00Z", user_id="other")
+    res = sessions_page(client, "u/1").json
+    assert res["user-id"] == "u/1" and res["next"] is None
+    assert res["sessions"] == [
+        {"session-id": new["session-id"], "country": "IN", "count-of-ads-viewed": 1,
+         "your-estimated-revenue": "0.000012", "session-duration": 163, "property-id": "42",
+         "received-at": "2026-11-23T10:00:00.500000Z"},
+        {"session-id": old["session-id"], "country": "IN", "count-of-ads-viewed": None,
+         "your-estimated-revenue": "0.5", "session-duration": 163, "property-id": "1234",
+         "received-at": "2026-11-23T09:00:00Z"},
+    ]
+
+
+def test_sessions_limit_defaults_to_50_and_is_bounded(client):
+    for _ in range(51):
+        post(client, postback(user_id="many"))
+    assert len(sessions_page(client, "many").json["sessions"]) == 50
+    for bad in ["0", "1001", "-1", "ten", "1.5"]:
+        assert_error(sessions_page(client, "many", status=400, limit=bad), 400, "limit")
+    assert len(sessions_page(client, "many", limit="1000").json["sessions"]) == 51
+
+
+def test_keyset_pagination_is_stable_while_sessions_arrive(client, clock):
+    # All at one receive time: the order must still be total (ties broken by row id).
+    sent = [post_at(client, clock, "2026-11-23T10:00:00Z", user_id="p")["session-id"]
+            for _ in range(7)]
+    page = sessions_page(client, "p", limit=3).json
+    seen = [s["session-id"] for s in page["sessions"]]
+    for _ in range(3):  # newer sessions arrive between pages
+        post_at(client, clock, "2026-11-23T10:00:00Z", user_id="p")
+    while page["next"]:
+        page = sessions_page(client, "p", limit=3, before=page["next"]).json
+        seen += [s["session-id"] for s in page["sessions"]]
+    assert seen == sent[::-1]
+
+
+@pytest.mark.parametrize("cursor", ["garbage!", "bm90LWEtY3Vyc29y", "MTox", "%%%"])
+def test_a_cursor_not_given_out_is_a_400(client, cursor):
+    res = sessions_page(client, "p", status=400 if cursor != "MTox" else 200, before=cursor)
+    if cursor != "MTox":  # "1:1" is well-formed: an empty page, not an error
+        assert_error(res, 400, "before")
+
+
+def test_stats_show_what_is_stored_and_what_this_process_saw(make_client, clock):
+    client = make_client(postback_tokens=(b"t",))
+    empty = client.get("/stats").json
+    assert empty == {"sessions": 0, "rejected": 0, "conflicts": 0, "last-received-at": None,
+                     "last-received-age-seconds": None,
+                     "since-start": {"recorded": 0, "duplicate": 0, "rejected": 0,
+                                     "unauthorized": 0}}
+    clock.set("2026-11-23T10:00:00Z")
+    post(client, SAMPLE, status=401)
+    post(client, SAMPLE, headers=bearer("t"))
+    post(client, SAMPLE, headers=bearer("t"))
+    post(client, b"[]", status=400, headers=bearer("t"))
+    post(client, b"x" * (spp_server.MAX_BODY_BYTES + 1), status=413, headers=bearer("t"))
+    clock.set("2026-11-23T10:01:30Z")
+    res = client.get("/stats").json
+    assert res == {"sessions": 1, "rejected": 1, "conflicts": 0,
+                   "last-received-at": "2026-11-23T10:00:00Z", "last-received-age-seconds": 90,
+                   "since-start": {"recorded": 1, "duplicate": 1, "rejected": 2,
+                                   "unauthorized": 1}}
+
+
+def test_rejected_view_lists_newest_first_with_raw_body(client, clock):
+    clock.set("2026-11-23T10:00:00Z")
+    post(client, b'{"session-id": ""}', status=400)
+    clock.set("2026-11-23T10:05:00Z")
+    post(client, b"\xff not utf-8", status=400)
+    items = client.get("/rejected").json["rejected"]
+    assert [(i["received-at"], i["field"], i["raw-body"]) for i in items] == [
+        ("2026-11-23T10:05:00Z", None, "\\xff not utf-8"),
+        ("2026-11-23T10:00:00Z", "session-id", '{"session-id": ""}')]
+    assert "UTF-8" in items[0]["reason"]
+    assert len(client.get("/rejected", params={"limit": 1}).json["rejected"]) == 1
+    assert_error(client.get("/rejected", params={"limit": 0}, status=400), 400, "limit")
+
+
+READ_URLS = ["/users/sub1/earnings", "/users/sub1/sessions", "/earnings?since=1&until=2",
+             "/totals", "/stats", "/rejected", "/conflicts"]
+
+
+@pytest.mark.parametrize("url", READ_URLS)
+def test_every_read_endpoint_needs_the_read_token(make_client, url):
+    client = make_client(read_tokens=(b"reader",), postback_tokens=(b"poster",))
+    for headers in [{}, bearer("poster"), bearer("reade")]:
+        res = client.get(url, headers=headers, status=401)
+        assert_error(res, 401)
+        assert res.headers["WWW-Authenticate"].startswith("Bearer")
+    client.get(url, headers=bearer("reader"), status=200)
+    client.get(url, headers={"Authorization": "bearer reader"}, status=200)
+
+
+def query_plan(db, name, params):
+    sql = spp_server.totals_sql(name) if isinstance(name, list) else spp_server.SQL[name]
+    return " / ".join(row[-1] for row in rows(db, "EXPLAIN QUERY PLAN " + sql, params))
+
+
+def test_per_user_queries_search_the_user_index(client, db):
+    window = spp_server.Window(1, 2).params("p")
+    plan = query_plan(db, "user_earnings", {"user": "u", **window})
+    assert "SEARCH sessions USING COVERING INDEX sessions_by_user (user_id=?" in plan
+    plan = query_plan(db, "user_sessions",
+                      {"user": "u", "before_at": 1, "before_id": 1, "limit": 5})
+    assert plan.startswith("SEARCH sessions USING INDEX sessions_by_user (user_id=?")
+    assert "TEMP B-TREE" not in plan  # the index order is the page order
+
+
+@pytest.mark.parametrize("name", ["earnings_by_user", ("day", "country")])
+def test_window_queries_search_the_receive_time_index(client, db, name):
+    name = list(name) if isinstance(name, tuple) else name
+    plan = query_plan(db, name, spp_server.Window(1, 2).params())
+    assert plan.startswith("SEARCH sessions USING COVERING INDEX sessions_by_time "
+                           "(received_at_us>? AND received_at_us<?)")
+    assert "SCAN" not in plan
 
 
 # ---------------------------------------------------------------------------
