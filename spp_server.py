@@ -801,12 +801,22 @@ def parse_json_object(body):
     return payload
 
 
+def check_encodable(field, value):
+    """JSON text may escape a lone surrogate, which no UTF-8 text can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Invalid(field, "must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
 def check_text(payload, field, max_chars, allow_empty):
     if field not in payload:
         raise Invalid(field, "is required")
     value = payload[field]
     if not isinstance(value, str):
         raise Invalid(field, "must be a string")
+    check_encodable(field, value)
     if not value and not allow_empty:
         raise Invalid(field, "must not be empty")
     if len(value) > max_chars:
@@ -864,7 +874,7 @@ def check_property_id(payload, field="property-id"):
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise Invalid(field, "must be a string or an integer")
-    return str(value)
+    return check_encodable(field, str(value))
 
 
 def parse_postback(body):
@@ -1184,6 +1194,12 @@ def inherited_sockets(environ):
     return [socket.socket(fileno=fd) for fd in range(3, 3 + count)]
 
 
+def listening_host(sock):
+    if sock.family == socket.AF_UNIX:
+        return "localhost"  # reachable only through the file system
+    return sock.getsockname()[0]
+
+
 def sd_notify(message, environ=os.environ):
     """Tell systemd about our state (sd_notify(3)); a no-op outside systemd."""
     address = environ.get("NOTIFY_SOCKET")
@@ -1400,7 +1416,7 @@ def main(argv=None, environ=None):
     try:
         config = build_config(args, environ)
         sockets = inherited_sockets(environ)
-        check_exposure(config, [s.getsockname()[0] for s in sockets] or [config["host"]])
+        check_exposure(config, [listening_host(s) for s in sockets] or [config["host"]])
     except (ConfigError, OSError, UnicodeDecodeError) as exc:
         log.error("cannot start: %s", exc)
         return 2

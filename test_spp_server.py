@@ -339,6 +339,13 @@ def test_each_bad_field_is_a_400_naming_it_and_nothing_is_stored(client, db, fie
     assert rows(db, "SELECT field, raw_body FROM rejected") == [(field, raw.encode())]
 
 
+@pytest.mark.parametrize("field", ["session-id", "user-id", "property-id"])
+def test_lone_surrogate_escape_in_an_id_is_a_400(client, db, field):
+    raw = json.dumps(SAMPLE).replace(f'"{field}": "', f'"{field}": "\\ud800')
+    assert_error(post(client, raw, status=400), 400, field)
+    assert count(db, "sessions") == 0 and count(db, "rejected") == 1
+
+
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_json_number_literals_are_400(client, db, literal):
     raw = json.dumps(SAMPLE).replace('"0.000012"', literal)
@@ -1287,3 +1294,82 @@ def test_rows_acknowledged_before_sigkill_survive(real_server, db):
     assert count(db, "sessions") == 20
     server = real_server(db)
     assert server.request("GET", "/users/sub1/earnings")[1]["sessions"] == 20
+
+
+# ---------------------------------------------------------------------------
+# systemd: socket activation, readiness, watchdog
+# ---------------------------------------------------------------------------
+
+
+SYSTEMD_LIKE_EXEC = """
+import os, sys
+fd = int(sys.argv[1])
+os.dup2(fd, 3)  # the first passed socket is fd 3 (SD_LISTEN_FDS_START)
+os.close(fd)
+os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])  # same process, same pid
+"""
+
+
+def start_activated_server(db, listener, env=None):
+    """Start the server the way systemd does with a .socket unit: the listening
+    socket on fd 3, LISTEN_FDS=1 and LISTEN_PID = the server's own pid."""
+    return subprocess.Popen(
+        [sys.executable, "-c", SYSTEMD_LIKE_EXEC, str(listener.fileno()),
+         str(SERVER), "--db", db, "--port", "1"],
+        env={**os.environ, **(env or {})},
+        pass_fds=(listener.fileno(),),
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_socket_passed_by_systemd_is_used(db):
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    process = start_activated_server(db, listener)
+    try:
+        # The kernel queues our connection on the inherited socket until the server accepts.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        conn.request("POST", "/postback", json.dumps(SAMPLE))
+        res = conn.getresponse()
+        assert (res.status, json.loads(res.read())) == (200, {"status": "recorded"})
+        conn.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        listener.close()
+    assert count(db, "sessions") == 1
+
+
+def test_readiness_is_notified_once_listening_and_stopping_on_sigterm(tmp_path, db):
+    notify_path = str(tmp_path / "notify")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(15)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(SERVER), "--db", db, "--port", str(port)],
+        env={**os.environ, "NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "200000"},
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert notify.recv(100) == b"READY=1"
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()  # accepting already
+        assert notify.recv(100) == b"WATCHDOG=1"  # pinged while the database answers
+        process.send_signal(signal.SIGTERM)
+        messages = []
+        while b"STOPPING=1" not in messages:
+            messages.append(notify.recv(100))
+        assert set(messages) <= {b"WATCHDOG=1", b"STOPPING=1"}
+        assert process.wait(15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        notify.close()
+
+
+def test_inherited_sockets_are_ignored_when_meant_for_another_process():
+    assert spp_server.inherited_sockets({"LISTEN_PID": "1", "LISTEN_FDS": "1"}) == []
+    assert spp_server.inherited_sockets({}) == []
