@@ -1164,6 +1164,7 @@ def create_app(config):
 
 DRAIN_TIMEOUT_S = 20  # in-flight requests get this long after SIGTERM (TimeoutStopSec is 30)
 LOOP_TIMEOUT_S = 0.5  # how often the main loop looks for a stop request
+FRESH_CONNECTION_GRACE_S = 2
 
 
 def waitress_settings(config, sockets):
@@ -1241,6 +1242,17 @@ def run_until(socket_map, stopping):
         wasyncore.loop(timeout=LOOP_TIMEOUT_S, map=socket_map, use_poll=True, count=1)
 
 
+def is_idle(channel, now):
+    """A connection that may be closed at shutdown: nothing being received,
+    served or sent.  One accepted just before the stop that has not sent its
+    request yet gets a moment to do so; closing it would fail a postback that
+    was on its way."""
+    if channel.requests or channel.total_outbufs_len or channel.request is not None:
+        return False
+    never_spoke = channel.last_activity == channel.creation_time
+    return not never_spoke or now - channel.creation_time > FRESH_CONNECTION_GRACE_S
+
+
 def drain(socket_map, dispatcher):
     """Stop accepting, let requests in flight finish and their answers go
     out, then stop the worker threads."""
@@ -1254,11 +1266,10 @@ def drain(socket_map, dispatcher):
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while time.monotonic() < deadline:
         channels = [d for d in socket_map.values() if isinstance(d, HTTPChannel)]
-        busy = [c for c in channels if c.requests or c.total_outbufs_len or c.request]
         for channel in channels:
-            if channel not in busy:
-                channel.handle_close()  # idle keep-alive connection
-        if not busy:
+            if is_idle(channel, time.time()):
+                channel.handle_close()
+        if not any(d for d in socket_map.values() if isinstance(d, HTTPChannel)):
             break
         wasyncore.loop(timeout=0.05, map=socket_map, use_poll=True, count=1)
     dispatcher.shutdown(cancel_pending=True, timeout=5)

@@ -3,10 +3,12 @@ tests against a real `python spp_server.py` process."""
 
 import contextlib
 import http.client
+import ipaddress
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -1373,3 +1375,123 @@ def test_readiness_is_notified_once_listening_and_stopping_on_sigterm(tmp_path, 
 def test_inherited_sockets_are_ignored_when_meant_for_another_process():
     assert spp_server.inherited_sockets({"LISTEN_PID": "1", "LISTEN_FDS": "1"}) == []
     assert spp_server.inherited_sockets({}) == []
+
+
+# ---------------------------------------------------------------------------
+# systemd units: accepted by systemd, tightly sandboxed, in step with the code
+# ---------------------------------------------------------------------------
+
+SERVICE = HERE / "spp.service"
+SOCKET = HERE / "spp.socket"
+
+MAX_EXPOSURE = 0.5  # `systemd-analyze security` scale: 0 (locked down) to 10
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+needs_systemd_analyze = pytest.mark.skipif(
+    SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed"
+)
+
+
+def unit_settings(path):
+    """[(key, value), ...] of a unit file, in order, comments and sections left out."""
+    settings = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;[" or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        settings.append((key.strip(), value.strip()))
+    return settings
+
+
+def unit_values(path, key):
+    return [value for k, value in unit_settings(path) if k == key]
+
+
+def run_analyze(*args):
+    env = {**os.environ, "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": "", "LC_ALL": "C"}
+    return subprocess.run(
+        [SYSTEMD_ANALYZE, *args], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+def systemd_version():
+    first = run_analyze("--version").stdout.split()
+    return int(first[1]) if len(first) > 1 and first[1].isdigit() else 0
+
+
+@needs_systemd_analyze
+def test_systemd_accepts_the_units():
+    """`systemd-analyze verify` finds nothing wrong but the ExecStart program
+    missing (the repository is not installed at /opt/spp here)."""
+    (exec_start,) = unit_values(SERVICE, "ExecStart")
+    program = exec_start.lstrip("-@:+!").split()[0]
+    result = run_analyze("verify", str(SOCKET), str(SERVICE))
+    lines = (result.stdout + result.stderr).splitlines()
+    problems = [
+        line for line in lines
+        if line.strip() and not (program in line and not Path(program).exists())
+    ]
+    assert problems == [], "\n".join(problems)
+
+
+@needs_systemd_analyze
+def test_service_sandbox_exposure_is_low():
+    if systemd_version() < 250:
+        pytest.skip("systemd-analyze security --offline needs systemd 250 or newer")
+    result = run_analyze("security", "--offline=true", str(SERVICE))
+    output = result.stdout + result.stderr
+    match = re.search(r"Overall exposure level for \S+: ([0-9]+(?:\.[0-9]+)?)", output)
+    assert match, output
+    # Rows that add to the exposure end in their weight ("... 0.1").
+    exposed = "\n".join(
+        line for line in output.splitlines()
+        if re.search(r"\s[0-9]+\.[0-9]+$", line) and "Overall" not in line
+    )
+    exposure = float(match.group(1))
+    assert exposure <= MAX_EXPOSURE, f"exposure {exposure}; still open:\n{exposed}"
+
+
+def test_unit_names_only_settings_the_server_reads():
+    """Every SPP_* variable spp.service mentions (settings and comments) and
+    every credential it loads is read by spp_server.py and, for variables,
+    documented in --help: a renamed variable must not leave the unit setting
+    something the server silently ignores."""
+    unit_text = SERVICE.read_text(encoding="utf-8")
+    source = SERVER.read_text(encoding="utf-8")
+    variables = sorted(set(re.findall(r"\bSPP_[A-Z0-9_]+\b", unit_text)))
+    assert variables, "spp.service names no SPP_* variable"
+    credentials = [
+        value.split(":", 1)[0]
+        for key, value in unit_settings(SERVICE)
+        if key in ("LoadCredential", "LoadCredentialEncrypted")
+    ]
+    assert credentials, "spp.service loads no credentials"
+
+    def read_in_source(name):
+        return re.search(r"""["']""" + re.escape(name) + r"""["']""", source)
+
+    assert [v for v in variables if not read_in_source(v)] == []
+    assert [c for c in credentials if not read_in_source(c)] == []
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPP_")}
+    env.update(COLUMNS="100", PYTHON_COLORS="0", NO_COLOR="1")
+    result = subprocess.run(
+        [sys.executable, str(SERVER), "--help"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [v for v in variables if v not in result.stdout] == []
+
+
+def test_socket_listens_on_loopback_only():
+    """Read endpoints stay on this machine; the HTTPS proxy forwards postbacks."""
+    for address in unit_values(SOCKET, "ListenStream"):
+        host = address.rpartition(":")[0].strip("[]")
+        assert ipaddress.ip_address(host).is_loopback, address
+
+
+def test_stop_timeout_leaves_room_for_the_drain():
+    """systemd must not SIGKILL the server while it is still draining requests."""
+    (timeout,) = unit_values(SERVICE, "TimeoutStopSec")
+    assert re.fullmatch(r"\d+s?", timeout), f"write TimeoutStopSec in seconds, not {timeout!r}"
+    assert int(timeout.rstrip("s")) > spp_server.DRAIN_TIMEOUT_S
