@@ -1495,3 +1495,38 @@ def test_stop_timeout_leaves_room_for_the_drain():
     (timeout,) = unit_values(SERVICE, "TimeoutStopSec")
     assert re.fullmatch(r"\d+s?", timeout), f"write TimeoutStopSec in seconds, not {timeout!r}"
     assert int(timeout.rstrip("s")) > spp_server.DRAIN_TIMEOUT_S
+
+
+def test_connection_accepted_before_sigterm_still_gets_its_answer(tmp_path, db):
+    """A postback whose connection was open but silent when SIGTERM came (as
+    with a socket-activated restart) is served, not dropped."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(15)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(SERVER), "--db", db, "--port", str(port)],
+        env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert notify.recv(100) == b"READY=1"
+        early = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        early.connect()
+        # Connections are accepted in order: once a later one is answered,
+        # the early one has been accepted too.
+        later = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        later.request("GET", "/healthz")
+        assert later.getresponse().status == 200
+        later.close()
+        process.send_signal(signal.SIGTERM)
+        assert notify.recv(100) == b"STOPPING=1"
+        early.request("POST", "/postback", json.dumps(SAMPLE))
+        assert early.getresponse().status == 200
+        early.close()
+        assert process.wait(15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        notify.close()
+    assert count(db, "sessions") == 1
