@@ -432,6 +432,13 @@ class Writer:
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
+            if len(work) > 1 and not isinstance(exc, sqlite3.OperationalError):
+                # One write's own failure (a constraint, a bug) must not fail
+                # the others batched with it: commit each alone.  A locked or
+                # full database (OperationalError) would fail them all anyway.
+                for item in work:
+                    self._commit([item])
+                return
             self.last_error = str(exc)
             for _, future in work:
                 future.set_exception(exc)
@@ -794,7 +801,8 @@ def parse_json_object(body):
         )
     except UnicodeDecodeError:
         raise Invalid(None, "the body is not valid UTF-8") from None
-    except (ValueError, RecursionError) as exc:
+    except (ValueError, RecursionError, decimal.InvalidOperation) as exc:
+        # InvalidOperation: an exponent beyond what decimal can hold (1e99999999999999999999).
         raise Invalid(None, f"the body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise Invalid(None, "the body must be a JSON object")
@@ -824,14 +832,26 @@ def check_text(payload, field, max_chars, allow_empty):
     return value
 
 
+def parse_decimal_string(text):
+    """'0.000012' or '1.2e-05' -> Decimal; None for anything else, such as
+    '0x10', '1_000', '+1', ' 1' (which Decimal() itself would take) or an
+    exponent too large for decimal."""
+    if not DECIMAL_STRING.fullmatch(text):
+        return None
+    try:
+        return decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        return None
+
+
 def check_revenue(payload, field="your-estimated-revenue"):
     if field not in payload or payload[field] is None:
         raise Invalid(field, "is required")
     value = payload[field]
     if isinstance(value, str):
-        if not DECIMAL_STRING.fullmatch(value):
+        value = parse_decimal_string(value)
+        if value is None:
             raise Invalid(field, "must be a decimal number such as \"0.000012\"")
-        value = decimal.Decimal(value)
     elif isinstance(value, bool) or not isinstance(value, (int, decimal.Decimal)):
         raise Invalid(field, "must be a decimal string or a number")
     else:

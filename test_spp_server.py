@@ -1,6 +1,7 @@
 """Tests for spp_server.py: the HTTP contract through WebTest, and end-to-end
 tests against a real `python spp_server.py` process."""
 
+import base64
 import contextlib
 import http.client
 import ipaddress
@@ -14,13 +15,17 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 from webtest import TestApp
 
 import spp_server
@@ -37,6 +42,11 @@ SAMPLE = {
     "property-id": "1234",
 }
 DECIMAL_STRING = re.compile(r"^[0-9]+(\.[0-9]+)?$")
+
+if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+    # database=None keeps no examples, but Hypothesis still caches Unicode tables
+    # under ./.hypothesis: keep them out of the working tree.
+    set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "spp-receiver-hypothesis")
 
 
 # ---------------------------------------------------------------------------
@@ -1530,3 +1540,671 @@ def test_connection_accepted_before_sigterm_still_gets_its_answer(tmp_path, db):
             process.kill()
         notify.close()
     assert count(db, "sessions") == 1
+
+
+# ---------------------------------------------------------------------------
+# Faults: crash, restart under load, full / read-only database, duplicate storm
+# ---------------------------------------------------------------------------
+
+
+
+CONNECTION_ERRORS = (OSError, http.client.HTTPException)  # refused, reset, closed early
+
+
+def http_request(port, method, path, body=None, headers=None, timeout=10):
+    """One request on a fresh connection -> (status, headers, body bytes)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        res = conn.getresponse()
+        return res.status, res.headers, res.read()
+    finally:
+        conn.close()
+
+
+class LoadGenerator:
+    """Threads that post fresh postbacks, one connection per request, until the
+    server stops answering; every outcome is kept with the payload sent."""
+
+    def __init__(self, server, threads=6, deadline_s=10):
+        self.server = server
+        self.outcomes = []  # (payload, status or "connection error", body)
+        self._lock = threading.Lock()
+        self._deadline = time.monotonic() + deadline_s
+        self._threads = [threading.Thread(target=self._send, args=(n,)) for n in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def _send(self, n):
+        while time.monotonic() < self._deadline:
+            payload = postback(user_id=f"load-{n}", your_estimated_revenue=f"0.00000{n + 1}")
+            try:
+                status, body = self.server.post(payload)
+            except CONNECTION_ERRORS:
+                with self._lock:
+                    self.outcomes.append((payload, "connection error", None))
+                return
+            except ValueError:  # an answer that is not JSON: fails the status checks
+                with self._lock:
+                    self.outcomes.append((payload, "not JSON", None))
+                return
+            with self._lock:
+                self.outcomes.append((payload, status, body))
+
+    def acknowledged(self):
+        with self._lock:
+            return [p for p, status, _ in self.outcomes if status == 200]
+
+    def wait_for_acknowledged(self, n, timeout=10):
+        deadline = time.monotonic() + timeout
+        while len(self.acknowledged()) < n:
+            assert time.monotonic() < deadline, f"only {len(self.acknowledged())} acknowledged"
+            time.sleep(0.01)  # polling for progress
+
+    def join(self, timeout=15):
+        for thread in self._threads:
+            thread.join(timeout)
+            assert not thread.is_alive(), "a client thread never finished"
+
+
+def stored_bodies(db):
+    return dict(rows(db, "SELECT session_id, raw_body FROM sessions"))
+
+
+def test_sigkill_mid_stream_keeps_every_acknowledged_session_exactly_once(real_server, db):
+    server = real_server(db)
+    load = LoadGenerator(server, threads=6)
+    load.wait_for_acknowledged(150)
+    server.process.kill()  # SIGKILL while the clients are still sending
+    server.stop()
+    load.join()
+    acknowledged = load.acknowledged()
+    assert [status for _, status, _ in load.outcomes if status != 200] == ["connection error"] * 6
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+
+    server = real_server(db)  # restart on the same file
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+    stored = stored_bodies(db)
+    for payload in acknowledged:  # present, and exactly as acknowledged
+        assert stored.get(payload["session-id"]) == json.dumps(payload)
+    assert rows(db, "SELECT session_id FROM sessions GROUP BY session_id HAVING count(*) > 1") == []
+    assert count(db, "sessions") == len(stored)
+    # A sender retrying everything it was not sure of gets "duplicate" or "recorded", never twice.
+    for payload, status, _ in load.outcomes:
+        expected = "duplicate" if payload["session-id"] in stored else "recorded"
+        assert server.post(payload) == (200, {"status": expected})
+    assert count(db, "sessions") == len({p["session-id"] for p, _, _ in load.outcomes})
+    status, body = server.request("GET", "/users/load-0/earnings")
+    assert status == 200 and body["sessions"] == sum(
+        1 for p, _, _ in load.outcomes if p["user-id"] == "load-0")
+    assert server.stop() == 0
+
+
+def test_sigterm_under_load_exits_0_and_loses_no_acknowledged_session(real_server, db):
+    server = real_server(db)
+    load = LoadGenerator(server, threads=8)
+    load.wait_for_acknowledged(100)
+    server.process.send_signal(signal.SIGTERM)
+    load.join()  # each client stops at its first connection error
+    code = server.process.wait(15)  # one SIGTERM only: stop() would send a second
+    server.stop()
+    assert code == 0
+    assert "stopped cleanly" in server.log_text()
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+    stored = stored_bodies(db)
+    for payload, status, body in load.outcomes:
+        if status == 200:  # never a 200 for a row that was not stored
+            assert body in ({"status": "recorded"}, {"status": "duplicate"})
+            assert stored.get(payload["session-id"]) == json.dumps(payload)
+        elif status != "connection error":  # an error answer must not have stored it
+            assert payload["session-id"] not in stored, (status, body)
+    statuses = {status for _, status, _ in load.outcomes}
+    assert statuses <= {200, "connection error"}, statuses
+    # Nothing but what was sent is stored.
+    assert set(stored) <= {p["session-id"] for p, _, _ in load.outcomes}
+
+
+def test_duplicate_storm_from_16_threads_stores_one_row_and_counts_it_once(real_server, db):
+    server = real_server(db)
+    payload = postback(user_id="storm", your_estimated_revenue="0.123456789")
+    body = json.dumps(payload).encode()
+    barrier = threading.Barrier(16)
+    answers = []
+    lock = threading.Lock()
+
+    def send(times):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)  # keep-alive
+        barrier.wait()
+        try:
+            for _ in range(times):
+                conn.request("POST", "/postback", body=body)
+                res = conn.getresponse()
+                answer = (res.status, json.loads(res.read()))
+                with lock:
+                    answers.append(answer)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=send, args=(13 if n < 8 else 12,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    assert len(answers) == 200
+    assert sorted(answers, key=str) == [(200, {"status": "duplicate"})] * 199 + [
+        (200, {"status": "recorded"})]
+    assert count(db, "sessions") == 1
+    assert count(db, "conflicts") == 0
+    status, body = server.request("GET", "/users/storm/earnings")
+    assert (status, body["sessions"], body["estimated-revenue"]) == (200, 1, "0.123456789")
+    since_start = server.request("GET", "/stats")[1]["since-start"]
+    assert (since_start["recorded"], since_start["duplicate"]) == (1, 199)
+
+
+def writer_pragma(app, sql):
+    """Run a PRAGMA on the writer's own connection (max_page_count is per connection)."""
+    return app.store.write(lambda conn, now: conn.execute(sql).fetchone()[0])
+
+
+def test_full_database_gets_503_then_recovers_without_restart(make_client, db):
+    client = make_client()
+    app = client.app
+    post(client, postback(user_id="full"))
+    pages = writer_pragma(app, "PRAGMA page_count")
+    assert writer_pragma(app, f"PRAGMA max_page_count = {pages}") == pages
+    big = postback(user_id="full", padding="x" * 20_000)  # needs pages the file may not grow
+    started = time.monotonic()
+    res = post(client, big, status=503)
+    assert time.monotonic() - started < 5
+    assert_error(res, 503)
+    assert "full" in res.json["error"]
+    health = client.get("/healthz", status=503)
+    assert_error(health, 503)
+    assert "full" in health.json["error"]
+    # A bad body that cannot be kept is not a 500 either.
+    res = post(client, b"x" * 30_000, status="*")
+    assert res.status_int in (400, 503) and res.content_type == "application/json"
+    assert earnings(client, "full").json["sessions"] == 1  # reads still answer
+    assert count(db, "sessions") == 1
+
+    writer_pragma(app, "PRAGMA max_page_count = 1073741823")  # room again, same process
+    assert post(client, big).json == {"status": "recorded"}
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert earnings(client, "full").json["sessions"] == 2
+    assert rows(db, "SELECT raw_body FROM sessions WHERE session_id = ?",
+                (big["session-id"],)) == [(json.dumps(big),)]
+
+
+def chattr(flag, *paths):
+    try:
+        return subprocess.run(["chattr", flag, *paths], capture_output=True, text=True)
+    except FileNotFoundError as exc:  # no e2fsprogs
+        return subprocess.CompletedProcess(["chattr"], 127, "", str(exc))
+
+
+def test_database_made_unwritable_gets_503_never_200_then_recovers(make_client, db):
+    """Read-only database.  The tests run as root, which chmod does not stop, so
+    the database file and its WAL are made immutable (chattr +i), which stops
+    root too: every write to them fails (EPERM, SQLite's "disk I/O error").
+    The -shm file is left alone: it is mmap'd, and writes to an immutable
+    mapping kill the process with SIGBUS, as they would any SQLite program."""
+    client = make_client(busy_timeout_ms=200)
+    post(client, postback(user_id="ro"))
+    files = [db, db + "-wal"]
+    assert all(os.path.exists(f) for f in files)
+    try:
+        made = chattr("+i", *files)
+        if made.returncode != 0:
+            pytest.skip(f"cannot make files immutable here (chattr +i): {made.stderr.strip()}")
+        for _ in range(3):
+            started = time.monotonic()
+            res = post(client, postback(user_id="ro"), status="*")
+            assert time.monotonic() - started < 3  # never a hang past the busy timeout
+            assert_error(res, 503)
+        assert_error(client.get("/healthz", status=503), 503)
+        assert earnings(client, "ro").json["sessions"] == 1
+    finally:
+        chattr("-i", *files)
+    assert count(db, "sessions") == 1
+    assert post(client, postback(user_id="ro")).json == {"status": "recorded"}
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+
+
+# ---------------------------------------------------------------------------
+# Hostile input
+# ---------------------------------------------------------------------------
+
+HOSTILE_SETTINGS = dict(
+    deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def send_raw(client, body):
+    return client.post("/postback", body, expect_errors=True)
+
+
+def check_answer(res, db, sessions_before, field=None):
+    """The contract for any postback: never 500, always JSON, nothing stored for an error."""
+    assert res.status_int in (200, 400, 413), (res.status, res.text)
+    assert res.content_type == "application/json"
+    answer = json.loads(res.body)
+    sessions_after = count(db, "sessions")
+    if res.status_int == 200:
+        assert answer in ({"status": "recorded"}, {"status": "duplicate"})
+        assert sessions_after == sessions_before + (answer["status"] == "recorded")
+    else:
+        assert set(answer) == {"error", "field"} and answer["error"]
+        assert sessions_after == sessions_before
+        if field is not None:
+            assert answer["field"] in (field, None), answer
+    return answer
+
+
+# Text including lone surrogates (sent as \udXXX escapes, or as CESU bytes).
+ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=12)
+JSON_LEAVES = (st.none() | st.booleans() | st.integers() | st.floats()  # nan/inf -> NaN literals
+               | st.decimals(allow_nan=False, allow_infinity=False) | ANY_TEXT)
+JSON_VALUES = st.recursive(
+    JSON_LEAVES,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(ANY_TEXT, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def to_json(value, ensure_ascii=True):
+    """Any generated value -> JSON text; Decimals become JSON numbers written exactly."""
+    text = json.dumps(value, ensure_ascii=ensure_ascii,
+                      default=lambda d: f"__DECIMAL_{d}__")
+    return re.sub(r'"__DECIMAL_(.*?)__"', r"\1", text)
+
+
+def as_body(text):
+    return text.encode("utf-8", "surrogatepass")  # a lone surrogate becomes invalid UTF-8
+
+
+NUMBER_TEXT = st.builds(
+    lambda sign, whole, frac, exp: f"{sign}{whole}{frac}{exp}",
+    st.sampled_from(["", "-", "+"]),
+    st.sampled_from(["0", "1", "00", "12", "999999", "1000000", "1_000", "0x10", "", "١"]),
+    st.sampled_from(["", ".5", ".000000001", ".0000000005", ".", ".1234567891234"]),
+    st.one_of(st.just(""), st.builds(lambda e, sign, digits: f"{e}{sign}{digits}",
+                                     st.sampled_from(["e", "E"]),
+                                     st.sampled_from(["", "+", "-"]),
+                                     st.integers(0, 10**30).map(str))),
+)
+LITERALS = st.one_of(
+    JSON_VALUES.map(to_json),
+    NUMBER_TEXT,  # a JSON number or not JSON at all
+    NUMBER_TEXT.map(lambda n: f'"{n}"'),  # the same as a string
+    st.sampled_from(["1e400", "-1e400", "-0", "-0.0", "NaN", "Infinity", "-Infinity", '"NaN"',
+                     '"Infinity"', '"\\ud800"', '"\\udfff"', '"a\\udc00b"', '"\\udc00\\ud800"',
+                     '"\\u0000"', '"\\ud83c\\udfae"', "1e99999999999999999999",
+                     '"1e-99999999999999999999"', "[" * 50 + "]" * 50, "{}", '""']),
+)
+POSTBACK_FIELDS = sorted(SAMPLE)
+
+
+def test_any_bytes_or_json_value_as_a_body_is_answered_json_never_500(client, db):
+    @settings(max_examples=150, **HOSTILE_SETTINGS)
+    @given(body=st.one_of(
+        st.binary(max_size=200),
+        st.builds(lambda v, a: as_body(to_json(v, a)), JSON_VALUES, st.booleans())))
+    def check(body):
+        before = count(db, "sessions")
+        check_answer(send_raw(client, body), db, before)
+
+    check()
+
+
+def test_any_field_replaced_by_any_json_is_answered_json_never_500(client, db):
+    @settings(max_examples=250, **HOSTILE_SETTINGS)
+    @given(field=st.sampled_from(POSTBACK_FIELDS), literal=LITERALS, ascii_only=st.booleans())
+    def check(field, literal, ascii_only):
+        text = json.dumps(postback(**{field: "__LITERAL__"}), ensure_ascii=ascii_only)
+        body = as_body(text.replace('"__LITERAL__"', literal))
+        before = count(db, "sessions")
+        answer = check_answer(send_raw(client, body), db, before, field)
+        if answer.get("status") == "recorded":  # stored exactly as sent
+            [(raw,)] = rows(db, "SELECT raw_body FROM sessions ORDER BY id DESC LIMIT 1")
+            assert raw.encode("utf-8", "surrogatepass") == body
+
+    check()
+
+
+def test_escaped_surrogate_pair_in_an_id_is_one_character(client, db):
+    text = json.dumps(postback(user_id="__ID__")).replace("__ID__", "\\ud83c\\udfae")
+    assert send_raw(client, text.encode()).json == {"status": "recorded"}
+    assert earnings(client, "\U0001F3AE").json["sessions"] == 1
+
+
+@contextlib.contextmanager
+def writer_held(store):
+    """Keep the writer thread busy; writes queued meanwhile form one batch
+    when the block ends."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold(conn, now):
+        entered.set()
+        assert gate.wait(10)
+
+    holder = threading.Thread(target=store.write, args=(hold,))
+    holder.start()
+    assert entered.wait(5)
+    try:
+        yield
+    finally:
+        gate.set()
+        holder.join(10)
+
+
+def wait_until_queued(store, n, done=lambda: 0):
+    """Poll until n writes wait for the writer (`done` counts those finished early)."""
+    deadline = time.monotonic() + 5
+    while store.writer._queue.qsize() + done() < n:
+        assert time.monotonic() < deadline, "the writes never reached the writer"
+        time.sleep(0.005)  # polling for the queue to fill
+
+
+def test_lone_surrogate_does_not_fail_the_postbacks_committed_with_it(make_client, db):
+    """Writes are committed in batches: one postback's failure must not become
+    an error for the valid postbacks that happened to share its batch."""
+    client = make_client()
+    app = client.app
+    bad = json.dumps(postback(user_id="batch", session_id="__ID__")).replace("__ID__", "\\ud800")
+    good = [json.dumps(postback(user_id="batch")) for _ in range(3)]
+    answers = {}
+
+    def send(name, body):
+        answers[name] = send_raw(TestApp(app), body.encode())
+
+    senders = [threading.Thread(target=send, args=("bad", bad))] + [
+        threading.Thread(target=send, args=(i, body)) for i, body in enumerate(good)]
+    with writer_held(app.store):
+        for sender in senders:
+            sender.start()
+        wait_until_queued(app.store, 4, done=lambda: not senders[0].is_alive())
+    for thread in senders:
+        thread.join(10)
+    assert [answers[i].status_int for i in range(3)] == [200, 200, 200], [
+        answers[i].text for i in range(3)]
+    assert answers["bad"].status_int in (200, 400), answers["bad"].text
+    assert earnings(client, "batch").json["sessions"] == 3 + (answers["bad"].status_int == 200)
+
+
+@pytest.mark.parametrize(
+    "literal, allowed",
+    [
+        ("-0", {0}), ("-0.0", {0}), ("0e0", {0}), ("1E-9", {1}), ('"1e-9"', {1}),
+        ("0.0000000005", {0}), ('"-0e5"', {0}), ("12", {12 * 10**9}),
+        ("1e400", {400}), ("1e99999999999999999999", {400}), ('"1e99999999999999999999"', {400}),
+        # Too small to be written down by Python's Decimal; it rounds to 0 nano-USD.
+        ('"1e-99999999999999999999"', {0, 400}), ("1e-99999999999999999999", {0, 400}),
+        ("NaN", {400}), ('"NaN"', {400}), ('"0x10"', {400}), ('"1_000"', {400}),
+        ('"+1"', {400}), ("+1", {400}), ('"1."', {400}), ('".5"', {400}), ("0x10", {400}),
+    ],
+)
+def test_awkward_revenue_numbers(client, db, literal, allowed):
+    text = json.dumps(postback(your_estimated_revenue="__REV__")).replace('"__REV__"', literal)
+    res = send_raw(client, text.encode())
+    check_answer(res, db, 0, "your-estimated-revenue")
+    outcome = 400 if res.status_int == 400 else rows(db, "SELECT revenue_nano FROM sessions")[0][0]
+    assert outcome in allowed, res.text
+
+
+@pytest.mark.parametrize("literal", ["1e99999999999999999999", "-1e-99999999999999999999",
+                                     "1" + "0" * 5000])
+def test_awkward_number_in_an_unknown_key_is_not_a_500(client, db, literal):
+    text = json.dumps(postback(extra="__X__")).replace('"__X__"', literal)
+    check_answer(send_raw(client, text.encode()), db, 0)
+
+
+def nested(depth):
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize(
+    "make_body",
+    [
+        lambda: nested(30_000),  # as deep as fits in the body limit
+        lambda: json.dumps(postback()).replace("{", '{"deep": ' + nested(20_000) + ", ", 1),
+        lambda: json.dumps(postback()).replace("{", '{"deep": ' + nested(500) + ", ", 1),
+        lambda: '{"a": ' * 9_000 + "1" + "}" * 9_000,
+        lambda: json.dumps(postback(wide={str(i): i for i in range(3_000)})),
+        lambda: json.dumps(postback(long="ユ" * 20_000), ensure_ascii=False),  # 60 KB of UTF-8
+        lambda: json.dumps(postback(session_id="s" * 60_000)),
+        lambda: json.dumps(postback(user_id="u" * 60_000)),
+        lambda: json.dumps(postback(list=[{}] * 15_000)),
+        lambda: json.dumps(postback()) + " " * 50_000,
+        lambda: json.dumps(postback()) + " x",
+        lambda: '{"session-id": "a", "session-id": "b", "user-id": "u", '
+                '"your-estimated-revenue": "1", "your-estimated-revenue": "x"}',
+    ],
+)
+def test_deep_wide_and_huge_bodies_are_answered_json_never_500(client, db, make_body):
+    body = make_body().encode()
+    assert len(body) <= spp_server.MAX_BODY_BYTES
+    check_answer(send_raw(client, body), db, 0)
+    assert client.get("/healthz").json == {"status": "ok"}
+
+
+NANO_DECIMAL = Decimal("1e-9")
+REVENUES = st.decimals(min_value=0, max_value=Decimal("999999.999999999"), places=9,
+                       allow_nan=False, allow_infinity=False)
+
+
+def revenue_literal(amount, form):
+    """An accepted way of writing `amount` in a postback."""
+    plain = format(amount, "f")
+    return {
+        "string": json.dumps(plain),
+        "string-exponent": json.dumps(format(amount, "e")),
+        "string-trailing-zeros": json.dumps(plain + ("000" if "." in plain else ".000")),
+        "number": plain,
+        "number-exponent": format(amount, "e"),
+        "integer": str(int(amount)) if amount == amount.to_integral_value() else plain,
+    }[form]
+
+
+REVENUE_FORMS = ["string", "string-exponent", "string-trailing-zeros", "number",
+                 "number-exponent", "integer"]
+
+
+def test_earnings_are_the_exact_sum_of_the_accepted_revenues(client, db):
+    @settings(max_examples=100, **HOSTILE_SETTINGS)
+    @given(entries=st.lists(st.tuples(REVENUES, st.sampled_from(REVENUE_FORMS)), min_size=1,
+                            max_size=8),
+           resend=st.integers(0, 7), noise=st.sampled_from(['"-1"', '"1e6"', '"abc"', "true"]))
+    def check(entries, resend, noise):
+        user = f"sum-{next(_ids)}"
+        bodies = []
+        for amount, form in entries:
+            text = json.dumps(postback(user_id=user, your_estimated_revenue="__REV__"))
+            bodies.append(text.replace('"__REV__"', revenue_literal(amount, form)).encode())
+        for body in bodies:
+            assert send_raw(client, body).json == {"status": "recorded"}
+        # A re-send and a refused postback change nothing.
+        assert send_raw(client, bodies[resend % len(bodies)]).json == {"status": "duplicate"}
+        bad = json.dumps(postback(user_id=user, your_estimated_revenue="__REV__"))
+        assert send_raw(client, bad.replace('"__REV__"', noise).encode()).status_int == 400
+        res = earnings(client, user).json
+        assert res["sessions"] == len(entries)
+        assert DECIMAL_STRING.match(res["estimated-revenue"])
+        exact = sum((amount for amount, _ in entries), Decimal(0))
+        assert exact == exact.quantize(NANO_DECIMAL, rounding=ROUND_HALF_EVEN)  # nothing rounded
+        assert Decimal(res["estimated-revenue"]) == exact
+
+    check()
+
+
+# ---------------------------------------------------------------------------
+# Slow and broken clients against the real server
+# ---------------------------------------------------------------------------
+
+
+def read_http_response(sock, method="POST"):
+    res = http.client.HTTPResponse(sock, method=method)
+    res.begin()
+    return res.status, res.getheader("Content-Type"), res.read()
+
+
+def chunked_body(size, piece=8192):
+    body = json.dumps(postback(padding="p" * size)).encode()[:size - 2] + b'"}'
+    return b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + piece]), body[i:i + piece])
+                    for i in range(0, len(body), piece)) + b"0\r\n\r\n"
+
+
+def test_stalled_and_oversized_clients_do_not_hold_up_other_clients(real_server, db):
+    server = real_server(db, args=("--threads", "2"))
+    head = b"POST /postback HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    bad_requests = [
+        head,  # headers never finished
+        head + b"Content-Length: 500\r\n\r\n",  # headers, then nothing
+        head + b"Content-Length: 500\r\n\r\n",
+        head + b"Content-Length: 60000\r\n\r\n{\"session-id\": ",  # a little of what it announced
+        head + b"Transfer-Encoding: chunked\r\n\r\n1000\r\nabc",  # a chunk that never ends
+        head + b"Transfer-Encoding: chunked\r\n\r\n1000\r\nabc",
+        head + b"Content-Length: 1000000000\r\n\r\n{",  # huge announcement, little sent
+    ]
+    sockets = []
+    try:
+        for request in bad_requests:
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sockets.append(sock)
+            sock.sendall(request)
+        for _ in range(3):  # more bad clients than threads, and others are still served
+            started = time.monotonic()
+            assert server.post(postback(user_id="patient")) == (200, {"status": "recorded"})
+            assert time.monotonic() - started < 1
+        assert server.request("GET", "/healthz") == (200, {"status": "ok"})
+        # The huge announcement is refused by waitress's own backstop, without the body.
+        status, content_type, text = read_http_response(sockets[-1])
+        assert (status, content_type.split(";")[0]) == (413, "text/plain")
+        # An oversized chunked body: up to waitress's 128 KiB the app answers 413 JSON...
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sockets.append(sock)
+        sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked_body(100_000))
+        status, content_type, text = read_http_response(sock)
+        assert (status, content_type) == (413, "application/json")
+        assert json.loads(text) == {"error": "the body must be at most 65536 bytes",
+                                    "field": None}
+        # ...past it, waitress's own plain-text 413 (the body is never handed to the app).
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sockets.append(sock)
+        sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked_body(200_000))
+        status, content_type, text = read_http_response(sock)
+        assert (status, content_type.split(";")[0]) == (413, "text/plain")
+        assert b"Request Entity Too Large" in text
+        # Still answering promptly with every stalled connection open.
+        started = time.monotonic()
+        assert server.post(postback(user_id="patient")) == (200, {"status": "recorded"})
+        assert time.monotonic() - started < 1
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert server.stop() == 0
+    assert rows(db, "SELECT DISTINCT user_id FROM sessions") == [("patient",)]
+    assert count(db, "sessions") == 4
+
+
+# ---------------------------------------------------------------------------
+# Auth against the real server: refusals alike, rotation, no token in the log
+# ---------------------------------------------------------------------------
+
+OLD_POSTBACK_TOKEN = "pb-old-Zq81xTr"
+NEW_POSTBACK_TOKEN = "pb-new-Wk27yMd"
+READ_TOKEN = "rd-Hh55vPc"
+
+
+def test_real_server_refuses_bad_tokens_alike_and_never_logs_a_token(real_server, db):
+    server = real_server(db, env={
+        "SPP_POSTBACK_TOKEN": f"{OLD_POSTBACK_TOKEN},{NEW_POSTBACK_TOKEN}",
+        "SPP_READ_TOKEN": READ_TOKEN,
+    })
+
+    def send(headers=None, path="/postback", payload=None):
+        body = json.dumps(payload or postback(user_id="auth")).encode()
+        return http_request(server.port, "POST", path, body, headers)
+
+    # Rotation: both configured tokens work; the scheme is case-insensitive.
+    for headers in [bearer(OLD_POSTBACK_TOKEN), bearer(NEW_POSTBACK_TOKEN),
+                    {"Authorization": f"bearer {OLD_POSTBACK_TOKEN}"},
+                    {"Authorization": f"BEARER {NEW_POSTBACK_TOKEN}"}]:
+        status, _, body = send(headers)
+        assert (status, json.loads(body)) == (200, {"status": "recorded"}), headers
+    basic = base64.b64encode(f"{OLD_POSTBACK_TOKEN}:".encode()).decode()
+    refused = [
+        send(),
+        send(bearer("wrong")),
+        send(bearer(OLD_POSTBACK_TOKEN[:-1])),  # a prefix
+        send(bearer(OLD_POSTBACK_TOKEN + "x")),  # one character more
+        send(bearer(NEW_POSTBACK_TOKEN + NEW_POSTBACK_TOKEN)),  # another length
+        send(bearer("p")),
+        send({"Authorization": "Bearer "}),
+        send({"Authorization": "Bearer"}),
+        send({"Authorization": f"Basic {basic}"}),
+        send({"Authorization": f"Basic {OLD_POSTBACK_TOKEN}"}),
+        send({"Authorization": OLD_POSTBACK_TOKEN}),
+        send({"Authorization": f"Token {OLD_POSTBACK_TOKEN}"}),
+        send(bearer(f"{OLD_POSTBACK_TOKEN},{NEW_POSTBACK_TOKEN}")),  # the whole setting
+        send(bearer(READ_TOKEN)),  # the read token does not post
+        send(path=f"/postback?token={OLD_POSTBACK_TOKEN}"),
+        send(path=f"/postback?access_token={NEW_POSTBACK_TOKEN}"),
+        send({"X-Api-Key": OLD_POSTBACK_TOKEN}),
+    ]
+    first_status, first_headers, first_body = refused[0]
+    assert first_status == 401
+    assert set(json.loads(first_body)) == {"error", "field"}
+    for status, headers, body in refused:  # refused the same way, whatever was wrong
+        assert (status, body) == (first_status, first_body)
+        assert headers["WWW-Authenticate"] == first_headers["WWW-Authenticate"]
+    # A bad body and an oversized one, with a good token: refused, token still unlogged.
+    assert send(bearer(NEW_POSTBACK_TOKEN), payload={"session-id": ""})[0] == 400
+    big = postback(padding="x" * spp_server.MAX_BODY_BYTES)
+    assert send(bearer(NEW_POSTBACK_TOKEN), payload=big)[0] == 413
+    # Reads: only the read token, in the header.
+    for headers, path in [({}, "/stats"), (bearer(OLD_POSTBACK_TOKEN), "/stats"),
+                          ({}, f"/stats?token={READ_TOKEN}"), (bearer(READ_TOKEN + "x"), "/stats"),
+                          (bearer(READ_TOKEN[:-1]), "/users/auth/earnings")]:
+        assert http_request(server.port, "GET", path, headers=headers)[0] == 401
+    status, _, body = http_request(server.port, "GET", "/users/auth/earnings",
+                                   headers={"Authorization": f"bearer {READ_TOKEN}"})
+    assert (status, json.loads(body)["sessions"]) == (200, 4)
+    assert server.stop() == 0
+    assert count(db, "sessions") == 4
+    assert count(db, "rejected") == 1  # only the authenticated bad body
+    log_text = server.log_text()
+    assert log_text.count("postback unauthorized") == len(refused)  # the log was captured
+    assert log_text.count("postback recorded") == 4
+    for secret in [OLD_POSTBACK_TOKEN, NEW_POSTBACK_TOKEN, READ_TOKEN, basic,
+                   "Zq81x", "Wk27y", "Hh55v"]:  # not even part of one
+        assert secret not in log_text, secret
+
+
+def test_one_failing_write_does_not_fail_the_writes_batched_with_it(make_client, db):
+    store = make_client().app.store
+
+    def violate_a_constraint(conn, now):
+        conn.execute("INSERT INTO sessions (session_id) VALUES ('no user, no revenue')")
+
+    ops = {"bad": violate_a_constraint}
+    for i in range(3):
+        body = json.dumps(postback())
+        ops[i] = spp_server.record_session(spp_server.parse_postback(body.encode()), body)
+    results = {}
+
+    def write(name, op):
+        try:
+            results[name] = store.write(op)
+        except spp_server.StoreUnavailable as exc:
+            results[name] = exc
+
+    writers = [threading.Thread(target=write, args=item) for item in ops.items()]
+    with writer_held(store):
+        for thread in writers:
+            thread.start()
+        wait_until_queued(store, len(ops))
+    for thread in writers:
+        thread.join(10)
+    assert [results[i] for i in range(3)] == ["recorded"] * 3
+    assert isinstance(results["bad"], spp_server.StoreUnavailable)
+    assert count(db, "sessions") == 3
