@@ -233,6 +233,14 @@ def parse_window(since_text, until_text, required=False):
 # Storage
 # ---------------------------------------------------------------------------
 
+# What every earnings and totals query sums.  Revenue is summed as whole USD
+# and nano remainder so that SUM cannot overflow 64 bits however many
+# sessions there are; Python joins the two exactly.
+SQL_SUMS = """count(*), coalesce(sum(ads_viewed), 0), coalesce(sum(duration_s), 0),
+    coalesce(sum(revenue_nano / 1000000000), 0), coalesce(sum(revenue_nano % 1000000000), 0),
+    min(received_at_us), max(received_at_us)"""
+SQL_WINDOW = """received_at_us >= :since AND received_at_us < :until
+    AND (:property IS NULL OR property_id = :property)"""
 SQL = {
     "insert_session": """
         INSERT OR IGNORE INTO sessions
@@ -247,14 +255,15 @@ SQL = {
         VALUES (?, ?, ?, ?)""",
     "insert_rejected": """
         INSERT INTO rejected (received_at_us, field, reason, raw_body) VALUES (?, ?, ?, ?)""",
-    "user_earnings": """
-        SELECT {sums} FROM sessions
-        WHERE user_id = :user AND {window}""",
-    "earnings_by_user": """
-        SELECT user_id, {sums} FROM sessions INDEXED BY sessions_by_time
-        WHERE {window}
+    "user_earnings": f"""
+        SELECT {SQL_SUMS} FROM sessions
+        WHERE user_id = :user AND {SQL_WINDOW}""",
+    "earnings_by_user": f"""
+        SELECT user_id, {SQL_SUMS} FROM sessions INDEXED BY sessions_by_time
+        WHERE {SQL_WINDOW}
         GROUP BY user_id ORDER BY user_id""",
-    # {keys}: a choice of TOTALS_GROUPS, never text from a request.
+    # A template for totals_sql(); {keys} is a choice of TOTALS_GROUPS, never
+    # text from a request.
     "totals": """
         SELECT {keys}{sums} FROM sessions INDEXED BY sessions_by_time
         WHERE {window} {group_by}""",
@@ -276,16 +285,6 @@ SQL = {
         FROM conflicts ORDER BY id DESC LIMIT ?""",
     "health": "PRAGMA user_version",
 }
-# What every earnings and totals query sums.  Revenue is summed as whole USD
-# and nano remainder so that SUM cannot overflow 64 bits however many
-# sessions there are; Python joins the two exactly.
-SQL_SUMS = """count(*), coalesce(sum(ads_viewed), 0), coalesce(sum(duration_s), 0),
-    coalesce(sum(revenue_nano / 1000000000), 0), coalesce(sum(revenue_nano % 1000000000), 0),
-    min(received_at_us), max(received_at_us)"""
-SQL_WINDOW = """received_at_us >= :since AND received_at_us < :until
-    AND (:property IS NULL OR property_id = :property)"""
-for _name in ("user_earnings", "earnings_by_user"):
-    SQL[_name] = SQL[_name].format(sums=SQL_SUMS, window=SQL_WINDOW)
 TOTALS_GROUPS = {
     "day": "strftime('%Y-%m-%d', received_at_us / 1000000, 'unixepoch')",
     "property-id": "property_id",

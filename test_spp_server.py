@@ -475,6 +475,19 @@ def test_user_without_sessions_gets_zeros(client):
     }
 
 
+def test_sums_beyond_64_bit_nano_usd_stay_exact(client, db):
+    # 10,000 sessions at the largest revenue: 10^19 nano-USD, past SQLite's int64.
+    big = 999_999_999_999_999
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.executemany(
+            "INSERT INTO sessions (session_id, user_id, revenue_nano, received_at_us, raw_body) "
+            "VALUES (?, 'whale', ?, 1, '{}')", ((f"w{i}", big) for i in range(10_000)))
+    assert earnings(client, "whale").json["estimated-revenue"] == spp_server.nanos_to_usd(
+        big * 10_000) == "9999999999.99999"
+    line = client.get("/earnings", params={"since": "0", "until": "2"}).body
+    assert json.loads(line)["estimated-revenue"] == "9999999999.99999"
+
+
 @pytest.mark.parametrize(
     "nanos, text",
     [(0, "0"), (1, "0.000000001"), (12_000, "0.000012"), (10**9, "1"), (1_500_000_000, "1.5"),
