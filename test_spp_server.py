@@ -1368,7 +1368,10 @@ def test_socket_passed_by_systemd_is_used(db):
     assert count(db, "sessions") == 1
 
 
-def test_readiness_is_notified_once_listening_and_stopping_on_sigterm(tmp_path, db):
+@contextlib.contextmanager
+def server_with_notify_socket(tmp_path, db, env=None):
+    """A real server told to notify a datagram socket this test holds, as
+    systemd's NOTIFY_SOCKET: yields (process, port, notify socket)."""
     notify_path = str(tmp_path / "notify")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(notify_path)
@@ -1376,10 +1379,21 @@ def test_readiness_is_notified_once_listening_and_stopping_on_sigterm(tmp_path, 
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, str(SERVER), "--db", db, "--port", str(port)],
-        env={**os.environ, "NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "200000"},
+        env={**os.environ, "NOTIFY_SOCKET": notify_path, **(env or {})},
         stderr=subprocess.DEVNULL,
     )
     try:
+        yield process, port, notify
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        notify.close()
+
+
+def test_readiness_is_notified_once_listening_and_stopping_on_sigterm(tmp_path, db):
+    with server_with_notify_socket(tmp_path, db, {"WATCHDOG_USEC": "200000"}) as (
+            process, port, notify):
         assert notify.recv(100) == b"READY=1"
         socket.create_connection(("127.0.0.1", port), timeout=1).close()  # accepting already
         assert notify.recv(100) == b"WATCHDOG=1"  # pinged while the database answers
@@ -1389,10 +1403,6 @@ def test_readiness_is_notified_once_listening_and_stopping_on_sigterm(tmp_path, 
             messages.append(notify.recv(100))
         assert set(messages) <= {b"WATCHDOG=1", b"STOPPING=1"}
         assert process.wait(15) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        notify.close()
 
 
 def test_inherited_sockets_are_ignored_when_meant_for_another_process():
@@ -1523,16 +1533,7 @@ def test_stop_timeout_leaves_room_for_the_drain():
 def test_connection_accepted_before_sigterm_still_gets_its_answer(tmp_path, db):
     """A postback whose connection was open but silent when SIGTERM came (as
     with a socket-activated restart) is served, not dropped."""
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify"))
-    notify.settimeout(15)
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(SERVER), "--db", db, "--port", str(port)],
-        env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with server_with_notify_socket(tmp_path, db) as (process, port, notify):
         assert notify.recv(100) == b"READY=1"
         early = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
         early.connect()
@@ -1548,10 +1549,6 @@ def test_connection_accepted_before_sigterm_still_gets_its_answer(tmp_path, db):
         assert early.getresponse().status == 200
         early.close()
         assert process.wait(15) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        notify.close()
     assert count(db, "sessions") == 1
 
 
