@@ -2218,3 +2218,13 @@ def test_one_failing_write_does_not_fail_the_writes_batched_with_it(make_client,
     assert [results[i] for i in range(3)] == ["recorded"] * 3
     assert isinstance(results["bad"], spp_server.StoreUnavailable)
     assert count(db, "sessions") == 3
+
+
+def test_waitress_queue_depth_warnings_are_kept_out_of_the_log():
+    queue_logger = logging.getLogger("waitress.queue")
+    old_level = queue_logger.level
+    try:
+        spp_server.setup_logging()
+        assert not queue_logger.isEnabledFor(logging.WARNING)
+    finally:
+        queue_logger.setLevel(old_level)
