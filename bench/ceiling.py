@@ -41,8 +41,6 @@ def main(argv=None):
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # as spp_server does
 
     from waitress import serve
-    import os, sys
-    sys.setswitchinterval(float(os.environ.get("SWI", "0.005")))
 
     # The settings of spp_server.waitress_settings() that bear on speed.
     serve(
