@@ -34,6 +34,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
+from waitress import wasyncore
+from waitress.channel import HTTPChannel
+from waitress.server import BaseWSGIServer, MultiSocketServer, create_server
 
 log = logging.getLogger("spp")
 
@@ -1255,8 +1258,6 @@ def start_watchdog(store, environ):
 
 
 def run_until(socket_map, stopping):
-    from waitress import wasyncore
-
     while not stopping.is_set():
         wasyncore.loop(timeout=LOOP_TIMEOUT_S, map=socket_map, use_poll=True, count=1)
 
@@ -1275,10 +1276,6 @@ def is_idle(channel, now):
 def drain(socket_map, dispatcher):
     """Stop accepting, let requests in flight finish and their answers go
     out, then stop the worker threads."""
-    from waitress import wasyncore
-    from waitress.channel import HTTPChannel
-    from waitress.server import BaseWSGIServer
-
     for listener in [d for d in socket_map.values() if isinstance(d, BaseWSGIServer)]:
         # Only the listening socket: its trigger still wakes the loop for answers.
         wasyncore.dispatcher.close(listener)
@@ -1288,7 +1285,7 @@ def drain(socket_map, dispatcher):
         for channel in channels:
             if is_idle(channel, time.time()):
                 channel.handle_close()
-        if not any(d for d in socket_map.values() if isinstance(d, HTTPChannel)):
+        if not any(isinstance(d, HTTPChannel) for d in socket_map.values()):
             break
         wasyncore.loop(timeout=0.05, map=socket_map, use_poll=True, count=1)
     dispatcher.shutdown(cancel_pending=True, timeout=5)
@@ -1296,7 +1293,6 @@ def drain(socket_map, dispatcher):
 
 def serve(app, config, sockets=()):
     """Serve `app` until SIGTERM or SIGINT, then shut down gracefully."""
-    from waitress.server import MultiSocketServer, create_server
 
     server = create_server(app, **waitress_settings(config, sockets))
     socket_map = server.map if isinstance(server, MultiSocketServer) else server._map
