@@ -549,41 +549,33 @@ def record_rejected(field, reason, raw_body):
     return op
 
 
+SUM_FIELDS = ["sessions", "ads-viewed", "session-duration", "estimated-revenue"]
+
+
 def earnings_columns(share):
     """The fields of one earnings record, in order (also the CSV header)."""
     return [
-        "user-id", "sessions", "ads-viewed", "session-duration", "estimated-revenue",
+        "user-id", *SUM_FIELDS,
         *(["rewardable-revenue"] if share is not None else []),
         "first-received-at", "last-received-at", "since", "until",
     ]
 
 
 def sums_record(sums):
-    """The SQL_SUMS columns -> the totals every earnings record carries."""
+    """The SQL_SUMS columns -> (SUM_FIELDS as a dict, revenue in nanos, first, last)."""
     count, ads, duration, whole_usd, nano_rest, first, last = sums
-    return {
-        "sessions": count,
-        "ads-viewed": ads,
-        "session-duration": duration,
-        "nanos": whole_usd * NANOS_PER_USD + nano_rest,
-        "first": first,
-        "last": last,
-    }
+    nanos = whole_usd * NANOS_PER_USD + nano_rest
+    fields = dict(zip(SUM_FIELDS, (count, ads, duration, nanos_to_usd(nanos))))
+    return fields, nanos, first, last
 
 
 def earnings_record(user_id, sums, window, share):
-    totals = sums_record(sums)
-    record = {
-        "user-id": user_id,
-        "sessions": totals["sessions"],
-        "ads-viewed": totals["ads-viewed"],
-        "session-duration": totals["session-duration"],
-        "estimated-revenue": nanos_to_usd(totals["nanos"]),
-    }
+    fields, nanos, first, last = sums_record(sums)
+    record = {"user-id": user_id, **fields}
     if share is not None:
-        record["rewardable-revenue"] = nanos_to_usd(rewardable_nanos(totals["nanos"], share))
-    record["first-received-at"] = iso_utc(totals["first"])
-    record["last-received-at"] = iso_utc(totals["last"])
+        record["rewardable-revenue"] = nanos_to_usd(rewardable_nanos(nanos, share))
+    record["first-received-at"] = iso_utc(first)
+    record["last-received-at"] = iso_utc(last)
     record["since"] = iso_utc(window.since)
     record["until"] = iso_utc(window.until)
     return record
@@ -608,17 +600,10 @@ def export_earnings(store, window, property_id, share, fmt):
 
 
 def totals(store, window, groups):
-    rows = store.read(totals_sql(groups), window.params())
-    result = []
-    for row in rows:
-        sums = sums_record(row[len(groups):])
-        record = dict(zip(groups, row[: len(groups)]))
-        record["sessions"] = sums["sessions"]
-        record["ads-viewed"] = sums["ads-viewed"]
-        record["session-duration"] = sums["session-duration"]
-        record["estimated-revenue"] = nanos_to_usd(sums["nanos"])
-        result.append(record)
-    return result
+    return [
+        {**dict(zip(groups, row[: len(groups)])), **sums_record(row[len(groups):])[0]}
+        for row in store.read(totals_sql(groups), window.params())
+    ]
 
 
 def user_sessions(store, user_id, limit, before):
@@ -1113,7 +1098,7 @@ def handle_totals():
     fmt = parse_format(params, ("json", "csv"), "json")
     records = totals(request.app.store, window, groups)
     if fmt == "csv":
-        columns = [*groups, "sessions", "ads-viewed", "session-duration", "estimated-revenue"]
+        columns = [*groups, *SUM_FIELDS]
         return stream_response(encode_records(records, columns, fmt), fmt)
     return {
         "since": iso_utc(window.since),

@@ -642,6 +642,12 @@ def test_database_files_are_private_whatever_the_umask(client, db):
         assert os.stat(path).st_mode & 0o077 == 0, path
 
 
+def test_writes_are_committed_with_synchronous_full(client):
+    # FULL: a committed postback survives a power cut, not just a killed process.
+    pragma = client.app.store.write(lambda conn, now: conn.execute("PRAGMA synchronous").fetchone())
+    assert pragma == (2,)
+
+
 def test_database_is_in_wal_mode_with_latest_schema(client, db):
     latest = spp_server.schema_versions(spp_server.SCHEMA_PATH.read_text())[-1][0]
     assert rows(db, "PRAGMA journal_mode") == [("wal",)]
