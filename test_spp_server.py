@@ -1894,9 +1894,8 @@ def test_escaped_surrogate_pair_in_an_id_is_one_character(client, db):
 
 
 @contextlib.contextmanager
-def writer_held(store):
-    """Keep the writer thread busy; writes queued meanwhile form one batch
-    when the block ends."""
+def write_connection_held(store):
+    """Keep the write connection busy inside a write of its own."""
     entered, gate = threading.Event(), threading.Event()
 
     def hold(conn, now):
@@ -1913,38 +1912,28 @@ def writer_held(store):
         holder.join(10)
 
 
-def wait_until_queued(store, n, done=lambda: 0):
-    """Poll until n writes wait for the writer (`done` counts those finished early)."""
-    deadline = time.monotonic() + 5
-    while store.writer._queue.qsize() + done() < n:
-        assert time.monotonic() < deadline, "the writes never reached the writer"
-        time.sleep(0.005)  # polling for the queue to fill
+def test_a_write_waits_for_the_one_in_progress_then_commits(make_client, db):
+    store = make_client().app.store
+    body = json.dumps(postback(user_id="waiter"))
+    op = spp_server.record_session(spp_server.parse_postback(body.encode()), body)
+    result = []
+    with write_connection_held(store):
+        waiter = threading.Thread(target=lambda: result.append(store.write(op)))
+        waiter.start()
+        waiter.join(0.2)  # bounded look: nothing else may write meanwhile
+        assert waiter.is_alive() and count(db, "sessions") == 0
+    waiter.join(10)
+    assert result == ["recorded"] and count(db, "sessions") == 1
 
 
-def test_lone_surrogate_does_not_fail_the_postbacks_committed_with_it(make_client, db):
-    """Writes are committed in batches: one postback's failure must not become
-    an error for the valid postbacks that happened to share its batch."""
-    client = make_client()
-    app = client.app
-    bad = json.dumps(postback(user_id="batch", session_id="__ID__")).replace("__ID__", "\\ud800")
-    good = [json.dumps(postback(user_id="batch")) for _ in range(3)]
-    answers = {}
-
-    def send(name, body):
-        answers[name] = send_raw(TestApp(app), body.encode())
-
-    senders = [threading.Thread(target=send, args=("bad", bad))] + [
-        threading.Thread(target=send, args=(i, body)) for i, body in enumerate(good)]
-    with writer_held(app.store):
-        for sender in senders:
-            sender.start()
-        wait_until_queued(app.store, 4, done=lambda: not senders[0].is_alive())
-    for thread in senders:
-        thread.join(10)
-    assert [answers[i].status_int for i in range(3)] == [200, 200, 200], [
-        answers[i].text for i in range(3)]
-    assert answers["bad"].status_int in (200, 400), answers["bad"].text
-    assert earnings(client, "batch").json["sessions"] == 3 + (answers["bad"].status_int == 200)
+def test_a_write_that_cannot_get_the_connection_in_time_is_unavailable(make_client, db):
+    store = make_client(busy_timeout_ms=100).app.store
+    with write_connection_held(store):
+        started = time.monotonic()
+        with pytest.raises(spp_server.StoreUnavailable, match="did not answer in time"):
+            store.write(lambda conn, now: "never runs")
+        assert time.monotonic() - started < 5
+    assert count(db, "sessions") == 0
 
 
 @pytest.mark.parametrize(
@@ -2196,34 +2185,21 @@ def test_real_server_refuses_bad_tokens_alike_and_never_logs_a_token(real_server
         assert secret not in log_text, secret
 
 
-def test_one_failing_write_does_not_fail_the_writes_batched_with_it(make_client, db):
-    store = make_client().app.store
+def test_a_failed_write_is_rolled_back_and_the_next_one_commits(make_client, db):
+    client = make_client()
+    store = client.app.store
 
-    def violate_a_constraint(conn, now):
+    def insert_then_violate_a_constraint(conn, now):
+        body = json.dumps(postback(user_id="half"))
+        spp_server.record_session(spp_server.parse_postback(body.encode()), body)(conn, now)
         conn.execute("INSERT INTO sessions (session_id) VALUES ('no user, no revenue')")
 
-    ops = {"bad": violate_a_constraint}
-    for i in range(3):
-        body = json.dumps(postback())
-        ops[i] = spp_server.record_session(spp_server.parse_postback(body.encode()), body)
-    results = {}
-
-    def write(name, op):
-        try:
-            results[name] = store.write(op)
-        except spp_server.StoreUnavailable as exc:
-            results[name] = exc
-
-    writers = [threading.Thread(target=write, args=item) for item in ops.items()]
-    with writer_held(store):
-        for thread in writers:
-            thread.start()
-        wait_until_queued(store, len(ops))
-    for thread in writers:
-        thread.join(10)
-    assert [results[i] for i in range(3)] == ["recorded"] * 3
-    assert isinstance(results["bad"], spp_server.StoreUnavailable)
-    assert count(db, "sessions") == 3
+    with pytest.raises(spp_server.StoreUnavailable, match="refused the write"):
+        store.write(insert_then_violate_a_constraint)
+    assert count(db, "sessions") == 0  # not even the first half
+    assert client.get("/healthz", status=503).json["error"].startswith("the last write failed")
+    assert post(client, postback()).json == {"status": "recorded"}
+    assert client.get("/healthz").json == {"status": "ok"}
 
 
 def test_waitress_queue_depth_warnings_are_kept_out_of_the_log():
