@@ -606,19 +606,33 @@ def test_healthz_is_ok_and_needs_no_auth(make_client):
     assert client.get("/healthz", status=200).json == {"status": "ok"}
 
 
-def test_one_log_line_per_postback_without_secrets(make_client, caplog):
-    caplog.set_level(logging.INFO, logger="spp")
+def test_debug_logs_one_line_per_postback_without_secrets(make_client, caplog):
+    caplog.set_level(logging.DEBUG, logger="spp")
     client = make_client(postback_tokens=(b"tok-123",))
     post(client, SAMPLE, headers=bearer("tok-123"))
     post(client, SAMPLE, headers=bearer("tok-123"))
     post(client, b"{}", status=400, headers=bearer("tok-123"))
     post(client, SAMPLE, status=401, headers=bearer("tok-12"))
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("postback ")]
-    assert [line.split()[1] for line in lines] == [
-        "recorded", "duplicate", "rejected", "unauthorized"]
-    assert f'session-id="{SAMPLE["session-id"]}" user-id="sub1"' in lines[0]
-    assert "status=200" in lines[0] and "status=401" in lines[3]
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records
+             if r.getMessage().startswith("postback ")]
+    assert [(level, line.split()[1]) for level, line in lines] == [
+        ("DEBUG", "recorded"), ("DEBUG", "duplicate"), ("WARNING", "rejected"),
+        ("INFO", "unauthorized")]
+    assert f'session-id="{SAMPLE["session-id"]}" user-id="sub1"' in lines[0][1]
+    assert "status=200" in lines[0][1] and "status=401" in lines[3][1]
     assert "tok-12" not in caplog.text
+
+
+def test_info_logs_only_the_postbacks_that_need_attention(client, caplog):
+    caplog.set_level(logging.INFO, logger="spp")
+    post(client, SAMPLE)
+    post(client, SAMPLE)
+    post(client, postback(session_id=SAMPLE["session-id"], user_id="changed"))
+    post(client, b"{}", status=400)
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split()[:2] for line in lines] == [
+        ["postback", f'session-id="{SAMPLE["session-id"]}"'], ["postback", "rejected"]]
+    assert "repeats a stored session with different fields" in lines[0]
 
 
 def test_log_line_cannot_be_forged_with_a_newline(client, caplog):
@@ -1112,12 +1126,20 @@ def test_window_queries_search_the_receive_time_index(client, db, name):
 # ---------------------------------------------------------------------------
 
 
+class ServeCalls(list):
+    """The configs main() served with; log_levels: what it set up logging with."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_levels = []
+
+
 @pytest.fixture
 def fake_serve(monkeypatch):
     """Replace the waitress loop: main() runs up to serving and records how."""
-    calls = []
+    calls = ServeCalls()
     monkeypatch.setattr(spp_server, "serve", lambda app, config, sockets: calls.append(config))
-    monkeypatch.setattr(spp_server, "setup_logging", lambda: None)
+    monkeypatch.setattr(spp_server, "setup_logging", calls.log_levels.append)
     return calls
 
 
@@ -1127,15 +1149,30 @@ def test_defaults(fake_serve, tmp_path, monkeypatch):
     [config] = fake_serve
     assert (config["db"], config["host"], config["port"], config["threads"]) == (
         "spp.db", "127.0.0.1", 8080, 4)
+    assert fake_serve.log_levels == ["info"]
     assert (tmp_path / "spp.db").exists()
 
 
 def test_environment_sets_options_and_flags_win(fake_serve, db):
-    environ = {"SPP_DB": db, "SPP_HOST": "::1", "SPP_PORT": "9000", "SPP_THREADS": "8"}
+    environ = {"SPP_DB": db, "SPP_HOST": "::1", "SPP_PORT": "9000", "SPP_THREADS": "8",
+               "SPP_LOG_LEVEL": "DEBUG"}
     assert spp_server.main(["--port", "9100"], environ=environ) == 0
-    [config] = fake_serve
-    assert (config["db"], config["host"], config["port"], config["threads"]) == (
+    assert spp_server.main(["--log-level", "warning"], environ=environ) == 0
+    first, second = fake_serve
+    assert (first["db"], first["host"], first["port"], first["threads"]) == (
         db, "::1", 9100, 8)
+    assert second["port"] == 9000
+    assert fake_serve.log_levels == ["debug", "warning"]
+
+
+@pytest.mark.parametrize("argv, environ", [
+    (["--log-level", "verbose"], {}), ([], {"SPP_LOG_LEVEL": "trace"})])
+def test_unknown_log_level_is_a_usage_error(fake_serve, db, argv, environ, capsys):
+    with pytest.raises(SystemExit) as exited:
+        spp_server.main(["--db", db, *argv], environ=environ)
+    assert exited.value.code == 2
+    assert "--log-level: must be one of debug, info, warning, error" in capsys.readouterr().err
+    assert fake_serve == []
 
 
 def test_help_explains_every_option_and_variable(capsys):
@@ -2124,6 +2161,7 @@ def test_real_server_refuses_bad_tokens_alike_and_never_logs_a_token(real_server
     server = real_server(db, env={
         "SPP_POSTBACK_TOKEN": f"{OLD_POSTBACK_TOKEN},{NEW_POSTBACK_TOKEN}",
         "SPP_READ_TOKEN": READ_TOKEN,
+        "SPP_LOG_LEVEL": "debug",  # the most the log ever says
     })
 
     def send(headers=None, path="/postback", payload=None):
