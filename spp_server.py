@@ -1150,7 +1150,6 @@ def create_app(config):
 DRAIN_TIMEOUT_S = 20  # in-flight requests get this long after SIGTERM (TimeoutStopSec is 30)
 LOOP_TIMEOUT_S = 0.5  # how often the main loop looks for a stop request
 FRESH_CONNECTION_GRACE_S = 2
-SWITCH_INTERVAL_S = 0.0005  # see serve()
 
 
 def waitress_settings(config, sockets):
@@ -1258,10 +1257,6 @@ def drain(socket_map, dispatcher):
 def serve(app, config, sockets=()):
     """Serve `app` until SIGTERM or SIGINT, then shut down gracefully."""
 
-    # A request holding the write lock waits for the GIL after each fsync;
-    # the default 5 ms switch interval lets a busy thread keep it that long
-    # while every other write queues behind.  (Measured: about +10% ingest.)
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     server = create_server(app, **waitress_settings(config, sockets))
     socket_map = server.map if isinstance(server, MultiSocketServer) else server._map
     stopping = threading.Event()
