@@ -366,41 +366,31 @@ class StoreUnavailable(Exception):
 
 
 class Writer:
-    """The one write connection, behind a lock.  Every write op is a single
-    statement, which SQLite runs as a transaction of its own (autocommit,
-    taking the write lock at once and honouring the busy timeout, like BEGIN
-    IMMEDIATE), so a request learns its result only after the COMMIT's fsync;
-    one op runs at a time, so writers never fight over SQLite's lock.
-    (Measured slower: a writer thread with group commit, whose two thread
-    wake-ups per postback cost more than the fsyncs it saved, and explicit
-    BEGIN/COMMIT, two more waits for the GIL while holding the lock.  See
-    README, "Performance".)"""
+    """The one write connection, behind a lock.  A request runs its write in a
+    transaction of its own (BEGIN IMMEDIATE ... COMMIT) and learns the result
+    only after COMMIT returned; writers never fight over SQLite's lock because
+    only one of them holds the connection at a time.  (A writer thread with
+    group commit measured slower: two thread wake-ups per postback cost more
+    than the fsyncs they saved.  See README, "Performance".)"""
 
     def __init__(self, conn, wait_timeout_s):
         self._conn = conn
         self._lock = threading.Lock()
         self._wait_timeout_s = wait_timeout_s
         self._closed = False
-        self.last_error = None  # str while the last write failed
+        self.last_error = None  # str while the last transaction failed
 
     def run(self, op):
-        """Run op(conn, received_at_us) on the write connection; return its
-        result once committed.  Raises StoreUnavailable if it could not be."""
+        """Run op(conn, received_at_us) in a write transaction; return its result
+        once committed.  Raises StoreUnavailable if it could not be committed."""
         if not self._lock.acquire(timeout=self._wait_timeout_s):
             raise StoreUnavailable("the database did not answer in time")
         try:
             if self._closed:
                 raise StoreUnavailable("the server is shutting down")
-            # Taken under the lock, so receive times never go backwards in
-            # commit order.
-            result = op(self._conn, now_us())
-        except sqlite3.Error as exc:
-            self.last_error = str(exc)
-            raise StoreUnavailable(f"the database refused the write: {exc}") from exc
+            return self._commit(op)
         finally:
             self._lock.release()
-        self.last_error = None
-        return result
 
     def close(self):
         """Wait for the write in progress, then close the connection."""
@@ -408,6 +398,27 @@ class Writer:
             if not self._closed:
                 self._closed = True
                 self._conn.close()
+
+    def _commit(self, op):
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            # Taken once the write lock is held, so receive times never go
+            # backwards in commit order.
+            result = op(conn, now_us())
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            if isinstance(exc, sqlite3.Error):
+                self.last_error = str(exc)
+                raise StoreUnavailable(f"the database refused the write: {exc}") from exc
+            raise
+        self.last_error = None
+        return result
 
 
 class Store:
@@ -483,9 +494,7 @@ class Store:
 
 
 def record_session(session, raw_body):
-    """The write op for one valid postback: 'recorded', 'duplicate' or 'conflict'.
-    Each statement commits on its own: a stored session never changes, so
-    the duplicate check needs no transaction around it."""
+    """The write op for one valid postback: 'recorded', 'duplicate' or 'conflict'."""
 
     def op(conn, received_at_us):
         inserted = conn.execute(
@@ -493,11 +502,9 @@ def record_session(session, raw_body):
         ).rowcount
         if inserted:
             return "recorded"
-        # fetchall, not fetchone: the statement runs to its end, so no read
-        # stays open on the write connection to hold back later commits.
-        [(*stored_columns, stored_body)] = conn.execute(
+        *stored_columns, stored_body = conn.execute(
             SQL["stored_session"], (session.session_id,)
-        ).fetchall()
+        ).fetchone()
         if tuple(stored_columns) == session.columns()[1:]:
             return "duplicate"
         conn.execute(
