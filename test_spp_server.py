@@ -2240,6 +2240,19 @@ def test_a_failed_write_is_rolled_back_and_the_next_one_commits(make_client, db)
     assert client.get("/healthz").json == {"status": "ok"}
 
 
+def test_every_answer_is_committed_after_duplicates_and_conflicts(client, db):
+    """The duplicate check reads and may write on the write connection; a
+    transaction left open there would hold back the commit of later postbacks."""
+    first = postback(user_id="seen")
+    assert post(client, first).json == {"status": "recorded"}
+    assert post(client, first).json == {"status": "duplicate"}
+    assert count(db, "sessions") == 1
+    assert post(client, {**first, "user-id": "changed"}).json == {"status": "duplicate"}
+    assert count(db, "conflicts") == 1
+    assert post(client, postback(user_id="next")).json == {"status": "recorded"}
+    assert count(db, "sessions") == 2  # read by another connection, at once
+
+
 def test_waitress_queue_depth_warnings_are_kept_out_of_the_log():
     queue_logger = logging.getLogger("waitress.queue")
     old_level = queue_logger.level
