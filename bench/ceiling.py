@@ -9,6 +9,7 @@ costs nothing but reading the body and parsing its JSON.  Stores nothing.
 import argparse
 import json
 import logging
+import sys
 
 from bottle import Bottle, HTTPResponse, request
 
@@ -36,7 +37,11 @@ def main(argv=None):
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--switch-interval", type=float,
+                        help="sys.setswitchinterval() in seconds (bench/steps.py); default Python's")
     args = parser.parse_args(argv)
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # as spp_server does
 

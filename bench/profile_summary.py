@@ -5,8 +5,8 @@
     python bench/profile_summary.py /tmp/profile.txt [--top 25]
 
 Prints the share of samples per thread role (waitress worker, waitress I/O
-loop, SQLite writer), per category of work inside spp_server (JSON, validation,
-logging, Bottle, waiting for the commit, INSERT, COMMIT...), and the top
+loop), per category of work inside spp_server (JSON, validation,
+logging, Bottle, waiting for the write lock, the INSERT and its commit...), and the top
 functions by self and by inclusive share.
 """
 
@@ -17,17 +17,15 @@ import sys
 
 # Categories, tried in order; each is (name, where, pattern): "any" matches
 # a frame anywhere in the stack, "leaf" only the innermost frame.  A frame is
-# "function (file.py:line)"; the COMMIT line of Writer._commit gets " #COMMIT".
+# "function (file.py:line)"; the lock line of Writer.run gets " #LOCK".
 CATEGORIES = [
-    ("writer: COMMIT (WAL write + fsync)", "any", r"^Writer\._commit .*#COMMIT"),
-    ("writer: INSERT / duplicate check", "any", r"^(record_session\.<locals>\.)?op \(spp_server"),
-    ("writer: idle, waiting for work", "any", r"^Writer\._run .*#GET"),
-    ("writer: BEGIN, batching, futures", "any", r"^Writer\.(_commit|_run) "),
-    ("worker: waiting for its commit", "any", r"^(Future\.result|Writer\.run) "),
+    ("write: waiting for the write lock", "any", r"^Writer\.run .*#LOCK"),
+    ("write: INSERT + commit (WAL write, fsync)", "any", r"^(record_session\.<locals>\.)?op \(spp_server"),
+    ("write: other (lock, errors)", "any", r"^Writer\.run "),
     ("worker: logging", "any", r"\(logging/"),
     ("worker: JSON parse + validation", "any", r"^(parse_postback|parse_json_object|check_\w+|usd_to_nanos) "),
-    ("worker: json.dumps (log ids, response)", "any", r"\(json/"),
-    ("worker: counters / stats", "any", r"^Counters\."),
+    ("worker: json.dumps (response)", "any", r"\(json/"),
+    ("worker: counters / stats", "any", r"^PostbackCounters\."),
     ("worker: other spp_server code", "leaf", r"\(spp_server\.py"),
     ("worker: bottle", "leaf", r"\(bottle\.py"),
     ("socket send() (worker flushing its answer, or I/O loop)", "leaf", r"^dispatcher\.send "),
@@ -37,7 +35,6 @@ CATEGORIES = [
     ("I/O loop: other (readable/writable scans, trigger)", "any", r"^run_until |^loop \(waitress"),
 ]
 ROLES = [
-    ("SQLite writer thread", "Writer._run "),
     ("waitress worker threads", "handler_thread "),
     ("main thread: waitress I/O loop", "run_until "),
 ]
@@ -65,10 +62,8 @@ def strip_line(frame):
 
 def mark(frame, sources):
     src = sources.get(frame, "")
-    if frame.startswith("Writer._commit ") and '"COMMIT"' in src:
-        return frame + " #COMMIT"
-    if frame.startswith("Writer._run ") and "self._queue.get()" in src:
-        return frame + " #GET"
+    if frame.startswith("Writer.run ") and "self._lock.acquire(" in src:
+        return frame + " #LOCK"
     if frame.startswith("poll2 ") and "poll(" in src:
         return frame + " #POLL"
     return frame
