@@ -1963,6 +1963,19 @@ def test_a_write_waits_for_the_one_in_progress_then_commits(make_client, db):
     assert result == ["recorded"] and count(db, "sessions") == 1
 
 
+def test_closing_waits_for_the_write_in_progress_then_refuses_writes(make_client, db):
+    store = make_client().app.store
+    with write_connection_held(store):
+        closer = threading.Thread(target=store.close)
+        closer.start()
+        closer.join(0.2)  # bounded look: the connection is still in use
+        assert closer.is_alive()
+    closer.join(10)
+    assert not closer.is_alive()
+    with pytest.raises(spp_server.StoreUnavailable, match="shutting down"):
+        store.write(lambda conn, now: "never runs")
+
+
 def test_a_write_that_cannot_get_the_connection_in_time_is_unavailable(make_client, db):
     store = make_client(busy_timeout_ms=100).app.store
     with write_connection_held(store):
