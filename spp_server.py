@@ -287,6 +287,7 @@ SQL = {
         SELECT id, session_id, received_at_us, stored_body, new_body
         FROM conflicts ORDER BY id DESC LIMIT ?""",
     "health": "PRAGMA user_version",
+    "health_probe": "INSERT OR REPLACE INTO health_probe (id, probed_at_us) VALUES (1, ?)",
 }
 TOTALS_GROUPS = {
     "day": "strftime('%Y-%m-%d', received_at_us / 1000000, 'unixepoch')",
@@ -361,6 +362,11 @@ def migrate(conn, schema_text, target=None):
         raise
 
 
+# A write result younger than this stands for the database's health; past it,
+# /healthz and the watchdog write a probe row instead.
+HEALTH_FRESH_S = 1.0
+
+
 class StoreUnavailable(Exception):
     """The database cannot take or give data right now; the client should retry."""
 
@@ -378,7 +384,8 @@ class Writer:
         self._lock = threading.Lock()
         self._wait_timeout_s = wait_timeout_s
         self._closed = False
-        self.last_error = None  # str while the last transaction failed
+        # How the last transaction ended: (time.monotonic(), None or the error).
+        self._last_outcome = (float("-inf"), None)
 
     def run(self, op):
         """Run op(conn, received_at_us) in a write transaction; return its result
@@ -414,11 +421,28 @@ class Writer:
                 except sqlite3.Error:
                     pass
             if isinstance(exc, sqlite3.Error):
-                self.last_error = str(exc)
+                self._last_outcome = (time.monotonic(), str(exc))
                 raise StoreUnavailable(f"the database refused the write: {exc}") from exc
             raise
-        self.last_error = None
+        self._last_outcome = (time.monotonic(), None)
         return result
+
+    def write_problem(self):
+        """None when a write commits now.  A write that ended less than
+        HEALTH_FRESH_S ago answers for itself, so a busy server is never
+        probed; otherwise a probe row is written (one small commit)."""
+        ended_at, error = self._last_outcome
+        if time.monotonic() - ended_at < HEALTH_FRESH_S:
+            return None if error is None else f"the last write failed: {error}"
+        try:
+            self.run(write_health_probe)
+        except StoreUnavailable as exc:
+            return str(exc)
+        return None
+
+
+def write_health_probe(conn, received_at_us):
+    conn.execute(SQL["health_probe"], (received_at_us,))
 
 
 class Store:
@@ -476,14 +500,13 @@ class Store:
         return conn
 
     def health_problem(self):
-        """None when the database answers reads and the last write went through."""
+        """None when the database answers a read and commits a write now (see
+        Writer.write_problem), whatever happened to earlier postbacks."""
         try:
             self.read(SQL["health"])
         except StoreUnavailable as exc:
             return str(exc)
-        if self.writer.last_error:
-            return f"the last write failed: {self.writer.last_error}"
-        return None
+        return self.writer.write_problem()
 
     def close(self):
         self.writer.close()
@@ -606,13 +629,20 @@ def encode_cursor(received_at_us, row_id):
     return base64.urlsafe_b64encode(f"{received_at_us}:{row_id}".encode()).decode().rstrip("=")
 
 
+CURSOR = re.compile(r"([0-9]{1,19}):([0-9]{1,19})")
+
+
 def decode_cursor(text):
+    """A cursor from encode_cursor -> (received_at_us, row_id); anything else,
+    such as numbers beyond SQLite's 64-bit integers, is a 400."""
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
-        received_at_us, row_id = (int(part) for part in raw.split(":"))
     except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
-        raise Invalid("before", "is not a cursor this server gave out") from None
-    return received_at_us, row_id
+        raw = ""
+    match = CURSOR.fullmatch(raw)
+    if not match or max(int(part) for part in match.groups()) >= 2**63:
+        raise Invalid("before", "is not a cursor this server gave out")
+    return int(match.group(1)), int(match.group(2))
 
 
 def stats(store, counters):
@@ -719,6 +749,7 @@ def in_chunks(lines, size=64 * 1024):
 
 MAX_SESSION_ID_CHARS = 128
 MAX_USER_ID_CHARS = 256
+MAX_PROPERTY_ID_CHARS = 128
 MAX_COUNT = 2**31 - 1  # ads viewed, seconds: anything larger is not a real session
 DECIMAL_STRING = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 DIGITS = re.compile(r"[0-9]{1,10}")
@@ -787,9 +818,7 @@ def check_text(payload, field, max_chars, allow_empty):
     check_encodable(field, value)
     if not value and not allow_empty:
         raise Invalid(field, "must not be empty")
-    if len(value) > max_chars:
-        raise Invalid(field, f"must be at most {max_chars} characters")
-    return value
+    return check_length(field, value, max_chars)
 
 
 def parse_decimal_string(text):
@@ -854,7 +883,13 @@ def check_property_id(payload, field="property-id"):
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise Invalid(field, "must be a string or an integer")
-    return check_encodable(field, str(value))
+    return check_length(field, check_encodable(field, str(value)), MAX_PROPERTY_ID_CHARS)
+
+
+def check_length(field, value, max_chars):
+    if len(value) > max_chars:
+        raise Invalid(field, f"must be at most {max_chars} characters")
+    return value
 
 
 def parse_postback(body):
@@ -899,6 +934,7 @@ def log_unexpected_errors(callback):
 
     def wrapper(*args, **kwargs):
         try:
+            check_path_is_utf8(kwargs)
             return callback(*args, **kwargs)
         except HTTPResponse:
             raise
@@ -912,6 +948,32 @@ def log_unexpected_errors(callback):
             raise ApiError(500, "internal server error") from None
 
     return wrapper
+
+
+# The API's name for each route argument, for error messages.
+PATH_FIELDS = {"user_id": "user-id"}
+
+
+def check_path_is_utf8(url_args):
+    """Bottle drops the bytes of a percent-encoded path that are not UTF-8
+    (so /users/a%FFb/earnings would read user 'ab'): refuse such a path
+    instead.  Bad bytes inside a route argument are a 400 naming it; anywhere
+    else the path is not one of ours, a 404."""
+    raw = request.environ["bottle.raw_path"].encode("latin-1")  # PEP 3333: bytes as latin-1
+    try:
+        raw.decode("utf-8")
+        return
+    except UnicodeDecodeError:
+        pass
+    marked = {"PATH_INFO": raw.decode("utf-8", "replace"), "REQUEST_METHOD": request.method}
+    try:
+        route, args = request.app.router.match(marked)
+    except HTTPError:
+        route, args = None, {}
+    bad = [name for name, value in args.items() if "\ufffd" in value]
+    if route is not request.route or not bad:
+        raise ApiError(404, "not found")
+    raise Invalid(PATH_FIELDS.get(bad[0], bad[0]), "must be UTF-8 text, percent-encoded")
 
 
 def bearer_token(environ):
@@ -1021,8 +1083,18 @@ def read_endpoint(handler):
 
 
 def query():
-    """The query string, decoded as UTF-8."""
-    return request.query.decode()
+    """The query parameters, decoded as UTF-8 (the last value of a repeated
+    one); a parameter that is not UTF-8 is a 400 naming it."""
+    params = {}
+    for raw_key, raw_value in request.query.allitems():  # latin-1 strings of the raw bytes
+        key = raw_key.encode("latin-1").decode("utf-8", "replace")
+        try:
+            params[raw_key.encode("latin-1").decode("utf-8")] = (
+                raw_value.encode("latin-1").decode("utf-8")
+            )
+        except UnicodeDecodeError:
+            raise Invalid(key, "must be UTF-8 text, percent-encoded") from None
+    return params
 
 
 def parse_limit(params, default=50, maximum=1000):
@@ -1032,6 +1104,11 @@ def parse_limit(params, default=50, maximum=1000):
     if not re.fullmatch(r"[0-9]{1,7}", text) or not 1 <= int(text) <= maximum:
         raise Invalid("limit", f"must be a whole number from 1 to {maximum}")
     return int(text)
+
+
+def parse_property_id(params):
+    value = params.get("property-id")
+    return None if value is None else check_length("property-id", value, MAX_PROPERTY_ID_CHARS)
 
 
 def parse_format(params, allowed, default):
@@ -1059,7 +1136,7 @@ def handle_user_earnings(user_id):
     params = query()
     window = parse_window(params.get("since"), params.get("until"))
     return user_earnings(
-        request.app.store, user_id, window, params.get("property-id"),
+        request.app.store, user_id, window, parse_property_id(params),
         request.app.config["spp.reward_share"],
     )
 
@@ -1070,7 +1147,8 @@ def handle_earnings_export():
     window = parse_window(params.get("since"), params.get("until"), required=True)
     fmt = parse_format(params, EXPORT_FORMATS, "ndjson")
     chunks = export_earnings(
-        request.app.store, window, params.get("property-id"), request.app.config["spp.reward_share"], fmt
+        request.app.store, window, parse_property_id(params), request.app.config["spp.reward_share"],
+        fmt,
     )
     return stream_response(chunks, fmt)
 
@@ -1139,8 +1217,9 @@ def create_app(config):
     app.route("/postback", "POST", handle_postback)
     app.route("/postback/", "POST", handle_postback)
     # A user id may hold '/' (sent as %2F, decoded before routing) or be empty.
-    app.route("/users/<user_id:re:.*>/earnings", "GET", handle_user_earnings)
-    app.route("/users/<user_id:re:.*>/sessions", "GET", handle_user_sessions)
+    # [\s\S], not '.': a user id may hold a line break.
+    app.route(r"/users/<user_id:re:[\s\S]*>/earnings", "GET", handle_user_earnings)
+    app.route(r"/users/<user_id:re:[\s\S]*>/sessions", "GET", handle_user_sessions)
     app.route("/earnings", "GET", handle_earnings_export)
     app.route("/totals", "GET", handle_totals)
     app.route("/stats", "GET", handle_stats)
@@ -1207,24 +1286,28 @@ def sd_notify(message, environ=os.environ):
             log.warning("could not notify systemd (%s): %s", message, exc)
 
 
-def start_watchdog(store, environ):
-    """With WatchdogSec= set, ping systemd while the database answers, so a
-    wedged process is restarted."""
+def start_watchdog(store, environ, stopping):
+    """With WatchdogSec= set, ping systemd every WatchdogSec/2 while the
+    database takes writes (Store.health_problem: a probe commit when no
+    postback came in the last second), so a wedged process is restarted but a
+    quiet one never is, and one that recovers from a fault pings again
+    without waiting for a postback."""
     usec = environ.get("WATCHDOG_USEC")
     if not usec or environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
         return
     interval = int(usec) / 1_000_000 / 2
 
     def ping():
-        while True:
-            time.sleep(interval)
+        while not stopping.wait(interval):
             problem = store.health_problem()
             if problem is None:
                 sd_notify("WATCHDOG=1", environ)
             else:
                 log.warning("watchdog: not pinging systemd: %s", problem)
 
-    threading.Thread(target=ping, name="spp-watchdog", daemon=True).start()
+    thread = threading.Thread(target=ping, name="spp-watchdog", daemon=True)
+    thread.start()
+    return thread
 
 
 def run_until(socket_map, stopping):
@@ -1270,7 +1353,7 @@ def serve(app, config, sockets=()):
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
     server.print_listen("listening on http://{}:{}")
-    start_watchdog(app.store, os.environ)
+    start_watchdog(app.store, os.environ, stopping)
     sd_notify("READY=1")
     run_until(socket_map, stopping)
     sd_notify("STOPPING=1")

@@ -606,6 +606,73 @@ def test_healthz_is_ok_and_needs_no_auth(make_client):
     assert client.get("/healthz", status=200).json == {"status": "ok"}
 
 
+@contextlib.contextmanager
+def write_lock_held_by_another_connection(db):
+    """What an operator's sqlite3 shell does with BEGIN IMMEDIATE."""
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+def test_health_is_the_databases_state_now_not_the_last_postbacks(make_client, db, monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 0)  # every check looks afresh
+    client = make_client(busy_timeout_ms=100)
+    assert client.get("/healthz").json == {"status": "ok"}  # healthy before any postback
+    with write_lock_held_by_another_connection(db):
+        assert_error(post(client, SAMPLE, status=503), 503)
+        assert_error(client.get("/healthz", status=503), 503)
+    # The fault is gone; no postback since: healthy again.
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert count(db, "sessions") == 0
+    assert count(db, "health_probe") == 1  # what told it: a probe commit
+
+
+def test_a_fresh_write_answers_for_health_without_a_probe(make_client, db, monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 3600)
+    client = make_client(busy_timeout_ms=100)
+    post(client, SAMPLE)
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert count(db, "health_probe") == 0  # a busy server is never probed
+    with write_lock_held_by_another_connection(db):
+        post(client, postback(), status=503)
+    health = client.get("/healthz", status=503)  # the failure is fresh: no probe needed
+    assert health.json["error"].startswith("the last write failed")
+
+
+def test_watchdog_pings_a_quiet_server_and_again_once_a_fault_is_gone(make_client, db, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 0)
+    store = make_client(busy_timeout_ms=100).app.store
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(10)
+    environ = {"WATCHDOG_USEC": "100000", "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    stopping = threading.Event()
+    watchdog = spp_server.start_watchdog(store, environ, stopping)
+    try:
+        assert notify.recv(100) == b"WATCHDOG=1"  # no postback ever: still pinged
+        with write_lock_held_by_another_connection(db):
+            notify.settimeout(1)
+            pings = []
+            for _ in range(3):  # one ping already on its way may still arrive
+                try:
+                    pings.append(notify.recv(100))
+                except socket.timeout:
+                    break
+            assert len(pings) < 3  # then none while no write can commit
+        notify.settimeout(10)
+        assert notify.recv(100) == b"WATCHDOG=1"  # and again once it can, without a postback
+    finally:
+        stopping.set()
+        watchdog.join(5)
+        notify.close()
+    assert not watchdog.is_alive()
+
+
 def test_debug_logs_one_line_per_postback_without_secrets(make_client, caplog):
     caplog.set_level(logging.DEBUG, logger="spp")
     client = make_client(postback_tokens=(b"tok-123",))
@@ -1759,7 +1826,8 @@ def writer_pragma(app, sql):
     return app.store.write(lambda conn, now: conn.execute(sql).fetchone()[0])
 
 
-def test_full_database_gets_503_then_recovers_without_restart(make_client, db):
+def test_full_database_gets_503_then_recovers_without_restart(make_client, db, monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 3600)  # health tells of the last write
     client = make_client()
     app = client.app
     post(client, postback(user_id="full"))
@@ -2236,7 +2304,8 @@ def test_real_server_refuses_bad_tokens_alike_and_never_logs_a_token(real_server
         assert secret not in log_text, secret
 
 
-def test_a_failed_write_is_rolled_back_and_the_next_one_commits(make_client, db):
+def test_a_failed_write_is_rolled_back_and_the_next_one_commits(make_client, db, monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 3600)  # health tells of the last write
     client = make_client()
     store = client.app.store
 
