@@ -323,6 +323,10 @@ def test_body_that_is_not_a_json_object_is_400_and_kept_raw(client, db, body):
         ("count-of-ads-viewed", "-3"),
         ("count-of-ads-viewed", "١"),  # a digit, but not an ASCII one
         ("count-of-ads-viewed", 2**31),
+        ("count-of-ads-viewed", ""),
+        ("session-duration", ""),
+        ("session-duration", 2**31),
+        ("session-duration", -1),
         ("session-duration", "abc"),
         ("session-duration", False),
         ("session-duration", [1]),
@@ -335,6 +339,7 @@ def test_body_that_is_not_a_json_object_is_400_and_kept_raw(client, db, body):
         ("property-id", True),
         ("property-id", 1.5),
         ("property-id", ["1234"]),
+        ("property-id", "p" * 129),
     ],
 )
 def test_each_bad_field_is_a_400_naming_it_and_nothing_is_stored(client, db, field, value):
@@ -349,6 +354,25 @@ def test_each_bad_field_is_a_400_naming_it_and_nothing_is_stored(client, db, fie
     assert field in res.json["error"] or res.json["error"].startswith(("is ", "must "))
     assert count(db, "sessions") == 0
     assert rows(db, "SELECT field, raw_body FROM rejected") == [(field, raw.encode())]
+
+
+@pytest.mark.parametrize("char", ["x", "é", "🎮"])  # a limit counts characters, not bytes
+@pytest.mark.parametrize("field, limit", [("session-id", 128), ("user-id", 256), ("property-id", 128)])
+def test_an_id_of_exactly_its_maximum_length_is_accepted_and_one_more_refused(
+        client, db, field, limit, char):
+    longest = postback(**{field: char * limit})
+    post(client, longest)
+    assert count(db, "sessions") == 1
+    res = post(client, postback(**{field: char * (limit + 1)}), status=400)
+    assert_error(res, 400, field)
+    assert str(limit) in res.json["error"]
+    assert count(db, "sessions") == 1
+
+
+@pytest.mark.parametrize("field", ["count-of-ads-viewed", "session-duration"])
+def test_a_count_of_exactly_its_maximum_is_accepted(client, db, field):
+    post(client, postback(**{field: 2**31 - 1}))
+    assert count(db, "sessions") == 1
 
 
 @pytest.mark.parametrize("field", ["session-id", "user-id", "property-id"])
@@ -498,12 +522,99 @@ def test_nanos_are_written_as_exact_decimal_strings(nanos, text):
 
 
 @pytest.mark.parametrize(
-    "user_id", ["a/b", "50%", "with space", "ユーザー", "emoji-🎮", "a+b", "?x=1&y", "trailing/"]
+    "user_id", ["a/b", "50%", "with space", "ユーザー", "emoji-🎮", "a+b", "?x=1&y", "trailing/",
+                "line\nbreak", "\r\n", "tab\there", "nul\x00", "/earnings", "a/sessions"]
 )
-def test_any_user_id_round_trips_when_percent_encoded(client, user_id):
+def test_awkward_user_ids_round_trip_when_percent_encoded(client, user_id):
     post(client, postback(user_id=user_id))
     assert earnings(client, user_id).json["user-id"] == user_id
     assert earnings(client, user_id).json["sessions"] == 1
+    page = client.get(f"/users/{quote(user_id, safe='')}/sessions", status=200).json
+    assert (page["user-id"], len(page["sessions"])) == (user_id, 1)
+
+
+# Every string a postback accepts as a user id: any text but lone surrogates.
+USER_IDS = st.text(st.characters(blacklist_categories=["Cs"]), max_size=spp_server.MAX_USER_ID_CHARS)
+
+
+def test_every_storable_user_id_can_be_read_back(client):
+    stored = {}
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(USER_IDS)
+    def check(user_id):
+        post(client, postback(user_id=user_id))
+        stored[user_id] = stored.get(user_id, 0) + 1
+        assert earnings(client, user_id).json["sessions"] == stored[user_id]
+        page = client.get(f"/users/{quote(user_id, safe='')}/sessions", status=200).json
+        assert page["user-id"] == user_id and page["sessions"]
+
+    check()
+
+
+# Percent-encoded bytes that are not UTF-8: a stray byte, a cut-off sequence,
+# an encoded surrogate, an overlong '/'.
+NOT_UTF8 = ["%FF", "a%FFb", "%C3", "%ED%A0%80", "%C0%AF"]
+
+
+@pytest.mark.parametrize("bad", NOT_UTF8)
+@pytest.mark.parametrize("route", ["earnings", "sessions"])
+def test_a_user_id_that_is_not_utf8_is_a_400_never_another_users_data(client, route, bad):
+    post(client, postback(user_id="ab"))
+    post(client, postback(user_id=""))
+    assert_error(client.get(f"/users/{bad}/{route}", status=400), 400, "user-id")
+
+
+@pytest.mark.parametrize("url", ["/us%FFers/ab/earnings", "/users/ab/earn%FFings", "/stats%FF"])
+def test_bytes_that_are_not_utf8_outside_a_user_id_are_a_404(client, url):
+    assert_error(client.get(url, status=404), 404)
+
+
+# Each read endpoint (with {} for a user id) and the parameters it reads.
+READ_PARAMS = {
+    "/users/{}/earnings": ["since", "until", "property-id"],
+    "/users/{}/sessions": ["limit", "before"],
+    "/earnings": ["since", "until", "property-id", "format"],
+    "/totals": ["since", "until", "group-by", "format"],
+    "/rejected": ["limit"],
+    "/conflicts": ["limit"],
+    "/stats": [],
+    "/healthz": [],
+}
+VALID_PARAMS = {"since": "2026-11-01", "until": "2026-11-02", "format": "csv", "limit": "5",
+                "group-by": "day", "property-id": "1234", "before": "MTox"}
+
+
+@pytest.mark.parametrize("bad", NOT_UTF8)
+@pytest.mark.parametrize("path, param", [
+    (path, param) for path, params in READ_PARAMS.items() for param in params])
+def test_a_parameter_that_is_not_utf8_is_a_400_naming_it(client, path, param, bad):
+    others = "&".join(f"{p}={VALID_PARAMS[p]}" for p in READ_PARAMS[path] if p != param)
+    url = f"{path.format('sub1')}?{param}={bad}&{others}"
+    assert_error(client.get(url, status=400), 400, param)
+
+
+def test_any_bytes_in_the_path_or_any_parameter_of_a_read_are_never_a_5xx(client):
+    post(client, SAMPLE)
+    fragments = st.one_of(
+        st.binary(max_size=40),
+        st.sampled_from([v.encode() for v in VALID_PARAMS.values()]),
+        st.integers().map(lambda n: str(n).encode()),
+        st.integers(min_value=0).map(lambda n: base64.urlsafe_b64encode(f"{n}:{n}".encode())),
+    )
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.sampled_from(sorted(READ_PARAMS)), fragments,
+           st.dictionaries(st.sampled_from(sorted(VALID_PARAMS)), fragments, max_size=4))
+    def check(path, user_id, params):
+        query = "&".join(f"{quote(k)}={quote(v, safe='')}" for k, v in params.items())
+        url = f"{path.format(quote(user_id, safe=''))}?{query}"
+        res = client.get(url, status="*")
+        assert res.status_int < 500, (url, res.body)
+        if res.status_int >= 400:
+            assert_error(res, res.status_int, res.json["field"])
+
+    check()
 
 
 def test_unattributed_sessions_are_kept_under_the_empty_user_id(client):
@@ -860,6 +971,12 @@ def test_consecutive_windows_count_every_session_exactly_once(client, clock):
         everything["estimated-revenue"]) == Decimal("2.1")
 
 
+def test_a_property_id_filter_longer_than_any_stored_is_a_400(client):
+    assert_error(earnings(client, "sub1", status=400, **{"property-id": "p" * 129}), 400,
+                 "property-id")
+    assert earnings(client, "sub1", **{"property-id": "p" * 128}).json["sessions"] == 0
+
+
 def test_property_filter_restricts_to_one_property(client):
     post(client, postback(user_id="u", property_id="A", your_estimated_revenue="1"))
     post(client, postback(user_id="u", property_id=7, your_estimated_revenue="2"))
@@ -1105,6 +1222,21 @@ def test_keyset_pagination_is_stable_while_sessions_arrive(client, clock):
         page = sessions_page(client, "p", limit=3, before=page["next"]).json
         seen += [s["session-id"] for s in page["sessions"]]
     assert seen == sent[::-1]
+
+
+def b64(text):
+    return base64.urlsafe_b64encode(text.encode()).decode()
+
+
+@pytest.mark.parametrize("cursor", [b64(f"{2**63}:1"), b64(f"1:{2**63}"), b64(f"{10**30}:1"),
+                                    b64("-1:1"), b64(" 1:1"), b64("1:1:1"), b64("1:")])
+def test_a_cursor_beyond_what_the_server_gives_out_is_a_400(client, cursor):
+    assert_error(sessions_page(client, "p", status=400, before=cursor), 400, "before")
+
+
+def test_the_largest_cursor_is_an_empty_page(client):
+    page = sessions_page(client, "p", before=b64(f"{2**63 - 1}:{2**63 - 1}")).json
+    assert page["sessions"] == [] and page["next"] is None
 
 
 @pytest.mark.parametrize("cursor", ["garbage!", "bm90LWEtY3Vyc29y", "MTox", "%%%"])
