@@ -343,11 +343,37 @@ def schema_versions(text):
     return [(v, [s for s in stmts if s.strip()]) for v, stmts in versions]
 
 
+def is_busy(exc):
+    """SQLITE_BUSY: another connection holds a lock we need."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    return code == sqlite3.SQLITE_BUSY if code is not None else "locked" in str(exc)
+
+
+def enable_wal(conn, timeout_s):
+    """Switch the database to WAL mode (persistent) and check that it took.
+    Switching needs a moment alone with the file, and SQLite does not apply
+    the busy timeout to it: a process opening the database at the same
+    moment (an overlapping restart, an export) gets "database is locked" at
+    once.  So retry, with backoff, for as long as the busy timeout."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.002
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            break
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    if mode.lower() != "wal":
+        raise sqlite3.OperationalError(f"cannot use WAL mode here (journal_mode stays {mode!r})")
+
+
 def migrate(conn, schema_text, target=None):
     """Bring the database to `target` (default: the newest version), in one
     transaction that re-reads user_version after taking the write lock, so two
     processes starting together cannot both apply a section."""
-    conn.execute("PRAGMA journal_mode = WAL")  # persistent; not allowed inside a transaction
     conn.execute("BEGIN IMMEDIATE")
     try:
         current = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -358,8 +384,16 @@ def migrate(conn, schema_text, target=None):
                 conn.execute(f"PRAGMA user_version = {version}")
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        rollback_quietly(conn)  # the error that matters is the one being raised
         raise
+
+
+def rollback_quietly(conn):
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
 
 
 # A write result younger than this stands for the database's health; past it,
@@ -415,11 +449,7 @@ class Writer:
             result = op(conn, now_us())
             conn.execute("COMMIT")
         except BaseException as exc:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+            rollback_quietly(conn)
             if isinstance(exc, sqlite3.Error):
                 self._last_outcome = (time.monotonic(), str(exc))
                 raise StoreUnavailable(f"the database refused the write: {exc}") from exc
@@ -455,6 +485,7 @@ class Store:
         ensure_private_file(self.path)
         conn = connect(self.path, busy_timeout_ms)
         try:
+            enable_wal(conn, busy_timeout_ms / 1000)
             migrate(conn, SCHEMA_PATH.read_text(encoding="utf-8"))
         except BaseException:
             conn.close()

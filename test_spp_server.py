@@ -875,6 +875,61 @@ def test_older_database_is_upgraded_in_place_keeping_rows(db, old_version):
         app.store.close()
 
 
+OPEN_STORE = "import sys, spp_server; spp_server.Store(sys.argv[1]).close()"
+
+
+@pytest.mark.parametrize("old_version", [0, 1])  # a new file; one from the first release
+def test_processes_opening_one_database_together_all_succeed(tmp_path, old_version):
+    """An overlapping restart, or an export while the server starts."""
+    for attempt in range(4):
+        db = str(tmp_path / f"race-{attempt}.db")
+        if old_version:
+            conn = sqlite3.connect(db, isolation_level=None)  # rollback journal, as SQLite's default
+            spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=old_version)
+            conn.close()
+        starts = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, db], cwd=HERE,
+                                   stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        for start in starts:
+            _, err = start.communicate(timeout=30)
+            assert start.returncode == 0, err
+        assert rows(db, "PRAGMA journal_mode") == [("wal",)]
+        assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSIONS[-1],)]
+
+
+def test_opening_waits_for_a_writer_in_the_way_of_wal_mode(db):
+    """Switching to WAL needs the file alone for a moment, and SQLite applies
+    no busy timeout to it: a write transaction in the way (another process
+    creating the schema in rollback-journal mode) must be waited for."""
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE t (x)")
+    release = threading.Timer(0.3, other.execute, ["COMMIT"])
+    release.start()
+    try:
+        spp_server.Store(db).close()
+    finally:
+        release.join()
+        other.close()
+    assert rows(db, "PRAGMA journal_mode") == [("wal",)]
+
+
+def test_a_database_that_cannot_be_in_wal_mode_is_refused(tmp_path):
+    conn = spp_server.connect(":memory:", 100)  # :memory: keeps journal_mode 'memory'
+    with pytest.raises(sqlite3.OperationalError, match="WAL"):
+        spp_server.enable_wal(conn, 1)
+
+
+def test_a_failing_migration_reports_its_own_error_and_changes_nothing(db):
+    conn = spp_server.connect(db, 1000)
+    broken = "-- version 1\nCREATE TABLE a (x);\n-- version 2\nCREATE TABLE a (x);\n"
+    with pytest.raises(sqlite3.OperationalError, match="already exists"):
+        spp_server.migrate(conn, broken)
+    assert not conn.in_transaction
+    assert conn.execute("PRAGMA user_version").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
+    conn.close()
+
+
 def test_schema_sections_are_numbered_in_increasing_order():
     assert SCHEMA_VERSIONS == sorted(set(SCHEMA_VERSIONS)) and SCHEMA_VERSIONS[0] == 1
 
