@@ -27,6 +27,7 @@ import sqlite3
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -475,7 +476,32 @@ def write_health_probe(conn, received_at_us):
     conn.execute(SQL["health_probe"], (received_at_us,))
 
 
-class Store:
+class Reads:
+    """Read queries, on the connection self._reader() gives."""
+
+    def read(self, sql, params=()):
+        """All rows of one read-only query (StoreUnavailable if the database cannot answer)."""
+        try:
+            return self._reader().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the database cannot be read: {exc}") from exc
+
+    def stream(self, sql, params=()):
+        """Rows of one read-only query, one at a time: memory does not grow
+        with the result.  The first row is fetched at once, so that a database
+        that cannot answer raises StoreUnavailable before any output; a later
+        failure raises sqlite3.Error from the iteration."""
+        try:
+            cursor = self._reader().execute(sql, params)
+            first = cursor.fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the database cannot be read: {exc}") from exc
+        if first is None:
+            return iter(())
+        return itertools.chain([first], cursor)
+
+
+class Store(Reads):
     """The database: one write connection behind a lock, one read connection
     per thread."""
 
@@ -499,26 +525,6 @@ class Store:
 
     def write(self, op):
         return self.writer.run(op)
-
-    def read(self, sql, params=()):
-        """All rows of one read-only query (StoreUnavailable if the database cannot answer)."""
-        try:
-            return self._reader().execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"the database cannot be read: {exc}") from exc
-
-    def stream(self, sql, params=()):
-        """Rows of one read-only query, one at a time: memory does not grow
-        with the result.  The first row is fetched at once, so that a database
-        that cannot answer raises StoreUnavailable before any output."""
-        try:
-            cursor = self._reader().execute(sql, params)
-            first = cursor.fetchone()
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"the database cannot be read: {exc}") from exc
-        if first is None:
-            return iter(())
-        return itertools.chain([first], cursor)
 
     def _reader(self):
         conn = getattr(self._local, "conn", None)
@@ -545,6 +551,67 @@ class Store:
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
+
+
+class ReadOnlyStore(Reads):
+    """A database opened only to read, for the commands that print reports:
+    never created, migrated or written, so it works on a backup, a replica or
+    a file this user may read but not write.  Raises StoreUnavailable with a
+    one-line reason when the file cannot serve as this code's database."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise StoreUnavailable(f"no database at {self.path}")
+        try:
+            self._conn = self._open()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot read {self.path}: {exc}") from None
+        try:
+            self._check_version()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _open(self, immutable=False):
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+        conn = sqlite3.connect(uri + ("&immutable=1" if immutable else ""), uri=True,
+                               isolation_level=None, timeout=DEFAULTS["busy_timeout_ms"] / 1000)
+        conn.execute(f"PRAGMA busy_timeout = {DEFAULTS['busy_timeout_ms']}")
+        try:
+            conn.execute("PRAGMA user_version").fetchone()
+        except sqlite3.OperationalError:
+            conn.close()
+            wal = self.path + "-wal"
+            if immutable or (os.path.exists(wal) and os.path.getsize(wal)):
+                raise
+            # WAL mode wants a -shm file next to the database; where none can
+            # be made (a directory this user cannot write) and no -wal holds
+            # newer pages, the file alone is the whole database.
+            return self._open(immutable=True)
+        return conn
+
+    def _check_version(self):
+        found = self.read(SQL["health"])[0][0]
+        latest = schema_versions(SCHEMA_PATH.read_text(encoding="utf-8"))[-1][0]
+        if found == 0:
+            raise StoreUnavailable(f"{self.path} is not an spp-receiver database (no schema)")
+        if found < latest:
+            raise StoreUnavailable(
+                f"{self.path} has schema version {found}, older than this code's {latest}: "
+                "start the server on it once to upgrade it (reports never change a database)"
+            )
+        if found > latest:
+            raise StoreUnavailable(
+                f"{self.path} has schema version {found}, newer than this code's {latest}: "
+                "use the spp_server.py that wrote it"
+            )
+
+    def _reader(self):
+        return self._conn
+
+    def close(self):
+        self._conn.close()
 
 
 def record_session(session, raw_body):
@@ -1419,11 +1486,17 @@ def log_level(text):
     return text.lower()
 
 
-def add_shared_options(parser, environ):
-    """Options both the server and `export` take."""
+DB_HELP_SERVER = "SQLite database file, created on first start"
+DB_HELP_REPORT = "SQLite database file to read; opened read-only, never created or changed"
+TIME_FORMS_HELP = ("2026-11-23T10:00:00Z, 2026-11-23T15:30:00+05:30, a date 2026-11-23 "
+                   "(midnight UTC) or unix seconds")
+
+
+def add_shared_options(parser, environ, db_help):
+    """Options both the server and the report commands take."""
     parser.add_argument(
         "--db", default=environ.get("SPP_DB", DEFAULTS["db"]),
-        help="SQLite database file, created on first start [SPP_DB, default %(default)s]",
+        help=f"{db_help} [SPP_DB, default %(default)s]",
     )
     parser.add_argument(
         "--reward-share", type=reward_share, default=environ.get("SPP_REWARD_SHARE"),
@@ -1447,7 +1520,7 @@ def build_parser(environ):
         "for rotation. Without a postback token, postbacks need no auth. "
         "Under systemd, a socket passed with LISTEN_FDS is used instead of --host/--port.",
     )
-    add_shared_options(parser, environ)
+    add_shared_options(parser, environ, DB_HELP_SERVER)
     parser.add_argument(
         "--host", default=env("SPP_HOST", DEFAULTS["host"]),
         help="address to listen on; other than loopback needs a read token "
@@ -1474,13 +1547,17 @@ def build_export_parser(environ):
     parser = argparse.ArgumentParser(
         prog="spp_server.py export",
         description="Write the payout export (what GET /earnings answers) to stdout, "
-        "reading the database directly; safe while the server runs.",
+        "reading the database directly; safe while the server runs. Exit status 1, "
+        "with one line on stderr, when the database cannot be read to the end.",
     )
-    add_shared_options(parser, environ)
-    parser.add_argument("--since", required=True, help="start of the window, included")
-    parser.add_argument("--until", required=True, help="end of the window, excluded")
+    add_shared_options(parser, environ, DB_HELP_REPORT)
+    parser.add_argument("--since", required=True,
+                        help=f"start of the window on receive times, included: {TIME_FORMS_HELP}")
+    parser.add_argument("--until", required=True, help="end of the window, excluded; same forms")
     parser.add_argument("--property-id", help="only sessions of this property")
-    parser.add_argument("--format", choices=list(EXPORT_FORMATS), default="ndjson")
+    parser.add_argument("--format", choices=list(EXPORT_FORMATS), default="ndjson",
+                        help="ndjson (one JSON object per line) or csv (with a header row) "
+                        "[default %(default)s]")
     return parser
 
 
@@ -1503,16 +1580,31 @@ def run_export(argv, environ, out):
         window = parse_window(args.since, args.until, required=True)
     except Invalid as invalid:
         parser.error(f"--{invalid.field}: {invalid.message}")
-    if not os.path.exists(args.db):
-        print(f"spp_server.py export: no database at {args.db}", file=sys.stderr)
-        return 1
-    store = Store(args.db, DEFAULTS["busy_timeout_ms"])
+    return print_report(
+        parser.prog, args.db, out,
+        lambda store: export_earnings(store, window, args.property_id, args.reward_share,
+                                      args.format),
+    )
+
+
+def print_report(prog, db, out, chunks_of):
+    """Write chunks_of(store) to `out` from the database `db` opened read-only.
+    Any failure, before or during the output, is one line on stderr and exit
+    status 1: never a traceback, never a report cut short without saying so."""
     try:
-        for chunk in export_earnings(store, window, args.property_id, args.reward_share, args.format):
+        store = ReadOnlyStore(db)
+    except StoreUnavailable as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        for chunk in chunks_of(store):
             out.write(chunk)
         out.flush()
-    except StoreUnavailable as exc:
-        print(f"spp_server.py export: {exc}", file=sys.stderr)
+    except (StoreUnavailable, sqlite3.Error) as exc:
+        print(f"{prog}: reading {db} failed, the output is incomplete: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # no error again at exit
         return 1
     finally:
         store.close()

@@ -4,6 +4,7 @@ tests against a real `python spp_server.py` process."""
 import base64
 import contextlib
 import http.client
+import io
 import ipaddress
 import json
 import logging
@@ -29,6 +30,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from webtest import TestApp
 
 import spp_server
+from spp_server import Reads
 
 HERE = Path(__file__).resolve().parent
 SERVER = HERE / "spp_server.py"
@@ -1150,8 +1152,6 @@ def test_export_streams_without_building_a_list_of_users():
 
 
 def test_export_subcommand_matches_the_endpoint_byte_for_byte(make_client, clock, db):
-    import io
-
     client = make_client(reward_share=Decimal("0.7"))
     for user in AWKWARD_IDS + ["plain"]:
         post_at(client, clock, "2026-11-23T10:00:00Z", user_id=user, property_id="9")
@@ -1179,6 +1179,126 @@ def test_export_subcommand_runs_from_the_command_line(client, db):
                               "--until", "2100-01-01", "--db", db + ".nope"],
                              capture_output=True, text=True)
     assert missing.returncode == 1 and not os.path.exists(db + ".nope")
+
+
+def run_export_command(db, out=None):
+    """`spp_server.py export` over all time: (exit status, output bytes)."""
+    out = io.BytesIO() if out is None else out
+    code = spp_server.run_export(["--db", db, "--since", "2000-01-01", "--until", "2100-01-01"],
+                                 {}, out)
+    return code, out.getvalue() if isinstance(out, io.BytesIO) else None
+
+
+def file_state(directory):
+    """Every file in `directory` with its bytes and mode: what a read must not change."""
+    return {p.name: (p.read_bytes(), p.stat().st_mode) for p in Path(directory).iterdir()}
+
+
+def test_export_reads_a_database_it_may_not_write_and_changes_nothing(make_client, tmp_path):
+    """A backup, a replica, or the service's file: read-only to this user.  As
+    root (the tests' user) only an immutable file and directory stop writes."""
+    folder = tmp_path / "backup"
+    folder.mkdir()
+    db = str(folder / "spp.db")
+    client = make_client(db=db)
+    post(client, SAMPLE)
+    client.app.store.close()  # the last close checkpoints and removes -wal and -shm
+    before = file_state(folder)
+    made = chattr("+i", db, str(folder))
+    if made.returncode != 0:
+        pytest.skip(f"cannot make files immutable here (chattr +i): {made.stderr.strip()}")
+    try:
+        code, output = run_export_command(db)
+    finally:
+        chattr("-i", db, str(folder))
+    assert code == 0
+    assert json.loads(output)["user-id"] == "sub1"
+    assert file_state(folder) == before
+
+
+def test_export_leaves_a_live_database_as_the_server_has_it(client, db):
+    post(client, SAMPLE)
+    version = rows(db, "PRAGMA user_version")
+    code, output = run_export_command(db)
+    assert code == 0 and json.loads(output)["sessions"] == 1
+    assert rows(db, "PRAGMA user_version") == version
+
+
+def one_line_error(capsys, *words):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def test_export_of_a_missing_database_creates_nothing(tmp_path, capsys):
+    db = str(tmp_path / "nope.db")
+    assert run_export_command(db) == (1, b"")
+    one_line_error(capsys, "no database at", db)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"", ["not an spp-receiver database"]),
+    (b"not a database at all" * 100, ["cannot read", "not a database"]),
+])
+def test_export_of_a_file_that_is_not_our_database_is_one_line(tmp_path, capsys, content, words):
+    db = tmp_path / "other.db"
+    db.write_bytes(content)
+    assert run_export_command(str(db)) == (1, b"")
+    one_line_error(capsys, *words)
+    assert db.read_bytes() == content
+
+
+@pytest.mark.parametrize("offset, word", [(-1, "older"), (1, "newer")])
+def test_export_refuses_another_schema_version_and_never_migrates(db, capsys, offset, word):
+    version = SCHEMA_VERSIONS[-1] + offset
+    conn = sqlite3.connect(db, isolation_level=None)
+    spp_server.enable_wal(conn, 1)
+    spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=min(version, SCHEMA_VERSIONS[-1]))
+    conn.execute(f"PRAGMA user_version = {version}")
+    conn.close()
+    before = Path(db).read_bytes()
+    assert run_export_command(db) == (1, b"")
+    one_line_error(capsys, word, str(version))
+    # SQLite may add its empty -wal and -shm beside a WAL database to read it
+    # safely; the database itself is untouched.
+    assert Path(db).read_bytes() == before
+
+
+def test_a_read_error_in_the_middle_of_an_export_is_one_line_and_status_1(
+        client, db, capsys, monkeypatch):
+    for user in ["a", "b"]:
+        post(client, postback(user_id=user))
+
+    def first_row_then_fail(self, sql, params=()):
+        rows_ = Reads.stream(self, sql, params)
+        yield next(rows_)
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    monkeypatch.setattr(spp_server.ReadOnlyStore, "stream", first_row_then_fail)
+    code, output = run_export_command(db)
+    assert code == 1  # whatever was written before the error is no payout file
+    one_line_error(capsys, "incomplete", "malformed")
+
+
+def test_an_export_piped_into_a_reader_that_quits_ends_quietly(client, db, capsys):
+    post(client, SAMPLE)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "wb") as out:
+        assert run_export_command(db, out) == (1, None)
+    assert capsys.readouterr().err == ""
+
+
+def test_export_help_tells_what_it_reads_and_accepts(capsys):
+    with pytest.raises(SystemExit):
+        spp_server.main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "read-only, never created" in text and "created on first start" not in text
+    for form in ["ndjson", "csv", "2026-11-23T10:00:00Z", "+05:30", "unix seconds"]:
+        assert form in text
 
 
 def test_totals_group_by_day_property_and_country(client, clock):
