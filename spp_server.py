@@ -72,6 +72,8 @@ class Invalid(Exception):
         super().__init__(message)
         self.field = field
         self.message = message
+        # For a postback's log line: its ids, when the body had usable ones.
+        self.session_id = self.user_id = None
 
 
 def load_tokens(env_var, credential_name, environ):
@@ -787,7 +789,8 @@ def newest_conflicts(store, limit):
 class PostbackCounters:
     """What this process has seen since it started, for /stats."""
 
-    OUTCOMES = ("recorded", "duplicate", "rejected", "unauthorized")
+    # rejected: a 400, kept in the `rejected` table; too-large: a 413, not kept.
+    OUTCOMES = ("recorded", "duplicate", "rejected", "too-large", "unauthorized")
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -991,17 +994,31 @@ def check_length(field, value, max_chars):
 
 
 def parse_postback(body):
-    """Raw body bytes -> Session, or Invalid naming the first bad field."""
+    """Raw body bytes -> Session, or Invalid naming the first bad field (and
+    carrying the ids that were valid, for the log)."""
     payload = parse_json_object(body)
-    return Session(
-        session_id=check_text(payload, "session-id", MAX_SESSION_ID_CHARS, allow_empty=False),
-        user_id=check_text(payload, "user-id", MAX_USER_ID_CHARS, allow_empty=True),
-        property_id=check_property_id(payload),
-        country=check_country(payload),
-        ads_viewed=check_count(payload, "count-of-ads-viewed"),
-        duration_s=check_count(payload, "session-duration"),
-        revenue_nano=check_revenue(payload),
-    )
+    try:
+        return Session(
+            session_id=check_text(payload, "session-id", MAX_SESSION_ID_CHARS, allow_empty=False),
+            user_id=check_text(payload, "user-id", MAX_USER_ID_CHARS, allow_empty=True),
+            property_id=check_property_id(payload),
+            country=check_country(payload),
+            ads_viewed=check_count(payload, "count-of-ads-viewed"),
+            duration_s=check_count(payload, "session-duration"),
+            revenue_nano=check_revenue(payload),
+        )
+    except Invalid as invalid:
+        invalid.session_id = valid_text_or_none(
+            payload, "session-id", MAX_SESSION_ID_CHARS, allow_empty=False)
+        invalid.user_id = valid_text_or_none(payload, "user-id", MAX_USER_ID_CHARS, allow_empty=True)
+        raise
+
+
+def valid_text_or_none(payload, field, max_chars, allow_empty):
+    try:
+        return check_text(payload, field, max_chars, allow_empty)
+    except Invalid:
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -1121,25 +1138,27 @@ def read_body(environ, limit=MAX_BODY_BYTES):
 # each one, the reverse proxy logs each request, journald would rate-limit a
 # burst anyway, and a line per postback cost about a tenth of the ingest rate.
 POSTBACK_LOG_LEVELS = {
-    "recorded": logging.DEBUG, "duplicate": logging.DEBUG,
-    "unauthorized": logging.INFO, "rejected": logging.WARNING,
+    "recorded": logging.DEBUG, "duplicate": logging.DEBUG, "unauthorized": logging.INFO,
+    "rejected": logging.WARNING, "too-large": logging.WARNING,
 }
+POSTBACK_ERROR_OUTCOMES = {401: "unauthorized", 413: "too-large"}
 
 
-def account_postback(outcome, status, session_id="-", user_id="-"):
-    """Count the outcome for /stats and log the postback's line."""
+def quoted(text):
+    """A value for a log line: JSON-quoted, so that a line break in it cannot
+    forge a line; '-' when there is none."""
+    return "-" if text is None else json.dumps(text, ensure_ascii=False)
+
+
+def account_postback(outcome, status, session_id=None, user_id=None, field=None, reason=None):
+    """Count the outcome for /stats and log the postback's line: for a refusal,
+    the field and reason too."""
     request.app.counters.add(outcome)
     level = POSTBACK_LOG_LEVELS[outcome]
     if log.isEnabledFor(level):
-        # json.dumps quotes ids so that a newline in one cannot forge a log line.
-        log.log(
-            level,
-            "postback %s status=%d session-id=%s user-id=%s",
-            outcome,
-            status,
-            json.dumps(session_id, ensure_ascii=False),
-            json.dumps(user_id, ensure_ascii=False),
-        )
+        why = f" field={quoted(field)} reason={quoted(reason)}" if reason else ""
+        log.log(level, "postback %s status=%d%s session-id=%s user-id=%s",
+                outcome, status, why, quoted(session_id), quoted(user_id))
 
 
 def handle_postback():
@@ -1148,22 +1167,22 @@ def handle_postback():
         require_token(app.config["spp.postback_tokens"], "a postback")
         body = read_body(request.environ)
     except ApiError as error:
-        account_postback(
-            "unauthorized" if error.status_code == 401 else "rejected", error.status_code
-        )
+        account_postback(POSTBACK_ERROR_OUTCOMES[error.status_code], error.status_code,
+                         reason=error.body)
         raise
     try:
         session = parse_postback(body)
     except Invalid as invalid:
         app.store.write(record_rejected(invalid.field, invalid.message, body))
-        account_postback("rejected", 400)
+        account_postback("rejected", 400, invalid.session_id, invalid.user_id,
+                         invalid.field, invalid.message)
         raise ApiError(400, invalid.message, invalid.field) from None
     outcome = app.store.write(record_session(session, body.decode("utf-8")))
     if outcome == "conflict":
         log.warning(
             "postback session-id=%s repeats a stored session with different fields; "
             "kept the first copy, logged both in conflicts",
-            json.dumps(session.session_id, ensure_ascii=False),
+            quoted(session.session_id),
         )
         outcome = "duplicate"
     account_postback(outcome, 200, session.session_id, session.user_id)

@@ -815,6 +815,32 @@ def test_info_logs_only_the_postbacks_that_need_attention(client, caplog):
     assert "repeats a stored session with different fields" in lines[0]
 
 
+@pytest.mark.parametrize("fields, field, session_id, user_id", [
+    ({"count_of_ads_viewed": "many"}, "count-of-ads-viewed", "s-known", "u-known"),
+    ({"user_id": 42}, "user-id", "s-known", None),
+    ({"session_id": "", "user_id": "u\nx"}, "session-id", None, "u\nx"),
+    ({"session_id": None}, "session-id", None, "u-known"),
+])
+def test_a_refused_postbacks_log_line_says_why_and_whose_it_was(
+        client, caplog, fields, field, session_id, user_id):
+    body = {**postback(session_id="s-known", user_id="u-known"),
+            **{k.replace("_", "-"): v for k, v in fields.items()}}
+    body = {k: v for k, v in body.items() if v is not None}
+    reason = post(client, body, status=400).json["error"]
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert line == (f"postback rejected status=400 field={json.dumps(field)} "
+                    f"reason={json.dumps(reason)} "
+                    f"session-id={json.dumps(session_id) if session_id else '-'} "
+                    f"user-id={json.dumps(user_id) if user_id else '-'}")
+
+
+@pytest.mark.parametrize("body", [b"not json", b"x" * (spp_server.MAX_BODY_BYTES + 1)])
+def test_a_postback_refused_before_its_fields_logs_the_reason(client, caplog, body):
+    reason = post(client, body, status="4*").json["error"]
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"reason={json.dumps(reason)}" in line and line.endswith("session-id=- user-id=-")
+
+
 def test_log_line_cannot_be_forged_with_a_newline(client, caplog):
     caplog.set_level(logging.INFO, logger="spp")
     post(client, postback(user_id="x\nINFO spp: postback recorded"))
@@ -1427,7 +1453,7 @@ def test_stats_show_what_is_stored_and_what_this_process_saw(make_client, clock)
     assert empty == {"sessions": 0, "rejected": 0, "conflicts": 0, "last-received-at": None,
                      "last-received-age-seconds": None,
                      "since-start": {"recorded": 0, "duplicate": 0, "rejected": 0,
-                                     "unauthorized": 0}}
+                                     "too-large": 0, "unauthorized": 0}}
     clock.set("2026-11-23T10:00:00Z")
     post(client, SAMPLE, status=401)
     post(client, SAMPLE, headers=bearer("t"))
@@ -1436,10 +1462,11 @@ def test_stats_show_what_is_stored_and_what_this_process_saw(make_client, clock)
     post(client, b"x" * (spp_server.MAX_BODY_BYTES + 1), status=413, headers=bearer("t"))
     clock.set("2026-11-23T10:01:30Z")
     res = client.get("/stats").json
+    # since-start.rejected counts what the rejected table holds; a 413 is not kept.
     assert res == {"sessions": 1, "rejected": 1, "conflicts": 0,
                    "last-received-at": "2026-11-23T10:00:00Z", "last-received-age-seconds": 90,
-                   "since-start": {"recorded": 1, "duplicate": 1, "rejected": 2,
-                                   "unauthorized": 1}}
+                   "since-start": {"recorded": 1, "duplicate": 1, "rejected": 1,
+                                   "too-large": 1, "unauthorized": 1}}
 
 
 def test_rejected_view_lists_newest_first_with_raw_body(client, clock):
