@@ -81,17 +81,19 @@ def load_tokens(env_var, credential_name, environ):
     (one per line).  Several tokens let a token be rotated without downtime."""
     value = environ.get(env_var)
     if value is not None:
-        source, tokens = env_var, value.split(",")
+        source, tokens = f"{env_var} is set but", value.split(",")
     else:
         cred_dir = environ.get("CREDENTIALS_DIRECTORY")
         path = Path(cred_dir, credential_name) if cred_dir else None
         if path is None or not path.exists():
             return ()
-        source, tokens = str(path), path.read_text(encoding="utf-8").splitlines()
+        source, tokens = f"the token file {path} exists but", path.read_text(encoding="utf-8").splitlines()
     tokens = tuple(t.strip().encode("utf-8") for t in tokens if t.strip())
     if not tokens:
         # An empty token must not silently turn auth off.
-        raise ConfigError(f"{source} is set but holds no token")
+        raise ConfigError(
+            f"{source} holds no token: put the token in it, or remove it to run without one"
+        )
     return tokens
 
 

@@ -1616,7 +1616,17 @@ def test_an_empty_token_file_refuses_to_start(fake_serve, tmp_path, db, content,
     environ = {"CREDENTIALS_DIRECTORY": str(tmp_path), "SPP_DB": db}
     assert spp_server.main([], environ=environ) == 2
     assert fake_serve == []
-    assert "holds no token" in caplog.text
+    assert (f"cannot start: the token file {tmp_path / 'postback-token'} exists but holds "
+            "no token: put the token in it, or remove it to run without one") in caplog.text
+
+
+@pytest.mark.parametrize("variable", ["SPP_POSTBACK_TOKEN", "SPP_READ_TOKEN"])
+@pytest.mark.parametrize("value", ["", " ", ",", " , "])
+def test_an_empty_token_variable_refuses_to_start(fake_serve, db, variable, value, caplog):
+    assert spp_server.main([], environ={variable: value, "SPP_DB": db}) == 2
+    assert fake_serve == []
+    assert (f"cannot start: {variable} is set but holds no token: put the token in it, "
+            "or remove it to run without one") in caplog.text
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "::", "example.com"])
@@ -2654,6 +2664,24 @@ def test_a_failed_write_is_rolled_back_and_the_next_one_commits(make_client, db,
     assert client.get("/healthz", status=503).json["error"].startswith("the last write failed")
     assert post(client, postback()).json == {"status": "recorded"}
     assert client.get("/healthz").json == {"status": "ok"}
+
+
+def test_an_error_from_a_write_op_that_is_not_sqlites_propagates_and_rolls_back(client, db):
+    store = client.app.store
+
+    class Mistake(Exception):
+        pass
+
+    def insert_then_fail(conn, now):
+        body = json.dumps(postback(user_id="half"))
+        spp_server.record_session(spp_server.parse_postback(body.encode()), body)(conn, now)
+        raise Mistake("a bug in the op, not a database error")
+
+    with pytest.raises(Mistake):
+        store.write(insert_then_fail)
+    assert count(db, "sessions") == 0
+    assert post(client, postback()).json == {"status": "recorded"}  # the connection still works
+    assert count(db, "sessions") == 1
 
 
 def test_every_answer_is_committed_after_duplicates_and_conflicts(client, db):
