@@ -291,7 +291,7 @@ SQL = {
     "newest_conflicts": """
         SELECT id, session_id, received_at_us, stored_body, new_body
         FROM conflicts ORDER BY id DESC LIMIT ?""",
-    "health": "PRAGMA user_version",
+    "schema_version": "PRAGMA user_version",  # also a cheap read for health
     "health_probe": "INSERT OR REPLACE INTO health_probe (id, probed_at_us) VALUES (1, ?)",
 }
 TOTALS_GROUPS = {
@@ -544,7 +544,7 @@ class Store(Reads):
         """None when the database answers a read and commits a write now (see
         Writer.write_problem), whatever happened to earlier postbacks."""
         try:
-            self.read(SQL["health"])
+            self.read(SQL["schema_version"])
         except StoreUnavailable as exc:
             return str(exc)
         return self.writer.write_problem()
@@ -583,11 +583,12 @@ class ReadOnlyStore(Reads):
                                isolation_level=None, timeout=DEFAULTS["busy_timeout_ms"] / 1000)
         conn.execute(f"PRAGMA busy_timeout = {DEFAULTS['busy_timeout_ms']}")
         try:
-            conn.execute("PRAGMA user_version").fetchone()
-        except sqlite3.OperationalError:
+            conn.execute(SQL["schema_version"]).fetchone()
+        except sqlite3.OperationalError as exc:
             conn.close()
             wal = self.path + "-wal"
-            if immutable or (os.path.exists(wal) and os.path.getsize(wal)):
+            if immutable or "unable to open" not in str(exc) or (
+                    os.path.exists(wal) and os.path.getsize(wal)):
                 raise
             # WAL mode wants a -shm file next to the database; where none can
             # be made (a directory this user cannot write) and no -wal holds
@@ -596,7 +597,7 @@ class ReadOnlyStore(Reads):
         return conn
 
     def _check_version(self):
-        found = self.read(SQL["health"])[0][0]
+        found = self.read(SQL["schema_version"])[0][0]
         latest = schema_versions(SCHEMA_PATH.read_text(encoding="utf-8"))[-1][0]
         if found == 0:
             raise StoreUnavailable(f"{self.path} is not an spp-receiver database (no schema)")
