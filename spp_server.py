@@ -423,8 +423,9 @@ class Writer:
         self._lock = threading.Lock()
         self._wait_timeout_s = wait_timeout_s
         self._closed = False
-        # How the last transaction ended: (time.monotonic(), None or the error).
-        self._last_outcome = (float("-inf"), None)
+        # How the last transaction ended: (time.monotonic(), None or the error);
+        # (None, None) before the first.
+        self._last_outcome = (None, None)
 
     def run(self, op):
         """Run op(conn, received_at_us) in a write transaction; return its result
@@ -467,7 +468,7 @@ class Writer:
         HEALTH_FRESH_S ago answers for itself, so a busy server is never
         probed; otherwise a probe row is written (one small commit)."""
         ended_at, error = self._last_outcome
-        if time.monotonic() - ended_at < HEALTH_FRESH_S:
+        if ended_at is not None and time.monotonic() - ended_at < HEALTH_FRESH_S:
             return None if error is None else f"the last write failed: {error}"
         try:
             self.run(write_health_probe)
