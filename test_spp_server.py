@@ -1218,7 +1218,7 @@ def test_json_reports_are_read_as_exact_decimals_in_both_shapes():
     ("date;revenue\n2026-11-01;1\n", "the header has no 'date' column"),
     ("Revenue,date,revenue\n1,2026-11-01,1\n", "columns 'Revenue' and 'revenue' both mean"),
     ('[{"date": "2026-11-01", "revenue": "1", "Revenue": "2"}]', "columns 'revenue' and 'Revenue'"),
-    ('date,revenue\n2026-11-01,"1\0"\n', "line 2"),
+    ("date,revenue\n2026-11-01," + "1" * 200_000 + "\n", "line 2: not readable as CSV"),
 ])
 def test_a_bad_report_is_refused_naming_the_line_or_row_and_field(text, message):
     with pytest.raises(spp_server.BookedFileError) as refused:
@@ -1526,6 +1526,36 @@ def test_suggested_share_cases_by_hand():
 ])
 def test_bad_reconciliation_parameters_are_a_400_naming_them(client, params, field):
     assert_error(recon(client, status=400, **params), 400, field)
+
+
+@pytest.mark.parametrize("missing", ["since", "until"])
+def test_since_and_until_are_required(client, missing):
+    res = recon(client, status=400, **{k: v for k, v in NOV.items() if k != missing})
+    assert_error(res, 400, missing)
+    assert res.json["error"] == "is required"
+
+
+def test_subcommands_report_an_unusable_database_in_one_line(client, db, tmp_path, monkeypatch, capsys):
+    (tmp_path / "r.csv").write_text("date,revenue\n2026-11-01,1\n")
+    assert spp_server.run_import_booked([str(tmp_path / "r.csv"), "--db", str(tmp_path)], {},
+                                        sys.stdout) == 1
+    assert "cannot open the database" in capsys.readouterr().err
+    closed = []
+    real_close = spp_server.Store.close
+    monkeypatch.setattr(spp_server.Store, "close", lambda self: closed.append(self) or real_close(self))
+
+    def unavailable(*args, **kwargs):
+        raise spp_server.StoreUnavailable("the database is locked")
+
+    monkeypatch.setattr(spp_server.Store, "write", unavailable)
+    monkeypatch.setattr(spp_server.Store, "read", unavailable)
+    assert spp_server.run_import_booked([str(tmp_path / "r.csv"), "--db", db], {}, sys.stdout) == 1
+    err = capsys.readouterr().err
+    assert err == "spp_server.py import-booked: the database is locked; nothing imported\n"
+    assert spp_server.run_reconcile(["--db", db, "--since", NOV["since"], "--until", NOV["until"]],
+                                    {}, sys.stdout.buffer) == 1
+    assert capsys.readouterr().err == "spp_server.py reconcile: the database is locked\n"
+    assert len(closed) == 2  # each subcommand closed its store
 
 
 def test_utc_offsets_are_read_and_written_exactly():
