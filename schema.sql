@@ -52,6 +52,14 @@ CREATE INDEX sessions_by_time
     ON sessions (received_at_us, user_id, property_id, country, revenue_nano, ads_viewed, duration_s);
 
 -- version 3
+-- One row that /healthz and the systemd watchdog overwrite when no postback
+-- has been written for a moment: a write that commits is what "healthy" means.
+CREATE TABLE health_probe (
+    id              INTEGER PRIMARY KEY CHECK (id = 1),
+    probed_at_us    INTEGER NOT NULL
+);
+
+-- version 4
 -- Booked revenue from Gamezop's Ad Revenue Reports (`spp_server.py
 -- import-booked`), held against SPP's estimates by GET /reconciliation.
 -- One row per report day, property and country; '' stands for "the report has

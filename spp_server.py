@@ -28,6 +28,7 @@ import sqlite3
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from fractions import Fraction
@@ -74,6 +75,8 @@ class Invalid(Exception):
         super().__init__(message)
         self.field = field
         self.message = message
+        # For a postback's log line: its ids, when the body had usable ones.
+        self.session_id = self.user_id = None
 
 
 def load_tokens(env_var, credential_name, environ):
@@ -81,17 +84,19 @@ def load_tokens(env_var, credential_name, environ):
     (one per line).  Several tokens let a token be rotated without downtime."""
     value = environ.get(env_var)
     if value is not None:
-        source, tokens = env_var, value.split(",")
+        source, tokens = f"{env_var} is set but", value.split(",")
     else:
         cred_dir = environ.get("CREDENTIALS_DIRECTORY")
         path = Path(cred_dir, credential_name) if cred_dir else None
         if path is None or not path.exists():
             return ()
-        source, tokens = str(path), path.read_text(encoding="utf-8").splitlines()
+        source, tokens = f"the token file {path} exists but", path.read_text(encoding="utf-8").splitlines()
     tokens = tuple(t.strip().encode("utf-8") for t in tokens if t.strip())
     if not tokens:
         # An empty token must not silently turn auth off.
-        raise ConfigError(f"{source} is set but holds no token")
+        raise ConfigError(
+            f"{source} holds no token: put the token in it, or remove it to run without one"
+        )
     return tokens
 
 
@@ -323,6 +328,7 @@ SQL = {
         SELECT id, session_id, received_at_us, stored_body, new_body
         FROM conflicts ORDER BY id DESC LIMIT ?""",
     "health": "PRAGMA user_version",
+    "health_probe": "INSERT OR REPLACE INTO health_probe (id, probed_at_us) VALUES (1, ?)",
 }
 TOTALS_GROUPS = {
     "day": "strftime('%Y-%m-%d', received_at_us / 1000000, 'unixepoch')",
@@ -378,11 +384,37 @@ def schema_versions(text):
     return [(v, [s for s in stmts if s.strip()]) for v, stmts in versions]
 
 
+def is_busy(exc):
+    """SQLITE_BUSY: another connection holds a lock we need."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    return code == sqlite3.SQLITE_BUSY if code is not None else "locked" in str(exc)
+
+
+def enable_wal(conn, timeout_s):
+    """Switch the database to WAL mode (persistent) and check that it took.
+    Switching needs a moment alone with the file, and SQLite does not apply
+    the busy timeout to it: a process opening the database at the same
+    moment (an overlapping restart, an export) gets "database is locked" at
+    once.  So retry, with backoff, for as long as the busy timeout."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.002
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            break
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    if mode.lower() != "wal":
+        raise sqlite3.OperationalError(f"cannot use WAL mode here (journal_mode stays {mode!r})")
+
+
 def migrate(conn, schema_text, target=None):
     """Bring the database to `target` (default: the newest version), in one
     transaction that re-reads user_version after taking the write lock, so two
     processes starting together cannot both apply a section."""
-    conn.execute("PRAGMA journal_mode = WAL")  # persistent; not allowed inside a transaction
     conn.execute("BEGIN IMMEDIATE")
     try:
         current = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -393,8 +425,21 @@ def migrate(conn, schema_text, target=None):
                 conn.execute(f"PRAGMA user_version = {version}")
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        rollback_quietly(conn)  # the error that matters is the one being raised
         raise
+
+
+def rollback_quietly(conn):
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
+# A write result younger than this stands for the database's health; past it,
+# /healthz and the watchdog write a probe row instead.
+HEALTH_FRESH_S = 1.0
 
 
 class StoreUnavailable(Exception):
@@ -414,7 +459,8 @@ class Writer:
         self._lock = threading.Lock()
         self._wait_timeout_s = wait_timeout_s
         self._closed = False
-        self.last_error = None  # str while the last transaction failed
+        # How the last transaction ended: (time.monotonic(), None or the error).
+        self._last_outcome = (float("-inf"), None)
 
     def run(self, op):
         """Run op(conn, received_at_us) in a write transaction; return its result
@@ -444,20 +490,58 @@ class Writer:
             result = op(conn, now_us())
             conn.execute("COMMIT")
         except BaseException as exc:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+            rollback_quietly(conn)
             if isinstance(exc, sqlite3.Error):
-                self.last_error = str(exc)
+                self._last_outcome = (time.monotonic(), str(exc))
                 raise StoreUnavailable(f"the database refused the write: {exc}") from exc
             raise
-        self.last_error = None
+        self._last_outcome = (time.monotonic(), None)
         return result
 
+    def write_problem(self):
+        """None when a write commits now.  A write that ended less than
+        HEALTH_FRESH_S ago answers for itself, so a busy server is never
+        probed; otherwise a probe row is written (one small commit)."""
+        ended_at, error = self._last_outcome
+        if time.monotonic() - ended_at < HEALTH_FRESH_S:
+            return None if error is None else f"the last write failed: {error}"
+        try:
+            self.run(write_health_probe)
+        except StoreUnavailable as exc:
+            return str(exc)
+        return None
 
-class Store:
+
+def write_health_probe(conn, received_at_us):
+    conn.execute(SQL["health_probe"], (received_at_us,))
+
+
+class Reads:
+    """Read queries, on the connection self._reader() gives."""
+
+    def read(self, sql, params=()):
+        """All rows of one read-only query (StoreUnavailable if the database cannot answer)."""
+        try:
+            return self._reader().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the database cannot be read: {exc}") from exc
+
+    def stream(self, sql, params=()):
+        """Rows of one read-only query, one at a time: memory does not grow
+        with the result.  The first row is fetched at once, so that a database
+        that cannot answer raises StoreUnavailable before any output; a later
+        failure raises sqlite3.Error from the iteration."""
+        try:
+            cursor = self._reader().execute(sql, params)
+            first = cursor.fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the database cannot be read: {exc}") from exc
+        if first is None:
+            return iter(())
+        return itertools.chain([first], cursor)
+
+
+class Store(Reads):
     """The database: one write connection behind a lock, one read connection
     per thread."""
 
@@ -467,6 +551,7 @@ class Store:
         ensure_private_file(self.path)
         conn = connect(self.path, busy_timeout_ms)
         try:
+            enable_wal(conn, busy_timeout_ms / 1000)
             migrate(conn, SCHEMA_PATH.read_text(encoding="utf-8"))
         except BaseException:
             conn.close()
@@ -481,26 +566,6 @@ class Store:
     def write(self, op):
         return self.writer.run(op)
 
-    def read(self, sql, params=()):
-        """All rows of one read-only query (StoreUnavailable if the database cannot answer)."""
-        try:
-            return self._reader().execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"the database cannot be read: {exc}") from exc
-
-    def stream(self, sql, params=()):
-        """Rows of one read-only query, one at a time: memory does not grow
-        with the result.  The first row is fetched at once, so that a database
-        that cannot answer raises StoreUnavailable before any output."""
-        try:
-            cursor = self._reader().execute(sql, params)
-            first = cursor.fetchone()
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"the database cannot be read: {exc}") from exc
-        if first is None:
-            return iter(())
-        return itertools.chain([first], cursor)
-
     def _reader(self):
         conn = getattr(self._local, "conn", None)
         if conn is None:
@@ -512,14 +577,13 @@ class Store:
         return conn
 
     def health_problem(self):
-        """None when the database answers reads and the last write went through."""
+        """None when the database answers a read and commits a write now (see
+        Writer.write_problem), whatever happened to earlier postbacks."""
         try:
             self.read(SQL["health"])
         except StoreUnavailable as exc:
             return str(exc)
-        if self.writer.last_error:
-            return f"the last write failed: {self.writer.last_error}"
-        return None
+        return self.writer.write_problem()
 
     def close(self):
         self.writer.close()
@@ -527,6 +591,67 @@ class Store:
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
+
+
+class ReadOnlyStore(Reads):
+    """A database opened only to read, for the commands that print reports:
+    never created, migrated or written, so it works on a backup, a replica or
+    a file this user may read but not write.  Raises StoreUnavailable with a
+    one-line reason when the file cannot serve as this code's database."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise StoreUnavailable(f"no database at {self.path}")
+        try:
+            self._conn = self._open()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot read {self.path}: {exc}") from None
+        try:
+            self._check_version()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _open(self, immutable=False):
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+        conn = sqlite3.connect(uri + ("&immutable=1" if immutable else ""), uri=True,
+                               isolation_level=None, timeout=DEFAULTS["busy_timeout_ms"] / 1000)
+        conn.execute(f"PRAGMA busy_timeout = {DEFAULTS['busy_timeout_ms']}")
+        try:
+            conn.execute("PRAGMA user_version").fetchone()
+        except sqlite3.OperationalError:
+            conn.close()
+            wal = self.path + "-wal"
+            if immutable or (os.path.exists(wal) and os.path.getsize(wal)):
+                raise
+            # WAL mode wants a -shm file next to the database; where none can
+            # be made (a directory this user cannot write) and no -wal holds
+            # newer pages, the file alone is the whole database.
+            return self._open(immutable=True)
+        return conn
+
+    def _check_version(self):
+        found = self.read(SQL["health"])[0][0]
+        latest = schema_versions(SCHEMA_PATH.read_text(encoding="utf-8"))[-1][0]
+        if found == 0:
+            raise StoreUnavailable(f"{self.path} is not an spp-receiver database (no schema)")
+        if found < latest:
+            raise StoreUnavailable(
+                f"{self.path} has schema version {found}, older than this code's {latest}: "
+                "start the server on it once to upgrade it (reports never change a database)"
+            )
+        if found > latest:
+            raise StoreUnavailable(
+                f"{self.path} has schema version {found}, newer than this code's {latest}: "
+                "use the spp_server.py that wrote it"
+            )
+
+    def _reader(self):
+        return self._conn
+
+    def close(self):
+        self._conn.close()
 
 
 def record_session(session, raw_body):
@@ -642,13 +767,20 @@ def encode_cursor(received_at_us, row_id):
     return base64.urlsafe_b64encode(f"{received_at_us}:{row_id}".encode()).decode().rstrip("=")
 
 
+CURSOR = re.compile(r"([0-9]{1,19}):([0-9]{1,19})")
+
+
 def decode_cursor(text):
+    """A cursor from encode_cursor -> (received_at_us, row_id); anything else,
+    such as numbers beyond SQLite's 64-bit integers, is a 400."""
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
-        received_at_us, row_id = (int(part) for part in raw.split(":"))
     except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
-        raise Invalid("before", "is not a cursor this server gave out") from None
-    return received_at_us, row_id
+        raw = ""
+    match = CURSOR.fullmatch(raw)
+    if not match or max(int(part) for part in match.groups()) >= 2**63:
+        raise Invalid("before", "is not a cursor this server gave out")
+    return int(match.group(1)), int(match.group(2))
 
 
 def stats(store, counters):
@@ -695,7 +827,8 @@ def newest_conflicts(store, limit):
 class PostbackCounters:
     """What this process has seen since it started, for /stats."""
 
-    OUTCOMES = ("recorded", "duplicate", "rejected", "unauthorized")
+    # rejected: a 400, kept in the `rejected` table; too-large: a 413, not kept.
+    OUTCOMES = ("recorded", "duplicate", "rejected", "too-large", "unauthorized")
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -755,6 +888,7 @@ def in_chunks(lines, size=64 * 1024):
 
 MAX_SESSION_ID_CHARS = 128
 MAX_USER_ID_CHARS = 256
+MAX_PROPERTY_ID_CHARS = 128
 MAX_COUNT = 2**31 - 1  # ads viewed, seconds: anything larger is not a real session
 DECIMAL_STRING = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 DIGITS = re.compile(r"[0-9]{1,10}")
@@ -823,9 +957,7 @@ def check_text(payload, field, max_chars, allow_empty):
     check_encodable(field, value)
     if not value and not allow_empty:
         raise Invalid(field, "must not be empty")
-    if len(value) > max_chars:
-        raise Invalid(field, f"must be at most {max_chars} characters")
-    return value
+    return check_length(field, value, max_chars)
 
 
 def parse_decimal_string(text):
@@ -890,21 +1022,41 @@ def check_property_id(payload, field="property-id"):
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise Invalid(field, "must be a string or an integer")
-    return check_encodable(field, str(value))
+    return check_length(field, check_encodable(field, str(value)), MAX_PROPERTY_ID_CHARS)
+
+
+def check_length(field, value, max_chars):
+    if len(value) > max_chars:
+        raise Invalid(field, f"must be at most {max_chars} characters")
+    return value
 
 
 def parse_postback(body):
-    """Raw body bytes -> Session, or Invalid naming the first bad field."""
+    """Raw body bytes -> Session, or Invalid naming the first bad field (and
+    carrying the ids that were valid, for the log)."""
     payload = parse_json_object(body)
-    return Session(
-        session_id=check_text(payload, "session-id", MAX_SESSION_ID_CHARS, allow_empty=False),
-        user_id=check_text(payload, "user-id", MAX_USER_ID_CHARS, allow_empty=True),
-        property_id=check_property_id(payload),
-        country=check_country(payload),
-        ads_viewed=check_count(payload, "count-of-ads-viewed"),
-        duration_s=check_count(payload, "session-duration"),
-        revenue_nano=check_revenue(payload),
-    )
+    try:
+        return Session(
+            session_id=check_text(payload, "session-id", MAX_SESSION_ID_CHARS, allow_empty=False),
+            user_id=check_text(payload, "user-id", MAX_USER_ID_CHARS, allow_empty=True),
+            property_id=check_property_id(payload),
+            country=check_country(payload),
+            ads_viewed=check_count(payload, "count-of-ads-viewed"),
+            duration_s=check_count(payload, "session-duration"),
+            revenue_nano=check_revenue(payload),
+        )
+    except Invalid as invalid:
+        invalid.session_id = valid_text_or_none(
+            payload, "session-id", MAX_SESSION_ID_CHARS, allow_empty=False)
+        invalid.user_id = valid_text_or_none(payload, "user-id", MAX_USER_ID_CHARS, allow_empty=True)
+        raise
+
+
+def valid_text_or_none(payload, field, max_chars, allow_empty):
+    try:
+        return check_text(payload, field, max_chars, allow_empty)
+    except Invalid:
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -1338,6 +1490,7 @@ def log_unexpected_errors(callback):
 
     def wrapper(*args, **kwargs):
         try:
+            check_path_is_utf8(kwargs)
             return callback(*args, **kwargs)
         except HTTPResponse:
             raise
@@ -1351,6 +1504,32 @@ def log_unexpected_errors(callback):
             raise ApiError(500, "internal server error") from None
 
     return wrapper
+
+
+# The API's name for each route argument, for error messages.
+PATH_FIELDS = {"user_id": "user-id"}
+
+
+def check_path_is_utf8(url_args):
+    """Bottle drops the bytes of a percent-encoded path that are not UTF-8
+    (so /users/a%FFb/earnings would read user 'ab'): refuse such a path
+    instead.  Bad bytes inside a route argument are a 400 naming it; anywhere
+    else the path is not one of ours, a 404."""
+    raw = request.environ["bottle.raw_path"].encode("latin-1")  # PEP 3333: bytes as latin-1
+    try:
+        raw.decode("utf-8")
+        return
+    except UnicodeDecodeError:
+        pass
+    marked = {"PATH_INFO": raw.decode("utf-8", "replace"), "REQUEST_METHOD": request.method}
+    try:
+        route, args = request.app.router.match(marked)
+    except HTTPError:
+        route, args = None, {}
+    bad = [name for name, value in args.items() if "\ufffd" in value]
+    if route is not request.route or not bad:
+        raise ApiError(404, "not found")
+    raise Invalid(PATH_FIELDS.get(bad[0], bad[0]), "must be UTF-8 text, percent-encoded")
 
 
 def bearer_token(environ):
@@ -1400,25 +1579,27 @@ def read_body(environ, limit=MAX_BODY_BYTES):
 # each one, the reverse proxy logs each request, journald would rate-limit a
 # burst anyway, and a line per postback cost about a tenth of the ingest rate.
 POSTBACK_LOG_LEVELS = {
-    "recorded": logging.DEBUG, "duplicate": logging.DEBUG,
-    "unauthorized": logging.INFO, "rejected": logging.WARNING,
+    "recorded": logging.DEBUG, "duplicate": logging.DEBUG, "unauthorized": logging.INFO,
+    "rejected": logging.WARNING, "too-large": logging.WARNING,
 }
+POSTBACK_ERROR_OUTCOMES = {401: "unauthorized", 413: "too-large"}
 
 
-def account_postback(outcome, status, session_id="-", user_id="-"):
-    """Count the outcome for /stats and log the postback's line."""
+def quoted(text):
+    """A value for a log line: JSON-quoted, so that a line break in it cannot
+    forge a line; '-' when there is none."""
+    return "-" if text is None else json.dumps(text, ensure_ascii=False)
+
+
+def account_postback(outcome, status, session_id=None, user_id=None, field=None, reason=None):
+    """Count the outcome for /stats and log the postback's line: for a refusal,
+    the field and reason too."""
     request.app.counters.add(outcome)
     level = POSTBACK_LOG_LEVELS[outcome]
     if log.isEnabledFor(level):
-        # json.dumps quotes ids so that a newline in one cannot forge a log line.
-        log.log(
-            level,
-            "postback %s status=%d session-id=%s user-id=%s",
-            outcome,
-            status,
-            json.dumps(session_id, ensure_ascii=False),
-            json.dumps(user_id, ensure_ascii=False),
-        )
+        why = f" field={quoted(field)} reason={quoted(reason)}" if reason else ""
+        log.log(level, "postback %s status=%d%s session-id=%s user-id=%s",
+                outcome, status, why, quoted(session_id), quoted(user_id))
 
 
 def handle_postback():
@@ -1427,22 +1608,22 @@ def handle_postback():
         require_token(app.config["spp.postback_tokens"], "a postback")
         body = read_body(request.environ)
     except ApiError as error:
-        account_postback(
-            "unauthorized" if error.status_code == 401 else "rejected", error.status_code
-        )
+        account_postback(POSTBACK_ERROR_OUTCOMES[error.status_code], error.status_code,
+                         reason=error.body)
         raise
     try:
         session = parse_postback(body)
     except Invalid as invalid:
         app.store.write(record_rejected(invalid.field, invalid.message, body))
-        account_postback("rejected", 400)
+        account_postback("rejected", 400, invalid.session_id, invalid.user_id,
+                         invalid.field, invalid.message)
         raise ApiError(400, invalid.message, invalid.field) from None
     outcome = app.store.write(record_session(session, body.decode("utf-8")))
     if outcome == "conflict":
         log.warning(
             "postback session-id=%s repeats a stored session with different fields; "
             "kept the first copy, logged both in conflicts",
-            json.dumps(session.session_id, ensure_ascii=False),
+            quoted(session.session_id),
         )
         outcome = "duplicate"
     account_postback(outcome, 200, session.session_id, session.user_id)
@@ -1460,8 +1641,18 @@ def read_endpoint(handler):
 
 
 def query():
-    """The query string, decoded as UTF-8."""
-    return request.query.decode()
+    """The query parameters, decoded as UTF-8 (the last value of a repeated
+    one); a parameter that is not UTF-8 is a 400 naming it."""
+    params = {}
+    for raw_key, raw_value in request.query.allitems():  # latin-1 strings of the raw bytes
+        key = raw_key.encode("latin-1").decode("utf-8", "replace")
+        try:
+            params[raw_key.encode("latin-1").decode("utf-8")] = (
+                raw_value.encode("latin-1").decode("utf-8")
+            )
+        except UnicodeDecodeError:
+            raise Invalid(key, "must be UTF-8 text, percent-encoded") from None
+    return params
 
 
 def parse_limit(params, default=50, maximum=1000):
@@ -1471,6 +1662,11 @@ def parse_limit(params, default=50, maximum=1000):
     if not re.fullmatch(r"[0-9]{1,7}", text) or not 1 <= int(text) <= maximum:
         raise Invalid("limit", f"must be a whole number from 1 to {maximum}")
     return int(text)
+
+
+def parse_property_id(params):
+    value = params.get("property-id")
+    return None if value is None else check_length("property-id", value, MAX_PROPERTY_ID_CHARS)
 
 
 def parse_format(params, allowed, default):
@@ -1498,7 +1694,7 @@ def handle_user_earnings(user_id):
     params = query()
     window = parse_window(params.get("since"), params.get("until"))
     return user_earnings(
-        request.app.store, user_id, window, params.get("property-id"),
+        request.app.store, user_id, window, parse_property_id(params),
         request.app.config["spp.reward_share"],
     )
 
@@ -1509,7 +1705,8 @@ def handle_earnings_export():
     window = parse_window(params.get("since"), params.get("until"), required=True)
     fmt = parse_format(params, EXPORT_FORMATS, "ndjson")
     chunks = export_earnings(
-        request.app.store, window, params.get("property-id"), request.app.config["spp.reward_share"], fmt
+        request.app.store, window, parse_property_id(params), request.app.config["spp.reward_share"],
+        fmt,
     )
     return stream_response(chunks, fmt)
 
@@ -1596,8 +1793,9 @@ def create_app(config):
     app.route("/postback", "POST", handle_postback)
     app.route("/postback/", "POST", handle_postback)
     # A user id may hold '/' (sent as %2F, decoded before routing) or be empty.
-    app.route("/users/<user_id:re:.*>/earnings", "GET", handle_user_earnings)
-    app.route("/users/<user_id:re:.*>/sessions", "GET", handle_user_sessions)
+    # [\s\S], not '.': a user id may hold a line break.
+    app.route(r"/users/<user_id:re:[\s\S]*>/earnings", "GET", handle_user_earnings)
+    app.route(r"/users/<user_id:re:[\s\S]*>/sessions", "GET", handle_user_sessions)
     app.route("/earnings", "GET", handle_earnings_export)
     app.route("/totals", "GET", handle_totals)
     app.route("/reconciliation", "GET", handle_reconciliation)
@@ -1665,24 +1863,28 @@ def sd_notify(message, environ=os.environ):
             log.warning("could not notify systemd (%s): %s", message, exc)
 
 
-def start_watchdog(store, environ):
-    """With WatchdogSec= set, ping systemd while the database answers, so a
-    wedged process is restarted."""
+def start_watchdog(store, environ, stopping):
+    """With WatchdogSec= set, ping systemd every WatchdogSec/2 while the
+    database takes writes (Store.health_problem: a probe commit when no
+    postback came in the last second), so a wedged process is restarted but a
+    quiet one never is, and one that recovers from a fault pings again
+    without waiting for a postback."""
     usec = environ.get("WATCHDOG_USEC")
     if not usec or environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
         return
     interval = int(usec) / 1_000_000 / 2
 
     def ping():
-        while True:
-            time.sleep(interval)
+        while not stopping.wait(interval):
             problem = store.health_problem()
             if problem is None:
                 sd_notify("WATCHDOG=1", environ)
             else:
                 log.warning("watchdog: not pinging systemd: %s", problem)
 
-    threading.Thread(target=ping, name="spp-watchdog", daemon=True).start()
+    thread = threading.Thread(target=ping, name="spp-watchdog", daemon=True)
+    thread.start()
+    return thread
 
 
 def run_until(socket_map, stopping):
@@ -1728,7 +1930,7 @@ def serve(app, config, sockets=()):
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
     server.print_listen("listening on http://{}:{}")
-    start_watchdog(app.store, os.environ)
+    start_watchdog(app.store, os.environ, stopping)
     sd_notify("READY=1")
     run_until(socket_map, stopping)
     sd_notify("STOPPING=1")
@@ -1763,11 +1965,17 @@ def log_level(text):
     return text.lower()
 
 
-def add_shared_options(parser, environ):
-    """Options both the server and `export` take."""
+DB_HELP_SERVER = "SQLite database file, created on first start"
+DB_HELP_REPORT = "SQLite database file to read; opened read-only, never created or changed"
+TIME_FORMS_HELP = ("2026-11-23T10:00:00Z, 2026-11-23T15:30:00+05:30, a date 2026-11-23 "
+                   "(midnight UTC) or unix seconds")
+
+
+def add_shared_options(parser, environ, db_help):
+    """Options both the server and the report commands take."""
     parser.add_argument(
         "--db", default=environ.get("SPP_DB", DEFAULTS["db"]),
-        help="SQLite database file, created on first start [SPP_DB, default %(default)s]",
+        help=f"{db_help} [SPP_DB, default %(default)s]",
     )
     parser.add_argument(
         "--reward-share", type=reward_share, default=environ.get("SPP_REWARD_SHARE"),
@@ -1792,7 +2000,7 @@ def build_parser(environ):
         "for rotation. Without a postback token, postbacks need no auth. "
         "Under systemd, a socket passed with LISTEN_FDS is used instead of --host/--port.",
     )
-    add_shared_options(parser, environ)
+    add_shared_options(parser, environ, DB_HELP_SERVER)
     parser.add_argument(
         "--host", default=env("SPP_HOST", DEFAULTS["host"]),
         help="address to listen on; other than loopback needs a read token "
@@ -1820,13 +2028,17 @@ def build_export_parser(environ):
     parser = argparse.ArgumentParser(
         prog="spp_server.py export",
         description="Write the payout export (what GET /earnings answers) to stdout, "
-        "reading the database directly; safe while the server runs.",
+        "reading the database directly; safe while the server runs. Exit status 1, "
+        "with one line on stderr, when the database cannot be read to the end.",
     )
-    add_shared_options(parser, environ)
-    parser.add_argument("--since", required=True, help="start of the window, included")
-    parser.add_argument("--until", required=True, help="end of the window, excluded")
+    add_shared_options(parser, environ, DB_HELP_REPORT)
+    parser.add_argument("--since", required=True,
+                        help=f"start of the window on receive times, included: {TIME_FORMS_HELP}")
+    parser.add_argument("--until", required=True, help="end of the window, excluded; same forms")
     parser.add_argument("--property-id", help="only sessions of this property")
-    parser.add_argument("--format", choices=list(EXPORT_FORMATS), default="ndjson")
+    parser.add_argument("--format", choices=list(EXPORT_FORMATS), default="ndjson",
+                        help="ndjson (one JSON object per line) or csv (with a header row) "
+                        "[default %(default)s]")
     return parser
 
 
@@ -1850,16 +2062,31 @@ def run_export(argv, environ, out):
         window = parse_window(args.since, args.until, required=True)
     except Invalid as invalid:
         parser.error(f"--{invalid.field}: {invalid.message}")
-    if not os.path.exists(args.db):
-        print(f"spp_server.py export: no database at {args.db}", file=sys.stderr)
-        return 1
-    store = Store(args.db, DEFAULTS["busy_timeout_ms"])
+    return print_report(
+        parser.prog, args.db, out,
+        lambda store: export_earnings(store, window, args.property_id, args.reward_share,
+                                      args.format),
+    )
+
+
+def print_report(prog, db, out, chunks_of):
+    """Write chunks_of(store) to `out` from the database `db` opened read-only.
+    Any failure, before or during the output, is one line on stderr and exit
+    status 1: never a traceback, never a report cut short without saying so."""
     try:
-        for chunk in export_earnings(store, window, args.property_id, args.reward_share, args.format):
+        store = ReadOnlyStore(db)
+    except StoreUnavailable as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        for chunk in chunks_of(store):
             out.write(chunk)
         out.flush()
-    except StoreUnavailable as exc:
-        print(f"spp_server.py export: {exc}", file=sys.stderr)
+    except (StoreUnavailable, sqlite3.Error) as exc:
+        print(f"{prog}: reading {db} failed, the output is incomplete: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # no error again at exit
         return 1
     finally:
         store.close()
@@ -1915,7 +2142,7 @@ def build_reconcile_parser(environ):
         description="Write the reconciliation (what GET /reconciliation answers) to stdout: "
         "per report day, SPP's estimates against the imported booked revenue.",
     )
-    add_shared_options(parser, environ)
+    add_shared_options(parser, environ, DB_HELP_REPORT)
     add_report_offset_option(parser, environ)
     parser.add_argument("--since", required=True, help="first report day, included (YYYY-MM-DD)")
     parser.add_argument("--until", required=True, help="report day that ends the window, excluded")
@@ -1967,19 +2194,8 @@ def run_reconcile(argv, environ, out):
                                  args.report_utc_offset, args.quantile, args.reward_share)
     except Invalid as invalid:
         parser.error(f"--{invalid.field}: {invalid.message}")
-    if not os.path.exists(args.db):
-        print(f"spp_server.py reconcile: no database at {args.db}", file=sys.stderr)
-        return 1
-    store = Store(args.db, DEFAULTS["busy_timeout_ms"])
-    try:
-        out.write(reconciliation_output(store, q, args.format))
-        out.flush()
-    except StoreUnavailable as exc:
-        print(f"spp_server.py reconcile: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        store.close()
-    return 0
+    return print_report(parser.prog, args.db, out,
+                        lambda store: [reconciliation_output(store, q, args.format)])
 
 
 def setup_logging(level="info"):

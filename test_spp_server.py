@@ -4,6 +4,7 @@ tests against a real `python spp_server.py` process."""
 import base64
 import contextlib
 import http.client
+import io
 import ipaddress
 import json
 import logging
@@ -29,6 +30,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from webtest import TestApp
 
 import spp_server
+from spp_server import Reads
 
 HERE = Path(__file__).resolve().parent
 SERVER = HERE / "spp_server.py"
@@ -323,6 +325,10 @@ def test_body_that_is_not_a_json_object_is_400_and_kept_raw(client, db, body):
         ("count-of-ads-viewed", "-3"),
         ("count-of-ads-viewed", "١"),  # a digit, but not an ASCII one
         ("count-of-ads-viewed", 2**31),
+        ("count-of-ads-viewed", ""),
+        ("session-duration", ""),
+        ("session-duration", 2**31),
+        ("session-duration", -1),
         ("session-duration", "abc"),
         ("session-duration", False),
         ("session-duration", [1]),
@@ -335,6 +341,7 @@ def test_body_that_is_not_a_json_object_is_400_and_kept_raw(client, db, body):
         ("property-id", True),
         ("property-id", 1.5),
         ("property-id", ["1234"]),
+        ("property-id", "p" * 129),
     ],
 )
 def test_each_bad_field_is_a_400_naming_it_and_nothing_is_stored(client, db, field, value):
@@ -349,6 +356,25 @@ def test_each_bad_field_is_a_400_naming_it_and_nothing_is_stored(client, db, fie
     assert field in res.json["error"] or res.json["error"].startswith(("is ", "must "))
     assert count(db, "sessions") == 0
     assert rows(db, "SELECT field, raw_body FROM rejected") == [(field, raw.encode())]
+
+
+@pytest.mark.parametrize("char", ["x", "é", "🎮"])  # a limit counts characters, not bytes
+@pytest.mark.parametrize("field, limit", [("session-id", 128), ("user-id", 256), ("property-id", 128)])
+def test_an_id_of_exactly_its_maximum_length_is_accepted_and_one_more_refused(
+        client, db, field, limit, char):
+    longest = postback(**{field: char * limit})
+    post(client, longest)
+    assert count(db, "sessions") == 1
+    res = post(client, postback(**{field: char * (limit + 1)}), status=400)
+    assert_error(res, 400, field)
+    assert str(limit) in res.json["error"]
+    assert count(db, "sessions") == 1
+
+
+@pytest.mark.parametrize("field", ["count-of-ads-viewed", "session-duration"])
+def test_a_count_of_exactly_its_maximum_is_accepted(client, db, field):
+    post(client, postback(**{field: 2**31 - 1}))
+    assert count(db, "sessions") == 1
 
 
 @pytest.mark.parametrize("field", ["session-id", "user-id", "property-id"])
@@ -498,12 +524,99 @@ def test_nanos_are_written_as_exact_decimal_strings(nanos, text):
 
 
 @pytest.mark.parametrize(
-    "user_id", ["a/b", "50%", "with space", "ユーザー", "emoji-🎮", "a+b", "?x=1&y", "trailing/"]
+    "user_id", ["a/b", "50%", "with space", "ユーザー", "emoji-🎮", "a+b", "?x=1&y", "trailing/",
+                "line\nbreak", "\r\n", "tab\there", "nul\x00", "/earnings", "a/sessions"]
 )
-def test_any_user_id_round_trips_when_percent_encoded(client, user_id):
+def test_awkward_user_ids_round_trip_when_percent_encoded(client, user_id):
     post(client, postback(user_id=user_id))
     assert earnings(client, user_id).json["user-id"] == user_id
     assert earnings(client, user_id).json["sessions"] == 1
+    page = client.get(f"/users/{quote(user_id, safe='')}/sessions", status=200).json
+    assert (page["user-id"], len(page["sessions"])) == (user_id, 1)
+
+
+# Every string a postback accepts as a user id: any text but lone surrogates.
+USER_IDS = st.text(st.characters(blacklist_categories=["Cs"]), max_size=spp_server.MAX_USER_ID_CHARS)
+
+
+def test_every_storable_user_id_can_be_read_back(client):
+    stored = {}
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(USER_IDS)
+    def check(user_id):
+        post(client, postback(user_id=user_id))
+        stored[user_id] = stored.get(user_id, 0) + 1
+        assert earnings(client, user_id).json["sessions"] == stored[user_id]
+        page = client.get(f"/users/{quote(user_id, safe='')}/sessions", status=200).json
+        assert page["user-id"] == user_id and page["sessions"]
+
+    check()
+
+
+# Percent-encoded bytes that are not UTF-8: a stray byte, a cut-off sequence,
+# an encoded surrogate, an overlong '/'.
+NOT_UTF8 = ["%FF", "a%FFb", "%C3", "%ED%A0%80", "%C0%AF"]
+
+
+@pytest.mark.parametrize("bad", NOT_UTF8)
+@pytest.mark.parametrize("route", ["earnings", "sessions"])
+def test_a_user_id_that_is_not_utf8_is_a_400_never_another_users_data(client, route, bad):
+    post(client, postback(user_id="ab"))
+    post(client, postback(user_id=""))
+    assert_error(client.get(f"/users/{bad}/{route}", status=400), 400, "user-id")
+
+
+@pytest.mark.parametrize("url", ["/us%FFers/ab/earnings", "/users/ab/earn%FFings", "/stats%FF"])
+def test_bytes_that_are_not_utf8_outside_a_user_id_are_a_404(client, url):
+    assert_error(client.get(url, status=404), 404)
+
+
+# Each read endpoint (with {} for a user id) and the parameters it reads.
+READ_PARAMS = {
+    "/users/{}/earnings": ["since", "until", "property-id"],
+    "/users/{}/sessions": ["limit", "before"],
+    "/earnings": ["since", "until", "property-id", "format"],
+    "/totals": ["since", "until", "group-by", "format"],
+    "/rejected": ["limit"],
+    "/conflicts": ["limit"],
+    "/stats": [],
+    "/healthz": [],
+}
+VALID_PARAMS = {"since": "2026-11-01", "until": "2026-11-02", "format": "csv", "limit": "5",
+                "group-by": "day", "property-id": "1234", "before": "MTox"}
+
+
+@pytest.mark.parametrize("bad", NOT_UTF8)
+@pytest.mark.parametrize("path, param", [
+    (path, param) for path, params in READ_PARAMS.items() for param in params])
+def test_a_parameter_that_is_not_utf8_is_a_400_naming_it(client, path, param, bad):
+    others = "&".join(f"{p}={VALID_PARAMS[p]}" for p in READ_PARAMS[path] if p != param)
+    url = f"{path.format('sub1')}?{param}={bad}&{others}"
+    assert_error(client.get(url, status=400), 400, param)
+
+
+def test_any_bytes_in_the_path_or_any_parameter_of_a_read_are_never_a_5xx(client):
+    post(client, SAMPLE)
+    fragments = st.one_of(
+        st.binary(max_size=40),
+        st.sampled_from([v.encode() for v in VALID_PARAMS.values()]),
+        st.integers().map(lambda n: str(n).encode()),
+        st.integers(min_value=0).map(lambda n: base64.urlsafe_b64encode(f"{n}:{n}".encode())),
+    )
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.sampled_from(sorted(READ_PARAMS)), fragments,
+           st.dictionaries(st.sampled_from(sorted(VALID_PARAMS)), fragments, max_size=4))
+    def check(path, user_id, params):
+        query = "&".join(f"{quote(k)}={quote(v, safe='')}" for k, v in params.items())
+        url = f"{path.format(quote(user_id, safe=''))}?{query}"
+        res = client.get(url, status="*")
+        assert res.status_int < 500, (url, res.body)
+        if res.status_int >= 400:
+            assert_error(res, res.status_int, res.json["field"])
+
+    check()
 
 
 def test_unattributed_sessions_are_kept_under_the_empty_user_id(client):
@@ -606,6 +719,73 @@ def test_healthz_is_ok_and_needs_no_auth(make_client):
     assert client.get("/healthz", status=200).json == {"status": "ok"}
 
 
+@contextlib.contextmanager
+def write_lock_held_by_another_connection(db):
+    """What an operator's sqlite3 shell does with BEGIN IMMEDIATE."""
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+def test_health_is_the_databases_state_now_not_the_last_postbacks(make_client, db, monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 0)  # every check looks afresh
+    client = make_client(busy_timeout_ms=100)
+    assert client.get("/healthz").json == {"status": "ok"}  # healthy before any postback
+    with write_lock_held_by_another_connection(db):
+        assert_error(post(client, SAMPLE, status=503), 503)
+        assert_error(client.get("/healthz", status=503), 503)
+    # The fault is gone; no postback since: healthy again.
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert count(db, "sessions") == 0
+    assert count(db, "health_probe") == 1  # what told it: a probe commit
+
+
+def test_a_fresh_write_answers_for_health_without_a_probe(make_client, db, monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 3600)
+    client = make_client(busy_timeout_ms=100)
+    post(client, SAMPLE)
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert count(db, "health_probe") == 0  # a busy server is never probed
+    with write_lock_held_by_another_connection(db):
+        post(client, postback(), status=503)
+    health = client.get("/healthz", status=503)  # the failure is fresh: no probe needed
+    assert health.json["error"].startswith("the last write failed")
+
+
+def test_watchdog_pings_a_quiet_server_and_again_once_a_fault_is_gone(make_client, db, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 0)
+    store = make_client(busy_timeout_ms=100).app.store
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(10)
+    environ = {"WATCHDOG_USEC": "100000", "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    stopping = threading.Event()
+    watchdog = spp_server.start_watchdog(store, environ, stopping)
+    try:
+        assert notify.recv(100) == b"WATCHDOG=1"  # no postback ever: still pinged
+        with write_lock_held_by_another_connection(db):
+            notify.settimeout(1)
+            pings = []
+            for _ in range(3):  # one ping already on its way may still arrive
+                try:
+                    pings.append(notify.recv(100))
+                except socket.timeout:
+                    break
+            assert len(pings) < 3  # then none while no write can commit
+        notify.settimeout(10)
+        assert notify.recv(100) == b"WATCHDOG=1"  # and again once it can, without a postback
+    finally:
+        stopping.set()
+        watchdog.join(5)
+        notify.close()
+    assert not watchdog.is_alive()
+
+
 def test_debug_logs_one_line_per_postback_without_secrets(make_client, caplog):
     caplog.set_level(logging.DEBUG, logger="spp")
     client = make_client(postback_tokens=(b"tok-123",))
@@ -633,6 +813,32 @@ def test_info_logs_only_the_postbacks_that_need_attention(client, caplog):
     assert [line.split()[:2] for line in lines] == [
         ["postback", f'session-id="{SAMPLE["session-id"]}"'], ["postback", "rejected"]]
     assert "repeats a stored session with different fields" in lines[0]
+
+
+@pytest.mark.parametrize("fields, field, session_id, user_id", [
+    ({"count_of_ads_viewed": "many"}, "count-of-ads-viewed", "s-known", "u-known"),
+    ({"user_id": 42}, "user-id", "s-known", None),
+    ({"session_id": "", "user_id": "u\nx"}, "session-id", None, "u\nx"),
+    ({"session_id": None}, "session-id", None, "u-known"),
+])
+def test_a_refused_postbacks_log_line_says_why_and_whose_it_was(
+        client, caplog, fields, field, session_id, user_id):
+    body = {**postback(session_id="s-known", user_id="u-known"),
+            **{k.replace("_", "-"): v for k, v in fields.items()}}
+    body = {k: v for k, v in body.items() if v is not None}
+    reason = post(client, body, status=400).json["error"]
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert line == (f"postback rejected status=400 field={json.dumps(field)} "
+                    f"reason={json.dumps(reason)} "
+                    f"session-id={json.dumps(session_id) if session_id else '-'} "
+                    f"user-id={json.dumps(user_id) if user_id else '-'}")
+
+
+@pytest.mark.parametrize("body", [b"not json", b"x" * (spp_server.MAX_BODY_BYTES + 1)])
+def test_a_postback_refused_before_its_fields_logs_the_reason(client, caplog, body):
+    reason = post(client, body, status="4*").json["error"]
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"reason={json.dumps(reason)}" in line and line.endswith("session-id=- user-id=-")
 
 
 def test_log_line_cannot_be_forged_with_a_newline(client, caplog):
@@ -695,6 +901,61 @@ def test_older_database_is_upgraded_in_place_keeping_rows(db, old_version):
         assert earnings(client, "sub1").json["estimated-revenue"] == "0.000017"
     finally:
         app.store.close()
+
+
+OPEN_STORE = "import sys, spp_server; spp_server.Store(sys.argv[1]).close()"
+
+
+@pytest.mark.parametrize("old_version", [0, 1])  # a new file; one from the first release
+def test_processes_opening_one_database_together_all_succeed(tmp_path, old_version):
+    """An overlapping restart, or an export while the server starts."""
+    for attempt in range(4):
+        db = str(tmp_path / f"race-{attempt}.db")
+        if old_version:
+            conn = sqlite3.connect(db, isolation_level=None)  # rollback journal, as SQLite's default
+            spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=old_version)
+            conn.close()
+        starts = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, db], cwd=HERE,
+                                   stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        for start in starts:
+            _, err = start.communicate(timeout=30)
+            assert start.returncode == 0, err
+        assert rows(db, "PRAGMA journal_mode") == [("wal",)]
+        assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSIONS[-1],)]
+
+
+def test_opening_waits_for_a_writer_in_the_way_of_wal_mode(db):
+    """Switching to WAL needs the file alone for a moment, and SQLite applies
+    no busy timeout to it: a write transaction in the way (another process
+    creating the schema in rollback-journal mode) must be waited for."""
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE t (x)")
+    release = threading.Timer(0.3, other.execute, ["COMMIT"])
+    release.start()
+    try:
+        spp_server.Store(db).close()
+    finally:
+        release.join()
+        other.close()
+    assert rows(db, "PRAGMA journal_mode") == [("wal",)]
+
+
+def test_a_database_that_cannot_be_in_wal_mode_is_refused(tmp_path):
+    conn = spp_server.connect(":memory:", 100)  # :memory: keeps journal_mode 'memory'
+    with pytest.raises(sqlite3.OperationalError, match="WAL"):
+        spp_server.enable_wal(conn, 1)
+
+
+def test_a_failing_migration_reports_its_own_error_and_changes_nothing(db):
+    conn = spp_server.connect(db, 1000)
+    broken = "-- version 1\nCREATE TABLE a (x);\n-- version 2\nCREATE TABLE a (x);\n"
+    with pytest.raises(sqlite3.OperationalError, match="already exists"):
+        spp_server.migrate(conn, broken)
+    assert not conn.in_transaction
+    assert conn.execute("PRAGMA user_version").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
+    conn.close()
 
 
 def test_schema_sections_are_numbered_in_increasing_order():
@@ -791,6 +1052,12 @@ def test_consecutive_windows_count_every_session_exactly_once(client, clock):
     assert sum(w["sessions"] for w in windows) == everything["sessions"] == len(times)
     assert sum(Decimal(w["estimated-revenue"]) for w in windows) == Decimal(
         everything["estimated-revenue"]) == Decimal("2.1")
+
+
+def test_a_property_id_filter_longer_than_any_stored_is_a_400(client):
+    assert_error(earnings(client, "sub1", status=400, **{"property-id": "p" * 129}), 400,
+                 "property-id")
+    assert earnings(client, "sub1", **{"property-id": "p" * 128}).json["sessions"] == 0
 
 
 def test_property_filter_restricts_to_one_property(client):
@@ -911,8 +1178,6 @@ def test_export_streams_without_building_a_list_of_users():
 
 
 def test_export_subcommand_matches_the_endpoint_byte_for_byte(make_client, clock, db):
-    import io
-
     client = make_client(reward_share=Decimal("0.7"))
     for user in AWKWARD_IDS + ["plain"]:
         post_at(client, clock, "2026-11-23T10:00:00Z", user_id=user, property_id="9")
@@ -940,6 +1205,126 @@ def test_export_subcommand_runs_from_the_command_line(client, db):
                               "--until", "2100-01-01", "--db", db + ".nope"],
                              capture_output=True, text=True)
     assert missing.returncode == 1 and not os.path.exists(db + ".nope")
+
+
+def run_export_command(db, out=None):
+    """`spp_server.py export` over all time: (exit status, output bytes)."""
+    out = io.BytesIO() if out is None else out
+    code = spp_server.run_export(["--db", db, "--since", "2000-01-01", "--until", "2100-01-01"],
+                                 {}, out)
+    return code, out.getvalue() if isinstance(out, io.BytesIO) else None
+
+
+def file_state(directory):
+    """Every file in `directory` with its bytes and mode: what a read must not change."""
+    return {p.name: (p.read_bytes(), p.stat().st_mode) for p in Path(directory).iterdir()}
+
+
+def test_export_reads_a_database_it_may_not_write_and_changes_nothing(make_client, tmp_path):
+    """A backup, a replica, or the service's file: read-only to this user.  As
+    root (the tests' user) only an immutable file and directory stop writes."""
+    folder = tmp_path / "backup"
+    folder.mkdir()
+    db = str(folder / "spp.db")
+    client = make_client(db=db)
+    post(client, SAMPLE)
+    client.app.store.close()  # the last close checkpoints and removes -wal and -shm
+    before = file_state(folder)
+    made = chattr("+i", db, str(folder))
+    if made.returncode != 0:
+        pytest.skip(f"cannot make files immutable here (chattr +i): {made.stderr.strip()}")
+    try:
+        code, output = run_export_command(db)
+    finally:
+        chattr("-i", db, str(folder))
+    assert code == 0
+    assert json.loads(output)["user-id"] == "sub1"
+    assert file_state(folder) == before
+
+
+def test_export_leaves_a_live_database_as_the_server_has_it(client, db):
+    post(client, SAMPLE)
+    version = rows(db, "PRAGMA user_version")
+    code, output = run_export_command(db)
+    assert code == 0 and json.loads(output)["sessions"] == 1
+    assert rows(db, "PRAGMA user_version") == version
+
+
+def one_line_error(capsys, *words):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+def test_export_of_a_missing_database_creates_nothing(tmp_path, capsys):
+    db = str(tmp_path / "nope.db")
+    assert run_export_command(db) == (1, b"")
+    one_line_error(capsys, "no database at", db)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"", ["not an spp-receiver database"]),
+    (b"not a database at all" * 100, ["cannot read", "not a database"]),
+])
+def test_export_of_a_file_that_is_not_our_database_is_one_line(tmp_path, capsys, content, words):
+    db = tmp_path / "other.db"
+    db.write_bytes(content)
+    assert run_export_command(str(db)) == (1, b"")
+    one_line_error(capsys, *words)
+    assert db.read_bytes() == content
+
+
+@pytest.mark.parametrize("offset, word", [(-1, "older"), (1, "newer")])
+def test_export_refuses_another_schema_version_and_never_migrates(db, capsys, offset, word):
+    version = SCHEMA_VERSIONS[-1] + offset
+    conn = sqlite3.connect(db, isolation_level=None)
+    spp_server.enable_wal(conn, 1)
+    spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=min(version, SCHEMA_VERSIONS[-1]))
+    conn.execute(f"PRAGMA user_version = {version}")
+    conn.close()
+    before = Path(db).read_bytes()
+    assert run_export_command(db) == (1, b"")
+    one_line_error(capsys, word, str(version))
+    # SQLite may add its empty -wal and -shm beside a WAL database to read it
+    # safely; the database itself is untouched.
+    assert Path(db).read_bytes() == before
+
+
+def test_a_read_error_in_the_middle_of_an_export_is_one_line_and_status_1(
+        client, db, capsys, monkeypatch):
+    for user in ["a", "b"]:
+        post(client, postback(user_id=user))
+
+    def first_row_then_fail(self, sql, params=()):
+        rows_ = Reads.stream(self, sql, params)
+        yield next(rows_)
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    monkeypatch.setattr(spp_server.ReadOnlyStore, "stream", first_row_then_fail)
+    code, output = run_export_command(db)
+    assert code == 1  # whatever was written before the error is no payout file
+    one_line_error(capsys, "incomplete", "malformed")
+
+
+def test_an_export_piped_into_a_reader_that_quits_ends_quietly(client, db, capsys):
+    post(client, SAMPLE)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "wb") as out:
+        assert run_export_command(db, out) == (1, None)
+    assert capsys.readouterr().err == ""
+
+
+def test_export_help_tells_what_it_reads_and_accepts(capsys):
+    with pytest.raises(SystemExit):
+        spp_server.main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "read-only, never created" in text and "created on first start" not in text
+    for form in ["ndjson", "csv", "2026-11-23T10:00:00Z", "+05:30", "unix seconds"]:
+        assert form in text
 
 
 def test_totals_group_by_day_property_and_country(client, clock):
@@ -1040,6 +1425,21 @@ def test_keyset_pagination_is_stable_while_sessions_arrive(client, clock):
     assert seen == sent[::-1]
 
 
+def b64(text):
+    return base64.urlsafe_b64encode(text.encode()).decode()
+
+
+@pytest.mark.parametrize("cursor", [b64(f"{2**63}:1"), b64(f"1:{2**63}"), b64(f"{10**30}:1"),
+                                    b64("-1:1"), b64(" 1:1"), b64("1:1:1"), b64("1:")])
+def test_a_cursor_beyond_what_the_server_gives_out_is_a_400(client, cursor):
+    assert_error(sessions_page(client, "p", status=400, before=cursor), 400, "before")
+
+
+def test_the_largest_cursor_is_an_empty_page(client):
+    page = sessions_page(client, "p", before=b64(f"{2**63 - 1}:{2**63 - 1}")).json
+    assert page["sessions"] == [] and page["next"] is None
+
+
 @pytest.mark.parametrize("cursor", ["garbage!", "bm90LWEtY3Vyc29y", "MTox", "%%%"])
 def test_a_cursor_not_given_out_is_a_400(client, cursor):
     res = sessions_page(client, "p", status=400 if cursor != "MTox" else 200, before=cursor)
@@ -1053,7 +1453,7 @@ def test_stats_show_what_is_stored_and_what_this_process_saw(make_client, clock)
     assert empty == {"sessions": 0, "rejected": 0, "conflicts": 0, "last-received-at": None,
                      "last-received-age-seconds": None,
                      "since-start": {"recorded": 0, "duplicate": 0, "rejected": 0,
-                                     "unauthorized": 0}}
+                                     "too-large": 0, "unauthorized": 0}}
     clock.set("2026-11-23T10:00:00Z")
     post(client, SAMPLE, status=401)
     post(client, SAMPLE, headers=bearer("t"))
@@ -1062,10 +1462,11 @@ def test_stats_show_what_is_stored_and_what_this_process_saw(make_client, clock)
     post(client, b"x" * (spp_server.MAX_BODY_BYTES + 1), status=413, headers=bearer("t"))
     clock.set("2026-11-23T10:01:30Z")
     res = client.get("/stats").json
+    # since-start.rejected counts what the rejected table holds; a 413 is not kept.
     assert res == {"sessions": 1, "rejected": 1, "conflicts": 0,
                    "last-received-at": "2026-11-23T10:00:00Z", "last-received-age-seconds": 90,
-                   "since-start": {"recorded": 1, "duplicate": 1, "rejected": 2,
-                                   "unauthorized": 1}}
+                   "since-start": {"recorded": 1, "duplicate": 1, "rejected": 1,
+                                   "too-large": 1, "unauthorized": 1}}
 
 
 def test_rejected_view_lists_newest_first_with_raw_body(client, clock):
@@ -1541,20 +1942,21 @@ def test_subcommands_report_an_unusable_database_in_one_line(client, db, tmp_pat
                                         sys.stdout) == 1
     assert "cannot open the database" in capsys.readouterr().err
     closed = []
-    real_close = spp_server.Store.close
-    monkeypatch.setattr(spp_server.Store, "close", lambda self: closed.append(self) or real_close(self))
+    for cls in (spp_server.Store, spp_server.ReadOnlyStore):
+        monkeypatch.setattr(cls, "close", lambda self, close=cls.close: closed.append(self) or close(self))
 
     def unavailable(*args, **kwargs):
         raise spp_server.StoreUnavailable("the database is locked")
 
     monkeypatch.setattr(spp_server.Store, "write", unavailable)
-    monkeypatch.setattr(spp_server.Store, "read", unavailable)
     assert spp_server.run_import_booked([str(tmp_path / "r.csv"), "--db", db], {}, sys.stdout) == 1
     err = capsys.readouterr().err
     assert err == "spp_server.py import-booked: the database is locked; nothing imported\n"
+    monkeypatch.setattr(spp_server, "reconciliation", unavailable)  # once the store is open
     assert spp_server.run_reconcile(["--db", db, "--since", NOV["since"], "--until", NOV["until"]],
                                     {}, sys.stdout.buffer) == 1
-    assert capsys.readouterr().err == "spp_server.py reconcile: the database is locked\n"
+    err = capsys.readouterr().err
+    assert err.startswith("spp_server.py reconcile: reading ") and err.count("\n") == 1
     assert len(closed) == 2  # each subcommand closed its store
 
 
@@ -1746,7 +2148,17 @@ def test_an_empty_token_file_refuses_to_start(fake_serve, tmp_path, db, content,
     environ = {"CREDENTIALS_DIRECTORY": str(tmp_path), "SPP_DB": db}
     assert spp_server.main([], environ=environ) == 2
     assert fake_serve == []
-    assert "holds no token" in caplog.text
+    assert (f"cannot start: the token file {tmp_path / 'postback-token'} exists but holds "
+            "no token: put the token in it, or remove it to run without one") in caplog.text
+
+
+@pytest.mark.parametrize("variable", ["SPP_POSTBACK_TOKEN", "SPP_READ_TOKEN"])
+@pytest.mark.parametrize("value", ["", " ", ",", " , "])
+def test_an_empty_token_variable_refuses_to_start(fake_serve, db, variable, value, caplog):
+    assert spp_server.main([], environ={variable: value, "SPP_DB": db}) == 2
+    assert fake_serve == []
+    assert (f"cannot start: {variable} is set but holds no token: put the token in it, "
+            "or remove it to run without one") in caplog.text
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "::", "example.com"])
@@ -2290,7 +2702,8 @@ def writer_pragma(app, sql):
     return app.store.write(lambda conn, now: conn.execute(sql).fetchone()[0])
 
 
-def test_full_database_gets_503_then_recovers_without_restart(make_client, db):
+def test_full_database_gets_503_then_recovers_without_restart(make_client, db, monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 3600)  # health tells of the last write
     client = make_client()
     app = client.app
     post(client, postback(user_id="full"))
@@ -2767,7 +3180,8 @@ def test_real_server_refuses_bad_tokens_alike_and_never_logs_a_token(real_server
         assert secret not in log_text, secret
 
 
-def test_a_failed_write_is_rolled_back_and_the_next_one_commits(make_client, db):
+def test_a_failed_write_is_rolled_back_and_the_next_one_commits(make_client, db, monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 3600)  # health tells of the last write
     client = make_client()
     store = client.app.store
 
@@ -2782,6 +3196,24 @@ def test_a_failed_write_is_rolled_back_and_the_next_one_commits(make_client, db)
     assert client.get("/healthz", status=503).json["error"].startswith("the last write failed")
     assert post(client, postback()).json == {"status": "recorded"}
     assert client.get("/healthz").json == {"status": "ok"}
+
+
+def test_an_error_from_a_write_op_that_is_not_sqlites_propagates_and_rolls_back(client, db):
+    store = client.app.store
+
+    class Mistake(Exception):
+        pass
+
+    def insert_then_fail(conn, now):
+        body = json.dumps(postback(user_id="half"))
+        spp_server.record_session(spp_server.parse_postback(body.encode()), body)(conn, now)
+        raise Mistake("a bug in the op, not a database error")
+
+    with pytest.raises(Mistake):
+        store.write(insert_then_fail)
+    assert count(db, "sessions") == 0
+    assert post(client, postback()).json == {"status": "recorded"}  # the connection still works
+    assert count(db, "sessions") == 1
 
 
 def test_every_answer_is_committed_after_duplicates_and_conflicts(client, db):
