@@ -58,3 +58,19 @@ CREATE TABLE health_probe (
     id              INTEGER PRIMARY KEY CHECK (id = 1),
     probed_at_us    INTEGER NOT NULL
 );
+
+-- version 4
+-- Booked revenue from Gamezop's Ad Revenue Reports (`spp_server.py
+-- import-booked`), held against SPP's estimates by GET /reconciliation.
+-- One row per report day, property and country; '' stands for "the report has
+-- no such breakdown", because UNIQUE and PRIMARY KEY treat NULLs as distinct
+-- and a re-import must replace its row, not add a second one.
+CREATE TABLE booked_revenue (
+    day             TEXT    NOT NULL CHECK (day GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]'),
+    property_id     TEXT    NOT NULL DEFAULT '',
+    country         TEXT    NOT NULL DEFAULT '',
+    revenue_nano    INTEGER NOT NULL CHECK (revenue_nano >= 0),
+    imported_at_us  INTEGER NOT NULL,
+    source_file     TEXT    NOT NULL,
+    PRIMARY KEY (day, property_id, country)
+) WITHOUT ROWID;

@@ -19,6 +19,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -30,6 +31,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from fractions import Fraction
 from pathlib import Path
 
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
@@ -53,6 +55,7 @@ DEFAULTS = {
     "postback_tokens": (),  # bytes; empty = postbacks need no auth
     "read_tokens": (),  # bytes; empty = reads need no auth (loopback only)
     "log_level": "info",
+    "report_utc_offset": 0,  # minutes east of UTC of the booked reports' days
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -282,6 +285,39 @@ SQL = {
         FROM sessions
         WHERE user_id = :user AND (received_at_us, id) < (:before_at, :before_id)
         ORDER BY received_at_us DESC, id DESC LIMIT :limit""",
+    # --- Reconciliation with booked revenue (see "Booked revenue" below) ---
+    "booked_revenue_of": """
+        SELECT revenue_nano FROM booked_revenue
+        WHERE day = ? AND property_id = ? AND country = ?""",
+    "upsert_booked": """
+        INSERT INTO booked_revenue
+            (day, property_id, country, revenue_nano, imported_at_us, source_file)
+        VALUES (?, ?, ?, ?, ?, ?)
+        ON CONFLICT (day, property_id, country) DO UPDATE SET
+            revenue_nano = excluded.revenue_nano, imported_at_us = excluded.imported_at_us,
+            source_file = excluded.source_file""",
+    # Summed over countries; split like SQL_SUMS so that the sum cannot overflow.
+    "booked_by_day": """
+        SELECT day, property_id,
+               sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
+        FROM booked_revenue
+        WHERE day >= :since_day AND day < :until_day
+          AND (:property IS NULL OR property_id = :property)
+        GROUP BY day, property_id ORDER BY day, property_id""",
+    # Report day numbers (days since 1970-01-01 in the report's time zone),
+    # computed on the integer receive time so that the window is an index range.
+    "estimates_by_day": f"""
+        SELECT (received_at_us + :offset_us) / 86400000000, count(*),
+               sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
+        FROM sessions INDEXED BY sessions_by_time
+        WHERE {SQL_WINDOW}
+        GROUP BY 1 ORDER BY 1""",
+    "estimates_by_day_and_property": f"""
+        SELECT (received_at_us + :offset_us) / 86400000000, property_id, count(*),
+               sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
+        FROM sessions INDEXED BY sessions_by_time
+        WHERE {SQL_WINDOW}
+        GROUP BY 1, 2 ORDER BY 1, 2""",
     "stats": """
         SELECT (SELECT count(*) FROM sessions), (SELECT max(received_at_us) FROM sessions),
                (SELECT count(*) FROM rejected), (SELECT count(*) FROM conflicts)""",
@@ -1026,6 +1062,409 @@ def valid_text_or_none(payload, field, max_chars, allow_empty):
 
 
 # ---------------------------------------------------------------------------
+# Booked revenue: importing Gamezop's Ad Revenue Reports
+# ---------------------------------------------------------------------------
+
+MAX_BOOKED_PROPERTY_CHARS = 128
+REPORT_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+DAY_US = 86_400 * 1_000_000
+
+
+class BookedFileError(Exception):
+    """A report file that cannot be imported, with one line saying why."""
+
+
+@dataclass(frozen=True)
+class BookedRow:
+    day: str  # YYYY-MM-DD, a report day
+    property_id: str  # '' when the report has no property-id
+    country: str  # upper case; '' when the report has no country
+    revenue_nano: int
+
+    def key(self):
+        return (self.day, self.property_id, self.country)
+
+
+def report_day_number(text):
+    """'2026-11-23' -> days since 1970-01-01 (ValueError unless a real date)."""
+    if not isinstance(text, str) or not REPORT_DAY.fullmatch(text):
+        raise ValueError(text)
+    moment = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+    return (moment - EPOCH).days
+
+
+def report_day_text(number):
+    return (EPOCH + timedelta(days=number)).strftime("%Y-%m-%d")
+
+
+def column_key(name):
+    """Header names and JSON keys alike: 'Property ID', 'property_id' -> 'property-id'."""
+    return re.sub(r"[-_\s]+", "-", name.strip().lower())
+
+
+def booked_columns(metric):
+    """The keys a booked row is read from, by meaning."""
+    return {"date": "date", "revenue": column_key(metric), "property-id": "property-id",
+            "country": "country"}
+
+
+def keyed_fields(where, names, values):
+    """Names (a CSV header, a JSON row's keys) -> {column_key: value}; two names
+    meaning the same column make the file ambiguous."""
+    fields, seen = {}, {}
+    for name, value in zip(names, values):
+        key = column_key(name)
+        if key in seen:
+            raise BookedFileError(
+                f"{where}: columns {seen[key]!r} and {name!r} both mean {key!r}: which one is meant?")
+        seen[key] = name
+        fields[key] = value
+    return fields
+
+
+def csv_booked_records(text, columns):
+    """(where, fields) for each row of a CSV report with a header row."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header, header_line, last_line = None, None, 0
+    try:
+        for values in reader:
+            line, last_line = last_line + 1, reader.line_num  # a record may span lines
+            if not any(value.strip() for value in values):
+                continue
+            if header is None:
+                header, header_line = [value.strip() for value in values], line
+                keys = keyed_fields(f"line {line}", header, header)
+                for meaning in ("date", "revenue"):
+                    if columns[meaning] not in keys:
+                        raise BookedFileError(
+                            f"line {line}: the header has no {columns[meaning]!r} column "
+                            f"(it has: {', '.join(repr(h) for h in header)})")
+                continue
+            if len(values) != len(header):
+                raise BookedFileError(
+                    f"line {line}: {len(values)} fields, but the header "
+                    f"(line {header_line}) has {len(header)}")
+            yield f"line {line}", keyed_fields(
+                f"line {line}", header, (value.strip() or None for value in values))
+    except csv.Error as exc:
+        raise BookedFileError(f"line {reader.line_num}: not readable as CSV: {exc}") from None
+    if header is None:
+        raise BookedFileError("holds no header row")
+
+
+def json_booked_records(text):
+    """(where, fields) for each row of an Ad Revenue Reports answer or a bare array."""
+    try:
+        report = json.loads(text, parse_float=decimal.Decimal, parse_constant=_reject_constant)
+    except (ValueError, RecursionError, decimal.InvalidOperation) as exc:
+        raise BookedFileError(f"is not valid JSON: {exc}") from None
+    if isinstance(report, list):
+        path, rows = "", report
+    else:
+        data = report.get("data") if isinstance(report, dict) else None
+        rows = data.get("ad_revenue") if isinstance(data, dict) else None
+        if not isinstance(rows, list):
+            keys = f" (it has keys: {', '.join(map(str, report))})" if isinstance(report, dict) else ""
+            raise BookedFileError(
+                "is JSON but not a report: expected an object whose data.ad_revenue "
+                f"is a list of rows, or a bare list of rows{keys}")
+        path = "data.ad_revenue"
+    for index, row in enumerate(rows):
+        where = f"{path}[{index}]"
+        if not isinstance(row, dict):
+            raise BookedFileError(f"{where}: is not an object")
+        yield where, keyed_fields(where, row, row.values())
+
+
+def booked_row(where, fields, columns):
+    """One report row -> BookedRow, or BookedFileError naming the row and field."""
+
+    def refuse(field, message):
+        raise BookedFileError(f"{where}, {field}: {message}")
+
+    day = fields.get("date")
+    if day is None:
+        refuse("date", "is required")
+    try:
+        report_day_number(day)
+    except ValueError:
+        refuse("date", "must be a date written YYYY-MM-DD, such as 2026-11-23")
+    metric = columns["revenue"]
+    try:
+        nanos = check_revenue(fields, metric)
+        country = check_country(fields)
+        property_id = check_property_id(fields)
+    except Invalid as invalid:
+        refuse(invalid.field, invalid.message)
+    if property_id is not None and len(property_id) > MAX_BOOKED_PROPERTY_CHARS:
+        refuse("property-id", f"must be at most {MAX_BOOKED_PROPERTY_CHARS} characters")
+    return BookedRow(day, property_id or "", country or "", nanos)
+
+
+def parse_booked_report(data, metric="revenue"):
+    """The bytes of a report file -> [BookedRow, ...], or BookedFileError.
+    JSON when it starts with '{' or '[', otherwise CSV with a header row."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BookedFileError(f"is not UTF-8 text (byte {exc.start} cannot be read)") from None
+    text = text.removeprefix("\ufeff")  # spreadsheets start their CSV with a BOM
+    if not text.strip():
+        raise BookedFileError("is empty")
+    columns = booked_columns(metric)
+    if text.lstrip()[0] in "[{":
+        records = json_booked_records(text)
+    else:
+        records = csv_booked_records(text, columns)
+    rows, first_seen = [], {}
+    for where, fields in records:
+        row = booked_row(where, fields, columns)
+        if row.key() in first_seen:
+            raise BookedFileError(
+                f"{where}: the same date, property-id and country as {first_seen[row.key()]} "
+                f"({', '.join(part or '-' for part in row.key())}): which figure is meant is ambiguous")
+        first_seen[row.key()] = where
+        rows.append(row)
+    if not rows:
+        raise BookedFileError("holds no rows")
+    return rows
+
+
+def import_booked(rows, source_file):
+    """The write op storing report rows: a row for a day, property and country
+    already stored replaces it.  Returns the counts of new, replaced and
+    unchanged rows."""
+
+    def op(conn, imported_at_us):
+        counts = {"new": 0, "replaced": 0, "unchanged": 0}
+        for row in rows:
+            stored = conn.execute(SQL["booked_revenue_of"], row.key()).fetchone()
+            if stored is not None and stored[0] == row.revenue_nano:
+                counts["unchanged"] += 1
+                continue
+            conn.execute(SQL["upsert_booked"], (*row.key(), row.revenue_nano, imported_at_us, source_file))
+            counts["new" if stored is None else "replaced"] += 1
+        return counts
+
+    return op
+
+
+# ---------------------------------------------------------------------------
+# Reconciliation: each report day's estimates against what was booked
+# ---------------------------------------------------------------------------
+
+RATIO_PLACES = 6
+MIN_DAYS_FOR_A_SUGGESTION = 7
+MAX_UTC_OFFSET_MINUTES = 14 * 60
+UTC_OFFSET = re.compile(r"([+ -])([0-9]{2}):([0-9]{2})")
+RECONCILIATION_FORMATS = ("json", "csv")
+
+
+def parse_utc_offset(text):
+    """'+05:30' -> 330 minutes; ' 05:30' too (a '+' unencoded in a query
+    string arrives as a space).  ValueError unless ±HH:MM within ±14:00."""
+    match = UTC_OFFSET.fullmatch(text)
+    if not match or int(match.group(3)) >= 60:
+        raise ValueError(text)
+    minutes = int(match.group(2)) * 60 + int(match.group(3))
+    if minutes > MAX_UTC_OFFSET_MINUTES:
+        raise ValueError(text)
+    return -minutes if match.group(1) == "-" else minutes
+
+
+def utc_offset_text(minutes):
+    sign = "-" if minutes < 0 else "+"
+    return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+def parse_quantile(text):
+    """'0.9' -> Decimal('0.9'): the fraction of days the suggested share must
+    have been safe on, in (0, 1]."""
+    value = parse_decimal_string(text) if len(text) <= 20 else None
+    if value is None or not 0 < value <= 1:
+        raise ValueError(f"must be a decimal in (0, 1], such as 0.9, not {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ReconciliationQuery:
+    since_day: int  # report day numbers: the window [since, until)
+    until_day: int
+    property_id: str | None
+    offset_minutes: int
+    quantile: decimal.Decimal
+    share: decimal.Decimal | None
+
+
+def reconciliation_query(since, until, property_id, offset, quantile, share):
+    """Texts as given (None = absent) -> ReconciliationQuery, or Invalid
+    naming the parameter.  `offset` may already be minutes (a default)."""
+    days = {}
+    for name, text in (("since", since), ("until", until)):
+        if not text:
+            raise Invalid(name, "is required")
+        try:
+            days[name] = report_day_number(text)
+        except ValueError:
+            raise Invalid(name, "must be a report day written YYYY-MM-DD, such as 2026-11-01") from None
+        if days[name] < 0:
+            raise Invalid(name, "must be 1970-01-01 or later")
+    if days["until"] <= days["since"]:
+        raise Invalid("until", "must be later than since (the window is [since, until))")
+    if isinstance(offset, str):
+        try:
+            offset = parse_utc_offset(offset)
+        except ValueError:
+            raise Invalid("report-utc-offset", "must be +HH:MM or -HH:MM within ±14:00, such as +05:30") from None
+    if quantile is None:
+        quantile = decimal.Decimal(1)
+    else:
+        try:
+            quantile = parse_quantile(quantile)
+        except ValueError as exc:
+            raise Invalid("quantile", str(exc)) from None
+    return ReconciliationQuery(days["since"], days["until"], property_id or None, offset, quantile, share)
+
+
+def signed_usd(nanos):
+    """nanos_to_usd for a figure that may be negative (a margin)."""
+    return f"-{nanos_to_usd(-nanos)}" if nanos < 0 else nanos_to_usd(nanos)
+
+
+def floor_places(fraction, places):
+    """A non-negative Fraction -> a decimal string with exactly `places`
+    places, rounded down: Fraction(2, 3), 6 -> '0.666666'."""
+    scaled = fraction.numerator * 10**places // fraction.denominator
+    whole, rest = divmod(scaled, 10**places)
+    return f"{whole}.{rest:0{places}d}"
+
+
+def ratio_text(booked, estimated):
+    if booked is None or not estimated:
+        return None
+    return floor_places(Fraction(booked, estimated), RATIO_PLACES)
+
+
+def suggested_share(pairs, quantile):
+    """The largest share in hundredths, at most 1, with share x estimated <=
+    booked on at least `quantile` of the (estimated, booked) pairs; None
+    without pairs.  A day estimated at 0 allows any share."""
+    if not pairs:
+        return None
+    # Per pair, the largest share that day allowed (None: no limit).
+    allowed = sorted((Fraction(booked, estimated) if estimated else None
+                      for estimated, booked in pairs), key=lambda r: (r is None, r or 0), reverse=True)
+    needed = math.ceil(Fraction(quantile) * len(allowed))  # days it must have been safe on
+    limit = allowed[needed - 1]
+    hundredths = 100 if limit is None else min(100, math.floor(limit * 100))
+    return floor_places(Fraction(hundredths, 100), 2)
+
+
+def median_fraction(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def reconciliation_columns(share):
+    return ["day", "property-id", "sessions", "estimated-revenue", "booked-revenue", "ratio",
+            *(["paid-out", "margin"] if share is not None else []), "flag"]
+
+
+def joined_nanos(whole_usd, nano_rest):
+    return whole_usd * NANOS_PER_USD + nano_rest
+
+
+def reconciliation(store, q):
+    """The report: one record per report day (and property, when the booked
+    rows of the window have one) and a summary.  Shared by GET /reconciliation
+    and `spp_server.py reconcile`."""
+    booked = store.read(SQL["booked_by_day"], {
+        "since_day": report_day_text(q.since_day), "until_day": report_day_text(q.until_day),
+        "property": q.property_id})
+    by_property = q.property_id is not None or any(prop != "" for _, prop, *_ in booked)
+    offset_us = q.offset_minutes * 60 * 1_000_000
+    window = {"offset_us": offset_us, "since": q.since_day * DAY_US - offset_us,
+              "until": q.until_day * DAY_US - offset_us, "property": q.property_id}
+    sides = {}  # (day, property or None) -> [sessions, estimated nanos, booked nanos]
+    if by_property:
+        for day, prop, sessions, whole, rest in store.read(SQL["estimates_by_day_and_property"], window):
+            sides[(report_day_text(day), prop)] = [sessions, joined_nanos(whole, rest), None]
+    else:
+        for day, sessions, whole, rest in store.read(SQL["estimates_by_day"], window):
+            sides[(report_day_text(day), None)] = [sessions, joined_nanos(whole, rest), None]
+    for day, prop, whole, rest in booked:
+        key = (day, (prop or None) if by_property else None)
+        sides.setdefault(key, [None, None, None])[2] = joined_nanos(whole, rest)
+
+    share = q.share
+    records, pairs, ratios = [], [], []
+    totals = {"sessions": 0, "estimated": 0, "booked": 0, "paid": 0, "margin": 0,
+              "paired-estimated": 0, "paired-booked": 0}
+    paired_days = set()
+    for (day, prop), (sessions, estimated, booked_nanos) in sorted(
+            sides.items(), key=lambda item: (item[0][0], item[0][1] is not None, item[0][1] or "")):
+        record = {"day": day, "property-id": prop, "sessions": sessions,
+                  "estimated-revenue": None if estimated is None else nanos_to_usd(estimated),
+                  "booked-revenue": None if booked_nanos is None else nanos_to_usd(booked_nanos),
+                  "ratio": ratio_text(booked_nanos, estimated)}
+        paid = None if share is None or estimated is None else rewardable_nanos(estimated, share)
+        if share is not None:
+            record["paid-out"] = None if paid is None else nanos_to_usd(paid)
+            record["margin"] = None if paid is None or booked_nanos is None else signed_usd(booked_nanos - paid)
+        record["flag"] = "no-postbacks" if booked_nanos and sessions is None else None
+        records.append(record)
+        totals["sessions"] += sessions or 0
+        totals["estimated"] += estimated or 0
+        totals["booked"] += booked_nanos or 0
+        totals["paid"] += paid or 0
+        if estimated is not None and booked_nanos is not None:
+            paired_days.add(day)
+            pairs.append((estimated, booked_nanos))
+            totals["paired-estimated"] += estimated
+            totals["paired-booked"] += booked_nanos
+            if paid is not None:
+                totals["margin"] += booked_nanos - paid
+            if estimated:
+                ratios.append(Fraction(booked_nanos, estimated))
+
+    little = len(paired_days) < MIN_DAYS_FOR_A_SUGGESTION
+    summary = {
+        "days": len({record["day"] for record in records}),
+        "days-with-both": len(paired_days),
+        "sessions": totals["sessions"],
+        "estimated-revenue": nanos_to_usd(totals["estimated"]),
+        "booked-revenue": nanos_to_usd(totals["booked"]),
+        **({"paid-out": nanos_to_usd(totals["paid"]), "margin": signed_usd(totals["margin"])}
+           if share is not None else {}),
+        "ratio": ratio_text(totals["paired-booked"] if pairs else None, totals["paired-estimated"]),
+        "lowest-ratio": floor_places(min(ratios), RATIO_PLACES) if ratios else None,
+        "median-ratio": floor_places(median_fraction(ratios), RATIO_PLACES) if ratios else None,
+        "quantile": format(q.quantile, "f"),
+        "suggested-reward-share": suggested_share(pairs, q.quantile),
+        "little-data": little,
+        "note": (f"only {len(paired_days)} day(s) have both estimates and booked revenue: "
+                 f"the suggestion rests on little data (fewer than {MIN_DAYS_FOR_A_SUGGESTION})"
+                 if little else None),
+    }
+    report = {
+        "since": report_day_text(q.since_day), "until": report_day_text(q.until_day),
+        "property-id": q.property_id, "report-utc-offset": utc_offset_text(q.offset_minutes),
+        "reward-share": None if share is None else format(share, "f"),
+        "days": records, "summary": summary,
+    }
+    return report
+
+
+def reconciliation_output(store, q, fmt):
+    """The report as bytes: JSON (one object and a newline) or CSV (the day rows)."""
+    report = reconciliation(store, q)
+    if fmt == "csv":
+        return b"".join(encode_records(report["days"], reconciliation_columns(q.share), "csv"))
+    return (json.dumps(report, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# ---------------------------------------------------------------------------
 # HTTP
 # ---------------------------------------------------------------------------
 
@@ -1292,6 +1731,24 @@ def handle_totals():
     }
 
 
+# --- Reconciliation with booked revenue ---
+
+
+@read_endpoint
+def handle_reconciliation():
+    params = query()
+    config = request.app.config
+    q = reconciliation_query(
+        params.get("since"), params.get("until"), params.get("property-id"),
+        params.get("report-utc-offset") or config["spp.report_utc_offset"],
+        params.get("quantile"), config["spp.reward_share"],
+    )
+    fmt = parse_format(params, RECONCILIATION_FORMATS, "json")
+    body = reconciliation_output(request.app.store, q, fmt)
+    response.content_type = JSON_TYPE if fmt == "json" else EXPORT_FORMATS[fmt]
+    return body
+
+
 @read_endpoint
 def handle_user_sessions(user_id):
     params = query()
@@ -1343,6 +1800,7 @@ def create_app(config):
     app.route(r"/users/<user_id:re:[\s\S]*>/sessions", "GET", handle_user_sessions)
     app.route("/earnings", "GET", handle_earnings_export)
     app.route("/totals", "GET", handle_totals)
+    app.route("/reconciliation", "GET", handle_reconciliation)
     app.route("/stats", "GET", handle_stats)
     app.route("/rejected", "GET", handle_rejected)
     app.route("/conflicts", "GET", handle_conflicts)
@@ -1535,7 +1993,8 @@ def build_parser(environ):
         prog="spp_server.py",
         description="Receive Gamezop Session Performance Postbacks into SQLite and "
         "report what each user earned. `spp_server.py export --help` for the payout "
-        "export without the server.",
+        "export without the server; `import-booked --help` and `reconcile --help` to hold "
+        "the estimates against Gamezop's booked revenue.",
         epilog="Secrets are never options (the command line shows in ps): the postback "
         "token comes from SPP_POSTBACK_TOKEN or $CREDENTIALS_DIRECTORY/postback-token, "
         "the read token from SPP_READ_TOKEN or $CREDENTIALS_DIRECTORY/read-token; "
@@ -1563,6 +2022,7 @@ def build_parser(environ):
         help=f"one of {', '.join(LOG_LEVELS)}; debug adds a line per accepted postback "
         "[SPP_LOG_LEVEL, default %(default)s]",
     )
+    add_report_offset_option(parser, environ)
     return parser
 
 
@@ -1591,6 +2051,7 @@ def build_config(args, environ):
         "port": args.port,
         "threads": args.threads,
         "reward_share": args.reward_share,
+        "report_utc_offset": args.report_utc_offset,
         "postback_tokens": load_tokens("SPP_POSTBACK_TOKEN", "postback-token", environ),
         "read_tokens": load_tokens("SPP_READ_TOKEN", "read-token", environ),
     }
@@ -1634,6 +2095,111 @@ def print_report(prog, db, out, chunks_of):
     return 0
 
 
+# --- Booked revenue and reconciliation: import-booked, reconcile ---
+
+
+def utc_offset_option(text):
+    try:
+        return parse_utc_offset(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be +HH:MM or -HH:MM within ±14:00, such as +05:30, not {text!r}") from None
+
+
+def add_report_offset_option(parser, environ):
+    """The server and `reconcile` take it."""
+    parser.add_argument(
+        "--report-utc-offset", type=utc_offset_option,
+        default=environ.get("SPP_REPORT_UTC_OFFSET", "+00:00"),
+        help="UTC offset of the days of Gamezop's revenue reports, e.g. +05:30: "
+        "/reconciliation groups SPP receive times into those days "
+        "[SPP_REPORT_UTC_OFFSET, default +00:00]",
+    )
+
+
+def build_import_parser(environ):
+    parser = argparse.ArgumentParser(
+        prog="spp_server.py import-booked",
+        description="Store a Gamezop revenue report (the Ad Revenue Reports API's JSON, "
+        "or CSV with date and revenue columns) as booked revenue, one row per day, "
+        "property and country; a row already stored is replaced. All or nothing; "
+        "safe while the server runs.",
+    )
+    parser.add_argument("file", help="the report file")
+    parser.add_argument(
+        "--db", default=environ.get("SPP_DB", DEFAULTS["db"]),
+        help="SQLite database file [SPP_DB, default %(default)s]",
+    )
+    parser.add_argument(
+        "--metric", default="revenue",
+        help="the column or key holding your share of the revenue, in USD "
+        "(matched ignoring case, '-', '_' and spaces) [default %(default)s]",
+    )
+    return parser
+
+
+def build_reconcile_parser(environ):
+    parser = argparse.ArgumentParser(
+        prog="spp_server.py reconcile",
+        description="Write the reconciliation (what GET /reconciliation answers) to stdout: "
+        "per report day, SPP's estimates against the imported booked revenue.",
+    )
+    add_shared_options(parser, environ, DB_HELP_REPORT)
+    add_report_offset_option(parser, environ)
+    parser.add_argument("--since", required=True, help="first report day, included (YYYY-MM-DD)")
+    parser.add_argument("--until", required=True, help="report day that ends the window, excluded")
+    parser.add_argument("--property-id", help="only this property")
+    parser.add_argument("--quantile", help="fraction of days the suggested share must be safe on, "
+                        "in (0, 1] [default 1: every day]")
+    parser.add_argument("--format", choices=list(RECONCILIATION_FORMATS), default="json")
+    return parser
+
+
+def run_import_booked(argv, environ, out):
+    args = build_import_parser(environ).parse_args(argv)
+    name = "spp_server.py import-booked"
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as exc:
+        print(f"{name}: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    try:
+        rows = parse_booked_report(data, args.metric)
+    except BookedFileError as exc:
+        print(f"{name}: {args.file}: {exc}; nothing imported", file=sys.stderr)
+        return 1
+    if not os.path.exists(args.db):
+        print(f"{name}: no database at {args.db}", file=sys.stderr)
+        return 1
+    try:
+        store = Store(args.db, DEFAULTS["busy_timeout_ms"])
+    except (OSError, sqlite3.Error) as exc:
+        print(f"{name}: cannot open the database {args.db}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        counts = store.write(import_booked(rows, os.path.basename(args.file)))
+    except StoreUnavailable as exc:
+        print(f"{name}: {exc}; nothing imported", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    out.write(f"{args.file}: {len(rows)} rows: {counts['new']} new, "
+              f"{counts['replaced']} replaced, {counts['unchanged']} unchanged\n")
+    return 0
+
+
+def run_reconcile(argv, environ, out):
+    parser = build_reconcile_parser(environ)
+    args = parser.parse_args(argv)
+    try:
+        q = reconciliation_query(args.since, args.until, args.property_id,
+                                 args.report_utc_offset, args.quantile, args.reward_share)
+    except Invalid as invalid:
+        parser.error(f"--{invalid.field}: {invalid.message}")
+    return print_report(parser.prog, args.db, out,
+                        lambda store: [reconciliation_output(store, q, args.format)])
+
+
 def setup_logging(level="info"):
     # No timestamps: journald adds its own.
     logging.basicConfig(
@@ -1648,6 +2214,10 @@ def main(argv=None, environ=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:
         return run_export(argv[1:], environ, sys.stdout.buffer)
+    if argv[:1] == ["import-booked"]:
+        return run_import_booked(argv[1:], environ, sys.stdout)
+    if argv[:1] == ["reconcile"]:
+        return run_reconcile(argv[1:], environ, sys.stdout.buffer)
     args = build_parser(environ).parse_args(argv)
     setup_logging(args.log_level)
     try:

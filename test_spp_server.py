@@ -1484,7 +1484,8 @@ def test_rejected_view_lists_newest_first_with_raw_body(client, clock):
 
 
 READ_URLS = ["/users/sub1/earnings", "/users/sub1/sessions", "/earnings?since=1&until=2",
-             "/totals", "/stats", "/rejected", "/conflicts"]
+             "/totals", "/stats", "/rejected", "/conflicts",
+             "/reconciliation?since=2026-11-01&until=2026-11-02"]
 
 
 @pytest.mark.parametrize("url", READ_URLS)
@@ -1520,6 +1521,537 @@ def test_window_queries_search_the_receive_time_index(client, db, name):
     assert plan.startswith("SEARCH sessions USING COVERING INDEX sessions_by_time "
                            "(received_at_us>? AND received_at_us<?)")
     assert "SCAN" not in plan
+
+
+# ---------------------------------------------------------------------------
+# Reconciliation: booked revenue imported, held against the estimates
+# ---------------------------------------------------------------------------
+
+
+def parse_booked(text, metric="revenue"):
+    data = text if isinstance(text, bytes) else text.encode("utf-8")
+    return spp_server.parse_booked_report(data, metric)
+
+
+def book(client, text, source="report.csv"):
+    """Import a report (CSV or JSON text) into the client's database."""
+    return client.app.store.write(spp_server.import_booked(parse_booked(text), source))
+
+
+def recon(client, status=200, **params):
+    params = {k.replace("_", "-"): v for k, v in params.items()}
+    return client.get("/reconciliation", params=params, status=status)
+
+
+def booked_csv(*rows, header="date,property-id,country,revenue"):
+    return "\n".join([header, *(",".join(row) for row in rows)]) + "\n"
+
+
+def days_of(res):
+    return [{k: v for k, v in d.items() if v is not None} for d in res.json["days"]]
+
+
+NOV = {"since": "2026-11-01", "until": "2026-11-08"}
+
+
+def test_csv_header_names_match_whatever_the_spelling_and_a_bom_is_skipped():
+    text = ("\ufeffDate,Property ID,COUNTRY,Total_Revenue,Revenue,Impressions\r\n"
+            "2026-11-01,1234,in,9.5,0.6,1000\r\n"
+            "2026-11-02,,,1,0.000000001,5\r\n")
+    assert parse_booked(text) == [
+        spp_server.BookedRow("2026-11-01", "1234", "IN", 600_000_000),
+        spp_server.BookedRow("2026-11-02", "", "", 1)]
+    by_total = parse_booked(text, metric="total revenue")
+    assert [r.revenue_nano for r in by_total] == [9_500_000_000, 1_000_000_000]
+
+
+def test_json_reports_are_read_as_exact_decimals_in_both_shapes():
+    rows = ('[{"date": "2026-11-01", "property-id": 1234, "country": "in", "revenue": 0.1,'
+            ' "impressions": 7, "ecpm": 14.285714285714286},'
+            ' {"Date": "2026-11-02", "property_id": "5678", "revenue": "0.000000001"},'
+            ' {"date": "2026-11-03", "revenue": 3},'
+            ' {"date": "2026-11-04", "revenue": 1.5e-7}]')
+    expected = [spp_server.BookedRow("2026-11-01", "1234", "IN", 100_000_000),
+                spp_server.BookedRow("2026-11-02", "5678", "", 1),
+                spp_server.BookedRow("2026-11-03", "", "", 3_000_000_000),
+                spp_server.BookedRow("2026-11-04", "", "", 150)]
+    assert parse_booked(rows) == expected
+    assert parse_booked('{"status": "ok", "data": {"ad_revenue": %s}}' % rows) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    (booked_csv(("2026-11-01", "1", "IN", "1"), ("2026-02-30", "1", "IN", "1")), "line 3, date"),
+    (booked_csv(("2026-11-01", "1", "IN", "1"), ("01/11/2026", "1", "IN", "1")), "line 3, date"),
+    (booked_csv(("2026-11-01", "1", "IN", "-0.01")), "line 2, revenue: must not be negative"),
+    (booked_csv(("2026-11-01", "1", "IN", "$5")), "line 2, revenue: must be a decimal"),
+    (booked_csv(("2026-11-01", "1", "IN", "1000000")), "line 2, revenue: must be below"),
+    (booked_csv(("2026-11-01", "1", "IN", "")), "line 2, revenue: is required"),
+    (booked_csv(("", "1", "IN", "1")), "line 2, date: is required"),
+    (booked_csv(("2026-11-01", "1", "IND", "1")), "line 2, country"),
+    (booked_csv(("2026-11-01", "p" * 129, "IN", "1")), "line 2, property-id"),
+    (booked_csv(("2026-11-01", "1", "IN", "1", "extra")), "line 2: 5 fields, but the header"),
+    # Line numbers are physical lines: a quoted field may span two, blank lines count.
+    ('date,property-id,revenue\n2026-11-01,"two\nlines",1\n\n2026-11-02,1,x\n', "line 5, revenue"),
+    (booked_csv(("2026-11-01", "1", "IN", "1"), ("2026-11-02", "1", "IN", "1"),
+                ("2026-11-01", "1", "in", "2")),
+     "line 4: the same date, property-id and country as line 2"),
+    ('[{"date": "2026-11-01", "revenue": "1"}, {"date": "2026-11-01", "revenue": "2"}]',
+     "[1]: the same date, property-id and country as [0]"),
+    ('{"data": {"ad_revenue": [{"date": "2026-11-01", "revenue": true}]}}',
+     "data.ad_revenue[0], revenue"),
+    ('[{"date": "2026-11-01", "revenue": "1"}, ["2026-11-02", "1"]]', "[1]: is not an object"),
+    ('[{"date": 20261101, "revenue": "1"}]', "[0], date"),
+    ('[{"date": "2026-11-01", "revenue": "1", "property-id": 1.5}]', "[0], property-id"),
+    ('[{"date": "2026-11-01", "revenue": "1", "country": 12}]', "[0], country"),
+    ('[{"date": "2026-11-01", "revenue": NaN}]', "is not valid JSON"),
+    ('[{"date": "2026-11-01", "revenue": "1"}', "is not valid JSON"),
+    ('{"error": "unauthorized"}', "is JSON but not a report"),
+    ('{"data": {"ad_revenue": {"date": "2026-11-01"}}}', "is JSON but not a report"),
+    ("42", "the header has no 'date' column"),
+    ('[]', "holds no rows"),
+    ('{"data": {"ad_revenue": []}}', "holds no rows"),
+    ("date,revenue\n", "holds no rows"),
+    (",,\n,,\n", "holds no header row"),
+    ("", "is empty"),
+    ("\ufeff \n", "is empty"),
+    (b"date,revenue\n2026-11-01,\xff1\n", "is not UTF-8"),
+    ("Date,Amount\n2026-11-01,1\n", "the header has no 'revenue' column (it has: 'Date', 'Amount')"),
+    ("date;revenue\n2026-11-01;1\n", "the header has no 'date' column"),
+    ("Revenue,date,revenue\n1,2026-11-01,1\n", "columns 'Revenue' and 'revenue' both mean"),
+    ('[{"date": "2026-11-01", "revenue": "1", "Revenue": "2"}]', "columns 'revenue' and 'Revenue'"),
+    ("date,revenue\n2026-11-01," + "1" * 200_000 + "\n", "line 2: not readable as CSV"),
+])
+def test_a_bad_report_is_refused_naming_the_line_or_row_and_field(text, message):
+    with pytest.raises(spp_server.BookedFileError) as refused:
+        parse_booked(text)
+    assert message in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def import_file(tmp_path, db, text, name="report.csv", metric=None):
+    """Run `import-booked` in-process: (exit code, stdout, stderr)."""
+    import io
+
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    out = io.StringIO()
+    argv = [str(path), "--db", db, *(["--metric", metric] if metric else [])]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = spp_server.run_import_booked(argv, {}, out)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_reimport_replaces_changed_rows_and_counts_new_replaced_unchanged(
+        client, db, tmp_path, clock):
+    clock.set("2026-11-10T08:00:00Z")
+    first = booked_csv(("2026-11-01", "1", "IN", "0.5"), ("2026-11-01", "1", "US", "0.25"),
+                       ("2026-11-02", "1", "IN", "1"))
+    code, out, _ = import_file(tmp_path, db, first, name="october.csv")
+    assert code == 0 and out.endswith(": 3 rows: 3 new, 0 replaced, 0 unchanged\n")
+    clock.set("2026-11-11T08:00:00.5Z")
+    revised = booked_csv(("2026-11-01", "1", "IN", "0.5"), ("2026-11-01", "1", "US", "0.3"),
+                         ("2026-11-03", "1", "IN", "2"))
+    code, out, _ = import_file(tmp_path, db, revised, name="revised.json.csv")
+    assert code == 0 and out.endswith(": 3 rows: 1 new, 1 replaced, 1 unchanged\n")
+    assert rows(db, "SELECT day, property_id, country, revenue_nano, imported_at_us, source_file "
+                    "FROM booked_revenue ORDER BY 1, 2, 3") == [
+        ("2026-11-01", "1", "IN", 500_000_000, clock.us - 86_400_500_000, "october.csv"),
+        ("2026-11-01", "1", "US", 300_000_000, clock.us, "revised.json.csv"),
+        ("2026-11-02", "1", "IN", 1_000_000_000, clock.us - 86_400_500_000, "october.csv"),
+        ("2026-11-03", "1", "IN", 2_000_000_000, clock.us, "revised.json.csv")]
+
+
+def test_a_report_without_breakdowns_is_stored_once_however_often_imported(client, db, tmp_path):
+    for _ in range(2):
+        assert import_file(tmp_path, db, "date,revenue\n2026-11-01,1\n")[0] == 0
+    assert rows(db, "SELECT property_id, country FROM booked_revenue") == [("", "")]
+
+
+def test_one_bad_row_imports_nothing(client, db, tmp_path):
+    assert import_file(tmp_path, db, booked_csv(("2026-11-01", "1", "IN", "1")))[0] == 0
+    bad = booked_csv(("2026-11-01", "1", "IN", "2"), ("2026-11-02", "1", "IN", "2"),
+                     ("2026-11-03", "1", "IN", "two"))
+    code, out, err = import_file(tmp_path, db, bad)
+    assert (code, out) == (1, "")
+    assert err.endswith("report.csv: line 4, revenue: must be a decimal number such as "
+                        '"0.000012"; nothing imported\n') and err.count("\n") == 1
+    assert rows(db, "SELECT day, revenue_nano FROM booked_revenue") == [("2026-11-01", 10**9)]
+
+
+def test_a_failed_write_imports_nothing(client, db):
+    rows_in = parse_booked(booked_csv(("2026-11-01", "1", "IN", "1"), ("2026-11-02", "1", "IN", "1")))
+    broken = [*rows_in, spp_server.BookedRow("2026-11-03", "1", "IN", -1)]  # the CHECK refuses it
+    with pytest.raises(spp_server.StoreUnavailable):
+        client.app.store.write(spp_server.import_booked(broken, "x.csv"))
+    assert count(db, "booked_revenue") == 0
+
+
+def test_metric_option_picks_the_column(client, db, tmp_path):
+    text = "date,revenue,Total-Revenue\n2026-11-01,1,2\n"
+    assert import_file(tmp_path, db, text, metric="total_revenue")[0] == 0
+    assert rows(db, "SELECT revenue_nano FROM booked_revenue") == [(2 * 10**9,)]
+    code, _, err = import_file(tmp_path, db, text, metric="net")
+    assert code == 1 and "no 'net' column" in err
+
+
+def test_import_command_errors_are_one_line_without_a_traceback(client, db, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, str(SERVER), "import-booked", *args],
+                              capture_output=True, text=True)
+
+    (tmp_path / "bad.json").write_text('{"message": "Forbidden"}')
+    (tmp_path / "good.csv").write_text("date,revenue\n2026-11-01,1\n")
+    for result, words in [(run(str(tmp_path / "missing.csv"), "--db", db), "cannot read"),
+                          (run(str(tmp_path / "bad.json"), "--db", db), "keys: message"),
+                          (run(str(tmp_path / "good.csv"), "--db", db + ".nope"), "no database")]:
+        assert result.returncode == 1 and result.stdout == ""
+        assert result.stderr.count("\n") == 1 and words in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not os.path.exists(db + ".nope")
+    ok = run(str(tmp_path / "good.csv"), "--db", db)
+    assert ok.returncode == 0 and "1 new" in ok.stdout
+
+
+def post_day(client, clock, when, *revenues, **fields):
+    for amount in revenues:
+        post_at(client, clock, when, your_estimated_revenue=amount, **fields)
+
+
+def test_many_small_estimates_and_the_ratio_are_exact(make_client, clock):
+    client = make_client(reward_share=Decimal("0.7"))
+    post_day(client, clock, "2026-11-01T10:00:00Z", *["0.1"] * 100)
+    post_day(client, clock, "2026-11-02T10:00:00Z", "0.000000001", "0.000000002")
+    book(client, "date,revenue\n2026-11-01,7.3\n2026-11-02,0.000000002\n")
+    res = recon(client, since="2026-11-01", until="2026-11-03").json
+    assert res["days"] == [
+        {"day": "2026-11-01", "property-id": None, "sessions": 100, "estimated-revenue": "10",
+         "booked-revenue": "7.3", "ratio": "0.730000", "paid-out": "7", "margin": "0.3",
+         "flag": None},
+        {"day": "2026-11-02", "property-id": None, "sessions": 2, "estimated-revenue": "0.000000003",
+         "booked-revenue": "0.000000002", "ratio": "0.666666", "paid-out": "0.000000002",
+         "margin": "0", "flag": None}]
+    summary = res["summary"]
+    assert (summary["sessions"], summary["estimated-revenue"], summary["booked-revenue"],
+            summary["paid-out"], summary["margin"]) == (102, "10.000000003", "7.300000002",
+                                                        "7.000000002", "0.3")
+    assert summary["ratio"] == "0.729999"  # 7.300000002 / 10.000000003 = 0.72999999981…, down
+    assert (summary["lowest-ratio"], summary["median-ratio"]) == ("0.666666", "0.698333")
+    assert (res["since"], res["until"], res["reward-share"]) == ("2026-11-01", "2026-11-03", "0.7")
+
+
+def test_a_loss_shows_as_a_negative_margin(make_client, clock):
+    client = make_client(reward_share=Decimal("0.7"))
+    post_day(client, clock, "2026-11-01T10:00:00Z", "1")
+    book(client, "date,revenue\n2026-11-01,0.5\n")
+    [day] = recon(client, **NOV).json["days"]
+    assert (day["paid-out"], day["margin"]) == ("0.7", "-0.2")
+    assert recon(client, **NOV).json["summary"]["margin"] == "-0.2"
+
+
+def test_days_on_one_side_only_have_nulls_and_missing_postbacks_are_flagged(make_client, clock):
+    client = make_client(reward_share=Decimal("0.5"))
+    post_day(client, clock, "2026-11-01T10:00:00Z", "0.2")  # not booked (yet)
+    book(client, "date,revenue\n2026-11-02,0.4\n2026-11-03,0\n")  # no postbacks that day
+    res = recon(client, **NOV).json
+    assert res["days"] == [
+        {"day": "2026-11-01", "property-id": None, "sessions": 1, "estimated-revenue": "0.2",
+         "booked-revenue": None, "ratio": None, "paid-out": "0.1", "margin": None, "flag": None},
+        {"day": "2026-11-02", "property-id": None, "sessions": None, "estimated-revenue": None,
+         "booked-revenue": "0.4", "ratio": None, "paid-out": None, "margin": None,
+         "flag": "no-postbacks"},
+        # Nothing booked and nothing estimated: nothing missing.
+        {"day": "2026-11-03", "property-id": None, "sessions": None, "estimated-revenue": None,
+         "booked-revenue": "0", "ratio": None, "paid-out": None, "margin": None, "flag": None}]
+    summary = res["summary"]
+    assert (summary["days"], summary["days-with-both"], summary["booked-revenue"],
+            summary["paid-out"], summary["margin"], summary["ratio"]) == (
+        3, 0, "0.4", "0.1", "0", None)
+    assert summary["suggested-reward-share"] is None and summary["lowest-ratio"] is None
+
+
+def test_a_day_estimated_at_zero_has_no_ratio(client, clock):
+    post_day(client, clock, "2026-11-01T10:00:00Z", "0")
+    book(client, "date,revenue\n2026-11-01,0.4\n")
+    res = recon(client, **NOV).json
+    assert (res["days"][0]["ratio"], res["days"][0]["flag"]) == (None, None)
+    assert (res["summary"]["ratio"], res["summary"]["median-ratio"]) == (None, None)
+    assert res["summary"]["suggested-reward-share"] == "1.00"
+
+
+def test_without_a_reward_share_there_is_no_paid_out_or_margin(client, clock):
+    post_day(client, clock, "2026-11-01T10:00:00Z", "1")
+    book(client, "date,revenue\n2026-11-01,1\n")
+    res = recon(client, **NOV).json
+    assert "paid-out" not in res["days"][0] and "margin" not in res["summary"]
+    assert res["reward-share"] is None
+
+
+@pytest.mark.parametrize("offset, received, day", [
+    (None, "2026-11-01T20:00:00Z", "2026-11-01"),
+    ("+05:30", "2026-11-01T20:00:00Z", "2026-11-02"),
+    ("+05:30", "2026-11-01T18:29:59.999999Z", "2026-11-01"),
+    ("+05:30", "2026-11-01T18:30:00Z", "2026-11-02"),
+    ("-05:00", "2026-11-02T04:59:59.999999Z", "2026-11-01"),
+    ("-05:00", "2026-11-02T05:00:00Z", "2026-11-02"),
+    ("+14:00", "2026-11-01T10:00:00Z", "2026-11-02"),
+    ("-14:00", "2026-11-01T13:59:59Z", "2026-10-31"),
+])
+def test_sessions_are_grouped_into_the_report_days_of_the_offset(client, clock, offset, received, day):
+    post_day(client, clock, received, "0.5")
+    params = {"since": "2026-10-31", "until": "2026-11-03"}
+    res = recon(client, **params, **({"report-utc-offset": offset} if offset else {})).json
+    assert [(d["day"], d["sessions"]) for d in res["days"]] == [(day, 1)]
+    assert res["report-utc-offset"] == (offset or "+00:00")
+    # The window is in report days too: the day after is empty.
+    following = spp_server.report_day_text(spp_server.report_day_number(day) + 1)
+    later = recon(client, since=following, until="2026-11-05",
+                  **({"report-utc-offset": offset} if offset else {})).json
+    assert later["days"] == []
+
+
+@pytest.mark.parametrize("raw", ["report-utc-offset=+05:30", "report-utc-offset=%2B05:30",
+                                 "report-utc-offset=%2005:30"])
+def test_a_plus_in_the_offset_may_arrive_as_a_space(client, clock, raw):
+    post_day(client, clock, "2026-11-01T20:00:00Z", "0.5")
+    res = client.get(f"/reconciliation?since=2026-11-01&until=2026-11-03&{raw}").json
+    assert ([d["day"] for d in res["days"]], res["report-utc-offset"]) == (["2026-11-02"], "+05:30")
+
+
+def test_the_server_setting_is_the_default_offset_and_the_query_wins(make_client, clock):
+    client = make_client(report_utc_offset=330)
+    post_day(client, clock, "2026-11-01T20:00:00Z", "0.5")
+    assert recon(client, **NOV).json["days"][0]["day"] == "2026-11-02"
+    assert recon(client, report_utc_offset="+00:00", **NOV).json["days"][0]["day"] == "2026-11-01"
+
+
+def test_booked_rows_with_a_property_give_a_record_per_day_and_property(client, clock):
+    post_day(client, clock, "2026-11-01T10:00:00Z", "1", property_id="A")
+    post_day(client, clock, "2026-11-01T11:00:00Z", "2", property_id="B")
+    post_day(client, clock, "2026-11-01T12:00:00Z", "4", property_id=None)
+    book(client, booked_csv(("2026-11-01", "B", "IN", "1"), ("2026-11-01", "B", "US", "0.5"),
+                            ("2026-11-01", "", "IN", "3"), ("2026-11-01", "C", "", "0.25")))
+    assert [(d["property-id"], d["sessions"], d["estimated-revenue"], d["booked-revenue"], d["flag"])
+            for d in recon(client, **NOV).json["days"]] == [
+        (None, 1, "4", "3", None), ("A", 1, "1", None, None), ("B", 1, "2", "1.5", None),
+        ("C", None, None, "0.25", "no-postbacks")]
+    only_b = recon(client, property_id="B", **NOV).json
+    assert [(d["property-id"], d["estimated-revenue"], d["booked-revenue"])
+            for d in only_b["days"]] == [("B", "2", "1.5")]
+    assert only_b["property-id"] == "B"
+
+
+def test_booked_rows_without_a_property_hold_the_day_of_every_property(client, clock):
+    post_day(client, clock, "2026-11-01T10:00:00Z", "1", property_id="A")
+    post_day(client, clock, "2026-11-01T11:00:00Z", "2", property_id="B")
+    book(client, booked_csv(("2026-11-01", "", "IN", "2"), ("2026-11-01", "", "US", "0.4")))
+    assert [(d["property-id"], d["sessions"], d["estimated-revenue"], d["booked-revenue"])
+            for d in recon(client, **NOV).json["days"]] == [(None, 2, "3", "2.4")]
+    # A property asked for is compared with booked rows of that property only.
+    assert [(d["property-id"], d["estimated-revenue"], d["booked-revenue"])
+            for d in recon(client, property_id="A", **NOV).json["days"]] == [("A", "1", None)]
+
+
+# Seven days, each estimated at 1 USD: the share each day would have allowed.
+BOOKED_WEEK = ["0.95", "0.9", "0.879", "0.99", "1.2", "0.93", "0.96"]
+
+
+def book_week(client, clock, booked=BOOKED_WEEK):
+    for i, amount in enumerate(booked):
+        post_day(client, clock, f"2026-11-0{i + 1}T10:00:00Z", "1")
+    book(client, "date,revenue\n" + "".join(
+        f"2026-11-0{i + 1},{amount}\n" for i, amount in enumerate(booked)))
+
+
+@pytest.mark.parametrize("quantile, share", [(None, "0.87"), ("1", "0.87"), ("0.8", "0.90"),
+                                             ("0.5", "0.95"), ("0.15", "0.99"), ("0.14", "1.00")])
+def test_suggested_share_is_safe_on_the_asked_share_of_days(client, clock, quantile, share):
+    book_week(client, clock)
+    params = {**NOV, **({"quantile": quantile} if quantile else {})}
+    summary = recon(client, **params).json["summary"]
+    assert summary["suggested-reward-share"] == share
+    assert summary["quantile"] == (quantile or "1")
+    # Checked against the definition: safe on enough days, and a hundredth more is not.
+    suggested = Decimal(share)
+    needed = len(BOOKED_WEEK) * Decimal(quantile or 1)
+    assert sum(suggested <= Decimal(b) for b in BOOKED_WEEK) >= needed
+    if suggested < 1:
+        assert sum(suggested + Decimal("0.01") <= Decimal(b) for b in BOOKED_WEEK) < needed
+
+
+def test_lowest_and_median_ratio_and_enough_data(client, clock):
+    book_week(client, clock)
+    summary = recon(client, **NOV).json["summary"]
+    assert (summary["lowest-ratio"], summary["median-ratio"]) == ("0.879000", "0.950000")
+    assert (summary["days-with-both"], summary["little-data"], summary["note"]) == (7, False, None)
+    assert summary["ratio"] == "0.972714"  # 6.809 / 7
+
+
+def test_fewer_than_seven_days_rest_on_little_data(client, clock):
+    book_week(client, clock, BOOKED_WEEK[:6])  # 1.2 is the 5th: median of six
+    summary = recon(client, **NOV).json["summary"]
+    assert (summary["days-with-both"], summary["little-data"]) == (6, True)
+    assert "little data" in summary["note"]
+    assert summary["median-ratio"] == "0.940000"  # (0.93 + 0.95) / 2
+
+
+def test_suggested_share_cases_by_hand():
+    share = spp_server.suggested_share
+    assert share([], Decimal(1)) is None
+    assert share([(100, 50)], Decimal(1)) == "0.50"
+    assert share([(100, 0), (100, 90)], Decimal(1)) == "0.00"
+    assert share([(100, 0), (100, 90)], Decimal("0.5")) == "0.90"
+    assert share([(0, 5), (300, 100)], Decimal(1)) == "0.33"  # 0 estimated allows any share
+    assert share([(0, 5)], Decimal(1)) == "1.00"
+    assert share([(3, 2)], Decimal(1)) == "0.66"  # rounded down, never up
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"until": "2026-11-08"}, "since"),
+    ({"since": "2026-11-01"}, "until"),
+    ({"since": "2026-11-31", "until": "2026-12-08"}, "since"),
+    ({"since": "2026-11-01T00:00:00Z", "until": "2026-11-08"}, "since"),
+    ({"since": "1969-12-31", "until": "2026-11-08"}, "since"),
+    ({"since": "2026-11-08", "until": "2026-11-08"}, "until"),
+    ({"since": "2026-11-08", "until": "2026-11-01"}, "until"),
+    ({**NOV, "report-utc-offset": "+14:01"}, "report-utc-offset"),
+    ({**NOV, "report-utc-offset": "+5:30"}, "report-utc-offset"),
+    ({**NOV, "report-utc-offset": "05:30"}, "report-utc-offset"),
+    ({**NOV, "report-utc-offset": "+05:60"}, "report-utc-offset"),
+    ({**NOV, "report-utc-offset": "IST"}, "report-utc-offset"),
+    ({**NOV, "quantile": "0"}, "quantile"),
+    ({**NOV, "quantile": "1.01"}, "quantile"),
+    ({**NOV, "quantile": "most"}, "quantile"),
+    ({**NOV, "quantile": "NaN"}, "quantile"),
+    ({**NOV, "format": "ndjson"}, "format"),
+])
+def test_bad_reconciliation_parameters_are_a_400_naming_them(client, params, field):
+    assert_error(recon(client, status=400, **params), 400, field)
+
+
+@pytest.mark.parametrize("missing", ["since", "until"])
+def test_since_and_until_are_required(client, missing):
+    res = recon(client, status=400, **{k: v for k, v in NOV.items() if k != missing})
+    assert_error(res, 400, missing)
+    assert res.json["error"] == "is required"
+
+
+def test_subcommands_report_an_unusable_database_in_one_line(client, db, tmp_path, monkeypatch, capsys):
+    (tmp_path / "r.csv").write_text("date,revenue\n2026-11-01,1\n")
+    assert spp_server.run_import_booked([str(tmp_path / "r.csv"), "--db", str(tmp_path)], {},
+                                        sys.stdout) == 1
+    assert "cannot open the database" in capsys.readouterr().err
+    closed = []
+    for cls in (spp_server.Store, spp_server.ReadOnlyStore):
+        monkeypatch.setattr(cls, "close", lambda self, close=cls.close: closed.append(self) or close(self))
+
+    def unavailable(*args, **kwargs):
+        raise spp_server.StoreUnavailable("the database is locked")
+
+    monkeypatch.setattr(spp_server.Store, "write", unavailable)
+    assert spp_server.run_import_booked([str(tmp_path / "r.csv"), "--db", db], {}, sys.stdout) == 1
+    err = capsys.readouterr().err
+    assert err == "spp_server.py import-booked: the database is locked; nothing imported\n"
+    monkeypatch.setattr(spp_server, "reconciliation", unavailable)  # once the store is open
+    assert spp_server.run_reconcile(["--db", db, "--since", NOV["since"], "--until", NOV["until"]],
+                                    {}, sys.stdout.buffer) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("spp_server.py reconcile: reading ") and err.count("\n") == 1
+    assert len(closed) == 2  # each subcommand closed its store
+
+
+def test_utc_offsets_are_read_and_written_exactly():
+    assert [spp_server.parse_utc_offset(t) for t in ["+05:30", " 05:30", "-03:45", "+14:00",
+                                                     "-14:00", "-00:00"]] == [
+        330, 330, -225, 840, -840, 0]
+    assert [spp_server.utc_offset_text(m) for m in [330, -225, 0, -840]] == [
+        "+05:30", "-03:45", "+00:00", "-14:00"]
+
+
+def test_reconciliation_as_csv(make_client, clock):
+    client = make_client(reward_share=Decimal("0.7"))
+    post_day(client, clock, "2026-11-01T10:00:00Z", "1", property_id="A")
+    book(client, booked_csv(("2026-11-01", "A", "IN", "0.9"), ("2026-11-02", "A", "IN", "0.1")))
+    res = recon(client, format="csv", **NOV)
+    assert res.content_type == "text/csv"
+    assert res.body.decode().split("\r\n") == [
+        "day,property-id,sessions,estimated-revenue,booked-revenue,ratio,paid-out,margin,flag",
+        "2026-11-01,A,1,1,0.9,0.900000,0.7,0.2,",
+        "2026-11-02,A,,,0.1,,,,no-postbacks", ""]
+    plain = make_client()
+    assert recon(plain, format="csv", **NOV).body.decode().splitlines()[0] == (
+        "day,property-id,sessions,estimated-revenue,booked-revenue,ratio,flag")
+    assert recon(plain, **NOV).content_type == "application/json"
+
+
+def test_reconcile_subcommand_matches_the_endpoint_byte_for_byte(make_client, clock, db):
+    import io
+
+    client = make_client(reward_share=Decimal("0.7"), report_utc_offset=330)
+    book_week(client, clock)
+    post_day(client, clock, "2026-11-01T20:00:00Z", "0.3", property_id="ユーザー")
+    for fmt, extra in [("json", {}), ("csv", {}), ("json", {"quantile": "0.5", "property-id": "1234"})]:
+        http = recon(client, format=fmt, **NOV, **extra).body
+        out = io.BytesIO()
+        argv = ["--db", db, "--since", NOV["since"], "--until", NOV["until"], "--format", fmt,
+                *itertools_chain(("--" + k, v) for k, v in extra.items())]
+        code = spp_server.run_reconcile(argv, {"SPP_REWARD_SHARE": "0.7",
+                                               "SPP_REPORT_UTC_OFFSET": "+05:30"}, out)
+        assert code == 0
+        assert out.getvalue() == http and http.count(b"2026-11-07") == 1
+
+
+def itertools_chain(pairs):
+    return [item for pair in pairs for item in pair]
+
+
+def test_reconcile_subcommand_errors(client, db, capsys):
+    with pytest.raises(SystemExit) as exited:
+        spp_server.run_reconcile(["--db", db, "--since", "soon", "--until", "2026-11-08"], {},
+                                 sys.stdout.buffer)
+    assert exited.value.code == 2 and "--since: must be a report day" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        spp_server.run_reconcile(["--db", db, "--since", "2026-11-01", "--until", "2026-11-08",
+                                  "--quantile", "2"], {}, sys.stdout.buffer)
+    assert exited.value.code == 2 and "--quantile: must be a decimal" in capsys.readouterr().err
+    code = spp_server.run_reconcile(["--db", db + ".nope", "--since", "2026-11-01",
+                                     "--until", "2026-11-08"], {}, sys.stdout.buffer)
+    assert code == 1 and "no database" in capsys.readouterr().err
+    assert not os.path.exists(db + ".nope")
+
+
+def test_reconcile_runs_from_the_command_line(client, db, tmp_path):
+    (tmp_path / "r.csv").write_text("date,revenue\n2026-11-01,1\n")
+    subprocess.run([sys.executable, str(SERVER), "import-booked", str(tmp_path / "r.csv"),
+                    "--db", db], check=True, capture_output=True)
+    out = subprocess.run([sys.executable, str(SERVER), "reconcile", "--since", "2026-11-01",
+                          "--until", "2026-11-02", "--db", db], capture_output=True, check=True)
+    assert json.loads(out.stdout)["days"][0]["booked-revenue"] == "1"
+
+
+def test_report_offset_comes_from_flag_or_environment(fake_serve, db, capsys):
+    spp_server.main(["--db", db], environ={"SPP_REPORT_UTC_OFFSET": "+05:30"})
+    spp_server.main(["--db", db, "--report-utc-offset=-03:00"],  # = : it starts with -
+                    environ={"SPP_REPORT_UTC_OFFSET": "+05:30"})
+    spp_server.main(["--db", db], environ={})
+    assert [c["report_utc_offset"] for c in fake_serve] == [330, -180, 0]
+    with pytest.raises(SystemExit) as exited:
+        spp_server.main(["--db", db], environ={"SPP_REPORT_UTC_OFFSET": "+5"})
+    assert exited.value.code == 2 and "--report-utc-offset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["estimates_by_day", "estimates_by_day_and_property"])
+def test_per_day_estimates_search_the_receive_time_index(client, db, name):
+    plan = query_plan(db, name, {"offset_us": 0, **spp_server.Window(1, 2).params()})
+    assert plan.startswith("SEARCH sessions USING COVERING INDEX sessions_by_time "
+                           "(received_at_us>? AND received_at_us<?)")
+    assert "SCAN" not in plan
+
+
+def test_booked_days_search_the_primary_key(client, db):
+    plan = query_plan(db, "booked_by_day",
+                      {"since_day": "2026-11-01", "until_day": "2026-11-08", "property": None})
+    assert plan.startswith("SEARCH booked_revenue USING PRIMARY KEY (day>? AND day<?)")
 
 
 # ---------------------------------------------------------------------------

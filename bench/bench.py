@@ -14,8 +14,10 @@ and the server's peak VmRSS, and checks that the database holds exactly one
 row per distinct session-id that was acknowledged with a 200.
 
 Read: fills databases with bench/fill.py and times GET /users/<id>/earnings
-for a user with 10 sessions and one with 10,000, and the one-day payout export
-GET /earnings?since=<day>&until=<next day>, with sequential keep-alive requests.
+for a user with 10 sessions and one with 10,000, the one-day payout export
+GET /earnings?since=<day>&until=<next day>, and GET /reconciliation over the
+30 filled days against a made-up booked report, with sequential keep-alive
+requests.
 
 Needs wrk (Debian: apt-get install wrk).  Talks only to 127.0.0.1, is bounded
 in time (--max-seconds), and removes its processes and temporary files.
@@ -61,6 +63,7 @@ TARGETS = {
     "rss_mb": 64,
     "earnings_p50_ms": 2.0,  # one user's earnings, at the largest read size
     "growth": 1.5,  # p50 at the largest size <= 1.5 x p50 at the smallest (+0.1 ms)
+    "reconciliation_p50_ms": 1000,  # 30 days of /reconciliation, at the largest read size
 }
 
 
@@ -363,6 +366,20 @@ def time_gets(port, path, count, warmup):
     return 200, body, sorted(times)
 
 
+def book_report(db, first_day, tmp):
+    """Import a made-up booked report for every filled day and property, with
+    spp_server.py import-booked as a publisher would."""
+    report = tmp / "booked.csv"
+    lines = ["date,property-id,country,revenue"]
+    for n in range(fill.SPAN_DAYS):
+        day = (first_day + datetime.timedelta(days=n)).isoformat()
+        lines += [f"{day},{prop},{country},1.234567" for prop in sorted(set(fill.PROPERTIES))
+                  for country in sorted(set(fill.COUNTRIES))]
+    report.write_text("\n".join(lines) + "\n")
+    subprocess.run([sys.executable, str(SERVER), "import-booked", str(report), "--db", str(db)],
+                   check=True, capture_output=True, timeout=120)
+
+
 def read_size(size, args, tmp):
     db = tmp / f"read-{size}.db"
     done = subprocess.run(
@@ -372,6 +389,8 @@ def read_size(size, args, tmp):
     if done.returncode:
         raise RuntimeError(f"fill.py failed:\n{done.stderr}")
     info = json.loads(done.stdout.strip().splitlines()[-1])
+    first_day = datetime.datetime.fromtimestamp(info["first_us"] / 1e6, datetime.timezone.utc).date()
+    book_report(db, first_day, tmp)
     argv = [sys.executable, str(SERVER), "--db", str(db), "--host", HOST, "--threads", str(args.threads)]
     server = Server(f"project (read, {size} rows)", argv, tmp / f"read-{size}.log")
     out = {"fill_seconds": info["seconds"], "db_mb": info["bytes"] / 2**20}
@@ -399,6 +418,17 @@ def read_size(size, args, tmp):
             "lines": body.count(b"\n") if status == 200 else None,
             "error": None if status == 200 else body[:200].decode("utf-8", "replace"),
         }
+        # The whole filled period, one record per day and property.
+        query = (f"since={first_day.isoformat()}&until="
+                 f"{(first_day + datetime.timedelta(days=fill.SPAN_DAYS)).isoformat()}")
+        status, body, times = time_gets(server.port, f"/reconciliation?{query}",
+                                        args.export_requests, warmup=2)
+        records = json.loads(body)["days"] if status == 200 else []
+        expected = fill.SPAN_DAYS * len(set(fill.PROPERTIES))
+        if status == 200 and (len(records) != expected or any(r["sessions"] is None for r in records)):
+            raise RuntimeError(f"reconciliation gave {len(records)} records, expected {expected}")
+        out["reconciliation"] = {"status": status, "query": query, "p50": percentile(times, 50),
+                                 "p99": percentile(times, 99), "records": len(records)}
     finally:
         server.stop()
     with contextlib.suppress(OSError):
@@ -492,7 +522,8 @@ def read_rows(reads):
 
     for key, label in (("light", "earnings, user with 10 sessions"),
                        ("heavy", "earnings, user with 10,000 sessions"),
-                       ("export", "export of one day (NDJSON)")):
+                       ("export", "export of one day (NDJSON)"),
+                       ("reconciliation", f"reconciliation of {fill.SPAN_DAYS} days (JSON)")):
         a, b = reads[small][key], reads[large][key]
         ok_both = a["status"] == 200 and b["status"] == 200
         growth = b["p50"] / a["p50"] if ok_both else None
@@ -500,6 +531,9 @@ def read_rows(reads):
         if key == "light":
             target = f"p50 ≤ {TARGETS['earnings_p50_ms']:.0f} ms at {fmt(large)}"
             result = verdict(b["status"] == 200 and b["p50"] <= TARGETS["earnings_p50_ms"])
+        if key == "reconciliation":
+            target = f"p50 ≤ {TARGETS['reconciliation_p50_ms']:.0f} ms at {fmt(large)}"
+            result = verdict(b["status"] == 200 and b["p50"] <= TARGETS["reconciliation_p50_ms"])
         if key in ("light", "heavy") and small != large:
             target += ("; " if target else "") + f"p50 ratio ≤ {TARGETS['growth']}"
             grows_ok = ok_both and b["p50"] <= TARGETS["growth"] * a["p50"] + 0.1
