@@ -578,13 +578,16 @@ READ_PARAMS = {
     "/users/{}/sessions": ["limit", "before"],
     "/earnings": ["since", "until", "property-id", "format"],
     "/totals": ["since", "until", "group-by", "format"],
+    "/reconciliation": ["since", "until", "property-id", "format", "report-utc-offset",
+                        "quantile"],
     "/rejected": ["limit"],
     "/conflicts": ["limit"],
     "/stats": [],
     "/healthz": [],
 }
 VALID_PARAMS = {"since": "2026-11-01", "until": "2026-11-02", "format": "csv", "limit": "5",
-                "group-by": "day", "property-id": "1234", "before": "MTox"}
+                "group-by": "day", "property-id": "1234", "before": "MTox",
+                "report-utc-offset": "+05:30", "quantile": "0.9"}
 
 
 @pytest.mark.parametrize("bad", NOT_UTF8)
