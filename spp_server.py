@@ -1739,7 +1739,7 @@ def handle_reconciliation():
     params = query()
     config = request.app.config
     q = reconciliation_query(
-        params.get("since"), params.get("until"), params.get("property-id"),
+        params.get("since"), params.get("until"), parse_property_id(params),
         params.get("report-utc-offset") or config["spp.report_utc_offset"],
         params.get("quantile"), config["spp.reward_share"],
     )
