@@ -2543,6 +2543,26 @@ def test_connection_accepted_before_sigterm_still_gets_its_answer(tmp_path, db):
     assert count(db, "sessions") == 1
 
 
+def test_sigterm_with_an_idle_keep_alive_connection_exits_within_seconds(real_server, db):
+    """A reverse proxy keeps a connection open between postbacks.  At SIGTERM
+    that idle connection is closed at once, not waited on until the drain's
+    deadline (DRAIN_TIMEOUT_S), so a restart does not hang for 20 s."""
+    server = real_server(db)
+    proxy = http.client.HTTPConnection("127.0.0.1", server.port, timeout=15)
+    proxy.request("POST", "/postback", json.dumps(SAMPLE))
+    res = proxy.getresponse()
+    assert (res.status, json.loads(res.read())) == (200, {"status": "recorded"})
+    assert not res.will_close  # HTTP/1.1 keep-alive: the connection stays open, idle
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert proxy.sock.recv(1) == b""  # the server closed it (blocks until then)
+    assert server.process.wait(5) == 0
+    assert time.monotonic() - started < 5 < spp_server.DRAIN_TIMEOUT_S
+    proxy.close()
+    assert "stopped cleanly" in server.log_text()
+    assert count(db, "sessions") == 1
+
+
 # ---------------------------------------------------------------------------
 # Faults: crash, restart under load, full / read-only database, duplicate storm
 # ---------------------------------------------------------------------------
