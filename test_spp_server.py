@@ -1,8 +1,15 @@
 """Tests for spp_server.py: the HTTP contract through WebTest, and end-to-end
-tests against a real `python spp_server.py` process."""
+tests against a real `python spp_server.py` process.
+
+Helpers shared by several sections come first; then one section per part of
+the contract (recording, validation, money, auth, reads, the export command,
+reconciliation, errors and health, storage, configuration, a real server,
+systemd), each with its own helpers at its top.  Real servers are spoken to
+through one helper, http_request() (RealServer.request decodes its JSON)."""
 
 import base64
 import contextlib
+import csv
 import http.client
 import io
 import ipaddress
@@ -129,6 +136,178 @@ def client(make_client):
     return make_client()
 
 
+SCHEMA_VERSIONS = [v for v, _ in spp_server.schema_versions(spp_server.SCHEMA_PATH.read_text())]
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The receive time the server stamps on writes, set by the test."""
+
+    class Clock:
+        us = spp_server.parse_instant("2026-11-23T10:00:00Z")
+
+        def set(self, text):
+            self.us = spp_server.parse_instant(text)
+
+    fake = Clock()
+    monkeypatch.setattr(spp_server, "now_us", lambda: fake.us)
+    return fake
+
+
+def post_at(client, clock, when, **fields):
+    clock.set(when)
+    body = postback(**fields)
+    post(client, body)
+    return body
+
+
+def export(client, status=200, **params):
+    return client.get("/earnings", params=params, status=status)
+
+
+DAY = {"since": "2026-11-23", "until": "2026-11-24"}
+
+
+AWKWARD_IDS = ['comma,id', 'quote"id', "new\nline", "cr\r\nlf", " spaced ", "=1+1", "ユーザー"]
+
+
+def query_plan(db, name, params):
+    sql = spp_server.totals_sql(name) if isinstance(name, list) else spp_server.SQL[name]
+    return " / ".join(row[-1] for row in rows(db, "EXPLAIN QUERY PLAN " + sql, params))
+
+
+class ServeCalls(list):
+    """The configs main() served with; log_levels: what it set up logging with."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_levels = []
+
+
+@pytest.fixture
+def fake_serve(monkeypatch):
+    """Replace the waitress loop: main() runs up to serving and records how."""
+    calls = ServeCalls()
+    monkeypatch.setattr(spp_server, "serve", lambda app, config, sockets: calls.append(config))
+    monkeypatch.setattr(spp_server, "setup_logging", calls.log_levels.append)
+    return calls
+
+
+def http_request(port, method, path, body=None, headers=None, timeout=10):
+    """One request on a fresh connection -> (status, headers, body bytes)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        res = conn.getresponse()
+        return res.status, res.headers, res.read()
+    finally:
+        conn.close()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RealServer:
+    """`python spp_server.py` on a free port of 127.0.0.1, waited for until it answers."""
+
+    def __init__(self, db, env=None, args=()):
+        self.db = db
+        self.port = free_port()
+        self.log = open(Path(db).with_suffix(".log"), "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, str(SERVER), "--db", db, "--port", str(self.port), *args],
+            env={**os.environ, **(env or {})},
+            stderr=self.log,
+        )
+        self.wait_until_ready()
+
+    def wait_until_ready(self, timeout=15):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, "the server exited during start"
+            try:
+                if self.request("GET", "/healthz")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.05)  # polling for the port to open, not covering a race
+        raise AssertionError("the server did not start")
+
+    def request(self, method, path, body=None, headers=None, timeout=10):
+        """One request on a fresh connection -> (status, decoded JSON body)."""
+        status, _, raw = http_request(self.port, method, path, body, headers, timeout)
+        return status, json.loads(raw or b"null")
+
+    def post(self, payload):
+        return self.request("POST", "/postback", json.dumps(payload).encode())
+
+    def stop(self, signum=signal.SIGTERM, timeout=15):
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        code = self.process.wait(timeout)
+        self.log.close()
+        return code
+
+    def log_text(self):
+        return Path(self.db).with_suffix(".log").read_text()
+
+
+@pytest.fixture
+def real_server(tmp_path):
+    servers = []
+
+    def start(db=None, **kwargs):
+        server = RealServer(db or str(tmp_path / "spp.db"), **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+@contextlib.contextmanager
+def server_with_notify_socket(tmp_path, db, env=None):
+    """A real server told to notify a datagram socket this test holds, as
+    systemd's NOTIFY_SOCKET: yields (process, port, notify socket)."""
+    notify_path = str(tmp_path / "notify")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(15)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(SERVER), "--db", db, "--port", str(port)],
+        env={**os.environ, "NOTIFY_SOCKET": notify_path, **(env or {})},
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield process, port, notify
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        notify.close()
+
+
+def chattr(flag, *paths):
+    try:
+        return subprocess.run(["chattr", flag, *paths], capture_output=True, text=True)
+    except FileNotFoundError as exc:  # no e2fsprogs
+        return subprocess.CompletedProcess(["chattr"], 127, "", str(exc))
+
+
+HOSTILE_SETTINGS = dict(
+    deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def send_raw(client, body):
+    return client.post("/postback", body, expect_errors=True)
+
+
 # ---------------------------------------------------------------------------
 # POST /postback: recording and deduplication
 # ---------------------------------------------------------------------------
@@ -233,9 +412,107 @@ def test_unknown_path_gets_404_json(client):
     assert_error(client.get("/nowhere", status=404), 404)
 
 
+def test_every_answer_is_committed_after_duplicates_and_conflicts(client, db):
+    """The duplicate check reads and may write on the write connection; a
+    transaction left open there would hold back the commit of later postbacks."""
+    first = postback(user_id="seen")
+    assert post(client, first).json == {"status": "recorded"}
+    assert post(client, first).json == {"status": "duplicate"}
+    assert count(db, "sessions") == 1
+    assert post(client, {**first, "user-id": "changed"}).json == {"status": "duplicate"}
+    assert count(db, "conflicts") == 1
+    assert post(client, postback(user_id="next")).json == {"status": "recorded"}
+    assert count(db, "sessions") == 2  # read by another connection, at once
+
+
 # ---------------------------------------------------------------------------
-# POST /postback: body and field validation
+# POST /postback: body and field validation, hostile bodies
 # ---------------------------------------------------------------------------
+
+
+class CountingStream:
+    """An endless request body that counts what was read from it."""
+
+    def __init__(self):
+        self.read_bytes = 0
+
+    def read(self, size=-1):
+        assert size >= 0, "an unbounded read of the body"
+        self.read_bytes += size
+        return b" " * size
+
+
+def check_answer(res, db, sessions_before, field=None):
+    """The contract for any postback: never 500, always JSON, nothing stored for an error."""
+    assert res.status_int in (200, 400, 413), (res.status, res.text)
+    assert res.content_type == "application/json"
+    answer = json.loads(res.body)
+    sessions_after = count(db, "sessions")
+    if res.status_int == 200:
+        assert answer in ({"status": "recorded"}, {"status": "duplicate"})
+        assert sessions_after == sessions_before + (answer["status"] == "recorded")
+    else:
+        assert set(answer) == {"error", "field"} and answer["error"]
+        assert sessions_after == sessions_before
+        if field is not None:
+            assert answer["field"] in (field, None), answer
+    return answer
+
+
+# Text including lone surrogates (sent as \udXXX escapes, or as CESU bytes).
+ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=12)
+
+
+JSON_LEAVES = (st.none() | st.booleans() | st.integers() | st.floats()  # nan/inf -> NaN literals
+               | st.decimals(allow_nan=False, allow_infinity=False) | ANY_TEXT)
+
+
+JSON_VALUES = st.recursive(
+    JSON_LEAVES,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(ANY_TEXT, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def to_json(value, ensure_ascii=True):
+    """Any generated value -> JSON text; Decimals become JSON numbers written exactly."""
+    text = json.dumps(value, ensure_ascii=ensure_ascii,
+                      default=lambda d: f"__DECIMAL_{d}__")
+    return re.sub(r'"__DECIMAL_(.*?)__"', r"\1", text)
+
+
+def as_body(text):
+    return text.encode("utf-8", "surrogatepass")  # a lone surrogate becomes invalid UTF-8
+
+
+NUMBER_TEXT = st.builds(
+    lambda sign, whole, frac, exp: f"{sign}{whole}{frac}{exp}",
+    st.sampled_from(["", "-", "+"]),
+    st.sampled_from(["0", "1", "00", "12", "999999", "1000000", "1_000", "0x10", "", "١"]),
+    st.sampled_from(["", ".5", ".000000001", ".0000000005", ".", ".1234567891234"]),
+    st.one_of(st.just(""), st.builds(lambda e, sign, digits: f"{e}{sign}{digits}",
+                                     st.sampled_from(["e", "E"]),
+                                     st.sampled_from(["", "+", "-"]),
+                                     st.integers(0, 10**30).map(str))),
+)
+
+
+LITERALS = st.one_of(
+    JSON_VALUES.map(to_json),
+    NUMBER_TEXT,  # a JSON number or not JSON at all
+    NUMBER_TEXT.map(lambda n: f'"{n}"'),  # the same as a string
+    st.sampled_from(["1e400", "-1e400", "-0", "-0.0", "NaN", "Infinity", "-Infinity", '"NaN"',
+                     '"Infinity"', '"\\ud800"', '"\\udfff"', '"a\\udc00b"', '"\\udc00\\ud800"',
+                     '"\\u0000"', '"\\ud83c\\udfae"', "1e99999999999999999999",
+                     '"1e-99999999999999999999"', "[" * 50 + "]" * 50, "{}", '""']),
+)
+
+
+POSTBACK_FIELDS = sorted(SAMPLE)
+
+
+def nested(depth):
+    return "[" * depth + "]" * depth
 
 
 def test_body_of_exactly_the_limit_is_accepted(client, db):
@@ -250,18 +527,6 @@ def test_body_over_the_limit_gets_413_json_and_stores_nothing(client, db):
     body = json.dumps(postback(padding="x" * spp_server.MAX_BODY_BYTES))
     assert_error(post(client, body, status=413), 413)
     assert count(db, "sessions") == count(db, "rejected") == 0
-
-
-class CountingStream:
-    """An endless request body that counts what was read from it."""
-
-    def __init__(self):
-        self.read_bytes = 0
-
-    def read(self, size=-1):
-        assert size >= 0, "an unbounded read of the body"
-        self.read_bytes += size
-        return b" " * size
 
 
 def test_body_without_length_is_read_no_further_than_the_limit():
@@ -449,9 +714,121 @@ def test_rejected_postback_keeps_reason_time_and_exact_bytes(client, db):
     assert received >= before
 
 
+def test_any_bytes_or_json_value_as_a_body_is_answered_json_never_500(client, db):
+    @settings(max_examples=150, **HOSTILE_SETTINGS)
+    @given(body=st.one_of(
+        st.binary(max_size=200),
+        st.builds(lambda v, a: as_body(to_json(v, a)), JSON_VALUES, st.booleans())))
+    def check(body):
+        before = count(db, "sessions")
+        check_answer(send_raw(client, body), db, before)
+
+    check()
+
+
+def test_any_field_replaced_by_any_json_is_answered_json_never_500(client, db):
+    @settings(max_examples=250, **HOSTILE_SETTINGS)
+    @given(field=st.sampled_from(POSTBACK_FIELDS), literal=LITERALS, ascii_only=st.booleans())
+    def check(field, literal, ascii_only):
+        text = json.dumps(postback(**{field: "__LITERAL__"}), ensure_ascii=ascii_only)
+        body = as_body(text.replace('"__LITERAL__"', literal))
+        before = count(db, "sessions")
+        answer = check_answer(send_raw(client, body), db, before, field)
+        if answer.get("status") == "recorded":  # stored exactly as sent
+            [(raw,)] = rows(db, "SELECT raw_body FROM sessions ORDER BY id DESC LIMIT 1")
+            assert raw.encode("utf-8", "surrogatepass") == body
+
+    check()
+
+
+def test_escaped_surrogate_pair_in_an_id_is_one_character(client, db):
+    text = json.dumps(postback(user_id="__ID__")).replace("__ID__", "\\ud83c\\udfae")
+    assert send_raw(client, text.encode()).json == {"status": "recorded"}
+    assert earnings(client, "\U0001F3AE").json["sessions"] == 1
+
+
+@pytest.mark.parametrize(
+    "literal, allowed",
+    [
+        ("-0", {0}), ("-0.0", {0}), ("0e0", {0}), ("1E-9", {1}), ('"1e-9"', {1}),
+        ("0.0000000005", {0}), ('"-0e5"', {0}), ("12", {12 * 10**9}),
+        ("1e400", {400}), ("1e99999999999999999999", {400}), ('"1e99999999999999999999"', {400}),
+        # Too small to be written down by Python's Decimal; it rounds to 0 nano-USD.
+        ('"1e-99999999999999999999"', {0, 400}), ("1e-99999999999999999999", {0, 400}),
+        ("NaN", {400}), ('"NaN"', {400}), ('"0x10"', {400}), ('"1_000"', {400}),
+        ('"+1"', {400}), ("+1", {400}), ('"1."', {400}), ('".5"', {400}), ("0x10", {400}),
+    ],
+)
+def test_awkward_revenue_numbers(client, db, literal, allowed):
+    text = json.dumps(postback(your_estimated_revenue="__REV__")).replace('"__REV__"', literal)
+    res = send_raw(client, text.encode())
+    check_answer(res, db, 0, "your-estimated-revenue")
+    outcome = 400 if res.status_int == 400 else rows(db, "SELECT revenue_nano FROM sessions")[0][0]
+    assert outcome in allowed, res.text
+
+
+@pytest.mark.parametrize("literal", ["1e99999999999999999999", "-1e-99999999999999999999",
+                                     "1" + "0" * 5000])
+def test_awkward_number_in_an_unknown_key_is_not_a_500(client, db, literal):
+    text = json.dumps(postback(extra="__X__")).replace('"__X__"', literal)
+    check_answer(send_raw(client, text.encode()), db, 0)
+
+
+@pytest.mark.parametrize(
+    "make_body",
+    [
+        lambda: nested(30_000),  # as deep as fits in the body limit
+        lambda: json.dumps(postback()).replace("{", '{"deep": ' + nested(20_000) + ", ", 1),
+        lambda: json.dumps(postback()).replace("{", '{"deep": ' + nested(500) + ", ", 1),
+        lambda: '{"a": ' * 9_000 + "1" + "}" * 9_000,
+        lambda: json.dumps(postback(wide={str(i): i for i in range(3_000)})),
+        lambda: json.dumps(postback(long="ユ" * 20_000), ensure_ascii=False),  # 60 KB of UTF-8
+        lambda: json.dumps(postback(session_id="s" * 60_000)),
+        lambda: json.dumps(postback(user_id="u" * 60_000)),
+        lambda: json.dumps(postback(list=[{}] * 15_000)),
+        lambda: json.dumps(postback()) + " " * 50_000,
+        lambda: json.dumps(postback()) + " x",
+        lambda: '{"session-id": "a", "session-id": "b", "user-id": "u", '
+                '"your-estimated-revenue": "1", "your-estimated-revenue": "x"}',
+    ],
+)
+def test_deep_wide_and_huge_bodies_are_answered_json_never_500(client, db, make_body):
+    body = make_body().encode()
+    assert len(body) <= spp_server.MAX_BODY_BYTES
+    check_answer(send_raw(client, body), db, 0)
+    assert client.get("/healthz").json == {"status": "ok"}
+
+
 # ---------------------------------------------------------------------------
 # Money: exact sums, exact strings
 # ---------------------------------------------------------------------------
+
+
+TOTAL_KEYS = ["user-id", "sessions", "ads-viewed", "session-duration", "estimated-revenue"]
+
+
+NANO_DECIMAL = Decimal("1e-9")
+
+
+REVENUES = st.decimals(min_value=0, max_value=Decimal("999999.999999999"), places=9,
+                       allow_nan=False, allow_infinity=False)
+
+
+def revenue_literal(amount, form):
+    """An accepted way of writing `amount` in a postback."""
+    plain = format(amount, "f")
+    return {
+        "string": json.dumps(plain),
+        "string-exponent": json.dumps(format(amount, "e")),
+        "string-trailing-zeros": json.dumps(plain + ("000" if "." in plain else ".000")),
+        "number": plain,
+        "number-exponent": format(amount, "e"),
+        "integer": str(int(amount)) if amount == amount.to_integral_value() else plain,
+    }[form]
+
+
+REVENUE_FORMS = ["string", "string-exponent", "string-trailing-zeros", "number",
+                 "number-exponent", "integer"]
 
 
 def test_many_tenths_add_up_exactly(client):
@@ -482,9 +859,6 @@ def test_earnings_totals_every_counter_and_treats_null_as_zero(client):
         "session-duration": 100,
         "estimated-revenue": "0.000036",
     }
-
-
-TOTAL_KEYS = ["user-id", "sessions", "ads-viewed", "session-duration", "estimated-revenue"]
 
 
 def test_user_without_sessions_gets_zeros(client):
@@ -523,114 +897,45 @@ def test_nanos_are_written_as_exact_decimal_strings(nanos, text):
     assert spp_server.nanos_to_usd(nanos) == text
 
 
-@pytest.mark.parametrize(
-    "user_id", ["a/b", "50%", "with space", "ユーザー", "emoji-🎮", "a+b", "?x=1&y", "trailing/",
-                "line\nbreak", "\r\n", "tab\there", "nul\x00", "/earnings", "a/sessions"]
-)
-def test_awkward_user_ids_round_trip_when_percent_encoded(client, user_id):
-    post(client, postback(user_id=user_id))
-    assert earnings(client, user_id).json["user-id"] == user_id
-    assert earnings(client, user_id).json["sessions"] == 1
-    page = client.get(f"/users/{quote(user_id, safe='')}/sessions", status=200).json
-    assert (page["user-id"], len(page["sessions"])) == (user_id, 1)
-
-
-# Every string a postback accepts as a user id: any text but lone surrogates.
-USER_IDS = st.text(st.characters(blacklist_categories=["Cs"]), max_size=spp_server.MAX_USER_ID_CHARS)
-
-
-def test_every_storable_user_id_can_be_read_back(client):
-    stored = {}
-
-    @settings(max_examples=150, deadline=None, database=None)
-    @given(USER_IDS)
-    def check(user_id):
-        post(client, postback(user_id=user_id))
-        stored[user_id] = stored.get(user_id, 0) + 1
-        assert earnings(client, user_id).json["sessions"] == stored[user_id]
-        page = client.get(f"/users/{quote(user_id, safe='')}/sessions", status=200).json
-        assert page["user-id"] == user_id and page["sessions"]
+def test_earnings_are_the_exact_sum_of_the_accepted_revenues(client, db):
+    @settings(max_examples=100, **HOSTILE_SETTINGS)
+    @given(entries=st.lists(st.tuples(REVENUES, st.sampled_from(REVENUE_FORMS)), min_size=1,
+                            max_size=8),
+           resend=st.integers(0, 7), noise=st.sampled_from(['"-1"', '"1e6"', '"abc"', "true"]))
+    def check(entries, resend, noise):
+        user = f"sum-{next(_ids)}"
+        bodies = []
+        for amount, form in entries:
+            text = json.dumps(postback(user_id=user, your_estimated_revenue="__REV__"))
+            bodies.append(text.replace('"__REV__"', revenue_literal(amount, form)).encode())
+        for body in bodies:
+            assert send_raw(client, body).json == {"status": "recorded"}
+        # A re-send and a refused postback change nothing.
+        assert send_raw(client, bodies[resend % len(bodies)]).json == {"status": "duplicate"}
+        bad = json.dumps(postback(user_id=user, your_estimated_revenue="__REV__"))
+        assert send_raw(client, bad.replace('"__REV__"', noise).encode()).status_int == 400
+        res = earnings(client, user).json
+        assert res["sessions"] == len(entries)
+        assert DECIMAL_STRING.match(res["estimated-revenue"])
+        exact = sum((amount for amount, _ in entries), Decimal(0))
+        assert exact == exact.quantize(NANO_DECIMAL, rounding=ROUND_HALF_EVEN)  # nothing rounded
+        assert Decimal(res["estimated-revenue"]) == exact
 
     check()
 
 
-# Percent-encoded bytes that are not UTF-8: a stray byte, a cut-off sequence,
-# an encoded surrogate, an overlong '/'.
-NOT_UTF8 = ["%FF", "a%FFb", "%C3", "%ED%A0%80", "%C0%AF"]
-
-
-@pytest.mark.parametrize("bad", NOT_UTF8)
-@pytest.mark.parametrize("route", ["earnings", "sessions"])
-def test_a_user_id_that_is_not_utf8_is_a_400_never_another_users_data(client, route, bad):
-    post(client, postback(user_id="ab"))
-    post(client, postback(user_id=""))
-    assert_error(client.get(f"/users/{bad}/{route}", status=400), 400, "user-id")
-
-
-@pytest.mark.parametrize("url", ["/us%FFers/ab/earnings", "/users/ab/earn%FFings", "/stats%FF"])
-def test_bytes_that_are_not_utf8_outside_a_user_id_are_a_404(client, url):
-    assert_error(client.get(url, status=404), 404)
-
-
-# Each read endpoint (with {} for a user id) and the parameters it reads.
-READ_PARAMS = {
-    "/users/{}/earnings": ["since", "until", "property-id"],
-    "/users/{}/sessions": ["limit", "before"],
-    "/earnings": ["since", "until", "property-id", "format"],
-    "/totals": ["since", "until", "group-by", "format"],
-    "/reconciliation": ["since", "until", "property-id", "format", "report-utc-offset",
-                        "quantile"],
-    "/rejected": ["limit"],
-    "/conflicts": ["limit"],
-    "/stats": [],
-    "/healthz": [],
-}
-VALID_PARAMS = {"since": "2026-11-01", "until": "2026-11-02", "format": "csv", "limit": "5",
-                "group-by": "day", "property-id": "1234", "before": "MTox",
-                "report-utc-offset": "+05:30", "quantile": "0.9"}
-
-
-@pytest.mark.parametrize("bad", NOT_UTF8)
-@pytest.mark.parametrize("path, param", [
-    (path, param) for path, params in READ_PARAMS.items() for param in params])
-def test_a_parameter_that_is_not_utf8_is_a_400_naming_it(client, path, param, bad):
-    others = "&".join(f"{p}={VALID_PARAMS[p]}" for p in READ_PARAMS[path] if p != param)
-    url = f"{path.format('sub1')}?{param}={bad}&{others}"
-    assert_error(client.get(url, status=400), 400, param)
-
-
-def test_any_bytes_in_the_path_or_any_parameter_of_a_read_are_never_a_5xx(client):
-    post(client, SAMPLE)
-    fragments = st.one_of(
-        st.binary(max_size=40),
-        st.sampled_from([v.encode() for v in VALID_PARAMS.values()]),
-        st.integers().map(lambda n: str(n).encode()),
-        st.integers(min_value=0).map(lambda n: base64.urlsafe_b64encode(f"{n}:{n}".encode())),
-    )
-
-    @settings(max_examples=300, deadline=None, database=None)
-    @given(st.sampled_from(sorted(READ_PARAMS)), fragments,
-           st.dictionaries(st.sampled_from(sorted(VALID_PARAMS)), fragments, max_size=4))
-    def check(path, user_id, params):
-        query = "&".join(f"{quote(k)}={quote(v, safe='')}" for k, v in params.items())
-        url = f"{path.format(quote(user_id, safe=''))}?{query}"
-        res = client.get(url, status="*")
-        assert res.status_int < 500, (url, res.body)
-        if res.status_int >= 400:
-            assert_error(res, res.status_int, res.json["field"])
-
-    check()
-
-
-def test_unattributed_sessions_are_kept_under_the_empty_user_id(client):
-    post(client, postback(user_id=""))
-    res = client.get("/users//earnings", status=200)
-    assert (res.json["user-id"], res.json["sessions"]) == ("", 1)
-
-
 # ---------------------------------------------------------------------------
-# Auth
+# Auth: tokens for postbacks and reads
 # ---------------------------------------------------------------------------
+
+
+OLD_POSTBACK_TOKEN = "pb-old-Zq81xTr"
+
+
+NEW_POSTBACK_TOKEN = "pb-new-Wk27yMd"
+
+
+READ_TOKEN = "rd-Hh55vPc"
 
 
 def test_postback_without_the_token_is_401_and_stores_nothing(make_client, db):
@@ -682,314 +987,195 @@ def test_token_comparison_uses_hmac_compare_digest(monkeypatch):
     assert calls == [b"one", b"two"]  # every token compared, no early exit
 
 
+def test_real_server_refuses_bad_tokens_alike_and_never_logs_a_token(real_server, db):
+    server = real_server(db, env={
+        "SPP_POSTBACK_TOKEN": f"{OLD_POSTBACK_TOKEN},{NEW_POSTBACK_TOKEN}",
+        "SPP_READ_TOKEN": READ_TOKEN,
+        "SPP_LOG_LEVEL": "debug",  # the most the log ever says
+    })
+
+    def send(headers=None, path="/postback", payload=None):
+        body = json.dumps(payload or postback(user_id="auth")).encode()
+        return http_request(server.port, "POST", path, body, headers)
+
+    # Rotation: both configured tokens work; the scheme is case-insensitive.
+    for headers in [bearer(OLD_POSTBACK_TOKEN), bearer(NEW_POSTBACK_TOKEN),
+                    {"Authorization": f"bearer {OLD_POSTBACK_TOKEN}"},
+                    {"Authorization": f"BEARER {NEW_POSTBACK_TOKEN}"}]:
+        status, _, body = send(headers)
+        assert (status, json.loads(body)) == (200, {"status": "recorded"}), headers
+    basic = base64.b64encode(f"{OLD_POSTBACK_TOKEN}:".encode()).decode()
+    refused = [
+        send(),
+        send(bearer("wrong")),
+        send(bearer(OLD_POSTBACK_TOKEN[:-1])),  # a prefix
+        send(bearer(OLD_POSTBACK_TOKEN + "x")),  # one character more
+        send(bearer(NEW_POSTBACK_TOKEN + NEW_POSTBACK_TOKEN)),  # another length
+        send(bearer("p")),
+        send({"Authorization": "Bearer "}),
+        send({"Authorization": "Bearer"}),
+        send({"Authorization": f"Basic {basic}"}),
+        send({"Authorization": f"Basic {OLD_POSTBACK_TOKEN}"}),
+        send({"Authorization": OLD_POSTBACK_TOKEN}),
+        send({"Authorization": f"Token {OLD_POSTBACK_TOKEN}"}),
+        send(bearer(f"{OLD_POSTBACK_TOKEN},{NEW_POSTBACK_TOKEN}")),  # the whole setting
+        send(bearer(READ_TOKEN)),  # the read token does not post
+        send(path=f"/postback?token={OLD_POSTBACK_TOKEN}"),
+        send(path=f"/postback?access_token={NEW_POSTBACK_TOKEN}"),
+        send({"X-Api-Key": OLD_POSTBACK_TOKEN}),
+    ]
+    first_status, first_headers, first_body = refused[0]
+    assert first_status == 401
+    assert set(json.loads(first_body)) == {"error", "field"}
+    for status, headers, body in refused:  # refused the same way, whatever was wrong
+        assert (status, body) == (first_status, first_body)
+        assert headers["WWW-Authenticate"] == first_headers["WWW-Authenticate"]
+    # A bad body and an oversized one, with a good token: refused, token still unlogged.
+    assert send(bearer(NEW_POSTBACK_TOKEN), payload={"session-id": ""})[0] == 400
+    big = postback(padding="x" * spp_server.MAX_BODY_BYTES)
+    assert send(bearer(NEW_POSTBACK_TOKEN), payload=big)[0] == 413
+    # Reads: only the read token, in the header.
+    for headers, path in [({}, "/stats"), (bearer(OLD_POSTBACK_TOKEN), "/stats"),
+                          ({}, f"/stats?token={READ_TOKEN}"), (bearer(READ_TOKEN + "x"), "/stats"),
+                          (bearer(READ_TOKEN[:-1]), "/users/auth/earnings")]:
+        assert http_request(server.port, "GET", path, headers=headers)[0] == 401
+    status, _, body = http_request(server.port, "GET", "/users/auth/earnings",
+                                   headers={"Authorization": f"bearer {READ_TOKEN}"})
+    assert (status, json.loads(body)["sessions"]) == (200, 4)
+    assert server.stop() == 0
+    assert count(db, "sessions") == 4
+    assert count(db, "rejected") == 1  # only the authenticated bad body
+    log_text = server.log_text()
+    assert log_text.count("postback unauthorized") == len(refused)  # the log was captured
+    assert log_text.count("postback recorded") == 4
+    for secret in [OLD_POSTBACK_TOKEN, NEW_POSTBACK_TOKEN, READ_TOKEN, basic,
+                   "Zq81x", "Wk27y", "Hh55v"]:  # not even part of one
+        assert secret not in log_text, secret
+
+
 # ---------------------------------------------------------------------------
-# Errors, storage failures, health, logs
+# Read side: user ids in paths, windows, payout export, totals, sessions, operator views
 # ---------------------------------------------------------------------------
 
 
-def test_unexpected_exception_is_logged_and_answered_500_json(client, monkeypatch, caplog):
-    def boom(body):
-        raise RuntimeError("bug")
-
-    monkeypatch.setattr(spp_server, "parse_postback", boom)
-    res = post(client, SAMPLE, status=500)
-    assert_error(res, 500)
-    assert "Traceback" not in res.text and "bug" not in res.text
-    assert any(r.exc_info and "bug" in str(r.exc_info[1]) for r in caplog.records)
-    monkeypatch.undo()
-    post(client, SAMPLE, status=200)
+# Every string a postback accepts as a user id: any text but lone surrogates.
+USER_IDS = st.text(st.characters(blacklist_categories=["Cs"]), max_size=spp_server.MAX_USER_ID_CHARS)
 
 
-def test_locked_database_gets_503_then_recovers(make_client, db):
-    client = make_client(busy_timeout_ms=100)
-    blocker = sqlite3.connect(db, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")  # holds the write lock
-    try:
-        started = time.monotonic()
-        assert_error(post(client, SAMPLE, status=503), 503)
-        assert time.monotonic() - started < 5
-        assert_error(client.get("/healthz", status=503), 503)
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
-    assert count(db, "sessions") == 0
-    assert post(client, SAMPLE).json == {"status": "recorded"}
-    assert client.get("/healthz").json == {"status": "ok"}
+# Percent-encoded bytes that are not UTF-8: a stray byte, a cut-off sequence,
+# an encoded surrogate, an overlong '/'.
+NOT_UTF8 = ["%FF", "a%FFb", "%C3", "%ED%A0%80", "%C0%AF"]
 
 
-def test_healthz_is_ok_and_needs_no_auth(make_client):
-    client = make_client(read_tokens=(b"reader",), postback_tokens=(b"poster",))
-    assert client.get("/healthz", status=200).json == {"status": "ok"}
+# Each read endpoint (with {} for a user id) and the parameters it reads.
+READ_PARAMS = {
+    "/users/{}/earnings": ["since", "until", "property-id"],
+    "/users/{}/sessions": ["limit", "before"],
+    "/earnings": ["since", "until", "property-id", "format"],
+    "/totals": ["since", "until", "group-by", "format"],
+    "/reconciliation": ["since", "until", "property-id", "format", "report-utc-offset",
+                        "quantile"],
+    "/rejected": ["limit"],
+    "/conflicts": ["limit"],
+    "/stats": [],
+    "/healthz": [],
+}
 
 
-@contextlib.contextmanager
-def write_lock_held_by_another_connection(db):
-    """What an operator's sqlite3 shell does with BEGIN IMMEDIATE."""
-    blocker = sqlite3.connect(db, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
+VALID_PARAMS = {"since": "2026-11-01", "until": "2026-11-02", "format": "csv", "limit": "5",
+                "group-by": "day", "property-id": "1234", "before": "MTox",
+                "report-utc-offset": "+05:30", "quantile": "0.9"}
 
 
-def test_health_is_the_databases_state_now_not_the_last_postbacks(make_client, db, monkeypatch):
-    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 0)  # every check looks afresh
-    client = make_client(busy_timeout_ms=100)
-    assert client.get("/healthz").json == {"status": "ok"}  # healthy before any postback
-    with write_lock_held_by_another_connection(db):
-        assert_error(post(client, SAMPLE, status=503), 503)
-        assert_error(client.get("/healthz", status=503), 503)
-    # The fault is gone; no postback since: healthy again.
-    assert client.get("/healthz").json == {"status": "ok"}
-    assert count(db, "sessions") == 0
-    assert count(db, "health_probe") == 1  # what told it: a probe commit
+def sessions_page(client, user, status=200, **params):
+    return client.get(f"/users/{quote(user, safe='')}/sessions", params=params, status=status)
 
 
-def test_a_fresh_write_answers_for_health_without_a_probe(make_client, db, monkeypatch):
-    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 3600)
-    client = make_client(busy_timeout_ms=100)
+def b64(text):
+    return base64.urlsafe_b64encode(text.encode()).decode()
+
+
+READ_URLS = ["/users/sub1/earnings", "/users/sub1/sessions", "/earnings?since=1&until=2",
+             "/totals", "/stats", "/rejected", "/conflicts",
+             "/reconciliation?since=2026-11-01&until=2026-11-02"]
+
+
+@pytest.mark.parametrize(
+    "user_id", ["a/b", "50%", "with space", "ユーザー", "emoji-🎮", "a+b", "?x=1&y", "trailing/",
+                "line\nbreak", "\r\n", "tab\there", "nul\x00", "/earnings", "a/sessions"]
+)
+def test_awkward_user_ids_round_trip_when_percent_encoded(client, user_id):
+    post(client, postback(user_id=user_id))
+    assert earnings(client, user_id).json["user-id"] == user_id
+    assert earnings(client, user_id).json["sessions"] == 1
+    page = client.get(f"/users/{quote(user_id, safe='')}/sessions", status=200).json
+    assert (page["user-id"], len(page["sessions"])) == (user_id, 1)
+
+
+def test_every_storable_user_id_can_be_read_back(client):
+    stored = {}
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(USER_IDS)
+    def check(user_id):
+        post(client, postback(user_id=user_id))
+        stored[user_id] = stored.get(user_id, 0) + 1
+        assert earnings(client, user_id).json["sessions"] == stored[user_id]
+        page = client.get(f"/users/{quote(user_id, safe='')}/sessions", status=200).json
+        assert page["user-id"] == user_id and page["sessions"]
+
+    check()
+
+
+@pytest.mark.parametrize("bad", NOT_UTF8)
+@pytest.mark.parametrize("route", ["earnings", "sessions"])
+def test_a_user_id_that_is_not_utf8_is_a_400_never_another_users_data(client, route, bad):
+    post(client, postback(user_id="ab"))
+    post(client, postback(user_id=""))
+    assert_error(client.get(f"/users/{bad}/{route}", status=400), 400, "user-id")
+
+
+@pytest.mark.parametrize("url", ["/us%FFers/ab/earnings", "/users/ab/earn%FFings", "/stats%FF"])
+def test_bytes_that_are_not_utf8_outside_a_user_id_are_a_404(client, url):
+    assert_error(client.get(url, status=404), 404)
+
+
+@pytest.mark.parametrize("bad", NOT_UTF8)
+@pytest.mark.parametrize("path, param", [
+    (path, param) for path, params in READ_PARAMS.items() for param in params])
+def test_a_parameter_that_is_not_utf8_is_a_400_naming_it(client, path, param, bad):
+    others = "&".join(f"{p}={VALID_PARAMS[p]}" for p in READ_PARAMS[path] if p != param)
+    url = f"{path.format('sub1')}?{param}={bad}&{others}"
+    assert_error(client.get(url, status=400), 400, param)
+
+
+def test_any_bytes_in_the_path_or_any_parameter_of_a_read_are_never_a_5xx(client):
     post(client, SAMPLE)
-    assert client.get("/healthz").json == {"status": "ok"}
-    assert count(db, "health_probe") == 0  # a busy server is never probed
-    with write_lock_held_by_another_connection(db):
-        post(client, postback(), status=503)
-    health = client.get("/healthz", status=503)  # the failure is fresh: no probe needed
-    assert health.json["error"].startswith("the last write failed")
-
-
-def test_watchdog_pings_a_quiet_server_and_again_once_a_fault_is_gone(make_client, db, tmp_path,
-                                                                      monkeypatch):
-    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 0)
-    store = make_client(busy_timeout_ms=100).app.store
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify"))
-    notify.settimeout(10)
-    environ = {"WATCHDOG_USEC": "100000", "NOTIFY_SOCKET": str(tmp_path / "notify")}
-    stopping = threading.Event()
-    watchdog = spp_server.start_watchdog(store, environ, stopping)
-    try:
-        assert notify.recv(100) == b"WATCHDOG=1"  # no postback ever: still pinged
-        with write_lock_held_by_another_connection(db):
-            notify.settimeout(1)
-            pings = []
-            for _ in range(3):  # one ping already on its way may still arrive
-                try:
-                    pings.append(notify.recv(100))
-                except socket.timeout:
-                    break
-            assert len(pings) < 3  # then none while no write can commit
-        notify.settimeout(10)
-        assert notify.recv(100) == b"WATCHDOG=1"  # and again once it can, without a postback
-    finally:
-        stopping.set()
-        watchdog.join(5)
-        notify.close()
-    assert not watchdog.is_alive()
-
-
-def test_debug_logs_one_line_per_postback_without_secrets(make_client, caplog):
-    caplog.set_level(logging.DEBUG, logger="spp")
-    client = make_client(postback_tokens=(b"tok-123",))
-    post(client, SAMPLE, headers=bearer("tok-123"))
-    post(client, SAMPLE, headers=bearer("tok-123"))
-    post(client, b"{}", status=400, headers=bearer("tok-123"))
-    post(client, SAMPLE, status=401, headers=bearer("tok-12"))
-    lines = [(r.levelname, r.getMessage()) for r in caplog.records
-             if r.getMessage().startswith("postback ")]
-    assert [(level, line.split()[1]) for level, line in lines] == [
-        ("DEBUG", "recorded"), ("DEBUG", "duplicate"), ("WARNING", "rejected"),
-        ("INFO", "unauthorized")]
-    assert f'session-id="{SAMPLE["session-id"]}" user-id="sub1"' in lines[0][1]
-    assert "status=200" in lines[0][1] and "status=401" in lines[3][1]
-    assert "tok-12" not in caplog.text
-
-
-def test_info_logs_only_the_postbacks_that_need_attention(client, caplog):
-    caplog.set_level(logging.INFO, logger="spp")
-    post(client, SAMPLE)
-    post(client, SAMPLE)
-    post(client, postback(session_id=SAMPLE["session-id"], user_id="changed"))
-    post(client, b"{}", status=400)
-    lines = [r.getMessage() for r in caplog.records]
-    assert [line.split()[:2] for line in lines] == [
-        ["postback", f'session-id="{SAMPLE["session-id"]}"'], ["postback", "rejected"]]
-    assert "repeats a stored session with different fields" in lines[0]
-
-
-@pytest.mark.parametrize("fields, field, session_id, user_id", [
-    ({"count_of_ads_viewed": "many"}, "count-of-ads-viewed", "s-known", "u-known"),
-    ({"user_id": 42}, "user-id", "s-known", None),
-    ({"session_id": "", "user_id": "u\nx"}, "session-id", None, "u\nx"),
-    ({"session_id": None}, "session-id", None, "u-known"),
-])
-def test_a_refused_postbacks_log_line_says_why_and_whose_it_was(
-        client, caplog, fields, field, session_id, user_id):
-    body = {**postback(session_id="s-known", user_id="u-known"),
-            **{k.replace("_", "-"): v for k, v in fields.items()}}
-    body = {k: v for k, v in body.items() if v is not None}
-    reason = post(client, body, status=400).json["error"]
-    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert line == (f"postback rejected status=400 field={json.dumps(field)} "
-                    f"reason={json.dumps(reason)} "
-                    f"session-id={json.dumps(session_id) if session_id else '-'} "
-                    f"user-id={json.dumps(user_id) if user_id else '-'}")
-
-
-@pytest.mark.parametrize("body", [b"not json", b"x" * (spp_server.MAX_BODY_BYTES + 1)])
-def test_a_postback_refused_before_its_fields_logs_the_reason(client, caplog, body):
-    reason = post(client, body, status="4*").json["error"]
-    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert f"reason={json.dumps(reason)}" in line and line.endswith("session-id=- user-id=-")
-
-
-def test_log_line_cannot_be_forged_with_a_newline(client, caplog):
-    caplog.set_level(logging.INFO, logger="spp")
-    post(client, postback(user_id="x\nINFO spp: postback recorded"))
-    assert all("\n" not in r.getMessage() for r in caplog.records)
-
-
-# ---------------------------------------------------------------------------
-# Storage: files, schema, upgrades
-# ---------------------------------------------------------------------------
-
-
-def test_database_files_are_private_whatever_the_umask(client, db):
-    old = os.umask(0)
-    try:
-        post(client, SAMPLE)
-    finally:
-        os.umask(old)
-    for path in [db, db + "-wal"]:
-        assert os.stat(path).st_mode & 0o077 == 0, path
-
-
-def test_writes_are_committed_with_synchronous_full(client):
-    # FULL: a committed postback survives a power cut, not just a killed process.
-    pragma = client.app.store.write(lambda conn, now: conn.execute("PRAGMA synchronous").fetchone())
-    assert pragma == (2,)
-
-
-def test_database_is_in_wal_mode_with_latest_schema(client, db):
-    latest = spp_server.schema_versions(spp_server.SCHEMA_PATH.read_text())[-1][0]
-    assert rows(db, "PRAGMA journal_mode") == [("wal",)]
-    assert rows(db, "PRAGMA user_version") == [(latest,)]
-
-
-def test_reopening_keeps_rows_and_does_not_reapply_the_schema(make_client, db):
-    post(make_client(), SAMPLE)
-    client = make_client()
-    assert earnings(client, "sub1").json["sessions"] == 1
-
-
-SCHEMA_VERSIONS = [v for v, _ in spp_server.schema_versions(spp_server.SCHEMA_PATH.read_text())]
-
-
-@pytest.mark.parametrize("old_version", SCHEMA_VERSIONS[:-1])
-def test_older_database_is_upgraded_in_place_keeping_rows(db, old_version):
-    conn = spp_server.connect(db, 1000)
-    spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=old_version)
-    conn.execute(
-        "INSERT INTO sessions (session_id, user_id, revenue_nano, received_at_us, raw_body) "
-        "VALUES ('old-session', 'sub1', 5000, 1, '{}')"
+    fragments = st.one_of(
+        st.binary(max_size=40),
+        st.sampled_from([v.encode() for v in VALID_PARAMS.values()]),
+        st.integers().map(lambda n: str(n).encode()),
+        st.integers(min_value=0).map(lambda n: base64.urlsafe_b64encode(f"{n}:{n}".encode())),
     )
-    conn.close()
-    assert rows(db, "PRAGMA user_version") == [(old_version,)]
-    app = spp_server.create_app({"db": db})
-    try:
-        client = TestApp(app)
-        assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSIONS[-1],)]
-        post(client, SAMPLE)
-        assert earnings(client, "sub1").json["estimated-revenue"] == "0.000017"
-    finally:
-        app.store.close()
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.sampled_from(sorted(READ_PARAMS)), fragments,
+           st.dictionaries(st.sampled_from(sorted(VALID_PARAMS)), fragments, max_size=4))
+    def check(path, user_id, params):
+        query = "&".join(f"{quote(k)}={quote(v, safe='')}" for k, v in params.items())
+        url = f"{path.format(quote(user_id, safe=''))}?{query}"
+        res = client.get(url, status="*")
+        assert res.status_int < 500, (url, res.body)
+        if res.status_int >= 400:
+            assert_error(res, res.status_int, res.json["field"])
+
+    check()
 
 
-OPEN_STORE = "import sys, spp_server; spp_server.Store(sys.argv[1]).close()"
-
-
-@pytest.mark.parametrize("old_version", [0, 1])  # a new file; one from the first release
-def test_processes_opening_one_database_together_all_succeed(tmp_path, old_version):
-    """An overlapping restart, or an export while the server starts."""
-    for attempt in range(4):
-        db = str(tmp_path / f"race-{attempt}.db")
-        if old_version:
-            conn = sqlite3.connect(db, isolation_level=None)  # rollback journal, as SQLite's default
-            spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=old_version)
-            conn.close()
-        starts = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, db], cwd=HERE,
-                                   stderr=subprocess.PIPE, text=True) for _ in range(3)]
-        for start in starts:
-            _, err = start.communicate(timeout=30)
-            assert start.returncode == 0, err
-        assert rows(db, "PRAGMA journal_mode") == [("wal",)]
-        assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSIONS[-1],)]
-
-
-def test_opening_waits_for_a_writer_in_the_way_of_wal_mode(db):
-    """Switching to WAL needs the file alone for a moment, and SQLite applies
-    no busy timeout to it: a write transaction in the way (another process
-    creating the schema in rollback-journal mode) must be waited for."""
-    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
-    other.execute("BEGIN IMMEDIATE")
-    other.execute("CREATE TABLE t (x)")
-    release = threading.Timer(0.3, other.execute, ["COMMIT"])
-    release.start()
-    try:
-        spp_server.Store(db).close()
-    finally:
-        release.join()
-        other.close()
-    assert rows(db, "PRAGMA journal_mode") == [("wal",)]
-
-
-def test_a_database_that_cannot_be_in_wal_mode_is_refused(tmp_path):
-    conn = spp_server.connect(":memory:", 100)  # :memory: keeps journal_mode 'memory'
-    with pytest.raises(sqlite3.OperationalError, match="WAL"):
-        spp_server.enable_wal(conn, 1)
-
-
-def test_a_failing_migration_reports_its_own_error_and_changes_nothing(db):
-    conn = spp_server.connect(db, 1000)
-    broken = "-- version 1\nCREATE TABLE a (x);\n-- version 2\nCREATE TABLE a (x);\n"
-    with pytest.raises(sqlite3.OperationalError, match="already exists"):
-        spp_server.migrate(conn, broken)
-    assert not conn.in_transaction
-    assert conn.execute("PRAGMA user_version").fetchone() == (0,)
-    assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
-    conn.close()
-
-
-def test_schema_sections_are_numbered_in_increasing_order():
-    assert SCHEMA_VERSIONS == sorted(set(SCHEMA_VERSIONS)) and SCHEMA_VERSIONS[0] == 1
-
-
-# ---------------------------------------------------------------------------
-# Read side: windows, payout export, totals, sessions, operator views
-# ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    """The receive time the server stamps on writes, set by the test."""
-
-    class Clock:
-        us = spp_server.parse_instant("2026-11-23T10:00:00Z")
-
-        def set(self, text):
-            self.us = spp_server.parse_instant(text)
-
-    fake = Clock()
-    monkeypatch.setattr(spp_server, "now_us", lambda: fake.us)
-    return fake
-
-
-def post_at(client, clock, when, **fields):
-    clock.set(when)
-    body = postback(**fields)
-    post(client, body)
-    return body
+def test_unattributed_sessions_are_kept_under_the_empty_user_id(client):
+    post(client, postback(user_id=""))
+    res = client.get("/users//earnings", status=200)
+    assert (res.json["user-id"], res.json["sessions"]) == ("", 1)
 
 
 @pytest.mark.parametrize(
@@ -1107,13 +1293,6 @@ def test_reward_share_comes_from_flag_or_environment(fake_serve, db):
     assert [c["reward_share"] for c in fake_serve] == [Decimal("0.7"), Decimal("0.5")]
 
 
-def export(client, status=200, **params):
-    return client.get("/earnings", params=params, status=status)
-
-
-DAY = {"since": "2026-11-23", "until": "2026-11-24"}
-
-
 def test_export_needs_since_and_until(client):
     assert_error(export(client, status=400, since="2026-11-23"), 400, "until")
     assert_error(export(client, status=400, until="2026-11-23"), 400, "since")
@@ -1141,13 +1320,7 @@ def test_export_of_an_empty_window_is_empty(client):
         "first-received-at,last-received-at,since,until"]
 
 
-AWKWARD_IDS = ['comma,id', 'quote"id', "new\nline", "cr\r\nlf", " spaced ", "=1+1", "ユーザー"]
-
-
 def test_export_csv_quotes_awkward_user_ids(make_client, clock):
-    import csv
-    import io
-
     client = make_client(reward_share=Decimal("0.7"))
     for user in AWKWARD_IDS:
         post_at(client, clock, "2026-11-23T10:00:00Z", user_id=user)
@@ -1182,6 +1355,210 @@ def test_export_streams_without_building_a_list_of_users():
     assert len(pulled) < 2_000  # one chunk's worth, not the whole window
 
 
+def test_totals_group_by_day_property_and_country(client, clock):
+    post_at(client, clock, "2026-11-22T23:59:59Z", property_id="1", country="IN",
+            your_estimated_revenue="0.1", count_of_ads_viewed=1, session_duration=10)
+    post_at(client, clock, "2026-11-23T00:00:00Z", property_id="1", country="IN",
+            your_estimated_revenue="0.2", count_of_ads_viewed=2, session_duration=20)
+    post_at(client, clock, "2026-11-23T12:00:00Z", property_id="2", country="US",
+            your_estimated_revenue="0.3", count_of_ads_viewed=None, session_duration=30)
+    post_at(client, clock, "2026-11-23T13:00:00Z", property_id="1", country=None,
+            your_estimated_revenue="0.4", count_of_ads_viewed=4, session_duration=None)
+    res = client.get("/totals", params={"group-by": "day,property-id"}, status=200).json
+    assert res["group-by"] == ["day", "property-id"]
+    assert [(t["day"], t["property-id"], t["sessions"], t["estimated-revenue"])
+            for t in res["totals"]] == [
+        ("2026-11-22", "1", 1, "0.1"), ("2026-11-23", "1", 2, "0.6"), ("2026-11-23", "2", 1, "0.3")]
+    by_country = client.get("/totals", params={"group-by": "country", **DAY}).json["totals"]
+    assert [(t["country"], t["ads-viewed"], t["session-duration"]) for t in by_country] == [
+        (None, 4, 0), ("IN", 2, 20), ("US", 0, 30)]
+    overall = client.get("/totals", params=DAY).json
+    assert overall["totals"] == [{"sessions": 3, "ads-viewed": 6, "session-duration": 50,
+                                  "estimated-revenue": "0.9"}]
+    assert (overall["since"], overall["until"]) == ("2026-11-23T00:00:00Z", "2026-11-24T00:00:00Z")
+
+
+def test_totals_as_csv(client, clock):
+    post_at(client, clock, "2026-11-23T10:00:00Z", country="IN")
+    res = client.get("/totals", params={"group-by": "day,country", "format": "csv"}, status=200)
+    assert res.content_type == "text/csv"
+    assert res.body.decode().splitlines() == [
+        "day,country,sessions,ads-viewed,session-duration,estimated-revenue",
+        "2026-11-23,IN,1,1,163,0.000012"]
+
+
+@pytest.mark.parametrize("params, field", [({"group-by": "user"}, "group-by"),
+                                           ({"group-by": "day,day"}, "group-by"),
+                                           ({"format": "xml"}, "format"),
+                                           ({"since": "x"}, "since")])
+def test_totals_bad_parameters_are_400(client, params, field):
+    assert_error(client.get("/totals", params=params, status=400), 400, field)
+
+
+def test_conflicts_are_counted_and_listed_newest_first(client):
+    first = postback(your_estimated_revenue="1")
+    post(client, first)
+    post(client, {**first, "your-estimated-revenue": "2"})
+    post(client, {**first, "country": "US"})
+    post(client, first)  # an exact copy is no conflict
+    conflicts = client.get("/conflicts", params={"limit": 5}).json["conflicts"]
+    assert [json.loads(c["new-body"]).get("country") for c in conflicts] == ["US", "IN"]
+    assert all(c["session-id"] == first["session-id"] for c in conflicts)
+    assert json.loads(conflicts[0]["stored-body"]) == first
+    assert client.get("/stats").json["conflicts"] == 2
+    assert len(client.get("/conflicts", params={"limit": 1}).json["conflicts"]) == 1
+
+
+def test_sessions_of_a_user_newest_first_with_every_field(client, clock):
+    old = post_at(client, clock, "2026-11-23T09:00:00Z", user_id="u/1", country="in",
+                  your_estimated_revenue="0.5", count_of_ads_viewed=None)
+    new = post_at(client, clock, "2026-11-23T10:00:00.5Z", user_id="u/1", property_id=42)
+    post_at(client, clock, "2026-11-23T11:00:00Z", user_id="other")
+    res = sessions_page(client, "u/1").json
+    assert res["user-id"] == "u/1" and res["next"] is None
+    assert res["sessions"] == [
+        {"session-id": new["session-id"], "country": "IN", "count-of-ads-viewed": 1,
+         "your-estimated-revenue": "0.000012", "session-duration": 163, "property-id": "42",
+         "received-at": "2026-11-23T10:00:00.500000Z"},
+        {"session-id": old["session-id"], "country": "IN", "count-of-ads-viewed": None,
+         "your-estimated-revenue": "0.5", "session-duration": 163, "property-id": "1234",
+         "received-at": "2026-11-23T09:00:00Z"},
+    ]
+
+
+def test_sessions_limit_defaults_to_50_and_is_bounded(client):
+    for _ in range(51):
+        post(client, postback(user_id="many"))
+    assert len(sessions_page(client, "many").json["sessions"]) == 50
+    for bad in ["0", "1001", "-1", "ten", "1.5"]:
+        assert_error(sessions_page(client, "many", status=400, limit=bad), 400, "limit")
+    assert len(sessions_page(client, "many", limit="1000").json["sessions"]) == 51
+
+
+def test_keyset_pagination_is_stable_while_sessions_arrive(client, clock):
+    # All at one receive time: the order must still be total (ties broken by row id).
+    sent = [post_at(client, clock, "2026-11-23T10:00:00Z", user_id="p")["session-id"]
+            for _ in range(7)]
+    page = sessions_page(client, "p", limit=3).json
+    seen = [s["session-id"] for s in page["sessions"]]
+    for _ in range(3):  # newer sessions arrive between pages
+        post_at(client, clock, "2026-11-23T10:00:00Z", user_id="p")
+    while page["next"]:
+        page = sessions_page(client, "p", limit=3, before=page["next"]).json
+        seen += [s["session-id"] for s in page["sessions"]]
+    assert seen == sent[::-1]
+
+
+@pytest.mark.parametrize("cursor", [b64(f"{2**63}:1"), b64(f"1:{2**63}"), b64(f"{10**30}:1"),
+                                    b64("-1:1"), b64(" 1:1"), b64("1:1:1"), b64("1:")])
+def test_a_cursor_beyond_what_the_server_gives_out_is_a_400(client, cursor):
+    assert_error(sessions_page(client, "p", status=400, before=cursor), 400, "before")
+
+
+def test_the_largest_cursor_is_an_empty_page(client):
+    page = sessions_page(client, "p", before=b64(f"{2**63 - 1}:{2**63 - 1}")).json
+    assert page["sessions"] == [] and page["next"] is None
+
+
+@pytest.mark.parametrize("cursor", ["garbage!", "bm90LWEtY3Vyc29y", "MTox", "%%%"])
+def test_a_cursor_not_given_out_is_a_400(client, cursor):
+    res = sessions_page(client, "p", status=400 if cursor != "MTox" else 200, before=cursor)
+    if cursor != "MTox":  # "1:1" is well-formed: an empty page, not an error
+        assert_error(res, 400, "before")
+
+
+def test_stats_show_what_is_stored_and_what_this_process_saw(make_client, clock):
+    client = make_client(postback_tokens=(b"t",))
+    empty = client.get("/stats").json
+    assert empty == {"sessions": 0, "rejected": 0, "conflicts": 0, "last-received-at": None,
+                     "last-received-age-seconds": None,
+                     "since-start": {"recorded": 0, "duplicate": 0, "rejected": 0,
+                                     "too-large": 0, "unauthorized": 0}}
+    clock.set("2026-11-23T10:00:00Z")
+    post(client, SAMPLE, status=401)
+    post(client, SAMPLE, headers=bearer("t"))
+    post(client, SAMPLE, headers=bearer("t"))
+    post(client, b"[]", status=400, headers=bearer("t"))
+    post(client, b"x" * (spp_server.MAX_BODY_BYTES + 1), status=413, headers=bearer("t"))
+    clock.set("2026-11-23T10:01:30Z")
+    res = client.get("/stats").json
+    # since-start.rejected counts what the rejected table holds; a 413 is not kept.
+    assert res == {"sessions": 1, "rejected": 1, "conflicts": 0,
+                   "last-received-at": "2026-11-23T10:00:00Z", "last-received-age-seconds": 90,
+                   "since-start": {"recorded": 1, "duplicate": 1, "rejected": 1,
+                                   "too-large": 1, "unauthorized": 1}}
+
+
+def test_rejected_view_lists_newest_first_with_raw_body(client, clock):
+    clock.set("2026-11-23T10:00:00Z")
+    post(client, b'{"session-id": ""}', status=400)
+    clock.set("2026-11-23T10:05:00Z")
+    post(client, b"\xff not utf-8", status=400)
+    items = client.get("/rejected").json["rejected"]
+    assert [(i["received-at"], i["field"], i["raw-body"]) for i in items] == [
+        ("2026-11-23T10:05:00Z", None, "\\xff not utf-8"),
+        ("2026-11-23T10:00:00Z", "session-id", '{"session-id": ""}')]
+    assert "UTF-8" in items[0]["reason"]
+    assert len(client.get("/rejected", params={"limit": 1}).json["rejected"]) == 1
+    assert_error(client.get("/rejected", params={"limit": 0}, status=400), 400, "limit")
+
+
+@pytest.mark.parametrize("url", READ_URLS)
+def test_every_read_endpoint_needs_the_read_token(make_client, url):
+    client = make_client(read_tokens=(b"reader",), postback_tokens=(b"poster",))
+    for headers in [{}, bearer("poster"), bearer("reade")]:
+        res = client.get(url, headers=headers, status=401)
+        assert_error(res, 401)
+        assert res.headers["WWW-Authenticate"].startswith("Bearer")
+    client.get(url, headers=bearer("reader"), status=200)
+    client.get(url, headers={"Authorization": "bearer reader"}, status=200)
+
+
+def test_per_user_queries_search_the_user_index(client, db):
+    window = spp_server.Window(1, 2).params("p")
+    plan = query_plan(db, "user_earnings", {"user": "u", **window})
+    assert "SEARCH sessions USING COVERING INDEX sessions_by_user (user_id=?" in plan
+    plan = query_plan(db, "user_sessions",
+                      {"user": "u", "before_at": 1, "before_id": 1, "limit": 5})
+    assert plan.startswith("SEARCH sessions USING INDEX sessions_by_user (user_id=?")
+    assert "TEMP B-TREE" not in plan  # the index order is the page order
+
+
+@pytest.mark.parametrize("name", ["earnings_by_user", ("day", "country")])
+def test_window_queries_search_the_receive_time_index(client, db, name):
+    name = list(name) if isinstance(name, tuple) else name
+    plan = query_plan(db, name, spp_server.Window(1, 2).params())
+    assert plan.startswith("SEARCH sessions USING COVERING INDEX sessions_by_time "
+                           "(received_at_us>? AND received_at_us<?)")
+    assert "SCAN" not in plan
+
+
+# ---------------------------------------------------------------------------
+# The export command: read-only, one-line errors
+# ---------------------------------------------------------------------------
+
+
+def run_export_command(db, out=None):
+    """`spp_server.py export` over all time: (exit status, output bytes)."""
+    out = io.BytesIO() if out is None else out
+    code = spp_server.run_export(["--db", db, "--since", "2000-01-01", "--until", "2100-01-01"],
+                                 {}, out)
+    return code, out.getvalue() if isinstance(out, io.BytesIO) else None
+
+
+def file_state(directory):
+    """Every file in `directory` with its bytes and mode: what a read must not change."""
+    return {p.name: (p.read_bytes(), p.stat().st_mode) for p in Path(directory).iterdir()}
+
+
+def one_line_error(capsys, *words):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
 def test_export_subcommand_matches_the_endpoint_byte_for_byte(make_client, clock, db):
     client = make_client(reward_share=Decimal("0.7"))
     for user in AWKWARD_IDS + ["plain"]:
@@ -1212,19 +1589,6 @@ def test_export_subcommand_runs_from_the_command_line(client, db):
     assert missing.returncode == 1 and not os.path.exists(db + ".nope")
 
 
-def run_export_command(db, out=None):
-    """`spp_server.py export` over all time: (exit status, output bytes)."""
-    out = io.BytesIO() if out is None else out
-    code = spp_server.run_export(["--db", db, "--since", "2000-01-01", "--until", "2100-01-01"],
-                                 {}, out)
-    return code, out.getvalue() if isinstance(out, io.BytesIO) else None
-
-
-def file_state(directory):
-    """Every file in `directory` with its bytes and mode: what a read must not change."""
-    return {p.name: (p.read_bytes(), p.stat().st_mode) for p in Path(directory).iterdir()}
-
-
 def test_export_reads_a_database_it_may_not_write_and_changes_nothing(make_client, tmp_path):
     """A backup, a replica, or the service's file: read-only to this user.  As
     root (the tests' user) only an immutable file and directory stop writes."""
@@ -1253,14 +1617,6 @@ def test_export_leaves_a_live_database_as_the_server_has_it(client, db):
     code, output = run_export_command(db)
     assert code == 0 and json.loads(output)["sessions"] == 1
     assert rows(db, "PRAGMA user_version") == version
-
-
-def one_line_error(capsys, *words):
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in err, err
-    return err
 
 
 def test_export_of_a_missing_database_creates_nothing(tmp_path, capsys):
@@ -1332,202 +1688,6 @@ def test_export_help_tells_what_it_reads_and_accepts(capsys):
         assert form in text
 
 
-def test_totals_group_by_day_property_and_country(client, clock):
-    post_at(client, clock, "2026-11-22T23:59:59Z", property_id="1", country="IN",
-            your_estimated_revenue="0.1", count_of_ads_viewed=1, session_duration=10)
-    post_at(client, clock, "2026-11-23T00:00:00Z", property_id="1", country="IN",
-            your_estimated_revenue="0.2", count_of_ads_viewed=2, session_duration=20)
-    post_at(client, clock, "2026-11-23T12:00:00Z", property_id="2", country="US",
-            your_estimated_revenue="0.3", count_of_ads_viewed=None, session_duration=30)
-    post_at(client, clock, "2026-11-23T13:00:00Z", property_id="1", country=None,
-            your_estimated_revenue="0.4", count_of_ads_viewed=4, session_duration=None)
-    res = client.get("/totals", params={"group-by": "day,property-id"}, status=200).json
-    assert res["group-by"] == ["day", "property-id"]
-    assert [(t["day"], t["property-id"], t["sessions"], t["estimated-revenue"])
-            for t in res["totals"]] == [
-        ("2026-11-22", "1", 1, "0.1"), ("2026-11-23", "1", 2, "0.6"), ("2026-11-23", "2", 1, "0.3")]
-    by_country = client.get("/totals", params={"group-by": "country", **DAY}).json["totals"]
-    assert [(t["country"], t["ads-viewed"], t["session-duration"]) for t in by_country] == [
-        (None, 4, 0), ("IN", 2, 20), ("US", 0, 30)]
-    overall = client.get("/totals", params=DAY).json
-    assert overall["totals"] == [{"sessions": 3, "ads-viewed": 6, "session-duration": 50,
-                                  "estimated-revenue": "0.9"}]
-    assert (overall["since"], overall["until"]) == ("2026-11-23T00:00:00Z", "2026-11-24T00:00:00Z")
-
-
-def test_totals_as_csv(client, clock):
-    post_at(client, clock, "2026-11-23T10:00:00Z", country="IN")
-    res = client.get("/totals", params={"group-by": "day,country", "format": "csv"}, status=200)
-    assert res.content_type == "text/csv"
-    assert res.body.decode().splitlines() == [
-        "day,country,sessions,ads-viewed,session-duration,estimated-revenue",
-        "2026-11-23,IN,1,1,163,0.000012"]
-
-
-@pytest.mark.parametrize("params, field", [({"group-by": "user"}, "group-by"),
-                                           ({"group-by": "day,day"}, "group-by"),
-                                           ({"format": "xml"}, "format"),
-                                           ({"since": "x"}, "since")])
-def test_totals_bad_parameters_are_400(client, params, field):
-    assert_error(client.get("/totals", params=params, status=400), 400, field)
-
-
-def test_conflicts_are_counted_and_listed_newest_first(client):
-    first = postback(your_estimated_revenue="1")
-    post(client, first)
-    post(client, {**first, "your-estimated-revenue": "2"})
-    post(client, {**first, "country": "US"})
-    post(client, first)  # an exact copy is no conflict
-    conflicts = client.get("/conflicts", params={"limit": 5}).json["conflicts"]
-    assert [json.loads(c["new-body"]).get("country") for c in conflicts] == ["US", "IN"]
-    assert all(c["session-id"] == first["session-id"] for c in conflicts)
-    assert json.loads(conflicts[0]["stored-body"]) == first
-    assert client.get("/stats").json["conflicts"] == 2
-    assert len(client.get("/conflicts", params={"limit": 1}).json["conflicts"]) == 1
-
-
-def sessions_page(client, user, status=200, **params):
-    return client.get(f"/users/{quote(user, safe='')}/sessions", params=params, status=status)
-
-
-def test_sessions_of_a_user_newest_first_with_every_field(client, clock):
-    old = post_at(client, clock, "2026-11-23T09:00:00Z", user_id="u/1", country="in",
-                  your_estimated_revenue="0.5", count_of_ads_viewed=None)
-    new = post_at(client, clock, "2026-11-23T10:00:00.5Z", user_id="u/1", property_id=42)
-    post_at(client, clock, "2026-11-23T11:00:00Z", user_id="other")
-    res = sessions_page(client, "u/1").json
-    assert res["user-id"] == "u/1" and res["next"] is None
-    assert res["sessions"] == [
-        {"session-id": new["session-id"], "country": "IN", "count-of-ads-viewed": 1,
-         "your-estimated-revenue": "0.000012", "session-duration": 163, "property-id": "42",
-         "received-at": "2026-11-23T10:00:00.500000Z"},
-        {"session-id": old["session-id"], "country": "IN", "count-of-ads-viewed": None,
-         "your-estimated-revenue": "0.5", "session-duration": 163, "property-id": "1234",
-         "received-at": "2026-11-23T09:00:00Z"},
-    ]
-
-
-def test_sessions_limit_defaults_to_50_and_is_bounded(client):
-    for _ in range(51):
-        post(client, postback(user_id="many"))
-    assert len(sessions_page(client, "many").json["sessions"]) == 50
-    for bad in ["0", "1001", "-1", "ten", "1.5"]:
-        assert_error(sessions_page(client, "many", status=400, limit=bad), 400, "limit")
-    assert len(sessions_page(client, "many", limit="1000").json["sessions"]) == 51
-
-
-def test_keyset_pagination_is_stable_while_sessions_arrive(client, clock):
-    # All at one receive time: the order must still be total (ties broken by row id).
-    sent = [post_at(client, clock, "2026-11-23T10:00:00Z", user_id="p")["session-id"]
-            for _ in range(7)]
-    page = sessions_page(client, "p", limit=3).json
-    seen = [s["session-id"] for s in page["sessions"]]
-    for _ in range(3):  # newer sessions arrive between pages
-        post_at(client, clock, "2026-11-23T10:00:00Z", user_id="p")
-    while page["next"]:
-        page = sessions_page(client, "p", limit=3, before=page["next"]).json
-        seen += [s["session-id"] for s in page["sessions"]]
-    assert seen == sent[::-1]
-
-
-def b64(text):
-    return base64.urlsafe_b64encode(text.encode()).decode()
-
-
-@pytest.mark.parametrize("cursor", [b64(f"{2**63}:1"), b64(f"1:{2**63}"), b64(f"{10**30}:1"),
-                                    b64("-1:1"), b64(" 1:1"), b64("1:1:1"), b64("1:")])
-def test_a_cursor_beyond_what_the_server_gives_out_is_a_400(client, cursor):
-    assert_error(sessions_page(client, "p", status=400, before=cursor), 400, "before")
-
-
-def test_the_largest_cursor_is_an_empty_page(client):
-    page = sessions_page(client, "p", before=b64(f"{2**63 - 1}:{2**63 - 1}")).json
-    assert page["sessions"] == [] and page["next"] is None
-
-
-@pytest.mark.parametrize("cursor", ["garbage!", "bm90LWEtY3Vyc29y", "MTox", "%%%"])
-def test_a_cursor_not_given_out_is_a_400(client, cursor):
-    res = sessions_page(client, "p", status=400 if cursor != "MTox" else 200, before=cursor)
-    if cursor != "MTox":  # "1:1" is well-formed: an empty page, not an error
-        assert_error(res, 400, "before")
-
-
-def test_stats_show_what_is_stored_and_what_this_process_saw(make_client, clock):
-    client = make_client(postback_tokens=(b"t",))
-    empty = client.get("/stats").json
-    assert empty == {"sessions": 0, "rejected": 0, "conflicts": 0, "last-received-at": None,
-                     "last-received-age-seconds": None,
-                     "since-start": {"recorded": 0, "duplicate": 0, "rejected": 0,
-                                     "too-large": 0, "unauthorized": 0}}
-    clock.set("2026-11-23T10:00:00Z")
-    post(client, SAMPLE, status=401)
-    post(client, SAMPLE, headers=bearer("t"))
-    post(client, SAMPLE, headers=bearer("t"))
-    post(client, b"[]", status=400, headers=bearer("t"))
-    post(client, b"x" * (spp_server.MAX_BODY_BYTES + 1), status=413, headers=bearer("t"))
-    clock.set("2026-11-23T10:01:30Z")
-    res = client.get("/stats").json
-    # since-start.rejected counts what the rejected table holds; a 413 is not kept.
-    assert res == {"sessions": 1, "rejected": 1, "conflicts": 0,
-                   "last-received-at": "2026-11-23T10:00:00Z", "last-received-age-seconds": 90,
-                   "since-start": {"recorded": 1, "duplicate": 1, "rejected": 1,
-                                   "too-large": 1, "unauthorized": 1}}
-
-
-def test_rejected_view_lists_newest_first_with_raw_body(client, clock):
-    clock.set("2026-11-23T10:00:00Z")
-    post(client, b'{"session-id": ""}', status=400)
-    clock.set("2026-11-23T10:05:00Z")
-    post(client, b"\xff not utf-8", status=400)
-    items = client.get("/rejected").json["rejected"]
-    assert [(i["received-at"], i["field"], i["raw-body"]) for i in items] == [
-        ("2026-11-23T10:05:00Z", None, "\\xff not utf-8"),
-        ("2026-11-23T10:00:00Z", "session-id", '{"session-id": ""}')]
-    assert "UTF-8" in items[0]["reason"]
-    assert len(client.get("/rejected", params={"limit": 1}).json["rejected"]) == 1
-    assert_error(client.get("/rejected", params={"limit": 0}, status=400), 400, "limit")
-
-
-READ_URLS = ["/users/sub1/earnings", "/users/sub1/sessions", "/earnings?since=1&until=2",
-             "/totals", "/stats", "/rejected", "/conflicts",
-             "/reconciliation?since=2026-11-01&until=2026-11-02"]
-
-
-@pytest.mark.parametrize("url", READ_URLS)
-def test_every_read_endpoint_needs_the_read_token(make_client, url):
-    client = make_client(read_tokens=(b"reader",), postback_tokens=(b"poster",))
-    for headers in [{}, bearer("poster"), bearer("reade")]:
-        res = client.get(url, headers=headers, status=401)
-        assert_error(res, 401)
-        assert res.headers["WWW-Authenticate"].startswith("Bearer")
-    client.get(url, headers=bearer("reader"), status=200)
-    client.get(url, headers={"Authorization": "bearer reader"}, status=200)
-
-
-def query_plan(db, name, params):
-    sql = spp_server.totals_sql(name) if isinstance(name, list) else spp_server.SQL[name]
-    return " / ".join(row[-1] for row in rows(db, "EXPLAIN QUERY PLAN " + sql, params))
-
-
-def test_per_user_queries_search_the_user_index(client, db):
-    window = spp_server.Window(1, 2).params("p")
-    plan = query_plan(db, "user_earnings", {"user": "u", **window})
-    assert "SEARCH sessions USING COVERING INDEX sessions_by_user (user_id=?" in plan
-    plan = query_plan(db, "user_sessions",
-                      {"user": "u", "before_at": 1, "before_id": 1, "limit": 5})
-    assert plan.startswith("SEARCH sessions USING INDEX sessions_by_user (user_id=?")
-    assert "TEMP B-TREE" not in plan  # the index order is the page order
-
-
-@pytest.mark.parametrize("name", ["earnings_by_user", ("day", "country")])
-def test_window_queries_search_the_receive_time_index(client, db, name):
-    name = list(name) if isinstance(name, tuple) else name
-    plan = query_plan(db, name, spp_server.Window(1, 2).params())
-    assert plan.startswith("SEARCH sessions USING COVERING INDEX sessions_by_time "
-                           "(received_at_us>? AND received_at_us<?)")
-    assert "SCAN" not in plan
-
-
 # ---------------------------------------------------------------------------
 # Reconciliation: booked revenue imported, held against the estimates
 # ---------------------------------------------------------------------------
@@ -1557,6 +1717,38 @@ def days_of(res):
 
 
 NOV = {"since": "2026-11-01", "until": "2026-11-08"}
+
+
+def import_file(tmp_path, db, text, name="report.csv", metric=None):
+    """Run `import-booked` in-process: (exit code, stdout, stderr)."""
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    out = io.StringIO()
+    argv = [str(path), "--db", db, *(["--metric", metric] if metric else [])]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = spp_server.run_import_booked(argv, {}, out)
+    return code, out.getvalue(), err.getvalue()
+
+
+def post_day(client, clock, when, *revenues, **fields):
+    for amount in revenues:
+        post_at(client, clock, when, your_estimated_revenue=amount, **fields)
+
+
+# Seven days, each estimated at 1 USD: the share each day would have allowed.
+BOOKED_WEEK = ["0.95", "0.9", "0.879", "0.99", "1.2", "0.93", "0.96"]
+
+
+def book_week(client, clock, booked=BOOKED_WEEK):
+    for i, amount in enumerate(booked):
+        post_day(client, clock, f"2026-11-0{i + 1}T10:00:00Z", "1")
+    book(client, "date,revenue\n" + "".join(
+        f"2026-11-0{i + 1},{amount}\n" for i, amount in enumerate(booked)))
+
+
+def itertools_chain(pairs):
+    return [item for pair in pairs for item in pair]
 
 
 def test_csv_header_names_match_whatever_the_spelling_and_a_bom_is_skipped():
@@ -1633,20 +1825,6 @@ def test_a_bad_report_is_refused_naming_the_line_or_row_and_field(text, message)
     assert "\n" not in str(refused.value)
 
 
-def import_file(tmp_path, db, text, name="report.csv", metric=None):
-    """Run `import-booked` in-process: (exit code, stdout, stderr)."""
-    import io
-
-    path = tmp_path / name
-    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
-    out = io.StringIO()
-    argv = [str(path), "--db", db, *(["--metric", metric] if metric else [])]
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = spp_server.run_import_booked(argv, {}, out)
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_reimport_replaces_changed_rows_and_counts_new_replaced_unchanged(
         client, db, tmp_path, clock):
     clock.set("2026-11-10T08:00:00Z")
@@ -1716,11 +1894,6 @@ def test_import_command_errors_are_one_line_without_a_traceback(client, db, tmp_
     assert not os.path.exists(db + ".nope")
     ok = run(str(tmp_path / "good.csv"), "--db", db)
     assert ok.returncode == 0 and "1 new" in ok.stdout
-
-
-def post_day(client, clock, when, *revenues, **fields):
-    for amount in revenues:
-        post_at(client, clock, when, your_estimated_revenue=amount, **fields)
 
 
 def test_many_small_estimates_and_the_ratio_are_exact(make_client, clock):
@@ -1857,17 +2030,6 @@ def test_booked_rows_without_a_property_hold_the_day_of_every_property(client, c
             for d in recon(client, property_id="A", **NOV).json["days"]] == [("A", "1", None)]
 
 
-# Seven days, each estimated at 1 USD: the share each day would have allowed.
-BOOKED_WEEK = ["0.95", "0.9", "0.879", "0.99", "1.2", "0.93", "0.96"]
-
-
-def book_week(client, clock, booked=BOOKED_WEEK):
-    for i, amount in enumerate(booked):
-        post_day(client, clock, f"2026-11-0{i + 1}T10:00:00Z", "1")
-    book(client, "date,revenue\n" + "".join(
-        f"2026-11-0{i + 1},{amount}\n" for i, amount in enumerate(booked)))
-
-
 @pytest.mark.parametrize("quantile, share", [(None, "0.87"), ("1", "0.87"), ("0.8", "0.90"),
                                              ("0.5", "0.95"), ("0.15", "0.99"), ("0.14", "1.00")])
 def test_suggested_share_is_safe_on_the_asked_share_of_days(client, clock, quantile, share):
@@ -1990,8 +2152,6 @@ def test_reconciliation_as_csv(make_client, clock):
 
 
 def test_reconcile_subcommand_matches_the_endpoint_byte_for_byte(make_client, clock, db):
-    import io
-
     client = make_client(reward_share=Decimal("0.7"), report_utc_offset=330)
     book_week(client, clock)
     post_day(client, clock, "2026-11-01T20:00:00Z", "0.3", property_id="ユーザー")
@@ -2004,10 +2164,6 @@ def test_reconcile_subcommand_matches_the_endpoint_byte_for_byte(make_client, cl
                                                "SPP_REPORT_UTC_OFFSET": "+05:30"}, out)
         assert code == 0
         assert out.getvalue() == http and http.count(b"2026-11-07") == 1
-
-
-def itertools_chain(pairs):
-    return [item for pair in pairs for item in pair]
 
 
 def test_reconcile_subcommand_errors(client, db, capsys):
@@ -2060,25 +2216,454 @@ def test_booked_days_search_the_primary_key(client, db):
 
 
 # ---------------------------------------------------------------------------
-# Configuration and command line
+# Errors, health, the watchdog, logs
 # ---------------------------------------------------------------------------
 
 
-class ServeCalls(list):
-    """The configs main() served with; log_levels: what it set up logging with."""
+@contextlib.contextmanager
+def write_lock_held_by_another_connection(db):
+    """What an operator's sqlite3 shell does with BEGIN IMMEDIATE."""
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
 
-    def __init__(self):
-        super().__init__()
-        self.log_levels = []
+
+def test_unexpected_exception_is_logged_and_answered_500_json(client, monkeypatch, caplog):
+    def boom(body):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(spp_server, "parse_postback", boom)
+    res = post(client, SAMPLE, status=500)
+    assert_error(res, 500)
+    assert "Traceback" not in res.text and "bug" not in res.text
+    assert any(r.exc_info and "bug" in str(r.exc_info[1]) for r in caplog.records)
+    monkeypatch.undo()
+    post(client, SAMPLE, status=200)
 
 
-@pytest.fixture
-def fake_serve(monkeypatch):
-    """Replace the waitress loop: main() runs up to serving and records how."""
-    calls = ServeCalls()
-    monkeypatch.setattr(spp_server, "serve", lambda app, config, sockets: calls.append(config))
-    monkeypatch.setattr(spp_server, "setup_logging", calls.log_levels.append)
-    return calls
+def test_healthz_is_ok_and_needs_no_auth(make_client):
+    client = make_client(read_tokens=(b"reader",), postback_tokens=(b"poster",))
+    assert client.get("/healthz", status=200).json == {"status": "ok"}
+
+
+def test_health_is_the_databases_state_now_not_the_last_postbacks(make_client, db, monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 0)  # every check looks afresh
+    client = make_client(busy_timeout_ms=100)
+    assert client.get("/healthz").json == {"status": "ok"}  # healthy before any postback
+    with write_lock_held_by_another_connection(db):
+        assert_error(post(client, SAMPLE, status=503), 503)
+        assert_error(client.get("/healthz", status=503), 503)
+    # The fault is gone; no postback since: healthy again.
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert count(db, "sessions") == 0
+    assert count(db, "health_probe") == 1  # what told it: a probe commit
+
+
+def test_a_fresh_write_answers_for_health_without_a_probe(make_client, db, monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 3600)
+    client = make_client(busy_timeout_ms=100)
+    post(client, SAMPLE)
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert count(db, "health_probe") == 0  # a busy server is never probed
+    with write_lock_held_by_another_connection(db):
+        post(client, postback(), status=503)
+    health = client.get("/healthz", status=503)  # the failure is fresh: no probe needed
+    assert health.json["error"].startswith("the last write failed")
+
+
+def test_watchdog_pings_a_quiet_server_and_again_once_a_fault_is_gone(make_client, db, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 0)
+    store = make_client(busy_timeout_ms=100).app.store
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(10)
+    environ = {"WATCHDOG_USEC": "100000", "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    stopping = threading.Event()
+    watchdog = spp_server.start_watchdog(store, environ, stopping)
+    try:
+        assert notify.recv(100) == b"WATCHDOG=1"  # no postback ever: still pinged
+        with write_lock_held_by_another_connection(db):
+            notify.settimeout(1)
+            pings = []
+            for _ in range(3):  # one ping already on its way may still arrive
+                try:
+                    pings.append(notify.recv(100))
+                except socket.timeout:
+                    break
+            assert len(pings) < 3  # then none while no write can commit
+        notify.settimeout(10)
+        assert notify.recv(100) == b"WATCHDOG=1"  # and again once it can, without a postback
+    finally:
+        stopping.set()
+        watchdog.join(5)
+        notify.close()
+    assert not watchdog.is_alive()
+
+
+def test_debug_logs_one_line_per_postback_without_secrets(make_client, caplog):
+    caplog.set_level(logging.DEBUG, logger="spp")
+    client = make_client(postback_tokens=(b"tok-123",))
+    post(client, SAMPLE, headers=bearer("tok-123"))
+    post(client, SAMPLE, headers=bearer("tok-123"))
+    post(client, b"{}", status=400, headers=bearer("tok-123"))
+    post(client, SAMPLE, status=401, headers=bearer("tok-12"))
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records
+             if r.getMessage().startswith("postback ")]
+    assert [(level, line.split()[1]) for level, line in lines] == [
+        ("DEBUG", "recorded"), ("DEBUG", "duplicate"), ("WARNING", "rejected"),
+        ("INFO", "unauthorized")]
+    assert f'session-id="{SAMPLE["session-id"]}" user-id="sub1"' in lines[0][1]
+    assert "status=200" in lines[0][1] and "status=401" in lines[3][1]
+    assert "tok-12" not in caplog.text
+
+
+def test_info_logs_only_the_postbacks_that_need_attention(client, caplog):
+    caplog.set_level(logging.INFO, logger="spp")
+    post(client, SAMPLE)
+    post(client, SAMPLE)
+    post(client, postback(session_id=SAMPLE["session-id"], user_id="changed"))
+    post(client, b"{}", status=400)
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split()[:2] for line in lines] == [
+        ["postback", f'session-id="{SAMPLE["session-id"]}"'], ["postback", "rejected"]]
+    assert "repeats a stored session with different fields" in lines[0]
+
+
+@pytest.mark.parametrize("fields, field, session_id, user_id", [
+    ({"count_of_ads_viewed": "many"}, "count-of-ads-viewed", "s-known", "u-known"),
+    ({"user_id": 42}, "user-id", "s-known", None),
+    ({"session_id": "", "user_id": "u\nx"}, "session-id", None, "u\nx"),
+    ({"session_id": None}, "session-id", None, "u-known"),
+])
+def test_a_refused_postbacks_log_line_says_why_and_whose_it_was(
+        client, caplog, fields, field, session_id, user_id):
+    body = {**postback(session_id="s-known", user_id="u-known"),
+            **{k.replace("_", "-"): v for k, v in fields.items()}}
+    body = {k: v for k, v in body.items() if v is not None}
+    reason = post(client, body, status=400).json["error"]
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert line == (f"postback rejected status=400 field={json.dumps(field)} "
+                    f"reason={json.dumps(reason)} "
+                    f"session-id={json.dumps(session_id) if session_id else '-'} "
+                    f"user-id={json.dumps(user_id) if user_id else '-'}")
+
+
+@pytest.mark.parametrize("body", [b"not json", b"x" * (spp_server.MAX_BODY_BYTES + 1)])
+def test_a_postback_refused_before_its_fields_logs_the_reason(client, caplog, body):
+    reason = post(client, body, status="4*").json["error"]
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"reason={json.dumps(reason)}" in line and line.endswith("session-id=- user-id=-")
+
+
+def test_log_line_cannot_be_forged_with_a_newline(client, caplog):
+    caplog.set_level(logging.INFO, logger="spp")
+    post(client, postback(user_id="x\nINFO spp: postback recorded"))
+    assert all("\n" not in r.getMessage() for r in caplog.records)
+
+
+def test_waitress_queue_depth_warnings_are_kept_out_of_the_log():
+    queue_logger = logging.getLogger("waitress.queue")
+    old_level = queue_logger.level
+    try:
+        spp_server.setup_logging()
+        assert not queue_logger.isEnabledFor(logging.WARNING)
+    finally:
+        queue_logger.setLevel(old_level)
+
+
+# ---------------------------------------------------------------------------
+# Storage: files, schema, opening, the write connection, failing writes
+# ---------------------------------------------------------------------------
+
+
+OPEN_STORE = "import sys, spp_server; spp_server.Store(sys.argv[1]).close()"
+
+
+def writer_pragma(app, sql):
+    """Run a PRAGMA on the writer's own connection (max_page_count is per connection)."""
+    return app.store.write(lambda conn, now: conn.execute(sql).fetchone()[0])
+
+
+@contextlib.contextmanager
+def write_connection_held(store):
+    """Keep the write connection busy inside a write of its own."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold(conn, now):
+        entered.set()
+        assert gate.wait(10)
+
+    holder = threading.Thread(target=store.write, args=(hold,))
+    holder.start()
+    assert entered.wait(5)
+    try:
+        yield
+    finally:
+        gate.set()
+        holder.join(10)
+
+
+def test_locked_database_gets_503_then_recovers(make_client, db):
+    client = make_client(busy_timeout_ms=100)
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # holds the write lock
+    try:
+        started = time.monotonic()
+        assert_error(post(client, SAMPLE, status=503), 503)
+        assert time.monotonic() - started < 5
+        assert_error(client.get("/healthz", status=503), 503)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert count(db, "sessions") == 0
+    assert post(client, SAMPLE).json == {"status": "recorded"}
+    assert client.get("/healthz").json == {"status": "ok"}
+
+
+def test_database_files_are_private_whatever_the_umask(client, db):
+    old = os.umask(0)
+    try:
+        post(client, SAMPLE)
+    finally:
+        os.umask(old)
+    for path in [db, db + "-wal"]:
+        assert os.stat(path).st_mode & 0o077 == 0, path
+
+
+def test_writes_are_committed_with_synchronous_full(client):
+    # FULL: a committed postback survives a power cut, not just a killed process.
+    pragma = client.app.store.write(lambda conn, now: conn.execute("PRAGMA synchronous").fetchone())
+    assert pragma == (2,)
+
+
+def test_database_is_in_wal_mode_with_latest_schema(client, db):
+    latest = spp_server.schema_versions(spp_server.SCHEMA_PATH.read_text())[-1][0]
+    assert rows(db, "PRAGMA journal_mode") == [("wal",)]
+    assert rows(db, "PRAGMA user_version") == [(latest,)]
+
+
+def test_reopening_keeps_rows_and_does_not_reapply_the_schema(make_client, db):
+    post(make_client(), SAMPLE)
+    client = make_client()
+    assert earnings(client, "sub1").json["sessions"] == 1
+
+
+@pytest.mark.parametrize("old_version", SCHEMA_VERSIONS[:-1])
+def test_older_database_is_upgraded_in_place_keeping_rows(db, old_version):
+    conn = spp_server.connect(db, 1000)
+    spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=old_version)
+    conn.execute(
+        "INSERT INTO sessions (session_id, user_id, revenue_nano, received_at_us, raw_body) "
+        "VALUES ('old-session', 'sub1', 5000, 1, '{}')"
+    )
+    conn.close()
+    assert rows(db, "PRAGMA user_version") == [(old_version,)]
+    app = spp_server.create_app({"db": db})
+    try:
+        client = TestApp(app)
+        assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSIONS[-1],)]
+        post(client, SAMPLE)
+        assert earnings(client, "sub1").json["estimated-revenue"] == "0.000017"
+    finally:
+        app.store.close()
+
+
+@pytest.mark.parametrize("old_version", [0, 1])  # a new file; one from the first release
+def test_processes_opening_one_database_together_all_succeed(tmp_path, old_version):
+    """An overlapping restart, or an export while the server starts."""
+    for attempt in range(4):
+        db = str(tmp_path / f"race-{attempt}.db")
+        if old_version:
+            conn = sqlite3.connect(db, isolation_level=None)  # rollback journal, as SQLite's default
+            spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=old_version)
+            conn.close()
+        starts = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, db], cwd=HERE,
+                                   stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        for start in starts:
+            _, err = start.communicate(timeout=30)
+            assert start.returncode == 0, err
+        assert rows(db, "PRAGMA journal_mode") == [("wal",)]
+        assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSIONS[-1],)]
+
+
+def test_opening_waits_for_a_writer_in_the_way_of_wal_mode(db):
+    """Switching to WAL needs the file alone for a moment, and SQLite applies
+    no busy timeout to it: a write transaction in the way (another process
+    creating the schema in rollback-journal mode) must be waited for."""
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE t (x)")
+    release = threading.Timer(0.3, other.execute, ["COMMIT"])
+    release.start()
+    try:
+        spp_server.Store(db).close()
+    finally:
+        release.join()
+        other.close()
+    assert rows(db, "PRAGMA journal_mode") == [("wal",)]
+
+
+def test_a_database_that_cannot_be_in_wal_mode_is_refused(tmp_path):
+    conn = spp_server.connect(":memory:", 100)  # :memory: keeps journal_mode 'memory'
+    with pytest.raises(sqlite3.OperationalError, match="WAL"):
+        spp_server.enable_wal(conn, 1)
+
+
+def test_a_failing_migration_reports_its_own_error_and_changes_nothing(db):
+    conn = spp_server.connect(db, 1000)
+    broken = "-- version 1\nCREATE TABLE a (x);\n-- version 2\nCREATE TABLE a (x);\n"
+    with pytest.raises(sqlite3.OperationalError, match="already exists"):
+        spp_server.migrate(conn, broken)
+    assert not conn.in_transaction
+    assert conn.execute("PRAGMA user_version").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
+    conn.close()
+
+
+def test_schema_sections_are_numbered_in_increasing_order():
+    assert SCHEMA_VERSIONS == sorted(set(SCHEMA_VERSIONS)) and SCHEMA_VERSIONS[0] == 1
+
+
+def test_full_database_gets_503_then_recovers_without_restart(make_client, db, monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 3600)  # health tells of the last write
+    client = make_client()
+    app = client.app
+    post(client, postback(user_id="full"))
+    pages = writer_pragma(app, "PRAGMA page_count")
+    assert writer_pragma(app, f"PRAGMA max_page_count = {pages}") == pages
+    big = postback(user_id="full", padding="x" * 20_000)  # needs pages the file may not grow
+    started = time.monotonic()
+    res = post(client, big, status=503)
+    assert time.monotonic() - started < 5
+    assert_error(res, 503)
+    assert "full" in res.json["error"]
+    health = client.get("/healthz", status=503)
+    assert_error(health, 503)
+    assert "full" in health.json["error"]
+    # A bad body that cannot be kept is not a 500 either.
+    res = post(client, b"x" * 30_000, status="*")
+    assert res.status_int in (400, 503) and res.content_type == "application/json"
+    assert earnings(client, "full").json["sessions"] == 1  # reads still answer
+    assert count(db, "sessions") == 1
+
+    writer_pragma(app, "PRAGMA max_page_count = 1073741823")  # room again, same process
+    assert post(client, big).json == {"status": "recorded"}
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert earnings(client, "full").json["sessions"] == 2
+    assert rows(db, "SELECT raw_body FROM sessions WHERE session_id = ?",
+                (big["session-id"],)) == [(json.dumps(big),)]
+
+
+def test_database_made_unwritable_gets_503_never_200_then_recovers(make_client, db):
+    """Read-only database.  The tests run as root, which chmod does not stop, so
+    the database file and its WAL are made immutable (chattr +i), which stops
+    root too: every write to them fails (EPERM, SQLite's "disk I/O error").
+    The -shm file is left alone: it is mmap'd, and writes to an immutable
+    mapping kill the process with SIGBUS, as they would any SQLite program."""
+    client = make_client(busy_timeout_ms=200)
+    post(client, postback(user_id="ro"))
+    files = [db, db + "-wal"]
+    assert all(os.path.exists(f) for f in files)
+    try:
+        made = chattr("+i", *files)
+        if made.returncode != 0:
+            pytest.skip(f"cannot make files immutable here (chattr +i): {made.stderr.strip()}")
+        for _ in range(3):
+            started = time.monotonic()
+            res = post(client, postback(user_id="ro"), status="*")
+            assert time.monotonic() - started < 3  # never a hang past the busy timeout
+            assert_error(res, 503)
+        assert_error(client.get("/healthz", status=503), 503)
+        assert earnings(client, "ro").json["sessions"] == 1
+    finally:
+        chattr("-i", *files)
+    assert count(db, "sessions") == 1
+    assert post(client, postback(user_id="ro")).json == {"status": "recorded"}
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_a_write_waits_for_the_one_in_progress_then_commits(make_client, db):
+    store = make_client().app.store
+    body = json.dumps(postback(user_id="waiter"))
+    op = spp_server.record_session(spp_server.parse_postback(body.encode()), body)
+    result = []
+    with write_connection_held(store):
+        waiter = threading.Thread(target=lambda: result.append(store.write(op)))
+        waiter.start()
+        waiter.join(0.2)  # bounded look: nothing else may write meanwhile
+        assert waiter.is_alive() and count(db, "sessions") == 0
+    waiter.join(10)
+    assert result == ["recorded"] and count(db, "sessions") == 1
+
+
+def test_closing_waits_for_the_write_in_progress_then_refuses_writes(make_client, db):
+    store = make_client().app.store
+    with write_connection_held(store):
+        closer = threading.Thread(target=store.close)
+        closer.start()
+        closer.join(0.2)  # bounded look: the connection is still in use
+        assert closer.is_alive()
+    closer.join(10)
+    assert not closer.is_alive()
+    with pytest.raises(spp_server.StoreUnavailable, match="shutting down"):
+        store.write(lambda conn, now: "never runs")
+
+
+def test_a_write_that_cannot_get_the_connection_in_time_is_unavailable(make_client, db):
+    store = make_client(busy_timeout_ms=100).app.store
+    with write_connection_held(store):
+        started = time.monotonic()
+        with pytest.raises(spp_server.StoreUnavailable, match="did not answer in time"):
+            store.write(lambda conn, now: "never runs")
+        assert time.monotonic() - started < 5
+    assert count(db, "sessions") == 0
+
+
+def test_a_failed_write_is_rolled_back_and_the_next_one_commits(make_client, db, monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 3600)  # health tells of the last write
+    client = make_client()
+    store = client.app.store
+
+    def insert_then_violate_a_constraint(conn, now):
+        body = json.dumps(postback(user_id="half"))
+        spp_server.record_session(spp_server.parse_postback(body.encode()), body)(conn, now)
+        conn.execute("INSERT INTO sessions (session_id) VALUES ('no user, no revenue')")
+
+    with pytest.raises(spp_server.StoreUnavailable, match="refused the write"):
+        store.write(insert_then_violate_a_constraint)
+    assert count(db, "sessions") == 0  # not even the first half
+    assert client.get("/healthz", status=503).json["error"].startswith("the last write failed")
+    assert post(client, postback()).json == {"status": "recorded"}
+    assert client.get("/healthz").json == {"status": "ok"}
+
+
+def test_an_error_from_a_write_op_that_is_not_sqlites_propagates_and_rolls_back(client, db):
+    store = client.app.store
+
+    class Mistake(Exception):
+        pass
+
+    def insert_then_fail(conn, now):
+        body = json.dumps(postback(user_id="half"))
+        spp_server.record_session(spp_server.parse_postback(body.encode()), body)(conn, now)
+        raise Mistake("a bug in the op, not a database error")
+
+    with pytest.raises(Mistake):
+        store.write(insert_then_fail)
+    assert count(db, "sessions") == 0
+    assert post(client, postback()).json == {"status": "recorded"}  # the connection still works
+    assert count(db, "sessions") == 1
+
+
+# ---------------------------------------------------------------------------
+# Configuration and command line
+# ---------------------------------------------------------------------------
 
 
 def test_defaults(fake_serve, tmp_path, monkeypatch):
@@ -2206,78 +2791,72 @@ def test_importing_the_module_has_no_side_effects(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# End to end: a real server process
+# A real server process: crash, SIGTERM drain, load, slow clients
 # ---------------------------------------------------------------------------
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+CONNECTION_ERRORS = (OSError, http.client.HTTPException)  # refused, reset, closed early
 
 
-class RealServer:
-    """`python spp_server.py` on a free port of 127.0.0.1, waited for until it answers."""
+class LoadGenerator:
+    """Threads that post fresh postbacks, one connection per request, until the
+    server stops answering; every outcome is kept with the payload sent."""
 
-    def __init__(self, db, env=None, args=()):
-        self.db = db
-        self.port = free_port()
-        self.log = open(Path(db).with_suffix(".log"), "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, str(SERVER), "--db", db, "--port", str(self.port), *args],
-            env={**os.environ, **(env or {})},
-            stderr=self.log,
-        )
-        self.wait_until_ready()
+    def __init__(self, server, threads=6, deadline_s=10):
+        self.server = server
+        self.outcomes = []  # (payload, status or "connection error", body)
+        self._lock = threading.Lock()
+        self._deadline = time.monotonic() + deadline_s
+        self._threads = [threading.Thread(target=self._send, args=(n,)) for n in range(threads)]
+        for thread in self._threads:
+            thread.start()
 
-    def wait_until_ready(self, timeout=15):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "the server exited during start"
+    def _send(self, n):
+        while time.monotonic() < self._deadline:
+            payload = postback(user_id=f"load-{n}", your_estimated_revenue=f"0.00000{n + 1}")
             try:
-                if self.request("GET", "/healthz")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.05)  # polling for the port to open, not covering a race
-        raise AssertionError("the server did not start")
+                status, body = self.server.post(payload)
+            except CONNECTION_ERRORS:
+                with self._lock:
+                    self.outcomes.append((payload, "connection error", None))
+                return
+            except ValueError:  # an answer that is not JSON: fails the status checks
+                with self._lock:
+                    self.outcomes.append((payload, "not JSON", None))
+                return
+            with self._lock:
+                self.outcomes.append((payload, status, body))
 
-    def request(self, method, path, body=None, headers=None, timeout=10):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            res = conn.getresponse()
-            return res.status, json.loads(res.read() or b"null")
-        finally:
-            conn.close()
+    def acknowledged(self):
+        with self._lock:
+            return [p for p, status, _ in self.outcomes if status == 200]
 
-    def post(self, payload):
-        return self.request("POST", "/postback", json.dumps(payload).encode())
+    def wait_for_acknowledged(self, n, timeout=10):
+        deadline = time.monotonic() + timeout
+        while len(self.acknowledged()) < n:
+            assert time.monotonic() < deadline, f"only {len(self.acknowledged())} acknowledged"
+            time.sleep(0.01)  # polling for progress
 
-    def stop(self, signum=signal.SIGTERM, timeout=15):
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        code = self.process.wait(timeout)
-        self.log.close()
-        return code
-
-    def log_text(self):
-        return Path(self.db).with_suffix(".log").read_text()
+    def join(self, timeout=15):
+        for thread in self._threads:
+            thread.join(timeout)
+            assert not thread.is_alive(), "a client thread never finished"
 
 
-@pytest.fixture
-def real_server(tmp_path):
-    servers = []
+def stored_bodies(db):
+    return dict(rows(db, "SELECT session_id, raw_body FROM sessions"))
 
-    def start(db=None, **kwargs):
-        server = RealServer(db or str(tmp_path / "spp.db"), **kwargs)
-        servers.append(server)
-        return server
 
-    yield start
-    for server in servers:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
+def read_http_response(sock, method="POST"):
+    res = http.client.HTTPResponse(sock, method=method)
+    res.begin()
+    return res.status, res.getheader("Content-Type"), res.read()
+
+
+def chunked_body(size, piece=8192):
+    body = json.dumps(postback(padding="p" * size)).encode()[:size - 2] + b'"}'
+    return b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + piece]), body[i:i + piece])
+                    for i in range(0, len(body), piece)) + b"0\r\n\r\n"
 
 
 def test_real_server_records_and_reports_the_sample(real_server):
@@ -2310,6 +2889,191 @@ def test_rows_acknowledged_before_sigkill_survive(real_server, db):
     assert count(db, "sessions") == 20
     server = real_server(db)
     assert server.request("GET", "/users/sub1/earnings")[1]["sessions"] == 20
+
+
+def test_connection_accepted_before_sigterm_still_gets_its_answer(tmp_path, db):
+    """A postback whose connection was open but silent when SIGTERM came (as
+    with a socket-activated restart) is served, not dropped."""
+    with server_with_notify_socket(tmp_path, db) as (process, port, notify):
+        assert notify.recv(100) == b"READY=1"
+        early = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        early.connect()
+        # Connections are accepted in order: once a later one is answered,
+        # the early one has been accepted too.
+        later = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        later.request("GET", "/healthz")
+        assert later.getresponse().status == 200
+        later.close()
+        process.send_signal(signal.SIGTERM)
+        assert notify.recv(100) == b"STOPPING=1"
+        early.request("POST", "/postback", json.dumps(SAMPLE))
+        assert early.getresponse().status == 200
+        early.close()
+        assert process.wait(15) == 0
+    assert count(db, "sessions") == 1
+
+
+def test_sigterm_with_an_idle_keep_alive_connection_exits_within_seconds(real_server, db):
+    """A reverse proxy keeps a connection open between postbacks.  At SIGTERM
+    that idle connection is closed at once, not waited on until the drain's
+    deadline (DRAIN_TIMEOUT_S), so a restart does not hang for 20 s."""
+    server = real_server(db)
+    proxy = http.client.HTTPConnection("127.0.0.1", server.port, timeout=15)
+    proxy.request("POST", "/postback", json.dumps(SAMPLE))
+    res = proxy.getresponse()
+    assert (res.status, json.loads(res.read())) == (200, {"status": "recorded"})
+    assert not res.will_close  # HTTP/1.1 keep-alive: the connection stays open, idle
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert proxy.sock.recv(1) == b""  # the server closed it (blocks until then)
+    assert server.process.wait(5) == 0
+    assert time.monotonic() - started < 5 < spp_server.DRAIN_TIMEOUT_S
+    proxy.close()
+    assert "stopped cleanly" in server.log_text()
+    assert count(db, "sessions") == 1
+
+
+def test_sigkill_mid_stream_keeps_every_acknowledged_session_exactly_once(real_server, db):
+    server = real_server(db)
+    load = LoadGenerator(server, threads=6)
+    load.wait_for_acknowledged(150)
+    server.process.kill()  # SIGKILL while the clients are still sending
+    server.stop()
+    load.join()
+    acknowledged = load.acknowledged()
+    assert [status for _, status, _ in load.outcomes if status != 200] == ["connection error"] * 6
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+
+    server = real_server(db)  # restart on the same file
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+    stored = stored_bodies(db)
+    for payload in acknowledged:  # present, and exactly as acknowledged
+        assert stored.get(payload["session-id"]) == json.dumps(payload)
+    assert rows(db, "SELECT session_id FROM sessions GROUP BY session_id HAVING count(*) > 1") == []
+    assert count(db, "sessions") == len(stored)
+    # A sender retrying everything it was not sure of gets "duplicate" or "recorded", never twice.
+    for payload, status, _ in load.outcomes:
+        expected = "duplicate" if payload["session-id"] in stored else "recorded"
+        assert server.post(payload) == (200, {"status": expected})
+    assert count(db, "sessions") == len({p["session-id"] for p, _, _ in load.outcomes})
+    status, body = server.request("GET", "/users/load-0/earnings")
+    assert status == 200 and body["sessions"] == sum(
+        1 for p, _, _ in load.outcomes if p["user-id"] == "load-0")
+    assert server.stop() == 0
+
+
+def test_sigterm_under_load_exits_0_and_loses_no_acknowledged_session(real_server, db):
+    server = real_server(db)
+    load = LoadGenerator(server, threads=8)
+    load.wait_for_acknowledged(100)
+    server.process.send_signal(signal.SIGTERM)
+    load.join()  # each client stops at its first connection error
+    code = server.process.wait(15)  # one SIGTERM only: stop() would send a second
+    server.stop()
+    assert code == 0
+    assert "stopped cleanly" in server.log_text()
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+    stored = stored_bodies(db)
+    for payload, status, body in load.outcomes:
+        if status == 200:  # never a 200 for a row that was not stored
+            assert body in ({"status": "recorded"}, {"status": "duplicate"})
+            assert stored.get(payload["session-id"]) == json.dumps(payload)
+        elif status != "connection error":  # an error answer must not have stored it
+            assert payload["session-id"] not in stored, (status, body)
+    statuses = {status for _, status, _ in load.outcomes}
+    assert statuses <= {200, "connection error"}, statuses
+    # Nothing but what was sent is stored.
+    assert set(stored) <= {p["session-id"] for p, _, _ in load.outcomes}
+
+
+def test_duplicate_storm_from_16_threads_stores_one_row_and_counts_it_once(real_server, db):
+    server = real_server(db)
+    payload = postback(user_id="storm", your_estimated_revenue="0.123456789")
+    body = json.dumps(payload).encode()
+    barrier = threading.Barrier(16)
+    answers = []
+    lock = threading.Lock()
+
+    def send(times):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)  # keep-alive
+        barrier.wait()
+        try:
+            for _ in range(times):
+                conn.request("POST", "/postback", body=body)
+                res = conn.getresponse()
+                answer = (res.status, json.loads(res.read()))
+                with lock:
+                    answers.append(answer)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=send, args=(13 if n < 8 else 12,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    assert len(answers) == 200
+    assert sorted(answers, key=str) == [(200, {"status": "duplicate"})] * 199 + [
+        (200, {"status": "recorded"})]
+    assert count(db, "sessions") == 1
+    assert count(db, "conflicts") == 0
+    status, body = server.request("GET", "/users/storm/earnings")
+    assert (status, body["sessions"], body["estimated-revenue"]) == (200, 1, "0.123456789")
+    since_start = server.request("GET", "/stats")[1]["since-start"]
+    assert (since_start["recorded"], since_start["duplicate"]) == (1, 199)
+
+
+def test_stalled_and_oversized_clients_do_not_hold_up_other_clients(real_server, db):
+    server = real_server(db, args=("--threads", "2"))
+    head = b"POST /postback HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    bad_requests = [
+        head,  # headers never finished
+        head + b"Content-Length: 500\r\n\r\n",  # headers, then nothing
+        head + b"Content-Length: 500\r\n\r\n",
+        head + b"Content-Length: 60000\r\n\r\n{\"session-id\": ",  # a little of what it announced
+        head + b"Transfer-Encoding: chunked\r\n\r\n1000\r\nabc",  # a chunk that never ends
+        head + b"Transfer-Encoding: chunked\r\n\r\n1000\r\nabc",
+        head + b"Content-Length: 1000000000\r\n\r\n{",  # huge announcement, little sent
+    ]
+    sockets = []
+    try:
+        for request in bad_requests:
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sockets.append(sock)
+            sock.sendall(request)
+        for _ in range(3):  # more bad clients than threads, and others are still served
+            started = time.monotonic()
+            assert server.post(postback(user_id="patient")) == (200, {"status": "recorded"})
+            assert time.monotonic() - started < 1
+        assert server.request("GET", "/healthz") == (200, {"status": "ok"})
+        # The huge announcement is refused by waitress's own backstop, without the body.
+        status, content_type, text = read_http_response(sockets[-1])
+        assert (status, content_type.split(";")[0]) == (413, "text/plain")
+        # An oversized chunked body: up to waitress's 128 KiB the app answers 413 JSON...
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sockets.append(sock)
+        sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked_body(100_000))
+        status, content_type, text = read_http_response(sock)
+        assert (status, content_type) == (413, "application/json")
+        assert json.loads(text) == {"error": "the body must be at most 65536 bytes",
+                                    "field": None}
+        # ...past it, waitress's own plain-text 413 (the body is never handed to the app).
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sockets.append(sock)
+        sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked_body(200_000))
+        status, content_type, text = read_http_response(sock)
+        assert (status, content_type.split(";")[0]) == (413, "text/plain")
+        assert b"Request Entity Too Large" in text
+        # Still answering promptly with every stalled connection open.
+        started = time.monotonic()
+        assert server.post(postback(user_id="patient")) == (200, {"status": "recorded"})
+        assert time.monotonic() - started < 1
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert server.stop() == 0
+    assert rows(db, "SELECT DISTINCT user_id FROM sessions") == [("patient",)]
+    assert count(db, "sessions") == 4
 
 
 # ---------------------------------------------------------------------------
@@ -2359,29 +3123,6 @@ def test_socket_passed_by_systemd_is_used(db):
     assert count(db, "sessions") == 1
 
 
-@contextlib.contextmanager
-def server_with_notify_socket(tmp_path, db, env=None):
-    """A real server told to notify a datagram socket this test holds, as
-    systemd's NOTIFY_SOCKET: yields (process, port, notify socket)."""
-    notify_path = str(tmp_path / "notify")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    notify.settimeout(15)
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(SERVER), "--db", db, "--port", str(port)],
-        env={**os.environ, "NOTIFY_SOCKET": notify_path, **(env or {})},
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield process, port, notify
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        notify.close()
-
-
 def test_readiness_is_notified_once_listening_and_stopping_on_sigterm(tmp_path, db):
     with server_with_notify_socket(tmp_path, db, {"WATCHDOG_USEC": "200000"}) as (
             process, port, notify):
@@ -2405,11 +3146,19 @@ def test_inherited_sockets_are_ignored_when_meant_for_another_process():
 # systemd units: accepted by systemd, tightly sandboxed, in step with the code
 # ---------------------------------------------------------------------------
 
+
 SERVICE = HERE / "spp.service"
+
+
 SOCKET = HERE / "spp.socket"
 
+
 MAX_EXPOSURE = 0.5  # `systemd-analyze security` scale: 0 (locked down) to 10
+
+
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+
 needs_systemd_analyze = pytest.mark.skipif(
     SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed"
 )
@@ -2519,746 +3268,3 @@ def test_stop_timeout_leaves_room_for_the_drain():
     (timeout,) = unit_values(SERVICE, "TimeoutStopSec")
     assert re.fullmatch(r"\d+s?", timeout), f"write TimeoutStopSec in seconds, not {timeout!r}"
     assert int(timeout.rstrip("s")) > spp_server.DRAIN_TIMEOUT_S
-
-
-def test_connection_accepted_before_sigterm_still_gets_its_answer(tmp_path, db):
-    """A postback whose connection was open but silent when SIGTERM came (as
-    with a socket-activated restart) is served, not dropped."""
-    with server_with_notify_socket(tmp_path, db) as (process, port, notify):
-        assert notify.recv(100) == b"READY=1"
-        early = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
-        early.connect()
-        # Connections are accepted in order: once a later one is answered,
-        # the early one has been accepted too.
-        later = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
-        later.request("GET", "/healthz")
-        assert later.getresponse().status == 200
-        later.close()
-        process.send_signal(signal.SIGTERM)
-        assert notify.recv(100) == b"STOPPING=1"
-        early.request("POST", "/postback", json.dumps(SAMPLE))
-        assert early.getresponse().status == 200
-        early.close()
-        assert process.wait(15) == 0
-    assert count(db, "sessions") == 1
-
-
-def test_sigterm_with_an_idle_keep_alive_connection_exits_within_seconds(real_server, db):
-    """A reverse proxy keeps a connection open between postbacks.  At SIGTERM
-    that idle connection is closed at once, not waited on until the drain's
-    deadline (DRAIN_TIMEOUT_S), so a restart does not hang for 20 s."""
-    server = real_server(db)
-    proxy = http.client.HTTPConnection("127.0.0.1", server.port, timeout=15)
-    proxy.request("POST", "/postback", json.dumps(SAMPLE))
-    res = proxy.getresponse()
-    assert (res.status, json.loads(res.read())) == (200, {"status": "recorded"})
-    assert not res.will_close  # HTTP/1.1 keep-alive: the connection stays open, idle
-    started = time.monotonic()
-    server.process.send_signal(signal.SIGTERM)
-    assert proxy.sock.recv(1) == b""  # the server closed it (blocks until then)
-    assert server.process.wait(5) == 0
-    assert time.monotonic() - started < 5 < spp_server.DRAIN_TIMEOUT_S
-    proxy.close()
-    assert "stopped cleanly" in server.log_text()
-    assert count(db, "sessions") == 1
-
-
-# ---------------------------------------------------------------------------
-# Faults: crash, restart under load, full / read-only database, duplicate storm
-# ---------------------------------------------------------------------------
-
-
-
-CONNECTION_ERRORS = (OSError, http.client.HTTPException)  # refused, reset, closed early
-
-
-def http_request(port, method, path, body=None, headers=None, timeout=10):
-    """One request on a fresh connection -> (status, headers, body bytes)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        res = conn.getresponse()
-        return res.status, res.headers, res.read()
-    finally:
-        conn.close()
-
-
-class LoadGenerator:
-    """Threads that post fresh postbacks, one connection per request, until the
-    server stops answering; every outcome is kept with the payload sent."""
-
-    def __init__(self, server, threads=6, deadline_s=10):
-        self.server = server
-        self.outcomes = []  # (payload, status or "connection error", body)
-        self._lock = threading.Lock()
-        self._deadline = time.monotonic() + deadline_s
-        self._threads = [threading.Thread(target=self._send, args=(n,)) for n in range(threads)]
-        for thread in self._threads:
-            thread.start()
-
-    def _send(self, n):
-        while time.monotonic() < self._deadline:
-            payload = postback(user_id=f"load-{n}", your_estimated_revenue=f"0.00000{n + 1}")
-            try:
-                status, body = self.server.post(payload)
-            except CONNECTION_ERRORS:
-                with self._lock:
-                    self.outcomes.append((payload, "connection error", None))
-                return
-            except ValueError:  # an answer that is not JSON: fails the status checks
-                with self._lock:
-                    self.outcomes.append((payload, "not JSON", None))
-                return
-            with self._lock:
-                self.outcomes.append((payload, status, body))
-
-    def acknowledged(self):
-        with self._lock:
-            return [p for p, status, _ in self.outcomes if status == 200]
-
-    def wait_for_acknowledged(self, n, timeout=10):
-        deadline = time.monotonic() + timeout
-        while len(self.acknowledged()) < n:
-            assert time.monotonic() < deadline, f"only {len(self.acknowledged())} acknowledged"
-            time.sleep(0.01)  # polling for progress
-
-    def join(self, timeout=15):
-        for thread in self._threads:
-            thread.join(timeout)
-            assert not thread.is_alive(), "a client thread never finished"
-
-
-def stored_bodies(db):
-    return dict(rows(db, "SELECT session_id, raw_body FROM sessions"))
-
-
-def test_sigkill_mid_stream_keeps_every_acknowledged_session_exactly_once(real_server, db):
-    server = real_server(db)
-    load = LoadGenerator(server, threads=6)
-    load.wait_for_acknowledged(150)
-    server.process.kill()  # SIGKILL while the clients are still sending
-    server.stop()
-    load.join()
-    acknowledged = load.acknowledged()
-    assert [status for _, status, _ in load.outcomes if status != 200] == ["connection error"] * 6
-    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
-
-    server = real_server(db)  # restart on the same file
-    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
-    stored = stored_bodies(db)
-    for payload in acknowledged:  # present, and exactly as acknowledged
-        assert stored.get(payload["session-id"]) == json.dumps(payload)
-    assert rows(db, "SELECT session_id FROM sessions GROUP BY session_id HAVING count(*) > 1") == []
-    assert count(db, "sessions") == len(stored)
-    # A sender retrying everything it was not sure of gets "duplicate" or "recorded", never twice.
-    for payload, status, _ in load.outcomes:
-        expected = "duplicate" if payload["session-id"] in stored else "recorded"
-        assert server.post(payload) == (200, {"status": expected})
-    assert count(db, "sessions") == len({p["session-id"] for p, _, _ in load.outcomes})
-    status, body = server.request("GET", "/users/load-0/earnings")
-    assert status == 200 and body["sessions"] == sum(
-        1 for p, _, _ in load.outcomes if p["user-id"] == "load-0")
-    assert server.stop() == 0
-
-
-def test_sigterm_under_load_exits_0_and_loses_no_acknowledged_session(real_server, db):
-    server = real_server(db)
-    load = LoadGenerator(server, threads=8)
-    load.wait_for_acknowledged(100)
-    server.process.send_signal(signal.SIGTERM)
-    load.join()  # each client stops at its first connection error
-    code = server.process.wait(15)  # one SIGTERM only: stop() would send a second
-    server.stop()
-    assert code == 0
-    assert "stopped cleanly" in server.log_text()
-    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
-    stored = stored_bodies(db)
-    for payload, status, body in load.outcomes:
-        if status == 200:  # never a 200 for a row that was not stored
-            assert body in ({"status": "recorded"}, {"status": "duplicate"})
-            assert stored.get(payload["session-id"]) == json.dumps(payload)
-        elif status != "connection error":  # an error answer must not have stored it
-            assert payload["session-id"] not in stored, (status, body)
-    statuses = {status for _, status, _ in load.outcomes}
-    assert statuses <= {200, "connection error"}, statuses
-    # Nothing but what was sent is stored.
-    assert set(stored) <= {p["session-id"] for p, _, _ in load.outcomes}
-
-
-def test_duplicate_storm_from_16_threads_stores_one_row_and_counts_it_once(real_server, db):
-    server = real_server(db)
-    payload = postback(user_id="storm", your_estimated_revenue="0.123456789")
-    body = json.dumps(payload).encode()
-    barrier = threading.Barrier(16)
-    answers = []
-    lock = threading.Lock()
-
-    def send(times):
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)  # keep-alive
-        barrier.wait()
-        try:
-            for _ in range(times):
-                conn.request("POST", "/postback", body=body)
-                res = conn.getresponse()
-                answer = (res.status, json.loads(res.read()))
-                with lock:
-                    answers.append(answer)
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=send, args=(13 if n < 8 else 12,)) for n in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(15)
-    assert len(answers) == 200
-    assert sorted(answers, key=str) == [(200, {"status": "duplicate"})] * 199 + [
-        (200, {"status": "recorded"})]
-    assert count(db, "sessions") == 1
-    assert count(db, "conflicts") == 0
-    status, body = server.request("GET", "/users/storm/earnings")
-    assert (status, body["sessions"], body["estimated-revenue"]) == (200, 1, "0.123456789")
-    since_start = server.request("GET", "/stats")[1]["since-start"]
-    assert (since_start["recorded"], since_start["duplicate"]) == (1, 199)
-
-
-def writer_pragma(app, sql):
-    """Run a PRAGMA on the writer's own connection (max_page_count is per connection)."""
-    return app.store.write(lambda conn, now: conn.execute(sql).fetchone()[0])
-
-
-def test_full_database_gets_503_then_recovers_without_restart(make_client, db, monkeypatch):
-    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 3600)  # health tells of the last write
-    client = make_client()
-    app = client.app
-    post(client, postback(user_id="full"))
-    pages = writer_pragma(app, "PRAGMA page_count")
-    assert writer_pragma(app, f"PRAGMA max_page_count = {pages}") == pages
-    big = postback(user_id="full", padding="x" * 20_000)  # needs pages the file may not grow
-    started = time.monotonic()
-    res = post(client, big, status=503)
-    assert time.monotonic() - started < 5
-    assert_error(res, 503)
-    assert "full" in res.json["error"]
-    health = client.get("/healthz", status=503)
-    assert_error(health, 503)
-    assert "full" in health.json["error"]
-    # A bad body that cannot be kept is not a 500 either.
-    res = post(client, b"x" * 30_000, status="*")
-    assert res.status_int in (400, 503) and res.content_type == "application/json"
-    assert earnings(client, "full").json["sessions"] == 1  # reads still answer
-    assert count(db, "sessions") == 1
-
-    writer_pragma(app, "PRAGMA max_page_count = 1073741823")  # room again, same process
-    assert post(client, big).json == {"status": "recorded"}
-    assert client.get("/healthz").json == {"status": "ok"}
-    assert earnings(client, "full").json["sessions"] == 2
-    assert rows(db, "SELECT raw_body FROM sessions WHERE session_id = ?",
-                (big["session-id"],)) == [(json.dumps(big),)]
-
-
-def chattr(flag, *paths):
-    try:
-        return subprocess.run(["chattr", flag, *paths], capture_output=True, text=True)
-    except FileNotFoundError as exc:  # no e2fsprogs
-        return subprocess.CompletedProcess(["chattr"], 127, "", str(exc))
-
-
-def test_database_made_unwritable_gets_503_never_200_then_recovers(make_client, db):
-    """Read-only database.  The tests run as root, which chmod does not stop, so
-    the database file and its WAL are made immutable (chattr +i), which stops
-    root too: every write to them fails (EPERM, SQLite's "disk I/O error").
-    The -shm file is left alone: it is mmap'd, and writes to an immutable
-    mapping kill the process with SIGBUS, as they would any SQLite program."""
-    client = make_client(busy_timeout_ms=200)
-    post(client, postback(user_id="ro"))
-    files = [db, db + "-wal"]
-    assert all(os.path.exists(f) for f in files)
-    try:
-        made = chattr("+i", *files)
-        if made.returncode != 0:
-            pytest.skip(f"cannot make files immutable here (chattr +i): {made.stderr.strip()}")
-        for _ in range(3):
-            started = time.monotonic()
-            res = post(client, postback(user_id="ro"), status="*")
-            assert time.monotonic() - started < 3  # never a hang past the busy timeout
-            assert_error(res, 503)
-        assert_error(client.get("/healthz", status=503), 503)
-        assert earnings(client, "ro").json["sessions"] == 1
-    finally:
-        chattr("-i", *files)
-    assert count(db, "sessions") == 1
-    assert post(client, postback(user_id="ro")).json == {"status": "recorded"}
-    assert client.get("/healthz").json == {"status": "ok"}
-    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
-
-
-# ---------------------------------------------------------------------------
-# Hostile input
-# ---------------------------------------------------------------------------
-
-HOSTILE_SETTINGS = dict(
-    deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def send_raw(client, body):
-    return client.post("/postback", body, expect_errors=True)
-
-
-def check_answer(res, db, sessions_before, field=None):
-    """The contract for any postback: never 500, always JSON, nothing stored for an error."""
-    assert res.status_int in (200, 400, 413), (res.status, res.text)
-    assert res.content_type == "application/json"
-    answer = json.loads(res.body)
-    sessions_after = count(db, "sessions")
-    if res.status_int == 200:
-        assert answer in ({"status": "recorded"}, {"status": "duplicate"})
-        assert sessions_after == sessions_before + (answer["status"] == "recorded")
-    else:
-        assert set(answer) == {"error", "field"} and answer["error"]
-        assert sessions_after == sessions_before
-        if field is not None:
-            assert answer["field"] in (field, None), answer
-    return answer
-
-
-# Text including lone surrogates (sent as \udXXX escapes, or as CESU bytes).
-ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=12)
-JSON_LEAVES = (st.none() | st.booleans() | st.integers() | st.floats()  # nan/inf -> NaN literals
-               | st.decimals(allow_nan=False, allow_infinity=False) | ANY_TEXT)
-JSON_VALUES = st.recursive(
-    JSON_LEAVES,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(ANY_TEXT, inner, max_size=4),
-    max_leaves=12,
-)
-
-
-def to_json(value, ensure_ascii=True):
-    """Any generated value -> JSON text; Decimals become JSON numbers written exactly."""
-    text = json.dumps(value, ensure_ascii=ensure_ascii,
-                      default=lambda d: f"__DECIMAL_{d}__")
-    return re.sub(r'"__DECIMAL_(.*?)__"', r"\1", text)
-
-
-def as_body(text):
-    return text.encode("utf-8", "surrogatepass")  # a lone surrogate becomes invalid UTF-8
-
-
-NUMBER_TEXT = st.builds(
-    lambda sign, whole, frac, exp: f"{sign}{whole}{frac}{exp}",
-    st.sampled_from(["", "-", "+"]),
-    st.sampled_from(["0", "1", "00", "12", "999999", "1000000", "1_000", "0x10", "", "١"]),
-    st.sampled_from(["", ".5", ".000000001", ".0000000005", ".", ".1234567891234"]),
-    st.one_of(st.just(""), st.builds(lambda e, sign, digits: f"{e}{sign}{digits}",
-                                     st.sampled_from(["e", "E"]),
-                                     st.sampled_from(["", "+", "-"]),
-                                     st.integers(0, 10**30).map(str))),
-)
-LITERALS = st.one_of(
-    JSON_VALUES.map(to_json),
-    NUMBER_TEXT,  # a JSON number or not JSON at all
-    NUMBER_TEXT.map(lambda n: f'"{n}"'),  # the same as a string
-    st.sampled_from(["1e400", "-1e400", "-0", "-0.0", "NaN", "Infinity", "-Infinity", '"NaN"',
-                     '"Infinity"', '"\\ud800"', '"\\udfff"', '"a\\udc00b"', '"\\udc00\\ud800"',
-                     '"\\u0000"', '"\\ud83c\\udfae"', "1e99999999999999999999",
-                     '"1e-99999999999999999999"', "[" * 50 + "]" * 50, "{}", '""']),
-)
-POSTBACK_FIELDS = sorted(SAMPLE)
-
-
-def test_any_bytes_or_json_value_as_a_body_is_answered_json_never_500(client, db):
-    @settings(max_examples=150, **HOSTILE_SETTINGS)
-    @given(body=st.one_of(
-        st.binary(max_size=200),
-        st.builds(lambda v, a: as_body(to_json(v, a)), JSON_VALUES, st.booleans())))
-    def check(body):
-        before = count(db, "sessions")
-        check_answer(send_raw(client, body), db, before)
-
-    check()
-
-
-def test_any_field_replaced_by_any_json_is_answered_json_never_500(client, db):
-    @settings(max_examples=250, **HOSTILE_SETTINGS)
-    @given(field=st.sampled_from(POSTBACK_FIELDS), literal=LITERALS, ascii_only=st.booleans())
-    def check(field, literal, ascii_only):
-        text = json.dumps(postback(**{field: "__LITERAL__"}), ensure_ascii=ascii_only)
-        body = as_body(text.replace('"__LITERAL__"', literal))
-        before = count(db, "sessions")
-        answer = check_answer(send_raw(client, body), db, before, field)
-        if answer.get("status") == "recorded":  # stored exactly as sent
-            [(raw,)] = rows(db, "SELECT raw_body FROM sessions ORDER BY id DESC LIMIT 1")
-            assert raw.encode("utf-8", "surrogatepass") == body
-
-    check()
-
-
-def test_escaped_surrogate_pair_in_an_id_is_one_character(client, db):
-    text = json.dumps(postback(user_id="__ID__")).replace("__ID__", "\\ud83c\\udfae")
-    assert send_raw(client, text.encode()).json == {"status": "recorded"}
-    assert earnings(client, "\U0001F3AE").json["sessions"] == 1
-
-
-@contextlib.contextmanager
-def write_connection_held(store):
-    """Keep the write connection busy inside a write of its own."""
-    entered, gate = threading.Event(), threading.Event()
-
-    def hold(conn, now):
-        entered.set()
-        assert gate.wait(10)
-
-    holder = threading.Thread(target=store.write, args=(hold,))
-    holder.start()
-    assert entered.wait(5)
-    try:
-        yield
-    finally:
-        gate.set()
-        holder.join(10)
-
-
-def test_a_write_waits_for_the_one_in_progress_then_commits(make_client, db):
-    store = make_client().app.store
-    body = json.dumps(postback(user_id="waiter"))
-    op = spp_server.record_session(spp_server.parse_postback(body.encode()), body)
-    result = []
-    with write_connection_held(store):
-        waiter = threading.Thread(target=lambda: result.append(store.write(op)))
-        waiter.start()
-        waiter.join(0.2)  # bounded look: nothing else may write meanwhile
-        assert waiter.is_alive() and count(db, "sessions") == 0
-    waiter.join(10)
-    assert result == ["recorded"] and count(db, "sessions") == 1
-
-
-def test_closing_waits_for_the_write_in_progress_then_refuses_writes(make_client, db):
-    store = make_client().app.store
-    with write_connection_held(store):
-        closer = threading.Thread(target=store.close)
-        closer.start()
-        closer.join(0.2)  # bounded look: the connection is still in use
-        assert closer.is_alive()
-    closer.join(10)
-    assert not closer.is_alive()
-    with pytest.raises(spp_server.StoreUnavailable, match="shutting down"):
-        store.write(lambda conn, now: "never runs")
-
-
-def test_a_write_that_cannot_get_the_connection_in_time_is_unavailable(make_client, db):
-    store = make_client(busy_timeout_ms=100).app.store
-    with write_connection_held(store):
-        started = time.monotonic()
-        with pytest.raises(spp_server.StoreUnavailable, match="did not answer in time"):
-            store.write(lambda conn, now: "never runs")
-        assert time.monotonic() - started < 5
-    assert count(db, "sessions") == 0
-
-
-@pytest.mark.parametrize(
-    "literal, allowed",
-    [
-        ("-0", {0}), ("-0.0", {0}), ("0e0", {0}), ("1E-9", {1}), ('"1e-9"', {1}),
-        ("0.0000000005", {0}), ('"-0e5"', {0}), ("12", {12 * 10**9}),
-        ("1e400", {400}), ("1e99999999999999999999", {400}), ('"1e99999999999999999999"', {400}),
-        # Too small to be written down by Python's Decimal; it rounds to 0 nano-USD.
-        ('"1e-99999999999999999999"', {0, 400}), ("1e-99999999999999999999", {0, 400}),
-        ("NaN", {400}), ('"NaN"', {400}), ('"0x10"', {400}), ('"1_000"', {400}),
-        ('"+1"', {400}), ("+1", {400}), ('"1."', {400}), ('".5"', {400}), ("0x10", {400}),
-    ],
-)
-def test_awkward_revenue_numbers(client, db, literal, allowed):
-    text = json.dumps(postback(your_estimated_revenue="__REV__")).replace('"__REV__"', literal)
-    res = send_raw(client, text.encode())
-    check_answer(res, db, 0, "your-estimated-revenue")
-    outcome = 400 if res.status_int == 400 else rows(db, "SELECT revenue_nano FROM sessions")[0][0]
-    assert outcome in allowed, res.text
-
-
-@pytest.mark.parametrize("literal", ["1e99999999999999999999", "-1e-99999999999999999999",
-                                     "1" + "0" * 5000])
-def test_awkward_number_in_an_unknown_key_is_not_a_500(client, db, literal):
-    text = json.dumps(postback(extra="__X__")).replace('"__X__"', literal)
-    check_answer(send_raw(client, text.encode()), db, 0)
-
-
-def nested(depth):
-    return "[" * depth + "]" * depth
-
-
-@pytest.mark.parametrize(
-    "make_body",
-    [
-        lambda: nested(30_000),  # as deep as fits in the body limit
-        lambda: json.dumps(postback()).replace("{", '{"deep": ' + nested(20_000) + ", ", 1),
-        lambda: json.dumps(postback()).replace("{", '{"deep": ' + nested(500) + ", ", 1),
-        lambda: '{"a": ' * 9_000 + "1" + "}" * 9_000,
-        lambda: json.dumps(postback(wide={str(i): i for i in range(3_000)})),
-        lambda: json.dumps(postback(long="ユ" * 20_000), ensure_ascii=False),  # 60 KB of UTF-8
-        lambda: json.dumps(postback(session_id="s" * 60_000)),
-        lambda: json.dumps(postback(user_id="u" * 60_000)),
-        lambda: json.dumps(postback(list=[{}] * 15_000)),
-        lambda: json.dumps(postback()) + " " * 50_000,
-        lambda: json.dumps(postback()) + " x",
-        lambda: '{"session-id": "a", "session-id": "b", "user-id": "u", '
-                '"your-estimated-revenue": "1", "your-estimated-revenue": "x"}',
-    ],
-)
-def test_deep_wide_and_huge_bodies_are_answered_json_never_500(client, db, make_body):
-    body = make_body().encode()
-    assert len(body) <= spp_server.MAX_BODY_BYTES
-    check_answer(send_raw(client, body), db, 0)
-    assert client.get("/healthz").json == {"status": "ok"}
-
-
-NANO_DECIMAL = Decimal("1e-9")
-REVENUES = st.decimals(min_value=0, max_value=Decimal("999999.999999999"), places=9,
-                       allow_nan=False, allow_infinity=False)
-
-
-def revenue_literal(amount, form):
-    """An accepted way of writing `amount` in a postback."""
-    plain = format(amount, "f")
-    return {
-        "string": json.dumps(plain),
-        "string-exponent": json.dumps(format(amount, "e")),
-        "string-trailing-zeros": json.dumps(plain + ("000" if "." in plain else ".000")),
-        "number": plain,
-        "number-exponent": format(amount, "e"),
-        "integer": str(int(amount)) if amount == amount.to_integral_value() else plain,
-    }[form]
-
-
-REVENUE_FORMS = ["string", "string-exponent", "string-trailing-zeros", "number",
-                 "number-exponent", "integer"]
-
-
-def test_earnings_are_the_exact_sum_of_the_accepted_revenues(client, db):
-    @settings(max_examples=100, **HOSTILE_SETTINGS)
-    @given(entries=st.lists(st.tuples(REVENUES, st.sampled_from(REVENUE_FORMS)), min_size=1,
-                            max_size=8),
-           resend=st.integers(0, 7), noise=st.sampled_from(['"-1"', '"1e6"', '"abc"', "true"]))
-    def check(entries, resend, noise):
-        user = f"sum-{next(_ids)}"
-        bodies = []
-        for amount, form in entries:
-            text = json.dumps(postback(user_id=user, your_estimated_revenue="__REV__"))
-            bodies.append(text.replace('"__REV__"', revenue_literal(amount, form)).encode())
-        for body in bodies:
-            assert send_raw(client, body).json == {"status": "recorded"}
-        # A re-send and a refused postback change nothing.
-        assert send_raw(client, bodies[resend % len(bodies)]).json == {"status": "duplicate"}
-        bad = json.dumps(postback(user_id=user, your_estimated_revenue="__REV__"))
-        assert send_raw(client, bad.replace('"__REV__"', noise).encode()).status_int == 400
-        res = earnings(client, user).json
-        assert res["sessions"] == len(entries)
-        assert DECIMAL_STRING.match(res["estimated-revenue"])
-        exact = sum((amount for amount, _ in entries), Decimal(0))
-        assert exact == exact.quantize(NANO_DECIMAL, rounding=ROUND_HALF_EVEN)  # nothing rounded
-        assert Decimal(res["estimated-revenue"]) == exact
-
-    check()
-
-
-# ---------------------------------------------------------------------------
-# Slow and broken clients against the real server
-# ---------------------------------------------------------------------------
-
-
-def read_http_response(sock, method="POST"):
-    res = http.client.HTTPResponse(sock, method=method)
-    res.begin()
-    return res.status, res.getheader("Content-Type"), res.read()
-
-
-def chunked_body(size, piece=8192):
-    body = json.dumps(postback(padding="p" * size)).encode()[:size - 2] + b'"}'
-    return b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + piece]), body[i:i + piece])
-                    for i in range(0, len(body), piece)) + b"0\r\n\r\n"
-
-
-def test_stalled_and_oversized_clients_do_not_hold_up_other_clients(real_server, db):
-    server = real_server(db, args=("--threads", "2"))
-    head = b"POST /postback HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-    bad_requests = [
-        head,  # headers never finished
-        head + b"Content-Length: 500\r\n\r\n",  # headers, then nothing
-        head + b"Content-Length: 500\r\n\r\n",
-        head + b"Content-Length: 60000\r\n\r\n{\"session-id\": ",  # a little of what it announced
-        head + b"Transfer-Encoding: chunked\r\n\r\n1000\r\nabc",  # a chunk that never ends
-        head + b"Transfer-Encoding: chunked\r\n\r\n1000\r\nabc",
-        head + b"Content-Length: 1000000000\r\n\r\n{",  # huge announcement, little sent
-    ]
-    sockets = []
-    try:
-        for request in bad_requests:
-            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-            sockets.append(sock)
-            sock.sendall(request)
-        for _ in range(3):  # more bad clients than threads, and others are still served
-            started = time.monotonic()
-            assert server.post(postback(user_id="patient")) == (200, {"status": "recorded"})
-            assert time.monotonic() - started < 1
-        assert server.request("GET", "/healthz") == (200, {"status": "ok"})
-        # The huge announcement is refused by waitress's own backstop, without the body.
-        status, content_type, text = read_http_response(sockets[-1])
-        assert (status, content_type.split(";")[0]) == (413, "text/plain")
-        # An oversized chunked body: up to waitress's 128 KiB the app answers 413 JSON...
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-        sockets.append(sock)
-        sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked_body(100_000))
-        status, content_type, text = read_http_response(sock)
-        assert (status, content_type) == (413, "application/json")
-        assert json.loads(text) == {"error": "the body must be at most 65536 bytes",
-                                    "field": None}
-        # ...past it, waitress's own plain-text 413 (the body is never handed to the app).
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-        sockets.append(sock)
-        sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n" + chunked_body(200_000))
-        status, content_type, text = read_http_response(sock)
-        assert (status, content_type.split(";")[0]) == (413, "text/plain")
-        assert b"Request Entity Too Large" in text
-        # Still answering promptly with every stalled connection open.
-        started = time.monotonic()
-        assert server.post(postback(user_id="patient")) == (200, {"status": "recorded"})
-        assert time.monotonic() - started < 1
-    finally:
-        for sock in sockets:
-            sock.close()
-    assert server.stop() == 0
-    assert rows(db, "SELECT DISTINCT user_id FROM sessions") == [("patient",)]
-    assert count(db, "sessions") == 4
-
-
-# ---------------------------------------------------------------------------
-# Auth against the real server: refusals alike, rotation, no token in the log
-# ---------------------------------------------------------------------------
-
-OLD_POSTBACK_TOKEN = "pb-old-Zq81xTr"
-NEW_POSTBACK_TOKEN = "pb-new-Wk27yMd"
-READ_TOKEN = "rd-Hh55vPc"
-
-
-def test_real_server_refuses_bad_tokens_alike_and_never_logs_a_token(real_server, db):
-    server = real_server(db, env={
-        "SPP_POSTBACK_TOKEN": f"{OLD_POSTBACK_TOKEN},{NEW_POSTBACK_TOKEN}",
-        "SPP_READ_TOKEN": READ_TOKEN,
-        "SPP_LOG_LEVEL": "debug",  # the most the log ever says
-    })
-
-    def send(headers=None, path="/postback", payload=None):
-        body = json.dumps(payload or postback(user_id="auth")).encode()
-        return http_request(server.port, "POST", path, body, headers)
-
-    # Rotation: both configured tokens work; the scheme is case-insensitive.
-    for headers in [bearer(OLD_POSTBACK_TOKEN), bearer(NEW_POSTBACK_TOKEN),
-                    {"Authorization": f"bearer {OLD_POSTBACK_TOKEN}"},
-                    {"Authorization": f"BEARER {NEW_POSTBACK_TOKEN}"}]:
-        status, _, body = send(headers)
-        assert (status, json.loads(body)) == (200, {"status": "recorded"}), headers
-    basic = base64.b64encode(f"{OLD_POSTBACK_TOKEN}:".encode()).decode()
-    refused = [
-        send(),
-        send(bearer("wrong")),
-        send(bearer(OLD_POSTBACK_TOKEN[:-1])),  # a prefix
-        send(bearer(OLD_POSTBACK_TOKEN + "x")),  # one character more
-        send(bearer(NEW_POSTBACK_TOKEN + NEW_POSTBACK_TOKEN)),  # another length
-        send(bearer("p")),
-        send({"Authorization": "Bearer "}),
-        send({"Authorization": "Bearer"}),
-        send({"Authorization": f"Basic {basic}"}),
-        send({"Authorization": f"Basic {OLD_POSTBACK_TOKEN}"}),
-        send({"Authorization": OLD_POSTBACK_TOKEN}),
-        send({"Authorization": f"Token {OLD_POSTBACK_TOKEN}"}),
-        send(bearer(f"{OLD_POSTBACK_TOKEN},{NEW_POSTBACK_TOKEN}")),  # the whole setting
-        send(bearer(READ_TOKEN)),  # the read token does not post
-        send(path=f"/postback?token={OLD_POSTBACK_TOKEN}"),
-        send(path=f"/postback?access_token={NEW_POSTBACK_TOKEN}"),
-        send({"X-Api-Key": OLD_POSTBACK_TOKEN}),
-    ]
-    first_status, first_headers, first_body = refused[0]
-    assert first_status == 401
-    assert set(json.loads(first_body)) == {"error", "field"}
-    for status, headers, body in refused:  # refused the same way, whatever was wrong
-        assert (status, body) == (first_status, first_body)
-        assert headers["WWW-Authenticate"] == first_headers["WWW-Authenticate"]
-    # A bad body and an oversized one, with a good token: refused, token still unlogged.
-    assert send(bearer(NEW_POSTBACK_TOKEN), payload={"session-id": ""})[0] == 400
-    big = postback(padding="x" * spp_server.MAX_BODY_BYTES)
-    assert send(bearer(NEW_POSTBACK_TOKEN), payload=big)[0] == 413
-    # Reads: only the read token, in the header.
-    for headers, path in [({}, "/stats"), (bearer(OLD_POSTBACK_TOKEN), "/stats"),
-                          ({}, f"/stats?token={READ_TOKEN}"), (bearer(READ_TOKEN + "x"), "/stats"),
-                          (bearer(READ_TOKEN[:-1]), "/users/auth/earnings")]:
-        assert http_request(server.port, "GET", path, headers=headers)[0] == 401
-    status, _, body = http_request(server.port, "GET", "/users/auth/earnings",
-                                   headers={"Authorization": f"bearer {READ_TOKEN}"})
-    assert (status, json.loads(body)["sessions"]) == (200, 4)
-    assert server.stop() == 0
-    assert count(db, "sessions") == 4
-    assert count(db, "rejected") == 1  # only the authenticated bad body
-    log_text = server.log_text()
-    assert log_text.count("postback unauthorized") == len(refused)  # the log was captured
-    assert log_text.count("postback recorded") == 4
-    for secret in [OLD_POSTBACK_TOKEN, NEW_POSTBACK_TOKEN, READ_TOKEN, basic,
-                   "Zq81x", "Wk27y", "Hh55v"]:  # not even part of one
-        assert secret not in log_text, secret
-
-
-def test_a_failed_write_is_rolled_back_and_the_next_one_commits(make_client, db, monkeypatch):
-    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 3600)  # health tells of the last write
-    client = make_client()
-    store = client.app.store
-
-    def insert_then_violate_a_constraint(conn, now):
-        body = json.dumps(postback(user_id="half"))
-        spp_server.record_session(spp_server.parse_postback(body.encode()), body)(conn, now)
-        conn.execute("INSERT INTO sessions (session_id) VALUES ('no user, no revenue')")
-
-    with pytest.raises(spp_server.StoreUnavailable, match="refused the write"):
-        store.write(insert_then_violate_a_constraint)
-    assert count(db, "sessions") == 0  # not even the first half
-    assert client.get("/healthz", status=503).json["error"].startswith("the last write failed")
-    assert post(client, postback()).json == {"status": "recorded"}
-    assert client.get("/healthz").json == {"status": "ok"}
-
-
-def test_an_error_from_a_write_op_that_is_not_sqlites_propagates_and_rolls_back(client, db):
-    store = client.app.store
-
-    class Mistake(Exception):
-        pass
-
-    def insert_then_fail(conn, now):
-        body = json.dumps(postback(user_id="half"))
-        spp_server.record_session(spp_server.parse_postback(body.encode()), body)(conn, now)
-        raise Mistake("a bug in the op, not a database error")
-
-    with pytest.raises(Mistake):
-        store.write(insert_then_fail)
-    assert count(db, "sessions") == 0
-    assert post(client, postback()).json == {"status": "recorded"}  # the connection still works
-    assert count(db, "sessions") == 1
-
-
-def test_every_answer_is_committed_after_duplicates_and_conflicts(client, db):
-    """The duplicate check reads and may write on the write connection; a
-    transaction left open there would hold back the commit of later postbacks."""
-    first = postback(user_id="seen")
-    assert post(client, first).json == {"status": "recorded"}
-    assert post(client, first).json == {"status": "duplicate"}
-    assert count(db, "sessions") == 1
-    assert post(client, {**first, "user-id": "changed"}).json == {"status": "duplicate"}
-    assert count(db, "conflicts") == 1
-    assert post(client, postback(user_id="next")).json == {"status": "recorded"}
-    assert count(db, "sessions") == 2  # read by another connection, at once
-
-
-def test_waitress_queue_depth_warnings_are_kept_out_of_the_log():
-    queue_logger = logging.getLogger("waitress.queue")
-    old_level = queue_logger.level
-    try:
-        spp_server.setup_logging()
-        assert not queue_logger.isEnabledFor(logging.WARNING)
-    finally:
-        queue_logger.setLevel(old_level)
