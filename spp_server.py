@@ -1375,10 +1375,10 @@ def joined_nanos(whole_usd, nano_rest):
     return whole_usd * NANOS_PER_USD + nano_rest
 
 
-def reconciliation(store, q):
-    """The report: one record per report day (and property, when the booked
-    rows of the window have one) and a summary.  Shared by GET /reconciliation
-    and `spp_server.py reconcile`."""
+def reconciliation_sides(store, q):
+    """{(day, property or None): [sessions, estimated nanos, booked nanos]},
+    None where a side has nothing.  Split by property when the booked rows of
+    the window have one (or one is asked for)."""
     booked = store.read(SQL["booked_by_day"], {
         "since_day": report_day_text(q.since_day), "until_day": report_day_text(q.until_day),
         "property": q.property_id})
@@ -1386,7 +1386,7 @@ def reconciliation(store, q):
     offset_us = q.offset_minutes * 60 * 1_000_000
     window = {"offset_us": offset_us, "since": q.since_day * DAY_US - offset_us,
               "until": q.until_day * DAY_US - offset_us, "property": q.property_id}
-    sides = {}  # (day, property or None) -> [sessions, estimated nanos, booked nanos]
+    sides = {}
     if by_property:
         for day, prop, sessions, whole, rest in store.read(SQL["estimates_by_day_and_property"], window):
             sides[(report_day_text(day), prop)] = [sessions, joined_nanos(whole, rest), None]
@@ -1396,48 +1396,49 @@ def reconciliation(store, q):
     for day, prop, whole, rest in booked:
         key = (day, (prop or None) if by_property else None)
         sides.setdefault(key, [None, None, None])[2] = joined_nanos(whole, rest)
+    return sides
 
-    share = q.share
-    records, pairs, ratios = [], [], []
-    totals = {"sessions": 0, "estimated": 0, "booked": 0, "paid": 0, "margin": 0,
-              "paired-estimated": 0, "paired-booked": 0}
-    paired_days = set()
-    for (day, prop), (sessions, estimated, booked_nanos) in sorted(
-            sides.items(), key=lambda item: (item[0][0], item[0][1] is not None, item[0][1] or "")):
-        record = {"day": day, "property-id": prop, "sessions": sessions,
-                  "estimated-revenue": None if estimated is None else nanos_to_usd(estimated),
-                  "booked-revenue": None if booked_nanos is None else nanos_to_usd(booked_nanos),
-                  "ratio": ratio_text(booked_nanos, estimated)}
-        paid = None if share is None or estimated is None else rewardable_nanos(estimated, share)
-        if share is not None:
-            record["paid-out"] = None if paid is None else nanos_to_usd(paid)
-            record["margin"] = None if paid is None or booked_nanos is None else signed_usd(booked_nanos - paid)
-        record["flag"] = "no-postbacks" if booked_nanos and sessions is None else None
-        records.append(record)
-        totals["sessions"] += sessions or 0
-        totals["estimated"] += estimated or 0
-        totals["booked"] += booked_nanos or 0
-        totals["paid"] += paid or 0
-        if estimated is not None and booked_nanos is not None:
-            paired_days.add(day)
-            pairs.append((estimated, booked_nanos))
-            totals["paired-estimated"] += estimated
-            totals["paired-booked"] += booked_nanos
-            if paid is not None:
-                totals["margin"] += booked_nanos - paid
-            if estimated:
-                ratios.append(Fraction(booked_nanos, estimated))
 
+def by_day_then_property(item):
+    (day, prop), _ = item
+    return day, prop is not None, prop or ""
+
+
+def day_record(day, prop, sessions, estimated, booked, share):
+    """One report row; `paid` (what the share paid out, nanos or None) rides along."""
+    paid = None if share is None or estimated is None else rewardable_nanos(estimated, share)
+    record = {"day": day, "property-id": prop, "sessions": sessions,
+              "estimated-revenue": None if estimated is None else nanos_to_usd(estimated),
+              "booked-revenue": None if booked is None else nanos_to_usd(booked),
+              "ratio": ratio_text(booked, estimated)}
+    if share is not None:
+        record["paid-out"] = None if paid is None else nanos_to_usd(paid)
+        record["margin"] = None if paid is None or booked is None else signed_usd(booked - paid)
+    record["flag"] = "no-postbacks" if booked and sessions is None else None
+    return record, paid
+
+
+def reconciliation_summary(q, records, rows):
+    """Totals over every record; ratios, margin and the suggestion over the
+    records that have both sides.  rows: (sessions, estimated, booked, paid)."""
+    pairs = [(est, booked) for _, est, booked, _ in rows if est is not None and booked is not None]
+    paired_days = {record["day"] for record, (_, est, booked, _) in zip(records, rows)
+                   if est is not None and booked is not None}
+    ratios = [Fraction(booked, est) for est, booked in pairs if est]
+    paired_estimated = sum(est for est, _ in pairs)
+    paired_booked = sum(booked for _, booked in pairs)
+    margin = sum(booked - paid for _, est, booked, paid in rows
+                 if est is not None and booked is not None and paid is not None)
     little = len(paired_days) < MIN_DAYS_FOR_A_SUGGESTION
-    summary = {
+    return {
         "days": len({record["day"] for record in records}),
         "days-with-both": len(paired_days),
-        "sessions": totals["sessions"],
-        "estimated-revenue": nanos_to_usd(totals["estimated"]),
-        "booked-revenue": nanos_to_usd(totals["booked"]),
-        **({"paid-out": nanos_to_usd(totals["paid"]), "margin": signed_usd(totals["margin"])}
-           if share is not None else {}),
-        "ratio": ratio_text(totals["paired-booked"] if pairs else None, totals["paired-estimated"]),
+        "sessions": sum(sessions or 0 for sessions, *_ in rows),
+        "estimated-revenue": nanos_to_usd(sum(est or 0 for _, est, _, _ in rows)),
+        "booked-revenue": nanos_to_usd(sum(booked or 0 for _, _, booked, _ in rows)),
+        **({"paid-out": nanos_to_usd(sum(paid or 0 for *_, paid in rows)),
+            "margin": signed_usd(margin)} if q.share is not None else {}),
+        "ratio": ratio_text(paired_booked if pairs else None, paired_estimated),
         "lowest-ratio": floor_places(min(ratios), RATIO_PLACES) if ratios else None,
         "median-ratio": floor_places(median_fraction(ratios), RATIO_PLACES) if ratios else None,
         "quantile": format(q.quantile, "f"),
@@ -1447,13 +1448,24 @@ def reconciliation(store, q):
                  f"the suggestion rests on little data (fewer than {MIN_DAYS_FOR_A_SUGGESTION})"
                  if little else None),
     }
-    report = {
+
+
+def reconciliation(store, q):
+    """The report: one record per report day (and property, when the booked
+    rows of the window have one) and a summary.  Shared by GET /reconciliation
+    and `spp_server.py reconcile`."""
+    records, rows = [], []
+    for (day, prop), (sessions, estimated, booked) in sorted(
+            reconciliation_sides(store, q).items(), key=by_day_then_property):
+        record, paid = day_record(day, prop, sessions, estimated, booked, q.share)
+        records.append(record)
+        rows.append((sessions, estimated, booked, paid))
+    return {
         "since": report_day_text(q.since_day), "until": report_day_text(q.until_day),
         "property-id": q.property_id, "report-utc-offset": utc_offset_text(q.offset_minutes),
-        "reward-share": None if share is None else format(share, "f"),
-        "days": records, "summary": summary,
+        "reward-share": None if q.share is None else format(q.share, "f"),
+        "days": records, "summary": reconciliation_summary(q, records, rows),
     }
-    return report
 
 
 def reconciliation_output(store, q, fmt):
