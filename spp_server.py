@@ -604,6 +604,9 @@ class ReadOnlyStore(Reads):
         self.path = str(path)
         if not os.path.isfile(self.path):
             raise StoreUnavailable(f"no database at {self.path}")
+        if not os.access(self.path, os.R_OK):
+            raise StoreUnavailable(
+                f"cannot read {self.path}: permission denied (run as its owner, or with sudo)")
         try:
             self._conn = self._open()
         except sqlite3.Error as exc:

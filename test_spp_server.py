@@ -1626,6 +1626,16 @@ def test_export_of_a_missing_database_creates_nothing(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_export_of_a_database_this_user_may_not_read_is_one_line(client, db, capsys,
+                                                                 monkeypatch):
+    post(client, SAMPLE)
+    readable = os.access
+    monkeypatch.setattr(spp_server.os, "access",  # the tests run as root, whom chmod does not stop
+                        lambda path, mode: False if path == db else readable(path, mode))
+    assert run_export_command(db) == (1, b"")
+    one_line_error(capsys, "cannot read", db, "permission denied")
+
+
 @pytest.mark.parametrize("content, words", [
     (b"", ["not an spp-receiver database"]),
     (b"not a database at all" * 100, ["cannot read", "not a database"]),
