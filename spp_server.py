@@ -1068,7 +1068,6 @@ def valid_text_or_none(payload, field, max_chars, allow_empty):
 # Booked revenue: importing Gamezop's Ad Revenue Reports
 # ---------------------------------------------------------------------------
 
-MAX_BOOKED_PROPERTY_CHARS = 128
 REPORT_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 DAY_US = 86_400 * 1_000_000
 
@@ -1199,8 +1198,6 @@ def booked_row(where, fields, columns):
         property_id = check_property_id(fields)
     except Invalid as invalid:
         refuse(invalid.field, invalid.message)
-    if property_id is not None and len(property_id) > MAX_BOOKED_PROPERTY_CHARS:
-        refuse("property-id", f"must be at most {MAX_BOOKED_PROPERTY_CHARS} characters")
     return BookedRow(day, property_id or "", country or "", nanos)
 
 
