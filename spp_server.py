@@ -328,6 +328,7 @@ SQL = {
         SELECT id, session_id, received_at_us, stored_body, new_body
         FROM conflicts ORDER BY id DESC LIMIT ?""",
     "schema_version": "PRAGMA user_version",  # also a cheap read for health
+    "last_received": "SELECT max(received_at_us) FROM sessions",
     "health_probe": "INSERT OR REPLACE INTO health_probe (id, probed_at_us) VALUES (1, ?)",
 }
 TOTALS_GROUPS = {
@@ -788,6 +789,11 @@ def decode_cursor(text):
     return int(match.group(1)), int(match.group(2))
 
 
+def age_s(us):
+    """Whole seconds since the instant `us` (None stays None)."""
+    return None if us is None else (now_us() - us) // 1_000_000
+
+
 def stats(store, counters):
     sessions, last, rejected, conflicts = store.read(SQL["stats"])[0]
     return {
@@ -795,7 +801,7 @@ def stats(store, counters):
         "rejected": rejected,
         "conflicts": conflicts,
         "last-received-at": iso_utc(last),
-        "last-received-age-seconds": None if last is None else (now_us() - last) // 1_000_000,
+        "last-received-age-seconds": age_s(last),
         "since-start": counters.snapshot(),
     }
 
@@ -1785,11 +1791,41 @@ def handle_conflicts():
     return {"conflicts": newest_conflicts(request.app.store, parse_limit(query()))}
 
 
+DURATION = re.compile(r"([0-9]{1,7})([smhd])")
+SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text, field):
+    """'90s', '30m', '2h', '1d' -> seconds (Invalid naming `field` otherwise)."""
+    match = DURATION.fullmatch(text)
+    if not match or int(match.group(1)) == 0:
+        raise Invalid(field, "must be a whole number of s, m, h or d above 0, such as 30m")
+    return int(match.group(1)) * SECONDS_PER_UNIT[match.group(2)]
+
+
+def last_received_age_s(store):
+    """Whole seconds since the newest stored session was received; None before the first."""
+    [(last,)] = store.read(SQL["last_received"])
+    return age_s(last)
+
+
 def handle_healthz():
+    """Plain: whether the database works.  With postbacks-within=30m, also
+    whether a session was recorded that recently (for an uptime monitor: a
+    silent server is healthy to systemd, but worth an alert)."""
+    params = query()
+    within = params.get("postbacks-within")
+    window_s = None if within is None else parse_duration(within, "postbacks-within")
     problem = request.app.store.health_problem()
     if problem:
         raise ApiError(503, problem)
-    return {"status": "ok"}
+    if window_s is None:
+        return {"status": "ok"}
+    age = last_received_age_s(request.app.store)
+    if age is None or age > window_s:
+        response.status = 503
+        return {"status": "silent", "last-received-age-seconds": age}
+    return {"status": "ok", "last-received-age-seconds": age}
 
 
 def create_app(config):

@@ -1078,13 +1078,13 @@ READ_PARAMS = {
     "/rejected": ["limit"],
     "/conflicts": ["limit"],
     "/stats": [],
-    "/healthz": [],
+    "/healthz": ["postbacks-within"],
 }
 
 
 VALID_PARAMS = {"since": "2026-11-01", "until": "2026-11-02", "format": "csv", "limit": "5",
                 "group-by": "day", "property-id": "1234", "before": "MTox",
-                "report-utc-offset": "+05:30", "quantile": "0.9"}
+                "report-utc-offset": "+05:30", "quantile": "0.9", "postbacks-within": "30m"}
 
 
 def sessions_page(client, user, status=200, **params):
@@ -2313,6 +2313,45 @@ def test_watchdog_pings_a_quiet_server_and_again_once_a_fault_is_gone(make_clien
         watchdog.join(5)
         notify.close()
     assert not watchdog.is_alive()
+
+
+@pytest.mark.parametrize("within, seconds", [("90s", 90), ("30m", 1800), ("2h", 7200),
+                                             ("1d", 86400)])
+def test_healthz_with_postbacks_within_is_silent_past_that_age(client, clock, within, seconds):
+    assert client.get(f"/healthz?postbacks-within={within}", status=503).json == {
+        "status": "silent", "last-received-age-seconds": None}  # nothing ever received
+    post_at(client, clock, "2026-11-23T10:00:00Z")
+    clock.us += seconds * 1_000_000  # exactly that old: still within
+    assert client.get(f"/healthz?postbacks-within={within}", status=200).json == {
+        "status": "ok", "last-received-age-seconds": seconds}
+    clock.us += 1_000_000
+    assert client.get(f"/healthz?postbacks-within={within}", status=503).json == {
+        "status": "silent", "last-received-age-seconds": seconds + 1}
+    assert client.get("/healthz", status=200).json == {"status": "ok"}  # plain health ignores it
+
+
+def test_silence_is_judged_on_stored_sessions_not_refused_postbacks(make_client, clock):
+    client = make_client(postback_tokens=(b"t",))
+    clock.set("2026-11-23T10:00:00Z")
+    post(client, postback(), headers=bearer("t"))
+    clock.set("2026-11-23T11:00:00Z")
+    post(client, SAMPLE, status=401)  # a token rotated on one side only
+    post(client, b"[]", status=400, headers=bearer("t"))
+    assert client.get("/healthz?postbacks-within=30m", status=503).json["status"] == "silent"
+
+
+@pytest.mark.parametrize("bad", ["", "30", "0m", "m", "30x", "1.5h", "-1h", " 30m", "99999999s"])
+def test_a_bad_postbacks_within_is_a_400_naming_it(client, bad):
+    assert_error(client.get(f"/healthz?postbacks-within={quote(bad)}", status=400), 400,
+                 "postbacks-within")
+
+
+def test_the_silence_check_needs_no_token_and_shows_no_data(make_client, clock):
+    client = make_client(read_tokens=(b"r",), postback_tokens=(b"t",))
+    clock.set("2026-11-23T10:00:00Z")
+    post(client, postback(), headers=bearer("t"))
+    assert set(client.get("/healthz?postbacks-within=1h").json) == {
+        "status", "last-received-age-seconds"}
 
 
 def test_debug_logs_one_line_per_postback_without_secrets(make_client, caplog):
