@@ -285,6 +285,14 @@ SQL = {
         FROM sessions
         WHERE user_id = :user AND (received_at_us, id) < (:before_at, :before_id)
         ORDER BY received_at_us DESC, id DESC LIMIT :limit""",
+    # The change feed: every session in commit order.  Rows are only ever
+    # added, one write transaction at a time, each taking the next id, so id
+    # order is commit order and a reader never sees a later id before an
+    # earlier one.
+    "session_feed": """
+        SELECT session_id, country, ads_viewed, revenue_nano, duration_s, property_id,
+               received_at_us, id, user_id
+        FROM sessions WHERE id > :after ORDER BY id LIMIT :limit""",
     # --- Reconciliation with booked revenue (see "Booked revenue" below) ---
     "booked_revenue_of": """
         SELECT revenue_nano FROM booked_revenue
@@ -753,20 +761,53 @@ def user_sessions(store, user_id, limit, before):
         SQL["user_sessions"],
         {"user": user_id, "before_at": before_at, "before_id": before_id, "limit": limit + 1},
     )
-    sessions = [
-        {
-            "session-id": session_id,
-            "country": country,
-            "count-of-ads-viewed": ads,
-            "your-estimated-revenue": nanos_to_usd(nanos),
-            "session-duration": duration,
-            "property-id": property_id,
-            "received-at": iso_utc(received),
-        }
-        for session_id, country, ads, nanos, duration, property_id, received, _ in rows[:limit]
-    ]
+    sessions = [session_record(row) for row in rows[:limit]]
     more = len(rows) > limit
     return sessions, encode_cursor(rows[limit - 1][6], rows[limit - 1][7]) if more else None
+
+
+def session_record(row):
+    """A session row (the columns of SQL['user_sessions']) -> its JSON fields."""
+    session_id, country, ads, nanos, duration, property_id, received, *_ = row
+    return {
+        "session-id": session_id,
+        "country": country,
+        "count-of-ads-viewed": ads,
+        "your-estimated-revenue": nanos_to_usd(nanos),
+        "session-duration": duration,
+        "property-id": property_id,
+        "received-at": iso_utc(received),
+    }
+
+
+FEED_COLUMNS = ["cursor", "user-id", "session-id", "country", "count-of-ads-viewed",
+                "your-estimated-revenue", "session-duration", "property-id", "received-at"]
+
+
+def feed_record(row):
+    """A SQL['session_feed'] row -> its record, cursor first."""
+    return {"cursor": str(row[7]), "user-id": row[8], **session_record(row)}
+
+
+def session_feed_page(store, after, limit):
+    """Up to `limit` sessions committed after the cursor, oldest first, and
+    the cursor to pass next (the same one when there is nothing new yet)."""
+    records = [feed_record(row) for row in store.read(
+        SQL["session_feed"], {"after": after, "limit": limit})]
+    return records, records[-1]["cursor"] if records else str(after)
+
+
+def session_feed_stream(store, after):
+    """Every session committed after the cursor, as NDJSON chunks, in constant
+    memory (one read snapshot: sessions committed meanwhile come next time)."""
+    rows = store.stream(SQL["session_feed"], {"after": after, "limit": -1})
+    return in_chunks(encode_records((feed_record(row) for row in rows), FEED_COLUMNS, "ndjson"))
+
+
+def decode_feed_cursor(text):
+    if not re.fullmatch(r"[0-9]{1,19}", text) or int(text) >= 2**63:
+        raise Invalid("after", "is not a cursor this server gave out")
+    return int(text)
 
 
 def encode_cursor(received_at_us, row_id):
@@ -1777,6 +1818,17 @@ def handle_user_sessions(user_id):
 
 
 @read_endpoint
+def handle_session_feed():
+    params = query()
+    after = decode_feed_cursor(params["after"]) if params.get("after") else 0
+    fmt = parse_format(params, ("json", "ndjson"), "json")
+    if fmt == "ndjson":
+        return stream_response(session_feed_stream(request.app.store, after), fmt)
+    sessions, cursor = session_feed_page(request.app.store, after, parse_limit(params, 100))
+    return {"sessions": sessions, "next": cursor}
+
+
+@read_endpoint
 def handle_stats():
     return stats(request.app.store, request.app.counters)
 
@@ -1849,6 +1901,7 @@ def create_app(config):
     app.route("/earnings", "GET", handle_earnings_export)
     app.route("/totals", "GET", handle_totals)
     app.route("/reconciliation", "GET", handle_reconciliation)
+    app.route("/sessions", "GET", handle_session_feed)
     app.route("/stats", "GET", handle_stats)
     app.route("/rejected", "GET", handle_rejected)
     app.route("/conflicts", "GET", handle_conflicts)

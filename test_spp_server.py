@@ -1079,12 +1079,13 @@ READ_PARAMS = {
     "/conflicts": ["limit"],
     "/stats": [],
     "/healthz": ["postbacks-within"],
+    "/sessions": ["after", "limit", "format"],
 }
 
 
 VALID_PARAMS = {"since": "2026-11-01", "until": "2026-11-02", "format": "csv", "limit": "5",
                 "group-by": "day", "property-id": "1234", "before": "MTox",
-                "report-utc-offset": "+05:30", "quantile": "0.9", "postbacks-within": "30m"}
+                "report-utc-offset": "+05:30", "quantile": "0.9", "postbacks-within": "30m", "after": "1"}
 
 
 def sessions_page(client, user, status=200, **params):
@@ -1096,7 +1097,7 @@ def b64(text):
 
 
 READ_URLS = ["/users/sub1/earnings", "/users/sub1/sessions", "/earnings?since=1&until=2",
-             "/totals", "/stats", "/rejected", "/conflicts",
+             "/totals", "/stats", "/rejected", "/conflicts", "/sessions", "/sessions?format=ndjson",
              "/reconciliation?since=2026-11-01&until=2026-11-02"]
 
 
@@ -1433,6 +1434,108 @@ def test_sessions_limit_defaults_to_50_and_is_bounded(client):
     for bad in ["0", "1001", "-1", "ten", "1.5"]:
         assert_error(sessions_page(client, "many", status=400, limit=bad), 400, "limit")
     assert len(sessions_page(client, "many", limit="1000").json["sessions"]) == 51
+
+
+def feed_page(client, status=200, **params):
+    return client.get("/sessions", params=params, status=status)
+
+
+def test_the_feed_gives_every_session_of_every_user_oldest_first_with_a_cursor(client, clock):
+    sent = [post_at(client, clock, f"2026-11-23T10:00:0{n}Z", user_id=f"user-{n % 3}",
+                    count_of_ads_viewed=n) for n in range(7)]
+    post(client, sent[0])  # a duplicate adds nothing
+    first = feed_page(client, limit=3).json
+    assert [(s["user-id"], s["session-id"]) for s in first["sessions"]] == [
+        (b["user-id"], b["session-id"]) for b in sent[:3]]
+    assert first["sessions"][0] == {
+        "cursor": first["sessions"][0]["cursor"], "user-id": "user-0",
+        "session-id": sent[0]["session-id"], "country": "IN", "count-of-ads-viewed": 0,
+        "your-estimated-revenue": "0.000012", "session-duration": 163, "property-id": "1234",
+        "received-at": "2026-11-23T10:00:00Z"}
+    assert first["next"] == first["sessions"][-1]["cursor"]
+    rest = feed_page(client, after=first["next"]).json
+    assert [s["session-id"] for s in rest["sessions"]] == [b["session-id"] for b in sent[3:]]
+    caught_up = feed_page(client, after=rest["next"]).json
+    assert caught_up == {"sessions": [], "next": rest["next"]}  # poll again with the same cursor
+    later = post_at(client, clock, "2026-11-23T11:00:00Z")
+    assert [s["session-id"] for s in feed_page(client, after=rest["next"]).json["sessions"]] == [
+        later["session-id"]]
+
+
+def test_the_feed_as_ndjson_streams_all_that_follows_the_cursor(client, clock):
+    for n in range(5):
+        post_at(client, clock, f"2026-11-23T10:00:0{n}Z", user_id=f"u{n}")
+    pages = feed_page(client, limit=2).json
+    res = feed_page(client, after=pages["sessions"][0]["cursor"], format="ndjson")
+    assert res.content_type == "application/x-ndjson"
+    lines = [json.loads(line) for line in res.text.splitlines()]
+    assert lines == feed_page(client, after=pages["sessions"][0]["cursor"], limit=1000).json["sessions"]
+    assert len(lines) == 4
+
+
+def test_the_ndjson_feed_streams_without_building_a_list():
+    pulled = []
+
+    class Rows:
+        def stream(self, sql, params):
+            for i in range(100_000):
+                pulled.append(i)
+                yield (f"s-{i}", None, None, 0, None, None, 1, i + 1, "u")
+
+    first = next(spp_server.session_feed_stream(Rows(), 0))
+    assert first.startswith(b'{"cursor": "1", "user-id": "u", "session-id": "s-0"')
+    assert len(pulled) < 2_000  # one chunk's worth, not every session
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"after": "x"}, "after"), ({"after": "-1"}, "after"), ({"after": str(2**63)}, "after"),
+    ({"after": "1.0"}, "after"), ({"limit": "0"}, "limit"), ({"limit": "1001"}, "limit"),
+    ({"format": "csv"}, "format")])
+def test_bad_feed_parameters_are_a_400_naming_them(client, params, field):
+    assert_error(feed_page(client, status=400, **params), 400, field)
+
+
+def test_the_feed_skips_and_repeats_nothing_while_writers_run(make_client):
+    """A consumer polling while postbacks commit from several threads sees
+    each session exactly once, in the order the cursors give."""
+    client = make_client()
+    sent, seen, done = set(), [], threading.Event()
+
+    def write(worker):
+        for n in range(60):
+            body = postback(user_id=f"w{worker}")
+            post(client, body)
+            sent.add(body["session-id"])
+
+    def read():
+        cursor = "0"
+        while True:
+            finished = done.is_set()  # read once more after the writers stop
+            page = feed_page(client, after=cursor, limit=7).json
+            seen.extend((int(s["cursor"]), s["session-id"]) for s in page["sessions"])
+            cursor = page["next"]
+            if not page["sessions"]:
+                if finished:
+                    return
+                done.wait(0.005)  # a consumer's poll interval: nothing new yet
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    writers = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join(15)
+    done.set()
+    reader.join(15)
+    assert not reader.is_alive()
+    assert [cursor for cursor, _ in seen] == sorted({cursor for cursor, _ in seen})  # no repeat
+    assert {session_id for _, session_id in seen} == sent and len(seen) == 240  # no skip
+
+
+def test_the_feed_reads_in_primary_key_order(client, db):
+    plan = query_plan(db, "session_feed", {"after": 0, "limit": 10})
+    assert plan == "SEARCH sessions USING INTEGER PRIMARY KEY (rowid>?)"  # no sort, no scan
 
 
 def test_keyset_pagination_is_stable_while_sessions_arrive(client, clock):
