@@ -293,6 +293,28 @@ SQL = {
         SELECT session_id, country, ads_viewed, revenue_nano, duration_s, property_id,
                received_at_us, id, user_id
         FROM sessions WHERE id > :after ORDER BY id LIMIT :limit""",
+    # --- Retention (prune): ids grow with receive times, so each table is cut
+    # at the first id received on or after the date, then cleared in id ranges.
+    "first_session_id_from": """
+        SELECT id FROM sessions INDEXED BY sessions_by_time
+        WHERE received_at_us >= ? ORDER BY received_at_us, id LIMIT 1""",
+    "session_ids": "SELECT coalesce(min(id), 0), coalesce(max(id), -1) FROM sessions",
+    "prunable_bodies": """
+        SELECT count(*), coalesce(sum(length(CAST(raw_body AS BLOB))), 0) FROM sessions
+        WHERE id >= ? AND id < ? AND raw_body != ''""",
+    "clear_bodies": "UPDATE sessions SET raw_body = '' WHERE id >= ? AND id < ? AND raw_body != ''",
+    "first_rejected_id_from": "SELECT min(id) FROM rejected WHERE received_at_us >= ?",
+    "rejected_ids": "SELECT coalesce(min(id), 0), coalesce(max(id), -1) FROM rejected",
+    "prunable_rejected": """
+        SELECT count(*), coalesce(sum(length(raw_body)), 0) FROM rejected WHERE id >= ? AND id < ?""",
+    "delete_rejected": "DELETE FROM rejected WHERE id >= ? AND id < ?",
+    "first_conflicts_id_from": "SELECT min(id) FROM conflicts WHERE received_at_us >= ?",
+    "conflicts_ids": "SELECT coalesce(min(id), 0), coalesce(max(id), -1) FROM conflicts",
+    "prunable_conflicts": """
+        SELECT count(*), coalesce(sum(length(CAST(stored_body AS BLOB))
+                                      + length(CAST(new_body AS BLOB))), 0)
+        FROM conflicts WHERE id >= ? AND id < ?""",
+    "delete_conflicts": "DELETE FROM conflicts WHERE id >= ? AND id < ?",
     # --- Reconciliation with booked revenue (see "Booked revenue" below) ---
     "booked_revenue_of": """
         SELECT revenue_nano FROM booked_revenue
@@ -764,6 +786,60 @@ def user_sessions(store, user_id, limit, before):
     sessions = [session_record(row) for row in rows[:limit]]
     more = len(rows) > limit
     return sessions, encode_cursor(rows[limit - 1][6], rows[limit - 1][7]) if more else None
+
+
+# ---------------------------------------------------------------------------
+# Retention: clearing old raw bodies, deleting old refusals
+# ---------------------------------------------------------------------------
+
+PRUNE_BATCH_ROWS = 1000  # rows per transaction: a postback waits behind one batch at most
+# What `prune` can clear -> the SQL names of: the table's first and last ids,
+# its first id received on or after a time, the rows and bytes in an id
+# range, and clearing or deleting that range.
+PRUNABLE = {
+    "raw bodies": ("session_ids", "first_session_id_from", "prunable_bodies", "clear_bodies"),
+    "rejected": ("rejected_ids", "first_rejected_id_from", "prunable_rejected", "delete_rejected"),
+    "conflicts": ("conflicts_ids", "first_conflicts_id_from", "prunable_conflicts",
+                  "delete_conflicts"),
+}
+
+
+def prune_range(store, what, before_us):
+    """The ids [first, end) of `what` received before `before_us`: ids grow
+    with receive times, so the range ends at the first id received later."""
+    ids_sql, from_sql, *_ = PRUNABLE[what]
+    [(first, last)] = store.read(SQL[ids_sql])
+    later = store.read(SQL[from_sql], (before_us,))
+    end = later[0][0] if later and later[0][0] is not None else last + 1
+    return first, max(first, end)
+
+
+def count_prunable(store, what, before_us):
+    """(rows, bytes) that prune would clear or delete, changing nothing."""
+    first, end = prune_range(store, what, before_us)
+    [(rows, size)] = store.read(SQL[PRUNABLE[what][2]], (first, end))
+    return rows, size
+
+
+def prune(store, what, before_us):
+    """Clear or delete what was received before `before_us`, one short
+    transaction per PRUNE_BATCH_ROWS ids, through the server's write path (so
+    it is safe while the server runs).  Returns (rows, bytes)."""
+    first, end = prune_range(store, what, before_us)
+    count_sql, change_sql = (SQL[name] for name in PRUNABLE[what][2:])
+
+    def batch(lo, hi):
+        def op(conn, _):
+            [(rows, size)] = conn.execute(count_sql, (lo, hi)).fetchall()
+            conn.execute(change_sql, (lo, hi))
+            return rows, size
+        return op
+
+    total_rows = total_bytes = 0
+    for lo in range(first, end, PRUNE_BATCH_ROWS):
+        rows, size = store.write(batch(lo, min(lo + PRUNE_BATCH_ROWS, end)))
+        total_rows, total_bytes = total_rows + rows, total_bytes + size
+    return total_rows, total_bytes
 
 
 def session_record(row):
@@ -2256,6 +2332,68 @@ def build_reconcile_parser(environ):
     return parser
 
 
+def build_prune_parser(environ):
+    parser = argparse.ArgumentParser(
+        prog="spp_server.py prune",
+        description="Keep the database bounded: clear old raw bodies (the parsed fields, "
+        "sums and deduplication stay, so earnings and duplicates are unaffected) and delete "
+        "old refused and conflicting postbacks. Safe while the server runs: short "
+        "transactions of at most 1,000 rows each.",
+    )
+    parser.add_argument(
+        "--db", default=environ.get("SPP_DB", DEFAULTS["db"]),
+        help="SQLite database file; never created [SPP_DB, default %(default)s]")
+    parser.add_argument(
+        "--raw-bodies-before",
+        help=f"clear the raw body of each session received before this time: {TIME_FORMS_HELP}")
+    parser.add_argument(
+        "--rejected-before",
+        help="delete the rejected and conflicts rows received before this time; same forms")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what would be cleared and deleted; change nothing")
+    return parser
+
+
+PRUNE_OPTIONS = (("raw_bodies_before", ["raw bodies"]), ("rejected_before", ["rejected", "conflicts"]))
+
+
+def run_prune(argv, environ, out):
+    parser = build_prune_parser(environ)
+    args = parser.parse_args(argv)
+    plan = []
+    for option, whats in PRUNE_OPTIONS:
+        text = getattr(args, option)
+        if text:
+            try:
+                plan += [(what, parse_instant(text)) for what in whats]
+            except ValueError:
+                parser.error(f"--{option.replace('_', '-')}: {TIME_FORMS_HELP}, not {text!r}")
+    if not plan:
+        parser.error("give --raw-bodies-before, --rejected-before or both")
+    try:
+        if not os.path.isfile(args.db):
+            raise StoreUnavailable(f"no database at {args.db}")
+        store = ReadOnlyStore(args.db) if args.dry_run else Store(args.db, DEFAULTS["busy_timeout_ms"])
+    except (StoreUnavailable, OSError, sqlite3.Error) as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        for what, before in plan:
+            rows, size = (count_prunable if args.dry_run else prune)(store, what, before)
+            done = ("would be " if args.dry_run else "") + (
+                "cleared" if what == "raw bodies" else "deleted")
+            out.write(f"{what} received before {iso_utc(before)}: {rows} {done}, {size} bytes\n")
+    except StoreUnavailable as exc:
+        print(f"{parser.prog}: {exc} (batches already done stay done; run it again)",
+              file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    out.write("Freed pages are reused by new rows; the file keeps its size. To shrink it, "
+              f"stop the server and run: sqlite3 {args.db} VACUUM\n")
+    return 0
+
+
 def run_import_booked(argv, environ, out):
     args = build_import_parser(environ).parse_args(argv)
     name = "spp_server.py import-booked"
@@ -2317,6 +2455,8 @@ def main(argv=None, environ=None):
         return run_export(argv[1:], environ, sys.stdout.buffer)
     if argv[:1] == ["import-booked"]:
         return run_import_booked(argv[1:], environ, sys.stdout)
+    if argv[:1] == ["prune"]:
+        return run_prune(argv[1:], environ, sys.stdout)
     if argv[:1] == ["reconcile"]:
         return run_reconcile(argv[1:], environ, sys.stdout.buffer)
     args = build_parser(environ).parse_args(argv)

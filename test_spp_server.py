@@ -2814,6 +2814,111 @@ def test_an_error_from_a_write_op_that_is_not_sqlites_propagates_and_rolls_back(
 
 
 # ---------------------------------------------------------------------------
+# Retention: prune clears old raw bodies and deletes old refusals
+# ---------------------------------------------------------------------------
+
+
+def run_prune(db, *args):
+    """`spp_server.py prune` in-process: (exit code, stdout)."""
+    out = io.StringIO()
+    code = spp_server.run_prune(["--db", db, *args], {}, out)
+    return code, out.getvalue()
+
+
+def bytes_of(db, sql):
+    return sum(len(value.encode() if isinstance(value, str) else value)
+               for (value,) in rows(db, sql))
+
+
+def test_prune_clears_old_raw_bodies_and_keeps_earnings_and_deduplication(client, clock, db):
+    old = [post_at(client, clock, f"2026-11-0{day}T12:00:00Z", user_id="u",
+                   your_estimated_revenue="0.1") for day in range(1, 5)]
+    new = post_at(client, clock, "2026-11-05T00:00:00Z", user_id="u", your_estimated_revenue="0.2")
+    before = earnings(client, "u").json
+    old_bytes = bytes_of(db, "SELECT raw_body FROM sessions WHERE received_at_us < "
+                             f"{spp_server.parse_instant('2026-11-05')}")
+    code, out = run_prune(db, "--raw-bodies-before", "2026-11-05")
+    assert code == 0
+    assert f"raw bodies received before 2026-11-05T00:00:00Z: 4 cleared, {old_bytes} bytes" in out
+    assert "VACUUM" in out
+    assert rows(db, "SELECT session_id FROM sessions WHERE raw_body != ''") == [(new["session-id"],)]
+    assert earnings(client, "u").json == before
+    assert post(client, old[0]).json == {"status": "duplicate"}  # still deduplicated
+    assert count(db, "sessions") == 5
+    assert run_prune(db, "--raw-bodies-before", "2026-11-05")[1].startswith(
+        "raw bodies received before 2026-11-05T00:00:00Z: 0 cleared, 0 bytes")
+
+
+def test_prune_works_in_short_transactions_through_the_write_path(client, clock, db, monkeypatch):
+    for n in range(5):
+        post_at(client, clock, f"2026-11-01T00:00:0{n}Z")
+    monkeypatch.setattr(spp_server, "PRUNE_BATCH_ROWS", 2)
+    batches = []
+    write = spp_server.Store.write
+    monkeypatch.setattr(spp_server.Store, "write", lambda self, op: batches.append(
+        write(self, op)) or batches[-1])
+    assert spp_server.prune(client.app.store, "raw bodies", spp_server.parse_instant("2027-01-01"))[0] == 5
+    assert [rows_ for rows_, _ in batches] == [2, 2, 1]
+
+
+def test_prune_deletes_old_refusals_and_conflicts(client, clock, db):
+    clock.set("2026-11-01T00:00:00Z")
+    post(client, b"not json", status=400)
+    first = postback()
+    post(client, first)
+    post(client, {**first, "user-id": "changed"})
+    clock.set("2026-11-03T00:00:00Z")
+    post(client, b"[]", status=400)
+    sizes = (bytes_of(db, "SELECT raw_body FROM rejected WHERE id = 1"),
+             bytes_of(db, "SELECT stored_body FROM conflicts") + bytes_of(db, "SELECT new_body FROM conflicts"))
+    code, out = run_prune(db, "--rejected-before", "2026-11-02")
+    assert code == 0
+    assert f"rejected received before 2026-11-02T00:00:00Z: 1 deleted, {sizes[0]} bytes" in out
+    assert f"conflicts received before 2026-11-02T00:00:00Z: 1 deleted, {sizes[1]} bytes" in out
+    assert rows(db, "SELECT raw_body FROM rejected") == [(b"[]",)]
+    assert count(db, "conflicts") == 0 and count(db, "sessions") == 1
+
+
+def test_prune_dry_run_counts_and_changes_nothing(client, clock, db):
+    post_at(client, clock, "2026-11-01T00:00:00Z")
+    post(client, b"x", status=400)
+    state = file_state(Path(db).parent)["spp.db"]
+    code, out = run_prune(db, "--raw-bodies-before", "2027-01-01", "--rejected-before", "2027-01-01",
+                          "--dry-run")
+    assert code == 0
+    assert "raw bodies received before 2027-01-01T00:00:00Z: 1 would be cleared" in out
+    assert "rejected received before 2027-01-01T00:00:00Z: 1 would be deleted, 1 bytes" in out
+    assert rows(db, "SELECT count(*) FROM sessions WHERE raw_body != ''") == [(1,)]
+    assert count(db, "rejected") == 1
+    assert file_state(Path(db).parent)["spp.db"] == state
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], ["--raw-bodies-before", "--rejected-before"]),
+    (["--raw-bodies-before", "soon"], ["--raw-bodies-before", "soon"]),
+])
+def test_prune_usage_errors(db, capsys, args, words):
+    with pytest.raises(SystemExit) as exit_:
+        run_prune(db, *args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert all(word in err for word in words), err
+
+
+def test_prune_finds_its_cut_through_the_receive_time_index(client, db):
+    plan = query_plan(db, "first_session_id_from", (0,))
+    assert plan.startswith("SEARCH sessions USING COVERING INDEX sessions_by_time"), plan
+    assert "SEARCH sessions USING INTEGER PRIMARY KEY" in query_plan(db, "prunable_bodies", (0, 1))
+
+
+def test_prune_of_a_missing_database_creates_nothing(tmp_path, capsys):
+    db = str(tmp_path / "nope.db")
+    assert run_prune(db, "--raw-bodies-before", "2026-11-01") == (1, "")
+    one_line_error(capsys, "no database at")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
 # Configuration and command line
 # ---------------------------------------------------------------------------
 
