@@ -490,6 +490,7 @@ class Writer:
         self._lock = threading.Lock()
         self._wait_timeout_s = wait_timeout_s
         self._closed = False
+        self.write_times = WriteTimes()
         # How the last transaction ended: (time.monotonic(), None or the error);
         # (None, None) before the first.
         self._last_outcome = (None, None)
@@ -515,6 +516,7 @@ class Writer:
 
     def _commit(self, op):
         conn = self._conn
+        started_ns = time.perf_counter_ns()
         try:
             conn.execute("BEGIN IMMEDIATE")
             # Taken once the write lock is held, so receive times never go
@@ -528,6 +530,7 @@ class Writer:
                 raise StoreUnavailable(f"the database refused the write: {exc}") from exc
             raise
         self._last_outcome = (time.monotonic(), None)
+        self.write_times.add(time.perf_counter_ns() - started_ns)
         return result
 
     def write_problem(self):
@@ -923,6 +926,53 @@ def stats(store, counters):
     }
 
 
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def seconds_text(ns):
+    """Integer nanoseconds -> an exact decimal number of seconds."""
+    return f"{ns // 10**9}.{ns % 10**9:09d}"
+
+
+def metric(name, kind, text, samples):
+    """One metric family in the Prometheus text format: [(labels, value)]."""
+    lines = [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+    lines += [f"{name}{labels} {value}" for labels, value in samples]
+    return lines
+
+
+def prometheus_metrics(store, counters):
+    """What /metrics answers: this process's counters and the database's state."""
+    now = stats(store, counters)
+    buckets, count, sum_ns = store.writer.write_times.snapshot()
+    size = sum(os.path.getsize(path) for path in (store.path, store.path + "-wal")
+               if os.path.exists(path))
+    lines = [
+        *metric("spp_postbacks_total", "counter",
+                "Postbacks answered since this process started, by outcome.",
+                [(f'{{outcome="{outcome}"}}', n) for outcome, n in now["since-start"].items()]),
+        *metric("spp_sessions_stored", "gauge", "Sessions in the database.",
+                [("", now["sessions"])]),
+        *metric("spp_rejected_stored", "gauge", "Refused postbacks kept in the rejected table.",
+                [("", now["rejected"])]),
+        *metric("spp_conflicts_stored", "gauge",
+                "Conflicting duplicates kept in the conflicts table.", [("", now["conflicts"])]),
+        *metric("spp_last_postback_age_seconds", "gauge",
+                "Seconds since the newest stored session was received (absent before the first).",
+                [] if now["last-received-age-seconds"] is None
+                else [("", now["last-received-age-seconds"])]),
+        *metric("spp_write_duration_seconds", "histogram",
+                "Time from BEGIN to COMMIT of each committed write, this process.",
+                [*((f'_bucket{{le="{seconds_text(bound).rstrip("0").rstrip(".")}"}}', n)
+                   for bound, n in zip(WriteTimes.BOUNDS_NS, buckets)),
+                 ('_bucket{le="+Inf"}', count), ("_sum", seconds_text(sum_ns)),
+                 ("_count", count)]),
+        *metric("spp_database_size_bytes", "gauge", "Size of the database file and its WAL.",
+                [("", size)]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def newest_rejected(store, limit):
     return [
         {
@@ -950,6 +1000,35 @@ def newest_conflicts(store, limit):
             SQL["newest_conflicts"], (limit,)
         )
     ]
+
+
+class WriteTimes:
+    """A histogram of how long committed write transactions took, for
+    /metrics: integer nanoseconds, no float anywhere."""
+
+    # Upper bounds in nanoseconds: 0.5 ms .. 5 s.
+    BOUNDS_NS = (500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000, 25_000_000, 50_000_000,
+                 100_000_000, 250_000_000, 500_000_000, 1_000_000_000, 2_500_000_000,
+                 5_000_000_000)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._buckets = [0] * len(self.BOUNDS_NS)
+        self._count = self._sum_ns = 0
+
+    def add(self, ns):
+        with self._lock:
+            self._count += 1
+            self._sum_ns += ns
+            for i, bound in enumerate(self.BOUNDS_NS):
+                if ns <= bound:
+                    self._buckets[i] += 1
+                    break
+
+    def snapshot(self):
+        """(cumulative counts per bound, count, sum in ns)."""
+        with self._lock:
+            return list(itertools.accumulate(self._buckets)), self._count, self._sum_ns
 
 
 class PostbackCounters:
@@ -1905,6 +1984,12 @@ def handle_session_feed():
 
 
 @read_endpoint
+def handle_metrics():
+    response.content_type = METRICS_TYPE
+    return prometheus_metrics(request.app.store, request.app.counters)
+
+
+@read_endpoint
 def handle_stats():
     return stats(request.app.store, request.app.counters)
 
@@ -1979,6 +2064,7 @@ def create_app(config):
     app.route("/reconciliation", "GET", handle_reconciliation)
     app.route("/sessions", "GET", handle_session_feed)
     app.route("/stats", "GET", handle_stats)
+    app.route("/metrics", "GET", handle_metrics)
     app.route("/rejected", "GET", handle_rejected)
     app.route("/conflicts", "GET", handle_conflicts)
     app.route("/healthz", "GET", handle_healthz)

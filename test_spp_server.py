@@ -34,6 +34,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
+from prometheus_client.parser import text_string_to_metric_families
 from webtest import TestApp
 
 import spp_server
@@ -1080,6 +1081,7 @@ READ_PARAMS = {
     "/stats": [],
     "/healthz": ["postbacks-within"],
     "/sessions": ["after", "limit", "format"],
+    "/metrics": [],
 }
 
 
@@ -1098,6 +1100,7 @@ def b64(text):
 
 READ_URLS = ["/users/sub1/earnings", "/users/sub1/sessions", "/earnings?since=1&until=2",
              "/totals", "/stats", "/rejected", "/conflicts", "/sessions", "/sessions?format=ndjson",
+             "/metrics",
              "/reconciliation?since=2026-11-01&until=2026-11-02"]
 
 
@@ -1590,6 +1593,68 @@ def test_stats_show_what_is_stored_and_what_this_process_saw(make_client, clock)
                    "last-received-at": "2026-11-23T10:00:00Z", "last-received-age-seconds": 90,
                    "since-start": {"recorded": 1, "duplicate": 1, "rejected": 1,
                                    "too-large": 1, "unauthorized": 1}}
+
+
+def scrape(client):
+    """GET /metrics parsed as Prometheus does: {sample name + labels: value}."""
+    res = client.get("/metrics", status=200)
+    assert res.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    families = {f.name: f for f in text_string_to_metric_families(res.text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in families.values() for s in family.samples}
+    return families, samples
+
+
+def test_metrics_in_the_prometheus_format_tell_what_stats_tells(make_client, clock, db):
+    client = make_client(postback_tokens=(b"t",))
+    families, samples = scrape(client)
+    assert ("spp_last_postback_age_seconds", ()) not in samples  # nothing received yet
+    clock.set("2026-11-23T10:00:00Z")
+    post(client, SAMPLE, headers=bearer("t"))
+    post(client, SAMPLE, headers=bearer("t"))
+    post(client, postback(), headers=bearer("t"))
+    post(client, b"[]", status=400, headers=bearer("t"))
+    post(client, b"x" * (spp_server.MAX_BODY_BYTES + 1), status=413, headers=bearer("t"))
+    post(client, SAMPLE, status=401)
+    clock.set("2026-11-23T10:01:30Z")
+    families, samples = scrape(client)
+    assert {name: f.type for name, f in families.items()} == {
+        "spp_postbacks": "counter", "spp_sessions_stored": "gauge", "spp_rejected_stored": "gauge",
+        "spp_conflicts_stored": "gauge", "spp_last_postback_age_seconds": "gauge",
+        "spp_write_duration_seconds": "histogram", "spp_database_size_bytes": "gauge"}
+    assert {dict(k[1])["outcome"]: v for k, v in samples.items()
+            if k[0] == "spp_postbacks_total"} == {
+        "recorded": 2, "duplicate": 1, "rejected": 1, "too-large": 1, "unauthorized": 1}
+    stats = client.get("/stats").json
+    assert samples[("spp_sessions_stored", ())] == stats["sessions"] == 2
+    assert samples[("spp_rejected_stored", ())] == stats["rejected"] == 1
+    assert samples[("spp_conflicts_stored", ())] == stats["conflicts"] == 0
+    assert samples[("spp_last_postback_age_seconds", ())] == 90
+    assert samples[("spp_database_size_bytes", ())] == sum(
+        os.path.getsize(p) for p in (db, db + "-wal") if os.path.exists(p))
+
+
+def test_write_time_histogram_counts_every_committed_write(client):
+    for _ in range(3):
+        post(client, postback())
+    post(client, b"{}", status=400)  # its refusal is a write too
+    _, samples = scrape(client)
+    buckets = sorted((float(dict(labels)["le"]), value) for (name, labels), value in samples.items()
+                     if name == "spp_write_duration_seconds_bucket")
+    assert buckets[-1] == (float("inf"), 4) == (float("inf"), samples[
+        ("spp_write_duration_seconds_count", ())])
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)  # cumulative
+    assert 0 < samples[("spp_write_duration_seconds_sum", ())] < 60
+
+
+def test_write_times_fall_in_the_first_bucket_that_holds_them():
+    times = spp_server.WriteTimes()
+    for ns in [1, 500_000, 500_001, 5_000_000_001]:
+        times.add(ns)
+    cumulative, count, total = times.snapshot()
+    assert cumulative[:3] == [2, 3, 3] and cumulative[-1] == 3 and count == 4
+    assert total == 5_001_000_003
+    assert spp_server.seconds_text(total) == "5.001000003"
 
 
 def test_rejected_view_lists_newest_first_with_raw_body(client, clock):
