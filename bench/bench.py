@@ -431,10 +431,25 @@ def read_size(size, args, tmp):
                                  "p99": percentile(times, 99), "records": len(records)}
     finally:
         server.stop()
+    out["pruned"] = prune_and_vacuum(db)
     with contextlib.suppress(OSError):
         for suffix in ("", "-wal", "-shm"):
             os.unlink(f"{db}{suffix}")
     return out
+
+
+def prune_and_vacuum(db):
+    """Clear every raw body with `spp_server.py prune`, then VACUUM: the
+    seconds each took and the file's size after, in MB."""
+    started = time.monotonic()
+    subprocess.run([sys.executable, str(SERVER), "prune", "--db", str(db),
+                    "--raw-bodies-before", "2100-01-01"], check=True, capture_output=True,
+                   timeout=900, preexec_fn=_die_with_parent)
+    pruned = time.monotonic()
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("VACUUM")
+    return {"prune_seconds": pruned - started, "vacuum_seconds": time.monotonic() - pruned,
+            "db_mb": os.path.getsize(db) / 2**20}
 
 
 # ---------------------------------------------------------------------------
@@ -552,6 +567,9 @@ def read_rows(reads):
         rows.append((f"export `GET /earnings?{exp['query']}`", "", "", "", "", f"HTTP {exp['status']}"))
     rows.append(("fill time s / database MB", *(f"{reads[n]['fill_seconds']:.1f} / {reads[n]['db_mb']:.0f}"
                                               for n in (small, large)), "", "", ""))
+    rows.append(("raw bodies pruned + VACUUM: s + s / database MB", *(
+        "{prune_seconds:.1f} + {vacuum_seconds:.1f} / {db_mb:.0f}".format(**reads[n]["pruned"])
+        for n in (small, large)), "", "", ""))
     return rows
 
 
