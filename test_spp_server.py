@@ -3308,6 +3308,23 @@ def test_sigterm_under_load_exits_0_and_loses_no_acknowledged_session(real_serve
     assert set(stored) <= {p["session-id"] for p, _, _ in load.outcomes}
 
 
+def test_prune_while_postbacks_arrive_fails_none_and_keeps_every_session(real_server, db):
+    server = real_server(db)
+    load = LoadGenerator(server, threads=4)
+    load.wait_for_acknowledged(200)
+    pruned = subprocess.run(
+        [sys.executable, str(SERVER), "prune", "--db", db, "--raw-bodies-before", "2100-01-01"],
+        capture_output=True, text=True, timeout=30)
+    acknowledged_at_prune = len(load.acknowledged())
+    load.wait_for_acknowledged(acknowledged_at_prune + 100)  # still answering after it
+    server.stop()
+    load.join()
+    assert pruned.returncode == 0, pruned.stderr
+    assert {status for _, status, _ in load.outcomes} <= {200, "connection error"}
+    stored = {row[0] for row in rows(db, "SELECT session_id FROM sessions")}
+    assert {p["session-id"] for p, status, _ in load.outcomes if status == 200} <= stored
+
+
 def test_duplicate_storm_from_16_threads_stores_one_row_and_counts_it_once(real_server, db):
     server = real_server(db)
     payload = postback(user_id="storm", your_estimated_revenue="0.123456789")
