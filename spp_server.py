@@ -6,7 +6,8 @@ stores it once per session-id (durably, before answering 200) and tells the
 publisher what each user earned.  One Bottle app served by waitress; storage
 is one SQLite file in WAL mode.  See README.md.
 
-Sections: configuration, money and time, storage, validation, HTTP, server/CLI.
+Sections: configuration, money and time, storage (with retention), output formats,
+validation, booked revenue, reconciliation, HTTP, server/CLI.
 """
 
 import argparse
@@ -2257,7 +2258,8 @@ def build_parser(environ):
         description="Receive Gamezop Session Performance Postbacks into SQLite and "
         "report what each user earned. `spp_server.py export --help` for the payout "
         "export without the server; `import-booked --help` and `reconcile --help` to hold "
-        "the estimates against Gamezop's booked revenue.",
+        "the estimates against Gamezop's booked revenue; `prune --help` to keep the "
+        "database bounded.",
         epilog="Secrets are never options (the command line shows in ps): the postback "
         "token comes from SPP_POSTBACK_TOKEN or $CREDENTIALS_DIRECTORY/postback-token, "
         "the read token from SPP_READ_TOKEN or $CREDENTIALS_DIRECTORY/read-token; "

@@ -3026,7 +3026,8 @@ def test_help_explains_every_option_and_variable(capsys):
     assert exited.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for word in ["--db", "--host", "--port", "--threads", "SPP_DB", "SPP_HOST", "SPP_PORT",
-                 "SPP_THREADS", "SPP_POSTBACK_TOKEN", "SPP_READ_TOKEN", "CREDENTIALS_DIRECTORY"]:
+                 "SPP_THREADS", "SPP_POSTBACK_TOKEN", "SPP_READ_TOKEN", "CREDENTIALS_DIRECTORY",
+                 "export --help", "import-booked --help", "reconcile --help", "prune --help"]:
         assert word in text
 
 
