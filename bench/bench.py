@@ -255,6 +255,10 @@ def ingest_round(side, n, args, tmp):
         db = tmp / f"ingest-{n}.db"
         argv = [sys.executable, str(SERVER), "--db", str(db), "--host", HOST,
                 "--threads", str(args.threads)]
+    if args.pin_cpu is not None:
+        # A 1-vCPU VPS: the server (and any process it starts) on one core,
+        # wrk on the others.  taskset execs, so the pid stays the server's.
+        argv = ["taskset", "-c", str(args.pin_cpu), *argv]
     server = Server(f"{side} (round {n})", argv, tmp / f"{side}-{n}.log")
     try:
         server.wait_ready()
@@ -594,6 +598,9 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=4, help="server (waitress) threads, both servers")
     p.add_argument("--duplicates", type=float, default=0.05, help="share of exact duplicate postbacks")
     p.add_argument("--rounds", type=int, default=3, help="ceiling, project pairs")
+    p.add_argument("--pin-cpu", type=int, metavar="N",
+                   help="run the servers (ceiling and project alike) pinned to core N "
+                   "with taskset, as on a 1-vCPU VPS; wrk stays unpinned")
     p.add_argument("--only", choices=("ingest", "read"), help="run one half only")
     p.add_argument("--read-sizes", default="100000,1000000", help="rows in the read databases")
     p.add_argument("--read-requests", type=int, default=300, help="timed earnings requests per user")
