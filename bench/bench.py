@@ -442,6 +442,60 @@ def read_size(size, args, tmp):
     return out
 
 
+def ingest_during_export(args, tmp, size=1_000_000):
+    """On a database of `size` sessions: the one-day export alone, ingest
+    alone, then both at once (the export looping on its own connection)."""
+    db = tmp / f"export-{size}.db"
+    done = subprocess.run([sys.executable, str(FILL), "--db", str(db), "--sessions", str(size)],
+                          capture_output=True, text=True, timeout=900, preexec_fn=_die_with_parent)
+    if done.returncode:
+        raise RuntimeError(f"fill.py failed:\n{done.stderr}")
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    day = datetime.datetime.fromtimestamp(info["first_us"] / 1e6, datetime.timezone.utc).date()
+    day += datetime.timedelta(days=fill.SPAN_DAYS // 2)
+    path = "/earnings?" + args.export_query.format(
+        since=day.isoformat(), until=(day + datetime.timedelta(days=1)).isoformat())
+    argv = [sys.executable, str(SERVER), "--db", str(db), "--host", HOST, "--threads", str(args.threads)]
+    if args.pin_cpu is not None:
+        argv = ["taskset", "-c", str(args.pin_cpu), *argv]
+    server = Server("project (ingest during export)", argv, tmp / "during-export.log")
+    try:
+        server.wait_ready()
+        _, _, alone = time_gets(server.port, path, args.export_requests, warmup=2)
+        quiet = run_wrk(server.port, args, server.pid)
+        stop, during = threading.Event(), []
+
+        def export_loop():
+            while not stop.is_set():
+                during.extend(time_gets(server.port, path, 1, warmup=0)[2])
+
+        looping = threading.Thread(target=export_loop, daemon=True)
+        looping.start()
+        busy = run_wrk(server.port, args, server.pid)
+        stop.set()
+        looping.join(120)
+    finally:
+        server.stop()
+    return {"export_alone_p50": percentile(alone, 50), "export_during_p50": percentile(sorted(during), 50),
+            "exports_during": len(during), "ingest_alone": quiet["rps"], "ingest_during": busy["rps"],
+            "non2xx": quiet["resp_non2xx"] + busy["resp_non2xx"]}
+
+
+def during_export_rows(d):
+    ingest = d["ingest_during"] / d["ingest_alone"]
+    export = d["export_during_p50"] / d["export_alone_p50"] if d["export_during_p50"] else None
+    return [
+        ("**ingest while a one-day export loops** (1,000,000 sessions; A = alone, B = during)",
+         "", "", "", "", ""),
+        ("ingest requests/s", fmt(d["ingest_alone"], 0), fmt(d["ingest_during"], 0), fmt(ingest, 2),
+         "≥ 0.60", verdict(ingest >= 0.60)),
+        ("one-day export p50 ms", fmt(d["export_alone_p50"], 1), fmt(d["export_during_p50"], 1),
+         fmt(export, 2), "≤ 1.5", verdict(export is not None and export <= 1.5)),
+        ("exports during the ingest run / non-2xx postbacks", "", f"{d['exports_during']} / {d['non2xx']}",
+         "", "non-2xx = 0", verdict(d["non2xx"] == 0)),
+    ]
+
+
 def prune_and_vacuum(db):
     """Clear every raw body with `spp_server.py prune`, then VACUUM: the
     seconds each took and the file's size after, in MB."""
@@ -601,7 +655,8 @@ def parse_args(argv):
     p.add_argument("--pin-cpu", type=int, metavar="N",
                    help="run the servers (ceiling and project alike) pinned to core N "
                    "with taskset, as on a 1-vCPU VPS; wrk stays unpinned")
-    p.add_argument("--only", choices=("ingest", "read"), help="run one half only")
+    p.add_argument("--only", choices=("ingest", "read", "during-export"),
+                   help="run one part only (during-export: ingest while a one-day export loops)")
     p.add_argument("--read-sizes", default="100000,1000000", help="rows in the read databases")
     p.add_argument("--read-requests", type=int, default=300, help="timed earnings requests per user")
     p.add_argument("--export-requests", type=int, default=20, help="timed export requests")
@@ -630,7 +685,7 @@ def _overtime(_signum, _frame):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.only != "read" and shutil.which("wrk") is None:
+    if args.only != "read" and shutil.which("wrk") is None:  # ingest and during-export
         sys.exit("bench.py needs wrk: apt-get install wrk")
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGALRM, _overtime)
@@ -643,7 +698,7 @@ def main(argv=None):
     try:
         with tempfile.TemporaryDirectory(prefix="spp-bench-") as tmpdir:
             tmp = Path(tmpdir)
-            if args.only != "read":
+            if args.only in (None, "ingest"):
                 ingest = []
                 for n in range(1, args.rounds + 1):
                     for side in ("ceiling", "project"):
@@ -655,7 +710,11 @@ def main(argv=None):
                 if args.py_spy:
                     print("… profiled project run (py-spy)", file=sys.stderr, flush=True)
                     results["profiled_round"] = profile_round(args, tmp)
-            if args.only != "ingest":
+            if args.only == "during-export":
+                print("… ingest while a one-day export loops (1,000,000 rows)", file=sys.stderr, flush=True)
+                results["during_export"] = ingest_during_export(args, tmp)
+                rows += during_export_rows(results["during_export"])
+            elif args.only != "ingest":
                 reads = {}
                 for size in args.read_sizes:
                     print(f"… read side: fill {size:,} rows and time reads", file=sys.stderr, flush=True)
@@ -669,11 +728,11 @@ def main(argv=None):
     print(f"# spp-receiver benchmark\n\n{results['machine']}  ")
     print(f"load average at start: {results['loadavg']}  ")
     print(f"command: `{command}` ({elapsed:.0f} s)  ")
-    if args.only != "read":
+    if args.only in (None, "ingest"):
         print(f"ingest: {args.rounds} round(s) of ceiling then project, each {args.duration} s of "
               f"wrk -t{args.wrk_threads} -c{args.connections}, {args.duplicates:.0%} exact duplicates, "
               f"server threads {args.threads}, fresh database per round  ")
-    if args.only != "ingest":
+    if args.only in (None, "read"):
         print(f"read: {args.read_requests} timed GETs per user (after 20 warm-up), "
               f"{args.export_requests} timed exports (after 2), p50 / p99 in ms")
     print()
