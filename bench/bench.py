@@ -4,6 +4,8 @@
     python bench/bench.py                      # ingest (vs the ceiling) and read side
     python bench/bench.py --only ingest --duration 5 --rounds 1
     python bench/bench.py --only read --read-sizes 100000
+    python bench/bench.py --only ingest --pin-cpu 0      # both servers on one core
+    python bench/bench.py --only during-export           # ingest while an export loops
 
 Ingest: starts spp_server.py on a fresh database in a temporary directory and
 bench/ceiling.py (Bottle + waitress with the same thread count, parsing the
