@@ -12,6 +12,7 @@ validation, booked revenue, reconciliation, HTTP, server/CLI.
 
 import argparse
 import base64
+import bisect
 import csv
 import decimal
 import hmac
@@ -91,7 +92,8 @@ def load_tokens(env_var, credential_name, environ):
         path = Path(cred_dir, credential_name) if cred_dir else None
         if path is None or not path.exists():
             return ()
-        source, tokens = f"the token file {path} exists but", path.read_text(encoding="utf-8").splitlines()
+        source = f"the token file {path} exists but"
+        tokens = path.read_text(encoding="utf-8").splitlines()
     tokens = tuple(t.strip().encode("utf-8") for t in tokens if t.strip())
     if not tokens:
         # An empty token must not silently turn auth off.
@@ -138,10 +140,15 @@ def usd_to_nanos(amount):
     return int(amount.quantize(NANO, context=MONEY_CONTEXT).scaleb(9, context=MONEY_CONTEXT))
 
 
-def nanos_to_usd(nanos):
-    """int nano-USD -> exact decimal string, no exponent: 36000 -> '0.000036'."""
-    whole, frac = divmod(nanos, NANOS_PER_USD)
+def billionths_text(n):
+    """int billionths -> exact decimal string, no exponent: 36000 -> '0.000036'."""
+    whole, frac = divmod(n, 10**9)
     return f"{whole}.{frac:09d}".rstrip("0").rstrip(".")
+
+
+def nanos_to_usd(nanos):
+    """int nano-USD -> exact decimal string of USD."""
+    return billionths_text(nanos)
 
 
 def now_us():
@@ -885,29 +892,32 @@ def session_feed_stream(store, after):
 
 
 def decode_feed_cursor(text):
-    if not re.fullmatch(r"[0-9]{1,19}", text) or int(text) >= 2**63:
-        raise Invalid("after", "is not a cursor this server gave out")
-    return int(text)
+    [row_id] = cursor_numbers(text, 1, "after")
+    return row_id
+
+
+def cursor_numbers(text, how_many, field):
+    """'12:34' -> [12, 34]: `how_many` non-negative integers that fit SQLite's
+    64 bits, or Invalid naming `field` (a cursor this server did not give out)."""
+    parts = text.split(":")
+    if len(parts) != how_many or not all(
+            re.fullmatch(r"[0-9]{1,19}", part) and int(part) < 2**63 for part in parts):
+        raise Invalid(field, "is not a cursor this server gave out")
+    return [int(part) for part in parts]
 
 
 def encode_cursor(received_at_us, row_id):
     return base64.urlsafe_b64encode(f"{received_at_us}:{row_id}".encode()).decode().rstrip("=")
 
 
-CURSOR = re.compile(r"([0-9]{1,19}):([0-9]{1,19})")
-
-
 def decode_cursor(text):
-    """A cursor from encode_cursor -> (received_at_us, row_id); anything else,
-    such as numbers beyond SQLite's 64-bit integers, is a 400."""
+    """A cursor from encode_cursor -> (received_at_us, row_id)."""
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
     except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
         raw = ""
-    match = CURSOR.fullmatch(raw)
-    if not match or max(int(part) for part in match.groups()) >= 2**63:
-        raise Invalid("before", "is not a cursor this server gave out")
-    return int(match.group(1)), int(match.group(2))
+    received_at_us, row_id = cursor_numbers(raw, 2, "before")
+    return received_at_us, row_id
 
 
 def age_s(us):
@@ -928,11 +938,6 @@ def stats(store, counters):
 
 
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-def seconds_text(ns):
-    """Integer nanoseconds -> an exact decimal number of seconds."""
-    return f"{ns // 10**9}.{ns % 10**9:09d}"
 
 
 def metric(name, kind, text, samples):
@@ -964,9 +969,9 @@ def prometheus_metrics(store, counters):
                 else [("", now["last-received-age-seconds"])]),
         *metric("spp_write_duration_seconds", "histogram",
                 "Time from BEGIN to COMMIT of each committed write, this process.",
-                [*((f'_bucket{{le="{seconds_text(bound).rstrip("0").rstrip(".")}"}}', n)
+                [*((f'_bucket{{le="{billionths_text(bound)}"}}', n)
                    for bound, n in zip(WriteTimes.BOUNDS_NS, buckets)),
-                 ('_bucket{le="+Inf"}', count), ("_sum", seconds_text(sum_ns)),
+                 ('_bucket{le="+Inf"}', count), ("_sum", billionths_text(sum_ns)),
                  ("_count", count)]),
         *metric("spp_database_size_bytes", "gauge", "Size of the database file and its WAL.",
                 [("", size)]),
@@ -1018,13 +1023,12 @@ class WriteTimes:
         self._count = self._sum_ns = 0
 
     def add(self, ns):
+        bucket = bisect.bisect_left(self.BOUNDS_NS, ns)  # the first bound >= ns
         with self._lock:
             self._count += 1
             self._sum_ns += ns
-            for i, bound in enumerate(self.BOUNDS_NS):
-                if ns <= bound:
-                    self._buckets[i] += 1
-                    break
+            if bucket < len(self._buckets):
+                self._buckets[bucket] += 1
 
     def snapshot(self):
         """(cumulative counts per bound, count, sum in ns)."""

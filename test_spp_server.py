@@ -1654,7 +1654,7 @@ def test_write_times_fall_in_the_first_bucket_that_holds_them():
     cumulative, count, total = times.snapshot()
     assert cumulative[:3] == [2, 3, 3] and cumulative[-1] == 3 and count == 4
     assert total == 5_001_000_003
-    assert spp_server.seconds_text(total) == "5.001000003"
+    assert spp_server.billionths_text(total) == "5.001000003"
 
 
 def test_rejected_view_lists_newest_first_with_raw_body(client, clock):
