@@ -13,8 +13,10 @@ validation, booked revenue, reconciliation, HTTP, server/CLI.
 import argparse
 import base64
 import bisect
+import contextlib
 import csv
 import decimal
+import functools
 import hmac
 import io
 import ipaddress
@@ -23,14 +25,19 @@ import json
 import logging
 import math
 import os
+import pickle
+import queue
 import re
+import select
 import signal
 import socket
 import sqlite3
+import struct
 import sys
 import threading
 import time
 import urllib.parse
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from fractions import Fraction
@@ -58,6 +65,9 @@ DEFAULTS = {
     "read_tokens": (),  # bytes; empty = reads need no auth (loopback only)
     "log_level": "info",
     "report_utc_offset": 0,  # minutes east of UTC of the booked reports' days
+    # Commit in a child process (the server: main() sets it) or in a thread
+    # (create_app on its own: tests, which set the clock in this process).
+    "writer_process": False,
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -485,61 +495,68 @@ class StoreUnavailable(Exception):
     """The database cannot take or give data right now; the client should retry."""
 
 
-class Writer:
-    """The one write connection, behind a lock.  A request runs its write in a
-    transaction of its own (BEGIN IMMEDIATE ... COMMIT) and learns the result
-    only after COMMIT returned; writers never fight over SQLite's lock because
-    only one of them holds the connection at a time.  (A writer thread with
-    group commit measured slower: two thread wake-ups per postback cost more
-    than the fsyncs they saved.  See README, "Performance".)"""
+def commit_batch(conn, ops):
+    """Run each op(conn, received_at_us) in ONE write transaction (one fsync
+    for all), then COMMIT.  -> [(True, result) or (False, exception)] in the
+    order of `ops`, only once COMMIT returned.  The receive time is taken once
+    the write lock is held, so receive times never go backwards in commit
+    order.  When an op fails, the transaction is rolled back and each op gets
+    a transaction of its own, so that one bad write cannot fail the others."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:  # locked past the busy timeout, or the disk is gone
+        return [(False, exc)] * len(ops)
+    try:
+        received_at_us = now_us()
+        results = [op(conn, received_at_us) for op in ops]
+    except Exception as exc:
+        rollback_quietly(conn)
+        if len(ops) > 1:
+            return [commit_batch(conn, [op])[0] for op in ops]
+        return [(False, exc)]
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        rollback_quietly(conn)
+        return [(False, exc)] * len(ops)
+    return [(True, result) for result in results]
 
-    def __init__(self, conn, wait_timeout_s):
-        self._conn = conn
-        self._lock = threading.Lock()
+
+class Writer:
+    """The one writer of the database: each write waits until the transaction
+    holding it committed.  Writes that arrive while a transaction commits go
+    together into the next one (group commit: one fsync for the lot).  The
+    committing loop runs in a thread (WriterThread) or, for the server, in a
+    process of its own (WriterProcess), so that it never waits for the web
+    process's GIL.  Subclasses give _submit(op, timeout_s)."""
+
+    def __init__(self, wait_timeout_s):
         self._wait_timeout_s = wait_timeout_s
         self._closed = False
         self.write_times = WriteTimes()
-        # How the last transaction ended: (time.monotonic(), None or the error);
+        # How the last write ended: (time.monotonic(), None or the error);
         # (None, None) before the first.
         self._last_outcome = (None, None)
 
     def run(self, op):
-        """Run op(conn, received_at_us) in a write transaction; return its result
-        once committed.  Raises StoreUnavailable if it could not be committed."""
-        if not self._lock.acquire(timeout=self._wait_timeout_s):
-            raise StoreUnavailable("the database did not answer in time")
-        try:
-            if self._closed:
-                raise StoreUnavailable("the server is shutting down")
-            return self._commit(op)
-        finally:
-            self._lock.release()
-
-    def close(self):
-        """Wait for the write in progress, then close the connection."""
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._conn.close()
-
-    def _commit(self, op):
-        conn = self._conn
+        """Run op(conn, received_at_us) in a write transaction; return its
+        result once committed.  Raises StoreUnavailable if it was not, and
+        what the op raised if that was not a database error (a bug)."""
+        if self._closed:
+            raise StoreUnavailable("the server is shutting down")
         started_ns = time.perf_counter_ns()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            # Taken once the write lock is held, so receive times never go
-            # backwards in commit order.
-            result = op(conn, now_us())
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            rollback_quietly(conn)
-            if isinstance(exc, sqlite3.Error):
-                self._last_outcome = (time.monotonic(), str(exc))
-                raise StoreUnavailable(f"the database refused the write: {exc}") from exc
-            raise
-        self._last_outcome = (time.monotonic(), None)
-        self.write_times.add(time.perf_counter_ns() - started_ns)
-        return result
+        ok, value = self._submit(op, self._wait_timeout_s)
+        if ok:
+            self._last_outcome = (time.monotonic(), None)
+            self.write_times.add(time.perf_counter_ns() - started_ns)
+            return value
+        if isinstance(value, Exception) and not isinstance(value, sqlite3.Error):
+            raise value
+        # A database error, or why the writer did not answer (a str).
+        self._last_outcome = (time.monotonic(), str(value))
+        if isinstance(value, sqlite3.Error):
+            raise StoreUnavailable(f"the database refused the write: {value}")
+        raise StoreUnavailable(value)
 
     def write_problem(self):
         """None when a write commits now.  A write that ended less than
@@ -557,6 +574,253 @@ class Writer:
 
 def write_health_probe(conn, received_at_us):
     conn.execute(SQL["health_probe"], (received_at_us,))
+
+
+class _Pending:
+    """One write waiting for its transaction (WriterThread)."""
+
+    __slots__ = ("op", "done", "outcome")
+
+    def __init__(self, op):
+        self.op = op
+        self.done = threading.Event()
+        self.outcome = (False, "the database did not answer in time")  # until it does
+
+
+class WriterThread(Writer):
+    """The committing loop in a thread of this process: for the commands and
+    for tests (which set the clock in this process)."""
+
+    def __init__(self, path, busy_timeout_ms, wait_timeout_s):
+        super().__init__(wait_timeout_s)
+        self._conn = connect(path, busy_timeout_ms)
+        self._queue = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, name="spp-writer", daemon=True)
+        self._thread.start()
+
+    def _submit(self, op, timeout_s):
+        pending = _Pending(op)
+        with self._cond:
+            if self._closed:
+                return False, "the server is shutting down"
+            self._queue.append(pending)
+            self._cond.notify()
+        pending.done.wait(timeout_s)
+        return pending.outcome
+
+    def _loop(self):
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                batch, self._queue = self._queue, []
+            if not batch:  # closed, and nothing left to write
+                break
+            for pending, outcome in zip(batch, commit_batch(self._conn, [p.op for p in batch])):
+                pending.outcome = outcome
+                pending.done.set()
+        self._conn.close()
+
+    def close(self):
+        """Let the writes already queued commit, then close the connection."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    def alive(self):
+        return self._thread.is_alive()
+
+    def exit_status(self):
+        return None
+
+
+# Messages between the web process and its writer process: a 4-byte length,
+# then a pickle.  Pickle is safe here: both ends are this module, over a
+# socketpair no other process can reach.
+FRAME = struct.Struct("!I")
+
+
+def send_message(sock, obj):
+    data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    sock.sendall(FRAME.pack(len(data)) + data)
+
+
+def receive_exactly(sock, size):
+    """`size` bytes, or None if the other end closed first."""
+    data = b""
+    while len(data) < size:
+        more = sock.recv(size - len(data))
+        if not more:
+            return None
+        data += more
+    return data
+
+
+def receive_message(sock):
+    """The next message, or None when the other end has closed.  Reads exactly
+    one frame: a late answer may be followed by the one awaited."""
+    header = receive_exactly(sock, FRAME.size)
+    data = header and receive_exactly(sock, FRAME.unpack(header)[0])
+    return None if data is None else pickle.loads(data)
+
+
+class WriterProcess(Writer):
+    """The committing loop in a child process, for the server: the web
+    process only hands each write over a socket and waits on it with its GIL
+    released.  One socket per concurrent writer (the request threads and the
+    watchdog), taken from a pool.
+
+    The child is forked, not started afresh: it shares the parent's memory
+    pages (about 20 MB less than a new interpreter).  Fork before this
+    process opens any other connection to the same database (SQLite keeps
+    per-process lock state that a child must not inherit); Store does."""
+
+    _live = weakref.WeakSet()  # every WriterProcess of this process, for the child to close
+
+    def __init__(self, path, busy_timeout_ms, wait_timeout_s, channels):
+        super().__init__(wait_timeout_s)
+        pairs = [socket.socketpair() for _ in range(channels)]
+        self._sockets = [own for own, _ in pairs]
+        pid = os.fork()
+        if pid == 0:  # the writer process
+            code = 1
+            try:
+                for sock in self._sockets + [s for w in self._live for s in w._sockets]:
+                    sock.close()  # the web process's ends: EOF must reach us when it closes them
+                code = run_writer(path, busy_timeout_ms, [child for _, child in pairs])
+            finally:
+                os._exit(code)
+        for _, child in pairs:
+            child.close()
+        self.pid = pid
+        self._exit_status = None
+        self._live.add(self)
+        self._channels = queue.LifoQueue()  # the warmest channel first
+        for sock in self._sockets:
+            self._channels.put([sock, 0])  # the socket, the number of its last message
+
+    def _submit(self, op, timeout_s):
+        deadline = time.monotonic() + timeout_s
+        try:
+            channel = self._channels.get(timeout=timeout_s)
+        except queue.Empty:
+            return False, "the database did not answer in time"
+        sock, seq = channel
+        channel[1] = seq = seq + 1
+        try:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            send_message(sock, (seq, op))
+            while True:
+                reply = receive_message(sock)
+                if reply is None:
+                    return False, "the writer process has stopped"
+                if reply[0] == seq:  # not the late answer to a write that timed out
+                    return reply[1:]
+        except socket.timeout:
+            return False, "the database did not answer in time"
+        except OSError as exc:
+            return False, f"the writer process cannot be reached: {exc}"
+        finally:
+            self._channels.put(channel)
+
+    def alive(self):
+        return self._reap(os.WNOHANG)
+
+    def exit_status(self):
+        return self._exit_status
+
+    def _reap(self, flags):
+        """Whether the child still runs (collecting its exit status if not)."""
+        if self._exit_status is None:
+            try:
+                pid, status = os.waitpid(self.pid, flags)
+            except ChildProcessError:
+                pid, status = self.pid, 0
+            if pid == self.pid:
+                self._exit_status = os.waitstatus_to_exitcode(status)
+        return self._exit_status is None
+
+    def close(self):
+        """Wait for the writes in progress (as long as one may take), then end
+        the writer process: it commits what it holds, then exits."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + self._wait_timeout_s
+        for _ in self._sockets:
+            try:
+                self._channels.get(timeout=max(0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a request still waiting on it
+            sock.close()
+        self._live.discard(self)
+        deadline = time.monotonic() + self._wait_timeout_s
+        while self._reap(os.WNOHANG) and time.monotonic() < deadline:
+            time.sleep(0.01)  # it commits what it holds, then exits
+        if self._exit_status is None:
+            log.error("the writer process did not stop; killing it")
+            os.kill(self.pid, signal.SIGKILL)
+            self._reap(0)
+
+
+def run_writer(path, busy_timeout_ms, channels):
+    """The writer process: commits what arrives on `channels` (see
+    WriterProcess) until every one of them is closed.  SIGTERM and SIGINT are
+    for the web process (systemd and a terminal send them to the whole group):
+    it drains its requests, then closes the sockets, and this process stops
+    after its last commit.  -> exit status."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        conn = connect(path, busy_timeout_ms)
+        try:
+            write_loop(conn, channels)
+        finally:
+            conn.close()
+    except Exception:
+        log.exception("the writer process failed")
+        return 1
+    return 0
+
+
+def write_loop(conn, channels):
+    """Commit, as one transaction, every write waiting on `channels` (one
+    per channel at most), answer each, and start again; until all are closed."""
+    poller = select.poll()
+    open_channels = {}
+    for sock in channels:
+        poller.register(sock, select.POLLIN)
+        open_channels[sock.fileno()] = sock
+    while open_channels:
+        batch = []
+        for fd, _ in poller.poll():
+            sock = open_channels[fd]
+            try:
+                message = receive_message(sock)
+            except OSError:
+                message = None
+            if message is None:  # the web process closed it, or is gone
+                poller.unregister(fd)
+                del open_channels[fd]
+                sock.close()
+            else:
+                batch.append((sock, message))
+        if not batch:
+            continue
+        outcomes = commit_batch(conn, [op for _, (_, op) in batch])
+        for (sock, (seq, _)), (ok, value) in zip(batch, outcomes):
+            if not ok and not isinstance(value, sqlite3.Error):  # a bug: say so, in a picklable form
+                log.error("a write failed", exc_info=value)
+                value = RuntimeError(f"{type(value).__name__}: {value}")
+            try:
+                send_message(sock, (seq, ok, value))
+            except OSError:
+                pass  # its request timed out and the web process is stopping
 
 
 class Reads:
@@ -585,10 +849,12 @@ class Reads:
 
 
 class Store(Reads):
-    """The database: one write connection behind a lock, one read connection
-    per thread."""
+    """The database: one writer (see Writer), one read connection per thread.
+    With writer_process, the writer is a child process (the server's shape);
+    otherwise a thread of this process."""
 
-    def __init__(self, path, busy_timeout_ms=DEFAULTS["busy_timeout_ms"]):
+    def __init__(self, path, busy_timeout_ms=DEFAULTS["busy_timeout_ms"], writer_process=False,
+                 channels=1):
         self.path = str(path)
         self._busy_timeout_ms = busy_timeout_ms
         ensure_private_file(self.path)
@@ -596,12 +862,15 @@ class Store(Reads):
         try:
             enable_wal(conn, busy_timeout_ms / 1000)
             migrate(conn, SCHEMA_PATH.read_text(encoding="utf-8"))
-        except BaseException:
+        finally:
             conn.close()
-            raise
-        # The lock is held for one transaction at a time, which SQLite's busy
-        # timeout bounds; so a write answers within about twice that.
-        self.writer = Writer(conn, wait_timeout_s=busy_timeout_ms / 1000 + 1)
+        # A transaction waits for SQLite's lock at most the busy timeout; so a
+        # write answers within about that, or is a 503.
+        wait_timeout_s = busy_timeout_ms / 1000 + 1
+        if writer_process:
+            self.writer = WriterProcess(self.path, busy_timeout_ms, wait_timeout_s, channels)
+        else:
+            self.writer = WriterThread(self.path, busy_timeout_ms, wait_timeout_s)
         self._local = threading.local()
         self._readers = []
         self._readers_lock = threading.Lock()
@@ -701,33 +970,34 @@ class ReadOnlyStore(Reads):
         self._conn.close()
 
 
+# Write ops are op(conn, received_at_us) -> result.  Those the server sends
+# to its writer process are module functions bound with functools.partial,
+# so that they can be pickled.
+
+
 def record_session(session, raw_body):
     """The write op for one valid postback: 'recorded', 'duplicate' or 'conflict'."""
+    return functools.partial(insert_session, session.columns(), raw_body)
 
-    def op(conn, received_at_us):
-        inserted = conn.execute(
-            SQL["insert_session"], (*session.columns(), received_at_us, raw_body)
-        ).rowcount
-        if inserted:
-            return "recorded"
-        *stored_columns, stored_body = conn.execute(
-            SQL["stored_session"], (session.session_id,)
-        ).fetchone()
-        if tuple(stored_columns) == session.columns()[1:]:
-            return "duplicate"
-        conn.execute(
-            SQL["insert_conflict"], (session.session_id, received_at_us, stored_body, raw_body)
-        )
-        return "conflict"
 
-    return op
+def insert_session(columns, raw_body, conn, received_at_us):
+    inserted = conn.execute(SQL["insert_session"], (*columns, received_at_us, raw_body)).rowcount
+    if inserted:
+        return "recorded"
+    session_id = columns[0]
+    *stored_columns, stored_body = conn.execute(SQL["stored_session"], (session_id,)).fetchone()
+    if tuple(stored_columns) == columns[1:]:
+        return "duplicate"
+    conn.execute(SQL["insert_conflict"], (session_id, received_at_us, stored_body, raw_body))
+    return "conflict"
 
 
 def record_rejected(field, reason, raw_body):
-    def op(conn, received_at_us):
-        conn.execute(SQL["insert_rejected"], (received_at_us, field, reason, raw_body))
+    return functools.partial(insert_rejected, field, reason, raw_body)
 
-    return op
+
+def insert_rejected(field, reason, raw_body, conn, received_at_us):
+    conn.execute(SQL["insert_rejected"], (received_at_us, field, reason, raw_body))
 
 
 SUM_FIELDS = ["sessions", "ads-viewed", "session-duration", "estimated-revenue"]
@@ -2052,7 +2322,11 @@ def create_app(config):
     settings = {**DEFAULTS, **config}
     app = Bottle()
     app.config.update("spp", **settings)
-    app.store = Store(settings["db"], settings["busy_timeout_ms"])
+    app.store = Store(
+        settings["db"], settings["busy_timeout_ms"], writer_process=settings["writer_process"],
+        # Every request thread and the watchdog may write at once.
+        channels=settings["threads"] + 1,
+    )
     app.counters = PostbackCounters()
     app.install(log_unexpected_errors)
     for status in ERROR_STATUSES:
@@ -2157,9 +2431,16 @@ def start_watchdog(store, environ, stopping):
     return thread
 
 
-def run_until(socket_map, stopping):
+class WriterLost(Exception):
+    """The writer process exited while the server ran."""
+
+
+def run_until(socket_map, stopping, writer):
     while not stopping.is_set():
         wasyncore.loop(timeout=LOOP_TIMEOUT_S, map=socket_map, use_poll=True, count=1)
+        if not writer.alive():
+            return False
+    return True
 
 
 def is_idle(channel, now):
@@ -2202,10 +2483,12 @@ def serve(app, config, sockets=()):
     server.print_listen("listening on http://{}:{}")
     start_watchdog(app.store, os.environ, stopping)
     sd_notify("READY=1")
-    run_until(socket_map, stopping)
+    writer_alive = run_until(socket_map, stopping, app.store.writer)
     sd_notify("STOPPING=1")
     log.info("stopping: finishing requests in flight")
     drain(socket_map, server.task_dispatcher)
+    if not writer_alive:
+        raise WriterLost(f"the writer process exited (status {app.store.writer.exit_status()})")
 
 
 def positive_int(text):
@@ -2323,6 +2606,7 @@ def build_config(args, environ):
         "report_utc_offset": args.report_utc_offset,
         "postback_tokens": load_tokens("SPP_POSTBACK_TOKEN", "postback-token", environ),
         "read_tokens": load_tokens("SPP_READ_TOKEN", "read-token", environ),
+        "writer_process": True,
     }
 
 
@@ -2570,9 +2854,17 @@ def main(argv=None, environ=None):
         log.error("cannot open the database %s: %s", config["db"], exc)
         return 1
     try:
+        # Ready means a write commits: the writer process is up and the disk takes it.
+        problem = app.store.health_problem()
+        if problem:
+            log.error("cannot write to the database %s: %s", config["db"], problem)
+            return 1
         serve(app, config, sockets)
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config["host"], config["port"], exc)
+        return 1
+    except WriterLost as exc:
+        log.error("%s; stopping so that systemd restarts the service", exc)
         return 1
     finally:
         app.store.close()
