@@ -2997,7 +2997,7 @@ def test_defaults(fake_serve, tmp_path, monkeypatch):
     assert spp_server.main([], environ={}) == 0
     [config] = fake_serve
     assert (config["db"], config["host"], config["port"], config["threads"]) == (
-        "spp.db", "127.0.0.1", 8080, 4)
+        "spp.db", "127.0.0.1", 8080, 16)
     assert fake_serve.log_levels == ["info"]
     assert (tmp_path / "spp.db").exists()
 

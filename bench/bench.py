@@ -58,6 +58,7 @@ TAIL_S = 1  # wrk runs this much longer than the load so that every postback is 
 
 sys.path.insert(0, str(HERE))
 import fill  # noqa: E402
+import spp_server  # noqa: E402  (fill puts it on the path)
 
 TARGETS = {
     "throughput_ratio": 0.70,  # project req/s >= 0.70 x ceiling
@@ -269,7 +270,7 @@ def count_rows(db):
 def ingest_round(side, n, args, tmp):
     """One wrk run against a fresh server; its measurements."""
     if side == "ceiling":
-        argv = [sys.executable, str(CEILING), "--host", HOST, "--threads", str(args.threads)]
+        argv = [sys.executable, str(CEILING), "--host", HOST, "--threads", str(args.ceiling_threads)]
         db = None
     else:
         db = tmp / f"ingest-{n}.db"
@@ -669,7 +670,11 @@ def parse_args(argv):
     p.add_argument("--duration", type=int, default=10, help="seconds of load per wrk run")
     p.add_argument("--connections", type=int, default=16, help="wrk connections")
     p.add_argument("--wrk-threads", type=int, default=2, help="wrk threads")
-    p.add_argument("--threads", type=int, default=4, help="server (waitress) threads, both servers")
+    p.add_argument("--threads", type=int, default=spp_server.DEFAULTS["threads"],
+                   help="the project's request threads (default: its own default)")
+    p.add_argument("--ceiling-threads", type=int, default=4,
+                   help="the ceiling's waitress threads (default: waitress's own, as a user "
+                   "would write it)")
     p.add_argument("--duplicates", type=float, default=0.05, help="share of exact duplicate postbacks")
     p.add_argument("--rounds", type=int, default=3, help="ceiling, project pairs")
     p.add_argument("--pin-cpu", type=int, metavar="N",
@@ -751,7 +756,8 @@ def main(argv=None):
     if args.only in (None, "ingest"):
         print(f"ingest: {args.rounds} round(s) of ceiling then project, each {args.duration} s of "
               f"wrk -t{args.wrk_threads} -c{args.connections}, {args.duplicates:.0%} exact duplicates, "
-              f"server threads {args.threads}, fresh database per round  ")
+              f"threads: ceiling {args.ceiling_threads}, project {args.threads}; "
+              "fresh database per round  ")
     if args.only in (None, "read"):
         print(f"read: {args.read_requests} timed GETs per user (after 20 warm-up), "
               f"{args.export_requests} timed exports (after 2), p50 / p99 in ms")
