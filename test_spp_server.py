@@ -2882,6 +2882,200 @@ def test_an_error_from_a_write_op_that_is_not_sqlites_propagates_and_rolls_back(
     assert count(db, "sessions") == 1
 
 
+# --- Group commit: the writer thread and the writer process ---
+
+
+def queued_writes(store, ops):
+    """Queue `ops` while the writer is held, so that they form one batch once
+    it is released: -> the outcome of each ("raised: ..." for an exception)."""
+    outcomes = [None] * len(ops)
+
+    def write(i, op):
+        try:
+            outcomes[i] = store.write(op)
+        except spp_server.StoreUnavailable as exc:
+            outcomes[i] = f"raised: {exc}"
+
+    threads = [threading.Thread(target=write, args=(i, op)) for i, op in enumerate(ops)]
+    with write_connection_held(store):
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while len(store.writer._queue) < len(ops):  # bounded wait for all of them to queue
+            assert time.monotonic() < deadline, "the writes did not queue"
+            time.sleep(0.005)
+    for thread in threads:
+        thread.join(10)
+    return outcomes
+
+
+def session_op(**fields):
+    body = json.dumps(postback(**fields))
+    return spp_server.record_session(spp_server.parse_postback(body.encode()), body)
+
+
+def test_writes_waiting_together_commit_as_one_transaction(make_client, db):
+    store = make_client().app.store
+    outcomes = queued_writes(store, [session_op(user_id=f"batch-{i}") for i in range(5)])
+    assert outcomes == ["recorded"] * 5
+    # One transaction: one receive time for all five (the clock is real here).
+    assert rows(db, "SELECT count(*), count(DISTINCT received_at_us) FROM sessions") == [(5, 1)]
+
+
+def test_a_failing_write_in_a_batch_fails_alone(make_client, db):
+    store = make_client().app.store
+
+    def violate_a_constraint(conn, now):
+        conn.execute("INSERT INTO sessions (session_id) VALUES ('no user, no revenue')")
+
+    outcomes = queued_writes(store, [session_op(user_id="a"), violate_a_constraint,
+                                     session_op(user_id="b")])
+    assert outcomes[0] == outcomes[2] == "recorded"
+    assert outcomes[1].startswith("raised: the database refused the write")
+    assert sorted(rows(db, "SELECT user_id FROM sessions")) == [("a",), ("b",)]
+
+
+def test_a_duplicate_in_the_same_batch_is_a_duplicate_and_a_changed_one_a_conflict(make_client, db):
+    store = make_client().app.store
+    first = postback(user_id="same")
+    body = json.dumps(first)
+    changed = json.dumps({**first, "country": "BR"})
+    ops = [spp_server.record_session(spp_server.parse_postback(b.encode()), b)
+           for b in (body, body, changed)]
+    assert queued_writes(store, ops) == ["recorded", "duplicate", "conflict"]
+    assert count(db, "sessions") == 1 and count(db, "conflicts") == 1
+
+
+@pytest.fixture
+def process_client(db):
+    """A TestApp whose writes go to a writer process, as the server's do."""
+    app = spp_server.create_app({"db": db, "writer_process": True, "threads": 4})
+    yield TestApp(app)
+    app.store.close()
+
+
+def test_with_a_writer_process_every_200_is_committed_before_the_answer(process_client, db):
+    def post_and_check(n):
+        for i in range(10):
+            payload = postback(user_id=f"proc-{n}")
+            assert post(process_client, payload).json == {"status": "recorded"}
+            # A connection of its own sees the row: committed, not just queued.
+            assert rows(db, "SELECT count(*) FROM sessions WHERE session_id = ?",
+                        (payload["session-id"],)) == [(1,)]
+            assert post(process_client, payload).json == {"status": "duplicate"}
+
+    threads = [threading.Thread(target=post_and_check, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    assert count(db, "sessions") == 40
+    assert process_client.get("/healthz").json == {"status": "ok"}
+
+
+def test_with_a_writer_process_a_refusal_and_a_conflict_are_kept(process_client, db):
+    bad = json.dumps(postback(your_estimated_revenue="-1")).encode()
+    assert_error(process_client.post("/postback", bad, status=400), 400, "your-estimated-revenue")
+    payload = postback()
+    post(process_client, payload)
+    assert post(process_client, {**payload, "country": "BR"}).json == {"status": "duplicate"}
+    assert (count(db, "rejected"), count(db, "conflicts")) == (1, 1)
+
+
+def test_closing_the_store_ends_its_writer_process(db):
+    store = spp_server.Store(db, writer_process=True, channels=2)
+    pid = store.writer.pid
+    assert store.writer.alive()
+    store.close()
+    assert not store.writer.alive() and store.writer.exit_status() == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # reaped, not left behind
+    with pytest.raises(spp_server.StoreUnavailable, match="shutting down"):
+        store.write(spp_server.write_health_probe)
+
+
+def test_a_dead_writer_process_makes_writes_unavailable_not_hang(db):
+    store = spp_server.Store(db, writer_process=True, channels=2)
+    try:
+        os.kill(store.writer.pid, signal.SIGKILL)
+        with pytest.raises(spp_server.StoreUnavailable, match="writer process"):
+            store.write(spp_server.write_health_probe)
+        assert store.health_problem()
+        deadline = time.monotonic() + 10
+        while store.writer.alive():  # bounded wait for the kernel to report the exit
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert store.writer.exit_status() == -signal.SIGKILL
+    finally:
+        store.close()
+
+
+def writer_pid_of(server):
+    [child] = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+    return int(child)
+
+
+def test_real_server_stops_with_status_1_when_its_writer_process_dies(real_server, db):
+    server = real_server(db)
+    assert server.post(postback())[0] == 200
+    os.kill(writer_pid_of(server), signal.SIGKILL)
+    assert server.process.wait(15) == 1  # so that systemd restarts it (Restart=on-failure)
+    assert "the writer process exited" in server.log_text()
+    assert count(db, "sessions") == 1
+
+
+def test_real_server_writer_process_ignores_sigterm_and_ends_after_the_drain(real_server, db):
+    server = real_server(db)
+    writer = writer_pid_of(server)
+    os.kill(writer, signal.SIGTERM)  # systemd signals the whole control group
+    assert server.post(postback())[0] == 200  # still writing
+    assert server.stop(signal.SIGTERM) == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(writer, 0)
+    assert count(db, "sessions") == 1
+
+
+class FakeAffinity:
+    def __init__(self, monkeypatch, cpus, error=None):
+        self.set_calls = []
+        monkeypatch.setattr(spp_server.os, "sched_getaffinity", lambda pid: set(cpus))
+
+        def setaffinity(pid, cpus):
+            if error:
+                raise error
+            self.set_calls.append((pid, set(cpus)))
+
+        monkeypatch.setattr(spp_server.os, "sched_setaffinity", setaffinity)
+
+
+def fake_writer_process(pid=4242):
+    writer = object.__new__(spp_server.WriterProcess)
+    writer.pid = pid
+    return writer
+
+
+def test_on_several_cpus_the_web_process_keeps_to_one_and_the_writer_to_the_others(monkeypatch):
+    affinity = FakeAffinity(monkeypatch, {3, 1, 2})
+    spp_server.keep_to_cpus(fake_writer_process())
+    assert affinity.set_calls == [(4242, {2, 3}), (0, {1})]
+
+
+def test_on_one_cpu_or_with_a_writer_thread_nothing_is_pinned(monkeypatch):
+    affinity = FakeAffinity(monkeypatch, {0})
+    spp_server.keep_to_cpus(fake_writer_process())
+    affinity = FakeAffinity(monkeypatch, {0, 1})
+    spp_server.keep_to_cpus(object())
+    assert affinity.set_calls == []
+
+
+def test_when_pinning_is_refused_the_server_goes_on(monkeypatch, caplog):
+    FakeAffinity(monkeypatch, {0, 1}, error=PermissionError(1, "Operation not permitted"))
+    with caplog.at_level(logging.INFO, logger="spp"):
+        spp_server.keep_to_cpus(fake_writer_process())
+    assert "not keeping the web process to one CPU" in caplog.text
+
+
+
 # ---------------------------------------------------------------------------
 # Retention: prune clears old raw bodies and deletes old refusals
 # ---------------------------------------------------------------------------
