@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""The ceiling for bench.py: what this stack (Bottle under waitress, same
-thread count and waitress settings as spp_server.py) can do when a postback
+"""The ceiling for bench.py: what this stack (Bottle under waitress, stock
+4 threads, the waitress limits spp_server.py sets) can do when a postback
 costs nothing but reading the body and parsing its JSON.  Stores nothing.
 
     python bench/ceiling.py --port 8081 --threads 4
