@@ -169,12 +169,21 @@ def now_us():
 
 
 def iso_utc(us):
-    """Microseconds since the epoch -> ISO 8601 UTC with Z (None stays None)."""
+    """Microseconds since the epoch -> ISO 8601 UTC with Z (None stays None).
+    Hot in exports (two per user), so the date is cached per day."""
     if us is None:
         return None
     secs, micros = divmod(us, 1_000_000)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+    day, second_of_day = divmod(secs, 86_400)
+    hours, rest = divmod(second_of_day, 3600)
+    stamp = f"{utc_date_text(day)}T{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
     return f"{stamp}.{micros:06d}Z" if micros else f"{stamp}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def utc_date_text(day):
+    """Days since 1970-01-01 -> 'YYYY-MM-DD'."""
+    return time.strftime("%Y-%m-%d", time.gmtime(day * 86_400))
 
 
 def parse_reward_share(text):
@@ -1023,26 +1032,31 @@ def sums_record(sums):
     return fields, nanos, first, last
 
 
-def earnings_record(user_id, sums, window, share):
+def earnings_record(user_id, sums, texts, share):
+    """One user's record; texts: the window's (since, until) from window_texts()."""
     fields, nanos, first, last = sums_record(sums)
     record = {"user-id": user_id, **fields}
     if share is not None:
         record["rewardable-revenue"] = nanos_to_usd(rewardable_nanos(nanos, share))
     record["first-received-at"] = iso_utc(first)
     record["last-received-at"] = iso_utc(last)
-    record["since"] = iso_utc(window.since)
-    record["until"] = iso_utc(window.until)
+    record["since"], record["until"] = texts
     return record
+
+
+def window_texts(window):
+    return iso_utc(window.since), iso_utc(window.until)
 
 
 def user_earnings(store, user_id, window=Window(), property_id=None, share=None):
     [sums] = store.read(SQL["user_earnings"], {"user": user_id, **window.params(property_id)})
-    return earnings_record(user_id, sums, window, share)
+    return earnings_record(user_id, sums, window_texts(window), share)
 
 
 def earnings_export(rows, window, share, fmt):
     """(user_id, *SQL_SUMS) rows -> the payout export as chunks of bytes."""
-    records = (earnings_record(row[0], row[1:], window, share) for row in rows)
+    texts = window_texts(window)
+    records = (earnings_record(row[0], row[1:], texts, share) for row in rows)
     return in_chunks(encode_records(records, earnings_columns(share), fmt))
 
 
@@ -1335,12 +1349,16 @@ class PostbackCounters:
 EXPORT_FORMATS = {"ndjson": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
 
 
+NDJSON_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps's output, without its set-up per call
+
+
 def encode_records(records, columns, fmt):
     """Records -> lines of bytes: NDJSON, or CSV with a header row (RFC 4180:
     CRLF, and quotes around any field with a comma, quote or line break)."""
     if fmt == "ndjson":
+        encode = NDJSON_ENCODER.encode
         for record in records:
-            yield (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+            yield (encode(record) + "\n").encode("utf-8")
         return
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")

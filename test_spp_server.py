@@ -10,6 +10,7 @@ through one helper, http_request() (RealServer.request decodes its JSON)."""
 import base64
 import contextlib
 import csv
+import datetime
 import http.client
 import io
 import ipaddress
@@ -1645,6 +1646,14 @@ def test_write_time_histogram_counts_every_committed_write(client):
         ("spp_write_duration_seconds_count", ())])
     assert [v for _, v in buckets] == sorted(v for _, v in buckets)  # cumulative
     assert 0 < samples[("spp_write_duration_seconds_sum", ())] < 60
+
+
+@given(st.integers(min_value=-30_610_224_000 * 10**6, max_value=253_402_300_799 * 10**6 + 999_999))
+def test_iso_utc_is_the_utc_instant_to_the_microsecond(us):
+    """Any instant from year 1000 to 9999: what datetime says it is."""
+    instant = datetime.datetime(1970, 1, 1) + datetime.timedelta(microseconds=us)
+    fraction = f".{instant.microsecond:06d}" if instant.microsecond else ""
+    assert spp_server.iso_utc(us) == instant.strftime("%Y-%m-%dT%H:%M:%S") + fraction + "Z"
 
 
 def test_write_times_fall_in_the_first_bucket_that_holds_them():
