@@ -3085,6 +3085,92 @@ def test_when_pinning_is_refused_the_server_goes_on(monkeypatch, caplog):
 
 
 
+class ThreadCpus:
+    """os.sched_{get,set}affinity of the calling thread, faked; `events` logs
+    each move and each query, in order."""
+
+    def __init__(self, monkeypatch, store, home=frozenset({0})):
+        self.events = []
+        self.current = set(home)
+        monkeypatch.setattr(spp_server.os, "sched_getaffinity", lambda pid: set(self.current))
+
+        def move(pid, cpus):
+            assert pid == 0  # this thread only
+            self.current = set(cpus)
+            self.events.append(("cpus", set(cpus)))
+
+        monkeypatch.setattr(spp_server.os, "sched_setaffinity", move)
+        for name in ("read", "stream"):
+            real = getattr(store, name)
+
+            def logged(*args, real=real, **kwargs):
+                self.events.append(("query", set(self.current)))
+                return real(*args, **kwargs)
+
+            monkeypatch.setattr(store, name, logged)
+
+
+@pytest.mark.parametrize("path", [
+    "/earnings?since=2026-11-23&until=2026-11-24",
+    "/earnings?since=2026-11-23&until=2026-11-24&format=csv",
+    "/sessions?format=ndjson",
+    "/totals?since=2026-11-23&until=2026-11-24&by=day",
+    "/reconciliation?since=2026-11-23&until=2026-11-24",
+])
+def test_a_bulk_read_runs_on_the_writers_cpus_then_moves_back(client, clock, monkeypatch, path):
+    post_at(client, clock, "2026-11-23T10:00:00Z")
+    client.app.config["spp.bulk_read_cpus"] = {1}
+    cpus = ThreadCpus(monkeypatch, client.app.store)
+    client.get(path, status=200)
+    # Moved first, every query on the writer's CPUs, moved back last.
+    queries = [where for kind, where in cpus.events if kind == "query"]
+    assert cpus.events[0] == ("cpus", {1}) and queries and all(q == {1} for q in queries)
+    assert cpus.events[-1] == ("cpus", {0}) and cpus.current == {0}
+
+
+def test_a_bulk_read_that_fails_moves_back_too(client, monkeypatch):
+    client.app.config["spp.bulk_read_cpus"] = {1}
+    cpus = ThreadCpus(monkeypatch, client.app.store)
+    assert_error(client.get("/earnings?since=2026-11-24&until=2026-11-23", status=400), 400, "until")
+    assert cpus.events[0] == ("cpus", {1}) and cpus.current == {0}
+
+
+def test_a_streamed_export_the_client_abandons_moves_back(client, clock, monkeypatch):
+    post_at(client, clock, "2026-11-23T10:00:00Z")
+    client.app.config["spp.bulk_read_cpus"] = {1}
+    cpus = ThreadCpus(monkeypatch, client.app.store)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/earnings",
+               "QUERY_STRING": "since=2026-11-23&until=2026-11-24", "SERVER_NAME": "x",
+               "SERVER_PORT": "80", "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(),
+               "REMOTE_ADDR": "127.0.0.1", "SERVER_PROTOCOL": "HTTP/1.1"}
+    body = client.app(environ, lambda status, headers, exc_info=None: None)
+    assert cpus.current == {1}  # still streaming
+    body.close()  # what the server does when the client goes away
+    assert cpus.current == {0}
+
+
+def test_small_reads_and_servers_without_pinning_never_move(client, clock, monkeypatch):
+    post_at(client, clock, "2026-11-23T10:00:00Z")
+    cpus = ThreadCpus(monkeypatch, client.app.store)
+    client.get("/earnings?since=2026-11-23&until=2026-11-24", status=200)  # no bulk_read_cpus
+    client.app.config["spp.bulk_read_cpus"] = {1}
+    client.get("/users/sub1/earnings", status=200)
+    client.get("/stats", status=200)
+    assert [e for e in cpus.events if e[0] == "cpus"] == []
+
+
+def test_serve_gives_bulk_reads_the_cpus_it_kept_free(monkeypatch, db):
+    app = spp_server.create_app({"db": db})
+    monkeypatch.setattr(spp_server, "keep_to_cpus", lambda writer: {1})
+    monkeypatch.setattr(spp_server, "create_server", lambda *a, **k: (_ for _ in ()).throw(OSError("stop here")))
+    try:
+        with pytest.raises(OSError, match="stop here"):
+            spp_server.serve(app, {**spp_server.DEFAULTS, "db": db}, ())
+        assert app.config["spp.bulk_read_cpus"] == {1}
+    finally:
+        app.store.close()
+
+
 # ---------------------------------------------------------------------------
 # Retention: prune clears old raw bodies and deletes old refusals
 # ---------------------------------------------------------------------------
