@@ -36,7 +36,6 @@ import struct
 import sys
 import threading
 import time
-import types
 import urllib.parse
 import weakref
 from dataclasses import dataclass
@@ -2153,43 +2152,6 @@ def read_endpoint(handler):
     return guarded
 
 
-def bulk_read(handler):
-    """A read that may scan a whole window (an export, a reconciliation): its
-    thread runs it, and streams its answer, on the CPUs of the writer process
-    rather than the web process's one (see keep_to_cpus), so that a long
-    read and the postbacks arriving meanwhile do not share one core.
-    Measured: with a one-day export looping, the export went from 3.4 to
-    1.0 times its time alone (README, "Performance")."""
-
-    @functools.wraps(handler)
-    def moved(*args, **kwargs):
-        cpus = request.app.config.get("spp.bulk_read_cpus")  # set by serve()
-        if not cpus:
-            return handler(*args, **kwargs)
-        home = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, cpus)
-        try:
-            result = handler(*args, **kwargs)
-        except BaseException:
-            os.sched_setaffinity(0, home)
-            raise
-        if isinstance(result, types.GeneratorType):  # streamed after we return
-            return moved_back_after(result, home)
-        os.sched_setaffinity(0, home)
-        return result
-
-    return moved
-
-
-def moved_back_after(chunks, home):
-    """Yield `chunks`, then (also when the client went away) put this thread
-    back on the CPUs `home`."""
-    try:
-        yield from chunks
-    finally:
-        os.sched_setaffinity(0, home)
-
-
 def query():
     """The query parameters, decoded as UTF-8 (the last value of a repeated
     one); a parameter that is not UTF-8 is a 400 naming it."""
@@ -2250,7 +2212,6 @@ def handle_user_earnings(user_id):
 
 
 @read_endpoint
-@bulk_read
 def handle_earnings_export():
     params = query()
     window = parse_window(params.get("since"), params.get("until"), required=True)
@@ -2263,7 +2224,6 @@ def handle_earnings_export():
 
 
 @read_endpoint
-@bulk_read
 def handle_totals():
     params = query()
     window = parse_window(params.get("since"), params.get("until"))
@@ -2285,7 +2245,6 @@ def handle_totals():
 
 
 @read_endpoint
-@bulk_read
 def handle_reconciliation():
     params = query()
     config = request.app.config
@@ -2310,7 +2269,6 @@ def handle_user_sessions(user_id):
 
 
 @read_endpoint
-@bulk_read
 def handle_session_feed():
     params = query()
     after = decode_feed_cursor(params["after"]) if params.get("after") else 0
@@ -2504,20 +2462,18 @@ def keep_to_cpus(writer):
     hand the GIL to one another many times per request, which costs several
     times more between cores than on one; the writer needs no GIL of ours.
     Measured: about 1.5x the postbacks/s of leaving both to the scheduler
-    (README, "Performance").  -> the writer's CPUs, for bulk_read; None when
-    nothing was pinned."""
+    (README, "Performance")."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2 or not isinstance(writer, WriterProcess):
-        return None
+        return
     try:
         os.sched_setaffinity(writer.pid, cpus[1:])
         os.sched_setaffinity(0, cpus[:1])
     except OSError as exc:  # a system call filter, or a cpuset that forbids it
         log.info("not keeping the web process to one CPU: %s", exc)
-        return None
+        return
     log.info("web process on CPU %d, writer process on CPU %s", cpus[0],
              ",".join(map(str, cpus[1:])))
-    return set(cpus[1:])
 
 
 def run_until(socket_map, stopping, writer):
@@ -2560,7 +2516,7 @@ def drain(socket_map, dispatcher):
 def serve(app, config, sockets=()):
     """Serve `app` until SIGTERM or SIGINT, then shut down gracefully."""
 
-    app.config["spp.bulk_read_cpus"] = keep_to_cpus(app.store.writer)
+    keep_to_cpus(app.store.writer)
     server = create_server(app, **waitress_settings(config, sockets))
     socket_map = server.map if isinstance(server, MultiSocketServer) else server._map
     stopping = threading.Event()
