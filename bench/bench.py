@@ -8,12 +8,18 @@
     python bench/bench.py --only during-export           # ingest while an export loops
 
 Ingest: starts spp_server.py on a fresh database in a temporary directory and
-bench/ceiling.py (Bottle + waitress with the same thread count, parsing the
-JSON and storing nothing), alternately, each on a free port of 127.0.0.1, and
-drives each with wrk and bench/postback.lua (unique session-ids plus a share
-of exact duplicates).  Reports requests/s, p50/p99 latency, non-2xx answers
-and the server's peak VmRSS, and checks that the database holds exactly one
-row per distinct session-id that was acknowledged with a 200.
+bench/ceiling.py (Bottle + waitress with waitress's stock 4 threads, parsing
+the JSON and storing nothing), alternately, each on a free port of 127.0.0.1
+with its own default threads, and drives each with wrk and bench/postback.lua
+(unique session-ids plus a share of exact duplicates).  Reports requests/s,
+p50/p99 latency, non-2xx answers, the peak VmRSS and the CPU of the server
+and every process it started (the writer process), summed, and checks that
+the database holds exactly one row per distinct session-id that was
+acknowledged with a 200.
+
+During export: on a 1,000,000-session database, the one-day export alone,
+ingest alone, then ingest while the export loops on its own connection;
+only exports that end within the load count.
 
 Read: fills databases with bench/fill.py and times GET /users/<id>/earnings
 for a user with 10 sessions and one with 10,000, the one-day payout export
