@@ -1255,7 +1255,8 @@ def prometheus_metrics(store, counters):
                 [] if now["last-received-age-seconds"] is None
                 else [("", now["last-received-age-seconds"])]),
         *metric("spp_write_duration_seconds", "histogram",
-                "Time from BEGIN to COMMIT of each committed write, this process.",
+                "Time from handing each committed write to the writer until its COMMIT "
+                "returned (waiting for the batch before included), this process.",
                 [*((f'_bucket{{le="{billionths_text(bound)}"}}', n)
                    for bound, n in zip(WriteTimes.BOUNDS_NS, buckets)),
                  ('_bucket{le="+Inf"}', count), ("_sum", billionths_text(sum_ns)),

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import csv
 import datetime
+import functools
 import http.client
 import io
 import ipaddress
@@ -3019,6 +3020,15 @@ def test_a_dead_writer_process_makes_writes_unavailable_not_hang(db):
         store.close()
 
 
+def process_runs(pid):
+    """Whether pid exists and is not a zombie (exited, not yet reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 def writer_pid_of(server):
     [child] = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
     return int(child)
@@ -3041,6 +3051,47 @@ def test_real_server_writer_process_ignores_sigterm_and_ends_after_the_drain(rea
     assert server.stop(signal.SIGTERM) == 0
     with pytest.raises(ProcessLookupError):
         os.kill(writer, 0)
+    assert count(db, "sessions") == 1
+
+
+def slow_write(seconds, conn, received_at_us):
+    """A write op (module level, so that it reaches a writer process) that
+    takes `seconds`: the behaviour under test is a write slower than its wait."""
+    time.sleep(seconds)
+    return "slow"
+
+
+def test_a_late_answer_is_not_taken_for_the_next_writes(db):
+    """One channel: the first write times out, and its answer arrives while
+    the second waits on the same socket; the second gets its own answer."""
+    store = spp_server.Store(db, busy_timeout_ms=100, writer_process=True, channels=1)
+    try:
+        with pytest.raises(spp_server.StoreUnavailable, match="did not answer in time"):
+            store.write(functools.partial(slow_write, 1.5))  # the wait is 1.1 s
+        op = session_op(user_id="after-the-late-one")
+        assert store.write(op) == "recorded"
+        assert store.write(op) == "duplicate"
+    finally:
+        store.close()
+
+
+def test_the_server_does_not_start_when_no_write_commits(fake_serve, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(spp_server.Store, "health_problem", lambda self: "the disk is full")
+    with caplog.at_level(logging.ERROR, logger="spp"):
+        assert spp_server.main(["--db", str(tmp_path / "spp.db")], environ={}) == 1
+    assert fake_serve == []  # never served, so never told systemd it was ready
+    assert "cannot write to the database" in caplog.text and "the disk is full" in caplog.text
+
+
+def test_the_writer_process_ends_when_the_server_is_killed(real_server, db):
+    server = real_server(db)
+    writer = writer_pid_of(server)
+    assert server.post(postback())[0] == 200
+    server.stop(signal.SIGKILL)  # no drain: the writer must notice on its own
+    deadline = time.monotonic() + 10
+    while process_runs(writer):
+        assert time.monotonic() < deadline, "the writer process outlived the server"
+        time.sleep(0.01)  # bounded wait for it to see EOF and exit
     assert count(db, "sessions") == 1
 
 
