@@ -1327,8 +1327,10 @@ class WriteTimes:
 class PostbackCounters:
     """What this process has seen since it started, for /stats."""
 
-    # rejected: a 400, kept in the `rejected` table; too-large: a 413, not kept.
-    OUTCOMES = ("recorded", "duplicate", "rejected", "too-large", "unauthorized")
+    # rejected: a 400, kept in the `rejected` table; too-large: a 413, not kept;
+    # unavailable: a 503 (the database could not take it); error: a 500 (a bug).
+    OUTCOMES = ("recorded", "duplicate", "rejected", "too-large", "unauthorized",
+                "unavailable", "error")
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -2094,6 +2096,8 @@ def read_body(environ, limit=MAX_BODY_BYTES):
 POSTBACK_LOG_LEVELS = {
     "recorded": logging.DEBUG, "duplicate": logging.DEBUG, "unauthorized": logging.INFO,
     "rejected": logging.WARNING, "too-large": logging.WARNING,
+    # log_unexpected_errors logs why too; this line names the session lost.
+    "unavailable": logging.ERROR, "error": logging.ERROR,
 }
 POSTBACK_ERROR_OUTCOMES = {401: "unauthorized", 413: "too-large"}
 
@@ -2116,6 +2120,22 @@ def account_postback(outcome, status, session_id=None, user_id=None, field=None,
 
 
 def handle_postback():
+    """Answer one postback, counting every outcome: a 503 or a 500 (answered
+    by log_unexpected_errors) is a session Gamezop may never send again."""
+    known = {}  # its session-id and user-id, once read: for the log line of a failure
+    try:
+        return receive_postback(known)
+    except HTTPResponse:
+        raise  # answered and counted
+    except StoreUnavailable as exc:
+        account_postback("unavailable", 503, reason=str(exc), **known)
+        raise
+    except Exception as exc:
+        account_postback("error", 500, reason=f"internal server error: {exc!r}", **known)
+        raise
+
+
+def receive_postback(known):
     app = request.app
     try:
         require_token(app.config["spp.postback_tokens"], "a postback")
@@ -2125,12 +2145,15 @@ def handle_postback():
                          reason=error.body)
         raise
     try:
+        query()  # takes none: a parameter in the postback URL is a mistake to show
         session = parse_postback(body)
     except Invalid as invalid:
+        known.update(session_id=invalid.session_id, user_id=invalid.user_id)
         app.store.write(record_rejected(invalid.field, invalid.message, body))
         account_postback("rejected", 400, invalid.session_id, invalid.user_id,
                          invalid.field, invalid.message)
         raise ApiError(400, invalid.message, invalid.field) from None
+    known.update(session_id=session.session_id, user_id=session.user_id)
     outcome = app.store.write(record_session(session, body.decode("utf-8")))
     if outcome == "conflict":
         log.warning(
@@ -2148,23 +2171,31 @@ def read_endpoint(handler):
 
     def guarded(*args, **kwargs):
         require_token(request.app.config["spp.read_tokens"], "reading")
+        query()  # refuses parameters the route does not take, even where it reads none
         return handler(*args, **kwargs)
 
     return guarded
 
 
 def query():
-    """The query parameters, decoded as UTF-8 (the last value of a repeated
-    one); a parameter that is not UTF-8 is a 400 naming it."""
+    """The query parameters, decoded as UTF-8.  Each route declares the ones
+    it takes (ROUTES); any other, one given twice, or one that is not UTF-8 is
+    a 400 naming it: a misspelt `sinse=` must not read as "no window"."""
+    accepted = request.route.config["query_params"]
     params = {}
     for raw_key, raw_value in request.query.allitems():  # latin-1 strings of the raw bytes
         key = raw_key.encode("latin-1").decode("utf-8", "replace")
         try:
-            params[raw_key.encode("latin-1").decode("utf-8")] = (
-                raw_value.encode("latin-1").decode("utf-8")
-            )
+            raw_key.encode("latin-1").decode("utf-8")
+            value = raw_value.encode("latin-1").decode("utf-8")
         except UnicodeDecodeError:
             raise Invalid(key, "must be UTF-8 text, percent-encoded") from None
+        if key not in accepted:
+            raise Invalid(key, "is not a parameter of this endpoint, which takes "
+                          + (", ".join(accepted) if accepted else "none"))
+        if key in params:
+            raise Invalid(key, "is given more than once")
+        params[key] = value
     return params
 
 
@@ -2338,6 +2369,29 @@ def handle_healthz():
     return {"status": "ok", "last-received-age-seconds": age}
 
 
+# Every route, and the query parameters it takes: query() refuses any other.
+WINDOW_PARAMS = ("since", "until", "property-id")
+ROUTES = [
+    # The trailing-slash form too: a redirect would count as a failed delivery.
+    ("/postback", "POST", handle_postback, ()),
+    ("/postback/", "POST", handle_postback, ()),
+    # A user id may hold '/' (sent as %2F, decoded before routing) or be empty.
+    # [\s\S], not '.': a user id may hold a line break.
+    (r"/users/<user_id:re:[\s\S]*>/earnings", "GET", handle_user_earnings, WINDOW_PARAMS),
+    (r"/users/<user_id:re:[\s\S]*>/sessions", "GET", handle_user_sessions, ("limit", "before")),
+    ("/earnings", "GET", handle_earnings_export, (*WINDOW_PARAMS, "format")),
+    ("/totals", "GET", handle_totals, ("since", "until", "group-by", "format")),
+    ("/reconciliation", "GET", handle_reconciliation,
+     (*WINDOW_PARAMS, "format", "report-utc-offset", "quantile")),
+    ("/sessions", "GET", handle_session_feed, ("after", "limit", "format")),
+    ("/stats", "GET", handle_stats, ()),
+    ("/metrics", "GET", handle_metrics, ()),
+    ("/rejected", "GET", handle_rejected, ("limit",)),
+    ("/conflicts", "GET", handle_conflicts, ("limit",)),
+    ("/healthz", "GET", handle_healthz, ("postbacks-within",)),
+]
+
+
 def create_app(config):
     """The WSGI app for `config` (keys as in DEFAULTS); opens the database.
     Call app.store.close() when done with it."""
@@ -2353,22 +2407,8 @@ def create_app(config):
     app.install(log_unexpected_errors)
     for status in ERROR_STATUSES:
         app.error(status)(render_error)
-    # The trailing-slash form too: a redirect would count as a failed delivery.
-    app.route("/postback", "POST", handle_postback)
-    app.route("/postback/", "POST", handle_postback)
-    # A user id may hold '/' (sent as %2F, decoded before routing) or be empty.
-    # [\s\S], not '.': a user id may hold a line break.
-    app.route(r"/users/<user_id:re:[\s\S]*>/earnings", "GET", handle_user_earnings)
-    app.route(r"/users/<user_id:re:[\s\S]*>/sessions", "GET", handle_user_sessions)
-    app.route("/earnings", "GET", handle_earnings_export)
-    app.route("/totals", "GET", handle_totals)
-    app.route("/reconciliation", "GET", handle_reconciliation)
-    app.route("/sessions", "GET", handle_session_feed)
-    app.route("/stats", "GET", handle_stats)
-    app.route("/metrics", "GET", handle_metrics)
-    app.route("/rejected", "GET", handle_rejected)
-    app.route("/conflicts", "GET", handle_conflicts)
-    app.route("/healthz", "GET", handle_healthz)
+    for path, method, handler, params in ROUTES:
+        app.route(path, method, handler, query_params=params)
     return app
 
 

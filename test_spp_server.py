@@ -1155,6 +1155,90 @@ def test_a_parameter_that_is_not_utf8_is_a_400_naming_it(client, path, param, ba
     assert_error(client.get(url, status=400), 400, param)
 
 
+def route_url(rule):
+    """A path that a route rule matches, its user id `sub1`."""
+    return re.sub(r"<[^>]*>", "sub1", rule)
+
+
+def route_declarations(app):
+    """{(method, rule with {} for the user id): the query parameters it declares}."""
+    return {(route.method, re.sub(r"<[^>]*>", "{}", route.rule)):
+            tuple(route.config.get("query_params", ("undeclared",))) for route in app.routes}
+
+
+def test_every_route_declares_the_parameters_the_tests_know(client):
+    assert route_declarations(client.app) == {
+        **{("GET", path): tuple(params) for path, params in READ_PARAMS.items()},
+        ("POST", "/postback"): (), ("POST", "/postback/"): ()}
+
+
+def request_route(client, route, query, status):
+    url = f"{route_url(route.rule)}?{query}"
+    if route.method == "POST":
+        return client.post(url, json.dumps(postback()).encode(), status=status)
+    client.head(url, status=status)  # a HEAD is checked as its GET is
+    return client.get(url, status=status)
+
+
+def test_every_route_refuses_an_unknown_or_repeated_parameter(client, db):
+    """Over the app's own routes: a new route is checked without being listed."""
+    checked = 0
+    for route in client.app.routes:
+        for name in ["sinse", "group_by", "Limit", "limit ", ""]:
+            res = request_route(client, route, f"{quote(name)}=2026-12-02", 400)
+            assert_error(res, 400, name)
+            assert "not a parameter" in res.json["error"]
+        for name in route.config["query_params"]:
+            value = quote(VALID_PARAMS[name], safe="")
+            res = request_route(client, route, f"{name}={value}&{name}={value}", 400)
+            assert_error(res, 400, name)
+            assert res.json["error"] == "is given more than once"
+            checked += 1
+    assert checked == sum(map(len, READ_PARAMS.values()))
+    # A postback refused for its URL is kept with its body, like any other refusal.
+    assert rows(db, "SELECT DISTINCT field FROM rejected ORDER BY field") == [
+        ("",), ("Limit",), ("group_by",), ("limit ",), ("sinse",)]
+
+
+def test_a_misspelt_window_never_reads_as_all_time(client, clock):
+    post_at(client, clock, "2026-11-01T10:00:00Z", user_id="u")
+    post_at(client, clock, "2026-12-02T10:00:00Z", user_id="u")
+    assert earnings(client, "u", since="2026-12-02").json["sessions"] == 1
+    assert_error(earnings(client, "u", status=400, sinse="2026-12-02"), 400, "sinse")
+    assert_error(client.get("/totals?group_by=day", status=400), 400, "group_by")
+    assert_error(export(client, status=400, since="2026-12-02", until="2026-12-03",
+                        property_id="1234"), 400, "property_id")
+
+
+PARAMETER_NAMES = st.one_of(
+    st.sampled_from(sorted({name for names in READ_PARAMS.values() for name in names})),
+    st.text(st.characters(blacklist_categories=["Cs"]), max_size=12))
+
+
+def test_any_parameter_names_are_taken_only_when_declared_and_given_once(client):
+    routes = client.app.routes
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.sampled_from(range(len(routes))), st.lists(PARAMETER_NAMES, max_size=5))
+    def check(which, names):
+        route = routes[which]
+        declared = route.config["query_params"]
+        query = "&".join(f"{quote(name, safe='')}={quote(VALID_PARAMS.get(name, '1'), safe='')}"
+                         for name in names)
+        res = request_route(client, route, query, "*")
+        assert res.status_int < 500
+        offending = {name for n, name in enumerate(names)
+                     if name not in declared or name in names[:n]}
+        if offending:
+            assert_error(res, 400, res.json["field"])
+            assert res.json["field"] in offending
+        elif res.status_int >= 400:  # a value refused, or one required missing
+            assert "not a parameter" not in res.json["error"]
+            assert "more than once" not in res.json["error"]
+
+    check()
+
+
 def test_any_bytes_in_the_path_or_any_parameter_of_a_read_are_never_a_5xx(client):
     post(client, SAMPLE)
     fragments = st.one_of(
@@ -1581,7 +1665,8 @@ def test_stats_show_what_is_stored_and_what_this_process_saw(make_client, clock)
     assert empty == {"sessions": 0, "rejected": 0, "conflicts": 0, "last-received-at": None,
                      "last-received-age-seconds": None,
                      "since-start": {"recorded": 0, "duplicate": 0, "rejected": 0,
-                                     "too-large": 0, "unauthorized": 0}}
+                                     "too-large": 0, "unauthorized": 0, "unavailable": 0,
+                                     "error": 0}}
     clock.set("2026-11-23T10:00:00Z")
     post(client, SAMPLE, status=401)
     post(client, SAMPLE, headers=bearer("t"))
@@ -1594,7 +1679,8 @@ def test_stats_show_what_is_stored_and_what_this_process_saw(make_client, clock)
     assert res == {"sessions": 1, "rejected": 1, "conflicts": 0,
                    "last-received-at": "2026-11-23T10:00:00Z", "last-received-age-seconds": 90,
                    "since-start": {"recorded": 1, "duplicate": 1, "rejected": 1,
-                                   "too-large": 1, "unauthorized": 1}}
+                                   "too-large": 1, "unauthorized": 1, "unavailable": 0,
+                                   "error": 0}}
 
 
 def scrape(client):
@@ -1626,7 +1712,8 @@ def test_metrics_in_the_prometheus_format_tell_what_stats_tells(make_client, clo
         "spp_write_duration_seconds": "histogram", "spp_database_size_bytes": "gauge"}
     assert {dict(k[1])["outcome"]: v for k, v in samples.items()
             if k[0] == "spp_postbacks_total"} == {
-        "recorded": 2, "duplicate": 1, "rejected": 1, "too-large": 1, "unauthorized": 1}
+        "recorded": 2, "duplicate": 1, "rejected": 1, "too-large": 1, "unauthorized": 1,
+        "unavailable": 0, "error": 0}
     stats = client.get("/stats").json
     assert samples[("spp_sessions_stored", ())] == stats["sessions"] == 2
     assert samples[("spp_rejected_stored", ())] == stats["rejected"] == 1
@@ -2431,6 +2518,72 @@ def test_unexpected_exception_is_logged_and_answered_500_json(client, monkeypatc
     assert any(r.exc_info and "bug" in str(r.exc_info[1]) for r in caplog.records)
     monkeypatch.undo()
     post(client, SAMPLE, status=200)
+
+
+def broken_sql(monkeypatch, db, name):
+    """Writes through SQL[name] fail with a database error."""
+    monkeypatch.setitem(spp_server.SQL, name, "INSERT INTO no_such_table VALUES (1)")
+    return contextlib.nullcontext()
+
+
+def failing_op(monkeypatch, db, name):
+    """The write op `name` raises an error that is not the database's: a bug."""
+    def fail(*args):
+        raise RuntimeError("bug in the op")
+    monkeypatch.setattr(spp_server, name, fail)
+    return contextlib.nullcontext()
+
+
+def failing_parse(monkeypatch, db, body):
+    def fail(body):
+        raise KeyError("bug in the parser")
+    monkeypatch.setattr(spp_server, "parse_postback", fail)
+    return contextlib.nullcontext()
+
+
+# How a postback can fail on the server's side -> (status, outcome counted,
+# whether its session-id is known when it fails).
+POSTBACK_FAILURES = {
+    "write lock held": (lambda mp, db, _: write_lock_held_by_another_connection(db), 503,
+                        "unavailable", True),
+    "insert refused": (lambda mp, db, _: broken_sql(mp, db, "insert_session"), 503,
+                       "unavailable", True),
+    "refusal's insert refused": (lambda mp, db, _: broken_sql(mp, db, "insert_rejected"), 503,
+                                 "unavailable", "invalid"),
+    "insert op raises": (lambda mp, db, _: failing_op(mp, db, "insert_session"), 500, "error",
+                         True),
+    "refusal's op raises": (lambda mp, db, _: failing_op(mp, db, "insert_rejected"), 500,
+                            "error", "invalid"),
+    "parser raises": (failing_parse, 500, "error", False),
+}
+
+
+@pytest.mark.parametrize("failure", sorted(POSTBACK_FAILURES))
+def test_postbacks_answered_503_or_500_are_counted_and_logged_by_outcome(
+        make_client, db, monkeypatch, caplog, failure):
+    make_failure, status, outcome, known = POSTBACK_FAILURES[failure]
+    client = make_client(busy_timeout_ms=100)
+    post(client, postback())
+    bodies = [postback(user_id=f"lost-{n}") for n in range(3)]
+    if known == "invalid":  # a refusal whose row cannot be stored
+        bodies = [{**body, "country": "not a country"} for body in bodies]
+    with monkeypatch.context() as mp, make_failure(mp, db, None):
+        for body in bodies:
+            assert_error(post(client, body, status=status), status)
+    stats = client.get("/stats").json
+    expected = {**dict.fromkeys(spp_server.PostbackCounters.OUTCOMES, 0), "recorded": 1,
+                outcome: len(bodies)}
+    assert stats["since-start"] == expected
+    _, samples = scrape(client)
+    assert {dict(labels)["outcome"]: value for (name, labels), value in samples.items()
+            if name == "spp_postbacks_total"} == expected
+    lines = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith(f"postback {outcome} status={status}")]
+    assert len(lines) == len(bodies)
+    for line, body in zip(lines, bodies):
+        assert line.endswith(f'session-id="{body["session-id"]}" user-id="{body["user-id"]}"'
+                             if known else "session-id=- user-id=-")
+    assert stats["sessions"] == 1 and stats["rejected"] == 0  # nothing of them was kept
 
 
 def test_healthz_is_ok_and_needs_no_auth(make_client):
