@@ -38,6 +38,7 @@ import threading
 import time
 import urllib.parse
 import weakref
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from fractions import Fraction
@@ -318,11 +319,17 @@ SQL = {
     # The change feed: every session in commit order.  Rows are only ever
     # added, one write transaction at a time, each taking the next id, so id
     # order is commit order and a reader never sees a later id before an
-    # earlier one.
+    # earlier one.  A new id is max(id) + 1: nothing deletes a session (prune
+    # clears bodies only), so none is reused, but after a restore from a
+    # backup new sessions take ids that consumers have passed: feed cursors
+    # carry a fingerprint of their session (see feed_position).
     "session_feed": """
         SELECT session_id, country, ads_viewed, revenue_nano, duration_s, property_id,
                received_at_us, id, user_id
         FROM sessions WHERE id > :after ORDER BY id LIMIT :limit""",
+    "feed_cursor_row": """
+        SELECT (SELECT session_id FROM sessions WHERE id = :id),
+               (SELECT coalesce(max(id), 0) FROM sessions)""",
     # --- Retention (prune): ids grow with receive times, so each table is cut
     # at the first id received on or after the date, then cleared in id ranges.
     "first_session_id_from": """
@@ -1160,27 +1167,76 @@ FEED_COLUMNS = ["cursor", "user-id", "session-id", "country", "count-of-ads-view
 
 def feed_record(row):
     """A SQL['session_feed'] row -> its record, cursor first."""
-    return {"cursor": str(row[7]), "user-id": row[8], **session_record(row)}
+    return {"cursor": feed_cursor(row[7], row[0]), "user-id": row[8], **session_record(row)}
 
 
-def session_feed_page(store, after, limit):
-    """Up to `limit` sessions committed after the cursor, oldest first, and
-    the cursor to pass next (the same one when there is nothing new yet)."""
-    records = [feed_record(row) for row in store.read(
-        SQL["session_feed"], {"after": after, "limit": limit})]
-    return records, records[-1]["cursor"] if records else str(after)
+def feed_cursor(row_id, session_id):
+    """'<row id>-<fingerprint of the session-id>': the fingerprint tells a
+    cursor from another database, or from before a restore (when new
+    sessions take the ids of the lost ones), from one of this database."""
+    return f"{row_id}-{session_fingerprint(session_id)}"
 
 
-def session_feed_stream(store, after):
-    """Every session committed after the cursor, as NDJSON chunks, in constant
-    memory (one read snapshot: sessions committed meanwhile come next time)."""
-    rows = store.stream(SQL["session_feed"], {"after": after, "limit": -1})
-    return in_chunks(encode_records((feed_record(row) for row in rows), FEED_COLUMNS, "ndjson"))
+def session_fingerprint(session_id):
+    """8 hex digits: enough to tell sessions apart by accident (a cursor is
+    no secret: it only names a position the reader may read anyway), and a
+    tenth of the cost of a cryptographic hash on the streamed feed."""
+    return format(zlib.crc32(session_id.encode("utf-8")), "08x")
+
+
+FEED_CURSOR = re.compile(r"([0-9]{1,19})(?:-([0-9a-f]{8}))?")
 
 
 def decode_feed_cursor(text):
-    [row_id] = cursor_numbers(text, 1, "after")
-    return row_id
+    """A feed cursor -> (row id, fingerprint).  A plain row id (what older
+    versions gave out) has no fingerprint: None."""
+    match = FEED_CURSOR.fullmatch(text)
+    if not match or int(match.group(1)) >= 2**63:
+        raise Invalid("after", "is not a cursor this server gave out")
+    return int(match.group(1)), match.group(2)
+
+
+class CursorGone(Exception):
+    """A feed cursor that this database cannot continue from: answered 410."""
+
+
+RESUME_HINT = ("the database was restored from a backup or replaced since this cursor was "
+               "given out, and sessions received since may reuse its position. Resume from a "
+               "cursor you kept from before the backup, or from after=0 skipping the "
+               "session-ids you have already credited")
+
+
+def feed_position(store, text):
+    """(the row id after which the feed reads, the cursor to hand back when
+    nothing follows it) for the cursor `text`.  CursorGone when it is beyond
+    the newest session, or names a session this database does not hold at
+    that position: either way, continuing would skip sessions silently."""
+    row_id, fingerprint = decode_feed_cursor(text)
+    [(session_id, newest)] = store.read(SQL["feed_cursor_row"], {"id": row_id})
+    if row_id > newest:
+        raise CursorGone(f"is beyond the newest session ({newest}): {RESUME_HINT}")
+    if fingerprint is not None and (
+            session_id is None or session_fingerprint(session_id) != fingerprint):
+        raise CursorGone(f"names a session this database does not hold at {row_id}: "
+                         f"{RESUME_HINT}")
+    return row_id, text if session_id is None else feed_cursor(row_id, session_id)
+
+
+def session_feed_page(store, cursor, limit):
+    """Up to `limit` sessions committed after the cursor, oldest first, and
+    the cursor to pass next (the one sent when there is nothing new yet)."""
+    after, here = feed_position(store, cursor)
+    records = [feed_record(row) for row in store.read(
+        SQL["session_feed"], {"after": after, "limit": limit})]
+    return records, records[-1]["cursor"] if records else here
+
+
+def session_feed_stream(store, cursor):
+    """Every session committed after the cursor, as NDJSON chunks, in constant
+    memory (one read snapshot: sessions committed meanwhile come next time)."""
+    after, _ = feed_position(store, cursor)
+    rows = store.stream(SQL["session_feed"], {"after": after, "limit": -1})
+    return in_chunks(encode_records((feed_record(row) for row in rows), FEED_COLUMNS, "ndjson"))
 
 
 def cursor_numbers(text, how_many, field):
@@ -1982,7 +2038,7 @@ def reconciliation_output(store, q, fmt):
 # ---------------------------------------------------------------------------
 
 JSON_TYPE = "application/json"
-ERROR_STATUSES = (400, 401, 404, 405, 413, 500, 503)
+ERROR_STATUSES = (400, 401, 404, 405, 410, 413, 500, 503)
 
 
 class ApiError(HTTPError):
@@ -2303,11 +2359,14 @@ def handle_user_sessions(user_id):
 @read_endpoint
 def handle_session_feed():
     params = query()
-    after = decode_feed_cursor(params["after"]) if params.get("after") else 0
+    cursor = params.get("after") or "0"
     fmt = parse_format(params, ("json", "ndjson"), "json")
-    if fmt == "ndjson":
-        return stream_response(session_feed_stream(request.app.store, after), fmt)
-    sessions, cursor = session_feed_page(request.app.store, after, parse_limit(params, 100))
+    try:
+        if fmt == "ndjson":
+            return stream_response(session_feed_stream(request.app.store, cursor), fmt)
+        sessions, cursor = session_feed_page(request.app.store, cursor, parse_limit(params, 100))
+    except CursorGone as gone:
+        raise ApiError(410, str(gone), "after") from None
     return {"sessions": sessions, "next": cursor}
 
 

@@ -1529,6 +1529,11 @@ def feed_page(client, status=200, **params):
     return client.get("/sessions", params=params, status=status)
 
 
+def feed_row_id(cursor):
+    """The row id a feed cursor starts with (the part before its fingerprint)."""
+    return int(cursor.partition("-")[0])
+
+
 def test_the_feed_gives_every_session_of_every_user_oldest_first_with_a_cursor(client, clock):
     sent = [post_at(client, clock, f"2026-11-23T10:00:0{n}Z", user_id=f"user-{n % 3}",
                     count_of_ads_viewed=n) for n in range(7)]
@@ -1566,13 +1571,17 @@ def test_the_ndjson_feed_streams_without_building_a_list():
     pulled = []
 
     class Rows:
+        def read(self, sql, params):
+            return [(None, 0)]  # the cursor's row and the newest id: an empty database
+
         def stream(self, sql, params):
             for i in range(100_000):
                 pulled.append(i)
                 yield (f"s-{i}", None, None, 0, None, None, 1, i + 1, "u")
 
-    first = next(spp_server.session_feed_stream(Rows(), 0))
-    assert first.startswith(b'{"cursor": "1", "user-id": "u", "session-id": "s-0"')
+    first = next(spp_server.session_feed_stream(Rows(), "0"))
+    assert first.startswith(b'{"cursor": "1-')
+    assert b'"user-id": "u", "session-id": "s-0"' in first
     assert len(pulled) < 2_000  # one chunk's worth, not every session
 
 
@@ -1601,7 +1610,7 @@ def test_the_feed_skips_and_repeats_nothing_while_writers_run(make_client):
         while True:
             finished = done.is_set()  # read once more after the writers stop
             page = feed_page(client, after=cursor, limit=7).json
-            seen.extend((int(s["cursor"]), s["session-id"]) for s in page["sessions"])
+            seen.extend((feed_row_id(s["cursor"]), s["session-id"]) for s in page["sessions"])
             cursor = page["next"]
             if not page["sessions"]:
                 if finished:
@@ -1625,6 +1634,177 @@ def test_the_feed_skips_and_repeats_nothing_while_writers_run(make_client):
 def test_the_feed_reads_in_primary_key_order(client, db):
     plan = query_plan(db, "session_feed", {"after": 0, "limit": 10})
     assert plan == "SEARCH sessions USING INTEGER PRIMARY KEY (rowid>?)"  # no sort, no scan
+    plan = query_plan(db, "feed_cursor_row", {"id": 1})  # checking a cursor: two lookups
+    assert plan.count("SEARCH sessions") == 2 and "SCAN sessions" not in plan
+
+
+def back_up(db, copy):
+    """What the README's `sqlite3 db ".backup copy"` does: SQLite's online backup."""
+    with contextlib.closing(sqlite3.connect(db)) as src, \
+            contextlib.closing(sqlite3.connect(copy)) as dst:
+        src.backup(dst)
+
+
+def restore(db, copy):
+    """The README's Restore, with the server stopped: the copy replaces the database."""
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(db + suffix)
+    shutil.copyfile(copy, db)
+
+
+def consume(client, cursor="0"):
+    """Read the feed from `cursor` to its end -> (session-ids, the last cursor)."""
+    seen = []
+    while True:
+        page = feed_page(client, after=cursor, limit=2).json
+        seen += [s["session-id"] for s in page["sessions"]]
+        if not page["sessions"]:
+            return seen, cursor
+        cursor = page["next"]
+
+
+def assert_cursor_gone(res):
+    assert_error(res, 410, "after")
+    assert "restored from a backup or replaced" in res.json["error"]
+    assert "after=0" in res.json["error"]
+
+
+@pytest.mark.parametrize("kept, lost, new", [(3, 3, 3), (1, 4, 2), (0, 2, 5), (5, 1, 1)])
+def test_a_cursor_from_before_a_restore_is_refused_never_skips_new_sessions(
+        make_client, db, tmp_path, kept, lost, new):
+    client = make_client()
+    for n in range(kept):
+        post(client, postback(user_id=f"kept-{n}"))
+    early_seen, early = consume(client)  # a consumer that stopped before the backup
+    backup = str(tmp_path / "backup.db")
+    back_up(db, backup)
+    for n in range(lost):
+        post(client, postback(user_id=f"lost-{n}"))
+    seen, late = consume(client, early)  # a consumer that read what the restore loses
+    assert len(early_seen + seen) == kept + lost
+    client.app.store.close()
+    restore(db, backup)
+    client = make_client()
+    # Before new sessions arrive, the cursor is beyond the newest one.
+    assert_cursor_gone(feed_page(client, status=410, after=late))
+    fresh = [postback(user_id=f"new-{n}") for n in range(new)]
+    for body in fresh:
+        post(client, body)
+    # The new sessions took the lost ones' ids: the cursor names another session now, or,
+    # when fewer arrived than were lost, is still beyond the newest.
+    assert_cursor_gone(feed_page(client, status=410, after=late))
+    assert_cursor_gone(feed_page(client, status=410, after=late, format="ndjson"))
+    # A consumer from before the backup continues: nothing skipped.
+    assert consume(client, early)[0] == [body["session-id"] for body in fresh]
+    # What Restore tells consumers: start again, skipping the session-ids already credited.
+    everything, _ = consume(client)
+    credited = set(early_seen + seen)
+    assert [sid for sid in everything if sid not in credited] == [b["session-id"] for b in fresh]
+
+
+def test_a_cursor_from_another_database_is_refused(make_client, tmp_path):
+    one = make_client(db=str(tmp_path / "one.db"))
+    other = make_client(db=str(tmp_path / "other.db"))
+    for client in (one, other):
+        for _ in range(3):
+            post(client, postback())
+    for n in range(3):
+        cursor = feed_page(one).json["sessions"][n]["cursor"]
+        assert_cursor_gone(feed_page(other, status=410, after=cursor))
+        assert feed_page(one, after=cursor).status_int == 200
+
+
+@pytest.mark.parametrize("stored", [0, 1, 4])
+def test_a_cursor_beyond_the_newest_session_is_refused(client, stored):
+    for _ in range(stored):
+        post(client, postback())
+    for beyond in [stored + 1, stored + 2, 2**63 - 1]:
+        res = feed_page(client, status=410, after=str(beyond))
+        assert_cursor_gone(res)
+        assert f"beyond the newest session ({stored})" in res.json["error"]
+    assert feed_page(client, after=str(stored)).json["sessions"] == []
+
+
+def test_plain_row_id_cursors_of_earlier_versions_still_work(client):
+    sent = [postback()["session-id"] for _ in range(4)]
+    for n, session_id in enumerate(sent):
+        post(client, {**SAMPLE, "session-id": session_id})
+    assert [s["session-id"] for s in feed_page(client, after="2").json["sessions"]] == sent[2:]
+    caught_up = feed_page(client, after="4").json
+    # Nothing new: the cursor handed back is the new kind, for the same session.
+    assert caught_up["sessions"] == [] and caught_up["next"] != "4"
+    assert caught_up["next"] == feed_page(client, after="3").json["sessions"][0]["cursor"]
+    assert feed_page(client, after="0").json["sessions"][0]["session-id"] == sent[0]
+
+
+def test_a_forged_cursor_is_refused(client):
+    for _ in range(3):
+        post(client, postback())
+    real = feed_page(client).json["sessions"][1]["cursor"]
+    row_id, fingerprint = real.split("-")
+    flipped = format(int(fingerprint, 16) ^ 1, "08x")
+    for forged in [f"{row_id}-{flipped}", f"1-{fingerprint}", f"3-{fingerprint}",
+                   f"0-{fingerprint}", f"4-{fingerprint}"]:
+        assert_cursor_gone(feed_page(client, status=410, after=forged))
+    for malformed in [f"{row_id}-{fingerprint.upper()}", f"{row_id}-{fingerprint[:-1]}",
+                      f"{row_id}-{fingerprint}0", f"{row_id}-", f"-{fingerprint}",
+                      f"{row_id}:{fingerprint}", f" {real}", f"+{row_id}",
+                      f"{2**63}-{fingerprint}"]:
+        assert_error(feed_page(client, status=400, after=malformed), 400, "after")
+
+
+def test_a_session_deleted_by_hand_cannot_pass_its_id_to_another_unnoticed(client, db):
+    """Nothing in the server deletes sessions; an operator may.  A new session
+    then takes the deleted newest one's id: a consumer past it is told."""
+    for _ in range(3):
+        post(client, postback())
+    _, cursor = consume(client)
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("DELETE FROM sessions WHERE id = 3")
+    body = postback()
+    post(client, body)
+    assert rows(db, "SELECT id FROM sessions WHERE session_id = ?", (body["session-id"],)) == [(3,)]
+    assert_cursor_gone(feed_page(client, status=410, after=cursor))
+
+
+def test_no_code_deletes_or_replaces_a_session():
+    """Ids come from max(id) + 1: deleting the newest session would let its
+    id be reused.  Nothing the server or its commands run removes one."""
+    code = SERVER.read_text() + spp_server.SCHEMA_PATH.read_text()
+    removing = re.compile(r"(DELETE\s+FROM|REPLACE\s+INTO|DROP\s+TABLE(\s+IF\s+EXISTS)?)"
+                          r"\s+sessions\b|ALTER\s+TABLE\s+sessions\b", re.IGNORECASE)
+    assert not removing.search(code)
+    assert re.search(r"DELETE\s+FROM\s+rejected", code)  # the pattern does find a delete
+
+
+def test_any_cursor_is_answered_200_400_or_410_never_a_5xx(client):
+    for _ in range(5):
+        post(client, postback())
+    given_out = [s["cursor"] for s in feed_page(client).json["sessions"]]
+    real = dict(cursor.split("-") for cursor in given_out)
+    digits = st.integers(min_value=0, max_value=2**64).map(str)
+    hex8 = st.text("0123456789abcdef", min_size=8, max_size=8)
+    cursors = st.one_of(
+        st.sampled_from(given_out), digits, st.text(max_size=30),
+        st.tuples(digits, st.one_of(hex8, st.sampled_from(sorted(real.values())))).map("-".join),
+        st.tuples(st.sampled_from(sorted(real)), hex8).map("-".join))
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(cursors, st.sampled_from(["json", "ndjson"]))
+    def check(cursor, fmt):
+        res = client.get("/sessions", params={"after": cursor, "format": fmt}, status="*")
+        row_id, _, fingerprint = cursor.partition("-")
+        if cursor in [*given_out, ""] or (
+                cursor.isdigit() and cursor.isascii() and int(cursor) <= 5):
+            assert res.status_int == 200
+        elif re.fullmatch(r"[0-9]{1,19}(-[0-9a-f]{8})?", cursor) and int(row_id) < 2**63:
+            assert_error(res, 410, "after")
+            assert real.get(row_id) != fingerprint
+        else:
+            assert_error(res, 400, "after")
+
+    check()
 
 
 def test_keyset_pagination_is_stable_while_sessions_arrive(client, clock):
