@@ -1903,6 +1903,34 @@ def test_metrics_in_the_prometheus_format_tell_what_stats_tells(make_client, clo
         os.path.getsize(p) for p in (db, db + "-wal") if os.path.exists(p))
 
 
+ALERT_RULES = HERE / "docs" / "prometheus-alerts.yml"
+PROMTOOL = shutil.which("promtool")
+
+
+def test_the_alert_rules_name_only_metrics_the_server_gives(client):
+    post(client, postback())
+    families, samples = scrape(client)
+    names = {name for name, _ in samples}
+    used = set(re.findall(r"\bspp_[a-z_]+", ALERT_RULES.read_text()))
+    assert used and used <= names
+    outcomes = set(re.findall(r'outcome(?:=|=~)"([a-z|-]+)"', ALERT_RULES.read_text()))
+    assert {o for alt in outcomes for o in alt.split("|")} <= set(
+        spp_server.PostbackCounters.OUTCOMES)
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian: prometheus)")
+@pytest.mark.parametrize("command", [["check", "rules", ALERT_RULES.name],
+                                     ["test", "rules", "prometheus-alerts.test.yml"]])
+def test_the_alert_rules_pass_promtool_absent_stale_fresh_and_down(command):
+    """The unit tests in docs/prometheus-alerts.test.yml: the silence alert
+    fires when the age is stale, and when it is absent (no session yet, the
+    server down), never when it is fresh."""
+    done = subprocess.run([PROMTOOL, *command], cwd=ALERT_RULES.parent, capture_output=True,
+                          text=True, timeout=15)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
+
+
 def test_write_time_histogram_counts_every_committed_write(client):
     for _ in range(3):
         post(client, postback())
