@@ -1218,7 +1218,7 @@ PARAMETER_NAMES = st.one_of(
 def test_any_parameter_names_are_taken_only_when_declared_and_given_once(client):
     routes = client.app.routes
 
-    @settings(max_examples=300, deadline=None, database=None)
+    @settings(max_examples=150, deadline=None, database=None)
     @given(st.sampled_from(range(len(routes))), st.lists(PARAMETER_NAMES, max_size=5))
     def check(which, names):
         route = routes[which]
