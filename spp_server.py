@@ -38,6 +38,7 @@ import threading
 import time
 import urllib.parse
 import weakref
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from fractions import Fraction
@@ -318,11 +319,17 @@ SQL = {
     # The change feed: every session in commit order.  Rows are only ever
     # added, one write transaction at a time, each taking the next id, so id
     # order is commit order and a reader never sees a later id before an
-    # earlier one.
+    # earlier one.  A new id is max(id) + 1: nothing deletes a session (prune
+    # clears bodies only), so none is reused, but after a restore from a
+    # backup new sessions take ids that consumers have passed: feed cursors
+    # carry a fingerprint of their session (see feed_position).
     "session_feed": """
         SELECT session_id, country, ads_viewed, revenue_nano, duration_s, property_id,
                received_at_us, id, user_id
         FROM sessions WHERE id > :after ORDER BY id LIMIT :limit""",
+    "feed_cursor_row": """
+        SELECT (SELECT session_id FROM sessions WHERE id = :id),
+               (SELECT coalesce(max(id), 0) FROM sessions)""",
     # --- Retention (prune): ids grow with receive times, so each table is cut
     # at the first id received on or after the date, then cleared in id ranges.
     "first_session_id_from": """
@@ -1160,27 +1167,76 @@ FEED_COLUMNS = ["cursor", "user-id", "session-id", "country", "count-of-ads-view
 
 def feed_record(row):
     """A SQL['session_feed'] row -> its record, cursor first."""
-    return {"cursor": str(row[7]), "user-id": row[8], **session_record(row)}
+    return {"cursor": feed_cursor(row[7], row[0]), "user-id": row[8], **session_record(row)}
 
 
-def session_feed_page(store, after, limit):
-    """Up to `limit` sessions committed after the cursor, oldest first, and
-    the cursor to pass next (the same one when there is nothing new yet)."""
-    records = [feed_record(row) for row in store.read(
-        SQL["session_feed"], {"after": after, "limit": limit})]
-    return records, records[-1]["cursor"] if records else str(after)
+def feed_cursor(row_id, session_id):
+    """'<row id>-<fingerprint of the session-id>': the fingerprint tells a
+    cursor from another database, or from before a restore (when new
+    sessions take the ids of the lost ones), from one of this database."""
+    return f"{row_id}-{session_fingerprint(session_id)}"
 
 
-def session_feed_stream(store, after):
-    """Every session committed after the cursor, as NDJSON chunks, in constant
-    memory (one read snapshot: sessions committed meanwhile come next time)."""
-    rows = store.stream(SQL["session_feed"], {"after": after, "limit": -1})
-    return in_chunks(encode_records((feed_record(row) for row in rows), FEED_COLUMNS, "ndjson"))
+def session_fingerprint(session_id):
+    """8 hex digits: enough to tell sessions apart by accident (a cursor is
+    no secret: it only names a position the reader may read anyway), and a
+    tenth of the cost of a cryptographic hash on the streamed feed."""
+    return format(zlib.crc32(session_id.encode("utf-8")), "08x")
+
+
+FEED_CURSOR = re.compile(r"([0-9]{1,19})(?:-([0-9a-f]{8}))?")
 
 
 def decode_feed_cursor(text):
-    [row_id] = cursor_numbers(text, 1, "after")
-    return row_id
+    """A feed cursor -> (row id, fingerprint).  A plain row id (what older
+    versions gave out) has no fingerprint: None."""
+    match = FEED_CURSOR.fullmatch(text)
+    if not match or int(match.group(1)) >= 2**63:
+        raise Invalid("after", "is not a cursor this server gave out")
+    return int(match.group(1)), match.group(2)
+
+
+class CursorGone(Exception):
+    """A feed cursor that this database cannot continue from: answered 410."""
+
+
+RESUME_HINT = ("the database was restored from a backup or replaced since this cursor was "
+               "given out, and sessions received since may reuse its position. Resume from a "
+               "cursor you kept from before the backup, or from after=0 skipping the "
+               "session-ids you have already credited")
+
+
+def feed_position(store, text):
+    """(the row id after which the feed reads, the cursor to hand back when
+    nothing follows it) for the cursor `text`.  CursorGone when it is beyond
+    the newest session, or names a session this database does not hold at
+    that position: either way, continuing would skip sessions silently."""
+    row_id, fingerprint = decode_feed_cursor(text)
+    [(session_id, newest)] = store.read(SQL["feed_cursor_row"], {"id": row_id})
+    if row_id > newest:
+        raise CursorGone(f"is beyond the newest session ({newest}): {RESUME_HINT}")
+    if fingerprint is not None and (
+            session_id is None or session_fingerprint(session_id) != fingerprint):
+        raise CursorGone(f"names a session this database does not hold at {row_id}: "
+                         f"{RESUME_HINT}")
+    return row_id, text if session_id is None else feed_cursor(row_id, session_id)
+
+
+def session_feed_page(store, cursor, limit):
+    """Up to `limit` sessions committed after the cursor, oldest first, and
+    the cursor to pass next (the one sent when there is nothing new yet)."""
+    after, here = feed_position(store, cursor)
+    records = [feed_record(row) for row in store.read(
+        SQL["session_feed"], {"after": after, "limit": limit})]
+    return records, records[-1]["cursor"] if records else here
+
+
+def session_feed_stream(store, cursor):
+    """Every session committed after the cursor, as NDJSON chunks, in constant
+    memory (one read snapshot: sessions committed meanwhile come next time)."""
+    after, _ = feed_position(store, cursor)
+    rows = store.stream(SQL["session_feed"], {"after": after, "limit": -1})
+    return in_chunks(encode_records((feed_record(row) for row in rows), FEED_COLUMNS, "ndjson"))
 
 
 def cursor_numbers(text, how_many, field):
@@ -1327,8 +1383,10 @@ class WriteTimes:
 class PostbackCounters:
     """What this process has seen since it started, for /stats."""
 
-    # rejected: a 400, kept in the `rejected` table; too-large: a 413, not kept.
-    OUTCOMES = ("recorded", "duplicate", "rejected", "too-large", "unauthorized")
+    # rejected: a 400, kept in the `rejected` table; too-large: a 413, not kept;
+    # unavailable: a 503 (the database could not take it); error: a 500 (a bug).
+    OUTCOMES = ("recorded", "duplicate", "rejected", "too-large", "unauthorized",
+                "unavailable", "error")
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -1980,7 +2038,7 @@ def reconciliation_output(store, q, fmt):
 # ---------------------------------------------------------------------------
 
 JSON_TYPE = "application/json"
-ERROR_STATUSES = (400, 401, 404, 405, 413, 500, 503)
+ERROR_STATUSES = (400, 401, 404, 405, 410, 413, 500, 503)
 
 
 class ApiError(HTTPError):
@@ -2094,6 +2152,8 @@ def read_body(environ, limit=MAX_BODY_BYTES):
 POSTBACK_LOG_LEVELS = {
     "recorded": logging.DEBUG, "duplicate": logging.DEBUG, "unauthorized": logging.INFO,
     "rejected": logging.WARNING, "too-large": logging.WARNING,
+    # log_unexpected_errors logs why too; this line names the session lost.
+    "unavailable": logging.ERROR, "error": logging.ERROR,
 }
 POSTBACK_ERROR_OUTCOMES = {401: "unauthorized", 413: "too-large"}
 
@@ -2116,6 +2176,22 @@ def account_postback(outcome, status, session_id=None, user_id=None, field=None,
 
 
 def handle_postback():
+    """Answer one postback, counting every outcome: a 503 or a 500 (answered
+    by log_unexpected_errors) is a session Gamezop may never send again."""
+    known = {}  # its session-id and user-id, once read: for the log line of a failure
+    try:
+        return receive_postback(known)
+    except HTTPResponse:
+        raise  # answered and counted
+    except StoreUnavailable as exc:
+        account_postback("unavailable", 503, reason=str(exc), **known)
+        raise
+    except Exception as exc:
+        account_postback("error", 500, reason=f"internal server error: {exc!r}", **known)
+        raise
+
+
+def receive_postback(known):
     app = request.app
     try:
         require_token(app.config["spp.postback_tokens"], "a postback")
@@ -2125,12 +2201,15 @@ def handle_postback():
                          reason=error.body)
         raise
     try:
+        query()  # takes none: a parameter in the postback URL is a mistake to show
         session = parse_postback(body)
     except Invalid as invalid:
+        known.update(session_id=invalid.session_id, user_id=invalid.user_id)
         app.store.write(record_rejected(invalid.field, invalid.message, body))
         account_postback("rejected", 400, invalid.session_id, invalid.user_id,
                          invalid.field, invalid.message)
         raise ApiError(400, invalid.message, invalid.field) from None
+    known.update(session_id=session.session_id, user_id=session.user_id)
     outcome = app.store.write(record_session(session, body.decode("utf-8")))
     if outcome == "conflict":
         log.warning(
@@ -2148,23 +2227,31 @@ def read_endpoint(handler):
 
     def guarded(*args, **kwargs):
         require_token(request.app.config["spp.read_tokens"], "reading")
+        query()  # refuses parameters the route does not take, even where it reads none
         return handler(*args, **kwargs)
 
     return guarded
 
 
 def query():
-    """The query parameters, decoded as UTF-8 (the last value of a repeated
-    one); a parameter that is not UTF-8 is a 400 naming it."""
+    """The query parameters, decoded as UTF-8.  Each route declares the ones
+    it takes (ROUTES); any other, one given twice, or one that is not UTF-8 is
+    a 400 naming it: a misspelt `sinse=` must not read as "no window"."""
+    accepted = request.route.config["query_params"]
     params = {}
     for raw_key, raw_value in request.query.allitems():  # latin-1 strings of the raw bytes
         key = raw_key.encode("latin-1").decode("utf-8", "replace")
         try:
-            params[raw_key.encode("latin-1").decode("utf-8")] = (
-                raw_value.encode("latin-1").decode("utf-8")
-            )
+            raw_key.encode("latin-1").decode("utf-8")
+            value = raw_value.encode("latin-1").decode("utf-8")
         except UnicodeDecodeError:
             raise Invalid(key, "must be UTF-8 text, percent-encoded") from None
+        if key not in accepted:
+            raise Invalid(key, "is not a parameter of this endpoint, which takes "
+                          + (", ".join(accepted) if accepted else "none"))
+        if key in params:
+            raise Invalid(key, "is given more than once")
+        params[key] = value
     return params
 
 
@@ -2272,11 +2359,14 @@ def handle_user_sessions(user_id):
 @read_endpoint
 def handle_session_feed():
     params = query()
-    after = decode_feed_cursor(params["after"]) if params.get("after") else 0
+    cursor = params.get("after") or "0"
     fmt = parse_format(params, ("json", "ndjson"), "json")
-    if fmt == "ndjson":
-        return stream_response(session_feed_stream(request.app.store, after), fmt)
-    sessions, cursor = session_feed_page(request.app.store, after, parse_limit(params, 100))
+    try:
+        if fmt == "ndjson":
+            return stream_response(session_feed_stream(request.app.store, cursor), fmt)
+        sessions, cursor = session_feed_page(request.app.store, cursor, parse_limit(params, 100))
+    except CursorGone as gone:
+        raise ApiError(410, str(gone), "after") from None
     return {"sessions": sessions, "next": cursor}
 
 
@@ -2338,6 +2428,29 @@ def handle_healthz():
     return {"status": "ok", "last-received-age-seconds": age}
 
 
+# Every route, and the query parameters it takes: query() refuses any other.
+WINDOW_PARAMS = ("since", "until", "property-id")
+ROUTES = [
+    # The trailing-slash form too: a redirect would count as a failed delivery.
+    ("/postback", "POST", handle_postback, ()),
+    ("/postback/", "POST", handle_postback, ()),
+    # A user id may hold '/' (sent as %2F, decoded before routing) or be empty.
+    # [\s\S], not '.': a user id may hold a line break.
+    (r"/users/<user_id:re:[\s\S]*>/earnings", "GET", handle_user_earnings, WINDOW_PARAMS),
+    (r"/users/<user_id:re:[\s\S]*>/sessions", "GET", handle_user_sessions, ("limit", "before")),
+    ("/earnings", "GET", handle_earnings_export, (*WINDOW_PARAMS, "format")),
+    ("/totals", "GET", handle_totals, ("since", "until", "group-by", "format")),
+    ("/reconciliation", "GET", handle_reconciliation,
+     (*WINDOW_PARAMS, "format", "report-utc-offset", "quantile")),
+    ("/sessions", "GET", handle_session_feed, ("after", "limit", "format")),
+    ("/stats", "GET", handle_stats, ()),
+    ("/metrics", "GET", handle_metrics, ()),
+    ("/rejected", "GET", handle_rejected, ("limit",)),
+    ("/conflicts", "GET", handle_conflicts, ("limit",)),
+    ("/healthz", "GET", handle_healthz, ("postbacks-within",)),
+]
+
+
 def create_app(config):
     """The WSGI app for `config` (keys as in DEFAULTS); opens the database.
     Call app.store.close() when done with it."""
@@ -2353,22 +2466,8 @@ def create_app(config):
     app.install(log_unexpected_errors)
     for status in ERROR_STATUSES:
         app.error(status)(render_error)
-    # The trailing-slash form too: a redirect would count as a failed delivery.
-    app.route("/postback", "POST", handle_postback)
-    app.route("/postback/", "POST", handle_postback)
-    # A user id may hold '/' (sent as %2F, decoded before routing) or be empty.
-    # [\s\S], not '.': a user id may hold a line break.
-    app.route(r"/users/<user_id:re:[\s\S]*>/earnings", "GET", handle_user_earnings)
-    app.route(r"/users/<user_id:re:[\s\S]*>/sessions", "GET", handle_user_sessions)
-    app.route("/earnings", "GET", handle_earnings_export)
-    app.route("/totals", "GET", handle_totals)
-    app.route("/reconciliation", "GET", handle_reconciliation)
-    app.route("/sessions", "GET", handle_session_feed)
-    app.route("/stats", "GET", handle_stats)
-    app.route("/metrics", "GET", handle_metrics)
-    app.route("/rejected", "GET", handle_rejected)
-    app.route("/conflicts", "GET", handle_conflicts)
-    app.route("/healthz", "GET", handle_healthz)
+    for path, method, handler, params in ROUTES:
+        app.route(path, method, handler, query_params=params)
     return app
 
 

@@ -1155,6 +1155,90 @@ def test_a_parameter_that_is_not_utf8_is_a_400_naming_it(client, path, param, ba
     assert_error(client.get(url, status=400), 400, param)
 
 
+def route_url(rule):
+    """A path that a route rule matches, its user id `sub1`."""
+    return re.sub(r"<[^>]*>", "sub1", rule)
+
+
+def route_declarations(app):
+    """{(method, rule with {} for the user id): the query parameters it declares}."""
+    return {(route.method, re.sub(r"<[^>]*>", "{}", route.rule)):
+            tuple(route.config.get("query_params", ("undeclared",))) for route in app.routes}
+
+
+def test_every_route_declares_the_parameters_the_tests_know(client):
+    assert route_declarations(client.app) == {
+        **{("GET", path): tuple(params) for path, params in READ_PARAMS.items()},
+        ("POST", "/postback"): (), ("POST", "/postback/"): ()}
+
+
+def request_route(client, route, query, status):
+    url = f"{route_url(route.rule)}?{query}"
+    if route.method == "POST":
+        return client.post(url, json.dumps(postback()).encode(), status=status)
+    client.head(url, status=status)  # a HEAD is checked as its GET is
+    return client.get(url, status=status)
+
+
+def test_every_route_refuses_an_unknown_or_repeated_parameter(client, db):
+    """Over the app's own routes: a new route is checked without being listed."""
+    checked = 0
+    for route in client.app.routes:
+        for name in ["sinse", "group_by", "Limit", "limit ", ""]:
+            res = request_route(client, route, f"{quote(name)}=2026-12-02", 400)
+            assert_error(res, 400, name)
+            assert "not a parameter" in res.json["error"]
+        for name in route.config["query_params"]:
+            value = quote(VALID_PARAMS[name], safe="")
+            res = request_route(client, route, f"{name}={value}&{name}={value}", 400)
+            assert_error(res, 400, name)
+            assert res.json["error"] == "is given more than once"
+            checked += 1
+    assert checked == sum(map(len, READ_PARAMS.values()))
+    # A postback refused for its URL is kept with its body, like any other refusal.
+    assert rows(db, "SELECT DISTINCT field FROM rejected ORDER BY field") == [
+        ("",), ("Limit",), ("group_by",), ("limit ",), ("sinse",)]
+
+
+def test_a_misspelt_window_never_reads_as_all_time(client, clock):
+    post_at(client, clock, "2026-11-01T10:00:00Z", user_id="u")
+    post_at(client, clock, "2026-12-02T10:00:00Z", user_id="u")
+    assert earnings(client, "u", since="2026-12-02").json["sessions"] == 1
+    assert_error(earnings(client, "u", status=400, sinse="2026-12-02"), 400, "sinse")
+    assert_error(client.get("/totals?group_by=day", status=400), 400, "group_by")
+    assert_error(export(client, status=400, since="2026-12-02", until="2026-12-03",
+                        property_id="1234"), 400, "property_id")
+
+
+PARAMETER_NAMES = st.one_of(
+    st.sampled_from(sorted({name for names in READ_PARAMS.values() for name in names})),
+    st.text(st.characters(blacklist_categories=["Cs"]), max_size=12))
+
+
+def test_any_parameter_names_are_taken_only_when_declared_and_given_once(client):
+    routes = client.app.routes
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(st.sampled_from(range(len(routes))), st.lists(PARAMETER_NAMES, max_size=5))
+    def check(which, names):
+        route = routes[which]
+        declared = route.config["query_params"]
+        query = "&".join(f"{quote(name, safe='')}={quote(VALID_PARAMS.get(name, '1'), safe='')}"
+                         for name in names)
+        res = request_route(client, route, query, "*")
+        assert res.status_int < 500
+        offending = {name for n, name in enumerate(names)
+                     if name not in declared or name in names[:n]}
+        if offending:
+            assert_error(res, 400, res.json["field"])
+            assert res.json["field"] in offending
+        elif res.status_int >= 400:  # a value refused, or one required missing
+            assert "not a parameter" not in res.json["error"]
+            assert "more than once" not in res.json["error"]
+
+    check()
+
+
 def test_any_bytes_in_the_path_or_any_parameter_of_a_read_are_never_a_5xx(client):
     post(client, SAMPLE)
     fragments = st.one_of(
@@ -1445,6 +1529,11 @@ def feed_page(client, status=200, **params):
     return client.get("/sessions", params=params, status=status)
 
 
+def feed_row_id(cursor):
+    """The row id a feed cursor starts with (the part before its fingerprint)."""
+    return int(cursor.partition("-")[0])
+
+
 def test_the_feed_gives_every_session_of_every_user_oldest_first_with_a_cursor(client, clock):
     sent = [post_at(client, clock, f"2026-11-23T10:00:0{n}Z", user_id=f"user-{n % 3}",
                     count_of_ads_viewed=n) for n in range(7)]
@@ -1482,13 +1571,17 @@ def test_the_ndjson_feed_streams_without_building_a_list():
     pulled = []
 
     class Rows:
+        def read(self, sql, params):
+            return [(None, 0)]  # the cursor's row and the newest id: an empty database
+
         def stream(self, sql, params):
             for i in range(100_000):
                 pulled.append(i)
                 yield (f"s-{i}", None, None, 0, None, None, 1, i + 1, "u")
 
-    first = next(spp_server.session_feed_stream(Rows(), 0))
-    assert first.startswith(b'{"cursor": "1", "user-id": "u", "session-id": "s-0"')
+    first = next(spp_server.session_feed_stream(Rows(), "0"))
+    assert first.startswith(b'{"cursor": "1-')
+    assert b'"user-id": "u", "session-id": "s-0"' in first
     assert len(pulled) < 2_000  # one chunk's worth, not every session
 
 
@@ -1517,7 +1610,7 @@ def test_the_feed_skips_and_repeats_nothing_while_writers_run(make_client):
         while True:
             finished = done.is_set()  # read once more after the writers stop
             page = feed_page(client, after=cursor, limit=7).json
-            seen.extend((int(s["cursor"]), s["session-id"]) for s in page["sessions"])
+            seen.extend((feed_row_id(s["cursor"]), s["session-id"]) for s in page["sessions"])
             cursor = page["next"]
             if not page["sessions"]:
                 if finished:
@@ -1541,6 +1634,177 @@ def test_the_feed_skips_and_repeats_nothing_while_writers_run(make_client):
 def test_the_feed_reads_in_primary_key_order(client, db):
     plan = query_plan(db, "session_feed", {"after": 0, "limit": 10})
     assert plan == "SEARCH sessions USING INTEGER PRIMARY KEY (rowid>?)"  # no sort, no scan
+    plan = query_plan(db, "feed_cursor_row", {"id": 1})  # checking a cursor: two lookups
+    assert plan.count("SEARCH sessions") == 2 and "SCAN sessions" not in plan
+
+
+def back_up(db, copy):
+    """What the README's `sqlite3 db ".backup copy"` does: SQLite's online backup."""
+    with contextlib.closing(sqlite3.connect(db)) as src, \
+            contextlib.closing(sqlite3.connect(copy)) as dst:
+        src.backup(dst)
+
+
+def restore(db, copy):
+    """The README's Restore, with the server stopped: the copy replaces the database."""
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(db + suffix)
+    shutil.copyfile(copy, db)
+
+
+def consume(client, cursor="0"):
+    """Read the feed from `cursor` to its end -> (session-ids, the last cursor)."""
+    seen = []
+    while True:
+        page = feed_page(client, after=cursor, limit=2).json
+        seen += [s["session-id"] for s in page["sessions"]]
+        if not page["sessions"]:
+            return seen, cursor
+        cursor = page["next"]
+
+
+def assert_cursor_gone(res):
+    assert_error(res, 410, "after")
+    assert "restored from a backup or replaced" in res.json["error"]
+    assert "after=0" in res.json["error"]
+
+
+@pytest.mark.parametrize("kept, lost, new", [(3, 3, 3), (1, 4, 2), (0, 2, 5), (5, 1, 1)])
+def test_a_cursor_from_before_a_restore_is_refused_never_skips_new_sessions(
+        make_client, db, tmp_path, kept, lost, new):
+    client = make_client()
+    for n in range(kept):
+        post(client, postback(user_id=f"kept-{n}"))
+    early_seen, early = consume(client)  # a consumer that stopped before the backup
+    backup = str(tmp_path / "backup.db")
+    back_up(db, backup)
+    for n in range(lost):
+        post(client, postback(user_id=f"lost-{n}"))
+    seen, late = consume(client, early)  # a consumer that read what the restore loses
+    assert len(early_seen + seen) == kept + lost
+    client.app.store.close()
+    restore(db, backup)
+    client = make_client()
+    # Before new sessions arrive, the cursor is beyond the newest one.
+    assert_cursor_gone(feed_page(client, status=410, after=late))
+    fresh = [postback(user_id=f"new-{n}") for n in range(new)]
+    for body in fresh:
+        post(client, body)
+    # The new sessions took the lost ones' ids: the cursor names another session now, or,
+    # when fewer arrived than were lost, is still beyond the newest.
+    assert_cursor_gone(feed_page(client, status=410, after=late))
+    assert_cursor_gone(feed_page(client, status=410, after=late, format="ndjson"))
+    # A consumer from before the backup continues: nothing skipped.
+    assert consume(client, early)[0] == [body["session-id"] for body in fresh]
+    # What Restore tells consumers: start again, skipping the session-ids already credited.
+    everything, _ = consume(client)
+    credited = set(early_seen + seen)
+    assert [sid for sid in everything if sid not in credited] == [b["session-id"] for b in fresh]
+
+
+def test_a_cursor_from_another_database_is_refused(make_client, tmp_path):
+    one = make_client(db=str(tmp_path / "one.db"))
+    other = make_client(db=str(tmp_path / "other.db"))
+    for client in (one, other):
+        for _ in range(3):
+            post(client, postback())
+    for n in range(3):
+        cursor = feed_page(one).json["sessions"][n]["cursor"]
+        assert_cursor_gone(feed_page(other, status=410, after=cursor))
+        assert feed_page(one, after=cursor).status_int == 200
+
+
+@pytest.mark.parametrize("stored", [0, 1, 4])
+def test_a_cursor_beyond_the_newest_session_is_refused(client, stored):
+    for _ in range(stored):
+        post(client, postback())
+    for beyond in [stored + 1, stored + 2, 2**63 - 1]:
+        res = feed_page(client, status=410, after=str(beyond))
+        assert_cursor_gone(res)
+        assert f"beyond the newest session ({stored})" in res.json["error"]
+    assert feed_page(client, after=str(stored)).json["sessions"] == []
+
+
+def test_plain_row_id_cursors_of_earlier_versions_still_work(client):
+    sent = [postback()["session-id"] for _ in range(4)]
+    for n, session_id in enumerate(sent):
+        post(client, {**SAMPLE, "session-id": session_id})
+    assert [s["session-id"] for s in feed_page(client, after="2").json["sessions"]] == sent[2:]
+    caught_up = feed_page(client, after="4").json
+    # Nothing new: the cursor handed back is the new kind, for the same session.
+    assert caught_up["sessions"] == [] and caught_up["next"] != "4"
+    assert caught_up["next"] == feed_page(client, after="3").json["sessions"][0]["cursor"]
+    assert feed_page(client, after="0").json["sessions"][0]["session-id"] == sent[0]
+
+
+def test_a_forged_cursor_is_refused(client):
+    for _ in range(3):
+        post(client, postback())
+    real = feed_page(client).json["sessions"][1]["cursor"]
+    row_id, fingerprint = real.split("-")
+    flipped = format(int(fingerprint, 16) ^ 1, "08x")
+    for forged in [f"{row_id}-{flipped}", f"1-{fingerprint}", f"3-{fingerprint}",
+                   f"0-{fingerprint}", f"4-{fingerprint}"]:
+        assert_cursor_gone(feed_page(client, status=410, after=forged))
+    for malformed in [f"{row_id}-{fingerprint.upper()}", f"{row_id}-{fingerprint[:-1]}",
+                      f"{row_id}-{fingerprint}0", f"{row_id}-", f"-{fingerprint}",
+                      f"{row_id}:{fingerprint}", f" {real}", f"+{row_id}",
+                      f"{2**63}-{fingerprint}"]:
+        assert_error(feed_page(client, status=400, after=malformed), 400, "after")
+
+
+def test_a_session_deleted_by_hand_cannot_pass_its_id_to_another_unnoticed(client, db):
+    """Nothing in the server deletes sessions; an operator may.  A new session
+    then takes the deleted newest one's id: a consumer past it is told."""
+    for _ in range(3):
+        post(client, postback())
+    _, cursor = consume(client)
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("DELETE FROM sessions WHERE id = 3")
+    body = postback()
+    post(client, body)
+    assert rows(db, "SELECT id FROM sessions WHERE session_id = ?", (body["session-id"],)) == [(3,)]
+    assert_cursor_gone(feed_page(client, status=410, after=cursor))
+
+
+def test_no_code_deletes_or_replaces_a_session():
+    """Ids come from max(id) + 1: deleting the newest session would let its
+    id be reused.  Nothing the server or its commands run removes one."""
+    code = SERVER.read_text() + spp_server.SCHEMA_PATH.read_text()
+    removing = re.compile(r"(DELETE\s+FROM|REPLACE\s+INTO|DROP\s+TABLE(\s+IF\s+EXISTS)?)"
+                          r"\s+sessions\b|ALTER\s+TABLE\s+sessions\b", re.IGNORECASE)
+    assert not removing.search(code)
+    assert re.search(r"DELETE\s+FROM\s+rejected", code)  # the pattern does find a delete
+
+
+def test_any_cursor_is_answered_200_400_or_410_never_a_5xx(client):
+    for _ in range(5):
+        post(client, postback())
+    given_out = [s["cursor"] for s in feed_page(client).json["sessions"]]
+    real = dict(cursor.split("-") for cursor in given_out)
+    digits = st.integers(min_value=0, max_value=2**64).map(str)
+    hex8 = st.text("0123456789abcdef", min_size=8, max_size=8)
+    cursors = st.one_of(
+        st.sampled_from(given_out), digits, st.text(max_size=30),
+        st.tuples(digits, st.one_of(hex8, st.sampled_from(sorted(real.values())))).map("-".join),
+        st.tuples(st.sampled_from(sorted(real)), hex8).map("-".join))
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(cursors, st.sampled_from(["json", "ndjson"]))
+    def check(cursor, fmt):
+        res = client.get("/sessions", params={"after": cursor, "format": fmt}, status="*")
+        row_id, _, fingerprint = cursor.partition("-")
+        if cursor in [*given_out, ""] or (
+                cursor.isdigit() and cursor.isascii() and int(cursor) <= 5):
+            assert res.status_int == 200
+        elif re.fullmatch(r"[0-9]{1,19}(-[0-9a-f]{8})?", cursor) and int(row_id) < 2**63:
+            assert_error(res, 410, "after")
+            assert real.get(row_id) != fingerprint
+        else:
+            assert_error(res, 400, "after")
+
+    check()
 
 
 def test_keyset_pagination_is_stable_while_sessions_arrive(client, clock):
@@ -1581,7 +1845,8 @@ def test_stats_show_what_is_stored_and_what_this_process_saw(make_client, clock)
     assert empty == {"sessions": 0, "rejected": 0, "conflicts": 0, "last-received-at": None,
                      "last-received-age-seconds": None,
                      "since-start": {"recorded": 0, "duplicate": 0, "rejected": 0,
-                                     "too-large": 0, "unauthorized": 0}}
+                                     "too-large": 0, "unauthorized": 0, "unavailable": 0,
+                                     "error": 0}}
     clock.set("2026-11-23T10:00:00Z")
     post(client, SAMPLE, status=401)
     post(client, SAMPLE, headers=bearer("t"))
@@ -1594,7 +1859,8 @@ def test_stats_show_what_is_stored_and_what_this_process_saw(make_client, clock)
     assert res == {"sessions": 1, "rejected": 1, "conflicts": 0,
                    "last-received-at": "2026-11-23T10:00:00Z", "last-received-age-seconds": 90,
                    "since-start": {"recorded": 1, "duplicate": 1, "rejected": 1,
-                                   "too-large": 1, "unauthorized": 1}}
+                                   "too-large": 1, "unauthorized": 1, "unavailable": 0,
+                                   "error": 0}}
 
 
 def scrape(client):
@@ -1626,7 +1892,8 @@ def test_metrics_in_the_prometheus_format_tell_what_stats_tells(make_client, clo
         "spp_write_duration_seconds": "histogram", "spp_database_size_bytes": "gauge"}
     assert {dict(k[1])["outcome"]: v for k, v in samples.items()
             if k[0] == "spp_postbacks_total"} == {
-        "recorded": 2, "duplicate": 1, "rejected": 1, "too-large": 1, "unauthorized": 1}
+        "recorded": 2, "duplicate": 1, "rejected": 1, "too-large": 1, "unauthorized": 1,
+        "unavailable": 0, "error": 0}
     stats = client.get("/stats").json
     assert samples[("spp_sessions_stored", ())] == stats["sessions"] == 2
     assert samples[("spp_rejected_stored", ())] == stats["rejected"] == 1
@@ -1634,6 +1901,34 @@ def test_metrics_in_the_prometheus_format_tell_what_stats_tells(make_client, clo
     assert samples[("spp_last_postback_age_seconds", ())] == 90
     assert samples[("spp_database_size_bytes", ())] == sum(
         os.path.getsize(p) for p in (db, db + "-wal") if os.path.exists(p))
+
+
+ALERT_RULES = HERE / "docs" / "prometheus-alerts.yml"
+PROMTOOL = shutil.which("promtool")
+
+
+def test_the_alert_rules_name_only_metrics_the_server_gives(client):
+    post(client, postback())
+    families, samples = scrape(client)
+    names = {name for name, _ in samples}
+    used = set(re.findall(r"\bspp_[a-z_]+", ALERT_RULES.read_text()))
+    assert used and used <= names
+    outcomes = set(re.findall(r'outcome(?:=|=~)"([a-z|-]+)"', ALERT_RULES.read_text()))
+    assert {o for alt in outcomes for o in alt.split("|")} <= set(
+        spp_server.PostbackCounters.OUTCOMES)
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian: prometheus)")
+@pytest.mark.parametrize("command", [["check", "rules", ALERT_RULES.name],
+                                     ["test", "rules", "prometheus-alerts.test.yml"]])
+def test_the_alert_rules_pass_promtool_absent_stale_fresh_and_down(command):
+    """The unit tests in docs/prometheus-alerts.test.yml: the silence alert
+    fires when the age is stale, and when it is absent (no session yet, the
+    server down), never when it is fresh."""
+    done = subprocess.run([PROMTOOL, *command], cwd=ALERT_RULES.parent, capture_output=True,
+                          text=True, timeout=15)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
 
 
 def test_write_time_histogram_counts_every_committed_write(client):
@@ -2431,6 +2726,72 @@ def test_unexpected_exception_is_logged_and_answered_500_json(client, monkeypatc
     assert any(r.exc_info and "bug" in str(r.exc_info[1]) for r in caplog.records)
     monkeypatch.undo()
     post(client, SAMPLE, status=200)
+
+
+def broken_sql(monkeypatch, db, name):
+    """Writes through SQL[name] fail with a database error."""
+    monkeypatch.setitem(spp_server.SQL, name, "INSERT INTO no_such_table VALUES (1)")
+    return contextlib.nullcontext()
+
+
+def failing_op(monkeypatch, db, name):
+    """The write op `name` raises an error that is not the database's: a bug."""
+    def fail(*args):
+        raise RuntimeError("bug in the op")
+    monkeypatch.setattr(spp_server, name, fail)
+    return contextlib.nullcontext()
+
+
+def failing_parse(monkeypatch, db, body):
+    def fail(body):
+        raise KeyError("bug in the parser")
+    monkeypatch.setattr(spp_server, "parse_postback", fail)
+    return contextlib.nullcontext()
+
+
+# How a postback can fail on the server's side -> (status, outcome counted,
+# whether its session-id is known when it fails).
+POSTBACK_FAILURES = {
+    "write lock held": (lambda mp, db, _: write_lock_held_by_another_connection(db), 503,
+                        "unavailable", True),
+    "insert refused": (lambda mp, db, _: broken_sql(mp, db, "insert_session"), 503,
+                       "unavailable", True),
+    "refusal's insert refused": (lambda mp, db, _: broken_sql(mp, db, "insert_rejected"), 503,
+                                 "unavailable", "invalid"),
+    "insert op raises": (lambda mp, db, _: failing_op(mp, db, "insert_session"), 500, "error",
+                         True),
+    "refusal's op raises": (lambda mp, db, _: failing_op(mp, db, "insert_rejected"), 500,
+                            "error", "invalid"),
+    "parser raises": (failing_parse, 500, "error", False),
+}
+
+
+@pytest.mark.parametrize("failure", sorted(POSTBACK_FAILURES))
+def test_postbacks_answered_503_or_500_are_counted_and_logged_by_outcome(
+        make_client, db, monkeypatch, caplog, failure):
+    make_failure, status, outcome, known = POSTBACK_FAILURES[failure]
+    client = make_client(busy_timeout_ms=100)
+    post(client, postback())
+    bodies = [postback(user_id=f"lost-{n}") for n in range(3)]
+    if known == "invalid":  # a refusal whose row cannot be stored
+        bodies = [{**body, "country": "not a country"} for body in bodies]
+    with monkeypatch.context() as mp, make_failure(mp, db, None):
+        for body in bodies:
+            assert_error(post(client, body, status=status), status)
+    stats = client.get("/stats").json
+    expected = {**dict.fromkeys(spp_server.PostbackCounters.OUTCOMES, 0), "recorded": 1,
+                outcome: len(bodies)}
+    assert stats["since-start"] == expected
+    _, samples = scrape(client)
+    assert {dict(labels)["outcome"]: value for (name, labels), value in samples.items()
+            if name == "spp_postbacks_total"} == expected
+    lines = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith(f"postback {outcome} status={status}")]
+    assert len(lines) == len(bodies)
+    for line, body in zip(lines, bodies):
+        assert line.endswith(f'session-id="{body["session-id"]}" user-id="{body["user-id"]}"'
+                             if known else "session-id=- user-id=-")
+    assert stats["sessions"] == 1 and stats["rejected"] == 0  # nothing of them was kept
 
 
 def test_healthz_is_ok_and_needs_no_auth(make_client):
