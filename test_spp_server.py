@@ -1271,7 +1271,7 @@ def test_property_filter_restricts_to_one_property(client):
         ("0.7", ["0.000000001", "0.000000001", "0.000000001"], "0.000000002"),  # 2.1 -> 2
         ("0.5", ["0.000000003"], "0.000000001"),  # 1.5 -> 1, never up
         ("1", ["0.3", "0.1"], "0.4"),
-        ("0.333333333", ["1"], "0.333333333"),
+        ("0.333333", ["1"], "0.333333"),  # at most 6 places
     ],
 )
 def test_reward_share_is_applied_and_rounded_down(make_client, share, revenues, rewardable):
@@ -2019,12 +2019,15 @@ def test_reimport_replaces_changed_rows_and_counts_new_replaced_unchanged(
     first = booked_csv(("2026-11-01", "1", "IN", "0.5"), ("2026-11-01", "1", "US", "0.25"),
                        ("2026-11-02", "1", "IN", "1"))
     code, out, _ = import_file(tmp_path, db, first, name="october.csv")
-    assert code == 0 and out.endswith(": 3 rows: 3 new, 0 replaced, 0 unchanged\n")
+    assert code == 0 and out.endswith(
+        ": 3 rows for 2 days (1 property): 3 new, 0 replaced, 0 unchanged, 0 removed\n")
     clock.set("2026-11-11T08:00:00.5Z")
     revised = booked_csv(("2026-11-01", "1", "IN", "0.5"), ("2026-11-01", "1", "US", "0.3"),
                          ("2026-11-03", "1", "IN", "2"))
     code, out, _ = import_file(tmp_path, db, revised, name="revised.json.csv")
-    assert code == 0 and out.endswith(": 3 rows: 1 new, 1 replaced, 1 unchanged\n")
+    # It covers 2026-11-01 and 2026-11-03 only: 2026-11-02 stays as it was.
+    assert code == 0 and out.endswith(
+        ": 3 rows for 2 days (1 property): 1 new, 1 replaced, 1 unchanged, 0 removed\n")
     assert rows(db, "SELECT day, property_id, country, revenue_nano, imported_at_us, source_file "
                     "FROM booked_revenue ORDER BY 1, 2, 3") == [
         ("2026-11-01", "1", "IN", 500_000_000, clock.us - 86_400_500_000, "october.csv"),
@@ -2122,7 +2125,8 @@ def test_days_on_one_side_only_have_nulls_and_missing_postbacks_are_flagged(make
     res = recon(client, **NOV).json
     assert res["days"] == [
         {"day": "2026-11-01", "property-id": None, "sessions": 1, "estimated-revenue": "0.2",
-         "booked-revenue": None, "ratio": None, "paid-out": "0.1", "margin": None, "flag": None},
+         "booked-revenue": None, "ratio": None, "paid-out": "0.1", "margin": None,
+         "flag": "no-booked-revenue"},
         {"day": "2026-11-02", "property-id": None, "sessions": None, "estimated-revenue": None,
          "booked-revenue": "0.4", "ratio": None, "paid-out": None, "margin": None,
          "flag": "no-postbacks"},
@@ -2132,7 +2136,9 @@ def test_days_on_one_side_only_have_nulls_and_missing_postbacks_are_flagged(make
     summary = res["summary"]
     assert (summary["days"], summary["days-with-both"], summary["booked-revenue"],
             summary["paid-out"], summary["margin"], summary["ratio"]) == (
-        3, 0, "0.4", "0.1", "0", None)
+        3, 0, "0.4", "0.1", None, None)  # no day has both: no margin, not a margin of 0
+    assert (summary["no-booked-revenue"], summary["no-postbacks"]) == (1, 1)
+    assert summary["paid-out-exceeds-booked"] is False
     assert summary["suggested-reward-share"] is None and summary["lowest-ratio"] is None
 
 
@@ -2199,7 +2205,8 @@ def test_booked_rows_with_a_property_give_a_record_per_day_and_property(client, 
                             ("2026-11-01", "", "IN", "3"), ("2026-11-01", "C", "", "0.25")))
     assert [(d["property-id"], d["sessions"], d["estimated-revenue"], d["booked-revenue"], d["flag"])
             for d in recon(client, **NOV).json["days"]] == [
-        (None, 1, "4", "3", None), ("A", 1, "1", None, None), ("B", 1, "2", "1.5", None),
+        (None, 1, "4", "3", None), ("A", 1, "1", None, "no-booked-revenue"),
+        ("B", 1, "2", "1.5", None),
         ("C", None, None, "0.25", "no-postbacks")]
     only_b = recon(client, property_id="B", **NOV).json
     assert [(d["property-id"], d["estimated-revenue"], d["booked-revenue"])
@@ -2258,7 +2265,10 @@ def test_suggested_share_cases_by_hand():
     assert share([(100, 0), (100, 90)], Decimal("0.5")) == "0.90"
     assert share([(0, 5), (300, 100)], Decimal(1)) == "0.33"  # 0 estimated allows any share
     assert share([(0, 5)], Decimal(1)) == "1.00"
-    assert share([(3, 2)], Decimal(1)) == "0.66"  # rounded down, never up
+    assert share([(3 * 10**9, 2 * 10**9)], Decimal(1)) == "0.66"  # rounded down, never up
+    assert share([(300, 200)], Decimal(1)) == "0.66"
+    # Paid-out is rounded down to the nano-USD: 3 nanos x 0.99 pays out 2.97, so 2.
+    assert share([(3, 2)], Decimal(1)) == "0.99"
 
 
 @pytest.mark.parametrize("params, field", [
