@@ -1916,7 +1916,7 @@ def suggested_share(pairs, quantile):
     if not pairs:
         return None
     allowed = sorted((allowed_hundredths(*pair) for pair in pairs), reverse=True)
-    needed = max(1, math.ceil(Fraction(quantile) * len(allowed)))  # days it must be safe on
+    needed = math.ceil(Fraction(quantile) * len(allowed))  # days it must be safe on
     return floor_places(Fraction(allowed[needed - 1], 100), 2)
 
 
