@@ -2024,8 +2024,8 @@ def reconciliation_warnings(flags, unbooked, paid, booked):
         warnings.append(
             f"{plural(flags['no-booked-revenue'], 'record')} flagged no-booked-revenue "
             f"(estimated {nanos_to_usd(unbooked)}) have no booked figure: they are left out "
-            "of ratio, margin and the suggested share; import their days' report (for every "
-            "property)")
+            "of ratio, margin and the suggested share until the booked revenue of those days "
+            "and properties is imported")
     if flags["no-postbacks"]:
         warnings.append(
             f"{plural(flags['no-postbacks'], 'record')} flagged no-postbacks have booked "
@@ -2876,6 +2876,14 @@ def build_reconcile_parser(environ):
         prog="spp_server.py reconcile",
         description="Write the reconciliation (what GET /reconciliation answers) to stdout: "
         "per report day, SPP's estimates against the imported booked revenue.",
+        epilog="A record with estimates but no booked figure is flagged no-booked-revenue, "
+        "one with booked revenue but no postbacks no-postbacks; the summary counts both, and "
+        "its warnings say when paid-out exceeds booked-revenue over the window. Totals with "
+        "nothing to add up are null. median-ratio is the median of the records' exact ratios "
+        "(booked / estimated as fractions, not the rounded ratio column), rounded down to 6 "
+        "places. suggested-reward-share counts days: a day is safe at a share when, on every "
+        "record of that day with both figures, the share paid out (rounded down to the "
+        "nano-USD) no more than was booked.",
     )
     add_shared_options(parser, environ, DB_HELP_REPORT)
     add_report_offset_option(parser, environ)

@@ -2487,7 +2487,7 @@ NANO_AMOUNTS = st.one_of(st.integers(0, 300), st.integers(0, 10**13))
 
 
 @st.composite
-def reconciliation_sides(draw):
+def recon_sides(draw):
     """{(day, property or None): [sessions, estimated, booked]}, either side possibly missing."""
     sides = {}
     for key in draw(st.lists(st.tuples(st.sampled_from(RECON_DAYS),
@@ -2505,7 +2505,7 @@ def paid_out(estimated, share):
 
 
 @settings(max_examples=200, **HOSTILE_SETTINGS)
-@given(sides=reconciliation_sides(),
+@given(sides=recon_sides(),
        quantile=st.integers(1, 10**6).map(lambda n: Decimal(n).scaleb(-6)),
        share=st.sampled_from([None, Decimal("0.7"), Decimal("0.000001"), Decimal(1)]))
 def test_the_suggestion_is_safe_on_the_quantile_of_days_and_a_hundredth_more_is_not(
