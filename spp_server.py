@@ -2023,13 +2023,13 @@ def reconciliation_warnings(flags, unbooked, paid, booked):
     if flags["no-booked-revenue"]:
         warnings.append(
             f"{plural(flags['no-booked-revenue'], 'record')} flagged no-booked-revenue "
-            f"(estimated {nanos_to_usd(unbooked)}) have no booked figure: they are left out "
-            "of ratio, margin and the suggested share until the booked revenue of those days "
-            "and properties is imported")
+            f"(estimated {nanos_to_usd(unbooked)}): no booked figure, so left out of ratio, "
+            "margin and the suggested share until the booked revenue of those days and "
+            "properties is imported")
     if flags["no-postbacks"]:
         warnings.append(
-            f"{plural(flags['no-postbacks'], 'record')} flagged no-postbacks have booked "
-            "revenue but no postbacks: look at /rejected and the proxy's log for those days")
+            f"{plural(flags['no-postbacks'], 'record')} flagged no-postbacks: booked revenue "
+            "but not one postback; look at /rejected and the proxy's log for those days")
     return warnings
 
 

@@ -2431,7 +2431,7 @@ def test_estimates_never_booked_are_flagged_counted_and_an_overpayment_is_said_p
     assert summary["warnings"][0].startswith(
         "paid-out 1.575 exceeds booked-revenue 0.9 over the window by 0.675")
     assert summary["warnings"][1].startswith(
-        "2 records flagged no-booked-revenue (estimated 1.25) have no booked figure")
+        "2 records flagged no-booked-revenue (estimated 1.25): no booked figure")
     # They are not held against the suggestion: 2026-11-01 A alone allowed 0.9.
     assert (summary["days-with-both"], summary["suggested-reward-share"]) == (1, "0.90")
     book(client, booked_csv(("2026-11-01", "A", "IN", "0.9"), ("2026-11-01", "B", "IN", "2"),
