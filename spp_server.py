@@ -187,15 +187,29 @@ def utc_date_text(day):
     return time.strftime("%Y-%m-%d", time.gmtime(day * 86_400))
 
 
+# A share or a fraction of days, written plainly.  The pattern is checked
+# before Decimal() sees the text: '1e-6400000' is a valid Decimal whose plain
+# form, echoed back or turned into a Fraction, has 6.4 million digits.
+PLAIN_FRACTION = re.compile(r"[0-9](?:\.[0-9]{1,6})?")
+
+
+def parse_fraction(text, example):
+    """'0.7' -> Decimal('0.7'): a plain decimal above 0 and at most 1, with at
+    most 6 places (ValueError otherwise, its message for the option's name)."""
+    value = decimal.Decimal(text) if PLAIN_FRACTION.fullmatch(text) else None
+    if value is None or not 0 < value <= 1:
+        shown = repr(text) if len(text) <= 20 else repr(text[:20]) + "..."
+        raise ValueError("must be a decimal above 0 and at most 1, with at most 6 places, "
+                         f"such as {example}, not {shown}")
+    return value
+
+
 def parse_reward_share(text):
     """'0.7' -> Decimal('0.7'); a share of revenue in (0, 1]."""
     try:
-        share = decimal.Decimal(text)
-    except decimal.InvalidOperation:
-        share = None
-    if share is None or not share.is_finite() or not 0 < share <= 1 or len(text) > 20:
-        raise ValueError(f"reward share must be a decimal in (0, 1], such as 0.7, not {text!r}")
-    return share
+        return parse_fraction(text, "0.7")
+    except ValueError as exc:
+        raise ValueError(f"reward share {exc}") from None
 
 
 def rewardable_nanos(nanos, share):
@@ -353,9 +367,14 @@ SQL = {
         FROM conflicts WHERE id >= ? AND id < ?""",
     "delete_conflicts": "DELETE FROM conflicts WHERE id >= ? AND id < ?",
     # --- Reconciliation with booked revenue (see "Booked revenue" below) ---
-    "booked_revenue_of": """
-        SELECT revenue_nano FROM booked_revenue
-        WHERE day = ? AND property_id = ? AND country = ?""",
+    # What an import covers: a whole day, or a day's rows of one property.
+    "booked_of_day": """
+        SELECT property_id, country, revenue_nano FROM booked_revenue WHERE day = ?""",
+    "booked_of_day_and_property": """
+        SELECT property_id, country, revenue_nano FROM booked_revenue
+        WHERE day = ? AND property_id = ?""",
+    "delete_booked": """
+        DELETE FROM booked_revenue WHERE day = ? AND property_id = ? AND country = ?""",
     "upsert_booked": """
         INSERT INTO booked_revenue
             (day, property_id, country, revenue_nano, imported_at_us, source_file)
@@ -1788,22 +1807,55 @@ def parse_booked_report(data, metric="revenue"):
 
 
 def import_booked(rows, source_file):
-    """The write op storing report rows: a row for a day, property and country
-    already stored replaces it.  Returns the counts of new, replaced and
-    unchanged rows."""
+    """The write op storing a report: it replaces everything stored for what
+    the report covers, whatever breakdown or metric that was imported with, so
+    that no day is counted twice and a row a revision dropped goes.  A report
+    without property ids covers its days whole.  One with property ids covers,
+    on each of its days, the properties it names (a report fetched for one
+    property leaves the others alone) and the rows without a property, which
+    may be a whole day imported without property ids: kept, they would count
+    its properties twice.  Returns the counts of new, replaced, unchanged and
+    removed rows; an import of what is stored already writes nothing."""
+    figures = {row.key(): row.revenue_nano for row in rows}
+    days = sorted({row.day for row in rows})
+    properties = sorted({row.property_id for row in rows} | {""})
+
+    def stored_rows(conn, day):
+        if properties == [""]:
+            return conn.execute(SQL["booked_of_day"], (day,)).fetchall()
+        return [row for prop in properties
+                for row in conn.execute(SQL["booked_of_day_and_property"], (day, prop))]
 
     def op(conn, imported_at_us):
-        counts = {"new": 0, "replaced": 0, "unchanged": 0}
-        for row in rows:
-            stored = conn.execute(SQL["booked_revenue_of"], row.key()).fetchone()
-            if stored is not None and stored[0] == row.revenue_nano:
+        stored = {(day, prop, country): nanos
+                  for day in days for prop, country, nanos in stored_rows(conn, day)}
+        counts = {"new": 0, "replaced": 0, "unchanged": 0, "removed": 0}
+        for key in sorted(stored.keys() - figures.keys()):
+            conn.execute(SQL["delete_booked"], key)
+            counts["removed"] += 1
+        for key, nanos in figures.items():
+            if stored.get(key) == nanos:
                 counts["unchanged"] += 1
                 continue
-            conn.execute(SQL["upsert_booked"], (*row.key(), row.revenue_nano, imported_at_us, source_file))
-            counts["new" if stored is None else "replaced"] += 1
+            conn.execute(SQL["upsert_booked"], (*key, nanos, imported_at_us, source_file))
+            counts["new" if key not in stored else "replaced"] += 1
         return counts
 
     return op
+
+
+def import_summary(name, rows, counts):
+    """The line `import-booked` prints: what the file covered and what changed."""
+    days = len({row.day for row in rows})
+    properties = len({row.property_id for row in rows} - {""})
+    scope = ("every property" if not properties
+             else f"{properties} propert{'y' if properties == 1 else 'ies'}")
+    line = (f"{name}: {len(rows)} rows for {days} day{'s' if days != 1 else ''} ({scope}): "
+            f"{counts['new']} new, {counts['replaced']} replaced, "
+            f"{counts['unchanged']} unchanged, {counts['removed']} removed")
+    if not (counts["new"] or counts["replaced"] or counts["removed"]):
+        line += "; nothing changed: these figures were already stored"
+    return line + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -1837,10 +1889,7 @@ def utc_offset_text(minutes):
 def parse_quantile(text):
     """'0.9' -> Decimal('0.9'): the fraction of days the suggested share must
     have been safe on, in (0, 1]."""
-    value = parse_decimal_string(text) if len(text) <= 20 else None
-    if value is None or not 0 < value <= 1:
-        raise ValueError(f"must be a decimal in (0, 1], such as 0.9, not {text!r}")
-    return value
+    return parse_fraction(text, "0.9")
 
 
 @dataclass(frozen=True)
@@ -1902,19 +1951,31 @@ def ratio_text(booked, estimated):
     return floor_places(Fraction(booked, estimated), RATIO_PLACES)
 
 
+def allowed_hundredths(estimated, booked):
+    """The largest share in hundredths, at most 100, whose paid-out (the
+    estimate times the share, rounded down to the nano-USD, as day_record
+    pays it) is at most `booked`.  An estimate of 0 allows any share."""
+    if not estimated:
+        return 100
+    # floor(estimated * h / 100) <= booked  <=>  estimated * h < 100 * (booked + 1)
+    return min(100, (100 * (booked + 1) - 1) // estimated)
+
+
+def tightest_pair(pairs):
+    """A day's (estimated, booked) pairs, one per record -> the pair that
+    allows the smallest share: a day is safe only when every record on it is."""
+    return min(pairs, key=lambda pair: allowed_hundredths(*pair))
+
+
 def suggested_share(pairs, quantile):
-    """The largest share in hundredths, at most 1, with share x estimated <=
-    booked on at least `quantile` of the (estimated, booked) pairs; None
-    without pairs.  A day estimated at 0 allows any share."""
+    """The largest share in hundredths, at most 1, that paid out no more than
+    was booked on at least `quantile` of the days; None without days.
+    pairs: one (estimated, booked) per day, its tightest record's."""
     if not pairs:
         return None
-    # Per pair, the largest share that day allowed (None: no limit).
-    allowed = sorted((Fraction(booked, estimated) if estimated else None
-                      for estimated, booked in pairs), key=lambda r: (r is None, r or 0), reverse=True)
-    needed = math.ceil(Fraction(quantile) * len(allowed))  # days it must have been safe on
-    limit = allowed[needed - 1]
-    hundredths = 100 if limit is None else min(100, math.floor(limit * 100))
-    return floor_places(Fraction(hundredths, 100), 2)
+    allowed = sorted((allowed_hundredths(*pair) for pair in pairs), reverse=True)
+    needed = math.ceil(Fraction(quantile) * len(allowed))  # days it must be safe on
+    return floor_places(Fraction(allowed[needed - 1], 100), 2)
 
 
 def median_fraction(values):
@@ -1934,31 +1995,50 @@ def joined_nanos(whole_usd, nano_rest):
 
 def reconciliation_sides(store, q):
     """{(day, property or None): [sessions, estimated nanos, booked nanos]},
-    None where a side has nothing.  Split by property when the booked rows of
-    the window have one (or one is asked for)."""
+    None where a side has nothing.  A day whose booked rows name properties
+    has a record per property, its booked rows without one held against the
+    sessions without one (an absent and an empty property-id alike); a day
+    booked without property ids has one record for all properties; a day not
+    booked is split by property when another day of the window is, or when a
+    property is asked for."""
     booked = store.read(SQL["booked_by_day"], {
         "since_day": report_day_text(q.since_day), "until_day": report_day_text(q.until_day),
         "property": q.property_id})
-    by_property = q.property_id is not None or any(prop != "" for _, prop, *_ in booked)
+    split_days = {day for day, prop, *_ in booked if prop}
+    whole_days = {day for day, *_ in booked} - split_days
+    split = q.property_id is not None or bool(split_days)
+
+    def key(day, prop):
+        return day, (prop or None) if split and day not in whole_days else None
+
     offset_us = q.offset_minutes * 60 * 1_000_000
     window = {"offset_us": offset_us, "since": q.since_day * DAY_US - offset_us,
               "until": q.until_day * DAY_US - offset_us, "property": q.property_id}
+    estimates = (store.read(SQL["estimates_by_day_and_property"], window) if split else
+                 [(day, None, *sums) for day, *sums in store.read(SQL["estimates_by_day"], window)])
     sides = {}
-    if by_property:
-        for day, prop, sessions, whole, rest in store.read(SQL["estimates_by_day_and_property"], window):
-            sides[(report_day_text(day), prop)] = [sessions, joined_nanos(whole, rest), None]
-    else:
-        for day, sessions, whole, rest in store.read(SQL["estimates_by_day"], window):
-            sides[(report_day_text(day), None)] = [sessions, joined_nanos(whole, rest), None]
+    for day, prop, sessions, whole, rest in estimates:
+        side = sides.setdefault(key(report_day_text(day), prop), [0, 0, None])
+        side[0] += sessions
+        side[1] += joined_nanos(whole, rest)
     for day, prop, whole, rest in booked:
-        key = (day, (prop or None) if by_property else None)
-        sides.setdefault(key, [None, None, None])[2] = joined_nanos(whole, rest)
+        sides.setdefault(key(day, prop), [None, None, None])[2] = joined_nanos(whole, rest)
     return sides
 
 
 def by_day_then_property(item):
     (day, prop), _ = item
     return day, prop is not None, prop or ""
+
+
+def day_flag(sessions, estimated, booked):
+    """What a record is missing: postbacks for what was booked, or a booked
+    figure for what was estimated (a property or day never imported)."""
+    if booked and sessions is None:
+        return "no-postbacks"
+    if estimated is not None and booked is None:
+        return "no-booked-revenue"
+    return None
 
 
 def day_record(day, prop, sessions, estimated, booked, share):
@@ -1971,49 +2051,102 @@ def day_record(day, prop, sessions, estimated, booked, share):
     if share is not None:
         record["paid-out"] = None if paid is None else nanos_to_usd(paid)
         record["margin"] = None if paid is None or booked is None else signed_usd(booked - paid)
-    record["flag"] = "no-postbacks" if booked and sessions is None else None
+    record["flag"] = day_flag(sessions, estimated, booked)
     return record, paid
+
+
+def total_nanos(values):
+    """The sum of the figures present; None when none is (nothing to add up is
+    not a figure of 0)."""
+    present = [value for value in values if value is not None]
+    return sum(present) if present else None
+
+
+def usd_or_none(nanos, text=nanos_to_usd):
+    return None if nanos is None else text(nanos)
+
+
+def plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def reconciliation_warnings(flags, unbooked, paid, booked):
+    """Plain sentences for what the figures alone would leave unsaid."""
+    warnings = []
+    if paid is not None and paid > (booked or 0):
+        warnings.append(
+            f"paid-out {nanos_to_usd(paid)} exceeds booked-revenue {nanos_to_usd(booked or 0)} "
+            f"over the window by {nanos_to_usd(paid - (booked or 0))}: the reward share paid out "
+            "more than was booked")
+    if flags["no-booked-revenue"]:
+        warnings.append(
+            f"{plural(flags['no-booked-revenue'], 'record')} flagged no-booked-revenue "
+            f"(estimated {nanos_to_usd(unbooked)}): no booked figure, so left out of ratio, "
+            "margin and the suggested share until the booked revenue of those days and "
+            "properties is imported")
+    if flags["no-postbacks"]:
+        warnings.append(
+            f"{plural(flags['no-postbacks'], 'record')} flagged no-postbacks: booked revenue "
+            "but not one postback; look at /rejected and the proxy's log for those days")
+    return warnings
 
 
 def reconciliation_summary(q, records, rows):
     """Totals over every record; ratios, margin and the suggestion over the
     records that have both sides.  rows: (sessions, estimated, booked, paid)."""
-    pairs = [(est, booked) for _, est, booked, _ in rows if est is not None and booked is not None]
-    paired_days = {record["day"] for record, (_, est, booked, _) in zip(records, rows)
-                   if est is not None and booked is not None}
-    ratios = [Fraction(booked, est) for est, booked in pairs if est]
-    paired_estimated = sum(est for est, _ in pairs)
-    paired_booked = sum(booked for _, booked in pairs)
-    margin = sum(booked - paid for _, est, booked, paid in rows
-                 if est is not None and booked is not None and paid is not None)
-    little = len(paired_days) < MIN_DAYS_FOR_A_SUGGESTION
+    both = [(record["day"], est, booked, paid)
+            for record, (_, est, booked, paid) in zip(records, rows)
+            if est is not None and booked is not None]
+    pairs_by_day = {}
+    for day, est, booked, _ in both:
+        pairs_by_day.setdefault(day, []).append((est, booked))
+    ratios = [Fraction(booked, est) for _, est, booked, _ in both if est]
+    paired_estimated = sum(est for _, est, _, _ in both)
+    paired_booked = total_nanos(booked for _, _, booked, _ in both)
+    booked_total = total_nanos(booked for _, _, booked, _ in rows)
+    paid_total = total_nanos(paid for *_, paid in rows)
+    flags = {flag: sum(record["flag"] == flag for record in records)
+             for flag in ("no-booked-revenue", "no-postbacks")}
+    unbooked = sum(est for record, (_, est, _, _) in zip(records, rows)
+                   if record["flag"] == "no-booked-revenue")
+    little = len(pairs_by_day) < MIN_DAYS_FOR_A_SUGGESTION
     return {
         "days": len({record["day"] for record in records}),
-        "days-with-both": len(paired_days),
+        "days-with-both": len(pairs_by_day),
+        **flags,
         "sessions": sum(sessions or 0 for sessions, *_ in rows),
-        "estimated-revenue": nanos_to_usd(sum(est or 0 for _, est, _, _ in rows)),
-        "booked-revenue": nanos_to_usd(sum(booked or 0 for _, _, booked, _ in rows)),
-        **({"paid-out": nanos_to_usd(sum(paid or 0 for *_, paid in rows)),
-            "margin": signed_usd(margin)} if q.share is not None else {}),
-        "ratio": ratio_text(paired_booked if pairs else None, paired_estimated),
+        "estimated-revenue": usd_or_none(total_nanos(est for _, est, _, _ in rows)),
+        "booked-revenue": usd_or_none(booked_total),
+        **({"paid-out": usd_or_none(paid_total),
+            "margin": usd_or_none(total_nanos(booked - paid for *_, booked, paid in both),
+                                  signed_usd),
+            "paid-out-exceeds-booked": paid_total is not None and paid_total > (booked_total or 0)}
+           if q.share is not None else {}),
+        "ratio": ratio_text(paired_booked, paired_estimated),
         "lowest-ratio": floor_places(min(ratios), RATIO_PLACES) if ratios else None,
         "median-ratio": floor_places(median_fraction(ratios), RATIO_PLACES) if ratios else None,
         "quantile": format(q.quantile, "f"),
-        "suggested-reward-share": suggested_share(pairs, q.quantile),
+        "suggested-reward-share": suggested_share(
+            [tightest_pair(pairs) for pairs in pairs_by_day.values()], q.quantile),
         "little-data": little,
-        "note": (f"only {len(paired_days)} day(s) have both estimates and booked revenue: "
+        "note": (f"only {len(pairs_by_day)} day(s) have both estimates and booked revenue: "
                  f"the suggestion rests on little data (fewer than {MIN_DAYS_FOR_A_SUGGESTION})"
                  if little else None),
+        "warnings": reconciliation_warnings(
+            flags, unbooked, paid_total if q.share is not None else None, booked_total),
     }
 
 
 def reconciliation(store, q):
-    """The report: one record per report day (and property, when the booked
-    rows of the window have one) and a summary.  Shared by GET /reconciliation
-    and `spp_server.py reconcile`."""
+    """The report: one record per report day (and property, see
+    reconciliation_sides) and a summary.  Shared by GET /reconciliation and
+    `spp_server.py reconcile`."""
+    return reconciliation_report(q, reconciliation_sides(store, q))
+
+
+def reconciliation_report(q, sides):
     records, rows = [], []
-    for (day, prop), (sessions, estimated, booked) in sorted(
-            reconciliation_sides(store, q).items(), key=by_day_then_property):
+    for (day, prop), (sessions, estimated, booked) in sorted(sides.items(), key=by_day_then_property):
         record, paid = day_record(day, prop, sessions, estimated, booked, q.share)
         records.append(record)
         rows.append((sessions, estimated, booked, paid))
@@ -2676,7 +2809,8 @@ def add_shared_options(parser, environ, db_help):
     )
     parser.add_argument(
         "--reward-share", type=reward_share, default=environ.get("SPP_REWARD_SHARE"),
-        help="share of the estimated revenue you pay out as rewards, in (0, 1], e.g. 0.7; "
+        help="share of the estimated revenue you pay out as rewards: a decimal above 0 and "
+        "at most 1, with at most 6 places, e.g. 0.7; "
         "adds rewardable-revenue (rounded down to the nano-USD) to earnings "
         "[SPP_REWARD_SHARE, default: not shown]",
     )
@@ -2819,7 +2953,10 @@ def build_import_parser(environ):
         prog="spp_server.py import-booked",
         description="Store a Gamezop revenue report (the Ad Revenue Reports API's JSON, "
         "or CSV with date and revenue columns) as booked revenue, one row per day, "
-        "property and country; a row already stored is replaced. All or nothing; "
+        "property and country. It replaces everything stored for the days it covers, "
+        "whatever breakdown or metric that was imported with: with property ids, for the "
+        "properties it names (and the rows without one); without, for every property. "
+        "It prints how many rows were new, replaced, unchanged and removed. All or nothing; "
         "safe while the server runs.",
     )
     parser.add_argument("file", help="the report file")
@@ -2840,14 +2977,24 @@ def build_reconcile_parser(environ):
         prog="spp_server.py reconcile",
         description="Write the reconciliation (what GET /reconciliation answers) to stdout: "
         "per report day, SPP's estimates against the imported booked revenue.",
+        epilog="A record with estimates but no booked figure is flagged no-booked-revenue, "
+        "one with booked revenue but no postbacks no-postbacks; the summary counts both, and "
+        "its warnings say when paid-out exceeds booked-revenue over the window. Totals with "
+        "nothing to add up are null. median-ratio is the median of the records' exact ratios "
+        "(booked / estimated as fractions, not the rounded ratio column), rounded down to 6 "
+        "places. suggested-reward-share counts days: a day is safe at a share when, on every "
+        "record of that day with both figures, the share paid out (rounded down to the "
+        "nano-USD) no more than was booked.",
     )
     add_shared_options(parser, environ, DB_HELP_REPORT)
     add_report_offset_option(parser, environ)
     parser.add_argument("--since", required=True, help="first report day, included (YYYY-MM-DD)")
     parser.add_argument("--until", required=True, help="report day that ends the window, excluded")
     parser.add_argument("--property-id", help="only this property")
-    parser.add_argument("--quantile", help="fraction of days the suggested share must be safe on, "
-                        "in (0, 1] [default 1: every day]")
+    parser.add_argument("--quantile", help="fraction of the days with both figures the suggested "
+                        "share must have been safe on (a day is safe when every record on it is): "
+                        "a decimal above 0 and at most 1, with at most 6 places "
+                        "[default 1: every day]")
     parser.add_argument("--format", choices=list(RECONCILIATION_FORMATS), default="json")
     return parser
 
@@ -2942,8 +3089,7 @@ def run_import_booked(argv, environ, out):
         return 1
     finally:
         store.close()
-    out.write(f"{args.file}: {len(rows)} rows: {counts['new']} new, "
-              f"{counts['replaced']} replaced, {counts['unchanged']} unchanged\n")
+    out.write(import_summary(args.file, rows, counts))
     return 0
 
 

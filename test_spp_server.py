@@ -17,6 +17,7 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ import tempfile
 import threading
 import time
 from decimal import ROUND_HALF_EVEN, Decimal
+from fractions import Fraction
 from pathlib import Path
 from urllib.parse import quote
 
@@ -1366,7 +1368,7 @@ def test_property_filter_restricts_to_one_property(client):
         ("0.7", ["0.000000001", "0.000000001", "0.000000001"], "0.000000002"),  # 2.1 -> 2
         ("0.5", ["0.000000003"], "0.000000001"),  # 1.5 -> 1, never up
         ("1", ["0.3", "0.1"], "0.4"),
-        ("0.333333333", ["1"], "0.333333333"),
+        ("0.333333", ["1"], "0.333333"),  # at most 6 places
     ],
 )
 def test_reward_share_is_applied_and_rounded_down(make_client, share, revenues, rewardable):
@@ -2325,12 +2327,15 @@ def test_reimport_replaces_changed_rows_and_counts_new_replaced_unchanged(
     first = booked_csv(("2026-11-01", "1", "IN", "0.5"), ("2026-11-01", "1", "US", "0.25"),
                        ("2026-11-02", "1", "IN", "1"))
     code, out, _ = import_file(tmp_path, db, first, name="october.csv")
-    assert code == 0 and out.endswith(": 3 rows: 3 new, 0 replaced, 0 unchanged\n")
+    assert code == 0 and out.endswith(
+        ": 3 rows for 2 days (1 property): 3 new, 0 replaced, 0 unchanged, 0 removed\n")
     clock.set("2026-11-11T08:00:00.5Z")
     revised = booked_csv(("2026-11-01", "1", "IN", "0.5"), ("2026-11-01", "1", "US", "0.3"),
                          ("2026-11-03", "1", "IN", "2"))
     code, out, _ = import_file(tmp_path, db, revised, name="revised.json.csv")
-    assert code == 0 and out.endswith(": 3 rows: 1 new, 1 replaced, 1 unchanged\n")
+    # It covers 2026-11-01 and 2026-11-03 only: 2026-11-02 stays as it was.
+    assert code == 0 and out.endswith(
+        ": 3 rows for 2 days (1 property): 1 new, 1 replaced, 1 unchanged, 0 removed\n")
     assert rows(db, "SELECT day, property_id, country, revenue_nano, imported_at_us, source_file "
                     "FROM booked_revenue ORDER BY 1, 2, 3") == [
         ("2026-11-01", "1", "IN", 500_000_000, clock.us - 86_400_500_000, "october.csv"),
@@ -2390,6 +2395,143 @@ def test_import_command_errors_are_one_line_without_a_traceback(client, db, tmp_
     assert ok.returncode == 0 and "1 new" in ok.stdout
 
 
+def test_an_import_replaces_every_breakdown_and_metric_stored_for_its_days(
+        make_client, db, tmp_path, clock):
+    client = make_client(reward_share=Decimal("0.8"))
+    post_day(client, clock, "2026-11-01T10:00:00Z", "1", property_id=None)
+    by_country = booked_csv(("2026-11-01", "", "IN", "0.5"), ("2026-11-01", "", "US", "0.3"),
+                            ("2026-11-02", "", "IN", "0.1"))
+    assert import_file(tmp_path, db, by_country)[0] == 0
+    # The same day again without the country breakdown: 0.8, not 1.6.
+    code, out, _ = import_file(tmp_path, db, "date,revenue\n2026-11-01,0.8\n", name="plain.csv")
+    assert code == 0 and out.endswith(
+        "plain.csv: 1 rows for 1 day (every property): 1 new, 0 replaced, 0 unchanged, 2 removed\n")
+    [day] = [d for d in recon(client, **NOV).json["days"] if d["day"] == "2026-11-01"]
+    assert (day["booked-revenue"], day["margin"]) == ("0.8", "0")
+    assert rows(db, "SELECT day, country, revenue_nano FROM booked_revenue ORDER BY 1") == [
+        ("2026-11-01", "", 800_000_000), ("2026-11-02", "IN", 100_000_000)]  # not covered: kept
+    # Another metric of the same day replaces it too; so does a breakdown by property.
+    code, out, _ = import_file(tmp_path, db, "date,country,total_revenue\n2026-11-01,IN,2\n",
+                               metric="total revenue")
+    assert code == 0 and "1 new, 0 replaced, 0 unchanged, 1 removed" in out
+    assert recon(client, **NOV).json["summary"]["booked-revenue"] == "2.1"
+    code, out, _ = import_file(tmp_path, db, booked_csv(("2026-11-01", "1234", "IN", "0.9")))
+    assert code == 0 and out.endswith("(1 property): 1 new, 0 replaced, 0 unchanged, 1 removed\n")
+    assert rows(db, "SELECT day, property_id, revenue_nano FROM booked_revenue ORDER BY 1") == [
+        ("2026-11-01", "1234", 900_000_000), ("2026-11-02", "", 100_000_000)]
+    # And the whole day, without property ids, replaces every property's rows.
+    code, out, _ = import_file(tmp_path, db, "date,revenue\n2026-11-01,0.7\n")
+    assert code == 0 and "1 new, 0 replaced, 0 unchanged, 1 removed" in out
+    assert recon(client, **NOV).json["summary"]["booked-revenue"] == "0.8"
+
+
+def test_a_revision_that_drops_a_row_removes_it(client, db, tmp_path):
+    first = booked_csv(("2026-11-01", "A", "IN", "0.5"), ("2026-11-01", "A", "US", "0.25"),
+                       ("2026-11-02", "A", "IN", "1"), ("2026-11-02", "B", "IN", "2"))
+    assert import_file(tmp_path, db, first)[0] == 0
+    revised = booked_csv(("2026-11-01", "A", "IN", "0.5"), ("2026-11-02", "A", "IN", "1.5"),
+                         ("2026-11-01", "B", "IN", "3"))
+    code, out, _ = import_file(tmp_path, db, revised)
+    assert code == 0 and out.endswith(
+        ": 3 rows for 2 days (2 properties): 1 new, 1 replaced, 1 unchanged, 2 removed\n")
+    assert rows(db, "SELECT day, property_id, country, revenue_nano FROM booked_revenue "
+                    "ORDER BY 1, 2, 3") == [
+        ("2026-11-01", "A", "IN", 500_000_000), ("2026-11-01", "B", "IN", 3_000_000_000),
+        ("2026-11-02", "A", "IN", 1_500_000_000)]
+
+
+def test_a_report_for_one_property_leaves_the_other_properties_alone(client, db, tmp_path):
+    both = booked_csv(("2026-11-01", "A", "IN", "1"), ("2026-11-01", "B", "IN", "2"))
+    assert import_file(tmp_path, db, both)[0] == 0
+    code, out, _ = import_file(tmp_path, db, booked_csv(("2026-11-01", "B", "", "2.5")))
+    assert code == 0 and out.endswith("1 new, 0 replaced, 0 unchanged, 1 removed\n")
+    assert rows(db, "SELECT property_id, country, revenue_nano FROM booked_revenue ORDER BY 1") == [
+        ("A", "IN", 10**9), ("B", "", 2_500_000_000)]
+
+
+def test_importing_the_same_file_again_changes_nothing_and_says_so(client, db, tmp_path, clock):
+    text = booked_csv(("2026-11-01", "A", "IN", "0.5"), ("2026-11-02", "", "", "1"))
+    clock.set("2026-11-10T08:00:00Z")
+    assert import_file(tmp_path, db, text, name="a.csv")[0] == 0
+    before = rows(db, "SELECT * FROM booked_revenue ORDER BY 1, 2, 3")
+    clock.set("2026-11-11T08:00:00Z")
+    code, out, err = import_file(tmp_path, db, text, name="b.csv")
+    assert (code, err) == (0, "")
+    assert out.endswith(": 2 rows for 2 days (1 property): 0 new, 0 replaced, 2 unchanged, "
+                        "0 removed; nothing changed: these figures were already stored\n")
+    assert rows(db, "SELECT * FROM booked_revenue ORDER BY 1, 2, 3") == before  # time, file kept
+
+
+BOOKED_DAYS = ["2026-11-01", "2026-11-02", "2026-11-03"]
+
+
+@st.composite
+def booked_reports(draw):
+    """The rows of a report: by property or not, any days, any country breakdown."""
+    by_property = draw(st.booleans())
+    rows = []
+    for day in draw(st.lists(st.sampled_from(BOOKED_DAYS), min_size=1, unique=True)):
+        properties = draw(st.lists(st.sampled_from(["A", "B", ""]), min_size=1, unique=True))
+        for prop in properties if by_property else [""]:
+            for country in draw(st.lists(st.sampled_from(["", "IN", "US"]), min_size=1, unique=True)):
+                rows.append(spp_server.BookedRow(day, prop, country,
+                                                 draw(st.integers(0, 10**15))))
+    return rows
+
+
+def last_import_covering(imports, day, prop):
+    """The rows of the newest report covering (day, property): one without
+    property ids covers its days whole; one with them covers the properties
+    it names, and the rows without a property."""
+    for report in reversed(imports):
+        named = {row.property_id for row in report}
+        if day in {row.day for row in report} and (named == {""} or prop in named | {""}):
+            return report
+    return []
+
+
+@settings(max_examples=60, **HOSTILE_SETTINGS)
+@given(imports=st.lists(booked_reports(), min_size=1, max_size=6))
+def test_after_any_imports_each_day_holds_what_the_last_import_covering_it_says(imports):
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text())
+
+    def run(op):
+        conn.execute("BEGIN IMMEDIATE")
+        result = op(conn, 1)
+        conn.execute("COMMIT")
+        return result
+
+    def stored():
+        return dict(((day, prop), nanos) for day, prop, nanos in conn.execute(
+            "SELECT day, property_id, sum(revenue_nano) FROM booked_revenue GROUP BY 1, 2"))
+
+    for i, report in enumerate(imports):
+        rows_before = conn.execute("SELECT count(*) FROM booked_revenue").fetchone()[0]
+        counts = run(spp_server.import_booked(report, f"{i}.csv"))
+        assert counts["new"] + counts["replaced"] + counts["unchanged"] == len(report)
+        assert conn.execute("SELECT count(*) FROM booked_revenue").fetchone()[0] == (
+            rows_before + counts["new"] - counts["removed"])
+        done = imports[:i + 1]
+        expected = {}
+        for day in BOOKED_DAYS:
+            for prop in ["A", "B", ""]:
+                figures = [row.revenue_nano for row in last_import_covering(done, day, prop)
+                           if (row.day, row.property_id) == (day, prop)]
+                if figures:
+                    expected[(day, prop)] = sum(figures)
+        assert stored() == expected
+        if all(row.property_id == "" for row in report):  # the day's total is the report's
+            for day in {row.day for row in report}:
+                assert sum(n for (d, _), n in stored().items() if d == day) == sum(
+                    row.revenue_nano for row in report if row.day == day)
+        # The same report again changes nothing.
+        assert run(spp_server.import_booked(report, "again.csv")) == {
+            "new": 0, "replaced": 0, "unchanged": len(report), "removed": 0}
+        assert stored() == expected
+    conn.close()
+
+
 def test_many_small_estimates_and_the_ratio_are_exact(make_client, clock):
     client = make_client(reward_share=Decimal("0.7"))
     post_day(client, clock, "2026-11-01T10:00:00Z", *["0.1"] * 100)
@@ -2428,7 +2570,8 @@ def test_days_on_one_side_only_have_nulls_and_missing_postbacks_are_flagged(make
     res = recon(client, **NOV).json
     assert res["days"] == [
         {"day": "2026-11-01", "property-id": None, "sessions": 1, "estimated-revenue": "0.2",
-         "booked-revenue": None, "ratio": None, "paid-out": "0.1", "margin": None, "flag": None},
+         "booked-revenue": None, "ratio": None, "paid-out": "0.1", "margin": None,
+         "flag": "no-booked-revenue"},
         {"day": "2026-11-02", "property-id": None, "sessions": None, "estimated-revenue": None,
          "booked-revenue": "0.4", "ratio": None, "paid-out": None, "margin": None,
          "flag": "no-postbacks"},
@@ -2438,7 +2581,9 @@ def test_days_on_one_side_only_have_nulls_and_missing_postbacks_are_flagged(make
     summary = res["summary"]
     assert (summary["days"], summary["days-with-both"], summary["booked-revenue"],
             summary["paid-out"], summary["margin"], summary["ratio"]) == (
-        3, 0, "0.4", "0.1", "0", None)
+        3, 0, "0.4", "0.1", None, None)  # no day has both: no margin, not a margin of 0
+    assert (summary["no-booked-revenue"], summary["no-postbacks"]) == (1, 1)
+    assert summary["paid-out-exceeds-booked"] is False
     assert summary["suggested-reward-share"] is None and summary["lowest-ratio"] is None
 
 
@@ -2505,7 +2650,8 @@ def test_booked_rows_with_a_property_give_a_record_per_day_and_property(client, 
                             ("2026-11-01", "", "IN", "3"), ("2026-11-01", "C", "", "0.25")))
     assert [(d["property-id"], d["sessions"], d["estimated-revenue"], d["booked-revenue"], d["flag"])
             for d in recon(client, **NOV).json["days"]] == [
-        (None, 1, "4", "3", None), ("A", 1, "1", None, None), ("B", 1, "2", "1.5", None),
+        (None, 1, "4", "3", None), ("A", 1, "1", None, "no-booked-revenue"),
+        ("B", 1, "2", "1.5", None),
         ("C", None, None, "0.25", "no-postbacks")]
     only_b = recon(client, property_id="B", **NOV).json
     assert [(d["property-id"], d["estimated-revenue"], d["booked-revenue"])
@@ -2564,7 +2710,221 @@ def test_suggested_share_cases_by_hand():
     assert share([(100, 0), (100, 90)], Decimal("0.5")) == "0.90"
     assert share([(0, 5), (300, 100)], Decimal(1)) == "0.33"  # 0 estimated allows any share
     assert share([(0, 5)], Decimal(1)) == "1.00"
-    assert share([(3, 2)], Decimal(1)) == "0.66"  # rounded down, never up
+    assert share([(3 * 10**9, 2 * 10**9)], Decimal(1)) == "0.66"  # rounded down, never up
+    assert share([(300, 200)], Decimal(1)) == "0.66"
+    # Paid-out is rounded down to the nano-USD: 3 nanos x 0.99 pays out 2.97, so 2.
+    assert share([(3, 2)], Decimal(1)) == "0.99"
+
+
+def test_estimates_never_booked_are_flagged_counted_and_an_overpayment_is_said_plainly(
+        make_client, clock):
+    client = make_client(reward_share=Decimal("0.7"))
+    post_day(client, clock, "2026-11-01T10:00:00Z", "1", property_id="A")
+    post_day(client, clock, "2026-11-01T11:00:00Z", "0.5", "0.5", property_id="B")  # never booked
+    post_day(client, clock, "2026-11-02T11:00:00Z", "0.25", property_id="A")  # not booked yet
+    book(client, booked_csv(("2026-11-01", "A", "IN", "0.9")))
+    res = recon(client, **NOV).json
+    assert [(d["day"], d["property-id"], d["paid-out"], d["margin"], d["flag"])
+            for d in res["days"]] == [
+        ("2026-11-01", "A", "0.7", "0.2", None),
+        ("2026-11-01", "B", "0.7", None, "no-booked-revenue"),
+        ("2026-11-02", "A", "0.175", None, "no-booked-revenue")]
+    summary = res["summary"]
+    assert (summary["no-booked-revenue"], summary["no-postbacks"]) == (2, 0)
+    assert (summary["paid-out"], summary["booked-revenue"], summary["margin"]) == (
+        "1.575", "0.9", "0.2")  # the margin of the records with both figures
+    assert summary["paid-out-exceeds-booked"] is True
+    assert summary["warnings"][0].startswith(
+        "paid-out 1.575 exceeds booked-revenue 0.9 over the window by 0.675")
+    assert summary["warnings"][1].startswith(
+        "2 records flagged no-booked-revenue (estimated 1.25): no booked figure")
+    # They are not held against the suggestion: 2026-11-01 A alone allowed 0.9.
+    assert (summary["days-with-both"], summary["suggested-reward-share"]) == (1, "0.90")
+    book(client, booked_csv(("2026-11-01", "A", "IN", "0.9"), ("2026-11-01", "B", "IN", "2"),
+                            ("2026-11-02", "A", "IN", "1")))
+    summary = recon(client, **NOV).json["summary"]
+    assert (summary["no-booked-revenue"], summary["paid-out-exceeds-booked"],
+            summary["warnings"]) == (0, False, [])
+
+
+def test_with_nothing_booked_the_money_figures_are_null_not_zero(make_client, clock):
+    client = make_client(reward_share=Decimal("0.5"))
+    post_day(client, clock, "2026-11-01T10:00:00Z", "0.2", property_id=None)
+    res = recon(client, **NOV)
+    summary = res.json["summary"]
+    assert (summary["estimated-revenue"], summary["paid-out"], summary["booked-revenue"],
+            summary["margin"], summary["ratio"]) == ("0.2", "0.1", None, None, None)
+    assert (summary["paid-out-exceeds-booked"], summary["no-booked-revenue"]) == (True, 1)
+    csv_rows = recon(client, format="csv", **NOV).body.decode().split("\r\n")
+    assert csv_rows[1] == "2026-11-01,,1,0.2,,,0.1,,no-booked-revenue"
+    empty = recon(client, since="2026-12-01", until="2026-12-08").json["summary"]
+    assert (empty["estimated-revenue"], empty["paid-out"], empty["booked-revenue"],
+            empty["margin"], empty["sessions"]) == (None, None, None, None, 0)
+    assert (empty["paid-out-exceeds-booked"], empty["warnings"]) == (False, [])
+
+
+def test_a_day_is_safe_only_when_every_property_on_it_is(client, clock):
+    # Five days of two properties, each estimated at 1: what each record allowed.
+    allowed = {"A": ["0.6", "0.9", "0.9", "0.9", "0.9"], "B": ["0.9", "0.7", "0.9", "0.9", "0.9"]}
+    booked = []
+    for prop, shares in allowed.items():
+        for i, share in enumerate(shares):
+            post_day(client, clock, f"2026-11-0{i + 1}T10:00:00Z", "1", property_id=prop)
+            booked.append((f"2026-11-0{i + 1}", prop, "IN", share))
+    book(client, booked_csv(*booked))
+    # Days allow 0.6, 0.7, 0.9, 0.9, 0.9.  Counting the ten records instead, 80%
+    # (eight) would have allowed 0.90.
+    for quantile, share in [("1", "0.60"), ("0.8", "0.70"), ("0.6", "0.90"), ("0.2", "0.90")]:
+        summary = recon(client, quantile=quantile, **NOV).json["summary"]
+        assert (summary["suggested-reward-share"], summary["days-with-both"]) == (share, 5)
+
+
+def test_median_ratio_is_the_median_of_the_exact_ratios(client, clock):
+    post_day(client, clock, "2026-11-01T10:00:00Z", "3")
+    post_day(client, clock, "2026-11-02T10:00:00Z", "3")
+    book(client, "date,revenue\n2026-11-01,1\n2026-11-02,2\n")
+    summary = recon(client, **NOV).json["summary"]
+    # (1/3 + 2/3) / 2 = 1/2; the median of the rounded ratios would be 0.4999995.
+    assert (summary["lowest-ratio"], summary["median-ratio"]) == ("0.333333", "0.500000")
+
+
+RECON_DAYS = [spp_server.report_day_text(20_400 + i) for i in range(6)]
+NANO_AMOUNTS = st.one_of(st.integers(0, 300), st.integers(0, 10**13))
+
+
+@st.composite
+def recon_sides(draw):
+    """{(day, property or None): [sessions, estimated, booked]}, either side possibly missing."""
+    sides = {}
+    for key in draw(st.lists(st.tuples(st.sampled_from(RECON_DAYS),
+                                       st.sampled_from([None, "A", "B"])), unique=True)):
+        estimated, booked = draw(st.sampled_from([(1, 1), (1, 0), (0, 1)]))
+        sides[key] = [draw(st.integers(1, 5)) if estimated else None,
+                      draw(NANO_AMOUNTS) if estimated else None,
+                      draw(NANO_AMOUNTS) if booked else None]
+    return sides
+
+
+def paid_out(estimated, share):
+    """What a share pays out of an estimate: rounded down to the nano-USD."""
+    return math.floor(Fraction(estimated) * Fraction(share))
+
+
+@settings(max_examples=200, **HOSTILE_SETTINGS)
+@given(sides=recon_sides(),
+       quantile=st.integers(1, 10**6).map(lambda n: Decimal(n).scaleb(-6)),
+       share=st.sampled_from([None, Decimal("0.7"), Decimal("0.000001"), Decimal(1)]))
+def test_the_suggestion_is_safe_on_the_quantile_of_days_and_a_hundredth_more_is_not(
+        sides, quantile, share):
+    q = spp_server.ReconciliationQuery(20_400, 20_406, None, 0, quantile, share)
+    report = spp_server.reconciliation_report(q, sides)
+    summary = report["summary"]
+    days = {}
+    for (day, _), (_, estimated, booked) in sides.items():
+        if estimated is not None and booked is not None:
+            days.setdefault(day, []).append((estimated, booked))
+
+    def safe_days(share):
+        return sum(all(paid_out(e, share) <= b for e, b in pairs) for pairs in days.values())
+
+    suggested = summary["suggested-reward-share"]
+    assert summary["days-with-both"] == len(days)
+    if not days:
+        assert suggested is None
+    else:
+        suggested = Decimal(suggested)
+        assert safe_days(suggested) >= quantile * len(days)
+        if suggested < 1:
+            assert safe_days(suggested + Decimal("0.01")) < quantile * len(days)
+    # Flags, their counts, and totals that are null when nothing adds up to them.
+    flags = [record["flag"] for record in report["days"]]
+    assert flags == [
+        "no-postbacks" if sessions is None and booked else
+        "no-booked-revenue" if sessions is not None and booked is None else None
+        for _, (sessions, _, booked) in sorted(
+            sides.items(), key=lambda item: (item[0][0], item[0][1] is not None, item[0][1] or ""))]
+    assert (summary["no-booked-revenue"], summary["no-postbacks"]) == (
+        flags.count("no-booked-revenue"), flags.count("no-postbacks"))
+    booked = [b for _, _, b in sides.values() if b is not None]
+    if booked:
+        assert Decimal(summary["booked-revenue"]) == Decimal(sum(booked)).scaleb(-9)
+    else:
+        assert summary["booked-revenue"] is None
+    if share is not None:
+        paid = [paid_out(e, share) for _, e, _ in sides.values() if e is not None]
+        assert summary["paid-out-exceeds-booked"] == (sum(paid) > sum(booked))
+        assert (summary["paid-out"] is None) == (not paid)
+        assert any(w.startswith("paid-out ") for w in summary["warnings"]) == (
+            sum(paid) > sum(booked))
+
+
+@pytest.mark.parametrize("quantile", [
+    "1e-6400000", "1E-6", "5e-1", "0.1234567", "1.0000001", "0x1", "+0.5", " 0.5", "0.5 ", ".5",
+    "1.", "٠.٥", "0", "0.000000", "1.5", "2", "NaN", "-0.5", "", "0" * 10_000,
+])
+def test_a_quantile_that_is_not_a_plain_fraction_of_6_places_is_a_400(client, quantile):
+    res = recon(client, status=400, quantile=quantile, **NOV)
+    assert_error(res, 400, "quantile")
+    assert "at most 6 places" in res.json["error"] and len(res.json["error"]) < 200
+
+
+@pytest.mark.parametrize("quantile", ["0.000001", "1", "1.000000", "0.5", "0.25"])
+def test_a_quantile_of_up_to_6_places_is_taken_and_echoed(client, quantile):
+    assert recon(client, quantile=quantile, **NOV).json["summary"]["quantile"] == quantile
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["reconcile", "--since", "2026-11-01", "--until", "2026-11-08", "--quantile", "1e-6400000"],
+     "--quantile"),
+    (["reconcile", "--since", "2026-11-01", "--until", "2026-11-08", "--reward-share", "1e-640000"],
+     "--reward-share"),
+    (["export", "--since", "2026-11-01", "--until", "2026-11-08", "--reward-share", "0.1234567"],
+     "--reward-share"),
+    (["--reward-share", "1e-6400000"], "--reward-share"),
+])
+def test_decimal_options_take_only_plain_fractions_and_name_the_option(
+        fake_serve, db, capsys, argv, option):
+    with pytest.raises(SystemExit) as exited:
+        spp_server.main([*argv, "--db", db], environ={})
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and option in err and "at most 6 places" in err
+    assert fake_serve == []
+
+
+@settings(max_examples=300, **HOSTILE_SETTINGS)
+@given(text=st.one_of(st.text(max_size=12), st.from_regex(r"[0-9](\.[0-9]{1,8})?", fullmatch=True),
+                      st.decimals(0, 1, places=6).map(lambda d: format(d, "f"))))
+def test_a_fraction_is_taken_only_in_its_plain_form_and_exactly(text):
+    try:
+        value = spp_server.parse_fraction(text, "0.5")
+    except ValueError as exc:
+        assert "at most 6 places" in str(exc)
+        plain = re.fullmatch(r"[0-9](\.[0-9]{1,6})?", text)
+        assert not plain or not 0 < Decimal(text) <= 1
+    else:
+        assert text.isascii() and value == Decimal(text) and 0 < value <= 1
+        assert value.as_tuple().exponent >= -6 and format(value, "f") == text
+
+
+def test_an_empty_property_id_is_held_against_booked_rows_without_one(client, clock):
+    post_day(client, clock, "2026-11-01T10:00:00Z", "1", property_id="")
+    post_day(client, clock, "2026-11-01T11:00:00Z", "2", property_id=None)
+    post_day(client, clock, "2026-11-01T12:00:00Z", "4", property_id="A")
+    book(client, booked_csv(("2026-11-01", "", "IN", "2.5"), ("2026-11-01", "A", "", "3")))
+    assert [(d["property-id"], d["sessions"], d["estimated-revenue"], d["booked-revenue"], d["flag"])
+            for d in recon(client, **NOV).json["days"]] == [
+        (None, 2, "3", "2.5", None), ("A", 1, "4", "3", None)]
+
+
+def test_a_day_booked_without_property_ids_holds_every_property_of_that_day(client, clock):
+    for day in ("2026-11-01", "2026-11-02"):
+        post_day(client, clock, f"{day}T10:00:00Z", "1", property_id="A")
+        post_day(client, clock, f"{day}T11:00:00Z", "2", property_id="B")
+    book(client, booked_csv(("2026-11-01", "", "", "2.7"), ("2026-11-02", "A", "", "0.9")))
+    assert [(d["day"], d["property-id"], d["estimated-revenue"], d["booked-revenue"], d["flag"])
+            for d in recon(client, **NOV).json["days"]] == [
+        ("2026-11-01", None, "3", "2.7", None),
+        ("2026-11-02", "A", "1", "0.9", None), ("2026-11-02", "B", "2", None, "no-booked-revenue")]
 
 
 @pytest.mark.parametrize("params, field", [
