@@ -60,7 +60,7 @@ DEFAULTS = {
     "port": 8080,
     # Request threads.  More than waitress's 4: each one waits on the writer
     # while its postback commits, and the writes waiting together share one
-    # commit (README, "Performance").
+    # commit (docs/performance.md).
     "threads": 16,
     "busy_timeout_ms": 5000,
     "reward_share": None,  # Decimal in (0, 1]: adds rewardable-revenue to earnings
@@ -2382,7 +2382,7 @@ FRESH_CONNECTION_GRACE_S = 2
 
 
 def waitress_settings(config, sockets):
-    """Every waitress limit set on purpose (see README, "Limits")."""
+    """Every waitress limit set on purpose (see docs/api.md, "Limits")."""
     where = {"sockets": sockets} if sockets else {"host": config["host"], "port": config["port"]}
     return {
         **where,
@@ -2463,7 +2463,7 @@ def keep_to_cpus(writer):
     hand the GIL to one another many times per request, which costs several
     times more between cores than on one; the writer needs no GIL of ours.
     Measured: about 1.5x the postbacks/s of leaving both to the scheduler
-    (README, "Performance")."""
+    (docs/performance.md)."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2 or not isinstance(writer, WriterProcess):
         return
@@ -2796,9 +2796,11 @@ def run_prune(argv, environ, out):
     except (StoreUnavailable, OSError, sqlite3.Error) as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 1
+    freed = 0
     try:
         for what, before in plan:
             rows, size = (count_prunable if args.dry_run else prune)(store, what, before)
+            freed += 0 if args.dry_run else rows
             done = ("would be " if args.dry_run else "") + (
                 "cleared" if what == "raw bodies" else "deleted")
             out.write(f"{what} received before {iso_utc(before)}: {rows} {done}, {size} bytes\n")
@@ -2808,8 +2810,11 @@ def run_prune(argv, environ, out):
         return 1
     finally:
         store.close()
-    out.write("Freed pages are reused by new rows; the file keeps its size. To shrink it, "
-              f"stop the server and run: sqlite3 {args.db} VACUUM\n")
+    if freed:  # the hint only when this run freed something to give back
+        # Under systemd the socket would start the server again: stop both.
+        out.write("Freed pages are reused by new rows; the file keeps its size. To shrink it, "
+                  "stop the server (under systemd: systemctl stop spp.socket spp.service) "
+                  f"and run: sqlite3 {args.db} VACUUM\n")
     return 0
 
 

@@ -3216,6 +3216,24 @@ def test_prune_dry_run_counts_and_changes_nothing(client, clock, db):
     assert file_state(Path(db).parent)["spp.db"] == state
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_prune_hints_at_vacuum_only_after_clearing_something(client, clock, db, dry_run):
+    """The hint names the socket (under systemd it would start the server
+    again), and a dry run or a prune that cleared nothing gives no hint."""
+    post_at(client, clock, "2026-11-01T00:00:00Z")
+    flags = ["--dry-run"] if dry_run else []
+    assert "VACUUM" not in run_prune(db, "--raw-bodies-before", "2026-10-01", *flags)[1]
+    assert "VACUUM" not in run_prune(db, "--rejected-before", "2027-01-01", *flags)[1]
+    out = run_prune(db, "--raw-bodies-before", "2027-01-01", *flags)[1]
+    if dry_run:
+        assert "VACUUM" not in out
+    else:
+        assert "systemctl stop spp.socket spp.service" in out
+        assert f"sqlite3 {db} VACUUM" in out
+        # Run again: nothing left to clear, so no hint.
+        assert "VACUUM" not in run_prune(db, "--raw-bodies-before", "2027-01-01")[1]
+
+
 @pytest.mark.parametrize("args, words", [
     ([], ["--raw-bodies-before", "--rejected-before"]),
     (["--raw-bodies-before", "soon"], ["--raw-bodies-before", "soon"]),
