@@ -2567,7 +2567,10 @@ TIME_FORMS_HELP = ("2026-11-23T10:00:00Z, 2026-11-23T15:30:00+05:30, a date 2026
                    "(midnight UTC) or unix seconds")
 
 
-def add_shared_options(parser, environ, db_help):
+REWARD_SHARE_ADDS = "adds rewardable-revenue (rounded down to the nano-USD) to earnings"
+
+
+def add_shared_options(parser, environ, db_help, share_adds=REWARD_SHARE_ADDS):
     """Options both the server and the report commands take."""
     parser.add_argument(
         "--db", default=environ.get("SPP_DB", DEFAULTS["db"]),
@@ -2576,8 +2579,7 @@ def add_shared_options(parser, environ, db_help):
     parser.add_argument(
         "--reward-share", type=reward_share, default=environ.get("SPP_REWARD_SHARE"),
         help="share of the estimated revenue you pay out as rewards, in (0, 1], e.g. 0.7; "
-        "adds rewardable-revenue (rounded down to the nano-USD) to earnings "
-        "[SPP_REWARD_SHARE, default: not shown]",
+        f"{share_adds} [SPP_REWARD_SHARE, default: not shown]",
     )
 
 
@@ -2740,7 +2742,8 @@ def build_reconcile_parser(environ):
         description="Write the reconciliation (what GET /reconciliation answers) to stdout: "
         "per report day, SPP's estimates against the imported booked revenue.",
     )
-    add_shared_options(parser, environ, DB_HELP_REPORT)
+    add_shared_options(parser, environ, DB_HELP_REPORT, "adds each record's paid-out (the "
+                       "estimate times the share, rounded down) and margin (booked minus paid-out)")
     add_report_offset_option(parser, environ)
     parser.add_argument("--since", required=True, help="first report day, included (YYYY-MM-DD)")
     parser.add_argument("--until", required=True, help="report day that ends the window, excluded")

@@ -2369,6 +2369,15 @@ def test_reconcile_subcommand_errors(client, db, capsys):
     assert not os.path.exists(db + ".nope")
 
 
+def test_reconcile_help_says_what_the_reward_share_adds_to_a_reconciliation(capsys):
+    with pytest.raises(SystemExit):
+        spp_server.main(["reconcile", "--help"], {})
+    text = " ".join(capsys.readouterr().out.split())
+    share_help = text.split("--reward-share REWARD_SHARE", 2)[2]
+    assert "paid-out" in share_help and "margin" in share_help
+    assert "rewardable-revenue" not in share_help
+
+
 def test_reconcile_runs_from_the_command_line(client, db, tmp_path):
     (tmp_path / "r.csv").write_text("date,revenue\n2026-11-01,1\n")
     subprocess.run([sys.executable, str(SERVER), "import-booked", str(tmp_path / "r.csv"),
