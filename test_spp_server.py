@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import shlex
 import signal
 import socket
 import sqlite3
@@ -216,9 +217,9 @@ def free_port():
 class RealServer:
     """`python spp_server.py` on a free port of 127.0.0.1, waited for until it answers."""
 
-    def __init__(self, db, env=None, args=()):
+    def __init__(self, db, env=None, args=(), port=None):
         self.db = db
-        self.port = free_port()
+        self.port = port or free_port()  # a port: restart where clients expect it
         self.log = open(Path(db).with_suffix(".log"), "ab")
         self.process = subprocess.Popen(
             [sys.executable, str(SERVER), "--db", db, "--port", str(self.port), *args],
@@ -3893,3 +3894,270 @@ def test_stop_timeout_leaves_room_for_the_drain():
     (timeout,) = unit_values(SERVICE, "TimeoutStopSec")
     assert re.fullmatch(r"\d+s?", timeout), f"write TimeoutStopSec in seconds, not {timeout!r}"
     assert int(timeout.rstrip("s")) > spp_server.DRAIN_TIMEOUT_S
+
+
+# ---------------------------------------------------------------------------
+# Documentation examples: what README.md and docs/ show is what happens
+# ---------------------------------------------------------------------------
+# The convention (docs/design.md, "Examples that the tests run"):
+# - A ```console block is run: each `$ ` line is a command for bash, continued
+#   on the next lines while the line ends in `\` or a quote is still open;
+#   the lines up to the next `$ ` are its expected output (stdout and stderr
+#   together).  A command that exits non-zero must show `[exit N]` last.
+# - In the expected output `…` stands for any text within a line, a line of
+#   only `…` for any number of lines; `<time>` for an ISO 8601 UTC time,
+#   `<date>` for a YYYY-MM-DD, `<n>` for a whole number, `<cursor>` for a
+#   cursor.  Trailing spaces do not count.
+# - The blocks of one page run in order, in one directory of their own, against
+#   one real server on a free port: `127.0.0.1:8080` in a command is rewritten
+#   to it, and back in the output.  Shell variables set by one command are
+#   there for the next (they are exported and carried over).  The directory
+#   has `.venv/bin/python`, `spp_server.py` and `spp.db`, the server's own.
+# - A block opened with ```sh file=NAME or ```python file=NAME is written to
+#   NAME in that directory (port rewritten) for later blocks to run; a sh one
+#   is checked by `bash -n` and shellcheck like every other ```sh block, which
+#   is not run (it needs root, systemd or a VPS).
+
+DOC_PAGES = {  # page -> how its server runs: the tokens and options it says to use
+    "README.md": {},
+    "docs/api.md": {"env": {"SPP_READ_TOKEN": "read-secret"}, "args": ["--reward-share", "0.7"]},
+    "docs/paying-users.md": {"env": {"SPP_READ_TOKEN": "read-secret"}},
+    "docs/reconciling.md": {"env": {"SPP_READ_TOKEN": "read-secret"}, "args": ["--reward-share", "0.7"]},
+    "docs/operating.md": {"env": {"SPP_READ_TOKEN": "read-secret"}},
+}
+DOC_PLACEHOLDERS = {
+    "…": r"[^\n]*?",
+    "<time>": r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?Z",
+    "<date>": r"[0-9]{4}-[0-9]{2}-[0-9]{2}",
+    "<n>": r"[0-9]+",
+    "<cursor>": r"[A-Za-z0-9_:.=-]+",
+}
+DOC_PLACEHOLDER = re.compile("|".join(map(re.escape, DOC_PLACEHOLDERS)))
+FENCE = re.compile(r"^```(\S*)(.*)$")
+
+
+def fenced_blocks(text):
+    """[(line number, language, {options}, [lines])] of a Markdown text."""
+    blocks, lines = [], text.splitlines()
+    i = 0
+    while i < len(lines):
+        match = FENCE.match(lines[i])
+        if not match or not match.group(1):
+            i += 1
+            continue
+        start, body = i + 1, []
+        i += 1
+        while i < len(lines) and not lines[i].startswith("```"):
+            body.append(lines[i])
+            i += 1
+        options = dict(word.split("=", 1) for word in match.group(2).split() if "=" in word)
+        blocks.append((start, match.group(1), options, body))
+        i += 1
+    return blocks
+
+
+def command_incomplete(text):
+    if text.endswith("\\"):
+        return True
+    try:
+        shlex.split(text)
+    except ValueError:  # no closing quotation: bash would ask for more
+        return True
+    return False
+
+
+def console_steps(lines):
+    """The lines of a console block -> [(command, [expected output lines])]."""
+    steps = []
+    for line in lines:
+        if line.startswith("$ ") and not (steps and command_incomplete(steps[-1][0])):
+            steps.append((line[2:], []))
+        elif steps and command_incomplete(steps[-1][0]):
+            steps[-1] = (steps[-1][0] + "\n" + line, steps[-1][1])
+        elif steps:
+            steps[-1][1].append(line)
+        else:
+            raise ValueError(f"a console block must start with `$ `: {line!r}")
+    return steps
+
+
+def expected_pattern(lines):
+    """Expected output lines -> a regular expression for the whole output."""
+    parts = []
+    for line in lines:
+        line = line.rstrip()
+        if line == "…":
+            parts.append(r"(?:[^\n]*\n)*?")
+            continue
+        pieces = DOC_PLACEHOLDER.split(line)
+        holes = DOC_PLACEHOLDER.findall(line)
+        regex = re.escape(pieces[0])
+        for hole, piece in zip(holes, pieces[1:]):
+            regex += DOC_PLACEHOLDERS[hole] + re.escape(piece)
+        parts.append(regex + r"\n")
+    return re.compile("".join(parts) + r"\Z")
+
+
+def output_matches(expected_lines, actual):
+    actual = "".join(line.rstrip() + "\n" for line in actual.splitlines())
+    return expected_pattern(expected_lines).match(actual) is not None
+
+
+class DocSandbox:
+    """A directory where one page's blocks run, against its own real server."""
+
+    STATE = ".doc-example-env"
+
+    def __init__(self, directory, server_config=None):
+        self.dir = Path(directory)
+        (self.dir / ".venv" / "bin").mkdir(parents=True, exist_ok=True)
+        python = self.dir / ".venv" / "bin" / "python"
+        python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+        python.chmod(0o755)
+        for name in ("spp_server.py", "schema.sql"):
+            if not (self.dir / name).exists():
+                (self.dir / name).symlink_to(HERE / name)
+        config = server_config or {}
+        self.env = config.get("env", {})
+        self.server = RealServer(str(self.dir / "spp.db"), env=self.env, args=config.get("args", ()))
+
+    def to_server(self, text):
+        return text.replace("127.0.0.1:8080", f"127.0.0.1:{self.server.port}")
+
+    def from_server(self, text):
+        return text.replace(f"127.0.0.1:{self.server.port}", "127.0.0.1:8080")
+
+    def write_file(self, name, lines):
+        path = self.dir / name
+        path.write_text(self.to_server("\n".join(lines) + "\n"))
+        path.chmod(0o755)
+
+    def run(self, command, timeout=15):
+        """Run one command as bash would; -> its output, `[exit N]` added when N != 0."""
+        script = (f"set -a\n[ -f {self.STATE} ] && . ./{self.STATE}\n"
+                  f"trap 'export -p > {self.STATE}' EXIT\n" + self.to_server(command) + "\n")
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("SPP_")}, **self.env,
+               "LC_ALL": "C.UTF-8"}
+        result = subprocess.run(["bash", "-c", script], cwd=self.dir, env=env, timeout=timeout,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output = self.from_server(result.stdout)
+        if result.returncode:
+            output += f"{'' if output.endswith(chr(10)) or not output else chr(10)}[exit {result.returncode}]\n"
+        return output
+
+    def run_block(self, language, options, lines):
+        """Run or write one block -> [] or the mismatches, each shown in full."""
+        if "file" in options:
+            self.write_file(options["file"], lines)
+            return []
+        if language != "console":
+            return []
+        problems = []
+        for command, expected in console_steps(lines):
+            actual = self.run(command)
+            if not output_matches(expected, actual):
+                problems.append(f"$ {command}\n--- expected:\n" + "\n".join(expected)
+                                + f"\n--- got:\n{actual}")
+        return problems
+
+    def close(self):
+        self.server.stop()
+
+
+def doc_blocks(page):
+    return fenced_blocks((HERE / page).read_text(encoding="utf-8"))
+
+
+def doc_examples():
+    """(page, line) of every block the harness runs or writes, for test ids."""
+    return [(page, line) for page in DOC_PAGES if (HERE / page).exists()
+            for line, language, options, _ in doc_blocks(page)
+            if language == "console" or "file" in options]
+
+
+@pytest.fixture(scope="module")
+def doc_sandboxes(tmp_path_factory):
+    """page -> (DocSandbox, blocks already run): one server per page, module-wide."""
+    sandboxes = {}
+
+    def sandbox(page):
+        if page not in sandboxes:
+            directory = tmp_path_factory.mktemp(re.sub(r"\W", "-", page))
+            sandboxes[page] = [DocSandbox(directory, DOC_PAGES[page]), set()]
+        return sandboxes[page]
+
+    yield sandbox
+    for box, _ in sandboxes.values():
+        box.close()
+
+
+@pytest.mark.parametrize("page, line", doc_examples(), ids=lambda v: str(v))
+def test_documentation_example_runs_as_shown(doc_sandboxes, page, line):
+    """Each block runs after the page's earlier ones (run first if skipped)."""
+    box, done = doc_sandboxes(page)
+    for number, language, options, lines in doc_blocks(page):
+        if number > line:
+            break
+        if number not in done:
+            done.add(number)
+            problems = box.run_block(language, options, lines)
+            if number == line:
+                assert problems == [], f"{page} line {line}:\n" + "\n\n".join(problems)
+
+
+def test_a_wrong_expected_output_fails_the_example_check(tmp_path):
+    """The harness itself: a changed answer, a missing line, a wrong exit
+    status and a placeholder in the wrong place each fail."""
+    box = DocSandbox(tmp_path)
+    try:
+        post_ = "$ curl -s -X POST http://127.0.0.1:8080/postback -d '{\"user-id\": \"u\",\n  \"session-id\": \"s1\", \"your-estimated-revenue\": \"0.1\"}'"
+        assert box.run_block("console", {}, [post_, '{"status": "recorded"}']) == []
+        read = "$ curl -s http://127.0.0.1:8080/users/u/earnings"
+        right = ('{"user-id": "u", "sessions": 1, "ads-viewed": 0, "session-duration": 0, '
+                 '"estimated-revenue": "0.1", "first-received-at": "<time>", '
+                 '"last-received-at": "<time>", "since": null, "until": null}')
+        assert box.run_block("console", {}, [read, right]) == []
+        assert box.run_block("console", {}, [read, '{"user-id": "u", "sessions": 1, …}']) == []
+        for wrong in ([read, right.replace('"0.1"', '"0.2"')],
+                      [read],
+                      [read, right, "extra line"],
+                      [read, right.replace('"<time>"', "<time>")],
+                      [post_, '{"status": "recorded"}'],  # now a duplicate
+                      ["$ false", ""],
+                      ["$ exit 3", "[exit 2]"]):
+            problems = box.run_block("console", {}, wrong)
+            assert len(problems) == 1 and "--- got:" in problems[0], wrong
+        assert box.run_block("console", {}, ["$ exit 3", "[exit 3]"]) == []
+        assert box.run_block("console", {}, ["$ x=5", "$ echo $((x + 1))", "6"]) == []
+        assert box.run_block("console", {}, ["$ printf 'a\\nb\\nc\\n'", "a", "…"]) == []
+    finally:
+        box.close()
+
+
+def test_console_blocks_are_split_into_commands_and_their_output():
+    lines = ["$ echo 'a", "b'", "a", "b", "$ curl \\", "  -s x", "$ true"]
+    assert console_steps(lines) == [("echo 'a\nb'", ["a", "b"]), ("curl \\\n  -s x", []),
+                                    ("true", [])]
+    with pytest.raises(ValueError):
+        console_steps(["output before a command"])
+
+
+def shell_snippets():
+    """(page, line, text) of every ```sh / ```bash block of README.md and docs/."""
+    pages = ["README.md"] + sorted(str(p.relative_to(HERE)) for p in (HERE / "docs").glob("*.md"))
+    return [(page, line, "\n".join(lines)) for page in pages
+            for line, language, _, lines in doc_blocks(page) if language in ("sh", "bash")]
+
+
+@pytest.mark.parametrize("page, line, text", shell_snippets(), ids=lambda v: str(v)[:40])
+def test_shell_snippets_parse_and_pass_shellcheck(page, line, text):
+    """Snippets that need root, systemd or a VPS are not run here; bash -n
+    and shellcheck catch a broken quote or an unset variable (.ci/run
+    installs shellcheck; without it only bash -n runs)."""
+    result = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+    assert result.returncode == 0, f"{page} line {line}: {result.stderr}"
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run(["shellcheck", "-s", "bash", "-S", "style", "-"], input=text,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, f"{page} line {line}:\n{result.stdout}"
