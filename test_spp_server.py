@@ -4161,3 +4161,110 @@ def test_shell_snippets_parse_and_pass_shellcheck(page, line, text):
     result = subprocess.run(["shellcheck", "-s", "bash", "-S", "style", "-"], input=text,
                             capture_output=True, text=True)
     assert result.returncode == 0, f"{page} line {line}:\n{result.stdout}"
+
+
+def doc_file(page, name, port):
+    """The ```… file=NAME block of a page, as a test would run it on `port`."""
+    [lines] = [lines for _, _, options, lines in doc_blocks(page) if options.get("file") == name]
+    return "\n".join(lines).replace("127.0.0.1:8080", f"127.0.0.1:{port}") + "\n"
+
+
+def wait_for(condition, what, timeout=10):
+    """Poll `condition` (a state another process reaches) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_the_payout_script_fails_loudly_leaves_nothing_and_recovers(real_server, tmp_path):
+    """docs/paying-users.md's payout.sh: an error status and a server that is
+    down each exit non-zero with no .part file and last-payout-until left
+    alone; after a restart the same run pays the window."""
+    server = real_server(env={"SPP_READ_TOKEN": "t"})
+    for user, revenue in (("a", "0.1"), ("b", "0.25")):
+        assert server.post(postback(user_id=user, your_estimated_revenue=revenue))[0] == 200
+    work = tmp_path / "payouts"
+    work.mkdir()
+    (work / "payout.sh").write_text(doc_file("docs/paying-users.md", "payout.sh", server.port))
+    env = {**os.environ, "SPP_READ_TOKEN": "t"}
+
+    def pay(until):
+        result = subprocess.run(["bash", "payout.sh", until], cwd=work, env=env, timeout=15,
+                                capture_output=True, text=True)
+        assert not list(work.glob("*.part")), "a partial file was left behind"
+        return result
+
+    paid = pay("2100-01-01")
+    assert paid.returncode == 0, paid.stderr
+    with open(work / "payout-2000-01-01.csv", newline="") as f:
+        assert [(r["user-id"], r["estimated-revenue"]) for r in csv.DictReader(f)] == [
+            ("a", "0.1"), ("b", "0.25")]
+    assert (work / "last-payout-until").read_text() == "2100-01-01\n"
+
+    again = pay("2100-01-01")  # an empty window: the server answers 400
+    assert again.returncode != 0 and "400" in again.stderr and '"field": "until"' in again.stderr
+    server.stop()
+    down = pay("2100-01-02")
+    assert down.returncode != 0 and "curl: (7)" in down.stderr
+    assert sorted(p.name for p in work.iterdir()) == [
+        "last-payout-until", "payout-2000-01-01.csv", "payout.sh"]
+    assert (work / "last-payout-until").read_text() == "2100-01-01\n"
+
+    real_server(db=server.db, env={"SPP_READ_TOKEN": "t"}, port=server.port)
+    later = pay("2100-01-02")
+    assert later.returncode == 0, later.stderr
+    assert (work / "payout-2100-01-01.csv").read_text().count("\n") == 1  # the header only
+    assert (work / "last-payout-until").read_text() == "2100-01-02\n"
+
+
+def test_the_feed_consumer_credits_each_session_once_across_a_server_restart(real_server, tmp_path):
+    """docs/paying-users.md's credit_wallets.py, as written, against a server
+    that stops and starts again in the middle: it waits, then goes on."""
+    server = real_server(env={"SPP_READ_TOKEN": "t"})
+    sent = [postback(your_estimated_revenue="0.000012") for _ in range(3)]
+    for body in sent[:2]:
+        assert server.post(body)[0] == 200
+    work = tmp_path / "consumer"
+    work.mkdir()
+    (work / "credit_wallets.py").write_text(
+        doc_file("docs/paying-users.md", "credit_wallets.py", server.port))
+    log = open(work / "stderr", "wb")
+    consumer = subprocess.Popen(
+        [sys.executable, "credit_wallets.py"], cwd=work, stderr=log,
+        env={**os.environ, "SPP_READ_TOKEN": "t", "IDLE_SECONDS": "0.05"})
+    wallets = str(work / "wallets.db")
+
+    def credits():
+        try:
+            return rows(wallets, "SELECT session_id, user_id, nano_usd FROM credits ORDER BY 1")
+        except sqlite3.Error:  # not created yet
+            return []
+
+    try:
+        wait_for(lambda: len(credits()) == 2, "the first two credits")
+        server.stop()
+        wait_for(lambda: b"feed unavailable" in (work / "stderr").read_bytes(), "a retry")
+        assert consumer.poll() is None, "the consumer died while the server was down"
+        server = real_server(db=server.db, env={"SPP_READ_TOKEN": "t"}, port=server.port)
+        assert server.post(sent[2])[0] == 200
+        assert server.post(sent[0])[0] == 200  # a duplicate: no second credit
+        wait_for(lambda: len(credits()) == 3, "the credit after the restart")
+        assert consumer.poll() is None
+    finally:
+        consumer.kill()
+        consumer.wait()
+        log.close()
+    assert credits() == sorted((b["session-id"], b["user-id"], 8400) for b in sent)
+    assert "retrying in" in (work / "stderr").read_text()
+
+
+def test_the_feed_consumer_stops_at_once_on_a_refusal(real_server, tmp_path):
+    server = real_server(env={"SPP_READ_TOKEN": "t"})
+    (tmp_path / "credit_wallets.py").write_text(
+        doc_file("docs/paying-users.md", "credit_wallets.py", server.port))
+    result = subprocess.run(
+        [sys.executable, "credit_wallets.py"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=15, env={**os.environ, "SPP_READ_TOKEN": "wrong"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("the feed refused: 401 ") and "retrying" not in result.stderr
