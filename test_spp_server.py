@@ -3933,25 +3933,26 @@ DOC_PLACEHOLDERS = {
     "<cursor>": r"[A-Za-z0-9_:.=-]+",
 }
 DOC_PLACEHOLDER = re.compile("|".join(map(re.escape, DOC_PLACEHOLDERS)))
-FENCE = re.compile(r"^```(\S*)(.*)$")
+FENCE = re.compile(r"^( *)```(\S*)(.*)$")
 
 
 def fenced_blocks(text):
-    """[(line number, language, {options}, [lines])] of a Markdown text."""
+    """[(line number, language, {options}, [lines])] of a Markdown text; a
+    block indented in a list item loses that indentation."""
     blocks, lines = [], text.splitlines()
     i = 0
     while i < len(lines):
         match = FENCE.match(lines[i])
-        if not match or not match.group(1):
+        if not match or not match.group(2):
             i += 1
             continue
-        start, body = i + 1, []
+        indent, start, body = len(match.group(1)), i + 1, []
         i += 1
-        while i < len(lines) and not lines[i].startswith("```"):
-            body.append(lines[i])
+        while i < len(lines) and not lines[i].lstrip(" ").startswith("```"):
+            body.append(lines[i][indent:] if lines[i][:indent].isspace() else lines[i])
             i += 1
-        options = dict(word.split("=", 1) for word in match.group(2).split() if "=" in word)
-        blocks.append((start, match.group(1), options, body))
+        options = dict(word.split("=", 1) for word in match.group(3).split() if "=" in word)
+        blocks.append((start, match.group(2), options, body))
         i += 1
     return blocks
 
@@ -4132,6 +4133,12 @@ def test_a_wrong_expected_output_fails_the_example_check(tmp_path):
         assert box.run_block("console", {}, ["$ printf 'a\\nb\\nc\\n'", "a", "…"]) == []
     finally:
         box.close()
+
+
+def test_fenced_blocks_are_found_with_their_language_options_and_indentation():
+    text = "x\n```console\n$ a\n```\n- item\n\n  ```sh file=f.sh\n  b\n    c\n  ```\n```\nplain\n```\n"
+    assert fenced_blocks(text) == [(2, "console", {}, ["$ a"]),
+                                   (7, "sh", {"file": "f.sh"}, ["b", "  c"])]
 
 
 def test_console_blocks_are_split_into_commands_and_their_output():
