@@ -4285,6 +4285,17 @@ def test_the_feed_consumer_stops_at_once_on_a_refusal(real_server, tmp_path):
     assert result.stderr.startswith("the feed refused: 401 ") and "retrying" not in result.stderr
 
 
+@needs_systemd_analyze
+def test_the_documented_backup_units_are_accepted_by_systemd(tmp_path):
+    units = [(options["file"], lines) for _, _, options, lines in doc_blocks("docs/operating.md")
+             if options.get("file", "").startswith("spp-backup.")]
+    assert sorted(name for name, _ in units) == ["spp-backup.service", "spp-backup.timer"]
+    for name, lines in units:
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    result = run_analyze("verify", *(str(tmp_path / name) for name, _ in units))
+    assert (result.stdout + result.stderr).strip() == ""
+
+
 def heading_anchors(text):
     """GitHub's anchors for the headings of a Markdown text (outside code blocks)."""
     anchors, in_code = set(), False
