@@ -3923,7 +3923,10 @@ DOC_PAGES = {  # page -> how its server runs: the tokens and options it says to 
     "docs/api.md": {"env": {"SPP_READ_TOKEN": "read-secret"}, "args": ["--reward-share", "0.7"]},
     "docs/paying-users.md": {"env": {"SPP_READ_TOKEN": "read-secret"}},
     "docs/reconciling.md": {"env": {"SPP_READ_TOKEN": "read-secret"}, "args": ["--reward-share", "0.7"]},
-    "docs/operating.md": {"env": {"SPP_READ_TOKEN": "read-secret"}},
+    # READ is set at the top of the page from the root-only token file, in a
+    # block that is not run: the test gives the shell the same header.
+    "docs/operating.md": {"env": {"SPP_READ_TOKEN": "read-secret"},
+                          "shell": {"READ": "Authorization: Bearer read-secret"}},
 }
 DOC_PLACEHOLDERS = {
     "…": r"[^\n]*?",
@@ -4020,6 +4023,7 @@ class DocSandbox:
                 (self.dir / name).symlink_to(HERE / name)
         config = server_config or {}
         self.env = config.get("env", {})
+        self.shell = config.get("shell", {})
         self.server = RealServer(str(self.dir / "spp.db"), env=self.env, args=config.get("args", ()))
 
     def to_server(self, text):
@@ -4038,7 +4042,7 @@ class DocSandbox:
         script = (f"set -a\n[ -f {self.STATE} ] && . ./{self.STATE}\n"
                   f"trap 'export -p > {self.STATE}' EXIT\n" + self.to_server(command) + "\n")
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("SPP_")}, **self.env,
-               "LC_ALL": "C.UTF-8"}
+               **self.shell, "LC_ALL": "C.UTF-8"}
         result = subprocess.run(["bash", "-c", script], cwd=self.dir, env=env, timeout=timeout,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         output = self.from_server(result.stdout)
