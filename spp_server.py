@@ -61,7 +61,7 @@ DEFAULTS = {
     "port": 8080,
     # Request threads.  More than waitress's 4: each one waits on the writer
     # while its postback commits, and the writes waiting together share one
-    # commit (README, "Performance").
+    # commit (docs/performance.md).
     "threads": 16,
     "busy_timeout_ms": 5000,
     "reward_share": None,  # Decimal in (0, 1]: adds rewardable-revenue to earnings
@@ -2616,7 +2616,7 @@ FRESH_CONNECTION_GRACE_S = 2
 
 
 def waitress_settings(config, sockets):
-    """Every waitress limit set on purpose (see README, "Limits")."""
+    """Every waitress limit set on purpose (see docs/api.md, "Limits")."""
     where = {"sockets": sockets} if sockets else {"host": config["host"], "port": config["port"]}
     return {
         **where,
@@ -2697,7 +2697,7 @@ def keep_to_cpus(writer):
     hand the GIL to one another many times per request, which costs several
     times more between cores than on one; the writer needs no GIL of ours.
     Measured: about 1.5x the postbacks/s of leaving both to the scheduler
-    (README, "Performance")."""
+    (docs/performance.md)."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2 or not isinstance(writer, WriterProcess):
         return
@@ -2801,7 +2801,10 @@ TIME_FORMS_HELP = ("2026-11-23T10:00:00Z, 2026-11-23T15:30:00+05:30, a date 2026
                    "(midnight UTC) or unix seconds")
 
 
-def add_shared_options(parser, environ, db_help):
+REWARD_SHARE_ADDS = "adds rewardable-revenue (rounded down to the nano-USD) to earnings"
+
+
+def add_shared_options(parser, environ, db_help, share_adds=REWARD_SHARE_ADDS):
     """Options both the server and the report commands take."""
     parser.add_argument(
         "--db", default=environ.get("SPP_DB", DEFAULTS["db"]),
@@ -2810,8 +2813,7 @@ def add_shared_options(parser, environ, db_help):
     parser.add_argument(
         "--reward-share", type=reward_share, default=environ.get("SPP_REWARD_SHARE"),
         help="share of the estimated revenue you pay out as rewards: a decimal above 0 and "
-        "at most 1, with at most 6 places, e.g. 0.7; "
-        "adds rewardable-revenue (rounded down to the nano-USD) to earnings "
+        f"at most 1, with at most 6 places, e.g. 0.7; {share_adds} "
         "[SPP_REWARD_SHARE, default: not shown]",
     )
 
@@ -2986,7 +2988,8 @@ def build_reconcile_parser(environ):
         "record of that day with both figures, the share paid out (rounded down to the "
         "nano-USD) no more than was booked.",
     )
-    add_shared_options(parser, environ, DB_HELP_REPORT)
+    add_shared_options(parser, environ, DB_HELP_REPORT, "adds each record's paid-out (the "
+                       "estimate times the share, rounded down) and margin (booked minus paid-out)")
     add_report_offset_option(parser, environ)
     parser.add_argument("--since", required=True, help="first report day, included (YYYY-MM-DD)")
     parser.add_argument("--until", required=True, help="report day that ends the window, excluded")
@@ -3044,9 +3047,11 @@ def run_prune(argv, environ, out):
     except (StoreUnavailable, OSError, sqlite3.Error) as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 1
+    freed = 0
     try:
         for what, before in plan:
             rows, size = (count_prunable if args.dry_run else prune)(store, what, before)
+            freed += 0 if args.dry_run else rows
             done = ("would be " if args.dry_run else "") + (
                 "cleared" if what == "raw bodies" else "deleted")
             out.write(f"{what} received before {iso_utc(before)}: {rows} {done}, {size} bytes\n")
@@ -3056,8 +3061,11 @@ def run_prune(argv, environ, out):
         return 1
     finally:
         store.close()
-    out.write("Freed pages are reused by new rows; the file keeps its size. To shrink it, "
-              f"stop the server and run: sqlite3 {args.db} VACUUM\n")
+    if freed:  # the hint only when this run freed something to give back
+        # Under systemd the socket would start the server again: stop both.
+        out.write("Freed pages are reused by new rows; the file keeps its size. To shrink it, "
+                  "stop the server (under systemd: systemctl stop spp.socket spp.service) "
+                  f"and run: sqlite3 {args.db} VACUUM\n")
     return 0
 
 

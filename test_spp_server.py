@@ -21,6 +21,7 @@ import math
 import os
 import re
 import shutil
+import shlex
 import signal
 import socket
 import sqlite3
@@ -218,9 +219,9 @@ def free_port():
 class RealServer:
     """`python spp_server.py` on a free port of 127.0.0.1, waited for until it answers."""
 
-    def __init__(self, db, env=None, args=()):
+    def __init__(self, db, env=None, args=(), port=None):
         self.db = db
-        self.port = free_port()
+        self.port = port or free_port()  # a port: restart where clients expect it
         self.log = open(Path(db).with_suffix(".log"), "ab")
         self.process = subprocess.Popen(
             [sys.executable, str(SERVER), "--db", db, "--port", str(self.port), *args],
@@ -3035,6 +3036,15 @@ def test_reconcile_subcommand_errors(client, db, capsys):
     assert not os.path.exists(db + ".nope")
 
 
+def test_reconcile_help_says_what_the_reward_share_adds_to_a_reconciliation(capsys):
+    with pytest.raises(SystemExit):
+        spp_server.main(["reconcile", "--help"], {})
+    text = " ".join(capsys.readouterr().out.split())
+    share_help = text.split("--reward-share REWARD_SHARE", 2)[2]
+    assert "paid-out" in share_help and "margin" in share_help
+    assert "rewardable-revenue" not in share_help
+
+
 def test_reconcile_runs_from_the_command_line(client, db, tmp_path):
     (tmp_path / "r.csv").write_text("date,revenue\n2026-11-01,1\n")
     subprocess.run([sys.executable, str(SERVER), "import-booked", str(tmp_path / "r.csv"),
@@ -3948,6 +3958,24 @@ def test_prune_dry_run_counts_and_changes_nothing(client, clock, db):
     assert file_state(Path(db).parent)["spp.db"] == state
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_prune_hints_at_vacuum_only_after_clearing_something(client, clock, db, dry_run):
+    """The hint names the socket (under systemd it would start the server
+    again), and a dry run or a prune that cleared nothing gives no hint."""
+    post_at(client, clock, "2026-11-01T00:00:00Z")
+    flags = ["--dry-run"] if dry_run else []
+    assert "VACUUM" not in run_prune(db, "--raw-bodies-before", "2026-10-01", *flags)[1]
+    assert "VACUUM" not in run_prune(db, "--rejected-before", "2027-01-01", *flags)[1]
+    out = run_prune(db, "--raw-bodies-before", "2027-01-01", *flags)[1]
+    if dry_run:
+        assert "VACUUM" not in out
+    else:
+        assert "systemctl stop spp.socket spp.service" in out
+        assert f"sqlite3 {db} VACUUM" in out
+        # Run again: nothing left to clear, so no hint.
+        assert "VACUUM" not in run_prune(db, "--raw-bodies-before", "2027-01-01")[1]
+
+
 @pytest.mark.parametrize("args, words", [
     ([], ["--raw-bodies-before", "--rejected-before"]),
     (["--raw-bodies-before", "soon"], ["--raw-bodies-before", "soon"]),
@@ -4598,3 +4626,440 @@ def test_stop_timeout_leaves_room_for_the_drain():
     (timeout,) = unit_values(SERVICE, "TimeoutStopSec")
     assert re.fullmatch(r"\d+s?", timeout), f"write TimeoutStopSec in seconds, not {timeout!r}"
     assert int(timeout.rstrip("s")) > spp_server.DRAIN_TIMEOUT_S
+
+
+# ---------------------------------------------------------------------------
+# Documentation examples: what README.md and docs/ show is what happens
+# ---------------------------------------------------------------------------
+# The convention (docs/design.md, "Examples that the tests run"):
+# - A ```console block is run: each `$ ` line is a command for bash, continued
+#   on the next lines while the line ends in `\` or a quote is still open;
+#   the lines up to the next `$ ` are its expected output (stdout and stderr
+#   together).  A command that exits non-zero must show `[exit N]` last.
+# - In the expected output `…` stands for any text within a line, a line of
+#   only `…` for any number of lines; `<time>` for an ISO 8601 UTC time,
+#   `<date>` for a YYYY-MM-DD, `<n>` for a whole number, `<cursor>` for a
+#   cursor.  Trailing spaces do not count.
+# - The blocks of one page run in order, in one directory of their own, against
+#   one real server on a free port: `127.0.0.1:8080` in a command is rewritten
+#   to it, and back in the output.  Shell variables set by one command are
+#   there for the next (they are exported and carried over).  The directory
+#   has `.venv/bin/python`, `spp_server.py` and `spp.db`, the server's own.
+# - A block opened with ```sh file=NAME or ```python file=NAME is written to
+#   NAME in that directory (port rewritten) for later blocks to run; a sh one
+#   is checked by `bash -n` and shellcheck like every other ```sh block, which
+#   is not run (it needs root, systemd or a VPS).
+
+DOC_PAGES = {  # page -> how its server runs: the tokens and options it says to use
+    "README.md": {},
+    "docs/api.md": {"env": {"SPP_READ_TOKEN": "read-secret"}, "args": ["--reward-share", "0.7"]},
+    "docs/paying-users.md": {"env": {"SPP_READ_TOKEN": "read-secret"}},
+    "docs/reconciling.md": {"env": {"SPP_READ_TOKEN": "read-secret"}, "args": ["--reward-share", "0.7"]},
+    # READ is set at the top of the page from the root-only token file, in a
+    # block that is not run: the test gives the shell the same header.
+    "docs/operating.md": {"env": {"SPP_READ_TOKEN": "read-secret"},
+                          "shell": {"READ": "Authorization: Bearer read-secret"}},
+}
+DOC_PLACEHOLDERS = {
+    "…": r"[^\n]*?",
+    "<time>": r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?Z",
+    "<date>": r"[0-9]{4}-[0-9]{2}-[0-9]{2}",
+    "<n>": r"[0-9]+",
+    "<cursor>": r"[A-Za-z0-9_:.=-]+",
+}
+DOC_PLACEHOLDER = re.compile("|".join(map(re.escape, DOC_PLACEHOLDERS)))
+FENCE = re.compile(r"^( *)```(\S*)(.*)$")
+
+
+def fenced_blocks(text):
+    """[(line number, language, {options}, [lines])] of a Markdown text; a
+    block indented in a list item loses that indentation."""
+    blocks, lines = [], text.splitlines()
+    i = 0
+    while i < len(lines):
+        match = FENCE.match(lines[i])
+        if not match or not match.group(2):
+            i += 1
+            continue
+        indent, start, body = len(match.group(1)), i + 1, []
+        i += 1
+        while i < len(lines) and not lines[i].lstrip(" ").startswith("```"):
+            body.append(lines[i][indent:] if lines[i][:indent].isspace() else lines[i])
+            i += 1
+        options = dict(word.split("=", 1) for word in match.group(3).split() if "=" in word)
+        blocks.append((start, match.group(2), options, body))
+        i += 1
+    return blocks
+
+
+def command_incomplete(text):
+    if text.endswith("\\"):
+        return True
+    try:
+        shlex.split(text)
+    except ValueError:  # no closing quotation: bash would ask for more
+        return True
+    return False
+
+
+def console_steps(lines):
+    """The lines of a console block -> [(command, [expected output lines])]."""
+    steps = []
+    for line in lines:
+        if line.startswith("$ ") and not (steps and command_incomplete(steps[-1][0])):
+            steps.append((line[2:], []))
+        elif steps and command_incomplete(steps[-1][0]):
+            steps[-1] = (steps[-1][0] + "\n" + line, steps[-1][1])
+        elif steps:
+            steps[-1][1].append(line)
+        else:
+            raise ValueError(f"a console block must start with `$ `: {line!r}")
+    return steps
+
+
+def expected_pattern(lines):
+    """Expected output lines -> a regular expression for the whole output."""
+    parts = []
+    for line in lines:
+        line = line.rstrip()
+        if line == "…":
+            parts.append(r"(?:[^\n]*\n)*?")
+            continue
+        pieces = DOC_PLACEHOLDER.split(line)
+        holes = DOC_PLACEHOLDER.findall(line)
+        regex = re.escape(pieces[0])
+        for hole, piece in zip(holes, pieces[1:]):
+            regex += DOC_PLACEHOLDERS[hole] + re.escape(piece)
+        parts.append(regex + r"\n")
+    return re.compile("".join(parts) + r"\Z")
+
+
+def output_matches(expected_lines, actual):
+    actual = "".join(line.rstrip() + "\n" for line in actual.splitlines())
+    return expected_pattern(expected_lines).match(actual) is not None
+
+
+class DocSandbox:
+    """A directory where one page's blocks run, against its own real server."""
+
+    STATE = ".doc-example-env"
+
+    def __init__(self, directory, server_config=None):
+        self.dir = Path(directory)
+        (self.dir / ".venv" / "bin").mkdir(parents=True, exist_ok=True)
+        python = self.dir / ".venv" / "bin" / "python"
+        python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+        python.chmod(0o755)
+        for name in ("spp_server.py", "schema.sql"):
+            if not (self.dir / name).exists():
+                (self.dir / name).symlink_to(HERE / name)
+        config = server_config or {}
+        self.env = config.get("env", {})
+        self.shell = config.get("shell", {})
+        self.server = RealServer(str(self.dir / "spp.db"), env=self.env, args=config.get("args", ()))
+
+    def to_server(self, text):
+        return text.replace("127.0.0.1:8080", f"127.0.0.1:{self.server.port}")
+
+    def from_server(self, text):
+        return text.replace(f"127.0.0.1:{self.server.port}", "127.0.0.1:8080")
+
+    def write_file(self, name, lines):
+        path = self.dir / name
+        path.write_text(self.to_server("\n".join(lines) + "\n"))
+        path.chmod(0o755)
+
+    def run(self, command, timeout=15):
+        """Run one command as bash would; -> its output, `[exit N]` added when N != 0."""
+        script = (f"set -a\n[ -f {self.STATE} ] && . ./{self.STATE}\n"
+                  f"trap 'export -p > {self.STATE}' EXIT\n" + self.to_server(command) + "\n")
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("SPP_")}, **self.env,
+               **self.shell, "LC_ALL": "C.UTF-8"}
+        result = subprocess.run(["bash", "-c", script], cwd=self.dir, env=env, timeout=timeout,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output = self.from_server(result.stdout)
+        if result.returncode:
+            output += f"{'' if output.endswith(chr(10)) or not output else chr(10)}[exit {result.returncode}]\n"
+        return output
+
+    def run_block(self, language, options, lines):
+        """Run or write one block -> [] or the mismatches, each shown in full."""
+        if "file" in options:
+            self.write_file(options["file"], lines)
+            return []
+        if language != "console":
+            return []
+        problems = []
+        for command, expected in console_steps(lines):
+            actual = self.run(command)
+            if not output_matches(expected, actual):
+                problems.append(f"$ {command}\n--- expected:\n" + "\n".join(expected)
+                                + f"\n--- got:\n{actual}")
+        return problems
+
+    def close(self):
+        if self.server.process.returncode is None:
+            self.server.stop()
+
+
+def doc_blocks(page):
+    return fenced_blocks((HERE / page).read_text(encoding="utf-8"))
+
+
+def doc_examples():
+    """(page, line) of every block the harness runs or writes, for test ids."""
+    return [(page, line) for page in DOC_PAGES if (HERE / page).exists()
+            for line, language, options, _ in doc_blocks(page)
+            if language == "console" or "file" in options]
+
+
+@pytest.fixture(scope="module")
+def doc_sandboxes(tmp_path_factory):
+    """page -> (DocSandbox, blocks already run): one server per page, module-wide."""
+    sandboxes = {}
+
+    def sandbox(page):
+        if page not in sandboxes:
+            directory = tmp_path_factory.mktemp(re.sub(r"\W", "-", page))
+            sandboxes[page] = [DocSandbox(directory, DOC_PAGES[page]), set()]
+        return sandboxes[page]
+
+    yield sandbox
+    for box, _ in sandboxes.values():
+        box.close()
+
+
+DOC_EXAMPLES = doc_examples()
+
+
+@pytest.mark.parametrize("page, line", DOC_EXAMPLES, ids=lambda v: str(v))
+def test_documentation_example_runs_as_shown(doc_sandboxes, page, line):
+    """Each block runs after the page's earlier ones (run first if skipped)."""
+    box, done = doc_sandboxes(page)
+    for number, language, options, lines in doc_blocks(page):
+        if number > line:
+            break
+        if number not in done:
+            done.add(number)
+            problems = box.run_block(language, options, lines)
+            if number == line:
+                if line == max(l for p, l in DOC_EXAMPLES if p == page):
+                    box.close()  # the page's last block: stop its server now, not all at the end
+                assert problems == [], f"{page} line {line}:\n" + "\n\n".join(problems)
+
+
+def test_a_wrong_expected_output_fails_the_example_check(tmp_path):
+    """The harness itself: a changed answer, a missing line, a wrong exit
+    status and a placeholder in the wrong place each fail."""
+    box = DocSandbox(tmp_path)
+    try:
+        post_ = "$ curl -s -X POST http://127.0.0.1:8080/postback -d '{\"user-id\": \"u\",\n  \"session-id\": \"s1\", \"your-estimated-revenue\": \"0.1\"}'"
+        assert box.run_block("console", {}, [post_, '{"status": "recorded"}']) == []
+        read = "$ curl -s http://127.0.0.1:8080/users/u/earnings"
+        right = ('{"user-id": "u", "sessions": 1, "ads-viewed": 0, "session-duration": 0, '
+                 '"estimated-revenue": "0.1", "first-received-at": "<time>", '
+                 '"last-received-at": "<time>", "since": null, "until": null}')
+        assert box.run_block("console", {}, [read, right]) == []
+        assert box.run_block("console", {}, [read, '{"user-id": "u", "sessions": 1, …}']) == []
+        for wrong in ([read, right.replace('"0.1"', '"0.2"')],
+                      [read],
+                      [read, right, "extra line"],
+                      [read, right.replace('"<time>"', "<time>")],
+                      [post_, '{"status": "recorded"}'],  # now a duplicate
+                      ["$ false", ""],
+                      ["$ exit 3", "[exit 2]"]):
+            problems = box.run_block("console", {}, wrong)
+            assert len(problems) == 1 and "--- got:" in problems[0], wrong
+        assert box.run_block("console", {}, ["$ exit 3", "[exit 3]"]) == []
+        assert box.run_block("console", {}, ["$ x=5", "$ echo $((x + 1))", "6"]) == []
+        assert box.run_block("console", {}, ["$ printf 'a\\nb\\nc\\n'", "a", "…"]) == []
+    finally:
+        box.close()
+
+
+def test_fenced_blocks_are_found_with_their_language_options_and_indentation():
+    text = "x\n```console\n$ a\n```\n- item\n\n  ```sh file=f.sh\n  b\n    c\n  ```\n```\nplain\n```\n"
+    assert fenced_blocks(text) == [(2, "console", {}, ["$ a"]),
+                                   (7, "sh", {"file": "f.sh"}, ["b", "  c"])]
+
+
+def test_console_blocks_are_split_into_commands_and_their_output():
+    lines = ["$ echo 'a", "b'", "a", "b", "$ curl \\", "  -s x", "$ true"]
+    assert console_steps(lines) == [("echo 'a\nb'", ["a", "b"]), ("curl \\\n  -s x", []),
+                                    ("true", [])]
+    with pytest.raises(ValueError):
+        console_steps(["output before a command"])
+
+
+def shell_snippets():
+    """(page, line, text) of every ```sh / ```bash block of README.md and docs/."""
+    pages = ["README.md"] + sorted(str(p.relative_to(HERE)) for p in (HERE / "docs").glob("*.md"))
+    return [(page, line, "\n".join(lines)) for page in pages
+            for line, language, _, lines in doc_blocks(page) if language in ("sh", "bash")]
+
+
+@pytest.mark.parametrize("page, line, text", shell_snippets(), ids=lambda v: str(v)[:40])
+def test_shell_snippets_parse_and_pass_shellcheck(page, line, text):
+    """Snippets that need root, systemd or a VPS are not run here; bash -n
+    and shellcheck catch a broken quote or an unset variable (.ci/run
+    installs shellcheck; without it only bash -n runs)."""
+    result = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+    assert result.returncode == 0, f"{page} line {line}: {result.stderr}"
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    # SC2034 (a variable set but not used) is expected: a snippet sets $READ
+    # and the like for the commands that follow it on the page.
+    result = subprocess.run(["shellcheck", "-s", "bash", "-S", "style", "-e", "SC2034", "-"],
+                            input=text, capture_output=True, text=True)
+    assert result.returncode == 0, f"{page} line {line}:\n{result.stdout}"
+
+
+def doc_file(page, name, port):
+    """The ```… file=NAME block of a page, as a test would run it on `port`."""
+    [lines] = [lines for _, _, options, lines in doc_blocks(page) if options.get("file") == name]
+    return "\n".join(lines).replace("127.0.0.1:8080", f"127.0.0.1:{port}") + "\n"
+
+
+def wait_for(condition, what, timeout=10):
+    """Poll `condition` (a state another process reaches) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_the_payout_script_fails_loudly_leaves_nothing_and_recovers(real_server, tmp_path):
+    """docs/paying-users.md's payout.sh: an error status and a server that is
+    down each exit non-zero with no .part file and last-payout-until left
+    alone; after a restart the same run pays the window."""
+    server = real_server(env={"SPP_READ_TOKEN": "t"})
+    for user, revenue in (("a", "0.1"), ("b", "0.25")):
+        assert server.post(postback(user_id=user, your_estimated_revenue=revenue))[0] == 200
+    work = tmp_path / "payouts"
+    work.mkdir()
+    (work / "payout.sh").write_text(doc_file("docs/paying-users.md", "payout.sh", server.port))
+    env = {**os.environ, "SPP_READ_TOKEN": "t"}
+
+    def pay(until):
+        result = subprocess.run(["bash", "payout.sh", until], cwd=work, env=env, timeout=15,
+                                capture_output=True, text=True)
+        assert not list(work.glob("*.part")), "a partial file was left behind"
+        return result
+
+    paid = pay("2100-01-01")
+    assert paid.returncode == 0, paid.stderr
+    with open(work / "payout-2000-01-01.csv", newline="") as f:
+        assert [(r["user-id"], r["estimated-revenue"]) for r in csv.DictReader(f)] == [
+            ("a", "0.1"), ("b", "0.25")]
+    assert (work / "last-payout-until").read_text() == "2100-01-01\n"
+
+    again = pay("2100-01-01")  # an empty window: the server answers 400
+    assert again.returncode != 0 and "400" in again.stderr and '"field": "until"' in again.stderr
+    server.stop()
+    down = pay("2100-01-02")
+    assert down.returncode != 0 and "curl: (7)" in down.stderr
+    assert sorted(p.name for p in work.iterdir()) == [
+        "last-payout-until", "payout-2000-01-01.csv", "payout.sh"]
+    assert (work / "last-payout-until").read_text() == "2100-01-01\n"
+
+    real_server(db=server.db, env={"SPP_READ_TOKEN": "t"}, port=server.port)
+    later = pay("2100-01-02")
+    assert later.returncode == 0, later.stderr
+    assert (work / "payout-2100-01-01.csv").read_text().count("\n") == 1  # the header only
+    assert (work / "last-payout-until").read_text() == "2100-01-02\n"
+
+
+def test_the_feed_consumer_credits_each_session_once_across_a_server_restart(real_server, tmp_path):
+    """docs/paying-users.md's credit_wallets.py, as written, against a server
+    that stops and starts again in the middle: it waits, then goes on."""
+    server = real_server(env={"SPP_READ_TOKEN": "t"})
+    sent = [postback(your_estimated_revenue="0.000012") for _ in range(3)]
+    for body in sent[:2]:
+        assert server.post(body)[0] == 200
+    work = tmp_path / "consumer"
+    work.mkdir()
+    (work / "credit_wallets.py").write_text(
+        doc_file("docs/paying-users.md", "credit_wallets.py", server.port))
+    log = open(work / "stderr", "wb")
+    consumer = subprocess.Popen(
+        [sys.executable, "credit_wallets.py"], cwd=work, stderr=log,
+        env={**os.environ, "SPP_READ_TOKEN": "t", "IDLE_SECONDS": "0.05"})
+    wallets = str(work / "wallets.db")
+
+    def credits():
+        try:
+            return rows(wallets, "SELECT session_id, user_id, nano_usd FROM credits ORDER BY 1")
+        except sqlite3.Error:  # not created yet
+            return []
+
+    try:
+        wait_for(lambda: len(credits()) == 2, "the first two credits")
+        server.stop()
+        wait_for(lambda: b"feed unavailable" in (work / "stderr").read_bytes(), "a retry")
+        assert consumer.poll() is None, "the consumer died while the server was down"
+        server = real_server(db=server.db, env={"SPP_READ_TOKEN": "t"}, port=server.port)
+        assert server.post(sent[2])[0] == 200
+        assert server.post(sent[0])[0] == 200  # a duplicate: no second credit
+        wait_for(lambda: len(credits()) == 3, "the credit after the restart")
+        assert consumer.poll() is None
+    finally:
+        consumer.kill()
+        consumer.wait()
+        log.close()
+    assert credits() == sorted((b["session-id"], b["user-id"], 8400) for b in sent)
+    assert "retrying in" in (work / "stderr").read_text()
+
+
+def test_the_feed_consumer_stops_at_once_on_a_refusal(real_server, tmp_path):
+    server = real_server(env={"SPP_READ_TOKEN": "t"})
+    (tmp_path / "credit_wallets.py").write_text(
+        doc_file("docs/paying-users.md", "credit_wallets.py", server.port))
+    result = subprocess.run(
+        [sys.executable, "credit_wallets.py"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=15, env={**os.environ, "SPP_READ_TOKEN": "wrong"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("the feed refused: 401 ") and "retrying" not in result.stderr
+
+
+@needs_systemd_analyze
+def test_the_documented_backup_units_are_accepted_by_systemd(tmp_path):
+    units = [(options["file"], lines) for _, _, options, lines in doc_blocks("docs/operating.md")
+             if options.get("file", "").startswith("spp-backup.")]
+    assert sorted(name for name, _ in units) == ["spp-backup.service", "spp-backup.timer"]
+    for name, lines in units:
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    result = run_analyze("verify", *(str(tmp_path / name) for name, _ in units))
+    assert (result.stdout + result.stderr).strip() == ""
+
+
+def heading_anchors(text):
+    """GitHub's anchors for the headings of a Markdown text (outside code blocks)."""
+    anchors, in_code = set(), False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+DOCS_TO_COME = {"docs/ledger.md"}  # linked to already; written separately
+
+
+def test_links_between_the_docs_lead_to_a_page_and_heading_that_exist():
+    pages = ["README.md"] + sorted(str(p.relative_to(HERE)) for p in (HERE / "docs").glob("*.md"))
+    broken = []
+    for page in pages:
+        text = (HERE / page).read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (HERE / page).parent / path if path else HERE / page
+            name = os.path.relpath(file.resolve(), HERE)
+            if name in DOCS_TO_COME:
+                continue
+            if not file.exists() or anchor and anchor not in heading_anchors(file.read_text()):
+                broken.append(f"{page}: {target}")
+    assert broken == []

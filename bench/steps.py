@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench  # noqa: E402
 
-# The steps of the ingest work on issue 5, oldest first (see README, "Performance").
+# The steps of the November ingest work, oldest first (see docs/performance.md, History).
 STEPS = [
     ("writer thread, group commit", "e507c5e"),
     ("write connection behind a lock", "13fb904"),
