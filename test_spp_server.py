@@ -1816,7 +1816,7 @@ def test_export_of_a_database_this_user_may_not_read_is_one_line(client, db, cap
 
 @pytest.mark.parametrize("content, words", [
     (b"", ["not an spp-receiver database"]),
-    (b"not a database at all" * 100, ["cannot read", "not a database"]),
+    (b"not a database at all" * 100, ["not an spp-receiver database", "not an SQLite file"]),
 ])
 def test_export_of_a_file_that_is_not_our_database_is_one_line(tmp_path, capsys, content, words):
     db = tmp_path / "other.db"
@@ -1863,7 +1863,7 @@ def test_an_export_piped_into_a_reader_that_quits_ends_quietly(client, db, capsy
     read_end, write_end = os.pipe()
     os.close(read_end)
     with open(write_end, "wb") as out:
-        assert run_export_command(db, out) == (1, None)
+        assert run_export_command(db, out) == (spp_server.EXIT_OUTPUT_CLOSED, None)
     assert capsys.readouterr().err == ""
 
 
@@ -1874,6 +1874,239 @@ def test_export_help_tells_what_it_reads_and_accepts(capsys):
     assert "read-only, never created" in text and "created on first start" not in text
     for form in ["ndjson", "csv", "2026-11-23T10:00:00Z", "+05:30", "unix seconds"]:
         assert form in text
+
+
+# --- Every command's output is checked: a full disk, a reader that quit ---
+
+
+class FullDisk:
+    """An output that takes `room` bytes (or characters), then fails as a
+    full disk does; with fail_flush, its flush fails too."""
+
+    def __init__(self, room, fail_flush=False):
+        self.room, self.fail_flush, self.parts = room, fail_flush, []
+
+    def write(self, data):
+        if sum(map(len, self.parts)) + len(data) > self.room:
+            raise OSError(28, "No space left on device")
+        self.parts.append(data)
+        return len(data)
+
+    def flush(self):
+        if self.fail_flush:
+            raise OSError(28, "No space left on device")
+
+
+def store_sessions(db, how_many):
+    """`how_many` sessions of distinct users, written straight into the table."""
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.executemany(
+            "INSERT INTO sessions (session_id, user_id, revenue_nano, received_at_us, raw_body) "
+            "VALUES (?, ?, 1000, ?, '{}')",
+            [(f"s{n}", f"user-{n:06d}-" + "x" * 200, 1_700_000_000_000_000 + n)
+             for n in range(how_many)])
+
+
+@pytest.mark.parametrize("room, fail_flush", [(0, False), (70_000, False), (10**9, True)])
+def test_an_export_that_cannot_be_written_is_one_line_and_status_1(client, db, capsys, room,
+                                                                   fail_flush):
+    store_sessions(db, 400)  # about 100 KB: two writes
+    out = FullDisk(room, fail_flush)
+    assert run_export_command(db, out)[0] == 1
+    one_line_error(capsys, "writing the output failed", "incomplete", "No space left on device")
+
+
+@pytest.mark.parametrize("fail_flush", [False, True])
+def test_a_reconciliation_that_cannot_be_written_is_one_line_and_status_1(client, db, capsys,
+                                                                          fail_flush):
+    out = FullDisk(0 if not fail_flush else 10**9, fail_flush)
+    assert spp_server.run_reconcile(["--db", db, "--since", "2026-11-01", "--until", "2026-11-08"],
+                                    {}, out) == 1
+    one_line_error(capsys, "incomplete", "No space left on device")
+
+
+@pytest.mark.parametrize("fail_flush", [False, True])
+def test_an_import_whose_summary_cannot_be_written_says_it_is_committed(
+        client, db, tmp_path, capsys, fail_flush):
+    (tmp_path / "r.csv").write_text("date,revenue\n2026-11-01,1\n")
+    out = FullDisk(0 if not fail_flush else 10**9, fail_flush)
+    code = spp_server.run_import_booked([str(tmp_path / "r.csv"), "--db", db], {}, out)
+    assert code == spp_server.EXIT_COMMITTED_OUTPUT_LOST != 1
+    one_line_error(capsys, "r.csv is imported (committed)", "No space left on device")
+    assert rows(db, "SELECT revenue_nano FROM booked_revenue") == [(10**9,)]
+
+
+def test_a_prune_whose_report_cannot_be_written_finishes_and_says_it_is_committed(
+        client, clock, db, capsys):
+    post_at(client, clock, "2026-11-01T00:00:00Z")
+    post(client, b"x", status=400)
+    args = ["--raw-bodies-before", "2027-01-01", "--rejected-before", "2027-01-01"]
+    code = spp_server.run_prune(["--db", db, *args], {}, FullDisk(0))
+    assert code == spp_server.EXIT_COMMITTED_OUTPUT_LOST
+    one_line_error(capsys, "the pruning is committed", "No space left on device")
+    # Both asked for, although the first line of the report already failed.
+    assert rows(db, "SELECT raw_body FROM sessions") == [("",)] and count(db, "rejected") == 0
+    code = spp_server.run_prune(["--db", db, *args, "--dry-run"], {}, FullDisk(10))
+    assert code == 1  # a dry run changed nothing: its report is merely incomplete
+    one_line_error(capsys, "incomplete", "No space left on device")
+
+
+@pytest.fixture
+def command_lines(client, db, tmp_path):
+    """Each command's argv on a database with a session and a refusal."""
+    post(client, SAMPLE)
+    post(client, b"x", status=400)
+    report = tmp_path / "r.csv"
+    report.write_text("date,revenue\n2026-11-01,1\n")
+    window = ["--since", "2000-01-01", "--until", "2100-01-01"]
+    return {
+        "export": ["export", "--db", db, *window],
+        "reconcile": ["reconcile", "--db", db, *window],
+        "import-booked": ["import-booked", str(report), "--db", db],
+        "prune": ["prune", "--db", db, "--rejected-before", "2100-01-01"],
+        "prune --dry-run": ["prune", "--db", db, "--rejected-before", "2100-01-01", "--dry-run"],
+        "--help": ["--help"],
+        "export --help": ["export", "--help"],
+    }
+
+
+COMMITTED = spp_server.EXIT_COMMITTED_OUTPUT_LOST
+CLOSED = spp_server.EXIT_OUTPUT_CLOSED
+
+
+@pytest.mark.parametrize("command, status_full, status_closed", [
+    ("export", 1, CLOSED), ("reconcile", 1, CLOSED), ("import-booked", COMMITTED, COMMITTED),
+    ("prune", COMMITTED, COMMITTED), ("prune --dry-run", 1, CLOSED), ("--help", 1, CLOSED),
+    ("export --help", 1, CLOSED)])
+@pytest.mark.parametrize("output", ["/dev/full", "closed pipe"])
+def test_every_command_on_a_full_disk_or_a_closed_pipe_is_one_line_at_most_and_not_0(
+        command_lines, command, status_full, status_closed, output):
+    """As `... > /dev/full` and `... | head` give it a real process: also the
+    interpreter's own flush of stdout at exit must not fail with a traceback."""
+    if output == "/dev/full":
+        target, expected = open("/dev/full", "wb"), status_full
+    else:
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        target, expected = open(write_end, "wb"), status_closed
+    with target:
+        result = subprocess.run([sys.executable, str(SERVER), *command_lines[command]],
+                                stdout=target, stderr=subprocess.PIPE, text=True, timeout=30)
+    assert result.returncode == expected, result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+    if expected == CLOSED:
+        assert result.stderr == ""  # the reader quit: nothing went wrong here
+    else:
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert ("No space left on device" if output == "/dev/full" else "Broken pipe") in result.stderr
+        assert ("committed" in result.stderr) == (expected == COMMITTED)
+
+
+# --- Read-only access: a backup read by a user who may not write it ---
+
+
+NOBODY = 65534
+
+
+def as_nobody(*argv):
+    """argv run as the user nobody (the tests run as root, whom file
+    permissions do not stop); as another user, as that user."""
+    if os.getuid() != 0:
+        return list(argv)
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is needed to run a command as nobody")
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory another user can reach (tmp_path is root's, mode 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="spp-shared-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def make_backup(make_client, folder, live=False):
+    """A database in `folder`, readable by all; closed (so checkpointed, no
+    -wal) unless `live`.  -> its path."""
+    folder.mkdir()
+    db = folder / "spp.db"
+    client = make_client(db=str(db))
+    post(client, SAMPLE)
+    if not live:
+        client.app.store.close()
+    db.chmod(0o644)
+    return db
+
+
+def writable_by_the_reader(folder, writable):
+    if os.getuid() == 0:
+        if writable:
+            os.chown(folder, NOBODY, NOBODY)
+        folder.chmod(0o755)  # owned by root: nobody may not write in it
+    else:
+        folder.chmod(0o755 if writable else 0o555)
+
+
+@pytest.mark.parametrize("command", ["export", "reconcile"])
+@pytest.mark.parametrize("writable", [False, True])
+def test_a_non_root_user_reads_a_backup_and_leaves_no_file_behind(
+        make_client, shared_dir, command, writable):
+    folder = shared_dir / "backup"
+    db = make_backup(make_client, folder)
+    writable_by_the_reader(folder, writable)
+    before = file_state(folder)
+    result = subprocess.run(
+        as_nobody(sys.executable, str(SERVER), command, "--db", str(db), "--since", "2000-01-01",
+                  "--until", "2100-01-01"), capture_output=True, text=True, cwd=shared_dir,
+        timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and "sub1" in result.stdout or command == "reconcile"
+    assert file_state(folder) == before  # no -wal or -shm, nothing owned by the reader
+    assert {p.stat().st_uid for p in folder.iterdir()} == {os.getuid()}
+
+
+def test_a_copy_whose_wal_cannot_be_read_without_a_shm_says_why(make_client, shared_dir):
+    """A copy taken while the server ran: its -wal holds transactions, which
+    SQLite reads only through a -shm that this user cannot create here."""
+    live = make_backup(make_client, shared_dir / "live", live=True)
+    folder = shared_dir / "copy"
+    folder.mkdir()
+    for suffix in ["", "-wal"]:
+        shutil.copy(f"{live}{suffix}", folder / f"spp.db{suffix}")
+        (folder / f"spp.db{suffix}").chmod(0o644)
+    assert (folder / "spp.db-wal").stat().st_size > 0
+    writable_by_the_reader(folder, writable=False)
+    before = file_state(folder)
+    result = subprocess.run(
+        as_nobody(sys.executable, str(SERVER), "export", "--db", str(folder / "spp.db"),
+                  "--since", "2000-01-01", "--until", "2100-01-01"),
+        capture_output=True, text=True, cwd=shared_dir, timeout=30)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "-wal" in result.stderr and "-shm" in result.stderr
+    assert file_state(folder) == before
+
+
+def test_a_backup_that_changes_while_it_is_read_is_no_report(make_client, tmp_path, monkeypatch,
+                                                             capsys):
+    """Read with immutable=1 (no -wal), the file must not change under the
+    reader: a server started on it and checkpointing is caught."""
+    db = make_backup(make_client, tmp_path / "backup")
+    store_sessions(str(db), 3)  # the last connection's close checkpoints and removes the -wal
+    assert not os.path.exists(f"{db}-wal")
+
+    def first_row_then_a_server_writes(self, sql, params=()):
+        rows_ = Reads.stream(self, sql, params)
+        yield next(rows_)
+        store = spp_server.Store(str(db))
+        store.write(spp_server.write_health_probe)
+        store.close()  # the last connection checkpoints into the file
+        yield from rows_
+
+    monkeypatch.setattr(spp_server.ReadOnlyStore, "stream", first_row_then_a_server_writes)
+    assert run_export_command(str(db))[0] == 1
+    one_line_error(capsys, "changed while it was read", "run it again")
 
 
 # ---------------------------------------------------------------------------
@@ -2306,7 +2539,8 @@ def test_subcommands_report_an_unusable_database_in_one_line(client, db, tmp_pat
     monkeypatch.setattr(spp_server.Store, "write", unavailable)
     assert spp_server.run_import_booked([str(tmp_path / "r.csv"), "--db", db], {}, sys.stdout) == 1
     err = capsys.readouterr().err
-    assert err == "spp_server.py import-booked: the database is locked; nothing imported\n"
+    assert err == ("spp_server.py import-booked: the database is locked; nothing imported "
+                   "(running it again is safe)\n")
     monkeypatch.setattr(spp_server, "reconciliation", unavailable)  # once the store is open
     assert spp_server.run_reconcile(["--db", db, "--since", NOV["since"], "--until", NOV["until"]],
                                     {}, sys.stdout.buffer) == 1
@@ -2386,7 +2620,7 @@ def test_report_offset_comes_from_flag_or_environment(fake_serve, db, capsys):
     assert [c["report_utc_offset"] for c in fake_serve] == [330, -180, 0]
     with pytest.raises(SystemExit) as exited:
         spp_server.main(["--db", db], environ={"SPP_REPORT_UTC_OFFSET": "+5"})
-    assert exited.value.code == 2 and "--report-utc-offset" in capsys.readouterr().err
+    assert exited.value.code == 2 and "SPP_REPORT_UTC_OFFSET" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["estimates_by_day", "estimates_by_day_and_property"])
@@ -3268,13 +3502,14 @@ def test_environment_sets_options_and_flags_win(fake_serve, db):
     assert fake_serve.log_levels == ["debug", "warning"]
 
 
-@pytest.mark.parametrize("argv, environ", [
-    (["--log-level", "verbose"], {}), ([], {"SPP_LOG_LEVEL": "trace"})])
-def test_unknown_log_level_is_a_usage_error(fake_serve, db, argv, environ, capsys):
+@pytest.mark.parametrize("argv, environ, named", [
+    (["--log-level", "verbose"], {}, "--log-level"),
+    ([], {"SPP_LOG_LEVEL": "trace"}, "SPP_LOG_LEVEL")])
+def test_unknown_log_level_is_a_usage_error(fake_serve, db, argv, environ, named, capsys):
     with pytest.raises(SystemExit) as exited:
         spp_server.main(["--db", db, *argv], environ=environ)
     assert exited.value.code == 2
-    assert "--log-level: must be one of debug, info, warning, error" in capsys.readouterr().err
+    assert f"{named}: must be one of debug, info, warning, error" in capsys.readouterr().err
     assert fake_serve == []
 
 
@@ -3285,7 +3520,7 @@ def test_help_explains_every_option_and_variable(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for word in ["--db", "--host", "--port", "--threads", "SPP_DB", "SPP_HOST", "SPP_PORT",
                  "SPP_THREADS", "SPP_POSTBACK_TOKEN", "SPP_READ_TOKEN", "CREDENTIALS_DIRECTORY",
-                 "export --help", "import-booked --help", "reconcile --help", "prune --help"]:
+                 "COMMAND --help"]:
         assert word in text
 
 
