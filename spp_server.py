@@ -467,6 +467,14 @@ def latest_schema_version():
     return schema_versions(SCHEMA_PATH.read_text(encoding="utf-8"))[-1][0]
 
 
+def not_sqlite_or(exc, path):
+    """SQLite's "file is not a database" as this module says it; other errors as they are."""
+    if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_NOTADB:
+        return exc
+    return StoreUnavailable(f"{path} is not an spp-receiver database: not an SQLite file "
+                            f"(this code's schema is version {latest_schema_version()})")
+
+
 def database_version(conn, path):
     """The schema version of the spp-receiver database open on `conn`; 0 for
     an empty one (no schema at all: a new file, or one whose creation the
@@ -479,11 +487,7 @@ def database_version(conn, path):
         version = conn.execute(SQL["schema_version"]).fetchone()[0]
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
     except sqlite3.DatabaseError as exc:
-        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_NOTADB:
-            raise StoreUnavailable(
-                f"{path} is not an spp-receiver database: not an SQLite file "
-                f"(this code's schema is version {latest})") from None
-        raise
+        raise not_sqlite_or(exc, path) from None
     if version == 0 and not tables:
         return 0
     if version == 0 or "sessions" not in tables:
@@ -953,16 +957,21 @@ class Store(Reads):
             raise StoreUnavailable(f"no database at {self.path}")
         if not command:
             ensure_private_file(self.path)
-        conn = connect(self.path, busy_timeout_ms)
         try:
+            conn = connect(self.path, busy_timeout_ms)
+        except sqlite3.DatabaseError as exc:
+            raise not_sqlite_or(exc, self.path) from None
+        try:
+            version = database_version(conn, self.path)
             # An empty file is a new database to the server: the one it may
             # have left itself, stopped between creating the file and the schema.
-            if database_version(conn, self.path) == 0 and command:
+            if version == 0 and command:
                 raise StoreUnavailable(
                     f"{self.path} is not an spp-receiver database: it is empty (this code's "
                     f"schema is version {latest_schema_version()}); only the server creates one")
             enable_wal(conn, busy_timeout_ms / 1000)
-            migrate(conn, SCHEMA_PATH.read_text(encoding="utf-8"))
+            if version < latest_schema_version():  # so that a current one opens without the write lock
+                migrate(conn, SCHEMA_PATH.read_text(encoding="utf-8"))
         finally:
             conn.close()
         # A transaction waits for SQLite's lock at most the busy timeout; so a
@@ -2790,7 +2799,7 @@ def parse_arguments(parser, argv):
     args = parser.parse_args(argv)
     for value in vars(args).values():
         if isinstance(value, BadVariable):
-            parser.error(f"the environment variable {value.variable}: {value.reason}")
+            parser.error(f"the environment variable {value.variable}={value.text!r}: {value.reason}")
     return args
 
 
