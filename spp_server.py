@@ -1033,7 +1033,7 @@ class ReadOnlyStore(Reads):
     creates, locks and changes nothing; check_unchanged() then catches a
     server that started on it and checkpointed into the file meanwhile.
     Otherwise (a live database: the server's -wal and -shm are there) it
-    joins the server's WAL with mode=ro, creating nothing."""
+    joins the server's WAL with mode=ro, which creates nothing while both exist."""
 
     def __init__(self, path):
         self.path = str(path)
@@ -3223,6 +3223,10 @@ def main(argv=None, environ=None):
 
 def run_command_line(argv, environ):
     if argv[:1] and argv[0] in COMMANDS:
+        if sys.stdout is None:  # started with stdout closed (>&-): Python leaves it None
+            print(f"spp_server.py {argv[0]}: stdout is closed: nowhere to write the output; "
+                  "nothing done", file=sys.stderr)
+            return 1
         return COMMANDS[argv[0]][0](argv[1:], environ)
     parser = build_parser(environ)
     if argv[:1] and not argv[0].startswith("-"):  # the server takes no argument

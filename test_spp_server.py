@@ -2109,6 +2109,14 @@ def test_every_command_on_a_full_disk_or_a_closed_pipe_is_one_line_at_most_and_n
         assert ("committed" in result.stderr) == (expected == COMMITTED)
 
 
+def test_a_command_started_with_stdout_closed_does_nothing_and_says_so(command_lines, db):
+    result = subprocess.run([sys.executable, str(SERVER), *command_lines["import-booked"]],
+                            preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE, text=True,
+                            timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "stdout is closed" in result.stderr
+    assert count(db, "booked_revenue") == 0
+
 # --- Read-only access: a backup read by a user who may not write it ---
 
 
