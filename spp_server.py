@@ -16,6 +16,7 @@ import bisect
 import contextlib
 import csv
 import decimal
+import difflib
 import functools
 import hmac
 import io
@@ -34,6 +35,7 @@ import socket
 import sqlite3
 import struct
 import sys
+import textwrap
 import threading
 import time
 import urllib.parse
@@ -183,8 +185,9 @@ def iso_utc(us):
 
 @functools.lru_cache(maxsize=4096)
 def utc_date_text(day):
-    """Days since 1970-01-01 -> 'YYYY-MM-DD'."""
-    return time.strftime("%Y-%m-%d", time.gmtime(day * 86_400))
+    """Days since 1970-01-01 (negative before it) -> 'YYYY-MM-DD', the year
+    always in four digits (strftime's %Y writes year 1 as '1')."""
+    return (EPOCH.date() + timedelta(days=day)).isoformat()
 
 
 # A share or a fraction of days, written plainly.  The pattern is checked
@@ -223,6 +226,16 @@ ISO_INSTANT = re.compile(
     r"(?:T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,6}))?(Z|[+ -][0-9]{2}:[0-9]{2}))?"
 )
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+# The instants ISO 8601's four-digit years can write (and datetime can hold):
+# an instant outside them is refused, never echoed in a form nothing reads.
+FIRST_INSTANT_US = (datetime(1, 1, 1, tzinfo=timezone.utc) - EPOCH) // timedelta(microseconds=1)
+END_INSTANT_US = (datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc) - EPOCH
+                  ) // timedelta(microseconds=1) + 1
+INSTANT_RANGE_TEXT = "from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z"
+
+
+class InstantOutOfRange(ValueError):
+    """A well-formed instant whose UTC date falls outside years 1 to 9999."""
 
 
 def parse_instant(text):
@@ -244,7 +257,10 @@ def parse_instant(text):
         int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0),
         int((fraction or "0").ljust(6, "0")), tzinfo=tz,
     )
-    return (moment - EPOCH) // timedelta(microseconds=1)
+    us = (moment - EPOCH) // timedelta(microseconds=1)
+    if not FIRST_INSTANT_US <= us < END_INSTANT_US:  # 0001-01-01T00:00:00+01:00
+        raise InstantOutOfRange(text)
+    return us
 
 
 @dataclass(frozen=True)
@@ -273,6 +289,8 @@ def parse_window(since_text, until_text, required=False):
             continue
         try:
             bounds[name] = parse_instant(text)
+        except InstantOutOfRange:
+            raise Invalid(name, f"must be {INSTANT_RANGE_TEXT} in UTC") from None
         except ValueError:
             raise Invalid(
                 name,
@@ -469,6 +487,45 @@ def schema_versions(text):
             if sqlite3.complete_statement(statements[-1]):
                 statements.append("")
     return [(v, [s for s in stmts if s.strip()]) for v, stmts in versions]
+
+
+def latest_schema_version():
+    return schema_versions(SCHEMA_PATH.read_text(encoding="utf-8"))[-1][0]
+
+
+def not_sqlite_or(exc, path):
+    """SQLite's "file is not a database" as this module says it; other errors as they are."""
+    if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_NOTADB:
+        return exc
+    return StoreUnavailable(f"{path} is not an spp-receiver database: not an SQLite file "
+                            f"(this code's schema is version {latest_schema_version()})")
+
+
+def database_version(conn, path):
+    """The schema version of the spp-receiver database open on `conn`; 0 for
+    an empty one (no schema at all: a new file, or one whose creation the
+    server did not finish).  Anything else (not SQLite, another program's
+    database, a schema newer than this code's) is StoreUnavailable naming the
+    file and both versions.  Only reads: every entry point calls it before
+    it changes anything."""
+    latest = latest_schema_version()
+    try:
+        version = conn.execute(SQL["schema_version"]).fetchone()[0]
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.DatabaseError as exc:
+        raise not_sqlite_or(exc, path) from None
+    if version == 0 and not tables:
+        return 0
+    if version == 0 or "sessions" not in tables:
+        raise StoreUnavailable(
+            f"{path} is not an spp-receiver database: another program's SQLite database "
+            f"(schema version {version}, tables {', '.join(sorted(tables)) or 'none'}; "
+            f"this code's schema is version {latest})")
+    if version > latest:
+        raise StoreUnavailable(
+            f"{path} has schema version {version}, newer than this code's {latest}: "
+            "use the spp_server.py that wrote it")
+    return version
 
 
 def is_busy(exc):
@@ -669,6 +726,31 @@ class WriterThread(Writer):
 
     def alive(self):
         return self._thread.is_alive()
+
+    def exit_status(self):
+        return None
+
+
+class InlineWriter(Writer):
+    """The commands' writer: commits in the calling thread.  A command has no
+    HTTP client waiting, so it waits for its own write however long that
+    takes, and what it reports is what happened: a write given up on after a
+    deadline could still commit after the command said it failed."""
+
+    def __init__(self, path, busy_timeout_ms):
+        super().__init__(None)
+        self._conn = connect(path, busy_timeout_ms)
+
+    def _submit(self, op, timeout_s):
+        return commit_batch(self._conn, [op])[0]
+
+    def close(self):
+        if not self._closed:
+            self._closed = True
+            self._conn.close()
+
+    def alive(self):
+        return not self._closed
 
     def exit_status(self):
         return None
@@ -889,23 +971,41 @@ class Reads:
 class Store(Reads):
     """The database: one writer (see Writer), one read connection per thread.
     With writer_process, the writer is a child process (the server's shape);
-    otherwise a thread of this process."""
+    otherwise a thread of this process.  A command (import-booked, prune)
+    opens it with command=True: it never creates a database (only the server
+    does, where none exists) and commits in its own thread (InlineWriter)."""
 
     def __init__(self, path, busy_timeout_ms=DEFAULTS["busy_timeout_ms"], writer_process=False,
-                 channels=1):
+                 channels=1, command=False):
         self.path = str(path)
         self._busy_timeout_ms = busy_timeout_ms
-        ensure_private_file(self.path)
-        conn = connect(self.path, busy_timeout_ms)
+        if command and not os.path.exists(self.path):
+            raise StoreUnavailable(f"no database at {self.path}")
+        if not command:
+            ensure_private_file(self.path)
         try:
+            conn = connect(self.path, busy_timeout_ms)
+        except sqlite3.DatabaseError as exc:
+            raise not_sqlite_or(exc, self.path) from None
+        try:
+            version = database_version(conn, self.path)
+            # An empty file is a new database to the server: the one it may
+            # have left itself, stopped between creating the file and the schema.
+            if version == 0 and command:
+                raise StoreUnavailable(
+                    f"{self.path} is not an spp-receiver database: it is empty (this code's "
+                    f"schema is version {latest_schema_version()}); only the server creates one")
             enable_wal(conn, busy_timeout_ms / 1000)
-            migrate(conn, SCHEMA_PATH.read_text(encoding="utf-8"))
+            if version < latest_schema_version():  # so that a current one opens without the write lock
+                migrate(conn, SCHEMA_PATH.read_text(encoding="utf-8"))
         finally:
             conn.close()
         # A transaction waits for SQLite's lock at most the busy timeout; so a
         # write answers within about that, or is a 503.
         wait_timeout_s = busy_timeout_ms / 1000 + 1
-        if writer_process:
+        if command:
+            self.writer = InlineWriter(self.path, busy_timeout_ms)
+        elif writer_process:
             self.writer = WriterProcess(self.path, busy_timeout_ms, wait_timeout_s, channels)
         else:
             self.writer = WriterThread(self.path, busy_timeout_ms, wait_timeout_s)
@@ -947,7 +1047,19 @@ class ReadOnlyStore(Reads):
     """A database opened only to read, for the commands that print reports:
     never created, migrated or written, so it works on a backup, a replica or
     a file this user may read but not write.  Raises StoreUnavailable with a
-    one-line reason when the file cannot serve as this code's database."""
+    one-line reason when the file cannot serve as this code's database.
+
+    How it reads: SQLite's read-only WAL access (mode=ro) needs a -shm file
+    beside the database and creates it, with a -wal, when none is there: it
+    fails in a directory this user cannot write, and elsewhere leaves the
+    two files owned by the reader (which the server's user may then be
+    unable to open).  So when the file alone holds every committed
+    transaction (no -wal with frames, no rollback -journal: a backup, or a
+    database no process has open) it is read with immutable=1, which
+    creates, locks and changes nothing; check_unchanged() then catches a
+    server that started on it and checkpointed into the file meanwhile.
+    Otherwise (a live database: the server's -wal and -shm are there) it
+    joins the server's WAL with mode=ro, which creates nothing while both exist."""
 
     def __init__(self, path):
         self.path = str(path)
@@ -956,50 +1068,62 @@ class ReadOnlyStore(Reads):
         if not os.access(self.path, os.R_OK):
             raise StoreUnavailable(
                 f"cannot read {self.path}: permission denied (run as its owner, or with sudo)")
+        self._identity = self._file_identity() if self._whole_in_file() else None
         try:
-            self._conn = self._open()
+            self._conn = self._open(immutable=self._identity is not None)
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"cannot read {self.path}: {exc}") from None
+            raise StoreUnavailable(f"cannot read {self.path}: {exc}{self._wal_hint()}") from None
         try:
             self._check_version()
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise StoreUnavailable(f"cannot read {self.path}: {exc}{self._wal_hint()}") from None
         except BaseException:
             self._conn.close()
             raise
 
-    def _open(self, immutable=False):
+    def _whole_in_file(self):
+        wal = self.path + "-wal"
+        return not os.path.exists(self.path + "-journal") and (
+            not os.path.exists(wal) or os.path.getsize(wal) == 0)
+
+    def _file_identity(self):
+        st = os.stat(self.path)
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _wal_hint(self):
+        if self._identity is not None:
+            return ""
+        return (f" (its -wal holds transactions not yet in the file, and reading them needs "
+                f"a -shm file beside it that this user can write: read it as its owner)")
+
+    def _open(self, immutable):
         uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
         conn = sqlite3.connect(uri + ("&immutable=1" if immutable else ""), uri=True,
                                isolation_level=None, timeout=DEFAULTS["busy_timeout_ms"] / 1000)
         conn.execute(f"PRAGMA busy_timeout = {DEFAULTS['busy_timeout_ms']}")
-        try:
-            conn.execute(SQL["schema_version"]).fetchone()
-        except sqlite3.OperationalError as exc:
-            conn.close()
-            wal = self.path + "-wal"
-            if immutable or "unable to open" not in str(exc) or (
-                    os.path.exists(wal) and os.path.getsize(wal)):
-                raise
-            # WAL mode wants a -shm file next to the database; where none can
-            # be made (a directory this user cannot write) and no -wal holds
-            # newer pages, the file alone is the whole database.
-            return self._open(immutable=True)
         return conn
 
     def _check_version(self):
-        found = self.read(SQL["schema_version"])[0][0]
-        latest = schema_versions(SCHEMA_PATH.read_text(encoding="utf-8"))[-1][0]
+        found = database_version(self._conn, self.path)
+        latest = latest_schema_version()
         if found == 0:
-            raise StoreUnavailable(f"{self.path} is not an spp-receiver database (no schema)")
+            raise StoreUnavailable(
+                f"{self.path} is not an spp-receiver database: it is empty "
+                f"(this code's schema is version {latest})")
         if found < latest:
             raise StoreUnavailable(
                 f"{self.path} has schema version {found}, older than this code's {latest}: "
                 "start the server on it once to upgrade it (reports never change a database)"
             )
-        if found > latest:
+
+    def check_unchanged(self):
+        """StoreUnavailable if the file read with immutable=1 changed while it
+        was read (a server started on it and checkpointed): what was read
+        may mix old and new pages."""
+        if self._identity is not None and self._file_identity() != self._identity:
             raise StoreUnavailable(
-                f"{self.path} has schema version {found}, newer than this code's {latest}: "
-                "use the spp_server.py that wrote it"
-            )
+                f"{self.path} changed while it was read (a server started on it?): run it again")
 
     def _reader(self):
         return self._conn
@@ -1499,24 +1623,62 @@ class Session:
         )
 
 
+class NotANumber(ValueError):
+    """NaN or Infinity, which JSON does not have."""
+
+
 def _reject_constant(name):
-    raise ValueError(f"{name} is not a number")
+    raise NotANumber(f"{name} is not a number")
+
+
+class RepeatedKeys(dict):
+    """A JSON object that gives a key more than once (json would keep the
+    last value): refused where read, since which value was meant is ambiguous.
+    `repeated` is the first key given twice."""
+
+    repeated = None
+
+
+def json_object(pairs):
+    """object_pairs_hook: a dict, or RepeatedKeys for an object that repeats a key."""
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    obj, seen = RepeatedKeys(obj), set()
+    obj.repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+    return obj
+
+
+def parse_json(text):
+    """JSON text -> value: numbers with a fraction or exponent as exact
+    Decimals (never a float), objects through json_object.  ValueError with
+    a message for people (never an exception's repr, such as decimal's
+    [<class 'decimal.InvalidOperation'>] or int's advice about sys)."""
+    try:
+        return json.loads(text, parse_float=decimal.Decimal, parse_constant=_reject_constant,
+                          object_pairs_hook=json_object)
+    except (json.JSONDecodeError, NotANumber) as exc:
+        raise ValueError(str(exc)) from None
+    except decimal.InvalidOperation:  # 1e99999999999999999999: beyond what decimal holds
+        raise ValueError("a number's exponent is too large") from None
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
+    except ValueError:  # int() refuses more than sys.int_info.default_max_str_digits digits
+        raise ValueError("a whole number has too many digits") from None
 
 
 def parse_json_object(body):
-    """bytes -> dict, with every JSON number with a fraction or exponent kept as
-    an exact Decimal (never a float)."""
+    """bytes -> dict (see parse_json); a key given twice is refused, naming it."""
     try:
-        payload = json.loads(
-            body.decode("utf-8"), parse_float=decimal.Decimal, parse_constant=_reject_constant
-        )
+        payload = parse_json(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise Invalid(None, "the body is not valid UTF-8") from None
-    except (ValueError, RecursionError, decimal.InvalidOperation) as exc:
-        # InvalidOperation: an exponent beyond what decimal can hold (1e99999999999999999999).
+    except ValueError as exc:
         raise Invalid(None, f"the body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise Invalid(None, "the body must be a JSON object")
+    if isinstance(payload, RepeatedKeys):
+        raise Invalid(payload.repeated, "is given more than once: which value is meant is ambiguous")
     return payload
 
 
@@ -1675,6 +1837,11 @@ def report_day_text(number):
     return (EPOCH + timedelta(days=number)).strftime("%Y-%m-%d")
 
 
+# reconcile's window is [since, until) with since from 1970-01-01 and until at
+# most 9999-12-31: a booked day must be in it to be seen at all.
+LAST_REPORT_DAY = report_day_number("9999-12-31")
+
+
 def column_key(name):
     """Header names and JSON keys alike: 'Property ID', 'property_id' -> 'property-id'."""
     return re.sub(r"[-_\s]+", "-", name.strip().lower())
@@ -1733,9 +1900,13 @@ def csv_booked_records(text, columns):
 def json_booked_records(text):
     """(where, fields) for each row of an Ad Revenue Reports answer or a bare array."""
     try:
-        report = json.loads(text, parse_float=decimal.Decimal, parse_constant=_reject_constant)
-    except (ValueError, RecursionError, decimal.InvalidOperation) as exc:
+        report = parse_json(text)
+    except ValueError as exc:
         raise BookedFileError(f"is not valid JSON: {exc}") from None
+    for where, obj in [("", report), ("data", isinstance(report, dict) and report.get("data"))]:
+        if isinstance(obj, RepeatedKeys):
+            raise BookedFileError(f"{where or 'the top object'}: the key {obj.repeated!r} is given "
+                                  "more than once: which value is meant is ambiguous")
     if isinstance(report, list):
         path, rows = "", report
     else:
@@ -1751,6 +1922,9 @@ def json_booked_records(text):
         where = f"{path}[{index}]"
         if not isinstance(row, dict):
             raise BookedFileError(f"{where}: is not an object")
+        if isinstance(row, RepeatedKeys):
+            raise BookedFileError(f"{where}: the key {row.repeated!r} is given more than once: "
+                                  "which value is meant is ambiguous")
         yield where, keyed_fields(where, row, row.values())
 
 
@@ -1764,9 +1938,12 @@ def booked_row(where, fields, columns):
     if day is None:
         refuse("date", "is required")
     try:
-        report_day_number(day)
+        day_number = report_day_number(day)
     except ValueError:
         refuse("date", "must be a date written YYYY-MM-DD, such as 2026-11-23")
+    if not 0 <= day_number < LAST_REPORT_DAY:
+        refuse("date", f"must be from 1970-01-01 to {report_day_text(LAST_REPORT_DAY - 1)}: "
+               "the days reconcile can query")
     metric = columns["revenue"]
     try:
         nanos = check_revenue(fields, metric)
@@ -2768,18 +2945,20 @@ def serve(app, config, sockets=()):
         raise WriterLost(f"the writer process exited (status {app.store.writer.exit_status()})")
 
 
+def whole_number(text, low, high, words):
+    """A whole number in [low, high], or ArgumentTypeError saying `words`
+    (argparse would otherwise name this module's function: 'invalid port_number value')."""
+    if not re.fullmatch(r"[0-9]{1,9}", text.strip()) or not low <= int(text) <= high:
+        raise argparse.ArgumentTypeError(f"must be {words}, not {text!r}")
+    return int(text)
+
+
 def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+    return whole_number(text, 1, 10**9 - 1, "a whole number of at least 1")
 
 
 def port_number(text):
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError("must be from 0 to 65535")
-    return value
+    return whole_number(text, 0, 65535, "a whole number from 0 to 65535")
 
 
 def reward_share(text):
@@ -2804,6 +2983,63 @@ TIME_FORMS_HELP = ("2026-11-23T10:00:00Z, 2026-11-23T15:30:00+05:30, a date 2026
 REWARD_SHARE_ADDS = "adds rewardable-revenue (rounded down to the nano-USD) to earnings"
 
 
+class HelpfulParser(argparse.ArgumentParser):
+    """argparse's parser, but a --help that cannot be written (a full disk, a
+    closed pipe) is said so, and not 0: argparse ignores the failed write."""
+
+    def print_help(self, file=None):
+        out = file or sys.stdout
+        try:
+            out.write(self.format_help())
+            out.flush()
+        except OSError as exc:
+            self.exit(output_failed(self.prog, out, exc))
+
+
+class BadVariable:
+    """The default of an option taken from an SPP_* variable that does not
+    hold a valid value: an error naming the variable, but only if the option
+    is not given on the command line (a flag wins over the environment)."""
+
+    def __init__(self, variable, text, reason):
+        self.variable, self.text, self.reason = variable, text, reason
+
+    def __str__(self):  # as %(default)s in --help
+        return self.text
+
+
+def env_default(environ, variable, convert, fallback):
+    """An option's default: `variable` read with `convert` (the option's type), else `fallback`.
+    Converted here, not by argparse, whose error would name the flag the user never gave."""
+    text = environ.get(variable)
+    if text is None:
+        return fallback
+    try:
+        return convert(text)
+    except (argparse.ArgumentTypeError, ValueError) as exc:
+        return BadVariable(variable, text, str(exc))
+
+
+# Options whose value may start with '-', which argparse takes for an option
+# unless written with '=': --report-utc-offset=-03:00.
+NEGATIVE_VALUE_OPTIONS = ("--report-utc-offset",)
+
+
+def parse_arguments(parser, argv):
+    """parser.parse_args(argv), with an error naming the SPP_* variable when
+    an option's default came from one that is not valid, and a hint at the
+    '=' form for a negative value that argparse would read as an option."""
+    for flag, value in zip(argv, argv[1:]):
+        if flag in NEGATIVE_VALUE_OPTIONS and re.match(r"-[0-9]", value):
+            parser.error(f"{flag}: write a value that starts with '-' with '=', as "
+                         f"{flag}={value} (alone, {value} reads as an option)")
+    args = parser.parse_args(argv)
+    for value in vars(args).values():
+        if isinstance(value, BadVariable):
+            parser.error(f"the environment variable {value.variable}={value.text!r}: {value.reason}")
+    return args
+
+
 def add_shared_options(parser, environ, db_help, share_adds=REWARD_SHARE_ADDS):
     """Options both the server and the report commands take."""
     parser.add_argument(
@@ -2811,7 +3047,8 @@ def add_shared_options(parser, environ, db_help, share_adds=REWARD_SHARE_ADDS):
         help=f"{db_help} [SPP_DB, default %(default)s]",
     )
     parser.add_argument(
-        "--reward-share", type=reward_share, default=environ.get("SPP_REWARD_SHARE"),
+        "--reward-share", type=reward_share,
+        default=env_default(environ, "SPP_REWARD_SHARE", reward_share, None),
         help="share of the estimated revenue you pay out as rewards: a decimal above 0 and "
         f"at most 1, with at most 6 places, e.g. 0.7; {share_adds} "
         "[SPP_REWARD_SHARE, default: not shown]",
@@ -2820,19 +3057,25 @@ def add_shared_options(parser, environ, db_help, share_adds=REWARD_SHARE_ADDS):
 
 def build_parser(environ):
     env = environ.get
-    parser = argparse.ArgumentParser(
-        prog="spp_server.py",
-        description="Receive Gamezop Session Performance Postbacks into SQLite and "
-        "report what each user earned. `spp_server.py export --help` for the payout "
-        "export without the server; `import-booked --help` and `reconcile --help` to hold "
-        "the estimates against Gamezop's booked revenue; `prune --help` to keep the "
-        "database bounded.",
-        epilog="Secrets are never options (the command line shows in ps): the postback "
+    paragraphs = [
+        "Receive Gamezop Session Performance Postbacks into SQLite and report what each "
+        "user earned: with options only, run the server.",
+    ]
+    notes = [
+        "Secrets are never options (the command line shows in ps): the postback "
         "token comes from SPP_POSTBACK_TOKEN or $CREDENTIALS_DIRECTORY/postback-token, "
         "the read token from SPP_READ_TOKEN or $CREDENTIALS_DIRECTORY/read-token; "
         "several tokens (comma-separated, or one per line in the file) are all accepted, "
         "for rotation. Without a postback token, postbacks need no auth. "
         "Under systemd, a socket passed with LISTEN_FDS is used instead of --host/--port.",
+        "A value that starts with '-' is written with '=': --report-utc-offset=-03:00.",
+    ]
+    parser = HelpfulParser(
+        prog="spp_server.py",
+        usage="%(prog)s [COMMAND] [options]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the list of commands
+        description="\n\n".join([*map(textwrap.fill, paragraphs), commands_help()]),
+        epilog="\n\n".join(map(textwrap.fill, notes)),
     )
     add_shared_options(parser, environ, DB_HELP_SERVER)
     parser.add_argument(
@@ -2841,16 +3084,18 @@ def build_parser(environ):
         "[SPP_HOST, default %(default)s]",
     )
     parser.add_argument(
-        "--port", type=port_number, default=env("SPP_PORT", DEFAULTS["port"]),
+        "--port", type=port_number,
+        default=env_default(environ, "SPP_PORT", port_number, DEFAULTS["port"]),
         help="TCP port [SPP_PORT, default %(default)s]",
     )
     parser.add_argument(
-        "--threads", type=positive_int, default=env("SPP_THREADS", DEFAULTS["threads"]),
+        "--threads", type=positive_int,
+        default=env_default(environ, "SPP_THREADS", positive_int, DEFAULTS["threads"]),
         help="worker threads [SPP_THREADS, default %(default)s]",
     )
     parser.add_argument(
         "--log-level", type=log_level,
-        default=env("SPP_LOG_LEVEL", DEFAULTS["log_level"]),
+        default=env_default(environ, "SPP_LOG_LEVEL", log_level, DEFAULTS["log_level"]),
         help=f"one of {', '.join(LOG_LEVELS)}; debug adds a line per accepted postback "
         "[SPP_LOG_LEVEL, default %(default)s]",
     )
@@ -2859,7 +3104,7 @@ def build_parser(environ):
 
 
 def build_export_parser(environ):
-    parser = argparse.ArgumentParser(
+    parser = HelpfulParser(
         prog="spp_server.py export",
         description="Write the payout export (what GET /earnings answers) to stdout, "
         "reading the database directly; safe while the server runs. Exit status 1, "
@@ -2892,7 +3137,7 @@ def build_config(args, environ):
 
 def run_export(argv, environ, out):
     parser = build_export_parser(environ)
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     try:
         window = parse_window(args.since, args.until, required=True)
     except Invalid as invalid:
@@ -2904,10 +3149,71 @@ def run_export(argv, environ, out):
     )
 
 
+# Exit statuses of the commands (README, "Commands"): 0 done; 1 failed (for
+# a report: the output is incomplete); 2 a usage error; and these two.
+EXIT_OUTPUT_CLOSED = 141  # the reader closed the pipe before the end: 128 + SIGPIPE, as cat gives
+EXIT_COMMITTED_OUTPUT_LOST = 3  # the change is committed, but what says so was not written
+
+
+def discard_output(out):
+    """Point `out`'s descriptor at /dev/null after a failed write: what is
+    still buffered then goes nowhere when the interpreter flushes it at exit,
+    instead of failing again with a traceback and status 120."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file: nothing flushes it at exit
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def output_failed(prog, out, exc, committed=None):
+    """A write to the command's output failed (a full disk, a closed pipe):
+    one line on stderr (none for a reader that quit, unless a change was
+    committed) -> the exit status.  `committed` says what was committed."""
+    discard_output(out)
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if committed:
+        print(f"{prog}: {committed}, but writing its output failed: {reason}", file=sys.stderr)
+        return EXIT_COMMITTED_OUTPUT_LOST
+    if isinstance(exc, BrokenPipeError):  # `... | head`: the reader has all it wanted
+        return EXIT_OUTPUT_CLOSED
+    print(f"{prog}: writing the output failed, it is incomplete: {reason}", file=sys.stderr)
+    return 1
+
+
+class CheckedOutput:
+    """The output of a command that changes the database: the first failed
+    write is kept, not raised, so that the command finishes its change and
+    then says that only its output was lost (see output_failed)."""
+
+    def __init__(self, out):
+        self.out, self.error = out, None
+
+    def write(self, text):
+        if self.error is None:
+            try:
+                self.out.write(text)
+            except OSError as exc:
+                self.error = exc
+
+    def flushed(self):
+        """True once everything is written."""
+        self.write("")
+        if self.error is None:
+            try:
+                self.out.flush()
+            except OSError as exc:
+                self.error = exc
+        return self.error is None
+
+
 def print_report(prog, db, out, chunks_of):
     """Write chunks_of(store) to `out` from the database `db` opened read-only.
     Any failure, before or during the output, is one line on stderr and exit
-    status 1: never a traceback, never a report cut short without saying so."""
+    status 1: never a traceback, never a report cut short without saying so
+    (a reader that closed the pipe: EXIT_OUTPUT_CLOSED, quietly)."""
     try:
         store = ReadOnlyStore(db)
     except StoreUnavailable as exc:
@@ -2916,13 +3222,13 @@ def print_report(prog, db, out, chunks_of):
     try:
         for chunk in chunks_of(store):
             out.write(chunk)
+        store.check_unchanged()
         out.flush()
     except (StoreUnavailable, sqlite3.Error) as exc:
         print(f"{prog}: reading {db} failed, the output is incomplete: {exc}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # `... | head`: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # no error again at exit
-        return 1
+    except OSError as exc:
+        return output_failed(prog, out, exc)
     finally:
         store.close()
     return 0
@@ -2943,7 +3249,7 @@ def add_report_offset_option(parser, environ):
     """The server and `reconcile` take it."""
     parser.add_argument(
         "--report-utc-offset", type=utc_offset_option,
-        default=environ.get("SPP_REPORT_UTC_OFFSET", "+00:00"),
+        default=env_default(environ, "SPP_REPORT_UTC_OFFSET", utc_offset_option, 0),
         help="UTC offset of the days of Gamezop's revenue reports, e.g. +05:30: "
         "/reconciliation groups SPP receive times into those days "
         "[SPP_REPORT_UTC_OFFSET, default +00:00]",
@@ -2951,7 +3257,7 @@ def add_report_offset_option(parser, environ):
 
 
 def build_import_parser(environ):
-    parser = argparse.ArgumentParser(
+    parser = HelpfulParser(
         prog="spp_server.py import-booked",
         description="Store a Gamezop revenue report (the Ad Revenue Reports API's JSON, "
         "or CSV with date and revenue columns) as booked revenue, one row per day, "
@@ -2975,7 +3281,7 @@ def build_import_parser(environ):
 
 
 def build_reconcile_parser(environ):
-    parser = argparse.ArgumentParser(
+    parser = HelpfulParser(
         prog="spp_server.py reconcile",
         description="Write the reconciliation (what GET /reconciliation answers) to stdout: "
         "per report day, SPP's estimates against the imported booked revenue.",
@@ -3003,7 +3309,7 @@ def build_reconcile_parser(environ):
 
 
 def build_prune_parser(environ):
-    parser = argparse.ArgumentParser(
+    parser = HelpfulParser(
         prog="spp_server.py prune",
         description="Keep the database bounded: clear old raw bodies (the parsed fields, "
         "sums and deduplication stay, so earnings and duplicates are unaffected) and delete "
@@ -3029,7 +3335,7 @@ PRUNE_OPTIONS = (("raw_bodies_before", ["raw bodies"]), ("rejected_before", ["re
 
 def run_prune(argv, environ, out):
     parser = build_prune_parser(environ)
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     plan = []
     for option, whats in PRUNE_OPTIONS:
         text = getattr(args, option)
@@ -3043,18 +3349,20 @@ def run_prune(argv, environ, out):
     try:
         if not os.path.isfile(args.db):
             raise StoreUnavailable(f"no database at {args.db}")
-        store = ReadOnlyStore(args.db) if args.dry_run else Store(args.db, DEFAULTS["busy_timeout_ms"])
+        store = (ReadOnlyStore(args.db) if args.dry_run
+                 else Store(args.db, DEFAULTS["busy_timeout_ms"], command=True))
     except (StoreUnavailable, OSError, sqlite3.Error) as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 1
     freed = 0
+    report = CheckedOutput(out)
     try:
         for what, before in plan:
             rows, size = (count_prunable if args.dry_run else prune)(store, what, before)
             freed += 0 if args.dry_run else rows
             done = ("would be " if args.dry_run else "") + (
                 "cleared" if what == "raw bodies" else "deleted")
-            out.write(f"{what} received before {iso_utc(before)}: {rows} {done}, {size} bytes\n")
+            report.write(f"{what} received before {iso_utc(before)}: {rows} {done}, {size} bytes\n")
     except StoreUnavailable as exc:
         print(f"{parser.prog}: {exc} (batches already done stay done; run it again)",
               file=sys.stderr)
@@ -3063,14 +3371,17 @@ def run_prune(argv, environ, out):
         store.close()
     if freed:  # the hint only when this run freed something to give back
         # Under systemd the socket would start the server again: stop both.
-        out.write("Freed pages are reused by new rows; the file keeps its size. To shrink it, "
-                  "stop the server (under systemd: systemctl stop spp.socket spp.service) "
-                  f"and run: sqlite3 {args.db} VACUUM\n")
+        report.write("Freed pages are reused by new rows; the file keeps its size. To shrink it, "
+                     "stop the server (under systemd: systemctl stop spp.socket spp.service) "
+                     f"and run: sqlite3 {args.db} VACUUM\n")
+    if not report.flushed():
+        return output_failed(parser.prog, out, report.error,
+                             None if args.dry_run else "the pruning is committed")
     return 0
 
 
 def run_import_booked(argv, environ, out):
-    args = build_import_parser(environ).parse_args(argv)
+    args = parse_arguments(build_import_parser(environ), argv)
     name = "spp_server.py import-booked"
     try:
         data = Path(args.file).read_bytes()
@@ -3082,28 +3393,33 @@ def run_import_booked(argv, environ, out):
     except BookedFileError as exc:
         print(f"{name}: {args.file}: {exc}; nothing imported", file=sys.stderr)
         return 1
-    if not os.path.exists(args.db):
-        print(f"{name}: no database at {args.db}", file=sys.stderr)
-        return 1
     try:
-        store = Store(args.db, DEFAULTS["busy_timeout_ms"])
+        store = Store(args.db, DEFAULTS["busy_timeout_ms"], command=True)
+    except StoreUnavailable as exc:
+        print(f"{name}: {exc}; nothing imported", file=sys.stderr)
+        return 1
     except (OSError, sqlite3.Error) as exc:
         print(f"{name}: cannot open the database {args.db}: {exc}", file=sys.stderr)
         return 1
     try:
+        # Committed when it returns, failed (nothing stored) when it raises:
+        # a command's write has no deadline (InlineWriter).
         counts = store.write(import_booked(rows, os.path.basename(args.file)))
     except StoreUnavailable as exc:
-        print(f"{name}: {exc}; nothing imported", file=sys.stderr)
+        print(f"{name}: {exc}; nothing imported (running it again is safe)", file=sys.stderr)
         return 1
     finally:
         store.close()
-    out.write(import_summary(args.file, rows, counts))
+    report = CheckedOutput(out)
+    report.write(import_summary(args.file, rows, counts))
+    if not report.flushed():
+        return output_failed(name, out, report.error, f"{args.file} is imported (committed)")
     return 0
 
 
 def run_reconcile(argv, environ, out):
     parser = build_reconcile_parser(environ)
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     try:
         q = reconciliation_query(args.since, args.until, args.property_id,
                                  args.report_utc_offset, args.quantile, args.reward_share)
@@ -3122,18 +3438,58 @@ def setup_logging(level="info"):
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
+# The commands: name -> (how to run it on argv, environ; one line for --help).
+COMMANDS = {
+    "export": (lambda argv, environ: run_export(argv, environ, sys.stdout.buffer),
+               "the payout export (what GET /earnings answers), to stdout"),
+    "import-booked": (lambda argv, environ: run_import_booked(argv, environ, sys.stdout),
+                      "store a Gamezop revenue report as booked revenue"),
+    "reconcile": (lambda argv, environ: run_reconcile(argv, environ, sys.stdout.buffer),
+                  "the estimates against the booked revenue per report day, to stdout"),
+    "prune": (lambda argv, environ: run_prune(argv, environ, sys.stdout),
+              "clear old raw bodies, delete old refusals: keep the database bounded"),
+}
+
+
+def commands_help():
+    width = max(map(len, COMMANDS)) + 2
+    return "\n".join(["commands (`spp_server.py COMMAND --help` for each one's options):",
+                      *(f"  {name:<{width}}{text}" for name, (_, text) in COMMANDS.items())])
+
+
 def main(argv=None, environ=None):
-    environ = os.environ if environ is None else environ
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["export"]:
-        return run_export(argv[1:], environ, sys.stdout.buffer)
-    if argv[:1] == ["import-booked"]:
-        return run_import_booked(argv[1:], environ, sys.stdout)
-    if argv[:1] == ["prune"]:
-        return run_prune(argv[1:], environ, sys.stdout)
-    if argv[:1] == ["reconcile"]:
-        return run_reconcile(argv[1:], environ, sys.stdout.buffer)
-    args = build_parser(environ).parse_args(argv)
+    """The command line -> exit status.  Whatever is still buffered for
+    stdout (argparse's --help, the server's first line) is flushed here, where
+    a failure is one line and a status, not a traceback at exit."""
+    try:
+        status = run_command_line(
+            sys.argv[1:] if argv is None else argv, os.environ if environ is None else environ)
+    except SystemExit as exited:  # argparse: --help, or a usage error
+        status = exited
+    if sys.stdout is not None:
+        try:
+            sys.stdout.flush()
+        except OSError as exc:
+            status = output_failed("spp_server.py", sys.stdout, exc)
+    if isinstance(status, SystemExit):
+        raise status
+    return status
+
+
+def run_command_line(argv, environ):
+    if argv[:1] and argv[0] in COMMANDS:
+        if sys.stdout is None:  # started with stdout closed (>&-): Python leaves it None
+            print(f"spp_server.py {argv[0]}: stdout is closed: nowhere to write the output; "
+                  "nothing done", file=sys.stderr)
+            return 1
+        return COMMANDS[argv[0]][0](argv[1:], environ)
+    parser = build_parser(environ)
+    if argv[:1] and not argv[0].startswith("-"):  # the server takes no argument
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        parser.error(f"{argv[0]!r} is not a command"
+                     + (f": did you mean {close[0]!r}?" if close else "")
+                     + f" (the commands are {', '.join(COMMANDS)})")
+    args = parse_arguments(parser, argv)
     setup_logging(args.log_level)
     try:
         config = build_config(args, environ)
@@ -3148,6 +3504,9 @@ def main(argv=None, environ=None):
         )
     try:
         app = create_app(config)
+    except StoreUnavailable as exc:  # not our database, or a newer schema
+        log.error("cannot start: %s", exc)
+        return 1
     except (OSError, sqlite3.Error) as exc:
         log.error("cannot open the database %s: %s", config["db"], exc)
         return 1

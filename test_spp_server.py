@@ -805,6 +805,68 @@ def test_deep_wide_and_huge_bodies_are_answered_json_never_500(client, db, make_
     assert client.get("/healthz").json == {"status": "ok"}
 
 
+# What an error message must never show: Python's internals instead of the field.
+PYTHON_INTERNALS = ("<class", "Traceback", "sys.", "set_int_max_str_digits", "Error(", "Error:")
+
+
+def assert_no_internals(message):
+    assert not any(word in message for word in PYTHON_INTERNALS), message
+
+
+def json_object_text(pairs):
+    """A JSON object written from (key, value) pairs, which may repeat a key."""
+    return "{" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in pairs) + "}"
+
+
+def test_a_postback_that_gives_a_key_twice_is_a_400_naming_it_and_kept(client, db):
+    """JSON lets a key repeat, and json keeps the last value: `user-id` twice
+    recorded the second.  Which one Gamezop meant is ambiguous: refused, even
+    with the same value twice."""
+    @settings(max_examples=40, **HOSTILE_SETTINGS)
+    @given(key=st.sampled_from(POSTBACK_FIELDS + ["extra", "User-Id", ""]),
+           second=st.one_of(st.none(), st.integers(0, 9), st.text(max_size=5)),
+           at_end=st.booleans())
+    def check(key, second, at_end):
+        pairs = list(postback().items())
+        first = dict(pairs).get(key, "first")
+        repeat = (key, first if second is None else second)
+        pairs = [*pairs, repeat] if at_end else [repeat, *pairs]
+        if key not in SAMPLE:
+            pairs.append((key, first))
+        body = json_object_text(pairs).encode("utf-8")
+        before = count(db, "sessions")
+        res = send_raw(client, body)
+        assert_error(res, 400, key)
+        assert "more than once" in res.json["error"]
+        assert count(db, "sessions") == before
+        assert rows(db, "SELECT field, raw_body FROM rejected ORDER BY id DESC LIMIT 1") == [
+            (key, body)]
+
+    check()
+
+
+LITERALS_WITH_HUGE_NUMBERS = st.one_of(
+    LITERALS,
+    st.integers(4301, 6000).map(lambda n: "1" * n),  # past int()'s digit limit
+    st.integers(4301, 6000).map(lambda n: '"' + "9" * n + '"'),
+    st.sampled_from(["1e99999999999999999999", "-1E+99999999999999999999", "0." + "0" * 5000 + "1",
+                     "[" * 100_000, "{\"a\":" * 20_000, '{"a": 1, "a": 2}']),
+)
+
+
+def test_no_postback_error_shows_python_internals(client, db):
+    @settings(max_examples=150, **HOSTILE_SETTINGS)
+    @given(field=st.sampled_from(POSTBACK_FIELDS), literal=LITERALS_WITH_HUGE_NUMBERS)
+    def check(field, literal):
+        text = json.dumps(postback(**{field: "__LITERAL__"}))
+        res = send_raw(client, as_body(text.replace('"__LITERAL__"', literal)))
+        if res.status_int != 200:
+            assert_no_internals(res.json["error"])
+            assert_no_internals(json.dumps(res.json["field"]))
+
+    check()
+
+
 # ---------------------------------------------------------------------------
 # Money: exact sums, exact strings
 # ---------------------------------------------------------------------------
@@ -1958,12 +2020,15 @@ def test_write_time_histogram_counts_every_committed_write(client):
     assert 0 < samples[("spp_write_duration_seconds_sum", ())] < 60
 
 
-@given(st.integers(min_value=-30_610_224_000 * 10**6, max_value=253_402_300_799 * 10**6 + 999_999))
+@given(st.integers(min_value=-62_135_596_800 * 10**6, max_value=253_402_300_799 * 10**6 + 999_999))
 def test_iso_utc_is_the_utc_instant_to_the_microsecond(us):
-    """Any instant from year 1000 to 9999: what datetime says it is."""
+    """Any instant from year 1 to 9999 (before 1970 too): what datetime says it
+    is, in ISO 8601 with a four-digit year, and read back as the same instant."""
     instant = datetime.datetime(1970, 1, 1) + datetime.timedelta(microseconds=us)
-    fraction = f".{instant.microsecond:06d}" if instant.microsecond else ""
-    assert spp_server.iso_utc(us) == instant.strftime("%Y-%m-%dT%H:%M:%S") + fraction + "Z"
+    text = spp_server.iso_utc(us)
+    assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{6})?Z", text)
+    assert datetime.datetime.fromisoformat(text[:-1]) == instant
+    assert spp_server.parse_instant(text) == us
 
 
 def test_write_times_fall_in_the_first_bucket_that_holds_them():
@@ -2018,6 +2083,48 @@ def test_window_queries_search_the_receive_time_index(client, db, name):
     assert plan.startswith("SEARCH sessions USING COVERING INDEX sessions_by_time "
                            "(received_at_us>? AND received_at_us<?)")
     assert "SCAN" not in plan
+
+
+def test_no_read_parameter_error_shows_python_internals(client):
+    @settings(max_examples=200, **HOSTILE_SETTINGS)
+    @given(path=st.sampled_from(sorted(READ_PARAMS)), data=st.data())
+    def check(path, data):
+        names = READ_PARAMS[path]
+        if not names:
+            return
+        name = data.draw(st.sampled_from(names))
+        value = data.draw(st.one_of(
+            NUMBER_TEXT, st.text(max_size=30), st.integers(4301, 5000).map(lambda n: "9" * n),
+            st.sampled_from(["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "1e-6400000",
+                             "9" * 25, "-1", "0001-01-01", "9999-12-31", "+99:99"])))
+        params = {**{n: VALID_PARAMS[n] for n in names}, name: value}
+        res = client.get(path.format("u"), params=params, expect_errors=True)
+        assert res.status_int < 500, res.text
+        if res.status_int >= 400:
+            assert_no_internals(res.json["error"])
+
+    check()
+
+
+@pytest.mark.parametrize("since, echoed", [
+    ("0001-01-01", "0001-01-01T00:00:00Z"), ("0999-12-31T23:59:59.5Z", "0999-12-31T23:59:59.500000Z"),
+    ("1969-12-31T23:00:00-01:00", "1970-01-01T00:00:00Z"), ("0", "1970-01-01T00:00:00Z"),
+    ("1960-06-30T12:00:00+05:30", "1960-06-30T06:30:00Z")])
+def test_a_window_before_1970_or_before_year_1000_is_echoed_in_iso_8601(client, since, echoed):
+    res = client.get("/totals", params={"since": since, "until": "9999-12-31T23:59:59.999999Z"})
+    assert res.json["since"] == echoed
+    assert res.json["until"] == "9999-12-31T23:59:59.999999Z"
+    assert datetime.datetime.fromisoformat(echoed.replace("Z", "+00:00"))  # readable as written
+
+
+@pytest.mark.parametrize("param, value", [
+    ("since", "0001-01-01T00:00:00+00:01"), ("until", "9999-12-31T23:59:59-00:01"),
+    ("since", "0001-01-01T00:30:00+01:00")])
+def test_an_instant_outside_years_1_to_9999_is_a_400_naming_it(client, param, value):
+    params = {"since": "1970-01-01", "until": "2000-01-01", param: value}
+    res = client.get("/totals", params=params, status=400)
+    assert_error(res, 400, param)
+    assert "0001-01-01T00:00:00Z" in res.json["error"]
 
 
 # ---------------------------------------------------------------------------
@@ -2125,7 +2232,7 @@ def test_export_of_a_database_this_user_may_not_read_is_one_line(client, db, cap
 
 @pytest.mark.parametrize("content, words", [
     (b"", ["not an spp-receiver database"]),
-    (b"not a database at all" * 100, ["cannot read", "not a database"]),
+    (b"not a database at all" * 100, ["not an spp-receiver database", "not an SQLite file"]),
 ])
 def test_export_of_a_file_that_is_not_our_database_is_one_line(tmp_path, capsys, content, words):
     db = tmp_path / "other.db"
@@ -2172,7 +2279,7 @@ def test_an_export_piped_into_a_reader_that_quits_ends_quietly(client, db, capsy
     read_end, write_end = os.pipe()
     os.close(read_end)
     with open(write_end, "wb") as out:
-        assert run_export_command(db, out) == (1, None)
+        assert run_export_command(db, out) == (spp_server.EXIT_OUTPUT_CLOSED, None)
     assert capsys.readouterr().err == ""
 
 
@@ -2183,6 +2290,247 @@ def test_export_help_tells_what_it_reads_and_accepts(capsys):
     assert "read-only, never created" in text and "created on first start" not in text
     for form in ["ndjson", "csv", "2026-11-23T10:00:00Z", "+05:30", "unix seconds"]:
         assert form in text
+
+
+# --- Every command's output is checked: a full disk, a reader that quit ---
+
+
+class FullDisk:
+    """An output that takes `room` bytes (or characters), then fails as a
+    full disk does; with fail_flush, its flush fails too."""
+
+    def __init__(self, room, fail_flush=False):
+        self.room, self.fail_flush, self.parts = room, fail_flush, []
+
+    def write(self, data):
+        if sum(map(len, self.parts)) + len(data) > self.room:
+            raise OSError(28, "No space left on device")
+        self.parts.append(data)
+        return len(data)
+
+    def flush(self):
+        if self.fail_flush:
+            raise OSError(28, "No space left on device")
+
+
+def store_sessions(db, how_many):
+    """`how_many` sessions of distinct users, written straight into the table."""
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.executemany(
+            "INSERT INTO sessions (session_id, user_id, revenue_nano, received_at_us, raw_body) "
+            "VALUES (?, ?, 1000, ?, '{}')",
+            [(f"s{n}", f"user-{n:06d}-" + "x" * 200, 1_700_000_000_000_000 + n)
+             for n in range(how_many)])
+
+
+@pytest.mark.parametrize("room, fail_flush", [(0, False), (70_000, False), (10**9, True)])
+def test_an_export_that_cannot_be_written_is_one_line_and_status_1(client, db, capsys, room,
+                                                                   fail_flush):
+    store_sessions(db, 400)  # about 100 KB: two writes
+    out = FullDisk(room, fail_flush)
+    assert run_export_command(db, out)[0] == 1
+    one_line_error(capsys, "writing the output failed", "incomplete", "No space left on device")
+
+
+@pytest.mark.parametrize("fail_flush", [False, True])
+def test_a_reconciliation_that_cannot_be_written_is_one_line_and_status_1(client, db, capsys,
+                                                                          fail_flush):
+    out = FullDisk(0 if not fail_flush else 10**9, fail_flush)
+    assert spp_server.run_reconcile(["--db", db, "--since", "2026-11-01", "--until", "2026-11-08"],
+                                    {}, out) == 1
+    one_line_error(capsys, "incomplete", "No space left on device")
+
+
+@pytest.mark.parametrize("fail_flush", [False, True])
+def test_an_import_whose_summary_cannot_be_written_says_it_is_committed(
+        client, db, tmp_path, capsys, fail_flush):
+    (tmp_path / "r.csv").write_text("date,revenue\n2026-11-01,1\n")
+    out = FullDisk(0 if not fail_flush else 10**9, fail_flush)
+    code = spp_server.run_import_booked([str(tmp_path / "r.csv"), "--db", db], {}, out)
+    assert code == spp_server.EXIT_COMMITTED_OUTPUT_LOST != 1
+    one_line_error(capsys, "r.csv is imported (committed)", "No space left on device")
+    assert rows(db, "SELECT revenue_nano FROM booked_revenue") == [(10**9,)]
+
+
+def test_a_prune_whose_report_cannot_be_written_finishes_and_says_it_is_committed(
+        client, clock, db, capsys):
+    post_at(client, clock, "2026-11-01T00:00:00Z")
+    post(client, b"x", status=400)
+    args = ["--raw-bodies-before", "2027-01-01", "--rejected-before", "2027-01-01"]
+    code = spp_server.run_prune(["--db", db, *args], {}, FullDisk(0))
+    assert code == spp_server.EXIT_COMMITTED_OUTPUT_LOST
+    one_line_error(capsys, "the pruning is committed", "No space left on device")
+    # Both asked for, although the first line of the report already failed.
+    assert rows(db, "SELECT raw_body FROM sessions") == [("",)] and count(db, "rejected") == 0
+    code = spp_server.run_prune(["--db", db, *args, "--dry-run"], {}, FullDisk(10))
+    assert code == 1  # a dry run changed nothing: its report is merely incomplete
+    one_line_error(capsys, "incomplete", "No space left on device")
+
+
+@pytest.fixture
+def command_lines(client, db, tmp_path):
+    """Each command's argv on a database with a session and a refusal."""
+    post(client, SAMPLE)
+    post(client, b"x", status=400)
+    report = tmp_path / "r.csv"
+    report.write_text("date,revenue\n2026-11-01,1\n")
+    window = ["--since", "2000-01-01", "--until", "2100-01-01"]
+    return {
+        "export": ["export", "--db", db, *window],
+        "reconcile": ["reconcile", "--db", db, *window],
+        "import-booked": ["import-booked", str(report), "--db", db],
+        "prune": ["prune", "--db", db, "--rejected-before", "2100-01-01"],
+        "prune --dry-run": ["prune", "--db", db, "--rejected-before", "2100-01-01", "--dry-run"],
+        "--help": ["--help"],
+        "export --help": ["export", "--help"],
+    }
+
+
+COMMITTED = spp_server.EXIT_COMMITTED_OUTPUT_LOST
+CLOSED = spp_server.EXIT_OUTPUT_CLOSED
+
+
+@pytest.mark.parametrize("command, status_full, status_closed", [
+    ("export", 1, CLOSED), ("reconcile", 1, CLOSED), ("import-booked", COMMITTED, COMMITTED),
+    ("prune", COMMITTED, COMMITTED), ("prune --dry-run", 1, CLOSED), ("--help", 1, CLOSED),
+    ("export --help", 1, CLOSED)])
+@pytest.mark.parametrize("output", ["/dev/full", "closed pipe"])
+def test_every_command_on_a_full_disk_or_a_closed_pipe_is_one_line_at_most_and_not_0(
+        command_lines, command, status_full, status_closed, output):
+    """As `... > /dev/full` and `... | head` give it a real process: also the
+    interpreter's own flush of stdout at exit must not fail with a traceback."""
+    if output == "/dev/full":
+        target, expected = open("/dev/full", "wb"), status_full
+    else:
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        target, expected = open(write_end, "wb"), status_closed
+    with target:
+        result = subprocess.run([sys.executable, str(SERVER), *command_lines[command]],
+                                stdout=target, stderr=subprocess.PIPE, text=True, timeout=30)
+    assert result.returncode == expected, result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+    if expected == CLOSED:
+        assert result.stderr == ""  # the reader quit: nothing went wrong here
+    else:
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert ("No space left on device" if output == "/dev/full" else "Broken pipe") in result.stderr
+        assert ("committed" in result.stderr) == (expected == COMMITTED)
+
+
+def test_a_command_started_with_stdout_closed_does_nothing_and_says_so(command_lines, db):
+    result = subprocess.run([sys.executable, str(SERVER), *command_lines["import-booked"]],
+                            preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE, text=True,
+                            timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "stdout is closed" in result.stderr
+    assert count(db, "booked_revenue") == 0
+
+# --- Read-only access: a backup read by a user who may not write it ---
+
+
+NOBODY = 65534
+
+
+def as_nobody(*argv):
+    """argv run as the user nobody (the tests run as root, whom file
+    permissions do not stop); as another user, as that user."""
+    if os.getuid() != 0:
+        return list(argv)
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is needed to run a command as nobody")
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory another user can reach (tmp_path is root's, mode 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="spp-shared-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def make_backup(make_client, folder, live=False):
+    """A database in `folder`, readable by all; closed (so checkpointed, no
+    -wal) unless `live`.  -> its path."""
+    folder.mkdir()
+    db = folder / "spp.db"
+    client = make_client(db=str(db))
+    post(client, SAMPLE)
+    if not live:
+        client.app.store.close()
+    db.chmod(0o644)
+    return db
+
+
+def writable_by_the_reader(folder, writable):
+    if os.getuid() == 0:
+        if writable:
+            os.chown(folder, NOBODY, NOBODY)
+        folder.chmod(0o755)  # owned by root: nobody may not write in it
+    else:
+        folder.chmod(0o755 if writable else 0o555)
+
+
+@pytest.mark.parametrize("command", ["export", "reconcile"])
+@pytest.mark.parametrize("writable", [False, True])
+def test_a_non_root_user_reads_a_backup_and_leaves_no_file_behind(
+        make_client, shared_dir, command, writable):
+    folder = shared_dir / "backup"
+    db = make_backup(make_client, folder)
+    writable_by_the_reader(folder, writable)
+    before = file_state(folder)
+    result = subprocess.run(
+        as_nobody(sys.executable, str(SERVER), command, "--db", str(db), "--since", "2000-01-01",
+                  "--until", "2100-01-01"), capture_output=True, text=True, cwd=shared_dir,
+        timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and "sub1" in result.stdout or command == "reconcile"
+    assert file_state(folder) == before  # no -wal or -shm, nothing owned by the reader
+    assert {p.stat().st_uid for p in folder.iterdir()} == {os.getuid()}
+
+
+def test_a_copy_whose_wal_cannot_be_read_without_a_shm_says_why(make_client, shared_dir):
+    """A copy taken while the server ran: its -wal holds transactions, which
+    SQLite reads only through a -shm that this user cannot create here."""
+    live = make_backup(make_client, shared_dir / "live", live=True)
+    folder = shared_dir / "copy"
+    folder.mkdir()
+    for suffix in ["", "-wal"]:
+        shutil.copy(f"{live}{suffix}", folder / f"spp.db{suffix}")
+        (folder / f"spp.db{suffix}").chmod(0o644)
+    assert (folder / "spp.db-wal").stat().st_size > 0
+    writable_by_the_reader(folder, writable=False)
+    before = file_state(folder)
+    result = subprocess.run(
+        as_nobody(sys.executable, str(SERVER), "export", "--db", str(folder / "spp.db"),
+                  "--since", "2000-01-01", "--until", "2100-01-01"),
+        capture_output=True, text=True, cwd=shared_dir, timeout=30)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "-wal" in result.stderr and "-shm" in result.stderr
+    assert file_state(folder) == before
+
+
+def test_a_backup_that_changes_while_it_is_read_is_no_report(make_client, tmp_path, monkeypatch,
+                                                             capsys):
+    """Read with immutable=1 (no -wal), the file must not change under the
+    reader: a server started on it and checkpointing is caught."""
+    db = make_backup(make_client, tmp_path / "backup")
+    store_sessions(str(db), 3)  # the last connection's close checkpoints and removes the -wal
+    assert not os.path.exists(f"{db}-wal")
+
+    def first_row_then_a_server_writes(self, sql, params=()):
+        rows_ = Reads.stream(self, sql, params)
+        yield next(rows_)
+        store = spp_server.Store(str(db))
+        store.write(spp_server.write_health_probe)
+        store.close()  # the last connection checkpoints into the file
+        yield from rows_
+
+    monkeypatch.setattr(spp_server.ReadOnlyStore, "stream", first_row_then_a_server_writes)
+    assert run_export_command(str(db))[0] == 1
+    one_line_error(capsys, "changed while it was read", "run it again")
 
 
 # ---------------------------------------------------------------------------
@@ -2531,6 +2879,105 @@ def test_after_any_imports_each_day_holds_what_the_last_import_covering_it_says(
             "new": 0, "replaced": 0, "unchanged": len(report), "removed": 0}
         assert stored() == expected
     conn.close()
+
+
+@pytest.mark.parametrize("text, where, key", [
+    ('[{"date": "2026-11-01", "revenue": "1", "date": "2026-11-02"}]', "[0]", "date"),
+    ('[{"date": "2026-11-01", "revenue": "1"}, {"date": "2026-11-02", "revenue": "1", '
+     '"revenue": "2"}]', "[1]", "revenue"),
+    ('{"data": {"ad_revenue": [{"date": "2026-11-01", "revenue": "1", "country": "IN", '
+     '"country": "US"}]}}', "data.ad_revenue[0]", "country"),
+    ('{"data": {"ad_revenue": [], "ad_revenue": [{"date": "2026-11-01", "revenue": "1"}]}}',
+     "data", "ad_revenue"),
+    ('{"data": {"ad_revenue": []}, "data": {"ad_revenue": []}}', "the top object", "data"),
+])
+def test_a_booked_report_that_gives_a_key_twice_is_refused_naming_row_and_key(
+        client, db, tmp_path, text, where, key):
+    code, out, err = import_file(tmp_path, db, text, name="report.json")
+    assert (code, out) == (1, "")
+    assert err.count("\n") == 1 and f"{where}: the key {key!r} is given more than once" in err
+    assert "nothing imported" in err and count(db, "booked_revenue") == 0
+
+
+def test_no_booked_file_error_shows_python_internals():
+    number = st.one_of(NUMBER_TEXT, st.integers(4301, 5000).map(lambda n: "1" * n),
+                       st.sampled_from(["1e99999999999999999999", "NaN", "Infinity", "-0"]))
+
+    @settings(max_examples=200, **HOSTILE_SETTINGS)
+    @given(value=number, json_form=st.booleans(), quoted=st.booleans(),
+           extra=st.sampled_from(["", "\x00", "\r", "\n\"", "\ufeff", "[" * 100_000]))
+    def check(value, json_form, quoted, extra):
+        if json_form:
+            literal = json.dumps(value) if quoted else value
+            text = '[{"date": "2026-11-01", "revenue": ' + literal + "}]" + extra
+        else:
+            text = "date,revenue\n2026-11-01," + value + extra + "\n"
+        try:
+            spp_server.parse_booked_report(text.encode("utf-8", "surrogatepass"))
+        except spp_server.BookedFileError as exc:
+            assert_no_internals(str(exc))
+
+    check()
+
+
+@pytest.mark.parametrize("day, accepted", [
+    ("1969-12-31", False), ("0001-01-01", False), ("1970-01-01", True), ("9999-12-30", True),
+    ("9999-12-31", False)])
+def test_booked_days_are_the_days_reconcile_can_query(client, db, tmp_path, day, accepted):
+    code, _, err = import_file(tmp_path, db, f"date,revenue\n{day},1\n")
+    if not accepted:
+        assert code == 1 and "line 2, date: must be from 1970-01-01 to 9999-12-30" in err
+        return
+    assert code == 0
+    until = spp_server.report_day_text(spp_server.report_day_number(day) + 1)
+    assert [d["booked-revenue"] for d in recon(client, since=day, until=until).json["days"]] == ["1"]
+
+
+def test_an_import_locked_out_past_the_busy_timeout_imports_nothing_and_says_so(
+        client, db, tmp_path, monkeypatch):
+    monkeypatch.setitem(spp_server.DEFAULTS, "busy_timeout_ms", 50)
+    report = "date,revenue\n2026-11-01,1\n"
+    with write_lock_held_by_another_connection(db):
+        code, out, err = import_file(tmp_path, db, report)
+    assert (code, out) == (1, "") and err.count("\n") == 1
+    assert "locked" in err and "nothing imported (running it again is safe)" in err
+    assert count(db, "booked_revenue") == 0  # nor later: the lock is released now
+    code, out, _ = import_file(tmp_path, db, report)
+    assert code == 0 and out.endswith("report.csv: 1 rows for 1 day (every property): 1 new, 0 replaced, 0 unchanged, 0 removed\n")
+
+
+def test_an_import_waits_for_its_own_write_however_long_it_takes(client, db, tmp_path, monkeypatch):
+    """A command has no HTTP client waiting: it must not give up on its write
+    after the server's wait (busy timeout + 1 s), say "nothing imported", and
+    have the write commit after all."""
+    monkeypatch.setitem(spp_server.DEFAULTS, "busy_timeout_ms", 0)  # a server would wait 1 s
+    entered, gate = threading.Event(), threading.Event()
+    real_import = spp_server.import_booked
+
+    def slow_import(rows_, source):
+        op = real_import(rows_, source)
+
+        def held_up(conn, now):
+            entered.set()
+            assert gate.wait(10)
+            return op(conn, now)
+
+        return held_up
+
+    monkeypatch.setattr(spp_server, "import_booked", slow_import)
+    outcome = []
+    command = threading.Thread(
+        target=lambda: outcome.append(import_file(tmp_path, db, "date,revenue\n2026-11-01,1\n")))
+    command.start()
+    assert entered.wait(5)
+    command.join(1.3)
+    still_waiting = command.is_alive()
+    gate.set()
+    command.join(10)
+    assert still_waiting, "the command gave up on a write that was still going to commit"
+    [(code, out, err)] = outcome
+    assert (code, err) == (0, "") and "1 new" in out
+    assert count(db, "booked_revenue") == 1
 
 
 def test_many_small_estimates_and_the_ratio_are_exact(make_client, clock):
@@ -2973,7 +3420,8 @@ def test_subcommands_report_an_unusable_database_in_one_line(client, db, tmp_pat
     monkeypatch.setattr(spp_server.Store, "write", unavailable)
     assert spp_server.run_import_booked([str(tmp_path / "r.csv"), "--db", db], {}, sys.stdout) == 1
     err = capsys.readouterr().err
-    assert err == "spp_server.py import-booked: the database is locked; nothing imported\n"
+    assert err == ("spp_server.py import-booked: the database is locked; nothing imported "
+                   "(running it again is safe)\n")
     monkeypatch.setattr(spp_server, "reconciliation", unavailable)  # once the store is open
     assert spp_server.run_reconcile(["--db", db, "--since", NOV["since"], "--until", NOV["until"]],
                                     {}, sys.stdout.buffer) == 1
@@ -3062,7 +3510,7 @@ def test_report_offset_comes_from_flag_or_environment(fake_serve, db, capsys):
     assert [c["report_utc_offset"] for c in fake_serve] == [330, -180, 0]
     with pytest.raises(SystemExit) as exited:
         spp_server.main(["--db", db], environ={"SPP_REPORT_UTC_OFFSET": "+5"})
-    assert exited.value.code == 2 and "--report-utc-offset" in capsys.readouterr().err
+    assert exited.value.code == 2 and "SPP_REPORT_UTC_OFFSET" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["estimates_by_day", "estimates_by_day_and_property"])
@@ -3634,6 +4082,106 @@ def test_an_error_from_a_write_op_that_is_not_sqlites_propagates_and_rolls_back(
     assert count(db, "sessions") == 1
 
 
+# --- Only spp-receiver databases: every entry point checks the file first ---
+
+
+LATEST = SCHEMA_VERSIONS[-1]
+
+
+def make_not_ours(path, kind):
+    """A file that is not an spp-receiver database this code may use -> the
+    words the refusal must hold (besides the file's name and this code's version)."""
+    if kind == "empty":
+        path.write_bytes(b"")
+        return ["empty"]
+    if kind == "text":
+        path.write_bytes(b"date,revenue\n2026-11-01,1\n" * 100)
+        return ["not an SQLite file"]
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        if kind == "newer":
+            spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text())
+            conn.execute("PRAGMA user_version = 99")
+            return ["newer", "99"]
+        conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.execute("INSERT INTO notes VALUES ('mine')")
+        if kind == "foreign-versioned":
+            conn.execute("PRAGMA user_version = 3")
+            return ["another program's", "notes", "version 3"]
+        return ["another program's", "notes", "version 0"]
+
+
+NOT_OURS = ["empty", "text", "foreign", "foreign-versioned", "newer"]
+
+
+def run_entry_point(entry, db, tmp_path):
+    """One command on `db`, in-process -> exit status."""
+    report = tmp_path / "r.csv"
+    report.write_text("date,revenue\n2026-11-01,1\n")
+    window = ["--since", "2026-11-01", "--until", "2026-11-02"]
+    return {
+        "import-booked": lambda: spp_server.run_import_booked([str(report), "--db", db], {},
+                                                              io.StringIO()),
+        "prune": lambda: spp_server.run_prune(["--db", db, "--rejected-before", "2100-01-01"], {},
+                                              io.StringIO()),
+        "prune --dry-run": lambda: spp_server.run_prune(
+            ["--db", db, "--rejected-before", "2100-01-01", "--dry-run"], {}, io.StringIO()),
+        "export": lambda: spp_server.run_export(["--db", db, *window], {}, io.BytesIO()),
+        "reconcile": lambda: spp_server.run_reconcile(["--db", db, *window], {}, io.BytesIO()),
+    }[entry]()
+
+
+@pytest.mark.parametrize("kind", NOT_OURS)
+@pytest.mark.parametrize("entry", ["import-booked", "prune", "prune --dry-run", "export",
+                                   "reconcile"])
+def test_every_command_refuses_a_file_that_is_not_its_database_and_changes_nothing(
+        tmp_path, capsys, kind, entry):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    db = folder / "x.db"
+    words = make_not_ours(db, kind)
+    before = file_state(folder)
+    assert run_entry_point(entry, str(db), tmp_path) == 1
+    one_line_error(capsys, str(db), f"this code's{' schema is version' if kind != 'newer' else ''} "
+                   f"{LATEST}", *words)
+    assert file_state(folder) == before  # no table, no WAL switch, no -wal or -shm
+
+
+@pytest.mark.parametrize("kind", NOT_OURS[1:])
+def test_the_server_refuses_a_file_that_is_not_its_database(fake_serve, tmp_path, caplog, kind):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    db = folder / "x.db"
+    words = make_not_ours(db, kind)
+    before = db.read_bytes()
+    assert spp_server.main(["--db", str(db)], environ={}) == 1
+    assert fake_serve == []
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and str(db) in errors[0] and str(LATEST) in errors[0]
+    assert all(word in errors[0] for word in words), errors
+    assert db.read_bytes() == before
+
+
+def test_the_server_makes_an_empty_file_its_database(fake_serve, tmp_path):
+    """What it may have left itself: the file is created (0600) before SQLite
+    writes the schema, so a stop in between leaves it empty."""
+    db = tmp_path / "x.db"
+    db.write_bytes(b"")
+    assert spp_server.main(["--db", str(db)], environ={}) == 0
+    assert rows(str(db), "PRAGMA user_version") == [(LATEST,)]
+    assert rows(str(db), "PRAGMA journal_mode") == [("wal",)]
+
+
+def test_commands_use_an_older_database_the_server_upgrades(db, tmp_path, capsys):
+    """The check lets an older spp-receiver schema through to the server's
+    upgrade; the read-only reports refuse it, naming both versions."""
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=1)
+    assert run_entry_point("export", db, tmp_path) == 1
+    one_line_error(capsys, "schema version 1", f"older than this code's {LATEST}")
+    assert run_entry_point("import-booked", db, tmp_path) == 0
+    assert rows(db, "PRAGMA user_version") == [(LATEST,)]
+
+
 # --- Group commit: the writer thread and the writer process ---
 
 
@@ -4028,13 +4576,14 @@ def test_environment_sets_options_and_flags_win(fake_serve, db):
     assert fake_serve.log_levels == ["debug", "warning"]
 
 
-@pytest.mark.parametrize("argv, environ", [
-    (["--log-level", "verbose"], {}), ([], {"SPP_LOG_LEVEL": "trace"})])
-def test_unknown_log_level_is_a_usage_error(fake_serve, db, argv, environ, capsys):
+@pytest.mark.parametrize("argv, environ, named", [
+    (["--log-level", "verbose"], {}, "--log-level"),
+    ([], {"SPP_LOG_LEVEL": "trace"}, "SPP_LOG_LEVEL='trace'")])
+def test_unknown_log_level_is_a_usage_error(fake_serve, db, argv, environ, named, capsys):
     with pytest.raises(SystemExit) as exited:
         spp_server.main(["--db", db, *argv], environ=environ)
     assert exited.value.code == 2
-    assert "--log-level: must be one of debug, info, warning, error" in capsys.readouterr().err
+    assert f"{named}: must be one of debug, info, warning, error" in capsys.readouterr().err
     assert fake_serve == []
 
 
@@ -4045,8 +4594,84 @@ def test_help_explains_every_option_and_variable(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for word in ["--db", "--host", "--port", "--threads", "SPP_DB", "SPP_HOST", "SPP_PORT",
                  "SPP_THREADS", "SPP_POSTBACK_TOKEN", "SPP_READ_TOKEN", "CREDENTIALS_DIRECTORY",
-                 "export --help", "import-booked --help", "reconcile --help", "prune --help"]:
+                 "COMMAND --help"]:
         assert word in text
+
+
+def test_help_lists_every_command_with_a_line_saying_what_it_does(capsys):
+    with pytest.raises(SystemExit) as exited:
+        spp_server.main(["--help"], environ={})
+    assert exited.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(len(line) <= 100 for line in lines)
+    for name in ["export", "import-booked", "reconcile", "prune"]:
+        [line] = [line for line in lines if line.split()[:1] == [name]]
+        assert len(line.split()) >= 5, line  # the name, then what it does
+        with pytest.raises(SystemExit) as exited:  # and it is a command that runs
+            spp_server.main([name, "--help"], environ={})
+        assert exited.value.code == 0 and f"spp_server.py {name}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("typed, meant", [
+    ("exprot", "export"), ("expor", "export"), ("import_booked", "import-booked"),
+    ("importbooked", "import-booked"), ("reconcle", "reconcile"), ("purne", "prune"),
+    ("Export", "export")])
+def test_a_misspelt_command_names_the_nearest_one(fake_serve, capsys, typed, meant):
+    with pytest.raises(SystemExit) as exited:
+        spp_server.main([typed, "--db", "x.db"], environ={})
+    assert exited.value.code == 2 and fake_serve == []
+    err = capsys.readouterr().err
+    assert f"{typed!r} is not a command: did you mean {meant!r}?" in err
+
+
+def test_a_word_like_no_command_lists_the_commands(fake_serve, capsys):
+    with pytest.raises(SystemExit) as exited:
+        spp_server.main(["serve"], environ={})
+    assert exited.value.code == 2 and fake_serve == []
+    assert "the commands are export, import-booked, reconcile, prune" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["reconcile", "--since", "2026-11-01", "--until",
+                                          "2026-11-02"]])
+@pytest.mark.parametrize("value", ["-03:00", "-00:30", "-14:00"])
+def test_a_negative_offset_after_a_space_hints_at_the_equals_form(fake_serve, db, capsys, command,
+                                                                  value):
+    with pytest.raises(SystemExit) as exited:
+        spp_server.main([*command, "--db", db, "--report-utc-offset", value], environ={})
+    assert exited.value.code == 2 and fake_serve == []
+    assert f"--report-utc-offset={value}" in capsys.readouterr().err
+
+
+def test_an_option_missing_its_value_gets_argparses_own_error(fake_serve, db, capsys):
+    with pytest.raises(SystemExit):
+        spp_server.main(["--report-utc-offset", "--db", db], environ={})
+    err = capsys.readouterr().err
+    assert "expected one argument" in err and "=" not in err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("command", [[], ["export", "--since", "1", "--until", "2"],
+                                     ["reconcile", "--since", "2026-11-01", "--until", "2026-11-02"]])
+@pytest.mark.parametrize("variable, value, flag", [
+    ("SPP_PORT", "x", "--port"), ("SPP_PORT", "70000", "--port"), ("SPP_THREADS", "0", "--threads"),
+    ("SPP_THREADS", "1e3", "--threads"), ("SPP_LOG_LEVEL", "loud", "--log-level"),
+    ("SPP_REWARD_SHARE", "2", "--reward-share"), ("SPP_REWARD_SHARE", "NaN", "--reward-share"),
+    ("SPP_REPORT_UTC_OFFSET", "+5", "--report-utc-offset")])
+def test_a_bad_environment_variable_is_named_not_a_flag_never_given(
+        fake_serve, db, capsys, command, variable, value, flag):
+    parser_of = {(): spp_server.build_parser, ("export",): spp_server.build_export_parser,
+                 ("reconcile",): spp_server.build_reconcile_parser}[tuple(command[:1])]
+    if flag not in parser_of({}).format_help():
+        return  # this command has no such option, so it reads no such variable
+    with pytest.raises(SystemExit) as exited:
+        spp_server.main([*command, "--db", db], environ={variable: value})
+    assert exited.value.code == 2 and fake_serve == []
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert f"{variable}={value!r}" in error
+    assert flag not in error and "invalid" not in error and "<" not in error
+    given = {"--port": "9000", "--threads": "2", "--log-level": "info", "--reward-share": "0.5",
+             "--report-utc-offset": "+01:00"}[flag]
+    if not command:  # the flag wins over the variable, which is then not read at all
+        assert spp_server.main(["--db", db, f"{flag}={given}"], environ={variable: value}) == 0
 
 
 @pytest.mark.parametrize("bad", [["--port", "70000"], ["--threads", "0"], ["--port", "x"]])
