@@ -707,6 +707,9 @@ def encode_reply(ok, value):
 def decode_reply(data):
     """-> (True, result) or (False, exception): a database error as the
     sqlite3 class it was (with its SQLite code), any other as RuntimeError."""
+    common = COMMON_REPLIES.get(data)
+    if common:
+        return common
     ok, value = json.loads(data)
     if ok:
         return True, value
@@ -718,6 +721,11 @@ def decode_reply(data):
     error = kind(value["message"])
     error.sqlite_errorcode = value["code"]
     return False, error
+
+
+# Every postback's reply, decoded without a JSON parse (a microsecond each).
+COMMON_REPLIES = {encode_reply(True, outcome): (True, outcome)
+                  for outcome in ("recorded", "duplicate", "conflict", None)}
 
 
 def send_frame(sock, data):

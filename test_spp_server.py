@@ -2996,6 +2996,7 @@ def test_with_a_writer_process_every_200_is_committed_before_the_answer(process_
     for thread in threads:
         thread.join(15)
     assert count(db, "sessions") == 40
+    assert count(db, "conflicts") == 0  # an exact duplicate is no conflict, sent as JSON too
     assert process_client.get("/healthz").json == {"status": "ok"}
 
 
@@ -3201,22 +3202,31 @@ def test_a_request_carries_its_arguments_exactly(args):
     assert op.func is spp_server.insert_session and list(op.args) == args
 
 
-@pytest.mark.parametrize("error, name, busy", [
-    (sqlite3.OperationalError("database is locked"), "OperationalError", True),
-    (sqlite3.IntegrityError("NOT NULL constraint failed: sessions.user_id"), "IntegrityError", False),
-    (sqlite3.OperationalError("disk I/O error"), "OperationalError", False),
+class ErrorOfAnotherModule(sqlite3.OperationalError):
+    pass
+
+
+@pytest.mark.parametrize("error, name, code", [
+    (sqlite3.OperationalError("database is locked"), "OperationalError", sqlite3.SQLITE_BUSY),
+    (sqlite3.OperationalError("busy, said otherwise"), "OperationalError", sqlite3.SQLITE_BUSY),
+    (sqlite3.IntegrityError("NOT NULL constraint failed: sessions.user_id"), "IntegrityError",
+     sqlite3.SQLITE_CONSTRAINT_NOTNULL),
+    (sqlite3.OperationalError("disk I/O error"), "OperationalError", sqlite3.SQLITE_IOERR),
+    (ErrorOfAnotherModule("database is full"), "Error", sqlite3.SQLITE_FULL),
 ])
-def test_a_database_error_reaches_the_web_process_as_itself(error, name, busy):
-    error.sqlite_errorcode = sqlite3.SQLITE_BUSY if busy else sqlite3.SQLITE_ERROR
+def test_a_database_error_reaches_the_web_process_as_itself(error, name, code):
+    error.sqlite_errorcode = code
     ok, value = spp_server.decode_reply(spp_server.encode_reply(False, error))
     assert not ok and type(value).__name__ == name and isinstance(value, sqlite3.Error)
-    assert str(value) == str(error) and spp_server.is_busy(value) == busy
+    assert str(value) == str(error) and value.sqlite_errorcode == code
+    assert spp_server.is_busy(value) == (code == sqlite3.SQLITE_BUSY)
 
 
 def test_another_error_reaches_the_web_process_as_a_bug_naming_it():
     ok, value = spp_server.decode_reply(spp_server.encode_reply(False, KeyError("x")))
     assert not ok and type(value) is RuntimeError and str(value) == "KeyError: 'x'"
-    assert spp_server.decode_reply(spp_server.encode_reply(True, [3, 4])) == (True, [3, 4])
+    for result in ([3, 4], "recorded", "duplicate", "conflict", None, "other"):
+        assert spp_server.decode_reply(spp_server.encode_reply(True, result)) == (True, result)
 
 
 def write_loop_in_thread(db, channels):
@@ -3228,7 +3238,7 @@ def write_loop_in_thread(db, channels):
 
 
 @pytest.mark.parametrize("garbage", [
-    b"POST /postback HTTP/1.1\r\nHost: x\r\n\r\n",  # read as a length of 1.3 GB
+    b"POST /postback HTTP/1.1\r\nHost: x\r\n\r\n",  # a length of 1.3 GB, never waited for
     request_frame(b"{not json"),
     request_frame(b"\xff\xfe"),
     request_frame(b'["system", ["touch /tmp/x"]]'),  # no such op
@@ -3243,7 +3253,8 @@ def test_a_channel_that_sends_no_request_is_dropped_and_the_others_commit(db, ga
     thread, conn = write_loop_in_thread(db, [bad_end, good_end])
     try:
         bad.sendall(garbage)
-        bad.shutdown(socket.SHUT_WR)  # the cut-short frame ends here
+        if garbage.endswith(b"cut short"):
+            bad.shutdown(socket.SHUT_WR)  # the frame ends here
         assert closed_by_the_writer(bad)
         good.settimeout(5)
         good.sendall(request_frame(spp_server.encode_request(session_op(user_id="good"))))
