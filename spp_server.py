@@ -766,8 +766,13 @@ def release_inherited_descriptors(keep):
     channels, its files.  Each is pointed at /dev/null rather than closed, so
     that its number is never reused: a Python object of the web process that
     still names it cannot close one of ours."""
+    try:
+        open_fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError as exc:  # no /proc: not worth failing the start over
+        log.warning("the writer process keeps its inherited descriptors: %s", exc)
+        return
     devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in descriptors_to_release(map(int, os.listdir("/proc/self/fd")), {*keep, devnull}):
+    for fd in descriptors_to_release(open_fds, {*keep, devnull}):
         with contextlib.suppress(OSError):
             os.dup2(devnull, fd)
     os.close(devnull)
