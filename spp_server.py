@@ -658,9 +658,6 @@ class WriterThread(Writer):
     def alive(self):
         return self._thread.is_alive()
 
-    def loss(self):
-        return "the writer thread ended"
-
     def exit_status(self):
         return None
 
@@ -674,6 +671,8 @@ class WriterThread(Writer):
 FRAME = struct.Struct("!I")
 # A body escaped as JSON (at most 6 bytes per byte) and its parsed fields.
 MAX_FRAME_BYTES = 8 * MAX_BODY_BYTES
+
+
 def encode_request(op):
     """A registered write op (a function or a partial of one) -> a frame's payload."""
     function, args = getattr(op, "func", op), getattr(op, "args", ())
