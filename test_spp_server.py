@@ -3252,12 +3252,14 @@ def test_a_channel_that_sends_no_request_is_dropped_and_the_others_commit(db, ga
     (bad, bad_end), (good, good_end) = socket.socketpair(), socket.socketpair()
     thread, conn = write_loop_in_thread(db, [bad_end, good_end])
     try:
-        bad.sendall(garbage)
-        if garbage.endswith(b"cut short"):
-            bad.shutdown(socket.SHUT_WR)  # the frame ends here
-        assert closed_by_the_writer(bad)
         good.settimeout(5)
         good.sendall(request_frame(spp_server.encode_request(session_op(user_id="good"))))
+        bad.sendall(garbage)  # while the good one is read or committed
+        if garbage.endswith(b"cut short"):
+            bad.shutdown(socket.SHUT_WR)  # the frame ends here
+        assert spp_server.decode_reply(spp_server.receive_frame(good)) == (True, "recorded")
+        assert closed_by_the_writer(bad)
+        good.sendall(request_frame(spp_server.encode_request(session_op(user_id="next"))))
         assert spp_server.decode_reply(spp_server.receive_frame(good)) == (True, "recorded")
     finally:
         good.close()
@@ -3265,7 +3267,7 @@ def test_a_channel_that_sends_no_request_is_dropped_and_the_others_commit(db, ga
         thread.join(5)
         conn.close()
     assert not thread.is_alive()  # it ended because its channels closed, not on the garbage
-    assert rows(db, "SELECT user_id FROM sessions") == [("good",)]
+    assert rows(db, "SELECT user_id FROM sessions ORDER BY id") == [("good",), ("next",)]
 
 
 def test_a_pickle_sent_to_the_writer_process_is_never_unpickled(process_store, db, tmp_path):
