@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import queue
 import re
 import select
@@ -39,7 +38,6 @@ import textwrap
 import threading
 import time
 import urllib.parse
-import weakref
 import zlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -363,27 +361,32 @@ SQL = {
         SELECT (SELECT session_id FROM sessions WHERE id = :id),
                (SELECT coalesce(max(id), 0) FROM sessions)""",
     # --- Retention (prune): ids grow with receive times, so each table is cut
-    # at the first id received on or after the date, then cleared in id ranges.
+    # at the first id received on or after the date, then cleared in id ranges;
+    # each range checks the receive time too, because after the clock steps
+    # back ids and receive times disagree.
     "first_session_id_from": """
         SELECT id FROM sessions INDEXED BY sessions_by_time
         WHERE received_at_us >= ? ORDER BY received_at_us, id LIMIT 1""",
     "session_ids": "SELECT coalesce(min(id), 0), coalesce(max(id), -1) FROM sessions",
     "prunable_bodies": """
         SELECT count(*), coalesce(sum(length(CAST(raw_body AS BLOB))), 0) FROM sessions
-        WHERE id >= ? AND id < ? AND raw_body != ''""",
-    "clear_bodies": "UPDATE sessions SET raw_body = '' WHERE id >= ? AND id < ? AND raw_body != ''",
+        WHERE id >= ? AND id < ? AND received_at_us < ? AND raw_body != ''""",
+    "clear_bodies": """
+        UPDATE sessions SET raw_body = ''
+        WHERE id >= ? AND id < ? AND received_at_us < ? AND raw_body != ''""",
     "first_rejected_id_from": "SELECT min(id) FROM rejected WHERE received_at_us >= ?",
     "rejected_ids": "SELECT coalesce(min(id), 0), coalesce(max(id), -1) FROM rejected",
     "prunable_rejected": """
-        SELECT count(*), coalesce(sum(length(raw_body)), 0) FROM rejected WHERE id >= ? AND id < ?""",
-    "delete_rejected": "DELETE FROM rejected WHERE id >= ? AND id < ?",
+        SELECT count(*), coalesce(sum(length(raw_body)), 0) FROM rejected
+        WHERE id >= ? AND id < ? AND received_at_us < ?""",
+    "delete_rejected": "DELETE FROM rejected WHERE id >= ? AND id < ? AND received_at_us < ?",
     "first_conflicts_id_from": "SELECT min(id) FROM conflicts WHERE received_at_us >= ?",
     "conflicts_ids": "SELECT coalesce(min(id), 0), coalesce(max(id), -1) FROM conflicts",
     "prunable_conflicts": """
         SELECT count(*), coalesce(sum(length(CAST(stored_body AS BLOB))
                                       + length(CAST(new_body AS BLOB))), 0)
-        FROM conflicts WHERE id >= ? AND id < ?""",
-    "delete_conflicts": "DELETE FROM conflicts WHERE id >= ? AND id < ?",
+        FROM conflicts WHERE id >= ? AND id < ? AND received_at_us < ?""",
+    "delete_conflicts": "DELETE FROM conflicts WHERE id >= ? AND id < ? AND received_at_us < ?",
     # --- Reconciliation with booked revenue (see "Booked revenue" below) ---
     # What an import covers: a whole day, or a day's rows of one property.
     "booked_of_day": """
@@ -590,6 +593,16 @@ class StoreUnavailable(Exception):
     """The database cannot take or give data right now; the client should retry."""
 
 
+WRITE_OPS = {}  # name -> function(*args, conn, received_at_us): what a writer process runs
+
+
+def write_op(function):
+    """Register a module function as a write that may be sent to the writer
+    process, as functools.partial(function, *args) with JSON-able args."""
+    WRITE_OPS[function.__name__] = function
+    return function
+
+
 def commit_batch(conn, ops):
     """Run each op(conn, received_at_us) in ONE write transaction (one fsync
     for all), then COMMIT.  -> [(True, result) or (False, exception)] in the
@@ -667,6 +680,7 @@ class Writer:
         return None
 
 
+@write_op
 def write_health_probe(conn, received_at_us):
     conn.execute(SQL["health_probe"], (received_at_us,))
 
@@ -683,8 +697,8 @@ class _Pending:
 
 
 class WriterThread(Writer):
-    """The committing loop in a thread of this process: for the commands and
-    for tests (which set the clock in this process)."""
+    """The committing loop in a thread of this process: for create_app on its
+    own, as the tests use it (they set the clock in this process)."""
 
     def __init__(self, path, busy_timeout_ms, wait_timeout_s):
         super().__init__(wait_timeout_s)
@@ -757,13 +771,71 @@ class InlineWriter(Writer):
 
 
 # Messages between the web process and its writer process: a 4-byte length,
-# then a pickle.  Pickle is safe here: both ends are this module, over a
-# socketpair no other process can reach.
+# then JSON.  A request names a write function registered with write_op and
+# gives its arguments (bytes as {"bytes": base64}); so nothing a channel
+# carries can make the writer run anything else.  A reply is [true, result]
+# or [false, error]: the error's class name and message, and for a database
+# error its SQLite code, so that a busy database stays distinguishable.
 FRAME = struct.Struct("!I")
+# A body escaped as JSON (at most 6 bytes per byte) and its parsed fields.
+MAX_FRAME_BYTES = 8 * MAX_BODY_BYTES
 
 
-def send_message(sock, obj):
-    data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+def encode_request(op):
+    """A registered write op (a function or a partial of one) -> a frame's payload."""
+    function, args = getattr(op, "func", op), getattr(op, "args", ())
+    if WRITE_OPS.get(getattr(function, "__name__", None)) is not function or getattr(
+            op, "keywords", None):
+        raise TypeError(f"{op!r} is not a write op the writer process knows (see write_op)")
+    args = [{"bytes": base64.b64encode(a).decode()} if isinstance(a, bytes) else a for a in args]
+    return json.dumps([function.__name__, args]).encode()
+
+
+def decode_request(data):
+    """A frame's payload -> the write op it names.  ValueError if it is not
+    exactly a request for a registered op."""
+    try:
+        name, args = json.loads(data)
+        args = [base64.b64decode(a["bytes"], validate=True) if isinstance(a, dict) else a
+                for a in args]
+        return functools.partial(WRITE_OPS[name], *args)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"not a write request: {type(exc).__name__}: {exc}") from None
+
+
+def encode_reply(ok, value):
+    if not ok:
+        value = {"error": type(value).__name__, "message": str(value),
+                 "database": isinstance(value, sqlite3.Error),
+                 "code": getattr(value, "sqlite_errorcode", None)}
+    return json.dumps([ok, value]).encode()
+
+
+def decode_reply(data):
+    """-> (True, result) or (False, exception): a database error as the
+    sqlite3 class it was (with its SQLite code), any other as RuntimeError."""
+    common = COMMON_REPLIES.get(data)
+    if common:
+        return common
+    ok, value = json.loads(data)
+    if ok:
+        return True, value
+    if not value["database"]:
+        return False, RuntimeError(f"{value['error']}: {value['message']}")
+    kind = getattr(sqlite3, value["error"], None)
+    if not (isinstance(kind, type) and issubclass(kind, sqlite3.Error)):
+        kind = sqlite3.Error
+    error = kind(value["message"])
+    error.sqlite_errorcode = value["code"]
+    return False, error
+
+
+# Every postback's reply, decoded without a JSON parse (a microsecond each).
+COMMON_REPLIES = {encode_reply(True, outcome): (True, outcome)
+                  for outcome in ("recorded", "duplicate", "conflict", None)}
+
+
+def send_frame(sock, data):
     sock.sendall(FRAME.pack(len(data)) + data)
 
 
@@ -778,75 +850,139 @@ def receive_exactly(sock, size):
     return data
 
 
-def receive_message(sock):
-    """The next message, or None when the other end has closed.  Reads exactly
-    one frame: a late answer may be followed by the one awaited."""
+def receive_frame(sock):
+    """The next frame's payload, or None when the other end has closed.
+    ValueError for a length no frame of ours has (what is not a frame)."""
     header = receive_exactly(sock, FRAME.size)
-    data = header and receive_exactly(sock, FRAME.unpack(header)[0])
-    return None if data is None else pickle.loads(data)
+    if header is None:
+        return None
+    [size] = FRAME.unpack(header)
+    if size > MAX_FRAME_BYTES:
+        raise ValueError(f"a frame of {size} bytes announced")
+    return receive_exactly(sock, size)
+
+
+def descriptors_to_release(open_fds, keep):
+    """What a forked writer process lets go of: all but stdio and `keep`."""
+    return sorted(set(open_fds) - set(keep) - {0, 1, 2})
+
+
+def release_inherited_descriptors(keep):
+    """Let go of every descriptor the forked writer process inherited and does
+    not use: systemd's listening socket, the web process's ends of the
+    channels, its files.  Each is pointed at /dev/null rather than closed, so
+    that its number is never reused: a Python object of the web process that
+    still names it cannot close one of ours."""
+    try:
+        open_fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError as exc:  # no /proc: not worth failing the start over
+        log.warning("the writer process keeps its inherited descriptors: %s", exc)
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in descriptors_to_release(open_fds, {*keep, devnull}):
+        with contextlib.suppress(OSError):
+            os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 class WriterProcess(Writer):
     """The committing loop in a child process, for the server: the web
-    process only hands each write over a socket and waits on it with its GIL
-    released.  One socket per concurrent writer (the request threads and the
-    watchdog), taken from a pool.
+    process only hands each write over a socket (a channel) and waits on it
+    with its GIL released.  One channel per concurrent writer (the request
+    threads and the watchdog), taken from a pool.  A channel whose write
+    timed out or failed may hold part of a frame: it is never reused, but
+    closed and replaced by a new one, sent to the writer over a control socket.
 
     The child is forked, not started afresh: it shares the parent's memory
     pages (about 20 MB less than a new interpreter).  Fork before this
     process opens any other connection to the same database (SQLite keeps
     per-process lock state that a child must not inherit); Store does."""
 
-    _live = weakref.WeakSet()  # every WriterProcess of this process, for the child to close
-
     def __init__(self, path, busy_timeout_ms, wait_timeout_s, channels):
         super().__init__(wait_timeout_s)
         pairs = [socket.socketpair() for _ in range(channels)]
-        self._sockets = [own for own, _ in pairs]
+        self._control, control_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:  # the writer process
             code = 1
             try:
-                for sock in self._sockets + [s for w in self._live for s in w._sockets]:
-                    sock.close()  # the web process's ends: EOF must reach us when it closes them
-                code = run_writer(path, busy_timeout_ms, [child for _, child in pairs])
+                ends = [child for _, child in pairs]
+                release_inherited_descriptors({s.fileno() for s in [*ends, control_end]})
+                code = run_writer(path, busy_timeout_ms, ends, control_end)
             finally:
                 os._exit(code)
         for _, child in pairs:
             child.close()
+        control_end.close()
         self.pid = pid
         self._exit_status = None
-        self._live.add(self)
+        self._lock = threading.Lock()  # for _sockets and _control
+        self._sockets = {own for own, _ in pairs}  # every open channel: pooled or in use
         self._channels = queue.LifoQueue()  # the warmest channel first
-        for sock in self._sockets:
-            self._channels.put([sock, 0])  # the socket, the number of its last message
+        for own, _ in pairs:
+            self._channels.put(own)
 
     def _submit(self, op, timeout_s):
+        request = encode_request(op)
+        if not self._sockets:
+            return False, "no channel to the writer process is left"
         deadline = time.monotonic() + timeout_s
         try:
-            channel = self._channels.get(timeout=timeout_s)
+            sock = self._channels.get(timeout=timeout_s)
         except queue.Empty:
             return False, "the database did not answer in time"
-        sock, seq = channel
-        channel[1] = seq = seq + 1
         try:
             sock.settimeout(max(0.001, deadline - time.monotonic()))
-            send_message(sock, (seq, op))
-            while True:
-                reply = receive_message(sock)
-                if reply is None:
-                    return False, "the writer process has stopped"
-                if reply[0] == seq:  # not the late answer to a write that timed out
-                    return reply[1:]
+            send_frame(sock, request)
+            reply = receive_frame(sock)
+            if reply is None:
+                raise ConnectionError("the writer process has stopped or dropped the channel")
+            outcome = decode_reply(reply)
         except socket.timeout:
+            self._retire(sock)
             return False, "the database did not answer in time"
-        except OSError as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self._retire(sock)
             return False, f"the writer process cannot be reached: {exc}"
-        finally:
-            self._channels.put(channel)
+        self._channels.put(sock)
+        return outcome
+
+    def _retire(self, sock):
+        """Close a channel that may hold part of a frame and put a new one in
+        its place; when the writer cannot take one, the pool shrinks (and
+        alive() turns false once it is empty, so that the server restarts)."""
+        sock.close()
+        with self._lock:
+            self._sockets.discard(sock)
+            if self._closed:
+                return
+            try:
+                own, theirs = socket.socketpair()
+            except OSError as exc:
+                problem = exc
+            else:
+                try:
+                    socket.send_fds(self._control, [b"+"], [theirs.fileno()])
+                except OSError as exc:
+                    own.close()
+                    problem = exc
+                else:
+                    self._sockets.add(own)
+                    self._channels.put(own)
+                    return
+                finally:
+                    theirs.close()
+            log.error("cannot give the writer process a new channel (%s): %d left",
+                      problem, len(self._sockets))
 
     def alive(self):
-        return self._reap(os.WNOHANG)
+        return bool(self._sockets) and self._reap(os.WNOHANG)
+
+    def loss(self):
+        """Why alive() is false."""
+        if self._exit_status is not None:
+            return f"the writer process exited (status {self._exit_status})"
+        return "no channel to the writer process is left"
 
     def exit_status(self):
         return self._exit_status
@@ -864,21 +1000,24 @@ class WriterProcess(Writer):
 
     def close(self):
         """Wait for the writes in progress (as long as one may take), then end
-        the writer process: it commits what it holds, then exits."""
-        if self._closed:
-            return
-        self._closed = True
+        the writer process: it commits what it holds, then exits; past the
+        same wait again, it is killed.  So close() takes at most twice the
+        wait timeout (worst_case_stop_s counts on it)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         deadline = time.monotonic() + self._wait_timeout_s
-        for _ in self._sockets:
-            try:
-                self._channels.get(timeout=max(0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-        for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # wakes a request still waiting on it
-            sock.close()
-        self._live.discard(self)
+        taken = 0
+        while taken < len(self._sockets) and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):  # looks again at the count: one may retire
+                self._channels.get(timeout=min(0.1, max(0, deadline - time.monotonic())))
+                taken += 1
+        with self._lock:
+            for sock in [*self._sockets, self._control]:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a request still waiting on it
+                sock.close()
         deadline = time.monotonic() + self._wait_timeout_s
         while self._reap(os.WNOHANG) and time.monotonic() < deadline:
             time.sleep(0.01)  # it commits what it holds, then exits
@@ -888,7 +1027,7 @@ class WriterProcess(Writer):
             self._reap(0)
 
 
-def run_writer(path, busy_timeout_ms, channels):
+def run_writer(path, busy_timeout_ms, channels, control=None):
     """The writer process: commits what arrives on `channels` (see
     WriterProcess) until every one of them is closed.  SIGTERM and SIGINT are
     for the web process (systemd and a terminal send them to the whole group):
@@ -899,7 +1038,7 @@ def run_writer(path, busy_timeout_ms, channels):
     try:
         conn = connect(path, busy_timeout_ms)
         try:
-            write_loop(conn, channels)
+            write_loop(conn, channels, control)
         finally:
             conn.close()
     except Exception:
@@ -908,39 +1047,72 @@ def run_writer(path, busy_timeout_ms, channels):
     return 0
 
 
-def write_loop(conn, channels):
+def receive_channels(control):
+    """The channels sent over `control` (a SOCK_SEQPACKET socket), or None once it has closed."""
+    message, fds, _, _ = socket.recv_fds(control, 1, 4)
+    if not message:
+        for fd in fds:
+            os.close(fd)
+        return None
+    return [socket.socket(fileno=fd) for fd in fds]
+
+
+def write_loop(conn, channels, control=None):
     """Commit, as one transaction, every write waiting on `channels` (one
-    per channel at most), answer each, and start again; until all are closed."""
+    per channel at most), answer each, and start again; until all of them and
+    `control` (which brings new channels) are closed.  A channel that sends
+    what is not a write request is closed; the others go on."""
     poller = select.poll()
-    open_channels = {}
-    for sock in channels:
+    open_sockets = {}
+
+    def watch(sock):
         poller.register(sock, select.POLLIN)
-        open_channels[sock.fileno()] = sock
-    while open_channels:
+        open_sockets[sock.fileno()] = sock
+
+    def drop(sock):
+        poller.unregister(sock)
+        del open_sockets[sock.fileno()]
+        sock.close()
+
+    for sock in [*channels, *([control] if control else [])]:
+        watch(sock)
+    while open_sockets:
         batch = []
         for fd, _ in poller.poll():
-            sock = open_channels[fd]
+            sock = open_sockets[fd]
+            if sock is control:
+                new = receive_channels(control)
+                for channel in new or ():
+                    watch(channel)
+                if new is None:
+                    drop(control)
+                continue
             try:
-                message = receive_message(sock)
-            except OSError:
-                message = None
-            if message is None:  # the web process closed it, or is gone
-                poller.unregister(fd)
-                del open_channels[fd]
-                sock.close()
-            else:
-                batch.append((sock, message))
-        if not batch:
-            continue
-        outcomes = commit_batch(conn, [op for _, (_, op) in batch])
-        for (sock, (seq, _)), (ok, value) in zip(batch, outcomes):
-            if not ok and not isinstance(value, sqlite3.Error):  # a bug: say so, in a picklable form
-                log.error("a write failed", exc_info=value)
-                value = RuntimeError(f"{type(value).__name__}: {value}")
-            try:
-                send_message(sock, (seq, ok, value))
-            except OSError:
-                pass  # its request timed out and the web process is stopping
+                data = receive_frame(sock)
+                if data is not None:
+                    batch.append((sock, decode_request(data)))
+                    continue
+            except (OSError, ValueError) as exc:
+                log.error("the writer process dropped a channel: %s", exc)
+            drop(sock)  # the web process closed it, is gone, or sent what is not a request
+        if batch:
+            answer(batch, commit_batch(conn, [op for _, op in batch]))
+
+
+def answer(batch, outcomes):
+    """Send each write of `batch` its outcome."""
+    for (sock, _), (ok, value) in zip(batch, outcomes):
+        if not ok and not isinstance(value, sqlite3.Error):
+            log.error("a write failed", exc_info=value)
+        try:
+            reply = encode_reply(ok, value)
+        except (TypeError, ValueError) as exc:  # a result JSON cannot hold: a bug, say so
+            log.error("a write's result cannot be sent: %s", exc)
+            reply = encode_reply(False, exc)
+        try:
+            send_frame(sock, reply)
+        except OSError:
+            pass  # its request timed out, and the web process closed the channel
 
 
 class Reads:
@@ -966,6 +1138,12 @@ class Reads:
         if first is None:
             return iter(())
         return itertools.chain([first], cursor)
+
+
+def write_wait_s(busy_timeout_ms):
+    """How long a write is waited for: a transaction waits for SQLite's lock
+    at most the busy timeout; so a write answers within about that, or is a 503."""
+    return busy_timeout_ms / 1000 + 1
 
 
 class Store(Reads):
@@ -1000,9 +1178,7 @@ class Store(Reads):
                 migrate(conn, SCHEMA_PATH.read_text(encoding="utf-8"))
         finally:
             conn.close()
-        # A transaction waits for SQLite's lock at most the busy timeout; so a
-        # write answers within about that, or is a 503.
-        wait_timeout_s = busy_timeout_ms / 1000 + 1
+        wait_timeout_s = write_wait_s(busy_timeout_ms)
         if command:
             self.writer = InlineWriter(self.path, busy_timeout_ms)
         elif writer_process:
@@ -1133,8 +1309,8 @@ class ReadOnlyStore(Reads):
 
 
 # Write ops are op(conn, received_at_us) -> result.  Those the server sends
-# to its writer process are module functions bound with functools.partial,
-# so that they can be pickled.
+# to its writer process are functions registered with write_op, bound to
+# JSON-able arguments with functools.partial (see encode_request).
 
 
 def record_session(session, raw_body):
@@ -1142,13 +1318,14 @@ def record_session(session, raw_body):
     return functools.partial(insert_session, session.columns(), raw_body)
 
 
+@write_op
 def insert_session(columns, raw_body, conn, received_at_us):
     inserted = conn.execute(SQL["insert_session"], (*columns, received_at_us, raw_body)).rowcount
     if inserted:
         return "recorded"
     session_id = columns[0]
     *stored_columns, stored_body = conn.execute(SQL["stored_session"], (session_id,)).fetchone()
-    if tuple(stored_columns) == columns[1:]:
+    if tuple(stored_columns) == tuple(columns[1:]):  # a list when it came as JSON
         return "duplicate"
     conn.execute(SQL["insert_conflict"], (session_id, received_at_us, stored_body, raw_body))
     return "conflict"
@@ -1158,6 +1335,7 @@ def record_rejected(field, reason, raw_body):
     return functools.partial(insert_rejected, field, reason, raw_body)
 
 
+@write_op
 def insert_rejected(field, reason, raw_body, conn, received_at_us):
     conn.execute(SQL["insert_rejected"], (received_at_us, field, reason, raw_body))
 
@@ -1242,8 +1420,8 @@ def user_sessions(store, user_id, limit, before):
 
 PRUNE_BATCH_ROWS = 1000  # rows per transaction: a postback waits behind one batch at most
 # What `prune` can clear -> the SQL names of: the table's first and last ids,
-# its first id received on or after a time, the rows and bytes in an id
-# range, and clearing or deleting that range.
+# its first id received on or after a time, the rows and bytes received
+# before a time in an id range, and clearing or deleting those.
 PRUNABLE = {
     "raw bodies": ("session_ids", "first_session_id_from", "prunable_bodies", "clear_bodies"),
     "rejected": ("rejected_ids", "first_rejected_id_from", "prunable_rejected", "delete_rejected"),
@@ -1265,7 +1443,7 @@ def prune_range(store, what, before_us):
 def count_prunable(store, what, before_us):
     """(rows, bytes) that prune would clear or delete, changing nothing."""
     first, end = prune_range(store, what, before_us)
-    [(rows, size)] = store.read(SQL[PRUNABLE[what][2]], (first, end))
+    [(rows, size)] = store.read(SQL[PRUNABLE[what][2]], (first, end, before_us))
     return rows, size
 
 
@@ -1274,20 +1452,21 @@ def prune(store, what, before_us):
     transaction per PRUNE_BATCH_ROWS ids, through the server's write path (so
     it is safe while the server runs).  Returns (rows, bytes)."""
     first, end = prune_range(store, what, before_us)
-    count_sql, change_sql = (SQL[name] for name in PRUNABLE[what][2:])
-
-    def batch(lo, hi):
-        def op(conn, _):
-            [(rows, size)] = conn.execute(count_sql, (lo, hi)).fetchall()
-            conn.execute(change_sql, (lo, hi))
-            return rows, size
-        return op
-
     total_rows = total_bytes = 0
     for lo in range(first, end, PRUNE_BATCH_ROWS):
-        rows, size = store.write(batch(lo, min(lo + PRUNE_BATCH_ROWS, end)))
+        hi = min(lo + PRUNE_BATCH_ROWS, end)
+        rows, size = store.write(functools.partial(prune_batch, what, lo, hi, before_us))
         total_rows, total_bytes = total_rows + rows, total_bytes + size
     return total_rows, total_bytes
+
+
+@write_op
+def prune_batch(what, lo, hi, before_us, conn, received_at_us):
+    """One transaction of prune: ids [lo, hi) received before `before_us`."""
+    count_sql, change_sql = (SQL[name] for name in PRUNABLE[what][2:])
+    [(rows, size)] = conn.execute(count_sql, (lo, hi, before_us)).fetchall()
+    conn.execute(change_sql, (lo, hi, before_us))
+    return rows, size
 
 
 def session_record(row):
@@ -2787,7 +2966,8 @@ def create_app(config):
 # Server and command line
 # ---------------------------------------------------------------------------
 
-DRAIN_TIMEOUT_S = 20  # in-flight requests get this long after SIGTERM (TimeoutStopSec is 30)
+DRAIN_TIMEOUT_S = 20  # in-flight requests get this long after SIGTERM
+THREADS_STOP_S = 5  # then the request threads get this long to end
 LOOP_TIMEOUT_S = 0.5  # how often the main loop looks for a stop request
 FRESH_CONNECTION_GRACE_S = 2
 
@@ -2922,7 +3102,16 @@ def drain(socket_map, dispatcher):
         if not any(isinstance(d, HTTPChannel) for d in socket_map.values()):
             break
         wasyncore.loop(timeout=0.05, map=socket_map, use_poll=True, count=1)
-    dispatcher.shutdown(cancel_pending=True, timeout=5)
+    dispatcher.shutdown(cancel_pending=True, timeout=THREADS_STOP_S)
+
+
+def worst_case_stop_s(busy_timeout_ms=DEFAULTS["busy_timeout_ms"]):
+    """The longest the server takes from SIGTERM to exit (TimeoutStopSec in
+    spp.service must be longer): noticing the signal, the drain, the request
+    threads' end, then WriterProcess.close (the writes in progress, the
+    writer's own exit, each up to the write wait), and a second for SIGKILL."""
+    return (LOOP_TIMEOUT_S + DRAIN_TIMEOUT_S + THREADS_STOP_S
+            + 2 * write_wait_s(busy_timeout_ms) + 1)
 
 
 def serve(app, config, sockets=()):
@@ -2942,7 +3131,7 @@ def serve(app, config, sockets=()):
     log.info("stopping: finishing requests in flight")
     drain(socket_map, server.task_dispatcher)
     if not writer_alive:
-        raise WriterLost(f"the writer process exited (status {app.store.writer.exit_status()})")
+        raise WriterLost(app.store.writer.loss())
 
 
 def whole_number(text, low, high, words):

@@ -15,10 +15,12 @@ import functools
 import http.client
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import shlex
@@ -3075,6 +3077,20 @@ def test_sessions_are_grouped_into_the_report_days_of_the_offset(client, clock, 
     assert later["days"] == []
 
 
+@pytest.mark.parametrize("received", ["1970-01-01T00:00:00Z", "1970-01-01T23:59:59.999999Z"])
+@pytest.mark.parametrize("until", ["1970-01-02", "1970-01-08", "2026-12-01"])
+def test_a_session_on_the_first_day_of_the_epoch_counts_once_on_that_day(
+        client, clock, received, until):
+    """Day number 0 and receive time 0 are values like any other, not 'none'."""
+    post_day(client, clock, received, "0.5")
+    book(client, "date,revenue\n1970-01-01,0.4\n")
+    res = recon(client, since="1970-01-01", until=until).json
+    assert [(d["day"], d["sessions"], d["estimated-revenue"], d["booked-revenue"])
+            for d in res["days"]] == [("1970-01-01", 1, "0.5", "0.4")]
+    assert res["summary"]["days"] == 1
+    assert recon(client, since="1970-01-02", until="1970-01-03").json["days"] == []
+
+
 @pytest.mark.parametrize("raw", ["report-utc-offset=+05:30", "report-utc-offset=%2B05:30",
                                  "report-utc-offset=%2005:30"])
 def test_a_plus_in_the_offset_may_arrive_as_a_space(client, clock, raw):
@@ -4270,6 +4286,7 @@ def test_with_a_writer_process_every_200_is_committed_before_the_answer(process_
     for thread in threads:
         thread.join(15)
     assert count(db, "sessions") == 40
+    assert count(db, "conflicts") == 0  # an exact duplicate is no conflict, sent as JSON too
     assert process_client.get("/healthz").json == {"status": "ok"}
 
 
@@ -4351,13 +4368,16 @@ def slow_write(seconds, conn, received_at_us):
     return "slow"
 
 
-def test_a_late_answer_is_not_taken_for_the_next_writes(db):
+def test_a_late_answer_is_not_taken_for_the_next_writes(db, monkeypatch):
     """One channel: the first write times out, and its answer arrives while
-    the second waits on the same socket; the second gets its own answer."""
+    the second waits; the second gets its own answer, on a new channel."""
+    monkeypatch.setitem(spp_server.WRITE_OPS, "slow_write", slow_write)
     store = spp_server.Store(db, busy_timeout_ms=100, writer_process=True, channels=1)
     try:
+        [first] = store.writer._sockets
         with pytest.raises(spp_server.StoreUnavailable, match="did not answer in time"):
             store.write(functools.partial(slow_write, 1.5))  # the wait is 1.1 s
+        assert first.fileno() == -1  # retired, not reused
         op = session_op(user_id="after-the-late-one")
         assert store.write(op) == "recorded"
         assert store.write(op) == "duplicate"
@@ -4383,6 +4403,411 @@ def test_the_writer_process_ends_when_the_server_is_killed(real_server, db):
         assert time.monotonic() < deadline, "the writer process outlived the server"
         time.sleep(0.01)  # bounded wait for it to see EOF and exit
     assert count(db, "sessions") == 1
+
+
+# --- The writer process: its messages, its channels, its failures ---
+
+
+def violate_a_constraint(conn, received_at_us):
+    conn.execute("INSERT INTO sessions (session_id) VALUES ('no user, no revenue')")
+
+
+def insert_then_raise_a_bug(user_id, conn, received_at_us):
+    conn.execute("INSERT INTO sessions (session_id, user_id, revenue_nano, received_at_us, "
+                 "raw_body) VALUES (?, ?, 0, ?, '{}')", (user_id, user_id, received_at_us))
+    raise ValueError("a bug in the op, not a database error")
+
+
+def return_what_json_cannot_hold(conn, received_at_us):
+    return {"a set"}
+
+
+def fail_at_commit(conn, received_at_us):
+    """Leaves a deferred foreign key unmet: each statement succeeds and COMMIT
+    fails (SQLite then keeps the transaction open)."""
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS parent (id INTEGER PRIMARY KEY)")
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS child (parent_id INTEGER "
+                 "REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)")
+    conn.execute("INSERT INTO child VALUES (1)")
+
+
+@pytest.fixture
+def test_ops(monkeypatch):
+    """The write ops of these tests, registered, so that a writer process
+    forked afterwards may run them."""
+    for op in (slow_write, violate_a_constraint, insert_then_raise_a_bug,
+               return_what_json_cannot_hold, fail_at_commit):
+        monkeypatch.setitem(spp_server.WRITE_OPS, op.__name__, op)
+
+
+@pytest.fixture
+def process_store(db, test_ops):
+    """make(**kwargs) -> a Store with a writer process, closed after the test."""
+    stores = []
+
+    def make(**kwargs):
+        stores.append(spp_server.Store(db, writer_process=True, **kwargs))
+        return stores[-1]
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+def closed_by_the_writer(sock):
+    """Whether the other end closed (a reset when it left our bytes unread)."""
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def request_frame(payload):
+    return spp_server.FRAME.pack(len(payload)) + payload
+
+
+class CreatesAFile:
+    """Unpickling this creates a file: what a pickle can make its reader do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_an_unregistered_op_is_refused_before_anything_is_sent():
+    for op in (lambda conn, now: None, functools.partial(os.system, "true"),
+               functools.partial(spp_server.insert_rejected, "f", "r", b"x", conn=None)):
+        with pytest.raises(TypeError, match="not a write op"):
+            spp_server.encode_request(op)
+
+
+@given(st.lists(st.one_of(st.none(), st.integers(), st.text(), st.binary(),
+                          st.lists(st.one_of(st.integers(), st.text(), st.none()))), max_size=4))
+def test_a_request_carries_its_arguments_exactly(args):
+    op = spp_server.decode_request(
+        spp_server.encode_request(functools.partial(spp_server.insert_session, *args)))
+    assert op.func is spp_server.insert_session and list(op.args) == args
+
+
+class ErrorOfAnotherModule(sqlite3.OperationalError):
+    pass
+
+
+@pytest.mark.parametrize("error, name, code", [
+    (sqlite3.OperationalError("database is locked"), "OperationalError", sqlite3.SQLITE_BUSY),
+    (sqlite3.OperationalError("busy, said otherwise"), "OperationalError", sqlite3.SQLITE_BUSY),
+    (sqlite3.IntegrityError("NOT NULL constraint failed: sessions.user_id"), "IntegrityError",
+     sqlite3.SQLITE_CONSTRAINT_NOTNULL),
+    (sqlite3.OperationalError("disk I/O error"), "OperationalError", sqlite3.SQLITE_IOERR),
+    (ErrorOfAnotherModule("database is full"), "Error", sqlite3.SQLITE_FULL),
+])
+def test_a_database_error_reaches_the_web_process_as_itself(error, name, code):
+    error.sqlite_errorcode = code
+    ok, value = spp_server.decode_reply(spp_server.encode_reply(False, error))
+    assert not ok and type(value).__name__ == name and isinstance(value, sqlite3.Error)
+    assert str(value) == str(error) and value.sqlite_errorcode == code
+    assert spp_server.is_busy(value) == (code == sqlite3.SQLITE_BUSY)
+
+
+def test_another_error_reaches_the_web_process_as_a_bug_naming_it():
+    ok, value = spp_server.decode_reply(spp_server.encode_reply(False, KeyError("x")))
+    assert not ok and type(value) is RuntimeError and str(value) == "KeyError: 'x'"
+    for result in ([3, 4], "recorded", "duplicate", "conflict", None, "other"):
+        assert spp_server.decode_reply(spp_server.encode_reply(True, result)) == (True, result)
+
+
+def write_loop_in_thread(db, channels):
+    spp_server.Store(db).close()  # the schema
+    conn = spp_server.connect(db, 1000)
+    thread = threading.Thread(target=spp_server.write_loop, args=(conn, channels))
+    thread.start()
+    return thread, conn
+
+
+@pytest.mark.parametrize("garbage", [
+    b"POST /postback HTTP/1.1\r\nHost: x\r\n\r\n",  # a length of 1.3 GB, never waited for
+    request_frame(b"{not json"),
+    request_frame(b"\xff\xfe"),
+    request_frame(b'["system", ["touch /tmp/x"]]'),  # no such op
+    request_frame(b'["insert_rejected", [{"bytes": "not base64!"}, 1, 2]]'),
+    request_frame(b'{"op": "insert_session"}'),
+    request_frame(b"[]"),
+    request_frame(b"null"),
+    spp_server.FRAME.pack(100) + b"cut short",
+])
+def test_a_channel_that_sends_no_request_is_dropped_and_the_others_commit(db, garbage):
+    (bad, bad_end), (good, good_end) = socket.socketpair(), socket.socketpair()
+    thread, conn = write_loop_in_thread(db, [bad_end, good_end])
+    try:
+        good.settimeout(5)
+        good.sendall(request_frame(spp_server.encode_request(session_op(user_id="good"))))
+        bad.sendall(garbage)  # while the good one is read or committed
+        if garbage.endswith(b"cut short"):
+            bad.shutdown(socket.SHUT_WR)  # the frame ends here
+        assert spp_server.decode_reply(spp_server.receive_frame(good)) == (True, "recorded")
+        assert closed_by_the_writer(bad)
+        good.sendall(request_frame(spp_server.encode_request(session_op(user_id="next"))))
+        assert spp_server.decode_reply(spp_server.receive_frame(good)) == (True, "recorded")
+    finally:
+        good.close()
+        bad.close()
+        thread.join(5)
+        conn.close()
+    assert not thread.is_alive()  # it ended because its channels closed, not on the garbage
+    assert rows(db, "SELECT user_id FROM sessions ORDER BY id") == [("good",), ("next",)]
+
+
+def test_a_pickle_sent_to_the_writer_process_is_never_unpickled(process_store, db, tmp_path):
+    target = tmp_path / "created-by-unpickling"
+    payload = pickle.dumps(CreatesAFile(str(target)))
+    pickle.loads(pickle.dumps(CreatesAFile(str(tmp_path / "proof"))))
+    assert (tmp_path / "proof").exists()  # the payload is what it claims to be
+    store = process_store(channels=2)
+    channel = store.writer._channels.get()
+    channel.sendall(request_frame(payload))
+    assert closed_by_the_writer(channel)  # this channel only
+    assert not target.exists()
+    assert store.write(session_op(user_id="next")) == "recorded"  # on the other channel
+    assert store.writer.alive()
+    store.writer._channels.put(channel)  # the dropped channel back in the pool:
+    with pytest.raises(spp_server.StoreUnavailable, match="writer process"):
+        store.write(session_op(user_id="on-the-dropped-channel"))  # 503 once, and replaced
+    assert channel.fileno() == -1 and len(store.writer._sockets) == 2
+    assert store.write(session_op(user_id="after")) == "recorded"
+    assert store.write(session_op(user_id="again")) == "recorded"
+    assert not target.exists()
+
+
+def test_a_send_cut_short_by_its_timeout_retires_the_channel(process_store, db, monkeypatch):
+    """A partial frame left in a channel would make the next request's bytes
+    the end of this one: the channel must never be used again."""
+    store = process_store(channels=1)
+    [first] = store.writer._sockets
+    send_frame = spp_server.send_frame
+
+    def send_half_then_time_out(sock, data):
+        whole = spp_server.FRAME.pack(len(data)) + data
+        sock.sendall(whole[: len(whole) // 2])
+        monkeypatch.setattr(spp_server, "send_frame", send_frame)  # once
+        raise socket.timeout("timed out")
+
+    monkeypatch.setattr(spp_server, "send_frame", send_half_then_time_out)
+    with pytest.raises(spp_server.StoreUnavailable, match="did not answer in time"):
+        store.write(session_op(user_id="cut"))
+    assert first.fileno() == -1  # closed, not back in the pool
+    [replacement] = store.writer._sockets
+    assert replacement is not first
+    for n in range(3):
+        assert store.write(session_op(user_id=f"after-{n}")) == "recorded"
+    assert store.writer.alive()
+    assert rows(db, "SELECT user_id FROM sessions ORDER BY id") == [
+        ("after-0",), ("after-1",), ("after-2",)]
+
+
+def test_when_no_channel_can_be_replaced_the_writer_counts_as_lost(process_store, monkeypatch,
+                                                                    caplog):
+    store = process_store(channels=2)
+
+    def refuse(*args):
+        raise OSError(24, "Too many open files")
+
+    def time_out(sock, data):
+        raise socket.timeout("timed out")
+
+    monkeypatch.setattr(spp_server.socket, "send_fds", refuse)
+    monkeypatch.setattr(spp_server, "send_frame", time_out)
+    with caplog.at_level(logging.ERROR, logger="spp"):
+        for left in (1, 0):
+            with pytest.raises(spp_server.StoreUnavailable, match="did not answer in time"):
+                store.write(spp_server.write_health_probe)
+            assert f"{left} left" in caplog.text
+            assert store.writer.alive() == bool(left)
+    assert store.writer.loss() == "no channel to the writer process is left"
+    with pytest.raises(spp_server.StoreUnavailable, match="no channel"):
+        store.write(spp_server.write_health_probe)
+    stopping = threading.Event()
+    assert spp_server.run_until({}, stopping, store.writer) is False  # the server stops
+
+
+def test_a_failing_write_through_the_writer_process_fails_alone(process_store, db):
+    store = process_store(channels=2)
+    with pytest.raises(spp_server.StoreUnavailable, match="refused the write: NOT NULL"):
+        store.write(violate_a_constraint)
+    assert store.write(session_op(user_id="next")) == "recorded"
+    assert rows(db, "SELECT user_id FROM sessions") == [("next",)]
+
+
+def test_a_locked_database_is_a_busy_error_through_the_writer_process(process_store, db):
+    store = process_store(busy_timeout_ms=100)
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        ok, error = store.writer._submit(spp_server.write_health_probe, 5)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert not ok and isinstance(error, sqlite3.OperationalError) and spp_server.is_busy(error)
+    assert store.write(spp_server.write_health_probe) is None
+
+
+def test_an_error_that_is_not_the_databases_in_the_writer_process_is_a_bug_not_a_crash(
+        process_store, db):
+    store = process_store(channels=2)
+    with pytest.raises(RuntimeError, match="ValueError: a bug in the op"):
+        store.write(functools.partial(insert_then_raise_a_bug, "half"))
+    with pytest.raises(RuntimeError, match="TypeError"):
+        store.write(return_what_json_cannot_hold)
+    assert count(db, "sessions") == 0  # rolled back
+    assert store.write(session_op(user_id="next")) == "recorded"
+    assert store.writer.alive()
+
+
+@pytest.fixture
+def counting_clock(monkeypatch):
+    """now_us counts 1, 2, 3, ...: each transaction takes one receive time
+    (also in a writer process forked afterwards)."""
+    ticks = itertools.count(1)
+    monkeypatch.setattr(spp_server, "now_us", lambda: next(ticks))
+
+
+def outcome_of(store, op):
+    try:
+        return store.write(op)
+    except spp_server.StoreUnavailable as exc:
+        return f"raised: {exc}"
+
+
+@contextlib.contextmanager
+def sent_while_locked(db, calls, monkeypatch):
+    """Run each of `calls` in a thread of its own while another connection
+    holds the write lock; yields, once each has handed its write to the
+    writer process, the list their results fill once the lock is let go."""
+    sent = threading.Semaphore(0)
+    send_frame = spp_server.send_frame
+
+    def send_and_count(sock, data):
+        send_frame(sock, data)
+        sent.release()
+
+    monkeypatch.setattr(spp_server, "send_frame", send_and_count)
+    results = []
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    threads = [threading.Thread(target=lambda call=call: results.append(call())) for call in calls]
+    try:
+        for thread in threads:
+            thread.start()
+        for _ in calls:
+            assert sent.acquire(timeout=5)
+        yield results
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        for thread in threads:
+            thread.join(10)
+
+
+def test_the_writer_process_commits_writes_waiting_together_as_one_transaction(
+        process_store, db, counting_clock, monkeypatch):
+    store = process_store(channels=6)
+    calls = [functools.partial(outcome_of, store, session_op(user_id=f"w{i}")) for i in range(6)]
+    with sent_while_locked(db, calls, monkeypatch) as outcomes:
+        pass
+    assert outcomes == ["recorded"] * 6
+    # The first write may have been taken alone before the others arrived;
+    # all the others waited together and share one transaction.
+    assert rows(db, "SELECT count(DISTINCT received_at_us) FROM sessions") in ([(1,)], [(2,)])
+
+
+def test_the_writer_process_dying_while_a_postback_waits_is_a_503(process_client, db,
+                                                                   monkeypatch):
+    store = process_client.app.store
+    post_it = functools.partial(process_client.post, "/postback", json.dumps(postback()),
+                                status="*")
+    with sent_while_locked(db, [post_it], monkeypatch) as answers:
+        os.kill(store.writer.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not answers:  # bounded wait for the answer while the lock is still held
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    [res] = answers
+    assert_error(res, 503)
+    assert "writer process" in res.json["error"]
+    assert count(db, "sessions") == 0
+
+
+def test_a_commit_that_fails_fails_every_write_of_its_batch_and_the_next_one_commits(
+        make_client, db):
+    client = make_client()
+    store = client.app.store
+    outcomes = queued_writes(store, [session_op(user_id="a"), fail_at_commit,
+                                     session_op(user_id="b")])
+    assert all(o.startswith("raised: the database refused the write: FOREIGN KEY") for o in outcomes)
+    assert count(db, "sessions") == 0  # nothing half-stored
+    assert post(client, postback(user_id="next")).json == {"status": "recorded"}
+    assert rows(db, "SELECT user_id FROM sessions") == [("next",)]
+
+
+def test_a_commit_that_fails_in_the_writer_process_leaves_no_transaction_open(process_store, db):
+    store = process_store(channels=2)
+    with pytest.raises(spp_server.StoreUnavailable, match="FOREIGN KEY"):
+        store.write(fail_at_commit)
+    assert store.write(session_op(user_id="next")) == "recorded"
+    assert count(db, "sessions") == 1
+
+
+def test_closing_kills_and_reaps_a_writer_process_that_does_not_stop(db):
+    spp_server.Store(db).close()
+    writer = spp_server.WriterProcess(db, 100, 0.3, 1)
+    os.kill(writer.pid, signal.SIGSTOP)  # it can no longer see its channels close
+    started = time.monotonic()
+    writer.close()
+    assert time.monotonic() - started < 2 * 0.3 + 1
+    assert writer.exit_status() == -signal.SIGKILL  # collected: no zombie left
+    assert not process_runs(writer.pid)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(writer.pid, os.WNOHANG)
+
+
+@pytest.mark.parametrize("open_fds, keep, released", [
+    ([0, 1, 2, 3, 4, 5], {4}, [3, 5]),
+    ([0, 1, 2], set(), []),
+    ([2, 9, 7, 8], {7, 8}, [9]),
+])
+def test_the_writer_process_lets_go_of_all_but_stdio_and_its_channels(open_fds, keep, released):
+    assert spp_server.descriptors_to_release(open_fds, keep) == released
+
+
+def socket_inodes(pid):
+    links = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            links.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+    return {link for link in links if link.startswith("socket:")}
+
+
+def test_the_writer_process_does_not_hold_systemds_listening_socket(db, tmp_path):
+    listener = socket.create_server(("127.0.0.1", 0))
+    inode = f"socket:[{os.fstat(listener.fileno()).st_ino}]"
+    process = start_activated_server(db, listener)
+    try:
+        assert json.loads(http_request(listener.getsockname()[1], "POST", "/postback",
+                                       json.dumps(SAMPLE), timeout=15)[2]) == {"status": "recorded"}
+        [writer] = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert inode in socket_inodes(process.pid)
+        writer_sockets = socket_inodes(writer)
+        assert inode not in writer_sockets
+        # Its channels (one per request thread and the watchdog) and the control socket only.
+        assert len(writer_sockets) == spp_server.DEFAULTS["threads"] + 2
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        listener.close()
 
 
 class FakeAffinity:
@@ -4474,6 +4899,64 @@ def test_prune_works_in_short_transactions_through_the_write_path(client, clock,
     assert [rows_ for rows_, _ in batches] == [2, 2, 1]
 
 
+PRUNE_OPTION = {"raw bodies": "--raw-bodies-before", "rejected": "--rejected-before",
+                "conflicts": "--rejected-before"}
+KEPT = {"raw bodies": "SELECT received_at_us FROM sessions WHERE raw_body != ''",
+        "rejected": "SELECT received_at_us FROM rejected",
+        "conflicts": "SELECT received_at_us FROM conflicts"}
+
+
+def store_one_of_each(conn, n, received_at_us):
+    """A session, a refusal and a conflict received at `received_at_us`."""
+    conn.execute("INSERT INTO sessions (session_id, user_id, revenue_nano, received_at_us, "
+                 "raw_body) VALUES (?, 'u', 0, ?, '{}')", (f"s{n}", received_at_us))
+    conn.execute("INSERT INTO rejected (received_at_us, field, reason, raw_body) "
+                 "VALUES (?, NULL, 'r', x'00')", (received_at_us,))
+    conn.execute("INSERT INTO conflicts (session_id, received_at_us, stored_body, new_body) "
+                 "VALUES (?, ?, '{}', '{}')", (f"s{n}", received_at_us))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hours=st.lists(st.integers(0, 47), min_size=1, max_size=12), cut=st.integers(0, 48),
+       what=st.sampled_from(list(PRUNE_OPTION)))
+def test_prune_touches_nothing_received_after_the_cut_whatever_the_id_order(
+        db, hours, cut, what):
+    """Receive times out of id order (the clock stepped back): prune clears
+    or deletes what was received before the cut (at the worst leaving some
+    of it for the next run), never anything received later."""
+    if not os.path.exists(db):
+        spp_server.Store(db).close()
+    start = spp_server.parse_instant("2026-11-01")
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.execute("PRAGMA synchronous = OFF")  # test data: no fsync
+        conn.execute("BEGIN")
+        for table in ("sessions", "rejected", "conflicts"):
+            conn.execute(f"DELETE FROM {table}")
+        for n, hour in enumerate(hours):
+            store_one_of_each(conn, n, start + hour * 3_600_000_000)
+        conn.execute("COMMIT")
+    cut_us = start + cut * 3_600_000_000
+    before = sorted(t for (t,) in rows(db, KEPT[what]))
+    code, out = run_prune(db, PRUNE_OPTION[what], spp_server.iso_utc(cut_us))
+    assert code == 0
+    after = sorted(t for (t,) in rows(db, KEPT[what]))
+    assert [t for t in after if t >= cut_us] == [t for t in before if t >= cut_us]
+    gone = len(before) - len(after)
+    assert f"{what} received before {spp_server.iso_utc(cut_us)}: {gone} " in out
+    if hours == sorted(hours):  # in order: all of it
+        assert [t for t in after if t < cut_us] == []
+
+
+def test_prune_after_the_clock_stepped_back_keeps_what_came_after_the_cut(client, clock, db):
+    # The cut falls at the first receipt on or after it (the 3rd id), but the
+    # 2nd id came later still.
+    for when in ["2026-11-01T00:00:00Z", "2026-11-03T00:00:00Z", "2026-11-02T18:00:00Z"]:
+        post_at(client, clock, when, user_id=when)
+    code, out = run_prune(db, "--raw-bodies-before", "2026-11-02T12:00:00Z")
+    assert code == 0 and "1 cleared" in out
+    assert rows(db, "SELECT user_id FROM sessions WHERE raw_body = ''") == [("2026-11-01T00:00:00Z",)]
+
+
 def test_prune_deletes_old_refusals_and_conflicts(client, clock, db):
     clock.set("2026-11-01T00:00:00Z")
     post(client, b"not json", status=400)
@@ -4539,7 +5022,7 @@ def test_prune_usage_errors(db, capsys, args, words):
 def test_prune_finds_its_cut_through_the_receive_time_index(client, db):
     plan = query_plan(db, "first_session_id_from", (0,))
     assert plan.startswith("SEARCH sessions USING COVERING INDEX sessions_by_time"), plan
-    assert "SEARCH sessions USING INTEGER PRIMARY KEY" in query_plan(db, "prunable_bodies", (0, 1))
+    assert "SEARCH sessions USING INTEGER PRIMARY KEY" in query_plan(db, "prunable_bodies", (0, 1, 0))
 
 
 def test_prune_of_a_missing_database_creates_nothing(tmp_path, capsys):
@@ -5246,11 +5729,19 @@ def test_socket_listens_on_loopback_only():
         assert ipaddress.ip_address(host).is_loopback, address
 
 
-def test_stop_timeout_leaves_room_for_the_drain():
-    """systemd must not SIGKILL the server while it is still draining requests."""
+def test_stop_timeout_leaves_room_for_the_longest_stop():
+    """systemd must not SIGKILL the server while it still drains requests or
+    its writer process commits: TimeoutStopSec exceeds the code's worst case,
+    and the comment next to it states that worst case."""
     (timeout,) = unit_values(SERVICE, "TimeoutStopSec")
     assert re.fullmatch(r"\d+s?", timeout), f"write TimeoutStopSec in seconds, not {timeout!r}"
-    assert int(timeout.rstrip("s")) > spp_server.DRAIN_TIMEOUT_S
+    worst = spp_server.worst_case_stop_s()
+    assert int(timeout.rstrip("s")) > worst
+    assert worst >= spp_server.DRAIN_TIMEOUT_S + 2 * spp_server.write_wait_s(
+        spp_server.DEFAULTS["busy_timeout_ms"])
+    text = SERVICE.read_text(encoding="utf-8")
+    comment = text[:text.index("\nTimeoutStopSec=")].rsplit("\n\n", 1)[-1]
+    assert f"{worst:g} s" in comment, comment
 
 
 # ---------------------------------------------------------------------------
