@@ -2754,7 +2754,7 @@ def test_an_import_replaces_every_breakdown_and_metric_stored_for_its_days(
     # The same day again without the country breakdown: 0.8, not 1.6.
     code, out, _ = import_file(tmp_path, db, "date,revenue\n2026-11-01,0.8\n", name="plain.csv")
     assert code == 0 and out.endswith(
-        "plain.csv: 1 rows for 1 day (every property): 1 new, 0 replaced, 0 unchanged, 2 removed\n")
+        "plain.csv: 1 row for 1 day (every property): 1 new, 0 replaced, 0 unchanged, 2 removed\n")
     [day] = [d for d in recon(client, **NOV).json["days"] if d["day"] == "2026-11-01"]
     assert (day["booked-revenue"], day["margin"]) == ("0.8", "0")
     assert rows(db, "SELECT day, country, revenue_nano FROM booked_revenue ORDER BY 1") == [
@@ -2943,7 +2943,7 @@ def test_an_import_locked_out_past_the_busy_timeout_imports_nothing_and_says_so(
     assert "locked" in err and "nothing imported (running it again is safe)" in err
     assert count(db, "booked_revenue") == 0  # nor later: the lock is released now
     code, out, _ = import_file(tmp_path, db, report)
-    assert code == 0 and out.endswith("report.csv: 1 rows for 1 day (every property): 1 new, 0 replaced, 0 unchanged, 0 removed\n")
+    assert code == 0 and out.endswith("report.csv: 1 row for 1 day (every property): 1 new, 0 replaced, 0 unchanged, 0 removed\n")
 
 
 def test_an_import_waits_for_its_own_write_however_long_it_takes(client, db, tmp_path, monkeypatch):
