@@ -5646,6 +5646,45 @@ def test_the_feed_consumer_stops_at_once_on_a_refusal(real_server, tmp_path):
     assert result.stderr.startswith("the feed refused: 401 ") and "retrying" not in result.stderr
 
 
+def test_the_feed_consumer_stops_on_a_restored_database_and_resumes_from_0(real_server, tmp_path):
+    """After a restore, a new session takes a lost one's position: the
+    consumer stops with a 410 and says how to resume; from cursor 0 it credits
+    the new session once and keeps the credits the backup lacks."""
+    server = real_server(env={"SPP_READ_TOKEN": "t"})
+    kept, lost, new = (postback(your_estimated_revenue="0.000012") for _ in range(3))
+    for body in (kept, new):  # the restored database: `new` where `lost` was
+        assert server.post(body)[0] == 200
+    (tmp_path / "credit_wallets.py").write_text(
+        doc_file("docs/paying-users.md", "credit_wallets.py", server.port))
+    wallets = str(tmp_path / "wallets.db")
+    with contextlib.closing(sqlite3.connect(wallets)) as conn, conn:
+        conn.executescript("""
+            CREATE TABLE feed (one INTEGER PRIMARY KEY CHECK (one = 1), cursor TEXT NOT NULL);
+            CREATE TABLE credits (session_id TEXT PRIMARY KEY, user_id TEXT NOT NULL,
+                                  nano_usd INTEGER NOT NULL);""")
+        conn.execute("INSERT INTO feed VALUES (1, ?)",
+                     (spp_server.feed_cursor(2, lost["session-id"]),))
+        conn.executemany("INSERT INTO credits VALUES (?, ?, 8400)",
+                         [(b["session-id"], b["user-id"]) for b in (kept, lost)])
+    env = {**os.environ, "SPP_READ_TOKEN": "t", "IDLE_SECONDS": "0.05"}
+    stopped = subprocess.run([sys.executable, "credit_wallets.py"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=15)
+    assert stopped.returncode == 1 and "retrying" not in stopped.stderr
+    assert "(410)" in stopped.stderr and "UPDATE feed SET cursor = '0'" in stopped.stderr
+    assert len(rows(wallets, "SELECT * FROM credits")) == 2
+    with contextlib.closing(sqlite3.connect(wallets)) as conn, conn:  # what the message says
+        conn.execute("UPDATE feed SET cursor = '0'")
+    consumer = subprocess.Popen([sys.executable, "credit_wallets.py"], cwd=tmp_path, env=env,
+                                stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(rows(wallets, "SELECT * FROM credits")) == 3, "the new credit")
+    finally:
+        consumer.kill()
+        consumer.wait()
+    assert rows(wallets, "SELECT session_id, nano_usd FROM credits ORDER BY 1") == sorted(
+        (b["session-id"], 8400) for b in (kept, lost, new))
+
+
 @needs_systemd_analyze
 def test_the_documented_backup_units_are_accepted_by_systemd(tmp_path):
     units = [(options["file"], lines) for _, _, options, lines in doc_blocks("docs/operating.md")
