@@ -2206,7 +2206,7 @@ def import_summary(name, rows, counts):
     properties = len({row.property_id for row in rows} - {""})
     scope = ("every property" if not properties
              else f"{properties} propert{'y' if properties == 1 else 'ies'}")
-    line = (f"{name}: {len(rows)} rows for {days} day{'s' if days != 1 else ''} ({scope}): "
+    line = (f"{name}: {plural(len(rows), 'row')} for {plural(days, 'day')} ({scope}): "
             f"{counts['new']} new, {counts['replaced']} replaced, "
             f"{counts['unchanged']} unchanged, {counts['removed']} removed")
     if not (counts["new"] or counts["replaced"] or counts["removed"]):

@@ -2756,7 +2756,7 @@ def test_an_import_replaces_every_breakdown_and_metric_stored_for_its_days(
     # The same day again without the country breakdown: 0.8, not 1.6.
     code, out, _ = import_file(tmp_path, db, "date,revenue\n2026-11-01,0.8\n", name="plain.csv")
     assert code == 0 and out.endswith(
-        "plain.csv: 1 rows for 1 day (every property): 1 new, 0 replaced, 0 unchanged, 2 removed\n")
+        "plain.csv: 1 row for 1 day (every property): 1 new, 0 replaced, 0 unchanged, 2 removed\n")
     [day] = [d for d in recon(client, **NOV).json["days"] if d["day"] == "2026-11-01"]
     assert (day["booked-revenue"], day["margin"]) == ("0.8", "0")
     assert rows(db, "SELECT day, country, revenue_nano FROM booked_revenue ORDER BY 1") == [
@@ -2945,7 +2945,7 @@ def test_an_import_locked_out_past_the_busy_timeout_imports_nothing_and_says_so(
     assert "locked" in err and "nothing imported (running it again is safe)" in err
     assert count(db, "booked_revenue") == 0  # nor later: the lock is released now
     code, out, _ = import_file(tmp_path, db, report)
-    assert code == 0 and out.endswith("report.csv: 1 rows for 1 day (every property): 1 new, 0 replaced, 0 unchanged, 0 removed\n")
+    assert code == 0 and out.endswith("report.csv: 1 row for 1 day (every property): 1 new, 0 replaced, 0 unchanged, 0 removed\n")
 
 
 def test_an_import_waits_for_its_own_write_however_long_it_takes(client, db, tmp_path, monkeypatch):
@@ -6135,6 +6135,45 @@ def test_the_feed_consumer_stops_at_once_on_a_refusal(real_server, tmp_path):
         timeout=15, env={**os.environ, "SPP_READ_TOKEN": "wrong"})
     assert result.returncode == 1
     assert result.stderr.startswith("the feed refused: 401 ") and "retrying" not in result.stderr
+
+
+def test_the_feed_consumer_stops_on_a_restored_database_and_resumes_from_0(real_server, tmp_path):
+    """After a restore, a new session takes a lost one's position: the
+    consumer stops with a 410 and says how to resume; from cursor 0 it credits
+    the new session once and keeps the credits the backup lacks."""
+    server = real_server(env={"SPP_READ_TOKEN": "t"})
+    kept, lost, new = (postback(your_estimated_revenue="0.000012") for _ in range(3))
+    for body in (kept, new):  # the restored database: `new` where `lost` was
+        assert server.post(body)[0] == 200
+    (tmp_path / "credit_wallets.py").write_text(
+        doc_file("docs/paying-users.md", "credit_wallets.py", server.port))
+    wallets = str(tmp_path / "wallets.db")
+    with contextlib.closing(sqlite3.connect(wallets)) as conn, conn:
+        conn.executescript("""
+            CREATE TABLE feed (one INTEGER PRIMARY KEY CHECK (one = 1), cursor TEXT NOT NULL);
+            CREATE TABLE credits (session_id TEXT PRIMARY KEY, user_id TEXT NOT NULL,
+                                  nano_usd INTEGER NOT NULL);""")
+        conn.execute("INSERT INTO feed VALUES (1, ?)",
+                     (spp_server.feed_cursor(2, lost["session-id"]),))
+        conn.executemany("INSERT INTO credits VALUES (?, ?, 8400)",
+                         [(b["session-id"], b["user-id"]) for b in (kept, lost)])
+    env = {**os.environ, "SPP_READ_TOKEN": "t", "IDLE_SECONDS": "0.05"}
+    stopped = subprocess.run([sys.executable, "credit_wallets.py"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=15)
+    assert stopped.returncode == 1 and "retrying" not in stopped.stderr
+    assert "(410)" in stopped.stderr and "UPDATE feed SET cursor = '0'" in stopped.stderr
+    assert len(rows(wallets, "SELECT * FROM credits")) == 2
+    with contextlib.closing(sqlite3.connect(wallets)) as conn, conn:  # what the message says
+        conn.execute("UPDATE feed SET cursor = '0'")
+    consumer = subprocess.Popen([sys.executable, "credit_wallets.py"], cwd=tmp_path, env=env,
+                                stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: len(rows(wallets, "SELECT * FROM credits")) == 3, "the new credit")
+    finally:
+        consumer.kill()
+        consumer.wait()
+    assert rows(wallets, "SELECT session_id, nano_usd FROM credits ORDER BY 1") == sorted(
+        (b["session-id"], 8400) for b in (kept, lost, new))
 
 
 @needs_systemd_analyze
