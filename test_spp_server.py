@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from decimal import ROUND_HALF_EVEN, Decimal
+from fractions import Fraction
 from pathlib import Path
 from urllib.parse import quote
 
@@ -1103,7 +1104,8 @@ def b64(text):
 READ_URLS = ["/users/sub1/earnings", "/users/sub1/sessions", "/earnings?since=1&until=2",
              "/totals", "/stats", "/rejected", "/conflicts", "/sessions", "/sessions?format=ndjson",
              "/metrics",
-             "/reconciliation?since=2026-11-01&until=2026-11-02"]
+             "/reconciliation?since=2026-11-01&until=2026-11-02",
+             "/users/sub1/statement", "/ledger"]
 
 
 @pytest.mark.parametrize(
@@ -2401,6 +2403,416 @@ def test_booked_days_search_the_primary_key(client, db):
     plan = query_plan(db, "booked_by_day",
                       {"since_day": "2026-11-01", "until_day": "2026-11-08", "property": None})
     assert plan.startswith("SEARCH booked_revenue USING PRIMARY KEY (day>? AND day<?)")
+
+
+# ---------------------------------------------------------------------------
+# Payout ledger: runs, settlements, statements
+# ---------------------------------------------------------------------------
+
+# A month safely in the past: a run's until must be.
+OCT = spp_server.parse_instant("2020-10-01T00:00:00Z")
+HOUR_US = 3600 * 1_000_000
+D = Decimal
+
+
+def add_sessions(store, sessions):
+    """sessions: (user, property or None, revenue nanos, received_at_us), in
+    id order (a later id with an earlier time is a clock step).  -> ids."""
+
+    def op(conn, _):
+        ids = []
+        for user, prop, nanos, at in sessions:
+            sid = f"l-{next(_ids)}"
+            conn.execute(spp_server.SQL["insert_session"],
+                         (sid, user, prop, "IN", 1, 10, nanos, at, "{}"))
+            ids.append(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
+        return ids
+
+    return store.write(op)
+
+
+def book_rows(store, rows_):
+    """rows_: (day, property or '', revenue nanos) -> imported as booked revenue."""
+    booked = [spp_server.BookedRow(day, prop, "", nanos) for day, prop, nanos in rows_]
+    return store.write(spp_server.import_booked(booked, "test.csv"))
+
+
+def day_text(n):
+    return spp_server.report_day_text(OCT // spp_server.DAY_US + n)
+
+
+def at(day, hour=12):
+    return OCT + day * spp_server.DAY_US + hour * HOUR_US
+
+
+def pay(store, until_us, pay_now="0.6", final="0.9", offset=0):
+    return spp_server.pay_run(store, until_us, D(pay_now), D(final), offset)
+
+
+def run_text(store, run_id, fmt="csv"):
+    return b"".join(spp_server.run_output(store, run_id, fmt))
+
+
+def run_lines(store, run_id):
+    return list(csv.DictReader(io.StringIO(run_text(store, run_id).decode())))
+
+
+def settlement_lines(store, settlement_id):
+    text = b"".join(spp_server.settlement_output(store, settlement_id, "csv")).decode()
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def nanos(text):
+    return spp_server.usd_to_nanos(D(text))
+
+
+@pytest.fixture
+def store(db):
+    store = spp_server.Store(db)
+    yield store
+    store.close()
+
+
+def ledger_counts(db):
+    return {t: count(db, t) for t in ("payout_runs", "payout_parts", "payout_lines", "settlements",
+                                      "settlement_days", "settlement_lines", "ledger_balances")}
+
+
+def test_a_run_pays_each_user_the_pay_now_share_of_each_part_rounded_down(store):
+    add_sessions(store, [("b", "p", 333, at(0)), ("a", "p", 1_000_001, at(0)),
+                         ("a", None, 7, at(1)), ("c", "p", 5, at(3))])
+    run_id = pay(store, at(2, 0), pay_now="0.333333")
+    # Per part (user, day, property), floor(estimate x share); then summed per user.
+    assert run_lines(store, run_id) == [
+        {"run-id": "1", "user-id": "a", "sessions": "2", "estimated-revenue": "0.001000008",
+         "paid-now": nanos_to_text(1_000_001 * 333333 // 10**6 + 7 * 333333 // 10**6),
+         "deducted": "0"},
+        {"run-id": "1", "user-id": "b", "sessions": "1", "estimated-revenue": "0.000000333",
+         "paid-now": nanos_to_text(333 * 333333 // 10**6), "deducted": "0"}]
+
+
+def nanos_to_text(n):
+    return f"{D(n).scaleb(-9):f}".rstrip("0").rstrip(".") if n else "0"
+
+
+def test_asking_again_returns_the_recorded_run_byte_identical_and_pays_nothing(store, db):
+    add_sessions(store, [("a", "p", 1000, at(0)), ("b", "p", 2000, at(1))])
+    run_id = pay(store, at(2, 0))
+    first = {fmt: run_text(store, run_id, fmt) for fmt in ("csv", "ndjson")}
+    before = ledger_counts(db)
+    add_sessions(store, [("a", "p", 5000, at(1, 23))])  # late, with an earlier time: next run
+    assert pay(store, at(2, 0), pay_now="0.60", final="0.900") == run_id
+    assert {fmt: run_text(store, run_id, fmt) for fmt in ("csv", "ndjson")} == first
+    assert ledger_counts(db) == before
+    second = pay(store, at(3, 0))
+    assert [line["sessions"] for line in run_lines(store, second)] == ["1"]
+
+
+@pytest.mark.parametrize("args, field, words", [
+    ({"until_us": at(0)}, "until", ["before", "run 1"]),
+    ({"until_us": at(2, 0), "final": "0.8"}, "final-share", ["0.9", "0.8"]),
+    ({"until_us": at(2, 0), "pay_now": "0.5"}, "pay-now-share", ["0.6", "0.5"]),
+    ({"until_us": at(3), "offset": 330}, "report-utc-offset", ["+00:00"]),
+    ({"until_us": at(3), "pay_now": "0.95"}, "pay-now-share", ["final"]),
+    ({"until_us": spp_server.now_us() + 10**7}, "until", ["past"]),
+])
+def test_a_refused_run_names_the_field_and_changes_nothing(store, db, args, field, words):
+    add_sessions(store, [("a", "p", 1000, at(0)), ("b", "p", 2000, at(2))])
+    pay(store, at(2, 0))
+    before = ledger_counts(db)
+    with pytest.raises(spp_server.Invalid) as refused:
+        pay(store, **args)
+    assert refused.value.field == field
+    for word in words:
+        assert word in refused.value.message
+    assert ledger_counts(db) == before
+
+
+@pytest.mark.parametrize("text", ["0.6e0", "6E-1", "1.1", "-0.1", ".5", "0.", "0.1234567", "NaN",
+                                  "Infinity", "1.0000001", " 0.5", "0,5", "+0.5", "2", "0x1", ""])
+def test_a_share_is_a_plain_decimal_in_0_to_1_with_at_most_6_places(text):
+    with pytest.raises(spp_server.Invalid) as refused:
+        spp_server.parse_ledger_share(text, "final-share")
+    assert refused.value.field == "final-share"
+
+
+@pytest.mark.parametrize("text, value", [("0", "0"), ("1", "1"), ("1.000000", "1"),
+                                         ("0.000001", "0.000001"), ("0.60", "0.6")])
+def test_shares_are_read_exactly_and_stored_in_one_form(text, value):
+    assert spp_server.share_text(spp_server.parse_ledger_share(text, "x")) == value
+
+
+def test_runs_meet_end_to_start_by_row_id_even_when_the_clock_steps_back(store, db):
+    ids = add_sessions(store, [("a", "p", 1, at(0)), ("a", "p", 2, at(5)),  # clock ahead...
+                               ("a", "p", 4, at(1)), ("b", "p", 8, at(6))])  # ...then back
+    first = pay(store, at(2, 0))
+    # The largest id received before until is the third: the one received
+    # "later" with a smaller id is paid now, with it, never skipped.
+    assert rows(db, "SELECT after_session_id, last_session_id FROM payout_runs") == [(0, ids[2])]
+    assert run_lines(store, first)[0]["estimated-revenue"] == "0.000000007"
+    second = pay(store, at(7, 0))
+    assert rows(db, "SELECT after_session_id, last_session_id FROM payout_runs WHERE id = ?",
+                (second,)) == [(ids[2], ids[3])]
+    empty = pay(store, at(8, 0))
+    assert run_text(store, empty) == b"run-id,user-id,sessions,estimated-revenue,paid-now,deducted\r\n"
+
+
+def test_a_days_booked_revenue_is_shared_exactly_ties_to_the_first_user_id(store):
+    add_sessions(store, [("c", None, 100, at(0)), ("a", None, 100, at(0)), ("b", None, 100, at(0)),
+                         ("d", None, 0, at(0))])
+    pay(store, at(1, 0), pay_now="0", final="1")
+    book_rows(store, [(day_text(0), "", 10)])
+    lines = settlement_lines(store, spp_server.settle(store))
+    assert [(line["user-id"], line["booked-part"], line["final"], line["top-up"]) for line in lines] == [
+        ("a", "0.000000004", "0.000000004", "0.000000004"),
+        ("b", "0.000000003", "0.000000003", "0.000000003"),
+        ("c", "0.000000003", "0.000000003", "0.000000003"),
+        ("d", "0", "0", "0")]
+
+
+@given(st.integers(0, 10**12), st.lists(st.integers(0, 10**9), min_size=1, max_size=8))
+def test_largest_remainder_parts_sum_exactly_and_stay_within_one_of_the_quota(total, weights):
+    parts = spp_server.largest_remainder(total, weights)
+    if sum(weights) == 0:
+        assert parts == [0] * len(weights)
+        return
+    assert sum(parts) == total
+    for part, weight in zip(parts, weights):
+        quota = Fraction(total * weight, sum(weights))
+        assert quota - 1 < part < quota + 1
+
+
+def test_estimates_of_zero_share_the_booked_figure_by_sessions(store):
+    add_sessions(store, [("a", None, 0, at(0)), ("a", None, 0, at(0)), ("b", None, 0, at(0))])
+    pay(store, at(1, 0), pay_now="0", final="1")
+    book_rows(store, [(day_text(0), "", 3)])
+    lines = settlement_lines(store, spp_server.settle(store))
+    assert [line["booked-part"] for line in lines] == ["0.000000002", "0.000000001"]
+
+
+def test_low_booked_revenue_carries_a_balance_taken_back_from_later_runs(store, db):
+    add_sessions(store, [("a", None, 1_000_000, at(0)), ("b", None, 1_000_000, at(0))])
+    pay(store, at(1, 0), pay_now="0.5", final="0.5")  # each paid 500,000 now
+    book_rows(store, [(day_text(0), "", 400_000)])  # each is due 100,000 in the end
+    lines = settlement_lines(store, spp_server.settle(store))
+    assert {(line["user-id"], line["carried"], line["top-up"]) for line in lines} == {
+        ("a", "0.0004", "0"), ("b", "0.0004", "0")}
+    # a: 300,000 nanos now against 400,000 owed: paid nothing, owes 100,000 more.
+    add_sessions(store, [("a", None, 600_000, at(1)), ("b", None, 2_000_000, at(1))])
+    run = run_lines(store, pay(store, at(2, 0), pay_now="0.5", final="0.5"))
+    assert [(line["user-id"], line["paid-now"], line["deducted"]) for line in run] == [
+        ("a", "0", "0.0003"), ("b", "0.0006", "0.0004")]
+    assert rows(db, "SELECT user_id, owed_nano FROM ledger_balances ORDER BY user_id") == [
+        ("a", 100_000), ("b", 0)]
+    statement = spp_server.statement(store, "a")
+    assert statement["totals"]["owed"] == "0.0001"
+    assert statement["totals"]["deducted"] == "0.0003"
+
+
+def test_write_off_keeps_no_balance_and_records_what_was_written_off(store, db):
+    add_sessions(store, [("a", None, 1_000_000, at(0))])
+    pay(store, at(1, 0), pay_now="0.5", final="0.5")
+    book_rows(store, [(day_text(0), "", 200_000)])
+    lines = settlement_lines(store, spp_server.settle(store, write_off=True))
+    assert [(line["carried"], line["written-off"]) for line in lines] == [("0", "0.0004")]
+    assert rows(db, "SELECT count(*) FROM ledger_balances WHERE owed_nano > 0") == [(0,)]
+    assert spp_server.ledger_summary(store)["totals"]["written-off"] == "0.0004"
+
+
+def test_a_revised_booked_figure_gives_a_correcting_line_not_a_rewrite(store, db):
+    add_sessions(store, [("a", None, 1_000_000, at(0)), ("b", None, 3_000_000, at(0))])
+    pay(store, at(1, 0), pay_now="0.5", final="0.9")
+    book_rows(store, [(day_text(0), "", 4_000_000)])
+    first = spp_server.settle(store)
+    assert spp_server.settle(store) is None  # nothing changed: nothing to settle
+    kept = rows(db, "SELECT * FROM settlement_lines")
+    book_rows(store, [(day_text(0), "", 2_000_000)])  # revised down
+    second = spp_server.settle(store)
+    assert rows(db, f"SELECT * FROM settlement_lines WHERE settlement_id = {first}") == kept
+    lines = settlement_lines(store, second)
+    # a: final 900,000 -> 450,000: the 450,000 topped up too much is carried.
+    assert [(line["user-id"], line["final"], line["carried"], line["kind"]) for line in lines] == [
+        ("a", "0.00045", "0.00045", "correction"), ("b", "0.00135", "0.00135", "correction")]
+    book_rows(store, [(day_text(0), "", 3_000_000)])  # and up again
+    lines = settlement_lines(store, spp_server.settle(store))
+    assert [(line["user-id"], line["top-up"], line["carried"]) for line in lines] == [
+        ("a", "0.000225", "0"), ("b", "0.000675", "0")]
+
+
+def test_a_day_is_settled_only_once_every_session_of_it_was_paid(store):
+    add_sessions(store, [("a", None, 1000, at(0)), ("a", None, 1000, at(1, 1))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "", 900), (day_text(1), "", 900)])
+    first = spp_server.settle(store)
+    assert {line["day"] for line in settlement_lines(store, first)} == {day_text(0)}
+    pay(store, at(1, 12))  # day 1 not over at this until
+    assert spp_server.settle(store) is None
+    pay(store, at(2, 0))
+    assert {line["day"] for line in settlement_lines(store, spp_server.settle(store))} == {day_text(1)}
+
+
+def test_a_session_of_a_day_received_after_the_last_run_holds_the_day_back(store):
+    add_sessions(store, [("a", None, 1000, at(0))])
+    pay(store, at(1, 0))
+    add_sessions(store, [("a", None, 1000, at(0, 20))])  # the clock stepped back
+    book_rows(store, [(day_text(0), "", 900)])
+    assert spp_server.settle(store) is None
+    pay(store, at(1, 1))
+    lines = settlement_lines(store, spp_server.settle(store))
+    assert [(line["sessions"], line["estimated-revenue"]) for line in lines] == [("2", "0.000002")]
+
+
+def test_booked_rows_with_a_property_settle_each_property_apart(store):
+    add_sessions(store, [("a", "p1", 1000, at(0)), ("b", "p2", 1000, at(0)), ("c", None, 1000, at(0))])
+    pay(store, at(1, 0), pay_now="0", final="1")
+    book_rows(store, [(day_text(0), "p1", 5000), (day_text(0), "p2", 100), (day_text(0), "p3", 7)])
+    lines = settlement_lines(store, spp_server.settle(store))
+    # c's session has no property: no booked row holds it, so it stays pending.
+    assert [(line["property-id"], line["user-id"], line["final"]) for line in lines] == [
+        ("p1", "a", "0.000005"), ("p2", "b", "0.0000001")]
+    assert spp_server.statement(store, "c")["totals"]["pending"] == "0"  # paid 0 now
+    summary = spp_server.ledger_summary(store)
+    assert [(d["property-id"], d["booked-revenue"], d["paid-in-total"], d["margin"])
+            for d in summary["days"]] == [
+        ("p1", "0.000005", "0.000005", "0"), ("p2", "0.0000001", "0.0000001", "0"),
+        ("p3", "0.000000007", "0", "0.000000007")]
+
+
+def test_a_pool_paid_in_runs_of_different_final_shares_weighs_each_by_its_estimates(store):
+    add_sessions(store, [("a", None, 1000, at(0, 1)), ("a", None, 3000, at(0, 20))])
+    pay(store, at(0, 12), pay_now="0", final="0.5")
+    pay(store, at(1, 0), pay_now="0", final="0.9")
+    book_rows(store, [(day_text(0), "", 4_000_000)])
+    lines = settlement_lines(store, spp_server.settle(store))
+    # 1,000,000 of the booked part at 0.5 and 3,000,000 at 0.9.
+    assert [line["final"] for line in lines] == ["0.0032"]
+
+
+def test_reports_pending_and_held_back(store):
+    add_sessions(store, [("a", None, 1_000_000, at(0)), ("a", None, 1_000_000, at(1))])
+    pay(store, at(2, 0), pay_now="0.5", final="0.8")
+    book_rows(store, [(day_text(0), "", 1_000_000)])
+    spp_server.settle(store)
+    summary = spp_server.ledger_summary(store)
+    assert summary["runs"][0]["held-back"] == "0.0006"  # 0.8 x 2,000,000 - 1,000,000
+    assert summary["totals"]["pending"] == "0.0005"  # day 1: paid now, not settled
+    assert spp_server.statement(store, "a")["totals"] == summary["totals"]
+
+
+# --- Properties over random months ---
+
+LEDGER_SETTINGS = settings(max_examples=15, deadline=None, database=None,
+                           suppress_health_check=list(HealthCheck))
+
+def share_strategy():
+    return st.integers(0, 10**6).map(lambda n: nanos_to_text(n * 1000))
+
+
+@st.composite
+def months(draw):
+    """Random sessions over ten days, runs cutting them, booked figures with revisions."""
+    sessions = draw(st.lists(st.tuples(
+        st.sampled_from(["a", "b", "c", "d", "é"]), st.integers(0, 9), st.integers(0, 23),
+        st.sampled_from([None, "p1", "p2"]),
+        st.one_of(st.integers(0, 10**7), st.integers(0, 10**12))), max_size=40))
+    order = draw(st.sampled_from(["time", "clock steps"]))
+    cuts = sorted(set(draw(st.lists(st.integers(1, 11 * 24), min_size=1, max_size=4))))
+    final = draw(share_strategy())
+    pay_nows = [draw(share_strategy().filter(lambda s: D(s) <= D(final))) for _ in cuts]
+    by_property = draw(st.booleans())
+    booked = draw(st.dictionaries(
+        st.tuples(st.integers(0, 9), st.sampled_from(["p1", "p2", ""] if by_property else [""])),
+        st.one_of(st.integers(0, 1000), st.integers(0, 10**13)), max_size=12))
+    revisions = draw(st.dictionaries(st.sampled_from(sorted(booked)), st.integers(0, 10**13),
+                                     max_size=4)) if booked else {}
+    write_off = draw(st.booleans())
+    return sessions, order, cuts, final, pay_nows, booked, revisions, write_off
+
+
+def check_ledger(store, db, final, write_off):
+    """Every property the ledger promises, from the tables and from the sessions."""
+    runs = rows(db, "SELECT id, after_session_id, last_session_id, sessions, estimated_nano, "
+                    "paid_now_nano, deducted_nano FROM payout_runs ORDER BY id")
+    # Runs meet end to start; every session up to the last is in exactly one run.
+    for previous, run in zip([(0, 0, 0)] + runs, runs):
+        assert run[1] == previous[2]
+    last = runs[-1][2] if runs else 0
+    sessions = rows(db, "SELECT id, user_id, coalesce(property_id, ''), revenue_nano FROM sessions")
+    for run_id, after, last_id, n, estimated, paid, deducted in runs:
+        mine = [s for s in sessions if after < s[0] <= last_id]
+        assert (n, estimated) == (len(mine), sum(s[3] for s in mine))
+        lines = run_lines(store, run_id)
+        assert sum(int(line["sessions"]) for line in lines) == n
+        assert sum(nanos(line["estimated-revenue"]) for line in lines) == estimated
+        assert sum(nanos(line["paid-now"]) for line in lines) == paid - deducted
+        assert sum(nanos(line["deducted"]) for line in lines) == deducted
+    assert rows(db, "SELECT coalesce(sum(sessions), 0) FROM payout_parts") == [
+        (len([s for s in sessions if s[0] <= last]),)]
+    # Every settled pool: users get the final share of booked, less under a nano each.
+    pools = rows(db, "SELECT day, property_id, by_property, booked_nano, sessions, "
+                     "max(settlement_id) FROM settlement_days GROUP BY day, property_id")
+    for day, prop, by_property, booked, settled_sessions, newest in pools:
+        where = "day = ?" + (" AND property_id = ?" if by_property else "")
+        params = (day, prop) if by_property else (day,)
+        paid_now = rows(db, f"SELECT coalesce(sum(paid_now_nano), 0), count(DISTINCT user_id), "
+                            f"coalesce(sum(sessions), 0) FROM payout_parts WHERE {where}", params)[0]
+        if paid_now[2] != settled_sessions:
+            continue  # a late session (clock step) joined it: settled again once it is paid
+        moved = rows(db, "SELECT coalesce(sum(top_up_nano - carried_nano), 0) "
+                         "FROM settlement_lines WHERE day = ? AND property_id = ?", (day, prop))[0][0]
+        parts = rows(db, "SELECT coalesce(sum(booked_part_nano), 0) FROM settlement_lines "
+                         "WHERE settlement_id = ? AND day = ? AND property_id = ?", (newest, day, prop))
+        users = paid_now[1]
+        if users:
+            assert parts == [(booked,)]
+        total = paid_now[0] + moved  # now + top-ups - balances carried
+        due = Fraction(D(final)) * booked if users else 0
+        assert due - users <= total
+        if not write_off:  # written off, a user keeps what was paid above the final amount
+            assert total <= due
+    # The statements add up to the ledger.
+    summary = spp_server.ledger_summary(store)
+    users = [u for (u,) in rows(db, "SELECT DISTINCT user_id FROM sessions")]
+    statements = [spp_server.statement(store, u)["totals"] for u in users]
+    for key in spp_server.LEDGER_TOTALS:
+        assert sum(nanos(s[key]) for s in statements) == nanos(summary["totals"][key]), key
+    owed = dict(rows(db, "SELECT user_id, owed_nano FROM ledger_balances"))
+    for u in users:
+        carried = rows(db, "SELECT coalesce(sum(carried_nano), 0) FROM settlement_lines "
+                           "WHERE user_id = ?", (u,))[0][0]
+        deducted = rows(db, "SELECT coalesce(sum(deducted_nano), 0) FROM payout_lines "
+                            "WHERE user_id = ?", (u,))[0][0]
+        assert owed.get(u, 0) == carried - deducted >= 0
+
+
+@given(months())
+@LEDGER_SETTINGS
+def test_ledger_properties_hold_over_random_months(month):
+    sessions, order, cuts, final, pay_nows, booked, revisions, write_off = month
+    with tempfile.TemporaryDirectory() as tmp:
+        db = os.path.join(tmp, "spp.db")
+        store = spp_server.Store(db)
+        try:
+            timed = [(user, prop, nanos_, at(day, hour)) for user, day, hour, prop, nanos_ in sessions]
+            if order == "time":
+                timed.sort(key=lambda s: s[3])
+            add_sessions(store, timed)
+            book_rows(store, [(day_text(day), prop, n) for (day, prop), n in booked.items()])
+            outputs = {}
+            for cut, pay_now in zip(cuts, pay_nows):
+                run_id = pay(store, OCT + cut * HOUR_US, pay_now, final)
+                outputs[run_id] = run_text(store, run_id)
+                if cut % 2:
+                    spp_server.settle(store, write_off)
+            spp_server.settle(store, write_off)
+            book_rows(store, [(day_text(day), prop, n) for (day, prop), n in revisions.items()])
+            spp_server.settle(store, write_off)
+            for run_id, cut, pay_now in zip(outputs, cuts, pay_nows):
+                assert pay(store, OCT + cut * HOUR_US, pay_now, final) == run_id
+                assert run_text(store, run_id) == outputs[run_id]
+            check_ledger(store, db, final, write_off)
+        finally:
+            store.close()
 
 
 # ---------------------------------------------------------------------------
