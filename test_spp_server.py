@@ -2699,6 +2699,104 @@ def test_reports_pending_and_held_back(store):
     assert spp_server.statement(store, "a")["totals"] == summary["totals"]
 
 
+# --- The commands and the read endpoints ---
+
+
+def ledger_command(run, db, *args):
+    """Run a ledger command in-process: (exit status, stdout bytes, stderr text)."""
+    out, err = io.BytesIO(), io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run([*args, "--db", db], {}, out)
+    return code, out.getvalue(), err.getvalue()
+
+
+def pay_args(until="2020-10-03T00:00:00Z", pay_now="0.6", final="0.9", *more):
+    return ["--until", until, "--pay-now-share", pay_now, "--final-share", final, *more]
+
+
+def test_pay_and_settle_commands_print_the_lines_and_asking_again_pays_nothing(store, db):
+    add_sessions(store, [("a", None, 1_000_000, at(0)), ("b,c", None, 3_000_000, at(1))])
+    book_rows(store, [(day_text(0), "", 2_000_000)])
+    code, out, err = ledger_command(spp_server.run_pay, db, *pay_args())
+    assert (code, err) == (0, "")
+    assert out == (b"run-id,user-id,sessions,estimated-revenue,paid-now,deducted\r\n"
+                   b"1,a,1,0.001,0.0006,0\r\n1,\"b,c\",1,0.003,0.0018,0\r\n")
+    again = ledger_command(spp_server.run_pay, db, *pay_args("1601683200", "0.600", "0.9"))
+    assert again == (0, out, "")
+    assert count(db, "payout_runs") == 1
+    code, out, err = ledger_command(spp_server.run_settle, db, "--format", "ndjson")
+    assert code == 0 and err == ""
+    [line] = [json.loads(line) for line in out.splitlines()]
+    assert (line["user-id"], line["final"], line["top-up"]) == ("a", "0.0018", "0.0012")
+    code, out, err = ledger_command(spp_server.run_settle, db)
+    assert (code, out.count(b"\r\n"), err) == (0, 1, "spp_server.py settle: nothing to settle\n")
+
+
+@pytest.mark.parametrize("args, field", [
+    (pay_args(until="yesterday"), "--until"),
+    (pay_args(until="2999-01-01"), "--until"),
+    (pay_args(pay_now="60%"), "--pay-now-share"),
+    (pay_args(final="1e0"), "--final-share"),
+    (pay_args(pay_now="0.95"), "--pay-now-share"),
+])
+def test_a_refused_pay_command_is_one_line_status_2_and_changes_nothing(store, db, capsys, args, field):
+    add_sessions(store, [("a", None, 1000, at(0))])
+    code, out, err = ledger_command(spp_server.run_pay, db, *args)
+    assert (code, out, err.count("\n")) == (2, b"", 1)
+    assert err.startswith(f"spp_server.py pay: {field}: ") and "Traceback" not in err
+    assert count(db, "payout_runs") == 0
+
+
+def test_ledger_commands_on_a_missing_database_are_one_line_and_create_nothing(tmp_path, capsys):
+    db = str(tmp_path / "missing.db")
+    for run, args in [(spp_server.run_pay, pay_args()), (spp_server.run_settle, []),
+                      (spp_server.run_statement, ["a"]), (spp_server.run_ledger, [])]:
+        code, out, err = ledger_command(run, db, *args)
+        assert (code, out, err.count("\n")) == (1, b"", 1) and "no database" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_statement_and_ledger_commands_match_the_endpoints_byte_for_byte(client, db):
+    store = client.app.store
+    add_sessions(store, [("a", "p", 1_000_000, at(0)), ("ユ/ー", "p", 3_000_000, at(0))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "p", 1_000_000)])
+    spp_server.settle(store)
+    for user in ("a", "ユ/ー", "nobody"):
+        res = client.get(f"/users/{quote(user, safe='')}/statement")
+        assert res.content_type == "application/json"
+        assert ledger_command(spp_server.run_statement, db, user) == (0, res.body, "")
+    res = client.get("/ledger")
+    assert ledger_command(spp_server.run_ledger, db) == (0, res.body, "")
+    assert res.json["totals"]["carried"] == "0.0015"  # 0.6 x 4M paid, 0.9 x 1M due
+    assert client.get("/ledger/runs/1").body == run_text(store, 1, "ndjson")
+    assert client.get("/ledger/runs/1", params={"format": "csv"}).body == run_text(store, 1)
+    assert client.get("/ledger/settlements/1", params={"format": "csv"}).body == b"".join(
+        spp_server.settlement_output(store, 1, "csv"))
+
+
+def test_unknown_runs_and_bad_formats_are_json_errors_naming_the_field(client):
+    assert_error(client.get("/ledger/runs/7", status=404), 404, "run-id")
+    assert_error(client.get("/ledger/settlements/7", status=404), 404, "settlement-id")
+    assert_error(client.get("/ledger/runs/1?format=xml", status=400), 400, "format")
+    assert_error(client.get("/ledger/runs/x", status=404), 404)
+
+
+def test_the_lines_of_a_run_need_the_read_token(make_client):
+    client = make_client(read_tokens=(b"reader",))
+    add_sessions(client.app.store, [("a", None, 1000, at(0))])
+    pay(client.app.store, at(1, 0))
+    for url in ("/ledger/runs/1", "/ledger/settlements/1"):
+        assert_error(client.get(url, status=401), 401)
+    assert json.loads(client.get("/ledger/runs/1", headers=bearer("reader")).body)["user-id"] == "a"
+
+
+def test_ledger_reads_use_their_indexes(store, db):
+    for name, params in [("user_run_lines", ("a",)), ("user_settlement_lines", ("a",)),
+                         ("pool_parts", ("d", "p")), ("run_lines", (1,))]:
+        assert "SCAN" not in query_plan(db, name, params), name
+
+
 # --- Properties over random months ---
 
 LEDGER_SETTINGS = settings(max_examples=15, deadline=None, database=None,
