@@ -3478,6 +3478,9 @@ def build_settle_parser(environ):
         "Safe while the server runs. " + LEDGER_EXIT_HELP,
     )
     add_db_option(parser, environ, "SQLite database file; never created")
+    parser.add_argument("--settlement", type=positive_int, metavar="ID",
+                        help="settle nothing; write the lines of settlement ID again (after "
+                        "a crash between its commit and its output, say)")
     parser.add_argument("--write-off", action="store_true",
                         help="write off what a user was paid above their final amount, "
                         "instead of carrying it as a balance taken back from later runs")
@@ -3557,6 +3560,10 @@ def run_settle(argv, environ, out):
     args = parser.parse_args(argv)
 
     def step(store):
+        if args.settlement is not None:
+            if not store.read(SQL["settlement_exists"], (args.settlement,)):
+                raise Invalid("settlement", f"there is no settlement {args.settlement}")
+            return settlement_output(store, args.settlement, args.format)
         settlement_id = settle(store, args.write_off)
         if settlement_id is None:
             print(f"{parser.prog}: nothing to settle", file=sys.stderr)

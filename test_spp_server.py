@@ -2730,6 +2730,11 @@ def test_pay_and_settle_commands_print_the_lines_and_asking_again_pays_nothing(s
     assert (line["user-id"], line["final"], line["top-up"]) == ("a", "0.0018", "0.0012")
     code, out, err = ledger_command(spp_server.run_settle, db)
     assert (code, out.count(b"\r\n"), err) == (0, 1, "spp_server.py settle: nothing to settle\n")
+    code, again, err = ledger_command(spp_server.run_settle, db, "--settlement", "1", "--format",
+                                      "ndjson")
+    assert (code, json.loads(again), err) == (0, line, "")
+    code, out, err = ledger_command(spp_server.run_settle, db, "--settlement", "2")
+    assert (code, out) == (2, b"") and err.startswith("spp_server.py settle: --settlement: ")
 
 
 @pytest.mark.parametrize("args, field", [
@@ -2795,6 +2800,82 @@ def test_ledger_reads_use_their_indexes(store, db):
     for name, params in [("user_run_lines", ("a",)), ("user_settlement_lines", ("a",)),
                          ("pool_parts", ("d", "p")), ("run_lines", (1,))]:
         assert "SCAN" not in query_plan(db, name, params), name
+
+
+# --- kill -9 at chosen points of a real command ---
+
+# Runs a command of spp_server.py in a process that SIGKILLs itself just
+# before or just after one of its functions runs.
+KILL_AT = """
+import os, signal, sys
+import spp_server
+name, when = sys.argv[1], sys.argv[2]
+original = getattr(spp_server, name)
+def killing(*args, **kwargs):
+    if when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    result = original(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+setattr(spp_server, name, killing)
+sys.exit(spp_server.main(sys.argv[3:]))
+"""
+
+
+def ledger_month(db):
+    """Two paid days, one to come, booked figures for two: a ledger to kill steps of."""
+    store = spp_server.Store(db)
+    try:
+        add_sessions(store, [(f"u{i % 7}", ("p1", "p2", None)[i % 3], 1000 * i + 1, at(i % 4, i % 24))
+                             for i in range(200)])
+        pay(store, at(1, 0))
+        book_rows(store, [(day_text(0), "p1", 90_000), (day_text(1), "p2", 5_000_000)])
+    finally:
+        store.close()
+
+
+LEDGER_TABLES = ("payout_runs", "payout_parts", "payout_lines", "settlements", "settlement_days",
+                 "settlement_lines", "ledger_balances")
+
+
+def ledger_rows(db):
+    """Every ledger row but the times of creation, which differ between two databases."""
+    state = {t: rows(db, f"SELECT * FROM {t} ORDER BY 1, 2") for t in LEDGER_TABLES}
+    for table in ("payout_runs", "settlements"):
+        state[table] = [row[:4] + row[5:] if table == "payout_runs" else row[:1] + row[2:]
+                        for row in state[table]]
+    return state
+
+
+@pytest.mark.parametrize("command, name, when", [
+    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "plan_run", "after"),
+    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "record_run", "after"),  # before COMMIT
+    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "run_output", "before"),  # after COMMIT
+    (["settle"], "settle_pools", "after"),
+    (["settle"], "record_settlement", "after"),
+    (["settle"], "settlement_output", "before"),
+])
+def test_a_ledger_step_killed_at_any_point_is_whole_or_absent_and_a_rerun_completes_it(
+        tmp_path, command, name, when):
+    db, reference = str(tmp_path / "spp.db"), str(tmp_path / "reference.db")
+    ledger_month(db)
+    shutil.copy(db, reference)
+    run = {"pay": spp_server.run_pay, "settle": spp_server.run_settle}[command[0]]
+    expected = ledger_command(run, reference, *command[1:])
+    assert expected[0] == 0 and expected[1].count(b"\n") > 1
+    before = ledger_rows(db)
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, name, when, *command, "--db", db],
+                            cwd=HERE, capture_output=True, timeout=15)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert killed.stdout == b""
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+    after_kill = ledger_rows(db)
+    committed = name in ("run_output", "settlement_output")
+    assert after_kill == (ledger_rows(reference) if committed else before)
+    # A re-run completes it; once committed, pay prints the run again, settle
+    # prints the settlement again when asked for it by id.
+    again = ["--settlement", "1"] if committed and command == ["settle"] else []
+    assert ledger_command(run, db, *command[1:], *again) == expected
+    assert ledger_rows(db) == ledger_rows(reference)
 
 
 # --- Properties over random months ---
