@@ -2878,6 +2878,64 @@ def test_a_ledger_step_killed_at_any_point_is_whole_or_absent_and_a_rerun_comple
     assert ledger_rows(db) == ledger_rows(reference)
 
 
+# --- The documented routine, run as written ---
+
+
+def documented_scripts():
+    """The shell scripts of docs/ledger.md, in order: the weekly payout, the monthly settlement."""
+    text = (HERE / "docs" / "ledger.md").read_text(encoding="utf-8")
+    return re.findall(r"```sh\n(#!/bin/sh\n.*?)```", text, re.S)
+
+
+def test_the_documented_weekly_and_monthly_routine_runs_as_written(real_server, tmp_path, db):
+    weekly, monthly = documented_scripts()
+    store = spp_server.Store(db)  # what postbacks stored in October 2020
+    add_sessions(store, [(f"u{i % 3}", ("p1", "p2")[i % 2], 1000 * i, at(i // 8, i % 8))
+                         for i in range(32)])
+    store.close()
+    server = real_server(db)
+    assert server.post(postback(user_id="live"))[0] == 200  # received now: a later run's
+    out = tmp_path / "payouts"
+    report = tmp_path / "booked-2020-10.csv"
+    report.write_text(booked_csv(("2020-10-02", "p1", "", "0.5"), ("2020-10-02", "p2", "", "0.25")))
+    env = {**os.environ, "SPP": f"{sys.executable} {SERVER}", "SPP_DB": db,
+           "SPP_PAYOUTS": str(out), "SPP_PAY_UNTIL": "2020-10-03T00:00:00Z",
+           "SPP_BOOKED_REPORT": str(report)}
+    scripts = {}
+    for name, text in (("weekly", weekly), ("monthly", monthly)):
+        scripts[name] = tmp_path / name
+        scripts[name].write_text(text)
+
+    def run(name):
+        done = subprocess.run(["sh", str(scripts[name])], env=env, capture_output=True, timeout=15)
+        assert done.returncode == 0, done.stderr
+
+    def served(path):
+        status, _, body = http_request(server.port, "GET", path)
+        assert status == 200
+        return body
+
+    run("weekly")
+    paid = (out / "run-2020-10-03T00:00:00Z.csv").read_bytes()
+    assert paid == served("/ledger/runs/1?format=csv")
+    # October 1st and 2nd: sessions 0 to 15, to u0, u1, u2 in turn.
+    assert [line["sessions"] for line in csv.DictReader(io.StringIO(paid.decode()))] == ["6", "5", "5"]
+    run("weekly")  # again, as after a reboot: the same file, nothing paid twice
+    assert (out / "run-2020-10-03T00:00:00Z.csv").read_bytes() == paid
+    assert count(db, "payout_runs") == 1
+    run("monthly")
+    settled = (out / "settlement-1.csv").read_bytes()
+    assert settled == served("/ledger/settlements/1?format=csv")
+    assert {(line["day"], line["property-id"])
+            for line in csv.DictReader(io.StringIO(settled.decode()))} == {
+        ("2020-10-02", "p1"), ("2020-10-02", "p2")}
+    run("monthly")  # nothing new: no second settlement, no file left aside
+    assert sorted(p.name for p in out.iterdir()) == ["run-2020-10-03T00:00:00Z.csv",
+                                                     "settlement-1.csv"]
+    assert json.loads(served("/users/live/statement"))["runs"] == []
+    assert server.post(postback(user_id="live"))[0] == 200  # ingest went on throughout
+
+
 # --- Properties over random months ---
 
 LEDGER_SETTINGS = settings(max_examples=15, deadline=None, database=None,
