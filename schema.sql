@@ -81,7 +81,7 @@ CREATE TABLE booked_revenue (
 -- each run starts where the previous one ended, so no session is in two runs
 -- and none is skipped.  Shares are the exact decimal text the publisher gave.
 CREATE TABLE payout_runs (
-    id                  INTEGER PRIMARY KEY,
+    id                  INTEGER PRIMARY KEY,     -- its staged rows are written first
     after_session_id    INTEGER NOT NULL,
     last_session_id     INTEGER NOT NULL CHECK (last_session_id >= after_session_id),
     until_us            INTEGER NOT NULL UNIQUE,
@@ -97,30 +97,40 @@ CREATE TABLE payout_runs (
 );
 
 -- What a run paid per user, report day and property: what settlement needs.
--- property_id '' = the session had none.
+-- property_id '' = the session had none.  The run's id first: a run over a
+-- month inserts about one row per session, and appending them (in staged
+-- chunks, see spp_server.write_in_chunks) keeps postbacks from waiting.
+-- Rows of a run id without a payout_runs row are staged, never read.
 CREATE TABLE payout_parts (
+    run_id              INTEGER NOT NULL,
     day                 TEXT    NOT NULL,
     property_id         TEXT    NOT NULL,
-    run_id              INTEGER NOT NULL REFERENCES payout_runs (id),
     user_id             TEXT    NOT NULL,
     sessions            INTEGER NOT NULL,
     estimated_nano      INTEGER NOT NULL,
-    paid_now_nano       INTEGER NOT NULL,
-    PRIMARY KEY (day, property_id, run_id, user_id)
+    paid_now_nano       INTEGER NOT NULL,   -- before deductions
+    PRIMARY KEY (run_id, day, property_id, user_id)
 ) WITHOUT ROWID;
-CREATE INDEX payout_parts_by_user ON payout_parts (user_id, day, property_id);
 
--- A run's lines as the publisher credits them: paid_now_nano - deducted_nano.
+-- A run's lines: per user, its parts summed (staged like the parts).
 CREATE TABLE payout_lines (
-    run_id              INTEGER NOT NULL REFERENCES payout_runs (id),
+    run_id              INTEGER NOT NULL,
     user_id             TEXT    NOT NULL,
     sessions            INTEGER NOT NULL,
     estimated_nano      INTEGER NOT NULL,
-    paid_now_nano       INTEGER NOT NULL,
-    deducted_nano       INTEGER NOT NULL,
+    paid_now_nano       INTEGER NOT NULL,   -- before deductions
     PRIMARY KEY (run_id, user_id)
 ) WITHOUT ROWID;
 CREATE INDEX payout_lines_by_user ON payout_lines (user_id, run_id);
+
+-- Carried balances taken back in a run: the line credits paid_now - deducted.
+CREATE TABLE payout_deductions (
+    run_id              INTEGER NOT NULL REFERENCES payout_runs (id),
+    user_id             TEXT    NOT NULL,
+    deducted_nano       INTEGER NOT NULL CHECK (deducted_nano > 0),
+    PRIMARY KEY (run_id, user_id)
+) WITHOUT ROWID;
+CREATE INDEX payout_deductions_by_user ON payout_deductions (user_id, run_id);
 
 CREATE TABLE settlements (
     id                  INTEGER PRIMARY KEY,
@@ -153,8 +163,10 @@ CREATE TABLE settlement_days (
     PRIMARY KEY (day, property_id, settlement_id)
 ) WITHOUT ROWID;
 
+-- Staged like a run's parts: rows of a settlement id without a settlements
+-- row are never read.
 CREATE TABLE settlement_lines (
-    settlement_id       INTEGER NOT NULL REFERENCES settlements (id),
+    settlement_id       INTEGER NOT NULL,
     day                 TEXT    NOT NULL,
     property_id         TEXT    NOT NULL,
     user_id             TEXT    NOT NULL,
@@ -169,7 +181,7 @@ CREATE TABLE settlement_lines (
     correction          INTEGER NOT NULL,
     PRIMARY KEY (settlement_id, day, property_id, user_id)
 ) WITHOUT ROWID;
-CREATE INDEX settlement_lines_by_user ON settlement_lines (user_id, settlement_id);
+CREATE INDEX settlement_lines_by_user ON settlement_lines (user_id, day, property_id, settlement_id);
 
 -- What each user owes from carried balances, taken back from later runs.
 CREATE TABLE ledger_balances (

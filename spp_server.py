@@ -16,6 +16,7 @@ import bisect
 import contextlib
 import csv
 import decimal
+import fcntl
 import functools
 import hmac
 import io
@@ -280,10 +281,6 @@ def parse_window(since_text, until_text, required=False):
 SQL_SUMS = """count(*), coalesce(sum(ads_viewed), 0), coalesce(sum(duration_s), 0),
     coalesce(sum(revenue_nano / 1000000000), 0), coalesce(sum(revenue_nano % 1000000000), 0),
     min(received_at_us), max(received_at_us)"""
-# A payout part whose pool no settlement has covered yet.
-SQL_UNSETTLED = """NOT EXISTS (
-    SELECT 1 FROM settlement_days s WHERE s.day = p.day
-    AND (s.by_property = 0 OR s.property_id = p.property_id))"""
 SQL_WINDOW = """received_at_us >= :since AND received_at_us < :until
     AND (:property IS NULL OR property_id = :property)"""
 SQL = {
@@ -401,7 +398,7 @@ SQL = {
         SELECT user_id, (received_at_us + :offset_us) / 86400000000, coalesce(property_id, ''),
                count(*), sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
         FROM sessions WHERE id > :after AND id <= :last
-        GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
+        GROUP BY 1, 2, 3""",
     "owed_balances": "SELECT user_id, owed_nano FROM ledger_balances WHERE owed_nano > 0",
     "take_owed": "UPDATE ledger_balances SET owed_nano = owed_nano - ? WHERE user_id = ?",
     "add_owed": """
@@ -409,21 +406,38 @@ SQL = {
         ON CONFLICT (user_id) DO UPDATE SET owed_nano = owed_nano + excluded.owed_nano""",
     "insert_run": """
         INSERT INTO payout_runs
-            (after_session_id, last_session_id, until_us, created_at_us, pay_now_share,
+            (id, after_session_id, last_session_id, until_us, created_at_us, pay_now_share,
              final_share, report_utc_offset, users, sessions, estimated_nano, paid_now_nano,
              deducted_nano)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
     "insert_part": """
         INSERT INTO payout_parts
-            (day, property_id, run_id, user_id, sessions, estimated_nano, paid_now_nano)
+            (run_id, day, property_id, user_id, sessions, estimated_nano, paid_now_nano)
         VALUES (?, ?, ?, ?, ?, ?, ?)""",
+    "insert_deduction": """
+        INSERT INTO payout_deductions (run_id, user_id, deducted_nano) VALUES (?, ?, ?)""",
+    # Staged rows of a step whose header never committed (see write_in_chunks).
+    "unfinished_parts": """
+        DELETE FROM payout_parts WHERE (run_id, day, property_id, user_id) IN (
+            SELECT run_id, day, property_id, user_id FROM payout_parts
+            WHERE run_id > (SELECT coalesce(max(id), 0) FROM payout_runs) LIMIT ?)""",
+    "unfinished_lines": """
+        DELETE FROM payout_lines WHERE (run_id, user_id) IN (
+            SELECT run_id, user_id FROM payout_lines
+            WHERE run_id > (SELECT coalesce(max(id), 0) FROM payout_runs) LIMIT ?)""",
+    "unfinished_settlement_lines": """
+        DELETE FROM settlement_lines WHERE (settlement_id, day, property_id, user_id) IN (
+            SELECT settlement_id, day, property_id, user_id FROM settlement_lines
+            WHERE settlement_id > (SELECT coalesce(max(id), 0) FROM settlements) LIMIT ?)""",
     "insert_line": """
-        INSERT INTO payout_lines
-            (run_id, user_id, sessions, estimated_nano, paid_now_nano, deducted_nano)
-        VALUES (?, ?, ?, ?, ?, ?)""",
+        INSERT INTO payout_lines (run_id, user_id, sessions, estimated_nano, paid_now_nano)
+        VALUES (?, ?, ?, ?, ?)""",
     "run_lines": """
-        SELECT user_id, sessions, estimated_nano, paid_now_nano, deducted_nano
-        FROM payout_lines WHERE run_id = ? ORDER BY user_id""",
+        SELECT l.user_id, l.sessions, l.estimated_nano, l.paid_now_nano,
+               coalesce(d.deducted_nano, 0)
+        FROM payout_lines l
+        LEFT JOIN payout_deductions d ON d.run_id = l.run_id AND d.user_id = l.user_id
+        WHERE l.run_id = ? ORDER BY l.user_id""",
     "run_final_shares": "SELECT id, final_share FROM payout_runs",
     "booked_pools": """
         SELECT day, property_id, sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
@@ -433,26 +447,25 @@ SQL = {
         FROM booked_revenue WHERE day = ? AND property_id = ?""",
     "pool_parts": """
         SELECT run_id, user_id, sessions, estimated_nano, paid_now_nano FROM payout_parts
-        WHERE day = ? AND property_id = ?""",
+        WHERE run_id = ? AND day = ? AND property_id = ?""",
     "day_parts": """
         SELECT run_id, user_id, sessions, estimated_nano, paid_now_nano FROM payout_parts
-        WHERE day = ?""",
+        WHERE run_id = ? AND day = ?""",
     "last_settlement": "SELECT max(id) FROM settlements",
     "pool_settled": """
         SELECT by_property, booked_nano, sessions, estimated_nano FROM settlement_days
         WHERE day = ? AND property_id = ? ORDER BY settlement_id DESC LIMIT 1""",
     # What each user's earlier lines of a pool moved: top-ups less balances carried.
+    "pool_settlements": """
+        SELECT settlement_id FROM settlement_days WHERE day = ? AND property_id = ?""",
     "pool_adjustments": """
-        SELECT user_id, sum(top_up_nano) - sum(carried_nano) FROM settlement_lines
-        WHERE day = ? AND property_id = ? GROUP BY user_id""",
+        SELECT user_id, top_up_nano - carried_nano FROM settlement_lines
+        WHERE settlement_id = ? AND day = ? AND property_id = ?""",
     "insert_settlement": """
-        INSERT INTO settlements (created_at_us, report_utc_offset, write_off, pools, booked_nano,
-                                 top_up_nano, carried_nano, written_off_nano)
-        VALUES (?, ?, ?, ?, 0, 0, 0, 0)""",
-    "settlement_totals": """
-        UPDATE settlements SET booked_nano = ?, top_up_nano = ?, carried_nano = ?,
-                               written_off_nano = ?
-        WHERE id = ?""",
+        INSERT INTO settlements (id, created_at_us, report_utc_offset, write_off, pools,
+                                 booked_nano, top_up_nano, carried_nano, written_off_nano)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+
     "insert_settlement_day": """
         INSERT INTO settlement_days
             (day, property_id, settlement_id, by_property, booked_nano, sessions, estimated_nano,
@@ -471,13 +484,16 @@ SQL = {
         FROM settlement_lines WHERE settlement_id = ? ORDER BY day, property_id, user_id""",
     "user_run_lines": """
         SELECT l.run_id, r.until_us, l.sessions, l.estimated_nano, l.paid_now_nano,
-               l.deducted_nano
+               coalesce(d.deducted_nano, 0)
         FROM payout_lines l JOIN payout_runs r ON r.id = l.run_id
+        LEFT JOIN payout_deductions d ON d.run_id = l.run_id AND d.user_id = l.user_id
         WHERE l.user_id = ? ORDER BY l.run_id""",
     "user_settlement_lines": """
         SELECT settlement_id, day, property_id, sessions, estimated_nano, booked_part_nano,
                final_nano, paid_now_nano, top_up_nano, carried_nano, written_off_nano, correction
-        FROM settlement_lines WHERE user_id = ? ORDER BY settlement_id, day, property_id""",
+        FROM settlement_lines
+        WHERE user_id = ? AND settlement_id <= (SELECT coalesce(max(id), 0) FROM settlements)
+        ORDER BY settlement_id, day, property_id""",
     "runs": """
         SELECT id, until_us, created_at_us, pay_now_share, final_share, report_utc_offset, users,
                sessions, estimated_nano, paid_now_nano, deducted_nano
@@ -494,27 +510,37 @@ SQL = {
                      row_number() OVER (pool ORDER BY settlement_id DESC) AS newest
               FROM settlement_days WINDOW pool AS (PARTITION BY day, property_id))
         WHERE newest = 1 ORDER BY day, property_id""",
-    # Totals in the order of LEDGER_TOTALS.  Pending: paid now in a pool not
-    # settled yet.
-    "ledger_sums": f"""
+    # Totals in the order of LEDGER_TOTALS.  Pending: paid now (before
+    # deductions) less what the newest settlement of each pool found paid now.
+    "ledger_sums": """
         SELECT (SELECT coalesce(sum(paid_now_nano - deducted_nano), 0) FROM payout_runs),
                (SELECT coalesce(sum(deducted_nano), 0) FROM payout_runs),
                (SELECT coalesce(sum(top_up_nano), 0) FROM settlements),
                (SELECT coalesce(sum(carried_nano), 0) FROM settlements),
                (SELECT coalesce(sum(written_off_nano), 0) FROM settlements),
                (SELECT coalesce(sum(owed_nano), 0) FROM ledger_balances),
-               (SELECT coalesce(sum(paid_now_nano), 0) FROM payout_parts p WHERE {SQL_UNSETTLED})""",
-    "user_ledger_sums": f"""
-        SELECT (SELECT coalesce(sum(paid_now_nano - deducted_nano), 0) FROM payout_lines
-                WHERE user_id = :user),
-               (SELECT coalesce(sum(deducted_nano), 0) FROM payout_lines WHERE user_id = :user),
-               (SELECT coalesce(sum(top_up_nano), 0) FROM settlement_lines WHERE user_id = :user),
-               (SELECT coalesce(sum(carried_nano), 0) FROM settlement_lines WHERE user_id = :user),
-               (SELECT coalesce(sum(written_off_nano), 0) FROM settlement_lines
-                WHERE user_id = :user),
+               (SELECT coalesce(sum(paid_now_nano), 0) FROM payout_runs)
+               - (SELECT coalesce(sum(paid_now_nano), 0) FROM settlement_days d
+                  WHERE settlement_id = (SELECT max(settlement_id) FROM settlement_days n
+                                         WHERE n.day = d.day AND n.property_id = d.property_id))""",
+    "user_ledger_sums": """
+        WITH runs AS (SELECT coalesce(max(id), 0) AS last FROM payout_runs),
+             settled AS (SELECT coalesce(max(id), 0) AS last FROM settlements),
+             deductions AS (SELECT coalesce(sum(deducted_nano), 0) AS nano
+                            FROM payout_deductions WHERE user_id = :user),
+             paid AS (SELECT coalesce(sum(paid_now_nano), 0) AS nano FROM payout_lines
+                      WHERE user_id = :user AND run_id <= (SELECT last FROM runs)),
+             lines AS (SELECT * FROM settlement_lines
+                       WHERE user_id = :user AND settlement_id <= (SELECT last FROM settled))
+        SELECT (SELECT nano FROM paid) - (SELECT nano FROM deductions),
+               (SELECT nano FROM deductions),
+               (SELECT coalesce(sum(top_up_nano), 0) FROM lines),
+               (SELECT coalesce(sum(carried_nano), 0) FROM lines),
+               (SELECT coalesce(sum(written_off_nano), 0) FROM lines),
                (SELECT coalesce(sum(owed_nano), 0) FROM ledger_balances WHERE user_id = :user),
-               (SELECT coalesce(sum(paid_now_nano), 0) FROM payout_parts p
-                WHERE user_id = :user AND {SQL_UNSETTLED})""",
+               (SELECT nano FROM paid) - (SELECT coalesce(sum(paid_now_nano), 0) FROM lines l
+                  WHERE settlement_id = (SELECT max(settlement_id) FROM lines n
+                                         WHERE n.day = l.day AND n.property_id = l.property_id))""",
     "stats": """
         SELECT (SELECT count(*) FROM sessions), (SELECT max(received_at_us) FROM sessions),
                (SELECT count(*) FROM rejected), (SELECT count(*) FROM conflicts)""",
@@ -2133,6 +2159,7 @@ def reconciliation_output(store, q, fmt):
 # regex before Decimal so that no exponent or NaN form gets in.
 LEDGER_SHARE = re.compile(r"0(?:\.[0-9]{1,6})?|1(?:\.0{1,6})?")
 LEDGER_RETRIES = 3  # a step computed on a snapshot is redone if the ledger moved meanwhile
+LEDGER_CHUNK_ROWS = 10_000  # detail rows per staging transaction
 RUN_COLUMNS = ["run-id", "user-id", "sessions", "estimated-revenue", "paid-now", "deducted"]
 SETTLEMENT_COLUMNS = ["settlement-id", "day", "property-id", "user-id", "sessions",
                       "estimated-revenue", "booked-part", "final", "paid-now", "top-up",
@@ -2211,14 +2238,15 @@ def plan_run(conn, until_us, pay_now, final, offset_minutes):
     [(newest,)] = conn.execute(SQL["last_session_before"], (until_us,)).fetchall() or [(None,)]
     last_id = max(after_id, newest or 0)
     offset_us = offset_minutes * 60 * 1_000_000
-    parts = [
+    # In the order of payout_parts' primary key (but for the run's id): the
+    # inserts then mostly append, which keeps the write transaction short.
+    parts = sorted(
         (report_day_text(day), prop, user, sessions, estimated,
          rewardable_nanos(estimated, pay_now))
         for user, day, prop, sessions, estimated in (
             (user, day, prop, sessions, joined_nanos(whole, rest))
             for user, day, prop, sessions, whole, rest in conn.execute(
-                SQL["run_parts"], {"after": after_id, "last": last_id, "offset_us": offset_us}))
-    ]
+                SQL["run_parts"], {"after": after_id, "last": last_id, "offset_us": offset_us})))
     return RunPlan(previous_id, after_id, last_id, until_us, pay_now, final, offset_minutes, parts)
 
 
@@ -2226,46 +2254,90 @@ def owed_balances(conn):
     return dict(conn.execute(SQL["owed_balances"]).fetchall())
 
 
-def record_run(plan, conn, created_at_us):
-    """The write op of a run: the run, its parts and lines and the balances
-    taken back, in the one transaction; LedgerMoved if a run came first."""
-    last = conn.execute(SQL["last_run"]).fetchone()
-    if (last[0] if last else None) != plan.previous_run_id:
-        raise LedgerMoved()
+@contextlib.contextmanager
+def ledger_lock(store):
+    """One pay or settle at a time, across processes: an flock on a file
+    beside the database, which the kernel releases if its holder dies."""
+    fd = os.open(store.path + "-ledger-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def insert_rows(sql, rows, conn, _):
+    conn.executemany(sql, rows)
+
+
+def write_in_chunks(store, sql, rows):
+    """Stage detail rows in transactions of LEDGER_CHUNK_ROWS rows: postbacks
+    wait behind one chunk at most.  They stay invisible until the step's
+    header row commits (readers only see details of a committed header)."""
+    rows = iter(rows)
+    while chunk := list(itertools.islice(rows, LEDGER_CHUNK_ROWS)):
+        store.write(functools.partial(insert_rows, sql, chunk))
+
+
+def clear_unfinished(store):
+    """Delete the staged rows of a step that died before its header committed."""
+    for name in ("unfinished_parts", "unfinished_lines", "unfinished_settlement_lines"):
+        while store.write(lambda conn, _, sql=SQL[name]: conn.execute(
+                sql, (LEDGER_CHUNK_ROWS,)).rowcount):
+            pass
+
+
+def run_lines_of(parts):
+    """{user: [sessions, estimated, paid now]} summed over the user's parts."""
     lines = {}
-    for _, _, user, sessions, estimated, paid in plan.parts:
-        line = lines.setdefault(user, [0, 0, 0, 0])
+    for _, _, user, sessions, estimated, paid in parts:
+        line = lines.setdefault(user, [0, 0, 0])
         line[0] += sessions
         line[1] += estimated
         line[2] += paid
-    owed = owed_balances(conn)
-    for user, line in lines.items():
-        # A carried balance is taken back from what the user is paid now, never below zero.
-        line[3] = min(owed.get(user, 0), line[2])
-        if line[3]:
-            conn.execute(SQL["take_owed"], (line[3], user))
-    totals = [sum(line[i] for line in lines.values()) for i in range(4)]
-    run_id = conn.execute(SQL["insert_run"], (
-        plan.after_id, plan.last_id, plan.until_us, created_at_us, share_text(plan.pay_now),
-        share_text(plan.final), plan.offset_minutes, len(lines), *totals)).lastrowid
-    conn.executemany(SQL["insert_part"], ((*part[:2], run_id, *part[2:]) for part in plan.parts))
-    conn.executemany(SQL["insert_line"], ((run_id, user, *line) for user, line in lines.items()))
+    return lines
+
+
+def record_run(plan, run_id, lines, conn, created_at_us):
+    """The write op that makes a staged run real: the balances taken back and
+    the run's header row, in one transaction; LedgerMoved if a run came first."""
+    last = conn.execute(SQL["last_run"]).fetchone()
+    if (last[0] if last else None) != plan.previous_run_id:
+        raise LedgerMoved()
+    # A carried balance is taken back from what the user is paid now, never below zero.
+    taken = {user: min(owed, lines[user][2])
+             for user, owed in owed_balances(conn).items() if user in lines and lines[user][2]}
+    totals = [sum(line[i] for line in lines.values()) for i in range(3)]
+    conn.execute(SQL["insert_run"], (
+        run_id, plan.after_id, plan.last_id, plan.until_us, created_at_us, share_text(plan.pay_now),
+        share_text(plan.final), plan.offset_minutes, len(lines), *totals, sum(taken.values())))
+    for user, nanos in taken.items():
+        conn.execute(SQL["take_owed"], (nanos, user))
+        conn.execute(SQL["insert_deduction"], (run_id, user, nanos))
     return run_id
 
 
 def pay_run(store, until_us, pay_now, final, offset_minutes):
     """Pay every session after the last run up to `until_us` (or find the run
-    already recorded for it): -> run id.  Computed on a read snapshot, so
-    that the write transaction (which postbacks wait behind) only inserts."""
-    for _ in range(LEDGER_RETRIES):
-        with store.snapshot() as conn:
-            plan = plan_run(conn, until_us, pay_now, final, offset_minutes)
-        if not isinstance(plan, RunPlan):
-            return plan
-        try:
-            return store.write(functools.partial(record_run, plan))
-        except LedgerMoved:
-            continue
+    already recorded for it): -> run id.  Computed on a read snapshot; its
+    parts and lines are staged in short transactions, then one transaction
+    records the run (see write_in_chunks)."""
+    with ledger_lock(store):
+        for _ in range(LEDGER_RETRIES):
+            with store.snapshot() as conn:
+                plan = plan_run(conn, until_us, pay_now, final, offset_minutes)
+            if not isinstance(plan, RunPlan):
+                return plan
+            clear_unfinished(store)
+            run_id = (plan.previous_run_id or 0) + 1
+            lines = run_lines_of(plan.parts)
+            write_in_chunks(store, SQL["insert_part"], ((run_id, *part) for part in plan.parts))
+            write_in_chunks(store, SQL["insert_line"],
+                            ((run_id, user, *line) for user, line in sorted(lines.items())))
+            try:
+                return store.write(functools.partial(record_run, plan, run_id, lines))
+            except LedgerMoved:
+                continue
     raise StoreUnavailable("other ledger steps kept committing meanwhile; run it again")
 
 
@@ -2360,8 +2432,10 @@ def settle_pools(conn):
             continue  # a session of the day came in after the last run (a clock step)
         by_property = int(day in days_by_property)
         pool = Pool(day, prop, by_property, joined_nanos(whole, rest), {})
-        part_rows = conn.execute(SQL["pool_parts" if by_property else "day_parts"],
-                                 (day, prop) if by_property else (day,))
+        part_rows = itertools.chain.from_iterable(
+            conn.execute(SQL["pool_parts" if by_property else "day_parts"],
+                         (run, day, prop) if by_property else (run, day))
+            for run in shares)
         for run, user, sessions, estimated, paid in part_rows:
             entry = pool.users.setdefault(user, [0, 0, 0, {}, None])
             entry[0] += sessions
@@ -2377,57 +2451,61 @@ def settle_pools(conn):
                               " but its booked rows now are not: re-import the report as it was")
             if tuple(previous[1:]) == (pool.booked, *pool.totals()[:2]):
                 continue  # settled, and nothing changed since
-            for user, adjustment in conn.execute(SQL["pool_adjustments"], (day, prop)):
-                if user in pool.users:
-                    pool.users[user][4] = adjustment
+            for (settled_in,) in conn.execute(SQL["pool_settlements"], (day, prop)).fetchall():
+                for user, adjustment in conn.execute(SQL["pool_adjustments"],
+                                                     (settled_in, day, prop)):
+                    if user in pool.users:
+                        pool.users[user][4] = (pool.users[user][4] or 0) + adjustment
         pools.append(pool)
     return (run_id, last_settlement), offset, pools
 
 
-def record_settlement(fingerprint, offset, pools, write_off, conn, created_at_us):
-    """The write op of a settlement; LedgerMoved if a run, a settlement or a
-    booked figure of its pools changed since it was computed."""
+def record_settlement(fingerprint, offset, settlement_id, computed, write_off, conn,
+                      created_at_us):
+    """The write op that makes a staged settlement real: its header, its
+    pools and the balances carried, in one transaction; LedgerMoved if a run,
+    a settlement or a booked figure of its pools changed since it was computed."""
     last = conn.execute(SQL["last_run"]).fetchone()
     now_print = (last and last[0], conn.execute(SQL["last_settlement"]).fetchone()[0])
     if now_print != fingerprint or any(
             joined_nanos(*conn.execute(SQL["booked_pool"], (p.day, p.property_id)).fetchone())
-            != p.booked for p in pools):
+            != p.booked for p, _ in computed):
         raise LedgerMoved()
-    settlement_id = conn.execute(SQL["insert_settlement"], (
-        created_at_us, offset, int(write_off), len(pools))).lastrowid
-    totals = [0, 0, 0, 0]
-    records = []
-    for pool in pools:
-        lines = pool_lines(pool, write_off)
-        sums = [sum(line[i] for line in lines) for i in (4, 6, 7, 8)]
-        sessions, estimated, paid = pool.totals()
+    # Per pool: final, top-up, carried and written off, summed over its lines.
+    sums = [[sum(line[i] for line in lines) for i in (4, 6, 7, 8)] for _, lines in computed]
+    conn.execute(SQL["insert_settlement"], (
+        settlement_id, created_at_us, offset, int(write_off), len(computed),
+        sum(pool.booked for pool, _ in computed), *(sum(col) for col in list(zip(*sums))[1:])))
+    for (pool, lines), pool_sums in zip(computed, sums):
         conn.execute(SQL["insert_settlement_day"], (
             pool.day, pool.property_id, settlement_id, pool.by_property, pool.booked,
-            sessions, estimated, paid, *sums))
-        conn.executemany(SQL["insert_settlement_line"], (
-            (settlement_id, pool.day, pool.property_id, user, *rest[:-1], int(rest[-1]))
-            for user, *rest in lines))
+            *pool.totals(), *pool_sums))
         for user, *_, carried, _, _ in lines:
             if carried:
                 conn.execute(SQL["add_owed"], (user, carried))
-        totals = [t + s for t, s in zip(totals, [pool.booked, *sums[1:]])]
-    conn.execute(SQL["settlement_totals"], (*totals, settlement_id))
     return settlement_id
 
 
 def settle(store, write_off=False):
     """Settle what can be settled: -> the new settlement's id, or None when
-    there was nothing to settle."""
-    for _ in range(LEDGER_RETRIES):
-        with store.snapshot() as conn:
-            fingerprint, offset, pools = settle_pools(conn)
-        if not pools:
-            return None
-        try:
-            return store.write(functools.partial(
-                record_settlement, fingerprint, offset, pools, write_off))
-        except LedgerMoved:
-            continue
+    there was nothing to settle.  Staged like a run (see pay_run)."""
+    with ledger_lock(store):
+        for _ in range(LEDGER_RETRIES):
+            with store.snapshot() as conn:
+                fingerprint, offset, pools = settle_pools(conn)
+            if not pools:
+                return None
+            clear_unfinished(store)
+            settlement_id = (fingerprint[1] or 0) + 1
+            computed = [(pool, pool_lines(pool, write_off)) for pool in pools]
+            write_in_chunks(store, SQL["insert_settlement_line"], (
+                (settlement_id, pool.day, pool.property_id, user, *rest[:-1], int(rest[-1]))
+                for pool, lines in computed for user, *rest in lines))
+            try:
+                return store.write(functools.partial(
+                    record_settlement, fingerprint, offset, settlement_id, computed, write_off))
+            except LedgerMoved:
+                continue
     raise StoreUnavailable("other ledger steps kept committing meanwhile; run it again")
 
 
