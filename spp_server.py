@@ -2184,6 +2184,12 @@ def share_text(share):
     return format(share.normalize(), "f") if share else "0"
 
 
+@functools.lru_cache(maxsize=64)
+def share_millionths(text):
+    """A recorded share -> an integer of millionths: '0.9' -> 900000."""
+    return int(decimal.Decimal(text).scaleb(6))
+
+
 def day_bounds_us(day_text, offset_minutes):
     """A report day -> [start, end) in receive-time microseconds."""
     start = report_day_number(day_text) * DAY_US - offset_minutes * 60 * 1_000_000
@@ -2396,9 +2402,9 @@ def pool_lines(pool, write_off):
     lines = []
     for user, weight, booked_part in zip(users, weights, booked_parts):
         sessions, estimated, paid, shares, adjustment = pool.users[user]
-        shared = sum((Fraction(decimal.Decimal(share)) * w[weight_of]
-                      for share, w in shares.items()), Fraction(0))
-        final = math.floor(booked_part * shared / weight) if weight else 0
+        # Exact in integers: a share has at most 6 places.
+        shared = sum(share_millionths(share) * w[weight_of] for share, w in shares.items())
+        final = booked_part * shared // (weight * 10**6) if weight else 0
         # Against what the user holds for the pool so far (written-off amounts included).
         delta = final - paid - (adjustment or 0)
         top_up, short = max(delta, 0), max(-delta, 0)
@@ -2447,8 +2453,9 @@ def settle_pools(conn):
         previous = conn.execute(SQL["pool_settled"], (day, prop)).fetchone()
         if previous is not None:
             if previous[0] != by_property:
-                raise Invalid("booked", f"{day} was settled {'by property' if previous[0] else 'as a whole day'}"
-                              " but its booked rows now are not: re-import the report as it was")
+                how = "by property" if previous[0] else "as a whole day"
+                raise Invalid("booked revenue", f"{day} was settled {how} but its booked rows "
+                              "now are not: re-import its report as it was")
             if tuple(previous[1:]) == (pool.booked, *pool.totals()[:2]):
                 continue  # settled, and nothing changed since
             for (settled_in,) in conn.execute(SQL["pool_settlements"], (day, prop)).fetchall():
@@ -3517,6 +3524,9 @@ LEDGER_EXIT_HELP = ("Exit status 0 when done; 1, with one line on stderr, when t
                     "an option is refused (nothing changed).")
 
 
+LEDGER_OPTIONS = ("until", "pay-now-share", "final-share", "report-utc-offset", "settlement")
+
+
 def add_db_option(parser, environ, db_help):
     parser.add_argument("--db", default=environ.get("SPP_DB", DEFAULTS["db"]),
                         help=f"{db_help} [SPP_DB, default %(default)s]")
@@ -3604,7 +3614,8 @@ def run_ledger_step(prog, db, out, step):
             out.write(chunk)
         out.flush()
     except Invalid as invalid:
-        print(f"{prog}: --{invalid.field}: {invalid.message}; nothing changed", file=sys.stderr)
+        where = f"--{invalid.field}" if invalid.field in LEDGER_OPTIONS else invalid.field
+        print(f"{prog}: {where}: {invalid.message}; nothing changed", file=sys.stderr)
         return 2
     except (StoreUnavailable, sqlite3.Error) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)

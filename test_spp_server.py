@@ -11,6 +11,7 @@ import base64
 import contextlib
 import csv
 import datetime
+import fcntl
 import functools
 import http.client
 import io
@@ -2697,6 +2698,36 @@ def test_reports_pending_and_held_back(store):
     assert summary["runs"][0]["held-back"] == "0.0006"  # 0.8 x 2,000,000 - 1,000,000
     assert summary["totals"]["pending"] == "0.0005"  # day 1: paid now, not settled
     assert spp_server.statement(store, "a")["totals"] == summary["totals"]
+
+
+def test_a_day_settled_whole_is_not_settled_again_by_property(store, db, capsys):
+    add_sessions(store, [("a", "p1", 1000, at(0))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "", 900)])
+    spp_server.settle(store)
+    book_rows(store, [(day_text(0), "p1", 900)])  # both ways would pay the day twice
+    before = ledger_counts(db)
+    code, out, err = ledger_command(spp_server.run_settle, db)
+    assert (code, out, err.count("\n")) == (2, b"", 1)
+    assert err.startswith(f"spp_server.py settle: booked revenue: {day_text(0)} was settled as a whole day")
+    assert ledger_counts(db) == before
+
+
+def test_one_ledger_step_at_a_time_across_processes(store, db):
+    add_sessions(store, [("a", None, 1000, at(0))])
+    fd = os.open(db + "-ledger-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as another pay or settle would hold it
+        paid = []
+        waiting = threading.Thread(target=lambda: paid.append(pay(store, at(1, 0))))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and count(db, "payout_runs") == 0  # it waits for the lock
+    finally:
+        os.close(fd)
+    waiting.join(10)
+    assert paid == [1]
+    assert oct(os.stat(db + "-ledger-lock").st_mode & 0o777) == "0o600"
 
 
 # --- The commands and the read endpoints ---
