@@ -2205,7 +2205,7 @@ class RunPlan:
     pay_now: decimal.Decimal
     final: decimal.Decimal
     offset_minutes: int
-    parts: list  # (day, property_id, user_id, sessions, estimated, paid_now), by user
+    parts: list  # (day, property_id, user_id, sessions, estimated, paid_now), sorted
 
 
 def recorded_run(conn, until_us, pay_now, final):
@@ -2241,11 +2241,11 @@ def plan_run(conn, until_us, pay_now, final, offset_minutes):
     if last and offset_minutes != last[3]:
         raise Invalid("report-utc-offset", f"must be {utc_offset_text(last[3])}, the offset of "
                       f"run {last[0]}: the parts of all runs are cut into the same report days")
-    [(newest,)] = conn.execute(SQL["last_session_before"], (until_us,)).fetchall() or [(None,)]
+    [(newest,)] = conn.execute(SQL["last_session_before"], (until_us,)).fetchall()
     last_id = max(after_id, newest or 0)
     offset_us = offset_minutes * 60 * 1_000_000
-    # In the order of payout_parts' primary key (but for the run's id): the
-    # inserts then mostly append, which keeps the write transaction short.
+    # In the order of payout_parts' primary key (after the run's id): staging
+    # them then appends, which keeps each staged transaction short.
     parts = sorted(
         (report_day_text(day), prop, user, sessions, estimated,
          rewardable_nanos(estimated, pay_now))
