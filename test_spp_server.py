@@ -2977,6 +2977,30 @@ def test_the_documented_weekly_and_monthly_routine_runs_as_written(real_server, 
     assert server.post(postback(user_id="live"))[0] == 200  # ingest went on throughout
 
 
+def documented_units():
+    """{file name: text} of the unit files docs/ledger.md shows in full."""
+    text = (HERE / "docs" / "ledger.md").read_text(encoding="utf-8")
+    return dict(re.findall(r"`/etc/systemd/system/([a-z-]+\.(?:service|timer))`.*?```ini\n(.*?)```",
+                           text, re.S))
+
+
+def test_systemd_accepts_the_documented_ledger_units(tmp_path):
+    units = documented_units()
+    assert sorted(units) == ["spp-payout.service", "spp-payout.timer"]
+    assert "ExecStart=/usr/local/bin/spp-weekly-payout" in units["spp-payout.service"]
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    for name, text in units.items():
+        (tmp_path / name).write_text(text)
+    result = subprocess.run(["systemd-analyze", "verify", *(str(tmp_path / n) for n in units)],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "SYSTEMD_COLORS": "0", "LC_ALL": "C"})
+    # The script is not installed here, nor spp.service: nothing else may be wrong.
+    problems = [line for line in (result.stdout + result.stderr).splitlines()
+                if line.strip() and "spp-weekly-payout" not in line and "spp.service" not in line]
+    assert problems == [], "\n".join(problems)
+
+
 # --- Properties over random months ---
 
 LEDGER_SETTINGS = settings(max_examples=15, deadline=None, database=None,
