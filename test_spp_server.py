@@ -2730,6 +2730,59 @@ def test_one_ledger_step_at_a_time_across_processes(store, db):
     assert oct(os.stat(db + "-ledger-lock").st_mode & 0o777) == "0o600"
 
 
+def test_report_days_are_cut_at_the_report_offset(store):
+    # 20:00 UTC on October 1st is 01:30 on the 2nd at +05:30.
+    add_sessions(store, [("a", None, 1000, at(0, 20)), ("b", None, 1000, at(0, 10))])
+    pay(store, at(1, 19), pay_now="0", final="1", offset=330)  # the 2nd ends at 18:30 UTC
+    book_rows(store, [(day_text(1), "", 500)])
+    lines = settlement_lines(store, spp_server.settle(store))
+    assert [(line["day"], line["user-id"], line["final"]) for line in lines] == [
+        (day_text(1), "a", "0.0000005")]
+    assert spp_server.ledger_summary(store)["settlements"][0]["report-utc-offset"] == "+05:30"
+
+
+def test_a_booked_figure_imported_while_settling_is_settled_as_it_now_is(store, db, monkeypatch):
+    add_sessions(store, [("a", None, 1000, at(0))])
+    pay(store, at(1, 0), pay_now="0", final="1")
+    book_rows(store, [(day_text(0), "", 500)])
+    staged = spp_server.write_in_chunks
+
+    def import_meanwhile(*args):
+        staged(*args)
+        if count(db, "settlement_lines") == 1:  # the first attempt's lines are staged
+            book_rows(store, [(day_text(0), "", 700)])
+
+    monkeypatch.setattr(spp_server, "write_in_chunks", import_meanwhile)
+    settlement = spp_server.settle(store)
+    assert [line["final"] for line in settlement_lines(store, settlement)] == ["0.0000007"]
+    assert rows(db, "SELECT id FROM settlements") == [(1,)]
+    assert count(db, "settlement_lines") == 1  # the stale attempt's lines are gone
+
+
+def test_a_run_recorded_meanwhile_fails_the_write_of_another(store, db):
+    add_sessions(store, [("a", None, 1000, at(0))])
+    with store.snapshot() as conn:
+        plan = spp_server.plan_run(conn, at(1, 0), D("0.5"), D("1"), 0)
+    pay(store, at(0, 12))
+    with pytest.raises(spp_server.LedgerMoved):
+        store.write(functools.partial(spp_server.record_run, plan, 2, {"a": [1, 1000, 500]}))
+    assert count(db, "payout_runs") == 1
+
+
+def test_a_ledger_that_keeps_moving_is_one_line_and_status_1(store, db, monkeypatch):
+    add_sessions(store, [("a", None, 1000, at(0))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "", 500)])
+
+    def moved(*args):
+        raise spp_server.LedgerMoved()
+
+    monkeypatch.setattr(spp_server, "record_settlement", moved)
+    code, out, err = ledger_command(spp_server.run_settle, db)
+    assert (code, out, err.count("\n")) == (1, b"", 1) and "run it again" in err
+    assert count(db, "settlements") == 0
+
+
 # --- The commands and the read endpoints ---
 
 
