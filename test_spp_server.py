@@ -2663,6 +2663,22 @@ def test_a_session_of_a_day_received_after_the_last_run_holds_the_day_back(store
     assert [(line["sessions"], line["estimated-revenue"]) for line in lines] == [("2", "0.000002")]
 
 
+def test_a_late_session_joining_a_settled_day_gives_it_a_correcting_settlement(store):
+    add_sessions(store, [("a", None, 1000, at(0, 10))])
+    pay(store, at(1, 0), pay_now="0.5", final="1")
+    book_rows(store, [(day_text(0), "", 1000)])
+    spp_server.settle(store)  # a: 500 paid now, 500 topped up
+    add_sessions(store, [("b", None, 1000, at(0, 20))])  # the clock stepped back
+    assert spp_server.settle(store) is None  # not paid yet
+    pay(store, at(1, 1), pay_now="0.5", final="1")
+    lines = settlement_lines(store, spp_server.settle(store))
+    # The same booked 1000 now shared by two: a was paid 500 too much.
+    assert [(line["user-id"], line["final"], line["top-up"], line["carried"], line["kind"])
+            for line in lines] == [
+        ("a", "0.0000005", "0", "0.0000005", "correction"),
+        ("b", "0.0000005", "0", "0", "settlement")]
+
+
 def test_booked_rows_with_a_property_settle_each_property_apart(store):
     add_sessions(store, [("a", "p1", 1000, at(0)), ("b", "p2", 1000, at(0)), ("c", None, 1000, at(0))])
     pay(store, at(1, 0), pay_now="0", final="1")
