@@ -1770,6 +1770,7 @@ def report_day_number(text):
     return (moment - EPOCH).days
 
 
+@functools.lru_cache(maxsize=4096)  # hot in a payout run: a part per user and day
 def report_day_text(number):
     return (EPOCH + timedelta(days=number)).strftime("%Y-%m-%d")
 
@@ -2244,11 +2245,13 @@ def plan_run(conn, until_us, pay_now, final, offset_minutes):
     [(newest,)] = conn.execute(SQL["last_session_before"], (until_us,)).fetchall()
     last_id = max(after_id, newest or 0)
     offset_us = offset_minutes * 60 * 1_000_000
+    millionths = int(pay_now.scaleb(6))  # exact: at most 6 places
     # In the order of payout_parts' primary key (after the run's id): staging
-    # them then appends, which keeps each staged transaction short.
+    # them then appends, which keeps each staged transaction short.  Paid now:
+    # the estimate times the share, rounded down, in integers.
     parts = sorted(
         (report_day_text(day), prop, user, sessions, estimated,
-         rewardable_nanos(estimated, pay_now))
+         estimated * millionths // 10**6)
         for user, day, prop, sessions, estimated in (
             (user, day, prop, sessions, joined_nanos(whole, rest))
             for user, day, prop, sessions, whole, rest in conn.execute(
