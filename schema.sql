@@ -74,3 +74,117 @@ CREATE TABLE booked_revenue (
     source_file     TEXT    NOT NULL,
     PRIMARY KEY (day, property_id, country)
 ) WITHOUT ROWID;
+
+-- version 5
+-- The payout ledger (`spp_server.py pay`, `settle`; docs/ledger.md).  A run
+-- pays the sessions whose row ids are in (after_session_id, last_session_id]:
+-- each run starts where the previous one ended, so no session is in two runs
+-- and none is skipped.  Shares are the exact decimal text the publisher gave.
+CREATE TABLE payout_runs (
+    id                  INTEGER PRIMARY KEY,     -- its staged rows are written first
+    after_session_id    INTEGER NOT NULL,
+    last_session_id     INTEGER NOT NULL CHECK (last_session_id >= after_session_id),
+    until_us            INTEGER NOT NULL UNIQUE,
+    created_at_us       INTEGER NOT NULL,
+    pay_now_share       TEXT    NOT NULL,
+    final_share         TEXT    NOT NULL,
+    report_utc_offset   INTEGER NOT NULL,          -- minutes east of UTC of the parts' days
+    users               INTEGER NOT NULL,
+    sessions            INTEGER NOT NULL,
+    estimated_nano      INTEGER NOT NULL,
+    paid_now_nano       INTEGER NOT NULL,          -- before deductions
+    deducted_nano       INTEGER NOT NULL           -- carried balances taken back
+);
+
+-- What a run paid per user, report day and property: what settlement needs.
+-- property_id '' = the session had none.  The run's id first: a run over a
+-- month inserts about one row per session, and appending them (in staged
+-- chunks, see spp_server.write_in_chunks) keeps postbacks from waiting.
+-- Rows of a run id without a payout_runs row are staged, never read.
+CREATE TABLE payout_parts (
+    run_id              INTEGER NOT NULL,
+    day                 TEXT    NOT NULL,
+    property_id         TEXT    NOT NULL,
+    user_id             TEXT    NOT NULL,
+    sessions            INTEGER NOT NULL,
+    estimated_nano      INTEGER NOT NULL,
+    paid_now_nano       INTEGER NOT NULL,   -- before deductions
+    PRIMARY KEY (run_id, day, property_id, user_id)
+) WITHOUT ROWID;
+
+-- A run's lines: per user, its parts summed (staged like the parts).
+CREATE TABLE payout_lines (
+    run_id              INTEGER NOT NULL,
+    user_id             TEXT    NOT NULL,
+    sessions            INTEGER NOT NULL,
+    estimated_nano      INTEGER NOT NULL,
+    paid_now_nano       INTEGER NOT NULL,   -- before deductions
+    PRIMARY KEY (run_id, user_id)
+) WITHOUT ROWID;
+CREATE INDEX payout_lines_by_user ON payout_lines (user_id, run_id);
+
+-- Carried balances taken back in a run: the line credits paid_now - deducted.
+CREATE TABLE payout_deductions (
+    run_id              INTEGER NOT NULL REFERENCES payout_runs (id),
+    user_id             TEXT    NOT NULL,
+    deducted_nano       INTEGER NOT NULL CHECK (deducted_nano > 0),
+    PRIMARY KEY (run_id, user_id)
+) WITHOUT ROWID;
+CREATE INDEX payout_deductions_by_user ON payout_deductions (user_id, run_id);
+
+CREATE TABLE settlements (
+    id                  INTEGER PRIMARY KEY,
+    created_at_us       INTEGER NOT NULL,
+    report_utc_offset   INTEGER NOT NULL,
+    write_off           INTEGER NOT NULL,
+    pools               INTEGER NOT NULL,
+    booked_nano         INTEGER NOT NULL,
+    top_up_nano         INTEGER NOT NULL,
+    carried_nano        INTEGER NOT NULL,
+    written_off_nano    INTEGER NOT NULL
+);
+
+-- One row per settlement per pool: a report day and property (by_property =
+-- 1) or a whole day (by_property = 0, property_id '').  The pool's state when
+-- settled; a later settlement of the same pool is a correction.
+CREATE TABLE settlement_days (
+    day                 TEXT    NOT NULL,
+    property_id         TEXT    NOT NULL,
+    settlement_id       INTEGER NOT NULL REFERENCES settlements (id),
+    by_property         INTEGER NOT NULL,
+    booked_nano         INTEGER NOT NULL,
+    sessions            INTEGER NOT NULL,
+    estimated_nano      INTEGER NOT NULL,
+    paid_now_nano       INTEGER NOT NULL,
+    final_nano          INTEGER NOT NULL,
+    top_up_nano         INTEGER NOT NULL,
+    carried_nano        INTEGER NOT NULL,
+    written_off_nano    INTEGER NOT NULL,
+    PRIMARY KEY (day, property_id, settlement_id)
+) WITHOUT ROWID;
+
+-- Staged like a run's parts: rows of a settlement id without a settlements
+-- row are never read.
+CREATE TABLE settlement_lines (
+    settlement_id       INTEGER NOT NULL,
+    day                 TEXT    NOT NULL,
+    property_id         TEXT    NOT NULL,
+    user_id             TEXT    NOT NULL,
+    sessions            INTEGER NOT NULL,
+    estimated_nano      INTEGER NOT NULL,
+    booked_part_nano    INTEGER NOT NULL,
+    final_nano          INTEGER NOT NULL,
+    paid_now_nano       INTEGER NOT NULL,
+    top_up_nano         INTEGER NOT NULL CHECK (top_up_nano >= 0),
+    carried_nano        INTEGER NOT NULL CHECK (carried_nano >= 0),
+    written_off_nano    INTEGER NOT NULL CHECK (written_off_nano >= 0),
+    correction          INTEGER NOT NULL,
+    PRIMARY KEY (settlement_id, day, property_id, user_id)
+) WITHOUT ROWID;
+CREATE INDEX settlement_lines_by_user ON settlement_lines (user_id, day, property_id, settlement_id);
+
+-- What each user owes from carried balances, taken back from later runs.
+CREATE TABLE ledger_balances (
+    user_id             TEXT    PRIMARY KEY,
+    owed_nano           INTEGER NOT NULL CHECK (owed_nano >= 0)
+) WITHOUT ROWID;

@@ -17,6 +17,7 @@ import contextlib
 import csv
 import decimal
 import difflib
+import fcntl
 import functools
 import hmac
 import io
@@ -425,6 +426,172 @@ SQL = {
         FROM sessions INDEXED BY sessions_by_time
         WHERE {SQL_WINDOW}
         GROUP BY 1, 2 ORDER BY 1, 2""",
+    # --- Payout ledger (see "Payout ledger" below) ---
+    "run_at": "SELECT id, pay_now_share, final_share FROM payout_runs WHERE until_us = ?",
+    "last_run": """
+        SELECT id, last_session_id, until_us, report_utc_offset FROM payout_runs
+        ORDER BY id DESC LIMIT 1""",
+    "run_exists": "SELECT 1 FROM payout_runs WHERE id = ?",
+    "settlement_exists": "SELECT 1 FROM settlements WHERE id = ?",
+    # The largest id received before a run's until: the run pays every id up
+    # to it that an earlier run did not, whatever their receive times.
+    "last_session_before": """
+        SELECT max(id) FROM sessions INDEXED BY sessions_by_time WHERE received_at_us < ?""",
+    "last_session_between": """
+        SELECT max(id) FROM sessions INDEXED BY sessions_by_time
+        WHERE received_at_us >= ? AND received_at_us < ?""",
+    # A run's parts: per user, report day and property, by row id range.
+    "run_parts": """
+        SELECT user_id, (received_at_us + :offset_us) / 86400000000, coalesce(property_id, ''),
+               count(*), sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
+        FROM sessions WHERE id > :after AND id <= :last
+        GROUP BY 1, 2, 3""",
+    "owed_balances": "SELECT user_id, owed_nano FROM ledger_balances WHERE owed_nano > 0",
+    "take_owed": "UPDATE ledger_balances SET owed_nano = owed_nano - ? WHERE user_id = ?",
+    "add_owed": """
+        INSERT INTO ledger_balances (user_id, owed_nano) VALUES (?, ?)
+        ON CONFLICT (user_id) DO UPDATE SET owed_nano = owed_nano + excluded.owed_nano""",
+    "insert_run": """
+        INSERT INTO payout_runs
+            (id, after_session_id, last_session_id, until_us, created_at_us, pay_now_share,
+             final_share, report_utc_offset, users, sessions, estimated_nano, paid_now_nano,
+             deducted_nano)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+    "insert_part": """
+        INSERT INTO payout_parts
+            (run_id, day, property_id, user_id, sessions, estimated_nano, paid_now_nano)
+        VALUES (?, ?, ?, ?, ?, ?, ?)""",
+    "insert_deduction": """
+        INSERT INTO payout_deductions (run_id, user_id, deducted_nano) VALUES (?, ?, ?)""",
+    # Staged rows of a step whose header never committed (see write_in_chunks).
+    "unfinished_parts": """
+        DELETE FROM payout_parts WHERE (run_id, day, property_id, user_id) IN (
+            SELECT run_id, day, property_id, user_id FROM payout_parts
+            WHERE run_id > (SELECT coalesce(max(id), 0) FROM payout_runs) LIMIT ?)""",
+    "unfinished_lines": """
+        DELETE FROM payout_lines WHERE (run_id, user_id) IN (
+            SELECT run_id, user_id FROM payout_lines
+            WHERE run_id > (SELECT coalesce(max(id), 0) FROM payout_runs) LIMIT ?)""",
+    "unfinished_settlement_lines": """
+        DELETE FROM settlement_lines WHERE (settlement_id, day, property_id, user_id) IN (
+            SELECT settlement_id, day, property_id, user_id FROM settlement_lines
+            WHERE settlement_id > (SELECT coalesce(max(id), 0) FROM settlements) LIMIT ?)""",
+    "insert_line": """
+        INSERT INTO payout_lines (run_id, user_id, sessions, estimated_nano, paid_now_nano)
+        VALUES (?, ?, ?, ?, ?)""",
+    "run_lines": """
+        SELECT l.user_id, l.sessions, l.estimated_nano, l.paid_now_nano,
+               coalesce(d.deducted_nano, 0)
+        FROM payout_lines l
+        LEFT JOIN payout_deductions d ON d.run_id = l.run_id AND d.user_id = l.user_id
+        WHERE l.run_id = ? ORDER BY l.user_id""",
+    "run_final_shares": "SELECT id, final_share FROM payout_runs",
+    "booked_pools": """
+        SELECT day, property_id, sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
+        FROM booked_revenue GROUP BY day, property_id ORDER BY day, property_id""",
+    "booked_pool": """
+        SELECT coalesce(sum(revenue_nano / 1000000000), 0), coalesce(sum(revenue_nano % 1000000000), 0)
+        FROM booked_revenue WHERE day = ? AND property_id = ?""",
+    "pool_parts": """
+        SELECT run_id, user_id, sessions, estimated_nano, paid_now_nano FROM payout_parts
+        WHERE run_id = ? AND day = ? AND property_id = ?""",
+    "day_parts": """
+        SELECT run_id, user_id, sessions, estimated_nano, paid_now_nano FROM payout_parts
+        WHERE run_id = ? AND day = ?""",
+    "last_settlement": "SELECT max(id) FROM settlements",
+    # How a day was last settled: by property (1) or whole (0), whatever pool.
+    "day_settled_by_property": """
+        SELECT by_property FROM settlement_days WHERE day = ?
+        ORDER BY settlement_id DESC LIMIT 1""",
+    "pool_settled": """
+        SELECT by_property, booked_nano, sessions, estimated_nano FROM settlement_days
+        WHERE day = ? AND property_id = ? ORDER BY settlement_id DESC LIMIT 1""",
+    # What each user's earlier lines of a pool moved: top-ups less balances carried.
+    "pool_settlements": """
+        SELECT settlement_id FROM settlement_days WHERE day = ? AND property_id = ?""",
+    "pool_adjustments": """
+        SELECT user_id, top_up_nano - carried_nano FROM settlement_lines
+        WHERE settlement_id = ? AND day = ? AND property_id = ?""",
+    "insert_settlement": """
+        INSERT INTO settlements (id, created_at_us, report_utc_offset, write_off, pools,
+                                 booked_nano, top_up_nano, carried_nano, written_off_nano)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+
+    "insert_settlement_day": """
+        INSERT INTO settlement_days
+            (day, property_id, settlement_id, by_property, booked_nano, sessions, estimated_nano,
+             paid_now_nano, final_nano, top_up_nano, carried_nano, written_off_nano)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+    "insert_settlement_line": """
+        INSERT INTO settlement_lines
+            (settlement_id, day, property_id, user_id, sessions, estimated_nano,
+             booked_part_nano, final_nano, paid_now_nano, top_up_nano, carried_nano,
+             written_off_nano, correction)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+    "settlement_lines_of": """
+        SELECT settlement_id, day, property_id, user_id, sessions, estimated_nano,
+               booked_part_nano, final_nano, paid_now_nano, top_up_nano, carried_nano,
+               written_off_nano, correction
+        FROM settlement_lines WHERE settlement_id = ? ORDER BY day, property_id, user_id""",
+    "user_run_lines": """
+        SELECT l.run_id, r.until_us, l.sessions, l.estimated_nano, l.paid_now_nano,
+               coalesce(d.deducted_nano, 0)
+        FROM payout_lines l JOIN payout_runs r ON r.id = l.run_id
+        LEFT JOIN payout_deductions d ON d.run_id = l.run_id AND d.user_id = l.user_id
+        WHERE l.user_id = ? ORDER BY l.run_id""",
+    "user_settlement_lines": """
+        SELECT settlement_id, day, property_id, sessions, estimated_nano, booked_part_nano,
+               final_nano, paid_now_nano, top_up_nano, carried_nano, written_off_nano, correction
+        FROM settlement_lines
+        WHERE user_id = ? AND settlement_id <= (SELECT coalesce(max(id), 0) FROM settlements)
+        ORDER BY settlement_id, day, property_id""",
+    "runs": """
+        SELECT id, until_us, created_at_us, pay_now_share, final_share, report_utc_offset, users,
+               sessions, estimated_nano, paid_now_nano, deducted_nano
+        FROM payout_runs ORDER BY id""",
+    "settlements": """
+        SELECT id, created_at_us, report_utc_offset, write_off, pools, booked_nano, top_up_nano,
+               carried_nano, written_off_nano
+        FROM settlements ORDER BY id""",
+    # Each settled pool as of its newest settlement; released: the top-ups
+    # less the balances carried, over all its settlements.
+    "settled_pools": """
+        SELECT day, property_id, settlement_id, by_property, booked_nano, paid_now_nano, released
+        FROM (SELECT *, sum(top_up_nano - carried_nano) OVER pool AS released,
+                     row_number() OVER (pool ORDER BY settlement_id DESC) AS newest
+              FROM settlement_days WINDOW pool AS (PARTITION BY day, property_id))
+        WHERE newest = 1 ORDER BY day, property_id""",
+    # Totals in the order of LEDGER_TOTALS.  Pending: paid now (before
+    # deductions) less what the newest settlement of each pool found paid now.
+    "ledger_sums": """
+        SELECT (SELECT coalesce(sum(paid_now_nano - deducted_nano), 0) FROM payout_runs),
+               (SELECT coalesce(sum(deducted_nano), 0) FROM payout_runs),
+               (SELECT coalesce(sum(top_up_nano), 0) FROM settlements),
+               (SELECT coalesce(sum(carried_nano), 0) FROM settlements),
+               (SELECT coalesce(sum(written_off_nano), 0) FROM settlements),
+               (SELECT coalesce(sum(owed_nano), 0) FROM ledger_balances),
+               (SELECT coalesce(sum(paid_now_nano), 0) FROM payout_runs)
+               - (SELECT coalesce(sum(paid_now_nano), 0) FROM settlement_days d
+                  WHERE settlement_id = (SELECT max(settlement_id) FROM settlement_days n
+                                         WHERE n.day = d.day AND n.property_id = d.property_id))""",
+    "user_ledger_sums": """
+        WITH runs AS (SELECT coalesce(max(id), 0) AS last FROM payout_runs),
+             settled AS (SELECT coalesce(max(id), 0) AS last FROM settlements),
+             deductions AS (SELECT coalesce(sum(deducted_nano), 0) AS nano
+                            FROM payout_deductions WHERE user_id = :user),
+             paid AS (SELECT coalesce(sum(paid_now_nano), 0) AS nano FROM payout_lines
+                      WHERE user_id = :user AND run_id <= (SELECT last FROM runs)),
+             lines AS (SELECT * FROM settlement_lines
+                       WHERE user_id = :user AND settlement_id <= (SELECT last FROM settled))
+        SELECT (SELECT nano FROM paid) - (SELECT nano FROM deductions),
+               (SELECT nano FROM deductions),
+               (SELECT coalesce(sum(top_up_nano), 0) FROM lines),
+               (SELECT coalesce(sum(carried_nano), 0) FROM lines),
+               (SELECT coalesce(sum(written_off_nano), 0) FROM lines),
+               (SELECT coalesce(sum(owed_nano), 0) FROM ledger_balances WHERE user_id = :user),
+               (SELECT nano FROM paid) - (SELECT coalesce(sum(paid_now_nano), 0) FROM lines l
+                  WHERE settlement_id = (SELECT max(settlement_id) FROM lines n
+                                         WHERE n.day = l.day AND n.property_id = l.property_id))""",
     "stats": """
         SELECT (SELECT count(*) FROM sessions), (SELECT max(received_at_us) FROM sessions),
                (SELECT count(*) FROM rejected), (SELECT count(*) FROM conflicts)""",
@@ -1124,6 +1291,19 @@ class Reads:
             return self._reader().execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"the database cannot be read: {exc}") from exc
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        """A read transaction: every query on the connection it yields sees
+        the same committed state (the ledger computes a step on one)."""
+        conn = self._reader()
+        try:
+            conn.execute("BEGIN")
+            yield conn
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the database cannot be read: {exc}") from exc
+        finally:
+            rollback_quietly(conn)
 
     def stream(self, sql, params=()):
         """Rows of one read-only query, one at a time: memory does not grow
@@ -2012,6 +2192,7 @@ def report_day_number(text):
     return (moment - EPOCH).days
 
 
+@functools.lru_cache(maxsize=4096)  # hot in a payout run: a part per user and day
 def report_day_text(number):
     return (EPOCH + timedelta(days=number)).strftime("%Y-%m-%d")
 
@@ -2523,6 +2704,451 @@ def reconciliation_output(store, q, fmt):
 
 
 # ---------------------------------------------------------------------------
+# Payout ledger: runs pay each session once, settlements release the buffer
+# ---------------------------------------------------------------------------
+
+# A share of the ledger: a plain decimal in [0, 1], at most 6 places, read by
+# regex before Decimal so that no exponent or NaN form gets in.
+LEDGER_SHARE = re.compile(r"0(?:\.[0-9]{1,6})?|1(?:\.0{1,6})?")
+LEDGER_RETRIES = 3  # a step computed on a snapshot is redone if the ledger moved meanwhile
+LEDGER_CHUNK_ROWS = 10_000  # detail rows per staging transaction
+RUN_COLUMNS = ["run-id", "user-id", "sessions", "estimated-revenue", "paid-now", "deducted"]
+SETTLEMENT_COLUMNS = ["settlement-id", "day", "property-id", "user-id", "sessions",
+                      "estimated-revenue", "booked-part", "final", "paid-now", "top-up",
+                      "carried", "written-off", "kind"]
+
+
+class LedgerMoved(Exception):
+    """Another pay, settle or import committed between the snapshot a step was
+    computed on and its write: the write is rolled back and the step redone."""
+
+
+def parse_ledger_share(text, field):
+    """'0.60' -> Decimal('0.6'), or Invalid naming the field."""
+    if not isinstance(text, str) or not LEDGER_SHARE.fullmatch(text):
+        raise Invalid(field, "must be a plain decimal from 0 to 1 with at most 6 places, "
+                      f"such as 0.6, not {text!r}")
+    return decimal.Decimal(text)
+
+
+def share_text(share):
+    """The canonical text stored with a run: Decimal('0.60') -> '0.6'."""
+    return format(share.normalize(), "f") if share else "0"
+
+
+@functools.lru_cache(maxsize=64)
+def share_millionths(text):
+    """A recorded share -> an integer of millionths: '0.9' -> 900000."""
+    return int(decimal.Decimal(text).scaleb(6))
+
+
+def day_bounds_us(day_text, offset_minutes):
+    """A report day -> [start, end) in receive-time microseconds."""
+    start = report_day_number(day_text) * DAY_US - offset_minutes * 60 * 1_000_000
+    return start, start + DAY_US
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    previous_run_id: int | None
+    after_id: int
+    last_id: int
+    until_us: int
+    pay_now: decimal.Decimal
+    final: decimal.Decimal
+    offset_minutes: int
+    parts: list  # (day, property_id, user_id, sessions, estimated, paid_now), sorted
+
+
+def recorded_run(conn, until_us, pay_now, final):
+    """The id of the run recorded for `until_us`, or None; Invalid if it was
+    recorded with other shares (history is never rewritten)."""
+    row = conn.execute(SQL["run_at"], (until_us,)).fetchone()
+    if row is None:
+        return None
+    run_id, pay_now_text, final_text = row
+    for field, asked, stored in (("pay-now-share", pay_now, pay_now_text),
+                                 ("final-share", final, final_text)):
+        if asked != decimal.Decimal(stored):
+            raise Invalid(field, f"run {run_id} for this --until was recorded with {field} "
+                          f"{stored}, not {share_text(asked)}: a recorded run never changes")
+    return run_id
+
+
+def plan_run(conn, until_us, pay_now, final, offset_minutes):
+    """On a read snapshot: the recorded run's id, or the RunPlan of a new one."""
+    if until_us >= now_us():
+        raise Invalid("until", "must be in the past: a run pays finished time only")
+    if pay_now > final:
+        raise Invalid("pay-now-share", "must not be above the final share: the excess "
+                      "would be taken back from every user at settlement")
+    run_id = recorded_run(conn, until_us, pay_now, final)
+    if run_id is not None:
+        return run_id
+    last = conn.execute(SQL["last_run"]).fetchone()
+    previous_id, after_id = (last[0], last[1]) if last else (None, 0)
+    if last and until_us < last[2]:
+        raise Invalid("until", f"is before {iso_utc(last[2])}, the until of run {last[0]}: "
+                      "runs only go forward")
+    if last and offset_minutes != last[3]:
+        raise Invalid("report-utc-offset", f"must be {utc_offset_text(last[3])}, the offset of "
+                      f"run {last[0]}: the parts of all runs are cut into the same report days")
+    [(newest,)] = conn.execute(SQL["last_session_before"], (until_us,)).fetchall()
+    last_id = max(after_id, newest or 0)
+    offset_us = offset_minutes * 60 * 1_000_000
+    millionths = int(pay_now.scaleb(6))  # exact: at most 6 places
+    # In the order of payout_parts' primary key (after the run's id): staging
+    # them then appends, which keeps each staged transaction short.  Paid now:
+    # the estimate times the share, rounded down, in integers.
+    parts = sorted(
+        (report_day_text(day), prop, user, sessions, estimated,
+         estimated * millionths // 10**6)
+        for user, day, prop, sessions, estimated in (
+            (user, day, prop, sessions, joined_nanos(whole, rest))
+            for user, day, prop, sessions, whole, rest in conn.execute(
+                SQL["run_parts"], {"after": after_id, "last": last_id, "offset_us": offset_us})))
+    return RunPlan(previous_id, after_id, last_id, until_us, pay_now, final, offset_minutes, parts)
+
+
+def owed_balances(conn):
+    return dict(conn.execute(SQL["owed_balances"]).fetchall())
+
+
+@contextlib.contextmanager
+def ledger_lock(store):
+    """One pay or settle at a time, across processes: an flock on a file
+    beside the database, which the kernel releases if its holder dies."""
+    fd = os.open(store.path + "-ledger-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def insert_rows(sql, rows, conn, _):
+    conn.executemany(sql, rows)
+
+
+def write_in_chunks(store, sql, rows):
+    """Stage detail rows in transactions of LEDGER_CHUNK_ROWS rows: postbacks
+    wait behind one chunk at most.  They stay invisible until the step's
+    header row commits (readers only see details of a committed header)."""
+    rows = iter(rows)
+    while chunk := list(itertools.islice(rows, LEDGER_CHUNK_ROWS)):
+        store.write(functools.partial(insert_rows, sql, chunk))
+
+
+def clear_unfinished(store):
+    """Delete the staged rows of a step that died before its header committed."""
+    for name in ("unfinished_parts", "unfinished_lines", "unfinished_settlement_lines"):
+        while store.write(lambda conn, _, sql=SQL[name]: conn.execute(
+                sql, (LEDGER_CHUNK_ROWS,)).rowcount):
+            pass
+
+
+def run_lines_of(parts):
+    """{user: [sessions, estimated, paid now]} summed over the user's parts."""
+    lines = {}
+    for _, _, user, sessions, estimated, paid in parts:
+        line = lines.setdefault(user, [0, 0, 0])
+        line[0] += sessions
+        line[1] += estimated
+        line[2] += paid
+    return lines
+
+
+def record_run(plan, run_id, lines, conn, created_at_us):
+    """The write op that makes a staged run real: the balances taken back and
+    the run's header row, in one transaction; LedgerMoved if a run came first."""
+    last = conn.execute(SQL["last_run"]).fetchone()
+    if (last[0] if last else None) != plan.previous_run_id:
+        raise LedgerMoved()
+    # A carried balance is taken back from what the user is paid now, never below zero.
+    taken = {user: min(owed, lines[user][2])
+             for user, owed in owed_balances(conn).items() if user in lines and lines[user][2]}
+    totals = [sum(line[i] for line in lines.values()) for i in range(3)]
+    conn.execute(SQL["insert_run"], (
+        run_id, plan.after_id, plan.last_id, plan.until_us, created_at_us, share_text(plan.pay_now),
+        share_text(plan.final), plan.offset_minutes, len(lines), *totals, sum(taken.values())))
+    for user, nanos in taken.items():
+        conn.execute(SQL["take_owed"], (nanos, user))
+        conn.execute(SQL["insert_deduction"], (run_id, user, nanos))
+    return run_id
+
+
+def pay_run(store, until_us, pay_now, final, offset_minutes):
+    """Pay every session after the last run up to `until_us` (or find the run
+    already recorded for it): -> run id.  Computed on a read snapshot; its
+    parts and lines are staged in short transactions, then one transaction
+    records the run (see write_in_chunks)."""
+    with ledger_lock(store):
+        for _ in range(LEDGER_RETRIES):
+            with store.snapshot() as conn:
+                plan = plan_run(conn, until_us, pay_now, final, offset_minutes)
+            if not isinstance(plan, RunPlan):
+                return plan
+            clear_unfinished(store)
+            run_id = (plan.previous_run_id or 0) + 1
+            lines = run_lines_of(plan.parts)
+            write_in_chunks(store, SQL["insert_part"], ((run_id, *part) for part in plan.parts))
+            write_in_chunks(store, SQL["insert_line"],
+                            ((run_id, user, *line) for user, line in sorted(lines.items())))
+            try:
+                return store.write(functools.partial(record_run, plan, run_id, lines))
+            except LedgerMoved:
+                continue
+    raise StoreUnavailable("other ledger steps kept committing meanwhile; run it again")
+
+
+def run_output(store, run_id, fmt):
+    """A run's lines, one per user ordered by user-id, as CSV or NDJSON: what
+    the publisher's app credits (paid-now is after deducted)."""
+    records = ({"run-id": run_id, "user-id": user, "sessions": sessions,
+                "estimated-revenue": nanos_to_usd(estimated),
+                "paid-now": nanos_to_usd(paid - deducted), "deducted": nanos_to_usd(deducted)}
+               for user, sessions, estimated, paid, deducted in store.stream(
+                   SQL["run_lines"], (run_id,)))
+    return in_chunks(encode_records(records, RUN_COLUMNS, fmt))
+
+
+def largest_remainder(total, weights):
+    """Share the integer `total` in proportion to `weights` (in order of the
+    users' ids): each gets the floor of its exact quota, and what is left (one
+    nano each) goes to the largest remainders, ties to the first user-id.
+    The parts sum to `total` exactly."""
+    whole = sum(weights)
+    if not whole:
+        return [0] * len(weights)
+    quotas = [divmod(total * w, whole) for w in weights]
+    parts = [q for q, _ in quotas]
+    left = total - sum(parts)
+    for i in sorted(range(len(weights)), key=lambda i: -quotas[i][1])[:left]:
+        parts[i] += 1
+    return parts
+
+
+@dataclass
+class Pool:
+    """One report day and property (or whole day) to settle."""
+
+    day: str
+    property_id: str
+    by_property: int
+    booked: int
+    users: dict  # user -> [sessions, estimated, paid_now, {final share: estimate}, adjustment]
+
+    def totals(self):
+        users = self.users.values()
+        return sum(u[0] for u in users), sum(u[1] for u in users), sum(u[2] for u in users)
+
+
+def pool_lines(pool, write_off):
+    """Per user, in user-id order: (user, sessions, estimated, booked part,
+    final, paid now, top-up, carried, written off, correction).  The final
+    amount is the booked part times the final shares of the runs that paid
+    the user's sessions (weighted by their estimates), rounded down once."""
+    users = sorted(pool.users)
+    by_sessions = not any(pool.users[u][1] for u in users)  # no estimate to weigh by
+    weight_of = 0 if by_sessions else 1
+    weights = [pool.users[u][weight_of] for u in users]
+    booked_parts = largest_remainder(pool.booked, weights)
+    lines = []
+    for user, weight, booked_part in zip(users, weights, booked_parts):
+        sessions, estimated, paid, shares, adjustment = pool.users[user]
+        # Exact in integers: a share has at most 6 places.
+        shared = sum(share_millionths(share) * w[weight_of] for share, w in shares.items())
+        final = booked_part * shared // (weight * 10**6) if weight else 0
+        # Against what the user holds for the pool so far (written-off amounts included).
+        delta = final - paid - (adjustment or 0)
+        top_up, short = max(delta, 0), max(-delta, 0)
+        lines.append((user, sessions, estimated, booked_part, final, paid, top_up,
+                      0 if write_off else short, short if write_off else 0, adjustment is not None))
+    return lines
+
+
+def settle_pools(conn):
+    """On a read snapshot: (run fingerprint, offset, [Pool, ...]) of every
+    report day (and property) with booked revenue whose sessions were all
+    paid in runs and that is new or changed since its last settlement."""
+    last = conn.execute(SQL["last_run"]).fetchone()
+    last_settlement = conn.execute(SQL["last_settlement"]).fetchone()[0]
+    if last is None:
+        return (None, last_settlement), 0, []
+    run_id, last_id, last_until, offset = last
+    booked = conn.execute(SQL["booked_pools"]).fetchall()
+    days_by_property = {day for day, prop, *_ in booked if prop != ""}
+    shares = dict(conn.execute(SQL["run_final_shares"]).fetchall())
+    paid_days = {}
+    pools = []
+    for day, prop, whole, rest in booked:
+        start, end = day_bounds_us(day, offset)
+        if end > last_until:
+            continue
+        if day not in paid_days:
+            [(newest,)] = conn.execute(SQL["last_session_between"], (start, end)).fetchall()
+            paid_days[day] = newest is None or newest <= last_id
+        if not paid_days[day]:
+            continue  # a session of the day came in after the last run (a clock step)
+        by_property = int(day in days_by_property)
+        pool = Pool(day, prop, by_property, joined_nanos(whole, rest), {})
+        part_rows = itertools.chain.from_iterable(
+            conn.execute(SQL["pool_parts" if by_property else "day_parts"],
+                         (run, day, prop) if by_property else (run, day))
+            for run in shares)
+        for run, user, sessions, estimated, paid in part_rows:
+            entry = pool.users.setdefault(user, [0, 0, 0, {}, None])
+            entry[0] += sessions
+            entry[1] += estimated
+            entry[2] += paid
+            weights = entry[3].setdefault(shares[run], [0, 0])
+            weights[0] += sessions
+            weights[1] += estimated
+        # Per day, not per pool: an import with the other breakdown replaces
+        # the day's rows, so its pools are new keys that would pay it twice.
+        settled_as = conn.execute(SQL["day_settled_by_property"], (day,)).fetchone()
+        if settled_as is not None and settled_as[0] != by_property:
+            how = "by property" if settled_as[0] else "as a whole day"
+            raise Invalid("booked revenue", f"{day} was settled {how} but its booked rows "
+                          "now are not: re-import its report as it was")
+        previous = conn.execute(SQL["pool_settled"], (day, prop)).fetchone()
+        if previous is not None:
+            if tuple(previous[1:]) == (pool.booked, *pool.totals()[:2]):
+                continue  # settled, and nothing changed since
+            for (settled_in,) in conn.execute(SQL["pool_settlements"], (day, prop)).fetchall():
+                for user, adjustment in conn.execute(SQL["pool_adjustments"],
+                                                     (settled_in, day, prop)):
+                    if user in pool.users:
+                        pool.users[user][4] = (pool.users[user][4] or 0) + adjustment
+        pools.append(pool)
+    return (run_id, last_settlement), offset, pools
+
+
+def record_settlement(fingerprint, offset, settlement_id, computed, write_off, conn,
+                      created_at_us):
+    """The write op that makes a staged settlement real: its header, its
+    pools and the balances carried, in one transaction; LedgerMoved if a run,
+    a settlement or a booked figure of its pools changed since it was computed."""
+    last = conn.execute(SQL["last_run"]).fetchone()
+    now_print = (last and last[0], conn.execute(SQL["last_settlement"]).fetchone()[0])
+    if now_print != fingerprint or any(
+            joined_nanos(*conn.execute(SQL["booked_pool"], (p.day, p.property_id)).fetchone())
+            != p.booked for p, _ in computed):
+        raise LedgerMoved()
+    # Per pool: final, top-up, carried and written off, summed over its lines.
+    sums = [[sum(line[i] for line in lines) for i in (4, 6, 7, 8)] for _, lines in computed]
+    conn.execute(SQL["insert_settlement"], (
+        settlement_id, created_at_us, offset, int(write_off), len(computed),
+        sum(pool.booked for pool, _ in computed), *(sum(col) for col in list(zip(*sums))[1:])))
+    for (pool, lines), pool_sums in zip(computed, sums):
+        conn.execute(SQL["insert_settlement_day"], (
+            pool.day, pool.property_id, settlement_id, pool.by_property, pool.booked,
+            *pool.totals(), *pool_sums))
+        for user, *_, carried, _, _ in lines:
+            if carried:
+                conn.execute(SQL["add_owed"], (user, carried))
+    return settlement_id
+
+
+def settle(store, write_off=False):
+    """Settle what can be settled: -> the new settlement's id, or None when
+    there was nothing to settle.  Staged like a run (see pay_run)."""
+    with ledger_lock(store):
+        for _ in range(LEDGER_RETRIES):
+            with store.snapshot() as conn:
+                fingerprint, offset, pools = settle_pools(conn)
+            if not pools:
+                return None
+            clear_unfinished(store)
+            settlement_id = (fingerprint[1] or 0) + 1
+            computed = [(pool, pool_lines(pool, write_off)) for pool in pools]
+            write_in_chunks(store, SQL["insert_settlement_line"], (
+                (settlement_id, pool.day, pool.property_id, user, *rest[:-1], int(rest[-1]))
+                for pool, lines in computed for user, *rest in lines))
+            try:
+                return store.write(functools.partial(
+                    record_settlement, fingerprint, offset, settlement_id, computed, write_off))
+            except LedgerMoved:
+                continue
+    raise StoreUnavailable("other ledger steps kept committing meanwhile; run it again")
+
+
+def settlement_record(row):
+    (settlement_id, day, prop, user, sessions, estimated, booked_part, final, paid, top_up,
+     carried, written_off, correction) = row
+    return {"settlement-id": settlement_id, "day": day, "property-id": prop, "user-id": user,
+            "sessions": sessions, "estimated-revenue": nanos_to_usd(estimated),
+            "booked-part": nanos_to_usd(booked_part), "final": nanos_to_usd(final),
+            "paid-now": nanos_to_usd(paid), "top-up": nanos_to_usd(top_up),
+            "carried": nanos_to_usd(carried), "written-off": nanos_to_usd(written_off),
+            "kind": "correction" if correction else "settlement"}
+
+
+def settlement_output(store, settlement_id, fmt):
+    """A settlement's lines (per day, property and user) as CSV or NDJSON: the
+    top-ups to credit, the balances carried."""
+    rows = store.stream(SQL["settlement_lines_of"], (settlement_id,))
+    return in_chunks(encode_records(map(settlement_record, rows), SETTLEMENT_COLUMNS, fmt))
+
+
+def statement(store, user_id):
+    """Every run line and settlement line of one user, what is pending and owed."""
+    with store.snapshot() as conn:
+        runs = [{"run-id": run, "until": iso_utc(until), "sessions": sessions,
+                 "estimated-revenue": nanos_to_usd(estimated),
+                 "paid-now": nanos_to_usd(paid - deducted), "deducted": nanos_to_usd(deducted)}
+                for run, until, sessions, estimated, paid, deducted
+                in conn.execute(SQL["user_run_lines"], (user_id,))]
+        lines = [settlement_record((row[0], row[1], row[2], user_id, *row[3:]))
+                 for row in conn.execute(SQL["user_settlement_lines"], (user_id,))]
+        sums = conn.execute(SQL["user_ledger_sums"], {"user": user_id}).fetchone()
+    return {"user-id": user_id, "runs": runs, "settlements": lines,
+            "totals": ledger_totals(sums)}
+
+
+LEDGER_TOTALS = ("paid-now", "deducted", "topped-up", "carried", "written-off", "owed", "pending")
+
+
+def ledger_totals(sums):
+    """SQL's user_ledger_sums / ledger_sums row -> exact decimal strings."""
+    return dict(zip(LEDGER_TOTALS, map(nanos_to_usd, sums)))
+
+
+def ledger_summary(store):
+    """Per run and per settlement: paid now, held back, released; per settled
+    pool: booked, paid in total, the publisher's margin; and the totals."""
+    with store.snapshot() as conn:
+        runs = [{"run-id": run, "until": iso_utc(until), "created-at": iso_utc(created),
+                 "pay-now-share": pay_now, "final-share": final,
+                 "report-utc-offset": utc_offset_text(offset), "users": users,
+                 "sessions": sessions, "estimated-revenue": nanos_to_usd(estimated),
+                 "paid-now": nanos_to_usd(paid - deducted), "deducted": nanos_to_usd(deducted),
+                 "held-back": signed_usd(
+                     rewardable_nanos(estimated, decimal.Decimal(final)) - paid)}
+                for run, until, created, pay_now, final, offset, users, sessions, estimated,
+                paid, deducted in conn.execute(SQL["runs"])]
+        settlements = [{"settlement-id": sid, "created-at": iso_utc(created),
+                        "report-utc-offset": utc_offset_text(offset), "write-off": bool(off),
+                        "pools": pools, "booked-revenue": nanos_to_usd(booked),
+                        "released": nanos_to_usd(top_up), "carried": nanos_to_usd(carried),
+                        "written-off": nanos_to_usd(written_off)}
+                       for sid, created, offset, off, pools, booked, top_up, carried,
+                       written_off in conn.execute(SQL["settlements"])]
+        days = [{"day": day, "property-id": prop, "by-property": bool(by_property),
+                 "settlement-id": sid, "booked-revenue": nanos_to_usd(booked),
+                 "paid-now": nanos_to_usd(paid), "paid-in-total": nanos_to_usd(paid + released),
+                 "margin": signed_usd(booked - paid - released)}
+                for day, prop, sid, by_property, booked, paid, released
+                in conn.execute(SQL["settled_pools"])]
+        sums = conn.execute(SQL["ledger_sums"]).fetchone()
+    return {"runs": runs, "settlements": settlements, "days": days, "totals": ledger_totals(sums)}
+
+
+def json_output(report):
+    return (json.dumps(report, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# ---------------------------------------------------------------------------
 # HTTP
 # ---------------------------------------------------------------------------
 
@@ -2835,6 +3461,45 @@ def handle_reconciliation():
     return body
 
 
+# --- Payout ledger: statements, the summary, a run's or a settlement's lines ---
+
+
+def json_body(report):
+    response.content_type = JSON_TYPE
+    return json_output(report)
+
+
+@read_endpoint
+def handle_statement(user_id):
+    query()
+    return json_body(statement(request.app.store, user_id))
+
+
+@read_endpoint
+def handle_ledger():
+    query()
+    return json_body(ledger_summary(request.app.store))
+
+
+def ledger_lines(what, exists_sql, output, step_id):
+    params = query()
+    fmt = parse_format(params, EXPORT_FORMATS, "ndjson")
+    # Bottle's int filter takes any length; SQLite's integers stop at 2**63.
+    if not 0 < step_id < 2**63 or not request.app.store.read(SQL[exists_sql], (step_id,)):
+        raise ApiError(404, f"no {what} {step_id}", f"{what}-id")
+    return stream_response(output(request.app.store, step_id, fmt), fmt)
+
+
+@read_endpoint
+def handle_ledger_run(run_id):
+    return ledger_lines("run", "run_exists", run_output, run_id)
+
+
+@read_endpoint
+def handle_ledger_settlement(settlement_id):
+    return ledger_lines("settlement", "settlement_exists", settlement_output, settlement_id)
+
+
 @read_endpoint
 def handle_user_sessions(user_id):
     params = query()
@@ -2933,6 +3598,10 @@ ROUTES = [
     ("/totals", "GET", handle_totals, ("since", "until", "group-by", "format")),
     ("/reconciliation", "GET", handle_reconciliation,
      (*WINDOW_PARAMS, "format", "report-utc-offset", "quantile")),
+    (r"/users/<user_id:re:[\s\S]*>/statement", "GET", handle_statement, ()),
+    ("/ledger", "GET", handle_ledger, ()),
+    ("/ledger/runs/<run_id:int>", "GET", handle_ledger_run, ("format",)),
+    ("/ledger/settlements/<settlement_id:int>", "GET", handle_ledger_settlement, ("format",)),
     ("/sessions", "GET", handle_session_feed, ("after", "limit", "format")),
     ("/stats", "GET", handle_stats, ()),
     ("/metrics", "GET", handle_metrics, ()),
@@ -3389,7 +4058,6 @@ class CheckedOutput:
 
     def flushed(self):
         """True once everything is written."""
-        self.write("")
         if self.error is None:
             try:
                 self.out.flush()
@@ -3440,7 +4108,7 @@ def add_report_offset_option(parser, environ):
         "--report-utc-offset", type=utc_offset_option,
         default=env_default(environ, "SPP_REPORT_UTC_OFFSET", utc_offset_option, 0),
         help="UTC offset of the days of Gamezop's revenue reports, e.g. +05:30: "
-        "/reconciliation groups SPP receive times into those days "
+        "/reconciliation and the payout ledger group SPP receive times into those days "
         "[SPP_REPORT_UTC_OFFSET, default +00:00]",
     )
 
@@ -3618,6 +4286,177 @@ def run_reconcile(argv, environ, out):
                         lambda store: [reconciliation_output(store, q, args.format)])
 
 
+# --- Payout ledger: pay, settle, statement, ledger ---
+
+LEDGER_EXIT_HELP = ("Exit status 0 when done; 1, with one line on stderr, when the database "
+                    "cannot be read or written (nothing is half-written: run it again); 2 when "
+                    "an option is refused (nothing changed); 3 when the step is recorded but "
+                    "its lines could not be written (the line says how to print them again); "
+                    "141 when the reader closed the pipe before any step was recorded.")
+
+
+LEDGER_OPTIONS = ("until", "pay-now-share", "final-share", "report-utc-offset", "settlement")
+
+
+def add_db_option(parser, environ, db_help):
+    parser.add_argument("--db", default=environ.get("SPP_DB", DEFAULTS["db"]),
+                        help=f"{db_help} [SPP_DB, default %(default)s]")
+
+
+def build_pay_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py pay",
+        description="Pay a run: every session received since the end of the last run up to "
+        "--until, each in exactly one run. Writes the run's lines (one per user, ordered by "
+        "user-id; paid-now is what to credit) to stdout. Asked again with the same --until "
+        "and shares, it writes the recorded run again, byte for byte, and pays nothing. "
+        "Safe while the server runs. " + LEDGER_EXIT_HELP,
+    )
+    add_db_option(parser, environ, "SQLite database file; never created")
+    parser.add_argument("--until", required=True,
+                        help=f"end of the run, excluded, in the past: {TIME_FORMS_HELP}")
+    parser.add_argument("--pay-now-share", required=True,
+                        help="share of the estimated revenue paid now, from 0 to 1, at most "
+                        "6 places, e.g. 0.6; at most --final-share")
+    parser.add_argument("--final-share", required=True,
+                        help="share of the booked revenue users get in the end, e.g. 0.9: "
+                        "settle pays the rest of it (recorded with the run)")
+    add_report_offset_option(parser, environ)
+    parser.add_argument("--format", choices=list(EXPORT_FORMATS), default="csv",
+                        help="csv (with a header row) or ndjson [default %(default)s]")
+    return parser
+
+
+def build_settle_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py settle",
+        description="Settle every report day (and property, where the booked rows have one) "
+        "with booked revenue whose sessions were all paid in runs and that is not settled "
+        "yet, or whose booked figure changed since (a correcting line). Writes the "
+        "settlement's lines (per day, property and user; top-up is what to credit) to stdout. "
+        "Safe while the server runs. " + LEDGER_EXIT_HELP,
+    )
+    add_db_option(parser, environ, "SQLite database file; never created")
+    parser.add_argument("--settlement", type=positive_int, metavar="ID",
+                        help="settle nothing; write the lines of settlement ID again (after "
+                        "a crash between its commit and its output, say)")
+    parser.add_argument("--write-off", action="store_true",
+                        help="write off what a user was paid above their final amount, "
+                        "instead of carrying it as a balance taken back from later runs")
+    parser.add_argument("--format", choices=list(EXPORT_FORMATS), default="csv",
+                        help="csv (with a header row) or ndjson [default %(default)s]")
+    return parser
+
+
+def build_statement_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py statement",
+        description="Write one user's ledger statement (what GET /users/<id>/statement "
+        "answers) to stdout as JSON.",
+    )
+    parser.add_argument("user_id", metavar="USER-ID")
+    add_db_option(parser, environ, DB_HELP_REPORT)
+    return parser
+
+
+def build_ledger_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py ledger",
+        description="Write the ledger summary (what GET /ledger answers) to stdout as JSON: "
+        "per run, per settlement and per settled day, and the totals.",
+    )
+    add_db_option(parser, environ, DB_HELP_REPORT)
+    return parser
+
+
+def run_ledger_step(prog, db, out, step):
+    """Open `db` for writing, run step(store) -> (what it committed, chunks)
+    and write the chunks.  One line on stderr and a status on failure (see
+    LEDGER_EXIT_HELP); output lost after the commit says what is committed."""
+    try:
+        store = Store(db, DEFAULTS["busy_timeout_ms"], command=True)
+    except StoreUnavailable as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, sqlite3.Error) as exc:
+        print(f"{prog}: cannot open the database {db}: {exc}", file=sys.stderr)
+        return 1
+    report = CheckedOutput(out)
+    committed = None
+    try:
+        committed, chunks = step(store)
+        for chunk in chunks:
+            report.write(chunk)
+    except Invalid as invalid:
+        where = f"--{invalid.field}" if invalid.field in LEDGER_OPTIONS else invalid.field
+        print(f"{prog}: {where}: {invalid.message}; nothing changed", file=sys.stderr)
+        return 2
+    except (StoreUnavailable, sqlite3.Error) as exc:
+        if committed:  # reading it back failed: the output is cut short, the step is not
+            print(f"{prog}: {committed}, but reading it back failed: {exc}", file=sys.stderr)
+            return EXIT_COMMITTED_OUTPUT_LOST
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    if not report.flushed():
+        return output_failed(prog, out, report.error, committed)
+    return 0
+
+
+def run_pay(argv, environ, out):
+    parser = build_pay_parser(environ)
+    args = parse_arguments(parser, argv)
+    try:
+        until = parse_instant(args.until)
+    except ValueError:
+        print(f"{parser.prog}: --until: must be {TIME_FORMS_HELP}, not {args.until!r}",
+              file=sys.stderr)
+        return 2
+
+    def step(store):
+        pay_now = parse_ledger_share(args.pay_now_share, "pay-now-share")
+        final = parse_ledger_share(args.final_share, "final-share")
+        run_id = pay_run(store, until, pay_now, final, args.report_utc_offset)
+        return (f"run {run_id} is recorded (the same --until prints it again)",
+                run_output(store, run_id, args.format))
+
+    return run_ledger_step(parser.prog, args.db, out, step)
+
+
+def run_settle(argv, environ, out):
+    parser = build_settle_parser(environ)
+    args = parse_arguments(parser, argv)
+
+    def step(store):
+        if args.settlement is not None:
+            if not store.read(SQL["settlement_exists"], (args.settlement,)):
+                raise Invalid("settlement", f"there is no settlement {args.settlement}")
+            return None, settlement_output(store, args.settlement, args.format)
+        settlement_id = settle(store, args.write_off)
+        if settlement_id is None:
+            print(f"{parser.prog}: nothing to settle", file=sys.stderr)
+            return None, settlement_output(store, settlement_id, args.format)
+        return (f"settlement {settlement_id} is recorded (settle --settlement "
+                f"{settlement_id} prints it again)",
+                settlement_output(store, settlement_id, args.format))
+
+    return run_ledger_step(parser.prog, args.db, out, step)
+
+
+def run_statement(argv, environ, out):
+    parser = build_statement_parser(environ)
+    args = parse_arguments(parser, argv)
+    return print_report(parser.prog, args.db, out,
+                        lambda store: [json_output(statement(store, args.user_id))])
+
+
+def run_ledger(argv, environ, out):
+    parser = build_ledger_parser(environ)
+    args = parse_arguments(parser, argv)
+    return print_report(parser.prog, args.db, out, lambda store: [json_output(ledger_summary(store))])
+
+
 def setup_logging(level="info"):
     # No timestamps: journald adds its own.
     logging.basicConfig(
@@ -3637,6 +4476,14 @@ COMMANDS = {
                   "the estimates against the booked revenue per report day, to stdout"),
     "prune": (lambda argv, environ: run_prune(argv, environ, sys.stdout),
               "clear old raw bodies, delete old refusals: keep the database bounded"),
+    "pay": (lambda argv, environ: run_pay(argv, environ, sys.stdout.buffer),
+            "pay a run: every session since the last run, each paid exactly once"),
+    "settle": (lambda argv, environ: run_settle(argv, environ, sys.stdout.buffer),
+               "settle paid days against booked revenue: top-ups and carried balances"),
+    "statement": (lambda argv, environ: run_statement(argv, environ, sys.stdout.buffer),
+                  "one user's ledger statement (GET /users/<id>/statement), to stdout"),
+    "ledger": (lambda argv, environ: run_ledger(argv, environ, sys.stdout.buffer),
+               "the ledger summary (GET /ledger), to stdout"),
 }
 
 

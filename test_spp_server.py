@@ -11,6 +11,7 @@ import base64
 import contextlib
 import csv
 import datetime
+import fcntl
 import functools
 import http.client
 import io
@@ -1151,6 +1152,10 @@ READ_PARAMS = {
     "/healthz": ["postbacks-within"],
     "/sessions": ["after", "limit", "format"],
     "/metrics": [],
+    "/users/{}/statement": [],
+    "/ledger": [],
+    "/ledger/runs/{}": ["format"],
+    "/ledger/settlements/{}": ["format"],
 }
 
 
@@ -1170,7 +1175,8 @@ def b64(text):
 READ_URLS = ["/users/sub1/earnings", "/users/sub1/sessions", "/earnings?since=1&until=2",
              "/totals", "/stats", "/rejected", "/conflicts", "/sessions", "/sessions?format=ndjson",
              "/metrics",
-             "/reconciliation?since=2026-11-01&until=2026-11-02"]
+             "/reconciliation?since=2026-11-01&until=2026-11-02",
+             "/users/sub1/statement", "/ledger"]
 
 
 @pytest.mark.parametrize(
@@ -1218,13 +1224,13 @@ def test_bytes_that_are_not_utf8_outside_a_user_id_are_a_404(client, url):
     (path, param) for path, params in READ_PARAMS.items() for param in params])
 def test_a_parameter_that_is_not_utf8_is_a_400_naming_it(client, path, param, bad):
     others = "&".join(f"{p}={VALID_PARAMS[p]}" for p in READ_PARAMS[path] if p != param)
-    url = f"{path.format('sub1')}?{param}={bad}&{others}"
+    url = f"{path.format('1')}?{param}={bad}&{others}"
     assert_error(client.get(url, status=400), 400, param)
 
 
 def route_url(rule):
-    """A path that a route rule matches, its user id `sub1`."""
-    return re.sub(r"<[^>]*>", "sub1", rule)
+    """A path that a route rule matches, its user id `sub1`, a number 1."""
+    return re.sub(r"<[^>]*>", "sub1", re.sub(r"<[^>:]*:int>", "1", rule))
 
 
 def route_declarations(app):
@@ -1304,7 +1310,10 @@ def test_any_parameter_names_are_taken_only_when_declared_and_given_once(client)
         query = "&".join(f"{quote(name, safe='')}={quote(VALID_PARAMS.get(name, '1'), safe='')}"
                          for name in names)
         res = request_route(client, route, query, "*")
-        assert res.status_int < 500
+        if route.rule == "/healthz" and res.status_int == 503:  # the silence alarm, not a fault
+            assert res.json["status"] == "silent"
+        else:
+            assert res.status_int < 500
         offending = {name for n, name in enumerate(names)
                      if name not in declared or name in names[:n]}
         if offending:
@@ -3541,6 +3550,796 @@ def test_booked_days_search_the_primary_key(client, db):
     plan = query_plan(db, "booked_by_day",
                       {"since_day": "2026-11-01", "until_day": "2026-11-08", "property": None})
     assert plan.startswith("SEARCH booked_revenue USING PRIMARY KEY (day>? AND day<?)")
+
+
+# ---------------------------------------------------------------------------
+# Payout ledger: runs, settlements, statements
+# ---------------------------------------------------------------------------
+
+# A month safely in the past: a run's until must be.
+OCT = spp_server.parse_instant("2020-10-01T00:00:00Z")
+HOUR_US = 3600 * 1_000_000
+D = Decimal
+
+
+def add_sessions(store, sessions):
+    """sessions: (user, property or None, revenue nanos, received_at_us), in
+    id order (a later id with an earlier time is a clock step).  -> ids."""
+
+    def op(conn, _):
+        ids = []
+        for user, prop, nanos, at in sessions:
+            sid = f"l-{next(_ids)}"
+            conn.execute(spp_server.SQL["insert_session"],
+                         (sid, user, prop, "IN", 1, 10, nanos, at, "{}"))
+            ids.append(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
+        return ids
+
+    return store.write(op)
+
+
+def book_rows(store, rows_):
+    """rows_: (day, property or '', revenue nanos) -> imported as booked revenue."""
+    booked = [spp_server.BookedRow(day, prop, "", nanos) for day, prop, nanos in rows_]
+    return store.write(spp_server.import_booked(booked, "test.csv"))
+
+
+def day_text(n):
+    return spp_server.report_day_text(OCT // spp_server.DAY_US + n)
+
+
+def at(day, hour=12):
+    return OCT + day * spp_server.DAY_US + hour * HOUR_US
+
+
+def pay(store, until_us, pay_now="0.6", final="0.9", offset=0):
+    return spp_server.pay_run(store, until_us, D(pay_now), D(final), offset)
+
+
+def run_text(store, run_id, fmt="csv"):
+    return b"".join(spp_server.run_output(store, run_id, fmt))
+
+
+def run_lines(store, run_id):
+    return list(csv.DictReader(io.StringIO(run_text(store, run_id).decode())))
+
+
+def settlement_lines(store, settlement_id):
+    text = b"".join(spp_server.settlement_output(store, settlement_id, "csv")).decode()
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def nanos(text):
+    return spp_server.usd_to_nanos(D(text))
+
+
+@pytest.fixture
+def store(db):
+    store = spp_server.Store(db)
+    yield store
+    store.close()
+
+
+def ledger_counts(db):
+    return {t: count(db, t) for t in ("payout_runs", "payout_parts", "payout_lines", "settlements",
+                                      "settlement_days", "settlement_lines", "ledger_balances")}
+
+
+def test_a_run_pays_each_user_the_pay_now_share_of_each_part_rounded_down(store):
+    add_sessions(store, [("b", "p", 333, at(0)), ("a", "p", 1_000_001, at(0)),
+                         ("a", None, 7, at(1)), ("c", "p", 5, at(3))])
+    run_id = pay(store, at(2, 0), pay_now="0.333333")
+    # Per part (user, day, property), floor(estimate x share); then summed per user.
+    assert run_lines(store, run_id) == [
+        {"run-id": "1", "user-id": "a", "sessions": "2", "estimated-revenue": "0.001000008",
+         "paid-now": nanos_to_text(1_000_001 * 333333 // 10**6 + 7 * 333333 // 10**6),
+         "deducted": "0"},
+        {"run-id": "1", "user-id": "b", "sessions": "1", "estimated-revenue": "0.000000333",
+         "paid-now": nanos_to_text(333 * 333333 // 10**6), "deducted": "0"}]
+
+
+def nanos_to_text(n):
+    return f"{D(n).scaleb(-9):f}".rstrip("0").rstrip(".") if n else "0"
+
+
+def test_asking_again_returns_the_recorded_run_byte_identical_and_pays_nothing(store, db):
+    add_sessions(store, [("a", "p", 1000, at(0)), ("b", "p", 2000, at(1))])
+    run_id = pay(store, at(2, 0))
+    first = {fmt: run_text(store, run_id, fmt) for fmt in ("csv", "ndjson")}
+    before = ledger_counts(db)
+    add_sessions(store, [("a", "p", 5000, at(1, 23))])  # late, with an earlier time: next run
+    assert pay(store, at(2, 0), pay_now="0.60", final="0.900") == run_id
+    assert {fmt: run_text(store, run_id, fmt) for fmt in ("csv", "ndjson")} == first
+    assert ledger_counts(db) == before
+    second = pay(store, at(3, 0))
+    assert [line["sessions"] for line in run_lines(store, second)] == ["1"]
+
+
+@pytest.mark.parametrize("args, field, words", [
+    ({"until_us": at(0)}, "until", ["before", "run 1"]),
+    ({"until_us": at(2, 0), "final": "0.8"}, "final-share", ["0.9", "0.8"]),
+    ({"until_us": at(2, 0), "pay_now": "0.5"}, "pay-now-share", ["0.6", "0.5"]),
+    ({"until_us": at(3), "offset": 330}, "report-utc-offset", ["+00:00"]),
+    ({"until_us": at(3), "pay_now": "0.95"}, "pay-now-share", ["final"]),
+    ({"until_us": spp_server.parse_instant("2999-01-01")}, "until", ["past"]),
+])
+def test_a_refused_run_names_the_field_and_changes_nothing(store, db, args, field, words):
+    add_sessions(store, [("a", "p", 1000, at(0)), ("b", "p", 2000, at(2))])
+    pay(store, at(2, 0))
+    before = ledger_counts(db)
+    with pytest.raises(spp_server.Invalid) as refused:
+        pay(store, **args)
+    assert refused.value.field == field
+    for word in words:
+        assert word in refused.value.message
+    assert ledger_counts(db) == before
+
+
+@pytest.mark.parametrize("text", ["0.6e0", "6E-1", "1.1", "-0.1", ".5", "0.", "0.1234567", "NaN",
+                                  "Infinity", "1.0000001", " 0.5", "0,5", "+0.5", "2", "0x1", ""])
+def test_a_share_is_a_plain_decimal_in_0_to_1_with_at_most_6_places(text):
+    with pytest.raises(spp_server.Invalid) as refused:
+        spp_server.parse_ledger_share(text, "final-share")
+    assert refused.value.field == "final-share"
+
+
+@pytest.mark.parametrize("text, value", [("0", "0"), ("1", "1"), ("1.000000", "1"),
+                                         ("0.000001", "0.000001"), ("0.60", "0.6")])
+def test_shares_are_read_exactly_and_stored_in_one_form(text, value):
+    assert spp_server.share_text(spp_server.parse_ledger_share(text, "x")) == value
+
+
+def test_runs_meet_end_to_start_by_row_id_even_when_the_clock_steps_back(store, db):
+    ids = add_sessions(store, [("a", "p", 1, at(0)), ("a", "p", 2, at(5)),  # clock ahead...
+                               ("a", "p", 4, at(1)), ("b", "p", 8, at(6))])  # ...then back
+    first = pay(store, at(2, 0))
+    # The largest id received before until is the third: the one received
+    # "later" with a smaller id is paid now, with it, never skipped.
+    assert rows(db, "SELECT after_session_id, last_session_id FROM payout_runs") == [(0, ids[2])]
+    assert run_lines(store, first)[0]["estimated-revenue"] == "0.000000007"
+    second = pay(store, at(7, 0))
+    assert rows(db, "SELECT after_session_id, last_session_id FROM payout_runs WHERE id = ?",
+                (second,)) == [(ids[2], ids[3])]
+    empty = pay(store, at(8, 0))
+    assert run_text(store, empty) == b"run-id,user-id,sessions,estimated-revenue,paid-now,deducted\r\n"
+
+
+def test_a_days_booked_revenue_is_shared_exactly_ties_to_the_first_user_id(store):
+    add_sessions(store, [("c", None, 100, at(0)), ("a", None, 100, at(0)), ("b", None, 100, at(0)),
+                         ("d", None, 0, at(0))])
+    pay(store, at(1, 0), pay_now="0", final="1")
+    book_rows(store, [(day_text(0), "", 10)])
+    lines = settlement_lines(store, spp_server.settle(store))
+    assert [(line["user-id"], line["booked-part"], line["final"], line["top-up"]) for line in lines] == [
+        ("a", "0.000000004", "0.000000004", "0.000000004"),
+        ("b", "0.000000003", "0.000000003", "0.000000003"),
+        ("c", "0.000000003", "0.000000003", "0.000000003"),
+        ("d", "0", "0", "0")]
+
+
+@given(st.integers(0, 10**12), st.lists(st.integers(0, 10**9), min_size=1, max_size=8))
+def test_largest_remainder_parts_sum_exactly_and_stay_within_one_of_the_quota(total, weights):
+    parts = spp_server.largest_remainder(total, weights)
+    if sum(weights) == 0:
+        assert parts == [0] * len(weights)
+        return
+    assert sum(parts) == total
+    for part, weight in zip(parts, weights):
+        quota = Fraction(total * weight, sum(weights))
+        assert quota - 1 < part < quota + 1
+
+
+def test_estimates_of_zero_share_the_booked_figure_by_sessions(store):
+    add_sessions(store, [("a", None, 0, at(0)), ("a", None, 0, at(0)), ("b", None, 0, at(0))])
+    pay(store, at(1, 0), pay_now="0", final="1")
+    book_rows(store, [(day_text(0), "", 3)])
+    lines = settlement_lines(store, spp_server.settle(store))
+    assert [line["booked-part"] for line in lines] == ["0.000000002", "0.000000001"]
+
+
+def test_low_booked_revenue_carries_a_balance_taken_back_from_later_runs(store, db):
+    add_sessions(store, [("a", None, 1_000_000, at(0)), ("b", None, 1_000_000, at(0))])
+    pay(store, at(1, 0), pay_now="0.5", final="0.5")  # each paid 500,000 now
+    book_rows(store, [(day_text(0), "", 400_000)])  # each is due 100,000 in the end
+    lines = settlement_lines(store, spp_server.settle(store))
+    assert {(line["user-id"], line["carried"], line["top-up"]) for line in lines} == {
+        ("a", "0.0004", "0"), ("b", "0.0004", "0")}
+    # a: 300,000 nanos now against 400,000 owed: paid nothing, owes 100,000 more.
+    add_sessions(store, [("a", None, 600_000, at(1)), ("b", None, 2_000_000, at(1))])
+    run = run_lines(store, pay(store, at(2, 0), pay_now="0.5", final="0.5"))
+    assert [(line["user-id"], line["paid-now"], line["deducted"]) for line in run] == [
+        ("a", "0", "0.0003"), ("b", "0.0006", "0.0004")]
+    assert rows(db, "SELECT user_id, owed_nano FROM ledger_balances ORDER BY user_id") == [
+        ("a", 100_000), ("b", 0)]
+    statement = spp_server.statement(store, "a")
+    assert statement["totals"]["owed"] == "0.0001"
+    assert statement["totals"]["deducted"] == "0.0003"
+
+
+def test_write_off_keeps_no_balance_and_records_what_was_written_off(store, db):
+    add_sessions(store, [("a", None, 1_000_000, at(0))])
+    pay(store, at(1, 0), pay_now="0.5", final="0.5")
+    book_rows(store, [(day_text(0), "", 200_000)])
+    lines = settlement_lines(store, spp_server.settle(store, write_off=True))
+    assert [(line["carried"], line["written-off"]) for line in lines] == [("0", "0.0004")]
+    assert rows(db, "SELECT count(*) FROM ledger_balances WHERE owed_nano > 0") == [(0,)]
+    assert spp_server.ledger_summary(store)["totals"]["written-off"] == "0.0004"
+
+
+def test_a_revised_booked_figure_gives_a_correcting_line_not_a_rewrite(store, db):
+    add_sessions(store, [("a", None, 1_000_000, at(0)), ("b", None, 3_000_000, at(0))])
+    pay(store, at(1, 0), pay_now="0.5", final="0.9")
+    book_rows(store, [(day_text(0), "", 4_000_000)])
+    first = spp_server.settle(store)
+    assert spp_server.settle(store) is None  # nothing changed: nothing to settle
+    kept = rows(db, "SELECT * FROM settlement_lines")
+    book_rows(store, [(day_text(0), "", 2_000_000)])  # revised down
+    second = spp_server.settle(store)
+    assert rows(db, f"SELECT * FROM settlement_lines WHERE settlement_id = {first}") == kept
+    lines = settlement_lines(store, second)
+    # a: final 900,000 -> 450,000: the 450,000 topped up too much is carried.
+    assert [(line["user-id"], line["final"], line["carried"], line["kind"]) for line in lines] == [
+        ("a", "0.00045", "0.00045", "correction"), ("b", "0.00135", "0.00135", "correction")]
+    book_rows(store, [(day_text(0), "", 3_000_000)])  # and up again
+    lines = settlement_lines(store, spp_server.settle(store))
+    assert [(line["user-id"], line["top-up"], line["carried"]) for line in lines] == [
+        ("a", "0.000225", "0"), ("b", "0.000675", "0")]
+
+
+def test_a_day_is_settled_only_once_every_session_of_it_was_paid(store):
+    add_sessions(store, [("a", None, 1000, at(0)), ("a", None, 1000, at(1, 1))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "", 900), (day_text(1), "", 900)])
+    first = spp_server.settle(store)
+    assert {line["day"] for line in settlement_lines(store, first)} == {day_text(0)}
+    pay(store, at(1, 12))  # day 1 not over at this until
+    assert spp_server.settle(store) is None
+    pay(store, at(2, 0))
+    assert {line["day"] for line in settlement_lines(store, spp_server.settle(store))} == {day_text(1)}
+
+
+def test_a_session_of_a_day_received_after_the_last_run_holds_the_day_back(store):
+    add_sessions(store, [("a", None, 1000, at(0))])
+    pay(store, at(1, 0))
+    add_sessions(store, [("a", None, 1000, at(0, 20))])  # the clock stepped back
+    book_rows(store, [(day_text(0), "", 900)])
+    assert spp_server.settle(store) is None
+    pay(store, at(1, 1))
+    lines = settlement_lines(store, spp_server.settle(store))
+    assert [(line["sessions"], line["estimated-revenue"]) for line in lines] == [("2", "0.000002")]
+
+
+def test_a_late_session_joining_a_settled_day_gives_it_a_correcting_settlement(store):
+    add_sessions(store, [("a", None, 1000, at(0, 10))])
+    pay(store, at(1, 0), pay_now="0.5", final="1")
+    book_rows(store, [(day_text(0), "", 1000)])
+    spp_server.settle(store)  # a: 500 paid now, 500 topped up
+    add_sessions(store, [("b", None, 1000, at(0, 20))])  # the clock stepped back
+    assert spp_server.settle(store) is None  # not paid yet
+    pay(store, at(1, 1), pay_now="0.5", final="1")
+    lines = settlement_lines(store, spp_server.settle(store))
+    # The same booked 1000 now shared by two: a was paid 500 too much.
+    assert [(line["user-id"], line["final"], line["top-up"], line["carried"], line["kind"])
+            for line in lines] == [
+        ("a", "0.0000005", "0", "0.0000005", "correction"),
+        ("b", "0.0000005", "0", "0", "settlement")]
+
+
+def test_booked_rows_with_a_property_settle_each_property_apart(store):
+    add_sessions(store, [("a", "p1", 1000, at(0)), ("b", "p2", 1000, at(0)), ("c", None, 1000, at(0))])
+    pay(store, at(1, 0), pay_now="0", final="1")
+    book_rows(store, [(day_text(0), "p1", 5000), (day_text(0), "p2", 100), (day_text(0), "p3", 7)])
+    lines = settlement_lines(store, spp_server.settle(store))
+    # c's session has no property: no booked row holds it, so it stays pending.
+    assert [(line["property-id"], line["user-id"], line["final"]) for line in lines] == [
+        ("p1", "a", "0.000005"), ("p2", "b", "0.0000001")]
+    assert spp_server.statement(store, "c")["totals"]["pending"] == "0"  # paid 0 now
+    summary = spp_server.ledger_summary(store)
+    assert [(d["property-id"], d["booked-revenue"], d["paid-in-total"], d["margin"])
+            for d in summary["days"]] == [
+        ("p1", "0.000005", "0.000005", "0"), ("p2", "0.0000001", "0.0000001", "0"),
+        ("p3", "0.000000007", "0", "0.000000007")]
+
+
+def test_a_pool_paid_in_runs_of_different_final_shares_weighs_each_by_its_estimates(store):
+    add_sessions(store, [("a", None, 1000, at(0, 1)), ("a", None, 3000, at(0, 20))])
+    pay(store, at(0, 12), pay_now="0", final="0.5")
+    pay(store, at(1, 0), pay_now="0", final="0.9")
+    book_rows(store, [(day_text(0), "", 4_000_000)])
+    lines = settlement_lines(store, spp_server.settle(store))
+    # 1,000,000 of the booked part at 0.5 and 3,000,000 at 0.9.
+    assert [line["final"] for line in lines] == ["0.0032"]
+
+
+def test_reports_pending_and_held_back(store):
+    add_sessions(store, [("a", None, 1_000_000, at(0)), ("a", None, 1_000_000, at(1))])
+    pay(store, at(2, 0), pay_now="0.5", final="0.8")
+    book_rows(store, [(day_text(0), "", 1_000_000)])
+    spp_server.settle(store)
+    summary = spp_server.ledger_summary(store)
+    assert summary["runs"][0]["held-back"] == "0.0006"  # 0.8 x 2,000,000 - 1,000,000
+    assert summary["totals"]["pending"] == "0.0005"  # day 1: paid now, not settled
+    assert spp_server.statement(store, "a")["totals"] == summary["totals"]
+
+
+@pytest.mark.parametrize("first, then, how", [
+    ([""], ["p1"], "as a whole day"),
+    (["p1", "p2"], [""], "by property"),
+    (["p1"], ["p1", "p2"], None),  # another property booked: the same breakdown, settled
+])
+def test_a_day_settled_one_way_is_never_settled_again_the_other_way(store, db, first, then, how):
+    """A re-import with the other breakdown replaces the day's rows, so its
+    pools are new: settling them would pay the day twice."""
+    add_sessions(store, [("a", "p1", 1000, at(0)), ("b", "p2", 3000, at(0))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), prop, 900) for prop in first])
+    spp_server.settle(store)
+    book_rows(store, [(day_text(0), prop, 700) for prop in then])
+    before = ledger_counts(db)
+    code, out, err = ledger_command(spp_server.run_settle, db)
+    if how is None:
+        assert code == 0 and ledger_counts(db) != before
+        return
+    assert (code, out, err.count("\n")) == (2, b"", 1)
+    assert err.startswith(f"spp_server.py settle: booked revenue: {day_text(0)} was settled {how}")
+    assert ledger_counts(db) == before
+
+
+def test_one_ledger_step_at_a_time_across_processes(store, db):
+    add_sessions(store, [("a", None, 1000, at(0))])
+    fd = os.open(db + "-ledger-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as another pay or settle would hold it
+        paid = []
+        waiting = threading.Thread(target=lambda: paid.append(pay(store, at(1, 0))))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and count(db, "payout_runs") == 0  # it waits for the lock
+    finally:
+        os.close(fd)
+    waiting.join(10)
+    assert paid == [1]
+    assert oct(os.stat(db + "-ledger-lock").st_mode & 0o777) == "0o600"
+
+
+def test_report_days_are_cut_at_the_report_offset(store):
+    # 20:00 UTC on October 1st is 01:30 on the 2nd at +05:30.
+    add_sessions(store, [("a", None, 1000, at(0, 20)), ("b", None, 1000, at(0, 10))])
+    pay(store, at(1, 19), pay_now="0", final="1", offset=330)  # the 2nd ends at 18:30 UTC
+    book_rows(store, [(day_text(1), "", 500)])
+    lines = settlement_lines(store, spp_server.settle(store))
+    assert [(line["day"], line["user-id"], line["final"]) for line in lines] == [
+        (day_text(1), "a", "0.0000005")]
+    assert spp_server.ledger_summary(store)["settlements"][0]["report-utc-offset"] == "+05:30"
+
+
+def test_a_booked_figure_imported_while_settling_is_settled_as_it_now_is(store, db, monkeypatch):
+    add_sessions(store, [("a", None, 1000, at(0))])
+    pay(store, at(1, 0), pay_now="0", final="1")
+    book_rows(store, [(day_text(0), "", 500)])
+    staged = spp_server.write_in_chunks
+
+    def import_meanwhile(*args):
+        staged(*args)
+        if count(db, "settlement_lines") == 1:  # the first attempt's lines are staged
+            book_rows(store, [(day_text(0), "", 700)])
+
+    monkeypatch.setattr(spp_server, "write_in_chunks", import_meanwhile)
+    settlement = spp_server.settle(store)
+    assert [line["final"] for line in settlement_lines(store, settlement)] == ["0.0000007"]
+    assert rows(db, "SELECT id FROM settlements") == [(1,)]
+    assert count(db, "settlement_lines") == 1  # the stale attempt's lines are gone
+
+
+def test_a_run_recorded_meanwhile_fails_the_write_of_another(store, db):
+    add_sessions(store, [("a", None, 1000, at(0))])
+    with store.snapshot() as conn:
+        plan = spp_server.plan_run(conn, at(1, 0), D("0.5"), D("1"), 0)
+    pay(store, at(0, 12))
+    with pytest.raises(spp_server.LedgerMoved):
+        store.write(functools.partial(spp_server.record_run, plan, 2, {"a": [1, 1000, 500]}))
+    assert count(db, "payout_runs") == 1
+
+
+def test_a_ledger_that_keeps_moving_is_one_line_and_status_1(store, db, monkeypatch):
+    add_sessions(store, [("a", None, 1000, at(0))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "", 500)])
+
+    def moved(*args):
+        raise spp_server.LedgerMoved()
+
+    monkeypatch.setattr(spp_server, "record_settlement", moved)
+    code, out, err = ledger_command(spp_server.run_settle, db)
+    assert (code, out, err.count("\n")) == (1, b"", 1) and "run it again" in err
+    assert count(db, "settlements") == 0
+
+
+# --- The commands and the read endpoints ---
+
+
+def ledger_command(run, db, *args):
+    """Run a ledger command in-process: (exit status, stdout bytes, stderr text)."""
+    out, err = io.BytesIO(), io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run([*args, "--db", db], {}, out)
+    return code, out.getvalue(), err.getvalue()
+
+
+def pay_args(until="2020-10-03T00:00:00Z", pay_now="0.6", final="0.9", *more):
+    return ["--until", until, "--pay-now-share", pay_now, "--final-share", final, *more]
+
+
+def test_pay_and_settle_commands_print_the_lines_and_asking_again_pays_nothing(store, db):
+    add_sessions(store, [("a", None, 1_000_000, at(0)), ("b,c", None, 3_000_000, at(1))])
+    book_rows(store, [(day_text(0), "", 2_000_000)])
+    code, out, err = ledger_command(spp_server.run_pay, db, *pay_args())
+    assert (code, err) == (0, "")
+    assert out == (b"run-id,user-id,sessions,estimated-revenue,paid-now,deducted\r\n"
+                   b"1,a,1,0.001,0.0006,0\r\n1,\"b,c\",1,0.003,0.0018,0\r\n")
+    again = ledger_command(spp_server.run_pay, db, *pay_args("1601683200", "0.600", "0.9"))
+    assert again == (0, out, "")
+    assert count(db, "payout_runs") == 1
+    code, out, err = ledger_command(spp_server.run_settle, db, "--format", "ndjson")
+    assert code == 0 and err == ""
+    [line] = [json.loads(line) for line in out.splitlines()]
+    assert (line["user-id"], line["final"], line["top-up"]) == ("a", "0.0018", "0.0012")
+    code, out, err = ledger_command(spp_server.run_settle, db)
+    assert (code, out.count(b"\r\n"), err) == (0, 1, "spp_server.py settle: nothing to settle\n")
+    code, again, err = ledger_command(spp_server.run_settle, db, "--settlement", "1", "--format",
+                                      "ndjson")
+    assert (code, json.loads(again), err) == (0, line, "")
+    code, out, err = ledger_command(spp_server.run_settle, db, "--settlement", "2")
+    assert (code, out) == (2, b"") and err.startswith("spp_server.py settle: --settlement: ")
+
+
+@pytest.mark.parametrize("args, field", [
+    (pay_args(until="yesterday"), "--until"),
+    (pay_args(until="2999-01-01"), "--until"),
+    (pay_args(pay_now="60%"), "--pay-now-share"),
+    (pay_args(final="1e0"), "--final-share"),
+    (pay_args(pay_now="0.95"), "--pay-now-share"),
+])
+def test_a_refused_pay_command_is_one_line_status_2_and_changes_nothing(store, db, capsys, args, field):
+    add_sessions(store, [("a", None, 1000, at(0))])
+    code, out, err = ledger_command(spp_server.run_pay, db, *args)
+    assert (code, out, err.count("\n")) == (2, b"", 1)
+    assert err.startswith(f"spp_server.py pay: {field}: ") and "Traceback" not in err
+    assert count(db, "payout_runs") == 0
+
+
+def test_ledger_commands_on_a_missing_database_are_one_line_and_create_nothing(tmp_path, capsys):
+    db = str(tmp_path / "missing.db")
+    for run, args in [(spp_server.run_pay, pay_args()), (spp_server.run_settle, []),
+                      (spp_server.run_statement, ["a"]), (spp_server.run_ledger, [])]:
+        code, out, err = ledger_command(run, db, *args)
+        assert (code, out, err.count("\n")) == (1, b"", 1) and "no database" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_statement_and_ledger_commands_match_the_endpoints_byte_for_byte(client, db):
+    store = client.app.store
+    add_sessions(store, [("a", "p", 1_000_000, at(0)), ("ユ/ー", "p", 3_000_000, at(0))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "p", 1_000_000)])
+    spp_server.settle(store)
+    for user in ("a", "ユ/ー", "nobody"):
+        res = client.get(f"/users/{quote(user, safe='')}/statement")
+        assert res.content_type == "application/json"
+        assert ledger_command(spp_server.run_statement, db, user) == (0, res.body, "")
+    res = client.get("/ledger")
+    assert ledger_command(spp_server.run_ledger, db) == (0, res.body, "")
+    assert res.json["totals"]["carried"] == "0.0015"  # 0.6 x 4M paid, 0.9 x 1M due
+    assert client.get("/ledger/runs/1").body == run_text(store, 1, "ndjson")
+    assert client.get("/ledger/runs/1", params={"format": "csv"}).body == run_text(store, 1)
+    assert client.get("/ledger/settlements/1", params={"format": "csv"}).body == b"".join(
+        spp_server.settlement_output(store, 1, "csv"))
+
+
+def test_unknown_runs_and_bad_formats_are_json_errors_naming_the_field(client):
+    assert_error(client.get("/ledger/runs/7", status=404), 404, "run-id")
+    assert_error(client.get("/ledger/settlements/7", status=404), 404, "settlement-id")
+    assert_error(client.get("/ledger/runs/1?format=xml", status=400), 400, "format")
+    assert_error(client.get("/ledger/runs/x", status=404), 404)
+
+
+def test_the_lines_of_a_run_need_the_read_token(make_client):
+    client = make_client(read_tokens=(b"reader",))
+    add_sessions(client.app.store, [("a", None, 1000, at(0))])
+    pay(client.app.store, at(1, 0))
+    for url in ("/ledger/runs/1", "/ledger/settlements/1"):
+        assert_error(client.get(url, status=401), 401)
+    assert json.loads(client.get("/ledger/runs/1", headers=bearer("reader")).body)["user-id"] == "a"
+
+
+def test_ledger_reads_use_their_indexes(store, db):
+    for name, params in [("user_run_lines", ("a",)), ("user_settlement_lines", ("a",)),
+                         ("pool_parts", (1, "d", "p")), ("run_lines", (1,)),
+                         ("pool_adjustments", (1, "d", "p")), ("pool_settlements", ("d", "p"))]:
+        assert "SCAN" not in query_plan(db, name, params), name
+
+
+# --- kill -9 at chosen points of a real command ---
+
+# Runs a command of spp_server.py in a process that SIGKILLs itself just
+# before or just after one of its functions runs.
+KILL_AT = """
+import os, signal, sys
+import spp_server
+name, when = sys.argv[1], sys.argv[2]
+original = getattr(spp_server, name)
+def killing(*args, **kwargs):
+    if when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    result = original(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+setattr(spp_server, name, killing)
+sys.exit(spp_server.main(sys.argv[3:]))
+"""
+
+
+def ledger_month(db):
+    """Two paid days, one to come, booked figures for two: a ledger to kill steps of."""
+    store = spp_server.Store(db)
+    try:
+        add_sessions(store, [(f"u{i % 7}", ("p1", "p2", None)[i % 3], 1000 * i + 1, at(i % 4, i % 24))
+                             for i in range(200)])
+        pay(store, at(1, 0))
+        book_rows(store, [(day_text(0), "p1", 90_000), (day_text(1), "p2", 5_000_000)])
+    finally:
+        store.close()
+
+
+LEDGER_TABLES = ("payout_runs", "payout_parts", "payout_lines", "payout_deductions", "settlements",
+                 "settlement_days", "settlement_lines", "ledger_balances")
+# Detail rows are staged before their step's header row: readers see those of a header only.
+STAGED = {"payout_parts": "run_id <= (SELECT coalesce(max(id), 0) FROM payout_runs)",
+          "payout_lines": "run_id <= (SELECT coalesce(max(id), 0) FROM payout_runs)",
+          "settlement_lines": "settlement_id <= (SELECT coalesce(max(id), 0) FROM settlements)"}
+
+
+def ledger_rows(db, staged=True):
+    """Every ledger row (only those readers see, unless `staged`), but the
+    times of creation, which differ between two databases."""
+    state = {t: rows(db, f"SELECT * FROM {t} WHERE {'1' if staged else STAGED.get(t, '1')} "
+                         "ORDER BY 1, 2") for t in LEDGER_TABLES}
+    for table in ("payout_runs", "settlements"):
+        state[table] = [row[:4] + row[5:] if table == "payout_runs" else row[:1] + row[2:]
+                        for row in state[table]]
+    return state
+
+
+@pytest.mark.parametrize("command, name, when", [
+    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "plan_run", "after"),
+    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "write_in_chunks", "after"),  # parts staged
+    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "record_run", "after"),  # before COMMIT
+    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "run_output", "before"),  # after COMMIT
+    (["settle"], "settle_pools", "after"),
+    (["settle"], "write_in_chunks", "after"),  # lines staged
+    (["settle"], "record_settlement", "after"),
+    (["settle"], "settlement_output", "before"),
+])
+def test_a_ledger_step_killed_at_any_point_is_whole_or_absent_and_a_rerun_completes_it(
+        tmp_path, command, name, when):
+    db, reference = str(tmp_path / "spp.db"), str(tmp_path / "reference.db")
+    ledger_month(db)
+    shutil.copy(db, reference)
+    run = {"pay": spp_server.run_pay, "settle": spp_server.run_settle}[command[0]]
+    expected = ledger_command(run, reference, *command[1:])
+    assert expected[0] == 0 and expected[1].count(b"\n") > 1
+    before = ledger_rows(db, staged=False)
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, name, when, *command, "--db", db],
+                            cwd=HERE, capture_output=True, timeout=15)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert killed.stdout == b""
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+    committed = name in ("run_output", "settlement_output")
+    assert ledger_rows(db, staged=False) == (ledger_rows(reference) if committed else before)
+    if name == "write_in_chunks":  # rows of the step were staged, and stay unseen
+        assert ledger_rows(db) != ledger_rows(db, staged=False)
+    # A re-run completes it; once committed, pay prints the run again, settle
+    # prints the settlement again when asked for it by id.
+    again = ["--settlement", "1"] if committed and command == ["settle"] else []
+    assert ledger_command(run, db, *command[1:], *again) == expected
+    assert ledger_rows(db) == ledger_rows(reference)
+
+
+# --- The documented routine, run as written ---
+
+
+def documented_scripts():
+    """The shell scripts of docs/ledger.md, in order: the weekly payout, the monthly settlement."""
+    text = (HERE / "docs" / "ledger.md").read_text(encoding="utf-8")
+    return re.findall(r"```sh\n(#!/bin/sh\n.*?)```", text, re.S)
+
+
+def test_the_documented_weekly_and_monthly_routine_runs_as_written(real_server, tmp_path, db):
+    weekly, monthly = documented_scripts()
+    store = spp_server.Store(db)  # what postbacks stored in October 2020
+    add_sessions(store, [(f"u{i % 3}", ("p1", "p2")[i % 2], 1000 * i, at(i // 8, i % 8))
+                         for i in range(32)])
+    store.close()
+    server = real_server(db)
+    assert server.post(postback(user_id="live"))[0] == 200  # received now: a later run's
+    out = tmp_path / "payouts"
+    report = tmp_path / "booked-2020-10.csv"
+    report.write_text(booked_csv(("2020-10-02", "p1", "", "0.5"), ("2020-10-02", "p2", "", "0.25")))
+    env = {**os.environ, "SPP": f"{sys.executable} {SERVER}", "SPP_DB": db,
+           "SPP_PAYOUTS": str(out), "SPP_PAY_UNTIL": "2020-10-03T00:00:00Z",
+           "SPP_BOOKED_REPORT": str(report)}
+    scripts = {}
+    for name, text in (("weekly", weekly), ("monthly", monthly)):
+        scripts[name] = tmp_path / name
+        scripts[name].write_text(text)
+
+    def run(name):
+        done = subprocess.run(["sh", str(scripts[name])], env=env, capture_output=True, timeout=15)
+        assert done.returncode == 0, done.stderr
+
+    def served(path):
+        status, _, body = http_request(server.port, "GET", path)
+        assert status == 200
+        return body
+
+    run("weekly")
+    paid = (out / "run-2020-10-03T00:00:00Z.csv").read_bytes()
+    assert paid == served("/ledger/runs/1?format=csv")
+    # October 1st and 2nd: sessions 0 to 15, to u0, u1, u2 in turn.
+    assert [line["sessions"] for line in csv.DictReader(io.StringIO(paid.decode()))] == ["6", "5", "5"]
+    run("weekly")  # again, as after a reboot: the same file, nothing paid twice
+    assert (out / "run-2020-10-03T00:00:00Z.csv").read_bytes() == paid
+    assert count(db, "payout_runs") == 1
+    run("monthly")
+    settled = (out / "settlement-1.csv").read_bytes()
+    assert settled == served("/ledger/settlements/1?format=csv")
+    assert {(line["day"], line["property-id"])
+            for line in csv.DictReader(io.StringIO(settled.decode()))} == {
+        ("2020-10-02", "p1"), ("2020-10-02", "p2")}
+    run("monthly")  # nothing new: no second settlement, no file left aside
+    assert sorted(p.name for p in out.iterdir()) == ["run-2020-10-03T00:00:00Z.csv",
+                                                     "settlement-1.csv"]
+    assert json.loads(served("/users/live/statement"))["runs"] == []
+    assert server.post(postback(user_id="live"))[0] == 200  # ingest went on throughout
+
+
+def documented_units():
+    """{file name: text} of the unit files docs/ledger.md shows in full."""
+    text = (HERE / "docs" / "ledger.md").read_text(encoding="utf-8")
+    return dict(re.findall(r"`/etc/systemd/system/([a-z-]+\.(?:service|timer))`.*?```ini\n(.*?)```",
+                           text, re.S))
+
+
+def test_systemd_accepts_the_documented_ledger_units(tmp_path):
+    units = documented_units()
+    assert sorted(units) == ["spp-payout.service", "spp-payout.timer"]
+    assert "ExecStart=/usr/local/bin/spp-weekly-payout" in units["spp-payout.service"]
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    for name, text in units.items():
+        (tmp_path / name).write_text(text)
+    result = subprocess.run(["systemd-analyze", "verify", *(str(tmp_path / n) for n in units)],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "SYSTEMD_COLORS": "0", "LC_ALL": "C"})
+    # The script is not installed here, nor spp.service: nothing else may be wrong.
+    problems = [line for line in (result.stdout + result.stderr).splitlines()
+                if line.strip() and "spp-weekly-payout" not in line and "spp.service" not in line]
+    assert problems == [], "\n".join(problems)
+
+
+# --- Properties over random months ---
+
+LEDGER_SETTINGS = settings(max_examples=15, deadline=None, database=None,
+                           suppress_health_check=list(HealthCheck))
+
+def share_strategy():
+    return st.integers(0, 10**6).map(lambda n: nanos_to_text(n * 1000))
+
+
+@st.composite
+def months(draw):
+    """Random sessions over ten days, runs cutting them, booked figures with revisions."""
+    sessions = draw(st.lists(st.tuples(
+        st.sampled_from(["a", "b", "c", "d", "é"]), st.integers(0, 9), st.integers(0, 23),
+        st.sampled_from([None, "p1", "p2"]),
+        st.one_of(st.integers(0, 10**7), st.integers(0, 10**12))), max_size=40))
+    order = draw(st.sampled_from(["time", "clock steps"]))
+    cuts = sorted(set(draw(st.lists(st.integers(1, 11 * 24), min_size=1, max_size=4))))
+    final = draw(share_strategy())
+    pay_nows = [draw(share_strategy().filter(lambda s: D(s) <= D(final))) for _ in cuts]
+    by_property = draw(st.booleans())
+    booked = draw(st.dictionaries(
+        st.tuples(st.integers(0, 9), st.sampled_from(["p1", "p2", ""] if by_property else [""])),
+        st.one_of(st.integers(0, 1000), st.integers(0, 10**13)), max_size=12))
+    revisions = draw(st.dictionaries(st.sampled_from(sorted(booked)), st.integers(0, 10**13),
+                                     max_size=4)) if booked else {}
+    write_off = draw(st.booleans())
+    return sessions, order, cuts, final, pay_nows, booked, revisions, write_off
+
+
+def check_ledger(store, db, final, write_off):
+    """Every property the ledger promises, from the tables and from the sessions."""
+    runs = rows(db, "SELECT id, after_session_id, last_session_id, sessions, estimated_nano, "
+                    "paid_now_nano, deducted_nano FROM payout_runs ORDER BY id")
+    # Runs meet end to start; every session up to the last is in exactly one run.
+    for previous, run in zip([(0, 0, 0)] + runs, runs):
+        assert run[1] == previous[2]
+    last = runs[-1][2] if runs else 0
+    sessions = rows(db, "SELECT id, user_id, coalesce(property_id, ''), revenue_nano FROM sessions")
+    for run_id, after, last_id, n, estimated, paid, deducted in runs:
+        mine = [s for s in sessions if after < s[0] <= last_id]
+        assert (n, estimated) == (len(mine), sum(s[3] for s in mine))
+        lines = run_lines(store, run_id)
+        assert sum(int(line["sessions"]) for line in lines) == n
+        assert sum(nanos(line["estimated-revenue"]) for line in lines) == estimated
+        assert sum(nanos(line["paid-now"]) for line in lines) == paid - deducted
+        assert sum(nanos(line["deducted"]) for line in lines) == deducted
+    assert rows(db, "SELECT coalesce(sum(sessions), 0) FROM payout_parts") == [
+        (len([s for s in sessions if s[0] <= last]),)]
+    # Every settled pool: users get the final share of booked, less under a nano each.
+    pools = rows(db, "SELECT day, property_id, by_property, booked_nano, sessions, "
+                     "max(settlement_id) FROM settlement_days GROUP BY day, property_id")
+    for day, prop, by_property, booked, settled_sessions, newest in pools:
+        where = "day = ?" + (" AND property_id = ?" if by_property else "")
+        params = (day, prop) if by_property else (day,)
+        paid_now = rows(db, f"SELECT coalesce(sum(paid_now_nano), 0), count(DISTINCT user_id), "
+                            f"coalesce(sum(sessions), 0) FROM payout_parts WHERE {where}", params)[0]
+        if paid_now[2] != settled_sessions:
+            continue  # a late session (clock step) joined it: settled again once it is paid
+        moved = rows(db, "SELECT coalesce(sum(top_up_nano - carried_nano), 0) "
+                         "FROM settlement_lines WHERE day = ? AND property_id = ?", (day, prop))[0][0]
+        parts = rows(db, "SELECT coalesce(sum(booked_part_nano), 0) FROM settlement_lines "
+                         "WHERE settlement_id = ? AND day = ? AND property_id = ?", (newest, day, prop))
+        users = paid_now[1]
+        if users:
+            assert parts == [(booked,)]
+        total = paid_now[0] + moved  # now + top-ups - balances carried
+        due = Fraction(D(final)) * booked if users else 0
+        assert due - users <= total
+        if not write_off:  # written off, a user keeps what was paid above the final amount
+            assert total <= due
+    # The statements add up to the ledger.
+    summary = spp_server.ledger_summary(store)
+    users = [u for (u,) in rows(db, "SELECT DISTINCT user_id FROM sessions")]
+    statements = [spp_server.statement(store, u)["totals"] for u in users]
+    for key in spp_server.LEDGER_TOTALS:
+        assert sum(nanos(s[key]) for s in statements) == nanos(summary["totals"][key]), key
+    owed = dict(rows(db, "SELECT user_id, owed_nano FROM ledger_balances"))
+    for u in users:
+        carried = rows(db, "SELECT coalesce(sum(carried_nano), 0) FROM settlement_lines "
+                           "WHERE user_id = ?", (u,))[0][0]
+        deducted = rows(db, "SELECT coalesce(sum(deducted_nano), 0) FROM payout_deductions "
+                            "WHERE user_id = ?", (u,))[0][0]
+        assert owed.get(u, 0) == carried - deducted >= 0
+
+
+@given(months())
+@LEDGER_SETTINGS
+def test_ledger_properties_hold_over_random_months(month):
+    sessions, order, cuts, final, pay_nows, booked, revisions, write_off = month
+    with tempfile.TemporaryDirectory() as tmp:
+        db = os.path.join(tmp, "spp.db")
+        store = spp_server.Store(db)
+        try:
+            timed = [(user, prop, nanos_, at(day, hour)) for user, day, hour, prop, nanos_ in sessions]
+            if order == "time":
+                timed.sort(key=lambda s: s[3])
+            add_sessions(store, timed)
+            book_rows(store, [(day_text(day), prop, n) for (day, prop), n in booked.items()])
+            outputs = {}
+            for cut, pay_now in zip(cuts, pay_nows):
+                run_id = pay(store, OCT + cut * HOUR_US, pay_now, final)
+                outputs[run_id] = run_text(store, run_id)
+                if cut % 2:
+                    spp_server.settle(store, write_off)
+            spp_server.settle(store, write_off)
+            book_rows(store, [(day_text(day), prop, n) for (day, prop), n in revisions.items()])
+            spp_server.settle(store, write_off)
+            for run_id, cut, pay_now in zip(outputs, cuts, pay_nows):
+                assert pay(store, OCT + cut * HOUR_US, pay_now, final) == run_id
+                assert run_text(store, run_id) == outputs[run_id]
+            check_ledger(store, db, final, write_off)
+        finally:
+            store.close()
 
 
 # ---------------------------------------------------------------------------
