@@ -760,6 +760,18 @@ class StoreUnavailable(Exception):
     """The database cannot take or give data right now; the client should retry."""
 
 
+def no_database(path):
+    """The error for a path that is no file here: missing, or in a folder this
+    user may not enter (isfile() says False for both; only one is "missing")."""
+    try:
+        os.stat(path)
+    except PermissionError:
+        return StoreUnavailable(f"cannot read {path}: permission denied (run as its owner, or with sudo)")
+    except OSError:
+        pass
+    return StoreUnavailable(f"no database at {path}")
+
+
 WRITE_OPS = {}  # name -> function(*args, conn, received_at_us): what a writer process runs
 
 
@@ -1338,7 +1350,7 @@ class Store(Reads):
         self.path = str(path)
         self._busy_timeout_ms = busy_timeout_ms
         if command and not os.path.exists(self.path):
-            raise StoreUnavailable(f"no database at {self.path}")
+            raise no_database(self.path)
         if not command:
             ensure_private_file(self.path)
         try:
@@ -1420,7 +1432,7 @@ class ReadOnlyStore(Reads):
     def __init__(self, path):
         self.path = str(path)
         if not os.path.isfile(self.path):
-            raise StoreUnavailable(f"no database at {self.path}")
+            raise no_database(self.path)
         if not os.access(self.path, os.R_OK):
             raise StoreUnavailable(
                 f"cannot read {self.path}: permission denied (run as its owner, or with sudo)")
@@ -4205,7 +4217,7 @@ def run_prune(argv, environ, out):
         parser.error("give --raw-bodies-before, --rejected-before or both")
     try:
         if not os.path.isfile(args.db):
-            raise StoreUnavailable(f"no database at {args.db}")
+            raise no_database(args.db)
         store = (ReadOnlyStore(args.db) if args.dry_run
                  else Store(args.db, DEFAULTS["busy_timeout_ms"], command=True))
     except (StoreUnavailable, OSError, sqlite3.Error) as exc:

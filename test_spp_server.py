@@ -2523,6 +2523,29 @@ def test_a_copy_whose_wal_cannot_be_read_without_a_shm_says_why(make_client, sha
     assert file_state(folder) == before
 
 
+@pytest.mark.parametrize("command", [
+    ["export", "--since", "2000-01-01", "--until", "2100-01-01"],
+    ["reconcile", "--since", "2000-01-01", "--until", "2100-01-01"],
+    ["prune", "--raw-bodies-before", "2000-01-01", "--dry-run"],
+    ["prune", "--rejected-before", "2000-01-01"],
+    ["import-booked", "booked.csv"],
+])
+def test_a_database_in_a_folder_the_user_may_not_enter_is_not_called_missing(
+        make_client, shared_dir, command):
+    """/var/backups/spp is root's, mode 0700: its backups are there, just not
+    for this user, and the message must say so rather than "no database"."""
+    (shared_dir / "booked.csv").write_text("date,revenue\n2026-11-01,1\n")
+    (shared_dir / "booked.csv").chmod(0o644)
+    db = make_backup(make_client, shared_dir / "backups")
+    (shared_dir / "backups").chmod(0o700)
+    result = subprocess.run(as_nobody(sys.executable, str(SERVER), *command, "--db", str(db)),
+                            capture_output=True, text=True, cwd=shared_dir, timeout=30)
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"cannot read {db}: permission denied" in result.stderr
+    assert "no database" not in result.stderr
+
+
 def test_a_backup_that_changes_while_it_is_read_is_no_report(make_client, tmp_path, monkeypatch,
                                                              capsys):
     """Read with immutable=1 (no -wal), the file must not change under the

@@ -534,7 +534,7 @@ def during_export_rows(d):
 
 def prune_and_vacuum(db):
     """Clear every raw body with `spp_server.py prune`, then VACUUM: the
-    seconds each took and the file's size after, in MB."""
+    seconds each took and the file's size after, in MiB (2**20 bytes)."""
     started = time.monotonic()
     subprocess.run([sys.executable, str(SERVER), "prune", "--db", str(db),
                     "--raw-bodies-before", "2100-01-01"], check=True, capture_output=True,
@@ -659,9 +659,9 @@ def read_rows(reads):
                      fmt(exp["lines"]), "", "", ""))
     else:
         rows.append((f"export `GET /earnings?{exp['query']}`", "", "", "", "", f"HTTP {exp['status']}"))
-    rows.append(("fill time s / database MB", *(f"{reads[n]['fill_seconds']:.1f} / {reads[n]['db_mb']:.0f}"
+    rows.append(("fill time s / database MiB", *(f"{reads[n]['fill_seconds']:.1f} / {reads[n]['db_mb']:.0f}"
                                               for n in (small, large)), "", "", ""))
-    rows.append(("raw bodies pruned + VACUUM: s + s / database MB", *(
+    rows.append(("raw bodies pruned + VACUUM: s + s / database MiB", *(
         "{prune_seconds:.1f} + {vacuum_seconds:.1f} / {db_mb:.0f}".format(**reads[n]["pruned"])
         for n in (small, large)), "", "", ""))
     return rows
