@@ -1311,9 +1311,9 @@ def test_any_parameter_names_are_taken_only_when_declared_and_given_once(client)
                          for name in names)
         res = request_route(client, route, query, "*")
         if route.rule == "/healthz" and res.status_int == 503:  # the silence alarm, not a fault
-            assert res.json["status"] == "silent"
-        else:
-            assert res.status_int < 500
+            assert res.json["status"] == "silent" and "postbacks-within" in names
+            return
+        assert res.status_int < 500
         offending = {name for n, name in enumerate(names)
                      if name not in declared or name in names[:n]}
         if offending:
@@ -2453,6 +2453,34 @@ def as_nobody(*argv):
     return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
 
 
+@pytest.fixture(scope="session")
+def nobody_spp():
+    """-> spp(*args): the argv that runs spp_server.py as nobody.  The checkout
+    and its venv may sit in a directory only root may enter (a clone in a
+    mkdtemp folder, Python under /root), so the module, its schema and the
+    two packages it imports are copied to a directory anyone can read, and
+    run by the first interpreter nobody can start."""
+    import bottle
+    import waitress
+    runtime = Path(tempfile.mkdtemp(prefix="spp-nobody-"))
+    runtime.chmod(0o755)
+    for source in [SERVER, HERE / "schema.sql", Path(bottle.__file__)]:
+        shutil.copy(source, runtime / source.name)
+    shutil.copytree(Path(waitress.__file__).parent, runtime / "waitress")
+    for path in runtime.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    env = ["env", "-i", f"PYTHONPATH={runtime}", "PYTHONDONTWRITEBYTECODE=1"]
+    for python in [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3"]:
+        probe = subprocess.run(as_nobody(*env, python, "-c", "import bottle, waitress"),
+                               capture_output=True, cwd="/", timeout=30)
+        if probe.returncode == 0:
+            break
+    else:
+        pytest.skip("no Python interpreter that the user nobody may run")
+    yield lambda *args: as_nobody(*env, python, str(runtime / "spp_server.py"), *args)
+    shutil.rmtree(runtime)
+
+
 @pytest.fixture
 def shared_dir():
     """A directory another user can reach (tmp_path is root's, mode 0700)."""
@@ -2487,14 +2515,14 @@ def writable_by_the_reader(folder, writable):
 @pytest.mark.parametrize("command", ["export", "reconcile"])
 @pytest.mark.parametrize("writable", [False, True])
 def test_a_non_root_user_reads_a_backup_and_leaves_no_file_behind(
-        make_client, shared_dir, command, writable):
+        make_client, shared_dir, nobody_spp, command, writable):
     folder = shared_dir / "backup"
     db = make_backup(make_client, folder)
     writable_by_the_reader(folder, writable)
     before = file_state(folder)
     result = subprocess.run(
-        as_nobody(sys.executable, str(SERVER), command, "--db", str(db), "--since", "2000-01-01",
-                  "--until", "2100-01-01"), capture_output=True, text=True, cwd=shared_dir,
+        nobody_spp(command, "--db", str(db), "--since", "2000-01-01", "--until", "2100-01-01"),
+        capture_output=True, text=True, cwd=shared_dir,
         timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stderr == "" and "sub1" in result.stdout or command == "reconcile"
@@ -2502,7 +2530,8 @@ def test_a_non_root_user_reads_a_backup_and_leaves_no_file_behind(
     assert {p.stat().st_uid for p in folder.iterdir()} == {os.getuid()}
 
 
-def test_a_copy_whose_wal_cannot_be_read_without_a_shm_says_why(make_client, shared_dir):
+def test_a_copy_whose_wal_cannot_be_read_without_a_shm_says_why(make_client, shared_dir,
+                                                                nobody_spp):
     """A copy taken while the server ran: its -wal holds transactions, which
     SQLite reads only through a -shm that this user cannot create here."""
     live = make_backup(make_client, shared_dir / "live", live=True)
@@ -2515,8 +2544,8 @@ def test_a_copy_whose_wal_cannot_be_read_without_a_shm_says_why(make_client, sha
     writable_by_the_reader(folder, writable=False)
     before = file_state(folder)
     result = subprocess.run(
-        as_nobody(sys.executable, str(SERVER), "export", "--db", str(folder / "spp.db"),
-                  "--since", "2000-01-01", "--until", "2100-01-01"),
+        nobody_spp("export", "--db", str(folder / "spp.db"),
+                   "--since", "2000-01-01", "--until", "2100-01-01"),
         capture_output=True, text=True, cwd=shared_dir, timeout=30)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "-wal" in result.stderr and "-shm" in result.stderr
@@ -2531,14 +2560,14 @@ def test_a_copy_whose_wal_cannot_be_read_without_a_shm_says_why(make_client, sha
     ["import-booked", "booked.csv"],
 ])
 def test_a_database_in_a_folder_the_user_may_not_enter_is_not_called_missing(
-        make_client, shared_dir, command):
+        make_client, shared_dir, nobody_spp, command):
     """/var/backups/spp is root's, mode 0700: its backups are there, just not
     for this user, and the message must say so rather than "no database"."""
     (shared_dir / "booked.csv").write_text("date,revenue\n2026-11-01,1\n")
     (shared_dir / "booked.csv").chmod(0o644)
     db = make_backup(make_client, shared_dir / "backups")
     (shared_dir / "backups").chmod(0o700)
-    result = subprocess.run(as_nobody(sys.executable, str(SERVER), *command, "--db", str(db)),
+    result = subprocess.run(nobody_spp(*command, "--db", str(db)),
                             capture_output=True, text=True, cwd=shared_dir, timeout=30)
     assert result.returncode == 1 and result.stdout == "", result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
