@@ -499,6 +499,7 @@ SQL = {
         SELECT run_id, user_id, sessions, estimated_nano, paid_now_nano FROM payout_parts
         WHERE run_id = ? AND day = ?""",
     "last_settlement": "SELECT max(id) FROM settlements",
+    "settled_pool_keys": "SELECT DISTINCT day, property_id FROM settlement_days",
     # How a day was last settled: by property (1) or whole (0), whatever pool.
     "day_settled_by_property": """
         SELECT by_property FROM settlement_days WHERE day = ?
@@ -3033,6 +3034,12 @@ def settle_pools(conn):
                     if user in pool.users:
                         pool.users[user][4] = (pool.users[user][4] or 0) + adjustment
         pools.append(pool)
+    booked_keys = {(day, prop) for day, prop, *_ in booked}
+    for day, prop in conn.execute(SQL["settled_pool_keys"]):
+        if (day, prop) not in booked_keys:  # a revision dropped a row its users were paid on
+            raise Invalid("booked revenue", f"{day}{f' property {prop}' if prop else ''} was "
+                          "settled against booked revenue that is no longer stored: re-import "
+                          "its report with that row (with 0 if it truly earned nothing)")
     return (run_id, last_settlement), offset, pools
 
 

@@ -3937,6 +3937,24 @@ def test_a_day_settled_one_way_is_never_settled_again_the_other_way(store, db, f
     assert ledger_counts(db) == before
 
 
+@pytest.mark.parametrize("revision", [[("p1", 800)], [("p1", 800), ("p2", 0)]])
+def test_a_settled_pool_whose_booked_row_a_revision_dropped_is_refused(store, db, revision):
+    """A revision naming properties replaces the day's row without one: the
+    sessions without a property were settled on it, so settle says so."""
+    add_sessions(store, [("a", "p1", 1000, at(0)), ("b", None, 3000, at(0))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "p1", 900), (day_text(0), "", 2000)])
+    spp_server.settle(store)
+    book_rows(store, [(day_text(0), prop, n) for prop, n in revision])
+    before = ledger_counts(db)
+    code, out, err = ledger_command(spp_server.run_settle, db)
+    assert (code, out, err.count("\n")) == (2, b"", 1)
+    assert f"{day_text(0)} was settled against booked revenue that is no longer stored" in err
+    assert ledger_counts(db) == before
+    book_rows(store, [(day_text(0), prop, n) for prop, n in [*revision, ("", 2000)]])
+    assert ledger_command(spp_server.run_settle, db)[0] == 0  # re-imported whole: settled
+
+
 def test_one_ledger_step_at_a_time_across_processes(store, db):
     add_sessions(store, [("a", None, 1000, at(0))])
     fd = os.open(db + "-ledger-lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -4411,7 +4429,10 @@ def test_ledger_properties_hold_over_random_months(month):
                 if cut % 2:
                     spp_server.settle(store, write_off)
             spp_server.settle(store, write_off)
-            book_rows(store, [(day_text(day), prop, n) for (day, prop), n in revisions.items()])
+            # A revised report gives its days again whole, in the same breakdown.
+            revised = {key: revisions.get(key, n) for key, n in booked.items()
+                       if key[0] in {day for day, _ in revisions}}
+            book_rows(store, [(day_text(day), prop, n) for (day, prop), n in revised.items()])
             spp_server.settle(store, write_off)
             for run_id, cut, pay_now in zip(outputs, cuts, pay_nows):
                 assert pay(store, OCT + cut * HOUR_US, pay_now, final) == run_id
@@ -6605,6 +6626,17 @@ def test_socket_listens_on_loopback_only():
     for address in unit_values(SOCKET, "ListenStream"):
         host = address.rpartition(":")[0].strip("[]")
         assert ipaddress.ip_address(host).is_loopback, address
+
+
+def test_no_sql_statement_is_named_twice():
+    """A dict literal keeps the last of two equal keys, silently: one query
+    would run where another was meant."""
+    import ast
+    tree = ast.parse(SERVER.read_text(encoding="utf-8"))
+    [sql] = [node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+             and any(getattr(target, "id", None) == "SQL" for target in node.targets)]
+    names = [key.value for key in sql.keys]
+    assert len(names) > 50 and sorted({n for n in names if names.count(n) > 1}) == []
 
 
 def test_stop_timeout_leaves_room_for_the_longest_stop():
