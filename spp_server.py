@@ -519,16 +519,41 @@ def database_version(conn, path):
         raise not_sqlite_or(exc, path) from None
     if version == 0 and not tables:
         return 0
-    if version == 0 or "sessions" not in tables:
-        raise StoreUnavailable(
-            f"{path} is not an spp-receiver database: another program's SQLite database "
-            f"(schema version {version}, tables {', '.join(sorted(tables)) or 'none'}; "
-            f"this code's schema is version {latest})")
-    if version > latest:
+    if version > latest and "sessions" in tables:
         raise StoreUnavailable(
             f"{path} has schema version {version}, newer than this code's {latest}: "
             "use the spp_server.py that wrote it")
+    missing = 0 < version <= latest and schema_objects(version) - file_objects(conn)
+    if version == 0 or version > latest or missing:
+        raise StoreUnavailable(
+            f"{path} is not an spp-receiver database: another program's SQLite database "
+            f"(schema version {version}, tables {', '.join(sorted(tables)) or 'none'}"
+            + (f", without {', '.join(sorted({name for name, _ in missing}))}" if missing else "")
+            + f"; this code's schema is version {latest})")
     return version
+
+
+def file_objects(conn):
+    """{(table, column)} and {(index, None)} of the database open on `conn`."""
+    objects = set()
+    for name, kind in conn.execute(
+            "SELECT name, type FROM sqlite_master WHERE type IN ('table', 'index')"):
+        if kind == "index":
+            objects.add((name, None))
+        else:
+            objects.update((name, column) for (column,) in conn.execute(
+                "SELECT name FROM pragma_table_info(?)", (name,)))
+    return objects
+
+
+@functools.lru_cache(maxsize=None)
+def schema_objects(version):
+    """What schema.sql's sections up to `version` create, as file_objects
+    sees it: another program's database with a `sessions` table and a
+    user_version in our range is still told from ours."""
+    with contextlib.closing(sqlite3.connect(":memory:", isolation_level=None)) as conn:
+        migrate(conn, SCHEMA_PATH.read_text(encoding="utf-8"), target=version)
+        return frozenset(file_objects(conn))
 
 
 def is_busy(exc):

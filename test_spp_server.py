@@ -4118,6 +4118,13 @@ def make_not_ours(path, kind):
             spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text())
             conn.execute("PRAGMA user_version = 99")
             return ["newer", "99"]
+        if kind.startswith("foreign-sessions-"):
+            # Another program's `sessions` table (a common name) at a version this code has.
+            version = int(kind.rsplit("-", 1)[1])
+            conn.execute("CREATE TABLE sessions (id INTEGER PRIMARY KEY, token TEXT, expires INT)")
+            conn.execute("INSERT INTO sessions (token) VALUES ('abc')")
+            conn.execute(f"PRAGMA user_version = {version}")
+            return ["another program's", "sessions", f"version {version}"]
         conn.execute("CREATE TABLE notes (body TEXT)")
         conn.execute("INSERT INTO notes VALUES ('mine')")
         if kind == "foreign-versioned":
@@ -4126,7 +4133,8 @@ def make_not_ours(path, kind):
         return ["another program's", "notes", "version 0"]
 
 
-NOT_OURS = ["empty", "text", "foreign", "foreign-versioned", "newer"]
+NOT_OURS = ["empty", "text", "foreign", "foreign-versioned", "newer",
+            *(f"foreign-sessions-{v}" for v in SCHEMA_VERSIONS)]
 
 
 def run_entry_point(entry, db, tmp_path):
@@ -4196,6 +4204,20 @@ def test_commands_use_an_older_database_the_server_upgrades(db, tmp_path, capsys
     one_line_error(capsys, "schema version 1", f"older than this code's {LATEST}")
     assert run_entry_point("import-booked", db, tmp_path) == 0
     assert rows(db, "PRAGMA user_version") == [(LATEST,)]
+
+
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
+def test_a_database_of_ours_missing_a_table_or_column_of_its_version_is_refused(
+        db, tmp_path, capsys, version):
+    """The version alone does not make a database ours: what that version's
+    sections create must be there (a table dropped, a column renamed by hand)."""
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=version)
+        conn.execute("ALTER TABLE sessions RENAME COLUMN revenue_nano TO revenue")
+    before = Path(db).read_bytes()
+    assert run_entry_point("import-booked", db, tmp_path) == 1
+    one_line_error(capsys, db, "another program's", f"version {version}", "sessions")
+    assert Path(db).read_bytes() == before
 
 
 # --- Group commit: the writer thread and the writer process ---
