@@ -194,14 +194,18 @@ def utc_date_text(day):
 PLAIN_FRACTION = re.compile(r"[0-9](?:\.[0-9]{1,6})?")
 
 
+def shown(text, limit=20):
+    """A value the user gave, quoted for an error line: a long one is cut."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 def parse_fraction(text, example):
     """'0.7' -> Decimal('0.7'): a plain decimal above 0 and at most 1, with at
     most 6 places (ValueError otherwise, its message for the option's name)."""
     value = decimal.Decimal(text) if PLAIN_FRACTION.fullmatch(text) else None
     if value is None or not 0 < value <= 1:
-        shown = repr(text) if len(text) <= 20 else repr(text[:20]) + "..."
         raise ValueError("must be a decimal above 0 and at most 1, with at most 6 places, "
-                         f"such as {example}, not {shown}")
+                         f"such as {example}, not {shown(text)}")
     return value
 
 
@@ -2065,7 +2069,7 @@ def keyed_fields(where, names, values):
         key = column_key(name)
         if key in seen:
             raise BookedFileError(
-                f"{where}: columns {seen[key]!r} and {name!r} both mean {key!r}: which one is meant?")
+                f"{where}: columns {shown(seen[key])} and {shown(name)} both mean {shown(key)}: which one is meant?")
         seen[key] = name
         fields[key] = value
     return fields
@@ -2109,7 +2113,7 @@ def json_booked_records(text):
         raise BookedFileError(f"is not valid JSON: {exc}") from None
     for where, obj in [("", report), ("data", isinstance(report, dict) and report.get("data"))]:
         if isinstance(obj, RepeatedKeys):
-            raise BookedFileError(f"{where or 'the top object'}: the key {obj.repeated!r} is given "
+            raise BookedFileError(f"{where or 'the top object'}: the key {shown(obj.repeated)} is given "
                                   "more than once: which value is meant is ambiguous")
     if isinstance(report, list):
         path, rows = "", report
@@ -2127,7 +2131,7 @@ def json_booked_records(text):
         if not isinstance(row, dict):
             raise BookedFileError(f"{where}: is not an object")
         if isinstance(row, RepeatedKeys):
-            raise BookedFileError(f"{where}: the key {row.repeated!r} is given more than once: "
+            raise BookedFileError(f"{where}: the key {shown(row.repeated)} is given more than once: "
                                   "which value is meant is ambiguous")
         yield where, keyed_fields(where, row, row.values())
 
@@ -3143,7 +3147,10 @@ def serve(app, config, sockets=()):
     """Serve `app` until SIGTERM or SIGINT, then shut down gracefully."""
 
     keep_to_cpus(app.store.writer)
-    server = create_server(app, **waitress_settings(config, sockets))
+    try:
+        server = create_server(app, **waitress_settings(config, sockets))
+    except ValueError as exc:  # waitress: "Invalid host/port specified." (a name that does not resolve)
+        raise OSError(f"{exc} ({config['host']!r} does not resolve to an address here)") from None
     socket_map = server.map if isinstance(server, MultiSocketServer) else server._map
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -3163,7 +3170,7 @@ def whole_number(text, low, high, words):
     """A whole number in [low, high], or ArgumentTypeError saying `words`
     (argparse would otherwise name this module's function: 'invalid port_number value')."""
     if not re.fullmatch(r"[0-9]{1,9}", text.strip()) or not low <= int(text) <= high:
-        raise argparse.ArgumentTypeError(f"must be {words}, not {text!r}")
+        raise argparse.ArgumentTypeError(f"must be {words}, not {shown(text)}")
     return int(text)
 
 
@@ -3180,6 +3187,23 @@ def reward_share(text):
         return parse_reward_share(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+HOST_NAME = re.compile(r"(?=.{1,253}\.?$)(?:(?!-)[A-Za-z0-9-]{1,63}(?<!-)\.)*"
+                       r"(?!-)(?=[A-Za-z0-9-]*[A-Za-z-])[A-Za-z0-9-]{1,63}(?<!-)\.?")
+
+
+def listen_host(text):
+    """An IP address or a host name (its last label not all digits, as in
+    999.1.1.1), checked before anything opens: waitress would refuse it only
+    when serving starts.  Whether a name resolves is seen there (serve)."""
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        if not HOST_NAME.fullmatch(text):
+            raise argparse.ArgumentTypeError(
+                f"must be an IP address or a host name, not {shown(text)}") from None
+    return text
 
 
 def log_level(text):
@@ -3203,6 +3227,8 @@ class HelpfulParser(argparse.ArgumentParser):
 
     def print_help(self, file=None):
         out = file or sys.stdout
+        if out is None:  # started with stdout closed (>&-)
+            self.exit(stdout_closed(self.prog, "nowhere to write the help"))
         try:
             out.write(self.format_help())
             out.flush()
@@ -3250,7 +3276,8 @@ def parse_arguments(parser, argv):
     args = parser.parse_args(argv)
     for value in vars(args).values():
         if isinstance(value, BadVariable):
-            parser.error(f"the environment variable {value.variable}={value.text!r}: {value.reason}")
+            parser.error(f"the environment variable {value.variable}={shown(value.text)}: "
+                         f"{value.reason}")
     return args
 
 
@@ -3293,7 +3320,8 @@ def build_parser(environ):
     )
     add_shared_options(parser, environ, DB_HELP_SERVER)
     parser.add_argument(
-        "--host", default=env("SPP_HOST", DEFAULTS["host"]),
+        "--host", type=listen_host,
+        default=env_default(environ, "SPP_HOST", listen_host, DEFAULTS["host"]),
         help="address to listen on; other than loopback needs a read token "
         "[SPP_HOST, default %(default)s]",
     )
@@ -3397,6 +3425,11 @@ def output_failed(prog, out, exc, committed=None):
     return 1
 
 
+def stdout_closed(prog, what):
+    print(f"{prog}: stdout is closed: {what}", file=sys.stderr)
+    return 1
+
+
 class CheckedOutput:
     """The output of a command that changes the database: the first failed
     write is kept, not raised, so that the command finishes its change and
@@ -3456,7 +3489,7 @@ def utc_offset_option(text):
         return parse_utc_offset(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"must be +HH:MM or -HH:MM within ±14:00, such as +05:30, not {text!r}") from None
+            f"must be +HH:MM or -HH:MM within ±14:00, such as +05:30, not {shown(text)}") from None
 
 
 def add_report_offset_option(parser, environ):
@@ -3557,7 +3590,7 @@ def run_prune(argv, environ, out):
             try:
                 plan += [(what, parse_instant(text)) for what in whats]
             except ValueError:
-                parser.error(f"--{option.replace('_', '-')}: {TIME_FORMS_HELP}, not {text!r}")
+                parser.error(f"--{option.replace('_', '-')}: {TIME_FORMS_HELP}, not {shown(text)}")
     if not plan:
         parser.error("give --raw-bodies-before, --rejected-before or both")
     try:
@@ -3693,14 +3726,12 @@ def main(argv=None, environ=None):
 def run_command_line(argv, environ):
     if argv[:1] and argv[0] in COMMANDS:
         if sys.stdout is None:  # started with stdout closed (>&-): Python leaves it None
-            print(f"spp_server.py {argv[0]}: stdout is closed: nowhere to write the output; "
-                  "nothing done", file=sys.stderr)
-            return 1
+            return stdout_closed(f"spp_server.py {argv[0]}", "nowhere to write the output; nothing done")
         return COMMANDS[argv[0]][0](argv[1:], environ)
     parser = build_parser(environ)
     if argv[:1] and not argv[0].startswith("-"):  # the server takes no argument
         close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
-        parser.error(f"{argv[0]!r} is not a command"
+        parser.error(f"{shown(argv[0])} is not a command"
                      + (f": did you mean {close[0]!r}?" if close else "")
                      + f" (the commands are {', '.join(COMMANDS)})")
     args = parse_arguments(parser, argv)

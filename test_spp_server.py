@@ -2428,6 +2428,16 @@ def test_a_command_started_with_stdout_closed_does_nothing_and_says_so(command_l
     assert result.stderr.count("\n") == 1 and "stdout is closed" in result.stderr
     assert count(db, "booked_revenue") == 0
 
+
+@pytest.mark.parametrize("argv", [["--help"], ["export", "--help"], ["prune", "--help"]])
+def test_help_with_stdout_closed_says_so_without_a_traceback(argv):
+    """The server's own --help runs no command, so it met the closed stdout
+    inside argparse: an AttributeError traceback."""
+    result = subprocess.run([sys.executable, str(SERVER), *argv], preexec_fn=lambda: os.close(1),
+                            stderr=subprocess.PIPE, text=True, timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "stdout is closed" in result.stderr
+
 # --- Read-only access: a backup read by a user who may not write it ---
 
 
@@ -5160,7 +5170,8 @@ def test_an_option_missing_its_value_gets_argparses_own_error(fake_serve, db, ca
     ("SPP_PORT", "x", "--port"), ("SPP_PORT", "70000", "--port"), ("SPP_THREADS", "0", "--threads"),
     ("SPP_THREADS", "1e3", "--threads"), ("SPP_LOG_LEVEL", "loud", "--log-level"),
     ("SPP_REWARD_SHARE", "2", "--reward-share"), ("SPP_REWARD_SHARE", "NaN", "--reward-share"),
-    ("SPP_REPORT_UTC_OFFSET", "+5", "--report-utc-offset")])
+    ("SPP_REPORT_UTC_OFFSET", "+5", "--report-utc-offset"), ("SPP_HOST", "", "--host"),
+    ("SPP_HOST", "999.1.1.1", "--host"), ("SPP_HOST", "no such host", "--host")])
 def test_a_bad_environment_variable_is_named_not_a_flag_never_given(
         fake_serve, db, capsys, command, variable, value, flag):
     parser_of = {(): spp_server.build_parser, ("export",): spp_server.build_export_parser,
@@ -5174,16 +5185,37 @@ def test_a_bad_environment_variable_is_named_not_a_flag_never_given(
     assert f"{variable}={value!r}" in error
     assert flag not in error and "invalid" not in error and "<" not in error
     given = {"--port": "9000", "--threads": "2", "--log-level": "info", "--reward-share": "0.5",
-             "--report-utc-offset": "+01:00"}[flag]
+             "--report-utc-offset": "+01:00", "--host": "127.0.0.1"}[flag]
     if not command:  # the flag wins over the variable, which is then not read at all
         assert spp_server.main(["--db", db, f"{flag}={given}"], environ={variable: value}) == 0
 
 
-@pytest.mark.parametrize("bad", [["--port", "70000"], ["--threads", "0"], ["--port", "x"]])
-def test_bad_option_values_exit_with_usage(fake_serve, bad):
+@pytest.mark.parametrize("bad", [["--port", "70000"], ["--threads", "0"], ["--port", "x"],
+                                 ["--host="], ["--host", "999.1.1.1"], ["--host", "not a host"]])
+def test_bad_option_values_exit_with_usage(fake_serve, capsys, bad):
+    """Before anything opens: an address waitress cannot listen on was a
+    traceback from inside waitress when serving started."""
     with pytest.raises(SystemExit) as exited:
         spp_server.main(bad, environ={})
+    assert exited.value.code == 2 and fake_serve == []
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert f"argument {bad[0].rstrip('=')}: must be" in error and "Traceback" not in error
+
+
+@given(value=st.text(min_size=200, max_size=5000))
+@settings(max_examples=25, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.parametrize("variable", ["SPP_PORT", "SPP_THREADS", "SPP_LOG_LEVEL",
+                                      "SPP_REWARD_SHARE", "SPP_REPORT_UTC_OFFSET"])
+def test_a_long_bad_value_is_named_in_a_short_line(fake_serve, capsys, variable, value):
+    """The line names the variable and quotes the start of the value, not
+    all of it (a megabyte of it would be the whole error)."""
+    value = "x" + value.replace("\x00", "")  # never valid: no option starts with a letter x
+    with pytest.raises(SystemExit) as exited:
+        spp_server.main([], environ={variable: value})
     assert exited.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert variable in error and len(error) < 400, error
 
 
 def test_tokens_come_from_credential_files_ignoring_trailing_whitespace(tmp_path):
@@ -5232,6 +5264,15 @@ def test_non_loopback_host_without_read_token_refuses_to_start(fake_serve, db, h
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
 def test_loopback_host_needs_no_read_token(fake_serve, db, host):
     assert spp_server.main(["--host", host, "--db", db], environ={}) == 0
+
+
+def test_a_host_name_that_does_not_resolve_is_one_line_not_a_traceback(db, caplog):
+    """The name is well-formed, so only listening can tell (.invalid never resolves)."""
+    environ = {"SPP_READ_TOKEN": "r"}
+    assert spp_server.main(["--host", "spp.invalid", "--port", "0", "--db", db], environ) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "cannot listen on spp.invalid" in errors[0]
+    assert "does not resolve" in errors[0]
 
 
 def test_non_loopback_host_with_read_token_starts(fake_serve, db):
