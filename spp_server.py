@@ -287,6 +287,8 @@ def parse_window(since_text, until_text, required=False):
         if not text:
             if required:
                 raise Invalid(name, "is required")
+            if text is not None:  # `since=$SINCE` with SINCE unset: not a window of all time
+                raise Invalid(name, "is empty: give a time, or leave it out for no bound")
             bounds[name] = None
             continue
         try:

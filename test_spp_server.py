@@ -1288,6 +1288,21 @@ def test_a_misspelt_window_never_reads_as_all_time(client, clock):
                         property_id="1234"), 400, "property_id")
 
 
+@pytest.mark.parametrize("name", ["since", "until"])
+def test_an_empty_window_bound_never_reads_as_all_time(client, clock, name):
+    """`since=$SINCE` with the variable unset: all-time earnings, a payout of everything."""
+    post_at(client, clock, "2026-11-01T10:00:00Z", user_id="u")
+    checked = 0
+    for route in read_routes(client.app):
+        if name in route.config["query_params"]:
+            other = {"since": "&until=2026-12-01", "until": "&since=2026-11-01"}[name]
+            res = request_route(client, route, f"{name}={other}", 400)
+            assert_error(res, 400, name)
+            assert "empty" in res.json["error"] or res.json["error"] == "is required"
+            checked += 1
+    assert checked == 4  # /users/<id>/earnings, /earnings, /totals, /reconciliation
+
+
 PARAMETER_NAMES = st.one_of(
     st.sampled_from(sorted({name for names in READ_PARAMS.values() for name in names})),
     st.text(st.characters(blacklist_categories=["Cs"]), max_size=12))
