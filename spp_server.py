@@ -830,7 +830,7 @@ def decode_request(data):
         args = [base64.b64decode(a["bytes"], validate=True) if isinstance(a, dict) else a
                 for a in args]
         return functools.partial(WRITE_OPS[name], *args)
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:  # nested too deeply: not ours either
         raise ValueError(f"not a write request: {type(exc).__name__}: {exc}") from None
 
 

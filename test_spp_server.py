@@ -4583,6 +4583,8 @@ def write_loop_in_thread(db, channels):
     request_frame(b'{"op": "insert_session"}'),
     request_frame(b"[]"),
     request_frame(b"null"),
+    request_frame(b"[" * 200_000),  # nested deeper than json's recursion allows
+    request_frame(b'["insert_rejected", ' + b'{"a": ' * 60_000 + b"]"),
     spp_server.FRAME.pack(100) + b"cut short",
 ])
 def test_a_channel_that_sends_no_request_is_dropped_and_the_others_commit(db, garbage):
@@ -4605,6 +4607,24 @@ def test_a_channel_that_sends_no_request_is_dropped_and_the_others_commit(db, ga
         conn.close()
     assert not thread.is_alive()  # it ended because its channels closed, not on the garbage
     assert rows(db, "SELECT user_id FROM sessions ORDER BY id") == [("good",), ("next",)]
+
+
+@given(st.one_of(
+    st.binary(max_size=200),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+                 lambda inner: st.lists(inner, max_size=4)
+                 | st.dictionaries(st.text(max_size=5), inner, max_size=4)).map(
+        lambda value: json.dumps(value).encode()),
+    st.integers(1, 300_000).map(lambda depth: b"[" * depth + b"]" * (depth % 3))))
+@settings(max_examples=200, deadline=None, database=None)
+def test_decoding_any_frame_gives_a_write_op_or_a_value_error(data):
+    """What write_loop catches to drop one channel: any other exception would
+    end the writer process, and every postback with it."""
+    try:
+        op = spp_server.decode_request(data)
+    except ValueError:
+        return
+    assert op.func in spp_server.WRITE_OPS.values()
 
 
 def test_a_pickle_sent_to_the_writer_process_is_never_unpickled(process_store, db, tmp_path):
