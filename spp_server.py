@@ -1865,16 +1865,21 @@ def parse_json(text):
     a message for people (never an exception's repr, such as decimal's
     [<class 'decimal.InvalidOperation'>] or int's advice about sys)."""
     try:
-        return json.loads(text, parse_float=decimal.Decimal, parse_constant=_reject_constant,
-                          object_pairs_hook=json_object)
+        return json.loads(text, parse_float=decimal.Decimal, parse_int=json_int,
+                          parse_constant=_reject_constant, object_pairs_hook=json_object)
     except (json.JSONDecodeError, NotANumber) as exc:
         raise ValueError(str(exc)) from None
     except decimal.InvalidOperation:  # 1e99999999999999999999: beyond what decimal holds
         raise ValueError("a number's exponent is too large") from None
     except RecursionError:
         raise ValueError("it is nested too deeply") from None
-    except ValueError:  # int() refuses more than sys.int_info.default_max_str_digits digits
-        raise ValueError("a whole number has too many digits") from None
+
+
+def json_int(text):
+    """A JSON whole number: an int, or past the digits int() takes (its
+    advice is about sys), an exact Decimal, which the field's own check
+    then refuses by name ("must be below 1000000 USD")."""
+    return int(text) if len(text) <= 4000 else decimal.Decimal(text)
 
 
 def parse_json_object(body):

@@ -856,6 +856,20 @@ LITERALS_WITH_HUGE_NUMBERS = st.one_of(
 )
 
 
+@pytest.mark.parametrize("field", POSTBACK_FIELDS)
+def test_a_whole_number_of_any_length_is_refused_by_its_field_name(client, db, field):
+    """int() refuses more than 4300 digits; the refusal must still name the field."""
+    @settings(max_examples=10, **HOSTILE_SETTINGS)
+    @given(digits=st.integers(4001, 20_000))
+    def check(digits):
+        text = json.dumps(postback(**{field: "__LITERAL__"}))
+        res = send_raw(client, as_body(text.replace('"__LITERAL__"', "9" * digits)))
+        assert_error(res, 400, field)
+        assert_no_internals(res.json["error"])
+
+    check()
+
+
 def test_no_postback_error_shows_python_internals(client, db):
     @settings(max_examples=150, **HOSTILE_SETTINGS)
     @given(field=st.sampled_from(POSTBACK_FIELDS), literal=LITERALS_WITH_HUGE_NUMBERS)
