@@ -3200,6 +3200,13 @@ HOST_NAME = re.compile(r"(?=.{1,253}\.?$)(?:(?!-)[A-Za-z0-9-]{1,63}(?<!-)\.)*"
                        r"(?!-)(?=[A-Za-z0-9-]*[A-Za-z-])[A-Za-z0-9-]{1,63}(?<!-)\.?")
 
 
+def database_path(text):
+    """A database file's path: an empty one (SPP_DB= left blank) names no file."""
+    if not text:
+        raise argparse.ArgumentTypeError("must be the path of the database file, not empty")
+    return text
+
+
 def listen_host(text):
     """An IP address or a host name (its last label not all digits, as in
     999.1.1.1), checked before anything opens: waitress would refuse it only
@@ -3291,7 +3298,8 @@ def parse_arguments(parser, argv):
 def add_shared_options(parser, environ, db_help, share_adds=REWARD_SHARE_ADDS):
     """Options both the server and the report commands take."""
     parser.add_argument(
-        "--db", default=environ.get("SPP_DB", DEFAULTS["db"]),
+        "--db", type=database_path,
+        default=env_default(environ, "SPP_DB", database_path, DEFAULTS["db"]),
         help=f"{db_help} [SPP_DB, default %(default)s]",
     )
     parser.add_argument(
@@ -3523,7 +3531,8 @@ def build_import_parser(environ):
     )
     parser.add_argument("file", help="the report file")
     parser.add_argument(
-        "--db", default=environ.get("SPP_DB", DEFAULTS["db"]),
+        "--db", type=database_path,
+        default=env_default(environ, "SPP_DB", database_path, DEFAULTS["db"]),
         help="SQLite database file [SPP_DB, default %(default)s]",
     )
     parser.add_argument(
@@ -3571,7 +3580,8 @@ def build_prune_parser(environ):
         "transactions of at most 1,000 rows each.",
     )
     parser.add_argument(
-        "--db", default=environ.get("SPP_DB", DEFAULTS["db"]),
+        "--db", type=database_path,
+        default=env_default(environ, "SPP_DB", database_path, DEFAULTS["db"]),
         help="SQLite database file; never created [SPP_DB, default %(default)s]")
     parser.add_argument(
         "--raw-bodies-before",

@@ -5239,6 +5239,20 @@ def test_a_bad_environment_variable_is_named_not_a_flag_never_given(
         assert spp_server.main(["--db", db, f"{flag}={given}"], environ={variable: value}) == 0
 
 
+@pytest.mark.parametrize("command", [[], ["export", "--since", "1", "--until", "2"],
+                                     ["reconcile", "--since", "2026-11-01", "--until", "2026-11-02"],
+                                     ["import-booked", "r.csv"], ["prune", "--rejected-before", "1"]])
+def test_an_empty_database_path_is_named_as_the_variable_or_the_flag(fake_serve, capsys, command):
+    """SPP_DB= left blank named no file: "cannot open the database : [Errno 2] ..."."""
+    for argv, environ, named in [(command, {"SPP_DB": ""}, "SPP_DB=''"),
+                                 ([*command, "--db="], {}, "argument --db")]:
+        with pytest.raises(SystemExit) as exited:
+            spp_server.main(argv, environ=environ)
+        assert exited.value.code == 2 and fake_serve == []
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert named in error and "not empty" in error and "Errno" not in error
+
+
 @pytest.mark.parametrize("bad", [["--port", "70000"], ["--threads", "0"], ["--port", "x"],
                                  ["--host="], ["--host", "999.1.1.1"], ["--host", "not a host"]])
 def test_bad_option_values_exit_with_usage(fake_serve, capsys, bad):
