@@ -830,7 +830,7 @@ def decode_request(data):
         args = [base64.b64decode(a["bytes"], validate=True) if isinstance(a, dict) else a
                 for a in args]
         return functools.partial(WRITE_OPS[name], *args)
-    except (ValueError, TypeError, KeyError, RecursionError) as exc:  # nested too deeply: not ours either
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:  # RecursionError: too deep
         raise ValueError(f"not a write request: {type(exc).__name__}: {exc}") from None
 
 
@@ -2076,7 +2076,8 @@ def keyed_fields(where, names, values):
         key = column_key(name)
         if key in seen:
             raise BookedFileError(
-                f"{where}: columns {shown(seen[key])} and {shown(name)} both mean {shown(key)}: which one is meant?")
+                f"{where}: columns {shown(seen[key])} and {shown(name)} both mean {shown(key)}: "
+                "which one is meant?")
         seen[key] = name
         fields[key] = value
     return fields
@@ -2120,8 +2121,8 @@ def json_booked_records(text):
         raise BookedFileError(f"is not valid JSON: {exc}") from None
     for where, obj in [("", report), ("data", isinstance(report, dict) and report.get("data"))]:
         if isinstance(obj, RepeatedKeys):
-            raise BookedFileError(f"{where or 'the top object'}: the key {shown(obj.repeated)} is given "
-                                  "more than once: which value is meant is ambiguous")
+            raise BookedFileError(f"{where or 'the top object'}: the key {shown(obj.repeated)} is "
+                                  "given more than once: which value is meant is ambiguous")
     if isinstance(report, list):
         path, rows = "", report
     else:
@@ -2138,8 +2139,8 @@ def json_booked_records(text):
         if not isinstance(row, dict):
             raise BookedFileError(f"{where}: is not an object")
         if isinstance(row, RepeatedKeys):
-            raise BookedFileError(f"{where}: the key {shown(row.repeated)} is given more than once: "
-                                  "which value is meant is ambiguous")
+            raise BookedFileError(f"{where}: the key {shown(row.repeated)} is given more than "
+                                  "once: which value is meant is ambiguous")
         yield where, keyed_fields(where, row, row.values())
 
 
@@ -3156,7 +3157,7 @@ def serve(app, config, sockets=()):
     keep_to_cpus(app.store.writer)
     try:
         server = create_server(app, **waitress_settings(config, sockets))
-    except ValueError as exc:  # waitress: "Invalid host/port specified." (a name that does not resolve)
+    except ValueError as exc:  # "Invalid host/port specified.": a name that does not resolve
         raise OSError(f"{exc} ({config['host']!r} does not resolve to an address here)") from None
     socket_map = server.map if isinstance(server, MultiSocketServer) else server._map
     stopping = threading.Event()
@@ -3196,15 +3197,16 @@ def reward_share(text):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-HOST_NAME = re.compile(r"(?=.{1,253}\.?$)(?:(?!-)[A-Za-z0-9-]{1,63}(?<!-)\.)*"
-                       r"(?!-)(?=[A-Za-z0-9-]*[A-Za-z-])[A-Za-z0-9-]{1,63}(?<!-)\.?")
-
-
 def database_path(text):
     """A database file's path: an empty one (SPP_DB= left blank) names no file."""
     if not text:
         raise argparse.ArgumentTypeError("must be the path of the database file, not empty")
     return text
+
+
+# Labels of letters, digits and inner hyphens; the last not all digits.
+HOST_NAME = re.compile(r"(?=.{1,253}\.?$)(?:(?!-)[A-Za-z0-9-]{1,63}(?<!-)\.)*"
+                       r"(?!-)(?=[A-Za-z0-9-]*[A-Za-z-])[A-Za-z0-9-]{1,63}(?<!-)\.?")
 
 
 def listen_host(text):
@@ -3312,7 +3314,6 @@ def add_shared_options(parser, environ, db_help, share_adds=REWARD_SHARE_ADDS):
 
 
 def build_parser(environ):
-    env = environ.get
     paragraphs = [
         "Receive Gamezop Session Performance Postbacks into SQLite and report what each "
         "user earned: with options only, run the server.",
@@ -3743,7 +3744,8 @@ def main(argv=None, environ=None):
 def run_command_line(argv, environ):
     if argv[:1] and argv[0] in COMMANDS:
         if sys.stdout is None:  # started with stdout closed (>&-): Python leaves it None
-            return stdout_closed(f"spp_server.py {argv[0]}", "nowhere to write the output; nothing done")
+            return stdout_closed(f"spp_server.py {argv[0]}",
+                                 "nowhere to write the output; nothing done")
         return COMMANDS[argv[0]][0](argv[1:], environ)
     parser = build_parser(environ)
     if argv[:1] and not argv[0].startswith("-"):  # the server takes no argument
