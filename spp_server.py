@@ -3426,6 +3426,18 @@ def discard_output(out):
     os.close(devnull)
 
 
+def say(line):
+    """One line on stderr for the person running a command.  A stderr that
+    cannot take it (a full disk, closed) is let be: the exit status still
+    says what happened, and print(file=None) would write to stdout."""
+    if sys.stderr is None:  # started with 2>&-
+        return
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        discard_output(sys.stderr)  # or the flush at exit fails again, with status 120
+
+
 def output_failed(prog, out, exc, committed=None):
     """A write to the command's output failed (a full disk, a closed pipe):
     one line on stderr (none for a reader that quit, unless a change was
@@ -3433,16 +3445,16 @@ def output_failed(prog, out, exc, committed=None):
     discard_output(out)
     reason = exc.strerror or str(exc) or type(exc).__name__
     if committed:
-        print(f"{prog}: {committed}, but writing its output failed: {reason}", file=sys.stderr)
+        say(f"{prog}: {committed}, but writing its output failed: {reason}")
         return EXIT_COMMITTED_OUTPUT_LOST
     if isinstance(exc, BrokenPipeError):  # `... | head`: the reader has all it wanted
         return EXIT_OUTPUT_CLOSED
-    print(f"{prog}: writing the output failed, it is incomplete: {reason}", file=sys.stderr)
+    say(f"{prog}: writing the output failed, it is incomplete: {reason}")
     return 1
 
 
 def stdout_closed(prog, what):
-    print(f"{prog}: stdout is closed: {what}", file=sys.stderr)
+    say(f"{prog}: stdout is closed: {what}")
     return 1
 
 
@@ -3480,7 +3492,7 @@ def print_report(prog, db, out, chunks_of):
     try:
         store = ReadOnlyStore(db)
     except StoreUnavailable as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        say(f"{prog}: {exc}")
         return 1
     try:
         for chunk in chunks_of(store):
@@ -3488,7 +3500,7 @@ def print_report(prog, db, out, chunks_of):
         store.check_unchanged()
         out.flush()
     except (StoreUnavailable, sqlite3.Error) as exc:
-        print(f"{prog}: reading {db} failed, the output is incomplete: {exc}", file=sys.stderr)
+        say(f"{prog}: reading {db} failed, the output is incomplete: {exc}")
         return 1
     except OSError as exc:
         return output_failed(prog, out, exc)
@@ -3617,7 +3629,7 @@ def run_prune(argv, environ, out):
         store = (ReadOnlyStore(args.db) if args.dry_run
                  else Store(args.db, DEFAULTS["busy_timeout_ms"], command=True))
     except (StoreUnavailable, OSError, sqlite3.Error) as exc:
-        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        say(f"{parser.prog}: {exc}")
         return 1
     freed = 0
     report = CheckedOutput(out)
@@ -3629,8 +3641,7 @@ def run_prune(argv, environ, out):
                 "cleared" if what == "raw bodies" else "deleted")
             report.write(f"{what} received before {iso_utc(before)}: {rows} {done}, {size} bytes\n")
     except StoreUnavailable as exc:
-        print(f"{parser.prog}: {exc} (batches already done stay done; run it again)",
-              file=sys.stderr)
+        say(f"{parser.prog}: {exc} (batches already done stay done; run it again)")
         return 1
     finally:
         store.close()
@@ -3651,27 +3662,27 @@ def run_import_booked(argv, environ, out):
     try:
         data = Path(args.file).read_bytes()
     except OSError as exc:
-        print(f"{name}: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        say(f"{name}: cannot read {args.file}: {exc.strerror or exc}")
         return 1
     try:
         rows = parse_booked_report(data, args.metric)
     except BookedFileError as exc:
-        print(f"{name}: {args.file}: {exc}; nothing imported", file=sys.stderr)
+        say(f"{name}: {args.file}: {exc}; nothing imported")
         return 1
     try:
         store = Store(args.db, DEFAULTS["busy_timeout_ms"], command=True)
     except StoreUnavailable as exc:
-        print(f"{name}: {exc}; nothing imported", file=sys.stderr)
+        say(f"{name}: {exc}; nothing imported")
         return 1
     except (OSError, sqlite3.Error) as exc:
-        print(f"{name}: cannot open the database {args.db}: {exc}", file=sys.stderr)
+        say(f"{name}: cannot open the database {args.db}: {exc}")
         return 1
     try:
         # Committed when it returns, failed (nothing stored) when it raises:
         # a command's write has no deadline (InlineWriter).
         counts = store.write(import_booked(rows, os.path.basename(args.file)))
     except StoreUnavailable as exc:
-        print(f"{name}: {exc}; nothing imported (running it again is safe)", file=sys.stderr)
+        say(f"{name}: {exc}; nothing imported (running it again is safe)")
         return 1
     finally:
         store.close()

@@ -2449,6 +2449,26 @@ def test_every_command_on_a_full_disk_or_a_closed_pipe_is_one_line_at_most_and_n
         assert ("committed" in result.stderr) == (expected == COMMITTED)
 
 
+@pytest.mark.parametrize("command, status", [
+    ("export", 1), ("reconcile", 1), ("import-booked", COMMITTED), ("prune", COMMITTED),
+    ("prune --dry-run", 1), ("--help", 1)])
+@pytest.mark.parametrize("stderr", ["/dev/full", "closed"])
+def test_the_exit_status_tells_the_truth_when_stderr_cannot_either(command_lines, db, command,
+                                                                  status, stderr):
+    """Both outputs on a full disk (2>&1 >/dev/full into the same file
+    system): the line saying the change is committed cannot be written, so
+    the status is all that says it; a failed print was a traceback and 1.
+    With stderr closed, print(file=None) would write the line to stdout."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, str(SERVER), *command_lines[command]], stdout=full,
+            stderr=full if stderr == "/dev/full" else subprocess.DEVNULL,
+            preexec_fn=(lambda: os.close(2)) if stderr == "closed" else None, timeout=30)
+    assert result.returncode == status
+    if command == "import-booked":
+        assert count(db, "booked_revenue") == 1
+
+
 def test_a_command_started_with_stdout_closed_does_nothing_and_says_so(command_lines, db):
     result = subprocess.run([sys.executable, str(SERVER), *command_lines["import-booked"]],
                             preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE, text=True,
