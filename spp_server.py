@@ -107,7 +107,11 @@ def load_tokens(env_var, credential_name, environ):
         if path is None or not path.exists():
             return ()
         source = f"the token file {path} exists but"
-        tokens = path.read_text(encoding="utf-8").splitlines()
+        try:
+            tokens = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+            raise ConfigError(f"cannot read the token file {path}: {reason}") from None
     tokens = tuple(t.strip().encode("utf-8") for t in tokens if t.strip())
     if not tokens:
         # An empty token must not silently turn auth off.
@@ -3033,8 +3037,17 @@ def inherited_sockets(environ):
     """Listening sockets passed by systemd socket activation (sd_listen_fds(3))."""
     if environ.get("LISTEN_PID") != str(os.getpid()):
         return []
-    count = int(environ.get("LISTEN_FDS", "0"))
-    return [socket.socket(fileno=fd) for fd in range(3, 3 + count)]
+    text = environ.get("LISTEN_FDS", "0")
+    if not re.fullmatch(r"[0-9]{1,4}", text):
+        raise ConfigError(f"LISTEN_FDS={shown(text)} is not a number of passed sockets")
+    sockets = []
+    for fd in range(3, 3 + int(text)):
+        try:
+            sockets.append(socket.socket(fileno=fd))
+        except OSError as exc:
+            raise ConfigError(f"LISTEN_FDS={text}: descriptor {fd} is not an open socket "
+                              f"({exc.strerror})") from None
+    return sockets
 
 
 def listening_host(sock):

@@ -5328,6 +5328,29 @@ def test_an_empty_token_file_refuses_to_start(fake_serve, tmp_path, db, content,
             "no token: put the token in it, or remove it to run without one") in caplog.text
 
 
+@pytest.mark.parametrize("count", ["abc", "", "-1", "1e2", "٣", "9" * 30])
+def test_a_listen_fds_that_is_no_count_is_named_not_a_traceback(fake_serve, db, caplog, count):
+    environ = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": count}
+    assert spp_server.main(["--db", db], environ=environ) == 2
+    assert fake_serve == []
+    assert "cannot start: LISTEN_FDS=" in caplog.text and "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfetoken", None])
+def test_a_token_file_that_cannot_be_read_is_named(fake_serve, db, tmp_path, caplog, content):
+    """Not UTF-8, or a directory where the file should be: the file is named."""
+    path = tmp_path / "postback-token"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    environ = {"CREDENTIALS_DIRECTORY": str(tmp_path)}
+    assert spp_server.main(["--db", db], environ=environ) == 2
+    assert fake_serve == []
+    assert f"cannot start: cannot read the token file {path}: " in caplog.text
+    assert "codec" not in caplog.text and "Errno" not in caplog.text
+
+
 @pytest.mark.parametrize("variable", ["SPP_POSTBACK_TOKEN", "SPP_READ_TOKEN"])
 @pytest.mark.parametrize("value", ["", " ", ",", " , "])
 def test_an_empty_token_variable_refuses_to_start(fake_serve, db, variable, value, caplog):
