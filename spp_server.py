@@ -3669,13 +3669,22 @@ def run_prune(argv, environ, out):
     return 0
 
 
+# Far above a year of a daily report by property and country (~50 bytes a row).
+MAX_REPORT_BYTES = 256 * 2**20
+
+
 def run_import_booked(argv, environ, out):
     args = parse_arguments(build_import_parser(environ), argv)
     name = "spp_server.py import-booked"
     try:
-        data = Path(args.file).read_bytes()
+        with open(args.file, "rb") as report:
+            data = report.read(MAX_REPORT_BYTES + 1)
     except OSError as exc:
         say(f"{name}: cannot read {args.file}: {exc.strerror or exc}")
+        return 1
+    if len(data) > MAX_REPORT_BYTES:  # /dev/zero, or a wrong file: not read to the end
+        say(f"{name}: {args.file}: is larger than {MAX_REPORT_BYTES // 2**20} MiB, more than "
+            "any report; import it in parts (by date); nothing imported")
         return 1
     try:
         rows = parse_booked_report(data, args.metric)

@@ -2805,6 +2805,19 @@ def test_import_command_errors_are_one_line_without_a_traceback(client, db, tmp_
     assert ok.returncode == 0 and "1 new" in ok.stdout
 
 
+@pytest.mark.parametrize("endless", [False, True])
+def test_a_report_file_past_the_size_limit_is_refused_without_reading_it_all(
+        client, db, tmp_path, capsys, monkeypatch, endless):
+    """/dev/zero (or a wrong file) was read into memory until it ran out."""
+    monkeypatch.setattr(spp_server, "MAX_REPORT_BYTES", 100)
+    path = "/dev/zero" if endless else tmp_path / "big.csv"
+    if not endless:  # a good report, but longer than the limit
+        path.write_text("date,revenue\n" + "".join(f"2026-11-{d:02d},1\n" for d in range(1, 29)))
+    assert spp_server.run_import_booked([str(path), "--db", db], {}, io.StringIO()) == 1
+    one_line_error(capsys, str(path), "larger than", "nothing imported")
+    assert count(db, "booked_revenue") == 0
+
+
 def test_an_import_replaces_every_breakdown_and_metric_stored_for_its_days(
         make_client, db, tmp_path, clock):
     client = make_client(reward_share=Decimal("0.8"))
