@@ -3544,6 +3544,16 @@ def add_report_offset_option(parser, environ):
     )
 
 
+def metric_column(text):
+    """--metric: a column other than those the rows are keyed by."""
+    taken = {key for meaning, key in booked_columns("revenue").items() if meaning != "revenue"}
+    if not column_key(text) or column_key(text) in taken:
+        raise argparse.ArgumentTypeError(
+            f"must name the revenue column, not {shown(text)} (the rows' keys are "
+            f"{', '.join(sorted(taken))})")
+    return text
+
+
 def build_import_parser(environ):
     parser = HelpfulParser(
         prog="spp_server.py import-booked",
@@ -3562,7 +3572,7 @@ def build_import_parser(environ):
         help="SQLite database file [SPP_DB, default %(default)s]",
     )
     parser.add_argument(
-        "--metric", default="revenue",
+        "--metric", default="revenue", type=metric_column,
         help="the column or key holding your share of the revenue, in USD "
         "(matched ignoring case, '-', '_' and spaces) [default %(default)s]",
     )

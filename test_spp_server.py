@@ -2805,6 +2805,19 @@ def test_import_command_errors_are_one_line_without_a_traceback(client, db, tmp_
     assert ok.returncode == 0 and "1 new" in ok.stdout
 
 
+@pytest.mark.parametrize("metric", ["", " ", "date", "Property_ID", "COUNTRY"])
+def test_a_metric_that_names_no_revenue_column_is_a_usage_error(client, db, tmp_path, capsys,
+                                                                 metric):
+    """--metric date read the dates as revenue ('line 2, date: must be a decimal')."""
+    (tmp_path / "r.csv").write_text("date,revenue\n2026-11-01,1\n")
+    with pytest.raises(SystemExit) as exited:
+        spp_server.run_import_booked([str(tmp_path / "r.csv"), "--db", db, "--metric", metric],
+                                     {}, io.StringIO())
+    assert exited.value.code == 2
+    assert "argument --metric: must name the revenue column" in capsys.readouterr().err
+    assert count(db, "booked_revenue") == 0
+
+
 @pytest.mark.parametrize("endless", [False, True])
 def test_a_report_file_past_the_size_limit_is_refused_without_reading_it_all(
         client, db, tmp_path, capsys, monkeypatch, endless):
