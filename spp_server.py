@@ -1863,6 +1863,30 @@ def json_object(pairs):
     return obj
 
 
+def repeated_key(value):
+    """The first object in the parsed JSON `value`, in document order, that
+    gives a key twice -> (its path, the key); None if none does.  Nested
+    objects count too: their values are as ambiguous.  A loop, not
+    recursion: it goes as deep as json nests."""
+    if type(value) is dict and not any(isinstance(v, (dict, list)) for v in value.values()):
+        return None  # a flat object (every postback): nothing nested to look into
+    stack = [((), value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, RepeatedKeys):
+            return path, item.repeated
+        children = item.items() if isinstance(item, dict) else (
+            enumerate(item) if isinstance(item, list) else ())
+        stack.extend(reversed([((*path, key), child) for key, child in children]))
+    return None
+
+
+def json_path_text(path):
+    """('data', 'ad_revenue', 0) -> 'data.ad_revenue[0]'; () -> 'the top object'."""
+    text = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path)
+    return text.removeprefix(".") or "the top object"
+
+
 def parse_json(text):
     """JSON text -> value: numbers with a fraction or exponent as exact
     Decimals (never a float), objects through json_object.  ValueError with
@@ -1896,8 +1920,13 @@ def parse_json_object(body):
         raise Invalid(None, f"the body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise Invalid(None, "the body must be a JSON object")
-    if isinstance(payload, RepeatedKeys):
-        raise Invalid(payload.repeated, "is given more than once: which value is meant is ambiguous")
+    repeated = repeated_key(payload)
+    if repeated:
+        path, key = repeated
+        if not path:
+            raise Invalid(key, "is given more than once: which value is meant is ambiguous")
+        raise Invalid(path[0], f"holds the key {shown(key)} more than once (at "
+                      f"{json_path_text(path)}): which value is meant is ambiguous")
     return payload
 
 
@@ -2123,10 +2152,11 @@ def json_booked_records(text):
         report = parse_json(text)
     except ValueError as exc:
         raise BookedFileError(f"is not valid JSON: {exc}") from None
-    for where, obj in [("", report), ("data", isinstance(report, dict) and report.get("data"))]:
-        if isinstance(obj, RepeatedKeys):
-            raise BookedFileError(f"{where or 'the top object'}: the key {shown(obj.repeated)} is "
-                                  "given more than once: which value is meant is ambiguous")
+    repeated = repeated_key(report)
+    if repeated:
+        path, key = repeated
+        raise BookedFileError(f"{json_path_text(path)}: the key {shown(key)} is given more than "
+                              "once: which value is meant is ambiguous")
     if isinstance(report, list):
         path, rows = "", report
     else:
@@ -2142,9 +2172,6 @@ def json_booked_records(text):
         where = f"{path}[{index}]"
         if not isinstance(row, dict):
             raise BookedFileError(f"{where}: is not an object")
-        if isinstance(row, RepeatedKeys):
-            raise BookedFileError(f"{where}: the key {shown(row.repeated)} is given more than "
-                                  "once: which value is meant is ambiguous")
         yield where, keyed_fields(where, row, row.values())
 
 

@@ -847,6 +847,26 @@ def test_a_postback_that_gives_a_key_twice_is_a_400_naming_it_and_kept(client, d
     check()
 
 
+def test_a_postback_that_gives_a_key_twice_anywhere_is_a_400_naming_its_field(client, db):
+    """Nested, with the same or another value: the field that holds it is named."""
+    @settings(max_examples=40, **HOSTILE_SETTINGS)
+    @given(field=st.sampled_from(POSTBACK_FIELDS + ["extra"]),
+           depth=st.integers(1, 4), in_list=st.booleans(), same=st.booleans())
+    def check(field, depth, in_list, same):
+        inner = '{"k": 1, "k": ' + ("1" if same else '"2"') + "}"
+        for _ in range(depth - 1):
+            inner = f'{{"n": {inner}}}'
+        value = f"[{inner}]" if in_list else inner
+        text = json.dumps(postback(**{field: "__VALUE__"})).replace('"__VALUE__"', value)
+        before = count(db, "sessions")
+        res = send_raw(client, text.encode())
+        assert_error(res, 400, field)
+        assert "'k' more than once" in res.json["error"]
+        assert count(db, "sessions") == before
+
+    check()
+
+
 LITERALS_WITH_HUGE_NUMBERS = st.one_of(
     LITERALS,
     st.integers(4301, 6000).map(lambda n: "1" * n),  # past int()'s digit limit
@@ -2977,6 +2997,11 @@ def test_after_any_imports_each_day_holds_what_the_last_import_covering_it_says(
     ('{"data": {"ad_revenue": [], "ad_revenue": [{"date": "2026-11-01", "revenue": "1"}]}}',
      "data", "ad_revenue"),
     ('{"data": {"ad_revenue": []}, "data": {"ad_revenue": []}}', "the top object", "data"),
+    # Nested in a row or beside the rows: a value no row reads is as ambiguous.
+    ('[{"date": "2026-11-01", "revenue": "1", "meta": {"a": 1, "a": 1}}]', "[0].meta", "a"),
+    ('{"data": {"ad_revenue": [{"date": "2026-11-01", "revenue": "1", "x": [{"b": 1, "b": 2}]}]}}',
+     "data.ad_revenue[0].x[0]", "b"),
+    ('{"status": {"code": 200, "code": 201}, "data": {"ad_revenue": []}}', "status", "code"),
 ])
 def test_a_booked_report_that_gives_a_key_twice_is_refused_naming_row_and_key(
         client, db, tmp_path, text, where, key):
