@@ -108,7 +108,11 @@ def load_tokens(env_var, credential_name, environ):
         if path is None or not path.exists():
             return ()
         source = f"the token file {path} exists but"
-        tokens = path.read_text(encoding="utf-8").splitlines()
+        try:
+            tokens = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+            raise ConfigError(f"cannot read the token file {path}: {reason}") from None
     tokens = tuple(t.strip().encode("utf-8") for t in tokens if t.strip())
     if not tokens:
         # An empty token must not silently turn auth off.
@@ -195,14 +199,18 @@ def utc_date_text(day):
 PLAIN_FRACTION = re.compile(r"[0-9](?:\.[0-9]{1,6})?")
 
 
+def shown(text, limit=20):
+    """A value the user gave, quoted for an error line: a long one is cut."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 def parse_fraction(text, example):
     """'0.7' -> Decimal('0.7'): a plain decimal above 0 and at most 1, with at
     most 6 places (ValueError otherwise, its message for the option's name)."""
     value = decimal.Decimal(text) if PLAIN_FRACTION.fullmatch(text) else None
     if value is None or not 0 < value <= 1:
-        shown = repr(text) if len(text) <= 20 else repr(text[:20]) + "..."
         raise ValueError("must be a decimal above 0 and at most 1, with at most 6 places, "
-                         f"such as {example}, not {shown}")
+                         f"such as {example}, not {shown(text)}")
     return value
 
 
@@ -284,6 +292,8 @@ def parse_window(since_text, until_text, required=False):
         if not text:
             if required:
                 raise Invalid(name, "is required")
+            if text is not None:  # `since=$SINCE` with SINCE unset: not a window of all time
+                raise Invalid(name, "is empty: give a time, or leave it out for no bound")
             bounds[name] = None
             continue
         try:
@@ -687,16 +697,41 @@ def database_version(conn, path):
         raise not_sqlite_or(exc, path) from None
     if version == 0 and not tables:
         return 0
-    if version == 0 or "sessions" not in tables:
-        raise StoreUnavailable(
-            f"{path} is not an spp-receiver database: another program's SQLite database "
-            f"(schema version {version}, tables {', '.join(sorted(tables)) or 'none'}; "
-            f"this code's schema is version {latest})")
-    if version > latest:
+    if version > latest and "sessions" in tables:
         raise StoreUnavailable(
             f"{path} has schema version {version}, newer than this code's {latest}: "
             "use the spp_server.py that wrote it")
+    missing = 0 < version <= latest and schema_objects(version) - file_objects(conn)
+    if version == 0 or version > latest or missing:
+        raise StoreUnavailable(
+            f"{path} is not an spp-receiver database: another program's SQLite database "
+            f"(schema version {version}, tables {', '.join(sorted(tables)) or 'none'}"
+            + (f", without {', '.join(sorted({name for name, _ in missing}))}" if missing else "")
+            + f"; this code's schema is version {latest})")
     return version
+
+
+def file_objects(conn):
+    """{(table, column)} and {(index, None)} of the database open on `conn`."""
+    objects = set()
+    for name, kind in conn.execute(
+            "SELECT name, type FROM sqlite_master WHERE type IN ('table', 'index')"):
+        if kind == "index":
+            objects.add((name, None))
+        else:
+            objects.update((name, column) for (column,) in conn.execute(
+                "SELECT name FROM pragma_table_info(?)", (name,)))
+    return objects
+
+
+@functools.lru_cache(maxsize=None)
+def schema_objects(version):
+    """What schema.sql's sections up to `version` create, as file_objects
+    sees it: another program's database with a `sessions` table and a
+    user_version in our range is still told from ours."""
+    with contextlib.closing(sqlite3.connect(":memory:", isolation_level=None)) as conn:
+        migrate(conn, SCHEMA_PATH.read_text(encoding="utf-8"), target=version)
+        return frozenset(file_objects(conn))
 
 
 def is_busy(exc):
@@ -979,7 +1014,7 @@ def decode_request(data):
         args = [base64.b64decode(a["bytes"], validate=True) if isinstance(a, dict) else a
                 for a in args]
         return functools.partial(WRITE_OPS[name], *args)
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:  # RecursionError: too deep
         raise ValueError(f"not a write request: {type(exc).__name__}: {exc}") from None
 
 
@@ -2021,22 +2056,51 @@ def json_object(pairs):
     return obj
 
 
+def repeated_key(value):
+    """The first object in the parsed JSON `value`, in document order, that
+    gives a key twice -> (its path, the key); None if none does.  Nested
+    objects count too: their values are as ambiguous.  A loop, not
+    recursion: it goes as deep as json nests."""
+    if type(value) is dict and not any(isinstance(v, (dict, list)) for v in value.values()):
+        return None  # a flat object (every postback): nothing nested to look into
+    stack = [((), value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, RepeatedKeys):
+            return path, item.repeated
+        children = item.items() if isinstance(item, dict) else (
+            enumerate(item) if isinstance(item, list) else ())
+        stack.extend(reversed([((*path, key), child) for key, child in children]))
+    return None
+
+
+def json_path_text(path):
+    """('data', 'ad_revenue', 0) -> 'data.ad_revenue[0]'; () -> 'the top object'."""
+    text = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path)
+    return text.removeprefix(".") or "the top object"
+
+
 def parse_json(text):
     """JSON text -> value: numbers with a fraction or exponent as exact
     Decimals (never a float), objects through json_object.  ValueError with
     a message for people (never an exception's repr, such as decimal's
     [<class 'decimal.InvalidOperation'>] or int's advice about sys)."""
     try:
-        return json.loads(text, parse_float=decimal.Decimal, parse_constant=_reject_constant,
-                          object_pairs_hook=json_object)
+        return json.loads(text, parse_float=decimal.Decimal, parse_int=json_int,
+                          parse_constant=_reject_constant, object_pairs_hook=json_object)
     except (json.JSONDecodeError, NotANumber) as exc:
         raise ValueError(str(exc)) from None
     except decimal.InvalidOperation:  # 1e99999999999999999999: beyond what decimal holds
         raise ValueError("a number's exponent is too large") from None
     except RecursionError:
         raise ValueError("it is nested too deeply") from None
-    except ValueError:  # int() refuses more than sys.int_info.default_max_str_digits digits
-        raise ValueError("a whole number has too many digits") from None
+
+
+def json_int(text):
+    """A JSON whole number: an int, or past the digits int() takes (its
+    advice is about sys), an exact Decimal, which the field's own check
+    then refuses by name ("must be below 1000000 USD")."""
+    return int(text) if len(text) <= 4000 else decimal.Decimal(text)
 
 
 def parse_json_object(body):
@@ -2049,8 +2113,13 @@ def parse_json_object(body):
         raise Invalid(None, f"the body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise Invalid(None, "the body must be a JSON object")
-    if isinstance(payload, RepeatedKeys):
-        raise Invalid(payload.repeated, "is given more than once: which value is meant is ambiguous")
+    repeated = repeated_key(payload)
+    if repeated:
+        path, key = repeated
+        if not path:
+            raise Invalid(key, "is given more than once: which value is meant is ambiguous")
+        raise Invalid(path[0], f"holds the key {shown(key)} more than once (at "
+                      f"{json_path_text(path)}): which value is meant is ambiguous")
     return payload
 
 
@@ -2234,7 +2303,8 @@ def keyed_fields(where, names, values):
         key = column_key(name)
         if key in seen:
             raise BookedFileError(
-                f"{where}: columns {seen[key]!r} and {name!r} both mean {key!r}: which one is meant?")
+                f"{where}: columns {shown(seen[key])} and {shown(name)} both mean {shown(key)}: "
+                "which one is meant?")
         seen[key] = name
         fields[key] = value
     return fields
@@ -2276,10 +2346,11 @@ def json_booked_records(text):
         report = parse_json(text)
     except ValueError as exc:
         raise BookedFileError(f"is not valid JSON: {exc}") from None
-    for where, obj in [("", report), ("data", isinstance(report, dict) and report.get("data"))]:
-        if isinstance(obj, RepeatedKeys):
-            raise BookedFileError(f"{where or 'the top object'}: the key {obj.repeated!r} is given "
-                                  "more than once: which value is meant is ambiguous")
+    repeated = repeated_key(report)
+    if repeated:
+        path, key = repeated
+        raise BookedFileError(f"{json_path_text(path)}: the key {shown(key)} is given more than "
+                              "once: which value is meant is ambiguous")
     if isinstance(report, list):
         path, rows = "", report
     else:
@@ -2295,9 +2366,6 @@ def json_booked_records(text):
         where = f"{path}[{index}]"
         if not isinstance(row, dict):
             raise BookedFileError(f"{where}: is not an object")
-        if isinstance(row, RepeatedKeys):
-            raise BookedFileError(f"{where}: the key {row.repeated!r} is given more than once: "
-                                  "which value is meant is ambiguous")
         yield where, keyed_fields(where, row, row.values())
 
 
@@ -3684,8 +3752,17 @@ def inherited_sockets(environ):
     """Listening sockets passed by systemd socket activation (sd_listen_fds(3))."""
     if environ.get("LISTEN_PID") != str(os.getpid()):
         return []
-    count = int(environ.get("LISTEN_FDS", "0"))
-    return [socket.socket(fileno=fd) for fd in range(3, 3 + count)]
+    text = environ.get("LISTEN_FDS", "0")
+    if not re.fullmatch(r"[0-9]{1,4}", text):
+        raise ConfigError(f"LISTEN_FDS={shown(text)} is not a number of passed sockets")
+    sockets = []
+    for fd in range(3, 3 + int(text)):
+        try:
+            sockets.append(socket.socket(fileno=fd))
+        except OSError as exc:
+            raise ConfigError(f"LISTEN_FDS={text}: descriptor {fd} is not an open socket "
+                              f"({exc.strerror})") from None
+    return sockets
 
 
 def listening_host(sock):
@@ -3806,7 +3883,10 @@ def serve(app, config, sockets=()):
     """Serve `app` until SIGTERM or SIGINT, then shut down gracefully."""
 
     keep_to_cpus(app.store.writer)
-    server = create_server(app, **waitress_settings(config, sockets))
+    try:
+        server = create_server(app, **waitress_settings(config, sockets))
+    except ValueError as exc:  # "Invalid host/port specified.": a name that does not resolve
+        raise OSError(f"{exc} ({config['host']!r} does not resolve to an address here)") from None
     socket_map = server.map if isinstance(server, MultiSocketServer) else server._map
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -3826,7 +3906,7 @@ def whole_number(text, low, high, words):
     """A whole number in [low, high], or ArgumentTypeError saying `words`
     (argparse would otherwise name this module's function: 'invalid port_number value')."""
     if not re.fullmatch(r"[0-9]{1,9}", text.strip()) or not low <= int(text) <= high:
-        raise argparse.ArgumentTypeError(f"must be {words}, not {text!r}")
+        raise argparse.ArgumentTypeError(f"must be {words}, not {shown(text)}")
     return int(text)
 
 
@@ -3843,6 +3923,31 @@ def reward_share(text):
         return parse_reward_share(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def database_path(text):
+    """A database file's path: an empty one (SPP_DB= left blank) names no file."""
+    if not text:
+        raise argparse.ArgumentTypeError("must be the path of the database file, not empty")
+    return text
+
+
+# Labels of letters, digits and inner hyphens; the last not all digits.
+HOST_NAME = re.compile(r"(?=.{1,253}\.?$)(?:(?!-)[A-Za-z0-9-]{1,63}(?<!-)\.)*"
+                       r"(?!-)(?=[A-Za-z0-9-]*[A-Za-z-])[A-Za-z0-9-]{1,63}(?<!-)\.?")
+
+
+def listen_host(text):
+    """An IP address or a host name (its last label not all digits, as in
+    999.1.1.1), checked before anything opens: waitress would refuse it only
+    when serving starts.  Whether a name resolves is seen there (serve)."""
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        if not HOST_NAME.fullmatch(text):
+            raise argparse.ArgumentTypeError(
+                f"must be an IP address or a host name, not {shown(text)}") from None
+    return text
 
 
 def log_level(text):
@@ -3866,6 +3971,8 @@ class HelpfulParser(argparse.ArgumentParser):
 
     def print_help(self, file=None):
         out = file or sys.stdout
+        if out is None:  # started with stdout closed (>&-)
+            self.exit(stdout_closed(self.prog, "nowhere to write the help"))
         try:
             out.write(self.format_help())
             out.flush()
@@ -3913,14 +4020,16 @@ def parse_arguments(parser, argv):
     args = parser.parse_args(argv)
     for value in vars(args).values():
         if isinstance(value, BadVariable):
-            parser.error(f"the environment variable {value.variable}={value.text!r}: {value.reason}")
+            parser.error(f"the environment variable {value.variable}={shown(value.text)}: "
+                         f"{value.reason}")
     return args
 
 
 def add_shared_options(parser, environ, db_help, share_adds=REWARD_SHARE_ADDS):
     """Options both the server and the report commands take."""
     parser.add_argument(
-        "--db", default=environ.get("SPP_DB", DEFAULTS["db"]),
+        "--db", type=database_path,
+        default=env_default(environ, "SPP_DB", database_path, DEFAULTS["db"]),
         help=f"{db_help} [SPP_DB, default %(default)s]",
     )
     parser.add_argument(
@@ -3933,7 +4042,6 @@ def add_shared_options(parser, environ, db_help, share_adds=REWARD_SHARE_ADDS):
 
 
 def build_parser(environ):
-    env = environ.get
     paragraphs = [
         "Receive Gamezop Session Performance Postbacks into SQLite and report what each "
         "user earned: with options only, run the server.",
@@ -3956,7 +4064,8 @@ def build_parser(environ):
     )
     add_shared_options(parser, environ, DB_HELP_SERVER)
     parser.add_argument(
-        "--host", default=env("SPP_HOST", DEFAULTS["host"]),
+        "--host", type=listen_host,
+        default=env_default(environ, "SPP_HOST", listen_host, DEFAULTS["host"]),
         help="address to listen on; other than loopback needs a read token "
         "[SPP_HOST, default %(default)s]",
     )
@@ -4045,6 +4154,18 @@ def discard_output(out):
     os.close(devnull)
 
 
+def say(line):
+    """One line on stderr for the person running a command.  A stderr that
+    cannot take it (a full disk, closed) is let be: the exit status still
+    says what happened, and print(file=None) would write to stdout."""
+    if sys.stderr is None:  # started with 2>&-
+        return
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        discard_output(sys.stderr)  # or the flush at exit fails again, with status 120
+
+
 def output_failed(prog, out, exc, committed=None):
     """A write to the command's output failed (a full disk, a closed pipe):
     one line on stderr (none for a reader that quit, unless a change was
@@ -4052,11 +4173,16 @@ def output_failed(prog, out, exc, committed=None):
     discard_output(out)
     reason = exc.strerror or str(exc) or type(exc).__name__
     if committed:
-        print(f"{prog}: {committed}, but writing its output failed: {reason}", file=sys.stderr)
+        say(f"{prog}: {committed}, but writing its output failed: {reason}")
         return EXIT_COMMITTED_OUTPUT_LOST
     if isinstance(exc, BrokenPipeError):  # `... | head`: the reader has all it wanted
         return EXIT_OUTPUT_CLOSED
-    print(f"{prog}: writing the output failed, it is incomplete: {reason}", file=sys.stderr)
+    say(f"{prog}: writing the output failed, it is incomplete: {reason}")
+    return 1
+
+
+def stdout_closed(prog, what):
+    say(f"{prog}: stdout is closed: {what}")
     return 1
 
 
@@ -4093,7 +4219,7 @@ def print_report(prog, db, out, chunks_of):
     try:
         store = ReadOnlyStore(db)
     except StoreUnavailable as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        say(f"{prog}: {exc}")
         return 1
     try:
         for chunk in chunks_of(store):
@@ -4101,7 +4227,7 @@ def print_report(prog, db, out, chunks_of):
         store.check_unchanged()
         out.flush()
     except (StoreUnavailable, sqlite3.Error) as exc:
-        print(f"{prog}: reading {db} failed, the output is incomplete: {exc}", file=sys.stderr)
+        say(f"{prog}: reading {db} failed, the output is incomplete: {exc}")
         return 1
     except OSError as exc:
         return output_failed(prog, out, exc)
@@ -4118,7 +4244,7 @@ def utc_offset_option(text):
         return parse_utc_offset(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"must be +HH:MM or -HH:MM within ±14:00, such as +05:30, not {text!r}") from None
+            f"must be +HH:MM or -HH:MM within ±14:00, such as +05:30, not {shown(text)}") from None
 
 
 def add_report_offset_option(parser, environ):
@@ -4130,6 +4256,16 @@ def add_report_offset_option(parser, environ):
         "/reconciliation and the payout ledger group SPP receive times into those days "
         "[SPP_REPORT_UTC_OFFSET, default +00:00]",
     )
+
+
+def metric_column(text):
+    """--metric: a column other than those the rows are keyed by."""
+    taken = {key for meaning, key in booked_columns("revenue").items() if meaning != "revenue"}
+    if not column_key(text) or column_key(text) in taken:
+        raise argparse.ArgumentTypeError(
+            f"must name the revenue column, not {shown(text)} (the rows' keys are "
+            f"{', '.join(sorted(taken))})")
+    return text
 
 
 def build_import_parser(environ):
@@ -4145,11 +4281,12 @@ def build_import_parser(environ):
     )
     parser.add_argument("file", help="the report file")
     parser.add_argument(
-        "--db", default=environ.get("SPP_DB", DEFAULTS["db"]),
+        "--db", type=database_path,
+        default=env_default(environ, "SPP_DB", database_path, DEFAULTS["db"]),
         help="SQLite database file [SPP_DB, default %(default)s]",
     )
     parser.add_argument(
-        "--metric", default="revenue",
+        "--metric", default="revenue", type=metric_column,
         help="the column or key holding your share of the revenue, in USD "
         "(matched ignoring case, '-', '_' and spaces) [default %(default)s]",
     )
@@ -4193,7 +4330,8 @@ def build_prune_parser(environ):
         "transactions of at most 1,000 rows each.",
     )
     parser.add_argument(
-        "--db", default=environ.get("SPP_DB", DEFAULTS["db"]),
+        "--db", type=database_path,
+        default=env_default(environ, "SPP_DB", database_path, DEFAULTS["db"]),
         help="SQLite database file; never created [SPP_DB, default %(default)s]")
     parser.add_argument(
         "--raw-bodies-before",
@@ -4219,7 +4357,7 @@ def run_prune(argv, environ, out):
             try:
                 plan += [(what, parse_instant(text)) for what in whats]
             except ValueError:
-                parser.error(f"--{option.replace('_', '-')}: {TIME_FORMS_HELP}, not {text!r}")
+                parser.error(f"--{option.replace('_', '-')}: {TIME_FORMS_HELP}, not {shown(text)}")
     if not plan:
         parser.error("give --raw-bodies-before, --rejected-before or both")
     try:
@@ -4228,7 +4366,7 @@ def run_prune(argv, environ, out):
         store = (ReadOnlyStore(args.db) if args.dry_run
                  else Store(args.db, DEFAULTS["busy_timeout_ms"], command=True))
     except (StoreUnavailable, OSError, sqlite3.Error) as exc:
-        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        say(f"{parser.prog}: {exc}")
         return 1
     freed = 0
     report = CheckedOutput(out)
@@ -4240,8 +4378,7 @@ def run_prune(argv, environ, out):
                 "cleared" if what == "raw bodies" else "deleted")
             report.write(f"{what} received before {iso_utc(before)}: {rows} {done}, {size} bytes\n")
     except StoreUnavailable as exc:
-        print(f"{parser.prog}: {exc} (batches already done stay done; run it again)",
-              file=sys.stderr)
+        say(f"{parser.prog}: {exc} (batches already done stay done; run it again)")
         return 1
     finally:
         store.close()
@@ -4256,33 +4393,42 @@ def run_prune(argv, environ, out):
     return 0
 
 
+# Far above a year of a daily report by property and country (~50 bytes a row).
+MAX_REPORT_BYTES = 256 * 2**20
+
+
 def run_import_booked(argv, environ, out):
     args = parse_arguments(build_import_parser(environ), argv)
     name = "spp_server.py import-booked"
     try:
-        data = Path(args.file).read_bytes()
+        with open(args.file, "rb") as report:
+            data = report.read(MAX_REPORT_BYTES + 1)
     except OSError as exc:
-        print(f"{name}: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
+        say(f"{name}: cannot read {args.file}: {exc.strerror or exc}")
+        return 1
+    if len(data) > MAX_REPORT_BYTES:  # /dev/zero, or a wrong file: not read to the end
+        say(f"{name}: {args.file}: is larger than {MAX_REPORT_BYTES // 2**20} MiB, more than "
+            "any report; import it in parts (by date); nothing imported")
         return 1
     try:
         rows = parse_booked_report(data, args.metric)
     except BookedFileError as exc:
-        print(f"{name}: {args.file}: {exc}; nothing imported", file=sys.stderr)
+        say(f"{name}: {args.file}: {exc}; nothing imported")
         return 1
     try:
         store = Store(args.db, DEFAULTS["busy_timeout_ms"], command=True)
     except StoreUnavailable as exc:
-        print(f"{name}: {exc}; nothing imported", file=sys.stderr)
+        say(f"{name}: {exc}; nothing imported")
         return 1
     except (OSError, sqlite3.Error) as exc:
-        print(f"{name}: cannot open the database {args.db}: {exc}", file=sys.stderr)
+        say(f"{name}: cannot open the database {args.db}: {exc}")
         return 1
     try:
         # Committed when it returns, failed (nothing stored) when it raises:
         # a command's write has no deadline (InlineWriter).
         counts = store.write(import_booked(rows, os.path.basename(args.file)))
     except StoreUnavailable as exc:
-        print(f"{name}: {exc}; nothing imported (running it again is safe)", file=sys.stderr)
+        say(f"{name}: {exc}; nothing imported (running it again is safe)")
         return 1
     finally:
         store.close()
@@ -4534,14 +4680,13 @@ def main(argv=None, environ=None):
 def run_command_line(argv, environ):
     if argv[:1] and argv[0] in COMMANDS:
         if sys.stdout is None:  # started with stdout closed (>&-): Python leaves it None
-            print(f"spp_server.py {argv[0]}: stdout is closed: nowhere to write the output; "
-                  "nothing done", file=sys.stderr)
-            return 1
+            return stdout_closed(f"spp_server.py {argv[0]}",
+                                 "nowhere to write the output; nothing done")
         return COMMANDS[argv[0]][0](argv[1:], environ)
     parser = build_parser(environ)
     if argv[:1] and not argv[0].startswith("-"):  # the server takes no argument
         close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
-        parser.error(f"{argv[0]!r} is not a command"
+        parser.error(f"{shown(argv[0])} is not a command"
                      + (f": did you mean {close[0]!r}?" if close else "")
                      + f" (the commands are {', '.join(COMMANDS)})")
     args = parse_arguments(parser, argv)

@@ -848,6 +848,26 @@ def test_a_postback_that_gives_a_key_twice_is_a_400_naming_it_and_kept(client, d
     check()
 
 
+def test_a_postback_that_gives_a_key_twice_anywhere_is_a_400_naming_its_field(client, db):
+    """Nested, with the same or another value: the field that holds it is named."""
+    @settings(max_examples=40, **HOSTILE_SETTINGS)
+    @given(field=st.sampled_from(POSTBACK_FIELDS + ["extra"]),
+           depth=st.integers(1, 4), in_list=st.booleans(), same=st.booleans())
+    def check(field, depth, in_list, same):
+        inner = '{"k": 1, "k": ' + ("1" if same else '"2"') + "}"
+        for _ in range(depth - 1):
+            inner = f'{{"n": {inner}}}'
+        value = f"[{inner}]" if in_list else inner
+        text = json.dumps(postback(**{field: "__VALUE__"})).replace('"__VALUE__"', value)
+        before = count(db, "sessions")
+        res = send_raw(client, text.encode())
+        assert_error(res, 400, field)
+        assert "'k' more than once" in res.json["error"]
+        assert count(db, "sessions") == before
+
+    check()
+
+
 LITERALS_WITH_HUGE_NUMBERS = st.one_of(
     LITERALS,
     st.integers(4301, 6000).map(lambda n: "1" * n),  # past int()'s digit limit
@@ -855,6 +875,20 @@ LITERALS_WITH_HUGE_NUMBERS = st.one_of(
     st.sampled_from(["1e99999999999999999999", "-1E+99999999999999999999", "0." + "0" * 5000 + "1",
                      "[" * 100_000, "{\"a\":" * 20_000, '{"a": 1, "a": 2}']),
 )
+
+
+@pytest.mark.parametrize("field", POSTBACK_FIELDS)
+def test_a_whole_number_of_any_length_is_refused_by_its_field_name(client, db, field):
+    """int() refuses more than 4300 digits; the refusal must still name the field."""
+    @settings(max_examples=10, **HOSTILE_SETTINGS)
+    @given(digits=st.integers(4001, 20_000))
+    def check(digits):
+        text = json.dumps(postback(**{field: "__LITERAL__"}))
+        res = send_raw(client, as_body(text.replace('"__LITERAL__"', "9" * digits)))
+        assert_error(res, 400, field)
+        assert_no_internals(res.json["error"])
+
+    check()
 
 
 def test_no_postback_error_shows_python_internals(client, db):
@@ -1292,6 +1326,21 @@ def test_a_misspelt_window_never_reads_as_all_time(client, clock):
     assert_error(client.get("/totals?group_by=day", status=400), 400, "group_by")
     assert_error(export(client, status=400, since="2026-12-02", until="2026-12-03",
                         property_id="1234"), 400, "property_id")
+
+
+@pytest.mark.parametrize("name", ["since", "until"])
+def test_an_empty_window_bound_never_reads_as_all_time(client, clock, name):
+    """`since=$SINCE` with the variable unset: all-time earnings, a payout of everything."""
+    post_at(client, clock, "2026-11-01T10:00:00Z", user_id="u")
+    checked = 0
+    for route in read_routes(client.app):
+        if name in route.config["query_params"]:
+            other = {"since": "&until=2026-12-01", "until": "&since=2026-11-01"}[name]
+            res = request_route(client, route, f"{name}={other}", 400)
+            assert_error(res, 400, name)
+            assert "empty" in res.json["error"] or res.json["error"] == "is required"
+            checked += 1
+    assert checked == 4  # /users/<id>/earnings, /earnings, /totals, /reconciliation
 
 
 PARAMETER_NAMES = st.one_of(
@@ -2429,6 +2478,26 @@ def test_every_command_on_a_full_disk_or_a_closed_pipe_is_one_line_at_most_and_n
         assert ("committed" in result.stderr) == (expected == COMMITTED)
 
 
+@pytest.mark.parametrize("command, status", [
+    ("export", 1), ("reconcile", 1), ("import-booked", COMMITTED), ("prune", COMMITTED),
+    ("prune --dry-run", 1), ("--help", 1)])
+@pytest.mark.parametrize("stderr", ["/dev/full", "closed"])
+def test_the_exit_status_tells_the_truth_when_stderr_cannot_either(command_lines, db, command,
+                                                                  status, stderr):
+    """Both outputs on a full disk (2>&1 >/dev/full into the same file
+    system): the line saying the change is committed cannot be written, so
+    the status is all that says it; a failed print was a traceback and 1.
+    With stderr closed, print(file=None) would write the line to stdout."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, str(SERVER), *command_lines[command]], stdout=full,
+            stderr=full if stderr == "/dev/full" else subprocess.DEVNULL,
+            preexec_fn=(lambda: os.close(2)) if stderr == "closed" else None, timeout=30)
+    assert result.returncode == status
+    if command == "import-booked":
+        assert count(db, "booked_revenue") == 1
+
+
 def test_a_command_started_with_stdout_closed_does_nothing_and_says_so(command_lines, db):
     result = subprocess.run([sys.executable, str(SERVER), *command_lines["import-booked"]],
                             preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE, text=True,
@@ -2436,6 +2505,16 @@ def test_a_command_started_with_stdout_closed_does_nothing_and_says_so(command_l
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "stdout is closed" in result.stderr
     assert count(db, "booked_revenue") == 0
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["export", "--help"], ["prune", "--help"]])
+def test_help_with_stdout_closed_says_so_without_a_traceback(argv):
+    """The server's own --help runs no command, so it met the closed stdout
+    inside argparse: an AttributeError traceback."""
+    result = subprocess.run([sys.executable, str(SERVER), *argv], preexec_fn=lambda: os.close(1),
+                            stderr=subprocess.PIPE, text=True, timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "stdout is closed" in result.stderr
 
 # --- Read-only access: a backup read by a user who may not write it ---
 
@@ -2807,6 +2886,32 @@ def test_import_command_errors_are_one_line_without_a_traceback(client, db, tmp_
     assert ok.returncode == 0 and "1 new" in ok.stdout
 
 
+@pytest.mark.parametrize("metric", ["", " ", "date", "Property_ID", "COUNTRY"])
+def test_a_metric_that_names_no_revenue_column_is_a_usage_error(client, db, tmp_path, capsys,
+                                                                 metric):
+    """--metric date read the dates as revenue ('line 2, date: must be a decimal')."""
+    (tmp_path / "r.csv").write_text("date,revenue\n2026-11-01,1\n")
+    with pytest.raises(SystemExit) as exited:
+        spp_server.run_import_booked([str(tmp_path / "r.csv"), "--db", db, "--metric", metric],
+                                     {}, io.StringIO())
+    assert exited.value.code == 2
+    assert "argument --metric: must name the revenue column" in capsys.readouterr().err
+    assert count(db, "booked_revenue") == 0
+
+
+@pytest.mark.parametrize("endless", [False, True])
+def test_a_report_file_past_the_size_limit_is_refused_without_reading_it_all(
+        client, db, tmp_path, capsys, monkeypatch, endless):
+    """/dev/zero (or a wrong file) was read into memory until it ran out."""
+    monkeypatch.setattr(spp_server, "MAX_REPORT_BYTES", 100)
+    path = "/dev/zero" if endless else tmp_path / "big.csv"
+    if not endless:  # a good report, but longer than the limit
+        path.write_text("date,revenue\n" + "".join(f"2026-11-{d:02d},1\n" for d in range(1, 29)))
+    assert spp_server.run_import_booked([str(path), "--db", db], {}, io.StringIO()) == 1
+    one_line_error(capsys, str(path), "larger than", "nothing imported")
+    assert count(db, "booked_revenue") == 0
+
+
 def test_an_import_replaces_every_breakdown_and_metric_stored_for_its_days(
         make_client, db, tmp_path, clock):
     client = make_client(reward_share=Decimal("0.8"))
@@ -2953,6 +3058,11 @@ def test_after_any_imports_each_day_holds_what_the_last_import_covering_it_says(
     ('{"data": {"ad_revenue": [], "ad_revenue": [{"date": "2026-11-01", "revenue": "1"}]}}',
      "data", "ad_revenue"),
     ('{"data": {"ad_revenue": []}, "data": {"ad_revenue": []}}', "the top object", "data"),
+    # Nested in a row or beside the rows: a value no row reads is as ambiguous.
+    ('[{"date": "2026-11-01", "revenue": "1", "meta": {"a": 1, "a": 1}}]', "[0].meta", "a"),
+    ('{"data": {"ad_revenue": [{"date": "2026-11-01", "revenue": "1", "x": [{"b": 1, "b": 2}]}]}}',
+     "data.ad_revenue[0].x[0]", "b"),
+    ('{"status": {"code": 200, "code": 201}, "data": {"ad_revenue": []}}', "status", "code"),
 ])
 def test_a_booked_report_that_gives_a_key_twice_is_refused_naming_row_and_key(
         client, db, tmp_path, text, where, key):
@@ -5017,6 +5127,13 @@ def make_not_ours(path, kind):
             spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text())
             conn.execute("PRAGMA user_version = 99")
             return ["newer", "99"]
+        if kind.startswith("foreign-sessions-"):
+            # Another program's `sessions` table (a common name) at a version this code has.
+            version = int(kind.rsplit("-", 1)[1])
+            conn.execute("CREATE TABLE sessions (id INTEGER PRIMARY KEY, token TEXT, expires INT)")
+            conn.execute("INSERT INTO sessions (token) VALUES ('abc')")
+            conn.execute(f"PRAGMA user_version = {version}")
+            return ["another program's", "sessions", f"version {version}"]
         conn.execute("CREATE TABLE notes (body TEXT)")
         conn.execute("INSERT INTO notes VALUES ('mine')")
         if kind == "foreign-versioned":
@@ -5025,7 +5142,8 @@ def make_not_ours(path, kind):
         return ["another program's", "notes", "version 0"]
 
 
-NOT_OURS = ["empty", "text", "foreign", "foreign-versioned", "newer"]
+NOT_OURS = ["empty", "text", "foreign", "foreign-versioned", "newer",
+            *(f"foreign-sessions-{v}" for v in SCHEMA_VERSIONS)]
 
 
 def run_entry_point(entry, db, tmp_path):
@@ -5095,6 +5213,20 @@ def test_commands_use_an_older_database_the_server_upgrades(db, tmp_path, capsys
     one_line_error(capsys, "schema version 1", f"older than this code's {LATEST}")
     assert run_entry_point("import-booked", db, tmp_path) == 0
     assert rows(db, "PRAGMA user_version") == [(LATEST,)]
+
+
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
+def test_a_database_of_ours_missing_a_table_or_column_of_its_version_is_refused(
+        db, tmp_path, capsys, version):
+    """The version alone does not make a database ours: what that version's
+    sections create must be there (a table dropped, a column renamed by hand)."""
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=version)
+        conn.execute("ALTER TABLE sessions RENAME COLUMN revenue_nano TO revenue")
+    before = Path(db).read_bytes()
+    assert run_entry_point("import-booked", db, tmp_path) == 1
+    one_line_error(capsys, db, "another program's", f"version {version}", "sessions")
+    assert Path(db).read_bytes() == before
 
 
 # --- Group commit: the writer thread and the writer process ---
@@ -5435,6 +5567,8 @@ def write_loop_in_thread(db, channels):
     request_frame(b'{"op": "insert_session"}'),
     request_frame(b"[]"),
     request_frame(b"null"),
+    request_frame(b"[" * 200_000),  # nested deeper than json's recursion allows
+    request_frame(b'["insert_rejected", ' + b'{"a": ' * 60_000 + b"]"),
     spp_server.FRAME.pack(100) + b"cut short",
 ])
 def test_a_channel_that_sends_no_request_is_dropped_and_the_others_commit(db, garbage):
@@ -5457,6 +5591,24 @@ def test_a_channel_that_sends_no_request_is_dropped_and_the_others_commit(db, ga
         conn.close()
     assert not thread.is_alive()  # it ended because its channels closed, not on the garbage
     assert rows(db, "SELECT user_id FROM sessions ORDER BY id") == [("good",), ("next",)]
+
+
+@given(st.one_of(
+    st.binary(max_size=200),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+                 lambda inner: st.lists(inner, max_size=4)
+                 | st.dictionaries(st.text(max_size=5), inner, max_size=4)).map(
+        lambda value: json.dumps(value).encode()),
+    st.integers(1, 300_000).map(lambda depth: b"[" * depth + b"]" * (depth % 3))))
+@settings(max_examples=200, deadline=None, database=None)
+def test_decoding_any_frame_gives_a_write_op_or_a_value_error(data):
+    """What write_loop catches to drop one channel: any other exception would
+    end the writer process, and every postback with it."""
+    try:
+        op = spp_server.decode_request(data)
+    except ValueError:
+        return
+    assert op.func in spp_server.WRITE_OPS.values()
 
 
 def test_a_pickle_sent_to_the_writer_process_is_never_unpickled(process_store, db, tmp_path):
@@ -6037,7 +6189,8 @@ def test_an_option_missing_its_value_gets_argparses_own_error(fake_serve, db, ca
     ("SPP_PORT", "x", "--port"), ("SPP_PORT", "70000", "--port"), ("SPP_THREADS", "0", "--threads"),
     ("SPP_THREADS", "1e3", "--threads"), ("SPP_LOG_LEVEL", "loud", "--log-level"),
     ("SPP_REWARD_SHARE", "2", "--reward-share"), ("SPP_REWARD_SHARE", "NaN", "--reward-share"),
-    ("SPP_REPORT_UTC_OFFSET", "+5", "--report-utc-offset")])
+    ("SPP_REPORT_UTC_OFFSET", "+5", "--report-utc-offset"), ("SPP_HOST", "", "--host"),
+    ("SPP_HOST", "999.1.1.1", "--host"), ("SPP_HOST", "no such host", "--host")])
 def test_a_bad_environment_variable_is_named_not_a_flag_never_given(
         fake_serve, db, capsys, command, variable, value, flag):
     parser_of = {(): spp_server.build_parser, ("export",): spp_server.build_export_parser,
@@ -6051,16 +6204,51 @@ def test_a_bad_environment_variable_is_named_not_a_flag_never_given(
     assert f"{variable}={value!r}" in error
     assert flag not in error and "invalid" not in error and "<" not in error
     given = {"--port": "9000", "--threads": "2", "--log-level": "info", "--reward-share": "0.5",
-             "--report-utc-offset": "+01:00"}[flag]
+             "--report-utc-offset": "+01:00", "--host": "127.0.0.1"}[flag]
     if not command:  # the flag wins over the variable, which is then not read at all
         assert spp_server.main(["--db", db, f"{flag}={given}"], environ={variable: value}) == 0
 
 
-@pytest.mark.parametrize("bad", [["--port", "70000"], ["--threads", "0"], ["--port", "x"]])
-def test_bad_option_values_exit_with_usage(fake_serve, bad):
+@pytest.mark.parametrize("command", [[], ["export", "--since", "1", "--until", "2"],
+                                     ["reconcile", "--since", "2026-11-01", "--until", "2026-11-02"],
+                                     ["import-booked", "r.csv"], ["prune", "--rejected-before", "1"]])
+def test_an_empty_database_path_is_named_as_the_variable_or_the_flag(fake_serve, capsys, command):
+    """SPP_DB= left blank named no file: "cannot open the database : [Errno 2] ..."."""
+    for argv, environ, named in [(command, {"SPP_DB": ""}, "SPP_DB=''"),
+                                 ([*command, "--db="], {}, "argument --db")]:
+        with pytest.raises(SystemExit) as exited:
+            spp_server.main(argv, environ=environ)
+        assert exited.value.code == 2 and fake_serve == []
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert named in error and "not empty" in error and "Errno" not in error
+
+
+@pytest.mark.parametrize("bad", [["--port", "70000"], ["--threads", "0"], ["--port", "x"],
+                                 ["--host="], ["--host", "999.1.1.1"], ["--host", "not a host"]])
+def test_bad_option_values_exit_with_usage(fake_serve, capsys, bad):
+    """Before anything opens: an address waitress cannot listen on was a
+    traceback from inside waitress when serving started."""
     with pytest.raises(SystemExit) as exited:
         spp_server.main(bad, environ={})
+    assert exited.value.code == 2 and fake_serve == []
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert f"argument {bad[0].rstrip('=')}: must be" in error and "Traceback" not in error
+
+
+@given(value=st.text(min_size=200, max_size=5000))
+@settings(max_examples=25, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.parametrize("variable", ["SPP_PORT", "SPP_THREADS", "SPP_LOG_LEVEL",
+                                      "SPP_REWARD_SHARE", "SPP_REPORT_UTC_OFFSET"])
+def test_a_long_bad_value_is_named_in_a_short_line(fake_serve, capsys, variable, value):
+    """The line names the variable and quotes the start of the value, not
+    all of it (a megabyte of it would be the whole error)."""
+    value = "x" + value.replace("\x00", "")  # never valid: no option starts with a letter x
+    with pytest.raises(SystemExit) as exited:
+        spp_server.main([], environ={variable: value})
     assert exited.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert variable in error and len(error) < 400, error
 
 
 def test_tokens_come_from_credential_files_ignoring_trailing_whitespace(tmp_path):
@@ -6090,6 +6278,29 @@ def test_an_empty_token_file_refuses_to_start(fake_serve, tmp_path, db, content,
             "no token: put the token in it, or remove it to run without one") in caplog.text
 
 
+@pytest.mark.parametrize("count", ["abc", "", "-1", "1e2", "٣", "9" * 30])
+def test_a_listen_fds_that_is_no_count_is_named_not_a_traceback(fake_serve, db, caplog, count):
+    environ = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": count}
+    assert spp_server.main(["--db", db], environ=environ) == 2
+    assert fake_serve == []
+    assert "cannot start: LISTEN_FDS=" in caplog.text and "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfetoken", None])
+def test_a_token_file_that_cannot_be_read_is_named(fake_serve, db, tmp_path, caplog, content):
+    """Not UTF-8, or a directory where the file should be: the file is named."""
+    path = tmp_path / "postback-token"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    environ = {"CREDENTIALS_DIRECTORY": str(tmp_path)}
+    assert spp_server.main(["--db", db], environ=environ) == 2
+    assert fake_serve == []
+    assert f"cannot start: cannot read the token file {path}: " in caplog.text
+    assert "codec" not in caplog.text and "Errno" not in caplog.text
+
+
 @pytest.mark.parametrize("variable", ["SPP_POSTBACK_TOKEN", "SPP_READ_TOKEN"])
 @pytest.mark.parametrize("value", ["", " ", ",", " , "])
 def test_an_empty_token_variable_refuses_to_start(fake_serve, db, variable, value, caplog):
@@ -6109,6 +6320,15 @@ def test_non_loopback_host_without_read_token_refuses_to_start(fake_serve, db, h
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
 def test_loopback_host_needs_no_read_token(fake_serve, db, host):
     assert spp_server.main(["--host", host, "--db", db], environ={}) == 0
+
+
+def test_a_host_name_that_does_not_resolve_is_one_line_not_a_traceback(db, caplog):
+    """The name is well-formed, so only listening can tell (.invalid never resolves)."""
+    environ = {"SPP_READ_TOKEN": "r"}
+    assert spp_server.main(["--host", "spp.invalid", "--port", "0", "--db", db], environ) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "cannot listen on spp.invalid" in errors[0]
+    assert "does not resolve" in errors[0]
 
 
 def test_non_loopback_host_with_read_token_starts(fake_serve, db):
