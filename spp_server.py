@@ -4025,13 +4025,18 @@ def parse_arguments(parser, argv):
     return args
 
 
-def add_shared_options(parser, environ, db_help, share_adds=REWARD_SHARE_ADDS):
-    """Options both the server and the report commands take."""
+def add_db_option(parser, environ, db_help):
+    """--db, which every command and the server take."""
     parser.add_argument(
         "--db", type=database_path,
         default=env_default(environ, "SPP_DB", database_path, DEFAULTS["db"]),
         help=f"{db_help} [SPP_DB, default %(default)s]",
     )
+
+
+def add_shared_options(parser, environ, db_help, share_adds=REWARD_SHARE_ADDS):
+    """Options both the server and the report commands take."""
+    add_db_option(parser, environ, db_help)
     parser.add_argument(
         "--reward-share", type=reward_share,
         default=env_default(environ, "SPP_REWARD_SHARE", reward_share, None),
@@ -4280,11 +4285,7 @@ def build_import_parser(environ):
         "safe while the server runs.",
     )
     parser.add_argument("file", help="the report file")
-    parser.add_argument(
-        "--db", type=database_path,
-        default=env_default(environ, "SPP_DB", database_path, DEFAULTS["db"]),
-        help="SQLite database file [SPP_DB, default %(default)s]",
-    )
+    add_db_option(parser, environ, "SQLite database file")
     parser.add_argument(
         "--metric", default="revenue", type=metric_column,
         help="the column or key holding your share of the revenue, in USD "
@@ -4329,10 +4330,7 @@ def build_prune_parser(environ):
         "old refused and conflicting postbacks. Safe while the server runs: short "
         "transactions of at most 1,000 rows each.",
     )
-    parser.add_argument(
-        "--db", type=database_path,
-        default=env_default(environ, "SPP_DB", database_path, DEFAULTS["db"]),
-        help="SQLite database file; never created [SPP_DB, default %(default)s]")
+    add_db_option(parser, environ, "SQLite database file; never created")
     parser.add_argument(
         "--raw-bodies-before",
         help=f"clear the raw body of each session received before this time: {TIME_FORMS_HELP}")
@@ -4461,11 +4459,6 @@ LEDGER_EXIT_HELP = ("Exit status 0 when done; 1, with one line on stderr, when t
 
 
 LEDGER_OPTIONS = ("until", "pay-now-share", "final-share", "report-utc-offset", "settlement")
-
-
-def add_db_option(parser, environ, db_help):
-    parser.add_argument("--db", default=environ.get("SPP_DB", DEFAULTS["db"]),
-                        help=f"{db_help} [SPP_DB, default %(default)s]")
 
 
 def build_pay_parser(environ):

@@ -6209,9 +6209,18 @@ def test_a_bad_environment_variable_is_named_not_a_flag_never_given(
         assert spp_server.main(["--db", db, f"{flag}={given}"], environ={variable: value}) == 0
 
 
-@pytest.mark.parametrize("command", [[], ["export", "--since", "1", "--until", "2"],
-                                     ["reconcile", "--since", "2026-11-01", "--until", "2026-11-02"],
-                                     ["import-booked", "r.csv"], ["prune", "--rejected-before", "1"]])
+EVERY_COMMAND = [[], ["export", "--since", "1", "--until", "2"],
+                 ["reconcile", "--since", "2026-11-01", "--until", "2026-11-02"],
+                 ["import-booked", "r.csv"], ["prune", "--rejected-before", "1"],
+                 ["pay", "--until", "1", "--pay-now-share", "0.5", "--final-share", "0.9"],
+                 ["settle"], ["statement", "u"], ["ledger"]]
+
+
+def test_every_command_is_in_the_list_of_every_command():
+    assert {argv[0] for argv in EVERY_COMMAND if argv} == set(spp_server.COMMANDS)
+
+
+@pytest.mark.parametrize("command", EVERY_COMMAND)
 def test_an_empty_database_path_is_named_as_the_variable_or_the_flag(fake_serve, capsys, command):
     """SPP_DB= left blank named no file: "cannot open the database : [Errno 2] ..."."""
     for argv, environ, named in [(command, {"SPP_DB": ""}, "SPP_DB=''"),
