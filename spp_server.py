@@ -4576,7 +4576,7 @@ def run_pay(argv, environ, out):
         pay_now = parse_ledger_share(args.pay_now_share, "pay-now-share")
         final = parse_ledger_share(args.final_share, "final-share")
         run_id = pay_run(store, until, pay_now, final, args.report_utc_offset)
-        return (f"run {run_id} is recorded (the same --until prints it again)",
+        return (f"run {run_id} is committed (the same --until prints it again)",
                 run_output(store, run_id, args.format))
 
     return run_ledger_step(parser.prog, args.db, out, step)
@@ -4595,7 +4595,7 @@ def run_settle(argv, environ, out):
         if settlement_id is None:
             print(f"{parser.prog}: nothing to settle", file=sys.stderr)
             return None, settlement_output(store, settlement_id, args.format)
-        return (f"settlement {settlement_id} is recorded (settle --settlement "
+        return (f"settlement {settlement_id} is committed (settle --settlement "
                 f"{settlement_id} prints it again)",
                 settlement_output(store, settlement_id, args.format))
 

@@ -2443,6 +2443,11 @@ def command_lines(client, db, tmp_path):
         "prune --dry-run": ["prune", "--db", db, "--rejected-before", "2100-01-01", "--dry-run"],
         "--help": ["--help"],
         "export --help": ["export", "--help"],
+        # A run of no session is recorded too: its header row is its output.
+        "pay": ["pay", "--db", db, "--until", "2000-01-01", "--pay-now-share", "0.5",
+                "--final-share", "0.9"],
+        "statement": ["statement", "sub1", "--db", db],
+        "ledger": ["ledger", "--db", db],
     }
 
 
@@ -2453,7 +2458,8 @@ CLOSED = spp_server.EXIT_OUTPUT_CLOSED
 @pytest.mark.parametrize("command, status_full, status_closed", [
     ("export", 1, CLOSED), ("reconcile", 1, CLOSED), ("import-booked", COMMITTED, COMMITTED),
     ("prune", COMMITTED, COMMITTED), ("prune --dry-run", 1, CLOSED), ("--help", 1, CLOSED),
-    ("export --help", 1, CLOSED)])
+    ("export --help", 1, CLOSED), ("pay", COMMITTED, COMMITTED), ("statement", 1, CLOSED),
+    ("ledger", 1, CLOSED)])
 @pytest.mark.parametrize("output", ["/dev/full", "closed pipe"])
 def test_every_command_on_a_full_disk_or_a_closed_pipe_is_one_line_at_most_and_not_0(
         command_lines, command, status_full, status_closed, output):
@@ -2480,7 +2486,7 @@ def test_every_command_on_a_full_disk_or_a_closed_pipe_is_one_line_at_most_and_n
 
 @pytest.mark.parametrize("command, status", [
     ("export", 1), ("reconcile", 1), ("import-booked", COMMITTED), ("prune", COMMITTED),
-    ("prune --dry-run", 1), ("--help", 1)])
+    ("prune --dry-run", 1), ("--help", 1), ("pay", COMMITTED), ("ledger", 1)])
 @pytest.mark.parametrize("stderr", ["/dev/full", "closed"])
 def test_the_exit_status_tells_the_truth_when_stderr_cannot_either(command_lines, db, command,
                                                                   status, stderr):
