@@ -5166,12 +5166,17 @@ def run_entry_point(entry, db, tmp_path):
             ["--db", db, "--rejected-before", "2100-01-01", "--dry-run"], {}, io.StringIO()),
         "export": lambda: spp_server.run_export(["--db", db, *window], {}, io.BytesIO()),
         "reconcile": lambda: spp_server.run_reconcile(["--db", db, *window], {}, io.BytesIO()),
+        "pay": lambda: spp_server.run_pay(["--db", db, "--until", "2000-01-01", "--pay-now-share",
+                                           "0.5", "--final-share", "0.9"], {}, io.BytesIO()),
+        "settle": lambda: spp_server.run_settle(["--db", db], {}, io.BytesIO()),
+        "statement": lambda: spp_server.run_statement(["u", "--db", db], {}, io.BytesIO()),
+        "ledger": lambda: spp_server.run_ledger(["--db", db], {}, io.BytesIO()),
     }[entry]()
 
 
 @pytest.mark.parametrize("kind", NOT_OURS)
 @pytest.mark.parametrize("entry", ["import-booked", "prune", "prune --dry-run", "export",
-                                   "reconcile"])
+                                   "reconcile", "pay", "settle", "statement", "ledger"])
 def test_every_command_refuses_a_file_that_is_not_its_database_and_changes_nothing(
         tmp_path, capsys, kind, entry):
     folder = tmp_path / "data"
