@@ -1949,15 +1949,29 @@ def encode_records(records, columns, fmt):
         while batch := list(itertools.islice(records, ENCODE_BATCH_RECORDS)):
             yield "".join([encode(record) + "\n" for record in batch]).encode("utf-8")
         return
+    yield from encode_csv((["" if (value := record[c]) is None else value for c in columns]
+                           for record in records), columns)
+
+
+def encode_csv(rows, columns):
+    """Rows of values in the order of `columns` -> pieces of CSV bytes, the
+    header row first (see encode_records)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
-    rows = itertools.chain([columns], (["" if (value := record[c]) is None else value
-                                        for c in columns] for record in records))
+    rows = itertools.chain([columns], rows)
     while batch := list(itertools.islice(rows, ENCODE_BATCH_RECORDS)):
         writer.writerows(batch)
         yield buffer.getvalue().encode("utf-8")
         buffer.seek(0)
         buffer.truncate()
+
+
+def encode_values(rows, columns, fmt):
+    """Like encode_records, from rows of values in the order of `columns`
+    (never None): no dict per row for CSV, the ledger's million lines."""
+    if fmt == "ndjson":
+        return encode_records((dict(zip(columns, row)) for row in rows), columns, fmt)
+    return encode_csv(rows, columns)
 
 
 def in_chunks(lines, size=64 * 1024):
@@ -2929,12 +2943,11 @@ def pay_run(store, until_us, pay_now, final, offset_minutes):
 def run_output(store, run_id, fmt):
     """A run's lines, one per user ordered by user-id, as CSV or NDJSON: what
     the publisher's app credits (paid-now is after deducted)."""
-    records = ({"run-id": run_id, "user-id": user, "sessions": sessions,
-                "estimated-revenue": nanos_to_usd(estimated),
-                "paid-now": nanos_to_usd(paid - deducted), "deducted": nanos_to_usd(deducted)}
-               for user, sessions, estimated, paid, deducted in store.stream(
-                   SQL["run_lines"], (run_id,)))
-    return in_chunks(encode_records(records, RUN_COLUMNS, fmt))
+    rows = ((run_id, user, sessions, nanos_to_usd(estimated), nanos_to_usd(paid - deducted),
+             nanos_to_usd(deducted))
+            for user, sessions, estimated, paid, deducted in store.stream(
+                SQL["run_lines"], (run_id,)))
+    return in_chunks(encode_values(rows, RUN_COLUMNS, fmt))
 
 
 def largest_remainder(total, weights):
@@ -2964,7 +2977,9 @@ class Pool:
     property_id: str
     by_property: int
     booked: int
-    users: dict  # user -> [sessions, estimated, paid_now, {final share: estimate}, adjustment]
+    # user -> [sessions, estimated, paid now, final share (millionths) times
+    # sessions and times estimates, summed over the user's parts, adjustment]
+    users: dict
 
     def totals(self):
         users = self.users.values()
@@ -2983,10 +2998,9 @@ def pool_lines(pool, write_off):
     booked_parts = largest_remainder(pool.booked, weights)
     lines = []
     for user, weight, booked_part in zip(users, weights, booked_parts):
-        sessions, estimated, paid, shares, adjustment = pool.users[user]
+        sessions, estimated, paid, *shared, adjustment = pool.users[user]
         # Exact in integers: a share has at most 6 places.
-        shared = sum(share_millionths(share) * w[weight_of] for share, w in shares.items())
-        final = booked_part * shared // (weight * 10**6) if weight else 0
+        final = booked_part * shared[weight_of] // (weight * 10**6) if weight else 0
         # Against what the user holds for the pool so far (written-off amounts included).
         delta = final - paid - (adjustment or 0)
         top_up, short = max(delta, 0), max(-delta, 0)
@@ -2995,25 +3009,22 @@ def pool_lines(pool, write_off):
     return lines
 
 
-def pool_users(part_rows, shares):
-    """The parts of a pool summed per user: {user: [sessions, estimated, paid
-    now, {final share: [sessions, estimated]}, None]} (see Pool)."""
+def pool_users(part_rows, final_millionths):
+    """The parts of a pool summed per user (see Pool.users).  The final
+    shares of the runs are summed weighted by sessions and by estimates, so
+    that pool_lines applies them in proportion to either."""
     users = {}
     for run, user, sessions, estimated, paid in part_rows:
-        share = shares[run]
+        share = final_millionths[run]
         entry = users.get(user)
         if entry is None:
-            users[user] = [sessions, estimated, paid, {share: [sessions, estimated]}, None]
-            continue
-        entry[0] += sessions
-        entry[1] += estimated
-        entry[2] += paid
-        weights = entry[3].get(share)
-        if weights is None:
-            entry[3][share] = [sessions, estimated]
+            users[user] = [sessions, estimated, paid, share * sessions, share * estimated, None]
         else:
-            weights[0] += sessions
-            weights[1] += estimated
+            entry[0] += sessions
+            entry[1] += estimated
+            entry[2] += paid
+            entry[3] += share * sessions
+            entry[4] += share * estimated
     return users
 
 
@@ -3028,7 +3039,8 @@ def settle_pools(conn):
     run_id, last_id, last_until, offset = last
     booked = conn.execute(SQL["booked_pools"]).fetchall()
     days_by_property = {day for day, prop, *_ in booked if prop != ""}
-    shares = dict(conn.execute(SQL["run_final_shares"]).fetchall())
+    final_millionths = {run: share_millionths(share)
+                        for run, share in conn.execute(SQL["run_final_shares"])}
     paid_days = {}
     pools = []
     for day, prop, whole, rest in booked:
@@ -3044,9 +3056,9 @@ def settle_pools(conn):
         part_rows = itertools.chain.from_iterable(
             conn.execute(SQL["pool_parts" if by_property else "day_parts"],
                          (run, day, prop) if by_property else (run, day))
-            for run in shares)
+            for run in final_millionths)
         pool = Pool(day, prop, by_property, joined_nanos(whole, rest),
-                    pool_users(part_rows, shares))
+                    pool_users(part_rows, final_millionths))
         # Per day, not per pool: an import with the other breakdown replaces
         # the day's rows, so its pools are new keys that would pay it twice.
         settled_as = conn.execute(SQL["day_settled_by_property"], (day,)).fetchone()
@@ -3062,7 +3074,7 @@ def settle_pools(conn):
                 for user, adjustment in conn.execute(SQL["pool_adjustments"],
                                                      (settled_in, day, prop)):
                     if user in pool.users:
-                        pool.users[user][4] = (pool.users[user][4] or 0) + adjustment
+                        pool.users[user][5] = (pool.users[user][5] or 0) + adjustment
         pools.append(pool)
     return (run_id, last_settlement), offset, pools
 
@@ -3140,22 +3152,25 @@ def settle(store, write_off=False):
     raise StoreUnavailable("other ledger steps kept committing meanwhile; run it again")
 
 
-def settlement_record(row):
+def settlement_values(row):
+    """A settlement_lines row -> its values in the order of SETTLEMENT_COLUMNS."""
     (settlement_id, day, prop, user, sessions, estimated, booked_part, final, paid, top_up,
      carried, written_off, correction) = row
-    return {"settlement-id": settlement_id, "day": day, "property-id": prop, "user-id": user,
-            "sessions": sessions, "estimated-revenue": nanos_to_usd(estimated),
-            "booked-part": nanos_to_usd(booked_part), "final": nanos_to_usd(final),
-            "paid-now": nanos_to_usd(paid), "top-up": nanos_to_usd(top_up),
-            "carried": nanos_to_usd(carried), "written-off": nanos_to_usd(written_off),
-            "kind": "correction" if correction else "settlement"}
+    return (settlement_id, day, prop, user, sessions, nanos_to_usd(estimated),
+            nanos_to_usd(booked_part), nanos_to_usd(final), nanos_to_usd(paid),
+            nanos_to_usd(top_up), nanos_to_usd(carried), nanos_to_usd(written_off),
+            "correction" if correction else "settlement")
+
+
+def settlement_record(row):
+    return dict(zip(SETTLEMENT_COLUMNS, settlement_values(row)))
 
 
 def settlement_output(store, settlement_id, fmt):
     """A settlement's lines (per day, property and user) as CSV or NDJSON: the
     top-ups to credit, the balances carried."""
     rows = store.stream(SQL["settlement_lines_of"], (settlement_id,))
-    return in_chunks(encode_records(map(settlement_record, rows), SETTLEMENT_COLUMNS, fmt))
+    return in_chunks(encode_values(map(settlement_values, rows), SETTLEMENT_COLUMNS, fmt))
 
 
 def statement(store, user_id):
