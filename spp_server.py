@@ -161,7 +161,7 @@ def usd_to_nanos(amount):
 def billionths_text(n):
     """int billionths -> exact decimal string, no exponent: 36000 -> '0.000036'."""
     whole, frac = divmod(n, 10**9)
-    return f"{whole}.{frac:09d}".rstrip("0").rstrip(".")
+    return f"{whole}.{frac:09d}".rstrip("0") if frac else str(whole)
 
 
 def nanos_to_usd(nanos):
@@ -2986,10 +2986,10 @@ class Pool:
         return sum(u[0] for u in users), sum(u[1] for u in users), sum(u[2] for u in users)
 
 
-def pool_lines(pool, write_off):
-    """Per user, in user-id order: (user, sessions, estimated, booked part,
-    final, paid now, top-up, carried, written off, correction).  The final
-    amount is the booked part times the final shares of the runs that paid
+def pool_lines(pool, write_off, settlement_id):
+    """Per user, in user-id order, the rows of insert_settlement_line:
+    (settlement, day, property, user, sessions, estimated, booked part, final,
+    paid now, top-up, carried, written off, correction).  The final amount is the booked part times the final shares of the runs that paid
     the user's sessions (weighted by their estimates), rounded down once."""
     users = sorted(pool.users)
     by_sessions = not any(pool.users[u][1] for u in users)  # no estimate to weigh by
@@ -2997,6 +2997,7 @@ def pool_lines(pool, write_off):
     weights = [pool.users[u][weight_of] for u in users]
     booked_parts = largest_remainder(pool.booked, weights)
     lines = []
+    key = (settlement_id, pool.day, pool.property_id)
     for user, weight, booked_part in zip(users, weights, booked_parts):
         sessions, estimated, paid, *shared, adjustment = pool.users[user]
         # Exact in integers: a share has at most 6 places.
@@ -3004,8 +3005,9 @@ def pool_lines(pool, write_off):
         # Against what the user holds for the pool so far (written-off amounts included).
         delta = final - paid - (adjustment or 0)
         top_up, short = max(delta, 0), max(-delta, 0)
-        lines.append((user, sessions, estimated, booked_part, final, paid, top_up,
-                      0 if write_off else short, short if write_off else 0, adjustment is not None))
+        lines.append((*key, user, sessions, estimated, booked_part, final, paid, top_up,
+                      0 if write_off else short, short if write_off else 0,
+                      int(adjustment is not None)))
     return lines
 
 
@@ -3079,13 +3081,13 @@ def settle_pools(conn):
     return (run_id, last_settlement), offset, pools
 
 
-def settlement_line_rows(settlement_id, computed):
-    """The rows of insert_settlement_line, staged in user-id order (then day
-    and property): both the primary key and settlement_lines_by_user then
-    grow at a few places, so a staged chunk writes a few hundred pages.  In
-    pool order, each chunk rewrote pages all over the index (2.4 s chunks)."""
-    rows = [(settlement_id, pool.day, pool.property_id, user, *rest[:-1], int(rest[-1]))
-            for pool, lines in computed for user, *rest in lines]
+def settlement_line_rows(computed):
+    """The lines of every pool, to be staged in user-id order (then day and
+    property): both the primary key and settlement_lines_by_user then grow
+    at a few places, so a staged chunk writes few pages.  In pool order, each
+    chunk rewrote index pages all over the table: three times as long for a
+    month of 931,000 lines."""
+    rows = list(itertools.chain.from_iterable(lines for _, lines in computed))
     rows.sort(key=operator.itemgetter(3))  # stable: a user's pools stay in day, property order
     return rows
 
@@ -3094,7 +3096,7 @@ def settled_pool_rows(settlement_id, computed):
     """The settlement_days rows of the computed pools: each pool's state and
     its final, top-up, carried and written-off amounts summed over its lines."""
     return [(pool.day, pool.property_id, settlement_id, pool.by_property, pool.booked,
-             *pool.totals(), *(sum(line[i] for line in lines) for i in (4, 6, 7, 8)))
+             *pool.totals(), *(sum(line[i] for line in lines) for i in (7, 9, 10, 11)))
             for pool, lines in computed]
 
 
@@ -3103,9 +3105,9 @@ def carried_by_user(computed):
     upsert per user keeps the last transaction short."""
     carried = collections.Counter()
     for _, lines in computed:
-        for user, *_, short, _, _ in lines:
-            if short:
-                carried[user] += short
+        for line in lines:
+            if line[10]:
+                carried[line[3]] += line[10]
     return sorted(carried.items())
 
 
@@ -3139,9 +3141,8 @@ def settle(store, write_off=False):
                 return None
             clear_unfinished(store)
             settlement_id = (fingerprint[1] or 0) + 1
-            computed = [(pool, pool_lines(pool, write_off)) for pool in pools]
-            write_in_chunks(store, SQL["insert_settlement_line"],
-                            settlement_line_rows(settlement_id, computed))
+            computed = [(pool, pool_lines(pool, write_off, settlement_id)) for pool in pools]
+            write_in_chunks(store, SQL["insert_settlement_line"], settlement_line_rows(computed))
             try:
                 return store.write(functools.partial(
                     record_settlement, fingerprint, offset, settlement_id, pools,
