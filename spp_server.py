@@ -2989,8 +2989,9 @@ class Pool:
 def pool_lines(pool, write_off, settlement_id):
     """Per user, in user-id order, the rows of insert_settlement_line:
     (settlement, day, property, user, sessions, estimated, booked part, final,
-    paid now, top-up, carried, written off, correction).  The final amount is the booked part times the final shares of the runs that paid
-    the user's sessions (weighted by their estimates), rounded down once."""
+    paid now, top-up, carried, written off, correction).  The final amount
+    is the booked part times the final shares of the runs that paid the
+    user's sessions (weighted by their estimates), rounded down once."""
     users = sorted(pool.users)
     by_sessions = not any(pool.users[u][1] for u in users)  # no estimate to weigh by
     weight_of = 0 if by_sessions else 1
