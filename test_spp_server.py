@@ -4367,7 +4367,12 @@ def test_ledger_properties_hold_over_random_months(month):
                 if cut % 2:
                     spp_server.settle(store, write_off)
             spp_server.settle(store, write_off)
-            book_rows(store, [(day_text(day), prop, n) for (day, prop), n in revisions.items()])
+            # A revised day is re-imported whole, as Gamezop reissues a report:
+            # its row without a property alone would make it a whole day, which
+            # settle refuses once it was settled by property (tested above).
+            revised_days = {day for day, _ in revisions}
+            book_rows(store, [(day_text(day), prop, n) for (day, prop), n
+                              in {**booked, **revisions}.items() if day in revised_days])
             spp_server.settle(store, write_off)
             for run_id, cut, pay_now in zip(outputs, cuts, pay_nows):
                 assert pay(store, OCT + cut * HOUR_US, pay_now, final) == run_id
