@@ -13,12 +13,14 @@ validation, booked revenue, reconciliation, HTTP, server/CLI.
 import argparse
 import base64
 import bisect
+import collections
 import contextlib
 import csv
 import decimal
 import difflib
 import fcntl
 import functools
+import heapq
 import hmac
 import io
 import ipaddress
@@ -26,6 +28,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import queue
 import re
@@ -162,12 +165,12 @@ def usd_to_nanos(amount):
 def billionths_text(n):
     """int billionths -> exact decimal string, no exponent: 36000 -> '0.000036'."""
     whole, frac = divmod(n, 10**9)
-    return f"{whole}.{frac:09d}".rstrip("0").rstrip(".")
+    return f"{whole}.{frac:09d}".rstrip("0") if frac else str(whole)
 
 
 def nanos_to_usd(nanos):
     """int nano-USD -> exact decimal string of USD."""
-    return billionths_text(nanos)
+    return billionths_text(nanos) if nanos else "0"  # most ledger fields are 0
 
 
 def now_us():
@@ -450,13 +453,21 @@ SQL = {
     "last_session_between": """
         SELECT max(id) FROM sessions INDEXED BY sessions_by_time
         WHERE received_at_us >= ? AND received_at_us < ?""",
-    # A run's parts: per user, report day and property, by row id range.
+    # A run's parts: per report day, property and user, by row id range, as
+    # the rows of insert_part in its primary key's order (so that staging
+    # appends).  Paid now: the estimate times the share (in millionths),
+    # rounded down, split so that the product stays within 64 bits.  A
+    # part's estimate above 9.2 billion USD makes sum() fail, never round.
     "run_parts": """
-        SELECT user_id, (received_at_us + :offset_us) / 86400000000, coalesce(property_id, ''),
-               count(*), sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
-        FROM sessions WHERE id > :after AND id <= :last
-        GROUP BY 1, 2, 3""",
-    "owed_balances": "SELECT user_id, owed_nano FROM ledger_balances WHERE owed_nano > 0",
+        SELECT :run, date(day * 86400, 'unixepoch'), property_id, user_id, sessions, estimated,
+               estimated / 1000000 * :millionths + estimated % 1000000 * :millionths / 1000000
+        FROM (SELECT (received_at_us + :offset_us) / 86400000000 AS day,
+                     coalesce(property_id, '') AS property_id, user_id,
+                     count(*) AS sessions, sum(revenue_nano) AS estimated
+              FROM sessions WHERE id > :after AND id <= :last
+              GROUP BY 1, 2, 3 ORDER BY 1, 2, 3)""",
+    "owed_balances": """
+        SELECT user_id, owed_nano FROM ledger_balances WHERE owed_nano > 0 ORDER BY user_id""",
     "take_owed": "UPDATE ledger_balances SET owed_nano = owed_nano - ? WHERE user_id = ?",
     "add_owed": """
         INSERT INTO ledger_balances (user_id, owed_nano) VALUES (?, ?)
@@ -1961,23 +1972,42 @@ EXPORT_FORMATS = {"ndjson": "application/x-ndjson", "csv": "text/csv; charset=ut
 NDJSON_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps's output, without its set-up per call
 
 
+ENCODE_BATCH_RECORDS = 256  # records encoded per piece: a ledger step prints a million
+
+
 def encode_records(records, columns, fmt):
-    """Records -> lines of bytes: NDJSON, or CSV with a header row (RFC 4180:
-    CRLF, and quotes around any field with a comma, quote or line break)."""
+    """Records -> pieces of bytes, whole lines each: NDJSON, or CSV with a
+    header row (RFC 4180: CRLF, and quotes around any field with a comma,
+    quote or line break)."""
+    records = iter(records)
     if fmt == "ndjson":
         encode = NDJSON_ENCODER.encode
-        for record in records:
-            yield (encode(record) + "\n").encode("utf-8")
+        while batch := list(itertools.islice(records, ENCODE_BATCH_RECORDS)):
+            yield "".join([encode(record) + "\n" for record in batch]).encode("utf-8")
         return
+    yield from encode_csv((["" if (value := record[c]) is None else value for c in columns]
+                           for record in records), columns)
+
+
+def encode_csv(rows, columns):
+    """Rows of values in the order of `columns` -> pieces of CSV bytes, the
+    header row first (see encode_records)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
-    for values in itertools.chain(
-        [columns], ([record[c] for c in columns] for record in records)
-    ):
-        writer.writerow(["" if value is None else value for value in values])
+    rows = itertools.chain([columns], rows)
+    while batch := list(itertools.islice(rows, ENCODE_BATCH_RECORDS)):
+        writer.writerows(batch)
         yield buffer.getvalue().encode("utf-8")
         buffer.seek(0)
         buffer.truncate()
+
+
+def encode_values(rows, columns, fmt):
+    """Like encode_records, from rows of values in the order of `columns`
+    (never None): no dict per row for CSV, the ledger's million lines."""
+    if fmt == "ndjson":
+        return encode_records((dict(zip(columns, row)) for row in rows), columns, fmt)
+    return encode_csv(rows, columns)
 
 
 def in_chunks(lines, size=64 * 1024):
@@ -2838,7 +2868,7 @@ class RunPlan:
     pay_now: decimal.Decimal
     final: decimal.Decimal
     offset_minutes: int
-    parts: list  # (day, property_id, user_id, sessions, estimated, paid_now), sorted
+    parts: list  # rows of insert_part: (run, day, property, user, sessions, estimated, paid now)
 
 
 def recorded_run(conn, until_us, pay_now, final):
@@ -2876,23 +2906,17 @@ def plan_run(conn, until_us, pay_now, final, offset_minutes):
                       f"run {last[0]}: the parts of all runs are cut into the same report days")
     [(newest,)] = conn.execute(SQL["last_session_before"], (until_us,)).fetchall()
     last_id = max(after_id, newest or 0)
-    offset_us = offset_minutes * 60 * 1_000_000
-    millionths = int(pay_now.scaleb(6))  # exact: at most 6 places
-    # In the order of payout_parts' primary key (after the run's id): staging
-    # them then appends, which keeps each staged transaction short.  Paid now:
-    # the estimate times the share, rounded down, in integers.
-    parts = sorted(
-        (report_day_text(day), prop, user, sessions, estimated,
-         estimated * millionths // 10**6)
-        for user, day, prop, sessions, estimated in (
-            (user, day, prop, sessions, joined_nanos(whole, rest))
-            for user, day, prop, sessions, whole, rest in conn.execute(
-                SQL["run_parts"], {"after": after_id, "last": last_id, "offset_us": offset_us})))
+    # Rows as SQLite gives them, staged as they are: no Python work per part.
+    parts = conn.execute(SQL["run_parts"], {
+        "run": (previous_id or 0) + 1, "after": after_id, "last": last_id,
+        "offset_us": offset_minutes * 60 * 1_000_000,
+        "millionths": int(pay_now.scaleb(6))}).fetchall()  # exact: at most 6 places
     return RunPlan(previous_id, after_id, last_id, until_us, pay_now, final, offset_minutes, parts)
 
 
 def owed_balances(conn):
-    return dict(conn.execute(SQL["owed_balances"]).fetchall())
+    """[(user, owed)] of every balance carried and not yet taken back, by user-id."""
+    return conn.execute(SQL["owed_balances"]).fetchall()
 
 
 @contextlib.contextmanager
@@ -2931,11 +2955,14 @@ def clear_unfinished(store):
 def run_lines_of(parts):
     """{user: [sessions, estimated, paid now]} summed over the user's parts."""
     lines = {}
-    for _, _, user, sessions, estimated, paid in parts:
-        line = lines.setdefault(user, [0, 0, 0])
-        line[0] += sessions
-        line[1] += estimated
-        line[2] += paid
+    for _, _, _, user, sessions, estimated, paid in parts:
+        line = lines.get(user)
+        if line is None:
+            lines[user] = [sessions, estimated, paid]
+        else:
+            line[0] += sessions
+            line[1] += estimated
+            line[2] += paid
     return lines
 
 
@@ -2946,15 +2973,15 @@ def record_run(plan, run_id, lines, conn, created_at_us):
     if (last[0] if last else None) != plan.previous_run_id:
         raise LedgerMoved()
     # A carried balance is taken back from what the user is paid now, never below zero.
-    taken = {user: min(owed, lines[user][2])
-             for user, owed in owed_balances(conn).items() if user in lines and lines[user][2]}
+    taken = [(user, min(owed, lines[user][2]))
+             for user, owed in owed_balances(conn) if user in lines and lines[user][2]]
     totals = [sum(line[i] for line in lines.values()) for i in range(3)]
     conn.execute(SQL["insert_run"], (
         run_id, plan.after_id, plan.last_id, plan.until_us, created_at_us, share_text(plan.pay_now),
-        share_text(plan.final), plan.offset_minutes, len(lines), *totals, sum(taken.values())))
-    for user, nanos in taken.items():
-        conn.execute(SQL["take_owed"], (nanos, user))
-        conn.execute(SQL["insert_deduction"], (run_id, user, nanos))
+        share_text(plan.final), plan.offset_minutes, len(lines), *totals,
+        sum(nanos for _, nanos in taken)))
+    conn.executemany(SQL["take_owed"], ((nanos, user) for user, nanos in taken))
+    conn.executemany(SQL["insert_deduction"], ((run_id, user, nanos) for user, nanos in taken))
     return run_id
 
 
@@ -2972,7 +2999,7 @@ def pay_run(store, until_us, pay_now, final, offset_minutes):
             clear_unfinished(store)
             run_id = (plan.previous_run_id or 0) + 1
             lines = run_lines_of(plan.parts)
-            write_in_chunks(store, SQL["insert_part"], ((run_id, *part) for part in plan.parts))
+            write_in_chunks(store, SQL["insert_part"], plan.parts)
             write_in_chunks(store, SQL["insert_line"],
                             ((run_id, user, *line) for user, line in sorted(lines.items())))
             try:
@@ -2985,12 +3012,11 @@ def pay_run(store, until_us, pay_now, final, offset_minutes):
 def run_output(store, run_id, fmt):
     """A run's lines, one per user ordered by user-id, as CSV or NDJSON: what
     the publisher's app credits (paid-now is after deducted)."""
-    records = ({"run-id": run_id, "user-id": user, "sessions": sessions,
-                "estimated-revenue": nanos_to_usd(estimated),
-                "paid-now": nanos_to_usd(paid - deducted), "deducted": nanos_to_usd(deducted)}
-               for user, sessions, estimated, paid, deducted in store.stream(
-                   SQL["run_lines"], (run_id,)))
-    return in_chunks(encode_records(records, RUN_COLUMNS, fmt))
+    rows = ((run_id, user, sessions, nanos_to_usd(estimated), nanos_to_usd(paid - deducted),
+             nanos_to_usd(deducted))
+            for user, sessions, estimated, paid, deducted in store.stream(
+                SQL["run_lines"], (run_id,)))
+    return in_chunks(encode_values(rows, RUN_COLUMNS, fmt))
 
 
 def largest_remainder(total, weights):
@@ -3001,10 +3027,13 @@ def largest_remainder(total, weights):
     whole = sum(weights)
     if not whole:
         return [0] * len(weights)
-    quotas = [divmod(total * w, whole) for w in weights]
-    parts = [q for q, _ in quotas]
-    left = total - sum(parts)
-    for i in sorted(range(len(weights)), key=lambda i: -quotas[i][1])[:left]:
+    parts, remainders = [], []
+    for w in weights:
+        part, remainder = divmod(total * w, whole)
+        parts.append(part)
+        remainders.append(remainder)
+    # nlargest is sorted(reverse=True)[:n], stable: equal remainders keep user-id order.
+    for i in heapq.nlargest(total - sum(parts), range(len(weights)), key=remainders.__getitem__):
         parts[i] += 1
     return parts
 
@@ -3017,35 +3046,58 @@ class Pool:
     property_id: str
     by_property: int
     booked: int
-    users: dict  # user -> [sessions, estimated, paid_now, {final share: estimate}, adjustment]
+    # user -> [sessions, estimated, paid now, final share (millionths) times
+    # sessions and times estimates, summed over the user's parts, adjustment]
+    users: dict
 
     def totals(self):
         users = self.users.values()
         return sum(u[0] for u in users), sum(u[1] for u in users), sum(u[2] for u in users)
 
 
-def pool_lines(pool, write_off):
-    """Per user, in user-id order: (user, sessions, estimated, booked part,
-    final, paid now, top-up, carried, written off, correction).  The final
-    amount is the booked part times the final shares of the runs that paid
-    the user's sessions (weighted by their estimates), rounded down once."""
+def pool_lines(pool, write_off, settlement_id):
+    """Per user, in user-id order, the rows of insert_settlement_line:
+    (settlement, day, property, user, sessions, estimated, booked part, final,
+    paid now, top-up, carried, written off, correction).  The final amount
+    is the booked part times the final shares of the runs that paid the
+    user's sessions (weighted by their estimates), rounded down once."""
     users = sorted(pool.users)
     by_sessions = not any(pool.users[u][1] for u in users)  # no estimate to weigh by
     weight_of = 0 if by_sessions else 1
     weights = [pool.users[u][weight_of] for u in users]
     booked_parts = largest_remainder(pool.booked, weights)
     lines = []
+    key = (settlement_id, pool.day, pool.property_id)
     for user, weight, booked_part in zip(users, weights, booked_parts):
-        sessions, estimated, paid, shares, adjustment = pool.users[user]
+        sessions, estimated, paid, *shared, adjustment = pool.users[user]
         # Exact in integers: a share has at most 6 places.
-        shared = sum(share_millionths(share) * w[weight_of] for share, w in shares.items())
-        final = booked_part * shared // (weight * 10**6) if weight else 0
+        final = booked_part * shared[weight_of] // (weight * 10**6) if weight else 0
         # Against what the user holds for the pool so far (written-off amounts included).
         delta = final - paid - (adjustment or 0)
         top_up, short = max(delta, 0), max(-delta, 0)
-        lines.append((user, sessions, estimated, booked_part, final, paid, top_up,
-                      0 if write_off else short, short if write_off else 0, adjustment is not None))
+        lines.append((*key, user, sessions, estimated, booked_part, final, paid, top_up,
+                      0 if write_off else short, short if write_off else 0,
+                      int(adjustment is not None)))
     return lines
+
+
+def pool_users(part_rows, final_millionths):
+    """The parts of a pool summed per user (see Pool.users).  The final
+    shares of the runs are summed weighted by sessions and by estimates, so
+    that pool_lines applies them in proportion to either."""
+    users = {}
+    for run, user, sessions, estimated, paid in part_rows:
+        share = final_millionths[run]
+        entry = users.get(user)
+        if entry is None:
+            users[user] = [sessions, estimated, paid, share * sessions, share * estimated, None]
+        else:
+            entry[0] += sessions
+            entry[1] += estimated
+            entry[2] += paid
+            entry[3] += share * sessions
+            entry[4] += share * estimated
+    return users
 
 
 def settle_pools(conn):
@@ -3059,7 +3111,8 @@ def settle_pools(conn):
     run_id, last_id, last_until, offset = last
     booked = conn.execute(SQL["booked_pools"]).fetchall()
     days_by_property = {day for day, prop, *_ in booked if prop != ""}
-    shares = dict(conn.execute(SQL["run_final_shares"]).fetchall())
+    final_millionths = {run: share_millionths(share)
+                        for run, share in conn.execute(SQL["run_final_shares"])}
     paid_days = {}
     pools = []
     for day, prop, whole, rest in booked:
@@ -3072,19 +3125,12 @@ def settle_pools(conn):
         if not paid_days[day]:
             continue  # a session of the day came in after the last run (a clock step)
         by_property = int(day in days_by_property)
-        pool = Pool(day, prop, by_property, joined_nanos(whole, rest), {})
         part_rows = itertools.chain.from_iterable(
             conn.execute(SQL["pool_parts" if by_property else "day_parts"],
                          (run, day, prop) if by_property else (run, day))
-            for run in shares)
-        for run, user, sessions, estimated, paid in part_rows:
-            entry = pool.users.setdefault(user, [0, 0, 0, {}, None])
-            entry[0] += sessions
-            entry[1] += estimated
-            entry[2] += paid
-            weights = entry[3].setdefault(shares[run], [0, 0])
-            weights[0] += sessions
-            weights[1] += estimated
+            for run in final_millionths)
+        pool = Pool(day, prop, by_property, joined_nanos(whole, rest),
+                    pool_users(part_rows, final_millionths))
         # Per day, not per pool: an import with the other breakdown replaces
         # the day's rows, so its pools are new keys that would pay it twice.
         settled_as = conn.execute(SQL["day_settled_by_property"], (day,)).fetchone()
@@ -3100,7 +3146,7 @@ def settle_pools(conn):
                 for user, adjustment in conn.execute(SQL["pool_adjustments"],
                                                      (settled_in, day, prop)):
                     if user in pool.users:
-                        pool.users[user][4] = (pool.users[user][4] or 0) + adjustment
+                        pool.users[user][5] = (pool.users[user][5] or 0) + adjustment
         pools.append(pool)
     booked_keys = {(day, prop) for day, prop, *_ in booked}
     for day, prop in conn.execute(SQL["settled_pool_keys"]):
@@ -3111,8 +3157,38 @@ def settle_pools(conn):
     return (run_id, last_settlement), offset, pools
 
 
-def record_settlement(fingerprint, offset, settlement_id, computed, write_off, conn,
-                      created_at_us):
+def settlement_line_rows(computed):
+    """The lines of every pool, to be staged in user-id order (then day and
+    property): both the primary key and settlement_lines_by_user then grow
+    at a few places, so a staged chunk writes few pages.  In pool order, each
+    chunk rewrote index pages all over the table: three times as long for a
+    month of 931,000 lines."""
+    rows = list(itertools.chain.from_iterable(lines for _, lines in computed))
+    rows.sort(key=operator.itemgetter(3))  # stable: a user's pools stay in day, property order
+    return rows
+
+
+def settled_pool_rows(settlement_id, computed):
+    """The settlement_days rows of the computed pools: each pool's state and
+    its final, top-up, carried and written-off amounts summed over its lines."""
+    return [(pool.day, pool.property_id, settlement_id, pool.by_property, pool.booked,
+             *pool.totals(), *(sum(line[i] for line in lines) for i in (7, 9, 10, 11)))
+            for pool, lines in computed]
+
+
+def carried_by_user(computed):
+    """[(user, balance carried)] over every pool, in user-id order: one
+    upsert per user keeps the last transaction short."""
+    carried = collections.Counter()
+    for _, lines in computed:
+        for line in lines:
+            if line[10]:
+                carried[line[3]] += line[10]
+    return sorted(carried.items())
+
+
+def record_settlement(fingerprint, offset, settlement_id, pools, pool_rows, carried, write_off,
+                      conn, created_at_us):
     """The write op that makes a staged settlement real: its header, its
     pools and the balances carried, in one transaction; LedgerMoved if a run,
     a settlement or a booked figure of its pools changed since it was computed."""
@@ -3120,20 +3196,13 @@ def record_settlement(fingerprint, offset, settlement_id, computed, write_off, c
     now_print = (last and last[0], conn.execute(SQL["last_settlement"]).fetchone()[0])
     if now_print != fingerprint or any(
             joined_nanos(*conn.execute(SQL["booked_pool"], (p.day, p.property_id)).fetchone())
-            != p.booked for p, _ in computed):
+            != p.booked for p in pools):
         raise LedgerMoved()
-    # Per pool: final, top-up, carried and written off, summed over its lines.
-    sums = [[sum(line[i] for line in lines) for i in (4, 6, 7, 8)] for _, lines in computed]
     conn.execute(SQL["insert_settlement"], (
-        settlement_id, created_at_us, offset, int(write_off), len(computed),
-        sum(pool.booked for pool, _ in computed), *(sum(col) for col in list(zip(*sums))[1:])))
-    for (pool, lines), pool_sums in zip(computed, sums):
-        conn.execute(SQL["insert_settlement_day"], (
-            pool.day, pool.property_id, settlement_id, pool.by_property, pool.booked,
-            *pool.totals(), *pool_sums))
-        for user, *_, carried, _, _ in lines:
-            if carried:
-                conn.execute(SQL["add_owed"], (user, carried))
+        settlement_id, created_at_us, offset, int(write_off), len(pools),
+        sum(pool.booked for pool in pools), *(sum(row[i] for row in pool_rows) for i in (9, 10, 11))))
+    conn.executemany(SQL["insert_settlement_day"], pool_rows)
+    conn.executemany(SQL["add_owed"], carried)
     return settlement_id
 
 
@@ -3148,34 +3217,37 @@ def settle(store, write_off=False):
                 return None
             clear_unfinished(store)
             settlement_id = (fingerprint[1] or 0) + 1
-            computed = [(pool, pool_lines(pool, write_off)) for pool in pools]
-            write_in_chunks(store, SQL["insert_settlement_line"], (
-                (settlement_id, pool.day, pool.property_id, user, *rest[:-1], int(rest[-1]))
-                for pool, lines in computed for user, *rest in lines))
+            computed = [(pool, pool_lines(pool, write_off, settlement_id)) for pool in pools]
+            write_in_chunks(store, SQL["insert_settlement_line"], settlement_line_rows(computed))
             try:
                 return store.write(functools.partial(
-                    record_settlement, fingerprint, offset, settlement_id, computed, write_off))
+                    record_settlement, fingerprint, offset, settlement_id, pools,
+                    settled_pool_rows(settlement_id, computed), carried_by_user(computed),
+                    write_off))
             except LedgerMoved:
                 continue
     raise StoreUnavailable("other ledger steps kept committing meanwhile; run it again")
 
 
-def settlement_record(row):
+def settlement_values(row):
+    """A settlement_lines row -> its values in the order of SETTLEMENT_COLUMNS."""
     (settlement_id, day, prop, user, sessions, estimated, booked_part, final, paid, top_up,
      carried, written_off, correction) = row
-    return {"settlement-id": settlement_id, "day": day, "property-id": prop, "user-id": user,
-            "sessions": sessions, "estimated-revenue": nanos_to_usd(estimated),
-            "booked-part": nanos_to_usd(booked_part), "final": nanos_to_usd(final),
-            "paid-now": nanos_to_usd(paid), "top-up": nanos_to_usd(top_up),
-            "carried": nanos_to_usd(carried), "written-off": nanos_to_usd(written_off),
-            "kind": "correction" if correction else "settlement"}
+    return (settlement_id, day, prop, user, sessions, nanos_to_usd(estimated),
+            nanos_to_usd(booked_part), nanos_to_usd(final), nanos_to_usd(paid),
+            nanos_to_usd(top_up), nanos_to_usd(carried), nanos_to_usd(written_off),
+            "correction" if correction else "settlement")
+
+
+def settlement_record(row):
+    return dict(zip(SETTLEMENT_COLUMNS, settlement_values(row)))
 
 
 def settlement_output(store, settlement_id, fmt):
     """A settlement's lines (per day, property and user) as CSV or NDJSON: the
     top-ups to credit, the balances carried."""
     rows = store.stream(SQL["settlement_lines_of"], (settlement_id,))
-    return in_chunks(encode_records(map(settlement_record, rows), SETTLEMENT_COLUMNS, fmt))
+    return in_chunks(encode_values(map(settlement_values, rows), SETTLEMENT_COLUMNS, fmt))
 
 
 def statement(store, user_id):

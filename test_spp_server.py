@@ -39,7 +39,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from prometheus_client.parser import text_string_to_metric_families
@@ -3895,6 +3895,18 @@ def test_largest_remainder_parts_sum_exactly_and_stay_within_one_of_the_quota(to
     for part, weight in zip(parts, weights):
         quota = Fraction(total * weight, sum(weights))
         assert quota - 1 < part < quota + 1
+
+
+@given(st.integers(0, 10**6), st.lists(st.integers(0, 40), min_size=1, max_size=12))
+def test_largest_remainder_gives_what_is_left_to_the_largest_remainders_ties_to_the_first(
+        total, weights):
+    assume(sum(weights))  # small weights: many equal remainders
+    quotas = [Fraction(total * weight, sum(weights)) for weight in weights]
+    floors = [math.floor(quota) for quota in quotas]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (floors[i] - quotas[i], i))
+    raised = set(by_remainder[:total - sum(floors)])
+    assert spp_server.largest_remainder(total, weights) == [
+        floor + (i in raised) for i, floor in enumerate(floors)]
 
 
 def test_estimates_of_zero_share_the_booked_figure_by_sessions(store):

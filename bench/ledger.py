@@ -20,8 +20,9 @@ then prints one JSON object: the durations, the rates, the run's and the
 settlement's line counts, and wrk's non-2xx answers (which must be 0).
 
 Measured on the development machine (2 cores shared with other work, so the
-numbers are noisy): pay over the month 18-26 s, settle 42-50 s, ingest went
-on throughout with no failed postback; see docs/ledger.md, "Measured".
+numbers are noisy): pay over the month 10-11 s, settle 21-26 s (16-19 s and
+40-48 s before the ledger's speed-up, in the same session), ingest went on
+throughout with no failed postback; see docs/ledger.md, "Measured".
 """
 
 import argparse
