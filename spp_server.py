@@ -4533,6 +4533,12 @@ LEDGER_EXIT_HELP = ("Exit status 0 when done; 1, with one line on stderr, when t
 LEDGER_OPTIONS = ("until", "pay-now-share", "final-share", "report-utc-offset", "settlement")
 
 
+def add_lines_format_option(parser):
+    """--format of the ledger steps' lines: CSV by default, for a spreadsheet or awk."""
+    parser.add_argument("--format", choices=list(EXPORT_FORMATS), default="csv",
+                        help="csv (with a header row) or ndjson [default %(default)s]")
+
+
 def build_pay_parser(environ):
     parser = HelpfulParser(
         prog="spp_server.py pay",
@@ -4552,8 +4558,7 @@ def build_pay_parser(environ):
                         help="share of the booked revenue users get in the end, e.g. 0.9: "
                         "settle pays the rest of it (recorded with the run)")
     add_report_offset_option(parser, environ)
-    parser.add_argument("--format", choices=list(EXPORT_FORMATS), default="csv",
-                        help="csv (with a header row) or ndjson [default %(default)s]")
+    add_lines_format_option(parser)
     return parser
 
 
@@ -4573,8 +4578,7 @@ def build_settle_parser(environ):
     parser.add_argument("--write-off", action="store_true",
                         help="write off what a user was paid above their final amount, "
                         "instead of carrying it as a balance taken back from later runs")
-    parser.add_argument("--format", choices=list(EXPORT_FORMATS), default="csv",
-                        help="csv (with a header row) or ndjson [default %(default)s]")
+    add_lines_format_option(parser)
     return parser
 
 

@@ -5866,8 +5866,7 @@ def socket_inodes(pid):
 def test_the_writer_process_does_not_hold_systemds_listening_socket(db, tmp_path):
     listener = socket.create_server(("127.0.0.1", 0))
     inode = f"socket:[{os.fstat(listener.fileno()).st_ino}]"
-    process = start_activated_server(db, listener)
-    try:
+    with activated_server_until_sigterm(db, listener) as process:
         assert json.loads(http_request(listener.getsockname()[1], "POST", "/postback",
                                        json.dumps(SAMPLE), timeout=15)[2]) == {"status": "recorded"}
         [writer] = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
@@ -5876,12 +5875,6 @@ def test_the_writer_process_does_not_hold_systemds_listening_socket(db, tmp_path
         assert inode not in writer_sockets
         # Its channels (one per request thread and the watchdog) and the control socket only.
         assert len(writer_sockets) == spp_server.DEFAULTS["threads"] + 2
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(15) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        listener.close()
 
 
 class FakeAffinity:
@@ -6708,6 +6701,21 @@ os.execv(sys.executable, [sys.executable, *sys.argv[2:]])  # same process, same 
 """
 
 
+@contextlib.contextmanager
+def activated_server_until_sigterm(db, listener):
+    """A socket-activated server for the block; then SIGTERM, which must end it
+    with status 0 (killed if the block failed first)."""
+    process = start_activated_server(db, listener)
+    try:
+        yield process
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        listener.close()
+
+
 def start_activated_server(db, listener, env=None):
     """Start the server the way systemd does with a .socket unit: the listening
     socket on fd 3, LISTEN_FDS=1 and LISTEN_PID = the server's own pid."""
@@ -6723,20 +6731,13 @@ def start_activated_server(db, listener, env=None):
 def test_socket_passed_by_systemd_is_used(db):
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    process = start_activated_server(db, listener)
-    try:
+    with activated_server_until_sigterm(db, listener):
         # The kernel queues our connection on the inherited socket until the server accepts.
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
         conn.request("POST", "/postback", json.dumps(SAMPLE))
         res = conn.getresponse()
         assert (res.status, json.loads(res.read())) == (200, {"status": "recorded"})
         conn.close()
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(15) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        listener.close()
     assert count(db, "sessions") == 1
 
 
