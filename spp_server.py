@@ -532,13 +532,23 @@ SQL = {
     "pool_settlements": """
         SELECT settlement_id FROM settlement_days WHERE day = ? AND property_id = ?""",
     "pool_adjustments": """
-        SELECT user_id, top_up_nano - carried_nano FROM settlement_lines
-        WHERE settlement_id = ? AND day = ? AND property_id = ?""",
+        SELECT user_id, top_up_nano - carried_nano, written_off_nano - written_back_nano, held
+        FROM settlement_lines WHERE settlement_id = ? AND day = ? AND property_id = ?""",
+    # Balances of the pool written off for their age: the user keeps them, as
+    # if written off when settled (see pool_lines).
+    "pool_balance_write_offs": """
+        SELECT user_id, sum(written_off_nano) FROM balance_write_off_lines
+        WHERE day = ? AND property_id = ? GROUP BY user_id""",
+    # Users held now: whose newest hold event is a hold.
+    "held_users": """
+        SELECT user_id FROM ledger_holds h
+        WHERE id = (SELECT max(id) FROM ledger_holds n WHERE n.user_id = h.user_id)
+          AND action = 'hold' ORDER BY user_id""",
     "insert_settlement": """
         INSERT INTO settlements (id, created_at_us, report_utc_offset, write_off, pools,
-                                 booked_nano, top_up_nano, carried_nano, written_off_nano)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-
+                                 booked_nano, top_up_nano, carried_nano, written_off_nano,
+                                 deducted_nano)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
     "insert_settlement_day": """
         INSERT INTO settlement_days
             (day, property_id, settlement_id, by_property, booked_nano, sessions, estimated_nano,
@@ -548,12 +558,12 @@ SQL = {
         INSERT INTO settlement_lines
             (settlement_id, day, property_id, user_id, sessions, estimated_nano,
              booked_part_nano, final_nano, paid_now_nano, top_up_nano, carried_nano,
-             written_off_nano, correction)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+             written_off_nano, correction, deducted_nano, written_back_nano, held)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
     "settlement_lines_of": """
         SELECT settlement_id, day, property_id, user_id, sessions, estimated_nano,
                booked_part_nano, final_nano, paid_now_nano, top_up_nano, carried_nano,
-               written_off_nano, correction
+               written_off_nano, correction, deducted_nano, written_back_nano, held
         FROM settlement_lines WHERE settlement_id = ? ORDER BY day, property_id, user_id""",
     "user_run_lines": """
         SELECT l.run_id, r.until_us, l.sessions, l.estimated_nano, l.paid_now_nano,
@@ -563,7 +573,8 @@ SQL = {
         WHERE l.user_id = ? ORDER BY l.run_id""",
     "user_settlement_lines": """
         SELECT settlement_id, day, property_id, sessions, estimated_nano, booked_part_nano,
-               final_nano, paid_now_nano, top_up_nano, carried_nano, written_off_nano, correction
+               final_nano, paid_now_nano, top_up_nano, carried_nano, written_off_nano, correction,
+               deducted_nano, written_back_nano, held
         FROM settlement_lines
         WHERE user_id = ? AND settlement_id <= (SELECT coalesce(max(id), 0) FROM settlements)
         ORDER BY settlement_id, day, property_id""",
@@ -573,24 +584,28 @@ SQL = {
         FROM payout_runs ORDER BY id""",
     "settlements": """
         SELECT id, created_at_us, report_utc_offset, write_off, pools, booked_nano, top_up_nano,
-               carried_nano, written_off_nano
+               carried_nano, written_off_nano, deducted_nano
         FROM settlements ORDER BY id""",
     # Each settled pool as of its newest settlement; released: the top-ups
     # less the balances carried, over all its settlements.
     "settled_pools": """
-        SELECT day, property_id, settlement_id, by_property, booked_nano, paid_now_nano, released
+        SELECT day, property_id, settlement_id, by_property, booked_nano, paid_now_nano,
+               released + coalesce((SELECT sum(written_off_nano) FROM balance_write_off_lines w
+                                    WHERE w.day = p.day AND w.property_id = p.property_id), 0)
         FROM (SELECT *, sum(top_up_nano - carried_nano) OVER pool AS released,
                      row_number() OVER (pool ORDER BY settlement_id DESC) AS newest
-              FROM settlement_days WINDOW pool AS (PARTITION BY day, property_id))
+              FROM settlement_days WINDOW pool AS (PARTITION BY day, property_id)) p
         WHERE newest = 1 ORDER BY day, property_id""",
     # Totals in the order of LEDGER_TOTALS.  Pending: paid now (before
     # deductions) less what the newest settlement of each pool found paid now.
     "ledger_sums": """
         SELECT (SELECT coalesce(sum(paid_now_nano - deducted_nano), 0) FROM payout_runs),
-               (SELECT coalesce(sum(deducted_nano), 0) FROM payout_runs),
-               (SELECT coalesce(sum(top_up_nano), 0) FROM settlements),
+               (SELECT coalesce(sum(deducted_nano), 0) FROM payout_runs)
+               + (SELECT coalesce(sum(deducted_nano), 0) FROM settlements),
+               (SELECT coalesce(sum(top_up_nano - deducted_nano), 0) FROM settlements),
                (SELECT coalesce(sum(carried_nano), 0) FROM settlements),
-               (SELECT coalesce(sum(written_off_nano), 0) FROM settlements),
+               (SELECT coalesce(sum(written_off_nano), 0) FROM settlements)
+               + (SELECT coalesce(sum(written_off_nano), 0) FROM balance_write_offs),
                (SELECT coalesce(sum(owed_nano), 0) FROM ledger_balances),
                (SELECT coalesce(sum(paid_now_nano), 0) FROM payout_runs)
                - (SELECT coalesce(sum(paid_now_nano), 0) FROM settlement_days d
@@ -606,10 +621,13 @@ SQL = {
              lines AS (SELECT * FROM settlement_lines
                        WHERE user_id = :user AND settlement_id <= (SELECT last FROM settled))
         SELECT (SELECT nano FROM paid) - (SELECT nano FROM deductions),
-               (SELECT nano FROM deductions),
-               (SELECT coalesce(sum(top_up_nano), 0) FROM lines),
+               (SELECT nano FROM deductions) + (SELECT coalesce(sum(deducted_nano), 0) FROM lines),
+               (SELECT coalesce(sum(top_up_nano - deducted_nano), 0) FROM lines),
                (SELECT coalesce(sum(carried_nano), 0) FROM lines),
-               (SELECT coalesce(sum(written_off_nano), 0) FROM lines),
+               (SELECT coalesce(sum(written_off_nano - written_back_nano), 0) FROM lines)
+               + (SELECT coalesce(sum(written_off_nano), 0) FROM balance_write_off_lines
+                  WHERE user_id = :user
+                    AND write_off_id <= (SELECT coalesce(max(id), 0) FROM balance_write_offs)),
                (SELECT coalesce(sum(owed_nano), 0) FROM ledger_balances WHERE user_id = :user),
                (SELECT nano FROM paid) - (SELECT coalesce(sum(paid_now_nano), 0) FROM lines l
                   WHERE settlement_id = (SELECT max(settlement_id) FROM lines n
@@ -2826,7 +2844,7 @@ LEDGER_CHUNK_ROWS = 10_000  # detail rows per staging transaction
 RUN_COLUMNS = ["run-id", "user-id", "sessions", "estimated-revenue", "paid-now", "deducted"]
 SETTLEMENT_COLUMNS = ["settlement-id", "day", "property-id", "user-id", "sessions",
                       "estimated-revenue", "booked-part", "final", "paid-now", "top-up",
-                      "carried", "written-off", "kind"]
+                      "carried", "written-off", "kind", "deducted"]
 
 
 class LedgerMoved(Exception):
@@ -3038,6 +3056,10 @@ def largest_remainder(total, weights):
     return parts
 
 
+# Pool.users entries: per user, summed over the user's parts of the pool.
+SESSIONS, ESTIMATED, PAID, SHARE_BY_SESSIONS, SHARE_BY_ESTIMATES, ADJUSTMENT, STANDING, HELD = range(8)
+
+
 @dataclass
 class Pool:
     """One report day and property (or whole day) to settle."""
@@ -3047,7 +3069,9 @@ class Pool:
     by_property: int
     booked: int
     # user -> [sessions, estimated, paid now, final share (millionths) times
-    # sessions and times estimates, summed over the user's parts, adjustment]
+    # sessions and times estimates, adjustment (None before the first
+    # settlement of the pool; then top-ups less balances carried), the
+    # standing write-off (written off, less written back), held]
     users: dict
 
     def totals(self):
@@ -3058,30 +3082,67 @@ class Pool:
 def pool_lines(pool, write_off, settlement_id):
     """Per user, in user-id order, the rows of insert_settlement_line:
     (settlement, day, property, user, sessions, estimated, booked part, final,
-    paid now, top-up, carried, written off, correction).  The final amount
-    is the booked part times the final shares of the runs that paid the
-    user's sessions (weighted by their estimates), rounded down once."""
+    paid now, top-up, carried, written off, correction, deducted (set later by
+    take_owed_from_top_ups), written back, held).  The final amount is the
+    booked part times the final shares of the runs that paid the user's
+    sessions (weighted by their estimates), rounded down once.  A held user
+    weighs nothing: the booked figure is shared among the others."""
     users = sorted(pool.users)
-    by_sessions = not any(pool.users[u][1] for u in users)  # no estimate to weigh by
-    weight_of = 0 if by_sessions else 1
-    weights = [pool.users[u][weight_of] for u in users]
+    counted = [pool.users[u] for u in users if not pool.users[u][HELD]]
+    by_sessions = not any(u[ESTIMATED] for u in counted)  # no estimate to weigh by
+    weight_of = SESSIONS if by_sessions else ESTIMATED
+    weights = [0 if pool.users[u][HELD] else pool.users[u][weight_of] for u in users]
     booked_parts = largest_remainder(pool.booked, weights)
     lines = []
     key = (settlement_id, pool.day, pool.property_id)
     for user, weight, booked_part in zip(users, weights, booked_parts):
-        sessions, estimated, paid, *shared, adjustment = pool.users[user]
+        entry = pool.users[user]
+        sessions, estimated, paid, adjustment, standing = (
+            entry[SESSIONS], entry[ESTIMATED], entry[PAID], entry[ADJUSTMENT], entry[STANDING])
+        correction = int(adjustment is not None)
+        if entry[HELD]:  # the publisher decides with release (see hold_user)
+            lines.append((*key, user, sessions, estimated, 0, 0, paid, 0, 0, 0, correction,
+                          0, 0, 1))
+            continue
         # Exact in integers: a share has at most 6 places.
-        final = booked_part * shared[weight_of] // (weight * 10**6) if weight else 0
+        shared = entry[SHARE_BY_SESSIONS if by_sessions else SHARE_BY_ESTIMATES]
+        final = booked_part * shared // (weight * 10**6) if weight else 0
         # Against what the user holds for the pool so far (written-off amounts included).
         delta = final - paid - (adjustment or 0)
-        top_up, short = max(delta, 0), max(-delta, 0)
+        top_up, excess = max(delta, 0), max(-delta, 0)
+        # What the user holds above the final amount was forgiven up to the
+        # standing write-off: only the rest is short; a write-off no longer
+        # needed is written back (a correction never charges it again).
+        short, written_back = max(excess - standing, 0), max(standing - excess, 0)
         lines.append((*key, user, sessions, estimated, booked_part, final, paid, top_up,
-                      0 if write_off else short, short if write_off else 0,
-                      int(adjustment is not None)))
+                      0 if write_off else short, short if write_off else 0, correction,
+                      0, written_back, 0))
     return lines
 
 
-def pool_users(part_rows, final_millionths):
+def take_owed_from_top_ups(computed, owed):
+    """Take each user's balance (owed before, plus what this settlement
+    carries) back from their top-ups, in day and property order, never below
+    zero: the lines' `deducted`.  -> [(pool, lines)] with it set."""
+    remaining = collections.Counter(owed)
+    for _, lines in computed:
+        for line in lines:
+            remaining[line[3]] += line[10]
+    taken = []
+    for pool, lines in computed:
+        new_lines = []
+        for line in lines:
+            user, top_up = line[3], line[9]
+            deducted = min(remaining[user], top_up)
+            if deducted:
+                remaining[user] -= deducted
+                line = (*line[:13], deducted, *line[14:])
+            new_lines.append(line)
+        taken.append((pool, new_lines))
+    return taken
+
+
+def pool_users(part_rows, final_millionths, held):
     """The parts of a pool summed per user (see Pool.users).  The final
     shares of the runs are summed weighted by sessions and by estimates, so
     that pool_lines applies them in proportion to either."""
@@ -3090,7 +3151,8 @@ def pool_users(part_rows, final_millionths):
         share = final_millionths[run]
         entry = users.get(user)
         if entry is None:
-            users[user] = [sessions, estimated, paid, share * sessions, share * estimated, None]
+            users[user] = [sessions, estimated, paid, share * sessions, share * estimated, None,
+                           0, user in held]
         else:
             entry[0] += sessions
             entry[1] += estimated
@@ -3098,6 +3160,26 @@ def pool_users(part_rows, final_millionths):
             entry[3] += share * sessions
             entry[4] += share * estimated
     return users
+
+
+def add_earlier_settlements(conn, pool):
+    """What each user's earlier lines of the pool moved (top-ups less balances
+    carried), their standing write-off, and whether they were held then (a
+    user settled as held stays out of the pool's sharing); balances of the
+    pool written off for their age count as written off at settlement."""
+    users = pool.users
+    for (settled_in,) in conn.execute(SQL["pool_settlements"], (pool.day, pool.property_id)).fetchall():
+        for user, adjustment, written_off, held in conn.execute(
+                SQL["pool_adjustments"], (settled_in, pool.day, pool.property_id)):
+            if user in users:
+                users[user][ADJUSTMENT] = (users[user][ADJUSTMENT] or 0) + adjustment
+                users[user][STANDING] += written_off
+                users[user][HELD] = users[user][HELD] or bool(held)
+    for user, written_off in conn.execute(SQL["pool_balance_write_offs"],
+                                          (pool.day, pool.property_id)):
+        if user in users:
+            users[user][ADJUSTMENT] = (users[user][ADJUSTMENT] or 0) + written_off
+            users[user][STANDING] += written_off
 
 
 def settle_pools(conn):
@@ -3113,6 +3195,7 @@ def settle_pools(conn):
     days_by_property = {day for day, prop, *_ in booked if prop != ""}
     final_millionths = {run: share_millionths(share)
                         for run, share in conn.execute(SQL["run_final_shares"])}
+    held = {user for (user,) in conn.execute(SQL["held_users"])}
     paid_days = {}
     pools = []
     for day, prop, whole, rest in booked:
@@ -3130,7 +3213,7 @@ def settle_pools(conn):
                          (run, day, prop) if by_property else (run, day))
             for run in final_millionths)
         pool = Pool(day, prop, by_property, joined_nanos(whole, rest),
-                    pool_users(part_rows, final_millionths))
+                    pool_users(part_rows, final_millionths, held))
         # Per day, not per pool: an import with the other breakdown replaces
         # the day's rows, so its pools are new keys that would pay it twice.
         settled_as = conn.execute(SQL["day_settled_by_property"], (day,)).fetchone()
@@ -3142,11 +3225,7 @@ def settle_pools(conn):
         if previous is not None:
             if tuple(previous[1:]) == (pool.booked, *pool.totals()[:2]):
                 continue  # settled, and nothing changed since
-            for (settled_in,) in conn.execute(SQL["pool_settlements"], (day, prop)).fetchall():
-                for user, adjustment in conn.execute(SQL["pool_adjustments"],
-                                                     (settled_in, day, prop)):
-                    if user in pool.users:
-                        pool.users[user][5] = (pool.users[user][5] or 0) + adjustment
+            add_earlier_settlements(conn, pool)
         pools.append(pool)
     booked_keys = {(day, prop) for day, prop, *_ in booked}
     for day, prop in conn.execute(SQL["settled_pool_keys"]):
@@ -3170,28 +3249,31 @@ def settlement_line_rows(computed):
 
 def settled_pool_rows(settlement_id, computed):
     """The settlement_days rows of the computed pools: each pool's state and
-    its final, top-up, carried and written-off amounts summed over its lines."""
+    its final, top-up, carried and (net of written back) written-off amounts
+    summed over its lines."""
     return [(pool.day, pool.property_id, settlement_id, pool.by_property, pool.booked,
-             *pool.totals(), *(sum(line[i] for line in lines) for i in (7, 9, 10, 11)))
+             *pool.totals(), *(sum(line[i] for line in lines) for i in (7, 9, 10)),
+             sum(line[11] - line[14] for line in lines))
             for pool, lines in computed]
 
 
-def carried_by_user(computed):
-    """[(user, balance carried)] over every pool, in user-id order: one
-    upsert per user keeps the last transaction short."""
-    carried = collections.Counter()
+def balance_changes(computed):
+    """[(user, carried - deducted)] over every pool, in user-id order, where
+    not zero: one statement per user keeps the last transaction short."""
+    change = collections.Counter()
     for _, lines in computed:
         for line in lines:
-            if line[10]:
-                carried[line[3]] += line[10]
-    return sorted(carried.items())
+            if line[10] or line[13]:
+                change[line[3]] += line[10] - line[13]
+    return sorted((user, nanos) for user, nanos in change.items() if nanos)
 
 
-def record_settlement(fingerprint, offset, settlement_id, pools, pool_rows, carried, write_off,
-                      conn, created_at_us):
+def record_settlement(fingerprint, offset, settlement_id, pools, pool_rows, changes, deducted,
+                      write_off, conn, created_at_us):
     """The write op that makes a staged settlement real: its header, its
-    pools and the balances carried, in one transaction; LedgerMoved if a run,
-    a settlement or a booked figure of its pools changed since it was computed."""
+    pools and the balances carried and taken back, in one transaction;
+    LedgerMoved if a run, a settlement or a booked figure of its pools changed
+    since it was computed."""
     last = conn.execute(SQL["last_run"]).fetchone()
     now_print = (last and last[0], conn.execute(SQL["last_settlement"]).fetchone()[0])
     if now_print != fingerprint or any(
@@ -3200,9 +3282,11 @@ def record_settlement(fingerprint, offset, settlement_id, pools, pool_rows, carr
         raise LedgerMoved()
     conn.execute(SQL["insert_settlement"], (
         settlement_id, created_at_us, offset, int(write_off), len(pools),
-        sum(pool.booked for pool in pools), *(sum(row[i] for row in pool_rows) for i in (9, 10, 11))))
+        sum(pool.booked for pool in pools), *(sum(row[i] for row in pool_rows) for i in (9, 10, 11)),
+        deducted))
     conn.executemany(SQL["insert_settlement_day"], pool_rows)
-    conn.executemany(SQL["add_owed"], carried)
+    conn.executemany(SQL["add_owed"], ((u, n) for u, n in changes if n > 0))
+    conn.executemany(SQL["take_owed"], ((-n, u) for u, n in changes if n < 0))
     return settlement_id
 
 
@@ -3213,17 +3297,19 @@ def settle(store, write_off=False):
         for _ in range(LEDGER_RETRIES):
             with store.snapshot() as conn:
                 fingerprint, offset, pools = settle_pools(conn)
+                owed = dict(owed_balances(conn))
             if not pools:
                 return None
             clear_unfinished(store)
             settlement_id = (fingerprint[1] or 0) + 1
-            computed = [(pool, pool_lines(pool, write_off, settlement_id)) for pool in pools]
+            computed = take_owed_from_top_ups(
+                [(pool, pool_lines(pool, write_off, settlement_id)) for pool in pools], owed)
             write_in_chunks(store, SQL["insert_settlement_line"], settlement_line_rows(computed))
             try:
                 return store.write(functools.partial(
                     record_settlement, fingerprint, offset, settlement_id, pools,
-                    settled_pool_rows(settlement_id, computed), carried_by_user(computed),
-                    write_off))
+                    settled_pool_rows(settlement_id, computed), balance_changes(computed),
+                    sum(line[13] for _, lines in computed for line in lines), write_off))
             except LedgerMoved:
                 continue
     raise StoreUnavailable("other ledger steps kept committing meanwhile; run it again")
@@ -3232,11 +3318,12 @@ def settle(store, write_off=False):
 def settlement_values(row):
     """A settlement_lines row -> its values in the order of SETTLEMENT_COLUMNS."""
     (settlement_id, day, prop, user, sessions, estimated, booked_part, final, paid, top_up,
-     carried, written_off, correction) = row
+     carried, written_off, correction, deducted, written_back, held) = row
+    kind = "held" if held else "correction" if correction else "settlement"
     return (settlement_id, day, prop, user, sessions, nanos_to_usd(estimated),
             nanos_to_usd(booked_part), nanos_to_usd(final), nanos_to_usd(paid),
-            nanos_to_usd(top_up), nanos_to_usd(carried), nanos_to_usd(written_off),
-            "correction" if correction else "settlement")
+            nanos_to_usd(top_up - deducted), nanos_to_usd(carried),
+            signed_usd(written_off - written_back), kind, nanos_to_usd(deducted))
 
 
 def settlement_record(row):
@@ -3290,9 +3377,9 @@ def ledger_summary(store):
                         "report-utc-offset": utc_offset_text(offset), "write-off": bool(off),
                         "pools": pools, "booked-revenue": nanos_to_usd(booked),
                         "released": nanos_to_usd(top_up), "carried": nanos_to_usd(carried),
-                        "written-off": nanos_to_usd(written_off)}
+                        "written-off": signed_usd(written_off), "deducted": nanos_to_usd(deducted)}
                        for sid, created, offset, off, pools, booked, top_up, carried,
-                       written_off in conn.execute(SQL["settlements"])]
+                       written_off, deducted in conn.execute(SQL["settlements"])]
         days = [{"day": day, "property-id": prop, "by-property": bool(by_property),
                  "settlement-id": sid, "booked-revenue": nanos_to_usd(booked),
                  "paid-now": nanos_to_usd(paid), "paid-in-total": nanos_to_usd(paid + released),
@@ -3300,7 +3387,20 @@ def ledger_summary(store):
                 for day, prop, sid, by_property, booked, paid, released
                 in conn.execute(SQL["settled_pools"])]
         sums = conn.execute(SQL["ledger_sums"]).fetchone()
-    return {"runs": runs, "settlements": settlements, "days": days, "totals": ledger_totals(sums)}
+    totals = ledger_totals(sums)
+    return {"runs": runs, "settlements": settlements, "days": days,
+            "margin": honest_margin(days, sums[LEDGER_TOTALS.index("owed")]), "totals": totals}
+
+
+def honest_margin(days, owed):
+    """The margin over every settled pool, counting carried balances as
+    recovered (as each day's margin does) and without what is still owed:
+    a balance is money paid out until it is taken back."""
+    booked = sum(usd_to_nanos(decimal.Decimal(d["booked-revenue"])) for d in days)
+    paid = sum(usd_to_nanos(decimal.Decimal(d["paid-in-total"])) for d in days)
+    return {"booked-revenue": nanos_to_usd(booked), "paid-in-total": nanos_to_usd(paid),
+            "margin": signed_usd(booked - paid), "owed": nanos_to_usd(owed),
+            "margin-without-owed": signed_usd(booked - paid - owed)}
 
 
 def json_output(report):

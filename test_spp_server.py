@@ -4153,6 +4153,77 @@ def test_a_ledger_that_keeps_moving_is_one_line_and_status_1(store, db, monkeypa
     assert count(db, "settlements") == 0
 
 
+# --- Balances that end, and an honest margin (issue 22, section 3) ---
+
+
+def test_a_carried_balance_is_taken_back_from_later_top_ups_not_only_pay_now(store, db):
+    # Day 0 booked low: a carries 300; day 1 booked high: a's top-up repays it first.
+    add_sessions(store, [("a", None, 1000, at(0)), ("a", None, 1000, at(1))])
+    pay(store, at(2, 0), pay_now="0.6", final="0.6")
+    book_rows(store, [(day_text(0), "", 500)])
+    first = settlement_lines(store, spp_server.settle(store))
+    assert [(l["carried"], l["top-up"]) for l in first] == [("0.0000003", "0")]
+    book_rows(store, [(day_text(1), "", 2000)])
+    [line] = settlement_lines(store, spp_server.settle(store))
+    # final 1200, paid now 600: a top-up of 600, 300 of it taken back.
+    assert (line["top-up"], line["deducted"]) == ("0.0000003", "0.0000003")
+    totals = spp_server.statement(store, "a")["totals"]
+    assert (totals["owed"], totals["deducted"], totals["topped-up"]) == ("0", "0.0000003",
+                                                                         "0.0000003")
+    assert rows(db, "SELECT owed_nano FROM ledger_balances WHERE user_id = 'a'") == [(0,)]
+
+
+def test_a_balance_carried_and_a_top_up_in_one_settlement_are_netted(store):
+    add_sessions(store, [("a", None, 1000, at(0)), ("a", None, 1000, at(1))])
+    pay(store, at(2, 0), pay_now="0.5", final="1")
+    book_rows(store, [(day_text(0), "", 2000), (day_text(1), "", 100)])
+    lines = settlement_lines(store, spp_server.settle(store))
+    assert [(l["top-up"], l["carried"], l["deducted"]) for l in lines] == [
+        ("0.0000011", "0", "0.0000004"), ("0", "0.0000004", "0")]
+    assert spp_server.statement(store, "a")["totals"]["owed"] == "0"
+
+
+@pytest.mark.parametrize("revised, top_up, carried, written_off", [
+    (600_000_000, "0", "0", "-0.09"),      # the issue's case: holds 0.6, final 0.54
+    (800_000_000, "0.12", "0", "-0.15"),   # final 0.72 above what was paid: write-off undone
+    (300_000_000, "0", "0.18", "0"),       # lower still: the new shortfall only is carried
+    (500_000_000, None, None, None),       # unchanged: not settled again
+])
+def test_a_correction_accounts_for_what_was_written_off(store, db, revised, top_up, carried,
+                                                        written_off):
+    add_sessions(store, [("a", None, 1_000_000_000, at(0))])
+    pay(store, at(1, 0), pay_now="0.6", final="0.9")
+    book_rows(store, [(day_text(0), "", 500_000_000)])
+    [first] = settlement_lines(store, spp_server.settle(store, write_off=True))
+    assert (first["final"], first["written-off"]) == ("0.45", "0.15")
+    book_rows(store, [(day_text(0), "", revised)])
+    settlement_id = spp_server.settle(store)
+    if top_up is None:
+        assert settlement_id is None
+        return
+    [line] = settlement_lines(store, settlement_id)
+    assert (line["kind"], line["top-up"], line["carried"], line["written-off"]) == (
+        "correction", top_up, carried, written_off)
+    # What stands written off is what the user holds above the new final amount.
+    totals = spp_server.statement(store, "a")["totals"]
+    held = nanos("0.6") + nanos(totals["topped-up"]) - nanos(totals["carried"])
+    assert held - nanos(totals["written-off"]) == nanos(line["final"])
+
+
+def test_the_margin_is_shown_with_and_without_balances_not_yet_taken_back(store):
+    add_sessions(store, [("a", None, 1000, at(0)), ("b", None, 1000, at(0))])
+    pay(store, at(1, 0), pay_now="0.8", final="0.9")
+    book_rows(store, [(day_text(0), "", 1000)])  # finals 450 each: 350 carried each
+    spp_server.settle(store)
+    margin = spp_server.ledger_summary(store)["margin"]
+    # Paid out 1600; counted as recovered, 700 comes back: 1000 - 900.
+    assert margin == {"booked-revenue": "0.000001", "paid-in-total": "0.0000009",
+                      "margin": "0.0000001", "owed": "0.0000007",
+                      "margin-without-owed": "-0.0000006"}
+    day = spp_server.ledger_summary(store)["days"][0]
+    assert (day["paid-in-total"], day["margin"]) == ("0.0000009", "0.0000001")
+
+
 # --- The commands and the read endpoints ---
 
 
@@ -4510,8 +4581,14 @@ def check_ledger(store, db, final, write_off):
                             f"coalesce(sum(sessions), 0) FROM payout_parts WHERE {where}", params)[0]
         if paid_now[2] != settled_sessions:
             continue  # a late session (clock step) joined it: settled again once it is paid
-        moved = rows(db, "SELECT coalesce(sum(top_up_nano - carried_nano), 0) "
-                         "FROM settlement_lines WHERE day = ? AND property_id = ?", (day, prop))[0][0]
+        moved, standing = rows(db, "SELECT coalesce(sum(top_up_nano - carried_nano), 0), "
+                                   "coalesce(sum(written_off_nano - written_back_nano), 0) "
+                                   "FROM settlement_lines WHERE day = ? AND property_id = ?",
+                               (day, prop))[0]
+        # A balance written off for its age: the user keeps it, as if written off when settled.
+        [(aged,)] = rows(db, "SELECT coalesce(sum(written_off_nano), 0) FROM "
+                             "balance_write_off_lines WHERE day = ? AND property_id = ?", (day, prop))
+        moved, standing = moved + aged, standing + aged
         parts = rows(db, "SELECT coalesce(sum(booked_part_nano), 0) FROM settlement_lines "
                          "WHERE settlement_id = ? AND day = ? AND property_id = ?", (newest, day, prop))
         users = paid_now[1]
@@ -4519,9 +4596,11 @@ def check_ledger(store, db, final, write_off):
             assert parts == [(booked,)]
         total = paid_now[0] + moved  # now + top-ups - balances carried
         due = Fraction(D(final)) * booked if users else 0
-        assert due - users <= total
-        if not write_off:  # written off, a user keeps what was paid above the final amount
-            assert total <= due
+        # What stands written off is what users hold above their final amounts:
+        # a correction never charges it again, nor leaves it forgiven twice.
+        assert due - users <= total - standing <= due
+        if not write_off:
+            assert standing == aged
     # The statements add up to the ledger.
     summary = spp_server.ledger_summary(store)
     users = [u for (u,) in rows(db, "SELECT DISTINCT user_id FROM sessions")]
@@ -4532,9 +4611,19 @@ def check_ledger(store, db, final, write_off):
     for u in users:
         carried = rows(db, "SELECT coalesce(sum(carried_nano), 0) FROM settlement_lines "
                            "WHERE user_id = ?", (u,))[0][0]
-        deducted = rows(db, "SELECT coalesce(sum(deducted_nano), 0) FROM payout_deductions "
-                            "WHERE user_id = ?", (u,))[0][0]
+        deducted = rows(db, "SELECT (SELECT coalesce(sum(deducted_nano), 0) FROM payout_deductions "
+                            "WHERE user_id = :u) + (SELECT coalesce(sum(deducted_nano), 0) FROM "
+                            "settlement_lines WHERE user_id = :u) + (SELECT coalesce(sum("
+                            "written_off_nano), 0) FROM balance_write_off_lines WHERE user_id = :u)",
+                        {"u": u})[0][0]
         assert owed.get(u, 0) == carried - deducted >= 0
+        # A balance is taken back from top-ups too: a user who still owes was
+        # credited no top-up in their last settlement.
+        if owed.get(u, 0):
+            assert rows(db, "SELECT count(*) FROM settlement_lines WHERE user_id = ? AND "
+                            "top_up_nano > deducted_nano AND settlement_id = (SELECT "
+                            "max(settlement_id) FROM settlement_lines WHERE user_id = ?)",
+                        (u, u)) == [(0,)]
 
 
 @given(months())
