@@ -32,6 +32,7 @@ import operator
 import os
 import queue
 import re
+import secrets
 import select
 import signal
 import socket
@@ -632,6 +633,17 @@ SQL = {
                (SELECT nano FROM paid) - (SELECT coalesce(sum(paid_now_nano), 0) FROM lines l
                   WHERE settlement_id = (SELECT max(settlement_id) FROM lines n
                                          WHERE n.day = l.day AND n.property_id = l.property_id))""",
+    # --- Erasure ---
+    "user_unpaid_sessions": """
+        SELECT count(*) FROM sessions INDEXED BY sessions_by_user
+        WHERE user_id = ? AND id > (SELECT coalesce(max(last_session_id), 0) FROM payout_runs)""",
+    "erase_sessions": "UPDATE sessions SET user_id = ?, raw_body = '' WHERE user_id = ?",
+    # Conflicts over the erased user's sessions (found by the pseudonym just set).
+    "erase_session_conflicts": """
+        DELETE FROM conflicts WHERE session_id IN (
+            SELECT session_id FROM sessions INDEXED BY sessions_by_user WHERE user_id = ?)""",
+    "erase_hold_reasons": "UPDATE ledger_holds SET reason = replace(reason, ?, ?) WHERE user_id = ?",
+    "insert_erasure": "INSERT INTO erasures (erased_at_us, sessions, forced) VALUES (?, ?, ?)",
     "stats": """
         SELECT (SELECT count(*) FROM sessions), (SELECT max(received_at_us) FROM sessions),
                (SELECT count(*) FROM rejected), (SELECT count(*) FROM conflicts)""",
@@ -681,6 +693,9 @@ def connect(path, busy_timeout_ms):
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     conn.execute("PRAGMA synchronous = FULL")  # a commit survives a power cut
     conn.execute("PRAGMA foreign_keys = ON")
+    # What is deleted is overwritten with zeros, not left in free space: an
+    # erased user (see erase) or a pruned body leaves no copy in the file.
+    conn.execute("PRAGMA secure_delete = ON")
     return conn
 
 
@@ -3403,6 +3418,91 @@ def honest_margin(days, owed):
             "margin-without-owed": signed_usd(booked - paid - owed)}
 
 
+# --- Erasure: what identifies a user removed on request (GDPR Art. 17) ---
+
+# Every ledger table with a user id: renamed to the pseudonym, so that every
+# sum (a run's, a settlement's, a pool's) stays exactly what it was.
+ERASE_RENAMES = ("payout_parts", "payout_lines", "payout_deductions", "payout_withheld",
+                 "settlement_lines", "ledger_balances", "ledger_holds", "balance_write_off_lines")
+
+
+def erasure_blockers(conn, user_id):
+    """What the user is still to be paid or to give back, as words; [] when
+    nothing: erasing them would leave an amount no one can credit."""
+    sums = dict(zip(LEDGER_TOTALS, conn.execute(SQL["user_ledger_sums"], {"user": user_id}).fetchone()))
+    [(unpaid,)] = conn.execute(SQL["user_unpaid_sessions"], (user_id,)).fetchall()
+    blockers = [f"{nanos_to_usd(sums[key])} {key}" for key in ("pending", "owed", "withheld")
+                if sums.get(key)]
+    if unpaid:
+        blockers.append(f"{unpaid} session(s) not paid in a run yet")
+    return blockers
+
+
+def names_user(body, user_id):
+    """Whether a stored postback body (text or bytes) carries `user_id`: as
+    its user-id field, or anywhere as the text itself."""
+    raw = body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")
+    if user_id.encode("utf-8", "surrogatepass") in raw:
+        return True
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(parsed, dict) and parsed.get("user-id") == user_id
+
+
+def erase_user(user_id, force, conn, erased_at_us):
+    """The write op of `erase`: every row of the user renamed to a random
+    pseudonym (it cannot be reversed: nothing derives it from the id), raw
+    bodies cleared, rejected and conflicting postbacks naming them deleted,
+    and the erasure recorded without the id.  -> counts, or Invalid while
+    the user has amounts pending or owed (unless forced)."""
+    blockers = erasure_blockers(conn, user_id)
+    if blockers and not force:
+        raise Invalid("user-id", f"the user still has {', '.join(blockers)}: settle or release "
+                      "it first, or erase anyway with --even-if-owed")
+    pseudonym = "erased:" + secrets.token_hex(16)
+    counts = {"sessions": conn.execute(SQL["erase_sessions"], (pseudonym, user_id)).rowcount}
+    of_sessions = conn.execute(SQL["erase_session_conflicts"], (pseudonym,)).rowcount
+    for table in ERASE_RENAMES:
+        conn.execute(f"UPDATE {table} SET user_id = ? WHERE user_id = ?", (pseudonym, user_id))
+    for table, id_column, bodies in (("rejected", "id", "raw_body"),
+                                     ("conflicts", "id", "stored_body, new_body")):
+        doomed = [(row[0],) for row in conn.execute(f"SELECT {id_column}, {bodies} FROM {table}")
+                  if any(names_user(body, user_id) for body in row[1:])]
+        conn.executemany(f"DELETE FROM {table} WHERE {id_column} = ?", doomed)
+        counts[table] = len(doomed) + (of_sessions if table == "conflicts" else 0)
+    conn.execute(SQL["erase_hold_reasons"], (user_id, pseudonym, pseudonym))
+    if any(counts.values()):  # a second erase of the same id (after a crash) records nothing
+        conn.execute(SQL["insert_erasure"], (erased_at_us, counts["sessions"], int(bool(blockers))))
+    return counts
+
+
+def compact_after_erasure(path):
+    """Leave no copy of erased bytes in the file: VACUUM rewrites it without
+    free pages or free space inside pages, and a TRUNCATE checkpoint empties
+    the WAL, whose older frames still hold pages as they were.  StoreUnavailable
+    if a reader kept the WAL from being emptied."""
+    conn = connect(path, DEFAULTS["busy_timeout_ms"])
+    try:
+        conn.execute("VACUUM")
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.close()
+    if busy:
+        raise StoreUnavailable("the WAL could not be emptied (a reader kept it busy): run the "
+                               "same erase again")
+
+
+def erase(store, user_id, force=False):
+    """Erase a user (see erase_user), then compact the file: -> counts.
+    Under the ledger lock: no run or settlement is computed meanwhile."""
+    with ledger_lock(store):
+        counts = store.write(functools.partial(erase_user, user_id, force))
+    compact_after_erasure(store.path)
+    return counts
+
+
 def json_output(report):
     return (json.dumps(report, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -4791,6 +4891,38 @@ def run_ledger(argv, environ, out):
     return print_report(parser.prog, args.db, out, lambda store: [json_output(ledger_summary(store))])
 
 
+def build_erase_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py erase",
+        description="Erase a user on request: their id is replaced by a random pseudonym "
+        "in every session and ledger row (every sum stays exact), their raw bodies are "
+        "cleared, rejected and conflicting postbacks naming them are deleted, and the file "
+        "is compacted (VACUUM, then the WAL emptied) so that no copy of the id is left in "
+        "it. Refused while the user is owed or owes anything. The erasure is recorded, "
+        "never whose. Backups made before still hold the id (docs/ledger.md). "
+        + LEDGER_EXIT_HELP,
+    )
+    parser.add_argument("user_id", metavar="USER-ID")
+    add_db_option(parser, environ, "SQLite database file; never created")
+    parser.add_argument("--even-if-owed", action="store_true",
+                        help="erase although the user has amounts pending, owed or withheld "
+                        "(they stay in the ledger under the pseudonym; recorded as forced)")
+    return parser
+
+
+def run_erase(argv, environ, out):
+    parser = build_erase_parser(environ)
+    args = parse_arguments(parser, argv)
+
+    def step(store):
+        counts = erase(store, args.user_id, args.even_if_owed)
+        summary = (f"erased: {counts['sessions']} session(s), {counts['rejected']} rejected "
+                   f"and {counts['conflicts']} conflicting postback(s); the file is compacted\n")
+        return "the erasure is committed", [summary.encode()]
+
+    return run_ledger_step(parser.prog, args.db, out, step)
+
+
 def setup_logging(level="info"):
     # No timestamps: journald adds its own.
     logging.basicConfig(
@@ -4818,6 +4950,8 @@ COMMANDS = {
                   "one user's ledger statement (GET /users/<id>/statement), to stdout"),
     "ledger": (lambda argv, environ: run_ledger(argv, environ, sys.stdout.buffer),
                "the ledger summary (GET /ledger), to stdout"),
+    "erase": (lambda argv, environ: run_erase(argv, environ, sys.stdout.buffer),
+              "erase a user on request: no trace of their id left in the database file"),
 }
 
 

@@ -4328,6 +4328,103 @@ def test_ledger_reads_use_their_indexes(store, db):
         assert "SCAN" not in query_plan(db, name, params), name
 
 
+# --- Erasure on request (issue 22, section 7) ---
+
+ERASED = "erase-me-7f3aé"
+
+
+def file_bytes(db):
+    """The database file and its WAL and shared-memory files, as they are on disk."""
+    return b"".join(Path(path).read_bytes() for path in (db, db + "-wal", db + "-shm")
+                    if os.path.exists(path))
+
+
+def erasable_month(client, clock, store, db):
+    """ERASED and 'keep' with sessions paid and settled (nothing pending or
+    owed), a conflicting duplicate and a rejected postback of ERASED, and the
+    id left in free space by an older version that deleted without zeroing."""
+    clock.set("2020-10-01T10:00:00Z")
+    first = postback(user_id=ERASED, your_estimated_revenue="0.001", property_id=None)
+    post(client, first)
+    post(client, {**first, "your-estimated-revenue": "0.002"})  # a conflict
+    post(client, postback(user_id=ERASED, your_estimated_revenue="0.003", property_id=None))
+    post(client, postback(user_id="keep", your_estimated_revenue="0.004", property_id=None))
+    escaped = json.dumps(postback(user_id=ERASED, your_estimated_revenue="x"), ensure_ascii=True)
+    post(client, escaped.replace("erase", "\\u0065rase"), status=400)
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as raw:
+        raw.execute("PRAGMA secure_delete = OFF")
+        raw.execute("INSERT INTO rejected (received_at_us, field, reason, raw_body) "
+                    "VALUES (1, 'x', 'y', ?)", (ERASED.encode() * 50,))
+        raw.execute("DELETE FROM rejected WHERE received_at_us = 1")
+    clock.set("2026-11-23T10:00:00Z")
+    pay(store, at(1, 0), pay_now="0.5", final="0.9")
+    book_rows(store, [(day_text(0), "", 8_000_000)])
+    spp_server.settle(store)
+    assert ERASED.encode() in file_bytes(db)
+
+
+def test_an_erased_user_leaves_no_trace_in_the_file_and_every_total_stays_exact(
+        client, clock, store, db):
+    erasable_month(client, clock, store, db)
+    before = spp_server.ledger_summary(store)
+    keep = spp_server.statement(store, "keep")
+    run_before = run_lines(store, 1)
+    code, out, err = ledger_command(spp_server.run_erase, db, ERASED)
+    assert (code, err) == (0, "")
+    assert out == b"erased: 2 session(s), 1 rejected and 1 conflicting postback(s); the file is compacted\n"
+    for text in (ERASED, json.dumps(ERASED), ERASED.encode("utf-16-le").decode("latin-1")):
+        assert text.encode("utf-8") not in file_bytes(db)
+    assert not os.path.exists(db + "-wal") or os.path.getsize(db + "-wal") == 0
+    # Every money figure is what it was; the user is a pseudonym no one can reverse.
+    assert spp_server.ledger_summary(store) == before
+    assert spp_server.statement(store, "keep") == keep
+    run_after = run_lines(store, 1)
+    assert [{**line, "user-id": ""} for line in run_after] == [
+        {**line, "user-id": ""} for line in run_before]
+    [pseudonym] = {line["user-id"] for line in run_after} - {"keep"}
+    assert pseudonym.startswith("erased:") and ERASED not in pseudonym
+    assert rows(db, "SELECT count(*), min(raw_body) FROM sessions WHERE user_id = ?",
+                (pseudonym,)) == [(2, "")]
+    assert spp_server.statement(store, ERASED)["runs"] == []
+    # Recorded, but not whose.
+    assert rows(db, "SELECT sessions, forced FROM erasures") == [(2, 0)]
+    # Asked again (after a crash before the compaction, say): nothing more, no second record.
+    code, out, _ = ledger_command(spp_server.run_erase, db, ERASED)
+    assert (code, out) == (0, b"erased: 0 session(s), 0 rejected and 0 conflicting postback(s); "
+                              b"the file is compacted\n")
+    assert count(db, "erasures") == 1
+
+
+def test_a_cleared_body_is_overwritten_not_left_in_free_space(store, db):
+    marker = "cleared-body-marker-" * 20
+
+    def op(conn, _):
+        conn.execute(spp_server.SQL["insert_session"],
+                     ("c-1", "u", None, "IN", 1, 10, 5, at(0), marker))
+    with contextlib.closing(spp_server.connect(db, 5000)) as conn:
+        store.write(op)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the body is in the file itself
+        assert marker.encode() in file_bytes(db)
+        store.write(lambda conn, _: conn.execute(spp_server.SQL["clear_bodies"], (0, 10, at(1))))
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert marker.encode() not in file_bytes(db)
+
+
+def test_erasing_a_user_still_owed_or_owing_is_refused_unless_forced(store, db):
+    add_sessions(store, [("u", None, 1000, at(0)), ("u", None, 1000, at(3))])
+    pay(store, at(1, 0))
+    ledger_before = ledger_counts(db)
+    code, out, err = ledger_command(spp_server.run_erase, db, "u")
+    assert (code, out) == (2, b"")
+    assert "0.0000006 pending" in err and "1 session(s) not paid" in err and "nothing changed" in err
+    assert ledger_counts(db) == ledger_before and count(db, "erasures") == 0
+    assert rows(db, "SELECT count(*) FROM sessions WHERE user_id = 'u'") == [(2,)]
+    code, _, err = ledger_command(spp_server.run_erase, db, "u", "--even-if-owed")
+    assert (code, err) == (0, "")
+    assert rows(db, "SELECT count(*) FROM sessions WHERE user_id = 'u'") == [(0,)]
+    assert rows(db, "SELECT sessions, forced FROM erasures") == [(2, 1)]
+
+
 # --- kill -9 at chosen points of a real command ---
 
 # Runs a command of spp_server.py in a process that SIGKILLs itself just
