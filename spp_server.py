@@ -477,8 +477,10 @@ SQL = {
         INSERT INTO payout_runs
             (id, after_session_id, last_session_id, until_us, created_at_us, pay_now_share,
              final_share, report_utc_offset, users, sessions, estimated_nano, paid_now_nano,
-             deducted_nano)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+             deducted_nano, withheld_nano)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+    "insert_withheld": """
+        INSERT INTO payout_withheld (run_id, user_id, withheld_nano) VALUES (?, ?, ?)""",
     "insert_part": """
         INSERT INTO payout_parts
             (run_id, day, property_id, user_id, sessions, estimated_nano, paid_now_nano)
@@ -503,9 +505,10 @@ SQL = {
         VALUES (?, ?, ?, ?, ?)""",
     "run_lines": """
         SELECT l.user_id, l.sessions, l.estimated_nano, l.paid_now_nano,
-               coalesce(d.deducted_nano, 0)
+               coalesce(d.deducted_nano, 0), coalesce(w.withheld_nano, 0)
         FROM payout_lines l
         LEFT JOIN payout_deductions d ON d.run_id = l.run_id AND d.user_id = l.user_id
+        LEFT JOIN payout_withheld w ON w.run_id = l.run_id AND w.user_id = l.user_id
         WHERE l.run_id = ? ORDER BY l.user_id""",
     "run_final_shares": "SELECT id, final_share FROM payout_runs",
     "booked_pools": """
@@ -568,9 +571,10 @@ SQL = {
         FROM settlement_lines WHERE settlement_id = ? ORDER BY day, property_id, user_id""",
     "user_run_lines": """
         SELECT l.run_id, r.until_us, l.sessions, l.estimated_nano, l.paid_now_nano,
-               coalesce(d.deducted_nano, 0)
+               coalesce(d.deducted_nano, 0), coalesce(w.withheld_nano, 0)
         FROM payout_lines l JOIN payout_runs r ON r.id = l.run_id
         LEFT JOIN payout_deductions d ON d.run_id = l.run_id AND d.user_id = l.user_id
+        LEFT JOIN payout_withheld w ON w.run_id = l.run_id AND w.user_id = l.user_id
         WHERE l.user_id = ? ORDER BY l.run_id""",
     "user_settlement_lines": """
         SELECT settlement_id, day, property_id, sessions, estimated_nano, booked_part_nano,
@@ -581,7 +585,8 @@ SQL = {
         ORDER BY settlement_id, day, property_id""",
     "runs": """
         SELECT id, until_us, created_at_us, pay_now_share, final_share, report_utc_offset, users,
-               sessions, estimated_nano, paid_now_nano, deducted_nano
+               sessions, estimated_nano, paid_now_nano, deducted_nano, withheld_nano,
+               moved_sessions, moved_to_day
         FROM payout_runs ORDER BY id""",
     "settlements": """
         SELECT id, created_at_us, report_utc_offset, write_off, pools, booked_nano, top_up_nano,
@@ -600,7 +605,8 @@ SQL = {
     # Totals in the order of LEDGER_TOTALS.  Pending: paid now (before
     # deductions) less what the newest settlement of each pool found paid now.
     "ledger_sums": """
-        SELECT (SELECT coalesce(sum(paid_now_nano - deducted_nano), 0) FROM payout_runs),
+        SELECT (SELECT coalesce(sum(paid_now_nano - deducted_nano - withheld_nano), 0)
+                FROM payout_runs),
                (SELECT coalesce(sum(deducted_nano), 0) FROM payout_runs)
                + (SELECT coalesce(sum(deducted_nano), 0) FROM settlements),
                (SELECT coalesce(sum(top_up_nano - deducted_nano), 0) FROM settlements),
@@ -611,7 +617,11 @@ SQL = {
                (SELECT coalesce(sum(paid_now_nano), 0) FROM payout_runs)
                - (SELECT coalesce(sum(paid_now_nano), 0) FROM settlement_days d
                   WHERE settlement_id = (SELECT max(settlement_id) FROM settlement_days n
-                                         WHERE n.day = d.day AND n.property_id = d.property_id))""",
+                                         WHERE n.day = d.day AND n.property_id = d.property_id)),
+               (SELECT coalesce(sum(withheld_nano), 0) FROM payout_runs)
+               - (SELECT coalesce(sum(amount_nano), 0) FROM ledger_holds),
+               (SELECT coalesce(sum(amount_nano), 0) FROM ledger_holds WHERE action = 'release'),
+               (SELECT coalesce(sum(amount_nano), 0) FROM ledger_holds WHERE action = 'write-off')""",
     "user_ledger_sums": """
         WITH runs AS (SELECT coalesce(max(id), 0) AS last FROM payout_runs),
              settled AS (SELECT coalesce(max(id), 0) AS last FROM settlements),
@@ -619,9 +629,12 @@ SQL = {
                             FROM payout_deductions WHERE user_id = :user),
              paid AS (SELECT coalesce(sum(paid_now_nano), 0) AS nano FROM payout_lines
                       WHERE user_id = :user AND run_id <= (SELECT last FROM runs)),
+             withheld AS (SELECT coalesce(sum(withheld_nano), 0) AS nano FROM payout_withheld
+                          WHERE user_id = :user),
+             holds AS (SELECT * FROM ledger_holds WHERE user_id = :user),
              lines AS (SELECT * FROM settlement_lines
                        WHERE user_id = :user AND settlement_id <= (SELECT last FROM settled))
-        SELECT (SELECT nano FROM paid) - (SELECT nano FROM deductions),
+        SELECT (SELECT nano FROM paid) - (SELECT nano FROM deductions) - (SELECT nano FROM withheld),
                (SELECT nano FROM deductions) + (SELECT coalesce(sum(deducted_nano), 0) FROM lines),
                (SELECT coalesce(sum(top_up_nano - deducted_nano), 0) FROM lines),
                (SELECT coalesce(sum(carried_nano), 0) FROM lines),
@@ -632,7 +645,26 @@ SQL = {
                (SELECT coalesce(sum(owed_nano), 0) FROM ledger_balances WHERE user_id = :user),
                (SELECT nano FROM paid) - (SELECT coalesce(sum(paid_now_nano), 0) FROM lines l
                   WHERE settlement_id = (SELECT max(settlement_id) FROM lines n
-                                         WHERE n.day = l.day AND n.property_id = l.property_id))""",
+                                         WHERE n.day = l.day AND n.property_id = l.property_id)),
+               (SELECT nano FROM withheld) - (SELECT coalesce(sum(amount_nano), 0) FROM holds),
+               (SELECT coalesce(sum(amount_nano), 0) FROM holds WHERE action = 'release'),
+               (SELECT coalesce(sum(amount_nano), 0) FROM holds WHERE action = 'write-off')""",
+    "user_holds": """
+        SELECT id, user_id, action, at_us, reason, amount_nano FROM ledger_holds
+        WHERE user_id = ? ORDER BY id""",
+    "user_balance_write_offs": """
+        SELECT w.id, w.created_at_us, l.day, l.property_id, l.written_off_nano
+        FROM balance_write_off_lines l JOIN balance_write_offs w ON w.id = l.write_off_id
+        WHERE l.user_id = ? ORDER BY w.id, l.day, l.property_id""",
+    "user_hold_state": """
+        SELECT id, user_id, action, at_us, reason, amount_nano FROM ledger_holds
+        WHERE user_id = ? ORDER BY id DESC LIMIT 1""",
+    "user_withheld": """
+        SELECT (SELECT coalesce(sum(withheld_nano), 0) FROM payout_withheld WHERE user_id = :user)
+               - (SELECT coalesce(sum(amount_nano), 0) FROM ledger_holds WHERE user_id = :user)""",
+    "insert_hold": """
+        INSERT INTO ledger_holds (user_id, action, at_us, reason, amount_nano)
+        VALUES (?, ?, ?, ?, ?) RETURNING id, user_id, action, at_us, reason, amount_nano""",
     # --- Erasure ---
     "user_unpaid_sessions": """
         SELECT count(*) FROM sessions INDEXED BY sessions_by_user
@@ -2856,7 +2888,8 @@ def reconciliation_output(store, q, fmt):
 LEDGER_SHARE = re.compile(r"0(?:\.[0-9]{1,6})?|1(?:\.0{1,6})?")
 LEDGER_RETRIES = 3  # a step computed on a snapshot is redone if the ledger moved meanwhile
 LEDGER_CHUNK_ROWS = 10_000  # detail rows per staging transaction
-RUN_COLUMNS = ["run-id", "user-id", "sessions", "estimated-revenue", "paid-now", "deducted"]
+RUN_COLUMNS = ["run-id", "user-id", "sessions", "estimated-revenue", "paid-now", "deducted",
+               "withheld"]
 SETTLEMENT_COLUMNS = ["settlement-id", "day", "property-id", "user-id", "sessions",
                       "estimated-revenue", "booked-part", "final", "paid-now", "top-up",
                       "carried", "written-off", "kind", "deducted"]
@@ -3005,16 +3038,21 @@ def record_run(plan, run_id, lines, conn, created_at_us):
     last = conn.execute(SQL["last_run"]).fetchone()
     if (last[0] if last else None) != plan.previous_run_id:
         raise LedgerMoved()
+    # A held user's pay-now is withheld whole (see hold_user); read here, in
+    # the run's own transaction, so that a hold committed before it applies.
+    held = {user for (user,) in conn.execute(SQL["held_users"])}
+    withheld = [(user, lines[user][2]) for user in sorted(held) if lines.get(user, (0, 0, 0))[2]]
     # A carried balance is taken back from what the user is paid now, never below zero.
-    taken = [(user, min(owed, lines[user][2]))
-             for user, owed in owed_balances(conn) if user in lines and lines[user][2]]
+    taken = [(user, min(owed, lines[user][2])) for user, owed in owed_balances(conn)
+             if user in lines and lines[user][2] and user not in held]
     totals = [sum(line[i] for line in lines.values()) for i in range(3)]
     conn.execute(SQL["insert_run"], (
         run_id, plan.after_id, plan.last_id, plan.until_us, created_at_us, share_text(plan.pay_now),
         share_text(plan.final), plan.offset_minutes, len(lines), *totals,
-        sum(nanos for _, nanos in taken)))
+        sum(nanos for _, nanos in taken), sum(nanos for _, nanos in withheld)))
     conn.executemany(SQL["take_owed"], ((nanos, user) for user, nanos in taken))
     conn.executemany(SQL["insert_deduction"], ((run_id, user, nanos) for user, nanos in taken))
+    conn.executemany(SQL["insert_withheld"], ((run_id, user, nanos) for user, nanos in withheld))
     return run_id
 
 
@@ -3045,9 +3083,9 @@ def pay_run(store, until_us, pay_now, final, offset_minutes):
 def run_output(store, run_id, fmt):
     """A run's lines, one per user ordered by user-id, as CSV or NDJSON: what
     the publisher's app credits (paid-now is after deducted)."""
-    rows = ((run_id, user, sessions, nanos_to_usd(estimated), nanos_to_usd(paid - deducted),
-             nanos_to_usd(deducted))
-            for user, sessions, estimated, paid, deducted in store.stream(
+    rows = ((run_id, user, sessions, nanos_to_usd(estimated),
+             nanos_to_usd(paid - deducted - withheld), nanos_to_usd(deducted), nanos_to_usd(withheld))
+            for user, sessions, estimated, paid, deducted, withheld in store.stream(
                 SQL["run_lines"], (run_id,)))
     return in_chunks(encode_values(rows, RUN_COLUMNS, fmt))
 
@@ -3357,17 +3395,30 @@ def statement(store, user_id):
     with store.snapshot() as conn:
         runs = [{"run-id": run, "until": iso_utc(until), "sessions": sessions,
                  "estimated-revenue": nanos_to_usd(estimated),
-                 "paid-now": nanos_to_usd(paid - deducted), "deducted": nanos_to_usd(deducted)}
-                for run, until, sessions, estimated, paid, deducted
+                 "paid-now": nanos_to_usd(paid - deducted - withheld),
+                 "deducted": nanos_to_usd(deducted), "withheld": nanos_to_usd(withheld)}
+                for run, until, sessions, estimated, paid, deducted, withheld
                 in conn.execute(SQL["user_run_lines"], (user_id,))]
         lines = [settlement_record((row[0], row[1], row[2], user_id, *row[3:]))
                  for row in conn.execute(SQL["user_settlement_lines"], (user_id,))]
+        holds = [hold_record(row) for row in conn.execute(SQL["user_holds"], (user_id,))]
+        write_offs = [{"write-off-id": wid, "created-at": iso_utc(created), "day": day,
+                       "property-id": prop, "written-off": nanos_to_usd(nanos)}
+                      for wid, created, day, prop, nanos
+                      in conn.execute(SQL["user_balance_write_offs"], (user_id,))]
         sums = conn.execute(SQL["user_ledger_sums"], {"user": user_id}).fetchone()
-    return {"user-id": user_id, "runs": runs, "settlements": lines,
-            "totals": ledger_totals(sums)}
+    return {"user-id": user_id, "runs": runs, "settlements": lines, "holds": holds,
+            "balance-write-offs": write_offs, "totals": ledger_totals(sums)}
 
 
-LEDGER_TOTALS = ("paid-now", "deducted", "topped-up", "carried", "written-off", "owed", "pending")
+def hold_record(row):
+    hold_id, user, action, at, reason, amount = row
+    return {"hold-id": hold_id, "user-id": user, "action": action, "at": iso_utc(at),
+            "reason": reason, "amount": nanos_to_usd(amount)}
+
+
+LEDGER_TOTALS = ("paid-now", "deducted", "topped-up", "carried", "written-off", "owed", "pending",
+                 "withheld", "released", "withheld-written-off")
 
 
 def ledger_totals(sums):
@@ -3383,11 +3434,14 @@ def ledger_summary(store):
                  "pay-now-share": pay_now, "final-share": final,
                  "report-utc-offset": utc_offset_text(offset), "users": users,
                  "sessions": sessions, "estimated-revenue": nanos_to_usd(estimated),
-                 "paid-now": nanos_to_usd(paid - deducted), "deducted": nanos_to_usd(deducted),
+                 "paid-now": nanos_to_usd(paid - deducted - withheld),
+                 "deducted": nanos_to_usd(deducted),
                  "held-back": signed_usd(
-                     rewardable_nanos(estimated, decimal.Decimal(final)) - paid)}
+                     rewardable_nanos(estimated, decimal.Decimal(final)) - paid),
+                 "withheld": nanos_to_usd(withheld), "moved-sessions": moved,
+                 "moved-to-day": moved_to}
                 for run, until, created, pay_now, final, offset, users, sessions, estimated,
-                paid, deducted in conn.execute(SQL["runs"])]
+                paid, deducted, withheld, moved, moved_to in conn.execute(SQL["runs"])]
         settlements = [{"settlement-id": sid, "created-at": iso_utc(created),
                         "report-utc-offset": utc_offset_text(offset), "write-off": bool(off),
                         "pools": pools, "booked-revenue": nanos_to_usd(booked),
@@ -3416,6 +3470,41 @@ def honest_margin(days, owed):
     return {"booked-revenue": nanos_to_usd(booked), "paid-in-total": nanos_to_usd(paid),
             "margin": signed_usd(booked - paid), "owed": nanos_to_usd(owed),
             "margin-without-owed": signed_usd(booked - paid - owed)}
+
+
+# --- Holds: a suspect user's pay-now withheld until released or written off ---
+
+
+def change_hold(user_id, action, reason, conn, at_us):
+    """The write op of hold and release: -> the ledger_holds row recorded, or
+    the same row again when the user's newest event already is this action
+    (asked again after a crash: nothing is done twice).  A release credits
+    what was withheld; a write-off of it leaves it to the publisher."""
+    if not reason.strip():
+        raise Invalid("reason", "must say why: it is recorded with the hold")
+    newest = conn.execute(SQL["user_hold_state"], (user_id,)).fetchone()
+    if newest is not None and newest[2] == action:
+        return newest
+    if action != "hold" and (newest is None or newest[2] != "hold"):
+        raise Invalid("user-id", "is not held: only a held user is released")
+    [(withheld,)] = conn.execute(SQL["user_withheld"], {"user": user_id}).fetchall()
+    amount = 0 if action == "hold" else withheld
+    return conn.execute(SQL["insert_hold"], (user_id, action, at_us, reason, amount)).fetchone()
+
+
+def hold_user(store, user_id, action, reason):
+    """Hold, release or write off (action) under the ledger lock: a run or a
+    settlement sees the user held or not, never half."""
+    with ledger_lock(store):
+        return store.write(functools.partial(change_hold, user_id, action, reason))
+
+
+HOLD_COLUMNS = ["hold-id", "user-id", "action", "at", "reason", "amount"]
+
+
+def hold_output(row, fmt):
+    values = hold_record(row)
+    return in_chunks(encode_values([tuple(values.values())], HOLD_COLUMNS, fmt))
 
 
 # --- Erasure: what identifies a user removed on request (GDPR Art. 17) ---
@@ -4730,7 +4819,8 @@ LEDGER_EXIT_HELP = ("Exit status 0 when done; 1, with one line on stderr, when t
                     "141 when the reader closed the pipe before any step was recorded.")
 
 
-LEDGER_OPTIONS = ("until", "pay-now-share", "final-share", "report-utc-offset", "settlement")
+LEDGER_OPTIONS = ("until", "pay-now-share", "final-share", "report-utc-offset", "settlement",
+                  "reason", "older-than")
 
 
 def add_lines_format_option(parser):
@@ -4891,6 +4981,43 @@ def run_ledger(argv, environ, out):
     return print_report(parser.prog, args.db, out, lambda store: [json_output(ledger_summary(store))])
 
 
+def build_hold_parser(environ, action):
+    what = {"hold": "Hold a suspect user: from the next run on, their pay-now is withheld "
+                    "(recorded in the run, shown in their statement), and at settlement their "
+                    "estimates take no share of the booked revenue.",
+            "release": "Release a held user: what was withheld is to be credited to them "
+                       "(the amount column); with --write-off it is kept by the publisher "
+                       "instead. Later runs pay the user again."}[action]
+    parser = HelpfulParser(
+        prog=f"spp_server.py {action}",
+        description=what + " Recorded with its time and reason, and written to stdout (one "
+        "line, CSV or NDJSON). Asked again, it prints the same record and changes nothing. "
+        + LEDGER_EXIT_HELP,
+    )
+    parser.add_argument("user_id", metavar="USER-ID")
+    add_db_option(parser, environ, "SQLite database file; never created")
+    parser.add_argument("--reason", required=True, help="why: recorded with the event")
+    if action == "release":
+        parser.add_argument("--write-off", action="store_true",
+                            help="write off what was withheld (the user is not paid it)")
+    add_lines_format_option(parser)
+    return parser
+
+
+def run_hold(argv, environ, out, action="hold"):
+    parser = build_hold_parser(environ, action)
+    args = parse_arguments(parser, argv)
+    if getattr(args, "write_off", False):
+        action = "write-off"
+
+    def step(store):
+        row = hold_user(store, args.user_id, action, args.reason)
+        return f"the {action} is committed (asked again, it prints it again)", hold_output(
+            row, args.format)
+
+    return run_ledger_step(parser.prog, args.db, out, step)
+
+
 def build_erase_parser(environ):
     parser = HelpfulParser(
         prog="spp_server.py erase",
@@ -4950,6 +5077,10 @@ COMMANDS = {
                   "one user's ledger statement (GET /users/<id>/statement), to stdout"),
     "ledger": (lambda argv, environ: run_ledger(argv, environ, sys.stdout.buffer),
                "the ledger summary (GET /ledger), to stdout"),
+    "hold": (lambda argv, environ: run_hold(argv, environ, sys.stdout.buffer),
+             "hold a suspect user: their pay-now withheld, their estimates share nothing"),
+    "release": (lambda argv, environ: run_hold(argv, environ, sys.stdout.buffer, "release"),
+                "release a held user: what was withheld credited (or --write-off)"),
     "erase": (lambda argv, environ: run_erase(argv, environ, sys.stdout.buffer),
               "erase a user on request: no trace of their id left in the database file"),
 }

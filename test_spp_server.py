@@ -3801,9 +3801,9 @@ def test_a_run_pays_each_user_the_pay_now_share_of_each_part_rounded_down(store)
     assert run_lines(store, run_id) == [
         {"run-id": "1", "user-id": "a", "sessions": "2", "estimated-revenue": "0.001000008",
          "paid-now": nanos_to_text(1_000_001 * 333333 // 10**6 + 7 * 333333 // 10**6),
-         "deducted": "0"},
+         "deducted": "0", "withheld": "0"},
         {"run-id": "1", "user-id": "b", "sessions": "1", "estimated-revenue": "0.000000333",
-         "paid-now": nanos_to_text(333 * 333333 // 10**6), "deducted": "0"}]
+         "paid-now": nanos_to_text(333 * 333333 // 10**6), "deducted": "0", "withheld": "0"}]
 
 
 def nanos_to_text(n):
@@ -3869,7 +3869,8 @@ def test_runs_meet_end_to_start_by_row_id_even_when_the_clock_steps_back(store, 
     assert rows(db, "SELECT after_session_id, last_session_id FROM payout_runs WHERE id = ?",
                 (second,)) == [(ids[2], ids[3])]
     empty = pay(store, at(8, 0))
-    assert run_text(store, empty) == b"run-id,user-id,sessions,estimated-revenue,paid-now,deducted\r\n"
+    assert run_text(store, empty) == (b"run-id,user-id,sessions,estimated-revenue,paid-now,"
+                                      b"deducted,withheld\r\n")
 
 
 def test_a_days_booked_revenue_is_shared_exactly_ties_to_the_first_user_id(store):
@@ -4224,6 +4225,78 @@ def test_the_margin_is_shown_with_and_without_balances_not_yet_taken_back(store)
     assert (day["paid-in-total"], day["margin"]) == ("0.0000009", "0.0000001")
 
 
+# --- A hold for suspect users (issue 22, section 4) ---
+
+
+def hold(db, action, user, reason="farming?", *more):
+    run = spp_server.run_hold if action == "hold" else functools.partial(
+        spp_server.run_hold, action="release")
+    code, out, err = ledger_command(run, db, user, "--reason", reason, *more)
+    assert err == ""
+    return code, list(csv.DictReader(io.StringIO(out.decode())))
+
+
+@pytest.mark.parametrize("write_off", [False, True])
+def test_a_held_users_pay_now_is_withheld_recorded_and_released_or_written_off(
+        store, db, clock, write_off):
+    add_sessions(store, [("bot", None, 1000, at(0)), ("a", None, 1000, at(0)),
+                         ("bot", None, 3000, at(2))])
+    code, [record] = hold(db, "hold", "bot", "200 sessions a day")
+    assert (code, record["action"], record["reason"], record["amount"]) == (
+        0, "hold", "200 sessions a day", "0")
+    assert record["at"] == spp_server.iso_utc(clock.us)
+    assert hold(db, "hold", "bot", "again") == (0, [record])  # asked again: the same record
+    pay(store, at(1, 0), pay_now="0.5", final="0.9")
+    lines = {line["user-id"]: line for line in run_lines(store, 1)}
+    assert (lines["bot"]["paid-now"], lines["bot"]["withheld"]) == ("0", "0.0000005")
+    assert (lines["a"]["paid-now"], lines["a"]["withheld"]) == ("0.0000005", "0")
+    statement = spp_server.statement(store, "bot")
+    assert statement["runs"][0]["withheld"] == "0.0000005"
+    assert [h["action"] for h in statement["holds"]] == ["hold"]
+    assert statement["totals"]["withheld"] == "0.0000005"
+    clock.set("2026-11-24T08:00:00Z")
+    more = ("--write-off",) if write_off else ()
+    code, [released] = hold(db, "release", "bot", "a real player after all", *more)
+    assert (code, released["action"], released["amount"]) == (
+        0, "write-off" if write_off else "release", "0.0000005")
+    assert hold(db, "release", "bot", "twice", *more) == (0, [released])
+    pay(store, at(3, 0), pay_now="0.5", final="0.9")  # released: paid again
+    [line] = run_lines(store, 2)
+    assert (line["paid-now"], line["withheld"]) == ("0.0000015", "0")
+    totals = spp_server.statement(store, "bot")["totals"]
+    assert (totals["withheld"], totals["released"], totals["withheld-written-off"]) == (
+        ("0", "0", "0.0000005") if write_off else ("0", "0.0000005", "0"))
+    assert [(h["action"], h["reason"]) for h in spp_server.statement(store, "bot")["holds"]] == [
+        ("hold", "200 sessions a day"),
+        ("write-off" if write_off else "release", "a real player after all")]
+
+
+def test_releasing_a_user_not_held_or_without_a_reason_is_refused(store, db):
+    code, out, err = ledger_command(functools.partial(spp_server.run_hold, action="release"),
+                                    db, "u", "--reason", "x")
+    assert (code, out) == (2, b"") and "is not held" in err
+    code, _, err = ledger_command(spp_server.run_hold, db, "u", "--reason", " ")
+    assert code == 2 and "--reason" in err and count(db, "ledger_holds") == 0
+
+
+def test_at_settlement_a_held_users_estimates_take_no_share_of_the_others(store, db):
+    add_sessions(store, [("a", None, 1000, at(0)), ("bot", None, 9000, at(0))])
+    pay(store, at(1, 0), pay_now="0.5", final="1")  # a: 500 paid now
+    hold(db, "hold", "bot")
+    book_rows(store, [(day_text(0), "", 1000)])  # Gamezop booked only a's session
+    lines = {l["user-id"]: l for l in settlement_lines(store, spp_server.settle(store))}
+    assert (lines["a"]["booked-part"], lines["a"]["top-up"], lines["a"]["carried"]) == (
+        "0.000001", "0.0000005", "0")
+    assert (lines["bot"]["kind"], lines["bot"]["booked-part"], lines["bot"]["carried"]) == (
+        "held", "0", "0")
+    # Released later, a correction of the day still leaves the bot out of it.
+    hold(db, "release", "bot")
+    book_rows(store, [(day_text(0), "", 2000)])
+    lines = {l["user-id"]: l for l in settlement_lines(store, spp_server.settle(store))}
+    assert (lines["a"]["booked-part"], lines["bot"]["booked-part"], lines["bot"]["kind"]) == (
+        "0.000002", "0", "held")
+
+
 # --- The commands and the read endpoints ---
 
 
@@ -4244,8 +4317,8 @@ def test_pay_and_settle_commands_print_the_lines_and_asking_again_pays_nothing(s
     book_rows(store, [(day_text(0), "", 2_000_000)])
     code, out, err = ledger_command(spp_server.run_pay, db, *pay_args())
     assert (code, err) == (0, "")
-    assert out == (b"run-id,user-id,sessions,estimated-revenue,paid-now,deducted\r\n"
-                   b"1,a,1,0.001,0.0006,0\r\n1,\"b,c\",1,0.003,0.0018,0\r\n")
+    assert out == (b"run-id,user-id,sessions,estimated-revenue,paid-now,deducted,withheld\r\n"
+                   b"1,a,1,0.001,0.0006,0,0\r\n1,\"b,c\",1,0.003,0.0018,0,0\r\n")
     again = ledger_command(spp_server.run_pay, db, *pay_args("1601683200", "0.600", "0.9"))
     assert again == (0, out, "")
     assert count(db, "payout_runs") == 1
@@ -6415,7 +6488,8 @@ EVERY_COMMAND = [[], ["export", "--since", "1", "--until", "2"],
                  ["reconcile", "--since", "2026-11-01", "--until", "2026-11-02"],
                  ["import-booked", "r.csv"], ["prune", "--rejected-before", "1"],
                  ["pay", "--until", "1", "--pay-now-share", "0.5", "--final-share", "0.9"],
-                 ["settle"], ["statement", "u"], ["ledger"], ["erase", "u"]]
+                 ["settle"], ["statement", "u"], ["ledger"], ["erase", "u"],
+                 ["hold", "u", "--reason", "r"], ["release", "u", "--reason", "r"]]
 
 
 def test_every_command_is_in_the_list_of_every_command():
