@@ -446,6 +446,7 @@ SQL = {
         SELECT id, last_session_id, until_us, report_utc_offset FROM payout_runs
         ORDER BY id DESC LIMIT 1""",
     "run_exists": "SELECT 1 FROM payout_runs WHERE id = ?",
+    "run_moved": "SELECT moved_sessions, moved_to_day FROM payout_runs WHERE id = ?",
     "settlement_exists": "SELECT 1 FROM settlements WHERE id = ?",
     # The largest id received before a run's until: the run pays every id up
     # to it that an earlier run did not, whatever their receive times.
@@ -459,14 +460,23 @@ SQL = {
     # appends).  Paid now: the estimate times the share (in millionths),
     # rounded down, split so that the product stays within 64 bits.  A
     # part's estimate above 9.2 billion USD makes sum() fail, never round.
+    # A session received on a report day already settled (a clock step
+    # backwards) is paid in the pool of :last_day instead (see plan_run).
     "run_parts": """
         SELECT :run, date(day * 86400, 'unixepoch'), property_id, user_id, sessions, estimated,
                estimated / 1000000 * :millionths + estimated % 1000000 * :millionths / 1000000
-        FROM (SELECT (received_at_us + :offset_us) / 86400000000 AS day,
+        FROM (SELECT CASE WHEN (received_at_us + :offset_us) / 86400000000
+                               IN (SELECT value FROM json_each(:settled))
+                          THEN :last_day ELSE (received_at_us + :offset_us) / 86400000000 END AS day,
                      coalesce(property_id, '') AS property_id, user_id,
                      count(*) AS sessions, sum(revenue_nano) AS estimated
               FROM sessions WHERE id > :after AND id <= :last
               GROUP BY 1, 2, 3 ORDER BY 1, 2, 3)""",
+    "settled_day_numbers": """
+        SELECT DISTINCT CAST(julianday(day) - 2440587.5 AS INTEGER) FROM settlement_days""",
+    "sessions_on_days": """
+        SELECT count(*) FROM sessions WHERE id > :after AND id <= :last
+          AND (received_at_us + :offset_us) / 86400000000 IN (SELECT value FROM json_each(:settled))""",
     "owed_balances": """
         SELECT user_id, owed_nano FROM ledger_balances WHERE owed_nano > 0 ORDER BY user_id""",
     "take_owed": "UPDATE ledger_balances SET owed_nano = owed_nano - ? WHERE user_id = ?",
@@ -477,8 +487,8 @@ SQL = {
         INSERT INTO payout_runs
             (id, after_session_id, last_session_id, until_us, created_at_us, pay_now_share,
              final_share, report_utc_offset, users, sessions, estimated_nano, paid_now_nano,
-             deducted_nano, withheld_nano)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+             deducted_nano, withheld_nano, moved_sessions, moved_to_day)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
     "insert_withheld": """
         INSERT INTO payout_withheld (run_id, user_id, withheld_nano) VALUES (?, ?, ?)""",
     "insert_part": """
@@ -649,6 +659,23 @@ SQL = {
                (SELECT nano FROM withheld) - (SELECT coalesce(sum(amount_nano), 0) FROM holds),
                (SELECT coalesce(sum(amount_nano), 0) FROM holds WHERE action = 'release'),
                (SELECT coalesce(sum(amount_nano), 0) FROM holds WHERE action = 'write-off')""",
+    "carried_lines_of_owing": """
+        SELECT l.user_id, s.created_at_us, l.day, l.property_id, l.carried_nano
+        FROM settlement_lines l JOIN settlements s ON s.id = l.settlement_id
+        WHERE l.carried_nano > 0
+          AND l.user_id IN (SELECT user_id FROM ledger_balances WHERE owed_nano > 0)
+        ORDER BY l.user_id, l.settlement_id, l.day, l.property_id""",
+    "next_balance_write_off": "SELECT coalesce(max(id), 0) + 1 FROM balance_write_offs",
+    "insert_balance_write_off": """
+        INSERT INTO balance_write_offs (id, created_at_us, older_than_us, users, written_off_nano)
+        VALUES (?, ?, ?, ?, ?)""",
+    "insert_balance_write_off_line": """
+        INSERT INTO balance_write_off_lines (write_off_id, user_id, day, property_id,
+                                             written_off_nano)
+        VALUES (?, ?, ?, ?, ?)""",
+    "balance_write_off_lines_of": """
+        SELECT user_id, day, property_id, written_off_nano FROM balance_write_off_lines
+        WHERE write_off_id = ? ORDER BY user_id, day, property_id""",
     "user_holds": """
         SELECT id, user_id, action, at_us, reason, amount_nano FROM ledger_holds
         WHERE user_id = ? ORDER BY id""",
@@ -2935,6 +2962,8 @@ class RunPlan:
     final: decimal.Decimal
     offset_minutes: int
     parts: list  # rows of insert_part: (run, day, property, user, sessions, estimated, paid now)
+    moved: int = 0  # sessions on days already settled, paid on moved_to instead
+    moved_to: str | None = None
 
 
 def recorded_run(conn, until_us, pay_now, final):
@@ -2972,12 +3001,19 @@ def plan_run(conn, until_us, pay_now, final, offset_minutes):
                       f"run {last[0]}: the parts of all runs are cut into the same report days")
     [(newest,)] = conn.execute(SQL["last_session_before"], (until_us,)).fetchall()
     last_id = max(after_id, newest or 0)
+    # A settled day's users are never charged for a session that reached it
+    # later (a clock step backwards): it is paid on the run's last report day.
+    settled = json.dumps([day for (day,) in conn.execute(SQL["settled_day_numbers"])])
+    last_day = (until_us - 1 + offset_minutes * 60 * 1_000_000) // DAY_US
+    where = {"after": after_id, "last": last_id, "offset_us": offset_minutes * 60 * 1_000_000,
+             "settled": settled}
+    [(moved,)] = conn.execute(SQL["sessions_on_days"], where).fetchall()
     # Rows as SQLite gives them, staged as they are: no Python work per part.
     parts = conn.execute(SQL["run_parts"], {
-        "run": (previous_id or 0) + 1, "after": after_id, "last": last_id,
-        "offset_us": offset_minutes * 60 * 1_000_000,
+        **where, "run": (previous_id or 0) + 1, "last_day": last_day,
         "millionths": int(pay_now.scaleb(6))}).fetchall()  # exact: at most 6 places
-    return RunPlan(previous_id, after_id, last_id, until_us, pay_now, final, offset_minutes, parts)
+    return RunPlan(previous_id, after_id, last_id, until_us, pay_now, final, offset_minutes, parts,
+                   moved, report_day_text(last_day) if moved else None)
 
 
 def owed_balances(conn):
@@ -3049,7 +3085,8 @@ def record_run(plan, run_id, lines, conn, created_at_us):
     conn.execute(SQL["insert_run"], (
         run_id, plan.after_id, plan.last_id, plan.until_us, created_at_us, share_text(plan.pay_now),
         share_text(plan.final), plan.offset_minutes, len(lines), *totals,
-        sum(nanos for _, nanos in taken), sum(nanos for _, nanos in withheld)))
+        sum(nanos for _, nanos in taken), sum(nanos for _, nanos in withheld), plan.moved,
+        plan.moved_to))
     conn.executemany(SQL["take_owed"], ((nanos, user) for user, nanos in taken))
     conn.executemany(SQL["insert_deduction"], ((run_id, user, nanos) for user, nanos in taken))
     conn.executemany(SQL["insert_withheld"], ((run_id, user, nanos) for user, nanos in withheld))
@@ -3470,6 +3507,61 @@ def honest_margin(days, owed):
     return {"booked-revenue": nanos_to_usd(booked), "paid-in-total": nanos_to_usd(paid),
             "margin": signed_usd(booked - paid), "owed": nanos_to_usd(owed),
             "margin-without-owed": signed_usd(booked - paid - owed)}
+
+
+# --- Balances that end: what is owed past a chosen age written off ---
+
+BALANCE_WRITE_OFF_COLUMNS = ["write-off-id", "user-id", "day", "property-id", "written-off"]
+
+
+def aged_balance_lines(carried_lines, owed_by_user, cutoff_us):
+    """[(user, day, property, nanos)] of the balances carried before
+    `cutoff_us` and still owed.  A user's balance is taken back oldest first,
+    so what is still owed is the newest carried lines: walk them oldest first,
+    skipping what was taken back."""
+    aged = []
+    for user, lines in itertools.groupby(carried_lines, key=operator.itemgetter(0)):
+        lines = list(lines)
+        taken_back = sum(line[4] for line in lines) - owed_by_user.get(user, 0)
+        for _, created_at_us, day, prop, carried in lines:
+            left = max(carried - max(taken_back, 0), 0)
+            taken_back -= carried
+            if left and created_at_us < cutoff_us:
+                aged.append((user, day, prop, left))
+    return aged
+
+
+def write_off_aged(older_than_us, conn, created_at_us):
+    """The write op of write-off-balances: every balance carried more than
+    `older_than_us` ago and still owed, written off in one transaction and
+    recorded per user and pool.  -> the write-off's id, or None for nothing."""
+    owed = dict(owed_balances(conn))
+    aged = aged_balance_lines(conn.execute(SQL["carried_lines_of_owing"]), owed,
+                              created_at_us - older_than_us)
+    if not aged:
+        return None
+    [(write_off_id,)] = conn.execute(SQL["next_balance_write_off"]).fetchall()
+    per_user = collections.Counter()
+    for user, _, _, nanos in aged:
+        per_user[user] += nanos
+    conn.execute(SQL["insert_balance_write_off"], (write_off_id, created_at_us, older_than_us,
+                                                   len(per_user), sum(per_user.values())))
+    conn.executemany(SQL["insert_balance_write_off_line"],
+                     ((write_off_id, *line) for line in aged))
+    conn.executemany(SQL["take_owed"], ((nanos, user) for user, nanos in sorted(per_user.items())))
+    return write_off_id
+
+
+def write_off_balances(store, older_than_us):
+    with ledger_lock(store):
+        return store.write(functools.partial(write_off_aged, older_than_us))
+
+
+def balance_write_off_output(store, write_off_id, fmt):
+    rows = ((write_off_id, user, day, prop, nanos_to_usd(nanos))
+            for user, day, prop, nanos in store.stream(SQL["balance_write_off_lines_of"],
+                                                       (write_off_id or 0,)))
+    return in_chunks(encode_values(rows, BALANCE_WRITE_OFF_COLUMNS, fmt))
 
 
 # --- Holds: a suspect user's pay-now withheld until released or written off ---
@@ -4942,6 +5034,11 @@ def run_pay(argv, environ, out):
         pay_now = parse_ledger_share(args.pay_now_share, "pay-now-share")
         final = parse_ledger_share(args.final_share, "final-share")
         run_id = pay_run(store, until, pay_now, final, args.report_utc_offset)
+        [(moved, moved_to)] = store.read(SQL["run_moved"], (run_id,))
+        if moved:
+            print(f"{parser.prog}: run {run_id}: {moved} session(s) received on report days "
+                  f"already settled (a clock step backwards?) are paid in the pool of "
+                  f"{moved_to}, not charged to the settled days' users", file=sys.stderr)
         return (f"run {run_id} is committed (the same --until prints it again)",
                 run_output(store, run_id, args.format))
 
@@ -4979,6 +5076,39 @@ def run_ledger(argv, environ, out):
     parser = build_ledger_parser(environ)
     args = parse_arguments(parser, argv)
     return print_report(parser.prog, args.db, out, lambda store: [json_output(ledger_summary(store))])
+
+
+def build_write_off_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py write-off-balances",
+        description="Write off every carried balance older than --older-than that is still "
+        "owed (taken back oldest first): the users keep it, and it is recorded per user and "
+        "day, shown in their statements and in the ledger's written-off total. Writes the "
+        "lines written off to stdout; nothing older: only the header, and 'nothing to write "
+        "off' on stderr. Run again, it writes off only what aged since. " + LEDGER_EXIT_HELP,
+    )
+    add_db_option(parser, environ, "SQLite database file; never created")
+    parser.add_argument("--older-than", required=True,
+                        help="age of a balance (since the settlement that carried it), "
+                        "such as 90d")
+    add_lines_format_option(parser)
+    return parser
+
+
+def run_write_off_balances(argv, environ, out):
+    parser = build_write_off_parser(environ)
+    args = parse_arguments(parser, argv)
+
+    def step(store):
+        older_than_us = parse_duration(args.older_than, "older-than") * 1_000_000
+        write_off_id = write_off_balances(store, older_than_us)
+        if write_off_id is None:
+            print(f"{parser.prog}: nothing to write off", file=sys.stderr)
+            return None, balance_write_off_output(store, None, args.format)
+        return (f"write-off {write_off_id} is committed (statements and the ledger show it)",
+                balance_write_off_output(store, write_off_id, args.format))
+
+    return run_ledger_step(parser.prog, args.db, out, step)
 
 
 def build_hold_parser(environ, action):
@@ -5077,6 +5207,9 @@ COMMANDS = {
                   "one user's ledger statement (GET /users/<id>/statement), to stdout"),
     "ledger": (lambda argv, environ: run_ledger(argv, environ, sys.stdout.buffer),
                "the ledger summary (GET /ledger), to stdout"),
+    "write-off-balances": (lambda argv, environ: run_write_off_balances(argv, environ,
+                                                                        sys.stdout.buffer),
+                           "write off carried balances older than a chosen age"),
     "hold": (lambda argv, environ: run_hold(argv, environ, sys.stdout.buffer),
              "hold a suspect user: their pay-now withheld, their estimates share nothing"),
     "release": (lambda argv, environ: run_hold(argv, environ, sys.stdout.buffer, "release"),

@@ -3990,20 +3990,31 @@ def test_a_session_of_a_day_received_after_the_last_run_holds_the_day_back(store
     assert [(line["sessions"], line["estimated-revenue"]) for line in lines] == [("2", "0.000002")]
 
 
-def test_a_late_session_joining_a_settled_day_gives_it_a_correcting_settlement(store):
-    add_sessions(store, [("a", None, 1000, at(0, 10))])
+@pytest.mark.parametrize("by_property", [False, True])
+def test_a_late_session_on_a_settled_day_is_paid_in_a_later_pool_and_charges_no_one(
+        store, db, by_property):
+    prop = "p" if by_property else None
+    add_sessions(store, [("a", prop, 1000, at(0, 10)), ("c", prop, 1000, at(0, 11))])
     pay(store, at(1, 0), pay_now="0.5", final="1")
-    book_rows(store, [(day_text(0), "", 1000)])
-    spp_server.settle(store)  # a: 500 paid now, 500 topped up
-    add_sessions(store, [("b", None, 1000, at(0, 20))])  # the clock stepped back
+    book_rows(store, [(day_text(0), prop or "", 2000)])
+    spp_server.settle(store)  # a and c: 500 paid now, 500 topped up each
+    add_sessions(store, [("b", prop, 1000, at(0, 20)), ("a", prop, 400, at(0, 21))])  # clock stepped back
     assert spp_server.settle(store) is None  # not paid yet
-    pay(store, at(1, 1), pay_now="0.5", final="1")
+    code, _, err = ledger_command(spp_server.run_pay, db, *pay_args(
+        spp_server.iso_utc(at(3, 5)), "0.5", "1"))
+    assert code == 0
+    assert f"2 session(s) received on report days already settled" in err and day_text(3) in err
+    # The settled day is not settled again: no one of it is charged.
+    assert spp_server.settle(store) is None
+    assert rows(db, "SELECT day, user_id, sessions FROM payout_parts WHERE run_id = 2 "
+                    "ORDER BY user_id") == [(day_text(3), "a", 1), (day_text(3), "b", 1)]
+    assert spp_server.ledger_summary(store)["runs"][1]["moved-sessions"] == 2
+    book_rows(store, [(day_text(3), prop or "", 1400)])
+    pay(store, at(4, 0), pay_now="0.5", final="1")
     lines = settlement_lines(store, spp_server.settle(store))
-    # The same booked 1000 now shared by two: a was paid 500 too much.
-    assert [(line["user-id"], line["final"], line["top-up"], line["carried"], line["kind"])
-            for line in lines] == [
-        ("a", "0.0000005", "0", "0.0000005", "correction"),
-        ("b", "0.0000005", "0", "0", "settlement")]
+    assert [(l["day"], l["user-id"], l["kind"], l["top-up"], l["carried"]) for l in lines] == [
+        (day_text(3), "a", "settlement", "0.0000002", "0"),
+        (day_text(3), "b", "settlement", "0.0000005", "0")]
 
 
 def test_booked_rows_with_a_property_settle_each_property_apart(store):
@@ -4209,6 +4220,43 @@ def test_a_correction_accounts_for_what_was_written_off(store, db, revised, top_
     totals = spp_server.statement(store, "a")["totals"]
     held = nanos("0.6") + nanos(totals["topped-up"]) - nanos(totals["carried"])
     assert held - nanos(totals["written-off"]) == nanos(line["final"])
+
+
+def test_balances_older_than_a_chosen_age_are_written_off_recorded_and_not_charged_again(
+        store, db, clock):
+    add_sessions(store, [("a", None, 1000, at(0)), ("a", None, 1000, at(1)),
+                         ("a", None, 1000, at(2))])
+    clock.set("2026-01-01T00:00:00Z")
+    pay(store, at(1, 0), pay_now="0.6", final="1")
+    book_rows(store, [(day_text(0), "", 300)])
+    spp_server.settle(store)  # 600 paid now, final 300: 300 carried
+    clock.set("2026-03-01T00:00:00Z")
+    pay(store, at(2, 0), pay_now="0.6", final="1")  # the 300 taken back from its 600
+    assert rows(db, "SELECT owed_nano FROM ledger_balances") == [(0,)]
+    book_rows(store, [(day_text(1), "", 100)])
+    spp_server.settle(store)  # 500 carried on 1 March
+    pay(store, at(3, 0), pay_now="0.1", final="1")  # 100 taken back: 400 owed
+    clock.set("2026-04-15T00:00:00Z")
+    code, out, err = ledger_command(spp_server.run_write_off_balances, db, "--older-than", "60d")
+    assert (code, out, err) == (0, b"write-off-id,user-id,day,property-id,written-off\r\n",
+                                "spp_server.py write-off-balances: nothing to write off\n")
+    code, out, err = ledger_command(spp_server.run_write_off_balances, db, "--older-than", "30d")
+    assert (code, err) == (0, "")
+    assert out == (b"write-off-id,user-id,day,property-id,written-off\r\n"
+                   + f"1,a,{day_text(1)},,0.0000004\r\n".encode())
+    statement = spp_server.statement(store, "a")
+    assert statement["balance-write-offs"] == [{
+        "write-off-id": 1, "created-at": "2026-04-15T00:00:00Z", "day": day_text(1),
+        "property-id": "", "written-off": "0.0000004"}]
+    assert (statement["totals"]["owed"], statement["totals"]["written-off"]) == ("0", "0.0000004")
+    # Run again: nothing more.
+    assert ledger_command(spp_server.run_write_off_balances, db, "--older-than", "30d")[0] == 0
+    assert count(db, "balance_write_offs") == 1
+    # Gamezop revises day 1 up: the user holds 600 - 500 + 400 forgiven = 500 for it.
+    book_rows(store, [(day_text(1), "", 700)])
+    [line] = settlement_lines(store, spp_server.settle(store))
+    assert (line["final"], line["top-up"], line["carried"], line["written-off"]) == (
+        "0.0000007", "0.0000002", "0", "-0.0000004")
 
 
 def test_the_margin_is_shown_with_and_without_balances_not_yet_taken_back(store):
@@ -6489,7 +6537,8 @@ EVERY_COMMAND = [[], ["export", "--since", "1", "--until", "2"],
                  ["import-booked", "r.csv"], ["prune", "--rejected-before", "1"],
                  ["pay", "--until", "1", "--pay-now-share", "0.5", "--final-share", "0.9"],
                  ["settle"], ["statement", "u"], ["ledger"], ["erase", "u"],
-                 ["hold", "u", "--reason", "r"], ["release", "u", "--reason", "r"]]
+                 ["hold", "u", "--reason", "r"], ["release", "u", "--reason", "r"],
+                 ["write-off-balances", "--older-than", "90d"]]
 
 
 def test_every_command_is_in_the_list_of_every_command():
