@@ -4767,26 +4767,41 @@ def months(draw):
     revisions = draw(st.dictionaries(st.sampled_from(sorted(booked)), st.integers(0, 10**13),
                                      max_size=4)) if booked else {}
     write_off = draw(st.booleans())
-    return sessions, order, cuts, final, pay_nows, booked, revisions, write_off
+    # Issue 22: sessions that reach days after they were settled (a clock step
+    # backwards), users held (and then released or not), balances written off
+    # for their age, a user erased.
+    late = draw(st.lists(st.tuples(st.sampled_from(["a", "b", "é"]), st.integers(0, 9),
+                                   st.sampled_from([None, "p1"]), st.integers(0, 10**9)),
+                         max_size=5))
+    held = draw(st.sets(st.sampled_from(["a", "b", "c", "d", "é"]), max_size=2))
+    hold_from = draw(st.integers(0, len(cuts) - 1))
+    release = draw(st.sampled_from([None, "release", "write-off"]))
+    age_off = draw(st.booleans())
+    erased = draw(st.sampled_from([None, "a", "c"]))
+    return (sessions, order, cuts, final, pay_nows, booked, revisions, write_off,
+            late, held, hold_from, release, age_off, erased)
 
 
 def check_ledger(store, db, final, write_off):
     """Every property the ledger promises, from the tables and from the sessions."""
     runs = rows(db, "SELECT id, after_session_id, last_session_id, sessions, estimated_nano, "
-                    "paid_now_nano, deducted_nano FROM payout_runs ORDER BY id")
+                    "paid_now_nano, deducted_nano, withheld_nano FROM payout_runs ORDER BY id")
     # Runs meet end to start; every session up to the last is in exactly one run.
     for previous, run in zip([(0, 0, 0)] + runs, runs):
         assert run[1] == previous[2]
     last = runs[-1][2] if runs else 0
     sessions = rows(db, "SELECT id, user_id, coalesce(property_id, ''), revenue_nano FROM sessions")
-    for run_id, after, last_id, n, estimated, paid, deducted in runs:
+    for run_id, after, last_id, n, estimated, paid, deducted, withheld in runs:
         mine = [s for s in sessions if after < s[0] <= last_id]
         assert (n, estimated) == (len(mine), sum(s[3] for s in mine))
         lines = run_lines(store, run_id)
         assert sum(int(line["sessions"]) for line in lines) == n
         assert sum(nanos(line["estimated-revenue"]) for line in lines) == estimated
-        assert sum(nanos(line["paid-now"]) for line in lines) == paid - deducted
+        assert sum(nanos(line["paid-now"]) for line in lines) == paid - deducted - withheld
         assert sum(nanos(line["deducted"]) for line in lines) == deducted
+        assert sum(nanos(line["withheld"]) for line in lines) == withheld
+        # A held user is paid nothing now, and nothing is taken from them.
+        assert all(nanos(line["deducted"]) == 0 for line in lines if nanos(line["withheld"]))
     assert rows(db, "SELECT coalesce(sum(sessions), 0) FROM payout_parts") == [
         (len([s for s in sessions if s[0] <= last]),)]
     # Every settled pool: users get the final share of booked, less under a nano each.
@@ -4795,30 +4810,36 @@ def check_ledger(store, db, final, write_off):
     for day, prop, by_property, booked, settled_sessions, newest in pools:
         where = "day = ?" + (" AND property_id = ?" if by_property else "")
         params = (day, prop) if by_property else (day,)
-        paid_now = rows(db, f"SELECT coalesce(sum(paid_now_nano), 0), count(DISTINCT user_id), "
-                            f"coalesce(sum(sessions), 0) FROM payout_parts WHERE {where}", params)[0]
-        if paid_now[2] != settled_sessions:
-            continue  # a late session (clock step) joined it: settled again once it is paid
-        moved, standing = rows(db, "SELECT coalesce(sum(top_up_nano - carried_nano), 0), "
-                                   "coalesce(sum(written_off_nano - written_back_nano), 0) "
-                                   "FROM settlement_lines WHERE day = ? AND property_id = ?",
-                               (day, prop))[0]
+        # A session that reached a settled day later (a clock step) is paid in
+        # a later pool: a settled pool's sessions never change.
+        assert rows(db, f"SELECT coalesce(sum(sessions), 0) FROM payout_parts WHERE {where}",
+                    params) == [(settled_sessions,)]
+        paid = dict(rows(db, f"SELECT user_id, sum(paid_now_nano) FROM payout_parts "
+                             f"WHERE {where} GROUP BY user_id", params))
+        lines = rows(db, "SELECT user_id, top_up_nano - carried_nano, written_off_nano - "
+                         "written_back_nano, held FROM settlement_lines WHERE day = ? AND "
+                         "property_id = ?", (day, prop))
         # A balance written off for its age: the user keeps it, as if written off when settled.
-        [(aged,)] = rows(db, "SELECT coalesce(sum(written_off_nano), 0) FROM "
-                             "balance_write_off_lines WHERE day = ? AND property_id = ?", (day, prop))
-        moved, standing = moved + aged, standing + aged
+        aged = dict(rows(db, "SELECT user_id, sum(written_off_nano) FROM balance_write_off_lines "
+                             "WHERE day = ? AND property_id = ? GROUP BY user_id", (day, prop)))
+        held = {user for user, _, _, was_held in lines if was_held}
+        # A held user's line moves nothing: their fate is the publisher's (release).
+        assert all(moved == standing == 0 for _, moved, standing, was_held in lines if was_held)
+        users = [u for u in paid if u not in held]
+        aged = sum(n for u, n in aged.items() if u not in held)
+        moved = sum(m for u, m, _, _ in lines if u not in held) + aged
+        standing = sum(w for u, _, w, _ in lines if u not in held) + aged
         parts = rows(db, "SELECT coalesce(sum(booked_part_nano), 0) FROM settlement_lines "
                          "WHERE settlement_id = ? AND day = ? AND property_id = ?", (newest, day, prop))
-        users = paid_now[1]
         if users:
             assert parts == [(booked,)]
-        total = paid_now[0] + moved  # now + top-ups - balances carried
+        total = sum(paid[u] for u in users) + moved  # now + top-ups - balances carried
         due = Fraction(D(final)) * booked if users else 0
         # What stands written off is what users hold above their final amounts:
         # a correction never charges it again, nor leaves it forgiven twice.
-        assert due - users <= total - standing <= due
-        if not write_off:
-            assert standing == aged
+        assert due - len(users) <= total - standing <= due
+        if not write_off:  # only balances written off for their age, maybe written back
+            assert 0 <= standing <= aged
     # The statements add up to the ledger.
     summary = spp_server.ledger_summary(store)
     users = [u for (u,) in rows(db, "SELECT DISTINCT user_id FROM sessions")]
@@ -4847,7 +4868,8 @@ def check_ledger(store, db, final, write_off):
 @given(months())
 @LEDGER_SETTINGS
 def test_ledger_properties_hold_over_random_months(month):
-    sessions, order, cuts, final, pay_nows, booked, revisions, write_off = month
+    (sessions, order, cuts, final, pay_nows, booked, revisions, write_off,
+     late, held, hold_from, release, age_off, erased) = month
     with tempfile.TemporaryDirectory() as tmp:
         db = os.path.join(tmp, "spp.db")
         store = spp_server.Store(db)
@@ -4858,12 +4880,27 @@ def test_ledger_properties_hold_over_random_months(month):
             add_sessions(store, timed)
             book_rows(store, [(day_text(day), prop, n) for (day, prop), n in booked.items()])
             outputs = {}
-            for cut, pay_now in zip(cuts, pay_nows):
+            for i, (cut, pay_now) in enumerate(zip(cuts, pay_nows)):
+                if i == hold_from:
+                    for user in sorted(held):
+                        spp_server.hold_user(store, user, "hold", "suspect")
                 run_id = pay(store, OCT + cut * HOUR_US, pay_now, final)
                 outputs[run_id] = run_text(store, run_id)
                 if cut % 2:
                     spp_server.settle(store, write_off)
+                if i == 0:  # the clock steps back: sessions on days maybe settled already
+                    add_sessions(store, [(u, prop, n, at(day, 23)) for u, day, prop, n in late])
+            pays = len(outputs)
+            run_id = pay(store, OCT + 12 * 24 * HOUR_US, pay_nows[-1], final)  # pays the late ones
+            outputs[run_id] = run_text(store, run_id)
+            cuts, pay_nows = [*cuts, 12 * 24], [*pay_nows, pay_nows[-1]]
+            assert pays + 1 == len(outputs)
             spp_server.settle(store, write_off)
+            if release:
+                for user in sorted(held):
+                    spp_server.hold_user(store, user, release, "checked")
+            if age_off:  # every balance counts as aged: a cutoff after now
+                spp_server.write_off_balances(store, -1)
             # A revised report gives its days again whole, in the same breakdown.
             revised = {key: revisions.get(key, n) for key, n in booked.items()
                        if key[0] in {day for day, _ in revisions}}
@@ -4873,6 +4910,12 @@ def test_ledger_properties_hold_over_random_months(month):
                 assert pay(store, OCT + cut * HOUR_US, pay_now, final) == run_id
                 assert run_text(store, run_id) == outputs[run_id]
             check_ledger(store, db, final, write_off)
+            if erased:  # every total stays exact under the pseudonym
+                summary = spp_server.ledger_summary(store)
+                spp_server.erase(store, erased, force=True)
+                assert spp_server.ledger_summary(store) == summary
+                assert rows(db, "SELECT count(*) FROM sessions WHERE user_id = ?", (erased,)) == [(0,)]
+                check_ledger(store, db, final, write_off)
         finally:
             store.close()
 
