@@ -692,6 +692,14 @@ SQL = {
     "insert_hold": """
         INSERT INTO ledger_holds (user_id, action, at_us, reason, amount_nano)
         VALUES (?, ?, ?, ?, ?) RETURNING id, user_id, action, at_us, reason, amount_nano""",
+    # Per attributed user in a window: sessions, days with a session, revenue,
+    # duration summed over the sessions that have one, and their number.
+    "suspect_figures": """
+        SELECT user_id, count(*), count(DISTINCT received_at_us / 86400000000),
+               sum(revenue_nano), coalesce(sum(duration_s), 0), count(duration_s)
+        FROM sessions INDEXED BY sessions_by_time
+        WHERE received_at_us >= ? AND received_at_us < ? AND user_id != ''
+        GROUP BY user_id ORDER BY user_id""",
     # --- Erasure ---
     "user_unpaid_sessions": """
         SELECT count(*) FROM sessions INDEXED BY sessions_by_user
@@ -3599,6 +3607,75 @@ def hold_output(row, fmt):
     return in_chunks(encode_values([tuple(values.values())], HOLD_COLUMNS, fmt))
 
 
+# --- Users worth a look: figures far outside the publisher's own distribution ---
+
+# A figure is far outside when it is further from the median of all users
+# than SUSPECT_SPREADS times the spread (the median absolute deviation, scaled
+# to a standard deviation for normal data, and at least a tenth of the
+# median, so that a crowd of identical users does not flag every other one).
+SUSPECT_SPREADS = 5
+SUSPECT_MIN_USERS = 5  # fewer: no distribution to compare with
+SUSPECT_FIGURES = (("sessions-per-day", 2), ("revenue-per-session", 9), ("mean-duration-s", 1))
+
+
+def median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def spread(values, centre):
+    mad = median([abs(v - centre) for v in values]) * Fraction(14826, 10000)
+    return max(mad, abs(centre) / 10, Fraction(1, 10**9))
+
+
+def user_figures(row):
+    """A suspect_figures row -> {figure: Fraction} (None where unknown)."""
+    user, sessions, days, revenue, duration, timed = row
+    return {"sessions-per-day": Fraction(sessions, days),
+            "revenue-per-session": Fraction(revenue, sessions * 10**9),
+            "mean-duration-s": Fraction(duration, timed) if timed else None}
+
+
+def suspects(store, since_us, until_us):
+    """Every user whose sessions per day, revenue per session or mean session
+    duration in [since, until) is far outside the distribution of all users,
+    with the figures, the medians and how many spreads away: a reason to hold
+    someone (or not)."""
+    with store.snapshot() as conn:
+        rows = conn.execute(SQL["suspect_figures"], (since_us, until_us)).fetchall()
+        held = {user for (user,) in conn.execute(SQL["held_users"])}
+    figures = {row[0]: (row, user_figures(row)) for row in rows}
+    typical, found = {}, []
+    for name, places in SUSPECT_FIGURES:
+        values = [f[name] for _, f in figures.values() if f[name] is not None]
+        if len(values) >= SUSPECT_MIN_USERS:
+            centre = median(values)
+            typical[name] = (centre, spread(values, centre))
+    for user, (row, figure) in figures.items():
+        outside = []
+        for name, places in SUSPECT_FIGURES:
+            if name in typical and figure[name] is not None:
+                centre, width = typical[name]
+                away = abs(figure[name] - centre) / width
+                if away > SUSPECT_SPREADS:
+                    outside.append({"figure": name, "spreads": floor_places(away, 1),
+                                    "direction": "above" if figure[name] > centre else "below"})
+        if outside:
+            found.append((max(Fraction(o["spreads"]) for o in outside), user, row, figure, outside))
+    found.sort(key=lambda f: (-f[0], f[1]))
+    return {"since": iso_utc(since_us), "until": iso_utc(until_us), "users": len(figures),
+            "typical": {name: {"median": floor_places(abs(c), places), "spread": floor_places(w, places)}
+                        for name, places in SUSPECT_FIGURES if name in typical
+                        for c, w in [typical[name]]},
+            "suspects": [{"user-id": user, "held": user in held, "sessions": row[1],
+                          "days": row[2],
+                          **{name: None if figure[name] is None else floor_places(figure[name], places)
+                             for name, places in SUSPECT_FIGURES},
+                          "outside": outside}
+                         for _, user, row, figure, outside in found]}
+
+
 # --- Erasure: what identifies a user removed on request (GDPR Art. 17) ---
 
 # Every ledger table with a user id: renamed to the pseudonym, so that every
@@ -5111,6 +5188,35 @@ def run_write_off_balances(argv, environ, out):
     return run_ledger_step(parser.prog, args.db, out, step)
 
 
+def build_suspects_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py suspects",
+        description="Write the users worth a look to stdout as JSON: those whose sessions "
+        "per day, revenue per session or mean session duration in the window is more than "
+        f"{SUSPECT_SPREADS} spreads from the median of all users (at least "
+        f"{SUSPECT_MIN_USERS} users), with the figures; a reason to hold one (spp_server.py "
+        "hold). Reads only.",
+    )
+    add_db_option(parser, environ, DB_HELP_REPORT)
+    parser.add_argument("--since", help=f"start of the window [default: 30 days before "
+                        f"--until]: {TIME_FORMS_HELP}")
+    parser.add_argument("--until", help="end of the window, excluded [default: now]; same forms")
+    return parser
+
+
+def run_suspects(argv, environ, out):
+    parser = build_suspects_parser(environ)
+    args = parse_arguments(parser, argv)
+    try:
+        until = now_us() if args.until is None else parse_instant(args.until)
+        since = until - 30 * DAY_US if args.since is None else parse_instant(args.since)
+    except ValueError:
+        print(f"{parser.prog}: --since/--until: must be {TIME_FORMS_HELP}", file=sys.stderr)
+        return 2
+    return print_report(parser.prog, args.db, out,
+                        lambda store: [json_output(suspects(store, since, until))])
+
+
 def build_hold_parser(environ, action):
     what = {"hold": "Hold a suspect user: from the next run on, their pay-now is withheld "
                     "(recorded in the run, shown in their statement), and at settlement their "
@@ -5210,6 +5316,8 @@ COMMANDS = {
     "write-off-balances": (lambda argv, environ: run_write_off_balances(argv, environ,
                                                                         sys.stdout.buffer),
                            "write off carried balances older than a chosen age"),
+    "suspects": (lambda argv, environ: run_suspects(argv, environ, sys.stdout.buffer),
+                 "users worth a look: figures far outside the others', to stdout"),
     "hold": (lambda argv, environ: run_hold(argv, environ, sys.stdout.buffer),
              "hold a suspect user: their pay-now withheld, their estimates share nothing"),
     "release": (lambda argv, environ: run_hold(argv, environ, sys.stdout.buffer, "release"),

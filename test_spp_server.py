@@ -4327,6 +4327,34 @@ def test_releasing_a_user_not_held_or_without_a_reason_is_refused(store, db):
     assert code == 2 and "--reason" in err and count(db, "ledger_holds") == 0
 
 
+def test_the_users_worth_a_look_are_those_far_outside_the_others_with_the_figures(store, db):
+    def session(user, day, nanos=1000, duration=100):
+        return (f"w-{next(_ids)}", user, None, "IN", 1, duration, nanos, at(day), "{}")
+
+    sessions = [session(f"u{n}", day) for n in range(8) for day in range(3) for _ in range(2)]
+    sessions += [session("bot", 1) for _ in range(50)]
+    sessions += [session("whale", day, nanos=1_000_000) for day in range(3) for _ in range(2)]
+    sessions += [session("quick", day, duration=3) for day in range(3) for _ in range(2)]
+    store.write(lambda conn, _: conn.executemany(spp_server.SQL["insert_session"], sessions))
+    hold(db, "hold", "bot")
+    code, out, err = ledger_command(spp_server.run_suspects, db, "--since",
+                                    spp_server.iso_utc(at(0, 0)), "--until", spp_server.iso_utc(at(3, 0)))
+    assert (code, err) == (0, "")
+    report = json.loads(out)
+    assert report["users"] == 11
+    assert report["typical"] == {
+        "sessions-per-day": {"median": "2.00", "spread": "0.20"},
+        "revenue-per-session": {"median": "0.000001000", "spread": "0.000000100"},
+        "mean-duration-s": {"median": "100.0", "spread": "10.0"}}
+    assert [(s["user-id"], s["held"], s["sessions-per-day"], s["revenue-per-session"],
+             s["mean-duration-s"], [(o["figure"], o["direction"]) for o in s["outside"]])
+            for s in report["suspects"]] == [
+        ("whale", False, "2.00", "0.001000000", "100.0", [("revenue-per-session", "above")]),
+        ("bot", True, "50.00", "0.000001000", "100.0", [("sessions-per-day", "above")]),
+        ("quick", False, "2.00", "0.000001000", "3.0", [("mean-duration-s", "below")])]
+    assert report["suspects"][1]["outside"][0]["spreads"] == "240.0"
+
+
 def test_at_settlement_a_held_users_estimates_take_no_share_of_the_others(store, db):
     add_sessions(store, [("a", None, 1000, at(0)), ("bot", None, 9000, at(0))])
     pay(store, at(1, 0), pay_now="0.5", final="1")  # a: 500 paid now
@@ -6581,7 +6609,7 @@ EVERY_COMMAND = [[], ["export", "--since", "1", "--until", "2"],
                  ["pay", "--until", "1", "--pay-now-share", "0.5", "--final-share", "0.9"],
                  ["settle"], ["statement", "u"], ["ledger"], ["erase", "u"],
                  ["hold", "u", "--reason", "r"], ["release", "u", "--reason", "r"],
-                 ["write-off-balances", "--older-than", "90d"]]
+                 ["write-off-balances", "--older-than", "90d"], ["suspects"]]
 
 
 def test_every_command_is_in_the_list_of_every_command():
