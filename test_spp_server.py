@@ -4659,6 +4659,33 @@ def test_a_ledger_step_killed_at_any_point_is_whole_or_absent_and_a_rerun_comple
     assert ledger_rows(db) == ledger_rows(reference)
 
 
+@pytest.mark.parametrize("command, name, when, committed", [
+    (["erase", "u3", "--even-if-owed"], "erase_user", "after", False),  # before COMMIT
+    (["erase", "u3", "--even-if-owed"], "compact_after_erasure", "before", True),
+    (["hold", "u3", "--reason", "r"], "change_hold", "after", False),
+])
+def test_the_other_ledger_commands_killed_at_any_point_leave_all_or_nothing_and_rerun_safely(
+        tmp_path, command, name, when, committed):
+    db = str(tmp_path / "spp.db")
+    ledger_month(db)
+    before = ledger_rows(db) | {t: rows(db, f"SELECT * FROM {t}") for t in
+                               ("ledger_holds", "balance_write_offs", "erasures")}
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, name, when, *command, "--db", db],
+                            cwd=HERE, capture_output=True, timeout=15)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+    after = ledger_rows(db) | {t: rows(db, f"SELECT * FROM {t}") for t in
+                              ("ledger_holds", "balance_write_offs", "erasures")}
+    assert (after != before) == committed
+    run = {"erase": spp_server.run_erase, "hold": spp_server.run_hold}[command[0]]
+    assert ledger_command(run, db, *command[1:])[0] == 0
+    assert ledger_command(run, db, *command[1:])[0] == 0  # and again: nothing twice
+    if command[0] == "erase":
+        assert b"u3" not in file_bytes(db) and count(db, "erasures") == 1
+    if command[0] == "hold":
+        assert count(db, "ledger_holds") == 1
+
+
 # --- The documented routine, run as written ---
 
 
