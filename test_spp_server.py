@@ -4351,53 +4351,240 @@ def documented_scripts():
     return re.findall(r"```sh\n(#!/bin/sh\n.*?)```", text, re.S)
 
 
+# Stands for $SPP in the routines: counts the commands it runs (in a file),
+# and SIGKILLs the routine's whole process group just before the command
+# numbered SHIM_KILL_AT, just after the step it runs is committed (before
+# its lines are written), or just after it.
+ROUTINE_SHIM = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import spp_server
+counter, kill_at, when = os.environ["SHIM_COUNT"], os.environ.get("SHIM_KILL_AT"), os.environ.get("SHIM_WHEN")
+n = int(open(counter).read()) if os.path.exists(counter) else 0
+with open(counter, "w") as f:
+    f.write(str(n + 1))
+kill = kill_at is not None and int(kill_at) == n
+def die():
+    sys.stdout.flush()
+    os.killpg(0, signal.SIGKILL)
+if kill and when == "before":
+    die()
+if kill and when == "committed":
+    for name in ("run_output", "settlement_output"):
+        setattr(spp_server, name, lambda *args, **kwargs: die())
+code = spp_server.main(sys.argv[1:])
+if kill:
+    die()
+sys.exit(code)
+"""
+
+
+class Routines:
+    """The scripts of docs/ledger.md as written, run in a process group of
+    their own with `SPP_TODAY`, delivering to `out`."""
+
+    def __init__(self, tmp_path, db, **env):
+        self.dir, self.db, self.out = tmp_path, db, tmp_path / "payouts"
+        weekly, monthly = documented_scripts()
+        self.scripts = {"weekly": tmp_path / "weekly", "monthly": tmp_path / "monthly"}
+        self.scripts["weekly"].write_text(weekly)
+        self.scripts["monthly"].write_text(monthly)
+        shim = tmp_path / "shim.py"
+        shim.write_text(ROUTINE_SHIM.format(here=str(HERE)))
+        self.env = {**os.environ, "SPP": f"{sys.executable} {shim}", "SPP_DB": db,
+                    "SPP_PAYOUTS": str(self.out), "SHIM_COUNT": str(tmp_path / "commands"),
+                    "SPP_WEEKLY_PAYOUT": f"sh {self.scripts['weekly']}", **env}
+
+    def run(self, name, today, kill_at=None, when=None):
+        """-> (exit status, stderr) of the script `name` run on `today`."""
+        Path(self.env["SHIM_COUNT"]).write_text("0")
+        env = {**self.env, "SPP_TODAY": today}
+        if kill_at is not None:
+            env.update(SHIM_KILL_AT=str(kill_at), SHIM_WHEN=when)
+        done = subprocess.run(["sh", str(self.scripts[name])], env=env, capture_output=True,
+                              timeout=15, start_new_session=True)
+        return done.returncode, done.stderr.decode()
+
+    def commands(self):
+        """How many commands of spp_server.py the last run started."""
+        return int(Path(self.env["SHIM_COUNT"]).read_text())
+
+    def delivered(self):
+        """{file name: bytes} of what the routines delivered (dot-files are not)."""
+        return {p.name: p.read_bytes() for p in sorted(self.out.iterdir())
+                if p.is_file() and not p.name.startswith(".")}
+
+    def book(self, month, *rows):
+        """Last month's report where the monthly routine looks for it."""
+        (self.out / "booked").mkdir(parents=True, exist_ok=True)
+        (self.out / "booked" / f"booked-{month}.json").write_text(booked_csv(*rows))
+
+
 def test_the_documented_weekly_and_monthly_routine_runs_as_written(real_server, tmp_path, db):
-    weekly, monthly = documented_scripts()
     store = spp_server.Store(db)  # what postbacks stored in October 2020
     add_sessions(store, [(f"u{i % 3}", ("p1", "p2")[i % 2], 1000 * i, at(i // 8, i % 8))
                          for i in range(32)])
     store.close()
     server = real_server(db)
     assert server.post(postback(user_id="live"))[0] == 200  # received now: a later run's
-    out = tmp_path / "payouts"
     report = tmp_path / "booked-2020-10.csv"
     report.write_text(booked_csv(("2020-10-02", "p1", "", "0.5"), ("2020-10-02", "p2", "", "0.25")))
-    env = {**os.environ, "SPP": f"{sys.executable} {SERVER}", "SPP_DB": db,
-           "SPP_PAYOUTS": str(out), "SPP_PAY_UNTIL": "2020-10-03T00:00:00Z",
-           "SPP_BOOKED_REPORT": str(report)}
-    scripts = {}
-    for name, text in (("weekly", weekly), ("monthly", monthly)):
-        scripts[name] = tmp_path / name
-        scripts[name].write_text(text)
-
-    def run(name):
-        done = subprocess.run(["sh", str(scripts[name])], env=env, capture_output=True, timeout=15)
-        assert done.returncode == 0, done.stderr
+    routines = Routines(tmp_path, db, SPP_BOOKED_REPORT=str(report))
+    out = routines.out
 
     def served(path):
         status, _, body = http_request(server.port, "GET", path)
         assert status == 200
         return body
 
-    run("weekly")
+    assert routines.run("weekly", "2020-10-03") == (0, "")
     paid = (out / "run-2020-10-03T00:00:00Z.csv").read_bytes()
     assert paid == served("/ledger/runs/1?format=csv")
     # October 1st and 2nd: sessions 0 to 15, to u0, u1, u2 in turn.
     assert [line["sessions"] for line in csv.DictReader(io.StringIO(paid.decode()))] == ["6", "5", "5"]
-    run("weekly")  # again, as after a reboot: the same file, nothing paid twice
+    assert routines.run("weekly", "2020-10-03") == (0, "")  # again, as after a reboot
     assert (out / "run-2020-10-03T00:00:00Z.csv").read_bytes() == paid
     assert count(db, "payout_runs") == 1
-    run("monthly")
+    assert routines.run("monthly", "2020-10-03")[0] == 0
     settled = (out / "settlement-1.csv").read_bytes()
     assert settled == served("/ledger/settlements/1?format=csv")
     assert {(line["day"], line["property-id"])
             for line in csv.DictReader(io.StringIO(settled.decode()))} == {
         ("2020-10-02", "p1"), ("2020-10-02", "p2")}
-    run("monthly")  # nothing new: no second settlement, no file left aside
-    assert sorted(p.name for p in out.iterdir()) == ["run-2020-10-03T00:00:00Z.csv",
-                                                     "settlement-1.csv"]
+    assert routines.run("monthly", "2020-10-03")[0] == 0  # nothing new: no second settlement
+    assert sorted(routines.delivered()) == ["run-2020-10-03T00:00:00Z.csv", "settlement-1.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "booked", *routines.delivered()]
     assert json.loads(served("/users/live/statement"))["runs"] == []
     assert server.post(postback(user_id="live"))[0] == 200  # ingest went on throughout
+
+
+def test_the_routines_files_are_for_root_and_the_wallet_group_only(tmp_path, db):
+    """Whatever umask they are started with: directories 0750, files 0640."""
+    ledger_month(db)
+    report = tmp_path / "report.csv"
+    report.write_text(booked_csv(("2020-10-01", "p1", "", "0.5")))
+    routines = Routines(tmp_path, db, SPP_BOOKED_REPORT=str(report))
+    old = os.umask(0)
+    try:
+        assert routines.run("monthly", "2020-11-05")[0] == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in [routines.out, *routines.out.iterdir()]}
+    assert modes == {"payouts": "0o750", "booked": "0o750", ".lock": "0o640",
+                     "run-2020-11-05T00:00:00Z.csv": "0o640", "settlement-1.csv": "0o640"}
+    service = documented_units()["spp-payout.service"]
+    assert "UMask=0027" in service and "StateDirectoryMode=0750" in service
+    assert "Group=spp-wallet" in service
+
+
+@pytest.mark.parametrize("today, month", [
+    ("2026-03-31", "2026-02"), ("2026-03-29", "2026-02"), ("2026-05-31", "2026-04"),
+    ("2026-12-30", "2026-11"), ("2027-01-05", "2026-12"), ("2024-03-01", "2024-02"),
+])
+def test_the_monthly_routine_reads_last_months_report_on_every_day(tmp_path, db, today, month):
+    """`date -d 'last month'` on the 31st of March names March: the routine
+    asks for the month before, whatever the day (here a report that is missing)."""
+    ledger_month(db)
+    routines = Routines(tmp_path, db)
+    before = ledger_rows(db)
+    code, err = routines.run("monthly", today)
+    assert code == 1
+    assert f"no {routines.out}/booked/booked-{month}.json: save last month's report there" in err
+    assert routines.commands() == 0 and ledger_rows(db) == before  # checked before any change
+    assert (routines.out / "booked").is_dir()  # the one place, created by the routine
+
+
+def test_the_monthly_routine_fails_before_any_change_without_its_folder(tmp_path, db):
+    ledger_month(db)
+    routines = Routines(tmp_path, db)
+    routines.out.write_text("a file where the folder should be")
+    before = ledger_rows(db)
+    code, err = routines.run("monthly", "2020-11-05")
+    assert code != 0 and "mkdir" in err
+    assert routines.commands() == 0 and ledger_rows(db) == before
+
+
+def routine_month(db):
+    """A new database with sessions in October and November 2020."""
+    store = spp_server.Store(db)
+    try:
+        add_sessions(store, [(f"u{i % 5}", ("p1", "p2")[i % 2], 1000 * i + 7, at(i % 45, i % 24))
+                             for i in range(120)])
+    finally:
+        store.close()
+
+
+def routine_reports(routines):
+    routines.book("2020-10", *((f"2020-10-{d:02}", p, "", f"0.00{d}") for d in (1, 2, 30, 31)
+                               for p in ("p1", "p2")))
+    routines.book("2020-11", *((f"2020-11-{d:02}", "p1", "", "0.0001") for d in (1, 14)))
+
+
+# The routines' calendar: Mondays, and the 5th.
+ROUTINE_CALENDAR = [("weekly", "2020-10-26"), ("weekly", "2020-11-02"), ("monthly", "2020-11-05"),
+                    ("monthly", "2020-12-05")]
+
+
+@functools.lru_cache(maxsize=None)
+def uninterrupted_routines():
+    """[(commands run, {file: bytes} delivered)] after each routine of
+    ROUTINE_CALENDAR, uninterrupted (computed once: every kill test compares with it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db = os.path.join(tmp, "spp.db")
+        routine_month(db)
+        routines = Routines(Path(tmp), db)
+        routine_reports(routines)
+        done = []
+        for name, today in ROUTINE_CALENDAR:
+            assert routines.run(name, today)[0] == 0
+            done.append((routines.commands(), routines.delivered()))
+        return done
+
+
+# (routine of ROUTINE_CALENDAR, command it runs) -> a kill point.  A weekly
+# run is run again a week later, a monthly one the same day.
+@pytest.mark.parametrize("step, kill_at", [(0, 0), (1, 0), *((2, n) for n in range(5))])
+@pytest.mark.parametrize("when", ["before", "committed", "after"])
+def test_a_routine_killed_at_any_step_delivers_each_step_once_when_run_again(
+        tmp_path, step, kill_at, when):
+    """SIGKILL of the script's whole process group before a command of
+    spp_server.py, after its step commits (before its lines are written), or
+    after it (between `settle` and the file's rename, say); then the routine
+    run again: what is delivered is, byte for byte, what the uninterrupted
+    calendar delivered, each step exactly once."""
+    done = uninterrupted_routines()
+    assert [commands for commands, _ in done] == [1, 1, 5, 5]
+    db = str(tmp_path / "spp.db")
+    routine_month(db)
+    routines = Routines(tmp_path, db)
+    routine_reports(routines)
+    for name, today in ROUTINE_CALENDAR[:step]:
+        assert routines.run(name, today)[0] == 0
+    name, today = ROUTINE_CALENDAR[step]
+    assert routines.run(name, today, kill_at, when)[0] == -signal.SIGKILL
+    assert routines.commands() == kill_at + 1
+    assert routines.delivered().items() <= done[step][1].items()  # never half a file
+    again, delivered = (step, done[step][1]) if name == "monthly" else (step + 1, done[step + 1][1])
+    code, err = routines.run(ROUTINE_CALENDAR[again][0], ROUTINE_CALENDAR[again][1])
+    assert code == 0, err
+    assert routines.delivered() == delivered
+    assert sorted(p.name for p in routines.out.iterdir() if p.name.startswith(".")) == [".lock"]
+
+
+def test_a_settlement_left_undelivered_is_delivered_by_the_next_months_routine(tmp_path):
+    """Killed between settle and the rename, not run again that month: the
+    next month's routine delivers it before its own."""
+    *_, (_, expected) = uninterrupted_routines()
+    db = str(tmp_path / "spp.db")
+    routine_month(db)
+    routines = Routines(tmp_path, db)
+    routine_reports(routines)
+    for name, today in ROUTINE_CALENDAR[:2]:
+        assert routines.run(name, today)[0] == 0
+    assert routines.run("monthly", "2020-11-05", 2, "after")[0] == -signal.SIGKILL
+    assert "settlement-1.csv" not in routines.delivered()
+    assert routines.run("monthly", "2020-12-05")[0] == 0
+    assert routines.delivered() == expected
 
 
 def ledger_illustration(language, option=None):
@@ -4430,14 +4617,17 @@ def test_the_ledger_settlement_illustration_is_what_settle_prints(store, db):
 def documented_units():
     """{file name: text} of the unit files docs/ledger.md shows in full."""
     text = (HERE / "docs" / "ledger.md").read_text(encoding="utf-8")
-    return dict(re.findall(r"`/etc/systemd/system/([a-z-]+\.(?:service|timer))`.*?```ini\n(.*?)```",
+    return dict(re.findall(r"`/etc/systemd/system/([a-z@-]+\.(?:service|timer))`.*?```ini\n(.*?)```",
                            text, re.S))
 
 
 def test_systemd_accepts_the_documented_ledger_units(tmp_path):
     units = documented_units()
-    assert sorted(units) == ["spp-payout.service", "spp-payout.timer"]
+    assert sorted(units) == ["spp-ledger-failed@.service", "spp-payout.service", "spp-payout.timer"]
     assert "ExecStart=/usr/local/bin/spp-weekly-payout" in units["spp-payout.service"]
+    # A failed payout or settlement starts the unit that logs it at priority crit.
+    assert "\nOnFailure=spp-ledger-failed@%n.service\n" in units["spp-payout.service"]
+    assert "--priority daemon.crit" in units["spp-ledger-failed@.service"]
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
     for name, text in units.items():
