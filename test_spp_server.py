@@ -4342,6 +4342,125 @@ def test_a_ledger_step_killed_at_any_point_is_whole_or_absent_and_a_rerun_comple
     assert ledger_rows(db) == ledger_rows(reference)
 
 
+# --- One step at a time, whatever path names the database ---
+# A real pay that stops after staging its parts (its step alive, its rows
+# staged and unseen) until a line comes on its stdin.
+PAUSED_PAY = """
+import sys
+import spp_server
+original = spp_server.write_in_chunks
+def pausing(*args, **kwargs):
+    original(*args, **kwargs)
+    spp_server.write_in_chunks = original
+    print("staged", file=sys.stderr, flush=True)
+    sys.stdin.readline()
+spp_server.write_in_chunks = pausing
+sys.exit(spp_server.main(sys.argv[1:]))
+"""
+
+
+@contextlib.contextmanager
+def paused_pay(db):
+    """A real `pay` process holding the ledger lock with its parts staged: -> the Popen,
+    resumed at the end of the block (its output read by proc.communicate)."""
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_PAY, "pay", *pay_args(), "--db", db],
+                            cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr.readline() == b"staged\n"
+        yield proc
+    finally:
+        if proc.poll() is None and not proc.stdin.closed:
+            proc.stdin.write(b"\n")
+            proc.stdin.flush()
+
+
+def other_name(db, how, tmp_path):
+    """Another way to name the database `db`: -> (path to pass, working directory)."""
+    if how == "symlink":
+        os.symlink(db, tmp_path / "alias.db")
+        return str(tmp_path / "alias.db"), HERE
+    if how == "symlinked directory":
+        os.symlink(tmp_path, tmp_path.parent / f"{tmp_path.name}-link")
+        return str(tmp_path.parent / f"{tmp_path.name}-link" / "spp.db"), HERE
+    if how == "hard link":
+        os.link(db, tmp_path / "linked.db")
+        return str(tmp_path / "linked.db"), HERE
+    assert how == "relative"
+    (tmp_path / "sub").mkdir()
+    return os.path.join("sub", "..", os.path.basename(db)), tmp_path
+
+
+@pytest.mark.parametrize("how", ["symlink", "symlinked directory", "hard link", "relative"])
+@pytest.mark.parametrize("command", [["pay", *pay_args()], ["settle"]])
+def test_one_ledger_step_at_a_time_whatever_path_names_the_database(tmp_path, db, how, command):
+    """While a real pay has staged rows, a second step through another name
+    of the same database waits and gives up (here at once): it deletes none of
+    the live step's rows, and the first completes whole."""
+    ledger_month(db)  # run 1 paid up to October 2nd
+    reference = str(tmp_path / "reference.db")
+    shutil.copy(db, reference)
+    expected = ledger_command(spp_server.run_pay, reference, *pay_args())
+    with paused_pay(db) as first:
+        staged = ledger_rows(db)
+        path, cwd = other_name(db, how, tmp_path)
+        second = subprocess.run([sys.executable, str(SERVER), *command, "--db", path,
+                                 "--lock-wait", "0"], cwd=cwd, capture_output=True, text=True,
+                                timeout=15)
+        assert (second.returncode, second.stdout) == (1, "")
+        if how == "hard link":  # another lock by name: refused, whichever name
+            assert "has 2 hard links" in second.stderr and second.stderr.count("\n") == 1
+        else:
+            assert second.stderr.splitlines() == [
+                f"spp_server.py {command[0]}: waiting for another pay or settle to release "
+                f"{os.path.realpath(db)}-ledger-lock (at most 0 s, --lock-wait)",
+                f"spp_server.py {command[0]}: another pay or settle held "
+                f"{os.path.realpath(db)}-ledger-lock for 0 s (--lock-wait); nothing changed: "
+                "run it again once that step is done"]
+        assert ledger_rows(db) == staged  # the live step's staged rows are all there
+    out, err = first.communicate(timeout=15)
+    assert (first.returncode, out, err) == (0, expected[1], b"")
+    assert ledger_rows(db) == ledger_rows(reference)
+
+
+def test_a_step_waiting_for_another_says_so_and_goes_on_once_it_is_done(tmp_path, db):
+    ledger_month(db)
+    os.symlink(db, tmp_path / "alias.db")
+    with paused_pay(db) as first:
+        second = subprocess.Popen([sys.executable, str(SERVER), "pay", *pay_args(),
+                                   "--db", str(tmp_path / "alias.db")],
+                                  env={**os.environ, "SPP_LEDGER_LOCK_WAIT": "60"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert second.stderr.readline().decode() == (
+            "spp_server.py pay: waiting for another pay or settle to release "
+            f"{os.path.realpath(db)}-ledger-lock (at most 60 s, --lock-wait)\n")
+    out, err = first.communicate(timeout=15)
+    assert (first.returncode, err) == (0, b"")
+    assert second.wait(15) == 0 and second.stderr.read() == b""
+    assert second.stdout.read() == out  # the run it asked for, recorded by the first
+    assert count(db, "payout_runs") == 2
+
+
+def test_the_lock_wait_is_a_whole_number_of_seconds(db, capsys):
+    with pytest.raises(SystemExit) as exited:
+        spp_server.run_settle(["--lock-wait", "1.5", "--db", db], {}, io.BytesIO())
+    assert exited.value.code == 2
+    assert "--lock-wait: must be a whole number of seconds from 0 to 86400" in capsys.readouterr().err
+
+
+def test_ledger_steps_lists_every_recorded_step_for_the_routines(store, db):
+    assert ledger_command(spp_server.run_ledger, db, "--steps") == (0, b"step,id,until\r\n", "")
+    add_sessions(store, [("a", None, 1000, at(0)), ("b", None, 2000, at(2))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "", 900)])
+    spp_server.settle(store)
+    pay(store, at(3, 0))
+    code, out, err = ledger_command(spp_server.run_ledger, db, "--steps")
+    assert (code, err) == (0, "")
+    assert out.decode().splitlines() == ["step,id,until", "run,1,2020-10-02T00:00:00Z",
+                                         "run,2,2020-10-04T00:00:00Z", "settlement,1,"]
+
+
 # --- The documented routine, run as written ---
 
 
