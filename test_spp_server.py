@@ -4623,6 +4623,66 @@ def test_the_monthly_routine_fails_before_any_change_without_its_folder(tmp_path
     assert routines.commands() == 0 and ledger_rows(db) == before
 
 
+def settle_a_month_by_the_routines(tmp_path, year, month, settle_day):
+    """Sessions on every day of the month (its first and last second too),
+    each day booked; the weekly routine on the last Monday up to the
+    settlement (by the timer, 02:00, before the settlement's 03:00), then the
+    monthly one on `settle_day` of the next month: -> the days it settled."""
+    first = datetime.date(year, month, 1)
+    after = (first + datetime.timedelta(days=31)).replace(day=1)
+    days = [first + datetime.timedelta(n) for n in range((after - first).days)]
+    start = spp_server.parse_instant(first.isoformat())
+    end = spp_server.parse_instant(after.isoformat())
+    db = str(tmp_path / "spp.db")
+    store = spp_server.Store(db)
+    try:
+        add_sessions(store, [("u", "p1", 1000, spp_server.parse_instant(f"{day}T12:00:00Z"))
+                             for day in days] + [("u", "p1", 1000, start), ("u", "p1", 1000, end - 1),
+                                                 ("u", "p1", 1000, end)])
+    finally:
+        store.close()
+    routines = Routines(tmp_path, db)
+    routines.book(f"{first:%Y-%m}", *((day.isoformat(), "p1", "", "0.002") for day in days))
+    settling = after.replace(day=settle_day)
+    monday = settling - datetime.timedelta(days=settling.weekday())
+    assert routines.run("weekly", monday.isoformat()) == (0, "")
+    code, err = routines.run("monthly", settling.isoformat())
+    assert code == 0, err
+    [settlement] = [name for name in routines.delivered() if name.startswith("settlement-")]
+    lines = csv.DictReader(io.StringIO(routines.delivered()[settlement].decode()))
+    return sorted({line["day"] for line in lines}), [day.isoformat() for day in days]
+
+
+def documented_settlement_day():
+    """The day of the month of the settlement timer in docs/ledger.md."""
+    text = (HERE / "docs" / "ledger.md").read_text(encoding="utf-8")
+    [day] = re.findall(r"`OnCalendar=\*-\*-(\d\d) 03:00:00 UTC`", text)
+    return int(day)
+
+
+# A month ending on each weekday, Monday to Sunday (November 2026 ends on a Monday).
+@pytest.mark.parametrize("year, month", [(2026, 11), (2025, 9), (2025, 12), (2025, 7), (2025, 10),
+                                         (2025, 5), (2025, 8)])
+def test_the_monthly_routine_settles_every_day_of_last_month(tmp_path, year, month):
+    last = datetime.date(year, month % 12 + 1, 1) - datetime.timedelta(1) if month < 12 else \
+        datetime.date(year, 12, 31)
+    assert last.month == month
+    settled, days = settle_a_month_by_the_routines(tmp_path, year, month, documented_settlement_day())
+    assert settled == days
+
+
+@given(year=st.integers(2001, 2025), month=st.integers(1, 12), settle_day=st.integers(1, 28))
+@settings(max_examples=4, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+def test_every_day_settles_in_the_first_settlement_after_its_report_on_any_day(
+        tmp_path_factory, year, month, settle_day):
+    """Whatever day the monthly routine runs (the 5th, or a catch-up later),
+    it settles every day of the month before, with a clock the script reads
+    from SPP_TODAY."""
+    tmp_path = tmp_path_factory.mktemp("calendar")
+    settled, days = settle_a_month_by_the_routines(tmp_path, year, month, settle_day)
+    assert settled == days
+
+
 def routine_month(db):
     """A new database with sessions in October and November 2020."""
     store = spp_server.Store(db)
@@ -4660,10 +4720,16 @@ def uninterrupted_routines():
         return done
 
 
-# (routine of ROUTINE_CALENDAR, command it runs) -> a kill point.  A weekly
-# run is run again a week later, a monthly one the same day.
-@pytest.mark.parametrize("step, kill_at", [(0, 0), (1, 0), *((2, n) for n in range(5))])
-@pytest.mark.parametrize("when", ["before", "committed", "after"])
+# (routine of ROUTINE_CALENDAR, command it runs, when) -> a kill point.  The
+# monthly routine runs pay, import-booked, settle, ledger --steps and settle
+# --settlement; "committed" is "after" for a command that records no step.
+# A weekly run is run again a week later, a monthly one the same day.
+ROUTINE_KILLS = [(step, n, when) for step, commands in ((0, 1), (1, 1), (2, 5))
+                 for n in range(commands) for when in ("before", "committed", "after")
+                 if when != "committed" or (step, n) not in ((2, 1), (2, 3))]
+
+
+@pytest.mark.parametrize("step, kill_at, when", ROUTINE_KILLS)
 def test_a_routine_killed_at_any_step_delivers_each_step_once_when_run_again(
         tmp_path, step, kill_at, when):
     """SIGKILL of the script's whole process group before a command of
