@@ -4755,7 +4755,10 @@ def run_settle(argv, environ, out):
             return None, settlement_output(store, args.settlement, args.format)
         settlement_id = settle(store, args.write_off, **ledger_lock_options(parser.prog, args))
         if settlement_id is None:
-            print(f"{parser.prog}: nothing to settle", file=sys.stderr)
+            [(newest,)] = store.read(SQL["last_settlement"])
+            again = (f" (settlement {newest} is the newest: settle --settlement {newest} "
+                     "prints it again)") if newest else ""
+            print(f"{parser.prog}: nothing to settle{again}", file=sys.stderr)
             return None, settlement_output(store, settlement_id, args.format)
         return (f"settlement {settlement_id} is committed (settle --settlement "
                 f"{settlement_id} prints it again)",

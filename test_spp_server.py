@@ -4183,7 +4183,10 @@ def test_pay_and_settle_commands_print_the_lines_and_asking_again_pays_nothing(s
     [line] = [json.loads(line) for line in out.splitlines()]
     assert (line["user-id"], line["final"], line["top-up"]) == ("a", "0.0018", "0.0012")
     code, out, err = ledger_command(spp_server.run_settle, db)
-    assert (code, out.count(b"\r\n"), err) == (0, 1, "spp_server.py settle: nothing to settle\n")
+    # Nothing new: the header only, and how to print the newest again (after a crash, say).
+    assert (code, out.count(b"\r\n"), err) == (0, 1, "spp_server.py settle: nothing to settle "
+                                              "(settlement 1 is the newest: settle --settlement 1 "
+                                              "prints it again)\n")
     code, again, err = ledger_command(spp_server.run_settle, db, "--settlement", "1", "--format",
                                       "ndjson")
     assert (code, json.loads(again), err) == (0, line, "")
