@@ -4628,6 +4628,26 @@ def test_the_monthly_routine_fails_before_any_change_without_its_folder(tmp_path
     assert routines.commands() == 0 and ledger_rows(db) == before
 
 
+@pytest.mark.parametrize("name", ["weekly", "monthly"])
+def test_a_routine_waiting_for_the_other_says_so_and_gives_up_having_changed_nothing(
+        tmp_path, db, name):
+    ledger_month(db)
+    report = tmp_path / "report.csv"
+    report.write_text(booked_csv(("2020-10-01", "p1", "", "0.5")))
+    routines = Routines(tmp_path, db, SPP_BOOKED_REPORT=str(report), SPP_LEDGER_LOCK_WAIT="0")
+    routines.out.mkdir()
+    before = ledger_rows(db)
+    with open(routines.out / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as the other routine, running, holds it
+        code, err = routines.run(name, "2020-11-05")
+    script = {"weekly": "spp-weekly-payout", "monthly": "spp-monthly-settlement"}[name]
+    assert (code, err.splitlines()) == (1, [
+        f"{script}: waiting for the other routine ({routines.out}/.lock), at most 0 s",
+        f"{script}: gave up waiting; nothing changed"])
+    assert routines.commands() == 0 and ledger_rows(db) == before
+    assert routines.run(name, "2020-11-05")[0] == 0  # once it is free
+
+
 def settle_a_month_by_the_routines(tmp_path, year, month, settle_day):
     """Sessions on every day of the month (its first and last second too),
     each day booked; the weekly routine on the last Monday up to the
