@@ -3964,8 +3964,11 @@ def test_a_revised_booked_figure_gives_a_correcting_line_not_a_rewrite(store, db
         ("a", "0.00045", "0.00045", "correction"), ("b", "0.00135", "0.00135", "correction")]
     book_rows(store, [(day_text(0), "", 3_000_000)])  # and up again
     lines = settlement_lines(store, spp_server.settle(store))
-    assert [(line["user-id"], line["top-up"], line["carried"]) for line in lines] == [
-        ("a", "0.000225", "0"), ("b", "0.000675", "0")]
+    # The top-ups (225,000 and 675,000) first take back the balances still owed.
+    assert [(line["user-id"], line["top-up"], line["carried"], line["deducted"])
+            for line in lines] == [("a", "0", "0", "0.000225"), ("b", "0", "0", "0.000675")]
+    assert rows(db, "SELECT user_id, owed_nano FROM ledger_balances ORDER BY 1") == [
+        ("a", 225_000), ("b", 675_000)]
 
 
 def test_a_day_is_settled_only_once_every_session_of_it_was_paid(store):
