@@ -3753,14 +3753,18 @@ def erasure_blockers(conn, user_id):
 
 def names_user(body, user_id):
     """Whether a stored postback body (text or bytes) carries `user_id`: as
-    its user-id field, or anywhere as the text itself."""
+    its user-id field (escaped or not), anywhere as a JSON string, or, in a
+    body that is not JSON (cut short, say), anywhere at all.  Another user's
+    id that merely contains this one ("a" in "bob") is no match in JSON."""
     raw = body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")
-    if user_id.encode("utf-8", "surrogatepass") in raw:
+    quoted = {json.dumps(user_id, ensure_ascii=ascii).encode("utf-8", "surrogatepass")
+              for ascii in (False, True)}
+    if any(form in raw for form in quoted):
         return True
     try:
         parsed = json.loads(raw)
     except (ValueError, RecursionError):
-        return False
+        return user_id.encode("utf-8", "surrogatepass") in raw
     return isinstance(parsed, dict) and parsed.get("user-id") == user_id
 
 

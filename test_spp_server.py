@@ -4566,6 +4566,19 @@ def test_a_cleared_body_is_overwritten_not_left_in_free_space(store, db):
     assert marker.encode() not in file_bytes(db)
 
 
+@pytest.mark.parametrize("body, names", [
+    (b'{"user-id": "a", "session-id": "s"}', True),
+    (b'{"user-id": "\\u0061", "x": 1}', True),
+    (b'{"user-id": "bob", "session-id": "a-1"}', False),  # "a" inside other strings
+    (b'{"user-id": "bob", "note": "a"}', True),           # "a" as a string of its own
+    (b'{"user-id": "a', True),                            # cut short: not JSON
+    (b'\xff\xfe not json, no such letter', False),
+    (b'\xff\xfe not json, and the letter a', True),    # not JSON: any occurrence, to be safe
+])
+def test_an_erasure_finds_the_postbacks_that_name_the_user_and_only_those(body, names):
+    assert spp_server.names_user(body, "a") is names
+
+
 def test_erasing_a_user_still_owed_or_owing_is_refused_unless_forced(store, db):
     add_sessions(store, [("u", None, 1000, at(0)), ("u", None, 1000, at(3))])
     pay(store, at(1, 0))
