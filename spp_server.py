@@ -3021,7 +3021,8 @@ def plan_run(conn, until_us, pay_now, final, offset_minutes):
     last_day = (until_us - 1 + offset_minutes * 60 * 1_000_000) // DAY_US
     where = {"after": after_id, "last": last_id, "offset_us": offset_minutes * 60 * 1_000_000,
              "settled": settled}
-    [(moved,)] = conn.execute(SQL["sessions_on_days"], where).fetchall()
+    # Counted only when a day is settled: a first run scans its sessions once.
+    [(moved,)] = conn.execute(SQL["sessions_on_days"], where).fetchall() if settled != "[]" else [(0,)]
     # Rows as SQLite gives them, staged as they are: no Python work per part.
     parts = conn.execute(SQL["run_parts"], {
         **where, "run": (previous_id or 0) + 1, "last_day": last_day,
@@ -3269,7 +3270,10 @@ def take_owed_from_top_ups(computed, owed):
     remaining = collections.Counter(owed)
     for _, lines in computed:
         for line in lines:
-            remaining[line[3]] += line[10]
+            if line[10]:
+                remaining[line[3]] += line[10]
+    if not +remaining:
+        return computed  # no one owes: nothing to take (most settlements)
     taken = []
     for pool, lines in computed:
         new_lines = []
