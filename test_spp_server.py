@@ -4513,6 +4513,8 @@ def erasable_month(client, clock, store, db):
                     "VALUES (1, 'x', 'y', ?)", (ERASED.encode() * 50,))
         raw.execute("DELETE FROM rejected WHERE received_at_us = 1")
     clock.set("2026-11-23T10:00:00Z")
+    hold(db, "hold", ERASED, f"{ERASED}: too many sessions?")  # a reason that names them
+    hold(db, "release", ERASED, "fine")
     pay(store, at(1, 0), pay_now="0.5", final="0.9")
     book_rows(store, [(day_text(0), "", 8_000_000)])
     spp_server.settle(store)
