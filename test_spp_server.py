@@ -4571,6 +4571,339 @@ def test_ledger_properties_hold_over_random_months(month):
 
 
 # ---------------------------------------------------------------------------
+# Web view: read-only pages, the same figures as the API
+# ---------------------------------------------------------------------------
+
+VIEW_PAGES = ["/view/", "/view/ledger", "/view/users", "/view/users?search=u",
+              "/view/users/u1", "/view/postbacks", "/view/postbacks?outcome=rejected"]
+READ = "read-token-1"
+
+
+def basic(password, user="me"):
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def view(client, path, status=200, **params):
+    return client.get(path, params=params, headers=basic(READ), status=status)
+
+
+def view_soup(res):
+    from bs4 import BeautifulSoup
+    return BeautifulSoup(res.text, "html.parser")
+
+
+def api_text(value):
+    """A JSON value as the view shows it."""
+    return "none" if value is None else "; ".join(value) if isinstance(value, list) else str(value)
+
+
+def view_table(res, caption):
+    """The table with that caption -> its rows as dicts of cell texts."""
+    soup = view_soup(res)
+    [table] = [t for t in soup.find_all("table") if t.caption and t.caption.text == caption]
+    columns = [th.text for th in table.thead.find_all("th")]
+    rows_ = [[td.text for td in tr.find_all("td")] for tr in table.tbody.find_all("tr")]
+    return [dict(zip(columns, r)) for r in rows_ if r != ["none"]]
+
+
+def view_fields(res, heading):
+    """The definition list under the <h2> `heading` -> {term: text}."""
+    soup = view_soup(res)
+    [h2] = [h for h in soup.find_all("h2") if h.text == heading]
+    dl = h2.find_next("dl")
+    return {dt.text: dd.text for dt, dd in zip(dl.find_all("dt"), dl.find_all("dd"))}
+
+
+def as_shown(records):
+    return [{k: api_text(v) for k, v in r.items()} for r in records]
+
+
+def chart_titles(res, chart_title):
+    """{label: exact text} of the bars of one chart (their SVG <title>s)."""
+    soup = view_soup(res)
+    [svg] = [s for s in soup.find_all("svg") if s.get("aria-label") == chart_title]
+    return dict(rect.title.text.split(" · ", 1)[0:1] + [rect.title.text.rsplit(": ", 1)[1]]
+                for rect in svg.find_all("rect"))
+
+
+@pytest.fixture
+def view_client(make_client):
+    return make_client(read_tokens=(READ.encode(),), reward_share=D("0.7"))
+
+
+def test_view_asks_a_browser_for_the_read_token_as_a_basic_password(view_client):
+    post(view_client, postback(user_id="u1"))
+    for path in [*VIEW_PAGES, "/view/view.css", "/view/icon.svg"]:
+        refused = view_client.get(path, status=401)
+        assert refused.headers["WWW-Authenticate"] == 'Basic realm="spp view", charset="UTF-8"'
+        assert_error(refused, 401)
+        view_client.get(path, headers=basic("wrong"), status=401)
+        view_client.get(path, headers=basic(READ + "x"), status=401)
+        view_client.get(path, headers={"Authorization": "Basic !!!"}, status=401)
+        view_client.get(path, headers=basic(""), status=401)
+        assert view_client.get(path, headers=basic(READ, user="")).status_int == 200
+        assert view_client.get(path, headers=bearer(READ)).status_int == 200  # curl's way too
+    # Without a read token (the loopback-only default), like the API: open.
+    assert make_app_open(view_client).status_int == 200
+
+
+def make_app_open(view_client):
+    app = spp_server.create_app({"db": view_client.app.store.path})
+    try:
+        return TestApp(app).get("/view/")
+    finally:
+        app.store.close()
+
+
+def test_view_answers_carry_a_strict_policy_even_when_refused(view_client):
+    post(view_client, postback(user_id="u1"))
+    for res in [view_client.get("/view/", status=401), view(view_client, "/view/", 400, month="x"),
+                *(view(view_client, path) for path in VIEW_PAGES)]:
+        csp = res.headers["Content-Security-Policy"]
+        assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+        assert "script-src" not in csp and "unsafe" not in csp and "http" not in csp
+        assert res.headers["X-Content-Type-Options"] == "nosniff"
+        assert res.headers["Referrer-Policy"] == "no-referrer"
+        assert res.headers["Cache-Control"] == "no-store"
+    css = view(view_client, "/view/view.css")
+    assert css.content_type == "text/css" and b"prefers-color-scheme: dark" in css.body
+
+
+def test_view_pages_hold_no_script_no_inline_style_and_nothing_from_elsewhere(view_client):
+    post(view_client, postback(user_id="u1"))
+    for path in VIEW_PAGES:
+        soup = view_soup(view(view_client, path))
+        assert not soup.find_all("script") and not soup.find_all("style")
+        assert not soup.find_all(style=True)
+        assert not [t for t in soup.find_all(True) if any(a.startswith("on") for a in t.attrs)]
+        for tag, attr in (("link", "href"), ("a", "href"), ("form", "action"), ("img", "src")):
+            for element in soup.find_all(tag):
+                if element.get(attr) is not None:
+                    assert element[attr].startswith(("/view", "#")), (path, element)
+
+
+HOSTILE_IDS = ['<img src=x onerror="document.title=1">', "</script><script>alert(1)</script>",
+               "\u202egnp.exe", "\x01\x02\x7f\x1b[31m\ufffe" + "\u00ff" * 3, "a\"'&<>/b"]
+
+
+def test_view_shows_hostile_values_as_text(view_client):
+    for user_id in HOSTILE_IDS:
+        post(view_client, postback(user_id=user_id))
+    post(view_client, b'{"user-id": "<b>bold</b>", "session-id": 7}', status=400)
+    pages = [*VIEW_PAGES, "/view/postbacks?outcome=recorded",
+             *(f"/view/users/{quote(u, safe='')}" for u in HOSTILE_IDS)]
+    for path in pages:
+        res = view(view_client, path)
+        soup = view_soup(res)
+        assert not soup.find_all(["img", "script", "b"]), path
+        assert "\u202e" not in res.text and "\x1b" not in res.text and "\x01" not in res.text
+    users = view(view_client, "/view/users")
+    shown = {a.text for a in view_soup(users).select("a.id")}
+    # Invisible characters are shown as escapes; the rest as it is.
+    assert {'<img src=x onerror="document.title=1">', "\\u202egnp.exe", "a\"'&<>/b"} <= shown
+    # Each user's link leads to that user's page.
+    for a in view_soup(users).select("a.id"):
+        page = view_client.get(a["href"], headers=basic(READ))
+        assert page.status_int == 200
+        assert "1" == view_fields(page, view_soup(page).find_all("h2")[0].text)["sessions"]
+
+
+def test_view_month_equals_reconciliation_and_totals(make_client, clock):
+    client = make_client(read_tokens=(READ.encode(),), reward_share=D("0.7"),
+                         report_utc_offset=330)
+    for day in range(1, 10):
+        for n in range(day):
+            post_at(client, clock, f"2026-11-{day:02d}T{(n * 5) % 24:02d}:00:00Z",
+                    user_id=f"u{n}", property_id=["1234", "5678", None][n % 3],
+                    country=["IN", "BR"][n % 2], your_estimated_revenue=f"0.00{n}1")
+    post_at(client, clock, "2026-10-31T19:00:00Z", user_id="early")  # 1 Nov at +05:30
+    post_at(client, clock, "2026-11-30T20:00:00Z", user_id="late")  # December at +05:30
+    client.app.store.write(spp_server.import_booked(
+        [spp_server.BookedRow(f"2026-11-{d:02d}", "", "", d * 900_000) for d in range(1, 8)],
+        "nov.csv"))
+    clock.set("2026-11-20T00:00:00Z")
+    api = client.get("/reconciliation", headers=bearer(READ), params={
+        "since": "2026-11-01", "until": "2026-12-01", "report-utc-offset": "+05:30"}).json
+    for _ in range(2):  # the second load reads its rollup, caught up
+        page = view(client, "/view/")
+        assert as_shown(api["days"]) == view_table(page, "Days")
+        assert {k: api_text(v) for k, v in api["summary"].items()} == view_fields(
+            page, "The month in sum")
+        for group, caption in (("property-id", "Totals by property"),
+                               ("country", "Totals by country")):
+            totals_ = client.get("/totals", headers=bearer(READ), params={
+                "since": "2026-11-01T00:00:00+05:30", "until": "2026-12-01T00:00:00+05:30",
+                "group-by": group}).json["totals"]
+            assert as_shown(totals_) == view_table(page, caption)
+        sessions = chart_titles(page, "Sessions per report day, 2026-11")
+        assert sessions == {d["day"]: str(d["sessions"]) for d in api["days"]}
+        share = api["summary"]["suggested-reward-share"]
+        assert share and f"suggested reward share: {share}" in page.text
+        # A postback after the first load is in the second.
+        post_at(client, clock, "2026-11-02T10:00:00Z", user_id="again")
+        clock.set("2026-11-20T00:00:00Z")
+        api = client.get("/reconciliation", headers=bearer(READ), params={
+            "since": "2026-11-01", "until": "2026-12-01", "report-utc-offset": "+05:30"}).json
+    assert "1" in view_table(view(client, "/view/", month="2026-12"), "Days")[0]["sessions"]
+
+
+def test_view_month_tells_whether_postbacks_arrive(view_client, clock):
+    page = view(view_client, "/view/")
+    assert view_fields(page, "Are postbacks arriving?")["silence alarm (30m)"] == "silent"
+    post_at(view_client, clock, "2026-11-23T10:00:00Z")
+    post(view_client, b"{", status=400)
+    clock.set("2026-11-23T10:29:00Z")
+    fields = view_fields(view(view_client, "/view/"), "Are postbacks arriving?")
+    assert fields["silence alarm (30m)"] == "ok"
+    assert fields["last postback received"] == "2026-11-23T10:00:00Z (1,740 s ago)"
+    assert fields["rejected postbacks kept"] == "1"
+    clock.set("2026-11-23T10:31:00Z")
+    fields = view_fields(view(view_client, "/view/"), "Are postbacks arriving?")
+    assert fields["silence alarm (30m)"] == "silent"
+    assert view_client.get("/healthz?postbacks-within=30m", status=503)
+
+
+def test_view_month_rollup_starts_over_when_the_ids_mean_other_sessions(view_client, clock):
+    post_at(view_client, clock, "2026-11-02T10:00:00Z", user_id="a")
+    post_at(view_client, clock, "2026-11-02T11:00:00Z", user_id="b")
+    assert chart_titles(view(view_client, "/view/"), "Sessions per report day, 2026-11") == {
+        "2026-11-02": "2"}
+    # A restored backup: the newest session is gone, another takes its id.
+    view_client.app.store.write(lambda conn, _: conn.execute(
+        "DELETE FROM sessions WHERE id = (SELECT max(id) FROM sessions)"))
+    post_at(view_client, clock, "2026-11-03T10:00:00Z", user_id="c")
+    assert chart_titles(view(view_client, "/view/"), "Sessions per report day, 2026-11") == {
+        "2026-11-02": "1", "2026-11-03": "1"}
+
+
+def test_view_users_rank_by_revenue_page_and_equal_the_api(view_client, clock):
+    for n in range(120):
+        post_at(view_client, clock, "2026-11-05T10:00:00Z", user_id=f"u{n:03d}",
+                your_estimated_revenue=f"0.{n % 40 + 1:06d}")
+    post_at(view_client, clock, "2026-10-05T10:00:00Z", user_id="october-only",
+            your_estimated_revenue="9")
+    clock.set("2026-11-20T00:00:00Z")
+    expected = sorted((f"u{n:03d}" for n in range(120)), key=lambda u: (-(int(u[1:]) % 40), u))
+    shown = []
+    for page in (1, 2, 3):
+        res = view(view_client, "/view/users", page=str(page))
+        table = view_table(res, "Users, 2026-11")
+        shown += [r["user-id"] for r in table]
+        assert f"page {page} of 3 (120 users with sessions in 2026-11)" in res.text
+        for row in table[:3]:
+            api = earnings(view_client, row["user-id"], headers=bearer(READ),
+                           since="2026-11-01", until="2026-12-01").json
+            ledger = view_client.get(f"/users/{row['user-id']}/statement",
+                                     headers=bearer(READ)).json["totals"]
+            assert row == {"user-id": row["user-id"], "sessions": str(api["sessions"]),
+                           "estimated-revenue": api["estimated-revenue"],
+                           "rewardable-revenue": api["rewardable-revenue"],
+                           "paid-now (all time)": ledger["paid-now"],
+                           "pending": ledger["pending"], "owed": ledger["owed"]}
+    assert shown == expected
+    october = view_table(view(view_client, "/view/users", month="2026-10"), "Users, 2026-10")
+    assert [r["user-id"] for r in october] == ["october-only"]
+    found = view_table(view(view_client, "/view/users", search="u11"), "Users, 2026-11")
+    assert [r["user-id"] for r in found] == [f"u11{n}" for n in range(10)]
+    assert view_table(view(view_client, "/view/users", search="v"), "Users, 2026-11") == []
+    view(view_client, "/view/users", 400, page="0")
+    view(view_client, "/view/users", 400, month="2026-13")
+    view(view_client, "/view/users", 400, sort="x")
+
+
+def test_view_user_page_is_the_statement_and_the_sessions(make_client, clock):
+    client = make_client(read_tokens=(READ.encode(),))
+    store = client.app.store
+    add_sessions(store, [("who", "p", 2_000_000, at(d)) for d in (0, 0, 1, 3)]
+                 + [("other", "p", 5_000_000, at(1))])
+    book_rows(store, [(day_text(d), "p", 1_000_000) for d in range(4)])
+    pay(store, at(5))
+    spp_server.settle(store)
+    clock.set("2020-10-20T00:00:00Z")
+    res = view(client, "/view/users/who")
+    statement_ = client.get("/users/who/statement", headers=bearer(READ)).json
+    assert view_fields(res, "Statement: where the reward is") == {
+        k: api_text(v) for k, v in statement_["totals"].items()}
+    assert view_table(res, "Runs that paid this user") == as_shown(statement_["runs"])
+    assert view_table(res, "Settlement lines of this user") == as_shown(statement_["settlements"])
+    sessions = client.get("/users/who/sessions?limit=20", headers=bearer(READ)).json["sessions"]
+    assert view_table(res, "Sessions, newest first") == as_shown(sessions)
+    assert chart_titles(res, "Sessions per report day, 2020-10") == {
+        "2020-10-01": "2", "2020-10-02": "1", "2020-10-04": "1"}
+    month = earnings(client, "who", headers=bearer(READ), since="2020-10-01",
+                     until="2020-11-01").json
+    assert view_fields(res, "2020-10") == {k: api_text(v) for k, v in month.items()}
+
+
+def test_view_user_page_pages_the_sessions(view_client, clock):
+    for n in range(25):
+        post_at(view_client, clock, f"2026-11-05T10:{n:02d}:00Z", user_id="many")
+    first = view(view_client, "/view/users/many")
+    older = view_soup(first).find("a", string="older sessions →")["href"]
+    second = view_client.get(older, headers=basic(READ))
+    api = view_client.get("/users/many/sessions", params={"limit": "20"}, headers=bearer(READ)).json
+    api2 = view_client.get("/users/many/sessions", params={"limit": "20", "before": api["next"]},
+                           headers=bearer(READ)).json
+    assert view_table(second, "Sessions, newest first") == as_shown(api2["sessions"])
+    assert len(api2["sessions"]) == 5
+
+
+def test_view_ledger_equals_get_ledger(make_client, clock):
+    client = make_client(read_tokens=(READ.encode(),))
+    store = client.app.store
+    add_sessions(store, [(f"u{n}", "p", 3_000_000 * (n + 1), at(n % 3)) for n in range(6)])
+    book_rows(store, [(day_text(d), "p", 9_000_000) for d in range(3)])
+    pay(store, at(1))
+    pay(store, at(5))
+    spp_server.settle(store)
+    res = view(client, "/view/ledger")
+    api = client.get("/ledger", headers=bearer(READ)).json
+    assert view_fields(res, "Totals") == {k: api_text(v) for k, v in api["totals"].items()}
+    assert view_table(res, "Runs") == as_shown(api["runs"])
+    assert view_table(res, "Settlements") == as_shown(api["settlements"])
+    assert view_table(res, "Settled days") == as_shown(api["days"])
+    assert chart_titles(res, "Paid now per run (USD)") == {
+        f"run {r['run-id']}": r["paid-now"] for r in api["runs"]}
+    assert chart_titles(res, "Top-ups per settlement (USD)") == {
+        f"settlement {s['settlement-id']}": s["released"] for s in api["settlements"]}
+
+
+def test_view_postbacks_show_each_outcome_with_its_body(view_client, clock):
+    first = postback(user_id="x")
+    post_at(view_client, clock, "2026-11-05T10:00:00Z", **{k.replace("-", "_"): v
+                                                           for k, v in first.items()})
+    clock.set("2026-11-05T10:01:00Z")
+    post(view_client, first)  # an exact duplicate
+    clock.set("2026-11-05T10:02:00Z")
+    post(view_client, {**first, "country": "BR"})  # a conflicting one
+    clock.set("2026-11-05T10:03:00Z")
+    post(view_client, postback(country="India"), status=400)
+    table = view_table(view(view_client, "/view/postbacks"), "Latest postbacks, newest first")
+    assert [r["outcome"] for r in table] == ["rejected", "conflict", "duplicate", "recorded"]
+    assert [r["received-at"] for r in table] == [f"2026-11-05T10:0{m}:00Z" for m in (3, 2, 1, 0)]
+    assert table[0]["reason"].startswith("country: ")
+    assert json.loads(table[0]["raw body"])["country"] == "India"
+    assert json.loads(table[1]["raw body"])["country"] == "BR"
+    assert json.loads(table[2]["raw body"]) == first
+    assert table[3]["session-id"] == first["session-id"]
+    rejected = view_client.get("/rejected", headers=bearer(READ)).json["rejected"][0]
+    assert table[0]["reason"] == f"{rejected['field']}: {rejected['reason']}"
+    for outcome in spp_server.POSTBACK_OUTCOMES:
+        only = view_table(view(view_client, "/view/postbacks", outcome=outcome),
+                          "Latest postbacks, newest first")
+        assert [r["outcome"] for r in only] == [outcome]
+    view(view_client, "/view/postbacks", 400, outcome="lost")
+
+
+def test_view_changes_nothing(view_client, clock):
+    post_at(view_client, clock, "2026-11-05T10:00:00Z", user_id="u1")
+    changes = view_client.app.store.write(lambda conn, _: conn.total_changes)
+    for path in VIEW_PAGES:
+        view(view_client, path)
+    assert view_client.app.store.write(lambda conn, _: conn.total_changes) == changes
+
+
+# ---------------------------------------------------------------------------
 # Errors, health, the watchdog, logs
 # ---------------------------------------------------------------------------
 
