@@ -4811,6 +4811,20 @@ def test_view_users_rank_by_revenue_page_and_equal_the_api(view_client, clock):
     view(view_client, "/view/users", 400, sort="x")
 
 
+def test_view_users_order_is_kept_a_while_the_figures_are_read_fresh(view_client, clock,
+                                                                    monkeypatch):
+    post_at(view_client, clock, "2026-11-05T10:00:00Z", user_id="a", your_estimated_revenue="0.1")
+    post_at(view_client, clock, "2026-11-05T10:00:00Z", user_id="b", your_estimated_revenue="0.2")
+    def shown():
+        table = view_table(view(view_client, "/view/users"), "Users, 2026-11")
+        return [(r["user-id"], r["estimated-revenue"]) for r in table]
+    assert shown() == [("b", "0.2"), ("a", "0.1")]
+    post_at(view_client, clock, "2026-11-05T11:00:00Z", user_id="a", your_estimated_revenue="0.5")
+    assert shown() == [("b", "0.2"), ("a", "0.6")]  # the order of a minute ago, today's figures
+    monkeypatch.setattr(spp_server.Ranking, "RANKING_TTL_S", -1)
+    assert shown() == [("a", "0.6"), ("b", "0.2")]
+
+
 def test_view_user_page_is_the_statement_and_the_sessions(make_client, clock):
     client = make_client(read_tokens=(READ.encode(),))
     store = client.app.store
@@ -4901,6 +4915,248 @@ def test_view_changes_nothing(view_client, clock):
     for path in VIEW_PAGES:
         view(view_client, path)
     assert view_client.app.store.write(lambda conn, _: conn.total_changes) == changes
+
+
+
+
+# --- The view in a real browser: headless Chromium from Debian, driven by Playwright ---
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOTS = HERE / "docs"
+
+
+def browser_or_skip():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("no Chromium: apt-get install chromium chromium-driver (.ci/run does)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("no Playwright: pip install -r requirements-dev.txt")
+    return sync_playwright
+
+
+class OtherOrigin:
+    """An HTTP server on another port: any request that reaches it is a
+    page loading something from another origin."""
+
+    def __init__(self):
+        import http.server
+
+        self.requests = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.requests.append(self.path)
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def browser_hostile_ids(other_port):
+    return [f'<img src="http://127.0.0.1:{other_port}/img" onerror="alert(1)">',
+            f'</script><script src="http://127.0.0.1:{other_port}/js"></script>',
+            f'<link rel=stylesheet href="http://127.0.0.1:{other_port}/css">\u202eevil',
+            "\u202e" + "txt.exe" + "\u202c",
+            "\x01\x02\x7f\x1b[31m" + bytes(range(0x80, 0xff)).decode("latin-1"),
+            "w" * 255]
+
+
+@pytest.fixture(scope="module")
+def view_site(tmp_path_factory):
+    """One real server with a month of data, a ledger and hostile postbacks,
+    one browser: shared by the browser tests, each of which opens its pages."""
+    sync_playwright = browser_or_skip()
+    folder = tmp_path_factory.mktemp("view")
+    db = str(folder / "spp.db")
+    store = spp_server.Store(db)
+    try:
+        add_sessions(store, [(f"user-{n % 37:02d}", ["1234", "5678"][n % 2],
+                              (n % 11 + 1) * 1_000_000, at(n % 20, n % 24)) for n in range(600)])
+        book_rows(store, [(day_text(d), "", 28_000_000 + d * 500_000) for d in range(18)])
+        pay(store, at(10))
+        pay(store, at(25))
+        spp_server.settle(store)
+    finally:
+        store.close()
+    other = OtherOrigin()
+    server = RealServer(db, env={"SPP_READ_TOKEN": READ})
+    hostile = browser_hostile_ids(other.port)
+    for user_id in hostile:
+        assert server.post(postback(user_id=user_id))[0] == 200
+    long_id = "<b>" + "\u0645" * 5000 + "</b>"  # 10 KB: refused, its body kept in rejected
+    assert server.post(postback(user_id=long_id))[0] == 400
+    first = postback(user_id=hostile[0])
+    server.post(first)
+    server.post(first)  # a duplicate
+    server.post({**first, "country": "BR"})  # a conflict
+    playwright = sync_playwright().start()
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+    site = types_namespace(server=server, other=other, browser=browser, hostile=hostile,
+                           long_id=long_id, origin=f"http://127.0.0.1:{server.port}")
+    yield site
+    browser.close()
+    playwright.stop()
+    other.server.shutdown()
+    server.stop()
+
+
+def types_namespace(**fields):
+    import types
+
+    return types.SimpleNamespace(**fields)
+
+
+def api_json(site, path):
+    status, _, body = http_request(site.server.port, "GET", path, headers=bearer(READ))
+    assert status == 200, (path, body)
+    return json.loads(body)
+
+
+@contextlib.contextmanager
+def view_tab(site, width=1024, password=READ, dark=False):
+    """A fresh browser context (no cookies, no cached credentials) and a
+    page that records console errors, dialogs and every request."""
+    context = site.browser.new_context(
+        viewport={"width": width, "height": 800}, color_scheme="dark" if dark else "light",
+        http_credentials={"username": "me", "password": password} if password else None)
+    page = context.new_page()
+    page.problems, page.requests = [], []
+    page.on("console", lambda m: page.problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: page.problems.append(f"script ran: {e}"))
+    page.on("dialog", lambda d: (page.problems.append(f"dialog: {d.message}"), d.dismiss()))
+    page.on("request", lambda r: page.requests.append(r.url))
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+def open_view(site, page, path, shot=None):
+    """Open a page: it renders (200), no console error, no script, nothing
+    from another origin, no horizontal overflow at the page's width."""
+    response = page.goto(site.origin + path)
+    assert response.status == 200, path
+    page.wait_for_load_state("load")
+    assert page.problems == [], (path, page.problems)
+    foreign = [url for url in page.requests if not url.startswith(site.origin + "/view/")
+               and url != site.origin + path]
+    assert foreign == [], (path, foreign)
+    assert page.evaluate("document.scripts.length + document.images.length") == 0, path
+    overflow = page.evaluate(
+        "document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0, (path, f"{overflow}px wider than the window")
+    if shot:
+        page.screenshot(path=str(SCREENSHOTS / shot), full_page="month" in shot)
+    return page
+
+
+BROWSER_PAGES = [("/view/?month=2020-10", "view-month.png"), ("/view/ledger", "view-ledger.png"),
+                 ("/view/users?month=2020-10", "view-users.png"),
+                 ("/view/users/user-03?month=2020-10", "view-user.png"),
+                 ("/view/postbacks", "view-postbacks.png"), ("/view/", None),
+                 ("/view/users", None), ("/view/users?search=user-1", None)]
+
+
+def test_browser_every_page_renders_with_nothing_from_elsewhere(view_site):
+    with view_tab(view_site) as page:
+        for path, shot in BROWSER_PAGES:
+            open_view(view_site, page, path, shot)
+    with view_tab(view_site, width=360) as page:
+        for path, shot in BROWSER_PAGES:
+            open_view(view_site, page, path, shot and shot.replace(".png", "-360.png")
+                      if path.startswith("/view/?") else None)
+    with view_tab(view_site, dark=True) as page:
+        open_view(view_site, page, "/view/users/user-03?month=2020-10", "view-user-dark.png")
+        background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert background == "rgb(18, 18, 18)"  # dark mode followed
+    assert view_site.other.requests == []
+
+
+def test_browser_hostile_ids_stay_text(view_site):
+    paths = ["/view/", "/view/users", "/view/postbacks", "/view/postbacks?outcome=rejected",
+             # The 10 KB id is refused (over 256 characters): its body is on the
+             # rejected list; a search for it fits the server's 16 KiB of headers.
+             f"/view/users?search={quote(view_site.long_id[:1000])}",
+             *(f"/view/users/{quote(u, safe='')}" for u in view_site.hostile)]
+    for width in (360, 1024):
+        with view_tab(view_site, width=width) as page:
+            for path in paths:
+                open_view(view_site, page, path)
+                assert page.title().endswith("· spp-receiver")
+            # Each id reads back as it was posted (invisible characters as escapes).
+            open_view(view_site, page, "/view/users")
+            ids = page.locator("a.id").all_inner_texts()
+            assert view_site.hostile[0] in ids and view_site.hostile[5] in ids
+            assert "\\u202etxt.exe\\u202c" in ids
+    assert view_site.other.requests == []
+
+
+def test_browser_numbers_equal_the_api(view_site):
+    with view_tab(view_site) as page:
+        open_view(view_site, page, "/view/?month=2020-10")
+        report = api_json(view_site, "/reconciliation?since=2020-10-01&until=2020-11-01")
+        bars = page.locator('svg[aria-label="Sessions per report day, 2020-10"] rect title')
+        assert bars.all_text_contents() == [f"{d['day']} · sessions: {d['sessions']:,}"
+                                          for d in report["days"]]
+        share = report["summary"]["suggested-reward-share"]
+        assert page.locator("line.share title").text_content() == f"suggested reward share: {share}"
+        open_view(view_site, page, "/view/ledger")
+        ledger = api_json(view_site, "/ledger")
+        bars = page.locator('svg[aria-label="Paid now per run (USD)"] rect title')
+        assert bars.all_text_contents() == [f"run {r['run-id']} · paid now: {r['paid-now']}"
+                                          for r in ledger["runs"]]
+        open_view(view_site, page, "/view/users?month=2020-10")
+        first = page.locator("tbody tr").first.locator("td").all_inner_texts()
+        api = api_json(view_site, f"/users/{first[0]}/earnings?since=2020-10-01&until=2020-11-01")
+        assert first[1:3] == [str(api["sessions"]), api["estimated-revenue"]]
+        open_view(view_site, page, "/view/postbacks?outcome=rejected")
+        rejected = api_json(view_site, "/rejected")["rejected"]
+        assert page.locator("tbody tr").count() == len(rejected) == 1
+
+
+def test_browser_token_refused_then_accepted(view_site):
+    from playwright.sync_api import Error as BrowserError
+
+    for password in (None, "wrong", READ[:-1]):
+        with view_tab(view_site, password=password) as page:
+            try:  # the browser is asked for a password; with none or a wrong one, refused
+                response = page.goto(view_site.origin + "/view/")
+            except BrowserError as refused:
+                assert "ERR_INVALID_AUTH_CREDENTIALS" in str(refused)
+            else:
+                assert response.status == 401
+                assert "Basic" in response.headers["www-authenticate"]
+                assert "user-" not in response.text()
+    with view_tab(view_site) as page:
+        open_view(view_site, page, "/view/")
+        assert all(READ not in url for url in page.requests)  # never in a URL
+    assert READ not in view_site.server.log_text()
+
+
+def test_browser_keyboard_reaches_every_link_and_form(view_site):
+    with view_tab(view_site) as page:
+        open_view(view_site, page, "/view/users?month=2020-10")
+        reached = []
+        while "search" not in reached and len(reached) < 10:
+            page.keyboard.press("Tab")
+            reached.append(page.evaluate("document.activeElement.textContent.trim() || "
+                                         "document.activeElement.name"))
+        assert reached == ["Skip to the content", "Month", "Ledger", "Users", "Postbacks",
+                           "search"]
+        page.keyboard.type("user-1")
+        with page.expect_navigation():
+            page.keyboard.press("Enter")
+        assert "search=user-1" in page.url
+        assert page.locator("a.id").first.inner_text().startswith("user-1")
 
 
 # ---------------------------------------------------------------------------
