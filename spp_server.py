@@ -4425,7 +4425,10 @@ def handle_view_user(user_id):
     body = (
         f'<p class="who">User id: <bdi class="id">{esc(user_id) if user_id else "(no sub: empty user id)"}</bdi></p>'
         + month_form(me, month)
-        + f"<section><h2>{esc(month)}</h2>{fields_list(earned)}{chart}</section>"
+        + f"<section><h2>{esc(month)}</h2>{fields_list(earned)}{chart}"
+        f'<details><summary>The days as a table</summary>'
+        f'{records_table([r for r in per_day if r["sessions"]], "Days of this user", "since")}'
+        "</details></section>"
         + f'<section><h2>Statement: where the reward is</h2>{fields_list(account["totals"])}'
         f'{records_table(account["runs"], "Runs that paid this user", "run-id")}'
         f'{records_table(account["settlements"], "Settlement lines of this user", "settlement-id")}</section>'

@@ -7529,6 +7529,7 @@ DOC_PAGES = {  # page -> how its server runs: the tokens and options it says to 
                           "shell": {"READ": "Authorization: Bearer read-secret"}},
     # pay, settle and statement run beside the server, on its spp.db.
     "docs/ledger.md": {"env": {"SPP_READ_TOKEN": "read-secret"}},
+    "docs/view.md": {"env": {"SPP_READ_TOKEN": "read-secret"}},
 }
 DOC_PLACEHOLDERS = {
     "…": r"[^\n]*?",
