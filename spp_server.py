@@ -4149,6 +4149,14 @@ def month_window(first, following, offset_minutes):
     return Window(parse_instant(since), parse_instant(until)), since, until
 
 
+def month_of_request(params):
+    """The ?month= of a page -> (month text, first and following report day
+    numbers, the Window on receive times, its since and until texts)."""
+    offset = request.app.config["spp.report_utc_offset"]
+    month, first, following = parse_month(params.get("month"), offset)
+    return (month, first, following, *month_window(first, following, offset))
+
+
 def month_form(path, month, extra=()):
     hidden = "".join(f'<input type="hidden" name="{esc(k)}" value="{esc(v)}">' for k, v in extra)
     return (f'<form method="get" action="{path}" class="pick"><label>Month '
@@ -4242,8 +4250,7 @@ def handle_view_month():
     params = query()
     app, config = request.app, request.app.config
     offset = config["spp.report_utc_offset"]
-    month, first, following = parse_month(params.get("month"), offset)
-    window, since, until = month_window(first, following, offset)
+    month, first, following, window, since, until = month_of_request(params)
     rollup = view_rollup(app)
     q = reconciliation_query(report_day_text(first), report_day_text(following), None, offset,
                              None, config["spp.reward_share"])
@@ -4353,9 +4360,7 @@ def search_users(store, prefix, limit):
 def handle_view_users():
     params = query()
     app, config = request.app, request.app.config
-    offset = config["spp.report_utc_offset"]
-    month, first, following = parse_month(params.get("month"), offset)
-    window, since, until = month_window(first, following, offset)
+    month, first, following, window, since, until = month_of_request(params)
     page = parse_page(params)
     search = params.get("search")
     share = config["spp.reward_share"]
@@ -4403,8 +4408,7 @@ def handle_view_user(user_id):
     params = query()
     app, config = request.app, request.app.config
     offset = config["spp.report_utc_offset"]
-    month, first, following = parse_month(params.get("month"), offset)
-    window, since, until = month_window(first, following, offset)
+    month, first, following, window, since, until = month_of_request(params)
     before = decode_cursor(params["before"]) if params.get("before") else None
     share = config["spp.reward_share"]
     earned = user_earnings(app.store, user_id, window, None, share)

@@ -473,15 +473,46 @@ def read_size(size, args, tmp):
     return out
 
 
+def fill_database(db, size, end_day=None):
+    argv = [sys.executable, str(FILL), "--db", str(db), "--sessions", str(size)]
+    done = subprocess.run([*argv, *(["--end-day", end_day] if end_day else [])],
+                          capture_output=True, text=True, timeout=900, preexec_fn=_die_with_parent)
+    if done.returncode:
+        raise RuntimeError(f"fill.py failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def load_while_posting(server, args, paths):
+    """wrk's load while `paths` are loaded in turn, in a loop, on a thread:
+    (wrk's result, times of the loads within the load, failed statuses)."""
+    stop, during, failed = threading.Event(), [], []
+    load_start = time.monotonic()
+
+    def loop():
+        # Only loads that start and end while wrk is loading count: wrk
+        # keeps its connections parked (idle) for TAIL_S after the load.
+        for path in itertools.cycle(paths):
+            if stop.is_set():
+                return
+            status, _, times = time_gets(server.port, path, 1, warmup=0)
+            if status != 200:
+                failed.append(status)
+            elif time.monotonic() <= load_start + args.duration:
+                during.extend(times)
+
+    looping = threading.Thread(target=loop, daemon=True)
+    looping.start()
+    result = run_wrk(server.port, args, server.pid)
+    stop.set()
+    looping.join(120)
+    return result, during, failed
+
+
 def ingest_during_export(args, tmp, size=1_000_000):
     """On a database of `size` sessions: the one-day export alone, ingest
     alone, then both at once (the export looping on its own connection)."""
     db = tmp / f"export-{size}.db"
-    done = subprocess.run([sys.executable, str(FILL), "--db", str(db), "--sessions", str(size)],
-                          capture_output=True, text=True, timeout=900, preexec_fn=_die_with_parent)
-    if done.returncode:
-        raise RuntimeError(f"fill.py failed:\n{done.stderr}")
-    info = json.loads(done.stdout.strip().splitlines()[-1])
+    info = fill_database(db, size)
     day = datetime.datetime.fromtimestamp(info["first_us"] / 1e6, datetime.timezone.utc).date()
     day += datetime.timedelta(days=fill.SPAN_DAYS // 2)
     view_month = day.strftime("%Y-%m")
@@ -495,47 +526,13 @@ def ingest_during_export(args, tmp, size=1_000_000):
         server.wait_ready()
         _, _, alone = time_gets(server.port, path, args.export_requests, warmup=2)
         quiet = run_wrk(server.port, args, server.pid)
-        stop, during, failed = threading.Event(), [], []
-        load_start = time.monotonic()
-
-        def export_loop():
-            # Only exports that start and end while wrk is loading count: wrk
-            # keeps its connections parked (idle) for TAIL_S after the load.
-            while not stop.is_set():
-                status, _, times = time_gets(server.port, path, 1, warmup=0)
-                if status != 200:
-                    failed.append(status)
-                elif time.monotonic() <= load_start + args.duration:
-                    during.extend(times)
-
-        looping = threading.Thread(target=export_loop, daemon=True)
-        looping.start()
-        busy = run_wrk(server.port, args, server.pid)
-        stop.set()
-        looping.join(120)
-        # The same with the web view's pages loaded in a loop instead, each
-        # in turn, on one connection as a browser tab would.
+        busy, during, failed = load_while_posting(server, args, [path])
+        # The same with the web view's pages loaded in a loop instead, in turn.
         pages = [p for _, p in view_paths(view_month, info)]
-        stop, loaded = threading.Event(), []
         for page in pages:  # the first load of the month builds its rollup
             time_gets(server.port, page, 1, warmup=0)
-        load_start = time.monotonic()
-
-        def page_loop():
-            for page in itertools.cycle(pages):
-                if stop.is_set():
-                    return
-                status, _, times = time_gets(server.port, page, 1, warmup=0)
-                if status != 200:
-                    failed.append(status)
-                elif time.monotonic() <= load_start + args.duration:
-                    loaded.extend(times)
-
-        looping = threading.Thread(target=page_loop, daemon=True)
-        looping.start()
-        viewed = run_wrk(server.port, args, server.pid)
-        stop.set()
-        looping.join(120)
+        viewed, loaded, failed_pages = load_while_posting(server, args, pages)
+        failed += failed_pages
     finally:
         server.stop()
     return {"export_alone_p50": percentile(alone, 50), "export_during_p50": percentile(sorted(during), 50),
@@ -544,15 +541,6 @@ def ingest_during_export(args, tmp, size=1_000_000):
             "ingest_during_view": viewed["rps"], "pages_during": len(loaded),
             "page_during_p50": percentile(sorted(loaded), 50),
             "non2xx": quiet["resp_non2xx"] + busy["resp_non2xx"] + viewed["resp_non2xx"]}
-
-
-def fill_database(db, size, end_day=None):
-    argv = [sys.executable, str(FILL), "--db", str(db), "--sessions", str(size)]
-    done = subprocess.run([*argv, *(["--end-day", end_day] if end_day else [])],
-                          capture_output=True, text=True, timeout=900, preexec_fn=_die_with_parent)
-    if done.returncode:
-        raise RuntimeError(f"fill.py failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def view_paths(month, info):
