@@ -3959,8 +3959,11 @@ def svg_chart(title, y_label, x_label, labels, series, line=None):
              f"<title>{esc(title)}</title>",
              f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}"/>',
              f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>']
+    counts = all(isinstance(v, int) for v in values)
     for fraction, anchor in ((0, "0"), (Fraction(1, 2), None), (1, None)):
         value = top_value * fraction
+        if counts and value != int(value):
+            continue  # no half a session
         text = anchor or floor_places(Fraction(value), 6).rstrip("0").rstrip(".")
         parts.append(f'<text class="tick" x="{left - 4}" y="{y_of(value) + 4:.1f}" '
                      f'text-anchor="end">{esc(text)}</text>')

@@ -4740,6 +4740,9 @@ def test_view_month_equals_reconciliation_and_totals(make_client, clock, monkeyp
             assert as_shown(totals_) == view_table(page, caption)
         sessions = chart_titles(page, "Sessions per report day, 2026-11")
         assert sessions == {d["day"]: str(d["sessions"]) for d in api["days"]}
+        for svg in view_soup(page).find_all("svg"):  # every chart's axes are labelled
+            labels = [t.text for t in svg.find_all("text", class_="label")]
+            assert labels[0] == "report day" and labels[1] in ("sessions", "USD", "ratio")
         share = api["summary"]["suggested-reward-share"]
         assert share and f"suggested reward share: {share}" in page.text
         # A postback after the first load is in the second.
