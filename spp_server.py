@@ -4467,11 +4467,20 @@ def recent_postbacks(app, outcome, limit):
                    f"{r['field']}: {r['reason']}" if r["field"] else r["reason"], r["raw-body"])
                   for r in newest_rejected(app.store, limit)]
     if outcome in (None, "conflict"):
-        items += [(parse_instant(c["received-at"]), "conflict", c["session-id"], None,
-                   f"stored first: {c['stored-body']}", c["new-body"])
+        items += [(parse_instant(c["received-at"]), "conflict", c["session-id"],
+                   body_user_id(c["new-body"]), f"stored first: {c['stored-body']}", c["new-body"])
                   for c in newest_conflicts(app.store, limit)]
     items.sort(key=lambda item: item[0], reverse=True)
     return items[:limit]
+
+
+def body_user_id(body):
+    """The user-id of a body that passed validation (a conflict's)."""
+    try:
+        user_id = json.loads(body).get("user-id")
+    except (ValueError, AttributeError):
+        return None
+    return user_id if isinstance(user_id, str) else None
 
 
 @view_endpoint

@@ -4904,6 +4904,7 @@ def test_view_postbacks_show_each_outcome_with_its_body(view_client, clock):
     assert table[0]["reason"].startswith("country: ")
     assert json.loads(table[0]["raw body"])["country"] == "India"
     assert json.loads(table[1]["raw body"])["country"] == "BR"
+    assert table[1]["user-id"] == table[2]["user-id"] == table[3]["user-id"] == "x"
     assert json.loads(table[2]["raw body"]) == first
     assert table[3]["session-id"] == first["session-id"]
     rejected = view_client.get("/rejected", headers=bearer(READ)).json["rejected"][0]
