@@ -4289,8 +4289,8 @@ def handle_view_month():
         + f'<p class="steps"><a href="{view_link("/view/", {"month": prev_month})}">← {prev_month}</a> '
         f'<a href="{view_link("/view/", {"month": next_month})}">{next_month} →</a></p>'
         + '<section><h2>Are postbacks arriving?</h2><dl class="fields">'
-        f'<dt>silence alarm ({VIEW_SILENCE_WINDOW})</dt><dd class="state-{state}">{state}</dd>'
-        f'<dt>last postback received</dt><dd>{esc(now["last-received-at"])}'
+        f'<dt>silence alarm ({VIEW_SILENCE_WINDOW})</dt><dd class="live state-{state}">{state}</dd>'
+        f'<dt>last postback received</dt><dd class="live">{esc(now["last-received-at"])}'
         f'{"" if age is None else f" ({age:,} s ago)"}</dd>'
         f'<dt>sessions stored</dt><dd>{now["sessions"]:,}</dd>'
         f'<dt>rejected postbacks kept</dt><dd><a href="{view_link("/view/postbacks", {"outcome": "rejected"})}">{now["rejected"]:,}</a></dd>'
@@ -4496,7 +4496,8 @@ def handle_view_postbacks():
         f'<a href="{view_link("/view/postbacks", {"outcome": o} if o else None)}"'
         f'{current if o == outcome else ""}>{o or "all"}</a>'
         for o in (None, *POSTBACK_OUTCOMES))
-    rows = [[esc(iso_utc(received)), f'<span class="outcome-{kind}">{kind}</span>',
+    rows = [[f'<time class="live">{esc(iso_utc(received))}</time>',
+             f'<span class="outcome-{kind}">{kind}</span>',
              esc(session_id), user_cell(user_id) if user_id is not None else esc(None),
              esc(reason), f"<pre>{esc_block(body) if body else '(cleared by prune)'}</pre>"]
             for received, kind, session_id, user_id, reason, body in items]

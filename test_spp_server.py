@@ -4977,13 +4977,15 @@ class OtherOrigin:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def browser_hostile_ids(other_port):
-    return [f'<img src="http://127.0.0.1:{other_port}/img" onerror="alert(1)">',
-            f'</script><script src="http://127.0.0.1:{other_port}/js"></script>',
-            f'<link rel=stylesheet href="http://127.0.0.1:{other_port}/css">\u202eevil',
-            "\u202e" + "txt.exe" + "\u202c",
-            "\x01\x02\x7f\x1b[31m" + bytes(range(0x80, 0xff)).decode("latin-1"),
-            "w" * 255]
+# other.test: the browser resolves it to the OtherOrigin server
+# (--host-resolver-rules), so the ids, and so the screenshots, stay the same.
+OTHER_HOST = "http://other.test"
+BROWSER_HOSTILE_IDS = [f'<img src="{OTHER_HOST}/img" onerror="alert(1)">',
+                       f'</script><script src="{OTHER_HOST}/js"></script>',
+                       f'<link rel=stylesheet href="{OTHER_HOST}/css">\u202eevil',
+                       "\u202e" + "txt.exe" + "\u202c",
+                       "\x01\x02\x7f\x1b[31m" + bytes(range(0x80, 0xff)).decode("latin-1"),
+                       "w" * 255]
 
 
 @pytest.fixture(scope="module")
@@ -4993,29 +4995,35 @@ def view_site(tmp_path_factory):
     sync_playwright = browser_or_skip()
     folder = tmp_path_factory.mktemp("view")
     db = str(folder / "spp.db")
+    # The month of October 2020 and its ledger, written with a fixed clock and
+    # fixed session ids, so that the screenshots come out the same each run.
+    real_now, spp_server.now_us = spp_server.now_us, lambda: at(61)
     store = spp_server.Store(db)
     try:
-        add_sessions(store, [(f"user-{n % 37:02d}", ["1234", "5678"][n % 2],
-                              (n % 11 + 1) * 1_000_000, at(n % 20, n % 24)) for n in range(600)])
+        store.write(lambda conn, _: conn.executemany(spp_server.SQL["insert_session"], [
+            (f"oct-{n:03d}", f"user-{n % 37:02d}", ["1234", "5678"][n % 2], "IN", 1, 10,
+             (n % 11 + 1) * 1_000_000, at(n % 20, n % 24), "{}") for n in range(600)]))
         book_rows(store, [(day_text(d), "", 165_000_000 + d * 2_000_000) for d in range(18)])
         pay(store, at(10))
         pay(store, at(25))
         spp_server.settle(store)
     finally:
         store.close()
+        spp_server.now_us = real_now
     other = OtherOrigin()
     server = RealServer(db, env={"SPP_READ_TOKEN": READ})
-    hostile = browser_hostile_ids(other.port)
-    for user_id in hostile:
-        assert server.post(postback(user_id=user_id))[0] == 200
+    hostile = BROWSER_HOSTILE_IDS
+    for n, user_id in enumerate(hostile):
+        assert server.post(postback(user_id=user_id, session_id=f"hostile-{n}"))[0] == 200
     long_id = "<b>" + "\u0645" * 5000 + "</b>"  # 10 KB: refused, its body kept in rejected
-    assert server.post(postback(user_id=long_id))[0] == 400
-    first = postback(user_id=hostile[0])
+    assert server.post(postback(user_id=long_id, session_id="long"))[0] == 400
+    first = postback(user_id=hostile[0], session_id="twice")
     server.post(first)
     server.post(first)  # a duplicate
     server.post({**first, "country": "BR"})  # a conflict
     playwright = sync_playwright().start()
-    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        *CHROMIUM_FLAGS, f"--host-resolver-rules=MAP other.test:80 127.0.0.1:{other.port}"])
     site = types_namespace(server=server, other=other, browser=browser, hostile=hostile,
                            long_id=long_id, origin=f"http://127.0.0.1:{server.port}")
     yield site
@@ -5071,7 +5079,10 @@ def open_view(site, page, path, shot=None):
         "document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert overflow <= 0, (path, f"{overflow}px wider than the window")
     if shot:
-        page.screenshot(path=str(SCREENSHOTS / shot), full_page="month" in shot)
+        # What changes by the second (the last postback's time) is masked:
+        # the pictures change only when the pages do.
+        page.screenshot(path=str(SCREENSHOTS / shot), full_page="month" in shot,
+                        mask=[page.locator(".live")], mask_color="#8a8a8a")
     return page
 
 
