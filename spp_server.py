@@ -4033,11 +4033,14 @@ class Rollup:
     id order (see SQL['session_feed']), so each load reads only the rows
     added since the last one.  The first load reads them all once."""
 
-    MAX_CELLS = 200_000  # more distinct (day, property, country) than that: read SQL instead
+    # More distinct (day, property, country) than that (property ids come
+    # from whoever can post): drop the sums for good and read with SQL.
+    MAX_CELLS = 200_000
 
     def __init__(self, offset_minutes):
         self.offset_minutes = offset_minutes
         self._lock = threading.Lock()
+        self.too_many = False
         self._reset()
 
     def _reset(self):
@@ -4045,12 +4048,14 @@ class Rollup:
 
     def refresh(self, store):
         """Catch up with the database; False when too many cells to keep."""
+        if self.too_many:
+            return False
         with self._lock, store.snapshot() as conn:
             [(newest, at_last)] = conn.execute(SQL["rollup_mark"], (self.last_id,)).fetchall()
             if at_last != self.last_session_id or (newest or 0) < self.last_id:
                 self._reset()  # a restored backup: ids mean other sessions now
             if newest is None or newest == self.last_id:
-                return len(self.cells) <= self.MAX_CELLS
+                return True
             params = {"after": self.last_id, "last": newest,
                       "offset_us": self.offset_minutes * 60 * 1_000_000}
             for day, prop, country, sessions, ads, duration, whole, rest in conn.execute(
@@ -4060,7 +4065,10 @@ class Rollup:
                     cell[i] += value
             self.last_id = newest
             self.last_session_id = conn.execute(SQL["session_id_at"], (newest,)).fetchone()[0]
-            return len(self.cells) <= self.MAX_CELLS
+            if len(self.cells) > self.MAX_CELLS:
+                self.too_many = True
+                self._reset()
+            return not self.too_many
 
     def sums(self, since_day, until_day, key, property_id=None):
         """{key(day, property, country): [sessions, ads, duration, nanos]} over the days."""

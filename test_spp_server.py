@@ -4739,6 +4739,7 @@ def test_view_month_equals_reconciliation_and_totals(make_client, clock, monkeyp
     for _ in range(2):  # the second load reads its rollup, caught up
         page = view(client, "/view/")
         assert as_shown(api["days"]) == view_table(page, "Days")
+        assert (client.app.rollup.cells == {}) == (rollup == "too many cells")
         assert {k: api_text(v) for k, v in api["summary"].items()} == view_fields(
             page, "The month in sum")
         for group, caption in (("property-id", "Totals by property"),
