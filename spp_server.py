@@ -624,12 +624,13 @@ SQL = {
     "stats": """
         SELECT (SELECT count(*) FROM sessions), (SELECT max(received_at_us) FROM sessions),
                (SELECT count(*) FROM rejected), (SELECT count(*) FROM conflicts)""",
+    # Newest first; the web view pages them by receive time (:before).
     "newest_rejected": """
         SELECT id, received_at_us, field, reason, raw_body
-        FROM rejected ORDER BY id DESC LIMIT ?""",
+        FROM rejected WHERE received_at_us < :before ORDER BY id DESC LIMIT :limit""",
     "newest_conflicts": """
         SELECT id, session_id, received_at_us, stored_body, new_body
-        FROM conflicts ORDER BY id DESC LIMIT ?""",
+        FROM conflicts WHERE received_at_us < :before ORDER BY id DESC LIMIT :limit""",
     # --- The web view (see "Web view" below) ---
     # Where the view's rollup stands: the newest id, and the session at the
     # id it has read up to (a restored backup puts another one there).
@@ -657,8 +658,8 @@ SQL = {
         SELECT user_id FROM sessions INDEXED BY sessions_by_user
         WHERE user_id > ? ORDER BY user_id LIMIT 1""",
     "newest_sessions": """
-        SELECT received_at_us, session_id, user_id, raw_body FROM sessions
-        ORDER BY id DESC LIMIT ?""",
+        SELECT received_at_us, session_id, user_id, raw_body FROM sessions INDEXED BY sessions_by_time
+        WHERE received_at_us < :before ORDER BY received_at_us DESC LIMIT :limit""",
     "schema_version": "PRAGMA user_version",  # also a cheap read for health
     "last_received": "SELECT max(received_at_us) FROM sessions",
     "health_probe": "INSERT OR REPLACE INTO health_probe (id, probed_at_us) VALUES (1, ?)",
@@ -1920,7 +1921,7 @@ def prometheus_metrics(store, counters):
     return "\n".join(lines) + "\n"
 
 
-def newest_rejected(store, limit):
+def newest_rejected(store, limit, before=2**63 - 1):
     return [
         {
             "id": row_id,
@@ -1930,11 +1931,12 @@ def newest_rejected(store, limit):
             # The bytes as received, shown as text; bytes that are not UTF-8 as \xNN.
             "raw-body": bytes(raw).decode("utf-8", "backslashreplace"),
         }
-        for row_id, received, field, reason, raw in store.read(SQL["newest_rejected"], (limit,))
+        for row_id, received, field, reason, raw in store.read(
+            SQL["newest_rejected"], {"limit": limit, "before": before})
     ]
 
 
-def newest_conflicts(store, limit):
+def newest_conflicts(store, limit, before=2**63 - 1):
     return [
         {
             "id": row_id,
@@ -1944,7 +1946,7 @@ def newest_conflicts(store, limit):
             "new-body": new,
         }
         for row_id, session_id, received, stored, new in store.read(
-            SQL["newest_conflicts"], (limit,)
+            SQL["newest_conflicts"], {"limit": limit, "before": before}
         )
     ]
 
@@ -4513,7 +4515,7 @@ def handle_view_user(user_id):
 POSTBACK_OUTCOMES = ("recorded", "duplicate", "rejected", "conflict")
 
 
-def recent_postbacks(app, outcome, limit):
+def recent_postbacks(app, outcome, limit, before=2**63 - 1):
     """The newest postbacks of each outcome, merged newest first: recorded
     from the sessions table, rejected and conflicting from theirs, exact
     duplicates from memory (they change nothing, so they are not written)."""
@@ -4521,18 +4523,19 @@ def recent_postbacks(app, outcome, limit):
     if outcome in (None, "recorded"):
         items += [(received, "recorded", session_id, user_id, None, body)
                   for received, session_id, user_id, body
-                  in app.store.read(SQL["newest_sessions"], (limit,))]
+                  in app.store.read(SQL["newest_sessions"], {"limit": limit, "before": before})]
     if outcome in (None, "duplicate"):
         items += [(received, "duplicate", session_id, user_id, None, body)
-                  for received, session_id, user_id, body in list(app.recent_duplicates)[-limit:]]
+                  for received, session_id, user_id, body in list(app.recent_duplicates)
+                  if received < before][-limit:]
     if outcome in (None, "rejected"):
         items += [(parse_instant(r["received-at"]), "rejected", None, None,
                    f"{r['field']}: {r['reason']}" if r["field"] else r["reason"], r["raw-body"])
-                  for r in newest_rejected(app.store, limit)]
+                  for r in newest_rejected(app.store, limit, before)]
     if outcome in (None, "conflict"):
         items += [(parse_instant(c["received-at"]), "conflict", c["session-id"],
                    body_user_id(c["new-body"]), f"stored first: {c['stored-body']}", c["new-body"])
-                  for c in newest_conflicts(app.store, limit)]
+                  for c in newest_conflicts(app.store, limit, before)]
     items.sort(key=lambda item: item[0], reverse=True)
     return items[:limit]
 
@@ -4553,7 +4556,12 @@ def handle_view_postbacks():
     if outcome is not None and outcome not in POSTBACK_OUTCOMES:
         raise Invalid("outcome", f"must be one of {', '.join(POSTBACK_OUTCOMES)}")
     limit = parse_limit(params, VIEW_PAGE_SIZE, 200)
-    items = recent_postbacks(request.app, outcome, limit)
+    try:
+        before = parse_instant(params["before"]) if params.get("before") else 2**63 - 1
+    except ValueError:
+        raise Invalid("before", "must be a time as the page's own link gives it, "
+                      "such as 2026-11-23T10:00:00.250000Z") from None
+    items = recent_postbacks(request.app, outcome, limit, before)
     current = ' aria-current="true"'
     filters = " ".join(
         f'<a href="{view_link("/view/postbacks", {"outcome": o} if o else None)}"'
@@ -4564,6 +4572,10 @@ def handle_view_postbacks():
              esc(session_id), user_cell(user_id) if user_id is not None else esc(None),
              esc(reason), f"<pre>{esc_block(body) if body else '(cleared by prune)'}</pre>"]
             for received, kind, session_id, user_id, reason, body in items]
+    older = ""
+    if len(items) == limit:  # the times are to the microsecond: a cursor
+        more = {**({"outcome": outcome} if outcome else {}), "before": iso_utc(items[-1][0])}
+        older = f'<p class="steps"><a href="{view_link("/view/postbacks", more)}">older →</a></p>'
     body = (f'<p class="steps">Outcome: {filters}</p>'
             "<p>Recorded sessions, rejected postbacks and conflicting duplicates come from the "
             "database; exact duplicates (they change nothing, so nothing is written for them) "
@@ -4571,7 +4583,8 @@ def handle_view_postbacks():
             + html_table(["received-at", "outcome", "session-id", "user-id", "reason", "raw body"],
                          rows, "Latest postbacks, newest first",
                          raw_columns=("received-at", "outcome", "session-id", "user-id", "reason",
-                                      "raw body")))
+                                      "raw body"))
+            + older)
     calls = ["GET /rejected", "GET /conflicts", "GET /sessions (the change feed)",
              "GET /stats (duplicates since the start)"]
     return view_page("Recent postbacks", calls, body, "/view/postbacks")
@@ -4585,7 +4598,7 @@ VIEW_ROUTES = [
     ("/view/ledger", "GET", handle_view_ledger, ()),
     ("/view/users", "GET", handle_view_users, ("month", "page", "search")),
     (r"/view/users/<user_id:re:[\s\S]*>", "GET", handle_view_user, ("month", "before")),
-    ("/view/postbacks", "GET", handle_view_postbacks, ("outcome", "limit")),
+    ("/view/postbacks", "GET", handle_view_postbacks, ("outcome", "limit", "before")),
 ]
 
 

@@ -1197,7 +1197,7 @@ READ_PARAMS = {
     "/view/ledger": [],
     "/view/users": ["month", "page", "search"],
     "/view/users/{}": ["month", "before"],
-    "/view/postbacks": ["outcome", "limit"],
+    "/view/postbacks": ["outcome", "limit", "before"],
 }
 
 
@@ -5328,6 +5328,19 @@ def test_view_postbacks_show_each_outcome_with_its_body(view_client, clock):
                           "Latest postbacks, newest first")
         assert [r["outcome"] for r in only] == [outcome]
     view(view_client, "/view/postbacks", 400, outcome="lost")
+    assert_error(view(view_client, "/view/postbacks", 400, before="yesterday"), 400, "before")
+    # Paged by receive time: two a page, the next page from the link.
+    page = view(view_client, "/view/postbacks", limit="2")
+    seen = []
+    while True:
+        seen += [r["outcome"] for r in view_table(page, "Latest postbacks, newest first")]
+        link = view_soup(page).find("a", string="older →")
+        if link is None:
+            break
+        page = view_client.get(link["href"], headers=basic(READ))
+    assert seen == ["rejected", "conflict", "duplicate", "recorded"]
+    older = view(view_client, "/view/postbacks", outcome="rejected", before="2026-11-05T10:03:00Z")
+    assert view_table(older, "Latest postbacks, newest first") == []
 
 
 def test_view_changes_nothing(view_client, clock):
