@@ -331,9 +331,6 @@ SQL_SUMS = """count(*), coalesce(sum(ads_viewed), 0), coalesce(sum(duration_s), 
     min(received_at_us), max(received_at_us)"""
 SQL_WINDOW = """received_at_us >= :since AND received_at_us < :until
     AND (:property IS NULL OR property_id = :property)"""
-SQL_ROLLUP_COLUMNS = """(received_at_us + :offset_us) / 86400000000, property_id, country, count(*),
-    coalesce(sum(ads_viewed), 0), coalesce(sum(duration_s), 0),
-    sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)"""
 SQL = {
     "insert_session": """
         INSERT OR IGNORE INTO sessions
@@ -640,16 +637,12 @@ SQL = {
     "rollup_mark": """
         SELECT (SELECT max(id) FROM sessions), (SELECT session_id FROM sessions WHERE id = ?)""",
     "session_id_at": "SELECT session_id FROM sessions WHERE id = ?",
-    # The sessions added since the rollup's last read, by the primary key;
-    # the first read (after = 0) scans the covering time index instead, half
-    # the time of the table with its raw bodies.
-    "rollup_rows": f"""
-        SELECT {SQL_ROLLUP_COLUMNS}
+    # The sessions added since the rollup's last read, by the primary key.
+    "rollup_rows": """
+        SELECT (received_at_us + :offset_us) / 86400000000, property_id, country, count(*),
+               coalesce(sum(ads_viewed), 0), coalesce(sum(duration_s), 0),
+               sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
         FROM sessions WHERE id > :after AND id <= :last GROUP BY 1, 2, 3""",
-    "rollup_all": f"""
-        SELECT {SQL_ROLLUP_COLUMNS}
-        FROM sessions INDEXED BY sessions_by_time
-        WHERE received_at_us >= -9223372036854775808 AND id <= :last GROUP BY 1, 2, 3""",
     # The ranking only (total() is a float: it orders, it never shows): the
     # figures on the page come from user_earnings, as the API's do.
     "users_by_revenue": """
@@ -4122,9 +4115,8 @@ class Rollup:
                 return True
             params = {"after": self.last_id, "last": newest,
                       "offset_us": self.offset_minutes * 60 * 1_000_000}
-            rows_sql = SQL["rollup_all"] if self.last_id == 0 else SQL["rollup_rows"]
             for day, prop, country, sessions, ads, duration, whole, rest in conn.execute(
-                    rows_sql, params):
+                    SQL["rollup_rows"], params):
                 cell = self.cells.setdefault((day, prop, country), [0, 0, 0, 0])
                 for i, value in enumerate((sessions, ads, duration, joined_nanos(whole, rest))):
                     cell[i] += value
