@@ -3986,7 +3986,10 @@ def records_table(records, caption=None, first=None):
 
 def fields_list(record):
     """One API record (a dict) as a definition list."""
-    items = "".join(f"<dt>{esc(key)}</dt><dd>{esc(value) if not isinstance(value, list) else esc('; '.join(map(str, value)) or 'none')}</dd>"
+    def shown_value(value):  # a list (the warnings): its items in one line
+        return esc("; ".join(map(str, value)) or "none") if isinstance(value, list) else esc(value)
+
+    items = "".join(f"<dt>{esc(key)}</dt><dd>{shown_value(value)}</dd>"
                     for key, value in record.items())
     return f'<dl class="fields">{items}</dl>'
 
@@ -4313,6 +4316,12 @@ def handle_view_icon():
     return VIEW_ICON
 
 
+def postbacks_link(term, outcome, count):
+    """A count of postbacks as a <dt>/<dd> pair, linking to them."""
+    href = view_link("/view/postbacks", {"outcome": outcome})
+    return f'<dt>{esc(term)}</dt><dd><a href="{href}">{count:,}</a></dd>'
+
+
 @view_endpoint
 def handle_view_month():
     params = query()
@@ -4358,10 +4367,11 @@ def handle_view_month():
         f'<dt>last postback received</dt><dd class="live">{esc(now["last-received-at"])}'
         f'{"" if age is None else f" ({age:,} s ago)"}</dd>'
         f'<dt>sessions stored</dt><dd>{now["sessions"]:,}</dd>'
-        f'<dt>rejected postbacks kept</dt><dd><a href="{view_link("/view/postbacks", {"outcome": "rejected"})}">{now["rejected"]:,}</a></dd>'
-        f'<dt>conflicting duplicates kept</dt><dd><a href="{view_link("/view/postbacks", {"outcome": "conflict"})}">{now["conflicts"]:,}</a></dd>'
-        f'<dt>exact duplicates since the server started</dt><dd><a href="{view_link("/view/postbacks", {"outcome": "duplicate"})}">{now["since-start"]["duplicate"]:,}</a></dd>'
-        "</dl></section>"
+        + postbacks_link("rejected postbacks kept", "rejected", now["rejected"])
+        + postbacks_link("conflicting duplicates kept", "conflict", now["conflicts"])
+        + postbacks_link("exact duplicates since the server started", "duplicate",
+                         now["since-start"]["duplicate"])
+        + "</dl></section>"
         + f"<section><h2>Sessions and revenue per report day</h2>"
         f"<p>Report days at UTC{esc(utc_offset_text(offset))}, as the booked reports count them.</p>"
         f"{sessions_chart}{revenue_chart}{ratio_chart}"
