@@ -7,7 +7,7 @@ publisher what each user earned.  One Bottle app served by waitress; storage
 is one SQLite file in WAL mode.  See README.md.
 
 Sections: configuration, money and time, storage (with retention), output formats,
-validation, booked revenue, reconciliation, HTTP, server/CLI.
+validation, booked revenue, reconciliation, payout ledger, HTTP, web view, server/CLI.
 """
 
 import argparse
@@ -22,6 +22,7 @@ import fcntl
 import functools
 import heapq
 import hmac
+import html
 import io
 import ipaddress
 import itertools
@@ -623,12 +624,42 @@ SQL = {
     "stats": """
         SELECT (SELECT count(*) FROM sessions), (SELECT max(received_at_us) FROM sessions),
                (SELECT count(*) FROM rejected), (SELECT count(*) FROM conflicts)""",
+    # Newest first; the web view pages them by receive time (:before).
     "newest_rejected": """
         SELECT id, received_at_us, field, reason, raw_body
-        FROM rejected ORDER BY id DESC LIMIT ?""",
+        FROM rejected WHERE received_at_us < :before ORDER BY id DESC LIMIT :limit""",
     "newest_conflicts": """
         SELECT id, session_id, received_at_us, stored_body, new_body
-        FROM conflicts ORDER BY id DESC LIMIT ?""",
+        FROM conflicts WHERE received_at_us < :before ORDER BY id DESC LIMIT :limit""",
+    # --- The web view (see "Web view" below) ---
+    # Where the view's rollup stands: the newest id, and the session at the
+    # id it has read up to (a restored backup puts another one there).
+    "rollup_mark": """
+        SELECT (SELECT max(id) FROM sessions), (SELECT session_id FROM sessions WHERE id = ?)""",
+    "session_id_at": "SELECT session_id FROM sessions WHERE id = ?",
+    # The sessions added since the rollup's last read, by the primary key.
+    "rollup_rows": """
+        SELECT (received_at_us + :offset_us) / 86400000000, property_id, country, count(*),
+               coalesce(sum(ads_viewed), 0), coalesce(sum(duration_s), 0),
+               sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
+        FROM sessions WHERE id > :after AND id <= :last GROUP BY 1, 2, 3""",
+    # The ranking only (total() is a float: it orders, it never shows): the
+    # figures on the page come from user_earnings, as the API's do.
+    "users_by_revenue": """
+        SELECT user_id FROM (
+            SELECT user_id, total(revenue_nano) AS revenue
+            FROM sessions INDEXED BY sessions_by_user
+            WHERE received_at_us >= :since AND received_at_us < :until GROUP BY user_id)
+        ORDER BY revenue DESC, user_id""",
+    "first_user_from": """
+        SELECT user_id FROM sessions INDEXED BY sessions_by_user
+        WHERE user_id >= ? ORDER BY user_id LIMIT 1""",
+    "next_user_after": """
+        SELECT user_id FROM sessions INDEXED BY sessions_by_user
+        WHERE user_id > ? ORDER BY user_id LIMIT 1""",
+    "newest_sessions": """
+        SELECT received_at_us, session_id, user_id, raw_body FROM sessions INDEXED BY sessions_by_time
+        WHERE received_at_us < :before ORDER BY received_at_us DESC LIMIT :limit""",
     "schema_version": "PRAGMA user_version",  # also a cheap read for health
     "last_received": "SELECT max(received_at_us) FROM sessions",
     "health_probe": "INSERT OR REPLACE INTO health_probe (id, probed_at_us) VALUES (1, ?)",
@@ -1890,7 +1921,7 @@ def prometheus_metrics(store, counters):
     return "\n".join(lines) + "\n"
 
 
-def newest_rejected(store, limit):
+def newest_rejected(store, limit, before=2**63 - 1):
     return [
         {
             "id": row_id,
@@ -1900,11 +1931,12 @@ def newest_rejected(store, limit):
             # The bytes as received, shown as text; bytes that are not UTF-8 as \xNN.
             "raw-body": bytes(raw).decode("utf-8", "backslashreplace"),
         }
-        for row_id, received, field, reason, raw in store.read(SQL["newest_rejected"], (limit,))
+        for row_id, received, field, reason, raw in store.read(
+            SQL["newest_rejected"], {"limit": limit, "before": before})
     ]
 
 
-def newest_conflicts(store, limit):
+def newest_conflicts(store, limit, before=2**63 - 1):
     return [
         {
             "id": row_id,
@@ -1914,7 +1946,7 @@ def newest_conflicts(store, limit):
             "new-body": new,
         }
         for row_id, session_id, received, stored, new in store.read(
-            SQL["newest_conflicts"], (limit,)
+            SQL["newest_conflicts"], {"limit": limit, "before": before}
         )
     ]
 
@@ -2647,7 +2679,15 @@ def joined_nanos(whole_usd, nano_rest):
     return whole_usd * NANOS_PER_USD + nano_rest
 
 
-def reconciliation_sides(store, q):
+def estimates_of_days(store, window, split):
+    """Each report day's (day, property or None, sessions, whole USD, nano
+    rest), by property when `split`: what the sessions estimated."""
+    if split:
+        return store.read(SQL["estimates_by_day_and_property"], window)
+    return [(day, None, *sums) for day, *sums in store.read(SQL["estimates_by_day"], window)]
+
+
+def reconciliation_sides(store, q, estimates_of=estimates_of_days):
     """{(day, property or None): [sessions, estimated nanos, booked nanos]},
     None where a side has nothing.  A day whose booked rows name properties
     has a record per property, its booked rows without one held against the
@@ -2668,8 +2708,7 @@ def reconciliation_sides(store, q):
     offset_us = q.offset_minutes * 60 * 1_000_000
     window = {"offset_us": offset_us, "since": q.since_day * DAY_US - offset_us,
               "until": q.until_day * DAY_US - offset_us, "property": q.property_id}
-    estimates = (store.read(SQL["estimates_by_day_and_property"], window) if split else
-                 [(day, None, *sums) for day, *sums in store.read(SQL["estimates_by_day"], window)])
+    estimates = estimates_of(store, window, split)
     sides = {}
     for day, prop, sessions, whole, rest in estimates:
         side = sides.setdefault(key(report_day_text(day), prop), [0, 0, None])
@@ -2791,11 +2830,12 @@ def reconciliation_summary(q, records, rows):
     }
 
 
-def reconciliation(store, q):
+def reconciliation(store, q, estimates_of=estimates_of_days):
     """The report: one record per report day (and property, see
-    reconciliation_sides) and a summary.  Shared by GET /reconciliation and
-    `spp_server.py reconcile`."""
-    return reconciliation_report(q, reconciliation_sides(store, q))
+    reconciliation_sides) and a summary.  Shared by GET /reconciliation,
+    `spp_server.py reconcile` and the web view (which sums the estimates
+    from its rollup: estimates_of)."""
+    return reconciliation_report(q, reconciliation_sides(store, q, estimates_of))
 
 
 def reconciliation_report(q, sides):
@@ -3546,6 +3586,9 @@ def receive_postback(known):
             quoted(session.session_id),
         )
         outcome = "duplicate"
+    elif outcome == "duplicate":  # for the web view: one append, no write
+        app.recent_duplicates.append(
+            (now_us(), session.session_id, session.user_id, body.decode("utf-8")))
     account_postback(outcome, 200, session.session_id, session.user_id)
     return {"status": outcome}
 
@@ -3837,12 +3880,736 @@ def create_app(config):
         channels=settings["threads"] + 1,
     )
     app.counters = PostbackCounters()
+    # For the web view: exact duplicates answered lately (never written),
+    # and the month's sums kept in memory.
+    app.recent_duplicates = collections.deque(maxlen=RECENT_DUPLICATES)
+    app.rollup = Rollup(settings["report_utc_offset"])
+    app.ranking = Ranking()
     app.install(log_unexpected_errors)
     for status in ERROR_STATUSES:
         app.error(status)(render_error)
-    for path, method, handler, params in ROUTES:
+    for path, method, handler, params in (*ROUTES, *VIEW_ROUTES):
         app.route(path, method, handler, query_params=params)
     return app
+
+
+# ---------------------------------------------------------------------------
+# Web view: read-only pages of the month, the ledger, users and postbacks
+# ---------------------------------------------------------------------------
+
+# Pages built on the functions the API answers with (reconciliation, totals,
+# stats, ledger_summary, statement, user_earnings, user_sessions,
+# newest_rejected, newest_conflicts), so a figure on a page is the API's
+# figure; each page names the call that gives it.  HTML built here with
+# every value escaped, charts drawn as inline SVG, one static style sheet
+# (view.css): no script at all, nothing from another origin.
+
+VIEW_CSS_PATH = Path(__file__).with_name("view.css")
+VIEW_ICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+             b'<rect width="16" height="16" rx="3" fill="#0072B2"/>'
+             b'<path d="M3 12V8h2v4zm4 0V4h2v8zm4 0V6h2v6z" fill="#fff"/></svg>')
+VIEW_HEADERS = {
+    # No script may run, nothing may load from another origin, no page may
+    # frame these: the values on them come from whoever can post.
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; "
+                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    # Earnings: never kept by a shared cache, nor in the browser's.
+    "Cache-Control": "no-store",
+}
+VIEW_PAGE_SIZE = 50
+VIEW_SILENCE_WINDOW = "30m"  # the window the deploy docs give the silence alarm
+RECENT_DUPLICATES = 200  # exact duplicates kept in memory for the postbacks page
+# Controls and the bidi marks that could reorder or hide text: shown as
+# escapes (in a distinct style), so that an id reads the same as it is.
+INLINE_HIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+BLOCK_HIDDEN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+# Okabe and Ito's colour-blind-safe palette, as CSS classes s0.. in view.css.
+SERIES_CLASSES = ("s0", "s1", "s2")
+
+
+def shown_escape(match):
+    return f'<span class="ctl">{match.group().encode("unicode_escape").decode("ascii")}</span>'
+
+
+def esc(value, hidden=INLINE_HIDDEN):
+    """Any value as HTML text: escaped, its invisible characters shown."""
+    if value is None:
+        return '<span class="none">none</span>'
+    return hidden.sub(shown_escape, html.escape(str(value), quote=True))
+
+
+def esc_block(text):
+    """A raw body for <pre>: line breaks kept, other invisibles shown."""
+    return esc(text, BLOCK_HIDDEN)
+
+
+def path_part(text):
+    """A user id as one path segment of a link (and of the API call shown)."""
+    return urllib.parse.quote(text, safe="")
+
+
+def view_link(path, params=None):
+    query_text = urllib.parse.urlencode(params or {})
+    return html.escape(f"{path}?{query_text}" if query_text else path, quote=True)
+
+
+def user_cell(user_id):
+    """A user id linked to its page; <bdi> keeps right-to-left text inside."""
+    return (f'<a class="id" href="{view_link("/view/users/" + path_part(user_id))}">'
+            f"<bdi>{esc(user_id) if user_id else '(no sub)'}</bdi></a>")
+
+
+def html_table(columns, rows, caption=None, raw_columns=()):
+    """A table in a scrolling box: rows are sequences of values, escaped
+    unless their column is in raw_columns (already HTML)."""
+    head = "".join(f'<th scope="col">{esc(c)}</th>' for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{value if column in raw_columns else esc(value)}</td>"
+                         for column, value in zip(columns, row)) + "</tr>"
+        for row in rows)
+    if not rows:
+        body = f'<tr><td colspan="{len(columns)}">none</td></tr>'
+    cap = f"<caption>{esc(caption)}</caption>" if caption else ""
+    return (f'<div class="table" tabindex="0" role="region" aria-label="{esc(caption or "table")}">'
+            f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+
+
+def records_table(records, caption=None, first=None):
+    """A list of API records (dicts) as a table, its columns the records'
+    keys: a field the API adds shows up here too."""
+    columns = list(records[0]) if records else ([first] if first else [""])
+    return html_table(columns, [[r.get(c) for c in columns] for r in records], caption)
+
+
+def fields_list(record):
+    """One API record (a dict) as a definition list."""
+    def shown_value(value):  # a list (the warnings): its items in one line
+        return esc("; ".join(map(str, value)) or "none") if isinstance(value, list) else esc(value)
+
+    items = "".join(f"<dt>{esc(key)}</dt><dd>{shown_value(value)}</dd>"
+                    for key, value in record.items())
+    return f'<dl class="fields">{items}</dl>'
+
+
+def chart_number(text):
+    """A figure's exact decimal text -> a Fraction, for drawing only."""
+    return None if text is None else Fraction(decimal.Decimal(text))
+
+
+def svg_chart(title, y_label, x_label, labels, series, line=None):
+    """A bar chart as inline SVG.  series: [(name, [(value, text) or None per
+    label])]; line: (name, value, text) drawn across.  Every bar and the line
+    carry a <title> with the exact figure (shown on hover); the axes are
+    labelled; colours come from view.css (palette, dark mode)."""
+    width, height, left, right, top, bottom = 640, 260, 72, 12, 16, 48
+    plot_w, plot_h = width - left - right, height - top - bottom
+    values = [v for _, points in series for p in points if p for v in [p[0]]]
+    if line:
+        values.append(line[1])
+    top_value = max(values, default=0) or 1
+    def y_of(value):
+        return top + plot_h - float(value / top_value) * plot_h
+    slot = plot_w / max(len(labels), 1)
+    bar_w = max(slot * 0.8 / max(len(series), 1), 1)
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="{esc(title)}" xmlns="http://www.w3.org/2000/svg">',
+             f"<title>{esc(title)}</title>",
+             f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}"/>',
+             f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>']
+    counts = all(isinstance(v, int) for v in values)
+    for fraction, anchor in ((0, "0"), (Fraction(1, 2), None), (1, None)):
+        value = top_value * fraction
+        if counts and value != int(value):
+            continue  # no half a session
+        text = anchor or floor_places(Fraction(value), 6).rstrip("0").rstrip(".")
+        parts.append(f'<text class="tick" x="{left - 4}" y="{y_of(value) + 4:.1f}" '
+                     f'text-anchor="end">{esc(text)}</text>')
+    step = max(1, math.ceil(len(labels) / 10))
+    for i, label in enumerate(labels):
+        if i % step == 0:
+            x = left + slot * (i + 0.5)
+            parts.append(f'<text class="tick" x="{x:.1f}" y="{top + plot_h + 14}" '
+                         f'text-anchor="middle">{esc(label[-2:] if len(label) == 10 else label)}</text>')
+    for k, (name, points) in enumerate(series):
+        for i, point in enumerate(points):
+            if point is None:
+                continue
+            value, text = point
+            x = left + slot * i + slot * 0.1 + bar_w * k
+            y = y_of(value)
+            parts.append(f'<rect class="{SERIES_CLASSES[k]}" x="{x:.1f}" y="{y:.1f}" '
+                         f'width="{bar_w:.1f}" height="{top + plot_h - y:.1f}">'
+                         f"<title>{esc(labels[i])} · {esc(name)}: {esc(text)}</title></rect>")
+    if line:
+        name, value, text = line
+        y = y_of(value)
+        parts.append(f'<line class="share" x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}">'
+                     f"<title>{esc(name)}: {esc(text)}</title></line>")
+    parts.append(f'<text class="label" x="{left + plot_w / 2:.0f}" y="{height - 6}" '
+                 f'text-anchor="middle">{esc(x_label)}</text>')
+    parts.append(f'<text class="label" transform="rotate(-90)" x="{-(top + plot_h / 2):.0f}" '
+                 f'y="14" text-anchor="middle">{esc(y_label)}</text>')
+    parts.append("</svg>")
+    legend = "".join(f'<li><span class="key {SERIES_CLASSES[k]}"></span>{esc(name)}</li>'
+                     for k, (name, _) in enumerate(series))
+    if line:
+        legend += f'<li><span class="key share"></span>{esc(line[0])}: {esc(line[2])}</li>'
+    return f'<figure>{"".join(parts)}<figcaption><ul class="legend">{legend}</ul></figcaption></figure>'
+
+
+VIEW_NAV = (("/view/", "Month"), ("/view/ledger", "Ledger"), ("/view/users", "Users"),
+            ("/view/postbacks", "Postbacks"))
+
+
+def view_page(title, api_calls, body, here):
+    """A whole page: its API calls named, so a figure can be checked with curl."""
+    current = ' aria-current="page"'
+    nav = "".join(f'<a href="{path}"{current if path == here else ""}>{name}</a>'
+                  for path, name in VIEW_NAV)
+    calls = "".join(f"<li><code>{esc(call)}</code></li>" for call in api_calls)
+    response.content_type = "text/html; charset=utf-8"
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)} · spp-receiver</title>"
+        '<link rel="stylesheet" href="/view/view.css"><link rel="icon" href="/view/icon.svg">'
+        '</head><body><a class="skip" href="#main">Skip to the content</a>'
+        f'<header><span class="brand">spp-receiver</span><nav aria-label="Pages">{nav}</nav></header>'
+        f'<main id="main"><h1>{esc(title)}</h1>{body}'
+        f'<section class="api"><h2>The same figures from the API</h2>'
+        f"<p>Each figure on this page is what these read calls answer "
+        f"(with the read token as <code>Authorization: Bearer</code>):</p><ul>{calls}</ul></section>"
+        "</main><footer>Read-only: paying and settling are commands "
+        "(<code>spp_server.py pay</code>, <code>settle</code>).</footer></body></html>"
+    )
+
+
+class Rollup:
+    """Sessions summed per report day, property and country, kept in memory
+    for the month page and caught up by row id: sessions are only added, in
+    id order (see SQL['session_feed']), so each load reads only the rows
+    added since the last one.  The first load reads them all once."""
+
+    # More distinct (day, property, country) than that (property ids come
+    # from whoever can post): drop the sums for good and read with SQL.
+    MAX_CELLS = 200_000
+
+    def __init__(self, offset_minutes):
+        self.offset_minutes = offset_minutes
+        self._lock = threading.Lock()
+        self.too_many = False
+        self._reset()
+
+    def _reset(self):
+        self.cells, self.last_id, self.last_session_id = {}, 0, None
+
+    def refresh(self, store):
+        """Catch up with the database; False when too many cells to keep."""
+        if self.too_many:
+            return False
+        with self._lock, store.snapshot() as conn:
+            [(newest, at_last)] = conn.execute(SQL["rollup_mark"], (self.last_id,)).fetchall()
+            if at_last != self.last_session_id or (newest or 0) < self.last_id:
+                self._reset()  # a restored backup: ids mean other sessions now
+            if newest is None or newest == self.last_id:
+                return True
+            params = {"after": self.last_id, "last": newest,
+                      "offset_us": self.offset_minutes * 60 * 1_000_000}
+            for day, prop, country, sessions, ads, duration, whole, rest in conn.execute(
+                    SQL["rollup_rows"], params):
+                cell = self.cells.setdefault((day, prop, country), [0, 0, 0, 0])
+                for i, value in enumerate((sessions, ads, duration, joined_nanos(whole, rest))):
+                    cell[i] += value
+            self.last_id = newest
+            self.last_session_id = conn.execute(SQL["session_id_at"], (newest,)).fetchone()[0]
+            if len(self.cells) > self.MAX_CELLS:
+                self.too_many = True
+                self._reset()
+            return not self.too_many
+
+    def sums(self, since_day, until_day, key, property_id=None):
+        """{key(day, property, country): [sessions, ads, duration, nanos]} over the days."""
+        out = {}
+        for (day, prop, country), cell in list(self.cells.items()):
+            if since_day <= day < until_day and (property_id is None or prop == property_id):
+                target = out.setdefault(key(day, prop, country), [0, 0, 0, 0])
+                for i, value in enumerate(cell):
+                    target[i] += value
+        return out
+
+    def estimates_of(self, store, window, split):
+        """estimates_of_days, from the rollup (same rows, same order)."""
+        offset_us = self.offset_minutes * 60 * 1_000_000
+        since_day, until_day = ((window[b] + offset_us) // DAY_US for b in ("since", "until"))
+        sums = self.sums(since_day, until_day, lambda d, p, c: (d, p if split else None),
+                         window["property"])
+        return [(day, prop, n, nanos // NANOS_PER_USD, nanos % NANOS_PER_USD)
+                for (day, prop), (n, _, _, nanos) in sorted(sums.items(), key=null_first)]
+
+    def totals(self, since_day, until_day, group):
+        """totals() by one group (property-id or country) over the days."""
+        index = {"property-id": 1, "country": 2}[group]
+        sums = self.sums(since_day, until_day, lambda *key: key[index])
+        return [{group: value, **sums_record(
+                    (n, ads, duration, nanos // NANOS_PER_USD, nanos % NANOS_PER_USD, None, None))[0]}
+                for value, (n, ads, duration, nanos) in sorted(sums.items(), key=null_first)]
+
+
+class Ranking:
+    """The users of a window by estimated revenue, kept for RANKING_TTL_S:
+    ranking a month of 1,000,000 sessions reads them all (about half a
+    second), so a page of the list reads only its own users' figures, fresh.
+    The order (and who is in it) is at most that old; one window is kept."""
+
+    RANKING_TTL_S = 60
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._window, self._built, self._ids = None, None, []
+
+    def users(self, store, window):
+        with self._lock:
+            now = time.monotonic()
+            if self._window != window or now - self._built > self.RANKING_TTL_S:
+                self._window, self._ids = None, []  # the old list can go first
+                self._ids = [row[0] for row in store.read(SQL["users_by_revenue"],
+                                                          window.params())]
+                self._window, self._built = window, now
+            return self._ids
+
+
+def null_first(item):
+    """SQLite's ascending order: NULL before any text."""
+    key = item[0] if isinstance(item[0], tuple) else (item[0],)
+    return tuple((part is not None, part if part is not None else "") for part in key)
+
+
+def view_rollup(app):
+    """The app's rollup when it can answer (None: read with SQL instead)."""
+    rollup = app.rollup
+    return rollup if rollup.refresh(app.store) else None
+
+
+def current_month(offset_minutes):
+    day = utc_date_text((now_us() + offset_minutes * 60 * 1_000_000) // DAY_US)
+    return day[:7]
+
+
+def parse_month(text, offset_minutes):
+    """'2026-11' -> (first report day number, first of the next month)."""
+    if text is None:
+        text = current_month(offset_minutes)
+    match = re.fullmatch(r"([0-9]{4})-(0[1-9]|1[0-2])", text)
+    if not match:
+        raise Invalid("month", "must be a month as YYYY-MM, such as 2026-11")
+    year, month = int(match.group(1)), int(match.group(2))
+    if not 1970 <= year <= 9998:
+        raise Invalid("month", "must be a month from 1970-01 to 9998-12")
+    first = report_day_number(f"{year:04d}-{month:02d}-01")
+    following = f"{year + month // 12:04d}-{month % 12 + 1:02d}-01"
+    return text, first, report_day_number(following)
+
+
+def month_window(first, following, offset_minutes):
+    """The month's report days as a Window on receive times, and its API texts."""
+    offset = utc_offset_text(offset_minutes)
+    since, until = (f"{report_day_text(day)}T00:00:00{offset}" for day in (first, following))
+    return Window(parse_instant(since), parse_instant(until)), since, until
+
+
+def month_of_request(params):
+    """The ?month= of a page -> (month text, first and following report day
+    numbers, the Window on receive times, its since and until texts)."""
+    offset = request.app.config["spp.report_utc_offset"]
+    month, first, following = parse_month(params.get("month"), offset)
+    return (month, first, following, *month_window(first, following, offset))
+
+
+def month_form(path, month, extra=()):
+    hidden = "".join(f'<input type="hidden" name="{esc(k)}" value="{esc(v)}">' for k, v in extra)
+    return (f'<form method="get" action="{path}" class="pick"><label>Month '
+            f'<input type="month" name="month" value="{esc(month)}" pattern="[0-9]{{4}}-[0-9]{{2}}">'
+            f"</label>{hidden}<button>Show</button></form>")
+
+
+def day_points(days, key):
+    """The reconciliation's records summed per day (a day split by property
+    has one record per property): {day: [sessions, estimated, booked, paired
+    estimated, paired booked]} in nanos."""
+    out = {}
+    for record in days:
+        row = out.setdefault(record["day"], [0, 0, None, 0, 0])
+        row[0] += record["sessions"] or 0
+        est = usd_to_nanos(decimal.Decimal(record["estimated-revenue"] or "0"))
+        row[1] += est
+        if record["booked-revenue"] is not None:
+            booked = usd_to_nanos(decimal.Decimal(record["booked-revenue"]))
+            row[2] = (row[2] or 0) + booked
+            if record["estimated-revenue"] is not None:
+                row[3] += est
+                row[4] += booked
+    return out
+
+
+def silence_state(store):
+    """The silence alarm's answer (GET /healthz?postbacks-within=30m)."""
+    age = last_received_age_s(store)
+    window_s = parse_duration(VIEW_SILENCE_WINDOW, "postbacks-within")
+    return ("ok" if age is not None and age <= window_s else "silent"), age
+
+
+@functools.cache
+def view_css():
+    return VIEW_CSS_PATH.read_bytes()
+
+
+def view_endpoint(handler):
+    """A page of the view: the read token (HTTP Basic with the token as the
+    password, which a browser asks for and keeps, or Bearer), the security
+    headers on every answer, errors included."""
+
+    def guarded(*args, **kwargs):
+        for name, value in VIEW_HEADERS.items():
+            response.set_header(name, value)
+        try:
+            if not token_accepted(view_token(request.environ), request.app.config["spp.read_tokens"]) \
+                    and request.app.config["spp.read_tokens"]:
+                raise ApiError(401, "the view needs the read token as the password (any user name)",
+                               headers={"WWW-Authenticate": 'Basic realm="spp view", charset="UTF-8"'})
+            return handler(*args, **kwargs)
+        except Invalid as invalid:
+            error = ApiError(400, invalid.message, invalid.field)
+        except HTTPError as error_:
+            error = error_
+        for name, value in VIEW_HEADERS.items():  # an error replaces the response's headers
+            error.set_header(name, value)
+        raise error
+
+    return guarded
+
+
+def view_token(environ):
+    """The token of a Basic (the password) or Bearer Authorization header."""
+    scheme, _, value = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+    if scheme.lower() != "basic":
+        return bearer_token(environ)
+    try:
+        decoded = base64.b64decode(value.strip(" ").encode("latin-1"), validate=True)
+    except ValueError:
+        return None
+    _, colon, password = decoded.partition(b":")
+    return password if colon and password else None
+
+
+@view_endpoint
+def handle_view_css():
+    response.content_type = "text/css; charset=utf-8"
+    return view_css()
+
+
+@view_endpoint
+def handle_view_icon():
+    response.content_type = "image/svg+xml"
+    return VIEW_ICON
+
+
+def postbacks_link(term, outcome, count):
+    """A count of postbacks as a <dt>/<dd> pair, linking to them."""
+    href = view_link("/view/postbacks", {"outcome": outcome})
+    return f'<dt>{esc(term)}</dt><dd><a href="{href}">{count:,}</a></dd>'
+
+
+@view_endpoint
+def handle_view_month():
+    params = query()
+    app, config = request.app, request.app.config
+    offset = config["spp.report_utc_offset"]
+    month, first, following, window, since, until = month_of_request(params)
+    rollup = view_rollup(app)
+    q = reconciliation_query(report_day_text(first), report_day_text(following), None, offset,
+                             None, config["spp.reward_share"])
+    report = reconciliation(app.store, q, rollup.estimates_of if rollup else estimates_of_days)
+    by = {group: rollup.totals(first, following, group) if rollup else
+          totals(app.store, window, [group]) for group in ("property-id", "country")}
+    now = stats(app.store, app.counters)
+    state, age = silence_state(app.store)
+    days = [report_day_text(d) for d in range(first, following)]
+    per_day = day_points(report["days"], "day")
+    summary = report["summary"]
+    usd = lambda nanos: (Fraction(nanos, NANOS_PER_USD), nanos_to_usd(nanos))
+    sessions_chart = svg_chart(
+        f"Sessions per report day, {month}", "sessions", "report day",
+        days, [("sessions", [(per_day[d][0], f"{per_day[d][0]:,}") if d in per_day else None
+                             for d in days])])
+    revenue_chart = svg_chart(
+        f"Estimated and booked revenue per report day, {month} (USD)", "USD", "report day", days,
+        [("estimated", [usd(per_day[d][1]) if d in per_day else None for d in days]),
+         ("booked", [usd(per_day[d][2]) if d in per_day and per_day[d][2] is not None else None
+                     for d in days])])
+    ratios = {d: ratio_text(row[4], row[3]) for d, row in per_day.items() if row[3]}
+    share = summary.get("suggested-reward-share")
+    ratio_chart = svg_chart(
+        f"Booked ÷ estimated per report day, {month}", "ratio", "report day", days,
+        [("booked ÷ estimated", [(chart_number(ratios[d]), ratios[d]) if ratios.get(d) else None
+                                 for d in days])],
+        line=("suggested reward share", chart_number(share), share) if share else None)
+    prev_month = report_day_text(first - 1)[:7]
+    next_month = report_day_text(following)[:7]
+    body = (
+        month_form("/view/", month)
+        + f'<p class="steps"><a href="{view_link("/view/", {"month": prev_month})}">← {prev_month}</a> '
+        f'<a href="{view_link("/view/", {"month": next_month})}">{next_month} →</a></p>'
+        + '<section><h2>Are postbacks arriving?</h2><dl class="fields">'
+        f'<dt>silence alarm ({VIEW_SILENCE_WINDOW})</dt><dd class="live state-{state}">{state}</dd>'
+        f'<dt>last postback received</dt><dd class="live">{esc(now["last-received-at"])}'
+        f'{"" if age is None else f" ({age:,} s ago)"}</dd>'
+        f'<dt>sessions stored</dt><dd>{now["sessions"]:,}</dd>'
+        + postbacks_link("rejected postbacks kept", "rejected", now["rejected"])
+        + postbacks_link("conflicting duplicates kept", "conflict", now["conflicts"])
+        + postbacks_link("exact duplicates since the server started", "duplicate",
+                         now["since-start"]["duplicate"])
+        + "</dl></section>"
+        + f"<section><h2>Sessions and revenue per report day</h2>"
+        f"<p>Report days at UTC{esc(utc_offset_text(offset))}, as the booked reports count them.</p>"
+        f"{sessions_chart}{revenue_chart}{ratio_chart}"
+        f'<details><summary>The days as a table</summary>{records_table(report["days"], "Days", "day")}</details>'
+        "</section>"
+        + f'<section><h2>The month in sum</h2>{fields_list(summary)}</section>'
+        + f'<section><h2>By property</h2>{records_table(by["property-id"], "Totals by property", "property-id")}</section>'
+        + f'<section><h2>By country</h2>{records_table(by["country"], "Totals by country", "country")}</section>'
+    )
+    enc = urllib.parse.quote
+    calls = [f"GET /reconciliation?since={report_day_text(first)}&until={report_day_text(following)}"
+             f"&report-utc-offset={enc(utc_offset_text(offset))}",
+             f"GET /totals?since={enc(since)}&until={enc(until)}&group-by=property-id",
+             f"GET /totals?since={enc(since)}&until={enc(until)}&group-by=country",
+             f"GET /healthz?postbacks-within={VIEW_SILENCE_WINDOW}", "GET /stats"]
+    return view_page(f"The month {month}", calls, body, "/view/")
+
+
+@view_endpoint
+def handle_view_ledger():
+    query()
+    summary = ledger_summary(request.app.store)
+    runs, settlements = summary["runs"], summary["settlements"]
+    usd = lambda text: (chart_number(text), text)
+    runs_chart = svg_chart(
+        "Paid now per run (USD)", "USD", "run",
+        [f"run {r['run-id']}" for r in runs], [("paid now", [usd(r["paid-now"]) for r in runs])])
+    settle_chart = svg_chart(
+        "Top-ups per settlement (USD)", "USD", "settlement",
+        [f"settlement {s['settlement-id']}" for s in settlements],
+        [("topped up", [usd(s.get("released", "0")) for s in settlements])])
+    body = (
+        f'<section><h2>Totals</h2>{fields_list(summary["totals"])}</section>'
+        f"<section><h2>Runs</h2>{runs_chart}{records_table(runs, 'Runs', 'run-id')}</section>"
+        f"<section><h2>Settlements</h2>{settle_chart}"
+        f"{records_table(settlements, 'Settlements', 'settlement-id')}</section>"
+        f'<section><h2>Settled days: booked against paid</h2>'
+        f'{records_table(summary["days"], "Settled days", "day")}</section>'
+    )
+    return view_page("The ledger", ["GET /ledger"], body, "/view/ledger")
+
+
+def parse_page(params):
+    text = params.get("page") or "1"
+    if not re.fullmatch(r"[0-9]{1,7}", text) or int(text) < 1:
+        raise Invalid("page", "must be a whole number from 1")
+    return int(text)
+
+
+def search_users(store, prefix, limit):
+    """Up to `limit` user ids that start with `prefix`, in order: one index
+    seek each on sessions_by_user."""
+    found = []
+    while len(found) < limit:
+        rows = (store.read(SQL["next_user_after"], (found[-1],)) if found
+                else store.read(SQL["first_user_from"], (prefix,)))
+        if not rows or not rows[0][0].startswith(prefix):
+            break
+        found.append(rows[0][0])
+    return found
+
+
+@view_endpoint
+def handle_view_users():
+    params = query()
+    app, config = request.app, request.app.config
+    month, first, following, window, since, until = month_of_request(params)
+    page = parse_page(params)
+    search = params.get("search")
+    share = config["spp.reward_share"]
+    if search is not None:
+        ids, users = search_users(app.store, search, VIEW_PAGE_SIZE), None
+    else:
+        ranked = app.ranking.users(app.store, window)
+        ids, users = ranked[(page - 1) * VIEW_PAGE_SIZE:page * VIEW_PAGE_SIZE], len(ranked)
+    records = []
+    for user_id in ids:
+        earned = user_earnings(app.store, user_id, window, None, share)
+        ledger = statement(app.store, user_id)["totals"]
+        records.append([user_cell(user_id), earned["sessions"], earned["estimated-revenue"],
+                        *( [earned["rewardable-revenue"]] if share is not None else []),
+                        ledger["paid-now"], ledger["pending"], ledger["owed"]])
+    columns = ["user-id", "sessions", "estimated-revenue",
+               *(["rewardable-revenue"] if share is not None else []),
+               "paid-now (all time)", "pending", "owed"]
+    pages = ""
+    if users is not None:
+        last = max(1, -(-users // VIEW_PAGE_SIZE))
+        nav = [f"page {page:,} of {last:,} ({users:,} users with sessions in {month})"]
+        if page > 1:
+            nav.insert(0, f'<a href="{view_link("/view/users", {"month": month, "page": page - 1})}">← previous</a>')
+        if page < last:
+            nav.append(f'<a href="{view_link("/view/users", {"month": month, "page": page + 1})}">next →</a>')
+        pages = f'<p class="steps">{" ".join(nav)}</p>'
+    search_form = ('<form method="get" action="/view/users" class="pick" role="search">'
+                   f'<label>User id starts with <input type="search" name="search" '
+                   f'value="{esc(search or "")}" maxlength="{MAX_USER_ID_CHARS}"></label>'
+                   "<button>Search</button></form>")
+    heading = (f"<h2>User ids starting with <q><bdi>{esc(search)}</bdi></q></h2>" if search is not None
+               else f"<h2>Top users of {esc(month)} by estimated revenue</h2>")
+    body = (search_form + month_form("/view/users", month) + heading + pages
+            + html_table(columns, records, f"Users, {month}", raw_columns=("user-id",)) + pages)
+    enc = urllib.parse.quote
+    calls = [f"GET /earnings?since={enc(since)}&until={enc(until)} (the same users, by user-id)",
+             f"GET /users/<user-id>/earnings?since={enc(since)}&until={enc(until)}",
+             "GET /users/<user-id>/statement (paid-now, pending, owed: its totals)"]
+    return view_page("Users", calls, body, "/view/users")
+
+
+@view_endpoint
+def handle_view_user(user_id):
+    params = query()
+    app, config = request.app, request.app.config
+    offset = config["spp.report_utc_offset"]
+    month, first, following, window, since, until = month_of_request(params)
+    before = decode_cursor(params["before"]) if params.get("before") else None
+    share = config["spp.reward_share"]
+    earned = user_earnings(app.store, user_id, window, None, share)
+    days = [report_day_text(d) for d in range(first, following)]
+    offset_text = utc_offset_text(offset)
+    per_day = [user_earnings(app.store, user_id, Window(
+        parse_instant(f"{day}T00:00:00{offset_text}"),
+        parse_instant(f"{report_day_text(first + i + 1)}T00:00:00{offset_text}")))
+        for i, day in enumerate(days)]
+    chart = svg_chart(f"Sessions per report day, {month}", "sessions", "report day", days,
+                      [("sessions", [(r["sessions"], f"{r['sessions']:,}") if r["sessions"] else None
+                                     for r in per_day])])
+    sessions, cursor = user_sessions(app.store, user_id, 20, before)
+    account = statement(app.store, user_id)
+    me = "/view/users/" + path_part(user_id)
+    more = (f'<p class="steps"><a href="{view_link(me, {"month": month, "before": cursor})}">'
+            "older sessions →</a></p>" if cursor else "")
+    body = (
+        f'<p class="who">User id: <bdi class="id">{esc(user_id) if user_id else "(no sub: empty user id)"}</bdi></p>'
+        + month_form(me, month)
+        + f"<section><h2>{esc(month)}</h2>{fields_list(earned)}{chart}"
+        f'<details><summary>The days as a table</summary>'
+        f'{records_table([r for r in per_day if r["sessions"]], "Days of this user", "since")}'
+        "</details></section>"
+        + f'<section><h2>Statement: where the reward is</h2>{fields_list(account["totals"])}'
+        f'{records_table(account["runs"], "Runs that paid this user", "run-id")}'
+        f'{records_table(account["settlements"], "Settlement lines of this user", "settlement-id")}</section>'
+        + f"<section><h2>Latest sessions</h2>{records_table(sessions, 'Sessions, newest first', 'session-id')}{more}</section>"
+    )
+    enc, who = urllib.parse.quote, path_part(user_id)
+    calls = [f"GET /users/{who}/earnings?since={enc(since)}&until={enc(until)} (and per day)",
+             f"GET /users/{who}/statement", f"GET /users/{who}/sessions?limit=20"]
+    return view_page("A user", calls, body, "/view/users")
+
+
+POSTBACK_OUTCOMES = ("recorded", "duplicate", "rejected", "conflict")
+
+
+def recent_postbacks(app, outcome, limit, before=2**63 - 1):
+    """The newest postbacks of each outcome, merged newest first: recorded
+    from the sessions table, rejected and conflicting from theirs, exact
+    duplicates from memory (they change nothing, so they are not written)."""
+    items = []
+    if outcome in (None, "recorded"):
+        items += [(received, "recorded", session_id, user_id, None, body)
+                  for received, session_id, user_id, body
+                  in app.store.read(SQL["newest_sessions"], {"limit": limit, "before": before})]
+    if outcome in (None, "duplicate"):
+        items += [(received, "duplicate", session_id, user_id, None, body)
+                  for received, session_id, user_id, body in list(app.recent_duplicates)
+                  if received < before][-limit:]
+    if outcome in (None, "rejected"):
+        items += [(parse_instant(r["received-at"]), "rejected", None, None,
+                   f"{r['field']}: {r['reason']}" if r["field"] else r["reason"], r["raw-body"])
+                  for r in newest_rejected(app.store, limit, before)]
+    if outcome in (None, "conflict"):
+        items += [(parse_instant(c["received-at"]), "conflict", c["session-id"],
+                   body_user_id(c["new-body"]), f"stored first: {c['stored-body']}", c["new-body"])
+                  for c in newest_conflicts(app.store, limit, before)]
+    items.sort(key=lambda item: item[0], reverse=True)
+    return items[:limit]
+
+
+def body_user_id(body):
+    """The user-id of a body that passed validation (a conflict's)."""
+    try:
+        user_id = json.loads(body).get("user-id")
+    except (ValueError, AttributeError):
+        return None
+    return user_id if isinstance(user_id, str) else None
+
+
+@view_endpoint
+def handle_view_postbacks():
+    params = query()
+    outcome = params.get("outcome") or None
+    if outcome is not None and outcome not in POSTBACK_OUTCOMES:
+        raise Invalid("outcome", f"must be one of {', '.join(POSTBACK_OUTCOMES)}")
+    limit = parse_limit(params, VIEW_PAGE_SIZE, 200)
+    try:
+        before = parse_instant(params["before"]) if params.get("before") else 2**63 - 1
+    except ValueError:
+        raise Invalid("before", "must be a time as the page's own link gives it, "
+                      "such as 2026-11-23T10:00:00.250000Z") from None
+    items = recent_postbacks(request.app, outcome, limit, before)
+    current = ' aria-current="true"'
+    filters = " ".join(
+        f'<a href="{view_link("/view/postbacks", {"outcome": o} if o else None)}"'
+        f'{current if o == outcome else ""}>{o or "all"}</a>'
+        for o in (None, *POSTBACK_OUTCOMES))
+    rows = [[f'<time class="live">{esc(iso_utc(received))}</time>',
+             f'<span class="outcome-{kind}">{kind}</span>',
+             esc(session_id), user_cell(user_id) if user_id is not None else esc(None),
+             esc(reason), f"<pre>{esc_block(body) if body else '(cleared by prune)'}</pre>"]
+            for received, kind, session_id, user_id, reason, body in items]
+    older = ""
+    if len(items) == limit:  # the times are to the microsecond: a cursor
+        more = {**({"outcome": outcome} if outcome else {}), "before": iso_utc(items[-1][0])}
+        older = f'<p class="steps"><a href="{view_link("/view/postbacks", more)}">older →</a></p>'
+    body = (f'<p class="steps">Outcome: {filters}</p>'
+            "<p>Recorded sessions, rejected postbacks and conflicting duplicates come from the "
+            "database; exact duplicates (they change nothing, so nothing is written for them) "
+            f"are the last {RECENT_DUPLICATES} this server process answered.</p>"
+            + html_table(["received-at", "outcome", "session-id", "user-id", "reason", "raw body"],
+                         rows, "Latest postbacks, newest first",
+                         raw_columns=("received-at", "outcome", "session-id", "user-id", "reason",
+                                      "raw body"))
+            + older)
+    calls = ["GET /rejected", "GET /conflicts", "GET /sessions (the change feed)",
+             "GET /stats (duplicates since the start)"]
+    return view_page("Recent postbacks", calls, body, "/view/postbacks")
+
+
+VIEW_ROUTES = [
+    ("/view", "GET", handle_view_month, ("month",)),
+    ("/view/", "GET", handle_view_month, ("month",)),
+    ("/view/view.css", "GET", handle_view_css, None),
+    ("/view/icon.svg", "GET", handle_view_icon, None),
+    ("/view/ledger", "GET", handle_view_ledger, ()),
+    ("/view/users", "GET", handle_view_users, ("month", "page", "search")),
+    (r"/view/users/<user_id:re:[\s\S]*>", "GET", handle_view_user, ("month", "before")),
+    ("/view/postbacks", "GET", handle_view_postbacks, ("outcome", "limit", "before")),
+]
 
 
 # ---------------------------------------------------------------------------
