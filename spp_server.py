@@ -18,6 +18,7 @@ import contextlib
 import csv
 import decimal
 import difflib
+import errno
 import fcntl
 import functools
 import heapq
@@ -4046,6 +4047,7 @@ class HelpfulParser(argparse.ArgumentParser):
         if out is None:  # started with stdout closed (>&-)
             self.exit(stdout_closed(self.prog, "nowhere to write the help"))
         try:
+            out = CompleteOutput(out)
             out.write(self.format_help())
             out.flush()
         except OSError as exc:
@@ -4261,6 +4263,35 @@ def output_failed(prog, out, exc, committed=None):
 def stdout_closed(prog, what):
     say(f"{prog}: stdout is closed: {what}")
     return 1
+
+
+class CompleteOutput:
+    """A command's stdout, every write complete or an OSError.  CPython's
+    buffered stdout answers a write that the disk took only part of (a nearly
+    full file system: write(2) returns a short count) with that count, and
+    nothing raises: the output would end early with exit status 0."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.binary = getattr(stream, "buffer", stream)
+        self.encoding = getattr(stream, "encoding", None) or "utf-8"
+        stream.flush()  # what the text layer holds goes first
+
+    def write(self, data):
+        if isinstance(data, str):
+            data = data.encode(self.encoding)
+        view = memoryview(data)
+        while view:
+            written = self.binary.write(view)
+            if not written:  # nothing taken and nothing raised: never loop on it
+                raise OSError(errno.EIO, "the output took no more bytes")
+            view = view[written:]  # the next write raises why the rest was refused
+
+    def flush(self):
+        self.binary.flush()
+
+    def fileno(self):
+        return self.stream.fileno()
 
 
 class CheckedOutput:
@@ -4610,10 +4641,10 @@ def run_ledger_step(prog, db, out, step):
     try:
         store = Store(db, DEFAULTS["busy_timeout_ms"], command=True)
     except StoreUnavailable as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        say(f"{prog}: {exc}")
         return 1
     except (OSError, sqlite3.Error) as exc:
-        print(f"{prog}: cannot open the database {db}: {exc}", file=sys.stderr)
+        say(f"{prog}: cannot open the database {db}: {exc}")
         return 1
     report = CheckedOutput(out)
     committed = None
@@ -4623,13 +4654,13 @@ def run_ledger_step(prog, db, out, step):
             report.write(chunk)
     except Invalid as invalid:
         where = f"--{invalid.field}" if invalid.field in LEDGER_OPTIONS else invalid.field
-        print(f"{prog}: {where}: {invalid.message}; nothing changed", file=sys.stderr)
+        say(f"{prog}: {where}: {invalid.message}; nothing changed")
         return 2
     except (StoreUnavailable, sqlite3.Error) as exc:
         if committed:  # reading it back failed: the output is cut short, the step is not
-            print(f"{prog}: {committed}, but reading it back failed: {exc}", file=sys.stderr)
+            say(f"{prog}: {committed}, but reading it back failed: {exc}")
             return EXIT_COMMITTED_OUTPUT_LOST
-        print(f"{prog}: {exc}", file=sys.stderr)
+        say(f"{prog}: {exc}")
         return 1
     finally:
         store.close()
@@ -4644,8 +4675,7 @@ def run_pay(argv, environ, out):
     try:
         until = parse_instant(args.until)
     except ValueError:
-        print(f"{parser.prog}: --until: must be {TIME_FORMS_HELP}, not {args.until!r}",
-              file=sys.stderr)
+        say(f"{parser.prog}: --until: must be {TIME_FORMS_HELP}, not {args.until!r}")
         return 2
 
     def step(store):
@@ -4669,7 +4699,7 @@ def run_settle(argv, environ, out):
             return None, settlement_output(store, args.settlement, args.format)
         settlement_id = settle(store, args.write_off)
         if settlement_id is None:
-            print(f"{parser.prog}: nothing to settle", file=sys.stderr)
+            say(f"{parser.prog}: nothing to settle")
             return None, settlement_output(store, settlement_id, args.format)
         return (f"settlement {settlement_id} is committed (settle --settlement "
                 f"{settlement_id} prints it again)",
@@ -4700,24 +4730,17 @@ def setup_logging(level="info"):
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
-# The commands: name -> (how to run it on argv, environ; one line for --help).
+# The commands: name -> (run(argv, environ, out), one line for --help); out is
+# stdout, every write of it complete or an error (CompleteOutput).
 COMMANDS = {
-    "export": (lambda argv, environ: run_export(argv, environ, sys.stdout.buffer),
-               "the payout export (what GET /earnings answers), to stdout"),
-    "import-booked": (lambda argv, environ: run_import_booked(argv, environ, sys.stdout),
-                      "store a Gamezop revenue report as booked revenue"),
-    "reconcile": (lambda argv, environ: run_reconcile(argv, environ, sys.stdout.buffer),
-                  "the estimates against the booked revenue per report day, to stdout"),
-    "prune": (lambda argv, environ: run_prune(argv, environ, sys.stdout),
-              "clear old raw bodies, delete old refusals: keep the database bounded"),
-    "pay": (lambda argv, environ: run_pay(argv, environ, sys.stdout.buffer),
-            "pay a run: every session since the last run, each paid exactly once"),
-    "settle": (lambda argv, environ: run_settle(argv, environ, sys.stdout.buffer),
-               "settle paid days against booked revenue: top-ups and carried balances"),
-    "statement": (lambda argv, environ: run_statement(argv, environ, sys.stdout.buffer),
-                  "one user's ledger statement (GET /users/<id>/statement), to stdout"),
-    "ledger": (lambda argv, environ: run_ledger(argv, environ, sys.stdout.buffer),
-               "the ledger summary (GET /ledger), to stdout"),
+    "export": (run_export, "the payout export (what GET /earnings answers), to stdout"),
+    "import-booked": (run_import_booked, "store a Gamezop revenue report as booked revenue"),
+    "reconcile": (run_reconcile, "the estimates against the booked revenue per report day, to stdout"),
+    "prune": (run_prune, "clear old raw bodies, delete old refusals: keep the database bounded"),
+    "pay": (run_pay, "pay a run: every session since the last run, each paid exactly once"),
+    "settle": (run_settle, "settle paid days against booked revenue: top-ups and carried balances"),
+    "statement": (run_statement, "one user's ledger statement (GET /users/<id>/statement), to stdout"),
+    "ledger": (run_ledger, "the ledger summary (GET /ledger), to stdout"),
 }
 
 
@@ -4751,7 +4774,7 @@ def run_command_line(argv, environ):
         if sys.stdout is None:  # started with stdout closed (>&-): Python leaves it None
             return stdout_closed(f"spp_server.py {argv[0]}",
                                  "nowhere to write the output; nothing done")
-        return COMMANDS[argv[0]][0](argv[1:], environ)
+        return COMMANDS[argv[0]][0](argv[1:], environ, CompleteOutput(sys.stdout))
     parser = build_parser(environ)
     if argv[:1] and not argv[0].startswith("-"):  # the server takes no argument
         close = difflib.get_close_matches(argv[0], COMMANDS, n=1)

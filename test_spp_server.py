@@ -2448,6 +2448,7 @@ def command_lines(client, db, tmp_path):
                 "--final-share", "0.9"],
         "statement": ["statement", "sub1", "--db", db],
         "ledger": ["ledger", "--db", db],
+        "settle": ["settle", "--db", db],
     }
 
 
@@ -2521,6 +2522,62 @@ def test_help_with_stdout_closed_says_so_without_a_traceback(argv):
                             stderr=subprocess.PIPE, text=True, timeout=30)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and "stdout is closed" in result.stderr
+
+@pytest.fixture
+def nearly_full_output(tmp_path):
+    """A file on a real 256 KiB tmpfs filled but for its last 16 bytes: the
+    next write(2) of more than that returns a short count, as on a nearly
+    full disk (/dev/full fails the first write whole).  Needs root, as CI."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        output = mount / "out"
+        output.write_bytes(b"-" * (256 * 1024 - 16))
+        yield output
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+EVERY_OUTPUT_COMMAND = ["export", "reconcile", "import-booked", "prune", "prune --dry-run",
+                        "--help", "export --help", "pay", "settle", "statement", "ledger"]
+
+
+@pytest.mark.parametrize("command", EVERY_OUTPUT_COMMAND)
+def test_every_command_whose_output_the_disk_takes_only_part_of_fails_loudly(
+        command_lines, nearly_full_output, command):
+    """A short write is an error, not a short file with status 0: CPython's
+    buffered stdout returned the short count and nothing raised."""
+    with open(nearly_full_output, "ab") as target:
+        result = subprocess.run([sys.executable, str(SERVER), *command_lines[command]],
+                                stdout=target, stderr=subprocess.PIPE, text=True, timeout=30)
+    assert result.returncode in (1, COMMITTED), result.stderr
+    said = result.stderr.splitlines()  # settle also says there is nothing to settle
+    assert len(said) == 1 + (command == "settle") and "No space left on device" in said[-1]
+    assert "Traceback" not in result.stderr
+    assert nearly_full_output.stat().st_size == 256 * 1024  # it did take the 16 bytes
+
+
+@pytest.mark.parametrize("argv_of", [
+    lambda lines: lines["settle"],  # nothing to settle
+    lambda lines: [*lines["pay"][:-1], "2"],  # a refused share
+    lambda lines: [*lines["pay"][:3], "--until", "soon", *lines["pay"][5:]],  # a refused --until
+    lambda lines: ["export", "--db", "/nonexistent/spp.db", *lines["export"][3:]],
+    lambda lines: ["import-booked", "/nonexistent.csv", *lines["import-booked"][2:]],
+], ids=["settle-nothing", "pay-share", "pay-until", "export-no-db", "import-no-file"])
+def test_with_stderr_closed_a_command_writes_nothing_meant_for_stderr_to_stdout(
+        command_lines, argv_of):
+    """`settle > lines.csv 2>&-` wrote 'nothing to settle' into the CSV:
+    every command says things on stderr one way, which a closed stderr drops."""
+    argv = argv_of(command_lines)
+    said = subprocess.run([sys.executable, str(SERVER), *argv], capture_output=True, timeout=30)
+    assert said.stderr  # there is something for stderr in each case
+    closed = subprocess.run([sys.executable, str(SERVER), *argv], stdout=subprocess.PIPE,
+                            preexec_fn=lambda: os.close(2), timeout=30)
+    assert closed.stdout == said.stdout and closed.returncode == said.returncode
+
 
 # --- Read-only access: a backup read by a user who may not write it ---
 
