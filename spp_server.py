@@ -405,19 +405,38 @@ SQL = {
     # --- Reconciliation with booked revenue (see "Booked revenue" below) ---
     # What an import covers: a whole day, or a day's rows of one property.
     "booked_of_day": """
-        SELECT property_id, country, revenue_nano FROM booked_revenue WHERE day = ?""",
+        SELECT property_id, country, revenue_nano, imported_at_us, source_file
+        FROM booked_revenue WHERE day = ?""",
     "booked_of_day_and_property": """
-        SELECT property_id, country, revenue_nano FROM booked_revenue
-        WHERE day = ? AND property_id = ?""",
-    "delete_booked": """
-        DELETE FROM booked_revenue WHERE day = ? AND property_id = ? AND country = ?""",
-    "upsert_booked": """
-        INSERT INTO booked_revenue
-            (day, property_id, country, revenue_nano, imported_at_us, source_file)
-        VALUES (?, ?, ?, ?, ?, ?)
-        ON CONFLICT (day, property_id, country) DO UPDATE SET
-            revenue_nano = excluded.revenue_nano, imported_at_us = excluded.imported_at_us,
-            source_file = excluded.source_file""",
+        SELECT property_id, country, revenue_nano, imported_at_us, source_file
+        FROM booked_revenue WHERE day = ? AND property_id = ?""",
+    # An import in steps (see import_booked): staged, switched, superseded cleared.
+    "last_import": "SELECT coalesce(max(import_id), 0) FROM booked_current",
+    "import_leftovers": """
+        SELECT EXISTS (SELECT 1 FROM booked_rows WHERE import_id > ?)
+            OR EXISTS (SELECT 1 FROM booked_superseded)""",
+    "unfinished_import": """
+        DELETE FROM booked_rows WHERE import_id = :id AND (day, property_id, country) IN (
+            SELECT day, property_id, country FROM booked_rows WHERE import_id = :id LIMIT :n)""",
+    "stage_booked": """
+        INSERT INTO booked_rows
+            (import_id, day, property_id, country, revenue_nano, imported_at_us, source_file)
+        VALUES (?, ?, ?, ?, ?, ?, ?)""",
+    "supersede_day": """
+        INSERT OR IGNORE INTO booked_superseded
+        SELECT import_id, day, property_id FROM booked_current WHERE day = ?""",
+    "switch_day": "UPDATE booked_current SET import_id = ? WHERE day = ?",
+    "supersede_scope": """
+        INSERT OR IGNORE INTO booked_superseded
+        SELECT import_id, day, property_id FROM booked_current WHERE day = ? AND property_id = ?""",
+    "switch_scope": """
+        INSERT INTO booked_current (day, property_id, import_id) VALUES (?, ?, ?)
+        ON CONFLICT (day, property_id) DO UPDATE SET import_id = excluded.import_id""",
+    "superseded_scopes": "SELECT import_id, day, property_id FROM booked_superseded LIMIT ?",
+    "delete_superseded_rows": """
+        DELETE FROM booked_rows WHERE import_id = ? AND day = ? AND property_id = ?""",
+    "delete_superseded_scope": """
+        DELETE FROM booked_superseded WHERE import_id = ? AND day = ? AND property_id = ?""",
     # Summed over countries; split like SQL_SUMS so that the sum cannot overflow.
     "booked_by_day": """
         SELECT day, property_id,
@@ -2455,42 +2474,126 @@ def parse_booked_report(data, metric="revenue"):
     return rows
 
 
-def import_booked(rows, source_file):
-    """The write op storing a report: it replaces everything stored for what
-    the report covers, whatever breakdown or metric that was imported with, so
-    that no day is counted twice and a row a revision dropped goes.  A report
-    without property ids covers its days whole.  One with property ids covers,
-    on each of its days, the properties it names (a report fetched for one
-    property leaves the others alone) and the rows without a property, which
-    may be a whole day imported without property ids: kept, they would count
-    its properties twice.  Returns the counts of new, replaced, unchanged and
-    removed rows; an import of what is stored already writes nothing."""
+# An import is staged in transactions of this many rows, and its superseded
+# rows are deleted in transactions of this many (day, property) scopes: a
+# postback waits behind one of them at most (docs/performance.md).
+BOOKED_CHUNK_ROWS = 10_000
+BOOKED_CHUNK_SCOPES = 50
+
+
+@contextlib.contextmanager
+def import_lock(store):
+    """One import at a time, across processes: an flock on a file beside the
+    database's real path (a symlink or a relative path to it is the same
+    lock), which the kernel releases if its holder dies.  Not on the database
+    file itself: closing any descriptor of it would drop this process's
+    SQLite locks (POSIX locks belong to the process)."""
+    fd = os.open(os.path.realpath(store.path) + "-import-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"{IMPORT_PROG}: waiting for another import-booked of {store.path} to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def compare_with_stored(conn, rows, source_file, imported_at_us):
+    """What the import changes, read on one snapshot: (counts of new, replaced,
+    unchanged and removed rows, the rows to stage).  A report without property
+    ids covers its days whole.  One with property ids covers, on each of its
+    days, the properties it names (a report fetched for one property leaves
+    the others alone) and the rows without a property, which may be a whole
+    day imported without property ids: kept, they would count its properties
+    twice.  An unchanged row keeps when and from which file it came."""
     figures = {row.key(): row.revenue_nano for row in rows}
     days = sorted({row.day for row in rows})
     properties = sorted({row.property_id for row in rows} | {""})
+    stored = {}
+    for day in days:
+        found = (conn.execute(SQL["booked_of_day"], (day,)) if properties == [""] else
+                 (row for prop in properties
+                  for row in conn.execute(SQL["booked_of_day_and_property"], (day, prop))))
+        for prop, country, nanos, at_us, source in found:
+            stored[(day, prop, country)] = (nanos, at_us, source)
+    counts = {"new": 0, "replaced": 0, "unchanged": 0, "removed": len(stored.keys() - figures)}
+    staged = []
+    for key, nanos in sorted(figures.items()):
+        before = stored.get(key)
+        if before is not None and before[0] == nanos:
+            counts["unchanged"] += 1
+            staged.append((*key, *before))
+        else:
+            counts["new" if before is None else "replaced"] += 1
+            staged.append((*key, nanos, imported_at_us, source_file))
+    return counts, staged, days, properties
 
-    def stored_rows(conn, day):
-        if properties == [""]:
-            return conn.execute(SQL["booked_of_day"], (day,)).fetchall()
-        return [row for prop in properties
-                for row in conn.execute(SQL["booked_of_day_and_property"], (day, prop))]
 
-    def op(conn, imported_at_us):
-        stored = {(day, prop, country): nanos
-                  for day in days for prop, country, nanos in stored_rows(conn, day)}
-        counts = {"new": 0, "replaced": 0, "unchanged": 0, "removed": 0}
-        for key in sorted(stored.keys() - figures.keys()):
-            conn.execute(SQL["delete_booked"], key)
-            counts["removed"] += 1
-        for key, nanos in figures.items():
-            if stored.get(key) == nanos:
-                counts["unchanged"] += 1
-                continue
-            conn.execute(SQL["upsert_booked"], (*key, nanos, imported_at_us, source_file))
-            counts["new" if key not in stored else "replaced"] += 1
-        return counts
+def clear_earlier_imports(store, unfinished_id):
+    """Delete, in short transactions, the staged rows of an import that died
+    before its switch and the rows that committed imports superseded."""
+    while store.write(lambda conn, _: conn.execute(SQL["unfinished_import"], {
+            "id": unfinished_id, "n": BOOKED_CHUNK_ROWS}).rowcount):
+        pass
+    while store.write(clear_superseded_scopes):
+        pass
 
-    return op
+
+def clear_superseded_scopes(conn, _):
+    scopes = conn.execute(SQL["superseded_scopes"], (BOOKED_CHUNK_SCOPES,)).fetchall()
+    for scope in scopes:
+        conn.execute(SQL["delete_superseded_rows"], scope)
+        conn.execute(SQL["delete_superseded_scope"], scope)
+    return len(scopes)
+
+
+def switch_to_import(import_id, days, properties, conn, _):
+    """The write op that makes a staged import the booked revenue of what it
+    covers, in one short transaction: a row per day and property covered."""
+    if properties == [""]:  # whole days: every property stored for them too
+        for day in days:
+            conn.execute(SQL["supersede_day"], (day,))
+            conn.execute(SQL["switch_day"], (import_id, day))
+            conn.execute(SQL["switch_scope"], (day, "", import_id))
+        return
+    for day in days:
+        for prop in properties:
+            conn.execute(SQL["supersede_scope"], (day, prop))
+            conn.execute(SQL["switch_scope"], (day, prop, import_id))
+
+
+def import_booked(store, rows, source_file):
+    """Store a report's rows as the booked revenue of what it covers (see
+    compare_with_stored) -> the counts of new, replaced, unchanged and removed
+    rows; an import of what is stored already writes nothing.  In steps, so
+    that postbacks never wait long for the write lock: the rows are staged
+    under a new import id in short transactions, unseen (readers see rows
+    through booked_current only), then one short transaction switches each
+    covered day and property to them, then the superseded rows are deleted.
+    Killed at any point, the previous figures stand (or the new ones, once
+    switched) and the next import clears what was left."""
+    with import_lock(store):
+        with store.snapshot() as conn:
+            import_id = conn.execute(SQL["last_import"]).fetchone()[0] + 1
+            left_over = conn.execute(SQL["import_leftovers"], (import_id - 1,)).fetchone()[0]
+        if left_over:
+            clear_earlier_imports(store, import_id)
+        with store.snapshot() as conn:
+            counts, staged, days, properties = compare_with_stored(
+                conn, rows, source_file, now_us())
+        if not (counts["new"] or counts["replaced"] or counts["removed"]):
+            return counts
+        staged = iter(staged)
+        while chunk := list(itertools.islice(staged, BOOKED_CHUNK_ROWS)):
+            store.write(functools.partial(
+                insert_rows, SQL["stage_booked"], [(import_id, *row) for row in chunk]))
+        store.write(functools.partial(switch_to_import, import_id, days, properties))
+    with contextlib.suppress(StoreUnavailable):  # the next import clears them
+        while store.write(clear_superseded_scopes):
+            pass
+    return counts
 
 
 def import_summary(name, rows, counts):
@@ -4498,9 +4601,12 @@ def run_prune(argv, environ, out):
 MAX_REPORT_BYTES = 256 * 2**20
 
 
+IMPORT_PROG = "spp_server.py import-booked"
+
+
 def run_import_booked(argv, environ, out):
     args = parse_arguments(build_import_parser(environ), argv)
-    name = "spp_server.py import-booked"
+    name = IMPORT_PROG
     try:
         with open(args.file, "rb") as report:
             data = report.read(MAX_REPORT_BYTES + 1)
@@ -4525,9 +4631,9 @@ def run_import_booked(argv, environ, out):
         say(f"{name}: cannot open the database {args.db}: {exc}")
         return 1
     try:
-        # Committed when it returns, failed (nothing stored) when it raises:
+        # Committed when it returns, failed (nothing changed) when it raises:
         # a command's write has no deadline (InlineWriter).
-        counts = store.write(import_booked(rows, os.path.basename(args.file)))
+        counts = import_booked(store, rows, os.path.basename(args.file))
     except StoreUnavailable as exc:
         say(f"{name}: {exc}; nothing imported (running it again is safe)")
         return 1

@@ -2750,7 +2750,7 @@ def parse_booked(text, metric="revenue"):
 
 def book(client, text, source="report.csv"):
     """Import a report (CSV or JSON text) into the client's database."""
-    return client.app.store.write(spp_server.import_booked(parse_booked(text), source))
+    return spp_server.import_booked(client.app.store, parse_booked(text), source)
 
 
 def recon(client, status=200, **params):
@@ -2919,7 +2919,7 @@ def test_a_failed_write_imports_nothing(client, db):
     rows_in = parse_booked(booked_csv(("2026-11-01", "1", "IN", "1"), ("2026-11-02", "1", "IN", "1")))
     broken = [*rows_in, spp_server.BookedRow("2026-11-03", "1", "IN", -1)]  # the CHECK refuses it
     with pytest.raises(spp_server.StoreUnavailable):
-        client.app.store.write(spp_server.import_booked(broken, "x.csv"))
+        spp_server.import_booked(client.app.store, broken, "x.csv")
     assert count(db, "booked_revenue") == 0
 
 
@@ -3073,14 +3073,12 @@ def last_import_covering(imports, day, prop):
 @settings(max_examples=60, **HOSTILE_SETTINGS)
 @given(imports=st.lists(booked_reports(), min_size=1, max_size=6))
 def test_after_any_imports_each_day_holds_what_the_last_import_covering_it_says(imports):
-    conn = sqlite3.connect(":memory:", isolation_level=None)
-    spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text())
+    directory = tempfile.TemporaryDirectory()
+    store = spp_server.Store(Path(directory.name, "spp.db"))
+    conn = sqlite3.connect(store.path, isolation_level=None)
 
-    def run(op):
-        conn.execute("BEGIN IMMEDIATE")
-        result = op(conn, 1)
-        conn.execute("COMMIT")
-        return result
+    def run(report, source):
+        return spp_server.import_booked(store, report, source)
 
     def stored():
         return dict(((day, prop), nanos) for day, prop, nanos in conn.execute(
@@ -3088,7 +3086,7 @@ def test_after_any_imports_each_day_holds_what_the_last_import_covering_it_says(
 
     for i, report in enumerate(imports):
         rows_before = conn.execute("SELECT count(*) FROM booked_revenue").fetchone()[0]
-        counts = run(spp_server.import_booked(report, f"{i}.csv"))
+        counts = run(report, f"{i}.csv")
         assert counts["new"] + counts["replaced"] + counts["unchanged"] == len(report)
         assert conn.execute("SELECT count(*) FROM booked_revenue").fetchone()[0] == (
             rows_before + counts["new"] - counts["removed"])
@@ -3106,10 +3104,15 @@ def test_after_any_imports_each_day_holds_what_the_last_import_covering_it_says(
                 assert sum(n for (d, _), n in stored().items() if d == day) == sum(
                     row.revenue_nano for row in report if row.day == day)
         # The same report again changes nothing.
-        assert run(spp_server.import_booked(report, "again.csv")) == {
+        assert run(report, "again.csv") == {
             "new": 0, "replaced": 0, "unchanged": len(report), "removed": 0}
         assert stored() == expected
+        # Nothing is left behind: no staged or superseded row, in any step.
+        assert conn.execute("SELECT count(*) FROM booked_rows").fetchone() == conn.execute(
+            "SELECT count(*) FROM booked_revenue").fetchone()
     conn.close()
+    store.close()
+    directory.cleanup()
 
 
 @pytest.mark.parametrize("text, where, key", [
@@ -3188,19 +3191,14 @@ def test_an_import_waits_for_its_own_write_however_long_it_takes(client, db, tmp
     have the write commit after all."""
     monkeypatch.setitem(spp_server.DEFAULTS, "busy_timeout_ms", 0)  # a server would wait 1 s
     entered, gate = threading.Event(), threading.Event()
-    real_import = spp_server.import_booked
+    real_switch = spp_server.switch_to_import
 
-    def slow_import(rows_, source):
-        op = real_import(rows_, source)
+    def held_up(*args):
+        entered.set()
+        assert gate.wait(10)
+        return real_switch(*args)
 
-        def held_up(conn, now):
-            entered.set()
-            assert gate.wait(10)
-            return op(conn, now)
-
-        return held_up
-
-    monkeypatch.setattr(spp_server, "import_booked", slow_import)
+    monkeypatch.setattr(spp_server, "switch_to_import", held_up)
     outcome = []
     command = threading.Thread(
         target=lambda: outcome.append(import_file(tmp_path, db, "date,revenue\n2026-11-01,1\n")))
@@ -3213,6 +3211,106 @@ def test_an_import_waits_for_its_own_write_however_long_it_takes(client, db, tmp
     assert still_waiting, "the command gave up on a write that was still going to commit"
     [(code, out, err)] = outcome
     assert (code, err) == (0, "") and "1 new" in out
+    assert count(db, "booked_revenue") == 1
+
+
+# --- An import in steps: short transactions, never half seen, killed at any point ---
+
+
+def a_report(days, properties, countries, cents):
+    return booked_csv(*((f"2026-11-{day:02}", prop, country, f"0.{cents:02}")
+                        for day in days for prop in properties for country in countries))
+
+
+def test_an_import_holds_the_write_lock_for_short_transactions_and_is_never_seen_half(
+        client, db, tmp_path, monkeypatch):
+    """A 2M-row report in one transaction held the lock for 70 s and postbacks
+    got 503: each transaction now writes a bounded number of rows (staged
+    under a new import id, then one switch per day and property), and a
+    reader between any two of them sees the old figures or the new, whole."""
+    import_file(tmp_path, db, a_report([1, 2, 3], ["A", "B"], ["IN", "US", "BR"], 10))
+    old = rows(db, "SELECT * FROM booked_revenue ORDER BY 1, 2, 3")
+    monkeypatch.setattr(spp_server, "BOOKED_CHUNK_ROWS", 7)
+    monkeypatch.setattr(spp_server, "BOOKED_CHUNK_SCOPES", 2)
+    changes, seen = [], []
+    real_run = spp_server.InlineWriter.run
+
+    def watched(writer, op):
+        def counted(conn, now):
+            before = conn.total_changes
+            result = op(conn, now)
+            changes.append(conn.total_changes - before)
+            return result
+        result = real_run(writer, counted)
+        seen.append(rows(db, "SELECT * FROM booked_revenue ORDER BY 1, 2, 3"))
+        return result
+
+    monkeypatch.setattr(spp_server.InlineWriter, "run", watched)
+    report = a_report([2, 3, 4], ["A", "C"], ["IN", "US", "DE"], 20)  # 18 rows, 6 scopes
+    code, out, _ = import_file(tmp_path, db, report)
+    assert code == 0 and out.endswith("18 rows for 3 days (2 properties): 14 new, 4 replaced, "
+                                      "0 unchanged, 2 removed\n")
+    new = rows(db, "SELECT * FROM booked_revenue ORDER BY 1, 2, 3")
+    assert len(changes) > 4 and max(changes) <= 2 * 9  # a chunk, or a switch: 9 (day, property)
+    assert {tuple(state) for state in seen} <= {tuple(old), tuple(new)}
+    assert seen.index(new) > 1  # staged first, unseen
+    assert count(db, "booked_rows") == len(new)  # the superseded rows are gone
+
+
+@pytest.mark.parametrize("name, when", [
+    ("switch_to_import", "before"),  # staged, committed
+    ("switch_to_import", "after"),  # switched, not committed
+    ("clear_superseded_scopes", "before"),  # committed, superseded rows still there
+    ("import_summary", "before"),  # all done but the line
+])
+def test_an_import_killed_at_any_point_leaves_old_or_new_and_a_rerun_is_right(
+        client, db, tmp_path, name, when):
+    first = tmp_path / "first.csv"
+    first.write_text(a_report([1, 2], ["A", "B"], ["IN", "US"], 10))
+    second = tmp_path / "second.csv"
+    second.write_text(a_report([2, 3], ["A"], ["IN", "DE"], 20))
+    argv = ["import-booked", "--db", db]
+    assert spp_server.main([*argv, str(first)]) == 0
+    before = rows(db, "SELECT * FROM booked_revenue ORDER BY 1, 2, 3")
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, name, when, *argv, str(second)],
+                            cwd=HERE, capture_output=True, timeout=15)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+    switched = name in ("clear_superseded_scopes", "import_summary")
+    seen = rows(db, "SELECT day, property_id, country, revenue_nano FROM booked_revenue "
+                    "ORDER BY 1, 2, 3")
+    assert (seen == [row[:4] for row in before]) != switched
+    if name != "import_summary":  # staged or superseded rows were left
+        assert count(db, "booked_rows") > len(seen)
+    again = subprocess.run([sys.executable, str(SERVER), *argv, str(second)], capture_output=True,
+                           text=True, timeout=15)
+    assert again.returncode == 0, again.stderr
+    assert ("nothing changed" in again.stdout) == switched
+    after = rows(db, "SELECT day, property_id, country, revenue_nano FROM booked_revenue "
+                     "ORDER BY 1, 2, 3")
+    assert after == sorted(
+        [r for r in (row[:4] for row in before) if r[0] == "2026-11-01" or r[1] == "B"]
+        + [(f"2026-11-0{d}", "A", c, 200_000_000) for d in (2, 3) for c in ("DE", "IN")])
+    assert count(db, "booked_rows") == len(after)
+
+
+def test_two_imports_through_a_symlink_take_turns(client, db, tmp_path):
+    """One import at a time, whatever the path: a second one through a
+    symlink waits, says so, and then imports."""
+    link = tmp_path / "link.db"
+    link.symlink_to(db)
+    report = tmp_path / "r.csv"
+    report.write_text(a_report([1], ["A"], ["IN"], 10))
+    with open(db + "-import-lock", "wb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        second = subprocess.Popen([sys.executable, str(SERVER), "import-booked", str(report),
+                                   "--db", str(link)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        waiting = second.stderr.readline()
+        assert "waiting for another import-booked" in waiting
+        assert count(db, "booked_revenue") == 0
+    out, err = second.communicate(timeout=15)
+    assert second.returncode == 0 and "1 new" in out and err == ""
     assert count(db, "booked_revenue") == 1
 
 
@@ -3774,7 +3872,9 @@ def test_per_day_estimates_search_the_receive_time_index(client, db, name):
 def test_booked_days_search_the_primary_key(client, db):
     plan = query_plan(db, "booked_by_day",
                       {"since_day": "2026-11-01", "until_day": "2026-11-08", "property": None})
-    assert plan.startswith("SEARCH booked_revenue USING PRIMARY KEY (day>? AND day<?)")
+    # The current import of each day and property, then its rows: both by primary key.
+    assert plan.startswith("SEARCH c USING PRIMARY KEY (day>? AND day<?) / "
+                           "SEARCH r USING PRIMARY KEY (import_id=? AND day=? AND property_id=?)")
 
 
 # ---------------------------------------------------------------------------
@@ -3806,7 +3906,7 @@ def add_sessions(store, sessions):
 def book_rows(store, rows_):
     """rows_: (day, property or '', revenue nanos) -> imported as booked revenue."""
     booked = [spp_server.BookedRow(day, prop, "", nanos) for day, prop, nanos in rows_]
-    return store.write(spp_server.import_booked(booked, "test.csv"))
+    return spp_server.import_booked(store, booked, "test.csv")
 
 
 def day_text(n):
