@@ -634,6 +634,19 @@ SQL = {
                (SELECT nano FROM paid) - (SELECT coalesce(sum(paid_now_nano), 0) FROM lines l
                   WHERE settlement_id = (SELECT max(settlement_id) FROM lines n
                                          WHERE n.day = l.day AND n.property_id = l.property_id))""",
+    # For /metrics: the estimated revenue of the sessions after an id (the
+    # total grows by the new ones only), the ledger's last steps and its days.
+    "revenue_after": """
+        SELECT max(id), coalesce(sum(revenue_nano), 0) FROM sessions WHERE id > ?""",
+    "last_session_id": "SELECT coalesce(max(id), 0) FROM sessions",
+    "last_run_times": "SELECT created_at_us, until_us FROM payout_runs ORDER BY id DESC LIMIT 1",
+    "last_settlement_times": """
+        SELECT s.created_at_us, s.report_utc_offset,
+               (SELECT max(day) FROM settlement_days WHERE settlement_id = s.id)
+        FROM settlements s ORDER BY s.id DESC LIMIT 1""",
+    "run_offsets": "SELECT id, report_utc_offset FROM payout_runs ORDER BY id",
+    "next_paid_day": "SELECT min(day) FROM payout_parts WHERE run_id = ? AND day > ?",
+    "settled_days": "SELECT DISTINCT day FROM settlement_days",
     "stats": """
         SELECT (SELECT count(*) FROM sessions), (SELECT max(received_at_us) FROM sessions),
                (SELECT count(*) FROM rejected), (SELECT count(*) FROM conflicts)""",
@@ -1871,9 +1884,38 @@ def metric(name, kind, text, samples):
     return lines
 
 
-def prometheus_metrics(store, counters):
+class RevenueTotal:
+    """The estimated revenue of every stored session, as a counter: summed
+    once, then only over the sessions stored since the last scrape.  Summed
+    again from the start when the sessions went back (a restored backup)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._last_id, self._nanos = 0, 0
+
+    def nanos(self, store):
+        with self._lock:
+            if store.read(SQL["last_session_id"])[0][0] < self._last_id:
+                self._last_id, self._nanos = 0, 0
+            [(last_id, nanos)] = store.read(SQL["revenue_after"], (self._last_id,))
+            if last_id is not None:
+                self._last_id, self._nanos = last_id, self._nanos + nanos
+            return self._nanos
+
+
+def seconds_text(us):
+    """Microseconds since the epoch -> exact seconds, as Prometheus timestamps are."""
+    return f"{us // 1_000_000}.{us % 1_000_000:06d}"
+
+
+def prometheus_metrics(store, counters, revenue=None):
     """What /metrics answers: this process's counters and the database's state."""
     now = stats(store, counters)
+    ledger = ledger_state(store)
+
+    def instant(key):
+        return [] if ledger[key] is None else [("", seconds_text(ledger[key]))]
+
     buckets, count, sum_ns = store.writer.write_times.snapshot()
     size = sum(os.path.getsize(path) for path in (store.path, store.path + "-wal")
                if os.path.exists(path))
@@ -1900,6 +1942,30 @@ def prometheus_metrics(store, counters):
                  ("_count", count)]),
         *metric("spp_database_size_bytes", "gauge", "Size of the database file and its WAL.",
                 [("", size)]),
+        *metric("spp_estimated_revenue_usd_total", "counter",
+                "Estimated revenue (your-estimated-revenue) of every stored session, in USD.",
+                [("", nanos_to_usd((revenue or RevenueTotal()).nanos(store)))]),
+        *metric("spp_ledger_last_run_timestamp_seconds", "gauge",
+                "When the newest payout run was recorded (absent before the first).",
+                instant("run_at")),
+        *metric("spp_ledger_last_run_until_timestamp_seconds", "gauge",
+                "The --until of the newest payout run: it paid the sessions received before.",
+                instant("run_until")),
+        *metric("spp_ledger_last_settlement_timestamp_seconds", "gauge",
+                "When the newest settlement was recorded (absent before the first).",
+                instant("settlement_at")),
+        *metric("spp_ledger_last_settlement_until_timestamp_seconds", "gauge",
+                "The end of the newest report day the newest settlement settled.",
+                instant("settlement_until")),
+        *metric("spp_ledger_oldest_unsettled_paid_day_timestamp_seconds", "gauge",
+                "The start of the oldest report day paid in a run and in no settlement yet "
+                "(absent when every paid day is settled).", instant("oldest_unsettled")),
+        *metric("spp_ledger_pending_usd", "gauge",
+                "Paid now in runs but not yet settled against booked revenue, in USD.",
+                [("", ledger["pending"])]),
+        *metric("spp_ledger_owed_usd", "gauge",
+                "Carried balances not yet taken back from later runs, in USD.",
+                [("", ledger["owed"])]),
     ]
     return "\n".join(lines) + "\n"
 
@@ -3407,6 +3473,38 @@ def ledger_summary(store):
     return {"runs": runs, "settlements": settlements, "days": days, "totals": ledger_totals(sums)}
 
 
+def oldest_unsettled_paid_day(conn):
+    """The start (receive time) of the oldest report day with a part in a
+    run and no settlement, or None: each run's days are walked in its key
+    order, one index search per day, never its parts one by one."""
+    settled = {day for (day,) in conn.execute(SQL["settled_days"])}
+    oldest = None
+    for run_id, offset in conn.execute(SQL["run_offsets"]).fetchall():
+        day = ""
+        while (day := conn.execute(SQL["next_paid_day"], (run_id, day)).fetchone()[0]) is not None:
+            if day not in settled:
+                start = day_bounds_us(day, offset)[0]
+                oldest = start if oldest is None else min(oldest, start)
+                break
+    return oldest
+
+
+def ledger_state(store):
+    """What /metrics tells of the ledger: times in receive-time microseconds
+    (None before the first run or settlement), totals as decimal strings."""
+    with store.snapshot() as conn:
+        run = conn.execute(SQL["last_run_times"]).fetchone()
+        settlement = conn.execute(SQL["last_settlement_times"]).fetchone()
+        sums = ledger_totals(conn.execute(SQL["ledger_sums"]).fetchone())
+        oldest = oldest_unsettled_paid_day(conn)
+    settled_until = None
+    if settlement is not None and settlement[2] is not None:
+        settled_until = day_bounds_us(settlement[2], settlement[1])[1]
+    return {"run_at": run and run[0], "run_until": run and run[1],
+            "settlement_at": settlement and settlement[0], "settlement_until": settled_until,
+            "oldest_unsettled": oldest, "pending": sums["pending"], "owed": sums["owed"]}
+
+
 def json_output(report):
     return (json.dumps(report, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -3789,7 +3887,7 @@ def handle_session_feed():
 @read_endpoint
 def handle_metrics():
     response.content_type = METRICS_TYPE
-    return prometheus_metrics(request.app.store, request.app.counters)
+    return prometheus_metrics(request.app.store, request.app.counters, request.app.revenue)
 
 
 @read_endpoint
@@ -3886,6 +3984,7 @@ def create_app(config):
         channels=settings["threads"] + 1,
     )
     app.counters = PostbackCounters()
+    app.revenue = RevenueTotal()
     app.install(log_unexpected_errors)
     for status in ERROR_STATUSES:
         app.error(status)(render_error)

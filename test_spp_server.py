@@ -2025,7 +2025,11 @@ def test_metrics_in_the_prometheus_format_tell_what_stats_tells(make_client, clo
     assert {name: f.type for name, f in families.items()} == {
         "spp_postbacks": "counter", "spp_sessions_stored": "gauge", "spp_rejected_stored": "gauge",
         "spp_conflicts_stored": "gauge", "spp_last_postback_age_seconds": "gauge",
-        "spp_write_duration_seconds": "histogram", "spp_database_size_bytes": "gauge"}
+        "spp_write_duration_seconds": "histogram", "spp_database_size_bytes": "gauge",
+        "spp_estimated_revenue_usd": "counter", "spp_ledger_pending_usd": "gauge",
+        "spp_ledger_owed_usd": "gauge", **{f"spp_ledger_{name}_timestamp_seconds": "gauge" for name in (
+            "last_run", "last_run_until", "last_settlement", "last_settlement_until",
+            "oldest_unsettled_paid_day")}}
     assert {dict(k[1])["outcome"]: v for k, v in samples.items()
             if k[0] == "spp_postbacks_total"} == {
         "recorded": 2, "duplicate": 1, "rejected": 1, "too-large": 1, "unauthorized": 1,
@@ -2039,12 +2043,67 @@ def test_metrics_in_the_prometheus_format_tell_what_stats_tells(make_client, clo
         os.path.getsize(p) for p in (db, db + "-wal") if os.path.exists(p))
 
 
+def metric_lines(client):
+    """{sample: value text} of /metrics, exactly as written (money is exact)."""
+    text = client.get("/metrics", status=200).text
+    return dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+
+
+def test_estimated_revenue_is_a_counter_of_every_stored_session_exact(client, clock):
+    assert metric_lines(client)["spp_estimated_revenue_usd_total"] == "0"
+    post(client, postback(**{"your-estimated-revenue": "0.000012"}))
+    assert metric_lines(client)["spp_estimated_revenue_usd_total"] == "0.000012"
+    twice = postback(**{"your-estimated-revenue": "0.1"})
+    post(client, twice)
+    post(client, twice)  # a duplicate adds nothing
+    post(client, postback(**{"your-estimated-revenue": "0.000000001"}))
+    assert metric_lines(client)["spp_estimated_revenue_usd_total"] == "0.100012001"
+    with sqlite3.connect(client.app.store.path) as conn:  # as a restored backup: fewer sessions
+        conn.execute("DELETE FROM sessions WHERE id > 1")
+    assert metric_lines(client)["spp_estimated_revenue_usd_total"] == "0.000012"
+
+
+def test_the_ledger_in_metrics_last_run_and_settlement_pending_owed_oldest_unsettled_day(
+        client, clock):
+    store = client.app.store
+    lines = metric_lines(client)
+    assert (lines["spp_ledger_pending_usd"], lines["spp_ledger_owed_usd"]) == ("0", "0")
+    assert not [name for name in lines if "timestamp" in name]  # no run, no settlement yet
+    add_sessions(store, [("a", None, 10**9, at(0)), ("b", None, 10**9, at(1)),
+                         ("a", None, 10**9, at(2))])
+    clock.set("2020-10-05T02:00:00Z")
+    pay(store, at(2, 0), pay_now="0.5", final="0.9")  # pays days 0 and 1
+    lines = metric_lines(client)
+    assert lines["spp_ledger_last_run_timestamp_seconds"] == "1601863200.000000"
+    assert lines["spp_ledger_last_run_until_timestamp_seconds"] == "1601683200.000000"  # Oct 3
+    assert lines["spp_ledger_oldest_unsettled_paid_day_timestamp_seconds"] == "1601510400.000000"
+    assert lines["spp_ledger_pending_usd"] == client.get("/ledger").json["totals"]["pending"] == "1"
+    clock.set("2020-11-05T03:00:00Z")
+    book_rows(store, [(day_text(0), "", 10**8)])  # day 0 booked low: a balance carried
+    spp_server.settle(store)
+    lines = metric_lines(client)
+    assert lines["spp_ledger_last_settlement_timestamp_seconds"] == "1604545200.000000"
+    assert lines["spp_ledger_last_settlement_until_timestamp_seconds"] == "1601596800.000000"
+    assert lines["spp_ledger_oldest_unsettled_paid_day_timestamp_seconds"] == "1601596800.000000"
+    totals = client.get("/ledger").json["totals"]
+    assert (lines["spp_ledger_pending_usd"], lines["spp_ledger_owed_usd"]) == (
+        totals["pending"], totals["owed"]) == ("0.5", "0.41")
+    book_rows(store, [(day_text(1), "", 10**9)])
+    spp_server.settle(store)
+    assert "spp_ledger_oldest_unsettled_paid_day_timestamp_seconds" not in metric_lines(client)
+
+
 ALERT_RULES = HERE / "docs" / "prometheus-alerts.yml"
 PROMTOOL = shutil.which("promtool")
 
 
 def test_the_alert_rules_name_only_metrics_the_server_gives(client):
     post(client, postback())
+    store = client.app.store  # a run, a settlement, a paid day still unsettled
+    add_sessions(store, [("a", None, 10**9, at(0)), ("b", None, 10**9, at(1))])
+    pay(store, at(2, 0))
+    book_rows(store, [(day_text(0), "", 10**9)])
+    spp_server.settle(store)
     families, samples = scrape(client)
     names = {name for name, _ in samples}
     used = set(re.findall(r"\bspp_[a-z_]+", ALERT_RULES.read_text()))
