@@ -5454,6 +5454,31 @@ def test_commands_use_an_older_database_the_server_upgrades(db, tmp_path, capsys
     assert rows(db, "PRAGMA user_version") == [(LATEST,)]
 
 
+def design_upgrade_lists():
+    """docs/design.md's two lists: the commands that upgrade an older
+    database, and those that refuse one."""
+    text = " ".join((HERE / "docs" / "design.md").read_text().split())
+    upgrade, refuse = re.search(r"keeps its rows\. (.*?) upgrade it the same way; (.*?), which "
+                                r"only read, refuse an older one", text).groups()
+    return re.findall(r"`([a-z-]+)`", upgrade), re.findall(r"`([a-z-]+)`", refuse)
+
+
+@pytest.mark.parametrize("command", list(spp_server.COMMANDS))
+def test_every_command_upgrades_an_older_database_or_refuses_it_as_design_md_says(
+        db, tmp_path, capsys, command):
+    upgrading, refusing = design_upgrade_lists()
+    assert command in upgrading + refusing, "design.md does not say what it does"
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=1)
+    status = run_entry_point(command, db, tmp_path)
+    if command in refusing:
+        assert status == 1
+        one_line_error(capsys, "schema version 1", f"older than this code's {LATEST}")
+        assert rows(db, "PRAGMA user_version") == [(1,)]
+    else:
+        assert status == 0 and rows(db, "PRAGMA user_version") == [(LATEST,)]
+
+
 @pytest.mark.parametrize("version", SCHEMA_VERSIONS)
 def test_a_database_of_ours_missing_a_table_or_column_of_its_version_is_refused(
         db, tmp_path, capsys, version):
@@ -7578,6 +7603,21 @@ def heading_anchors(text):
             title = line.lstrip("#").strip().lower()
             anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
     return anchors
+
+
+@pytest.mark.parametrize("page", [page for page in DOC_PAGES if page != "README.md"])
+def test_moving_each_pages_database_aside_keeps_the_previous_pages_copy(tmp_path, page):
+    """Each page says how to move the previous page's database aside: done
+    after two pages in turn, both copies must still be there."""
+    text = " ".join((HERE / page).read_text().split())
+    [command] = re.findall(r"move its database into a folder of its own \(`([^`]+)`\)", text)
+    for content in (b"first page", b"second page"):
+        (tmp_path / "spp.db").write_bytes(content)
+        (tmp_path / "spp.db-wal").write_bytes(content + b" wal")
+        subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True, timeout=10)
+        assert not list(tmp_path.glob("spp.db*"))
+    kept = sorted(path.read_bytes() for path in tmp_path.glob("old/*/spp.db*"))
+    assert kept == [b"first page", b"first page wal", b"second page", b"second page wal"]
 
 
 def test_links_between_the_docs_lead_to_a_page_and_heading_that_exist():
