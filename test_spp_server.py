@@ -7468,27 +7468,36 @@ def test_the_payout_script_fails_loudly_leaves_nothing_and_recovers(real_server,
         assert not list(work.glob("*.part")), "a partial file was left behind"
         return result
 
-    paid = pay("2100-01-01")
+    def now():  # after every postback above was answered: they are before it
+        return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    ahead = pay((datetime.datetime.now(datetime.timezone.utc)
+                 + datetime.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    assert ahead.returncode == 2 and "is in the future" in ahead.stderr  # and nothing written
+    assert sorted(p.name for p in work.iterdir()) == ["payout.sh"]
+    first = now()
+    paid = pay(first)
     assert paid.returncode == 0, paid.stderr
     with open(work / "payout-2000-01-01.csv", newline="") as f:
         assert [(r["user-id"], r["estimated-revenue"]) for r in csv.DictReader(f)] == [
             ("a", "0.1"), ("b", "0.25")]
-    assert (work / "last-payout-until").read_text() == "2100-01-01\n"
+    assert (work / "last-payout-until").read_text() == first + "\n"
 
-    again = pay("2100-01-01")  # an empty window: the server answers 400
+    again = pay(first)  # an empty window: the server answers 400
     assert again.returncode != 0 and "400" in again.stderr and '"field": "until"' in again.stderr
     server.stop()
-    down = pay("2100-01-02")
+    second = now()
+    down = pay(second)
     assert down.returncode != 0 and "curl: (7)" in down.stderr
     assert sorted(p.name for p in work.iterdir()) == [
         "last-payout-until", "payout-2000-01-01.csv", "payout.sh"]
-    assert (work / "last-payout-until").read_text() == "2100-01-01\n"
+    assert (work / "last-payout-until").read_text() == first + "\n"
 
     real_server(db=server.db, env={"SPP_READ_TOKEN": "t"}, port=server.port)
-    later = pay("2100-01-02")
+    later = pay(second)
     assert later.returncode == 0, later.stderr
-    assert (work / "payout-2100-01-01.csv").read_text().count("\n") == 1  # the header only
-    assert (work / "last-payout-until").read_text() == "2100-01-02\n"
+    assert (work / f"payout-{first}.csv").read_text().count("\n") == 1  # the header only
+    assert (work / "last-payout-until").read_text() == second + "\n"
 
 
 def test_the_feed_consumer_credits_each_session_once_across_a_server_restart(real_server, tmp_path):
