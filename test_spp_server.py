@@ -7629,6 +7629,82 @@ def test_moving_each_pages_database_aside_keeps_the_previous_pages_copy(tmp_path
     assert kept == [b"first page", b"first page wal", b"second page", b"second page wal"]
 
 
+def test_moving_to_a_bigger_machine_keeps_sessions_ledger_tokens_files_and_feed_cursors(
+        real_server, tmp_path):
+    """docs/operating.md's move-out.sh and move-in.sh as written, with the
+    machines' paths in temporary directories and systemctl a stand-in that
+    logs what it was asked.  The old server is killed, so that its newest
+    commits are still in the WAL."""
+    machines = {side: {name: tmp_path / side / name for name in ("state", "etc", "payouts", "bin")}
+                for side in ("old", "new")}
+    for paths in machines.values():
+        for path in paths.values():
+            path.mkdir(parents=True)
+        (paths["bin"] / "systemctl").write_text('#!/bin/sh\necho "$@" >> "${0%/*}/calls"\n')
+        (paths["bin"] / "systemctl").chmod(0o755)
+    old, new = machines["old"], machines["new"]
+    (old["etc"] / "postback-token").write_text("p-secret\n")
+    (old["etc"] / "read-token").write_text("r-secret\n")
+    (old["payouts"] / "run-1.csv").write_text("run-id,user-id\n1,a\n")
+    auth, read = {"Authorization": "Bearer p-secret"}, {"Authorization": "Bearer r-secret"}
+    server = real_server(db=str(old["state"] / "spp.db"),
+                         env={"CREDENTIALS_DIRECTORY": str(old["etc"])})
+    for i in range(6):
+        body = json.dumps(postback(user_id=f"u{i % 2}", your_estimated_revenue="0.5")).encode()
+        assert server.request("POST", "/postback", body, auth)[0] == 200
+    until = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    pay = ["pay", "--until", until, "--pay-now-share", "0.5", "--final-share", "0.9"]
+    paid = subprocess.run([sys.executable, str(SERVER), *pay, "--db", server.db],
+                          capture_output=True, timeout=15)
+    assert paid.returncode == 0 and paid.stdout.count(b"\n") == 3, paid.stderr
+    status, first_page = server.request("GET", "/sessions?after=0&limit=4", headers=read)
+    assert status == 200 and len(first_page["sessions"]) == 4
+    status, rest_on_old = server.request("GET", f"/sessions?after={first_page['next']}",
+                                         headers=read)
+    stats_on_old = server.request("GET", "/stats", headers=read)[1]
+    server.stop(signal.SIGKILL)
+    assert os.path.getsize(server.db + "-wal") > 0  # commits the database file lacks
+    fresh = real_server(db=str(new["state"] / "spp.db"))  # deploy.md on the new machine
+    fresh.stop()
+
+    def run(script, paths, *args):
+        env = {**os.environ, "PATH": f"{paths['bin']}:{os.environ['PATH']}",
+               "SPP_STATE": str(paths["state"]), "SPP_ETC": str(paths["etc"]),
+               "SPP_PAYOUTS": str(paths["payouts"])}
+        (tmp_path / script).write_text(doc_file("docs/operating.md", script, 0))
+        return subprocess.run(["bash", str(tmp_path / script), *args], env=env,
+                              capture_output=True, text=True, timeout=30)
+
+    archive = tmp_path / "spp-move.tar.gz"
+    out = run("move-out.sh", old, str(archive))
+    assert out.returncode == 0 and "6 sessions" in out.stdout, out.stderr
+    assert archive.stat().st_mode & 0o077 == 0
+    moved = run("move-in.sh", new, str(archive))
+    assert moved.returncode == 0 and "6 sessions" in moved.stdout, moved.stderr
+    assert "stop spp-payout.timer spp-settlement.timer spp.socket spp.service" in (
+        old["bin"] / "calls").read_text()
+    assert "start spp.socket spp.service" in (new["bin"] / "calls").read_text()
+    assert (new["payouts"] / "run-1.csv").read_text() == "run-id,user-id\n1,a\n"
+    server = real_server(db=str(new["state"] / "spp.db"),
+                         env={"CREDENTIALS_DIRECTORY": str(new["etc"])})
+    stats_on_new = server.request("GET", "/stats", headers=read)[1]
+    assert (stats_on_new["sessions"], stats_on_new["last-received-at"]) == (
+        stats_on_old["sessions"], stats_on_old["last-received-at"]) == (6, stats_on_old[
+            "last-received-at"])
+    # The feed consumer's cursor goes on where it was; the old tokens work.
+    assert server.request("GET", f"/sessions?after={first_page['next']}", headers=read) == (
+        status, rest_on_old)
+    assert server.request("GET", "/stats", headers={"Authorization": "Bearer x"})[0] == 401
+    body = json.dumps(postback(user_id="u9")).encode()
+    assert server.request("POST", "/postback", body, auth)[0] == 200
+    again = subprocess.run([sys.executable, str(SERVER), *pay, "--db", server.db],
+                           capture_output=True, timeout=15)
+    assert (again.returncode, again.stdout) == (0, paid.stdout)  # the same run 1, not a new one
+    # A second move-in onto a database that holds sessions changes nothing.
+    refused = run("move-in.sh", new, str(archive))
+    assert refused.returncode == 1 and "holds sessions: not replacing it" in refused.stderr
+
+
 def test_links_between_the_docs_lead_to_a_page_and_heading_that_exist():
     pages = ["README.md"] + sorted(str(p.relative_to(HERE)) for p in (HERE / "docs").glob("*.md"))
     broken = []
