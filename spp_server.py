@@ -644,6 +644,8 @@ SQL = {
     # total grows by the new ones only), the ledger's last steps and its days.
     "revenue_after": """
         SELECT max(id), coalesce(sum(revenue_nano), 0) FROM sessions WHERE id > ?""",
+    # The first sum: the narrow covering index, not the rows with their raw bodies.
+    "revenue_all": "SELECT max(id), coalesce(sum(revenue_nano), 0) FROM sessions",
     "last_session_id": "SELECT coalesce(max(id), 0) FROM sessions",
     "last_run_times": "SELECT created_at_us, until_us FROM payout_runs ORDER BY id DESC LIMIT 1",
     "last_settlement_times": """
@@ -1903,7 +1905,8 @@ class RevenueTotal:
         with self._lock:
             if store.read(SQL["last_session_id"])[0][0] < self._last_id:
                 self._last_id, self._nanos = 0, 0
-            [(last_id, nanos)] = store.read(SQL["revenue_after"], (self._last_id,))
+            [(last_id, nanos)] = (store.read(SQL["revenue_after"], (self._last_id,))
+                                  if self._last_id else store.read(SQL["revenue_all"]))
             if last_id is not None:
                 self._last_id, self._nanos = last_id, self._nanos + nanos
             return self._nanos

@@ -2064,6 +2064,12 @@ def test_estimated_revenue_is_a_counter_of_every_stored_session_exact(client, cl
     assert metric_lines(client)["spp_estimated_revenue_usd_total"] == "0.000012"
 
 
+def test_the_revenue_counter_reads_the_covering_index_then_only_new_sessions(client, db):
+    assert query_plan(db, "revenue_all", ()) == "SCAN sessions USING COVERING INDEX sessions_by_time"
+    assert query_plan(db, "revenue_after", (5,)) == (
+        "SEARCH sessions USING INTEGER PRIMARY KEY (rowid>?)")
+
+
 def test_the_ledger_in_metrics_last_run_and_settlement_pending_owed_oldest_unsettled_day(
         client, clock):
     store = client.app.store
@@ -8033,6 +8039,7 @@ def test_moving_each_pages_database_aside_keeps_the_previous_pages_copy(tmp_path
     assert kept == [b"first page", b"first page wal", b"second page", b"second page wal"]
 
 
+@pytest.mark.skipif(shutil.which("sqlite3") is None, reason="the sqlite3 shell is not installed")
 def test_moving_to_a_bigger_machine_keeps_sessions_ledger_tokens_files_and_feed_cursors(
         real_server, tmp_path):
     """docs/operating.md's move-out.sh and move-in.sh as written, with the
