@@ -2380,7 +2380,7 @@ class BookedFileError(Exception):
     """A report file that cannot be imported, with one line saying why."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a report holds millions: no __dict__ each
 class BookedRow:
     day: str  # YYYY-MM-DD, a report day
     property_id: str  # '' when the report has no property-id
@@ -2517,7 +2517,9 @@ def booked_row(where, fields, columns):
         property_id = check_property_id(fields)
     except Invalid as invalid:
         refuse(invalid.field, invalid.message)
-    return BookedRow(day, property_id or "", country or "", nanos)
+    # The same day, property and country recur on every row: one string each.
+    return BookedRow(sys.intern(day), sys.intern(property_id or ""), sys.intern(country or ""),
+                     nanos)
 
 
 def parse_booked_report(data, metric="revenue"):
