@@ -18,6 +18,7 @@ import contextlib
 import csv
 import decimal
 import difflib
+import errno
 import fcntl
 import functools
 import heapq
@@ -408,19 +409,38 @@ SQL = {
     # --- Reconciliation with booked revenue (see "Booked revenue" below) ---
     # What an import covers: a whole day, or a day's rows of one property.
     "booked_of_day": """
-        SELECT property_id, country, revenue_nano FROM booked_revenue WHERE day = ?""",
+        SELECT property_id, country, revenue_nano, imported_at_us, source_file
+        FROM booked_revenue WHERE day = ?""",
     "booked_of_day_and_property": """
-        SELECT property_id, country, revenue_nano FROM booked_revenue
-        WHERE day = ? AND property_id = ?""",
-    "delete_booked": """
-        DELETE FROM booked_revenue WHERE day = ? AND property_id = ? AND country = ?""",
-    "upsert_booked": """
-        INSERT INTO booked_revenue
-            (day, property_id, country, revenue_nano, imported_at_us, source_file)
-        VALUES (?, ?, ?, ?, ?, ?)
-        ON CONFLICT (day, property_id, country) DO UPDATE SET
-            revenue_nano = excluded.revenue_nano, imported_at_us = excluded.imported_at_us,
-            source_file = excluded.source_file""",
+        SELECT property_id, country, revenue_nano, imported_at_us, source_file
+        FROM booked_revenue WHERE day = ? AND property_id = ?""",
+    # An import in steps (see import_booked): staged, switched, superseded cleared.
+    "last_import": "SELECT coalesce(max(import_id), 0) FROM booked_current",
+    "import_leftovers": """
+        SELECT EXISTS (SELECT 1 FROM booked_rows WHERE import_id > ?)
+            OR EXISTS (SELECT 1 FROM booked_superseded)""",
+    "unfinished_import": """
+        DELETE FROM booked_rows WHERE import_id = :id AND (day, property_id, country) IN (
+            SELECT day, property_id, country FROM booked_rows WHERE import_id = :id LIMIT :n)""",
+    "stage_booked": """
+        INSERT INTO booked_rows
+            (import_id, day, property_id, country, revenue_nano, imported_at_us, source_file)
+        VALUES (?, ?, ?, ?, ?, ?, ?)""",
+    "supersede_day": """
+        INSERT OR IGNORE INTO booked_superseded
+        SELECT import_id, day, property_id FROM booked_current WHERE day = ?""",
+    "switch_day": "UPDATE booked_current SET import_id = ? WHERE day = ?",
+    "supersede_scope": """
+        INSERT OR IGNORE INTO booked_superseded
+        SELECT import_id, day, property_id FROM booked_current WHERE day = ? AND property_id = ?""",
+    "switch_scope": """
+        INSERT INTO booked_current (day, property_id, import_id) VALUES (?, ?, ?)
+        ON CONFLICT (day, property_id) DO UPDATE SET import_id = excluded.import_id""",
+    "superseded_scopes": "SELECT import_id, day, property_id FROM booked_superseded LIMIT ?",
+    "delete_superseded_rows": """
+        DELETE FROM booked_rows WHERE import_id = ? AND day = ? AND property_id = ?""",
+    "delete_superseded_scope": """
+        DELETE FROM booked_superseded WHERE import_id = ? AND day = ? AND property_id = ?""",
     # Summed over countries; split like SQL_SUMS so that the sum cannot overflow.
     "booked_by_day": """
         SELECT day, property_id,
@@ -621,6 +641,21 @@ SQL = {
                (SELECT nano FROM paid) - (SELECT coalesce(sum(paid_now_nano), 0) FROM lines l
                   WHERE settlement_id = (SELECT max(settlement_id) FROM lines n
                                          WHERE n.day = l.day AND n.property_id = l.property_id))""",
+    # For /metrics: the estimated revenue of the sessions after an id (the
+    # total grows by the new ones only), the ledger's last steps and its days.
+    "revenue_after": """
+        SELECT max(id), coalesce(sum(revenue_nano), 0) FROM sessions WHERE id > ?""",
+    # The first sum: the narrow covering index, not the rows with their raw bodies.
+    "revenue_all": "SELECT max(id), coalesce(sum(revenue_nano), 0) FROM sessions",
+    "last_session_id": "SELECT coalesce(max(id), 0) FROM sessions",
+    "last_run_times": "SELECT created_at_us, until_us FROM payout_runs ORDER BY id DESC LIMIT 1",
+    "last_settlement_times": """
+        SELECT s.created_at_us, s.report_utc_offset,
+               (SELECT max(day) FROM settlement_days WHERE settlement_id = s.id)
+        FROM settlements s ORDER BY s.id DESC LIMIT 1""",
+    "run_offsets": "SELECT id, report_utc_offset FROM payout_runs ORDER BY id",
+    "next_paid_day": "SELECT min(day) FROM payout_parts WHERE run_id = ? AND day > ?",
+    "settled_days": "SELECT DISTINCT day FROM settlement_days",
     "stats": """
         SELECT (SELECT count(*) FROM sessions), (SELECT max(received_at_us) FROM sessions),
                (SELECT count(*) FROM rejected), (SELECT count(*) FROM conflicts)""",
@@ -1888,9 +1923,39 @@ def metric(name, kind, text, samples):
     return lines
 
 
-def prometheus_metrics(store, counters):
+class RevenueTotal:
+    """The estimated revenue of every stored session, as a counter: summed
+    once, then only over the sessions stored since the last scrape.  Summed
+    again from the start when the sessions went back (a restored backup)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._last_id, self._nanos = 0, 0
+
+    def nanos(self, store):
+        with self._lock:
+            if store.read(SQL["last_session_id"])[0][0] < self._last_id:
+                self._last_id, self._nanos = 0, 0
+            [(last_id, nanos)] = (store.read(SQL["revenue_after"], (self._last_id,))
+                                  if self._last_id else store.read(SQL["revenue_all"]))
+            if last_id is not None:
+                self._last_id, self._nanos = last_id, self._nanos + nanos
+            return self._nanos
+
+
+def seconds_text(us):
+    """Microseconds since the epoch -> exact seconds, as Prometheus timestamps are."""
+    return f"{us // 1_000_000}.{us % 1_000_000:06d}"
+
+
+def prometheus_metrics(store, counters, revenue=None):
     """What /metrics answers: this process's counters and the database's state."""
     now = stats(store, counters)
+    ledger = ledger_state(store)
+
+    def instant(key):
+        return [] if ledger[key] is None else [("", seconds_text(ledger[key]))]
+
     buckets, count, sum_ns = store.writer.write_times.snapshot()
     size = sum(os.path.getsize(path) for path in (store.path, store.path + "-wal")
                if os.path.exists(path))
@@ -1917,6 +1982,30 @@ def prometheus_metrics(store, counters):
                  ("_count", count)]),
         *metric("spp_database_size_bytes", "gauge", "Size of the database file and its WAL.",
                 [("", size)]),
+        *metric("spp_estimated_revenue_usd_total", "counter",
+                "Estimated revenue (your-estimated-revenue) of every stored session, in USD.",
+                [("", nanos_to_usd((revenue or RevenueTotal()).nanos(store)))]),
+        *metric("spp_ledger_last_run_timestamp_seconds", "gauge",
+                "When the newest payout run was recorded (absent before the first).",
+                instant("run_at")),
+        *metric("spp_ledger_last_run_until_timestamp_seconds", "gauge",
+                "The --until of the newest payout run: it paid the sessions received before.",
+                instant("run_until")),
+        *metric("spp_ledger_last_settlement_timestamp_seconds", "gauge",
+                "When the newest settlement was recorded (absent before the first).",
+                instant("settlement_at")),
+        *metric("spp_ledger_last_settlement_until_timestamp_seconds", "gauge",
+                "The end of the newest report day the newest settlement settled.",
+                instant("settlement_until")),
+        *metric("spp_ledger_oldest_unsettled_paid_day_timestamp_seconds", "gauge",
+                "The start of the oldest report day paid in a run and in no settlement yet "
+                "(absent when every paid day is settled).", instant("oldest_unsettled")),
+        *metric("spp_ledger_pending_usd", "gauge",
+                "Paid now in runs but not yet settled against booked revenue, in USD.",
+                [("", ledger["pending"])]),
+        *metric("spp_ledger_owed_usd", "gauge",
+                "Carried balances not yet taken back from later runs, in USD.",
+                [("", ledger["owed"])]),
     ]
     return "\n".join(lines) + "\n"
 
@@ -2323,7 +2412,7 @@ class BookedFileError(Exception):
     """A report file that cannot be imported, with one line saying why."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a report holds millions: no __dict__ each
 class BookedRow:
     day: str  # YYYY-MM-DD, a report day
     property_id: str  # '' when the report has no property-id
@@ -2460,7 +2549,9 @@ def booked_row(where, fields, columns):
         property_id = check_property_id(fields)
     except Invalid as invalid:
         refuse(invalid.field, invalid.message)
-    return BookedRow(day, property_id or "", country or "", nanos)
+    # The same day, property and country recur on every row: one string each.
+    return BookedRow(sys.intern(day), sys.intern(property_id or ""), sys.intern(country or ""),
+                     nanos)
 
 
 def parse_booked_report(data, metric="revenue"):
@@ -2492,42 +2583,126 @@ def parse_booked_report(data, metric="revenue"):
     return rows
 
 
-def import_booked(rows, source_file):
-    """The write op storing a report: it replaces everything stored for what
-    the report covers, whatever breakdown or metric that was imported with, so
-    that no day is counted twice and a row a revision dropped goes.  A report
-    without property ids covers its days whole.  One with property ids covers,
-    on each of its days, the properties it names (a report fetched for one
-    property leaves the others alone) and the rows without a property, which
-    may be a whole day imported without property ids: kept, they would count
-    its properties twice.  Returns the counts of new, replaced, unchanged and
-    removed rows; an import of what is stored already writes nothing."""
+# An import is staged in transactions of this many rows, and its superseded
+# rows are deleted in transactions of this many (day, property) scopes: a
+# postback waits behind one of them at most (docs/performance.md).
+BOOKED_CHUNK_ROWS = 10_000
+BOOKED_CHUNK_SCOPES = 50
+
+
+@contextlib.contextmanager
+def import_lock(store):
+    """One import at a time, across processes: an flock on a file beside the
+    database's real path, as the ledger's (see ledger_lock_path), which the
+    kernel releases if its holder dies.  Not on the database file itself:
+    closing any descriptor of it would drop this process's SQLite locks
+    (POSIX locks belong to the process)."""
+    fd = os.open(ledger_lock_path(store, "-import-lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"{IMPORT_PROG}: waiting for another import-booked of {store.path} to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def compare_with_stored(conn, rows, source_file, imported_at_us):
+    """What the import changes, read on one snapshot: (counts of new, replaced,
+    unchanged and removed rows, the rows to stage).  A report without property
+    ids covers its days whole.  One with property ids covers, on each of its
+    days, the properties it names (a report fetched for one property leaves
+    the others alone) and the rows without a property, which may be a whole
+    day imported without property ids: kept, they would count its properties
+    twice.  An unchanged row keeps when and from which file it came."""
     figures = {row.key(): row.revenue_nano for row in rows}
     days = sorted({row.day for row in rows})
     properties = sorted({row.property_id for row in rows} | {""})
+    stored = {}
+    for day in days:
+        found = (conn.execute(SQL["booked_of_day"], (day,)) if properties == [""] else
+                 (row for prop in properties
+                  for row in conn.execute(SQL["booked_of_day_and_property"], (day, prop))))
+        for prop, country, nanos, at_us, source in found:
+            stored[(day, prop, country)] = (nanos, at_us, source)
+    counts = {"new": 0, "replaced": 0, "unchanged": 0, "removed": len(stored.keys() - figures)}
+    staged = []
+    for key, nanos in sorted(figures.items()):
+        before = stored.get(key)
+        if before is not None and before[0] == nanos:
+            counts["unchanged"] += 1
+            staged.append((*key, *before))
+        else:
+            counts["new" if before is None else "replaced"] += 1
+            staged.append((*key, nanos, imported_at_us, source_file))
+    return counts, staged, days, properties
 
-    def stored_rows(conn, day):
-        if properties == [""]:
-            return conn.execute(SQL["booked_of_day"], (day,)).fetchall()
-        return [row for prop in properties
-                for row in conn.execute(SQL["booked_of_day_and_property"], (day, prop))]
 
-    def op(conn, imported_at_us):
-        stored = {(day, prop, country): nanos
-                  for day in days for prop, country, nanos in stored_rows(conn, day)}
-        counts = {"new": 0, "replaced": 0, "unchanged": 0, "removed": 0}
-        for key in sorted(stored.keys() - figures.keys()):
-            conn.execute(SQL["delete_booked"], key)
-            counts["removed"] += 1
-        for key, nanos in figures.items():
-            if stored.get(key) == nanos:
-                counts["unchanged"] += 1
-                continue
-            conn.execute(SQL["upsert_booked"], (*key, nanos, imported_at_us, source_file))
-            counts["new" if key not in stored else "replaced"] += 1
-        return counts
+def clear_earlier_imports(store, unfinished_id):
+    """Delete, in short transactions, the staged rows of an import that died
+    before its switch and the rows that committed imports superseded."""
+    while store.write(lambda conn, _: conn.execute(SQL["unfinished_import"], {
+            "id": unfinished_id, "n": BOOKED_CHUNK_ROWS}).rowcount):
+        pass
+    while store.write(clear_superseded_scopes):
+        pass
 
-    return op
+
+def clear_superseded_scopes(conn, _):
+    scopes = conn.execute(SQL["superseded_scopes"], (BOOKED_CHUNK_SCOPES,)).fetchall()
+    for scope in scopes:
+        conn.execute(SQL["delete_superseded_rows"], scope)
+        conn.execute(SQL["delete_superseded_scope"], scope)
+    return len(scopes)
+
+
+def switch_to_import(import_id, days, properties, conn, _):
+    """The write op that makes a staged import the booked revenue of what it
+    covers, in one short transaction: a row per day and property covered."""
+    if properties == [""]:  # whole days: every property stored for them too
+        for day in days:
+            conn.execute(SQL["supersede_day"], (day,))
+            conn.execute(SQL["switch_day"], (import_id, day))
+            conn.execute(SQL["switch_scope"], (day, "", import_id))
+        return
+    for day in days:
+        for prop in properties:
+            conn.execute(SQL["supersede_scope"], (day, prop))
+            conn.execute(SQL["switch_scope"], (day, prop, import_id))
+
+
+def import_booked(store, rows, source_file):
+    """Store a report's rows as the booked revenue of what it covers (see
+    compare_with_stored) -> the counts of new, replaced, unchanged and removed
+    rows; an import of what is stored already writes nothing.  In steps, so
+    that postbacks never wait long for the write lock: the rows are staged
+    under a new import id in short transactions, unseen (readers see rows
+    through booked_current only), then one short transaction switches each
+    covered day and property to them, then the superseded rows are deleted.
+    Killed at any point, the previous figures stand (or the new ones, once
+    switched) and the next import clears what was left."""
+    with import_lock(store):
+        with store.snapshot() as conn:
+            import_id = conn.execute(SQL["last_import"]).fetchone()[0] + 1
+            left_over = conn.execute(SQL["import_leftovers"], (import_id - 1,)).fetchone()[0]
+        if left_over:
+            clear_earlier_imports(store, import_id)
+        with store.snapshot() as conn:
+            counts, staged, days, properties = compare_with_stored(
+                conn, rows, source_file, now_us())
+        if not (counts["new"] or counts["replaced"] or counts["removed"]):
+            return counts
+        staged = iter(staged)
+        while chunk := list(itertools.islice(staged, BOOKED_CHUNK_ROWS)):
+            store.write(functools.partial(
+                insert_rows, SQL["stage_booked"], [(import_id, *row) for row in chunk]))
+        store.write(functools.partial(switch_to_import, import_id, days, properties))
+    with contextlib.suppress(StoreUnavailable):  # the next import clears them
+        while store.write(clear_superseded_scopes):
+            pass
+    return counts
 
 
 def import_summary(name, rows, counts):
@@ -2965,7 +3140,7 @@ def owed_balances(conn):
     return conn.execute(SQL["owed_balances"]).fetchall()
 
 
-def ledger_lock_path(store):
+def ledger_lock_path(store, suffix="-ledger-lock"):
     """The lock of the database itself, whatever path names it: beside its
     real path (a symlink or a relative path names the same lock).  A second
     hard link would be a second lock, and SQLite keeps a WAL database's -wal
@@ -2977,7 +3152,7 @@ def ledger_lock_path(store):
             f"{store.path} has {links} hard links: a step locks the database by its one real "
             "path, and SQLite cannot share a database between two names: remove the other "
             f"name (find / -xdev -samefile {real} lists them); nothing changed")
-    return real + "-ledger-lock"
+    return real + suffix
 
 
 @contextlib.contextmanager
@@ -3398,6 +3573,38 @@ def ledger_summary(store):
     return {"runs": runs, "settlements": settlements, "days": days, "totals": ledger_totals(sums)}
 
 
+def oldest_unsettled_paid_day(conn):
+    """The start (receive time) of the oldest report day with a part in a
+    run and no settlement, or None: each run's days are walked in its key
+    order, one index search per day, never its parts one by one."""
+    settled = {day for (day,) in conn.execute(SQL["settled_days"])}
+    oldest = None
+    for run_id, offset in conn.execute(SQL["run_offsets"]).fetchall():
+        day = ""
+        while (day := conn.execute(SQL["next_paid_day"], (run_id, day)).fetchone()[0]) is not None:
+            if day not in settled:
+                start = day_bounds_us(day, offset)[0]
+                oldest = start if oldest is None else min(oldest, start)
+                break
+    return oldest
+
+
+def ledger_state(store):
+    """What /metrics tells of the ledger: times in receive-time microseconds
+    (None before the first run or settlement), totals as decimal strings."""
+    with store.snapshot() as conn:
+        run = conn.execute(SQL["last_run_times"]).fetchone()
+        settlement = conn.execute(SQL["last_settlement_times"]).fetchone()
+        sums = ledger_totals(conn.execute(SQL["ledger_sums"]).fetchone())
+        oldest = oldest_unsettled_paid_day(conn)
+    settled_until = None
+    if settlement is not None and settlement[2] is not None:
+        settled_until = day_bounds_us(settlement[2], settlement[1])[1]
+    return {"run_at": run and run[0], "run_until": run and run[1],
+            "settlement_at": settlement and settlement[0], "settlement_until": settled_until,
+            "oldest_unsettled": oldest, "pending": sums["pending"], "owed": sums["owed"]}
+
+
 def json_output(report):
     return (json.dumps(report, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -3783,7 +3990,7 @@ def handle_session_feed():
 @read_endpoint
 def handle_metrics():
     response.content_type = METRICS_TYPE
-    return prometheus_metrics(request.app.store, request.app.counters)
+    return prometheus_metrics(request.app.store, request.app.counters, request.app.revenue)
 
 
 @read_endpoint
@@ -3885,6 +4092,7 @@ def create_app(config):
     app.recent_duplicates = collections.deque(maxlen=RECENT_DUPLICATES)
     app.rollup = Rollup(settings["report_utc_offset"])
     app.ranking = Ranking()
+    app.revenue = RevenueTotal()
     app.install(log_unexpected_errors)
     for status in ERROR_STATUSES:
         app.error(status)(render_error)
@@ -4868,6 +5076,7 @@ class HelpfulParser(argparse.ArgumentParser):
         if out is None:  # started with stdout closed (>&-)
             self.exit(stdout_closed(self.prog, "nowhere to write the help"))
         try:
+            out = CompleteOutput(out)
             out.write(self.format_help())
             out.flush()
         except OSError as exc:
@@ -5085,6 +5294,35 @@ def stdout_closed(prog, what):
     return 1
 
 
+class CompleteOutput:
+    """A command's stdout, every write complete or an OSError.  CPython's
+    buffered stdout answers a write that the disk took only part of (a nearly
+    full file system: write(2) returns a short count) with that count, and
+    nothing raises: the output would end early with exit status 0."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.binary = getattr(stream, "buffer", stream)
+        self.encoding = getattr(stream, "encoding", None) or "utf-8"
+        stream.flush()  # what the text layer holds goes first
+
+    def write(self, data):
+        if isinstance(data, str):
+            data = data.encode(self.encoding)
+        view = memoryview(data)
+        while view:
+            written = self.binary.write(view)
+            if not written:  # nothing taken and nothing raised: never loop on it
+                raise OSError(errno.EIO, "the output took no more bytes")
+            view = view[written:]  # the next write raises why the rest was refused
+
+    def flush(self):
+        self.binary.flush()
+
+    def fileno(self):
+        return self.stream.fileno()
+
+
 class CheckedOutput:
     """The output of a command that changes the database: the first failed
     write is kept, not raised, so that the command finishes its change and
@@ -5289,9 +5527,12 @@ def run_prune(argv, environ, out):
 MAX_REPORT_BYTES = 256 * 2**20
 
 
+IMPORT_PROG = "spp_server.py import-booked"
+
+
 def run_import_booked(argv, environ, out):
     args = parse_arguments(build_import_parser(environ), argv)
-    name = "spp_server.py import-booked"
+    name = IMPORT_PROG
     try:
         with open(args.file, "rb") as report:
             data = report.read(MAX_REPORT_BYTES + 1)
@@ -5316,9 +5557,9 @@ def run_import_booked(argv, environ, out):
         say(f"{name}: cannot open the database {args.db}: {exc}")
         return 1
     try:
-        # Committed when it returns, failed (nothing stored) when it raises:
+        # Committed when it returns, failed (nothing changed) when it raises:
         # a command's write has no deadline (InlineWriter).
-        counts = store.write(import_booked(rows, os.path.basename(args.file)))
+        counts = import_booked(store, rows, os.path.basename(args.file))
     except StoreUnavailable as exc:
         say(f"{name}: {exc}; nothing imported (running it again is safe)")
         return 1
@@ -5380,8 +5621,8 @@ def ledger_lock_options(prog, args):
     """ledger_lock's options for a command: its --lock-wait, and one line on
     stderr when it has to wait."""
     def waiting(path):
-        print(f"{prog}: waiting for another pay or settle to release {path} "
-              f"(at most {args.lock_wait} s, --lock-wait)", file=sys.stderr, flush=True)
+        say(f"{prog}: waiting for another pay or settle to release {path} "
+            f"(at most {args.lock_wait} s, --lock-wait)")
     return {"wait_s": args.lock_wait, "waiting": waiting}
 
 
@@ -5462,10 +5703,10 @@ def run_ledger_step(prog, db, out, step):
     try:
         store = Store(db, DEFAULTS["busy_timeout_ms"], command=True)
     except StoreUnavailable as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        say(f"{prog}: {exc}")
         return 1
     except (OSError, sqlite3.Error) as exc:
-        print(f"{prog}: cannot open the database {db}: {exc}", file=sys.stderr)
+        say(f"{prog}: cannot open the database {db}: {exc}")
         return 1
     report = CheckedOutput(out)
     committed = None
@@ -5475,13 +5716,13 @@ def run_ledger_step(prog, db, out, step):
             report.write(chunk)
     except Invalid as invalid:
         where = f"--{invalid.field}" if invalid.field in LEDGER_OPTIONS else invalid.field
-        print(f"{prog}: {where}: {invalid.message}; nothing changed", file=sys.stderr)
+        say(f"{prog}: {where}: {invalid.message}; nothing changed")
         return 2
     except (StoreUnavailable, sqlite3.Error) as exc:
         if committed:  # reading it back failed: the output is cut short, the step is not
-            print(f"{prog}: {committed}, but reading it back failed: {exc}", file=sys.stderr)
+            say(f"{prog}: {committed}, but reading it back failed: {exc}")
             return EXIT_COMMITTED_OUTPUT_LOST
-        print(f"{prog}: {exc}", file=sys.stderr)
+        say(f"{prog}: {exc}")
         return 1
     finally:
         store.close()
@@ -5496,8 +5737,7 @@ def run_pay(argv, environ, out):
     try:
         until = parse_instant(args.until)
     except ValueError:
-        print(f"{parser.prog}: --until: must be {TIME_FORMS_HELP}, not {args.until!r}",
-              file=sys.stderr)
+        say(f"{parser.prog}: --until: must be {TIME_FORMS_HELP}, not {args.until!r}")
         return 2
 
     def step(store):
@@ -5525,7 +5765,7 @@ def run_settle(argv, environ, out):
             [(newest,)] = store.read(SQL["last_settlement"])
             again = (f" (settlement {newest} is the newest: settle --settlement {newest} "
                      "prints it again)") if newest else ""
-            print(f"{parser.prog}: nothing to settle{again}", file=sys.stderr)
+            say(f"{parser.prog}: nothing to settle{again}")
             return None, settlement_output(store, settlement_id, args.format)
         return (f"settlement {settlement_id} is committed (settle --settlement "
                 f"{settlement_id} prints it again)",
@@ -5558,24 +5798,17 @@ def setup_logging(level="info"):
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
-# The commands: name -> (how to run it on argv, environ; one line for --help).
+# The commands: name -> (run(argv, environ, out), one line for --help); out is
+# stdout, every write of it complete or an error (CompleteOutput).
 COMMANDS = {
-    "export": (lambda argv, environ: run_export(argv, environ, sys.stdout.buffer),
-               "the payout export (what GET /earnings answers), to stdout"),
-    "import-booked": (lambda argv, environ: run_import_booked(argv, environ, sys.stdout),
-                      "store a Gamezop revenue report as booked revenue"),
-    "reconcile": (lambda argv, environ: run_reconcile(argv, environ, sys.stdout.buffer),
-                  "the estimates against the booked revenue per report day, to stdout"),
-    "prune": (lambda argv, environ: run_prune(argv, environ, sys.stdout),
-              "clear old raw bodies, delete old refusals: keep the database bounded"),
-    "pay": (lambda argv, environ: run_pay(argv, environ, sys.stdout.buffer),
-            "pay a run: every session since the last run, each paid exactly once"),
-    "settle": (lambda argv, environ: run_settle(argv, environ, sys.stdout.buffer),
-               "settle paid days against booked revenue: top-ups and carried balances"),
-    "statement": (lambda argv, environ: run_statement(argv, environ, sys.stdout.buffer),
-                  "one user's ledger statement (GET /users/<id>/statement), to stdout"),
-    "ledger": (lambda argv, environ: run_ledger(argv, environ, sys.stdout.buffer),
-               "the ledger summary (GET /ledger), to stdout"),
+    "export": (run_export, "the payout export (what GET /earnings answers), to stdout"),
+    "import-booked": (run_import_booked, "store a Gamezop revenue report as booked revenue"),
+    "reconcile": (run_reconcile, "the estimates against the booked revenue per report day, to stdout"),
+    "prune": (run_prune, "clear old raw bodies, delete old refusals: keep the database bounded"),
+    "pay": (run_pay, "pay a run: every session since the last run, each paid exactly once"),
+    "settle": (run_settle, "settle paid days against booked revenue: top-ups and carried balances"),
+    "statement": (run_statement, "one user's ledger statement (GET /users/<id>/statement), to stdout"),
+    "ledger": (run_ledger, "the ledger summary (GET /ledger), to stdout"),
 }
 
 
@@ -5609,7 +5842,7 @@ def run_command_line(argv, environ):
         if sys.stdout is None:  # started with stdout closed (>&-): Python leaves it None
             return stdout_closed(f"spp_server.py {argv[0]}",
                                  "nowhere to write the output; nothing done")
-        return COMMANDS[argv[0]][0](argv[1:], environ)
+        return COMMANDS[argv[0]][0](argv[1:], environ, CompleteOutput(sys.stdout))
     parser = build_parser(environ)
     if argv[:1] and not argv[0].startswith("-"):  # the server takes no argument
         close = difflib.get_close_matches(argv[0], COMMANDS, n=1)

@@ -2035,7 +2035,11 @@ def test_metrics_in_the_prometheus_format_tell_what_stats_tells(make_client, clo
     assert {name: f.type for name, f in families.items()} == {
         "spp_postbacks": "counter", "spp_sessions_stored": "gauge", "spp_rejected_stored": "gauge",
         "spp_conflicts_stored": "gauge", "spp_last_postback_age_seconds": "gauge",
-        "spp_write_duration_seconds": "histogram", "spp_database_size_bytes": "gauge"}
+        "spp_write_duration_seconds": "histogram", "spp_database_size_bytes": "gauge",
+        "spp_estimated_revenue_usd": "counter", "spp_ledger_pending_usd": "gauge",
+        "spp_ledger_owed_usd": "gauge", **{f"spp_ledger_{name}_timestamp_seconds": "gauge" for name in (
+            "last_run", "last_run_until", "last_settlement", "last_settlement_until",
+            "oldest_unsettled_paid_day")}}
     assert {dict(k[1])["outcome"]: v for k, v in samples.items()
             if k[0] == "spp_postbacks_total"} == {
         "recorded": 2, "duplicate": 1, "rejected": 1, "too-large": 1, "unauthorized": 1,
@@ -2049,12 +2053,73 @@ def test_metrics_in_the_prometheus_format_tell_what_stats_tells(make_client, clo
         os.path.getsize(p) for p in (db, db + "-wal") if os.path.exists(p))
 
 
+def metric_lines(client):
+    """{sample: value text} of /metrics, exactly as written (money is exact)."""
+    text = client.get("/metrics", status=200).text
+    return dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+
+
+def test_estimated_revenue_is_a_counter_of_every_stored_session_exact(client, clock):
+    assert metric_lines(client)["spp_estimated_revenue_usd_total"] == "0"
+    post(client, postback(**{"your-estimated-revenue": "0.000012"}))
+    assert metric_lines(client)["spp_estimated_revenue_usd_total"] == "0.000012"
+    twice = postback(**{"your-estimated-revenue": "0.1"})
+    post(client, twice)
+    post(client, twice)  # a duplicate adds nothing
+    post(client, postback(**{"your-estimated-revenue": "0.000000001"}))
+    assert metric_lines(client)["spp_estimated_revenue_usd_total"] == "0.100012001"
+    with sqlite3.connect(client.app.store.path) as conn:  # as a restored backup: fewer sessions
+        conn.execute("DELETE FROM sessions WHERE id > 1")
+    assert metric_lines(client)["spp_estimated_revenue_usd_total"] == "0.000012"
+
+
+def test_the_revenue_counter_reads_the_covering_index_then_only_new_sessions(client, db):
+    assert query_plan(db, "revenue_all", ()) == "SCAN sessions USING COVERING INDEX sessions_by_time"
+    assert query_plan(db, "revenue_after", (5,)) == (
+        "SEARCH sessions USING INTEGER PRIMARY KEY (rowid>?)")
+
+
+def test_the_ledger_in_metrics_last_run_and_settlement_pending_owed_oldest_unsettled_day(
+        client, clock):
+    store = client.app.store
+    lines = metric_lines(client)
+    assert (lines["spp_ledger_pending_usd"], lines["spp_ledger_owed_usd"]) == ("0", "0")
+    assert not [name for name in lines if "timestamp" in name]  # no run, no settlement yet
+    add_sessions(store, [("a", None, 10**9, at(0)), ("b", None, 10**9, at(1)),
+                         ("a", None, 10**9, at(2))])
+    clock.set("2020-10-05T02:00:00Z")
+    pay(store, at(2, 0), pay_now="0.5", final="0.9")  # pays days 0 and 1
+    lines = metric_lines(client)
+    assert lines["spp_ledger_last_run_timestamp_seconds"] == "1601863200.000000"
+    assert lines["spp_ledger_last_run_until_timestamp_seconds"] == "1601683200.000000"  # Oct 3
+    assert lines["spp_ledger_oldest_unsettled_paid_day_timestamp_seconds"] == "1601510400.000000"
+    assert lines["spp_ledger_pending_usd"] == client.get("/ledger").json["totals"]["pending"] == "1"
+    clock.set("2020-11-05T03:00:00Z")
+    book_rows(store, [(day_text(0), "", 10**8)])  # day 0 booked low: a balance carried
+    spp_server.settle(store)
+    lines = metric_lines(client)
+    assert lines["spp_ledger_last_settlement_timestamp_seconds"] == "1604545200.000000"
+    assert lines["spp_ledger_last_settlement_until_timestamp_seconds"] == "1601596800.000000"
+    assert lines["spp_ledger_oldest_unsettled_paid_day_timestamp_seconds"] == "1601596800.000000"
+    totals = client.get("/ledger").json["totals"]
+    assert (lines["spp_ledger_pending_usd"], lines["spp_ledger_owed_usd"]) == (
+        totals["pending"], totals["owed"]) == ("0.5", "0.41")
+    book_rows(store, [(day_text(1), "", 10**9)])
+    spp_server.settle(store)
+    assert "spp_ledger_oldest_unsettled_paid_day_timestamp_seconds" not in metric_lines(client)
+
+
 ALERT_RULES = HERE / "docs" / "prometheus-alerts.yml"
 PROMTOOL = shutil.which("promtool")
 
 
 def test_the_alert_rules_name_only_metrics_the_server_gives(client):
     post(client, postback())
+    store = client.app.store  # a run, a settlement, a paid day still unsettled
+    add_sessions(store, [("a", None, 10**9, at(0)), ("b", None, 10**9, at(1))])
+    pay(store, at(2, 0))
+    book_rows(store, [(day_text(0), "", 10**9)])
+    spp_server.settle(store)
     families, samples = scrape(client)
     names = {name for name, _ in samples}
     used = set(re.findall(r"\bspp_[a-z_]+", ALERT_RULES.read_text()))
@@ -2458,6 +2523,7 @@ def command_lines(client, db, tmp_path):
                 "--final-share", "0.9"],
         "statement": ["statement", "sub1", "--db", db],
         "ledger": ["ledger", "--db", db],
+        "settle": ["settle", "--db", db],
     }
 
 
@@ -2531,6 +2597,62 @@ def test_help_with_stdout_closed_says_so_without_a_traceback(argv):
                             stderr=subprocess.PIPE, text=True, timeout=30)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and "stdout is closed" in result.stderr
+
+@pytest.fixture
+def nearly_full_output(tmp_path):
+    """A file on a real 256 KiB tmpfs filled but for its last 16 bytes: the
+    next write(2) of more than that returns a short count, as on a nearly
+    full disk (/dev/full fails the first write whole).  Needs root, as CI."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        output = mount / "out"
+        output.write_bytes(b"-" * (256 * 1024 - 16))
+        yield output
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+EVERY_OUTPUT_COMMAND = ["export", "reconcile", "import-booked", "prune", "prune --dry-run",
+                        "--help", "export --help", "pay", "settle", "statement", "ledger"]
+
+
+@pytest.mark.parametrize("command", EVERY_OUTPUT_COMMAND)
+def test_every_command_whose_output_the_disk_takes_only_part_of_fails_loudly(
+        command_lines, nearly_full_output, command):
+    """A short write is an error, not a short file with status 0: CPython's
+    buffered stdout returned the short count and nothing raised."""
+    with open(nearly_full_output, "ab") as target:
+        result = subprocess.run([sys.executable, str(SERVER), *command_lines[command]],
+                                stdout=target, stderr=subprocess.PIPE, text=True, timeout=30)
+    assert result.returncode in (1, COMMITTED), result.stderr
+    said = result.stderr.splitlines()  # settle also says there is nothing to settle
+    assert len(said) == 1 + (command == "settle") and "No space left on device" in said[-1]
+    assert "Traceback" not in result.stderr
+    assert nearly_full_output.stat().st_size == 256 * 1024  # it did take the 16 bytes
+
+
+@pytest.mark.parametrize("argv_of", [
+    lambda lines: lines["settle"],  # nothing to settle
+    lambda lines: [*lines["pay"][:-1], "2"],  # a refused share
+    lambda lines: [*lines["pay"][:3], "--until", "soon", *lines["pay"][5:]],  # a refused --until
+    lambda lines: ["export", "--db", "/nonexistent/spp.db", *lines["export"][3:]],
+    lambda lines: ["import-booked", "/nonexistent.csv", *lines["import-booked"][2:]],
+], ids=["settle-nothing", "pay-share", "pay-until", "export-no-db", "import-no-file"])
+def test_with_stderr_closed_a_command_writes_nothing_meant_for_stderr_to_stdout(
+        command_lines, argv_of):
+    """`settle > lines.csv 2>&-` wrote 'nothing to settle' into the CSV:
+    every command says things on stderr one way, which a closed stderr drops."""
+    argv = argv_of(command_lines)
+    said = subprocess.run([sys.executable, str(SERVER), *argv], capture_output=True, timeout=30)
+    assert said.stderr  # there is something for stderr in each case
+    closed = subprocess.run([sys.executable, str(SERVER), *argv], stdout=subprocess.PIPE,
+                            preexec_fn=lambda: os.close(2), timeout=30)
+    assert closed.stdout == said.stdout and closed.returncode == said.returncode
+
 
 # --- Read-only access: a backup read by a user who may not write it ---
 
@@ -2703,7 +2825,7 @@ def parse_booked(text, metric="revenue"):
 
 def book(client, text, source="report.csv"):
     """Import a report (CSV or JSON text) into the client's database."""
-    return client.app.store.write(spp_server.import_booked(parse_booked(text), source))
+    return spp_server.import_booked(client.app.store, parse_booked(text), source)
 
 
 def recon(client, status=200, **params):
@@ -2872,7 +2994,7 @@ def test_a_failed_write_imports_nothing(client, db):
     rows_in = parse_booked(booked_csv(("2026-11-01", "1", "IN", "1"), ("2026-11-02", "1", "IN", "1")))
     broken = [*rows_in, spp_server.BookedRow("2026-11-03", "1", "IN", -1)]  # the CHECK refuses it
     with pytest.raises(spp_server.StoreUnavailable):
-        client.app.store.write(spp_server.import_booked(broken, "x.csv"))
+        spp_server.import_booked(client.app.store, broken, "x.csv")
     assert count(db, "booked_revenue") == 0
 
 
@@ -3026,14 +3148,12 @@ def last_import_covering(imports, day, prop):
 @settings(max_examples=60, **HOSTILE_SETTINGS)
 @given(imports=st.lists(booked_reports(), min_size=1, max_size=6))
 def test_after_any_imports_each_day_holds_what_the_last_import_covering_it_says(imports):
-    conn = sqlite3.connect(":memory:", isolation_level=None)
-    spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text())
+    directory = tempfile.TemporaryDirectory()
+    store = spp_server.Store(Path(directory.name, "spp.db"))
+    conn = sqlite3.connect(store.path, isolation_level=None)
 
-    def run(op):
-        conn.execute("BEGIN IMMEDIATE")
-        result = op(conn, 1)
-        conn.execute("COMMIT")
-        return result
+    def run(report, source):
+        return spp_server.import_booked(store, report, source)
 
     def stored():
         return dict(((day, prop), nanos) for day, prop, nanos in conn.execute(
@@ -3041,7 +3161,7 @@ def test_after_any_imports_each_day_holds_what_the_last_import_covering_it_says(
 
     for i, report in enumerate(imports):
         rows_before = conn.execute("SELECT count(*) FROM booked_revenue").fetchone()[0]
-        counts = run(spp_server.import_booked(report, f"{i}.csv"))
+        counts = run(report, f"{i}.csv")
         assert counts["new"] + counts["replaced"] + counts["unchanged"] == len(report)
         assert conn.execute("SELECT count(*) FROM booked_revenue").fetchone()[0] == (
             rows_before + counts["new"] - counts["removed"])
@@ -3059,10 +3179,15 @@ def test_after_any_imports_each_day_holds_what_the_last_import_covering_it_says(
                 assert sum(n for (d, _), n in stored().items() if d == day) == sum(
                     row.revenue_nano for row in report if row.day == day)
         # The same report again changes nothing.
-        assert run(spp_server.import_booked(report, "again.csv")) == {
+        assert run(report, "again.csv") == {
             "new": 0, "replaced": 0, "unchanged": len(report), "removed": 0}
         assert stored() == expected
+        # Nothing is left behind: no staged or superseded row, in any step.
+        assert conn.execute("SELECT count(*) FROM booked_rows").fetchone() == conn.execute(
+            "SELECT count(*) FROM booked_revenue").fetchone()
     conn.close()
+    store.close()
+    directory.cleanup()
 
 
 @pytest.mark.parametrize("text, where, key", [
@@ -3141,19 +3266,14 @@ def test_an_import_waits_for_its_own_write_however_long_it_takes(client, db, tmp
     have the write commit after all."""
     monkeypatch.setitem(spp_server.DEFAULTS, "busy_timeout_ms", 0)  # a server would wait 1 s
     entered, gate = threading.Event(), threading.Event()
-    real_import = spp_server.import_booked
+    real_switch = spp_server.switch_to_import
 
-    def slow_import(rows_, source):
-        op = real_import(rows_, source)
+    def held_up(*args):
+        entered.set()
+        assert gate.wait(10)
+        return real_switch(*args)
 
-        def held_up(conn, now):
-            entered.set()
-            assert gate.wait(10)
-            return op(conn, now)
-
-        return held_up
-
-    monkeypatch.setattr(spp_server, "import_booked", slow_import)
+    monkeypatch.setattr(spp_server, "switch_to_import", held_up)
     outcome = []
     command = threading.Thread(
         target=lambda: outcome.append(import_file(tmp_path, db, "date,revenue\n2026-11-01,1\n")))
@@ -3166,6 +3286,106 @@ def test_an_import_waits_for_its_own_write_however_long_it_takes(client, db, tmp
     assert still_waiting, "the command gave up on a write that was still going to commit"
     [(code, out, err)] = outcome
     assert (code, err) == (0, "") and "1 new" in out
+    assert count(db, "booked_revenue") == 1
+
+
+# --- An import in steps: short transactions, never half seen, killed at any point ---
+
+
+def a_report(days, properties, countries, cents):
+    return booked_csv(*((f"2026-11-{day:02}", prop, country, f"0.{cents:02}")
+                        for day in days for prop in properties for country in countries))
+
+
+def test_an_import_holds_the_write_lock_for_short_transactions_and_is_never_seen_half(
+        client, db, tmp_path, monkeypatch):
+    """A 2M-row report in one transaction held the lock for 70 s and postbacks
+    got 503: each transaction now writes a bounded number of rows (staged
+    under a new import id, then one switch per day and property), and a
+    reader between any two of them sees the old figures or the new, whole."""
+    import_file(tmp_path, db, a_report([1, 2, 3], ["A", "B"], ["IN", "US", "BR"], 10))
+    old = rows(db, "SELECT * FROM booked_revenue ORDER BY 1, 2, 3")
+    monkeypatch.setattr(spp_server, "BOOKED_CHUNK_ROWS", 7)
+    monkeypatch.setattr(spp_server, "BOOKED_CHUNK_SCOPES", 2)
+    changes, seen = [], []
+    real_run = spp_server.InlineWriter.run
+
+    def watched(writer, op):
+        def counted(conn, now):
+            before = conn.total_changes
+            result = op(conn, now)
+            changes.append(conn.total_changes - before)
+            return result
+        result = real_run(writer, counted)
+        seen.append(rows(db, "SELECT * FROM booked_revenue ORDER BY 1, 2, 3"))
+        return result
+
+    monkeypatch.setattr(spp_server.InlineWriter, "run", watched)
+    report = a_report([2, 3, 4], ["A", "C"], ["IN", "US", "DE"], 20)  # 18 rows, 6 scopes
+    code, out, _ = import_file(tmp_path, db, report)
+    assert code == 0 and out.endswith("18 rows for 3 days (2 properties): 14 new, 4 replaced, "
+                                      "0 unchanged, 2 removed\n")
+    new = rows(db, "SELECT * FROM booked_revenue ORDER BY 1, 2, 3")
+    assert len(changes) > 4 and max(changes) <= 2 * 9  # a chunk, or a switch: 9 (day, property)
+    assert {tuple(state) for state in seen} <= {tuple(old), tuple(new)}
+    assert seen.index(new) > 1  # staged first, unseen
+    assert count(db, "booked_rows") == len(new)  # the superseded rows are gone
+
+
+@pytest.mark.parametrize("name, when", [
+    ("switch_to_import", "before"),  # staged, committed
+    ("switch_to_import", "after"),  # switched, not committed
+    ("clear_superseded_scopes", "before"),  # committed, superseded rows still there
+    ("import_summary", "before"),  # all done but the line
+])
+def test_an_import_killed_at_any_point_leaves_old_or_new_and_a_rerun_is_right(
+        client, db, tmp_path, name, when):
+    first = tmp_path / "first.csv"
+    first.write_text(a_report([1, 2], ["A", "B"], ["IN", "US"], 10))
+    second = tmp_path / "second.csv"
+    second.write_text(a_report([2, 3], ["A"], ["IN", "DE"], 20))
+    argv = ["import-booked", "--db", db]
+    assert spp_server.main([*argv, str(first)]) == 0
+    before = rows(db, "SELECT * FROM booked_revenue ORDER BY 1, 2, 3")
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, name, when, *argv, str(second)],
+                            cwd=HERE, capture_output=True, timeout=15)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+    switched = name in ("clear_superseded_scopes", "import_summary")
+    seen = rows(db, "SELECT day, property_id, country, revenue_nano FROM booked_revenue "
+                    "ORDER BY 1, 2, 3")
+    assert (seen == [row[:4] for row in before]) != switched
+    if name != "import_summary":  # staged or superseded rows were left
+        assert count(db, "booked_rows") > len(seen)
+    again = subprocess.run([sys.executable, str(SERVER), *argv, str(second)], capture_output=True,
+                           text=True, timeout=15)
+    assert again.returncode == 0, again.stderr
+    assert ("nothing changed" in again.stdout) == switched
+    after = rows(db, "SELECT day, property_id, country, revenue_nano FROM booked_revenue "
+                     "ORDER BY 1, 2, 3")
+    assert after == sorted(
+        [r for r in (row[:4] for row in before) if r[0] == "2026-11-01" or r[1] == "B"]
+        + [(f"2026-11-0{d}", "A", c, 200_000_000) for d in (2, 3) for c in ("DE", "IN")])
+    assert count(db, "booked_rows") == len(after)
+
+
+def test_two_imports_through_a_symlink_take_turns(client, db, tmp_path):
+    """One import at a time, whatever the path: a second one through a
+    symlink waits, says so, and then imports."""
+    link = tmp_path / "link.db"
+    link.symlink_to(db)
+    report = tmp_path / "r.csv"
+    report.write_text(a_report([1], ["A"], ["IN"], 10))
+    with open(db + "-import-lock", "wb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        second = subprocess.Popen([sys.executable, str(SERVER), "import-booked", str(report),
+                                   "--db", str(link)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        waiting = second.stderr.readline()
+        assert "waiting for another import-booked" in waiting
+        assert count(db, "booked_revenue") == 0
+    out, err = second.communicate(timeout=15)
+    assert second.returncode == 0 and "1 new" in out and err == ""
     assert count(db, "booked_revenue") == 1
 
 
@@ -3727,7 +3947,9 @@ def test_per_day_estimates_search_the_receive_time_index(client, db, name):
 def test_booked_days_search_the_primary_key(client, db):
     plan = query_plan(db, "booked_by_day",
                       {"since_day": "2026-11-01", "until_day": "2026-11-08", "property": None})
-    assert plan.startswith("SEARCH booked_revenue USING PRIMARY KEY (day>? AND day<?)")
+    # The current import of each day and property, then its rows: both by primary key.
+    assert plan.startswith("SEARCH c USING PRIMARY KEY (day>? AND day<?) / "
+                           "SEARCH r USING PRIMARY KEY (import_id=? AND day=? AND property_id=?)")
 
 
 # ---------------------------------------------------------------------------
@@ -3759,7 +3981,7 @@ def add_sessions(store, sessions):
 def book_rows(store, rows_):
     """rows_: (day, property or '', revenue nanos) -> imported as booked revenue."""
     booked = [spp_server.BookedRow(day, prop, "", nanos) for day, prop, nanos in rows_]
-    return store.write(spp_server.import_booked(booked, "test.csv"))
+    return spp_server.import_booked(store, booked, "test.csv")
 
 
 def day_text(n):
@@ -6271,6 +6493,31 @@ def test_commands_use_an_older_database_the_server_upgrades(db, tmp_path, capsys
     assert rows(db, "PRAGMA user_version") == [(LATEST,)]
 
 
+def design_upgrade_lists():
+    """docs/design.md's two lists: the commands that upgrade an older
+    database, and those that refuse one."""
+    text = " ".join((HERE / "docs" / "design.md").read_text().split())
+    upgrade, refuse = re.search(r"keeps its rows\. (.*?) upgrade it the same way; (.*?), which "
+                                r"only read, refuse an older one", text).groups()
+    return re.findall(r"`([a-z-]+)`", upgrade), re.findall(r"`([a-z-]+)`", refuse)
+
+
+@pytest.mark.parametrize("command", list(spp_server.COMMANDS))
+def test_every_command_upgrades_an_older_database_or_refuses_it_as_design_md_says(
+        db, tmp_path, capsys, command):
+    upgrading, refusing = design_upgrade_lists()
+    assert command in upgrading + refusing, "design.md does not say what it does"
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=1)
+    status = run_entry_point(command, db, tmp_path)
+    if command in refusing:
+        assert status == 1
+        one_line_error(capsys, "schema version 1", f"older than this code's {LATEST}")
+        assert rows(db, "PRAGMA user_version") == [(1,)]
+    else:
+        assert status == 0 and rows(db, "PRAGMA user_version") == [(LATEST,)]
+
+
 @pytest.mark.parametrize("version", SCHEMA_VERSIONS)
 def test_a_database_of_ours_missing_a_table_or_column_of_its_version_is_refused(
         db, tmp_path, capsys, version):
@@ -8261,27 +8508,36 @@ def test_the_payout_script_fails_loudly_leaves_nothing_and_recovers(real_server,
         assert not list(work.glob("*.part")), "a partial file was left behind"
         return result
 
-    paid = pay("2100-01-01")
+    def now():  # after every postback above was answered: they are before it
+        return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    ahead = pay((datetime.datetime.now(datetime.timezone.utc)
+                 + datetime.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    assert ahead.returncode == 2 and "is in the future" in ahead.stderr  # and nothing written
+    assert sorted(p.name for p in work.iterdir()) == ["payout.sh"]
+    first = now()
+    paid = pay(first)
     assert paid.returncode == 0, paid.stderr
     with open(work / "payout-2000-01-01.csv", newline="") as f:
         assert [(r["user-id"], r["estimated-revenue"]) for r in csv.DictReader(f)] == [
             ("a", "0.1"), ("b", "0.25")]
-    assert (work / "last-payout-until").read_text() == "2100-01-01\n"
+    assert (work / "last-payout-until").read_text() == first + "\n"
 
-    again = pay("2100-01-01")  # an empty window: the server answers 400
+    again = pay(first)  # an empty window: the server answers 400
     assert again.returncode != 0 and "400" in again.stderr and '"field": "until"' in again.stderr
     server.stop()
-    down = pay("2100-01-02")
+    second = now()
+    down = pay(second)
     assert down.returncode != 0 and "curl: (7)" in down.stderr
     assert sorted(p.name for p in work.iterdir()) == [
         "last-payout-until", "payout-2000-01-01.csv", "payout.sh"]
-    assert (work / "last-payout-until").read_text() == "2100-01-01\n"
+    assert (work / "last-payout-until").read_text() == first + "\n"
 
     real_server(db=server.db, env={"SPP_READ_TOKEN": "t"}, port=server.port)
-    later = pay("2100-01-02")
+    later = pay(second)
     assert later.returncode == 0, later.stderr
-    assert (work / "payout-2100-01-01.csv").read_text().count("\n") == 1  # the header only
-    assert (work / "last-payout-until").read_text() == "2100-01-02\n"
+    assert (work / f"payout-{first}.csv").read_text().count("\n") == 1  # the header only
+    assert (work / "last-payout-until").read_text() == second + "\n"
 
 
 def test_the_feed_consumer_credits_each_session_once_across_a_server_restart(real_server, tmp_path):
@@ -8396,6 +8652,98 @@ def heading_anchors(text):
             title = line.lstrip("#").strip().lower()
             anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
     return anchors
+
+
+@pytest.mark.parametrize("page", [page for page in DOC_PAGES if page != "README.md"])
+def test_moving_each_pages_database_aside_keeps_the_previous_pages_copy(tmp_path, page):
+    """Each page says how to move the previous page's database aside: done
+    after two pages in turn, both copies must still be there."""
+    text = " ".join((HERE / page).read_text().split())
+    [command] = re.findall(r"move its database into a folder of its own \(`([^`]+)`\)", text)
+    for content in (b"first page", b"second page"):
+        (tmp_path / "spp.db").write_bytes(content)
+        (tmp_path / "spp.db-wal").write_bytes(content + b" wal")
+        subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True, timeout=10)
+        assert not list(tmp_path.glob("spp.db*"))
+    kept = sorted(path.read_bytes() for path in tmp_path.glob("old/*/spp.db*"))
+    assert kept == [b"first page", b"first page wal", b"second page", b"second page wal"]
+
+
+@pytest.mark.skipif(shutil.which("sqlite3") is None, reason="the sqlite3 shell is not installed")
+def test_moving_to_a_bigger_machine_keeps_sessions_ledger_tokens_files_and_feed_cursors(
+        real_server, tmp_path):
+    """docs/operating.md's move-out.sh and move-in.sh as written, with the
+    machines' paths in temporary directories and systemctl a stand-in that
+    logs what it was asked.  The old server is killed, so that its newest
+    commits are still in the WAL."""
+    machines = {side: {name: tmp_path / side / name for name in ("state", "etc", "payouts", "bin")}
+                for side in ("old", "new")}
+    for paths in machines.values():
+        for path in paths.values():
+            path.mkdir(parents=True)
+        (paths["bin"] / "systemctl").write_text('#!/bin/sh\necho "$@" >> "${0%/*}/calls"\n')
+        (paths["bin"] / "systemctl").chmod(0o755)
+    old, new = machines["old"], machines["new"]
+    (old["etc"] / "postback-token").write_text("p-secret\n")
+    (old["etc"] / "read-token").write_text("r-secret\n")
+    (old["payouts"] / "run-1.csv").write_text("run-id,user-id\n1,a\n")
+    auth, read = {"Authorization": "Bearer p-secret"}, {"Authorization": "Bearer r-secret"}
+    server = real_server(db=str(old["state"] / "spp.db"),
+                         env={"CREDENTIALS_DIRECTORY": str(old["etc"])})
+    for i in range(6):
+        body = json.dumps(postback(user_id=f"u{i % 2}", your_estimated_revenue="0.5")).encode()
+        assert server.request("POST", "/postback", body, auth)[0] == 200
+    until = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    pay = ["pay", "--until", until, "--pay-now-share", "0.5", "--final-share", "0.9"]
+    paid = subprocess.run([sys.executable, str(SERVER), *pay, "--db", server.db],
+                          capture_output=True, timeout=15)
+    assert paid.returncode == 0 and paid.stdout.count(b"\n") == 3, paid.stderr
+    status, first_page = server.request("GET", "/sessions?after=0&limit=4", headers=read)
+    assert status == 200 and len(first_page["sessions"]) == 4
+    status, rest_on_old = server.request("GET", f"/sessions?after={first_page['next']}",
+                                         headers=read)
+    stats_on_old = server.request("GET", "/stats", headers=read)[1]
+    server.stop(signal.SIGKILL)
+    assert os.path.getsize(server.db + "-wal") > 0  # commits the database file lacks
+    fresh = real_server(db=str(new["state"] / "spp.db"))  # deploy.md on the new machine
+    fresh.stop()
+
+    def run(script, paths, *args):
+        env = {**os.environ, "PATH": f"{paths['bin']}:{os.environ['PATH']}",
+               "SPP_STATE": str(paths["state"]), "SPP_ETC": str(paths["etc"]),
+               "SPP_PAYOUTS": str(paths["payouts"])}
+        (tmp_path / script).write_text(doc_file("docs/operating.md", script, 0))
+        return subprocess.run(["bash", str(tmp_path / script), *args], env=env,
+                              capture_output=True, text=True, timeout=30)
+
+    archive = tmp_path / "spp-move.tar.gz"
+    out = run("move-out.sh", old, str(archive))
+    assert out.returncode == 0 and "6 sessions" in out.stdout, out.stderr
+    assert archive.stat().st_mode & 0o077 == 0
+    moved = run("move-in.sh", new, str(archive))
+    assert moved.returncode == 0 and "6 sessions" in moved.stdout, moved.stderr
+    assert "stop spp-payout.timer spp-settlement.timer spp.socket spp.service" in (
+        old["bin"] / "calls").read_text()
+    assert "start spp.socket spp.service" in (new["bin"] / "calls").read_text()
+    assert (new["payouts"] / "run-1.csv").read_text() == "run-id,user-id\n1,a\n"
+    server = real_server(db=str(new["state"] / "spp.db"),
+                         env={"CREDENTIALS_DIRECTORY": str(new["etc"])})
+    stats_on_new = server.request("GET", "/stats", headers=read)[1]
+    assert (stats_on_new["sessions"], stats_on_new["last-received-at"]) == (
+        stats_on_old["sessions"], stats_on_old["last-received-at"]) == (6, stats_on_old[
+            "last-received-at"])
+    # The feed consumer's cursor goes on where it was; the old tokens work.
+    assert server.request("GET", f"/sessions?after={first_page['next']}", headers=read) == (
+        status, rest_on_old)
+    assert server.request("GET", "/stats", headers={"Authorization": "Bearer x"})[0] == 401
+    body = json.dumps(postback(user_id="u9")).encode()
+    assert server.request("POST", "/postback", body, auth)[0] == 200
+    again = subprocess.run([sys.executable, str(SERVER), *pay, "--db", server.db],
+                           capture_output=True, timeout=15)
+    assert (again.returncode, again.stdout) == (0, paid.stdout)  # the same run 1, not a new one
+    # A second move-in onto a database that holds sessions changes nothing.
+    refused = run("move-in.sh", new, str(archive))
+    assert refused.returncode == 1 and "holds sessions: not replacing it" in refused.stderr
 
 
 def test_links_between_the_docs_lead_to_a_page_and_heading_that_exist():
