@@ -3993,6 +3993,8 @@ def erase_user(user_id, force, conn, erased_at_us):
     bodies cleared, rejected and conflicting postbacks naming them deleted,
     and the erasure recorded without the id.  -> counts, or Invalid while
     the user has amounts pending or owed (unless forced)."""
+    if not user_id:
+        raise Invalid("user-id", "must not be empty: '' stands for every session without a sub")
     blockers = erasure_blockers(conn, user_id)
     if blockers and not force:
         raise Invalid("user-id", f"the user still has {', '.join(blockers)}: settle or release "

@@ -4825,6 +4825,10 @@ def test_erasing_a_user_still_owed_or_owing_is_refused_unless_forced(store, db):
     assert (code, err) == (0, "")
     assert rows(db, "SELECT count(*) FROM sessions WHERE user_id = 'u'") == [(0,)]
     assert rows(db, "SELECT sessions, forced FROM erasures") == [(2, 1)]
+    # The unattributed '' is no one: never erased.
+    add_sessions(store, [("", None, 5, at(0))])
+    code, _, err = ledger_command(spp_server.run_erase, db, "", "--even-if-owed")
+    assert code == 2 and "must not be empty" in err and count(db, "erasures") == 1
 
 
 # --- kill -9 at chosen points of a real command ---
