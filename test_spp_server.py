@@ -4920,11 +4920,20 @@ def test_a_ledger_step_killed_at_any_point_is_whole_or_absent_and_a_rerun_comple
     (["erase", "u3", "--even-if-owed"], "erase_user", "after", False),  # before COMMIT
     (["erase", "u3", "--even-if-owed"], "compact_after_erasure", "before", True),
     (["hold", "u3", "--reason", "r"], "change_hold", "after", False),
+    (["release", "u3", "--reason", "r"], "change_hold", "after", False),
+    (["write-off-balances", "--older-than", "1d"], "write_off_aged", "after", False),
 ])
 def test_the_other_ledger_commands_killed_at_any_point_leave_all_or_nothing_and_rerun_safely(
         tmp_path, command, name, when, committed):
     db = str(tmp_path / "spp.db")
     ledger_month(db)
+    if command[0] == "release":
+        assert ledger_command(spp_server.run_hold, db, "u3", "--reason", "r")[0] == 0
+    if command[0] == "write-off-balances":  # balances carried long ago
+        assert ledger_command(spp_server.run_settle, db)[0] == 0
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+            conn.execute("UPDATE settlements SET created_at_us = 0")
+        assert rows(db, "SELECT count(*) FROM ledger_balances WHERE owed_nano > 0")[0][0] > 0
     before = ledger_rows(db) | {t: rows(db, f"SELECT * FROM {t}") for t in
                                ("ledger_holds", "balance_write_offs", "erasures")}
     killed = subprocess.run([sys.executable, "-c", KILL_AT, name, when, *command, "--db", db],
@@ -4934,13 +4943,18 @@ def test_the_other_ledger_commands_killed_at_any_point_leave_all_or_nothing_and_
     after = ledger_rows(db) | {t: rows(db, f"SELECT * FROM {t}") for t in
                               ("ledger_holds", "balance_write_offs", "erasures")}
     assert (after != before) == committed
-    run = {"erase": spp_server.run_erase, "hold": spp_server.run_hold}[command[0]]
+    run = {"erase": spp_server.run_erase, "hold": spp_server.run_hold,
+           "release": functools.partial(spp_server.run_hold, action="release"),
+           "write-off-balances": spp_server.run_write_off_balances}[command[0]]
     assert ledger_command(run, db, *command[1:])[0] == 0
     assert ledger_command(run, db, *command[1:])[0] == 0  # and again: nothing twice
     if command[0] == "erase":
         assert b"u3" not in file_bytes(db) and count(db, "erasures") == 1
-    if command[0] == "hold":
-        assert count(db, "ledger_holds") == 1
+    if command[0] in ("hold", "release"):
+        assert count(db, "ledger_holds") == (1 if command[0] == "hold" else 2)
+    if command[0] == "write-off-balances":
+        assert count(db, "balance_write_offs") == 1
+        assert rows(db, "SELECT count(*) FROM ledger_balances WHERE owed_nano > 0") == [(0,)]
 
 
 # --- One step at a time, whatever path names the database ---
