@@ -188,3 +188,10 @@ CREATE TABLE ledger_balances (
     user_id             TEXT    PRIMARY KEY,
     owed_nano           INTEGER NOT NULL CHECK (owed_nano >= 0)
 ) WITHOUT ROWID;
+
+-- version 6
+-- Ledger cut-over (issue 21; docs/ledger.md "Taking over from window
+-- exports or the feed"): the first run's --from as given (an instant in ISO
+-- 8601 UTC, or a feed cursor), NULL when the ledger pays from the first
+-- session.  The run's after_session_id is where it took over.
+ALTER TABLE payout_runs ADD COLUMN started_from TEXT;

@@ -8,6 +8,7 @@ systemd), each with its own helpers at its top.  Real servers are spoken to
 through one helper, http_request() (RealServer.request decodes its JSON)."""
 
 import base64
+import collections
 import contextlib
 import csv
 import datetime
@@ -28,6 +29,7 @@ import shlex
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -4311,10 +4313,13 @@ def ledger_rows(db, staged=True):
     (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "plan_run", "after"),
     (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "write_in_chunks", "after"),  # parts staged
     (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "record_run", "after"),  # before COMMIT
+    # After COMMIT, before the ledger journal holds it (its lines not released yet).
+    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "journal_step", "before"),
     (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "run_output", "before"),  # after COMMIT
     (["settle"], "settle_pools", "after"),
     (["settle"], "write_in_chunks", "after"),  # lines staged
     (["settle"], "record_settlement", "after"),
+    (["settle"], "journal_step", "before"),
     (["settle"], "settlement_output", "before"),
 ])
 def test_a_ledger_step_killed_at_any_point_is_whole_or_absent_and_a_rerun_completes_it(
@@ -4331,7 +4336,7 @@ def test_a_ledger_step_killed_at_any_point_is_whole_or_absent_and_a_rerun_comple
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert killed.stdout == b""
     assert rows(db, "PRAGMA integrity_check") == [("ok",)]
-    committed = name in ("run_output", "settlement_output")
+    committed = name in ("run_output", "settlement_output", "journal_step")
     assert ledger_rows(db, staged=False) == (ledger_rows(reference) if committed else before)
     if name == "write_in_chunks":  # rows of the step were staged, and stay unseen
         assert ledger_rows(db) != ledger_rows(db, staged=False)
@@ -4340,6 +4345,12 @@ def test_a_ledger_step_killed_at_any_point_is_whole_or_absent_and_a_rerun_comple
     again = ["--settlement", "1"] if committed and command == ["settle"] else []
     assert ledger_command(run, db, *command[1:], *again) == expected
     assert ledger_rows(db) == ledger_rows(reference)
+    # And the journal holds the step: a restore of the copy before it is seen.
+    assert journal_steps(db) == journal_steps(reference)
+
+
+def journal_steps(db):
+    return rows(spp_server.journal_path(db), "SELECT kind, id FROM steps ORDER BY seq")
 
 
 # --- The documented routine, run as written ---
@@ -4419,7 +4430,8 @@ def test_the_ledger_settlement_illustration_is_what_settle_prints(store, db):
     add_sessions(store, [("sub1", None, 20_000, on(3, h)) for h in (9, 12, 15)]
                  + [("sub1", None, 20_000, on(day)) for day in range(5, 14)]
                  + [("sub2", None, 30_000, on(3)), ("sub2", None, 20_000, on(4))])
-    assert ledger_command(spp_server.run_pay, db, *pay_args("2026-11-30T00:00:00Z"))[0] == 0
+    assert ledger_command(spp_server.run_pay, db, *pay_args("2026-11-30T00:00:00Z"),
+                          "--from", "2026-11-01")[0] == 0
     book_rows(store, [("2026-11-03", "", 100_000), ("2026-11-04", "", 10_000)])
     code, out, err = ledger_command(spp_server.run_settle, db)
     assert (code, err) == (0, "")
@@ -4568,6 +4580,377 @@ def test_ledger_properties_hold_over_random_months(month):
             check_ledger(store, db, final, write_off)
         finally:
             store.close()
+
+
+# ---------------------------------------------------------------------------
+# Payout ledger: the journal, restores, and where the ledger takes over
+# ---------------------------------------------------------------------------
+
+
+def backup_of(db, path):
+    """A copy taken as docs/operating.md says: SQLite's online backup (`.backup`)."""
+    with contextlib.closing(sqlite3.connect(db)) as source, \
+            contextlib.closing(sqlite3.connect(path)) as copy:
+        source.backup(copy)
+    return path
+
+
+def paid_session_ids(db):
+    """{run id: the session-ids of the sessions in its id range}, as of now."""
+    return {run: {sid for (sid,) in rows(db, "SELECT session_id FROM sessions WHERE id > ? AND "
+                                              "id <= ?", (after, last))}
+            for run, after, last in rows(db, "SELECT id, after_session_id, last_session_id "
+                                             "FROM payout_runs")}
+
+
+class LedgerModel:
+    """What was delivered, as a wallet app sees it: each step's lines by id,
+    and the session-ids each run paid when it was made.  check() asserts the
+    issue's promises on the database as it is now."""
+
+    def __init__(self, db):
+        self.db, self.runs, self.settlements, self.paid = db, {}, {}, {}
+
+    def delivered(self, kind, step_id, text):
+        book = self.runs if kind == "run" else self.settlements
+        assert book.setdefault(step_id, text) == text, f"{kind} {step_id} names two things"
+        if kind == "run" and step_id not in self.paid:
+            self.paid[step_id] = paid_session_ids(self.db)[step_id]
+
+    def pay(self, until, *more):
+        code, out, err = ledger_command(spp_server.run_pay, self.db, *pay_args(until), *more)
+        if code == 0:
+            self.delivered("run", int(out.splitlines()[1].split(b",")[0]) if out.count(b"\n") > 1
+                           else max(paid_session_ids(self.db)), out)
+        return code, err
+
+    def settle(self):
+        code, out, err = ledger_command(spp_server.run_settle, self.db)
+        if code == 0 and out.count(b"\n") > 1:
+            self.delivered("settlement", int(out.splitlines()[1].split(b",")[0]), out)
+        return code, err
+
+    def check(self):
+        store = spp_server.Store(self.db)
+        try:
+            for run_id, text in self.runs.items():  # every delivered id names what was delivered
+                assert b"".join(spp_server.run_output(store, run_id, "csv")) == text
+            for sid, text in self.settlements.items():
+                assert b"".join(spp_server.settlement_output(store, sid, "csv")) == text
+        finally:
+            store.close()
+        seen = collections.Counter(s for paid in self.paid.values() for s in paid)
+        assert [s for s, n in seen.items() if n > 1] == [], "a session paid twice"
+        # Each run's lines count the sessions it paid when made, no more.
+        for run_id, paid in self.paid.items():
+            [(sessions,)] = rows(self.db, "SELECT sessions FROM payout_runs WHERE id = ?", (run_id,))
+            assert sessions == len(paid)
+        # Every session of the database up to the last run's end is paid by some run.
+        [(last,)] = rows(self.db, "SELECT coalesce(max(last_session_id), 0) FROM payout_runs")
+        here = {s for (s,) in rows(self.db, "SELECT session_id FROM sessions WHERE id <= ? AND id > "
+                                   "(SELECT coalesce(min(after_session_id), 0) FROM payout_runs)",
+                                   (last,))}
+        assert here <= set(seen)
+        # No pool is topped up twice: one settlement line per pool and user, corrections aside.
+        assert rows(self.db, "SELECT day, property_id, user_id FROM settlement_lines WHERE "
+                    "correction = 0 GROUP BY 1, 2, 3 HAVING count(*) > 1") == []
+
+
+def add_day_sessions(db, day, n, users=3):
+    store = spp_server.Store(db)
+    try:
+        add_sessions(store, [(f"u{i % users}", ("p1", "p2")[i % 2], 1000 * (i + 1), at(day, i % 20))
+                             for i in range(n)])
+    finally:
+        store.close()
+
+
+def book_days(db, *days):
+    store = spp_server.Store(db)
+    try:
+        book_rows(store, [(day_text(d), p, 7_000) for d in days for p in ("p1", "p2")])
+    finally:
+        store.close()
+
+
+def day_iso(day):
+    return spp_server.iso_utc(at(day, 0))
+
+
+def replay(db):
+    out = io.BytesIO()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = spp_server.run_ledger_replay(["--db", db], {}, out)
+    return code, out.getvalue().decode(), err.getvalue()
+
+
+def test_every_ledger_step_refuses_a_restored_database_with_one_line_until_it_is_replayed(
+        tmp_path, db):
+    add_day_sessions(db, 0, 10)
+    model = LedgerModel(db)
+    assert model.pay(day_iso(1))[0] == 0
+    backup = backup_of(db, str(tmp_path / "backup.db"))
+    add_day_sessions(db, 1, 10)
+    book_days(db, 0)
+    assert model.pay(day_iso(2))[0] == 0
+    assert model.settle()[0] == 0
+    restore(db, backup)
+    add_day_sessions(db, 2, 4)  # take the ids of sessions run 2 paid
+    before = ledger_rows(db)
+    commands = [(spp_server.run_pay, pay_args(day_iso(3))),
+                (spp_server.run_pay, pay_args(day_iso(2))),  # run 2's --until: print it again
+                (spp_server.run_settle, []), (spp_server.run_settle, ["--settlement", "1"]),
+                (spp_server.run_statement, ["u1"]), (spp_server.run_ledger, [])]
+    for run, args in commands:
+        code, out, err = ledger_command(run, db, *args)
+        assert (code, out) == (1, b""), (run, err)
+        assert err.count("\n") == 1 and "run 2, settlement 1 were recorded after this copy" in err
+        assert f"`spp_server.py ledger-replay --db {db}`" in err
+    assert ledger_rows(db) == before
+    assert replay(db)[:2] == (0, "put back run 2, settlement 1 from the ledger journal\n")
+    assert replay(db)[:2] == (0, "nothing to put back: the database holds every step of its "
+                                 "ledger journal\n")
+    assert model.pay(day_iso(2)) == (0, "")  # run 2 printed again, byte for byte
+    assert model.pay(day_iso(3)) == (0, "")
+    book_days(db, 0, 1, 2)  # the restore lost the import of day 0's report too
+    assert model.settle() == (0, "")
+    model.check()
+    # The four new sessions (ids that run 2 had paid) are paid by run 3, once.
+    assert len(model.paid[3]) == 4
+
+
+@pytest.mark.parametrize("backup_after", range(5))
+def test_after_restoring_any_backup_and_replaying_nothing_is_paid_twice_and_no_id_reused(
+        tmp_path, db, backup_after):
+    """A ledger of four steps; a backup taken before any or after each; more
+    steps, the restore, new sessions (taking lost ids), and more steps."""
+    model = LedgerModel(db)
+
+    def paying(first_day, until_day):  # sessions come in, then a run pays them
+        for day in range(first_day, until_day):
+            add_day_sessions(db, day, 6 + day)
+        return model.pay(day_iso(until_day))
+
+    steps = [lambda: paying(0, 2), lambda: paying(2, 4),
+             lambda: (book_days(db, 0, 1, 2), model.settle())[1], lambda: paying(4, 6)]
+    backup = None
+    for i, step in enumerate(steps):
+        if i == backup_after:
+            backup = backup_of(db, str(tmp_path / "backup.db"))
+        assert step()[0] == 0
+    backup = backup or backup_of(db, str(tmp_path / "backup.db"))
+    restore(db, backup)
+    add_day_sessions(db, 6, 5)  # received after the restore
+    code, err = model.pay(day_iso(7))
+    lost = backup_after < len(steps)
+    assert code == (1 if lost else 0), err
+    assert replay(db)[0] == 0
+    assert model.pay(day_iso(7))[0] == 0
+    book_days(db, *range(7))  # the reports the restore lost, and the newer ones
+    assert model.settle() == (0, "")
+    model.check()
+    assert {s for (s,) in rows(db, "SELECT session_id FROM sessions")} <= set().union(
+        *model.paid.values())  # and every session the copy holds is paid
+
+
+def test_a_backup_older_than_two_runs_is_replayed_and_restored_twice(tmp_path, db):
+    model = LedgerModel(db)
+    add_day_sessions(db, 0, 5)
+    first = backup_of(db, str(tmp_path / "first.db"))  # before any run
+    for day in (1, 2, 3):
+        add_day_sessions(db, day, 5)
+        assert model.pay(day_iso(day + 1))[0] == 0
+    restore(db, first)
+    add_day_sessions(db, 4, 3)
+    assert replay(db)[:2] == (0, "put back run 1, run 2, run 3 from the ledger journal\n")
+    assert model.pay(day_iso(5))[0] == 0
+    second = backup_of(db, str(tmp_path / "second.db"))
+    add_day_sessions(db, 5, 4)
+    assert model.pay(day_iso(6))[0] == 0
+    restore(db, first)  # older again: the replayed runs and the one after them are lost
+    add_day_sessions(db, 6, 2)
+    assert replay(db)[0] == 0
+    assert model.pay(day_iso(7))[0] == 0
+    model.check()
+    restore(db, second)
+    assert replay(db)[0] == 0
+    model.check()
+
+
+def test_the_ledger_journal_is_private_and_owned_like_the_database(db):
+    add_day_sessions(db, 0, 3)
+    old = os.umask(0)
+    try:
+        if os.geteuid() == 0:
+            os.chown(db, 4321, 4321)
+        assert ledger_command(spp_server.run_pay, db, *pay_args(day_iso(1)))[0] == 0
+    finally:
+        os.umask(old)
+    info = os.stat(spp_server.journal_path(db))
+    assert stat.S_IMODE(info.st_mode) == 0o600
+    if os.geteuid() == 0:
+        assert (info.st_uid, info.st_gid) == (4321, 4321)
+
+
+def test_a_journal_of_another_database_is_refused_not_replayed(tmp_path, db):
+    add_day_sessions(db, 0, 3)
+    assert ledger_command(spp_server.run_pay, db, *pay_args(day_iso(1)))[0] == 0
+    other = str(tmp_path / "other.db")
+    shutil.copy(db, other)
+    shutil.copy(spp_server.journal_path(db), spp_server.journal_path(other))
+    assert ledger_command(spp_server.run_pay, db, *pay_args(day_iso(2)))[0] == 0
+    with contextlib.closing(sqlite3.connect(other)) as conn:  # its own run 2
+        conn.execute("UPDATE payout_runs SET created_at_us = created_at_us + 1")
+        conn.commit()
+    shutil.copy(spp_server.journal_path(db), spp_server.journal_path(other))
+    code, _, err = ledger_command(spp_server.run_pay, other, *pay_args(day_iso(3)))
+    assert code == 1 and "disagree about run 1" in err
+    assert replay(other)[0] == 1
+
+
+# --- Real processes: the routines as written, a kill -9 at each point, the restore as written ---
+
+
+def start_server_group(db, port):
+    """The server in a process group of its own, so that kill -9 takes its writer too."""
+    process = subprocess.Popen([sys.executable, str(SERVER), "--db", db, "--port", str(port)],
+                               stderr=subprocess.DEVNULL, process_group=0)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            if http_request(port, "GET", "/healthz")[0] == 200:
+                return process
+        except OSError:
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)  # polling for the port to open, not covering a race
+
+
+def kill_group(process):
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def documented_restore(live_dir, backup):
+    """docs/operating.md's Restore block, for a database in `live_dir`."""
+    [block] = [lines for _, language, _, lines in doc_blocks("docs/operating.md")
+               if language == "sh" and any("ledger-replay" in line for line in lines)]
+    text = "\n".join(block)
+    for path, here in (("/var/lib/private/spp", str(live_dir)),
+                       ("/var/backups/spp/spp-2026-01-31.db", str(backup)),
+                       ("/opt/spp/.venv/bin/python /opt/spp/spp_server.py",
+                        f"{sys.executable} {SERVER}")):
+        text = text.replace(path, here)
+    # No root, no systemd here: sudo runs the command, the service was stopped (killed).
+    return "sudo() { \"$@\"; }\nsystemctl() { :; }\nset -eu\n" + text
+
+
+def test_the_documented_restore_after_a_kill_keeps_the_wal_of_the_database_it_replaces(tmp_path):
+    live = tmp_path / "spp"
+    live.mkdir(mode=0o700)
+    db = str(live / "spp.db")
+    port = free_port()
+    server = start_server_group(db, port)
+    try:
+        backup = backup_of(db, str(tmp_path / "spp-2026-01-31.db"))
+        posted = [postback() for _ in range(5)]
+        for body in posted:
+            assert http_request(port, "POST", "/postback", json.dumps(body).encode())[0] == 200
+        assert os.path.getsize(db + "-wal") > 0  # the newest commits are in the -wal only
+    finally:
+        kill_group(server)
+    done = subprocess.run(["bash", "-c", documented_restore(live, backup)], capture_output=True,
+                          text=True, timeout=15)
+    assert done.returncode == 0, done.stderr
+    [replaced] = [p for p in live.iterdir() if p.is_dir()]
+    kept = {s for (s,) in rows(str(replaced / "spp.db"), "SELECT session_id FROM sessions")}
+    assert kept == {body["session-id"] for body in posted}
+    assert count(db, "sessions") == 0 and stat.S_IMODE(os.stat(db).st_mode) == 0o600
+
+
+def run_script(path, env):
+    return subprocess.run(["sh", str(path)], env=env, capture_output=True, timeout=15)
+
+
+@pytest.mark.parametrize("kill", ["server", "pay after its commit", "settle after its commit",
+                                  "replay after a run", "replay after a settlement"])
+def test_the_routines_as_written_never_pay_twice_across_a_restore_killed_at_each_point(
+        tmp_path, kill):
+    """Backup (as docs/operating.md takes it), weekly payout, monthly
+    settlement, the server killed -9, the restore as written, new postbacks,
+    and the routines again: with a kill -9 at each point, run again."""
+    live = tmp_path / "spp"
+    live.mkdir(mode=0o700)
+    db = str(live / "spp.db")
+    port = free_port()
+    server = start_server_group(db, port)
+    weekly, monthly = documented_scripts()
+    out = tmp_path / "payouts"
+    report = tmp_path / "booked.csv"
+    env = {**os.environ, "SPP": f"{sys.executable} {SERVER}", "SPP_DB": db,
+           "SPP_PAYOUTS": str(out), "SPP_BOOKED_REPORT": str(report)}
+    scripts = {"weekly": tmp_path / "weekly", "monthly": tmp_path / "monthly"}
+    scripts["weekly"].write_text(weekly)
+    scripts["monthly"].write_text(monthly)
+    killer = tmp_path / "kill_at.py"  # spp_server.py, killed at a point (see KILL_AT)
+    killer.write_text(KILL_AT)
+    env["PYTHONPATH"] = str(HERE)
+
+    def routine(name, until, kill_at=None):
+        run_env = {**env, "SPP_PAY_UNTIL": until}
+        if kill_at:
+            run_env["SPP"] = f"{sys.executable} {killer} {kill_at}"
+        return run_script(scripts[name], run_env)
+
+    try:
+        add_day_sessions(db, 0, 8)
+        assert routine("weekly", day_iso(1)).returncode == 0
+        backup = backup_of(db, str(tmp_path / "spp-2026-01-31.db"))
+        add_day_sessions(db, 1, 8)
+        if kill == "pay after its commit":
+            assert routine("weekly", day_iso(2), "journal_step before").returncode != 0
+        assert routine("weekly", day_iso(2)).returncode == 0
+        report.write_text(booked_csv((day_text(0), "p1", "", "0.004"), (day_text(1), "p2", "", "0.02")))
+        if kill == "settle after its commit":
+            # Committed, never journaled, never delivered: the restore loses it
+            # whole, and no one was told of it.
+            assert routine("monthly", day_iso(2), "journal_step before").returncode != 0
+        else:
+            assert routine("monthly", day_iso(2)).returncode == 0
+    finally:
+        kill_group(server)
+    delivered = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
+    restore_script = documented_restore(live, backup)
+    if kill.startswith("replay"):
+        point = "put_back_run after" if kill == "replay after a run" else "put_back_settlement after"
+        killing = restore_script.replace(f"{sys.executable} {SERVER} ledger-replay",
+                                         f"{sys.executable} {killer} {point} ledger-replay")
+        assert subprocess.run(["bash", "-c", killing], capture_output=True, timeout=15,
+                              env=env).returncode
+        # Run again from its last step: the restore itself is done.
+        done = subprocess.run([sys.executable, str(SERVER), "ledger-replay", "--db", db],
+                              capture_output=True, text=True, timeout=15)
+    else:
+        done = subprocess.run(["bash", "-c", restore_script], capture_output=True, text=True,
+                              timeout=15)
+    assert done.returncode == 0, done.stderr
+    server = start_server_group(db, port)
+    try:
+        new = [postback(user_id=f"u{i % 2}") for i in range(4)]  # they take the lost ids
+        for body in new:
+            assert http_request(port, "POST", "/postback", json.dumps(body).encode())[0] == 200
+        until = spp_server.iso_utc(spp_server.now_us())  # after every 200: each is committed
+        assert routine("weekly", day_iso(2)).returncode == 0  # run 2 again: the same file
+        assert routine("weekly", until).returncode == 0
+        assert routine("monthly", until).returncode == 0
+        for name, data in delivered.items():  # each delivered id still names what it named
+            assert (out / name).read_bytes() == data
+        served = http_request(port, "GET", "/ledger/runs/3?format=csv")[2].decode()
+        assert [line["sessions"] for line in csv.DictReader(io.StringIO(served))] == ["2", "2"]
+        assert count(db, "payout_runs") == 3
+        assert count(db, "settlements") == 1
+    finally:
+        kill_group(server)
 
 
 # ---------------------------------------------------------------------------
