@@ -4809,6 +4809,71 @@ def test_a_journal_of_another_database_is_refused_not_replayed(tmp_path, db):
     assert replay(other)[0] == 1
 
 
+# --- Where the ledger takes over: the first run's --from ---
+
+
+def test_a_first_run_over_older_history_refuses_unless_told_where_the_ledger_takes_over(
+        store, db):
+    add_sessions(store, [("a", "p", 1000, at(d)) for d in range(30)])
+    before = ledger_rows(db)
+    code, out, err = ledger_command(spp_server.run_pay, db, *pay_args(day_iso(30)))
+    assert (code, out) == (2, b"")
+    assert err == ("spp_server.py pay: --from: this first run would pay every session since "
+                   "2020-10-01T12:00:00Z, more than 7 days before --until: name where the ledger "
+                   "takes over with --from (an instant or a feed cursor; --from 1970-01-01 to pay "
+                   "them all), see docs/ledger.md; nothing changed\n")
+    assert ledger_rows(db) == before
+    code, first, _ = ledger_command(spp_server.run_pay, db, *pay_args(day_iso(30)),
+                                    "--from", day_iso(20))
+    assert code == 0 and run_lines(store, 1)[0]["sessions"] == "10"  # days 20 to 29
+    assert rows(db, "SELECT started_from FROM payout_runs") == [("2020-10-21T00:00:00Z",)]
+    # Asked again with the same start, or none: the same run; another start is refused.
+    assert ledger_command(spp_server.run_pay, db, *pay_args(day_iso(30)), "--from",
+                          "2020-10-21")[:2] == (0, first)
+    assert ledger_command(spp_server.run_pay, db, *pay_args(day_iso(30)))[:2] == (0, first)
+    code, _, err = ledger_command(spp_server.run_pay, db, *pay_args(day_iso(31)),
+                                  "--from", day_iso(19))
+    assert code == 2 and err.startswith("spp_server.py pay: --from: the ledger took over from "
+                                        "2020-10-21T00:00:00Z with run 1")
+    assert count(db, "payout_runs") == 1
+
+
+@pytest.mark.parametrize("age_us, refused", [(spp_server.FIRST_RUN_WINDOW_US, False),
+                                             (spp_server.FIRST_RUN_WINDOW_US + 1, True)])
+def test_older_than_its_window_is_more_than_seven_days_before_until(store, db, age_us, refused):
+    until = at(20, 0)
+    add_sessions(store, [("a", None, 1000, until - age_us), ("b", None, 1000, until - 1)])
+    code, _, err = ledger_command(spp_server.run_pay, db, *pay_args(spp_server.iso_utc(until)))
+    assert (code, "--from:" in err) == ((2, True) if refused else (0, False))
+    if not refused:
+        assert len(run_lines(store, 1)) == 2
+
+
+def test_a_first_run_can_take_over_after_a_feed_cursor_of_this_database_only(store, db):
+    add_sessions(store, [(f"u{i}", None, 1000, at(0, i)) for i in range(8)])
+    sessions, _ = spp_server.session_feed_page(store, "0", 5)  # what a feed consumer credited
+    cursor = sessions[-1]["cursor"]
+    wrong = cursor.split("-")[0] + "-00000000"
+    code, _, err = ledger_command(spp_server.run_pay, db, *pay_args(day_iso(1)), "--from", wrong)
+    assert code == 2 and "--from: names a session this database does not hold at 5" in err
+    assert ledger_command(spp_server.run_pay, db, *pay_args(day_iso(1)), "--from", cursor)[0] == 0
+    assert [line["user-id"] for line in run_lines(store, 1)] == ["u5", "u6", "u7"]
+    assert rows(db, "SELECT after_session_id, started_from FROM payout_runs") == [(5, cursor)]
+
+
+@pytest.mark.parametrize("start, settled", [(at(1, 0), ["2020-10-02", "2020-10-03", "2020-10-04"]),
+                                            (at(1, 12), ["2020-10-03", "2020-10-04"])])
+def test_settle_never_settles_a_day_holding_sessions_from_before_the_cut_over(
+        store, db, start, settled):
+    add_sessions(store, [(f"u{h % 2}", "p1", 1000 + h, at(d, h)) for d in range(4)
+                         for h in (6, 18)])
+    book_rows(store, [(day_text(d), "p1", 5_000) for d in range(4)])
+    assert ledger_command(spp_server.run_pay, db, *pay_args(day_iso(4)), "--from",
+                          spp_server.iso_utc(start))[0] == 0
+    assert ledger_command(spp_server.run_settle, db)[0] == 0
+    assert sorted({line["day"] for line in settlement_lines(store, 1)}) == settled
+
+
 # --- Real processes: the routines as written, a kill -9 at each point, the restore as written ---
 
 
