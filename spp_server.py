@@ -4100,18 +4100,21 @@ def json_body(report):
 @read_endpoint
 def handle_statement(user_id):
     query()
+    check_journal_read_only(request.app.store)  # a restored copy: 503 until ledger-replay
     return json_body(statement(request.app.store, user_id))
 
 
 @read_endpoint
 def handle_ledger():
     query()
+    check_journal_read_only(request.app.store)
     return json_body(ledger_summary(request.app.store))
 
 
 def ledger_lines(what, exists_sql, output, step_id):
     params = query()
     fmt = parse_format(params, EXPORT_FORMATS, "ndjson")
+    check_journal_read_only(request.app.store)
     # Bottle's int filter takes any length; SQLite's integers stop at 2**63.
     if not 0 < step_id < 2**63 or not request.app.store.read(SQL[exists_sql], (step_id,)):
         raise ApiError(404, f"no {what} {step_id}", f"{what}-id")

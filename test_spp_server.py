@@ -4686,7 +4686,7 @@ def replay(db):
 
 
 def test_every_ledger_step_refuses_a_restored_database_with_one_line_until_it_is_replayed(
-        tmp_path, db):
+        tmp_path, db, make_client):
     add_day_sessions(db, 0, 10)
     model = LedgerModel(db)
     assert model.pay(day_iso(1))[0] == 0
@@ -4708,7 +4708,12 @@ def test_every_ledger_step_refuses_a_restored_database_with_one_line_until_it_is
         assert err.count("\n") == 1 and "run 2, settlement 1 were recorded after this copy" in err
         assert f"`spp_server.py ledger-replay --db {db}`" in err
     assert ledger_rows(db) == before
+    # And the server's ledger reads: a 503 saying the same, never the restored copy's ledger.
+    app = make_client()
+    for path in ("/ledger", "/ledger/runs/1", "/ledger/settlements/1", "/users/u1/statement"):
+        assert "ledger-replay --db" in app.get(path, status=503).json["error"]
     assert replay(db)[:2] == (0, "put back run 2, settlement 1 from the ledger journal\n")
+    assert app.get("/ledger/runs/2?format=csv").body == model.runs[2]
     assert replay(db)[:2] == (0, "nothing to put back: the database holds every step of its "
                                  "ledger journal\n")
     assert model.pay(day_iso(2)) == (0, "")  # run 2 printed again, byte for byte
