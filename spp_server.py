@@ -3646,13 +3646,15 @@ def ledger_step(store):
 
 
 def check_journal_read_only(store):
-    """For the reports (statement, ledger): LedgerBehind when the database
-    lacks steps of a journal beside it.  The journal is read first, then the
-    database: a step is committed to the database before its journal entry,
-    so a step made meanwhile never looks lost."""
+    """For the reports and the ledger's endpoints: LedgerBehind when the
+    database lacks steps of a journal beside it; -> the steps the journal
+    lacks (a step killed before its journal entry: its lines were never
+    released).  The journal is read first, then the database: a step is
+    committed to the database before its journal entry, so a step made
+    meanwhile never looks lost."""
     path = journal_path(store.path)
     if not os.path.exists(path):
-        return
+        return set()
     try:
         conn = sqlite3.connect("file:" + urllib.parse.quote(path) + "?mode=ro", uri=True,
                                isolation_level=None, timeout=DEFAULTS["busy_timeout_ms"] / 1000)
@@ -3662,9 +3664,10 @@ def check_journal_read_only(store):
             conn.close()
     except sqlite3.Error as exc:
         raise StoreUnavailable(f"cannot read the ledger journal {path}: {exc}") from None
-    lost, _ = compare_with_journal(journaled, step_identities(store.read), store.path)
+    lost, unjournaled = compare_with_journal(journaled, step_identities(store.read), store.path)
     if lost:
         raise behind_journal(store.path, lost)
+    return set(unjournaled)
 
 
 @dataclass
@@ -4114,9 +4117,11 @@ def handle_ledger():
 def ledger_lines(what, exists_sql, output, step_id):
     params = query()
     fmt = parse_format(params, EXPORT_FORMATS, "ndjson")
-    check_journal_read_only(request.app.store)
+    # A step not in the journal yet has not released its lines: not yet here.
+    unreleased = check_journal_read_only(request.app.store)
     # Bottle's int filter takes any length; SQLite's integers stop at 2**63.
-    if not 0 < step_id < 2**63 or not request.app.store.read(SQL[exists_sql], (step_id,)):
+    if not 0 < step_id < 2**63 or (what, step_id) in unreleased or not request.app.store.read(
+            SQL[exists_sql], (step_id,)):
         raise ApiError(404, f"no {what} {step_id}", f"{what}-id")
     return stream_response(output(request.app.store, step_id, fmt), fmt)
 

@@ -4814,6 +4814,23 @@ def test_a_journal_of_another_database_is_refused_not_replayed(tmp_path, db):
     assert replay(other)[0] == 1
 
 
+def test_a_run_killed_before_its_journal_entry_is_not_served_until_a_step_journals_it(
+        db, make_client):
+    add_day_sessions(db, 0, 4)
+    assert ledger_command(spp_server.run_pay, db, *pay_args(day_iso(1)))[0] == 0
+    add_day_sessions(db, 1, 4)
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, "journal_step", "before", "pay",
+                             *pay_args(day_iso(2)), "--db", db], cwd=HERE, capture_output=True,
+                            timeout=15)
+    assert killed.returncode == -signal.SIGKILL and killed.stdout == b""
+    assert count(db, "payout_runs") == 2  # committed, its lines never released
+    client = make_client()
+    assert client.get("/ledger/runs/2", status=404).json["field"] == "run-id"
+    code, lines, _ = ledger_command(spp_server.run_pay, db, *pay_args(day_iso(2)))
+    assert code == 0 and journal_steps(db) == [("run", 1), ("run", 2)]
+    assert client.get("/ledger/runs/2?format=csv").body == lines
+
+
 # --- Where the ledger takes over: the first run's --from ---
 
 
