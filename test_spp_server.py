@@ -4588,10 +4588,14 @@ def test_ledger_properties_hold_over_random_months(month):
 
 
 def backup_of(db, path):
-    """A copy taken as docs/operating.md says: SQLite's online backup (`.backup`)."""
-    with contextlib.closing(sqlite3.connect(db)) as source, \
-            contextlib.closing(sqlite3.connect(path)) as copy:
-        source.backup(copy)
+    """A copy taken as docs/operating.md says: `sqlite3 DB ".backup PATH"`
+    (SQLite's online backup API where the sqlite3 shell is missing)."""
+    if shutil.which("sqlite3"):
+        subprocess.run(["sqlite3", db, f".backup {path}"], check=True, timeout=15)
+    else:
+        with contextlib.closing(sqlite3.connect(db)) as source, \
+                contextlib.closing(sqlite3.connect(path)) as copy:
+            source.backup(copy)
     return path
 
 
@@ -4963,9 +4967,10 @@ def run_script(path, env):
                                   "replay after a run", "replay after a settlement"])
 def test_the_routines_as_written_never_pay_twice_across_a_restore_killed_at_each_point(
         tmp_path, kill):
-    """Backup (as docs/operating.md takes it), weekly payout, monthly
-    settlement, the server killed -9, the restore as written, new postbacks,
-    and the routines again: with a kill -9 at each point, run again."""
+    """Backup (SQLite's online backup, as docs/operating.md takes it), two
+    weekly payouts, the monthly settlement, the server killed -9, the
+    restore as written, new postbacks, and the routines again: with a kill -9
+    at each point, run again."""
     live = tmp_path / "spp"
     live.mkdir(mode=0o700)
     db = str(live / "spp.db")
@@ -4991,8 +4996,9 @@ def test_the_routines_as_written_never_pay_twice_across_a_restore_killed_at_each
 
     try:
         add_day_sessions(db, 0, 8)
-        assert routine("weekly", day_iso(1)).returncode == 0
+        # The daily backup, before the runs: older than the two runs and the settlement.
         backup = backup_of(db, str(tmp_path / "spp-2026-01-31.db"))
+        assert routine("weekly", day_iso(1)).returncode == 0
         add_day_sessions(db, 1, 8)
         if kill == "pay after its commit":
             assert routine("weekly", day_iso(2), "journal_step before").returncode != 0
