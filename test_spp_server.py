@@ -4787,6 +4787,27 @@ def test_a_backup_older_than_two_runs_is_replayed_and_restored_twice(tmp_path, d
     model.check()
 
 
+def test_a_backup_older_than_the_cut_over_leaves_its_sessions_unpaid_and_pays_the_new_ones(
+        tmp_path, store, db):
+    add_sessions(store, [("old", None, 1000, at(d)) for d in range(5)])
+    backup = backup_of(db, str(tmp_path / "backup.db"))
+    add_sessions(store, [("old", None, 1000, at(d)) for d in range(5, 10)])
+    model = LedgerModel(db)
+    assert model.pay(day_iso(10), "--from", day_iso(8))[0] == 0  # the last two days
+    store.close()
+    restore(db, backup)
+    store = spp_server.Store(db)
+    try:
+        # Received after the restore (after run 1 was made): ids 6 to 8.
+        add_sessions(store, [("new", None, 1000, spp_server.now_us()) for _ in range(3)])
+        until = spp_server.iso_utc(spp_server.now_us())
+    finally:
+        store.close()
+    assert replay(db)[:2] == (0, "put back run 1 from the ledger journal\n")
+    assert model.pay(until)[0] == 0
+    assert model.runs[2].decode().splitlines()[1:] == ["2,new,3,0.000003,0.0000018,0"]
+    model.check()
+
 def test_the_ledger_journal_is_private_and_owned_like_the_database(db):
     add_day_sessions(db, 0, 3)
     old = os.umask(0)
