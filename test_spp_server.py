@@ -6726,7 +6726,7 @@ EVERY_COMMAND = [[], ["export", "--since", "1", "--until", "2"],
                  ["reconcile", "--since", "2026-11-01", "--until", "2026-11-02"],
                  ["import-booked", "r.csv"], ["prune", "--rejected-before", "1"],
                  ["pay", "--until", "1", "--pay-now-share", "0.5", "--final-share", "0.9"],
-                 ["settle"], ["statement", "u"], ["ledger"]]
+                 ["settle"], ["statement", "u"], ["ledger"], ["ledger-replay"]]
 
 
 def test_every_command_is_in_the_list_of_every_command():
