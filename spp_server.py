@@ -77,6 +77,9 @@ DEFAULTS = {
     # Commit in a child process (the server: main() sets it) or in a thread
     # (create_app on its own: tests, which set the clock in this process).
     "writer_process": False,
+    # How long pay or settle waits for another step's ledger lock: far above
+    # the longest step measured (settle of a million sessions, 26 s).
+    "ledger_lock_wait_s": 600,
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -529,6 +532,9 @@ SQL = {
         SELECT run_id, user_id, sessions, estimated_nano, paid_now_nano FROM payout_parts
         WHERE run_id = ? AND day = ?""",
     "last_settlement": "SELECT max(id) FROM settlements",
+    "ledger_steps": """
+        SELECT 'run', id, until_us FROM payout_runs
+        UNION ALL SELECT 'settlement', id, NULL FROM settlements ORDER BY 1, 2""",
     "settled_pool_keys": "SELECT DISTINCT day, property_id FROM settlement_days",
     # How a day was last settled: by property (1) or whole (0), whatever pool.
     "day_settled_by_property": """
@@ -2995,16 +3001,54 @@ def owed_balances(conn):
     return conn.execute(SQL["owed_balances"]).fetchall()
 
 
+def ledger_lock_path(store):
+    """The lock of the database itself, whatever path names it: beside its
+    real path (a symlink or a relative path names the same lock).  A second
+    hard link would be a second lock, and SQLite keeps a WAL database's -wal
+    and -shm per name (sqlite.org/howtocorrupt.html, 2.5): refused."""
+    real = os.path.realpath(store.path)
+    links = os.stat(real).st_nlink
+    if links > 1:
+        raise StoreUnavailable(
+            f"{store.path} has {links} hard links: a step locks the database by its one real "
+            "path, and SQLite cannot share a database between two names: remove the other "
+            f"name (find / -xdev -samefile {real} lists them); nothing changed")
+    return real + "-ledger-lock"
+
+
 @contextlib.contextmanager
-def ledger_lock(store):
-    """One pay or settle at a time, across processes: an flock on a file
-    beside the database, which the kernel releases if its holder dies."""
-    fd = os.open(store.path + "-ledger-lock", os.O_RDWR | os.O_CREAT, 0o600)
+def ledger_lock(store, wait_s=DEFAULTS["ledger_lock_wait_s"], waiting=None):
+    """One pay or settle at a time, across processes: an flock on the file
+    <real path>-ledger-lock, which the kernel releases if its holder dies, so
+    that only the staged rows of a dead step are ever cleared.  A step that
+    finds it held calls waiting(lock path) once, then gives up after wait_s
+    seconds (StoreUnavailable: nothing changed)."""
+    path = ledger_lock_path(store)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not try_flock(fd):
+            if waiting is not None:
+                waiting(path)
+            deadline = time.monotonic() + wait_s
+            pause = 0.01
+            while not try_flock(fd):
+                if time.monotonic() >= deadline:
+                    raise StoreUnavailable(
+                        f"another pay or settle held {path} for {wait_s} s (--lock-wait); "
+                        "nothing changed: run it again once that step is done")
+                time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+                pause = min(pause * 2, 0.5)  # the kernel has no timed flock: poll, gently
         yield
     finally:
         os.close(fd)
+
+
+def try_flock(fd):
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def insert_rows(sql, rows, conn, _):
@@ -3061,13 +3105,14 @@ def record_run(plan, run_id, lines, conn, created_at_us):
     return run_id
 
 
-def pay_run(store, until_us, pay_now, final, offset_minutes, start=None, window_us=None):
+def pay_run(store, until_us, pay_now, final, offset_minutes, start=None, window_us=None,
+            **lock):
     """Pay every session after the last run up to `until_us` (or find the run
     already recorded for it): -> run id.  Computed on a read snapshot; its
     parts and lines are staged in short transactions, then one transaction
     records the run (see write_in_chunks), then the ledger journal.  `start`
-    and `window_us`: see plan_run."""
-    with ledger_step(store) as journal:
+    and `window_us`: see plan_run; `lock`: ledger_lock's options."""
+    with ledger_step(store, **lock) as journal:
         for _ in range(LEDGER_RETRIES):
             with store.snapshot() as conn:
                 plan = plan_run(conn, until_us, pay_now, final, offset_minutes, start, window_us)
@@ -3290,10 +3335,10 @@ def record_settlement(fingerprint, offset, settlement_id, pools, pool_rows, carr
     return settlement_id
 
 
-def settle(store, write_off=False):
+def settle(store, write_off=False, **lock):
     """Settle what can be settled: -> the new settlement's id, or None when
     there was nothing to settle.  Staged like a run (see pay_run)."""
-    with ledger_step(store) as journal:
+    with ledger_step(store, **lock) as journal:
         for _ in range(LEDGER_RETRIES):
             with store.snapshot() as conn:
                 fingerprint, offset, pools = settle_pools(conn)
@@ -3357,6 +3402,17 @@ LEDGER_TOTALS = ("paid-now", "deducted", "topped-up", "carried", "written-off", 
 def ledger_totals(sums):
     """SQL's user_ledger_sums / ledger_sums row -> exact decimal strings."""
     return dict(zip(LEDGER_TOTALS, map(nanos_to_usd, sums)))
+
+
+STEP_COLUMNS = ["step", "id", "until"]
+
+
+def ledger_steps(store):
+    """One CSV line per recorded step, runs then settlements, oldest first:
+    what the routines check their delivered files against (docs/ledger.md)."""
+    rows = ((step, step_id, "" if until is None else iso_utc(until))
+            for step, step_id, until in store.stream(SQL["ledger_steps"], ()))
+    return in_chunks(encode_values(rows, STEP_COLUMNS, "csv"))
 
 
 def ledger_summary(store):
@@ -3628,12 +3684,12 @@ class LedgerJournal:
 
 
 @contextlib.contextmanager
-def ledger_step(store):
+def ledger_step(store, **lock):
     """A pay or settle (or one printed again): under the ledger lock, the
     database checked against its journal, which is brought up to date with
     it; -> the journal, to record the step in before its lines are released.
     LedgerBehind when the database lacks steps of the journal."""
-    with ledger_lock(store):
+    with ledger_lock(store, **lock):
         journal = LedgerJournal(store)
         try:
             lost, unjournaled = journal.compare()
@@ -5025,6 +5081,30 @@ def add_lines_format_option(parser):
                         help="csv (with a header row) or ndjson [default %(default)s]")
 
 
+def add_lock_wait_option(parser, environ):
+    """How long pay or settle waits for another step (see ledger_lock)."""
+    wait = DEFAULTS["ledger_lock_wait_s"]
+    parser.add_argument("--lock-wait", type=lock_wait_seconds, metavar="SECONDS",
+                        default=env_default(environ, "SPP_LEDGER_LOCK_WAIT", lock_wait_seconds,
+                                            wait),
+                        help="while another pay or settle runs on the database, say so on "
+                        "stderr and wait this long for it, then give up with status 1 "
+                        f"[SPP_LEDGER_LOCK_WAIT, default {wait}]")
+
+
+def lock_wait_seconds(text):
+    return whole_number(text, 0, 86_400, "a whole number of seconds from 0 to 86400")
+
+
+def ledger_lock_options(prog, args):
+    """ledger_lock's options for a command: its --lock-wait, and one line on
+    stderr when it has to wait."""
+    def waiting(path):
+        print(f"{prog}: waiting for another pay or settle to release {path} "
+              f"(at most {args.lock_wait} s, --lock-wait)", file=sys.stderr, flush=True)
+    return {"wait_s": args.lock_wait, "waiting": waiting}
+
+
 def build_pay_parser(environ):
     parser = HelpfulParser(
         prog="spp_server.py pay",
@@ -5051,6 +5131,7 @@ def build_pay_parser(environ):
                         "days before --until")
     add_report_offset_option(parser, environ)
     add_lines_format_option(parser)
+    add_lock_wait_option(parser, environ)
     return parser
 
 
@@ -5086,6 +5167,7 @@ def build_settle_parser(environ):
                         help="write off what a user was paid above their final amount, "
                         "instead of carrying it as a balance taken back from later runs")
     add_lines_format_option(parser)
+    add_lock_wait_option(parser, environ)
     return parser
 
 
@@ -5107,6 +5189,10 @@ def build_ledger_parser(environ):
         "per run, per settlement and per settled day, and the totals.",
     )
     add_db_option(parser, environ, DB_HELP_REPORT)
+    parser.add_argument("--steps", action="store_true",
+                        help="write instead one CSV line per recorded step (step,id,until: "
+                        "run,1,2026-11-30T00:00:00Z or settlement,1,), runs then settlements, "
+                        "oldest first: what a routine checks its delivered files against")
     return parser
 
 
@@ -5160,7 +5246,7 @@ def run_pay(argv, environ, out):
         final = parse_ledger_share(args.final_share, "final-share")
         start = None if args.start is None else parse_ledger_start(args.start)
         run_id = pay_run(store, until, pay_now, final, args.report_utc_offset, start,
-                         FIRST_RUN_WINDOW_US)
+                         FIRST_RUN_WINDOW_US, **ledger_lock_options(parser.prog, args))
         return (f"run {run_id} is committed (the same --until prints it again)",
                 run_output(store, run_id, args.format))
 
@@ -5173,13 +5259,17 @@ def run_settle(argv, environ, out):
 
     def step(store):
         if args.settlement is not None:
-            with ledger_step(store):  # a restored copy's settlement may be another one
+            # A restored copy's settlement may be another one: checked first.
+            with ledger_step(store, **ledger_lock_options(parser.prog, args)):
                 if not store.read(SQL["settlement_exists"], (args.settlement,)):
                     raise Invalid("settlement", f"there is no settlement {args.settlement}")
             return None, settlement_output(store, args.settlement, args.format)
-        settlement_id = settle(store, args.write_off)
+        settlement_id = settle(store, args.write_off, **ledger_lock_options(parser.prog, args))
         if settlement_id is None:
-            print(f"{parser.prog}: nothing to settle", file=sys.stderr)
+            [(newest,)] = store.read(SQL["last_settlement"])
+            again = (f" (settlement {newest} is the newest: settle --settlement {newest} "
+                     "prints it again)") if newest else ""
+            print(f"{parser.prog}: nothing to settle{again}", file=sys.stderr)
             return None, settlement_output(store, settlement_id, args.format)
         return (f"settlement {settlement_id} is committed (settle --settlement "
                 f"{settlement_id} prints it again)",
@@ -5213,6 +5303,8 @@ def run_statement(argv, environ, out):
 def run_ledger(argv, environ, out):
     parser = build_ledger_parser(environ)
     args = parse_arguments(parser, argv)
+    if args.steps:
+        return print_report(parser.prog, args.db, out, ledger_steps, check_journal_read_only)
     return print_report(parser.prog, args.db, out,
                         lambda store: [json_output(ledger_summary(store))], check_journal_read_only)
 
