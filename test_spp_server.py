@@ -4677,7 +4677,7 @@ def settle_a_month_by_the_routines(tmp_path, year, month, settle_day):
                                                  ("u", "p1", 1000, end)])
     finally:
         store.close()
-    routines = Routines(tmp_path, db)
+    routines = Routines(tmp_path, db, SPP_PAY_FROM=first.isoformat())  # the ledger takes over
     routines.book(f"{first:%Y-%m}", *((day.isoformat(), "p1", "", "0.002") for day in days))
     settling = after.replace(day=settle_day)
     monday = settling - datetime.timedelta(days=settling.weekday())
@@ -4750,7 +4750,8 @@ def uninterrupted_routines():
     atexit.register(shutil.rmtree, tmp, True)
     db = str(tmp / "spp.db")
     routine_month(db)
-    routines = Routines(tmp, db)
+    # A month of history before the first run: the ledger pays it all.
+    routines = Routines(tmp, db, SPP_PAY_FROM="1970-01-01")
     routine_reports(routines)
     done = []
     for step, (name, today) in enumerate(ROUTINE_CALENDAR):
@@ -4767,7 +4768,7 @@ def routines_before(step, tmp_path):
     _, before = uninterrupted_routines()
     shutil.copy(before[step] / "spp.db", tmp_path / "spp.db")
     shutil.copytree(before[step] / "payouts", tmp_path / "payouts", symlinks=True)
-    return Routines(tmp_path, str(tmp_path / "spp.db"))
+    return Routines(tmp_path, str(tmp_path / "spp.db"), SPP_PAY_FROM="1970-01-01")
 
 
 # (routine of ROUTINE_CALENDAR, command it runs, when) -> a kill point.  The
@@ -5324,6 +5325,19 @@ def test_settle_never_settles_a_day_holding_sessions_from_before_the_cut_over(
     assert ledger_command(spp_server.run_settle, db)[0] == 0
     assert sorted({line["day"] for line in settlement_lines(store, 1)}) == settled
 
+
+def test_the_weekly_routine_refuses_history_until_told_where_the_ledger_takes_over(tmp_path, db):
+    routine_month(db)  # October and November 2020, no run yet
+    code, err = Routines(tmp_path, db).run("weekly", "2020-11-02")
+    assert code != 0 and "spp_server.py pay: --from: this first run would pay every session" in err
+    assert count(db, "payout_runs") == 0
+    routines = Routines(tmp_path, db, SPP_PAY_FROM="2020-10-26")  # as in /etc/spp/spp.env
+    assert routines.run("weekly", "2020-11-02") == (0, "")
+    assert routines.run("weekly", "2020-11-09") == (0, "")  # the same start, accepted again
+    assert rows(db, "SELECT started_from FROM payout_runs") == [("2020-10-26T00:00:00Z",), (None,)]
+    [(week,)] = rows(db, "SELECT count(*) FROM sessions WHERE received_at_us >= ? AND "
+                         "received_at_us < ?", (at(25, 0), at(32, 0)))  # 26 Oct to 2 Nov
+    assert rows(db, "SELECT sessions FROM payout_runs WHERE id = 1") == [(week,)] and week > 0
 
 # --- Real processes: the routines as written, a kill -9 at each point, the restore as written ---
 
