@@ -5079,6 +5079,10 @@ def handle_view_month():
 @view_endpoint
 def handle_view_ledger():
     query()
+    try:  # a restored copy's ledger is not shown until ledger-replay (see GET /ledger)
+        check_journal_read_only(request.app.store)
+    except StoreUnavailable as exc:
+        raise ApiError(503, str(exc)) from None
     summary = ledger_summary(request.app.store)
     runs, settlements = summary["runs"], summary["settlements"]
     usd = lambda text: (chart_number(text), text)

@@ -5352,6 +5352,7 @@ def test_every_ledger_step_refuses_a_restored_database_with_one_line_until_it_is
     app = make_client()
     for path in ("/ledger", "/ledger/runs/1", "/ledger/settlements/1", "/users/u1/statement"):
         assert "ledger-replay --db" in app.get(path, status=503).json["error"]
+    assert "ledger-replay --db" in app.get("/view/ledger", status=503).text
     assert replay(db)[:2] == (0, "put back run 2, settlement 1 from the ledger journal\n")
     assert app.get("/ledger/runs/2?format=csv").body == model.runs[2]
     assert replay(db)[:2] == (0, "nothing to put back: the database holds every step of its "
