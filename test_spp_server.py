@@ -7646,6 +7646,7 @@ def run_entry_point(entry, db, tmp_path):
         or spp_server.run_hold(["u", "--reason", "r", "--db", db], {}, io.BytesIO(), "release"),
         "erase": lambda: spp_server.run_erase(["u", "--db", db], {}, io.BytesIO()),
         "ledger-replay": lambda: spp_server.run_ledger_replay(["--db", db], {}, io.BytesIO()),
+        "void-oversized": lambda: spp_server.run_void_oversized(["--db", db], {}, io.BytesIO()),
     }[entry]()
 
 
@@ -8720,7 +8721,7 @@ EVERY_COMMAND = [[], ["export", "--since", "1", "--until", "2"],
                  ["pay", "--until", "1", "--pay-now-share", "0.5", "--final-share", "0.9"],
                  ["settle"], ["statement", "u"], ["ledger"], ["ledger-replay"], ["erase", "u"],
                  ["hold", "u", "--reason", "r"], ["release", "u", "--reason", "r"],
-                 ["write-off-balances", "--older-than", "90d"], ["suspects"]]
+                 ["write-off-balances", "--older-than", "90d"], ["suspects"], ["void-oversized"]]
 
 
 def test_every_command_is_in_the_list_of_every_command():
