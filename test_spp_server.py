@@ -5913,7 +5913,7 @@ def test_a_backup_older_than_the_cut_over_leaves_its_sessions_unpaid_and_pays_th
         store.close()
     assert replay(db)[:2] == (0, "put back run 1 from the ledger journal\n")
     assert model.pay(until)[0] == 0
-    assert model.runs[2].decode().splitlines()[1:] == ["2,new,3,0.000003,0.0000018,0"]
+    assert model.runs[2].decode().splitlines()[1:] == ["2,new,3,0.000003,0.0000018,0,0"]
     model.check()
 
 def test_the_ledger_journal_is_private_and_owned_like_the_database(db):
