@@ -10,6 +10,28 @@ Sections: configuration, money and time, storage (with retention), output format
 validation, booked revenue, reconciliation, HTTP, server/CLI.
 """
 
+import os
+import sys
+
+# Run as a script (`python spp_server.py`, as the README and spp.service start
+# the server), CPython keeps the script's whole syntax tree until the script
+# ends (Python/pythonrun.c frees it only after running it): about 7 MB for
+# this module, in the web process and again in the forked writer.  So the
+# server starts again at once as the module, whose tree is freed once compiled
+# (and whose bytecode is cached): the same process id, arguments, descriptors
+# and interpreter options.  Commands (a first argument that is not an option)
+# are short-lived and are run as they are.
+RELAUNCH_AS_MODULE = ("import runpy, sys; sys.path[0] = sys.argv.pop(1); "
+                      "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
+if __name__ == "__main__" and __spec__ is None and (sys.argv[1:2] or ["-"])[0].startswith("-"):
+    try:
+        os.execv(sys.executable, [
+            sys.executable, *sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)],
+            "-c", RELAUNCH_AS_MODULE, os.path.dirname(os.path.abspath(__file__)),
+            os.path.splitext(os.path.basename(__file__))[0], *sys.argv[1:]])
+    except OSError:
+        pass  # no interpreter to run again (sys.executable empty): go on as the script
+
 import argparse
 import base64
 import bisect
@@ -29,7 +51,6 @@ import json
 import logging
 import math
 import operator
-import os
 import queue
 import re
 import select
@@ -37,7 +58,6 @@ import signal
 import socket
 import sqlite3
 import struct
-import sys
 import textwrap
 import threading
 import time

@@ -6391,6 +6391,34 @@ def test_importing_the_module_has_no_side_effects(tmp_path):
 CONNECTION_ERRORS = (OSError, http.client.HTTPException)  # refused, reset, closed early
 
 
+def resident_kb(pid):
+    """VmRSS of pid and its children (the writer process), summed."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sum(int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{p}/status").read_text())[1])
+               for p in [pid, *map(int, children)])
+
+
+def test_the_server_run_as_a_script_holds_no_more_memory_than_run_as_the_module(tmp_path):
+    """`python spp_server.py` (README, spp.service) used to hold about 4 MB more
+    in each process than `python -m spp_server`: CPython keeps a script's
+    syntax tree while the script runs.  Both are measured in this run, at rest."""
+    held = {}
+    for name, how in [("script", [str(SERVER)]), ("module", ["-m", "spp_server"])]:
+        server = RealServer.__new__(RealServer)
+        server.db, server.port = str(tmp_path / f"{name}.db"), free_port()
+        server.log = open(tmp_path / f"{name}.log", "ab")
+        server.process = subprocess.Popen(
+            [sys.executable, *how, "--db", server.db, "--port", str(server.port)],
+            cwd=HERE, stderr=server.log)
+        try:
+            server.wait_until_ready()
+            assert server.post(postback())[0] == 200
+            held[name] = resident_kb(server.process.pid)
+        finally:
+            assert server.stop() == 0
+    assert held["script"] <= held["module"] + 1024, held
+
+
 class LoadGenerator:
     """Threads that post fresh postbacks, one connection per request, until the
     server stops answering; every outcome is kept with the payload sent."""
