@@ -93,9 +93,9 @@ DEFAULTS = {
     "read_tokens": (),  # bytes; empty = reads need no auth (loopback only)
     "log_level": "info",
     "report_utc_offset": 0,  # minutes east of UTC of the booked reports' days
-    # Commit in a child process (the server: main() sets it) or in a thread
-    # (create_app on its own: tests, which set the clock in this process).
-    "writer_process": False,
+    # Where writes commit (WRITERS): "auto", as the server runs, is a process
+    # of its own where two CPUs or more are allowed, a thread on one.
+    "writer": "auto",
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -943,8 +943,9 @@ class _Pending:
 
 
 class WriterThread(Writer):
-    """The committing loop in a thread of this process: for create_app on its
-    own, as the tests use it (they set the clock in this process)."""
+    """The committing loop in a thread of this process: the server's on one
+    CPU (see writer_for_the_cpus), and the tests' (they set the clock in
+    this process)."""
 
     def __init__(self, path, busy_timeout_ms, wait_timeout_s):
         super().__init__(wait_timeout_s)
@@ -986,6 +987,10 @@ class WriterThread(Writer):
 
     def alive(self):
         return self._thread.is_alive()
+
+    def loss(self):
+        """Why alive() is false."""
+        return "the writer thread stopped"
 
     def exit_status(self):
         return None
@@ -1405,15 +1410,36 @@ def write_wait_s(busy_timeout_ms):
     return busy_timeout_ms / 1000 + 1
 
 
-class Store(Reads):
-    """The database: one writer (see Writer), one read connection per thread.
-    With writer_process, the writer is a child process (the server's shape);
-    otherwise a thread of this process.  A command (import-booked, prune)
-    opens it with command=True: it never creates a database (only the server
-    does, where none exists) and commits in its own thread (InlineWriter)."""
+def writer_for_the_cpus():
+    """The server's writer ("auto"): a process of its own where two CPUs or
+    more are allowed (it commits beside the web process, see keep_to_cpus);
+    on one, a thread of the web process, which spares every write a blocking
+    hand-off between two processes taking turns on that CPU
+    (docs/performance.md)."""
+    if len(os.sched_getaffinity(0)) >= 2:
+        return "process"
+    log.info("one CPU allowed: writes commit in a thread of the web process")
+    return "thread"
 
-    def __init__(self, path, busy_timeout_ms=DEFAULTS["busy_timeout_ms"], writer_process=False,
-                 channels=1, command=False):
+
+# Store(writer=...): which Writer commits.  "auto" (the server's) is decided
+# when the store opens: WriterProcess or WriterThread (writer_for_the_cpus);
+# "thread" for tests, which set the clock in this process; "command", for the
+# commands (import-booked, prune, pay...): InlineWriter, and the database is
+# never created (only the server does that).
+WRITERS = ("auto", "process", "thread", "command")
+
+
+class Store(Reads):
+    """The database: one writer (see Writer and WRITERS), one read connection per thread."""
+
+    def __init__(self, path, busy_timeout_ms=DEFAULTS["busy_timeout_ms"],
+                 writer=DEFAULTS["writer"], channels=1):
+        if writer not in WRITERS:
+            raise ValueError(f"writer must be one of {', '.join(WRITERS)}, not {writer!r}")
+        if writer == "auto":
+            writer = writer_for_the_cpus()
+        command = writer == "command"
         self.path = str(path)
         self._busy_timeout_ms = busy_timeout_ms
         if command and not os.path.exists(self.path):
@@ -1440,7 +1466,7 @@ class Store(Reads):
         wait_timeout_s = write_wait_s(busy_timeout_ms)
         if command:
             self.writer = InlineWriter(self.path, busy_timeout_ms)
-        elif writer_process:
+        elif writer == "process":
             self.writer = WriterProcess(self.path, busy_timeout_ms, wait_timeout_s, channels)
         else:
             self.writer = WriterThread(self.path, busy_timeout_ms, wait_timeout_s)
@@ -3797,7 +3823,7 @@ def create_app(config):
     app = Bottle()
     app.config.update("spp", **settings)
     app.store = Store(
-        settings["db"], settings["busy_timeout_ms"], writer_process=settings["writer_process"],
+        settings["db"], settings["busy_timeout_ms"], writer=settings["writer"],
         # Every request thread and the watchdog may write at once.
         channels=settings["threads"] + 1,
     )
@@ -4214,7 +4240,6 @@ def build_config(args, environ):
         "report_utc_offset": args.report_utc_offset,
         "postback_tokens": load_tokens("SPP_POSTBACK_TOKEN", "postback-token", environ),
         "read_tokens": load_tokens("SPP_READ_TOKEN", "read-token", environ),
-        "writer_process": True,
     }
 
 
@@ -4454,7 +4479,7 @@ def run_prune(argv, environ, out):
         if not os.path.isfile(args.db):
             raise no_database(args.db)
         store = (ReadOnlyStore(args.db) if args.dry_run
-                 else Store(args.db, DEFAULTS["busy_timeout_ms"], command=True))
+                 else Store(args.db, DEFAULTS["busy_timeout_ms"], writer="command"))
     except (StoreUnavailable, OSError, sqlite3.Error) as exc:
         say(f"{parser.prog}: {exc}")
         return 1
@@ -4506,7 +4531,7 @@ def run_import_booked(argv, environ, out):
         say(f"{name}: {args.file}: {exc}; nothing imported")
         return 1
     try:
-        store = Store(args.db, DEFAULTS["busy_timeout_ms"], command=True)
+        store = Store(args.db, DEFAULTS["busy_timeout_ms"], writer="command")
     except StoreUnavailable as exc:
         say(f"{name}: {exc}; nothing imported")
         return 1
@@ -4628,7 +4653,7 @@ def run_ledger_step(prog, db, out, step):
     and write the chunks.  One line on stderr and a status on failure (see
     LEDGER_EXIT_HELP); output lost after the commit says what is committed."""
     try:
-        store = Store(db, DEFAULTS["busy_timeout_ms"], command=True)
+        store = Store(db, DEFAULTS["busy_timeout_ms"], writer="command")
     except StoreUnavailable as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1

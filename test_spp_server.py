@@ -131,7 +131,7 @@ def make_client(db):
     apps = []
 
     def make(**config):
-        app = spp_server.create_app({"db": db, **config})
+        app = spp_server.create_app({"db": db, "writer": "thread", **config})
         apps.append(app)
         return TestApp(app)
 
@@ -2671,7 +2671,7 @@ def test_a_backup_that_changes_while_it_is_read_is_no_report(make_client, tmp_pa
     def first_row_then_a_server_writes(self, sql, params=()):
         rows_ = Reads.stream(self, sql, params)
         yield next(rows_)
-        store = spp_server.Store(str(db))
+        store = spp_server.Store(str(db), writer="thread")
         store.write(spp_server.write_health_probe)
         store.close()  # the last connection checkpoints into the file
         yield from rows_
@@ -3783,7 +3783,7 @@ def nanos(text):
 
 @pytest.fixture
 def store(db):
-    store = spp_server.Store(db)
+    store = spp_server.Store(db, writer="thread")
     yield store
     store.close()
 
@@ -4278,7 +4278,7 @@ sys.exit(spp_server.main(sys.argv[3:]))
 
 def ledger_month(db):
     """Two paid days, one to come, booked figures for two: a ledger to kill steps of."""
-    store = spp_server.Store(db)
+    store = spp_server.Store(db, writer="thread")
     try:
         add_sessions(store, [(f"u{i % 7}", ("p1", "p2", None)[i % 3], 1000 * i + 1, at(i % 4, i % 24))
                              for i in range(200)])
@@ -4353,7 +4353,7 @@ def documented_scripts():
 
 def test_the_documented_weekly_and_monthly_routine_runs_as_written(real_server, tmp_path, db):
     weekly, monthly = documented_scripts()
-    store = spp_server.Store(db)  # what postbacks stored in October 2020
+    store = spp_server.Store(db, writer="thread")  # what postbacks stored in October 2020
     add_sessions(store, [(f"u{i % 3}", ("p1", "p2")[i % 2], 1000 * i, at(i // 8, i % 8))
                          for i in range(32)])
     store.close()
@@ -4543,7 +4543,7 @@ def test_ledger_properties_hold_over_random_months(month):
     sessions, order, cuts, final, pay_nows, booked, revisions, write_off = month
     with tempfile.TemporaryDirectory() as tmp:
         db = os.path.join(tmp, "spp.db")
-        store = spp_server.Store(db)
+        store = spp_server.Store(db, writer="thread")
         try:
             timed = [(user, prop, nanos_, at(day, hour)) for user, day, hour, prop, nanos_ in sessions]
             if order == "time":
@@ -4841,7 +4841,7 @@ def test_waitress_queue_depth_warnings_are_kept_out_of_the_log():
 # ---------------------------------------------------------------------------
 
 
-OPEN_STORE = "import sys, spp_server; spp_server.Store(sys.argv[1]).close()"
+OPEN_STORE = "import sys, spp_server; spp_server.Store(sys.argv[1], writer='thread').close()"
 
 
 def writer_pragma(app, sql):
@@ -4927,7 +4927,7 @@ def test_older_database_is_upgraded_in_place_keeping_rows(db, old_version):
     )
     conn.close()
     assert rows(db, "PRAGMA user_version") == [(old_version,)]
-    app = spp_server.create_app({"db": db})
+    app = spp_server.create_app({"db": db, "writer": "thread"})
     try:
         client = TestApp(app)
         assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSIONS[-1],)]
@@ -4965,7 +4965,7 @@ def test_opening_waits_for_a_writer_in_the_way_of_wal_mode(db):
     release = threading.Timer(0.3, other.execute, ["COMMIT"])
     release.start()
     try:
-        spp_server.Store(db).close()
+        spp_server.Store(db, writer="thread").close()
     finally:
         release.join()
         other.close()
@@ -5319,7 +5319,7 @@ def test_a_duplicate_in_the_same_batch_is_a_duplicate_and_a_changed_one_a_confli
 @pytest.fixture
 def process_client(db):
     """A TestApp whose writes go to a writer process, as the server's do."""
-    app = spp_server.create_app({"db": db, "writer_process": True, "threads": 4})
+    app = spp_server.create_app({"db": db, "writer": "process", "threads": 4})
     yield TestApp(app)
     app.store.close()
 
@@ -5354,7 +5354,7 @@ def test_with_a_writer_process_a_refusal_and_a_conflict_are_kept(process_client,
 
 
 def test_closing_the_store_ends_its_writer_process(db):
-    store = spp_server.Store(db, writer_process=True, channels=2)
+    store = spp_server.Store(db, writer="process", channels=2)
     pid = store.writer.pid
     assert store.writer.alive()
     store.close()
@@ -5366,7 +5366,7 @@ def test_closing_the_store_ends_its_writer_process(db):
 
 
 def test_a_dead_writer_process_makes_writes_unavailable_not_hang(db):
-    store = spp_server.Store(db, writer_process=True, channels=2)
+    store = spp_server.Store(db, writer="process", channels=2)
     try:
         os.kill(store.writer.pid, signal.SIGKILL)
         with pytest.raises(spp_server.StoreUnavailable, match="writer process"):
@@ -5426,7 +5426,7 @@ def test_a_late_answer_is_not_taken_for_the_next_writes(db, monkeypatch):
     """One channel: the first write times out, and its answer arrives while
     the second waits; the second gets its own answer, on a new channel."""
     monkeypatch.setitem(spp_server.WRITE_OPS, "slow_write", slow_write)
-    store = spp_server.Store(db, busy_timeout_ms=100, writer_process=True, channels=1)
+    store = spp_server.Store(db, busy_timeout_ms=100, writer="process", channels=1)
     try:
         [first] = store.writer._sockets
         with pytest.raises(spp_server.StoreUnavailable, match="did not answer in time"):
@@ -5500,7 +5500,7 @@ def process_store(db, test_ops):
     stores = []
 
     def make(**kwargs):
-        stores.append(spp_server.Store(db, writer_process=True, **kwargs))
+        stores.append(spp_server.Store(db, writer="process", **kwargs))
         return stores[-1]
 
     yield make
@@ -5574,7 +5574,7 @@ def test_another_error_reaches_the_web_process_as_a_bug_naming_it():
 
 
 def write_loop_in_thread(db, channels):
-    spp_server.Store(db).close()  # the schema
+    spp_server.Store(db, writer="thread").close()  # the schema
     conn = spp_server.connect(db, 1000)
     thread = threading.Thread(target=spp_server.write_loop, args=(conn, channels))
     thread.start()
@@ -5834,7 +5834,7 @@ def test_a_commit_that_fails_in_the_writer_process_leaves_no_transaction_open(pr
 
 
 def test_closing_kills_and_reaps_a_writer_process_that_does_not_stop(db):
-    spp_server.Store(db).close()
+    spp_server.Store(db, writer="thread").close()
     writer = spp_server.WriterProcess(db, 100, 0.3, 1)
     os.kill(writer.pid, signal.SIGSTOP)  # it can no longer see its channels close
     started = time.monotonic()
@@ -5992,7 +5992,7 @@ def test_prune_touches_nothing_received_after_the_cut_whatever_the_id_order(
     or deletes what was received before the cut (at the worst leaving some
     of it for the next run), never anything received later."""
     if not os.path.exists(db):
-        spp_server.Store(db).close()
+        spp_server.Store(db, writer="thread").close()
     start = spp_server.parse_instant("2026-11-01")
     with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
         conn.execute("PRAGMA synchronous = OFF")  # test data: no fsync
