@@ -7,7 +7,8 @@ publisher what each user earned.  One Bottle app served by waitress; storage
 is one SQLite file in WAL mode.  See README.md.
 
 Sections: configuration, money and time, storage (with retention), output formats,
-validation, booked revenue, reconciliation, HTTP, server/CLI.
+validation, booked revenue, reconciliation, HTTP, waitress's internals (the one
+section that touches them), server/CLI.
 """
 
 import os
@@ -69,9 +70,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
-from waitress import wasyncore
-from waitress.channel import HTTPChannel
-from waitress.server import BaseWSGIServer, MultiSocketServer, create_server
+from waitress.server import create_server
 
 log = logging.getLogger("spp")
 
@@ -3837,13 +3836,74 @@ def create_app(config):
 
 
 # ---------------------------------------------------------------------------
-# Server and command line
+# Waitress's internals: the only code that touches them
 # ---------------------------------------------------------------------------
+
+# waitress has no graceful stop: its serve() runs until the process ends, and
+# closing the server drops every connection, answers unsent.  So serve() below
+# runs waitress's loop itself and, on SIGTERM, drains: that takes the server's socket map, the
+# wasyncore loop, HTTPChannel's fields and the task dispatcher's shutdown,
+# none of them waitress's public API.  Written and tested against the waitress
+# that requirements.txt pins (a test checks that the two agree): upgrading
+# waitress means reading this section against its source first.
+WAITRESS_PINNED = "3.0.2"
+
+from waitress import wasyncore  # noqa: E402  (imported here: see above)
+from waitress.channel import HTTPChannel  # noqa: E402
+from waitress.server import BaseWSGIServer, MultiSocketServer  # noqa: E402
 
 DRAIN_TIMEOUT_S = 20  # in-flight requests get this long after SIGTERM
 THREADS_STOP_S = 5  # then the request threads get this long to end
 LOOP_TIMEOUT_S = 0.5  # how often the main loop looks for a stop request
 FRESH_CONNECTION_GRACE_S = 2
+
+
+def socket_map_of(server):
+    """The dispatchers (listeners, connections) that create_server's `server` polls."""
+    return server.map if isinstance(server, MultiSocketServer) else server._map
+
+
+def run_until(socket_map, stopping, writer):
+    while not stopping.is_set():
+        wasyncore.loop(timeout=LOOP_TIMEOUT_S, map=socket_map, use_poll=True, count=1)
+        if not writer.alive():
+            return False
+    return True
+
+
+def is_idle(channel, now):
+    """A connection that may be closed at shutdown: nothing being received,
+    served or sent.  One accepted just before the stop that has not sent its
+    request yet gets a moment to do so; closing it would fail a postback that
+    was on its way."""
+    if channel.requests or channel.total_outbufs_len or channel.request is not None:
+        return False
+    never_spoke = channel.last_activity == channel.creation_time
+    return not never_spoke or now - channel.creation_time > FRESH_CONNECTION_GRACE_S
+
+
+def drain(server):
+    """Stop accepting, let requests in flight finish and their answers go
+    out, then stop the worker threads."""
+    socket_map = socket_map_of(server)
+    for listener in [d for d in socket_map.values() if isinstance(d, BaseWSGIServer)]:
+        # Only the listening socket: its trigger still wakes the loop for answers.
+        wasyncore.dispatcher.close(listener)
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        channels = [d for d in socket_map.values() if isinstance(d, HTTPChannel)]
+        for channel in channels:
+            if is_idle(channel, time.time()):
+                channel.handle_close()
+        if not any(isinstance(d, HTTPChannel) for d in socket_map.values()):
+            break
+        wasyncore.loop(timeout=0.05, map=socket_map, use_poll=True, count=1)
+    server.task_dispatcher.shutdown(cancel_pending=True, timeout=THREADS_STOP_S)
+
+
+# ---------------------------------------------------------------------------
+# Server and command line
+# ---------------------------------------------------------------------------
 
 
 def waitress_settings(config, sockets):
@@ -3951,43 +4011,6 @@ def keep_to_cpus(writer):
              ",".join(map(str, cpus[1:])))
 
 
-def run_until(socket_map, stopping, writer):
-    while not stopping.is_set():
-        wasyncore.loop(timeout=LOOP_TIMEOUT_S, map=socket_map, use_poll=True, count=1)
-        if not writer.alive():
-            return False
-    return True
-
-
-def is_idle(channel, now):
-    """A connection that may be closed at shutdown: nothing being received,
-    served or sent.  One accepted just before the stop that has not sent its
-    request yet gets a moment to do so; closing it would fail a postback that
-    was on its way."""
-    if channel.requests or channel.total_outbufs_len or channel.request is not None:
-        return False
-    never_spoke = channel.last_activity == channel.creation_time
-    return not never_spoke or now - channel.creation_time > FRESH_CONNECTION_GRACE_S
-
-
-def drain(socket_map, dispatcher):
-    """Stop accepting, let requests in flight finish and their answers go
-    out, then stop the worker threads."""
-    for listener in [d for d in socket_map.values() if isinstance(d, BaseWSGIServer)]:
-        # Only the listening socket: its trigger still wakes the loop for answers.
-        wasyncore.dispatcher.close(listener)
-    deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        channels = [d for d in socket_map.values() if isinstance(d, HTTPChannel)]
-        for channel in channels:
-            if is_idle(channel, time.time()):
-                channel.handle_close()
-        if not any(isinstance(d, HTTPChannel) for d in socket_map.values()):
-            break
-        wasyncore.loop(timeout=0.05, map=socket_map, use_poll=True, count=1)
-    dispatcher.shutdown(cancel_pending=True, timeout=THREADS_STOP_S)
-
-
 def worst_case_stop_s(busy_timeout_ms=DEFAULTS["busy_timeout_ms"]):
     """The longest the server takes from SIGTERM to exit (TimeoutStopSec in
     spp.service must be longer): noticing the signal, the drain, the request
@@ -4005,17 +4028,16 @@ def serve(app, config, sockets=()):
         server = create_server(app, **waitress_settings(config, sockets))
     except ValueError as exc:  # "Invalid host/port specified.": a name that does not resolve
         raise OSError(f"{exc} ({config['host']!r} does not resolve to an address here)") from None
-    socket_map = server.map if isinstance(server, MultiSocketServer) else server._map
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
     server.print_listen("listening on http://{}:{}")
     start_watchdog(app.store, os.environ, stopping)
     sd_notify("READY=1")
-    writer_alive = run_until(socket_map, stopping, app.store.writer)
+    writer_alive = run_until(socket_map_of(server), stopping, app.store.writer)
     sd_notify("STOPPING=1")
     log.info("stopping: finishing requests in flight")
-    drain(socket_map, server.task_dispatcher)
+    drain(server)
     if not writer_alive:
         raise WriterLost(app.store.writer.loss())
 

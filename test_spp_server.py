@@ -6390,6 +6390,27 @@ def test_importing_the_module_has_no_side_effects(tmp_path):
 
 CONNECTION_ERRORS = (OSError, http.client.HTTPException)  # refused, reset, closed early
 
+# What of waitress is not its public API (create_server and its settings).
+WAITRESS_INTERNALS = re.compile(r"\b(wasyncore|HTTPChannel|BaseWSGIServer|MultiSocketServer|"
+                                r"task_dispatcher)\b|\._map\b")
+
+
+def test_only_the_waitress_internals_section_touches_waitress_internals():
+    source = SERVER.read_text(encoding="utf-8")
+    sections = re.split(r"^# -{75}\n# (.*)\n# -{75}\n", source, flags=re.M)
+    touching = {name for name, body in zip(sections[1::2], sections[2::2])
+                if WAITRESS_INTERNALS.search(body)}
+    assert WAITRESS_INTERNALS.search(sections[0]) is None  # the imports
+    assert touching == {"Waitress's internals: the only code that touches them"}
+
+
+def test_the_waitress_internals_are_those_of_the_pinned_waitress():
+    """The section names the version it was written against: the one
+    requirements.txt pins, and the one installed."""
+    import importlib.metadata
+    [pinned] = re.findall(r"^waitress==(\S+)$", (HERE / "requirements.txt").read_text(), re.M)
+    assert spp_server.WAITRESS_PINNED == pinned == importlib.metadata.version("waitress")
+
 
 def resident_kb(pid):
     """VmRSS of pid and its children (the writer process), summed."""
