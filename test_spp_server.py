@@ -219,10 +219,17 @@ def free_port():
         return sock.getsockname()[1]
 
 
+# The server's two writers (writer="auto"): a process where two CPUs or more
+# are allowed, a thread of the web process on one.  The durability tests run with each.
+ONE_CPU = {min(os.sched_getaffinity(0))}
+EACH_WRITER = pytest.mark.parametrize("cpus", [None, ONE_CPU],
+                                      ids=["writer process", "writer thread on one CPU"])
+
+
 class RealServer:
     """`python spp_server.py` on a free port of 127.0.0.1, waited for until it answers."""
 
-    def __init__(self, db, env=None, args=(), port=None):
+    def __init__(self, db, env=None, args=(), port=None, cpus=None):
         self.db = db
         self.port = port or free_port()  # a port: restart where clients expect it
         self.log = open(Path(db).with_suffix(".log"), "ab")
@@ -230,6 +237,8 @@ class RealServer:
             [sys.executable, str(SERVER), "--db", db, "--port", str(self.port), *args],
             env={**os.environ, **(env or {})},
             stderr=self.log,
+            # The CPUs it may use, as taskset or a unit's CPUAffinity= set them.
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         self.wait_until_ready()
 
@@ -5365,6 +5374,44 @@ def test_closing_the_store_ends_its_writer_process(db):
         store.write(spp_server.write_health_probe)
 
 
+@pytest.mark.parametrize("cpus, kind", [({0}, "WriterThread"), ({0, 1}, "WriterProcess"),
+                                        ({1, 2, 3}, "WriterProcess")])
+def test_the_servers_writer_is_a_thread_on_one_cpu_a_process_on_more(
+        db, monkeypatch, caplog, cpus, kind):
+    """writer="auto", the default: decided by the CPUs this process may use
+    when the store opens, and said in the log when it is the thread."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus)
+    caplog.set_level(logging.INFO, logger="spp")
+    store = spp_server.Store(db)
+    try:
+        assert type(store.writer).__name__ == kind
+        assert store.write(spp_server.write_health_probe) is None
+    finally:
+        store.close()
+    said = "one CPU allowed: writes commit in a thread of the web process" in caplog.text
+    assert said == (kind == "WriterThread")
+
+
+@pytest.mark.parametrize("writer", ["processes", "", None, True])
+def test_a_writer_that_is_none_of_the_four_is_refused(db, writer):
+    with pytest.raises(ValueError, match="writer must be one of auto, process, thread, command"):
+        spp_server.Store(db, writer=writer)
+    assert not os.path.exists(db)
+
+
+@EACH_WRITER
+def test_the_real_server_commits_in_a_thread_on_one_cpu_and_in_a_process_on_more(
+        real_server, db, cpus):
+    server = real_server(db, cpus=cpus)
+    assert server.post(postback())[0] == 200
+    pid = server.process.pid
+    one = len(cpus or os.sched_getaffinity(0)) == 1
+    assert len(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()) == (0 if one else 1)
+    assert ("writes commit in a thread of the web process" in server.log_text()) == one
+    assert server.stop() == 0
+    assert count(db, "sessions") == 1
+
+
 def test_a_dead_writer_process_makes_writes_unavailable_not_hang(db):
     store = spp_server.Store(db, writer="process", channels=2)
     try:
@@ -6521,15 +6568,16 @@ def test_sigterm_exits_0_and_keeps_every_acknowledged_row(real_server):
     assert stored == set(acknowledged) and len(acknowledged) == 20
 
 
-def test_rows_acknowledged_before_sigkill_survive(real_server, db):
-    server = real_server(db)
+@EACH_WRITER
+def test_rows_acknowledged_before_sigkill_survive(real_server, db, cpus):
+    server = real_server(db, cpus=cpus)
     sent = [postback() for _ in range(20)]
     for payload in sent:
         assert server.post(payload)[0] == 200
     server.stop(signal.SIGKILL)
     assert rows(db, "PRAGMA integrity_check") == [("ok",)]
     assert count(db, "sessions") == 20
-    server = real_server(db)
+    server = real_server(db, cpus=cpus)
     assert server.request("GET", "/users/sub1/earnings")[1]["sessions"] == 20
 
 
@@ -6575,8 +6623,9 @@ def test_sigterm_with_an_idle_keep_alive_connection_exits_within_seconds(real_se
     assert count(db, "sessions") == 1
 
 
-def test_sigkill_mid_stream_keeps_every_acknowledged_session_exactly_once(real_server, db):
-    server = real_server(db)
+@EACH_WRITER
+def test_sigkill_mid_stream_keeps_every_acknowledged_session_exactly_once(real_server, db, cpus):
+    server = real_server(db, cpus=cpus)
     load = LoadGenerator(server, threads=6)
     load.wait_for_acknowledged(150)
     server.process.kill()  # SIGKILL while the clients are still sending
@@ -6586,7 +6635,7 @@ def test_sigkill_mid_stream_keeps_every_acknowledged_session_exactly_once(real_s
     assert [status for _, status, _ in load.outcomes if status != 200] == ["connection error"] * 6
     assert rows(db, "PRAGMA integrity_check") == [("ok",)]
 
-    server = real_server(db)  # restart on the same file
+    server = real_server(db, cpus=cpus)  # restart on the same file
     assert rows(db, "PRAGMA integrity_check") == [("ok",)]
     stored = stored_bodies(db)
     for payload in acknowledged:  # present, and exactly as acknowledged
@@ -6604,8 +6653,9 @@ def test_sigkill_mid_stream_keeps_every_acknowledged_session_exactly_once(real_s
     assert server.stop() == 0
 
 
-def test_sigterm_under_load_exits_0_and_loses_no_acknowledged_session(real_server, db):
-    server = real_server(db)
+@EACH_WRITER
+def test_sigterm_under_load_exits_0_and_loses_no_acknowledged_session(real_server, db, cpus):
+    server = real_server(db, cpus=cpus)
     load = LoadGenerator(server, threads=8)
     load.wait_for_acknowledged(100)
     server.process.send_signal(signal.SIGTERM)
