@@ -900,6 +900,28 @@ def test_a_whole_number_of_any_length_is_refused_by_its_field_name(client, db, f
     check()
 
 
+@pytest.mark.parametrize("digits", [1, 3999, 4000, 4001, 4300, 4301, 20_000])
+@pytest.mark.parametrize("sign", ["", "-"])
+def test_a_json_whole_number_is_an_int_up_to_4000_characters_then_an_exact_decimal(digits, sign):
+    """Up to 4,000 characters int() reads it (its own limit is 4,300 digits);
+    past that an exact Decimal, never int()'s error about sys."""
+    text = sign + "9" * digits
+    value = spp_server.parse_json(text)
+    assert type(value) is (int if len(text) <= 4000 else Decimal)
+    assert value == Decimal(text)
+
+
+@pytest.mark.parametrize("digits, error", [
+    (4000, "must be at most 128 characters"),  # read as an int: too long as text
+    (4001, "must be a string or an integer"),  # read as a Decimal
+])
+def test_a_4000_digit_property_id_is_refused_by_its_length(client, db, digits, error):
+    text = json.dumps(postback(property_id="__LITERAL__"))
+    res = send_raw(client, as_body(text.replace('"__LITERAL__"', "9" * digits)))
+    assert_error(res, 400, "property-id")
+    assert res.json["error"] == error
+
+
 def test_no_postback_error_shows_python_internals(client, db):
     @settings(max_examples=150, **HOSTILE_SETTINGS)
     @given(field=st.sampled_from(POSTBACK_FIELDS), literal=LITERALS_WITH_HUGE_NUMBERS)
@@ -2480,8 +2502,11 @@ def test_every_command_on_a_full_disk_or_a_closed_pipe_is_one_line_at_most_and_n
         read_end, write_end = os.pipe()
         os.close(read_end)
         target, expected = open(write_end, "wb"), status_closed
+    # Without PYTHONUNBUFFERED, as a shell runs it: stdout buffered, so the
+    # write that fails may be a flush, and the line must still name the command.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     with target:
-        result = subprocess.run([sys.executable, str(SERVER), *command_lines[command]],
+        result = subprocess.run([sys.executable, str(SERVER), *command_lines[command]], env=env,
                                 stdout=target, stderr=subprocess.PIPE, text=True, timeout=30)
     assert result.returncode == expected, result.stderr
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
@@ -2489,8 +2514,36 @@ def test_every_command_on_a_full_disk_or_a_closed_pipe_is_one_line_at_most_and_n
         assert result.stderr == ""  # the reader quit: nothing went wrong here
     else:
         assert result.stderr.count("\n") == 1, result.stderr
+        name = command.split()[0]
+        assert result.stderr.startswith("spp_server.py: " if name.startswith("-")
+                                        else f"spp_server.py {name}: "), result.stderr
         assert ("No space left on device" if output == "/dev/full" else "Broken pipe") in result.stderr
         assert ("committed" in result.stderr) == (expected == COMMITTED)
+
+
+def every_parser():
+    """Each parser of the module (the server's and each command's), built."""
+    return [builder({}) for name, builder in vars(spp_server).items()
+            if re.fullmatch(r"build_\w*parser", name)]
+
+
+def test_every_command_has_a_parser_named_after_it():
+    progs = sorted(parser.prog for parser in every_parser())
+    assert progs == sorted(["spp_server.py", *(f"spp_server.py {c}" for c in spp_server.COMMANDS)])
+
+
+@pytest.mark.parametrize("parser", every_parser(), ids=lambda parser: parser.prog)
+def test_help_that_cannot_be_written_names_its_command_even_when_only_the_flush_fails(
+        parser, capsys):
+    """A help shorter than the buffer is written without error; only the
+    flush meets the full disk, and must not leave it to the interpreter's
+    exit, whose error could not say which command's output was lost."""
+    with open("/dev/full", "w") as full:  # buffered, as a shell's > /dev/full
+        with pytest.raises(SystemExit) as exited:
+            parser.print_help(full)
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == (f"{parser.prog}: writing the output failed, it is "
+                                       "incomplete: No space left on device\n")
 
 
 @pytest.mark.parametrize("command, status", [
@@ -5902,6 +5955,49 @@ def test_the_writer_process_lets_go_of_all_but_stdio_and_its_channels(open_fds, 
     assert spp_server.descriptors_to_release(open_fds, keep) == released
 
 
+class FakeDescriptors:
+    """os.listdir("/proc/self/fd") and os.dup2 as the forked writer sees them,
+    without touching this process's descriptors."""
+
+    def __init__(self, monkeypatch, listing, refused=()):
+        self.pointed = []  # the descriptors pointed at /dev/null
+        self.devnull = set()  # what they were pointed at
+
+        def listdir(path):
+            assert path == "/proc/self/fd"
+            if isinstance(listing, Exception):
+                raise listing
+            return [str(fd) for fd in listing]
+
+        def dup2(fd, to):
+            self.devnull.add(fd)
+            if to in refused:
+                raise OSError(9, "Bad file descriptor")
+            self.pointed.append(to)
+
+        monkeypatch.setattr(spp_server.os, "listdir", listdir)
+        monkeypatch.setattr(spp_server.os, "dup2", dup2)
+
+
+def test_a_writer_process_that_cannot_list_its_descriptors_says_so_and_goes_on(
+        monkeypatch, caplog):
+    fake = FakeDescriptors(monkeypatch, FileNotFoundError(2, "No such file or directory"))
+    with caplog.at_level(logging.WARNING, logger="spp"):
+        spp_server.release_inherited_descriptors({5})
+    assert fake.pointed == []
+    assert caplog.messages == ["the writer process keeps its inherited descriptors: "
+                               "[Errno 2] No such file or directory"]
+
+
+def test_a_descriptor_the_writer_process_cannot_release_does_not_stop_the_others(monkeypatch):
+    fake = FakeDescriptors(monkeypatch, [0, 1, 2, 3, 4, 5, 6, 7], refused={4})
+    spp_server.release_inherited_descriptors({6})
+    assert fake.pointed == [3, 5, 7]  # not 4 (refused), 6 (kept), nor stdio
+    [devnull] = fake.devnull
+    with pytest.raises(OSError):
+        os.fstat(devnull)  # closed once done
+
+
 def socket_inodes(pid):
     links = []
     for name in os.listdir(f"/proc/{pid}/fd"):
@@ -6293,6 +6389,32 @@ def test_an_empty_database_path_is_named_as_the_variable_or_the_flag(fake_serve,
         assert exited.value.code == 2 and fake_serve == []
         error = capsys.readouterr().err.splitlines()[-1]
         assert named in error and "not empty" in error and "Errno" not in error
+
+
+@pytest.mark.parametrize("build, option, low, high", [
+    (spp_server.build_parser, "--port", 0, 65535),
+    (spp_server.build_parser, "--threads", 1, 10**9 - 1),
+    (spp_server.build_settle_parser, "--settlement", 1, 10**9 - 1),
+])
+def test_every_whole_number_option_takes_both_ends_of_its_range_and_nothing_past_them(
+        build, option, low, high, capsys):
+    parser = build({})
+    dest = option[2:].replace("-", "_")
+    for value in (low, high):
+        assert getattr(parser.parse_args([option, str(value)]), dest) == value
+    for value in (low - 1, high + 1, f"{high}0"):
+        with pytest.raises(SystemExit) as exited:
+            parser.parse_args([f"{option}={value}"])
+        assert exited.value.code == 2
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert f"argument {option}: must be a whole number" in error and f"'{value}'" in error
+
+
+def test_settle_asks_for_the_highest_settlement_id_there_can_be(db):
+    spp_server.Store(db, writer="thread").close()
+    code, out, err = ledger_command(spp_server.run_settle, db, "--settlement", "999999999")
+    assert (code, out) == (2, b"")  # read as an id, and found to be none
+    assert err == "spp_server.py settle: --settlement: there is no settlement 999999999; nothing changed\n"
 
 
 @pytest.mark.parametrize("bad", [["--port", "70000"], ["--threads", "0"], ["--port", "x"],
