@@ -1914,7 +1914,8 @@ def test_a_forged_cursor_is_refused(client):
     for forged in [f"{row_id}-{flipped}", f"1-{fingerprint}", f"3-{fingerprint}",
                    f"0-{fingerprint}", f"4-{fingerprint}"]:
         assert_cursor_gone(feed_page(client, status=410, after=forged))
-    for malformed in [f"{row_id}-{fingerprint.upper()}", f"{row_id}-{fingerprint[:-1]}",
+    upper = [f"{row_id}-{fingerprint.upper()}"] if fingerprint != fingerprint.upper() else []
+    for malformed in [*upper, f"{row_id}-{fingerprint[:-1]}",
                       f"{row_id}-{fingerprint}0", f"{row_id}-", f"-{fingerprint}",
                       f"{row_id}:{fingerprint}", f" {real}", f"+{row_id}",
                       f"{2**63}-{fingerprint}"]:
