@@ -16,13 +16,14 @@ import sys
 
 # Run as a script (`python spp_server.py`, as the README and spp.service start
 # the server), CPython keeps the script's whole syntax tree until the script
-# ends (Python/pythonrun.c frees it only after running it): about 7 MB for
-# this module, in the web process and again in the forked writer.  So the
-# server starts again at once as the module, whose tree is freed once compiled
-# (and whose bytecode is cached): the same process id, arguments, descriptors
-# and interpreter options.  Commands (a first argument that is not an option)
-# are short-lived and are run as they are.
-RELAUNCH_AS_MODULE = ("import runpy, sys; sys.path[0] = sys.argv.pop(1); "
+# ends (Python/pythonrun.c frees it only after running it): about 4 MB resident
+# for this module, in the web process and again in the forked writer.  So the
+# server starts again at once as the module, whose tree is freed once compiled:
+# the same process id, arguments, descriptors and interpreter options.  -c puts
+# the working directory first on sys.path, where a script has its own folder.
+# Commands (a first argument that is not an option) are short-lived: run as they are.
+RELAUNCH_AS_MODULE = ("import runpy, sys; sys.path[:1] == [''] and sys.path.pop(0); "
+                      "sys.path.insert(0, sys.argv.pop(1)); "
                       "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
 if __name__ == "__main__" and __spec__ is None and (sys.argv[1:2] or ["-"])[0].startswith("-"):
     try:
