@@ -234,3 +234,67 @@ CREATE VIEW booked_revenue AS
     FROM booked_current c
     JOIN booked_rows r
       ON r.import_id = c.import_id AND r.day = +c.day AND r.property_id = c.property_id;
+
+-- Ledger rules, part b (issue 22: balances that end, holds, erasure; docs/ledger.md).
+-- A carried balance is taken back from a settlement's top-ups too (deducted);
+-- a correction gives back what an earlier write-off of the pool no longer
+-- needs (written_back); a held user's line shares nothing (held = 1).
+ALTER TABLE settlement_lines ADD COLUMN deducted_nano INTEGER NOT NULL DEFAULT 0 CHECK (deducted_nano >= 0);
+ALTER TABLE settlement_lines ADD COLUMN written_back_nano INTEGER NOT NULL DEFAULT 0 CHECK (written_back_nano >= 0);
+ALTER TABLE settlement_lines ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE settlements ADD COLUMN deducted_nano INTEGER NOT NULL DEFAULT 0;
+-- Sessions a run found on days already settled (a clock step backwards): paid
+-- in the pool of the run's last report day instead, moved_to_day.
+ALTER TABLE payout_runs ADD COLUMN moved_sessions INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE payout_runs ADD COLUMN moved_to_day TEXT;
+ALTER TABLE payout_runs ADD COLUMN withheld_nano INTEGER NOT NULL DEFAULT 0;
+
+-- A held user's pay-now, withheld in a run (the line credits paid - deducted - withheld).
+CREATE TABLE payout_withheld (
+    run_id              INTEGER NOT NULL REFERENCES payout_runs (id),
+    user_id             TEXT    NOT NULL,
+    withheld_nano       INTEGER NOT NULL CHECK (withheld_nano > 0),
+    PRIMARY KEY (run_id, user_id)
+) WITHOUT ROWID;
+CREATE INDEX payout_withheld_by_user ON payout_withheld (user_id, run_id);
+
+-- Every hold, release and write-off of what was held, with its time and reason.
+-- amount_nano: what a release credits or a write-off forfeits (0 for a hold).
+CREATE TABLE ledger_holds (
+    id                  INTEGER PRIMARY KEY,
+    user_id             TEXT    NOT NULL,
+    action              TEXT    NOT NULL CHECK (action IN ('hold', 'release', 'write-off')),
+    at_us               INTEGER NOT NULL,
+    reason              TEXT    NOT NULL,
+    amount_nano         INTEGER NOT NULL CHECK (amount_nano >= 0)
+);
+CREATE INDEX ledger_holds_by_user ON ledger_holds (user_id, id);
+
+-- Balances older than a chosen age written off (`write-off-balances`), per
+-- user and the pool the balance was carried from (oldest first).
+CREATE TABLE balance_write_offs (
+    id                  INTEGER PRIMARY KEY,
+    created_at_us       INTEGER NOT NULL,
+    older_than_us       INTEGER NOT NULL,
+    users               INTEGER NOT NULL,
+    written_off_nano    INTEGER NOT NULL
+);
+CREATE TABLE balance_write_off_lines (
+    write_off_id        INTEGER NOT NULL REFERENCES balance_write_offs (id),
+    user_id             TEXT    NOT NULL,
+    day                 TEXT    NOT NULL,
+    property_id         TEXT    NOT NULL,
+    written_off_nano    INTEGER NOT NULL CHECK (written_off_nano > 0),
+    PRIMARY KEY (write_off_id, user_id, day, property_id)
+) WITHOUT ROWID;
+CREATE INDEX balance_write_off_lines_by_user ON balance_write_off_lines (user_id, write_off_id);
+CREATE INDEX balance_write_off_lines_by_pool ON balance_write_off_lines (day, property_id);
+
+-- That a user's data was erased on request (`erase`): when, and how much;
+-- never who.
+CREATE TABLE erasures (
+    id                  INTEGER PRIMARY KEY,
+    erased_at_us        INTEGER NOT NULL,
+    sessions            INTEGER NOT NULL,
+    forced              INTEGER NOT NULL
+);

@@ -57,6 +57,7 @@ import math
 import operator
 import queue
 import re
+import secrets
 import select
 import signal
 import socket
@@ -489,6 +490,7 @@ SQL = {
         SELECT id, last_session_id, until_us, report_utc_offset FROM payout_runs
         ORDER BY id DESC LIMIT 1""",
     "run_exists": "SELECT 1 FROM payout_runs WHERE id = ?",
+    "run_moved": "SELECT moved_sessions, moved_to_day FROM payout_runs WHERE id = ?",
     "settlement_exists": "SELECT 1 FROM settlements WHERE id = ?",
     # The largest id received before a run's until: the run pays every id up
     # to it that an earlier run did not, whatever their receive times.
@@ -502,14 +504,23 @@ SQL = {
     # appends).  Paid now: the estimate times the share (in millionths),
     # rounded down, split so that the product stays within 64 bits.  A
     # part's estimate above 9.2 billion USD makes sum() fail, never round.
+    # A session received on a report day already settled (a clock step
+    # backwards) is paid in the pool of :last_day instead (see plan_run).
     "run_parts": """
         SELECT :run, date(day * 86400, 'unixepoch'), property_id, user_id, sessions, estimated,
                estimated / 1000000 * :millionths + estimated % 1000000 * :millionths / 1000000
-        FROM (SELECT (received_at_us + :offset_us) / 86400000000 AS day,
+        FROM (SELECT CASE WHEN (received_at_us + :offset_us) / 86400000000
+                               IN (SELECT value FROM json_each(:settled))
+                          THEN :last_day ELSE (received_at_us + :offset_us) / 86400000000 END AS day,
                      coalesce(property_id, '') AS property_id, user_id,
                      count(*) AS sessions, sum(revenue_nano) AS estimated
               FROM sessions WHERE id > :after AND id <= :last
               GROUP BY 1, 2, 3 ORDER BY 1, 2, 3)""",
+    "settled_day_numbers": """
+        SELECT DISTINCT CAST(julianday(day) - 2440587.5 AS INTEGER) FROM settlement_days""",
+    "sessions_on_days": """
+        SELECT count(*) FROM sessions WHERE id > :after AND id <= :last
+          AND (received_at_us + :offset_us) / 86400000000 IN (SELECT value FROM json_each(:settled))""",
     "owed_balances": """
         SELECT user_id, owed_nano FROM ledger_balances WHERE owed_nano > 0 ORDER BY user_id""",
     "take_owed": "UPDATE ledger_balances SET owed_nano = owed_nano - ? WHERE user_id = ?",
@@ -520,8 +531,10 @@ SQL = {
         INSERT INTO payout_runs
             (id, after_session_id, last_session_id, until_us, created_at_us, pay_now_share,
              final_share, report_utc_offset, users, sessions, estimated_nano, paid_now_nano,
-             deducted_nano)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+             deducted_nano, withheld_nano, moved_sessions, moved_to_day)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+    "insert_withheld": """
+        INSERT INTO payout_withheld (run_id, user_id, withheld_nano) VALUES (?, ?, ?)""",
     "insert_part": """
         INSERT INTO payout_parts
             (run_id, day, property_id, user_id, sessions, estimated_nano, paid_now_nano)
@@ -546,9 +559,10 @@ SQL = {
         VALUES (?, ?, ?, ?, ?)""",
     "run_lines": """
         SELECT l.user_id, l.sessions, l.estimated_nano, l.paid_now_nano,
-               coalesce(d.deducted_nano, 0)
+               coalesce(d.deducted_nano, 0), coalesce(w.withheld_nano, 0)
         FROM payout_lines l
         LEFT JOIN payout_deductions d ON d.run_id = l.run_id AND d.user_id = l.user_id
+        LEFT JOIN payout_withheld w ON w.run_id = l.run_id AND w.user_id = l.user_id
         WHERE l.run_id = ? ORDER BY l.user_id""",
     "run_final_shares": "SELECT id, final_share FROM payout_runs",
     "booked_pools": """
@@ -579,13 +593,23 @@ SQL = {
     "pool_settlements": """
         SELECT settlement_id FROM settlement_days WHERE day = ? AND property_id = ?""",
     "pool_adjustments": """
-        SELECT user_id, top_up_nano - carried_nano FROM settlement_lines
-        WHERE settlement_id = ? AND day = ? AND property_id = ?""",
+        SELECT user_id, top_up_nano - carried_nano, written_off_nano - written_back_nano, held
+        FROM settlement_lines WHERE settlement_id = ? AND day = ? AND property_id = ?""",
+    # Balances of the pool written off for their age: the user keeps them, as
+    # if written off when settled (see pool_lines).
+    "pool_balance_write_offs": """
+        SELECT user_id, sum(written_off_nano) FROM balance_write_off_lines
+        WHERE day = ? AND property_id = ? GROUP BY user_id""",
+    # Users held now: whose newest hold event is a hold.
+    "held_users": """
+        SELECT user_id FROM ledger_holds h
+        WHERE id = (SELECT max(id) FROM ledger_holds n WHERE n.user_id = h.user_id)
+          AND action = 'hold' ORDER BY user_id""",
     "insert_settlement": """
         INSERT INTO settlements (id, created_at_us, report_utc_offset, write_off, pools,
-                                 booked_nano, top_up_nano, carried_nano, written_off_nano)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-
+                                 booked_nano, top_up_nano, carried_nano, written_off_nano,
+                                 deducted_nano)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
     "insert_settlement_day": """
         INSERT INTO settlement_days
             (day, property_id, settlement_id, by_property, booked_nano, sessions, estimated_nano,
@@ -595,54 +619,66 @@ SQL = {
         INSERT INTO settlement_lines
             (settlement_id, day, property_id, user_id, sessions, estimated_nano,
              booked_part_nano, final_nano, paid_now_nano, top_up_nano, carried_nano,
-             written_off_nano, correction)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+             written_off_nano, correction, deducted_nano, written_back_nano, held)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
     "settlement_lines_of": """
         SELECT settlement_id, day, property_id, user_id, sessions, estimated_nano,
                booked_part_nano, final_nano, paid_now_nano, top_up_nano, carried_nano,
-               written_off_nano, correction
+               written_off_nano, correction, deducted_nano, written_back_nano, held
         FROM settlement_lines WHERE settlement_id = ? ORDER BY day, property_id, user_id""",
     "user_run_lines": """
         SELECT l.run_id, r.until_us, l.sessions, l.estimated_nano, l.paid_now_nano,
-               coalesce(d.deducted_nano, 0)
+               coalesce(d.deducted_nano, 0), coalesce(w.withheld_nano, 0)
         FROM payout_lines l JOIN payout_runs r ON r.id = l.run_id
         LEFT JOIN payout_deductions d ON d.run_id = l.run_id AND d.user_id = l.user_id
+        LEFT JOIN payout_withheld w ON w.run_id = l.run_id AND w.user_id = l.user_id
         WHERE l.user_id = ? ORDER BY l.run_id""",
     "user_settlement_lines": """
         SELECT settlement_id, day, property_id, sessions, estimated_nano, booked_part_nano,
-               final_nano, paid_now_nano, top_up_nano, carried_nano, written_off_nano, correction
+               final_nano, paid_now_nano, top_up_nano, carried_nano, written_off_nano, correction,
+               deducted_nano, written_back_nano, held
         FROM settlement_lines
         WHERE user_id = ? AND settlement_id <= (SELECT coalesce(max(id), 0) FROM settlements)
         ORDER BY settlement_id, day, property_id""",
     "runs": """
         SELECT id, until_us, created_at_us, pay_now_share, final_share, report_utc_offset, users,
-               sessions, estimated_nano, paid_now_nano, deducted_nano
+               sessions, estimated_nano, paid_now_nano, deducted_nano, withheld_nano,
+               moved_sessions, moved_to_day
         FROM payout_runs ORDER BY id""",
     "settlements": """
         SELECT id, created_at_us, report_utc_offset, write_off, pools, booked_nano, top_up_nano,
-               carried_nano, written_off_nano
+               carried_nano, written_off_nano, deducted_nano
         FROM settlements ORDER BY id""",
     # Each settled pool as of its newest settlement; released: the top-ups
     # less the balances carried, over all its settlements.
     "settled_pools": """
-        SELECT day, property_id, settlement_id, by_property, booked_nano, paid_now_nano, released
+        SELECT day, property_id, settlement_id, by_property, booked_nano, paid_now_nano,
+               released + coalesce((SELECT sum(written_off_nano) FROM balance_write_off_lines w
+                                    WHERE w.day = p.day AND w.property_id = p.property_id), 0)
         FROM (SELECT *, sum(top_up_nano - carried_nano) OVER pool AS released,
                      row_number() OVER (pool ORDER BY settlement_id DESC) AS newest
-              FROM settlement_days WINDOW pool AS (PARTITION BY day, property_id))
+              FROM settlement_days WINDOW pool AS (PARTITION BY day, property_id)) p
         WHERE newest = 1 ORDER BY day, property_id""",
     # Totals in the order of LEDGER_TOTALS.  Pending: paid now (before
     # deductions) less what the newest settlement of each pool found paid now.
     "ledger_sums": """
-        SELECT (SELECT coalesce(sum(paid_now_nano - deducted_nano), 0) FROM payout_runs),
-               (SELECT coalesce(sum(deducted_nano), 0) FROM payout_runs),
-               (SELECT coalesce(sum(top_up_nano), 0) FROM settlements),
+        SELECT (SELECT coalesce(sum(paid_now_nano - deducted_nano - withheld_nano), 0)
+                FROM payout_runs),
+               (SELECT coalesce(sum(deducted_nano), 0) FROM payout_runs)
+               + (SELECT coalesce(sum(deducted_nano), 0) FROM settlements),
+               (SELECT coalesce(sum(top_up_nano - deducted_nano), 0) FROM settlements),
                (SELECT coalesce(sum(carried_nano), 0) FROM settlements),
-               (SELECT coalesce(sum(written_off_nano), 0) FROM settlements),
+               (SELECT coalesce(sum(written_off_nano), 0) FROM settlements)
+               + (SELECT coalesce(sum(written_off_nano), 0) FROM balance_write_offs),
                (SELECT coalesce(sum(owed_nano), 0) FROM ledger_balances),
                (SELECT coalesce(sum(paid_now_nano), 0) FROM payout_runs)
                - (SELECT coalesce(sum(paid_now_nano), 0) FROM settlement_days d
                   WHERE settlement_id = (SELECT max(settlement_id) FROM settlement_days n
-                                         WHERE n.day = d.day AND n.property_id = d.property_id))""",
+                                         WHERE n.day = d.day AND n.property_id = d.property_id)),
+               (SELECT coalesce(sum(withheld_nano), 0) FROM payout_runs)
+               - (SELECT coalesce(sum(amount_nano), 0) FROM ledger_holds),
+               (SELECT coalesce(sum(amount_nano), 0) FROM ledger_holds WHERE action = 'release'),
+               (SELECT coalesce(sum(amount_nano), 0) FROM ledger_holds WHERE action = 'write-off')""",
     "user_ledger_sums": """
         WITH runs AS (SELECT coalesce(max(id), 0) AS last FROM payout_runs),
              settled AS (SELECT coalesce(max(id), 0) AS last FROM settlements),
@@ -650,17 +686,78 @@ SQL = {
                             FROM payout_deductions WHERE user_id = :user),
              paid AS (SELECT coalesce(sum(paid_now_nano), 0) AS nano FROM payout_lines
                       WHERE user_id = :user AND run_id <= (SELECT last FROM runs)),
+             withheld AS (SELECT coalesce(sum(withheld_nano), 0) AS nano FROM payout_withheld
+                          WHERE user_id = :user),
+             holds AS (SELECT * FROM ledger_holds WHERE user_id = :user),
              lines AS (SELECT * FROM settlement_lines
                        WHERE user_id = :user AND settlement_id <= (SELECT last FROM settled))
-        SELECT (SELECT nano FROM paid) - (SELECT nano FROM deductions),
-               (SELECT nano FROM deductions),
-               (SELECT coalesce(sum(top_up_nano), 0) FROM lines),
+        SELECT (SELECT nano FROM paid) - (SELECT nano FROM deductions) - (SELECT nano FROM withheld),
+               (SELECT nano FROM deductions) + (SELECT coalesce(sum(deducted_nano), 0) FROM lines),
+               (SELECT coalesce(sum(top_up_nano - deducted_nano), 0) FROM lines),
                (SELECT coalesce(sum(carried_nano), 0) FROM lines),
-               (SELECT coalesce(sum(written_off_nano), 0) FROM lines),
+               (SELECT coalesce(sum(written_off_nano - written_back_nano), 0) FROM lines)
+               + (SELECT coalesce(sum(written_off_nano), 0) FROM balance_write_off_lines
+                  WHERE user_id = :user
+                    AND write_off_id <= (SELECT coalesce(max(id), 0) FROM balance_write_offs)),
                (SELECT coalesce(sum(owed_nano), 0) FROM ledger_balances WHERE user_id = :user),
                (SELECT nano FROM paid) - (SELECT coalesce(sum(paid_now_nano), 0) FROM lines l
                   WHERE settlement_id = (SELECT max(settlement_id) FROM lines n
-                                         WHERE n.day = l.day AND n.property_id = l.property_id))""",
+                                         WHERE n.day = l.day AND n.property_id = l.property_id)),
+               (SELECT nano FROM withheld) - (SELECT coalesce(sum(amount_nano), 0) FROM holds),
+               (SELECT coalesce(sum(amount_nano), 0) FROM holds WHERE action = 'release'),
+               (SELECT coalesce(sum(amount_nano), 0) FROM holds WHERE action = 'write-off')""",
+    "carried_lines_of_owing": """
+        SELECT l.user_id, s.created_at_us, l.day, l.property_id, l.carried_nano
+        FROM settlement_lines l JOIN settlements s ON s.id = l.settlement_id
+        WHERE l.carried_nano > 0
+          AND l.user_id IN (SELECT user_id FROM ledger_balances WHERE owed_nano > 0)
+        ORDER BY l.user_id, l.settlement_id, l.day, l.property_id""",
+    "next_balance_write_off": "SELECT coalesce(max(id), 0) + 1 FROM balance_write_offs",
+    "insert_balance_write_off": """
+        INSERT INTO balance_write_offs (id, created_at_us, older_than_us, users, written_off_nano)
+        VALUES (?, ?, ?, ?, ?)""",
+    "insert_balance_write_off_line": """
+        INSERT INTO balance_write_off_lines (write_off_id, user_id, day, property_id,
+                                             written_off_nano)
+        VALUES (?, ?, ?, ?, ?)""",
+    "balance_write_off_lines_of": """
+        SELECT user_id, day, property_id, written_off_nano FROM balance_write_off_lines
+        WHERE write_off_id = ? ORDER BY user_id, day, property_id""",
+    "user_holds": """
+        SELECT id, user_id, action, at_us, reason, amount_nano FROM ledger_holds
+        WHERE user_id = ? ORDER BY id""",
+    "user_balance_write_offs": """
+        SELECT w.id, w.created_at_us, l.day, l.property_id, l.written_off_nano
+        FROM balance_write_off_lines l JOIN balance_write_offs w ON w.id = l.write_off_id
+        WHERE l.user_id = ? ORDER BY w.id, l.day, l.property_id""",
+    "user_hold_state": """
+        SELECT id, user_id, action, at_us, reason, amount_nano FROM ledger_holds
+        WHERE user_id = ? ORDER BY id DESC LIMIT 1""",
+    "user_withheld": """
+        SELECT (SELECT coalesce(sum(withheld_nano), 0) FROM payout_withheld WHERE user_id = :user)
+               - (SELECT coalesce(sum(amount_nano), 0) FROM ledger_holds WHERE user_id = :user)""",
+    "insert_hold": """
+        INSERT INTO ledger_holds (user_id, action, at_us, reason, amount_nano)
+        VALUES (?, ?, ?, ?, ?) RETURNING id, user_id, action, at_us, reason, amount_nano""",
+    # Per attributed user in a window: sessions, days with a session, revenue,
+    # duration summed over the sessions that have one, and their number.
+    "suspect_figures": """
+        SELECT user_id, count(*), count(DISTINCT received_at_us / 86400000000),
+               sum(revenue_nano), coalesce(sum(duration_s), 0), count(duration_s)
+        FROM sessions INDEXED BY sessions_by_time
+        WHERE received_at_us >= ? AND received_at_us < ? AND user_id != ''
+        GROUP BY user_id ORDER BY user_id""",
+    # --- Erasure ---
+    "user_unpaid_sessions": """
+        SELECT count(*) FROM sessions INDEXED BY sessions_by_user
+        WHERE user_id = ? AND id > (SELECT coalesce(max(last_session_id), 0) FROM payout_runs)""",
+    "erase_sessions": "UPDATE sessions SET user_id = ?, raw_body = '' WHERE user_id = ?",
+    # Conflicts over the erased user's sessions (found by the pseudonym just set).
+    "erase_session_conflicts": """
+        DELETE FROM conflicts WHERE session_id IN (
+            SELECT session_id FROM sessions INDEXED BY sessions_by_user WHERE user_id = ?)""",
+    "erase_hold_reasons": "UPDATE ledger_holds SET reason = replace(reason, ?, ?) WHERE user_id = ?",
+    "insert_erasure": "INSERT INTO erasures (erased_at_us, sessions, forced) VALUES (?, ?, ?)",
     # For /metrics: the estimated revenue of the sessions after an id (the
     # total grows by the new ones only), the ledger's last steps and its days.
     "revenue_after": """
@@ -755,6 +852,9 @@ def connect(path, busy_timeout_ms):
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     conn.execute("PRAGMA synchronous = FULL")  # a commit survives a power cut
     conn.execute("PRAGMA foreign_keys = ON")
+    # What is deleted is overwritten with zeros, not left in free space: an
+    # erased user (see erase) or a pruned body leaves no copy in the file.
+    conn.execute("PRAGMA secure_delete = ON")
     return conn
 
 
@@ -3090,10 +3190,11 @@ def reconciliation_output(store, q, fmt):
 LEDGER_SHARE = re.compile(r"0(?:\.[0-9]{1,6})?|1(?:\.0{1,6})?")
 LEDGER_RETRIES = 3  # a step computed on a snapshot is redone if the ledger moved meanwhile
 LEDGER_CHUNK_ROWS = 10_000  # detail rows per staging transaction
-RUN_COLUMNS = ["run-id", "user-id", "sessions", "estimated-revenue", "paid-now", "deducted"]
+RUN_COLUMNS = ["run-id", "user-id", "sessions", "estimated-revenue", "paid-now", "deducted",
+               "withheld"]
 SETTLEMENT_COLUMNS = ["settlement-id", "day", "property-id", "user-id", "sessions",
                       "estimated-revenue", "booked-part", "final", "paid-now", "top-up",
-                      "carried", "written-off", "kind"]
+                      "carried", "written-off", "kind", "deducted"]
 
 
 class LedgerMoved(Exception):
@@ -3136,6 +3237,8 @@ class RunPlan:
     final: decimal.Decimal
     offset_minutes: int
     parts: list  # rows of insert_part: (run, day, property, user, sessions, estimated, paid now)
+    moved: int = 0  # sessions on days already settled, paid on moved_to instead
+    moved_to: str | None = None
 
 
 def recorded_run(conn, until_us, pay_now, final):
@@ -3173,12 +3276,20 @@ def plan_run(conn, until_us, pay_now, final, offset_minutes):
                       f"run {last[0]}: the parts of all runs are cut into the same report days")
     [(newest,)] = conn.execute(SQL["last_session_before"], (until_us,)).fetchall()
     last_id = max(after_id, newest or 0)
+    # A settled day's users are never charged for a session that reached it
+    # later (a clock step backwards): it is paid on the run's last report day.
+    settled = json.dumps([day for (day,) in conn.execute(SQL["settled_day_numbers"])])
+    last_day = (until_us - 1 + offset_minutes * 60 * 1_000_000) // DAY_US
+    where = {"after": after_id, "last": last_id, "offset_us": offset_minutes * 60 * 1_000_000,
+             "settled": settled}
+    # Counted only when a day is settled: a first run scans its sessions once.
+    [(moved,)] = conn.execute(SQL["sessions_on_days"], where).fetchall() if settled != "[]" else [(0,)]
     # Rows as SQLite gives them, staged as they are: no Python work per part.
     parts = conn.execute(SQL["run_parts"], {
-        "run": (previous_id or 0) + 1, "after": after_id, "last": last_id,
-        "offset_us": offset_minutes * 60 * 1_000_000,
+        **where, "run": (previous_id or 0) + 1, "last_day": last_day,
         "millionths": int(pay_now.scaleb(6))}).fetchall()  # exact: at most 6 places
-    return RunPlan(previous_id, after_id, last_id, until_us, pay_now, final, offset_minutes, parts)
+    return RunPlan(previous_id, after_id, last_id, until_us, pay_now, final, offset_minutes, parts,
+                   moved, report_day_text(last_day) if moved else None)
 
 
 def owed_balances(conn):
@@ -3277,16 +3388,22 @@ def record_run(plan, run_id, lines, conn, created_at_us):
     last = conn.execute(SQL["last_run"]).fetchone()
     if (last[0] if last else None) != plan.previous_run_id:
         raise LedgerMoved()
+    # A held user's pay-now is withheld whole (see hold_user); read here, in
+    # the run's own transaction, so that a hold committed before it applies.
+    held = {user for (user,) in conn.execute(SQL["held_users"])}
+    withheld = [(user, lines[user][2]) for user in sorted(held) if lines.get(user, (0, 0, 0))[2]]
     # A carried balance is taken back from what the user is paid now, never below zero.
-    taken = [(user, min(owed, lines[user][2]))
-             for user, owed in owed_balances(conn) if user in lines and lines[user][2]]
+    taken = [(user, min(owed, lines[user][2])) for user, owed in owed_balances(conn)
+             if user in lines and lines[user][2] and user not in held]
     totals = [sum(line[i] for line in lines.values()) for i in range(3)]
     conn.execute(SQL["insert_run"], (
         run_id, plan.after_id, plan.last_id, plan.until_us, created_at_us, share_text(plan.pay_now),
         share_text(plan.final), plan.offset_minutes, len(lines), *totals,
-        sum(nanos for _, nanos in taken)))
+        sum(nanos for _, nanos in taken), sum(nanos for _, nanos in withheld), plan.moved,
+        plan.moved_to))
     conn.executemany(SQL["take_owed"], ((nanos, user) for user, nanos in taken))
     conn.executemany(SQL["insert_deduction"], ((run_id, user, nanos) for user, nanos in taken))
+    conn.executemany(SQL["insert_withheld"], ((run_id, user, nanos) for user, nanos in withheld))
     return run_id
 
 
@@ -3317,9 +3434,9 @@ def pay_run(store, until_us, pay_now, final, offset_minutes, **lock):
 def run_output(store, run_id, fmt):
     """A run's lines, one per user ordered by user-id, as CSV or NDJSON: what
     the publisher's app credits (paid-now is after deducted)."""
-    rows = ((run_id, user, sessions, nanos_to_usd(estimated), nanos_to_usd(paid - deducted),
-             nanos_to_usd(deducted))
-            for user, sessions, estimated, paid, deducted in store.stream(
+    rows = ((run_id, user, sessions, nanos_to_usd(estimated),
+             nanos_to_usd(paid - deducted - withheld), nanos_to_usd(deducted), nanos_to_usd(withheld))
+            for user, sessions, estimated, paid, deducted, withheld in store.stream(
                 SQL["run_lines"], (run_id,)))
     return in_chunks(encode_values(rows, RUN_COLUMNS, fmt))
 
@@ -3343,6 +3460,10 @@ def largest_remainder(total, weights):
     return parts
 
 
+# Pool.users entries: per user, summed over the user's parts of the pool.
+SESSIONS, ESTIMATED, PAID, SHARE_BY_SESSIONS, SHARE_BY_ESTIMATES, ADJUSTMENT, STANDING, HELD = range(8)
+
+
 @dataclass
 class Pool:
     """One report day and property (or whole day) to settle."""
@@ -3352,7 +3473,9 @@ class Pool:
     by_property: int
     booked: int
     # user -> [sessions, estimated, paid now, final share (millionths) times
-    # sessions and times estimates, summed over the user's parts, adjustment]
+    # sessions and times estimates, adjustment (None before the first
+    # settlement of the pool; then top-ups less balances carried), the
+    # standing write-off (written off, less written back), held]
     users: dict
 
     def totals(self):
@@ -3363,30 +3486,70 @@ class Pool:
 def pool_lines(pool, write_off, settlement_id):
     """Per user, in user-id order, the rows of insert_settlement_line:
     (settlement, day, property, user, sessions, estimated, booked part, final,
-    paid now, top-up, carried, written off, correction).  The final amount
-    is the booked part times the final shares of the runs that paid the
-    user's sessions (weighted by their estimates), rounded down once."""
+    paid now, top-up, carried, written off, correction, deducted (set later by
+    take_owed_from_top_ups), written back, held).  The final amount is the
+    booked part times the final shares of the runs that paid the user's
+    sessions (weighted by their estimates), rounded down once.  A held user
+    weighs nothing: the booked figure is shared among the others."""
     users = sorted(pool.users)
-    by_sessions = not any(pool.users[u][1] for u in users)  # no estimate to weigh by
-    weight_of = 0 if by_sessions else 1
-    weights = [pool.users[u][weight_of] for u in users]
+    counted = [pool.users[u] for u in users if not pool.users[u][HELD]]
+    by_sessions = not any(u[ESTIMATED] for u in counted)  # no estimate to weigh by
+    weight_of = SESSIONS if by_sessions else ESTIMATED
+    weights = [0 if pool.users[u][HELD] else pool.users[u][weight_of] for u in users]
     booked_parts = largest_remainder(pool.booked, weights)
     lines = []
     key = (settlement_id, pool.day, pool.property_id)
     for user, weight, booked_part in zip(users, weights, booked_parts):
-        sessions, estimated, paid, *shared, adjustment = pool.users[user]
+        entry = pool.users[user]
+        sessions, estimated, paid, adjustment, standing = (
+            entry[SESSIONS], entry[ESTIMATED], entry[PAID], entry[ADJUSTMENT], entry[STANDING])
+        correction = int(adjustment is not None)
+        if entry[HELD]:  # the publisher decides with release (see hold_user)
+            lines.append((*key, user, sessions, estimated, 0, 0, paid, 0, 0, 0, correction,
+                          0, 0, 1))
+            continue
         # Exact in integers: a share has at most 6 places.
-        final = booked_part * shared[weight_of] // (weight * 10**6) if weight else 0
+        shared = entry[SHARE_BY_SESSIONS if by_sessions else SHARE_BY_ESTIMATES]
+        final = booked_part * shared // (weight * 10**6) if weight else 0
         # Against what the user holds for the pool so far (written-off amounts included).
         delta = final - paid - (adjustment or 0)
-        top_up, short = max(delta, 0), max(-delta, 0)
+        top_up, excess = max(delta, 0), max(-delta, 0)
+        # What the user holds above the final amount was forgiven up to the
+        # standing write-off: only the rest is short; a write-off no longer
+        # needed is written back (a correction never charges it again).
+        short, written_back = max(excess - standing, 0), max(standing - excess, 0)
         lines.append((*key, user, sessions, estimated, booked_part, final, paid, top_up,
-                      0 if write_off else short, short if write_off else 0,
-                      int(adjustment is not None)))
+                      0 if write_off else short, short if write_off else 0, correction,
+                      0, written_back, 0))
     return lines
 
 
-def pool_users(part_rows, final_millionths):
+def take_owed_from_top_ups(computed, owed):
+    """Take each user's balance (owed before, plus what this settlement
+    carries) back from their top-ups, in day and property order, never below
+    zero: the lines' `deducted`.  -> [(pool, lines)] with it set."""
+    remaining = collections.Counter(owed)
+    for _, lines in computed:
+        for line in lines:
+            if line[10]:
+                remaining[line[3]] += line[10]
+    if not +remaining:
+        return computed  # no one owes: nothing to take (most settlements)
+    taken = []
+    for pool, lines in computed:
+        new_lines = []
+        for line in lines:
+            user, top_up = line[3], line[9]
+            deducted = min(remaining[user], top_up)
+            if deducted:
+                remaining[user] -= deducted
+                line = (*line[:13], deducted, *line[14:])
+            new_lines.append(line)
+        taken.append((pool, new_lines))
+    return taken
+
+
+def pool_users(part_rows, final_millionths, held):
     """The parts of a pool summed per user (see Pool.users).  The final
     shares of the runs are summed weighted by sessions and by estimates, so
     that pool_lines applies them in proportion to either."""
@@ -3395,7 +3558,8 @@ def pool_users(part_rows, final_millionths):
         share = final_millionths[run]
         entry = users.get(user)
         if entry is None:
-            users[user] = [sessions, estimated, paid, share * sessions, share * estimated, None]
+            users[user] = [sessions, estimated, paid, share * sessions, share * estimated, None,
+                           0, user in held]
         else:
             entry[0] += sessions
             entry[1] += estimated
@@ -3403,6 +3567,26 @@ def pool_users(part_rows, final_millionths):
             entry[3] += share * sessions
             entry[4] += share * estimated
     return users
+
+
+def add_earlier_settlements(conn, pool):
+    """What each user's earlier lines of the pool moved (top-ups less balances
+    carried), their standing write-off, and whether they were held then (a
+    user settled as held stays out of the pool's sharing); balances of the
+    pool written off for their age count as written off at settlement."""
+    users = pool.users
+    for (settled_in,) in conn.execute(SQL["pool_settlements"], (pool.day, pool.property_id)).fetchall():
+        for user, adjustment, written_off, held in conn.execute(
+                SQL["pool_adjustments"], (settled_in, pool.day, pool.property_id)):
+            if user in users:
+                users[user][ADJUSTMENT] = (users[user][ADJUSTMENT] or 0) + adjustment
+                users[user][STANDING] += written_off
+                users[user][HELD] = users[user][HELD] or bool(held)
+    for user, written_off in conn.execute(SQL["pool_balance_write_offs"],
+                                          (pool.day, pool.property_id)):
+        if user in users:
+            users[user][ADJUSTMENT] = (users[user][ADJUSTMENT] or 0) + written_off
+            users[user][STANDING] += written_off
 
 
 def settle_pools(conn):
@@ -3418,6 +3602,7 @@ def settle_pools(conn):
     days_by_property = {day for day, prop, *_ in booked if prop != ""}
     final_millionths = {run: share_millionths(share)
                         for run, share in conn.execute(SQL["run_final_shares"])}
+    held = {user for (user,) in conn.execute(SQL["held_users"])}
     paid_days = {}
     pools = []
     for day, prop, whole, rest in booked:
@@ -3435,7 +3620,7 @@ def settle_pools(conn):
                          (run, day, prop) if by_property else (run, day))
             for run in final_millionths)
         pool = Pool(day, prop, by_property, joined_nanos(whole, rest),
-                    pool_users(part_rows, final_millionths))
+                    pool_users(part_rows, final_millionths, held))
         # Per day, not per pool: an import with the other breakdown replaces
         # the day's rows, so its pools are new keys that would pay it twice.
         settled_as = conn.execute(SQL["day_settled_by_property"], (day,)).fetchone()
@@ -3447,11 +3632,7 @@ def settle_pools(conn):
         if previous is not None:
             if tuple(previous[1:]) == (pool.booked, *pool.totals()[:2]):
                 continue  # settled, and nothing changed since
-            for (settled_in,) in conn.execute(SQL["pool_settlements"], (day, prop)).fetchall():
-                for user, adjustment in conn.execute(SQL["pool_adjustments"],
-                                                     (settled_in, day, prop)):
-                    if user in pool.users:
-                        pool.users[user][5] = (pool.users[user][5] or 0) + adjustment
+            add_earlier_settlements(conn, pool)
         pools.append(pool)
     booked_keys = {(day, prop) for day, prop, *_ in booked}
     for day, prop in conn.execute(SQL["settled_pool_keys"]):
@@ -3475,28 +3656,31 @@ def settlement_line_rows(computed):
 
 def settled_pool_rows(settlement_id, computed):
     """The settlement_days rows of the computed pools: each pool's state and
-    its final, top-up, carried and written-off amounts summed over its lines."""
+    its final, top-up, carried and (net of written back) written-off amounts
+    summed over its lines."""
     return [(pool.day, pool.property_id, settlement_id, pool.by_property, pool.booked,
-             *pool.totals(), *(sum(line[i] for line in lines) for i in (7, 9, 10, 11)))
+             *pool.totals(), *(sum(line[i] for line in lines) for i in (7, 9, 10)),
+             sum(line[11] - line[14] for line in lines))
             for pool, lines in computed]
 
 
-def carried_by_user(computed):
-    """[(user, balance carried)] over every pool, in user-id order: one
-    upsert per user keeps the last transaction short."""
-    carried = collections.Counter()
+def balance_changes(computed):
+    """[(user, carried - deducted)] over every pool, in user-id order, where
+    not zero: one statement per user keeps the last transaction short."""
+    change = collections.Counter()
     for _, lines in computed:
         for line in lines:
-            if line[10]:
-                carried[line[3]] += line[10]
-    return sorted(carried.items())
+            if line[10] or line[13]:
+                change[line[3]] += line[10] - line[13]
+    return sorted((user, nanos) for user, nanos in change.items() if nanos)
 
 
-def record_settlement(fingerprint, offset, settlement_id, pools, pool_rows, carried, write_off,
-                      conn, created_at_us):
+def record_settlement(fingerprint, offset, settlement_id, pools, pool_rows, changes, deducted,
+                      write_off, conn, created_at_us):
     """The write op that makes a staged settlement real: its header, its
-    pools and the balances carried, in one transaction; LedgerMoved if a run,
-    a settlement or a booked figure of its pools changed since it was computed."""
+    pools and the balances carried and taken back, in one transaction;
+    LedgerMoved if a run, a settlement or a booked figure of its pools changed
+    since it was computed."""
     last = conn.execute(SQL["last_run"]).fetchone()
     now_print = (last and last[0], conn.execute(SQL["last_settlement"]).fetchone()[0])
     if now_print != fingerprint or any(
@@ -3505,9 +3689,11 @@ def record_settlement(fingerprint, offset, settlement_id, pools, pool_rows, carr
         raise LedgerMoved()
     conn.execute(SQL["insert_settlement"], (
         settlement_id, created_at_us, offset, int(write_off), len(pools),
-        sum(pool.booked for pool in pools), *(sum(row[i] for row in pool_rows) for i in (9, 10, 11))))
+        sum(pool.booked for pool in pools), *(sum(row[i] for row in pool_rows) for i in (9, 10, 11)),
+        deducted))
     conn.executemany(SQL["insert_settlement_day"], pool_rows)
-    conn.executemany(SQL["add_owed"], carried)
+    conn.executemany(SQL["add_owed"], ((u, n) for u, n in changes if n > 0))
+    conn.executemany(SQL["take_owed"], ((-n, u) for u, n in changes if n < 0))
     return settlement_id
 
 
@@ -3518,17 +3704,19 @@ def settle(store, write_off=False, **lock):
         for _ in range(LEDGER_RETRIES):
             with store.snapshot() as conn:
                 fingerprint, offset, pools = settle_pools(conn)
+                owed = dict(owed_balances(conn))
             if not pools:
                 return None
             clear_unfinished(store)
             settlement_id = (fingerprint[1] or 0) + 1
-            computed = [(pool, pool_lines(pool, write_off, settlement_id)) for pool in pools]
+            computed = take_owed_from_top_ups(
+                [(pool, pool_lines(pool, write_off, settlement_id)) for pool in pools], owed)
             write_in_chunks(store, SQL["insert_settlement_line"], settlement_line_rows(computed))
             try:
                 return store.write(functools.partial(
                     record_settlement, fingerprint, offset, settlement_id, pools,
-                    settled_pool_rows(settlement_id, computed), carried_by_user(computed),
-                    write_off))
+                    settled_pool_rows(settlement_id, computed), balance_changes(computed),
+                    sum(line[13] for _, lines in computed for line in lines), write_off))
             except LedgerMoved:
                 continue
     raise StoreUnavailable("other ledger steps kept committing meanwhile; run it again")
@@ -3537,11 +3725,12 @@ def settle(store, write_off=False, **lock):
 def settlement_values(row):
     """A settlement_lines row -> its values in the order of SETTLEMENT_COLUMNS."""
     (settlement_id, day, prop, user, sessions, estimated, booked_part, final, paid, top_up,
-     carried, written_off, correction) = row
+     carried, written_off, correction, deducted, written_back, held) = row
+    kind = "held" if held else "correction" if correction else "settlement"
     return (settlement_id, day, prop, user, sessions, nanos_to_usd(estimated),
             nanos_to_usd(booked_part), nanos_to_usd(final), nanos_to_usd(paid),
-            nanos_to_usd(top_up), nanos_to_usd(carried), nanos_to_usd(written_off),
-            "correction" if correction else "settlement")
+            nanos_to_usd(top_up - deducted), nanos_to_usd(carried),
+            signed_usd(written_off - written_back), kind, nanos_to_usd(deducted))
 
 
 def settlement_record(row):
@@ -3560,17 +3749,30 @@ def statement(store, user_id):
     with store.snapshot() as conn:
         runs = [{"run-id": run, "until": iso_utc(until), "sessions": sessions,
                  "estimated-revenue": nanos_to_usd(estimated),
-                 "paid-now": nanos_to_usd(paid - deducted), "deducted": nanos_to_usd(deducted)}
-                for run, until, sessions, estimated, paid, deducted
+                 "paid-now": nanos_to_usd(paid - deducted - withheld),
+                 "deducted": nanos_to_usd(deducted), "withheld": nanos_to_usd(withheld)}
+                for run, until, sessions, estimated, paid, deducted, withheld
                 in conn.execute(SQL["user_run_lines"], (user_id,))]
         lines = [settlement_record((row[0], row[1], row[2], user_id, *row[3:]))
                  for row in conn.execute(SQL["user_settlement_lines"], (user_id,))]
+        holds = [hold_record(row) for row in conn.execute(SQL["user_holds"], (user_id,))]
+        write_offs = [{"write-off-id": wid, "created-at": iso_utc(created), "day": day,
+                       "property-id": prop, "written-off": nanos_to_usd(nanos)}
+                      for wid, created, day, prop, nanos
+                      in conn.execute(SQL["user_balance_write_offs"], (user_id,))]
         sums = conn.execute(SQL["user_ledger_sums"], {"user": user_id}).fetchone()
-    return {"user-id": user_id, "runs": runs, "settlements": lines,
-            "totals": ledger_totals(sums)}
+    return {"user-id": user_id, "runs": runs, "settlements": lines, "holds": holds,
+            "balance-write-offs": write_offs, "totals": ledger_totals(sums)}
 
 
-LEDGER_TOTALS = ("paid-now", "deducted", "topped-up", "carried", "written-off", "owed", "pending")
+def hold_record(row):
+    hold_id, user, action, at, reason, amount = row
+    return {"hold-id": hold_id, "user-id": user, "action": action, "at": iso_utc(at),
+            "reason": reason, "amount": nanos_to_usd(amount)}
+
+
+LEDGER_TOTALS = ("paid-now", "deducted", "topped-up", "carried", "written-off", "owed", "pending",
+                 "withheld", "released", "withheld-written-off")
 
 
 def ledger_totals(sums):
@@ -3597,18 +3799,21 @@ def ledger_summary(store):
                  "pay-now-share": pay_now, "final-share": final,
                  "report-utc-offset": utc_offset_text(offset), "users": users,
                  "sessions": sessions, "estimated-revenue": nanos_to_usd(estimated),
-                 "paid-now": nanos_to_usd(paid - deducted), "deducted": nanos_to_usd(deducted),
+                 "paid-now": nanos_to_usd(paid - deducted - withheld),
+                 "deducted": nanos_to_usd(deducted),
                  "held-back": signed_usd(
-                     rewardable_nanos(estimated, decimal.Decimal(final)) - paid)}
+                     rewardable_nanos(estimated, decimal.Decimal(final)) - paid),
+                 "withheld": nanos_to_usd(withheld), "moved-sessions": moved,
+                 "moved-to-day": moved_to}
                 for run, until, created, pay_now, final, offset, users, sessions, estimated,
-                paid, deducted in conn.execute(SQL["runs"])]
+                paid, deducted, withheld, moved, moved_to in conn.execute(SQL["runs"])]
         settlements = [{"settlement-id": sid, "created-at": iso_utc(created),
                         "report-utc-offset": utc_offset_text(offset), "write-off": bool(off),
                         "pools": pools, "booked-revenue": nanos_to_usd(booked),
                         "released": nanos_to_usd(top_up), "carried": nanos_to_usd(carried),
-                        "written-off": nanos_to_usd(written_off)}
+                        "written-off": signed_usd(written_off), "deducted": nanos_to_usd(deducted)}
                        for sid, created, offset, off, pools, booked, top_up, carried,
-                       written_off in conn.execute(SQL["settlements"])]
+                       written_off, deducted in conn.execute(SQL["settlements"])]
         days = [{"day": day, "property-id": prop, "by-property": bool(by_property),
                  "settlement-id": sid, "booked-revenue": nanos_to_usd(booked),
                  "paid-now": nanos_to_usd(paid), "paid-in-total": nanos_to_usd(paid + released),
@@ -3616,7 +3821,270 @@ def ledger_summary(store):
                 for day, prop, sid, by_property, booked, paid, released
                 in conn.execute(SQL["settled_pools"])]
         sums = conn.execute(SQL["ledger_sums"]).fetchone()
-    return {"runs": runs, "settlements": settlements, "days": days, "totals": ledger_totals(sums)}
+    totals = ledger_totals(sums)
+    return {"runs": runs, "settlements": settlements, "days": days,
+            "margin": honest_margin(days, sums[LEDGER_TOTALS.index("owed")]), "totals": totals}
+
+
+def honest_margin(days, owed):
+    """The margin over every settled pool, counting carried balances as
+    recovered (as each day's margin does) and without what is still owed:
+    a balance is money paid out until it is taken back."""
+    booked = sum(usd_to_nanos(decimal.Decimal(d["booked-revenue"])) for d in days)
+    paid = sum(usd_to_nanos(decimal.Decimal(d["paid-in-total"])) for d in days)
+    return {"booked-revenue": nanos_to_usd(booked), "paid-in-total": nanos_to_usd(paid),
+            "margin": signed_usd(booked - paid), "owed": nanos_to_usd(owed),
+            "margin-without-owed": signed_usd(booked - paid - owed)}
+
+
+# --- Balances that end: what is owed past a chosen age written off ---
+
+BALANCE_WRITE_OFF_COLUMNS = ["write-off-id", "user-id", "day", "property-id", "written-off"]
+
+
+def aged_balance_lines(carried_lines, owed_by_user, cutoff_us):
+    """[(user, day, property, nanos)] of the balances carried before
+    `cutoff_us` and still owed.  A user's balance is taken back oldest first,
+    so what is still owed is the newest carried lines: walk them oldest first,
+    skipping what was taken back."""
+    aged = []
+    for user, lines in itertools.groupby(carried_lines, key=operator.itemgetter(0)):
+        lines = list(lines)
+        taken_back = sum(line[4] for line in lines) - owed_by_user.get(user, 0)
+        for _, created_at_us, day, prop, carried in lines:
+            left = max(carried - max(taken_back, 0), 0)
+            taken_back -= carried
+            if left and created_at_us < cutoff_us:
+                aged.append((user, day, prop, left))
+    return aged
+
+
+def write_off_aged(older_than_us, conn, created_at_us):
+    """The write op of write-off-balances: every balance carried more than
+    `older_than_us` ago and still owed, written off in one transaction and
+    recorded per user and pool.  -> the write-off's id, or None for nothing."""
+    owed = dict(owed_balances(conn))
+    aged = aged_balance_lines(conn.execute(SQL["carried_lines_of_owing"]), owed,
+                              created_at_us - older_than_us)
+    if not aged:
+        return None
+    [(write_off_id,)] = conn.execute(SQL["next_balance_write_off"]).fetchall()
+    per_user = collections.Counter()
+    for user, _, _, nanos in aged:
+        per_user[user] += nanos
+    conn.execute(SQL["insert_balance_write_off"], (write_off_id, created_at_us, older_than_us,
+                                                   len(per_user), sum(per_user.values())))
+    conn.executemany(SQL["insert_balance_write_off_line"],
+                     ((write_off_id, *line) for line in aged))
+    conn.executemany(SQL["take_owed"], ((nanos, user) for user, nanos in sorted(per_user.items())))
+    return write_off_id
+
+
+def write_off_balances(store, older_than_us):
+    with ledger_lock(store):
+        return store.write(functools.partial(write_off_aged, older_than_us))
+
+
+def balance_write_off_output(store, write_off_id, fmt):
+    rows = ((write_off_id, user, day, prop, nanos_to_usd(nanos))
+            for user, day, prop, nanos in store.stream(SQL["balance_write_off_lines_of"],
+                                                       (write_off_id or 0,)))
+    return in_chunks(encode_values(rows, BALANCE_WRITE_OFF_COLUMNS, fmt))
+
+
+# --- Holds: a suspect user's pay-now withheld until released or written off ---
+
+
+def change_hold(user_id, action, reason, conn, at_us):
+    """The write op of hold and release: -> the ledger_holds row recorded, or
+    the same row again when the user's newest event already is this action
+    (asked again after a crash: nothing is done twice).  A release credits
+    what was withheld; a write-off of it leaves it to the publisher."""
+    if not reason.strip():
+        raise Invalid("reason", "must say why: it is recorded with the hold")
+    newest = conn.execute(SQL["user_hold_state"], (user_id,)).fetchone()
+    if newest is not None and newest[2] == action:
+        return newest
+    if action != "hold" and (newest is None or newest[2] != "hold"):
+        raise Invalid("user-id", "is not held: only a held user is released")
+    [(withheld,)] = conn.execute(SQL["user_withheld"], {"user": user_id}).fetchall()
+    amount = 0 if action == "hold" else withheld
+    return conn.execute(SQL["insert_hold"], (user_id, action, at_us, reason, amount)).fetchone()
+
+
+def hold_user(store, user_id, action, reason):
+    """Hold, release or write off (action) under the ledger lock: a run or a
+    settlement sees the user held or not, never half."""
+    with ledger_lock(store):
+        return store.write(functools.partial(change_hold, user_id, action, reason))
+
+
+HOLD_COLUMNS = ["hold-id", "user-id", "action", "at", "reason", "amount"]
+
+
+def hold_output(row, fmt):
+    values = hold_record(row)
+    return in_chunks(encode_values([tuple(values.values())], HOLD_COLUMNS, fmt))
+
+
+# --- Users worth a look: figures far outside the publisher's own distribution ---
+
+# A figure is far outside when it is further from the median of all users
+# than SUSPECT_SPREADS times the spread (the median absolute deviation, scaled
+# to a standard deviation for normal data, and at least a tenth of the
+# median, so that a crowd of identical users does not flag every other one).
+SUSPECT_SPREADS = 5
+SUSPECT_MIN_USERS = 5  # fewer: no distribution to compare with
+SUSPECT_FIGURES = (("sessions-per-day", 2), ("revenue-per-session", 9), ("mean-duration-s", 1))
+
+
+def median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def spread(values, centre):
+    mad = median([abs(v - centre) for v in values]) * Fraction(14826, 10000)
+    return max(mad, abs(centre) / 10, Fraction(1, 10**9))
+
+
+def user_figures(row):
+    """A suspect_figures row -> {figure: Fraction} (None where unknown)."""
+    user, sessions, days, revenue, duration, timed = row
+    return {"sessions-per-day": Fraction(sessions, days),
+            "revenue-per-session": Fraction(revenue, sessions * 10**9),
+            "mean-duration-s": Fraction(duration, timed) if timed else None}
+
+
+def suspects(store, since_us, until_us):
+    """Every user whose sessions per day, revenue per session or mean session
+    duration in [since, until) is far outside the distribution of all users,
+    with the figures, the medians and how many spreads away: a reason to hold
+    someone (or not)."""
+    with store.snapshot() as conn:
+        rows = conn.execute(SQL["suspect_figures"], (since_us, until_us)).fetchall()
+        held = {user for (user,) in conn.execute(SQL["held_users"])}
+    figures = {row[0]: (row, user_figures(row)) for row in rows}
+    typical, found = {}, []
+    for name, places in SUSPECT_FIGURES:
+        values = [f[name] for _, f in figures.values() if f[name] is not None]
+        if len(values) >= SUSPECT_MIN_USERS:
+            centre = median(values)
+            typical[name] = (centre, spread(values, centre))
+    for user, (row, figure) in figures.items():
+        outside = []
+        for name, places in SUSPECT_FIGURES:
+            if name in typical and figure[name] is not None:
+                centre, width = typical[name]
+                away = abs(figure[name] - centre) / width
+                if away > SUSPECT_SPREADS:
+                    outside.append({"figure": name, "spreads": floor_places(away, 1),
+                                    "direction": "above" if figure[name] > centre else "below"})
+        if outside:
+            found.append((max(Fraction(o["spreads"]) for o in outside), user, row, figure, outside))
+    found.sort(key=lambda f: (-f[0], f[1]))
+    return {"since": iso_utc(since_us), "until": iso_utc(until_us), "users": len(figures),
+            "typical": {name: {"median": floor_places(abs(c), places), "spread": floor_places(w, places)}
+                        for name, places in SUSPECT_FIGURES if name in typical
+                        for c, w in [typical[name]]},
+            "suspects": [{"user-id": user, "held": user in held, "sessions": row[1],
+                          "days": row[2],
+                          **{name: None if figure[name] is None else floor_places(figure[name], places)
+                             for name, places in SUSPECT_FIGURES},
+                          "outside": outside}
+                         for _, user, row, figure, outside in found]}
+
+
+# --- Erasure: what identifies a user removed on request (GDPR Art. 17) ---
+
+# Every ledger table with a user id: renamed to the pseudonym, so that every
+# sum (a run's, a settlement's, a pool's) stays exactly what it was.
+ERASE_RENAMES = ("payout_parts", "payout_lines", "payout_deductions", "payout_withheld",
+                 "settlement_lines", "ledger_balances", "ledger_holds", "balance_write_off_lines")
+
+
+def erasure_blockers(conn, user_id):
+    """What the user is still to be paid or to give back, as words; [] when
+    nothing: erasing them would leave an amount no one can credit."""
+    sums = dict(zip(LEDGER_TOTALS, conn.execute(SQL["user_ledger_sums"], {"user": user_id}).fetchone()))
+    [(unpaid,)] = conn.execute(SQL["user_unpaid_sessions"], (user_id,)).fetchall()
+    blockers = [f"{nanos_to_usd(sums[key])} {key}" for key in ("pending", "owed", "withheld")
+                if sums.get(key)]
+    if unpaid:
+        blockers.append(f"{unpaid} session(s) not paid in a run yet")
+    return blockers
+
+
+def names_user(body, user_id):
+    """Whether a stored postback body (text or bytes) carries `user_id`: as
+    its user-id field (escaped or not), anywhere as a JSON string, or, in a
+    body that is not JSON (cut short, say), anywhere at all.  Another user's
+    id that merely contains this one ("a" in "bob") is no match in JSON."""
+    raw = body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")
+    quoted = {json.dumps(user_id, ensure_ascii=ascii).encode("utf-8", "surrogatepass")
+              for ascii in (False, True)}
+    if any(form in raw for form in quoted):
+        return True
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, RecursionError):
+        return user_id.encode("utf-8", "surrogatepass") in raw
+    return isinstance(parsed, dict) and parsed.get("user-id") == user_id
+
+
+def erase_user(user_id, force, conn, erased_at_us):
+    """The write op of `erase`: every row of the user renamed to a random
+    pseudonym (it cannot be reversed: nothing derives it from the id), raw
+    bodies cleared, rejected and conflicting postbacks naming them deleted,
+    and the erasure recorded without the id.  -> counts, or Invalid while
+    the user has amounts pending or owed (unless forced)."""
+    if not user_id:
+        raise Invalid("user-id", "must not be empty: '' stands for every session without a sub")
+    blockers = erasure_blockers(conn, user_id)
+    if blockers and not force:
+        raise Invalid("user-id", f"the user still has {', '.join(blockers)}: settle or release "
+                      "it first, or erase anyway with --even-if-owed")
+    pseudonym = "erased:" + secrets.token_hex(16)
+    counts = {"sessions": conn.execute(SQL["erase_sessions"], (pseudonym, user_id)).rowcount}
+    of_sessions = conn.execute(SQL["erase_session_conflicts"], (pseudonym,)).rowcount
+    for table in ERASE_RENAMES:
+        conn.execute(f"UPDATE {table} SET user_id = ? WHERE user_id = ?", (pseudonym, user_id))
+    for table, id_column, bodies in (("rejected", "id", "raw_body"),
+                                     ("conflicts", "id", "stored_body, new_body")):
+        doomed = [(row[0],) for row in conn.execute(f"SELECT {id_column}, {bodies} FROM {table}")
+                  if any(names_user(body, user_id) for body in row[1:])]
+        conn.executemany(f"DELETE FROM {table} WHERE {id_column} = ?", doomed)
+        counts[table] = len(doomed) + (of_sessions if table == "conflicts" else 0)
+    conn.execute(SQL["erase_hold_reasons"], (user_id, pseudonym, pseudonym))
+    if any(counts.values()):  # a second erase of the same id (after a crash) records nothing
+        conn.execute(SQL["insert_erasure"], (erased_at_us, counts["sessions"], int(bool(blockers))))
+    return counts
+
+
+def compact_after_erasure(path):
+    """Leave no copy of erased bytes in the file: VACUUM rewrites it without
+    free pages or free space inside pages, and a TRUNCATE checkpoint empties
+    the WAL, whose older frames still hold pages as they were.  StoreUnavailable
+    if a reader kept the WAL from being emptied."""
+    conn = connect(path, DEFAULTS["busy_timeout_ms"])
+    try:
+        conn.execute("VACUUM")
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.close()
+    if busy:
+        raise StoreUnavailable("the WAL could not be emptied (a reader kept it busy): run the "
+                               "same erase again")
+
+
+def erase(store, user_id, force=False):
+    """Erase a user (see erase_user), then compact the file: -> counts.
+    Under the ledger lock: no run or settlement is computed meanwhile."""
+    with ledger_lock(store):
+        counts = store.write(functools.partial(erase_user, user_id, force))
+    compact_after_erasure(store.path)
+    return counts
 
 
 def oldest_unsettled_paid_day(conn):
@@ -5661,7 +6129,8 @@ LEDGER_EXIT_HELP = ("Exit status 0 when done; 1, with one line on stderr, when t
                     "141 when the reader closed the pipe before any step was recorded.")
 
 
-LEDGER_OPTIONS = ("until", "pay-now-share", "final-share", "report-utc-offset", "settlement")
+LEDGER_OPTIONS = ("until", "pay-now-share", "final-share", "report-utc-offset", "settlement",
+                  "reason", "older-than")
 
 
 def add_lines_format_option(parser):
@@ -5813,6 +6282,11 @@ def run_pay(argv, environ, out):
         final = parse_ledger_share(args.final_share, "final-share")
         run_id = pay_run(store, until, pay_now, final, args.report_utc_offset,
                          **ledger_lock_options(parser.prog, args))
+        [(moved, moved_to)] = store.read(SQL["run_moved"], (run_id,))
+        if moved:
+            print(f"{parser.prog}: run {run_id}: {moved} session(s) received on report days "
+                  f"already settled (a clock step backwards?) are paid in the pool of "
+                  f"{moved_to}, not charged to the settled days' users", file=sys.stderr)
         return (f"run {run_id} is committed (the same --until prints it again)",
                 run_output(store, run_id, args.format))
 
@@ -5857,6 +6331,137 @@ def run_ledger(argv, environ, out):
     return print_report(parser.prog, args.db, out, lambda store: [json_output(ledger_summary(store))])
 
 
+def build_write_off_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py write-off-balances",
+        description="Write off every carried balance older than --older-than that is still "
+        "owed (taken back oldest first): the users keep it, and it is recorded per user and "
+        "day, shown in their statements and in the ledger's written-off total. Writes the "
+        "lines written off to stdout; nothing older: only the header, and 'nothing to write "
+        "off' on stderr. Run again, it writes off only what aged since. " + LEDGER_EXIT_HELP,
+    )
+    add_db_option(parser, environ, "SQLite database file; never created")
+    parser.add_argument("--older-than", required=True,
+                        help="age of a balance (since the settlement that carried it), "
+                        "such as 90d")
+    add_lines_format_option(parser)
+    return parser
+
+
+def run_write_off_balances(argv, environ, out):
+    parser = build_write_off_parser(environ)
+    args = parse_arguments(parser, argv)
+
+    def step(store):
+        older_than_us = parse_duration(args.older_than, "older-than") * 1_000_000
+        write_off_id = write_off_balances(store, older_than_us)
+        if write_off_id is None:
+            print(f"{parser.prog}: nothing to write off", file=sys.stderr)
+            return None, balance_write_off_output(store, None, args.format)
+        return (f"write-off {write_off_id} is committed (statements and the ledger show it)",
+                balance_write_off_output(store, write_off_id, args.format))
+
+    return run_ledger_step(parser.prog, args.db, out, step)
+
+
+def build_suspects_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py suspects",
+        description="Write the users worth a look to stdout as JSON: those whose sessions "
+        "per day, revenue per session or mean session duration in the window is more than "
+        f"{SUSPECT_SPREADS} spreads from the median of all users (at least "
+        f"{SUSPECT_MIN_USERS} users), with the figures; a reason to hold one (spp_server.py "
+        "hold). Reads only.",
+    )
+    add_db_option(parser, environ, DB_HELP_REPORT)
+    parser.add_argument("--since", help=f"start of the window [default: 30 days before "
+                        f"--until]: {TIME_FORMS_HELP}")
+    parser.add_argument("--until", help="end of the window, excluded [default: now]; same forms")
+    return parser
+
+
+def run_suspects(argv, environ, out):
+    parser = build_suspects_parser(environ)
+    args = parse_arguments(parser, argv)
+    try:
+        until = now_us() if args.until is None else parse_instant(args.until)
+        since = until - 30 * DAY_US if args.since is None else parse_instant(args.since)
+    except ValueError:
+        print(f"{parser.prog}: --since/--until: must be {TIME_FORMS_HELP}", file=sys.stderr)
+        return 2
+    return print_report(parser.prog, args.db, out,
+                        lambda store: [json_output(suspects(store, since, until))])
+
+
+def build_hold_parser(environ, action):
+    what = {"hold": "Hold a suspect user: from the next run on, their pay-now is withheld "
+                    "(recorded in the run, shown in their statement), and at settlement their "
+                    "estimates take no share of the booked revenue.",
+            "release": "Release a held user: what was withheld is to be credited to them "
+                       "(the amount column); with --write-off it is kept by the publisher "
+                       "instead. Later runs pay the user again."}[action]
+    parser = HelpfulParser(
+        prog=f"spp_server.py {action}",
+        description=what + " Recorded with its time and reason, and written to stdout (one "
+        "line, CSV or NDJSON). Asked again, it prints the same record and changes nothing. "
+        + LEDGER_EXIT_HELP,
+    )
+    parser.add_argument("user_id", metavar="USER-ID")
+    add_db_option(parser, environ, "SQLite database file; never created")
+    parser.add_argument("--reason", required=True, help="why: recorded with the event")
+    if action == "release":
+        parser.add_argument("--write-off", action="store_true",
+                            help="write off what was withheld (the user is not paid it)")
+    add_lines_format_option(parser)
+    return parser
+
+
+def run_hold(argv, environ, out, action="hold"):
+    parser = build_hold_parser(environ, action)
+    args = parse_arguments(parser, argv)
+    if getattr(args, "write_off", False):
+        action = "write-off"
+
+    def step(store):
+        row = hold_user(store, args.user_id, action, args.reason)
+        return f"the {action} is committed (asked again, it prints it again)", hold_output(
+            row, args.format)
+
+    return run_ledger_step(parser.prog, args.db, out, step)
+
+
+def build_erase_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py erase",
+        description="Erase a user on request: their id is replaced by a random pseudonym "
+        "in every session and ledger row (every sum stays exact), their raw bodies are "
+        "cleared, rejected and conflicting postbacks naming them are deleted, and the file "
+        "is compacted (VACUUM, then the WAL emptied) so that no copy of the id is left in "
+        "it. Refused while the user is owed or owes anything. The erasure is recorded, "
+        "never whose. Backups made before still hold the id (docs/ledger.md). "
+        + LEDGER_EXIT_HELP,
+    )
+    parser.add_argument("user_id", metavar="USER-ID")
+    add_db_option(parser, environ, "SQLite database file; never created")
+    parser.add_argument("--even-if-owed", action="store_true",
+                        help="erase although the user has amounts pending, owed or withheld "
+                        "(they stay in the ledger under the pseudonym; recorded as forced)")
+    return parser
+
+
+def run_erase(argv, environ, out):
+    parser = build_erase_parser(environ)
+    args = parse_arguments(parser, argv)
+
+    def step(store):
+        counts = erase(store, args.user_id, args.even_if_owed)
+        summary = (f"erased: {counts['sessions']} session(s), {counts['rejected']} rejected "
+                   f"and {counts['conflicts']} conflicting postback(s); the file is compacted\n")
+        return "the erasure is committed", [summary.encode()]
+
+    return run_ledger_step(parser.prog, args.db, out, step)
+
+
 def setup_logging(level="info"):
     # No timestamps: journald adds its own.
     logging.basicConfig(
@@ -5877,6 +6482,13 @@ COMMANDS = {
     "settle": (run_settle, "settle paid days against booked revenue: top-ups and carried balances"),
     "statement": (run_statement, "one user's ledger statement (GET /users/<id>/statement), to stdout"),
     "ledger": (run_ledger, "the ledger summary (GET /ledger), to stdout"),
+    "write-off-balances": (run_write_off_balances,
+                           "write off carried balances older than a chosen age"),
+    "suspects": (run_suspects, "users worth a look: figures far outside the others', to stdout"),
+    "hold": (run_hold, "hold a suspect user: their pay-now withheld, their estimates share nothing"),
+    "release": (functools.partial(run_hold, action="release"),
+                "release a held user: what was withheld credited (or --write-off)"),
+    "erase": (run_erase, "erase a user on request: no trace of their id left in the database file"),
 }
 
 

@@ -4096,9 +4096,9 @@ def test_a_run_pays_each_user_the_pay_now_share_of_each_part_rounded_down(store)
     assert run_lines(store, run_id) == [
         {"run-id": "1", "user-id": "a", "sessions": "2", "estimated-revenue": "0.001000008",
          "paid-now": nanos_to_text(1_000_001 * 333333 // 10**6 + 7 * 333333 // 10**6),
-         "deducted": "0"},
+         "deducted": "0", "withheld": "0"},
         {"run-id": "1", "user-id": "b", "sessions": "1", "estimated-revenue": "0.000000333",
-         "paid-now": nanos_to_text(333 * 333333 // 10**6), "deducted": "0"}]
+         "paid-now": nanos_to_text(333 * 333333 // 10**6), "deducted": "0", "withheld": "0"}]
 
 
 def nanos_to_text(n):
@@ -4164,7 +4164,8 @@ def test_runs_meet_end_to_start_by_row_id_even_when_the_clock_steps_back(store, 
     assert rows(db, "SELECT after_session_id, last_session_id FROM payout_runs WHERE id = ?",
                 (second,)) == [(ids[2], ids[3])]
     empty = pay(store, at(8, 0))
-    assert run_text(store, empty) == b"run-id,user-id,sessions,estimated-revenue,paid-now,deducted\r\n"
+    assert run_text(store, empty) == (b"run-id,user-id,sessions,estimated-revenue,paid-now,"
+                                      b"deducted,withheld\r\n")
 
 
 def test_a_days_booked_revenue_is_shared_exactly_ties_to_the_first_user_id(store):
@@ -4257,8 +4258,11 @@ def test_a_revised_booked_figure_gives_a_correcting_line_not_a_rewrite(store, db
         ("a", "0.00045", "0.00045", "correction"), ("b", "0.00135", "0.00135", "correction")]
     book_rows(store, [(day_text(0), "", 3_000_000)])  # and up again
     lines = settlement_lines(store, spp_server.settle(store))
-    assert [(line["user-id"], line["top-up"], line["carried"]) for line in lines] == [
-        ("a", "0.000225", "0"), ("b", "0.000675", "0")]
+    # The top-ups (225,000 and 675,000) first take back the balances still owed.
+    assert [(line["user-id"], line["top-up"], line["carried"], line["deducted"])
+            for line in lines] == [("a", "0", "0", "0.000225"), ("b", "0", "0", "0.000675")]
+    assert rows(db, "SELECT user_id, owed_nano FROM ledger_balances ORDER BY 1") == [
+        ("a", 225_000), ("b", 675_000)]
 
 
 def test_a_day_is_settled_only_once_every_session_of_it_was_paid(store):
@@ -4284,20 +4288,31 @@ def test_a_session_of_a_day_received_after_the_last_run_holds_the_day_back(store
     assert [(line["sessions"], line["estimated-revenue"]) for line in lines] == [("2", "0.000002")]
 
 
-def test_a_late_session_joining_a_settled_day_gives_it_a_correcting_settlement(store):
-    add_sessions(store, [("a", None, 1000, at(0, 10))])
+@pytest.mark.parametrize("by_property", [False, True])
+def test_a_late_session_on_a_settled_day_is_paid_in_a_later_pool_and_charges_no_one(
+        store, db, by_property):
+    prop = "p" if by_property else None
+    add_sessions(store, [("a", prop, 1000, at(0, 10)), ("c", prop, 1000, at(0, 11))])
     pay(store, at(1, 0), pay_now="0.5", final="1")
-    book_rows(store, [(day_text(0), "", 1000)])
-    spp_server.settle(store)  # a: 500 paid now, 500 topped up
-    add_sessions(store, [("b", None, 1000, at(0, 20))])  # the clock stepped back
+    book_rows(store, [(day_text(0), prop or "", 2000)])
+    spp_server.settle(store)  # a and c: 500 paid now, 500 topped up each
+    add_sessions(store, [("b", prop, 1000, at(0, 20)), ("a", prop, 400, at(0, 21))])  # clock stepped back
     assert spp_server.settle(store) is None  # not paid yet
-    pay(store, at(1, 1), pay_now="0.5", final="1")
+    code, _, err = ledger_command(spp_server.run_pay, db, *pay_args(
+        spp_server.iso_utc(at(3, 5)), "0.5", "1"))
+    assert code == 0
+    assert f"2 session(s) received on report days already settled" in err and day_text(3) in err
+    # The settled day is not settled again: no one of it is charged.
+    assert spp_server.settle(store) is None
+    assert rows(db, "SELECT day, user_id, sessions FROM payout_parts WHERE run_id = 2 "
+                    "ORDER BY user_id") == [(day_text(3), "a", 1), (day_text(3), "b", 1)]
+    assert spp_server.ledger_summary(store)["runs"][1]["moved-sessions"] == 2
+    book_rows(store, [(day_text(3), prop or "", 1400)])
+    pay(store, at(4, 0), pay_now="0.5", final="1")
     lines = settlement_lines(store, spp_server.settle(store))
-    # The same booked 1000 now shared by two: a was paid 500 too much.
-    assert [(line["user-id"], line["final"], line["top-up"], line["carried"], line["kind"])
-            for line in lines] == [
-        ("a", "0.0000005", "0", "0.0000005", "correction"),
-        ("b", "0.0000005", "0", "0", "settlement")]
+    assert [(l["day"], l["user-id"], l["kind"], l["top-up"], l["carried"]) for l in lines] == [
+        (day_text(3), "a", "settlement", "0.0000002", "0"),
+        (day_text(3), "b", "settlement", "0.0000005", "0")]
 
 
 def test_booked_rows_with_a_property_settle_each_property_apart(store):
@@ -4448,6 +4463,214 @@ def test_a_ledger_that_keeps_moving_is_one_line_and_status_1(store, db, monkeypa
     assert count(db, "settlements") == 0
 
 
+# --- Balances that end, and an honest margin (issue 22, section 3) ---
+
+
+def test_a_carried_balance_is_taken_back_from_later_top_ups_not_only_pay_now(store, db):
+    # Day 0 booked low: a carries 300; day 1 booked high: a's top-up repays it first.
+    add_sessions(store, [("a", None, 1000, at(0)), ("a", None, 1000, at(1))])
+    pay(store, at(2, 0), pay_now="0.6", final="0.6")
+    book_rows(store, [(day_text(0), "", 500)])
+    first = settlement_lines(store, spp_server.settle(store))
+    assert [(l["carried"], l["top-up"]) for l in first] == [("0.0000003", "0")]
+    book_rows(store, [(day_text(1), "", 2000)])
+    [line] = settlement_lines(store, spp_server.settle(store))
+    # final 1200, paid now 600: a top-up of 600, 300 of it taken back.
+    assert (line["top-up"], line["deducted"]) == ("0.0000003", "0.0000003")
+    totals = spp_server.statement(store, "a")["totals"]
+    assert (totals["owed"], totals["deducted"], totals["topped-up"]) == ("0", "0.0000003",
+                                                                         "0.0000003")
+    assert rows(db, "SELECT owed_nano FROM ledger_balances WHERE user_id = 'a'") == [(0,)]
+
+
+def test_a_balance_carried_and_a_top_up_in_one_settlement_are_netted(store):
+    add_sessions(store, [("a", None, 1000, at(0)), ("a", None, 1000, at(1))])
+    pay(store, at(2, 0), pay_now="0.5", final="1")
+    book_rows(store, [(day_text(0), "", 2000), (day_text(1), "", 100)])
+    lines = settlement_lines(store, spp_server.settle(store))
+    assert [(l["top-up"], l["carried"], l["deducted"]) for l in lines] == [
+        ("0.0000011", "0", "0.0000004"), ("0", "0.0000004", "0")]
+    assert spp_server.statement(store, "a")["totals"]["owed"] == "0"
+
+
+@pytest.mark.parametrize("revised, top_up, carried, written_off", [
+    (600_000_000, "0", "0", "-0.09"),      # the issue's case: holds 0.6, final 0.54
+    (800_000_000, "0.12", "0", "-0.15"),   # final 0.72 above what was paid: write-off undone
+    (300_000_000, "0", "0.18", "0"),       # lower still: the new shortfall only is carried
+    (500_000_000, None, None, None),       # unchanged: not settled again
+])
+def test_a_correction_accounts_for_what_was_written_off(store, db, revised, top_up, carried,
+                                                        written_off):
+    add_sessions(store, [("a", None, 1_000_000_000, at(0))])
+    pay(store, at(1, 0), pay_now="0.6", final="0.9")
+    book_rows(store, [(day_text(0), "", 500_000_000)])
+    [first] = settlement_lines(store, spp_server.settle(store, write_off=True))
+    assert (first["final"], first["written-off"]) == ("0.45", "0.15")
+    book_rows(store, [(day_text(0), "", revised)])
+    settlement_id = spp_server.settle(store)
+    if top_up is None:
+        assert settlement_id is None
+        return
+    [line] = settlement_lines(store, settlement_id)
+    assert (line["kind"], line["top-up"], line["carried"], line["written-off"]) == (
+        "correction", top_up, carried, written_off)
+    # What stands written off is what the user holds above the new final amount.
+    totals = spp_server.statement(store, "a")["totals"]
+    held = nanos("0.6") + nanos(totals["topped-up"]) - nanos(totals["carried"])
+    assert held - nanos(totals["written-off"]) == nanos(line["final"])
+
+
+def test_balances_older_than_a_chosen_age_are_written_off_recorded_and_not_charged_again(
+        store, db, clock):
+    add_sessions(store, [("a", None, 1000, at(0)), ("a", None, 1000, at(1)),
+                         ("a", None, 1000, at(2))])
+    clock.set("2026-01-01T00:00:00Z")
+    pay(store, at(1, 0), pay_now="0.6", final="1")
+    book_rows(store, [(day_text(0), "", 300)])
+    spp_server.settle(store)  # 600 paid now, final 300: 300 carried
+    clock.set("2026-03-01T00:00:00Z")
+    pay(store, at(2, 0), pay_now="0.6", final="1")  # the 300 taken back from its 600
+    assert rows(db, "SELECT owed_nano FROM ledger_balances") == [(0,)]
+    book_rows(store, [(day_text(1), "", 100)])
+    spp_server.settle(store)  # 500 carried on 1 March
+    pay(store, at(3, 0), pay_now="0.1", final="1")  # 100 taken back: 400 owed
+    clock.set("2026-04-15T00:00:00Z")
+    code, out, err = ledger_command(spp_server.run_write_off_balances, db, "--older-than", "60d")
+    assert (code, out, err) == (0, b"write-off-id,user-id,day,property-id,written-off\r\n",
+                                "spp_server.py write-off-balances: nothing to write off\n")
+    code, out, err = ledger_command(spp_server.run_write_off_balances, db, "--older-than", "30d")
+    assert (code, err) == (0, "")
+    assert out == (b"write-off-id,user-id,day,property-id,written-off\r\n"
+                   + f"1,a,{day_text(1)},,0.0000004\r\n".encode())
+    statement = spp_server.statement(store, "a")
+    assert statement["balance-write-offs"] == [{
+        "write-off-id": 1, "created-at": "2026-04-15T00:00:00Z", "day": day_text(1),
+        "property-id": "", "written-off": "0.0000004"}]
+    assert (statement["totals"]["owed"], statement["totals"]["written-off"]) == ("0", "0.0000004")
+    # Run again: nothing more.
+    assert ledger_command(spp_server.run_write_off_balances, db, "--older-than", "30d")[0] == 0
+    assert count(db, "balance_write_offs") == 1
+    # Gamezop revises day 1 up: the user holds 600 - 500 + 400 forgiven = 500 for it.
+    book_rows(store, [(day_text(1), "", 700)])
+    [line] = settlement_lines(store, spp_server.settle(store))
+    assert (line["final"], line["top-up"], line["carried"], line["written-off"]) == (
+        "0.0000007", "0.0000002", "0", "-0.0000004")
+
+
+def test_the_margin_is_shown_with_and_without_balances_not_yet_taken_back(store):
+    add_sessions(store, [("a", None, 1000, at(0)), ("b", None, 1000, at(0))])
+    pay(store, at(1, 0), pay_now="0.8", final="0.9")
+    book_rows(store, [(day_text(0), "", 1000)])  # finals 450 each: 350 carried each
+    spp_server.settle(store)
+    margin = spp_server.ledger_summary(store)["margin"]
+    # Paid out 1600; counted as recovered, 700 comes back: 1000 - 900.
+    assert margin == {"booked-revenue": "0.000001", "paid-in-total": "0.0000009",
+                      "margin": "0.0000001", "owed": "0.0000007",
+                      "margin-without-owed": "-0.0000006"}
+    day = spp_server.ledger_summary(store)["days"][0]
+    assert (day["paid-in-total"], day["margin"]) == ("0.0000009", "0.0000001")
+
+
+# --- A hold for suspect users (issue 22, section 4) ---
+
+
+def hold(db, action, user, reason="farming?", *more):
+    run = spp_server.run_hold if action == "hold" else functools.partial(
+        spp_server.run_hold, action="release")
+    code, out, err = ledger_command(run, db, user, "--reason", reason, *more)
+    assert err == ""
+    return code, list(csv.DictReader(io.StringIO(out.decode())))
+
+
+@pytest.mark.parametrize("write_off", [False, True])
+def test_a_held_users_pay_now_is_withheld_recorded_and_released_or_written_off(
+        store, db, clock, write_off):
+    add_sessions(store, [("bot", None, 1000, at(0)), ("a", None, 1000, at(0)),
+                         ("bot", None, 3000, at(2))])
+    code, [record] = hold(db, "hold", "bot", "200 sessions a day")
+    assert (code, record["action"], record["reason"], record["amount"]) == (
+        0, "hold", "200 sessions a day", "0")
+    assert record["at"] == spp_server.iso_utc(clock.us)
+    assert hold(db, "hold", "bot", "again") == (0, [record])  # asked again: the same record
+    pay(store, at(1, 0), pay_now="0.5", final="0.9")
+    lines = {line["user-id"]: line for line in run_lines(store, 1)}
+    assert (lines["bot"]["paid-now"], lines["bot"]["withheld"]) == ("0", "0.0000005")
+    assert (lines["a"]["paid-now"], lines["a"]["withheld"]) == ("0.0000005", "0")
+    statement = spp_server.statement(store, "bot")
+    assert statement["runs"][0]["withheld"] == "0.0000005"
+    assert [h["action"] for h in statement["holds"]] == ["hold"]
+    assert statement["totals"]["withheld"] == "0.0000005"
+    clock.set("2026-11-24T08:00:00Z")
+    more = ("--write-off",) if write_off else ()
+    code, [released] = hold(db, "release", "bot", "a real player after all", *more)
+    assert (code, released["action"], released["amount"]) == (
+        0, "write-off" if write_off else "release", "0.0000005")
+    assert hold(db, "release", "bot", "twice", *more) == (0, [released])
+    pay(store, at(3, 0), pay_now="0.5", final="0.9")  # released: paid again
+    [line] = run_lines(store, 2)
+    assert (line["paid-now"], line["withheld"]) == ("0.0000015", "0")
+    totals = spp_server.statement(store, "bot")["totals"]
+    assert (totals["withheld"], totals["released"], totals["withheld-written-off"]) == (
+        ("0", "0", "0.0000005") if write_off else ("0", "0.0000005", "0"))
+    assert [(h["action"], h["reason"]) for h in spp_server.statement(store, "bot")["holds"]] == [
+        ("hold", "200 sessions a day"),
+        ("write-off" if write_off else "release", "a real player after all")]
+
+
+def test_releasing_a_user_not_held_or_without_a_reason_is_refused(store, db):
+    code, out, err = ledger_command(functools.partial(spp_server.run_hold, action="release"),
+                                    db, "u", "--reason", "x")
+    assert (code, out) == (2, b"") and "is not held" in err
+    code, _, err = ledger_command(spp_server.run_hold, db, "u", "--reason", " ")
+    assert code == 2 and "--reason" in err and count(db, "ledger_holds") == 0
+
+
+def test_the_users_worth_a_look_are_those_far_outside_the_others_with_the_figures(store, db):
+    def session(user, day, nanos=1000, duration=100):
+        return (f"w-{next(_ids)}", user, None, "IN", 1, duration, nanos, at(day), "{}")
+
+    sessions = [session(f"u{n}", day) for n in range(8) for day in range(3) for _ in range(2)]
+    sessions += [session("bot", 1) for _ in range(50)]
+    sessions += [session("whale", day, nanos=1_000_000) for day in range(3) for _ in range(2)]
+    sessions += [session("quick", day, duration=3) for day in range(3) for _ in range(2)]
+    store.write(lambda conn, _: conn.executemany(spp_server.SQL["insert_session"], sessions))
+    hold(db, "hold", "bot")
+    code, out, err = ledger_command(spp_server.run_suspects, db, "--since",
+                                    spp_server.iso_utc(at(0, 0)), "--until", spp_server.iso_utc(at(3, 0)))
+    assert (code, err) == (0, "")
+    report = json.loads(out)
+    assert report["users"] == 11
+    assert report["typical"] == {
+        "sessions-per-day": {"median": "2.00", "spread": "0.20"},
+        "revenue-per-session": {"median": "0.000001000", "spread": "0.000000100"},
+        "mean-duration-s": {"median": "100.0", "spread": "10.0"}}
+    assert [(s["user-id"], s["held"], s["sessions-per-day"], s["revenue-per-session"],
+             s["mean-duration-s"], [(o["figure"], o["direction"]) for o in s["outside"]])
+            for s in report["suspects"]] == [
+        ("whale", False, "2.00", "0.001000000", "100.0", [("revenue-per-session", "above")]),
+        ("bot", True, "50.00", "0.000001000", "100.0", [("sessions-per-day", "above")]),
+        ("quick", False, "2.00", "0.000001000", "3.0", [("mean-duration-s", "below")])]
+    assert report["suspects"][1]["outside"][0]["spreads"] == "240.0"
+
+
+def test_at_settlement_a_held_users_estimates_take_no_share_of_the_others(store, db):
+    add_sessions(store, [("a", None, 1000, at(0)), ("bot", None, 9000, at(0))])
+    pay(store, at(1, 0), pay_now="0.5", final="1")  # a: 500 paid now
+    hold(db, "hold", "bot")
+    book_rows(store, [(day_text(0), "", 1000)])  # Gamezop booked only a's session
+    lines = {l["user-id"]: l for l in settlement_lines(store, spp_server.settle(store))}
+    assert (lines["a"]["booked-part"], lines["a"]["top-up"], lines["a"]["carried"]) == (
+        "0.000001", "0.0000005", "0")
+    assert (lines["bot"]["kind"], lines["bot"]["booked-part"], lines["bot"]["carried"]) == (
+        "held", "0", "0")
+    # Released later, a correction of the day still leaves the bot out of it.
+    hold(db, "release", "bot")
+    book_rows(store, [(day_text(0), "", 2000)])
+    lines = {l["user-id"]: l for l in settlement_lines(store, spp_server.settle(store))}
+    assert (lines["a"]["booked-part"], lines["bot"]["booked-part"], lines["bot"]["kind"]) == (
+        "0.000002", "0", "held")
+
+
 # --- The commands and the read endpoints ---
 
 
@@ -4468,8 +4691,8 @@ def test_pay_and_settle_commands_print_the_lines_and_asking_again_pays_nothing(s
     book_rows(store, [(day_text(0), "", 2_000_000)])
     code, out, err = ledger_command(spp_server.run_pay, db, *pay_args())
     assert (code, err) == (0, "")
-    assert out == (b"run-id,user-id,sessions,estimated-revenue,paid-now,deducted\r\n"
-                   b"1,a,1,0.001,0.0006,0\r\n1,\"b,c\",1,0.003,0.0018,0\r\n")
+    assert out == (b"run-id,user-id,sessions,estimated-revenue,paid-now,deducted,withheld\r\n"
+                   b"1,a,1,0.001,0.0006,0,0\r\n1,\"b,c\",1,0.003,0.0018,0,0\r\n")
     again = ledger_command(spp_server.run_pay, db, *pay_args("1601683200", "0.600", "0.9"))
     assert again == (0, out, "")
     assert count(db, "payout_runs") == 1
@@ -4555,6 +4778,122 @@ def test_ledger_reads_use_their_indexes(store, db):
         assert "SCAN" not in query_plan(db, name, params), name
 
 
+# --- Erasure on request (issue 22, section 7) ---
+
+ERASED = "erase-me-7f3aé"
+
+
+def file_bytes(db):
+    """The database file and its WAL and shared-memory files, as they are on disk."""
+    return b"".join(Path(path).read_bytes() for path in (db, db + "-wal", db + "-shm")
+                    if os.path.exists(path))
+
+
+def erasable_month(client, clock, store, db):
+    """ERASED and 'keep' with sessions paid and settled (nothing pending or
+    owed), a conflicting duplicate and a rejected postback of ERASED, and the
+    id left in free space by an older version that deleted without zeroing."""
+    clock.set("2020-10-01T10:00:00Z")
+    first = postback(user_id=ERASED, your_estimated_revenue="0.001", property_id=None)
+    post(client, first)
+    post(client, {**first, "your-estimated-revenue": "0.002"})  # a conflict
+    post(client, postback(user_id=ERASED, your_estimated_revenue="0.003", property_id=None))
+    post(client, postback(user_id="keep", your_estimated_revenue="0.004", property_id=None))
+    escaped = json.dumps(postback(user_id=ERASED, your_estimated_revenue="x"), ensure_ascii=True)
+    post(client, escaped.replace("erase", "\\u0065rase"), status=400)
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as raw:
+        raw.execute("PRAGMA secure_delete = OFF")
+        raw.execute("INSERT INTO rejected (received_at_us, field, reason, raw_body) "
+                    "VALUES (1, 'x', 'y', ?)", (ERASED.encode() * 50,))
+        raw.execute("DELETE FROM rejected WHERE received_at_us = 1")
+    clock.set("2026-11-23T10:00:00Z")
+    hold(db, "hold", ERASED, f"{ERASED}: too many sessions?")  # a reason that names them
+    hold(db, "release", ERASED, "fine")
+    pay(store, at(1, 0), pay_now="0.5", final="0.9")
+    book_rows(store, [(day_text(0), "", 8_000_000)])
+    spp_server.settle(store)
+    assert ERASED.encode() in file_bytes(db)
+
+
+def test_an_erased_user_leaves_no_trace_in_the_file_and_every_total_stays_exact(
+        client, clock, store, db):
+    erasable_month(client, clock, store, db)
+    before = spp_server.ledger_summary(store)
+    keep = spp_server.statement(store, "keep")
+    run_before = run_lines(store, 1)
+    code, out, err = ledger_command(spp_server.run_erase, db, ERASED)
+    assert (code, err) == (0, "")
+    assert out == b"erased: 2 session(s), 1 rejected and 1 conflicting postback(s); the file is compacted\n"
+    for text in (ERASED, json.dumps(ERASED), ERASED.encode("utf-16-le").decode("latin-1")):
+        assert text.encode("utf-8") not in file_bytes(db)
+    assert not os.path.exists(db + "-wal") or os.path.getsize(db + "-wal") == 0
+    # Every money figure is what it was; the user is a pseudonym no one can reverse.
+    assert spp_server.ledger_summary(store) == before
+    assert spp_server.statement(store, "keep") == keep
+    run_after = run_lines(store, 1)
+    assert [{**line, "user-id": ""} for line in run_after] == [
+        {**line, "user-id": ""} for line in run_before]
+    [pseudonym] = {line["user-id"] for line in run_after} - {"keep"}
+    assert pseudonym.startswith("erased:") and ERASED not in pseudonym
+    assert rows(db, "SELECT count(*), min(raw_body) FROM sessions WHERE user_id = ?",
+                (pseudonym,)) == [(2, "")]
+    assert spp_server.statement(store, ERASED)["runs"] == []
+    # Recorded, but not whose.
+    assert rows(db, "SELECT sessions, forced FROM erasures") == [(2, 0)]
+    # Asked again (after a crash before the compaction, say): nothing more, no second record.
+    code, out, _ = ledger_command(spp_server.run_erase, db, ERASED)
+    assert (code, out) == (0, b"erased: 0 session(s), 0 rejected and 0 conflicting postback(s); "
+                              b"the file is compacted\n")
+    assert count(db, "erasures") == 1
+
+
+def test_a_cleared_body_is_overwritten_not_left_in_free_space(store, db):
+    marker = "cleared-body-marker-" * 20
+
+    def op(conn, _):
+        conn.execute(spp_server.SQL["insert_session"],
+                     ("c-1", "u", None, "IN", 1, 10, 5, at(0), marker))
+    with contextlib.closing(spp_server.connect(db, 5000)) as conn:
+        store.write(op)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the body is in the file itself
+        assert marker.encode() in file_bytes(db)
+        store.write(lambda conn, _: conn.execute(spp_server.SQL["clear_bodies"], (0, 10, at(1))))
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert marker.encode() not in file_bytes(db)
+
+
+@pytest.mark.parametrize("body, names", [
+    (b'{"user-id": "a", "session-id": "s"}', True),
+    (b'{"user-id": "\\u0061", "x": 1}', True),
+    (b'{"user-id": "bob", "session-id": "a-1"}', False),  # "a" inside other strings
+    (b'{"user-id": "bob", "note": "a"}', True),           # "a" as a string of its own
+    (b'{"user-id": "a', True),                            # cut short: not JSON
+    (b'\xff\xfe not json, no such letter', False),
+    (b'\xff\xfe not json, and the letter a', True),    # not JSON: any occurrence, to be safe
+])
+def test_an_erasure_finds_the_postbacks_that_name_the_user_and_only_those(body, names):
+    assert spp_server.names_user(body, "a") is names
+
+
+def test_erasing_a_user_still_owed_or_owing_is_refused_unless_forced(store, db):
+    add_sessions(store, [("u", None, 1000, at(0)), ("u", None, 1000, at(3))])
+    pay(store, at(1, 0))
+    ledger_before = ledger_counts(db)
+    code, out, err = ledger_command(spp_server.run_erase, db, "u")
+    assert (code, out) == (2, b"")
+    assert "0.0000006 pending" in err and "1 session(s) not paid" in err and "nothing changed" in err
+    assert ledger_counts(db) == ledger_before and count(db, "erasures") == 0
+    assert rows(db, "SELECT count(*) FROM sessions WHERE user_id = 'u'") == [(2,)]
+    code, _, err = ledger_command(spp_server.run_erase, db, "u", "--even-if-owed")
+    assert (code, err) == (0, "")
+    assert rows(db, "SELECT count(*) FROM sessions WHERE user_id = 'u'") == [(0,)]
+    assert rows(db, "SELECT sessions, forced FROM erasures") == [(2, 1)]
+    # The unattributed '' is no one: never erased.
+    add_sessions(store, [("", None, 5, at(0))])
+    code, _, err = ledger_command(spp_server.run_erase, db, "", "--even-if-owed")
+    assert code == 2 and "must not be empty" in err and count(db, "erasures") == 1
+
+
 # --- kill -9 at chosen points of a real command ---
 
 # Runs a command of spp_server.py in a process that SIGKILLs itself just
@@ -4638,6 +4977,47 @@ def test_a_ledger_step_killed_at_any_point_is_whole_or_absent_and_a_rerun_comple
     again = ["--settlement", "1"] if committed and command == ["settle"] else []
     assert ledger_command(run, db, *command[1:], *again) == expected
     assert ledger_rows(db) == ledger_rows(reference)
+
+
+@pytest.mark.parametrize("command, name, when, committed", [
+    (["erase", "u3", "--even-if-owed"], "erase_user", "after", False),  # before COMMIT
+    (["erase", "u3", "--even-if-owed"], "compact_after_erasure", "before", True),
+    (["hold", "u3", "--reason", "r"], "change_hold", "after", False),
+    (["release", "u3", "--reason", "r"], "change_hold", "after", False),
+    (["write-off-balances", "--older-than", "1d"], "write_off_aged", "after", False),
+])
+def test_the_other_ledger_commands_killed_at_any_point_leave_all_or_nothing_and_rerun_safely(
+        tmp_path, command, name, when, committed):
+    db = str(tmp_path / "spp.db")
+    ledger_month(db)
+    if command[0] == "release":
+        assert ledger_command(spp_server.run_hold, db, "u3", "--reason", "r")[0] == 0
+    if command[0] == "write-off-balances":  # balances carried long ago
+        assert ledger_command(spp_server.run_settle, db)[0] == 0
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+            conn.execute("UPDATE settlements SET created_at_us = 0")
+        assert rows(db, "SELECT count(*) FROM ledger_balances WHERE owed_nano > 0")[0][0] > 0
+    before = ledger_rows(db) | {t: rows(db, f"SELECT * FROM {t}") for t in
+                               ("ledger_holds", "balance_write_offs", "erasures")}
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, name, when, *command, "--db", db],
+                            cwd=HERE, capture_output=True, timeout=15)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+    after = ledger_rows(db) | {t: rows(db, f"SELECT * FROM {t}") for t in
+                              ("ledger_holds", "balance_write_offs", "erasures")}
+    assert (after != before) == committed
+    run = {"erase": spp_server.run_erase, "hold": spp_server.run_hold,
+           "release": functools.partial(spp_server.run_hold, action="release"),
+           "write-off-balances": spp_server.run_write_off_balances}[command[0]]
+    assert ledger_command(run, db, *command[1:])[0] == 0
+    assert ledger_command(run, db, *command[1:])[0] == 0  # and again: nothing twice
+    if command[0] == "erase":
+        assert b"u3" not in file_bytes(db) and count(db, "erasures") == 1
+    if command[0] in ("hold", "release"):
+        assert count(db, "ledger_holds") == (1 if command[0] == "hold" else 2)
+    if command[0] == "write-off-balances":
+        assert count(db, "balance_write_offs") == 1
+        assert rows(db, "SELECT count(*) FROM ledger_balances WHERE owed_nano > 0") == [(0,)]
 
 
 # --- One step at a time, whatever path names the database ---
@@ -5176,26 +5556,41 @@ def months(draw):
     revisions = draw(st.dictionaries(st.sampled_from(sorted(booked)), st.integers(0, 10**13),
                                      max_size=4)) if booked else {}
     write_off = draw(st.booleans())
-    return sessions, order, cuts, final, pay_nows, booked, revisions, write_off
+    # Issue 22: sessions that reach days after they were settled (a clock step
+    # backwards), users held (and then released or not), balances written off
+    # for their age, a user erased.
+    late = draw(st.lists(st.tuples(st.sampled_from(["a", "b", "é"]), st.integers(0, 9),
+                                   st.sampled_from([None, "p1"]), st.integers(0, 10**9)),
+                         max_size=5))
+    held = draw(st.sets(st.sampled_from(["a", "b", "c", "d", "é"]), max_size=2))
+    hold_from = draw(st.integers(0, len(cuts) - 1))
+    release = draw(st.sampled_from([None, "release", "write-off"]))
+    age_off = draw(st.booleans())
+    erased = draw(st.sampled_from([None, "a", "c"]))
+    return (sessions, order, cuts, final, pay_nows, booked, revisions, write_off,
+            late, held, hold_from, release, age_off, erased)
 
 
 def check_ledger(store, db, final, write_off):
     """Every property the ledger promises, from the tables and from the sessions."""
     runs = rows(db, "SELECT id, after_session_id, last_session_id, sessions, estimated_nano, "
-                    "paid_now_nano, deducted_nano FROM payout_runs ORDER BY id")
+                    "paid_now_nano, deducted_nano, withheld_nano FROM payout_runs ORDER BY id")
     # Runs meet end to start; every session up to the last is in exactly one run.
     for previous, run in zip([(0, 0, 0)] + runs, runs):
         assert run[1] == previous[2]
     last = runs[-1][2] if runs else 0
     sessions = rows(db, "SELECT id, user_id, coalesce(property_id, ''), revenue_nano FROM sessions")
-    for run_id, after, last_id, n, estimated, paid, deducted in runs:
+    for run_id, after, last_id, n, estimated, paid, deducted, withheld in runs:
         mine = [s for s in sessions if after < s[0] <= last_id]
         assert (n, estimated) == (len(mine), sum(s[3] for s in mine))
         lines = run_lines(store, run_id)
         assert sum(int(line["sessions"]) for line in lines) == n
         assert sum(nanos(line["estimated-revenue"]) for line in lines) == estimated
-        assert sum(nanos(line["paid-now"]) for line in lines) == paid - deducted
+        assert sum(nanos(line["paid-now"]) for line in lines) == paid - deducted - withheld
         assert sum(nanos(line["deducted"]) for line in lines) == deducted
+        assert sum(nanos(line["withheld"]) for line in lines) == withheld
+        # A held user is paid nothing now, and nothing is taken from them.
+        assert all(nanos(line["deducted"]) == 0 for line in lines if nanos(line["withheld"]))
     assert rows(db, "SELECT coalesce(sum(sessions), 0) FROM payout_parts") == [
         (len([s for s in sessions if s[0] <= last]),)]
     # Every settled pool: users get the final share of booked, less under a nano each.
@@ -5204,22 +5599,36 @@ def check_ledger(store, db, final, write_off):
     for day, prop, by_property, booked, settled_sessions, newest in pools:
         where = "day = ?" + (" AND property_id = ?" if by_property else "")
         params = (day, prop) if by_property else (day,)
-        paid_now = rows(db, f"SELECT coalesce(sum(paid_now_nano), 0), count(DISTINCT user_id), "
-                            f"coalesce(sum(sessions), 0) FROM payout_parts WHERE {where}", params)[0]
-        if paid_now[2] != settled_sessions:
-            continue  # a late session (clock step) joined it: settled again once it is paid
-        moved = rows(db, "SELECT coalesce(sum(top_up_nano - carried_nano), 0) "
-                         "FROM settlement_lines WHERE day = ? AND property_id = ?", (day, prop))[0][0]
+        # A session that reached a settled day later (a clock step) is paid in
+        # a later pool: a settled pool's sessions never change.
+        assert rows(db, f"SELECT coalesce(sum(sessions), 0) FROM payout_parts WHERE {where}",
+                    params) == [(settled_sessions,)]
+        paid = dict(rows(db, f"SELECT user_id, sum(paid_now_nano) FROM payout_parts "
+                             f"WHERE {where} GROUP BY user_id", params))
+        lines = rows(db, "SELECT user_id, top_up_nano - carried_nano, written_off_nano - "
+                         "written_back_nano, held FROM settlement_lines WHERE day = ? AND "
+                         "property_id = ?", (day, prop))
+        # A balance written off for its age: the user keeps it, as if written off when settled.
+        aged = dict(rows(db, "SELECT user_id, sum(written_off_nano) FROM balance_write_off_lines "
+                             "WHERE day = ? AND property_id = ? GROUP BY user_id", (day, prop)))
+        held = {user for user, _, _, was_held in lines if was_held}
+        # A held user's line moves nothing: their fate is the publisher's (release).
+        assert all(moved == standing == 0 for _, moved, standing, was_held in lines if was_held)
+        users = [u for u in paid if u not in held]
+        aged = sum(n for u, n in aged.items() if u not in held)
+        moved = sum(m for u, m, _, _ in lines if u not in held) + aged
+        standing = sum(w for u, _, w, _ in lines if u not in held) + aged
         parts = rows(db, "SELECT coalesce(sum(booked_part_nano), 0) FROM settlement_lines "
                          "WHERE settlement_id = ? AND day = ? AND property_id = ?", (newest, day, prop))
-        users = paid_now[1]
         if users:
             assert parts == [(booked,)]
-        total = paid_now[0] + moved  # now + top-ups - balances carried
+        total = sum(paid[u] for u in users) + moved  # now + top-ups - balances carried
         due = Fraction(D(final)) * booked if users else 0
-        assert due - users <= total
-        if not write_off:  # written off, a user keeps what was paid above the final amount
-            assert total <= due
+        # What stands written off is what users hold above their final amounts:
+        # a correction never charges it again, nor leaves it forgiven twice.
+        assert due - len(users) <= total - standing <= due
+        if not write_off:  # only balances written off for their age, maybe written back
+            assert 0 <= standing <= aged
     # The statements add up to the ledger.
     summary = spp_server.ledger_summary(store)
     users = [u for (u,) in rows(db, "SELECT DISTINCT user_id FROM sessions")]
@@ -5230,15 +5639,26 @@ def check_ledger(store, db, final, write_off):
     for u in users:
         carried = rows(db, "SELECT coalesce(sum(carried_nano), 0) FROM settlement_lines "
                            "WHERE user_id = ?", (u,))[0][0]
-        deducted = rows(db, "SELECT coalesce(sum(deducted_nano), 0) FROM payout_deductions "
-                            "WHERE user_id = ?", (u,))[0][0]
+        deducted = rows(db, "SELECT (SELECT coalesce(sum(deducted_nano), 0) FROM payout_deductions "
+                            "WHERE user_id = :u) + (SELECT coalesce(sum(deducted_nano), 0) FROM "
+                            "settlement_lines WHERE user_id = :u) + (SELECT coalesce(sum("
+                            "written_off_nano), 0) FROM balance_write_off_lines WHERE user_id = :u)",
+                        {"u": u})[0][0]
         assert owed.get(u, 0) == carried - deducted >= 0
+        # A balance is taken back from top-ups too: a user who still owes was
+        # credited no top-up in their last settlement.
+        if owed.get(u, 0):
+            assert rows(db, "SELECT count(*) FROM settlement_lines WHERE user_id = ? AND "
+                            "top_up_nano > deducted_nano AND settlement_id = (SELECT "
+                            "max(settlement_id) FROM settlement_lines WHERE user_id = ?)",
+                        (u, u)) == [(0,)]
 
 
 @given(months())
 @LEDGER_SETTINGS
 def test_ledger_properties_hold_over_random_months(month):
-    sessions, order, cuts, final, pay_nows, booked, revisions, write_off = month
+    (sessions, order, cuts, final, pay_nows, booked, revisions, write_off,
+     late, held, hold_from, release, age_off, erased) = month
     with tempfile.TemporaryDirectory() as tmp:
         db = os.path.join(tmp, "spp.db")
         store = spp_server.Store(db, writer="thread")
@@ -5249,12 +5669,27 @@ def test_ledger_properties_hold_over_random_months(month):
             add_sessions(store, timed)
             book_rows(store, [(day_text(day), prop, n) for (day, prop), n in booked.items()])
             outputs = {}
-            for cut, pay_now in zip(cuts, pay_nows):
+            for i, (cut, pay_now) in enumerate(zip(cuts, pay_nows)):
+                if i == hold_from:
+                    for user in sorted(held):
+                        spp_server.hold_user(store, user, "hold", "suspect")
                 run_id = pay(store, OCT + cut * HOUR_US, pay_now, final)
                 outputs[run_id] = run_text(store, run_id)
                 if cut % 2:
                     spp_server.settle(store, write_off)
+                if i == 0:  # the clock steps back: sessions on days maybe settled already
+                    add_sessions(store, [(u, prop, n, at(day, 23)) for u, day, prop, n in late])
+            pays = len(outputs)
+            run_id = pay(store, OCT + 12 * 24 * HOUR_US, pay_nows[-1], final)  # pays the late ones
+            outputs[run_id] = run_text(store, run_id)
+            cuts, pay_nows = [*cuts, 12 * 24], [*pay_nows, pay_nows[-1]]
+            assert pays + 1 == len(outputs)
             spp_server.settle(store, write_off)
+            if release:
+                for user in sorted(held):
+                    spp_server.hold_user(store, user, release, "checked")
+            if age_off:  # every balance counts as aged: a cutoff after now
+                spp_server.write_off_balances(store, -1)
             # A revised report gives its days again whole, in the same breakdown.
             revised = {key: revisions.get(key, n) for key, n in booked.items()
                        if key[0] in {day for day, _ in revisions}}
@@ -5264,6 +5699,12 @@ def test_ledger_properties_hold_over_random_months(month):
                 assert pay(store, OCT + cut * HOUR_US, pay_now, final) == run_id
                 assert run_text(store, run_id) == outputs[run_id]
             check_ledger(store, db, final, write_off)
+            if erased:  # every total stays exact under the pseudonym
+                summary = spp_server.ledger_summary(store)
+                spp_server.erase(store, erased, force=True)
+                assert spp_server.ledger_summary(store) == summary
+                assert rows(db, "SELECT count(*) FROM sessions WHERE user_id = ?", (erased,)) == [(0,)]
+                check_ledger(store, db, final, write_off)
         finally:
             store.close()
 
@@ -5419,9 +5860,10 @@ def test_view_month_equals_reconciliation_and_totals(make_client, clock, monkeyp
                     country=["IN", "BR"][n % 2], your_estimated_revenue=f"0.00{n}1")
     post_at(client, clock, "2026-10-31T19:00:00Z", user_id="early")  # 1 Nov at +05:30
     post_at(client, clock, "2026-11-30T20:00:00Z", user_id="late")  # December at +05:30
-    client.app.store.write(spp_server.import_booked(
+    spp_server.import_booked(
+        client.app.store,
         [spp_server.BookedRow(f"2026-11-{d:02d}", "", "", d * 900_000) for d in range(1, 8)],
-        "nov.csv"))
+        "nov.csv")
     clock.set("2026-11-20T00:00:00Z")
     api = client.get("/reconciliation", headers=bearer(READ), params={
         "since": "2026-11-01", "until": "2026-12-01", "report-utc-offset": "+05:30"}).json
@@ -6501,6 +6943,13 @@ def run_entry_point(entry, db, tmp_path):
         "settle": lambda: spp_server.run_settle(["--db", db], {}, io.BytesIO()),
         "statement": lambda: spp_server.run_statement(["u", "--db", db], {}, io.BytesIO()),
         "ledger": lambda: spp_server.run_ledger(["--db", db], {}, io.BytesIO()),
+        "write-off-balances": lambda: spp_server.run_write_off_balances(
+            ["--db", db, "--older-than", "90d"], {}, io.BytesIO()),
+        "suspects": lambda: spp_server.run_suspects(["--db", db], {}, io.BytesIO()),
+        "hold": lambda: spp_server.run_hold(["u", "--reason", "r", "--db", db], {}, io.BytesIO()),
+        "release": lambda: spp_server.run_hold(["u", "--reason", "r", "--db", db], {}, io.BytesIO())
+        or spp_server.run_hold(["u", "--reason", "r", "--db", db], {}, io.BytesIO(), "release"),
+        "erase": lambda: spp_server.run_erase(["u", "--db", db], {}, io.BytesIO()),
     }[entry]()
 
 
@@ -7653,7 +8102,9 @@ EVERY_COMMAND = [[], ["export", "--since", "1", "--until", "2"],
                  ["reconcile", "--since", "2026-11-01", "--until", "2026-11-02"],
                  ["import-booked", "r.csv"], ["prune", "--rejected-before", "1"],
                  ["pay", "--until", "1", "--pay-now-share", "0.5", "--final-share", "0.9"],
-                 ["settle"], ["statement", "u"], ["ledger"]]
+                 ["settle"], ["statement", "u"], ["ledger"], ["erase", "u"],
+                 ["hold", "u", "--reason", "r"], ["release", "u", "--reason", "r"],
+                 ["write-off-balances", "--older-than", "90d"], ["suspects"]]
 
 
 def test_every_command_is_in_the_list_of_every_command():
@@ -8925,7 +9376,15 @@ def test_moving_to_a_bigger_machine_keeps_sessions_ledger_tokens_files_and_feed_
     status, rest_on_old = server.request("GET", f"/sessions?after={first_page['next']}",
                                          headers=read)
     stats_on_old = server.request("GET", "/stats", headers=read)[1]
+    # As systemd kills the whole control group: a writer process left alive
+    # would close its connection cleanly, checkpointing the WAL away.
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+    writers = [int(pid) for pid in children.read_text().split()]
+    for pid in writers:
+        os.kill(pid, signal.SIGSTOP)
     server.stop(signal.SIGKILL)
+    for pid in writers:
+        os.kill(pid, signal.SIGKILL)
     assert os.path.getsize(server.db + "-wal") > 0  # commits the database file lacks
     fresh = real_server(db=str(new["state"] / "spp.db"))  # deploy.md on the new machine
     fresh.stop()
