@@ -15,6 +15,7 @@ import datetime
 import fcntl
 import functools
 import http.client
+import inspect
 import io
 import ipaddress
 import itertools
@@ -2600,8 +2601,17 @@ def test_every_command_on_a_full_disk_or_a_closed_pipe_is_one_line_at_most_and_n
 
 def every_parser():
     """Each parser of the module (the server's and each command's), built."""
-    return [builder({}) for name, builder in vars(spp_server).items()
-            if re.fullmatch(r"build_\w*parser", name)]
+    parsers = []
+    for name, builder in vars(spp_server).items():
+        if not re.fullmatch(r"build_\w*parser", name):
+            continue
+        if len(inspect.signature(builder).parameters) == 1:
+            parsers.append(builder({}))
+        else:  # one builder for several commands (hold, release): each it builds
+            for command in spp_server.COMMANDS:
+                with contextlib.suppress(KeyError):
+                    parsers.append(builder({}, command))
+    return parsers
 
 
 def test_every_command_has_a_parser_named_after_it():
