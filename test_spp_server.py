@@ -5788,7 +5788,7 @@ class LedgerModel:
         return code, err
 
     def check(self):
-        store = spp_server.Store(self.db)
+        store = spp_server.Store(self.db, writer="thread")
         try:
             for run_id, text in self.runs.items():  # every delivered id names what was delivered
                 assert b"".join(spp_server.run_output(store, run_id, "csv")) == text
@@ -5814,7 +5814,7 @@ class LedgerModel:
 
 
 def add_day_sessions(db, day, n, users=3):
-    store = spp_server.Store(db)
+    store = spp_server.Store(db, writer="thread")
     try:
         add_sessions(store, [(f"u{i % users}", ("p1", "p2")[i % 2], 1000 * (i + 1), at(day, i % 20))
                              for i in range(n)])
@@ -5823,7 +5823,7 @@ def add_day_sessions(db, day, n, users=3):
 
 
 def book_days(db, *days):
-    store = spp_server.Store(db)
+    store = spp_server.Store(db, writer="thread")
     try:
         book_rows(store, [(day_text(d), p, 7_000) for d in days for p in ("p1", "p2")])
     finally:
@@ -5977,7 +5977,7 @@ def test_a_backup_older_than_the_cut_over_leaves_its_sessions_unpaid_and_pays_th
     assert model.pay(day_iso(10), "--from", day_iso(8))[0] == 0  # the last two days
     store.close()
     restore(db, backup)
-    store = spp_server.Store(db)
+    store = spp_server.Store(db, writer="thread")
     try:
         # Received after the restore (after run 1 was made): ids 6 to 8.
         add_sessions(store, [("new", None, 1000, spp_server.now_us()) for _ in range(3)])
