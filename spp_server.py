@@ -6,9 +6,23 @@ stores it once per session-id (durably, before answering 200) and tells the
 publisher what each user earned.  One Bottle app served by waitress; storage
 is one SQLite file in WAL mode.  See README.md.
 
-Sections: configuration, money and time, storage (with retention), output formats,
-validation, booked revenue, reconciliation, payout ledger, HTTP, web view,
-waitress's internals (the one section that touches them), server/CLI.
+Sections, in this order (a test holds this list to the section headers):
+- Configuration
+- Money and time
+- Storage: the file, its schema and its connections
+- The writer: group commit, in a thread or in a process of its own
+- The store: reads, write ops, earnings and totals
+- Retention: clearing old raw bodies, deleting old refusals
+- Reads for the API: sessions, the change feed, stats and metrics
+- Output formats
+- Validation of a postback body
+- Booked revenue
+- Reconciliation
+- Payout ledger
+- HTTP
+- Web view
+- Waitress's internals
+- Server and command line
 """
 
 import os
@@ -343,7 +357,7 @@ def parse_window(since_text, until_text, required=False):
 
 
 # ---------------------------------------------------------------------------
-# Storage
+# Storage: the file, its schema and its connections
 # ---------------------------------------------------------------------------
 
 # What every earnings and totals query sums.  Revenue is summed as whole USD
@@ -999,6 +1013,10 @@ def rollback_quietly(conn):
             pass
 
 
+# ---------------------------------------------------------------------------
+# The writer: group commit, in a thread or in a process of its own
+# ---------------------------------------------------------------------------
+
 # A write result younger than this stands for the database's health; past it,
 # /healthz and the watchdog write a probe row instead.
 HEALTH_FRESH_S = 1.0
@@ -1547,6 +1565,10 @@ def answer(batch, outcomes):
             pass  # its request timed out, and the web process closed the channel
 
 
+# ---------------------------------------------------------------------------
+# The store: reads, write ops, earnings and totals
+# ---------------------------------------------------------------------------
+
 class Reads:
     """Read queries, on the connection self._reader() gives."""
 
@@ -1934,6 +1956,10 @@ def prune_batch(what, lo, hi, before_us, conn, received_at_us):
     conn.execute(change_sql, (lo, hi, before_us))
     return rows, size
 
+
+# ---------------------------------------------------------------------------
+# Reads for the API: sessions, the change feed, stats and metrics
+# ---------------------------------------------------------------------------
 
 def session_record(row):
     """A session row (the columns of SQL['user_sessions']) -> its JSON fields."""

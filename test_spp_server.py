@@ -8854,6 +8854,21 @@ def test_only_the_waitress_internals_section_touches_waitress_internals():
     assert touching == {"Waitress's internals: the only code that touches them"}
 
 
+def section_titles(source):
+    return re.findall(r"^# -{75}\n# (.*)\n# -{75}\n", source, flags=re.M)
+
+
+def test_the_module_docstring_lists_its_sections_in_order():
+    """The module's map: each "- name" line of the docstring's section list is
+    a section header of the module (its title, or the part before its colon),
+    in the same order, and no header is left out."""
+    listed = re.findall(r"^- (.+)$", spp_server.__doc__.split("Sections", 1)[1], flags=re.M)
+    titles = section_titles(SERVER.read_text(encoding="utf-8"))
+    assert len(listed) == len(titles) > 10
+    for name, title in zip(listed, titles):
+        assert title == name or title.startswith(name + ":"), (name, title)
+
+
 def test_the_waitress_internals_are_those_of_the_pinned_waitress():
     """The section names the version it was written against: the one
     requirements.txt pins, and the one installed."""
