@@ -5578,7 +5578,9 @@ def months(draw):
     sessions = draw(st.lists(st.tuples(
         st.sampled_from(["a", "b", "c", "d", "é"]), st.integers(0, 9), st.integers(0, 23),
         st.sampled_from([None, "p1", "p2"]),
-        st.one_of(st.integers(0, 10**7), st.integers(0, 10**12))), max_size=40))
+        # Up to the largest estimate a postback may give.
+        st.one_of(st.integers(0, 10**7), st.integers(0, spp_server.MAX_ESTIMATE_NANOS))),
+        max_size=40))
     order = draw(st.sampled_from(["time", "clock steps"]))
     cuts = sorted(set(draw(st.lists(st.integers(1, 11 * 24), min_size=1, max_size=4))))
     final = draw(share_strategy())
