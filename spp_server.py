@@ -16,6 +16,7 @@ import bisect
 import collections
 import contextlib
 import csv
+import dataclasses
 import decimal
 import difflib
 import fcntl
@@ -428,19 +429,26 @@ SQL = {
     # Report day numbers (days since 1970-01-01 in the report's time zone),
     # computed on the integer receive time so that the window is an index range.
     "estimates_by_day": f"""
-        SELECT (received_at_us + :offset_us) / 86400000000, count(*),
+        SELECT {{day}}, count(*),
                sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
         FROM sessions INDEXED BY sessions_by_time
         WHERE {SQL_WINDOW}
         GROUP BY 1 ORDER BY 1""",
     "estimates_by_day_and_property": f"""
-        SELECT (received_at_us + :offset_us) / 86400000000, property_id, count(*),
+        SELECT {{day}}, property_id, count(*),
                sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
         FROM sessions INDEXED BY sessions_by_time
         WHERE {SQL_WINDOW}
         GROUP BY 1, 2 ORDER BY 1, 2""",
     # --- Payout ledger (see "Payout ledger" below) ---
-    "run_at": "SELECT id, pay_now_share, final_share FROM payout_runs WHERE until_us = ?",
+    "run_at": """
+        SELECT id, pay_now_share, final_share, report_utc_offset FROM payout_runs
+        WHERE until_us = ?""",
+    # Only runs whose header committed: a staged run has no row here yet.
+    "report_offsets": """
+        SELECT first_day, report_utc_offset FROM report_offsets ORDER BY run_id""",
+    "insert_report_offset": """
+        INSERT INTO report_offsets (run_id, first_day, report_utc_offset) VALUES (?, ?, ?)""",
     "last_run": """
         SELECT id, last_session_id, until_us, report_utc_offset FROM payout_runs
         ORDER BY id DESC LIMIT 1""",
@@ -461,7 +469,7 @@ SQL = {
     "run_parts": """
         SELECT :run, date(day * 86400, 'unixepoch'), property_id, user_id, sessions, estimated,
                estimated / 1000000 * :millionths + estimated % 1000000 * :millionths / 1000000
-        FROM (SELECT (received_at_us + :offset_us) / 86400000000 AS day,
+        FROM (SELECT {day} AS day,
                      coalesce(property_id, '') AS property_id, user_id,
                      count(*) AS sessions, sum(revenue_nano) AS estimated
               FROM sessions WHERE id > :after AND id <= :last
@@ -1476,8 +1484,9 @@ class ReadOnlyStore(Reads):
     Otherwise (a live database: the server's -wal and -shm are there) it
     joins the server's WAL with mode=ro, which creates nothing while both exist."""
 
-    def __init__(self, path):
+    def __init__(self, path, oldest=None):
         self.path = str(path)
+        self._oldest = oldest  # the oldest schema version accepted; None: this code's
         if not os.path.isfile(self.path):
             raise no_database(self.path)
         if not os.access(self.path, os.R_OK):
@@ -1520,13 +1529,13 @@ class ReadOnlyStore(Reads):
         return conn
 
     def _check_version(self):
-        found = database_version(self._conn, self.path)
+        found = self.version = database_version(self._conn, self.path)
         latest = latest_schema_version()
         if found == 0:
             raise StoreUnavailable(
                 f"{self.path} is not an spp-receiver database: it is empty "
                 f"(this code's schema is version {latest})")
-        if found < latest:
+        if found < (self._oldest or latest):
             raise StoreUnavailable(
                 f"{self.path} has schema version {found}, older than this code's {latest}: "
                 "start the server on it once to upgrade it (reports never change a database)"
@@ -2534,6 +2543,95 @@ def utc_offset_text(minutes):
     return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
 
 
+MINUTE_US = 60 * 1_000_000
+
+
+@dataclass(frozen=True)
+class ReportDays:
+    """How receive times are cut into the report days of Gamezop's reports:
+    ((first day number, or None from the start; offset in minutes), ...),
+    each change from a report day on (recorded by the run that started it).
+    The day before a change ends where the new offset's first day starts,
+    so it is shorter or longer than 24 hours; every other day is whole."""
+
+    changes: tuple
+
+    @classmethod
+    def fixed(cls, offset_minutes):
+        return cls(((None, offset_minutes),))
+
+    @property
+    def offset(self):
+        """The offset of the newest days."""
+        return self.changes[-1][1]
+
+    def _change_start_us(self, i):
+        first, offset = self.changes[i]
+        return first * DAY_US - offset * MINUTE_US
+
+    def start_us(self, day):
+        """The receive time at which report day number `day` starts."""
+        i = max(i for i, (first, _) in enumerate(self.changes) if first is None or first <= day)
+        start = day * DAY_US - self.changes[i][1] * MINUTE_US
+        return start if i + 1 == len(self.changes) else min(start, self._change_start_us(i + 1))
+
+    def sql(self):
+        """SQL for the report day number of a session's received_at_us."""
+        cases = []
+        for i, (_, offset) in enumerate(self.changes):
+            day = f"(received_at_us + {offset * MINUTE_US}) / {DAY_US}"
+            if i + 1 < len(self.changes):  # the day before the next change ends where it starts
+                day = f"min({day}, {self.changes[i + 1][0] - 1})"
+            cases.append(day if i == 0 else
+                         f"WHEN received_at_us >= {self._change_start_us(i)} THEN {day}")
+        if len(cases) == 1:
+            return cases[0]
+        return f"CASE {' '.join(reversed(cases[1:]))} ELSE {cases[0]} END"
+
+    def text(self, since_day=None, until_day=None):
+        """The offsets of the days [since, until) as text: '+05:30', or
+        '+00:00 to 2026-11-21, +05:30 from 2026-11-22' across a change."""
+        shown_ = [(first, offset) for first, offset in self.changes
+                  if (first is None or until_day is None or first < until_day)]
+        while since_day is not None and len(shown_) > 1 and shown_[1][0] <= since_day:
+            shown_.pop(0)
+        parts = []
+        for i, (first, offset) in enumerate(shown_):
+            words = [utc_offset_text(offset)]
+            if first is not None and i > 0:
+                words.append(f"from {report_day_text(first)}")
+            if i + 1 < len(shown_):
+                words.append(f"to {report_day_text(shown_[i + 1][0] - 1)}")
+            parts.append(" ".join(words))
+        return ", ".join(parts)
+
+    def changed_to(self, offset_minutes, last_until_us):
+        """These days with `offset_minutes` from the first report day that
+        cuts no time before `last_until_us` (paid by the runs so far, maybe
+        settled) into another day than it was: -> ReportDays, or Invalid."""
+        if len(self.changes) > 1 and last_until_us < self._change_start_us(-1):
+            raise Invalid("report-utc-offset", f"the change to {utc_offset_text(self.offset)} "
+                          f"starts at {iso_utc(self._change_start_us(-1))}, after the last "
+                          "run's until: change it again from a run after that")
+        old, new = self.offset * MINUTE_US, offset_minutes * MINUTE_US
+        first = max((last_until_us + old) // DAY_US + 1, -((-last_until_us - new) // DAY_US))
+        return ReportDays((*self.changes, (first, offset_minutes)))
+
+
+def recorded_report_days(reads, default_offset):
+    """The report days the ledger's runs recorded (every report reads
+    them, so that it cuts the days as settlement does); before the first
+    run, `default_offset` (SPP_REPORT_UTC_OFFSET) from the start."""
+    return report_days_of(reads.read(SQL["report_offsets"]), default_offset)
+
+
+def report_days_of(rows, default_offset):
+    if not rows:
+        return ReportDays.fixed(default_offset)
+    return ReportDays(tuple((None if first is None else report_day_number(first), offset)
+                            for first, offset in rows))
+
+
 def parse_quantile(text):
     """'0.9' -> Decimal('0.9'): the fraction of days the suggested share must
     have been safe on, in (0, 1]."""
@@ -2545,14 +2643,16 @@ class ReconciliationQuery:
     since_day: int  # report day numbers: the window [since, until)
     until_day: int
     property_id: str | None
-    offset_minutes: int
+    days: "ReportDays | None"  # None: the offsets the ledger recorded (see recorded_report_days)
     quantile: decimal.Decimal
     share: decimal.Decimal | None
+    default_offset: int = 0  # before any run recorded one
 
 
-def reconciliation_query(since, until, property_id, offset, quantile, share):
+def reconciliation_query(since, until, property_id, offset, quantile, share, default_offset=0):
     """Texts as given (None = absent) -> ReconciliationQuery, or Invalid
-    naming the parameter.  `offset` may already be minutes (a default)."""
+    naming the parameter.  `offset`: an offset to try instead of the
+    recorded ones (text, or minutes), or None."""
     days = {}
     for name, text in (("since", since), ("until", until)):
         if not text:
@@ -2569,7 +2669,8 @@ def reconciliation_query(since, until, property_id, offset, quantile, share):
         try:
             offset = parse_utc_offset(offset)
         except ValueError:
-            raise Invalid("report-utc-offset", "must be +HH:MM or -HH:MM within ±14:00, such as +05:30") from None
+            raise Invalid("report-utc-offset", "must be +HH:MM or -HH:MM within ±14:00, such as "
+                          f"+05:30, not {shown(offset)}") from None
     if quantile is None:
         quantile = decimal.Decimal(1)
     else:
@@ -2577,7 +2678,9 @@ def reconciliation_query(since, until, property_id, offset, quantile, share):
             quantile = parse_quantile(quantile)
         except ValueError as exc:
             raise Invalid("quantile", str(exc)) from None
-    return ReconciliationQuery(days["since"], days["until"], property_id or None, offset, quantile, share)
+    return ReconciliationQuery(days["since"], days["until"], property_id or None,
+                               None if offset is None else ReportDays.fixed(offset), quantile,
+                               share, default_offset)
 
 
 def signed_usd(nanos):
@@ -2659,11 +2762,14 @@ def reconciliation_sides(store, q):
     def key(day, prop):
         return day, (prop or None) if split and day not in whole_days else None
 
-    offset_us = q.offset_minutes * 60 * 1_000_000
-    window = {"offset_us": offset_us, "since": q.since_day * DAY_US - offset_us,
-              "until": q.until_day * DAY_US - offset_us, "property": q.property_id}
-    estimates = (store.read(SQL["estimates_by_day_and_property"], window) if split else
-                 [(day, None, *sums) for day, *sums in store.read(SQL["estimates_by_day"], window)])
+    days = q.days
+    window = {"since": days.start_us(q.since_day), "until": days.start_us(q.until_day),
+              "property": q.property_id}
+    if split:
+        estimates = store.read(SQL["estimates_by_day_and_property"].format(day=days.sql()), window)
+    else:
+        estimates = [(day, None, *sums) for day, *sums
+                     in store.read(SQL["estimates_by_day"].format(day=days.sql()), window)]
     sides = {}
     for day, prop, sessions, whole, rest in estimates:
         side = sides.setdefault(key(report_day_text(day), prop), [0, 0, None])
@@ -2789,6 +2895,7 @@ def reconciliation(store, q):
     """The report: one record per report day (and property, see
     reconciliation_sides) and a summary.  Shared by GET /reconciliation and
     `spp_server.py reconcile`."""
+    q = dataclasses.replace(q, days=q.days or recorded_report_days(store, q.default_offset))
     return reconciliation_report(q, reconciliation_sides(store, q))
 
 
@@ -2800,7 +2907,7 @@ def reconciliation_report(q, sides):
         rows.append((sessions, estimated, booked, paid))
     return {
         "since": report_day_text(q.since_day), "until": report_day_text(q.until_day),
-        "property-id": q.property_id, "report-utc-offset": utc_offset_text(q.offset_minutes),
+        "property-id": q.property_id, "report-utc-offset": q.days.text(q.since_day, q.until_day),
         "reward-share": None if q.share is None else format(q.share, "f"),
         "days": records, "summary": reconciliation_summary(q, records, rows),
     }
@@ -2838,7 +2945,7 @@ def parse_ledger_share(text, field):
     """'0.60' -> Decimal('0.6'), or Invalid naming the field."""
     if not isinstance(text, str) or not LEDGER_SHARE.fullmatch(text):
         raise Invalid(field, "must be a plain decimal from 0 to 1 with at most 6 places, "
-                      f"such as 0.6, not {text!r}")
+                      f"such as 0.6, not {shown(text)}")
     return decimal.Decimal(text)
 
 
@@ -2853,10 +2960,10 @@ def share_millionths(text):
     return int(decimal.Decimal(text).scaleb(6))
 
 
-def day_bounds_us(day_text, offset_minutes):
+def day_bounds_us(day_text, days):
     """A report day -> [start, end) in receive-time microseconds."""
-    start = report_day_number(day_text) * DAY_US - offset_minutes * 60 * 1_000_000
-    return start, start + DAY_US
+    number = report_day_number(day_text)
+    return days.start_us(number), days.start_us(number + 1)
 
 
 @dataclass(frozen=True)
@@ -2867,51 +2974,81 @@ class RunPlan:
     until_us: int
     pay_now: decimal.Decimal
     final: decimal.Decimal
-    offset_minutes: int
+    days: ReportDays
+    change: tuple | None  # (first day number or None, offset): recorded with this run
     parts: list  # rows of insert_part: (run, day, property, user, sessions, estimated, paid now)
 
 
-def recorded_run(conn, until_us, pay_now, final):
+def recorded_run(conn, until_us, pay_now, final, offset_minutes=None):
     """The id of the run recorded for `until_us`, or None; Invalid if it was
-    recorded with other shares (history is never rewritten)."""
+    recorded with other shares or another report offset (when one is asked
+    for): history is never rewritten."""
     row = conn.execute(SQL["run_at"], (until_us,)).fetchone()
     if row is None:
         return None
-    run_id, pay_now_text, final_text = row
-    for field, asked, stored in (("pay-now-share", pay_now, pay_now_text),
-                                 ("final-share", final, final_text)):
-        if asked != decimal.Decimal(stored):
+    run_id, pay_now_text, final_text, offset = row
+    asked = [("pay-now-share", share_text(pay_now), share_text(decimal.Decimal(pay_now_text))),
+             ("final-share", share_text(final), share_text(decimal.Decimal(final_text)))]
+    if offset_minutes is not None:
+        asked.append(("report-utc-offset", utc_offset_text(offset_minutes), utc_offset_text(offset)))
+    for field, wanted, stored in asked:
+        if wanted != stored:
             raise Invalid(field, f"run {run_id} for this --until was recorded with {field} "
-                          f"{stored}, not {share_text(asked)}: a recorded run never changes")
+                          f"{stored}, not {wanted}: a recorded run never changes")
     return run_id
 
 
-def plan_run(conn, until_us, pay_now, final, offset_minutes):
-    """On a read snapshot: the recorded run's id, or the RunPlan of a new one."""
+def check_shares(until_us, pay_now, final):
+    """The refusals of a run that need no database."""
     if until_us >= now_us():
         raise Invalid("until", "must be in the past: a run pays finished time only")
     if pay_now > final:
         raise Invalid("pay-now-share", "must not be above the final share: the excess "
                       "would be taken back from every user at settlement")
-    run_id = recorded_run(conn, until_us, pay_now, final)
+
+
+def check_run(conn, until_us, pay_now, final, offset_minutes):
+    """The id of the run recorded for `until_us`, or None for a new run; or
+    Invalid: every refusal `pay` can make, on the ledger's tables alone."""
+    check_shares(until_us, pay_now, final)
+    run_id = recorded_run(conn, until_us, pay_now, final, offset_minutes)
+    if run_id is not None:
+        return run_id
+    last = conn.execute(SQL["last_run"]).fetchone()
+    if last and until_us < last[2]:
+        raise Invalid("until", f"is before {iso_utc(last[2])}, the until of run {last[0]}: "
+                      "runs only go forward")
+    return None
+
+
+def run_report_days(conn, last, offset_minutes):
+    """(the report days of a new run, the change it records or None).  The
+    first run records its offset; a run asked for another offset than the
+    newest recorded changes it from a day no earlier run paid (ReportDays.changed_to)."""
+    days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), offset_minutes or 0)
+    if last is None:
+        return days, days.changes[-1]
+    if offset_minutes is None or offset_minutes == days.offset:
+        return days, None
+    days = days.changed_to(offset_minutes, last[2])
+    return days, days.changes[-1]
+
+
+def plan_run(conn, until_us, pay_now, final, offset_minutes):
+    """On a read snapshot: the recorded run's id, or the RunPlan of a new one."""
+    run_id = check_run(conn, until_us, pay_now, final, offset_minutes)
     if run_id is not None:
         return run_id
     last = conn.execute(SQL["last_run"]).fetchone()
     previous_id, after_id = (last[0], last[1]) if last else (None, 0)
-    if last and until_us < last[2]:
-        raise Invalid("until", f"is before {iso_utc(last[2])}, the until of run {last[0]}: "
-                      "runs only go forward")
-    if last and offset_minutes != last[3]:
-        raise Invalid("report-utc-offset", f"must be {utc_offset_text(last[3])}, the offset of "
-                      f"run {last[0]}: the parts of all runs are cut into the same report days")
+    days, change = run_report_days(conn, last, offset_minutes)
     [(newest,)] = conn.execute(SQL["last_session_before"], (until_us,)).fetchall()
     last_id = max(after_id, newest or 0)
     # Rows as SQLite gives them, staged as they are: no Python work per part.
-    parts = conn.execute(SQL["run_parts"], {
+    parts = conn.execute(SQL["run_parts"].format(day=days.sql()), {
         "run": (previous_id or 0) + 1, "after": after_id, "last": last_id,
-        "offset_us": offset_minutes * 60 * 1_000_000,
         "millionths": int(pay_now.scaleb(6))}).fetchall()  # exact: at most 6 places
-    return RunPlan(previous_id, after_id, last_id, until_us, pay_now, final, offset_minutes, parts)
+    return RunPlan(previous_id, after_id, last_id, until_us, pay_now, final, days, change, parts)
 
 
 def owed_balances(conn):
@@ -2978,8 +3115,12 @@ def record_run(plan, run_id, lines, conn, created_at_us):
     totals = [sum(line[i] for line in lines.values()) for i in range(3)]
     conn.execute(SQL["insert_run"], (
         run_id, plan.after_id, plan.last_id, plan.until_us, created_at_us, share_text(plan.pay_now),
-        share_text(plan.final), plan.offset_minutes, len(lines), *totals,
+        share_text(plan.final), plan.days.offset, len(lines), *totals,
         sum(nanos for _, nanos in taken)))
+    if plan.change is not None:
+        first, offset = plan.change
+        conn.execute(SQL["insert_report_offset"],
+                     (run_id, None if first is None else report_day_text(first), offset))
     conn.executemany(SQL["take_owed"], ((nanos, user) for user, nanos in taken))
     conn.executemany(SQL["insert_deduction"], ((run_id, user, nanos) for user, nanos in taken))
     return run_id
@@ -3009,11 +3150,24 @@ def pay_run(store, until_us, pay_now, final, offset_minutes):
     raise StoreUnavailable("other ledger steps kept committing meanwhile; run it again")
 
 
+# What a spreadsheet may run as a formula at the start of a cell (OWASP's
+# list), and the quote that marks a cell escaped here.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def spreadsheet_text(text):
+    """A user or property id for the ledger's CSV: one quote in front of one
+    that starts like a formula (or with a quote), so that a spreadsheet shows
+    it as text and an app gets the id back by removing one leading quote."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def run_output(store, run_id, fmt):
     """A run's lines, one per user ordered by user-id, as CSV or NDJSON: what
     the publisher's app credits (paid-now is after deducted)."""
-    rows = ((run_id, user, sessions, nanos_to_usd(estimated), nanos_to_usd(paid - deducted),
-             nanos_to_usd(deducted))
+    escape = spreadsheet_text if fmt == "csv" else str
+    rows = ((run_id, escape(user), sessions, nanos_to_usd(estimated),
+             nanos_to_usd(paid - deducted), nanos_to_usd(deducted))
             for user, sessions, estimated, paid, deducted in store.stream(
                 SQL["run_lines"], (run_id,)))
     return in_chunks(encode_values(rows, RUN_COLUMNS, fmt))
@@ -3109,6 +3263,7 @@ def settle_pools(conn):
     if last is None:
         return (None, last_settlement), 0, []
     run_id, last_id, last_until, offset = last
+    days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), offset)
     booked = conn.execute(SQL["booked_pools"]).fetchall()
     days_by_property = {day for day, prop, *_ in booked if prop != ""}
     final_millionths = {run: share_millionths(share)
@@ -3116,7 +3271,7 @@ def settle_pools(conn):
     paid_days = {}
     pools = []
     for day, prop, whole, rest in booked:
-        start, end = day_bounds_us(day, offset)
+        start, end = day_bounds_us(day, days)
         if end > last_until:
             continue
         if day not in paid_days:
@@ -3246,8 +3401,11 @@ def settlement_record(row):
 def settlement_output(store, settlement_id, fmt):
     """A settlement's lines (per day, property and user) as CSV or NDJSON: the
     top-ups to credit, the balances carried."""
-    rows = store.stream(SQL["settlement_lines_of"], (settlement_id,))
-    return in_chunks(encode_values(map(settlement_values, rows), SETTLEMENT_COLUMNS, fmt))
+    rows = map(settlement_values, store.stream(SQL["settlement_lines_of"], (settlement_id,)))
+    if fmt == "csv":
+        rows = ((sid, day, spreadsheet_text(prop), spreadsheet_text(user), *rest)
+                for sid, day, prop, user, *rest in rows)
+    return in_chunks(encode_values(rows, SETTLEMENT_COLUMNS, fmt))
 
 
 def statement(store, user_id):
@@ -3543,9 +3701,9 @@ def parse_property_id(params):
 
 
 def parse_format(params, allowed, default):
-    fmt = params.get("format") or default
+    fmt = params.get("format", default)  # `format=` with no value is a mistake, not the default
     if fmt not in allowed:
-        raise Invalid("format", f"must be one of {', '.join(allowed)}")
+        raise Invalid("format", f"must be one of {', '.join(allowed)}, not {shown(fmt)}")
     return fmt
 
 
@@ -3611,8 +3769,8 @@ def handle_reconciliation():
     config = request.app.config
     q = reconciliation_query(
         params.get("since"), params.get("until"), parse_property_id(params),
-        params.get("report-utc-offset") or config["spp.report_utc_offset"],
-        params.get("quantile"), config["spp.reward_share"],
+        params.get("report-utc-offset"), params.get("quantile"), config["spp.reward_share"],
+        config["spp.report_utc_offset"],
     )
     fmt = parse_format(params, RECONCILIATION_FORMATS, "json")
     body = reconciliation_output(request.app.store, q, fmt)
@@ -4162,7 +4320,7 @@ def build_parser(environ):
         help=f"one of {', '.join(LOG_LEVELS)}; debug adds a line per accepted postback "
         "[SPP_LOG_LEVEL, default %(default)s]",
     )
-    add_report_offset_option(parser, environ)
+    add_report_offset_option(parser, environ, "server")
     return parser
 
 
@@ -4324,15 +4482,28 @@ def utc_offset_option(text):
             f"must be +HH:MM or -HH:MM within ±14:00, such as +05:30, not {shown(text)}") from None
 
 
-def add_report_offset_option(parser, environ):
-    """The server and `reconcile` take it."""
-    parser.add_argument(
-        "--report-utc-offset", type=utc_offset_option,
-        default=env_default(environ, "SPP_REPORT_UTC_OFFSET", utc_offset_option, 0),
-        help="UTC offset of the days of Gamezop's revenue reports, e.g. +05:30: "
-        "/reconciliation and the payout ledger group SPP receive times into those days "
-        "[SPP_REPORT_UTC_OFFSET, default +00:00]",
-    )
+REPORT_OFFSET_HELP = {
+    "server": "UTC offset of the days of Gamezop's revenue reports, e.g. +05:30, until a payout "
+              "run records one: /reconciliation then cuts the days as the ledger does "
+              "[SPP_REPORT_UTC_OFFSET, default +00:00]",
+    "reconcile": "try this UTC offset for the report days, e.g. +05:30, instead of those the "
+                 "payout runs recorded (or SPP_REPORT_UTC_OFFSET before the first run)",
+    "pay": "UTC offset of the report days, e.g. +05:30: the first run records it; another "
+           "value changes it from the first report day after the last run's until, recorded "
+           "with this run [SPP_REPORT_UTC_OFFSET, default: the recorded one, or +00:00]",
+}
+
+
+def add_report_offset_option(parser, environ, role):
+    """--report-utc-offset: the server's setting, reconcile's offset to try,
+    pay's offset to record (see REPORT_OFFSET_HELP)."""
+    from_environment = env_default(environ, "SPP_REPORT_UTC_OFFSET", utc_offset_option,
+                                   0 if role != "pay" else None)
+    parser.add_argument("--report-utc-offset", type=utc_offset_option,
+                        default=None if role == "reconcile" else from_environment,
+                        help=REPORT_OFFSET_HELP[role])
+    if role == "reconcile":
+        parser.set_defaults(configured_offset=from_environment)
 
 
 def metric_column(text):
@@ -4382,7 +4553,7 @@ def build_reconcile_parser(environ):
     )
     add_shared_options(parser, environ, DB_HELP_REPORT, "adds each record's paid-out (the "
                        "estimate times the share, rounded down) and margin (booked minus paid-out)")
-    add_report_offset_option(parser, environ)
+    add_report_offset_option(parser, environ, "reconcile")
     parser.add_argument("--since", required=True, help="first report day, included (YYYY-MM-DD)")
     parser.add_argument("--until", required=True, help="report day that ends the window, excluded")
     parser.add_argument("--property-id", help="only this property")
@@ -4514,7 +4685,8 @@ def run_reconcile(argv, environ, out):
     args = parse_arguments(parser, argv)
     try:
         q = reconciliation_query(args.since, args.until, args.property_id,
-                                 args.report_utc_offset, args.quantile, args.reward_share)
+                                 args.report_utc_offset, args.quantile, args.reward_share,
+                                 args.configured_offset)
     except Invalid as invalid:
         parser.error(f"--{invalid.field}: {invalid.message}")
     return print_report(parser.prog, args.db, out,
@@ -4530,7 +4702,8 @@ LEDGER_EXIT_HELP = ("Exit status 0 when done; 1, with one line on stderr, when t
                     "141 when the reader closed the pipe before any step was recorded.")
 
 
-LEDGER_OPTIONS = ("until", "pay-now-share", "final-share", "report-utc-offset", "settlement")
+LEDGER_OPTIONS = ("until", "pay-now-share", "final-share", "report-utc-offset", "settlement",
+                  "write-off")
 
 
 def add_lines_format_option(parser):
@@ -4557,7 +4730,7 @@ def build_pay_parser(environ):
     parser.add_argument("--final-share", required=True,
                         help="share of the booked revenue users get in the end, e.g. 0.9: "
                         "settle pays the rest of it (recorded with the run)")
-    add_report_offset_option(parser, environ)
+    add_report_offset_option(parser, environ, "pay")
     add_lines_format_option(parser)
     return parser
 
@@ -4603,10 +4776,54 @@ def build_ledger_parser(environ):
     return parser
 
 
-def run_ledger_step(prog, db, out, step):
+LEDGER_SCHEMA_VERSION = 5  # the first with the ledger's tables
+
+
+def look_before_writing(prog, db, out, look):
+    """Run look(store) on `db` opened read-only, any schema from the
+    ledger's first on: it refuses an option (Invalid) before the file is
+    touched (not even upgraded), or gives (what is recorded, chunks) of a
+    recorded step to print again, which needs no write access (a read-only
+    file system), or None: the step must run.  -> an exit status, or None."""
+    try:
+        store = ReadOnlyStore(db, oldest=1)
+    except StoreUnavailable:
+        return None  # opening it for writing says why, or works (a -wal to join)
+    report = CheckedOutput(out)
+    try:
+        found = look(store) if store.version >= LEDGER_SCHEMA_VERSION else None
+        if found is None:
+            return None
+        recorded, chunks = found
+        if store.version < latest_schema_version():
+            return None  # printed by the step, after the upgrade its reads expect
+        for chunk in chunks:
+            report.write(chunk)
+        store.check_unchanged()
+    except Invalid as invalid:
+        return ledger_refusal(prog, invalid)
+    except (StoreUnavailable, sqlite3.Error):
+        return None  # the step reads it again, and says what fails
+    finally:
+        store.close()
+    if not report.flushed():
+        return output_failed(prog, out, report.error, recorded)
+    return 0
+
+
+def ledger_refusal(prog, invalid):
+    where = f"--{invalid.field}" if invalid.field in LEDGER_OPTIONS else invalid.field
+    print(f"{prog}: {where}: {invalid.message}; nothing changed", file=sys.stderr)
+    return 2
+
+
+def run_ledger_step(prog, db, out, step, look=None):
     """Open `db` for writing, run step(store) -> (what it committed, chunks)
     and write the chunks.  One line on stderr and a status on failure (see
-    LEDGER_EXIT_HELP); output lost after the commit says what is committed."""
+    LEDGER_EXIT_HELP); output lost after the commit says what is committed.
+    look: see look_before_writing."""
+    if look is not None and (status := look_before_writing(prog, db, out, look)) is not None:
+        return status
     try:
         store = Store(db, DEFAULTS["busy_timeout_ms"], command=True)
     except StoreUnavailable as exc:
@@ -4622,9 +4839,7 @@ def run_ledger_step(prog, db, out, step):
         for chunk in chunks:
             report.write(chunk)
     except Invalid as invalid:
-        where = f"--{invalid.field}" if invalid.field in LEDGER_OPTIONS else invalid.field
-        print(f"{prog}: {where}: {invalid.message}; nothing changed", file=sys.stderr)
-        return 2
+        return ledger_refusal(prog, invalid)
     except (StoreUnavailable, sqlite3.Error) as exc:
         if committed:  # reading it back failed: the output is cut short, the step is not
             print(f"{prog}: {committed}, but reading it back failed: {exc}", file=sys.stderr)
@@ -4644,29 +4859,48 @@ def run_pay(argv, environ, out):
     try:
         until = parse_instant(args.until)
     except ValueError:
-        print(f"{parser.prog}: --until: must be {TIME_FORMS_HELP}, not {args.until!r}",
+        print(f"{parser.prog}: --until: must be {TIME_FORMS_HELP}, not {shown(args.until)}",
               file=sys.stderr)
         return 2
 
-    def step(store):
-        pay_now = parse_ledger_share(args.pay_now_share, "pay-now-share")
-        final = parse_ledger_share(args.final_share, "final-share")
-        run_id = pay_run(store, until, pay_now, final, args.report_utc_offset)
-        return (f"run {run_id} is committed (the same --until prints it again)",
-                run_output(store, run_id, args.format))
+    try:  # refused before the database is opened, as an older schema would be upgraded
+        shares = (parse_ledger_share(args.pay_now_share, "pay-now-share"),
+                  parse_ledger_share(args.final_share, "final-share"))
+        check_shares(until, *shares)
+    except Invalid as invalid:
+        return ledger_refusal(parser.prog, invalid)
 
-    return run_ledger_step(parser.prog, args.db, out, step)
+    def committed(run_id):
+        return f"run {run_id} is committed (the same --until prints it again)"
+
+    def look(store):
+        with store.snapshot() as conn:
+            run_id = check_run(conn, until, *shares, args.report_utc_offset)
+        return run_id and (committed(run_id), run_output(store, run_id, args.format))
+
+    def step(store):
+        run_id = pay_run(store, until, *shares, args.report_utc_offset)
+        return committed(run_id), run_output(store, run_id, args.format)
+
+    return run_ledger_step(parser.prog, args.db, out, step, look)
 
 
 def run_settle(argv, environ, out):
     parser = build_settle_parser(environ)
     args = parse_arguments(parser, argv)
+    if args.write_off and args.settlement is not None:
+        return ledger_refusal(parser.prog, Invalid(
+            "write-off", "settle --settlement ID prints a recorded settlement again and "
+            "settles nothing, so it cannot write anything off"))
+
+    def recorded(store):
+        if not store.read(SQL["settlement_exists"], (args.settlement,)):
+            raise Invalid("settlement", f"there is no settlement {args.settlement}")
+        return None, settlement_output(store, args.settlement, args.format)
 
     def step(store):
         if args.settlement is not None:
-            if not store.read(SQL["settlement_exists"], (args.settlement,)):
-                raise Invalid("settlement", f"there is no settlement {args.settlement}")
-            return None, settlement_output(store, args.settlement, args.format)
+            return recorded(store)
         settlement_id = settle(store, args.write_off)
         if settlement_id is None:
             print(f"{parser.prog}: nothing to settle", file=sys.stderr)
@@ -4675,11 +4909,22 @@ def run_settle(argv, environ, out):
                 f"{settlement_id} prints it again)",
                 settlement_output(store, settlement_id, args.format))
 
-    return run_ledger_step(parser.prog, args.db, out, step)
+    return run_ledger_step(parser.prog, args.db, out, step,
+                           recorded if args.settlement is not None else None)
+
+
+def refuse_dashed_argument(parser, argv):
+    """A user id such as '-x' reads as an unknown option to argparse, which
+    then says the id is missing: say instead how to write it."""
+    for arg in itertools.takewhile(lambda a: a != "--", argv):
+        if arg.startswith("-") and arg.split("=")[0] not in parser._option_string_actions:
+            parser.error(f"{shown(arg)} is not an option; a user id that starts with '-' is "
+                         f"written after '--': {parser.prog} [options] -- {arg}")
 
 
 def run_statement(argv, environ, out):
     parser = build_statement_parser(environ)
+    refuse_dashed_argument(parser, argv)
     args = parse_arguments(parser, argv)
     return print_report(parser.prog, args.db, out,
                         lambda store: [json_output(statement(store, args.user_id))])

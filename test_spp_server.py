@@ -3827,7 +3827,8 @@ def test_asking_again_returns_the_recorded_run_byte_identical_and_pays_nothing(s
     ({"until_us": at(0)}, "until", ["before", "run 1"]),
     ({"until_us": at(2, 0), "final": "0.8"}, "final-share", ["0.9", "0.8"]),
     ({"until_us": at(2, 0), "pay_now": "0.5"}, "pay-now-share", ["0.6", "0.5"]),
-    ({"until_us": at(3), "offset": 330}, "report-utc-offset", ["+00:00"]),
+    # Asked again with another offset: refused like other shares (issue 22 §1).
+    ({"until_us": at(2, 0), "offset": 330}, "report-utc-offset", ["+00:00", "+05:30", "run 1"]),
     ({"until_us": at(3), "pay_now": "0.95"}, "pay-now-share", ["final"]),
     ({"until_us": spp_server.parse_instant("2999-01-01")}, "until", ["past"]),
 ])
