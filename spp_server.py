@@ -447,6 +447,8 @@ SQL = {
     # Only runs whose header committed: a staged run has no row here yet.
     "report_offsets": """
         SELECT first_day, report_utc_offset FROM report_offsets ORDER BY run_id""",
+    # Read once per offset change: it scans the paid sessions.
+    "latest_paid_session": "SELECT max(received_at_us) FROM sessions WHERE id <= ?",
     "insert_report_offset": """
         INSERT INTO report_offsets (run_id, first_day, report_utc_offset) VALUES (?, ?, ?)""",
     "last_run": """
@@ -3030,7 +3032,9 @@ def run_report_days(conn, last, offset_minutes):
         return days, days.changes[-1]
     if offset_minutes is None or offset_minutes == days.offset:
         return days, None
-    days = days.changed_to(offset_minutes, last[2])
+    # After a clock step a run may have paid a session received after its until.
+    [(latest_paid,)] = conn.execute(SQL["latest_paid_session"], (last[1],)).fetchall()
+    days = days.changed_to(offset_minutes, max(last[2], (latest_paid or 0) + 1))
     return days, days.changes[-1]
 
 

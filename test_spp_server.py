@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -4112,6 +4113,67 @@ def test_report_days_are_cut_at_the_report_offset(store):
     assert spp_server.ledger_summary(store)["settlements"][0]["report-utc-offset"] == "+05:30"
 
 
+# --- One report offset, recorded with the runs (issue 22, 1) ---
+
+
+def recorded_offsets(db):
+    return rows(db, "SELECT run_id, first_day, report_utc_offset FROM report_offsets ORDER BY run_id")
+
+
+def test_an_offset_change_is_recorded_with_its_run_and_cuts_only_days_no_run_paid(store, db):
+    # Run 1 pays up to 2020-10-03T00:00Z at +00:00; run 2 asks for +05:30.
+    add_sessions(store, [("a", None, 1000, at(d, h)) for d in range(6) for h in (1, 12, 20)])
+    pay(store, at(2, 0))
+    pay(store, at(6, 0), offset=330)
+    # The 3rd (UTC) is the last day at +00:00: it ends where the 4th starts at
+    # +05:30, 2020-10-03T18:30Z; no session paid by run 1 changes its day.
+    assert recorded_offsets(db) == [(1, None, 0), (2, day_text(3), 330)]
+    parts = dict(((run, day), n) for run, day, n in rows(
+        db, "SELECT run_id, day, sessions FROM payout_parts"))
+    assert parts == {(1, day_text(0)): 3, (1, day_text(1)): 3, (2, day_text(2)): 2,
+                     (2, day_text(3)): 3, (2, day_text(4)): 3, (2, day_text(5)): 3,
+                     (2, day_text(6)): 1}  # the 20:00 UTC sessions are on the next day at +05:30
+    # The same --until with another offset is refused like other shares.
+    with pytest.raises(spp_server.Invalid) as refused:
+        pay(store, at(6, 0), offset=0)
+    assert refused.value.field == "report-utc-offset"
+    assert pay(store, at(6, 0), offset=330) == pay(store, at(6, 0), offset=None) == 2
+    # Settlement and the reconciliation cut the days as the runs did.
+    book_rows(store, [(day_text(d), "", 10_000) for d in range(6)])
+    spp_server.settle(store)
+    settled = {day: int(n) for day, n in rows(db, "SELECT day, sessions FROM settlement_days")}
+    assert settled == {day_text(d): n for d, n in enumerate([3, 3, 2, 3, 3, 3])}
+    q = spp_server.reconciliation_query(day_text(0), day_text(7), None, None, None, None)
+    report = spp_server.reconciliation(store, q)
+    assert {d["day"]: d["sessions"] for d in report["days"]} == {**settled, day_text(6): 1}
+    assert report["report-utc-offset"] == f"+00:00 to {day_text(2)}, +05:30 from {day_text(3)}"
+    assert spp_server.ledger_summary(store)["runs"][1]["report-utc-offset"] == "+05:30"
+
+
+@pytest.mark.parametrize("old, new", [(0, 330), (330, 0), (-720, 840), (840, -720), (60, 90)])
+def test_the_day_before_a_change_ends_where_the_first_new_day_starts(old, new):
+    last_until = OCT + 5 * spp_server.DAY_US
+    days = spp_server.ReportDays.fixed(old).changed_to(new, last_until)
+    first = days.changes[-1][0]
+    starts = [days.start_us(d) for d in range(first - 4, first + 3)]
+    assert starts == sorted(starts)  # each day follows the one before
+    assert days.start_us(first) == first * spp_server.DAY_US - new * 60_000_000 >= last_until
+    old_days = spp_server.ReportDays.fixed(old)
+    for d in range(first - 4, first):  # every day before it as it was, cut at the change
+        assert days.start_us(d) == min(old_days.start_us(d), days.start_us(first))
+    # No time before last_until (paid, maybe settled) is in another day now.
+    assert old_days.start_us(first) > last_until
+    for t in [last_until - 1, last_until, days.start_us(first) - 1, days.start_us(first),
+              days.start_us(first - 1) - 1, days.start_us(first - 1)]:
+        day = sql_report_day(days, t)  # how runs cut it; and settlement's bounds agree
+        assert days.start_us(day) <= t < days.start_us(day + 1)
+
+
+def sql_report_day(days, t):
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        return conn.execute(f"SELECT {days.sql()} FROM (SELECT ? AS received_at_us)", (t,)).fetchone()[0]
+
+
 def test_a_booked_figure_imported_while_settling_is_settled_as_it_now_is(store, db, monkeypatch):
     add_sessions(store, [("a", None, 1000, at(0))])
     pay(store, at(1, 0), pay_now="0", final="1")
@@ -4256,6 +4318,116 @@ def test_ledger_reads_use_their_indexes(store, db):
                          ("pool_parts", (1, "d", "p")), ("run_lines", (1,)),
                          ("pool_adjustments", (1, "d", "p")), ("pool_settlements", ("d", "p"))]:
         assert "SCAN" not in query_plan(db, name, params), name
+
+
+# --- Limits and refusals (issue 22, 6) ---
+
+
+@pytest.mark.parametrize("option", ["--until", "--pay-now-share", "--final-share"])
+def test_a_long_bad_value_is_cut_short_in_the_refusal(store, db, option):
+    args = dict(zip(["--until", "--pay-now-share", "--final-share"], pay_args()[1::2]))
+    args[option] = "9" * 100_000
+    code, out, err = ledger_command(spp_server.run_pay, db,
+                                    *itertools.chain.from_iterable(args.items()))
+    assert (code, out, err.count("\n")) == (2, b"", 1)
+    assert err.startswith(f"spp_server.py pay: {option}: ") and len(err) < 300
+
+
+def test_write_off_with_a_settlement_to_print_again_is_refused_not_ignored(store, db):
+    add_sessions(store, [("a", None, 1000, at(0))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "", 500)])
+    spp_server.settle(store)
+    code, out, err = ledger_command(spp_server.run_settle, db, "--settlement", "1", "--write-off")
+    assert (code, out) == (2, b"") and err.startswith("spp_server.py settle: --write-off: ")
+    assert "nothing changed" in err
+
+
+@pytest.mark.parametrize("url", ["/ledger/runs/1?format=", "/ledger/settlements/1?format=",
+                                 "/earnings?since=2020-10-01&until=2020-10-02&format=",
+                                 "/reconciliation?since=2020-10-01&until=2020-10-02&report-utc-offset="])
+def test_an_empty_format_or_offset_is_refused_like_an_empty_since(client, url):
+    store = client.app.store
+    add_sessions(store, [("a", None, 1000, at(0))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "", 500)])
+    spp_server.settle(store)
+    assert_error(client.get(url, status=400), 400, url.rsplit("&", 1)[-1].split("?")[-1][:-1])
+
+
+def test_a_user_id_that_starts_with_a_dash_is_told_to_follow_two_dashes(store, db, capsys):
+    add_sessions(store, [("-x", None, 1000, at(0))])
+    pay(store, at(1, 0))
+    with pytest.raises(SystemExit) as exited:
+        spp_server.run_statement(["-x", "--db", db], {}, io.BytesIO())
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "'--'" in err and "-- -x" in err and "required" not in err
+    out = io.BytesIO()
+    assert spp_server.run_statement(["--db", db, "--", "-x"], {}, out) == 0
+    assert json.loads(out.getvalue())["runs"][0]["run-id"] == 1
+
+
+def test_printing_a_recorded_run_or_settlement_again_needs_no_write_access(
+        make_client, shared_dir, nobody_spp):
+    db = make_backup(make_client, shared_dir / "ro")
+    store = spp_server.Store(str(db))
+    add_sessions(store, [("a", None, 1000, at(0)), ("b", None, 3000, at(0))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "", 2000)])
+    spp_server.settle(store)
+    run, settled = run_text(store, 1), b"".join(spp_server.settlement_output(store, 1, "csv"))
+    store.close()
+    db.chmod(0o444)
+    before = db.read_bytes()
+    for args, expected in [(["pay", *pay_args("2020-10-02T00:00:00Z")], run),
+                           (["settle", "--settlement", "1"], settled)]:
+        done = subprocess.run(nobody_spp(*args, "--db", str(db)), capture_output=True, timeout=30)
+        assert (done.returncode, done.stdout, done.stderr) == (0, expected, b"")
+    assert db.read_bytes() == before
+
+
+@pytest.mark.parametrize("age", [1, 2])
+@pytest.mark.parametrize("args, field", [
+    (pay_args(pay_now="0.95"), "--pay-now-share"),
+    (pay_args(final="x" * 50), "--final-share"),
+    (pay_args(until="2020-10-02T00:00:00Z", pay_now="0.5"), "--pay-now-share"),
+])
+def test_an_older_schema_is_not_upgraded_by_a_step_that_refuses(db, args, field, age):
+    version = SCHEMA_VERSIONS[-1] - age
+    if "0.5" in args and version < spp_server.LEDGER_SCHEMA_VERSION:
+        pytest.skip("no ledger yet: no run to differ from")
+    conn = sqlite3.connect(db, isolation_level=None)
+    spp_server.enable_wal(conn, 1)
+    spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=version)
+    if version >= spp_server.LEDGER_SCHEMA_VERSION:  # a run recorded for that until, at 0.6
+        conn.execute("INSERT INTO payout_runs VALUES (1, 0, 0, ?, 0, '0.6', '0.9', 0, 0, 0, 0, 0, 0)",
+                     (spp_server.parse_instant("2020-10-02T00:00:00Z"),))
+    conn.close()
+    code, out, err = ledger_command(spp_server.run_pay, db, *args)
+    assert (code, out) == (2, b"") and err.startswith(f"spp_server.py pay: {field}: "), err
+    assert rows(db, "PRAGMA user_version") == [(version,)]
+
+
+def test_the_ledger_csv_escapes_ids_a_spreadsheet_would_run_as_formulas(client, db):
+    store = client.app.store
+    users = ['=HYPERLINK("http://x","y")', "+1", "-2", "@SUM(1)", "\tt", "'quoted", "plain"]
+    add_sessions(store, [(user, "=p", 1000, at(0)) for user in users])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "=p", 7000)])
+    spp_server.settle(store)
+    escaped = {user: (user if user == "plain" else "'" + user) for user in users}
+    for text in (run_text(store, 1), client.get("/ledger/runs/1?format=csv").body):
+        lines = list(csv.DictReader(io.StringIO(text.decode())))
+        assert sorted(line["user-id"] for line in lines) == sorted(escaped.values())
+    for text in (b"".join(spp_server.settlement_output(store, 1, "csv")),
+                 client.get("/ledger/settlements/1?format=csv").body):
+        lines = list(csv.DictReader(io.StringIO(text.decode())))
+        assert sorted(line["user-id"] for line in lines) == sorted(escaped.values())
+        assert {line["property-id"] for line in lines} == {"'=p"}
+    # NDJSON, for an app, has the ids exactly; one leading quote removed gives them back.
+    assert sorted(json.loads(line)["user-id"] for line in run_text(store, 1, "ndjson").splitlines()) \
+        == sorted(users) == sorted(v[1:] if v.startswith("'") else v for v in escaped.values())
 
 
 # --- kill -9 at chosen points of a real command ---
@@ -4566,6 +4738,51 @@ def test_ledger_properties_hold_over_random_months(month):
             for run_id, cut, pay_now in zip(outputs, cuts, pay_nows):
                 assert pay(store, OCT + cut * HOUR_US, pay_now, final) == run_id
                 assert run_text(store, run_id) == outputs[run_id]
+            check_ledger(store, db, final, write_off)
+        finally:
+            store.close()
+
+
+OFFSETS = st.sampled_from([None, 0, 330, -180, 840, -720])
+
+
+@given(months(), st.lists(OFFSETS, min_size=4, max_size=4))
+@LEDGER_SETTINGS
+def test_report_offset_changes_keep_every_ledger_property_over_random_months(month, offsets):
+    """Runs asking for other offsets: each session is paid in one part, on
+    the day the recorded offsets give its receive time, and every ledger
+    property still holds (issue 22, 1)."""
+    sessions, order, cuts, final, pay_nows, booked, _, write_off = month
+    with tempfile.TemporaryDirectory() as tmp:
+        db = os.path.join(tmp, "spp.db")
+        store = spp_server.Store(db)
+        try:
+            timed = [(user, prop, nanos_, at(day, hour)) for user, day, hour, prop, nanos_ in sessions]
+            if order == "time":
+                timed.sort(key=lambda s: s[3])
+            add_sessions(store, timed)
+            book_rows(store, [(day_text(day), prop, n) for (day, prop), n in booked.items()])
+            for cut, pay_now, offset in zip(cuts, pay_nows, offsets):
+                try:
+                    pay(store, OCT + cut * HOUR_US, pay_now, final, offset)
+                except spp_server.Invalid as refused:  # a change that has not started yet
+                    assert refused.field == "report-utc-offset"
+                    pay(store, OCT + cut * HOUR_US, pay_now, final, None)
+                if cut % 2:
+                    spp_server.settle(store, write_off)
+            spp_server.settle(store, write_off)
+            days = spp_server.recorded_report_days(store, 0)
+            runs = rows(db, "SELECT id, after_session_id, last_session_id FROM payout_runs")
+            expected = Counter()
+            for sid, user, prop, t, day in rows(
+                    db, f"SELECT id, user_id, coalesce(property_id, ''), received_at_us, "
+                        f"{days.sql()} FROM sessions"):
+                assert days.start_us(day) <= t < days.start_us(day + 1)
+                run = [r for r, after, last in runs if after < sid <= last]
+                if run:
+                    expected[run[0], day_text(day - OCT // spp_server.DAY_US), prop, user] += 1
+            assert dict(expected) == {tuple(key): n for *key, n in rows(
+                db, "SELECT run_id, day, property_id, user_id, sessions FROM payout_parts")}
             check_ledger(store, db, final, write_off)
         finally:
             store.close()
