@@ -328,6 +328,16 @@ SQL_SUMS = """count(*), coalesce(sum(ads_viewed), 0), coalesce(sum(duration_s), 
     min(received_at_us), max(received_at_us)"""
 SQL_WINDOW = """received_at_us >= :since AND received_at_us < :until
     AND (:property IS NULL OR property_id = :property)"""
+# The user id docs/deploy.md's check posts: its session is kept (a 200 is a
+# promise) but no report or payout counts it.  /users/deploy-check/earnings
+# still shows it, which is how the check is read.
+DEPLOY_CHECK_USER = "deploy-check"
+SQL_REPORTED = f"user_id <> '{DEPLOY_CHECK_USER}'"
+# Users the ledger cannot credit: sessions without a sub ('') and the deploy
+# check's.  Runs pay them nothing and print no line for them; settlement
+# gives their share of a booked figure to the publisher's margin.
+UNCREDITED_USERS = ("", DEPLOY_CHECK_USER)
+SQL_UNCREDITED = "(" + ", ".join(f"'{user}'" for user in UNCREDITED_USERS) + ")"
 SQL = {
     "insert_session": """
         INSERT OR IGNORE INTO sessions
@@ -347,7 +357,7 @@ SQL = {
         WHERE user_id = :user AND {SQL_WINDOW}""",
     "earnings_by_user": f"""
         SELECT user_id, {SQL_SUMS} FROM sessions INDEXED BY sessions_by_time
-        WHERE {SQL_WINDOW}
+        WHERE {SQL_WINDOW} AND {SQL_REPORTED}
         GROUP BY user_id ORDER BY user_id""",
     # A template for totals_sql(); {keys} is a choice of TOTALS_GROUPS, never
     # text from a request.
@@ -432,13 +442,13 @@ SQL = {
         SELECT {{day}}, count(*),
                sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
         FROM sessions INDEXED BY sessions_by_time
-        WHERE {SQL_WINDOW}
+        WHERE {SQL_WINDOW} AND {SQL_REPORTED}
         GROUP BY 1 ORDER BY 1""",
     "estimates_by_day_and_property": f"""
         SELECT {{day}}, property_id, count(*),
                sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
         FROM sessions INDEXED BY sessions_by_time
-        WHERE {SQL_WINDOW}
+        WHERE {SQL_WINDOW} AND {SQL_REPORTED}
         GROUP BY 1, 2 ORDER BY 1, 2""",
     # --- Payout ledger (see "Payout ledger" below) ---
     "run_at": """
@@ -470,11 +480,12 @@ SQL = {
     # part's estimate above 9.2 billion USD makes sum() fail, never round.
     "run_parts": """
         SELECT :run, date(day * 86400, 'unixepoch'), property_id, user_id, sessions, estimated,
-               estimated / 1000000 * :millionths + estimated % 1000000 * :millionths / 1000000
+               CASE WHEN user_id IN {uncredited} THEN 0 ELSE
+               estimated / 1000000 * :millionths + estimated % 1000000 * :millionths / 1000000 END
         FROM (SELECT {day} AS day,
                      coalesce(property_id, '') AS property_id, user_id,
                      count(*) AS sessions, sum(revenue_nano) AS estimated
-              FROM sessions WHERE id > :after AND id <= :last
+              FROM sessions WHERE id > :after AND id <= :last AND {reported}
               GROUP BY 1, 2, 3 ORDER BY 1, 2, 3)""",
     "owed_balances": """
         SELECT user_id, owed_nano FROM ledger_balances WHERE owed_nano > 0 ORDER BY user_id""",
@@ -510,12 +521,16 @@ SQL = {
     "insert_line": """
         INSERT INTO payout_lines (run_id, user_id, sessions, estimated_nano, paid_now_nano)
         VALUES (?, ?, ?, ?, ?)""",
-    "run_lines": """
+    "run_lines": f"""
         SELECT l.user_id, l.sessions, l.estimated_nano, l.paid_now_nano,
                coalesce(d.deducted_nano, 0)
         FROM payout_lines l
         LEFT JOIN payout_deductions d ON d.run_id = l.run_id AND d.user_id = l.user_id
-        WHERE l.run_id = ? ORDER BY l.user_id""",
+        WHERE l.run_id = ? AND l.user_id NOT IN {SQL_UNCREDITED} ORDER BY l.user_id""",
+    # What a run covered and paid nobody: the users UNCREDITED_USERS names.
+    "run_uncredited": f"""
+        SELECT coalesce(sum(sessions), 0), coalesce(sum(estimated_nano), 0) FROM payout_lines
+        WHERE run_id = ? AND user_id IN {SQL_UNCREDITED}""",
     "run_final_shares": "SELECT id, final_share FROM payout_runs",
     "booked_pools": """
         SELECT day, property_id, sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
@@ -577,21 +592,28 @@ SQL = {
         FROM settlement_lines
         WHERE user_id = ? AND settlement_id <= (SELECT coalesce(max(id), 0) FROM settlements)
         ORDER BY settlement_id, day, property_id""",
-    "runs": """
+    "runs": f"""
         SELECT id, until_us, created_at_us, pay_now_share, final_share, report_utc_offset, users,
-               sessions, estimated_nano, paid_now_nano, deducted_nano
-        FROM payout_runs ORDER BY id""",
+               sessions, estimated_nano, paid_now_nano, deducted_nano,
+               (SELECT coalesce(sum(sessions), 0) FROM payout_lines l
+                WHERE l.run_id = r.id AND l.user_id IN {SQL_UNCREDITED}),
+               (SELECT coalesce(sum(estimated_nano), 0) FROM payout_lines l
+                WHERE l.run_id = r.id AND l.user_id IN {SQL_UNCREDITED})
+        FROM payout_runs r ORDER BY id""",
     "settlements": """
         SELECT id, created_at_us, report_utc_offset, write_off, pools, booked_nano, top_up_nano,
                carried_nano, written_off_nano
         FROM settlements ORDER BY id""",
     # Each settled pool as of its newest settlement; released: the top-ups
     # less the balances carried, over all its settlements.
-    "settled_pools": """
-        SELECT day, property_id, settlement_id, by_property, booked_nano, paid_now_nano, released
+    "settled_pools": f"""
+        SELECT day, property_id, settlement_id, by_property, booked_nano, paid_now_nano, released,
+               (SELECT coalesce(sum(booked_part_nano), 0) FROM settlement_lines l
+                WHERE l.settlement_id = p.settlement_id AND l.day = p.day
+                  AND l.property_id = p.property_id AND l.user_id IN {SQL_UNCREDITED})
         FROM (SELECT *, sum(top_up_nano - carried_nano) OVER pool AS released,
                      row_number() OVER (pool ORDER BY settlement_id DESC) AS newest
-              FROM settlement_days WINDOW pool AS (PARTITION BY day, property_id))
+              FROM settlement_days WINDOW pool AS (PARTITION BY day, property_id)) p
         WHERE newest = 1 ORDER BY day, property_id""",
     # Totals in the order of LEDGER_TOTALS.  Pending: paid now (before
     # deductions) less what the newest settlement of each pool found paid now.
@@ -649,7 +671,7 @@ def totals_sql(groups):
     return SQL["totals"].format(
         keys="".join(f"{key}, " for key in keys),
         sums=SQL_SUMS,
-        window=SQL_WINDOW,
+        window=f"{SQL_WINDOW} AND {SQL_REPORTED}",
         group_by=f"GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}" if keys else "",
     )
 
@@ -3049,7 +3071,8 @@ def plan_run(conn, until_us, pay_now, final, offset_minutes):
     [(newest,)] = conn.execute(SQL["last_session_before"], (until_us,)).fetchall()
     last_id = max(after_id, newest or 0)
     # Rows as SQLite gives them, staged as they are: no Python work per part.
-    parts = conn.execute(SQL["run_parts"].format(day=days.sql()), {
+    parts = conn.execute(SQL["run_parts"].format(
+        day=days.sql(), uncredited=SQL_UNCREDITED, reported=SQL_REPORTED), {
         "run": (previous_id or 0) + 1, "after": after_id, "last": last_id,
         "millionths": int(pay_now.scaleb(6))}).fetchall()  # exact: at most 6 places
     return RunPlan(previous_id, after_id, last_id, until_us, pay_now, final, days, change, parts)
@@ -3116,10 +3139,12 @@ def record_run(plan, run_id, lines, conn, created_at_us):
     # A carried balance is taken back from what the user is paid now, never below zero.
     taken = [(user, min(owed, lines[user][2]))
              for user, owed in owed_balances(conn) if user in lines and lines[user][2]]
-    totals = [sum(line[i] for line in lines.values()) for i in range(3)]
+    # The run's totals are its printed lines': the uncredited users' are not.
+    paid = [line for user, line in lines.items() if user not in UNCREDITED_USERS]
+    totals = [sum(line[i] for line in paid) for i in range(3)]
     conn.execute(SQL["insert_run"], (
         run_id, plan.after_id, plan.last_id, plan.until_us, created_at_us, share_text(plan.pay_now),
-        share_text(plan.final), plan.days.offset, len(lines), *totals,
+        share_text(plan.final), plan.days.offset, len(paid), *totals,
         sum(nanos for _, nanos in taken)))
     if plan.change is not None:
         first, offset = plan.change
@@ -3228,6 +3253,10 @@ def pool_lines(pool, write_off, settlement_id):
     key = (settlement_id, pool.day, pool.property_id)
     for user, weight, booked_part in zip(users, weights, booked_parts):
         sessions, estimated, paid, *shared, adjustment = pool.users[user]
+        if user in UNCREDITED_USERS:  # its booked part is the margin's; paid nothing
+            lines.append((*key, user, sessions, estimated, booked_part, 0, paid, 0, 0, 0,
+                          LINE_UNCREDITED))
+            continue
         # Exact in integers: a share has at most 6 places.
         final = booked_part * shared[weight_of] // (weight * 10**6) if weight else 0
         # Against what the user holds for the pool so far (written-off amounts included).
@@ -3388,6 +3417,11 @@ def settle(store, write_off=False):
     raise StoreUnavailable("other ledger steps kept committing meanwhile; run it again")
 
 
+# settlement_lines.correction -> the line's kind.
+LINE_UNCREDITED = 2
+LINE_KINDS = {0: "settlement", 1: "correction", LINE_UNCREDITED: "unattributed"}
+
+
 def settlement_values(row):
     """A settlement_lines row -> its values in the order of SETTLEMENT_COLUMNS."""
     (settlement_id, day, prop, user, sessions, estimated, booked_part, final, paid, top_up,
@@ -3395,7 +3429,7 @@ def settlement_values(row):
     return (settlement_id, day, prop, user, sessions, nanos_to_usd(estimated),
             nanos_to_usd(booked_part), nanos_to_usd(final), nanos_to_usd(paid),
             nanos_to_usd(top_up), nanos_to_usd(carried), nanos_to_usd(written_off),
-            "correction" if correction else "settlement")
+            LINE_KINDS[correction])
 
 
 def settlement_record(row):
@@ -3423,8 +3457,17 @@ def statement(store, user_id):
         lines = [settlement_record((row[0], row[1], row[2], user_id, *row[3:]))
                  for row in conn.execute(SQL["user_settlement_lines"], (user_id,))]
         sums = conn.execute(SQL["user_ledger_sums"], {"user": user_id}).fetchone()
-    return {"user-id": user_id, "runs": runs, "settlements": lines,
-            "totals": ledger_totals(sums)}
+    record = {"user-id": user_id, "runs": runs, "settlements": lines,
+              "totals": ledger_totals(sums)}
+    if user_id in UNCREDITED_USERS:
+        record["unattributed"] = UNCREDITED_NOTES[user_id]
+    return record
+
+
+UNCREDITED_NOTES = {
+    "": "sessions without a sub: never paid; their share of booked revenue is the margin's",
+    DEPLOY_CHECK_USER: "the deploy check's test user (docs/deploy.md): never paid nor reported",
+}
 
 
 LEDGER_TOTALS = ("paid-now", "deducted", "topped-up", "carried", "written-off", "owed", "pending")
@@ -3445,9 +3488,11 @@ def ledger_summary(store):
                  "sessions": sessions, "estimated-revenue": nanos_to_usd(estimated),
                  "paid-now": nanos_to_usd(paid - deducted), "deducted": nanos_to_usd(deducted),
                  "held-back": signed_usd(
-                     rewardable_nanos(estimated, decimal.Decimal(final)) - paid)}
+                     rewardable_nanos(estimated, decimal.Decimal(final)) - paid),
+                 "unattributed-sessions": uncredited, "unattributed-estimated-revenue":
+                 nanos_to_usd(uncredited_estimated)}
                 for run, until, created, pay_now, final, offset, users, sessions, estimated,
-                paid, deducted in conn.execute(SQL["runs"])]
+                paid, deducted, uncredited, uncredited_estimated in conn.execute(SQL["runs"])]
         settlements = [{"settlement-id": sid, "created-at": iso_utc(created),
                         "report-utc-offset": utc_offset_text(offset), "write-off": bool(off),
                         "pools": pools, "booked-revenue": nanos_to_usd(booked),
@@ -3458,8 +3503,9 @@ def ledger_summary(store):
         days = [{"day": day, "property-id": prop, "by-property": bool(by_property),
                  "settlement-id": sid, "booked-revenue": nanos_to_usd(booked),
                  "paid-now": nanos_to_usd(paid), "paid-in-total": nanos_to_usd(paid + released),
-                 "margin": signed_usd(booked - paid - released)}
-                for day, prop, sid, by_property, booked, paid, released
+                 "margin": signed_usd(booked - paid - released),
+                 "unattributed-booked": nanos_to_usd(uncredited)}
+                for day, prop, sid, by_property, booked, paid, released, uncredited
                 in conn.execute(SQL["settled_pools"])]
         sums = conn.execute(SQL["ledger_sums"]).fetchone()
     return {"runs": runs, "settlements": settlements, "days": days, "totals": ledger_totals(sums)}

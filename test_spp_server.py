@@ -4320,6 +4320,41 @@ def test_ledger_reads_use_their_indexes(store, db):
         assert "SCAN" not in query_plan(db, name, params), name
 
 
+# --- Only users who can be credited are paid (issue 22, 2) ---
+
+
+def test_sessions_without_a_sub_and_the_deploy_check_are_never_paid(client, db):
+    store = client.app.store
+    check = spp_server.DEPLOY_CHECK_USER
+    add_sessions(store, [("a", None, 3000, at(0)), ("", None, 1000, at(0)), ("", None, 1000, at(0)),
+                         (check, None, 0, at(0))])
+    pay(store, at(1, 0), pay_now="0.5", final="1")
+    assert [line["user-id"] for line in run_lines(store, 1)] == ["a"]
+    [run] = spp_server.ledger_summary(store)["runs"]
+    assert (run["users"], run["sessions"], run["paid-now"]) == (1, 1, "0.0000015")
+    assert (run["unattributed-sessions"], run["unattributed-estimated-revenue"]) == (2, "0.000002")
+    book_rows(store, [(day_text(0), "", 10_000)])  # 3 : 2 by the estimates
+    lines = settlement_lines(store, spp_server.settle(store))
+    assert [(l["user-id"], l["booked-part"], l["final"], l["top-up"], l["kind"]) for l in lines] == [
+        ("", "0.000004", "0", "0", "unattributed"), ("a", "0.000006", "0.000006", "0.0000045",
+                                                      "settlement")]
+    [pool] = spp_server.ledger_summary(store)["days"]
+    assert (pool["paid-in-total"], pool["margin"], pool["unattributed-booked"]) == (
+        "0.000006", "0.000004", "0.000004")
+    for user in ("", check):
+        got = spp_server.statement(store, user)
+        assert got["totals"]["paid-now"] == "0" and "unattributed" in got
+    assert "unattributed" not in spp_server.statement(store, "a")
+    # The deploy check stays out of the reports too, but its own earnings show it.
+    window = {"since": "2020-10-01", "until": "2020-10-02"}
+    assert check not in {json.loads(line)["user-id"]
+                         for line in export(client, **window).body.splitlines()}
+    assert client.get("/totals", params=window).json["totals"][0]["sessions"] == 3
+    recon_ = recon(client, **window).json
+    assert recon_["summary"]["sessions"] == 3
+    assert client.get(f"/users/{check}/earnings").json["sessions"] == 1
+
+
 # --- Limits and refusals (issue 22, 6) ---
 
 
@@ -4664,7 +4699,9 @@ def check_ledger(store, db, final, write_off):
     last = runs[-1][2] if runs else 0
     sessions = rows(db, "SELECT id, user_id, coalesce(property_id, ''), revenue_nano FROM sessions")
     for run_id, after, last_id, n, estimated, paid, deducted in runs:
-        mine = [s for s in sessions if after < s[0] <= last_id]
+        # A run's totals are its lines': no user it cannot credit (issue 22, 2).
+        mine = [s for s in sessions if after < s[0] <= last_id
+                and s[1] not in spp_server.UNCREDITED_USERS]
         assert (n, estimated) == (len(mine), sum(s[3] for s in mine))
         lines = run_lines(store, run_id)
         assert sum(int(line["sessions"]) for line in lines) == n
@@ -4672,7 +4709,7 @@ def check_ledger(store, db, final, write_off):
         assert sum(nanos(line["paid-now"]) for line in lines) == paid - deducted
         assert sum(nanos(line["deducted"]) for line in lines) == deducted
     assert rows(db, "SELECT coalesce(sum(sessions), 0) FROM payout_parts") == [
-        (len([s for s in sessions if s[0] <= last]),)]
+        (len([s for s in sessions if s[0] <= last and s[1] != spp_server.DEPLOY_CHECK_USER]),)]
     # Every settled pool: users get the final share of booked, less under a nano each.
     pools = rows(db, "SELECT day, property_id, by_property, booked_nano, sessions, "
                      "max(settlement_id) FROM settlement_days GROUP BY day, property_id")
@@ -4687,11 +4724,16 @@ def check_ledger(store, db, final, write_off):
                          "FROM settlement_lines WHERE day = ? AND property_id = ?", (day, prop))[0][0]
         parts = rows(db, "SELECT coalesce(sum(booked_part_nano), 0) FROM settlement_lines "
                          "WHERE settlement_id = ? AND day = ? AND property_id = ?", (newest, day, prop))
-        users = paid_now[1]
-        if users:
+        if paid_now[1]:
             assert parts == [(booked,)]
+        # The share of the users who cannot be credited is the margin's (issue 22, 2).
+        [(users, uncredited)] = rows(
+            db, f"SELECT count(DISTINCT user_id) - count(DISTINCT CASE WHEN user_id = '' THEN 1 END), "
+                f"coalesce(sum(CASE WHEN user_id = '' THEN booked_part_nano END), 0) "
+                f"FROM settlement_lines WHERE settlement_id = ? AND day = ? AND property_id = ?",
+            (newest, day, prop))
         total = paid_now[0] + moved  # now + top-ups - balances carried
-        due = Fraction(D(final)) * booked if users else 0
+        due = Fraction(D(final)) * (booked - uncredited) if users else 0
         assert due - users <= total
         if not write_off:  # written off, a user keeps what was paid above the final amount
             assert total <= due
@@ -4783,6 +4825,74 @@ def test_report_offset_changes_keep_every_ledger_property_over_random_months(mon
                     expected[run[0], day_text(day - OCT // spp_server.DAY_US), prop, user] += 1
             assert dict(expected) == {tuple(key): n for *key, n in rows(
                 db, "SELECT run_id, day, property_id, user_id, sessions FROM payout_parts")}
+            check_ledger(store, db, final, write_off)
+        finally:
+            store.close()
+
+
+def uncredited_month(month):
+    """A random month where 'd' posted without a sub and 'c' is the deploy check."""
+    sessions, *rest = month
+    rename = {"d": "", "c": spp_server.DEPLOY_CHECK_USER}
+    return [(rename.get(user, user), *more) for user, *more in sessions], *rest
+
+
+@given(months().map(uncredited_month))
+@LEDGER_SETTINGS
+def test_only_users_who_can_be_credited_are_paid_over_random_months(month):
+    """Issue 22, 2: no run line, pay-now, top-up or balance for '' or the
+    deploy check; ''s share of a booked figure is the margin's; the deploy
+    check's sessions are in no part at all."""
+    sessions, order, cuts, final, pay_nows, booked, _, write_off = month
+    with tempfile.TemporaryDirectory() as tmp:
+        db = os.path.join(tmp, "spp.db")
+        store = spp_server.Store(db)
+        try:
+            timed = [(user, prop, nanos_, at(day, hour)) for user, day, hour, prop, nanos_ in sessions]
+            if order == "time":
+                timed.sort(key=lambda s: s[3])
+            add_sessions(store, timed)
+            book_rows(store, [(day_text(day), prop, n) for (day, prop), n in booked.items()])
+            for cut, pay_now in zip(cuts, pay_nows):
+                run_id = pay(store, OCT + cut * HOUR_US, pay_now, final)
+                assert {line["user-id"] for line in run_lines(store, run_id)}.isdisjoint(
+                    {"", spp_server.DEPLOY_CHECK_USER})
+                if cut % 2:
+                    spp_server.settle(store, write_off)
+            spp_server.settle(store, write_off)
+            uncredited = ("", spp_server.DEPLOY_CHECK_USER)
+            assert rows(db, "SELECT count(*) FROM payout_parts WHERE user_id = ?",
+                        (spp_server.DEPLOY_CHECK_USER,)) == [(0,)]
+            for table in ("payout_parts", "settlement_lines"):
+                assert rows(db, f"SELECT coalesce(sum(paid_now_nano), 0) FROM {table} "
+                                "WHERE user_id IN (?, ?)", uncredited) == [(0,)]
+            assert rows(db, "SELECT coalesce(sum(final_nano + top_up_nano + carried_nano "
+                            "+ written_off_nano), 0), count(*) - sum(correction = 2) "
+                            "FROM settlement_lines WHERE user_id IN (?, ?)", uncredited)[0] in [
+                (0, 0), (0, None)]
+            assert rows(db, "SELECT count(*) FROM ledger_balances WHERE user_id IN (?, ?)",
+                        uncredited) == [(0,)]
+            summary = spp_server.ledger_summary(store)
+            for run in summary["runs"]:  # a run's totals are its lines'; '' is shown apart
+                unpaid = rows(db, "SELECT count(*), coalesce(sum(revenue_nano), 0) FROM sessions s "
+                                  "JOIN payout_runs r ON s.id > r.after_session_id "
+                                  "AND s.id <= r.last_session_id WHERE r.id = ? AND s.user_id = ''",
+                              (run["run-id"],))[0]
+                assert (run["unattributed-sessions"], nanos(run["unattributed-estimated-revenue"])) \
+                    == unpaid
+            for pool in summary["days"]:  # what '' would have had is the margin's
+                credited = rows(db, "SELECT coalesce(sum(booked_part_nano), 0), count(*) "
+                                    "FROM settlement_lines WHERE settlement_id = ? AND day = ? "
+                                    "AND property_id = ? AND user_id <> ''",
+                                (pool["settlement-id"], pool["day"], pool["property-id"]))[0]
+                paid_in_total = nanos(pool["paid-in-total"])
+                assert nanos(pool["unattributed-booked"]) + credited[0] in (
+                    nanos(pool["booked-revenue"]), 0)
+                if not write_off and credited[1]:
+                    assert paid_in_total <= Fraction(D(final)) * credited[0] or any(
+                        n for (n,) in rows(db, "SELECT count(*) FROM settlement_days WHERE day = ? "
+                                               "AND property_id = ? AND settlement_id < ?",
+                                           (pool["day"], pool["property-id"], pool["settlement-id"])))
             check_ledger(store, db, final, write_off)
         finally:
             store.close()
