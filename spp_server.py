@@ -414,6 +414,9 @@ SQL = {
     "delete_conflicts": "DELETE FROM conflicts WHERE id >= ? AND id < ? AND received_at_us < ?",
     # --- Reconciliation with booked revenue (see "Booked revenue" below) ---
     # What an import covers: a whole day, or a day's rows of one property.
+    "properties_between": f"""
+        SELECT coalesce(property_id, ''), count(*) FROM sessions INDEXED BY sessions_by_time
+        WHERE received_at_us >= ? AND received_at_us < ? AND {SQL_REPORTED} GROUP BY 1""",
     "booked_of_day": """
         SELECT property_id, country, revenue_nano FROM booked_revenue WHERE day = ?""",
     "booked_of_day_and_property": """
@@ -541,6 +544,9 @@ SQL = {
     "pool_parts": """
         SELECT run_id, user_id, sessions, estimated_nano, paid_now_nano FROM payout_parts
         WHERE run_id = ? AND day = ? AND property_id = ?""",
+    "day_parts_by_property": """
+        SELECT property_id, sum(sessions), sum(estimated_nano), sum(paid_now_nano)
+        FROM payout_parts WHERE run_id = ? AND day = ? GROUP BY property_id""",
     "day_parts": """
         SELECT run_id, user_id, sessions, estimated_nano, paid_now_nano FROM payout_parts
         WHERE run_id = ? AND day = ?""",
@@ -615,6 +621,13 @@ SQL = {
                      row_number() OVER (pool ORDER BY settlement_id DESC) AS newest
               FROM settlement_days WINDOW pool AS (PARTITION BY day, property_id)) p
         WHERE newest = 1 ORDER BY day, property_id""",
+    # Pools whose newest settlement found booked revenue and no session: all margin.
+    "settled_without_sessions": """
+        SELECT day, property_id, booked_nano FROM settlement_days d
+        WHERE sessions = 0 AND booked_nano > 0
+          AND settlement_id = (SELECT max(settlement_id) FROM settlement_days n
+                               WHERE n.day = d.day AND n.property_id = d.property_id)
+        ORDER BY day, property_id""",
     # Totals in the order of LEDGER_TOTALS.  Pending: paid now (before
     # deductions) less what the newest settlement of each pool found paid now.
     "ledger_sums": """
@@ -2525,6 +2538,33 @@ def import_booked(rows, source_file):
     return op
 
 
+def booked_without_sessions(store, rows):
+    """The booked (day, property) figures above 0 that no session of that
+    report day matches although the day has sessions (a property-id written
+    '01234' for '1234', say): the ledger would settle them to the margin.
+    -> warning texts."""
+    days = recorded_report_days(store, 0)
+    figures = collections.Counter()
+    for row in rows:
+        figures[row.day, row.property_id] += row.revenue_nano
+    found = {}
+    warnings = []
+    for (day, prop), nanos in sorted(figures.items()):
+        if not nanos:
+            continue
+        if day not in found:
+            number = report_day_number(day)
+            found[day] = dict(store.read(SQL["properties_between"], (
+                days.start_us(number), days.start_us(number + 1))))
+        if not found[day] or (prop in found[day]) or not prop:
+            continue  # a day without sessions is reconcile's no-postbacks
+        have = ", ".join(p or "(none)" for p in sorted(found[day]))
+        warnings.append(f"{day} property {prop}: booked {nanos_to_usd(nanos)}, but no session "
+                        f"received that report day has this property-id (theirs: {have}); "
+                        "settled, it all goes to the margin")
+    return warnings
+
+
 def import_summary(name, rows, counts):
     """The line `import-booked` prints: what the file covered and what changed."""
     days = len({row.day for row in rows})
@@ -3287,31 +3327,65 @@ def pool_users(part_rows, final_millionths):
     return users
 
 
-def settle_pools(conn):
+def paid_day(conn, day, days, last, paid_days):
+    """Whether every session of a report day was paid (cached in paid_days)."""
+    if day not in paid_days:
+        start, end = day_bounds_us(day, days)
+        [(newest,)] = conn.execute(SQL["last_session_between"], (start, end)).fetchall()
+        # A session of the day that came in after the last run (a clock step): not yet.
+        paid_days[day] = end <= last[2] and (newest is None or newest <= last[1])
+    return paid_days[day]
+
+
+def pending_without_booked(conn, booked, days, last):
+    """What stays pending because no booked row can ever settle it: on each
+    paid day booked by property, the parts of a property (or of sessions
+    without one) that has no booked row.  -> [record], by day and property."""
+    booked_props = collections.defaultdict(set)
+    for day, prop, *_ in booked:
+        booked_props[day].add(prop)
+    runs = [run for (run, _) in conn.execute(SQL["run_final_shares"])]
+    pending, paid_days = [], {}
+    for day, props in sorted(booked_props.items()):
+        if props == {""} or not paid_day(conn, day, days, last, paid_days):
+            continue  # a whole-day pool takes every property
+        sums = collections.defaultdict(lambda: [0, 0, 0])
+        for run in runs:
+            for prop, *amounts in conn.execute(SQL["day_parts_by_property"], (run, day)):
+                if prop not in props:
+                    sums[prop] = [a + b for a, b in zip(sums[prop], amounts)]
+        pending += [{"day": day, "property-id": prop, "sessions": n,
+                     "estimated-revenue": nanos_to_usd(estimated), "paid-now": nanos_to_usd(paid),
+                     "why": "no booked row for this property on a day booked by property"
+                     if prop else "sessions without a property-id, on a day whose booked rows "
+                     "all have one"} for prop, (n, estimated, paid) in sorted(sums.items())]
+    return pending
+
+
+def settle_pools(conn, problems=None, warnings=None):
     """On a read snapshot: (run fingerprint, offset, [Pool, ...]) of every
     report day (and property) with booked revenue whose sessions were all
-    paid in runs and that is new or changed since its last settlement."""
+    paid in runs and that is new or changed since its last settlement.
+    Pools that cannot be settled are left out, each named in `problems` (a
+    list) with why; what stays pending for want of a booked row, and booked
+    rows that match no session, are named in `warnings`."""
+    problems = [] if problems is None else problems
+    warnings = [] if warnings is None else warnings
     last = conn.execute(SQL["last_run"]).fetchone()
     last_settlement = conn.execute(SQL["last_settlement"]).fetchone()[0]
     if last is None:
         return (None, last_settlement), 0, []
-    run_id, last_id, last_until, offset = last
+    run_id, _, _, offset = last
     days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), offset)
     booked = conn.execute(SQL["booked_pools"]).fetchall()
     days_by_property = {day for day, prop, *_ in booked if prop != ""}
     final_millionths = {run: share_millionths(share)
                         for run, share in conn.execute(SQL["run_final_shares"])}
-    paid_days = {}
+    paid_days, blocked_days = {}, set()
     pools = []
     for day, prop, whole, rest in booked:
-        start, end = day_bounds_us(day, days)
-        if end > last_until:
+        if day in blocked_days or not paid_day(conn, day, days, last, paid_days):
             continue
-        if day not in paid_days:
-            [(newest,)] = conn.execute(SQL["last_session_between"], (start, end)).fetchall()
-            paid_days[day] = newest is None or newest <= last_id
-        if not paid_days[day]:
-            continue  # a session of the day came in after the last run (a clock step)
         by_property = int(day in days_by_property)
         part_rows = itertools.chain.from_iterable(
             conn.execute(SQL["pool_parts" if by_property else "day_parts"],
@@ -3319,13 +3393,19 @@ def settle_pools(conn):
             for run in final_millionths)
         pool = Pool(day, prop, by_property, joined_nanos(whole, rest),
                     pool_users(part_rows, final_millionths))
+        if not pool.users and pool.booked:
+            warnings.append(str(Unsettled(day, prop, f"booked {nanos_to_usd(pool.booked)} that "
+                                          "matches no session paid: all of it is the margin's "
+                                          "(is the property-id written as in the postbacks?)")))
         # Per day, not per pool: an import with the other breakdown replaces
         # the day's rows, so its pools are new keys that would pay it twice.
         settled_as = conn.execute(SQL["day_settled_by_property"], (day,)).fetchone()
         if settled_as is not None and settled_as[0] != by_property:
             how = "by property" if settled_as[0] else "as a whole day"
-            raise Invalid("booked revenue", f"{day} was settled {how} but its booked rows "
-                          "now are not: re-import its report as it was")
+            problems.append(Unsettled(day, "", f"was settled {how} but its booked rows now "
+                                      "are not: re-import its report as it was"))
+            blocked_days.add(day)
+            continue
         previous = conn.execute(SQL["pool_settled"], (day, prop)).fetchone()
         if previous is not None:
             if tuple(previous[1:]) == (pool.booked, *pool.totals()[:2]):
@@ -3338,11 +3418,28 @@ def settle_pools(conn):
         pools.append(pool)
     booked_keys = {(day, prop) for day, prop, *_ in booked}
     for day, prop in conn.execute(SQL["settled_pool_keys"]):
-        if (day, prop) not in booked_keys:  # a revision dropped a row its users were paid on
-            raise Invalid("booked revenue", f"{day}{f' property {prop}' if prop else ''} was "
-                          "settled against booked revenue that is no longer stored: re-import "
-                          "its report with that row (with 0 if it truly earned nothing)")
+        # A revision dropped a row its users were paid on (named once per day above).
+        if (day, prop) not in booked_keys and day not in blocked_days:
+            problems.append(Unsettled(day, prop, "was settled against booked revenue that is "
+                                      "no longer stored: re-import its report with that row "
+                                      "(with 0 if it truly earned nothing)"))
+    warnings += [f"{p['day']}{f' property ' + p['property-id'] if p['property-id'] else ''}: "
+                 f"{p['sessions']} sessions estimated at {p['estimated-revenue']} (paid now "
+                 f"{p['paid-now']}) stay pending: {p['why']}"
+                 for p in pending_without_booked(conn, booked, days, last)]
     return (run_id, last_settlement), offset, pools
+
+
+@dataclass(frozen=True)
+class Unsettled:
+    """A pool (or day) that settle left alone, and why."""
+
+    day: str
+    property_id: str
+    why: str
+
+    def __str__(self):
+        return f"{self.day}{f' property {self.property_id}' if self.property_id else ''} {self.why}"
 
 
 def settlement_line_rows(computed):
@@ -3394,13 +3491,19 @@ def record_settlement(fingerprint, offset, settlement_id, pools, pool_rows, carr
     return settlement_id
 
 
-def settle(store, write_off=False):
+def settle(store, write_off=False, problems=None, warnings=None):
     """Settle what can be settled: -> the new settlement's id, or None when
-    there was nothing to settle.  Staged like a run (see pay_run)."""
+    there was nothing to settle.  Staged like a run (see pay_run).  The
+    pools it could not settle, and its warnings, are added to the two
+    lists (see settle_pools)."""
     with ledger_lock(store):
         for _ in range(LEDGER_RETRIES):
+            found, said = [], []
             with store.snapshot() as conn:
-                fingerprint, offset, pools = settle_pools(conn)
+                fingerprint, offset, pools = settle_pools(conn, found, said)
+            for given, new in ((problems, found), (warnings, said)):
+                if given is not None:
+                    given[:] = new
             if not pools:
                 return None
             clear_unfinished(store)
@@ -3508,7 +3611,20 @@ def ledger_summary(store):
                 for day, prop, sid, by_property, booked, paid, released, uncredited
                 in conn.execute(SQL["settled_pools"])]
         sums = conn.execute(SQL["ledger_sums"]).fetchone()
-    return {"runs": runs, "settlements": settlements, "days": days, "totals": ledger_totals(sums)}
+        pending = unmatched_pending(conn)
+        booked_alone = [{"day": day, "property-id": prop, "booked-revenue": nanos_to_usd(booked)}
+                        for day, prop, booked in conn.execute(SQL["settled_without_sessions"])]
+    return {"runs": runs, "settlements": settlements, "days": days, "totals": ledger_totals(sums),
+            "pending-without-booked": pending, "booked-without-sessions": booked_alone}
+
+
+def unmatched_pending(conn):
+    """pending_without_booked over the ledger as it stands (for the summary)."""
+    last = conn.execute(SQL["last_run"]).fetchone()
+    if last is None:
+        return []
+    days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), last[3])
+    return pending_without_booked(conn, conn.execute(SQL["booked_pools"]).fetchall(), days, last)
 
 
 def json_output(report):
@@ -4424,6 +4540,7 @@ def run_export(argv, environ, out):
 # a report: the output is incomplete); 2 a usage error; and these two.
 EXIT_OUTPUT_CLOSED = 141  # the reader closed the pipe before the end: 128 + SIGPIPE, as cat gives
 EXIT_COMMITTED_OUTPUT_LOST = 3  # the change is committed, but what says so was not written
+EXIT_PARTLY_SETTLED = 4  # settle settled what it could; a line names each pool it could not
 
 
 def discard_output(out):
@@ -4719,8 +4836,14 @@ def run_import_booked(argv, environ, out):
         # a command's write has no deadline (InlineWriter).
         counts = store.write(import_booked(rows, os.path.basename(args.file)))
     except StoreUnavailable as exc:
+        store.close()
         say(f"{name}: {exc}; nothing imported (running it again is safe)")
         return 1
+    try:
+        for warning in booked_without_sessions(store, rows):
+            say(f"{name}: {args.file}: warning: {warning}")
+    except StoreUnavailable:
+        pass  # imported all the same; settle names such rows again
     finally:
         store.close()
     report = CheckedOutput(out)
@@ -4749,6 +4872,8 @@ LEDGER_EXIT_HELP = ("Exit status 0 when done; 1, with one line on stderr, when t
                     "cannot be read or written (nothing is half-written: run it again); 2 when "
                     "an option is refused (nothing changed); 3 when the step is recorded but "
                     "its lines could not be written (the line says how to print them again); "
+                    "4 (settle) when it settled what it could but a line names pools it could "
+                    "not (partly settled); "
                     "141 when the reader closed the pipe before any step was recorded.")
 
 
@@ -4948,19 +5073,25 @@ def run_settle(argv, environ, out):
             raise Invalid("settlement", f"there is no settlement {args.settlement}")
         return None, settlement_output(store, args.settlement, args.format)
 
+    unsettled, warnings = [], []
+
     def step(store):
         if args.settlement is not None:
             return recorded(store)
-        settlement_id = settle(store, args.write_off)
+        settlement_id = settle(store, args.write_off, unsettled, warnings)
+        for line in [f"warning: {w}" for w in warnings] + [f"not settled: {u}" for u in unsettled]:
+            say(f"{parser.prog}: {line}")
         if settlement_id is None:
-            print(f"{parser.prog}: nothing to settle", file=sys.stderr)
+            if not unsettled:
+                say(f"{parser.prog}: nothing to settle")
             return None, settlement_output(store, settlement_id, args.format)
         return (f"settlement {settlement_id} is committed (settle --settlement "
                 f"{settlement_id} prints it again)",
                 settlement_output(store, settlement_id, args.format))
 
-    return run_ledger_step(parser.prog, args.db, out, step,
-                           recorded if args.settlement is not None else None)
+    status = run_ledger_step(parser.prog, args.db, out, step,
+                             recorded if args.settlement is not None else None)
+    return EXIT_PARTLY_SETTLED if status == 0 and unsettled else status
 
 
 def refuse_dashed_argument(parser, argv):
