@@ -462,6 +462,9 @@ SQL = {
         SELECT first_day, report_utc_offset FROM report_offsets ORDER BY run_id""",
     # Read once per offset change: it scans the paid sessions.
     "latest_paid_session": "SELECT max(received_at_us) FROM sessions WHERE id <= ?",
+    "offset_change_of_run": """
+        SELECT first_day, report_utc_offset FROM report_offsets
+        WHERE run_id = ? AND first_day IS NOT NULL""",
     "insert_report_offset": """
         INSERT INTO report_offsets (run_id, first_day, report_utc_offset) VALUES (?, ?, ?)""",
     "last_run": """
@@ -5055,6 +5058,11 @@ def run_pay(argv, environ, out):
 
     def step(store):
         run_id = pay_run(store, until, *shares, args.report_utc_offset)
+        for first, offset in store.read(SQL["offset_change_of_run"], (run_id,)):
+            start = iso_utc(ReportDays.fixed(offset).start_us(report_day_number(first)))
+            say(f"{parser.prog}: run {run_id} recorded the report offset "
+                f"{utc_offset_text(offset)} from report day {first} on (it starts at {start}; "
+                "the day before ends there)")
         return committed(run_id), run_output(store, run_id, args.format)
 
     return run_ledger_step(parser.prog, args.db, out, step, look)

@@ -4151,6 +4151,70 @@ def test_an_offset_change_is_recorded_with_its_run_and_cuts_only_days_no_run_pai
     assert spp_server.ledger_summary(store)["runs"][1]["report-utc-offset"] == "+05:30"
 
 
+def test_the_documented_offset_routine_first_weeks_on_the_default_then_found_and_changed(
+        store, db):
+    """docs/reconciling.md: pay weekly on the default offset, find the offset
+    over three weeks of booked data, set SPP_REPORT_UTC_OFFSET (spp.env, which
+    the payout unit reads): the next runs record it and succeed, and runs,
+    settlements, statements and the reconciliation agree across the change."""
+    true = 330  # Gamezop's report days start at 18:30 UTC
+    traffic = [1, 5, 2, 8, 1, 6, 3] * 5  # per day: a day unlike the one before shows it
+    sessions = [(f"u{h % 3}", "1234", 1000 * traffic[d] * (1 + h % 2), at(d, h))
+                for d in range(35) for h in range(0, 24, 2)]
+    add_sessions(store, sessions)
+    true_days = spp_server.ReportDays.fixed(true)
+    booked = Counter()
+    for _, _, nanos_, t in sessions:  # Gamezop books 0.8 of each of its days
+        booked[sql_report_day(true_days, t)] += nanos_
+    book_rows(store, [(spp_server.report_day_text(day), "1234", n * 8 // 10)
+                      for day, n in booked.items() if OCT // spp_server.DAY_US < day < OCT // spp_server.DAY_US + 34])
+
+    def command(run, *args, env=None):
+        out, err = io.BytesIO(), io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = run([*args, "--db", db], env or {}, out)
+        return code, out.getvalue(), err.getvalue()
+
+    def weekly(week, env=None):
+        until = spp_server.iso_utc(at(7 * week, 0))
+        return command(spp_server.run_pay, "--until", until, "--pay-now-share", "0.6",
+                       "--final-share", "0.9", env=env)
+
+    for week in (1, 2, 3):
+        assert weekly(week)[0] == 0
+    ratios = {}
+    for offset in ("+00:00", "+05:30"):  # the routine: the same weeks both ways
+        code, out, _ = command(spp_server.run_reconcile, "--since", day_text(0), "--until",
+                               day_text(21), f"--report-utc-offset={offset}")
+        summary = json.loads(out)["summary"]
+        ratios[offset] = D(summary["median-ratio"]) - D(summary["lowest-ratio"])
+    assert ratios["+05:30"] < ratios["+00:00"]  # steadier: the right one
+    env = {"SPP_REPORT_UTC_OFFSET": "+05:30"}
+    code, _, err = weekly(4, env)
+    assert code == 0 and "+05:30" in err and day_text(22) in err
+    assert weekly(4, env)[0] == 0 and weekly(5, env)[0] == 0  # again, and the next week
+    code, _, err = command(spp_server.run_settle)
+    assert code == 0, err
+    settled = {day: (n, estimated, booked_) for day, n, estimated, booked_ in rows(
+        db, "SELECT day, sessions, estimated_nano, booked_nano FROM settlement_days")}
+    # From the change on, each settled day is Gamezop's day: booked 0.8 of its estimate.
+    for day in range(22, 34):
+        n, estimated, booked_ = settled[day_text(day)]
+        assert booked_ == estimated * 8 // 10 and n == 12
+    # Without an offset, the reconciliation cuts the days as the ledger did, every day.
+    code, out, _ = command(spp_server.run_reconcile, "--since", day_text(0), "--until", day_text(34),
+                           env={"SPP_REPORT_UTC_OFFSET": "-03:00"})  # recorded ones win
+    report = json.loads(out)
+    assert {d["day"]: (d["sessions"], nanos(d["estimated-revenue"])) for d in report["days"]
+            if d["day"] in settled} == {day: v[:2] for day, v in settled.items()}
+    assert report["report-utc-offset"] == f"+00:00 to {day_text(21)}, +05:30 from {day_text(22)}"
+    totals = [spp_server.statement(store, f"u{i}")["totals"] for i in range(3)]
+    ledger = spp_server.ledger_summary(store)["totals"]
+    for key in spp_server.LEDGER_TOTALS:
+        assert sum(nanos(t[key]) for t in totals) == nanos(ledger[key])
+    assert rows(db, "SELECT sum(sessions) FROM payout_parts") == [(35 * 12,)]
+
+
 @pytest.mark.parametrize("old, new", [(0, 330), (330, 0), (-720, 840), (840, -720), (60, 90)])
 def test_the_day_before_a_change_ends_where_the_first_new_day_starts(old, new):
     last_until = OCT + 5 * spp_server.DAY_US
@@ -4354,6 +4418,39 @@ def test_sessions_without_a_sub_and_the_deploy_check_are_never_paid(client, db):
     recon_ = recon(client, **window).json
     assert recon_["summary"]["sessions"] == 3
     assert client.get(f"/users/{check}/earnings").json["sessions"] == 1
+
+
+# --- Nothing pending without a word (issue 22, 5) ---
+
+
+def test_what_no_booked_row_can_settle_is_named_at_settle_in_the_summary_and_at_import(
+        store, db, tmp_path):
+    add_sessions(store, [("a", "1234", 3000, at(0)), ("b", "p2", 1000, at(0)),
+                         ("c", None, 2000, at(0)), ("a", "1234", 5000, at(1))])
+    pay(store, at(2, 0), pay_now="0.5", final="1")
+    report = tmp_path / "booked.csv"
+    report.write_text(booked_csv((day_text(0), "01234", "", "0.000004"),
+                                 (day_text(1), "1234", "", "0.000004")))
+    out = io.StringIO()
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert spp_server.run_import_booked([str(report), "--db", db], {}, out) == 0
+    [warning] = err.getvalue().splitlines()
+    assert f"{day_text(0)} property 01234: booked 0.000004" in warning and "1234, p2" in warning
+    code, lines, err = ledger_command(spp_server.run_settle, db)
+    assert code == 0  # settled what it could; the rest is named
+    named = err.splitlines()
+    assert any(f"{day_text(0)} property 01234 booked 0.000004 that matches no session" in line
+               for line in named)
+    for prop, sessions, estimated, paid in [("1234", 1, "0.000003", "0.0000015"),
+                                            ("p2", 1, "0.000001", "0.0000005")]:
+        assert any(f"{day_text(0)} property {prop}: {sessions} sessions estimated at {estimated} "
+                   f"(paid now {paid}) stay pending" in line for line in named), named
+    assert any(f"{day_text(0)}: 1 sessions estimated at 0.000002" in line for line in named)
+    summary = spp_server.ledger_summary(store)
+    assert [(p["day"], p["property-id"], p["sessions"]) for p in summary["pending-without-booked"]] \
+        == [(day_text(0), "", 1), (day_text(0), "1234", 1), (day_text(0), "p2", 1)]
+    assert summary["booked-without-sessions"] == [
+        {"day": day_text(0), "property-id": "01234", "booked-revenue": "0.000004"}]
 
 
 # --- Limits and refusals (issue 22, 6) ---
