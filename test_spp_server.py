@@ -4125,7 +4125,9 @@ def test_an_offset_change_is_recorded_with_its_run_and_cuts_only_days_no_run_pai
     # Run 1 pays up to 2020-10-03T00:00Z at +00:00; run 2 asks for +05:30.
     add_sessions(store, [("a", None, 1000, at(d, h)) for d in range(6) for h in (1, 12, 20)])
     pay(store, at(2, 0))
-    pay(store, at(6, 0), offset=330)
+    code, _, err = ledger_command(spp_server.run_pay, db, *pay_args(
+        "2020-10-07T00:00:00Z", "0.6", "0.9", "--report-utc-offset", "+05:30"))
+    assert (code, err) == (0, ledger_illustration("text", ("illustration", "offset-change")))
     # The 3rd (UTC) is the last day at +00:00: it ends where the 4th starts at
     # +05:30, 2020-10-03T18:30Z; no session paid by run 1 changes its day.
     assert recorded_offsets(db) == [(1, None, 0), (2, day_text(3), 330)]
@@ -4400,6 +4402,8 @@ def test_sessions_without_a_sub_and_the_deploy_check_are_never_paid(client, db):
     assert (run["unattributed-sessions"], run["unattributed-estimated-revenue"]) == (2, "0.000002")
     book_rows(store, [(day_text(0), "", 10_000)])  # 3 : 2 by the estimates
     lines = settlement_lines(store, spp_server.settle(store))
+    assert b"".join(spp_server.settlement_output(store, 1, "csv")).decode().replace("\r\n", "\n") \
+        == ledger_illustration("csv", ("illustration", "unattributed"))  # docs/ledger.md
     assert [(l["user-id"], l["booked-part"], l["final"], l["top-up"], l["kind"]) for l in lines] == [
         ("", "0.000004", "0", "0", "unattributed"), ("a", "0.000006", "0.000006", "0.0000045",
                                                       "settlement")]
@@ -4438,6 +4442,7 @@ def test_what_no_booked_row_can_settle_is_named_at_settle_in_the_summary_and_at_
     assert f"{day_text(0)} property 01234: booked 0.000004" in warning and "1234, p2" in warning
     code, lines, err = ledger_command(spp_server.run_settle, db)
     assert code == 0  # settled what it could; the rest is named
+    assert err == ledger_illustration("text", ("illustration", "pending"))  # docs/ledger.md
     named = err.splitlines()
     assert any(f"{day_text(0)} property 01234 booked 0.000004 that matches no session" in line
                for line in named)
