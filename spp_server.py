@@ -77,6 +77,9 @@ DEFAULTS = {
     # Commit in a child process (the server: main() sets it) or in a thread
     # (create_app on its own: tests, which set the clock in this process).
     "writer_process": False,
+    # How long pay or settle waits for another step's ledger lock: far above
+    # the longest step measured (settle of a million sessions, 26 s).
+    "ledger_lock_wait_s": 600,
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -554,6 +557,9 @@ SQL = {
         SELECT run_id, user_id, sessions, estimated_nano, paid_now_nano FROM payout_parts
         WHERE run_id = ? AND day = ?""",
     "last_settlement": "SELECT max(id) FROM settlements",
+    "ledger_steps": """
+        SELECT 'run', id, until_us FROM payout_runs
+        UNION ALL SELECT 'settlement', id, NULL FROM settlements ORDER BY 1, 2""",
     "settled_pool_keys": "SELECT DISTINCT day, property_id FROM settlement_days",
     # How a day was last settled: by property (1) or whole (0), whatever pool.
     "day_settled_by_property": """
@@ -3126,16 +3132,54 @@ def owed_balances(conn):
     return conn.execute(SQL["owed_balances"]).fetchall()
 
 
+def ledger_lock_path(store):
+    """The lock of the database itself, whatever path names it: beside its
+    real path (a symlink or a relative path names the same lock).  A second
+    hard link would be a second lock, and SQLite keeps a WAL database's -wal
+    and -shm per name (sqlite.org/howtocorrupt.html, 2.5): refused."""
+    real = os.path.realpath(store.path)
+    links = os.stat(real).st_nlink
+    if links > 1:
+        raise StoreUnavailable(
+            f"{store.path} has {links} hard links: a step locks the database by its one real "
+            "path, and SQLite cannot share a database between two names: remove the other "
+            f"name (find / -xdev -samefile {real} lists them); nothing changed")
+    return real + "-ledger-lock"
+
+
 @contextlib.contextmanager
-def ledger_lock(store):
-    """One pay or settle at a time, across processes: an flock on a file
-    beside the database, which the kernel releases if its holder dies."""
-    fd = os.open(store.path + "-ledger-lock", os.O_RDWR | os.O_CREAT, 0o600)
+def ledger_lock(store, wait_s=DEFAULTS["ledger_lock_wait_s"], waiting=None):
+    """One pay or settle at a time, across processes: an flock on the file
+    <real path>-ledger-lock, which the kernel releases if its holder dies, so
+    that only the staged rows of a dead step are ever cleared.  A step that
+    finds it held calls waiting(lock path) once, then gives up after wait_s
+    seconds (StoreUnavailable: nothing changed)."""
+    path = ledger_lock_path(store)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not try_flock(fd):
+            if waiting is not None:
+                waiting(path)
+            deadline = time.monotonic() + wait_s
+            pause = 0.01
+            while not try_flock(fd):
+                if time.monotonic() >= deadline:
+                    raise StoreUnavailable(
+                        f"another pay or settle held {path} for {wait_s} s (--lock-wait); "
+                        "nothing changed: run it again once that step is done")
+                time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+                pause = min(pause * 2, 0.5)  # the kernel has no timed flock: poll, gently
         yield
     finally:
         os.close(fd)
+
+
+def try_flock(fd):
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def insert_rows(sql, rows, conn, _):
@@ -3198,12 +3242,12 @@ def record_run(plan, run_id, lines, conn, created_at_us):
     return run_id
 
 
-def pay_run(store, until_us, pay_now, final, offset_minutes):
+def pay_run(store, until_us, pay_now, final, offset_minutes, **lock):
     """Pay every session after the last run up to `until_us` (or find the run
     already recorded for it): -> run id.  Computed on a read snapshot; its
     parts and lines are staged in short transactions, then one transaction
-    records the run (see write_in_chunks)."""
-    with ledger_lock(store):
+    records the run (see write_in_chunks).  `lock`: ledger_lock's options."""
+    with ledger_lock(store, **lock):
         for _ in range(LEDGER_RETRIES):
             with store.snapshot() as conn:
                 plan = plan_run(conn, until_us, pay_now, final, offset_minutes)
@@ -3494,12 +3538,12 @@ def record_settlement(fingerprint, offset, settlement_id, pools, pool_rows, carr
     return settlement_id
 
 
-def settle(store, write_off=False, problems=None, warnings=None):
+def settle(store, write_off=False, problems=None, warnings=None, **lock):
     """Settle what can be settled: -> the new settlement's id, or None when
     there was nothing to settle.  Staged like a run (see pay_run).  The
     pools it could not settle, and its warnings, are added to the two
-    lists (see settle_pools)."""
-    with ledger_lock(store):
+    lists (see settle_pools).  `lock`: ledger_lock's options."""
+    with ledger_lock(store, **lock):
         for _ in range(LEDGER_RETRIES):
             found, said = [], []
             with store.snapshot() as conn:
@@ -3582,6 +3626,17 @@ LEDGER_TOTALS = ("paid-now", "deducted", "topped-up", "carried", "written-off", 
 def ledger_totals(sums):
     """SQL's user_ledger_sums / ledger_sums row -> exact decimal strings."""
     return dict(zip(LEDGER_TOTALS, map(nanos_to_usd, sums)))
+
+
+STEP_COLUMNS = ["step", "id", "until"]
+
+
+def ledger_steps(store):
+    """One CSV line per recorded step, runs then settlements, oldest first:
+    what the routines check their delivered files against (docs/ledger.md)."""
+    rows = ((step, step_id, "" if until is None else iso_utc(until))
+            for step, step_id, until in store.stream(SQL["ledger_steps"], ()))
+    return in_chunks(encode_values(rows, STEP_COLUMNS, "csv"))
 
 
 def ledger_summary(store):
@@ -4890,6 +4945,30 @@ def add_lines_format_option(parser):
                         help="csv (with a header row) or ndjson [default %(default)s]")
 
 
+def add_lock_wait_option(parser, environ):
+    """How long pay or settle waits for another step (see ledger_lock)."""
+    wait = DEFAULTS["ledger_lock_wait_s"]
+    parser.add_argument("--lock-wait", type=lock_wait_seconds, metavar="SECONDS",
+                        default=env_default(environ, "SPP_LEDGER_LOCK_WAIT", lock_wait_seconds,
+                                            wait),
+                        help="while another pay or settle runs on the database, say so on "
+                        "stderr and wait this long for it, then give up with status 1 "
+                        f"[SPP_LEDGER_LOCK_WAIT, default {wait}]")
+
+
+def lock_wait_seconds(text):
+    return whole_number(text, 0, 86_400, "a whole number of seconds from 0 to 86400")
+
+
+def ledger_lock_options(prog, args):
+    """ledger_lock's options for a command: its --lock-wait, and one line on
+    stderr when it has to wait."""
+    def waiting(path):
+        print(f"{prog}: waiting for another pay or settle to release {path} "
+              f"(at most {args.lock_wait} s, --lock-wait)", file=sys.stderr, flush=True)
+    return {"wait_s": args.lock_wait, "waiting": waiting}
+
+
 def build_pay_parser(environ):
     parser = HelpfulParser(
         prog="spp_server.py pay",
@@ -4910,6 +4989,7 @@ def build_pay_parser(environ):
                         "settle pays the rest of it (recorded with the run)")
     add_report_offset_option(parser, environ, "pay")
     add_lines_format_option(parser)
+    add_lock_wait_option(parser, environ)
     return parser
 
 
@@ -4930,6 +5010,7 @@ def build_settle_parser(environ):
                         help="write off what a user was paid above their final amount, "
                         "instead of carrying it as a balance taken back from later runs")
     add_lines_format_option(parser)
+    add_lock_wait_option(parser, environ)
     return parser
 
 
@@ -4951,6 +5032,10 @@ def build_ledger_parser(environ):
         "per run, per settlement and per settled day, and the totals.",
     )
     add_db_option(parser, environ, DB_HELP_REPORT)
+    parser.add_argument("--steps", action="store_true",
+                        help="write instead one CSV line per recorded step (step,id,until: "
+                        "run,1,2026-11-30T00:00:00Z or settlement,1,), runs then settlements, "
+                        "oldest first: what a routine checks its delivered files against")
     return parser
 
 
@@ -5057,7 +5142,8 @@ def run_pay(argv, environ, out):
         return run_id and (committed(run_id), run_output(store, run_id, args.format))
 
     def step(store):
-        run_id = pay_run(store, until, *shares, args.report_utc_offset)
+        run_id = pay_run(store, until, *shares, args.report_utc_offset,
+                         **ledger_lock_options(parser.prog, args))
         for first, offset in store.read(SQL["offset_change_of_run"], (run_id,)):
             start = iso_utc(ReportDays.fixed(offset).start_us(report_day_number(first)))
             say(f"{parser.prog}: run {run_id} recorded the report offset "
@@ -5086,12 +5172,16 @@ def run_settle(argv, environ, out):
     def step(store):
         if args.settlement is not None:
             return recorded(store)
-        settlement_id = settle(store, args.write_off, unsettled, warnings)
+        settlement_id = settle(store, args.write_off, unsettled, warnings,
+                               **ledger_lock_options(parser.prog, args))
         for line in [f"warning: {w}" for w in warnings] + [f"not settled: {u}" for u in unsettled]:
             say(f"{parser.prog}: {line}")
         if settlement_id is None:
             if not unsettled:
-                say(f"{parser.prog}: nothing to settle")
+                [(newest,)] = store.read(SQL["last_settlement"])
+                again = (f" (settlement {newest} is the newest: settle --settlement {newest} "
+                         "prints it again)") if newest else ""
+                say(f"{parser.prog}: nothing to settle{again}")
             return None, settlement_output(store, settlement_id, args.format)
         return (f"settlement {settlement_id} is committed (settle --settlement "
                 f"{settlement_id} prints it again)",
@@ -5122,6 +5212,8 @@ def run_statement(argv, environ, out):
 def run_ledger(argv, environ, out):
     parser = build_ledger_parser(environ)
     args = parse_arguments(parser, argv)
+    if args.steps:
+        return print_report(parser.prog, args.db, out, ledger_steps)
     return print_report(parser.prog, args.db, out, lambda store: [json_output(ledger_summary(store))])
 
 

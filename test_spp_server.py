@@ -7,6 +7,7 @@ reconciliation, errors and health, storage, configuration, a real server,
 systemd), each with its own helpers at its top.  Real servers are spoken to
 through one helper, http_request() (RealServer.request decodes its JSON)."""
 
+import atexit
 import base64
 import contextlib
 import csv
@@ -4313,7 +4314,10 @@ def test_pay_and_settle_commands_print_the_lines_and_asking_again_pays_nothing(s
     [line] = [json.loads(line) for line in out.splitlines()]
     assert (line["user-id"], line["final"], line["top-up"]) == ("a", "0.0018", "0.0012")
     code, out, err = ledger_command(spp_server.run_settle, db)
-    assert (code, out.count(b"\r\n"), err) == (0, 1, "spp_server.py settle: nothing to settle\n")
+    # Nothing new: the header only, and how to print the newest again (after a crash, say).
+    assert (code, out.count(b"\r\n"), err) == (0, 1, "spp_server.py settle: nothing to settle "
+                                              "(settlement 1 is the newest: settle --settlement 1 "
+                                              "prints it again)\n")
     code, again, err = ledger_command(spp_server.run_settle, db, "--settlement", "1", "--format",
                                       "ndjson")
     assert (code, json.loads(again), err) == (0, line, "")
@@ -4657,6 +4661,126 @@ def test_a_ledger_step_killed_at_any_point_is_whole_or_absent_and_a_rerun_comple
     assert ledger_rows(db) == ledger_rows(reference)
 
 
+# --- One step at a time, whatever path names the database ---
+# A real pay that stops after staging its parts (its step alive, its rows
+# staged and unseen) until a line comes on its stdin.
+PAUSED_PAY = """
+import sys
+import spp_server
+original = spp_server.write_in_chunks
+def pausing(*args, **kwargs):
+    original(*args, **kwargs)
+    spp_server.write_in_chunks = original
+    print("staged", file=sys.stderr, flush=True)
+    sys.stdin.readline()
+spp_server.write_in_chunks = pausing
+sys.exit(spp_server.main(sys.argv[1:]))
+"""
+
+
+@contextlib.contextmanager
+def paused_pay(db):
+    """A real `pay` process holding the ledger lock with its parts staged: -> the Popen,
+    resumed at the end of the block (its output read by proc.communicate)."""
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_PAY, "pay", *pay_args(), "--db", db],
+                            cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr.readline() == b"staged\n"
+        yield proc
+    finally:
+        if proc.poll() is None and not proc.stdin.closed:
+            proc.stdin.write(b"\n")
+            proc.stdin.flush()
+
+
+def other_name(db, how, tmp_path):
+    """Another way to name the database `db`: -> (path to pass, working directory)."""
+    if how == "symlink":
+        os.symlink(db, tmp_path / "alias.db")
+        return str(tmp_path / "alias.db"), HERE
+    if how == "symlinked directory":
+        os.symlink(tmp_path, tmp_path.parent / f"{tmp_path.name}-link")
+        return str(tmp_path.parent / f"{tmp_path.name}-link" / "spp.db"), HERE
+    if how == "hard link":
+        os.link(db, tmp_path / "linked.db")
+        return str(tmp_path / "linked.db"), HERE
+    assert how == "relative"
+    (tmp_path / "sub").mkdir()
+    return os.path.join("sub", "..", os.path.basename(db)), tmp_path
+
+
+@pytest.mark.parametrize("how, command", [
+    *((how, ["pay", *pay_args()]) for how in ("symlink", "symlinked directory", "hard link", "relative")),
+    ("symlink", ["settle"])])
+def test_one_ledger_step_at_a_time_whatever_path_names_the_database(tmp_path, db, how, command):
+    """While a real pay has staged rows, a second step through another name
+    of the same database waits and gives up (here at once): it deletes none of
+    the live step's rows, and the first completes whole."""
+    ledger_month(db)  # run 1 paid up to October 2nd
+    reference = str(tmp_path / "reference.db")
+    shutil.copy(db, reference)
+    expected = ledger_command(spp_server.run_pay, reference, *pay_args())
+    with paused_pay(db) as first:
+        staged = ledger_rows(db)
+        path, cwd = other_name(db, how, tmp_path)
+        second = subprocess.run([sys.executable, str(SERVER), *command, "--db", path,
+                                 "--lock-wait", "0"], cwd=cwd, capture_output=True, text=True,
+                                timeout=15)
+        assert (second.returncode, second.stdout) == (1, "")
+        if how == "hard link":  # another lock by name: refused, whichever name
+            assert "has 2 hard links" in second.stderr and second.stderr.count("\n") == 1
+        else:
+            assert second.stderr.splitlines() == [
+                f"spp_server.py {command[0]}: waiting for another pay or settle to release "
+                f"{os.path.realpath(db)}-ledger-lock (at most 0 s, --lock-wait)",
+                f"spp_server.py {command[0]}: another pay or settle held "
+                f"{os.path.realpath(db)}-ledger-lock for 0 s (--lock-wait); nothing changed: "
+                "run it again once that step is done"]
+        assert ledger_rows(db) == staged  # the live step's staged rows are all there
+    out, err = first.communicate(timeout=15)
+    assert (first.returncode, out, err) == (0, expected[1], b"")
+    assert ledger_rows(db) == ledger_rows(reference)
+
+
+def test_a_step_waiting_for_another_says_so_and_goes_on_once_it_is_done(tmp_path, db):
+    ledger_month(db)
+    os.symlink(db, tmp_path / "alias.db")
+    with paused_pay(db) as first:
+        second = subprocess.Popen([sys.executable, str(SERVER), "pay", *pay_args(),
+                                   "--db", str(tmp_path / "alias.db")],
+                                  env={**os.environ, "SPP_LEDGER_LOCK_WAIT": "60"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert second.stderr.readline().decode() == (
+            "spp_server.py pay: waiting for another pay or settle to release "
+            f"{os.path.realpath(db)}-ledger-lock (at most 60 s, --lock-wait)\n")
+    out, err = first.communicate(timeout=15)
+    assert (first.returncode, err) == (0, b"")
+    assert second.wait(15) == 0 and second.stderr.read() == b""
+    assert second.stdout.read() == out  # the run it asked for, recorded by the first
+    assert count(db, "payout_runs") == 2
+
+
+def test_the_lock_wait_is_a_whole_number_of_seconds(db, capsys):
+    with pytest.raises(SystemExit) as exited:
+        spp_server.run_settle(["--lock-wait", "1.5", "--db", db], {}, io.BytesIO())
+    assert exited.value.code == 2
+    assert "--lock-wait: must be a whole number of seconds from 0 to 86400" in capsys.readouterr().err
+
+
+def test_ledger_steps_lists_every_recorded_step_for_the_routines(store, db):
+    assert ledger_command(spp_server.run_ledger, db, "--steps") == (0, b"step,id,until\r\n", "")
+    add_sessions(store, [("a", None, 1000, at(0)), ("b", None, 2000, at(2))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "", 900)])
+    spp_server.settle(store)
+    pay(store, at(3, 0))
+    code, out, err = ledger_command(spp_server.run_ledger, db, "--steps")
+    assert (code, err) == (0, "")
+    assert out.decode().splitlines() == ["step,id,until", "run,1,2020-10-02T00:00:00Z",
+                                         "run,2,2020-10-04T00:00:00Z", "settlement,1,"]
+
+
 # --- The documented routine, run as written ---
 
 
@@ -4666,53 +4790,330 @@ def documented_scripts():
     return re.findall(r"```sh\n(#!/bin/sh\n.*?)```", text, re.S)
 
 
+# Stands for $SPP in the routines: counts the commands it runs (in a file),
+# and SIGKILLs the routine's whole process group just before the command
+# numbered SHIM_KILL_AT, just after the step it runs is committed (before
+# its lines are written), or just after it.
+ROUTINE_SHIM = """
+import os, signal, sys
+sys.path.insert(0, {here!r})
+import spp_server
+counter, kill_at, when = os.environ["SHIM_COUNT"], os.environ.get("SHIM_KILL_AT"), os.environ.get("SHIM_WHEN")
+n = int(open(counter).read()) if os.path.exists(counter) else 0
+with open(counter, "w") as f:
+    f.write(str(n + 1))
+kill = kill_at is not None and int(kill_at) == n
+def die():
+    sys.stdout.flush()
+    os.killpg(0, signal.SIGKILL)
+if kill and when == "before":
+    die()
+if kill and when == "committed":
+    for name in ("run_output", "settlement_output"):
+        setattr(spp_server, name, lambda *args, **kwargs: die())
+code = spp_server.main(sys.argv[1:])
+if kill:
+    die()
+sys.exit(code)
+"""
+
+
+class Routines:
+    """The scripts of docs/ledger.md as written, run in a process group of
+    their own with `SPP_TODAY`, delivering to `out`."""
+
+    def __init__(self, tmp_path, db, **env):
+        self.dir, self.db, self.out = tmp_path, db, tmp_path / "payouts"
+        weekly, monthly = documented_scripts()
+        self.scripts = {"weekly": tmp_path / "weekly", "monthly": tmp_path / "monthly"}
+        self.scripts["weekly"].write_text(weekly)
+        self.scripts["monthly"].write_text(monthly)
+        shim = tmp_path / "shim.py"
+        shim.write_text(ROUTINE_SHIM.format(here=str(HERE)))
+        self.env = {**os.environ, "SPP": f"{sys.executable} {shim}", "SPP_DB": db,
+                    "SPP_PAYOUTS": str(self.out), "SHIM_COUNT": str(tmp_path / "commands"),
+                    "SPP_WEEKLY_PAYOUT": f"sh {self.scripts['weekly']}", **env}
+
+    def run(self, name, today, kill_at=None, when=None):
+        """-> (exit status, stderr) of the script `name` run on `today`."""
+        Path(self.env["SHIM_COUNT"]).write_text("0")
+        env = {**self.env, "SPP_TODAY": today}
+        if kill_at is not None:
+            env.update(SHIM_KILL_AT=str(kill_at), SHIM_WHEN=when)
+        done = subprocess.run(["sh", str(self.scripts[name])], env=env, capture_output=True,
+                              timeout=15, start_new_session=True)
+        return done.returncode, done.stderr.decode()
+
+    def commands(self):
+        """How many commands of spp_server.py the last run started."""
+        return int(Path(self.env["SHIM_COUNT"]).read_text())
+
+    def delivered(self):
+        """{file name: bytes} of what the routines delivered (dot-files are not)."""
+        return {p.name: p.read_bytes() for p in sorted(self.out.iterdir())
+                if p.is_file() and not p.name.startswith(".")}
+
+    def book(self, month, *rows):
+        """Last month's report where the monthly routine looks for it."""
+        (self.out / "booked").mkdir(parents=True, exist_ok=True)
+        (self.out / "booked" / f"booked-{month}.json").write_text(booked_csv(*rows))
+
+
 def test_the_documented_weekly_and_monthly_routine_runs_as_written(real_server, tmp_path, db):
-    weekly, monthly = documented_scripts()
     store = spp_server.Store(db)  # what postbacks stored in October 2020
     add_sessions(store, [(f"u{i % 3}", ("p1", "p2")[i % 2], 1000 * i, at(i // 8, i % 8))
                          for i in range(32)])
     store.close()
     server = real_server(db)
     assert server.post(postback(user_id="live"))[0] == 200  # received now: a later run's
-    out = tmp_path / "payouts"
     report = tmp_path / "booked-2020-10.csv"
     report.write_text(booked_csv(("2020-10-02", "p1", "", "0.5"), ("2020-10-02", "p2", "", "0.25")))
-    env = {**os.environ, "SPP": f"{sys.executable} {SERVER}", "SPP_DB": db,
-           "SPP_PAYOUTS": str(out), "SPP_PAY_UNTIL": "2020-10-03T00:00:00Z",
-           "SPP_BOOKED_REPORT": str(report)}
-    scripts = {}
-    for name, text in (("weekly", weekly), ("monthly", monthly)):
-        scripts[name] = tmp_path / name
-        scripts[name].write_text(text)
-
-    def run(name):
-        done = subprocess.run(["sh", str(scripts[name])], env=env, capture_output=True, timeout=15)
-        assert done.returncode == 0, done.stderr
+    routines = Routines(tmp_path, db, SPP_BOOKED_REPORT=str(report))
+    out = routines.out
 
     def served(path):
         status, _, body = http_request(server.port, "GET", path)
         assert status == 200
         return body
 
-    run("weekly")
+    assert routines.run("weekly", "2020-10-03") == (0, "")
     paid = (out / "run-2020-10-03T00:00:00Z.csv").read_bytes()
     assert paid == served("/ledger/runs/1?format=csv")
     # October 1st and 2nd: sessions 0 to 15, to u0, u1, u2 in turn.
     assert [line["sessions"] for line in csv.DictReader(io.StringIO(paid.decode()))] == ["6", "5", "5"]
-    run("weekly")  # again, as after a reboot: the same file, nothing paid twice
+    assert routines.run("weekly", "2020-10-03") == (0, "")  # again, as after a reboot
     assert (out / "run-2020-10-03T00:00:00Z.csv").read_bytes() == paid
     assert count(db, "payout_runs") == 1
-    run("monthly")
+    assert routines.run("monthly", "2020-10-03")[0] == 0
     settled = (out / "settlement-1.csv").read_bytes()
     assert settled == served("/ledger/settlements/1?format=csv")
     assert {(line["day"], line["property-id"])
             for line in csv.DictReader(io.StringIO(settled.decode()))} == {
         ("2020-10-02", "p1"), ("2020-10-02", "p2")}
-    run("monthly")  # nothing new: no second settlement, no file left aside
-    assert sorted(p.name for p in out.iterdir()) == ["run-2020-10-03T00:00:00Z.csv",
-                                                     "settlement-1.csv"]
+    assert routines.run("monthly", "2020-10-03")[0] == 0  # nothing new: no second settlement
+    assert sorted(routines.delivered()) == ["run-2020-10-03T00:00:00Z.csv", "settlement-1.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "booked", *routines.delivered()]
     assert json.loads(served("/users/live/statement"))["runs"] == []
     assert server.post(postback(user_id="live"))[0] == 200  # ingest went on throughout
+
+
+def test_the_routines_files_are_for_root_and_the_wallet_group_only(tmp_path, db):
+    """Whatever umask they are started with: directories 0750, files 0640."""
+    ledger_month(db)
+    report = tmp_path / "report.csv"
+    report.write_text(booked_csv(("2020-10-01", "p1", "", "0.5")))
+    routines = Routines(tmp_path, db, SPP_BOOKED_REPORT=str(report))
+    old = os.umask(0)
+    try:
+        assert routines.run("monthly", "2020-11-05")[0] == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in [routines.out, *routines.out.iterdir()]}
+    assert modes == {"payouts": "0o750", "booked": "0o750", ".lock": "0o640",
+                     "run-2020-11-05T00:00:00Z.csv": "0o640", "settlement-1.csv": "0o640"}
+    service = documented_units()["spp-payout.service"]
+    assert "UMask=0027" in service and "StateDirectoryMode=0750" in service
+    assert "Group=spp-wallet" in service
+
+
+@pytest.mark.parametrize("today, month", [
+    ("2026-03-31", "2026-02"), ("2026-03-29", "2026-02"), ("2026-05-31", "2026-04"),
+    ("2026-12-30", "2026-11"), ("2027-01-05", "2026-12"), ("2024-03-01", "2024-02"),
+])
+def test_the_monthly_routine_reads_last_months_report_on_every_day(tmp_path, db, today, month):
+    """`date -d 'last month'` on the 31st of March names March: the routine
+    asks for the month before, whatever the day (here a report that is missing)."""
+    ledger_month(db)
+    routines = Routines(tmp_path, db)
+    before = ledger_rows(db)
+    code, err = routines.run("monthly", today)
+    assert code == 1
+    assert f"no {routines.out}/booked/booked-{month}.json: save last month's report there" in err
+    assert routines.commands() == 0 and ledger_rows(db) == before  # checked before any change
+    assert (routines.out / "booked").is_dir()  # the one place, created by the routine
+
+
+def test_the_monthly_routine_fails_before_any_change_without_its_folder(tmp_path, db):
+    ledger_month(db)
+    routines = Routines(tmp_path, db)
+    routines.out.write_text("a file where the folder should be")
+    before = ledger_rows(db)
+    code, err = routines.run("monthly", "2020-11-05")
+    assert code != 0 and "mkdir" in err
+    assert routines.commands() == 0 and ledger_rows(db) == before
+
+
+@pytest.mark.parametrize("name", ["weekly", "monthly"])
+def test_a_routine_waiting_for_the_other_says_so_and_gives_up_having_changed_nothing(
+        tmp_path, db, name):
+    ledger_month(db)
+    report = tmp_path / "report.csv"
+    report.write_text(booked_csv(("2020-10-01", "p1", "", "0.5")))
+    routines = Routines(tmp_path, db, SPP_BOOKED_REPORT=str(report), SPP_LEDGER_LOCK_WAIT="0")
+    routines.out.mkdir()
+    before = ledger_rows(db)
+    with open(routines.out / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as the other routine, running, holds it
+        code, err = routines.run(name, "2020-11-05")
+    script = {"weekly": "spp-weekly-payout", "monthly": "spp-monthly-settlement"}[name]
+    assert (code, err.splitlines()) == (1, [
+        f"{script}: waiting for the other routine ({routines.out}/.lock), at most 0 s",
+        f"{script}: gave up waiting; nothing changed"])
+    assert routines.commands() == 0 and ledger_rows(db) == before
+    assert routines.run(name, "2020-11-05")[0] == 0  # once it is free
+
+
+def settle_a_month_by_the_routines(tmp_path, year, month, settle_day):
+    """Sessions on every day of the month (its first and last second too),
+    each day booked; the weekly routine on the last Monday up to the
+    settlement (by the timer, 02:00, before the settlement's 03:00), then the
+    monthly one on `settle_day` of the next month: -> the days it settled."""
+    first = datetime.date(year, month, 1)
+    after = (first + datetime.timedelta(days=31)).replace(day=1)
+    days = [first + datetime.timedelta(n) for n in range((after - first).days)]
+    start = spp_server.parse_instant(first.isoformat())
+    end = spp_server.parse_instant(after.isoformat())
+    db = str(tmp_path / "spp.db")
+    store = spp_server.Store(db)
+    try:
+        add_sessions(store, [("u", "p1", 1000, spp_server.parse_instant(f"{day}T12:00:00Z"))
+                             for day in days] + [("u", "p1", 1000, start), ("u", "p1", 1000, end - 1),
+                                                 ("u", "p1", 1000, end)])
+    finally:
+        store.close()
+    routines = Routines(tmp_path, db)
+    routines.book(f"{first:%Y-%m}", *((day.isoformat(), "p1", "", "0.002") for day in days))
+    settling = after.replace(day=settle_day)
+    monday = settling - datetime.timedelta(days=settling.weekday())
+    assert routines.run("weekly", monday.isoformat()) == (0, "")
+    code, err = routines.run("monthly", settling.isoformat())
+    assert code == 0, err
+    [settlement] = [name for name in routines.delivered() if name.startswith("settlement-")]
+    lines = csv.DictReader(io.StringIO(routines.delivered()[settlement].decode()))
+    return sorted({line["day"] for line in lines}), [day.isoformat() for day in days]
+
+
+def documented_settlement_day():
+    """The day of the month of the settlement timer in docs/ledger.md."""
+    text = (HERE / "docs" / "ledger.md").read_text(encoding="utf-8")
+    [day] = re.findall(r"`OnCalendar=\*-\*-(\d\d) 03:00:00 UTC`", text)
+    return int(day)
+
+
+# A month ending on each weekday, Monday to Sunday (November 2026 ends on a Monday).
+@pytest.mark.parametrize("year, month", [(2026, 11), (2025, 9), (2025, 12), (2025, 7), (2025, 10),
+                                         (2025, 5), (2025, 8)])
+def test_the_monthly_routine_settles_every_day_of_last_month(tmp_path, year, month):
+    last = datetime.date(year, month % 12 + 1, 1) - datetime.timedelta(1) if month < 12 else \
+        datetime.date(year, 12, 31)
+    assert last.month == month
+    settled, days = settle_a_month_by_the_routines(tmp_path, year, month, documented_settlement_day())
+    assert settled == days
+
+
+@given(year=st.integers(2001, 2025), month=st.integers(1, 12), settle_day=st.integers(1, 28))
+@settings(max_examples=3, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+def test_every_day_settles_in_the_first_settlement_after_its_report_on_any_day(
+        tmp_path_factory, year, month, settle_day):
+    """Whatever day the monthly routine runs (the 5th, or a catch-up later),
+    it settles every day of the month before, with a clock the script reads
+    from SPP_TODAY."""
+    tmp_path = tmp_path_factory.mktemp("calendar")
+    settled, days = settle_a_month_by_the_routines(tmp_path, year, month, settle_day)
+    assert settled == days
+
+
+def routine_month(db):
+    """A new database with sessions in October and November 2020."""
+    store = spp_server.Store(db)
+    try:
+        add_sessions(store, [(f"u{i % 5}", ("p1", "p2")[i % 2], 1000 * i + 7, at(i % 45, i % 24))
+                             for i in range(120)])
+    finally:
+        store.close()
+
+
+def routine_reports(routines):
+    routines.book("2020-10", *((f"2020-10-{d:02}", p, "", f"0.00{d}") for d in (1, 2, 30, 31)
+                               for p in ("p1", "p2")))
+    routines.book("2020-11", *((f"2020-11-{d:02}", "p1", "", "0.0001") for d in (1, 14)))
+
+
+# The routines' calendar: Mondays, and the 5th.
+ROUTINE_CALENDAR = [("weekly", "2020-10-26"), ("weekly", "2020-11-02"), ("monthly", "2020-11-05"),
+                    ("monthly", "2020-12-05")]
+
+
+@functools.lru_cache(maxsize=None)
+def uninterrupted_routines():
+    """[(commands run, {file: bytes} delivered)] after each routine of
+    ROUTINE_CALENDAR, uninterrupted, and the directory holding the database
+    and the payouts before each (computed once: every kill test starts from
+    one and compares with them)."""
+    tmp = Path(tempfile.mkdtemp(prefix="spp-routines-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    db = str(tmp / "spp.db")
+    routine_month(db)
+    routines = Routines(tmp, db)
+    routine_reports(routines)
+    done = []
+    for step, (name, today) in enumerate(ROUTINE_CALENDAR):
+        shutil.copytree(tmp, tmp.parent / f"{tmp.name}-{step}", symlinks=True)
+        atexit.register(shutil.rmtree, tmp.parent / f"{tmp.name}-{step}", True)
+        assert routines.run(name, today)[0] == 0
+        done.append((routines.commands(), routines.delivered()))
+    return done, [tmp.parent / f"{tmp.name}-{step}" for step in range(len(ROUTINE_CALENDAR))]
+
+
+def routines_before(step, tmp_path):
+    """Routines in `tmp_path` on the database and payouts of the uninterrupted
+    calendar before its routine `step`."""
+    _, before = uninterrupted_routines()
+    shutil.copy(before[step] / "spp.db", tmp_path / "spp.db")
+    shutil.copytree(before[step] / "payouts", tmp_path / "payouts", symlinks=True)
+    return Routines(tmp_path, str(tmp_path / "spp.db"))
+
+
+# (routine of ROUTINE_CALENDAR, command it runs, when) -> a kill point.  The
+# monthly routine runs pay, import-booked, settle, ledger --steps and settle
+# --settlement; "committed" is "after" for a command that records no step.
+# A weekly run is run again a week later, a monthly one the same day.
+ROUTINE_KILLS = [(step, n, when) for step, commands in ((0, 1), (1, 1), (2, 5))
+                 for n in range(commands) for when in ("before", "committed", "after")
+                 if when != "committed" or (step, n) not in ((2, 1), (2, 3))]
+
+
+@pytest.mark.parametrize("step, kill_at, when", ROUTINE_KILLS)
+def test_a_routine_killed_at_any_step_delivers_each_step_once_when_run_again(
+        tmp_path, step, kill_at, when):
+    """SIGKILL of the script's whole process group before a command of
+    spp_server.py, after its step commits (before its lines are written), or
+    after it (between `settle` and the file's rename, say); then the routine
+    run again: what is delivered is, byte for byte, what the uninterrupted
+    calendar delivered, each step exactly once."""
+    done, _ = uninterrupted_routines()
+    assert [commands for commands, _ in done] == [1, 1, 5, 5]
+    routines = routines_before(step, tmp_path)
+    name, today = ROUTINE_CALENDAR[step]
+    assert routines.run(name, today, kill_at, when)[0] == -signal.SIGKILL
+    assert routines.commands() == kill_at + 1
+    assert routines.delivered().items() <= done[step][1].items()  # never half a file
+    again, delivered = (step, done[step][1]) if name == "monthly" else (step + 1, done[step + 1][1])
+    code, err = routines.run(ROUTINE_CALENDAR[again][0], ROUTINE_CALENDAR[again][1])
+    assert code == 0, err
+    assert routines.delivered() == delivered
+    assert sorted(p.name for p in routines.out.iterdir() if p.name.startswith(".")) == [".lock"]
+
+
+def test_a_settlement_left_undelivered_is_delivered_by_the_next_months_routine(tmp_path):
+    """Killed between settle and the rename, not run again that month: the
+    next month's routine delivers it before its own."""
+    *_, (_, expected) = uninterrupted_routines()[0]
+    routines = routines_before(2, tmp_path)
+    assert routines.run("monthly", "2020-11-05", 2, "after")[0] == -signal.SIGKILL
+    assert "settlement-1.csv" not in routines.delivered()
+    assert routines.run("monthly", "2020-12-05")[0] == 0
+    assert routines.delivered() == expected
 
 
 def ledger_illustration(language, option=None):
@@ -4745,14 +5146,17 @@ def test_the_ledger_settlement_illustration_is_what_settle_prints(store, db):
 def documented_units():
     """{file name: text} of the unit files docs/ledger.md shows in full."""
     text = (HERE / "docs" / "ledger.md").read_text(encoding="utf-8")
-    return dict(re.findall(r"`/etc/systemd/system/([a-z-]+\.(?:service|timer))`.*?```ini\n(.*?)```",
+    return dict(re.findall(r"`/etc/systemd/system/([a-z@-]+\.(?:service|timer))`.*?```ini\n(.*?)```",
                            text, re.S))
 
 
 def test_systemd_accepts_the_documented_ledger_units(tmp_path):
     units = documented_units()
-    assert sorted(units) == ["spp-payout.service", "spp-payout.timer"]
+    assert sorted(units) == ["spp-ledger-failed@.service", "spp-payout.service", "spp-payout.timer"]
     assert "ExecStart=/usr/local/bin/spp-weekly-payout" in units["spp-payout.service"]
+    # A failed payout or settlement starts the unit that logs it at priority crit.
+    assert "\nOnFailure=spp-ledger-failed@%n.service\n" in units["spp-payout.service"]
+    assert "--priority daemon.crit" in units["spp-ledger-failed@.service"]
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
     for name, text in units.items():
