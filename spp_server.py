@@ -3063,7 +3063,8 @@ def recorded_run(conn, until_us, pay_now, final, offset_minutes=None):
     asked = [("pay-now-share", share_text(pay_now), share_text(decimal.Decimal(pay_now_text))),
              ("final-share", share_text(final), share_text(decimal.Decimal(final_text)))]
     if offset_minutes is not None:
-        asked.append(("report-utc-offset", utc_offset_text(offset_minutes), utc_offset_text(offset)))
+        asked.append(("report-utc-offset", utc_offset_text(offset_minutes),
+                      utc_offset_text(offset)))
     for field, wanted, stored in asked:
         if wanted != stored:
             raise Invalid(field, f"run {run_id} for this --until was recorded with {field} "

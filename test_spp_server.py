@@ -3459,7 +3459,8 @@ def paid_out(estimated, share):
        share=st.sampled_from([None, Decimal("0.7"), Decimal("0.000001"), Decimal(1)]))
 def test_the_suggestion_is_safe_on_the_quantile_of_days_and_a_hundredth_more_is_not(
         sides, quantile, share):
-    q = spp_server.ReconciliationQuery(20_400, 20_406, None, 0, quantile, share)
+    q = spp_server.ReconciliationQuery(20_400, 20_406, None, spp_server.ReportDays.fixed(0),
+                                       quantile, share)
     report = spp_server.reconciliation_report(q, sides)
     summary = report["summary"]
     days = {}
@@ -4119,7 +4120,8 @@ def test_report_days_are_cut_at_the_report_offset(store):
 
 
 def recorded_offsets(db):
-    return rows(db, "SELECT run_id, first_day, report_utc_offset FROM report_offsets ORDER BY run_id")
+    return rows(db, "SELECT run_id, first_day, report_utc_offset FROM report_offsets "
+                    "ORDER BY run_id")
 
 
 def test_an_offset_change_is_recorded_with_its_run_and_cuts_only_days_no_run_paid(store, db):
@@ -4169,8 +4171,9 @@ def test_the_documented_offset_routine_first_weeks_on_the_default_then_found_and
     booked = Counter()
     for _, _, nanos_, t in sessions:  # Gamezop books 0.8 of each of its days
         booked[sql_report_day(true_days, t)] += nanos_
+    first = OCT // spp_server.DAY_US
     book_rows(store, [(spp_server.report_day_text(day), "1234", n * 8 // 10)
-                      for day, n in booked.items() if OCT // spp_server.DAY_US < day < OCT // spp_server.DAY_US + 34])
+                      for day, n in booked.items() if first < day < first + 34])
 
     def command(run, *args, env=None):
         out, err = io.BytesIO(), io.StringIO()
@@ -4205,8 +4208,9 @@ def test_the_documented_offset_routine_first_weeks_on_the_default_then_found_and
         n, estimated, booked_ = settled[day_text(day)]
         assert booked_ == estimated * 8 // 10 and n == 12
     # Without an offset, the reconciliation cuts the days as the ledger did, every day.
-    code, out, _ = command(spp_server.run_reconcile, "--since", day_text(0), "--until", day_text(34),
-                           env={"SPP_REPORT_UTC_OFFSET": "-03:00"})  # recorded ones win
+    code, out, _ = command(spp_server.run_reconcile, "--since", day_text(0),
+                           "--until", day_text(34),
+                           env={"SPP_REPORT_UTC_OFFSET": "-03:00"})  # the recorded ones win
     report = json.loads(out)
     assert {d["day"]: (d["sessions"], nanos(d["estimated-revenue"])) for d in report["days"]
             if d["day"] in settled} == {day: v[:2] for day, v in settled.items()}
@@ -4239,7 +4243,8 @@ def test_the_day_before_a_change_ends_where_the_first_new_day_starts(old, new):
 
 def sql_report_day(days, t):
     with contextlib.closing(sqlite3.connect(":memory:")) as conn:
-        return conn.execute(f"SELECT {days.sql()} FROM (SELECT ? AS received_at_us)", (t,)).fetchone()[0]
+        sql = f"SELECT {days.sql()} FROM (SELECT ? AS received_at_us)"
+        return conn.execute(sql, (t,)).fetchone()[0]
 
 
 def test_a_booked_figure_imported_while_settling_is_settled_as_it_now_is(store, db, monkeypatch):
@@ -4408,7 +4413,8 @@ def test_sessions_without_a_sub_and_the_deploy_check_are_never_paid(client, db):
     lines = settlement_lines(store, spp_server.settle(store))
     assert b"".join(spp_server.settlement_output(store, 1, "csv")).decode().replace("\r\n", "\n") \
         == ledger_illustration("csv", ("illustration", "unattributed"))  # docs/ledger.md
-    assert [(l["user-id"], l["booked-part"], l["final"], l["top-up"], l["kind"]) for l in lines] == [
+    assert [(line["user-id"], line["booked-part"], line["final"], line["top-up"], line["kind"])
+            for line in lines] == [
         ("", "0.000004", "0", "0", "unattributed"), ("a", "0.000006", "0.000006", "0.0000045",
                                                       "settlement")]
     [pool] = spp_server.ledger_summary(store)["days"]
@@ -4456,8 +4462,9 @@ def test_what_no_booked_row_can_settle_is_named_at_settle_in_the_summary_and_at_
                    f"(paid now {paid}) stay pending" in line for line in named), named
     assert any(f"{day_text(0)}: 1 sessions estimated at 0.000002" in line for line in named)
     summary = spp_server.ledger_summary(store)
-    assert [(p["day"], p["property-id"], p["sessions"]) for p in summary["pending-without-booked"]] \
-        == [(day_text(0), "", 1), (day_text(0), "1234", 1), (day_text(0), "p2", 1)]
+    assert [(p["day"], p["property-id"], p["sessions"])
+            for p in summary["pending-without-booked"]] == [
+        (day_text(0), "", 1), (day_text(0), "1234", 1), (day_text(0), "p2", 1)]
     assert summary["booked-without-sessions"] == [
         {"day": day_text(0), "property-id": "01234", "booked-revenue": "0.000004"}]
 
@@ -4487,7 +4494,8 @@ def test_write_off_with_a_settlement_to_print_again_is_refused_not_ignored(store
 
 @pytest.mark.parametrize("url", ["/ledger/runs/1?format=", "/ledger/settlements/1?format=",
                                  "/earnings?since=2020-10-01&until=2020-10-02&format=",
-                                 "/reconciliation?since=2020-10-01&until=2020-10-02&report-utc-offset="])
+                                 "/reconciliation?since=2020-10-01&until=2020-10-02"
+                                 "&report-utc-offset="])
 def test_an_empty_format_or_offset_is_refused_like_an_empty_since(client, url):
     store = client.app.store
     add_sessions(store, [("a", None, 1000, at(0))])
@@ -4543,7 +4551,8 @@ def test_an_older_schema_is_not_upgraded_by_a_step_that_refuses(db, args, field,
     spp_server.enable_wal(conn, 1)
     spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=version)
     if version >= spp_server.LEDGER_SCHEMA_VERSION:  # a run recorded for that until, at 0.6
-        conn.execute("INSERT INTO payout_runs VALUES (1, 0, 0, ?, 0, '0.6', '0.9', 0, 0, 0, 0, 0, 0)",
+        conn.execute("INSERT INTO payout_runs VALUES "
+                     "(1, 0, 0, ?, 0, '0.6', '0.9', 0, 0, 0, 0, 0, 0)",
                      (spp_server.parse_instant("2020-10-02T00:00:00Z"),))
     conn.close()
     code, out, err = ledger_command(spp_server.run_pay, db, *args)
@@ -4568,8 +4577,9 @@ def test_the_ledger_csv_escapes_ids_a_spreadsheet_would_run_as_formulas(client, 
         assert sorted(line["user-id"] for line in lines) == sorted(escaped.values())
         assert {line["property-id"] for line in lines} == {"'=p"}
     # NDJSON, for an app, has the ids exactly; one leading quote removed gives them back.
-    assert sorted(json.loads(line)["user-id"] for line in run_text(store, 1, "ndjson").splitlines()) \
-        == sorted(users) == sorted(v[1:] if v.startswith("'") else v for v in escaped.values())
+    ndjson = run_text(store, 1, "ndjson").splitlines()
+    assert sorted(json.loads(line)["user-id"] for line in ndjson) == sorted(users) == sorted(
+        v[1:] if v.startswith("'") else v for v in escaped.values())
 
 
 # --- kill -9 at chosen points of a real command ---
@@ -5239,9 +5249,10 @@ def check_ledger(store, db, final, write_off):
             assert parts == [(booked,)]
         # The share of the users who cannot be credited is the margin's (issue 22, 2).
         [(users, uncredited)] = rows(
-            db, f"SELECT count(DISTINCT user_id) - count(DISTINCT CASE WHEN user_id = '' THEN 1 END), "
-                f"coalesce(sum(CASE WHEN user_id = '' THEN booked_part_nano END), 0) "
-                f"FROM settlement_lines WHERE settlement_id = ? AND day = ? AND property_id = ?",
+            db, "SELECT count(DISTINCT user_id) "
+                "- count(DISTINCT CASE WHEN user_id = '' THEN 1 END), "
+                "coalesce(sum(CASE WHEN user_id = '' THEN booked_part_nano END), 0) "
+                "FROM settlement_lines WHERE settlement_id = ? AND day = ? AND property_id = ?",
             (newest, day, prop))
         total = paid_now[0] + moved  # now + top-ups - balances carried
         due = Fraction(D(final)) * (booked - uncredited) if users else 0
@@ -5263,10 +5274,10 @@ def check_ledger(store, db, final, write_off):
         assert owed.get(u, 0) == carried - deducted >= 0
 
 
-@given(months())
-@LEDGER_SETTINGS
-def test_ledger_properties_hold_over_random_months(month):
-    sessions, order, cuts, final, pay_nows, booked, revisions, write_off = month
+@contextlib.contextmanager
+def month_in_store(sessions, order, booked):
+    """A fresh database holding a random month's sessions (in time order, or
+    in the drawn order: clock steps) and booked figures -> (store, db)."""
     with tempfile.TemporaryDirectory() as tmp:
         db = os.path.join(tmp, "spp.db")
         store = spp_server.Store(db)
@@ -5276,24 +5287,32 @@ def test_ledger_properties_hold_over_random_months(month):
                 timed.sort(key=lambda s: s[3])
             add_sessions(store, timed)
             book_rows(store, [(day_text(day), prop, n) for (day, prop), n in booked.items()])
-            outputs = {}
-            for cut, pay_now in zip(cuts, pay_nows):
-                run_id = pay(store, OCT + cut * HOUR_US, pay_now, final)
-                outputs[run_id] = run_text(store, run_id)
-                if cut % 2:
-                    spp_server.settle(store, write_off)
-            spp_server.settle(store, write_off)
-            # A revised report gives its days again whole, in the same breakdown.
-            revised = {key: revisions.get(key, n) for key, n in booked.items()
-                       if key[0] in {day for day, _ in revisions}}
-            book_rows(store, [(day_text(day), prop, n) for (day, prop), n in revised.items()])
-            spp_server.settle(store, write_off)
-            for run_id, cut, pay_now in zip(outputs, cuts, pay_nows):
-                assert pay(store, OCT + cut * HOUR_US, pay_now, final) == run_id
-                assert run_text(store, run_id) == outputs[run_id]
-            check_ledger(store, db, final, write_off)
+            yield store, db
         finally:
             store.close()
+
+
+@given(months())
+@LEDGER_SETTINGS
+def test_ledger_properties_hold_over_random_months(month):
+    sessions, order, cuts, final, pay_nows, booked, revisions, write_off = month
+    with month_in_store(sessions, order, booked) as (store, db):
+        outputs = {}
+        for cut, pay_now in zip(cuts, pay_nows):
+            run_id = pay(store, OCT + cut * HOUR_US, pay_now, final)
+            outputs[run_id] = run_text(store, run_id)
+            if cut % 2:
+                spp_server.settle(store, write_off)
+        spp_server.settle(store, write_off)
+        # A revised report gives its days again whole, in the same breakdown.
+        revised = {key: revisions.get(key, n) for key, n in booked.items()
+                   if key[0] in {day for day, _ in revisions}}
+        book_rows(store, [(day_text(day), prop, n) for (day, prop), n in revised.items()])
+        spp_server.settle(store, write_off)
+        for run_id, cut, pay_now in zip(outputs, cuts, pay_nows):
+            assert pay(store, OCT + cut * HOUR_US, pay_now, final) == run_id
+            assert run_text(store, run_id) == outputs[run_id]
+        check_ledger(store, db, final, write_off)
 
 
 OFFSETS = st.sampled_from([None, 0, 330, -180, 840, -720])
@@ -5306,39 +5325,29 @@ def test_report_offset_changes_keep_every_ledger_property_over_random_months(mon
     the day the recorded offsets give its receive time, and every ledger
     property still holds (issue 22, 1)."""
     sessions, order, cuts, final, pay_nows, booked, _, write_off = month
-    with tempfile.TemporaryDirectory() as tmp:
-        db = os.path.join(tmp, "spp.db")
-        store = spp_server.Store(db)
-        try:
-            timed = [(user, prop, nanos_, at(day, hour)) for user, day, hour, prop, nanos_ in sessions]
-            if order == "time":
-                timed.sort(key=lambda s: s[3])
-            add_sessions(store, timed)
-            book_rows(store, [(day_text(day), prop, n) for (day, prop), n in booked.items()])
-            for cut, pay_now, offset in zip(cuts, pay_nows, offsets):
-                try:
-                    pay(store, OCT + cut * HOUR_US, pay_now, final, offset)
-                except spp_server.Invalid as refused:  # a change that has not started yet
-                    assert refused.field == "report-utc-offset"
-                    pay(store, OCT + cut * HOUR_US, pay_now, final, None)
-                if cut % 2:
-                    spp_server.settle(store, write_off)
-            spp_server.settle(store, write_off)
-            days = spp_server.recorded_report_days(store, 0)
-            runs = rows(db, "SELECT id, after_session_id, last_session_id FROM payout_runs")
-            expected = Counter()
-            for sid, user, prop, t, day in rows(
-                    db, f"SELECT id, user_id, coalesce(property_id, ''), received_at_us, "
-                        f"{days.sql()} FROM sessions"):
-                assert days.start_us(day) <= t < days.start_us(day + 1)
-                run = [r for r, after, last in runs if after < sid <= last]
-                if run:
-                    expected[run[0], day_text(day - OCT // spp_server.DAY_US), prop, user] += 1
-            assert dict(expected) == {tuple(key): n for *key, n in rows(
-                db, "SELECT run_id, day, property_id, user_id, sessions FROM payout_parts")}
-            check_ledger(store, db, final, write_off)
-        finally:
-            store.close()
+    with month_in_store(sessions, order, booked) as (store, db):
+        for cut, pay_now, offset in zip(cuts, pay_nows, offsets):
+            try:
+                pay(store, OCT + cut * HOUR_US, pay_now, final, offset)
+            except spp_server.Invalid as refused:  # a change that has not started yet
+                assert refused.field == "report-utc-offset"
+                pay(store, OCT + cut * HOUR_US, pay_now, final, None)
+            if cut % 2:
+                spp_server.settle(store, write_off)
+        spp_server.settle(store, write_off)
+        days = spp_server.recorded_report_days(store, 0)
+        runs = rows(db, "SELECT id, after_session_id, last_session_id FROM payout_runs")
+        expected = Counter()
+        for sid, user, prop, t, day in rows(
+                db, f"SELECT id, user_id, coalesce(property_id, ''), received_at_us, "
+                    f"{days.sql()} FROM sessions"):
+            assert days.start_us(day) <= t < days.start_us(day + 1)
+            run = [r for r, after, last in runs if after < sid <= last]
+            if run:
+                expected[run[0], day_text(day - OCT // spp_server.DAY_US), prop, user] += 1
+        assert dict(expected) == {tuple(key): n for *key, n in rows(
+            db, "SELECT run_id, day, property_id, user_id, sessions FROM payout_parts")}
+        check_ledger(store, db, final, write_off)
 
 
 def uncredited_month(month):
@@ -5355,58 +5364,48 @@ def test_only_users_who_can_be_credited_are_paid_over_random_months(month):
     deploy check; ''s share of a booked figure is the margin's; the deploy
     check's sessions are in no part at all."""
     sessions, order, cuts, final, pay_nows, booked, _, write_off = month
-    with tempfile.TemporaryDirectory() as tmp:
-        db = os.path.join(tmp, "spp.db")
-        store = spp_server.Store(db)
-        try:
-            timed = [(user, prop, nanos_, at(day, hour)) for user, day, hour, prop, nanos_ in sessions]
-            if order == "time":
-                timed.sort(key=lambda s: s[3])
-            add_sessions(store, timed)
-            book_rows(store, [(day_text(day), prop, n) for (day, prop), n in booked.items()])
-            for cut, pay_now in zip(cuts, pay_nows):
-                run_id = pay(store, OCT + cut * HOUR_US, pay_now, final)
-                assert {line["user-id"] for line in run_lines(store, run_id)}.isdisjoint(
-                    {"", spp_server.DEPLOY_CHECK_USER})
-                if cut % 2:
-                    spp_server.settle(store, write_off)
-            spp_server.settle(store, write_off)
-            uncredited = ("", spp_server.DEPLOY_CHECK_USER)
-            assert rows(db, "SELECT count(*) FROM payout_parts WHERE user_id = ?",
-                        (spp_server.DEPLOY_CHECK_USER,)) == [(0,)]
-            for table in ("payout_parts", "settlement_lines"):
-                assert rows(db, f"SELECT coalesce(sum(paid_now_nano), 0) FROM {table} "
-                                "WHERE user_id IN (?, ?)", uncredited) == [(0,)]
-            assert rows(db, "SELECT coalesce(sum(final_nano + top_up_nano + carried_nano "
-                            "+ written_off_nano), 0), count(*) - sum(correction = 2) "
-                            "FROM settlement_lines WHERE user_id IN (?, ?)", uncredited)[0] in [
-                (0, 0), (0, None)]
-            assert rows(db, "SELECT count(*) FROM ledger_balances WHERE user_id IN (?, ?)",
-                        uncredited) == [(0,)]
-            summary = spp_server.ledger_summary(store)
-            for run in summary["runs"]:  # a run's totals are its lines'; '' is shown apart
-                unpaid = rows(db, "SELECT count(*), coalesce(sum(revenue_nano), 0) FROM sessions s "
-                                  "JOIN payout_runs r ON s.id > r.after_session_id "
-                                  "AND s.id <= r.last_session_id WHERE r.id = ? AND s.user_id = ''",
-                              (run["run-id"],))[0]
-                assert (run["unattributed-sessions"], nanos(run["unattributed-estimated-revenue"])) \
-                    == unpaid
-            for pool in summary["days"]:  # what '' would have had is the margin's
-                credited = rows(db, "SELECT coalesce(sum(booked_part_nano), 0), count(*) "
-                                    "FROM settlement_lines WHERE settlement_id = ? AND day = ? "
-                                    "AND property_id = ? AND user_id <> ''",
-                                (pool["settlement-id"], pool["day"], pool["property-id"]))[0]
-                paid_in_total = nanos(pool["paid-in-total"])
-                assert nanos(pool["unattributed-booked"]) + credited[0] in (
-                    nanos(pool["booked-revenue"]), 0)
-                if not write_off and credited[1]:
-                    assert paid_in_total <= Fraction(D(final)) * credited[0] or any(
-                        n for (n,) in rows(db, "SELECT count(*) FROM settlement_days WHERE day = ? "
-                                               "AND property_id = ? AND settlement_id < ?",
-                                           (pool["day"], pool["property-id"], pool["settlement-id"])))
-            check_ledger(store, db, final, write_off)
-        finally:
-            store.close()
+    with month_in_store(sessions, order, booked) as (store, db):
+        for cut, pay_now in zip(cuts, pay_nows):
+            run_id = pay(store, OCT + cut * HOUR_US, pay_now, final)
+            assert {line["user-id"] for line in run_lines(store, run_id)}.isdisjoint(
+                {"", spp_server.DEPLOY_CHECK_USER})
+            if cut % 2:
+                spp_server.settle(store, write_off)
+        spp_server.settle(store, write_off)
+        uncredited = ("", spp_server.DEPLOY_CHECK_USER)
+        assert rows(db, "SELECT count(*) FROM payout_parts WHERE user_id = ?",
+                    (spp_server.DEPLOY_CHECK_USER,)) == [(0,)]
+        for table in ("payout_parts", "settlement_lines"):
+            assert rows(db, f"SELECT coalesce(sum(paid_now_nano), 0) FROM {table} "
+                            "WHERE user_id IN (?, ?)", uncredited) == [(0,)]
+        assert rows(db, "SELECT coalesce(sum(final_nano + top_up_nano + carried_nano "
+                        "+ written_off_nano), 0), count(*) - sum(correction = 2) "
+                        "FROM settlement_lines WHERE user_id IN (?, ?)", uncredited)[0] in [
+            (0, 0), (0, None)]
+        assert rows(db, "SELECT count(*) FROM ledger_balances WHERE user_id IN (?, ?)",
+                    uncredited) == [(0,)]
+        summary = spp_server.ledger_summary(store)
+        for run in summary["runs"]:  # a run's totals are its lines'; '' is shown apart
+            unpaid = rows(db, "SELECT count(*), coalesce(sum(revenue_nano), 0) FROM sessions s "
+                              "JOIN payout_runs r ON s.id > r.after_session_id "
+                              "AND s.id <= r.last_session_id WHERE r.id = ? AND s.user_id = ''",
+                          (run["run-id"],))[0]
+            assert (run["unattributed-sessions"], nanos(run["unattributed-estimated-revenue"])) \
+                == unpaid
+        for pool in summary["days"]:  # what '' would have had is the margin's
+            credited = rows(db, "SELECT coalesce(sum(booked_part_nano), 0), count(*) "
+                                "FROM settlement_lines WHERE settlement_id = ? AND day = ? "
+                                "AND property_id = ? AND user_id <> ''",
+                            (pool["settlement-id"], pool["day"], pool["property-id"]))[0]
+            paid_in_total = nanos(pool["paid-in-total"])
+            assert nanos(pool["unattributed-booked"]) + credited[0] in (
+                nanos(pool["booked-revenue"]), 0)
+            if not write_off and credited[1]:
+                assert paid_in_total <= Fraction(D(final)) * credited[0] or any(
+                    n for (n,) in rows(db, "SELECT count(*) FROM settlement_days WHERE day = ? "
+                                           "AND property_id = ? AND settlement_id < ?",
+                                       (pool["day"], pool["property-id"], pool["settlement-id"])))
+        check_ledger(store, db, final, write_off)
 
 
 # ---------------------------------------------------------------------------
