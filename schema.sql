@@ -190,6 +190,51 @@ CREATE TABLE ledger_balances (
 ) WITHOUT ROWID;
 
 -- version 6
+-- import-booked in steps (importops): a report's rows are staged under a new
+-- import id in short transactions, unseen, then one short transaction points
+-- each day and property it covers at them, then the rows it superseded are
+-- deleted in short transactions.  booked_revenue becomes the view of the
+-- current rows, with the columns the table had.
+CREATE TABLE booked_rows (
+    import_id       INTEGER NOT NULL,
+    day             TEXT    NOT NULL CHECK (day GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]'),
+    property_id     TEXT    NOT NULL,
+    country         TEXT    NOT NULL,
+    revenue_nano    INTEGER NOT NULL CHECK (revenue_nano >= 0),
+    imported_at_us  INTEGER NOT NULL,
+    source_file     TEXT    NOT NULL,
+    PRIMARY KEY (import_id, day, property_id, country)
+) WITHOUT ROWID;
+-- Whose rows stand for each day and property an import covered.  The rows of
+-- an import id above the largest here are staged (or left by a killed import).
+CREATE TABLE booked_current (
+    day             TEXT    NOT NULL,
+    property_id     TEXT    NOT NULL,
+    import_id       INTEGER NOT NULL,
+    PRIMARY KEY (day, property_id)
+) WITHOUT ROWID;
+-- Rows a switch made obsolete, deleted after it (by the next import if killed).
+CREATE TABLE booked_superseded (
+    import_id       INTEGER NOT NULL,
+    day             TEXT    NOT NULL,
+    property_id     TEXT    NOT NULL,
+    PRIMARY KEY (import_id, day, property_id)
+) WITHOUT ROWID;
+INSERT INTO booked_rows
+    SELECT 0, day, property_id, country, revenue_nano, imported_at_us, source_file
+    FROM booked_revenue;
+INSERT INTO booked_current SELECT DISTINCT day, property_id, 0 FROM booked_revenue;
+DROP TABLE booked_revenue;
+CREATE VIEW booked_revenue AS
+    -- c's day and property: a query by day and property reads c in its key
+    -- order.  The unary + keeps SQLite from copying a range on c.day to r.day,
+    -- which it would search by instead of the equality (every row of the
+    -- import in the range, for each day and property).
+    SELECT c.day, c.property_id, r.country, r.revenue_nano, r.imported_at_us, r.source_file
+    FROM booked_current c
+    JOIN booked_rows r
+      ON r.import_id = c.import_id AND r.day = +c.day AND r.property_id = c.property_id;
+
 -- Ledger rules (issue 22, one report offset): the offsets that cut receive
 -- times into report days, each recorded by the run that started it.  The
 -- first applies from the start (first_day NULL); a change from first_day on.

@@ -7,7 +7,7 @@ publisher what each user earned.  One Bottle app served by waitress; storage
 is one SQLite file in WAL mode.  See README.md.
 
 Sections: configuration, money and time, storage (with retention), output formats,
-validation, booked revenue, reconciliation, HTTP, server/CLI.
+validation, booked revenue, reconciliation, payout ledger, HTTP, web view, server/CLI.
 """
 
 import argparse
@@ -19,10 +19,12 @@ import csv
 import dataclasses
 import decimal
 import difflib
+import errno
 import fcntl
 import functools
 import heapq
 import hmac
+import html
 import io
 import ipaddress
 import itertools
@@ -421,19 +423,38 @@ SQL = {
         SELECT coalesce(property_id, ''), count(*) FROM sessions INDEXED BY sessions_by_time
         WHERE received_at_us >= ? AND received_at_us < ? AND {SQL_REPORTED} GROUP BY 1""",
     "booked_of_day": """
-        SELECT property_id, country, revenue_nano FROM booked_revenue WHERE day = ?""",
+        SELECT property_id, country, revenue_nano, imported_at_us, source_file
+        FROM booked_revenue WHERE day = ?""",
     "booked_of_day_and_property": """
-        SELECT property_id, country, revenue_nano FROM booked_revenue
-        WHERE day = ? AND property_id = ?""",
-    "delete_booked": """
-        DELETE FROM booked_revenue WHERE day = ? AND property_id = ? AND country = ?""",
-    "upsert_booked": """
-        INSERT INTO booked_revenue
-            (day, property_id, country, revenue_nano, imported_at_us, source_file)
-        VALUES (?, ?, ?, ?, ?, ?)
-        ON CONFLICT (day, property_id, country) DO UPDATE SET
-            revenue_nano = excluded.revenue_nano, imported_at_us = excluded.imported_at_us,
-            source_file = excluded.source_file""",
+        SELECT property_id, country, revenue_nano, imported_at_us, source_file
+        FROM booked_revenue WHERE day = ? AND property_id = ?""",
+    # An import in steps (see import_booked): staged, switched, superseded cleared.
+    "last_import": "SELECT coalesce(max(import_id), 0) FROM booked_current",
+    "import_leftovers": """
+        SELECT EXISTS (SELECT 1 FROM booked_rows WHERE import_id > ?)
+            OR EXISTS (SELECT 1 FROM booked_superseded)""",
+    "unfinished_import": """
+        DELETE FROM booked_rows WHERE import_id = :id AND (day, property_id, country) IN (
+            SELECT day, property_id, country FROM booked_rows WHERE import_id = :id LIMIT :n)""",
+    "stage_booked": """
+        INSERT INTO booked_rows
+            (import_id, day, property_id, country, revenue_nano, imported_at_us, source_file)
+        VALUES (?, ?, ?, ?, ?, ?, ?)""",
+    "supersede_day": """
+        INSERT OR IGNORE INTO booked_superseded
+        SELECT import_id, day, property_id FROM booked_current WHERE day = ?""",
+    "switch_day": "UPDATE booked_current SET import_id = ? WHERE day = ?",
+    "supersede_scope": """
+        INSERT OR IGNORE INTO booked_superseded
+        SELECT import_id, day, property_id FROM booked_current WHERE day = ? AND property_id = ?""",
+    "switch_scope": """
+        INSERT INTO booked_current (day, property_id, import_id) VALUES (?, ?, ?)
+        ON CONFLICT (day, property_id) DO UPDATE SET import_id = excluded.import_id""",
+    "superseded_scopes": "SELECT import_id, day, property_id FROM booked_superseded LIMIT ?",
+    "delete_superseded_rows": """
+        DELETE FROM booked_rows WHERE import_id = ? AND day = ? AND property_id = ?""",
+    "delete_superseded_scope": """
+        DELETE FROM booked_superseded WHERE import_id = ? AND day = ? AND property_id = ?""",
     # Summed over countries; split like SQL_SUMS so that the sum cannot overflow.
     "booked_by_day": """
         SELECT day, property_id,
@@ -668,15 +689,60 @@ SQL = {
                (SELECT nano FROM paid) - (SELECT coalesce(sum(paid_now_nano), 0) FROM lines l
                   WHERE settlement_id = (SELECT max(settlement_id) FROM lines n
                                          WHERE n.day = l.day AND n.property_id = l.property_id))""",
+    # For /metrics: the estimated revenue of the sessions after an id (the
+    # total grows by the new ones only), the ledger's last steps and its days.
+    "revenue_after": """
+        SELECT max(id), coalesce(sum(revenue_nano), 0) FROM sessions WHERE id > ?""",
+    # The first sum: the narrow covering index, not the rows with their raw bodies.
+    "revenue_all": "SELECT max(id), coalesce(sum(revenue_nano), 0) FROM sessions",
+    "last_session_id": "SELECT coalesce(max(id), 0) FROM sessions",
+    "last_run_times": "SELECT created_at_us, until_us FROM payout_runs ORDER BY id DESC LIMIT 1",
+    "last_settlement_times": """
+        SELECT s.created_at_us, s.report_utc_offset,
+               (SELECT max(day) FROM settlement_days WHERE settlement_id = s.id)
+        FROM settlements s ORDER BY s.id DESC LIMIT 1""",
+    "run_offsets": "SELECT id, report_utc_offset FROM payout_runs ORDER BY id",
+    "next_paid_day": "SELECT min(day) FROM payout_parts WHERE run_id = ? AND day > ?",
+    "settled_days": "SELECT DISTINCT day FROM settlement_days",
     "stats": """
         SELECT (SELECT count(*) FROM sessions), (SELECT max(received_at_us) FROM sessions),
                (SELECT count(*) FROM rejected), (SELECT count(*) FROM conflicts)""",
+    # Newest first; the web view pages them by receive time (:before).
     "newest_rejected": """
         SELECT id, received_at_us, field, reason, raw_body
-        FROM rejected ORDER BY id DESC LIMIT ?""",
+        FROM rejected WHERE received_at_us < :before ORDER BY id DESC LIMIT :limit""",
     "newest_conflicts": """
         SELECT id, session_id, received_at_us, stored_body, new_body
-        FROM conflicts ORDER BY id DESC LIMIT ?""",
+        FROM conflicts WHERE received_at_us < :before ORDER BY id DESC LIMIT :limit""",
+    # --- The web view (see "Web view" below) ---
+    # Where the view's rollup stands: the newest id, and the session at the
+    # id it has read up to (a restored backup puts another one there).
+    "rollup_mark": """
+        SELECT (SELECT max(id) FROM sessions), (SELECT session_id FROM sessions WHERE id = ?)""",
+    "session_id_at": "SELECT session_id FROM sessions WHERE id = ?",
+    # The sessions added since the rollup's last read, by the primary key.
+    "rollup_rows": """
+        SELECT (received_at_us + :offset_us) / 86400000000, property_id, country, count(*),
+               coalesce(sum(ads_viewed), 0), coalesce(sum(duration_s), 0),
+               sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
+        FROM sessions WHERE id > :after AND id <= :last GROUP BY 1, 2, 3""",
+    # The ranking only (total() is a float: it orders, it never shows): the
+    # figures on the page come from user_earnings, as the API's do.
+    "users_by_revenue": """
+        SELECT user_id FROM (
+            SELECT user_id, total(revenue_nano) AS revenue
+            FROM sessions INDEXED BY sessions_by_user
+            WHERE received_at_us >= :since AND received_at_us < :until GROUP BY user_id)
+        ORDER BY revenue DESC, user_id""",
+    "first_user_from": """
+        SELECT user_id FROM sessions INDEXED BY sessions_by_user
+        WHERE user_id >= ? ORDER BY user_id LIMIT 1""",
+    "next_user_after": """
+        SELECT user_id FROM sessions INDEXED BY sessions_by_user
+        WHERE user_id > ? ORDER BY user_id LIMIT 1""",
+    "newest_sessions": """
+        SELECT received_at_us, session_id, user_id, raw_body FROM sessions INDEXED BY sessions_by_time
+        WHERE received_at_us < :before ORDER BY received_at_us DESC LIMIT :limit""",
     "schema_version": "PRAGMA user_version",  # also a cheap read for health
     "last_received": "SELECT max(received_at_us) FROM sessions",
     "health_probe": "INSERT OR REPLACE INTO health_probe (id, probed_at_us) VALUES (1, ?)",
@@ -1906,9 +1972,39 @@ def metric(name, kind, text, samples):
     return lines
 
 
-def prometheus_metrics(store, counters):
+class RevenueTotal:
+    """The estimated revenue of every stored session, as a counter: summed
+    once, then only over the sessions stored since the last scrape.  Summed
+    again from the start when the sessions went back (a restored backup)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._last_id, self._nanos = 0, 0
+
+    def nanos(self, store):
+        with self._lock:
+            if store.read(SQL["last_session_id"])[0][0] < self._last_id:
+                self._last_id, self._nanos = 0, 0
+            [(last_id, nanos)] = (store.read(SQL["revenue_after"], (self._last_id,))
+                                  if self._last_id else store.read(SQL["revenue_all"]))
+            if last_id is not None:
+                self._last_id, self._nanos = last_id, self._nanos + nanos
+            return self._nanos
+
+
+def seconds_text(us):
+    """Microseconds since the epoch -> exact seconds, as Prometheus timestamps are."""
+    return f"{us // 1_000_000}.{us % 1_000_000:06d}"
+
+
+def prometheus_metrics(store, counters, revenue=None):
     """What /metrics answers: this process's counters and the database's state."""
     now = stats(store, counters)
+    ledger = ledger_state(store)
+
+    def instant(key):
+        return [] if ledger[key] is None else [("", seconds_text(ledger[key]))]
+
     buckets, count, sum_ns = store.writer.write_times.snapshot()
     size = sum(os.path.getsize(path) for path in (store.path, store.path + "-wal")
                if os.path.exists(path))
@@ -1935,11 +2031,35 @@ def prometheus_metrics(store, counters):
                  ("_count", count)]),
         *metric("spp_database_size_bytes", "gauge", "Size of the database file and its WAL.",
                 [("", size)]),
+        *metric("spp_estimated_revenue_usd_total", "counter",
+                "Estimated revenue (your-estimated-revenue) of every stored session, in USD.",
+                [("", nanos_to_usd((revenue or RevenueTotal()).nanos(store)))]),
+        *metric("spp_ledger_last_run_timestamp_seconds", "gauge",
+                "When the newest payout run was recorded (absent before the first).",
+                instant("run_at")),
+        *metric("spp_ledger_last_run_until_timestamp_seconds", "gauge",
+                "The --until of the newest payout run: it paid the sessions received before.",
+                instant("run_until")),
+        *metric("spp_ledger_last_settlement_timestamp_seconds", "gauge",
+                "When the newest settlement was recorded (absent before the first).",
+                instant("settlement_at")),
+        *metric("spp_ledger_last_settlement_until_timestamp_seconds", "gauge",
+                "The end of the newest report day the newest settlement settled.",
+                instant("settlement_until")),
+        *metric("spp_ledger_oldest_unsettled_paid_day_timestamp_seconds", "gauge",
+                "The start of the oldest report day paid in a run and in no settlement yet "
+                "(absent when every paid day is settled).", instant("oldest_unsettled")),
+        *metric("spp_ledger_pending_usd", "gauge",
+                "Paid now in runs but not yet settled against booked revenue, in USD.",
+                [("", ledger["pending"])]),
+        *metric("spp_ledger_owed_usd", "gauge",
+                "Carried balances not yet taken back from later runs, in USD.",
+                [("", ledger["owed"])]),
     ]
     return "\n".join(lines) + "\n"
 
 
-def newest_rejected(store, limit):
+def newest_rejected(store, limit, before=2**63 - 1):
     return [
         {
             "id": row_id,
@@ -1949,11 +2069,12 @@ def newest_rejected(store, limit):
             # The bytes as received, shown as text; bytes that are not UTF-8 as \xNN.
             "raw-body": bytes(raw).decode("utf-8", "backslashreplace"),
         }
-        for row_id, received, field, reason, raw in store.read(SQL["newest_rejected"], (limit,))
+        for row_id, received, field, reason, raw in store.read(
+            SQL["newest_rejected"], {"limit": limit, "before": before})
     ]
 
 
-def newest_conflicts(store, limit):
+def newest_conflicts(store, limit, before=2**63 - 1):
     return [
         {
             "id": row_id,
@@ -1963,7 +2084,7 @@ def newest_conflicts(store, limit):
             "new-body": new,
         }
         for row_id, session_id, received, stored, new in store.read(
-            SQL["newest_conflicts"], (limit,)
+            SQL["newest_conflicts"], {"limit": limit, "before": before}
         )
     ]
 
@@ -2340,7 +2461,7 @@ class BookedFileError(Exception):
     """A report file that cannot be imported, with one line saying why."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a report holds millions: no __dict__ each
 class BookedRow:
     day: str  # YYYY-MM-DD, a report day
     property_id: str  # '' when the report has no property-id
@@ -2477,7 +2598,9 @@ def booked_row(where, fields, columns):
         property_id = check_property_id(fields)
     except Invalid as invalid:
         refuse(invalid.field, invalid.message)
-    return BookedRow(day, property_id or "", country or "", nanos)
+    # The same day, property and country recur on every row: one string each.
+    return BookedRow(sys.intern(day), sys.intern(property_id or ""), sys.intern(country or ""),
+                     nanos)
 
 
 def parse_booked_report(data, metric="revenue"):
@@ -2509,42 +2632,126 @@ def parse_booked_report(data, metric="revenue"):
     return rows
 
 
-def import_booked(rows, source_file):
-    """The write op storing a report: it replaces everything stored for what
-    the report covers, whatever breakdown or metric that was imported with, so
-    that no day is counted twice and a row a revision dropped goes.  A report
-    without property ids covers its days whole.  One with property ids covers,
-    on each of its days, the properties it names (a report fetched for one
-    property leaves the others alone) and the rows without a property, which
-    may be a whole day imported without property ids: kept, they would count
-    its properties twice.  Returns the counts of new, replaced, unchanged and
-    removed rows; an import of what is stored already writes nothing."""
+# An import is staged in transactions of this many rows, and its superseded
+# rows are deleted in transactions of this many (day, property) scopes: a
+# postback waits behind one of them at most (docs/performance.md).
+BOOKED_CHUNK_ROWS = 10_000
+BOOKED_CHUNK_SCOPES = 50
+
+
+@contextlib.contextmanager
+def import_lock(store):
+    """One import at a time, across processes: an flock on a file beside the
+    database's real path, as the ledger's (see ledger_lock_path), which the
+    kernel releases if its holder dies.  Not on the database file itself:
+    closing any descriptor of it would drop this process's SQLite locks
+    (POSIX locks belong to the process)."""
+    fd = os.open(ledger_lock_path(store, "-import-lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"{IMPORT_PROG}: waiting for another import-booked of {store.path} to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def compare_with_stored(conn, rows, source_file, imported_at_us):
+    """What the import changes, read on one snapshot: (counts of new, replaced,
+    unchanged and removed rows, the rows to stage).  A report without property
+    ids covers its days whole.  One with property ids covers, on each of its
+    days, the properties it names (a report fetched for one property leaves
+    the others alone) and the rows without a property, which may be a whole
+    day imported without property ids: kept, they would count its properties
+    twice.  An unchanged row keeps when and from which file it came."""
     figures = {row.key(): row.revenue_nano for row in rows}
     days = sorted({row.day for row in rows})
     properties = sorted({row.property_id for row in rows} | {""})
+    stored = {}
+    for day in days:
+        found = (conn.execute(SQL["booked_of_day"], (day,)) if properties == [""] else
+                 (row for prop in properties
+                  for row in conn.execute(SQL["booked_of_day_and_property"], (day, prop))))
+        for prop, country, nanos, at_us, source in found:
+            stored[(day, prop, country)] = (nanos, at_us, source)
+    counts = {"new": 0, "replaced": 0, "unchanged": 0, "removed": len(stored.keys() - figures)}
+    staged = []
+    for key, nanos in sorted(figures.items()):
+        before = stored.get(key)
+        if before is not None and before[0] == nanos:
+            counts["unchanged"] += 1
+            staged.append((*key, *before))
+        else:
+            counts["new" if before is None else "replaced"] += 1
+            staged.append((*key, nanos, imported_at_us, source_file))
+    return counts, staged, days, properties
 
-    def stored_rows(conn, day):
-        if properties == [""]:
-            return conn.execute(SQL["booked_of_day"], (day,)).fetchall()
-        return [row for prop in properties
-                for row in conn.execute(SQL["booked_of_day_and_property"], (day, prop))]
 
-    def op(conn, imported_at_us):
-        stored = {(day, prop, country): nanos
-                  for day in days for prop, country, nanos in stored_rows(conn, day)}
-        counts = {"new": 0, "replaced": 0, "unchanged": 0, "removed": 0}
-        for key in sorted(stored.keys() - figures.keys()):
-            conn.execute(SQL["delete_booked"], key)
-            counts["removed"] += 1
-        for key, nanos in figures.items():
-            if stored.get(key) == nanos:
-                counts["unchanged"] += 1
-                continue
-            conn.execute(SQL["upsert_booked"], (*key, nanos, imported_at_us, source_file))
-            counts["new" if key not in stored else "replaced"] += 1
-        return counts
+def clear_earlier_imports(store, unfinished_id):
+    """Delete, in short transactions, the staged rows of an import that died
+    before its switch and the rows that committed imports superseded."""
+    while store.write(lambda conn, _: conn.execute(SQL["unfinished_import"], {
+            "id": unfinished_id, "n": BOOKED_CHUNK_ROWS}).rowcount):
+        pass
+    while store.write(clear_superseded_scopes):
+        pass
 
-    return op
+
+def clear_superseded_scopes(conn, _):
+    scopes = conn.execute(SQL["superseded_scopes"], (BOOKED_CHUNK_SCOPES,)).fetchall()
+    for scope in scopes:
+        conn.execute(SQL["delete_superseded_rows"], scope)
+        conn.execute(SQL["delete_superseded_scope"], scope)
+    return len(scopes)
+
+
+def switch_to_import(import_id, days, properties, conn, _):
+    """The write op that makes a staged import the booked revenue of what it
+    covers, in one short transaction: a row per day and property covered."""
+    if properties == [""]:  # whole days: every property stored for them too
+        for day in days:
+            conn.execute(SQL["supersede_day"], (day,))
+            conn.execute(SQL["switch_day"], (import_id, day))
+            conn.execute(SQL["switch_scope"], (day, "", import_id))
+        return
+    for day in days:
+        for prop in properties:
+            conn.execute(SQL["supersede_scope"], (day, prop))
+            conn.execute(SQL["switch_scope"], (day, prop, import_id))
+
+
+def import_booked(store, rows, source_file):
+    """Store a report's rows as the booked revenue of what it covers (see
+    compare_with_stored) -> the counts of new, replaced, unchanged and removed
+    rows; an import of what is stored already writes nothing.  In steps, so
+    that postbacks never wait long for the write lock: the rows are staged
+    under a new import id in short transactions, unseen (readers see rows
+    through booked_current only), then one short transaction switches each
+    covered day and property to them, then the superseded rows are deleted.
+    Killed at any point, the previous figures stand (or the new ones, once
+    switched) and the next import clears what was left."""
+    with import_lock(store):
+        with store.snapshot() as conn:
+            import_id = conn.execute(SQL["last_import"]).fetchone()[0] + 1
+            left_over = conn.execute(SQL["import_leftovers"], (import_id - 1,)).fetchone()[0]
+        if left_over:
+            clear_earlier_imports(store, import_id)
+        with store.snapshot() as conn:
+            counts, staged, days, properties = compare_with_stored(
+                conn, rows, source_file, now_us())
+        if not (counts["new"] or counts["replaced"] or counts["removed"]):
+            return counts
+        staged = iter(staged)
+        while chunk := list(itertools.islice(staged, BOOKED_CHUNK_ROWS)):
+            store.write(functools.partial(
+                insert_rows, SQL["stage_booked"], [(import_id, *row) for row in chunk]))
+        store.write(functools.partial(switch_to_import, import_id, days, properties))
+    with contextlib.suppress(StoreUnavailable):  # the next import clears them
+        while store.write(clear_superseded_scopes):
+            pass
+    return counts
 
 
 def booked_without_sessions(store, rows):
@@ -2817,7 +3024,17 @@ def joined_nanos(whole_usd, nano_rest):
     return whole_usd * NANOS_PER_USD + nano_rest
 
 
-def reconciliation_sides(store, q):
+def estimates_of_days(store, window, split, days):
+    """Each report day's (day, property or None, sessions, whole USD, nano
+    rest), by property when `split`: what the sessions estimated, in the
+    report days `days`."""
+    if split:
+        return store.read(SQL["estimates_by_day_and_property"].format(day=days.sql()), window)
+    return [(day, None, *sums) for day, *sums
+            in store.read(SQL["estimates_by_day"].format(day=days.sql()), window)]
+
+
+def reconciliation_sides(store, q, estimates_of=estimates_of_days):
     """{(day, property or None): [sessions, estimated nanos, booked nanos]},
     None where a side has nothing.  A day whose booked rows name properties
     has a record per property, its booked rows without one held against the
@@ -2835,14 +3052,10 @@ def reconciliation_sides(store, q):
     def key(day, prop):
         return day, (prop or None) if split and day not in whole_days else None
 
-    days = q.days
+    days = q.days  # offset_us: for the web view's rollup, cut at one offset
     window = {"since": days.start_us(q.since_day), "until": days.start_us(q.until_day),
-              "property": q.property_id}
-    if split:
-        estimates = store.read(SQL["estimates_by_day_and_property"].format(day=days.sql()), window)
-    else:
-        estimates = [(day, None, *sums) for day, *sums
-                     in store.read(SQL["estimates_by_day"].format(day=days.sql()), window)]
+              "property": q.property_id, "offset_us": days.offset * MINUTE_US}
+    estimates = estimates_of(store, window, split, days)
     sides = {}
     for day, prop, sessions, whole, rest in estimates:
         side = sides.setdefault(key(report_day_text(day), prop), [0, 0, None])
@@ -2964,12 +3177,13 @@ def reconciliation_summary(q, records, rows):
     }
 
 
-def reconciliation(store, q):
+def reconciliation(store, q, estimates_of=estimates_of_days):
     """The report: one record per report day (and property, see
-    reconciliation_sides) and a summary.  Shared by GET /reconciliation and
-    `spp_server.py reconcile`."""
+    reconciliation_sides) and a summary.  Shared by GET /reconciliation,
+    `spp_server.py reconcile` and the web view (which sums the estimates
+    from its rollup: estimates_of)."""
     q = dataclasses.replace(q, days=q.days or recorded_report_days(store, q.default_offset))
-    return reconciliation_report(q, reconciliation_sides(store, q))
+    return reconciliation_report(q, reconciliation_sides(store, q, estimates_of))
 
 
 def reconciliation_report(q, sides):
@@ -3133,7 +3347,7 @@ def owed_balances(conn):
     return conn.execute(SQL["owed_balances"]).fetchall()
 
 
-def ledger_lock_path(store):
+def ledger_lock_path(store, suffix="-ledger-lock"):
     """The lock of the database itself, whatever path names it: beside its
     real path (a symlink or a relative path names the same lock).  A second
     hard link would be a second lock, and SQLite keeps a WAL database's -wal
@@ -3145,7 +3359,7 @@ def ledger_lock_path(store):
             f"{store.path} has {links} hard links: a step locks the database by its one real "
             "path, and SQLite cannot share a database between two names: remove the other "
             f"name (find / -xdev -samefile {real} lists them); nothing changed")
-    return real + "-ledger-lock"
+    return real + suffix
 
 
 @contextlib.contextmanager
@@ -3686,6 +3900,40 @@ def unmatched_pending(conn):
     return pending_without_booked(conn, conn.execute(SQL["booked_pools"]).fetchall(), days, last)
 
 
+def oldest_unsettled_paid_day(conn):
+    """The start (receive time) of the oldest report day with a part in a
+    run and no settlement, or None: each run's days are walked in its key
+    order, one index search per day, never its parts one by one."""
+    settled = {day for (day,) in conn.execute(SQL["settled_days"])}
+    days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), 0)
+    oldest = None
+    for run_id, _ in conn.execute(SQL["run_offsets"]).fetchall():
+        day = ""
+        while (day := conn.execute(SQL["next_paid_day"], (run_id, day)).fetchone()[0]) is not None:
+            if day not in settled:
+                start = day_bounds_us(day, days)[0]
+                oldest = start if oldest is None else min(oldest, start)
+                break
+    return oldest
+
+
+def ledger_state(store):
+    """What /metrics tells of the ledger: times in receive-time microseconds
+    (None before the first run or settlement), totals as decimal strings."""
+    with store.snapshot() as conn:
+        run = conn.execute(SQL["last_run_times"]).fetchone()
+        settlement = conn.execute(SQL["last_settlement_times"]).fetchone()
+        sums = ledger_totals(conn.execute(SQL["ledger_sums"]).fetchone())
+        oldest = oldest_unsettled_paid_day(conn)
+        days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), 0)
+    settled_until = None
+    if settlement is not None and settlement[2] is not None:
+        settled_until = day_bounds_us(settlement[2], days)[1]
+    return {"run_at": run and run[0], "run_until": run and run[1],
+            "settlement_at": settlement and settlement[0], "settlement_until": settled_until,
+            "oldest_unsettled": oldest, "pending": sums["pending"], "owed": sums["owed"]}
+
+
 def json_output(report):
     return (json.dumps(report, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -3874,6 +4122,9 @@ def receive_postback(known):
             quoted(session.session_id),
         )
         outcome = "duplicate"
+    elif outcome == "duplicate":  # for the web view: one append, no write
+        app.recent_duplicates.append(
+            (now_us(), session.session_id, session.user_id, body.decode("utf-8")))
     account_postback(outcome, 200, session.session_id, session.user_id)
     return {"status": outcome}
 
@@ -4068,7 +4319,7 @@ def handle_session_feed():
 @read_endpoint
 def handle_metrics():
     response.content_type = METRICS_TYPE
-    return prometheus_metrics(request.app.store, request.app.counters)
+    return prometheus_metrics(request.app.store, request.app.counters, request.app.revenue)
 
 
 @read_endpoint
@@ -4165,12 +4416,738 @@ def create_app(config):
         channels=settings["threads"] + 1,
     )
     app.counters = PostbackCounters()
+    # For the web view: exact duplicates answered lately (never written),
+    # and the month's sums kept in memory.
+    app.recent_duplicates = collections.deque(maxlen=RECENT_DUPLICATES)
+    app.rollup = Rollup(settings["report_utc_offset"])
+    app.ranking = Ranking()
+    app.revenue = RevenueTotal()
     app.install(log_unexpected_errors)
     for status in ERROR_STATUSES:
         app.error(status)(render_error)
-    for path, method, handler, params in ROUTES:
+    for path, method, handler, params in (*ROUTES, *VIEW_ROUTES):
         app.route(path, method, handler, query_params=params)
     return app
+
+
+# ---------------------------------------------------------------------------
+# Web view: read-only pages of the month, the ledger, users and postbacks
+# ---------------------------------------------------------------------------
+
+# Pages built on the functions the API answers with (reconciliation, totals,
+# stats, ledger_summary, statement, user_earnings, user_sessions,
+# newest_rejected, newest_conflicts), so a figure on a page is the API's
+# figure; each page names the call that gives it.  HTML built here with
+# every value escaped, charts drawn as inline SVG, one static style sheet
+# (view.css): no script at all, nothing from another origin.
+
+VIEW_CSS_PATH = Path(__file__).with_name("view.css")
+VIEW_ICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+             b'<rect width="16" height="16" rx="3" fill="#0072B2"/>'
+             b'<path d="M3 12V8h2v4zm4 0V4h2v8zm4 0V6h2v6z" fill="#fff"/></svg>')
+VIEW_HEADERS = {
+    # No script may run, nothing may load from another origin, no page may
+    # frame these: the values on them come from whoever can post.
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; "
+                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    # Earnings: never kept by a shared cache, nor in the browser's.
+    "Cache-Control": "no-store",
+}
+VIEW_PAGE_SIZE = 50
+VIEW_SILENCE_WINDOW = "30m"  # the window the deploy docs give the silence alarm
+RECENT_DUPLICATES = 200  # exact duplicates kept in memory for the postbacks page
+# Controls and the bidi marks that could reorder or hide text: shown as
+# escapes (in a distinct style), so that an id reads the same as it is.
+INLINE_HIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+BLOCK_HIDDEN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+# Okabe and Ito's colour-blind-safe palette, as CSS classes s0.. in view.css.
+SERIES_CLASSES = ("s0", "s1", "s2")
+
+
+def shown_escape(match):
+    return f'<span class="ctl">{match.group().encode("unicode_escape").decode("ascii")}</span>'
+
+
+def esc(value, hidden=INLINE_HIDDEN):
+    """Any value as HTML text: escaped, its invisible characters shown."""
+    if value is None:
+        return '<span class="none">none</span>'
+    return hidden.sub(shown_escape, html.escape(str(value), quote=True))
+
+
+def esc_block(text):
+    """A raw body for <pre>: line breaks kept, other invisibles shown."""
+    return esc(text, BLOCK_HIDDEN)
+
+
+def path_part(text):
+    """A user id as one path segment of a link (and of the API call shown)."""
+    return urllib.parse.quote(text, safe="")
+
+
+def view_link(path, params=None):
+    query_text = urllib.parse.urlencode(params or {})
+    return html.escape(f"{path}?{query_text}" if query_text else path, quote=True)
+
+
+def user_cell(user_id):
+    """A user id linked to its page; <bdi> keeps right-to-left text inside."""
+    return (f'<a class="id" href="{view_link("/view/users/" + path_part(user_id))}">'
+            f"<bdi>{esc(user_id) if user_id else '(no sub)'}</bdi></a>")
+
+
+def html_table(columns, rows, caption=None, raw_columns=()):
+    """A table in a scrolling box: rows are sequences of values, escaped
+    unless their column is in raw_columns (already HTML)."""
+    head = "".join(f'<th scope="col">{esc(c)}</th>' for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{value if column in raw_columns else esc(value)}</td>"
+                         for column, value in zip(columns, row)) + "</tr>"
+        for row in rows)
+    if not rows:
+        body = f'<tr><td colspan="{len(columns)}">none</td></tr>'
+    cap = f"<caption>{esc(caption)}</caption>" if caption else ""
+    return (f'<div class="table" tabindex="0" role="region" aria-label="{esc(caption or "table")}">'
+            f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
+
+
+def records_table(records, caption=None, first=None):
+    """A list of API records (dicts) as a table, its columns the records'
+    keys: a field the API adds shows up here too."""
+    columns = list(records[0]) if records else ([first] if first else [""])
+    return html_table(columns, [[r.get(c) for c in columns] for r in records], caption)
+
+
+def fields_list(record):
+    """One API record (a dict) as a definition list."""
+    def shown_value(value):  # a list (the warnings): its items in one line
+        return esc("; ".join(map(str, value)) or "none") if isinstance(value, list) else esc(value)
+
+    items = "".join(f"<dt>{esc(key)}</dt><dd>{shown_value(value)}</dd>"
+                    for key, value in record.items())
+    return f'<dl class="fields">{items}</dl>'
+
+
+def chart_number(text):
+    """A figure's exact decimal text -> a Fraction, for drawing only."""
+    return None if text is None else Fraction(decimal.Decimal(text))
+
+
+def svg_chart(title, y_label, x_label, labels, series, line=None):
+    """A bar chart as inline SVG.  series: [(name, [(value, text) or None per
+    label])]; line: (name, value, text) drawn across.  Every bar and the line
+    carry a <title> with the exact figure (shown on hover); the axes are
+    labelled; colours come from view.css (palette, dark mode)."""
+    width, height, left, right, top, bottom = 640, 260, 72, 12, 16, 48
+    plot_w, plot_h = width - left - right, height - top - bottom
+    values = [v for _, points in series for p in points if p for v in [p[0]]]
+    if line:
+        values.append(line[1])
+    top_value = max(values, default=0) or 1
+    def y_of(value):
+        return top + plot_h - float(value / top_value) * plot_h
+    slot = plot_w / max(len(labels), 1)
+    bar_w = max(slot * 0.8 / max(len(series), 1), 1)
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="{esc(title)}" xmlns="http://www.w3.org/2000/svg">',
+             f"<title>{esc(title)}</title>",
+             f'<line class="axis" x1="{left}" y1="{top + plot_h}" x2="{width - right}" y2="{top + plot_h}"/>',
+             f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}"/>']
+    counts = all(isinstance(v, int) for v in values)
+    for fraction, anchor in ((0, "0"), (Fraction(1, 2), None), (1, None)):
+        value = top_value * fraction
+        if counts and value != int(value):
+            continue  # no half a session
+        text = anchor or floor_places(Fraction(value), 6).rstrip("0").rstrip(".")
+        parts.append(f'<text class="tick" x="{left - 4}" y="{y_of(value) + 4:.1f}" '
+                     f'text-anchor="end">{esc(text)}</text>')
+    step = max(1, math.ceil(len(labels) / 10))
+    for i, label in enumerate(labels):
+        if i % step == 0:
+            x = left + slot * (i + 0.5)
+            parts.append(f'<text class="tick" x="{x:.1f}" y="{top + plot_h + 14}" '
+                         f'text-anchor="middle">{esc(label[-2:] if len(label) == 10 else label)}</text>')
+    for k, (name, points) in enumerate(series):
+        for i, point in enumerate(points):
+            if point is None:
+                continue
+            value, text = point
+            x = left + slot * i + slot * 0.1 + bar_w * k
+            y = y_of(value)
+            parts.append(f'<rect class="{SERIES_CLASSES[k]}" x="{x:.1f}" y="{y:.1f}" '
+                         f'width="{bar_w:.1f}" height="{top + plot_h - y:.1f}">'
+                         f"<title>{esc(labels[i])} · {esc(name)}: {esc(text)}</title></rect>")
+    if line:
+        name, value, text = line
+        y = y_of(value)
+        parts.append(f'<line class="share" x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}">'
+                     f"<title>{esc(name)}: {esc(text)}</title></line>")
+    parts.append(f'<text class="label" x="{left + plot_w / 2:.0f}" y="{height - 6}" '
+                 f'text-anchor="middle">{esc(x_label)}</text>')
+    parts.append(f'<text class="label" transform="rotate(-90)" x="{-(top + plot_h / 2):.0f}" '
+                 f'y="14" text-anchor="middle">{esc(y_label)}</text>')
+    parts.append("</svg>")
+    legend = "".join(f'<li><span class="key {SERIES_CLASSES[k]}"></span>{esc(name)}</li>'
+                     for k, (name, _) in enumerate(series))
+    if line:
+        legend += f'<li><span class="key share"></span>{esc(line[0])}: {esc(line[2])}</li>'
+    return f'<figure>{"".join(parts)}<figcaption><ul class="legend">{legend}</ul></figcaption></figure>'
+
+
+VIEW_NAV = (("/view/", "Month"), ("/view/ledger", "Ledger"), ("/view/users", "Users"),
+            ("/view/postbacks", "Postbacks"))
+
+
+def view_page(title, api_calls, body, here):
+    """A whole page: its API calls named, so a figure can be checked with curl."""
+    current = ' aria-current="page"'
+    nav = "".join(f'<a href="{path}"{current if path == here else ""}>{name}</a>'
+                  for path, name in VIEW_NAV)
+    calls = "".join(f"<li><code>{esc(call)}</code></li>" for call in api_calls)
+    response.content_type = "text/html; charset=utf-8"
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)} · spp-receiver</title>"
+        '<link rel="stylesheet" href="/view/view.css"><link rel="icon" href="/view/icon.svg">'
+        '</head><body><a class="skip" href="#main">Skip to the content</a>'
+        f'<header><span class="brand">spp-receiver</span><nav aria-label="Pages">{nav}</nav></header>'
+        f'<main id="main"><h1>{esc(title)}</h1>{body}'
+        f'<section class="api"><h2>The same figures from the API</h2>'
+        f"<p>Each figure on this page is what these read calls answer "
+        f"(with the read token as <code>Authorization: Bearer</code>):</p><ul>{calls}</ul></section>"
+        "</main><footer>Read-only: paying and settling are commands "
+        "(<code>spp_server.py pay</code>, <code>settle</code>).</footer></body></html>"
+    )
+
+
+class Rollup:
+    """Sessions summed per report day, property and country, kept in memory
+    for the month page and caught up by row id: sessions are only added, in
+    id order (see SQL['session_feed']), so each load reads only the rows
+    added since the last one.  The first load reads them all once."""
+
+    # More distinct (day, property, country) than that (property ids come
+    # from whoever can post): drop the sums for good and read with SQL.
+    MAX_CELLS = 200_000
+
+    def __init__(self, offset_minutes):
+        self.offset_minutes = offset_minutes
+        self._lock = threading.Lock()
+        self.too_many = False
+        self._reset()
+
+    def _reset(self):
+        self.cells, self.last_id, self.last_session_id = {}, 0, None
+
+    def refresh(self, store):
+        """Catch up with the database; False when too many cells to keep."""
+        if self.too_many:
+            return False
+        with self._lock, store.snapshot() as conn:
+            [(newest, at_last)] = conn.execute(SQL["rollup_mark"], (self.last_id,)).fetchall()
+            if at_last != self.last_session_id or (newest or 0) < self.last_id:
+                self._reset()  # a restored backup: ids mean other sessions now
+            if newest is None or newest == self.last_id:
+                return True
+            params = {"after": self.last_id, "last": newest,
+                      "offset_us": self.offset_minutes * 60 * 1_000_000}
+            for day, prop, country, sessions, ads, duration, whole, rest in conn.execute(
+                    SQL["rollup_rows"], params):
+                cell = self.cells.setdefault((day, prop, country), [0, 0, 0, 0])
+                for i, value in enumerate((sessions, ads, duration, joined_nanos(whole, rest))):
+                    cell[i] += value
+            self.last_id = newest
+            self.last_session_id = conn.execute(SQL["session_id_at"], (newest,)).fetchone()[0]
+            if len(self.cells) > self.MAX_CELLS:
+                self.too_many = True
+                self._reset()
+            return not self.too_many
+
+    def sums(self, since_day, until_day, key, property_id=None):
+        """{key(day, property, country): [sessions, ads, duration, nanos]} over the days."""
+        out = {}
+        for (day, prop, country), cell in list(self.cells.items()):
+            if since_day <= day < until_day and (property_id is None or prop == property_id):
+                target = out.setdefault(key(day, prop, country), [0, 0, 0, 0])
+                for i, value in enumerate(cell):
+                    target[i] += value
+        return out
+
+    def estimates_of(self, store, window, split, days=None):
+        """estimates_of_days, from the rollup (same rows, same order), cut at
+        its one offset (window["offset_us"])."""
+        offset_us = self.offset_minutes * 60 * 1_000_000
+        since_day, until_day = ((window[b] + offset_us) // DAY_US for b in ("since", "until"))
+        sums = self.sums(since_day, until_day, lambda d, p, c: (d, p if split else None),
+                         window["property"])
+        return [(day, prop, n, nanos // NANOS_PER_USD, nanos % NANOS_PER_USD)
+                for (day, prop), (n, _, _, nanos) in sorted(sums.items(), key=null_first)]
+
+    def totals(self, since_day, until_day, group):
+        """totals() by one group (property-id or country) over the days."""
+        index = {"property-id": 1, "country": 2}[group]
+        sums = self.sums(since_day, until_day, lambda *key: key[index])
+        return [{group: value, **sums_record(
+                    (n, ads, duration, nanos // NANOS_PER_USD, nanos % NANOS_PER_USD, None, None))[0]}
+                for value, (n, ads, duration, nanos) in sorted(sums.items(), key=null_first)]
+
+
+class Ranking:
+    """The users of a window by estimated revenue, kept for RANKING_TTL_S:
+    ranking a month of 1,000,000 sessions reads them all (about half a
+    second), so a page of the list reads only its own users' figures, fresh.
+    The order (and who is in it) is at most that old; one window is kept."""
+
+    RANKING_TTL_S = 60
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._window, self._built, self._ids = None, None, []
+
+    def users(self, store, window):
+        with self._lock:
+            now = time.monotonic()
+            if self._window != window or now - self._built > self.RANKING_TTL_S:
+                self._window, self._ids = None, []  # the old list can go first
+                self._ids = [row[0] for row in store.read(SQL["users_by_revenue"],
+                                                          window.params())]
+                self._window, self._built = window, now
+            return self._ids
+
+
+def null_first(item):
+    """SQLite's ascending order: NULL before any text."""
+    key = item[0] if isinstance(item[0], tuple) else (item[0],)
+    return tuple((part is not None, part if part is not None else "") for part in key)
+
+
+def view_rollup(app):
+    """The app's rollup when it can answer (None: read with SQL instead)."""
+    rollup = app.rollup
+    return rollup if rollup.refresh(app.store) else None
+
+
+def current_month(offset_minutes):
+    day = utc_date_text((now_us() + offset_minutes * 60 * 1_000_000) // DAY_US)
+    return day[:7]
+
+
+def parse_month(text, offset_minutes):
+    """'2026-11' -> (first report day number, first of the next month)."""
+    if text is None:
+        text = current_month(offset_minutes)
+    match = re.fullmatch(r"([0-9]{4})-(0[1-9]|1[0-2])", text)
+    if not match:
+        raise Invalid("month", "must be a month as YYYY-MM, such as 2026-11")
+    year, month = int(match.group(1)), int(match.group(2))
+    if not 1970 <= year <= 9998:
+        raise Invalid("month", "must be a month from 1970-01 to 9998-12")
+    first = report_day_number(f"{year:04d}-{month:02d}-01")
+    following = f"{year + month // 12:04d}-{month % 12 + 1:02d}-01"
+    return text, first, report_day_number(following)
+
+
+def month_window(first, following, offset_minutes):
+    """The month's report days as a Window on receive times, and its API texts."""
+    offset = utc_offset_text(offset_minutes)
+    since, until = (f"{report_day_text(day)}T00:00:00{offset}" for day in (first, following))
+    return Window(parse_instant(since), parse_instant(until)), since, until
+
+
+def month_of_request(params):
+    """The ?month= of a page -> (month text, first and following report day
+    numbers, the Window on receive times, its since and until texts)."""
+    offset = request.app.config["spp.report_utc_offset"]
+    month, first, following = parse_month(params.get("month"), offset)
+    return (month, first, following, *month_window(first, following, offset))
+
+
+def month_form(path, month, extra=()):
+    hidden = "".join(f'<input type="hidden" name="{esc(k)}" value="{esc(v)}">' for k, v in extra)
+    return (f'<form method="get" action="{path}" class="pick"><label>Month '
+            f'<input type="month" name="month" value="{esc(month)}" pattern="[0-9]{{4}}-[0-9]{{2}}">'
+            f"</label>{hidden}<button>Show</button></form>")
+
+
+def day_points(days, key):
+    """The reconciliation's records summed per day (a day split by property
+    has one record per property): {day: [sessions, estimated, booked, paired
+    estimated, paired booked]} in nanos."""
+    out = {}
+    for record in days:
+        row = out.setdefault(record["day"], [0, 0, None, 0, 0])
+        row[0] += record["sessions"] or 0
+        est = usd_to_nanos(decimal.Decimal(record["estimated-revenue"] or "0"))
+        row[1] += est
+        if record["booked-revenue"] is not None:
+            booked = usd_to_nanos(decimal.Decimal(record["booked-revenue"]))
+            row[2] = (row[2] or 0) + booked
+            if record["estimated-revenue"] is not None:
+                row[3] += est
+                row[4] += booked
+    return out
+
+
+def silence_state(store):
+    """The silence alarm's answer (GET /healthz?postbacks-within=30m)."""
+    age = last_received_age_s(store)
+    window_s = parse_duration(VIEW_SILENCE_WINDOW, "postbacks-within")
+    return ("ok" if age is not None and age <= window_s else "silent"), age
+
+
+@functools.cache
+def view_css():
+    return VIEW_CSS_PATH.read_bytes()
+
+
+def view_endpoint(handler):
+    """A page of the view: the read token (HTTP Basic with the token as the
+    password, which a browser asks for and keeps, or Bearer), the security
+    headers on every answer, errors included."""
+
+    def guarded(*args, **kwargs):
+        for name, value in VIEW_HEADERS.items():
+            response.set_header(name, value)
+        try:
+            if not token_accepted(view_token(request.environ), request.app.config["spp.read_tokens"]) \
+                    and request.app.config["spp.read_tokens"]:
+                raise ApiError(401, "the view needs the read token as the password (any user name)",
+                               headers={"WWW-Authenticate": 'Basic realm="spp view", charset="UTF-8"'})
+            return handler(*args, **kwargs)
+        except Invalid as invalid:
+            error = ApiError(400, invalid.message, invalid.field)
+        except HTTPError as error_:
+            error = error_
+        for name, value in VIEW_HEADERS.items():  # an error replaces the response's headers
+            error.set_header(name, value)
+        raise error
+
+    return guarded
+
+
+def view_token(environ):
+    """The token of a Basic (the password) or Bearer Authorization header."""
+    scheme, _, value = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+    if scheme.lower() != "basic":
+        return bearer_token(environ)
+    try:
+        decoded = base64.b64decode(value.strip(" ").encode("latin-1"), validate=True)
+    except ValueError:
+        return None
+    _, colon, password = decoded.partition(b":")
+    return password if colon and password else None
+
+
+@view_endpoint
+def handle_view_css():
+    response.content_type = "text/css; charset=utf-8"
+    return view_css()
+
+
+@view_endpoint
+def handle_view_icon():
+    response.content_type = "image/svg+xml"
+    return VIEW_ICON
+
+
+def postbacks_link(term, outcome, count):
+    """A count of postbacks as a <dt>/<dd> pair, linking to them."""
+    href = view_link("/view/postbacks", {"outcome": outcome})
+    return f'<dt>{esc(term)}</dt><dd><a href="{href}">{count:,}</a></dd>'
+
+
+@view_endpoint
+def handle_view_month():
+    params = query()
+    app, config = request.app, request.app.config
+    offset = config["spp.report_utc_offset"]
+    month, first, following, window, since, until = month_of_request(params)
+    rollup = view_rollup(app)
+    q = reconciliation_query(report_day_text(first), report_day_text(following), None, offset,
+                             None, config["spp.reward_share"])
+    report = reconciliation(app.store, q, rollup.estimates_of if rollup else estimates_of_days)
+    by = {group: rollup.totals(first, following, group) if rollup else
+          totals(app.store, window, [group]) for group in ("property-id", "country")}
+    now = stats(app.store, app.counters)
+    state, age = silence_state(app.store)
+    days = [report_day_text(d) for d in range(first, following)]
+    per_day = day_points(report["days"], "day")
+    summary = report["summary"]
+    usd = lambda nanos: (Fraction(nanos, NANOS_PER_USD), nanos_to_usd(nanos))
+    sessions_chart = svg_chart(
+        f"Sessions per report day, {month}", "sessions", "report day",
+        days, [("sessions", [(per_day[d][0], f"{per_day[d][0]:,}") if d in per_day else None
+                             for d in days])])
+    revenue_chart = svg_chart(
+        f"Estimated and booked revenue per report day, {month} (USD)", "USD", "report day", days,
+        [("estimated", [usd(per_day[d][1]) if d in per_day else None for d in days]),
+         ("booked", [usd(per_day[d][2]) if d in per_day and per_day[d][2] is not None else None
+                     for d in days])])
+    ratios = {d: ratio_text(row[4], row[3]) for d, row in per_day.items() if row[3]}
+    share = summary.get("suggested-reward-share")
+    ratio_chart = svg_chart(
+        f"Booked ÷ estimated per report day, {month}", "ratio", "report day", days,
+        [("booked ÷ estimated", [(chart_number(ratios[d]), ratios[d]) if ratios.get(d) else None
+                                 for d in days])],
+        line=("suggested reward share", chart_number(share), share) if share else None)
+    prev_month = report_day_text(first - 1)[:7]
+    next_month = report_day_text(following)[:7]
+    body = (
+        month_form("/view/", month)
+        + f'<p class="steps"><a href="{view_link("/view/", {"month": prev_month})}">← {prev_month}</a> '
+        f'<a href="{view_link("/view/", {"month": next_month})}">{next_month} →</a></p>'
+        + '<section><h2>Are postbacks arriving?</h2><dl class="fields">'
+        f'<dt>silence alarm ({VIEW_SILENCE_WINDOW})</dt><dd class="live state-{state}">{state}</dd>'
+        f'<dt>last postback received</dt><dd class="live">{esc(now["last-received-at"])}'
+        f'{"" if age is None else f" ({age:,} s ago)"}</dd>'
+        f'<dt>sessions stored</dt><dd>{now["sessions"]:,}</dd>'
+        + postbacks_link("rejected postbacks kept", "rejected", now["rejected"])
+        + postbacks_link("conflicting duplicates kept", "conflict", now["conflicts"])
+        + postbacks_link("exact duplicates since the server started", "duplicate",
+                         now["since-start"]["duplicate"])
+        + "</dl></section>"
+        + f"<section><h2>Sessions and revenue per report day</h2>"
+        f"<p>Report days at UTC{esc(utc_offset_text(offset))}, as the booked reports count them.</p>"
+        f"{sessions_chart}{revenue_chart}{ratio_chart}"
+        f'<details><summary>The days as a table</summary>{records_table(report["days"], "Days", "day")}</details>'
+        "</section>"
+        + f'<section><h2>The month in sum</h2>{fields_list(summary)}</section>'
+        + f'<section><h2>By property</h2>{records_table(by["property-id"], "Totals by property", "property-id")}</section>'
+        + f'<section><h2>By country</h2>{records_table(by["country"], "Totals by country", "country")}</section>'
+    )
+    enc = urllib.parse.quote
+    calls = [f"GET /reconciliation?since={report_day_text(first)}&until={report_day_text(following)}"
+             f"&report-utc-offset={enc(utc_offset_text(offset))}",
+             f"GET /totals?since={enc(since)}&until={enc(until)}&group-by=property-id",
+             f"GET /totals?since={enc(since)}&until={enc(until)}&group-by=country",
+             f"GET /healthz?postbacks-within={VIEW_SILENCE_WINDOW}", "GET /stats"]
+    return view_page(f"The month {month}", calls, body, "/view/")
+
+
+@view_endpoint
+def handle_view_ledger():
+    query()
+    summary = ledger_summary(request.app.store)
+    runs, settlements = summary["runs"], summary["settlements"]
+    usd = lambda text: (chart_number(text), text)
+    runs_chart = svg_chart(
+        "Paid now per run (USD)", "USD", "run",
+        [f"run {r['run-id']}" for r in runs], [("paid now", [usd(r["paid-now"]) for r in runs])])
+    settle_chart = svg_chart(
+        "Top-ups per settlement (USD)", "USD", "settlement",
+        [f"settlement {s['settlement-id']}" for s in settlements],
+        [("topped up", [usd(s.get("released", "0")) for s in settlements])])
+    body = (
+        f'<section><h2>Totals</h2>{fields_list(summary["totals"])}</section>'
+        f"<section><h2>Runs</h2>{runs_chart}{records_table(runs, 'Runs', 'run-id')}</section>"
+        f"<section><h2>Settlements</h2>{settle_chart}"
+        f"{records_table(settlements, 'Settlements', 'settlement-id')}</section>"
+        f'<section><h2>Settled days: booked against paid</h2>'
+        f'{records_table(summary["days"], "Settled days", "day")}</section>'
+    )
+    return view_page("The ledger", ["GET /ledger"], body, "/view/ledger")
+
+
+def parse_page(params):
+    text = params.get("page") or "1"
+    if not re.fullmatch(r"[0-9]{1,7}", text) or int(text) < 1:
+        raise Invalid("page", "must be a whole number from 1")
+    return int(text)
+
+
+def search_users(store, prefix, limit):
+    """Up to `limit` user ids that start with `prefix`, in order: one index
+    seek each on sessions_by_user."""
+    found = []
+    while len(found) < limit:
+        rows = (store.read(SQL["next_user_after"], (found[-1],)) if found
+                else store.read(SQL["first_user_from"], (prefix,)))
+        if not rows or not rows[0][0].startswith(prefix):
+            break
+        found.append(rows[0][0])
+    return found
+
+
+@view_endpoint
+def handle_view_users():
+    params = query()
+    app, config = request.app, request.app.config
+    month, first, following, window, since, until = month_of_request(params)
+    page = parse_page(params)
+    search = params.get("search")
+    share = config["spp.reward_share"]
+    if search is not None:
+        ids, users = search_users(app.store, search, VIEW_PAGE_SIZE), None
+    else:
+        ranked = app.ranking.users(app.store, window)
+        ids, users = ranked[(page - 1) * VIEW_PAGE_SIZE:page * VIEW_PAGE_SIZE], len(ranked)
+    records = []
+    for user_id in ids:
+        earned = user_earnings(app.store, user_id, window, None, share)
+        ledger = statement(app.store, user_id)["totals"]
+        records.append([user_cell(user_id), earned["sessions"], earned["estimated-revenue"],
+                        *( [earned["rewardable-revenue"]] if share is not None else []),
+                        ledger["paid-now"], ledger["pending"], ledger["owed"]])
+    columns = ["user-id", "sessions", "estimated-revenue",
+               *(["rewardable-revenue"] if share is not None else []),
+               "paid-now (all time)", "pending", "owed"]
+    pages = ""
+    if users is not None:
+        last = max(1, -(-users // VIEW_PAGE_SIZE))
+        nav = [f"page {page:,} of {last:,} ({users:,} users with sessions in {month})"]
+        if page > 1:
+            nav.insert(0, f'<a href="{view_link("/view/users", {"month": month, "page": page - 1})}">← previous</a>')
+        if page < last:
+            nav.append(f'<a href="{view_link("/view/users", {"month": month, "page": page + 1})}">next →</a>')
+        pages = f'<p class="steps">{" ".join(nav)}</p>'
+    search_form = ('<form method="get" action="/view/users" class="pick" role="search">'
+                   f'<label>User id starts with <input type="search" name="search" '
+                   f'value="{esc(search or "")}" maxlength="{MAX_USER_ID_CHARS}"></label>'
+                   "<button>Search</button></form>")
+    heading = (f"<h2>User ids starting with <q><bdi>{esc(search)}</bdi></q></h2>" if search is not None
+               else f"<h2>Top users of {esc(month)} by estimated revenue</h2>")
+    body = (search_form + month_form("/view/users", month) + heading + pages
+            + html_table(columns, records, f"Users, {month}", raw_columns=("user-id",)) + pages)
+    enc = urllib.parse.quote
+    calls = [f"GET /earnings?since={enc(since)}&until={enc(until)} (the same users, by user-id)",
+             f"GET /users/<user-id>/earnings?since={enc(since)}&until={enc(until)}",
+             "GET /users/<user-id>/statement (paid-now, pending, owed: its totals)"]
+    return view_page("Users", calls, body, "/view/users")
+
+
+@view_endpoint
+def handle_view_user(user_id):
+    params = query()
+    app, config = request.app, request.app.config
+    offset = config["spp.report_utc_offset"]
+    month, first, following, window, since, until = month_of_request(params)
+    before = decode_cursor(params["before"]) if params.get("before") else None
+    share = config["spp.reward_share"]
+    earned = user_earnings(app.store, user_id, window, None, share)
+    days = [report_day_text(d) for d in range(first, following)]
+    offset_text = utc_offset_text(offset)
+    per_day = [user_earnings(app.store, user_id, Window(
+        parse_instant(f"{day}T00:00:00{offset_text}"),
+        parse_instant(f"{report_day_text(first + i + 1)}T00:00:00{offset_text}")))
+        for i, day in enumerate(days)]
+    chart = svg_chart(f"Sessions per report day, {month}", "sessions", "report day", days,
+                      [("sessions", [(r["sessions"], f"{r['sessions']:,}") if r["sessions"] else None
+                                     for r in per_day])])
+    sessions, cursor = user_sessions(app.store, user_id, 20, before)
+    account = statement(app.store, user_id)
+    me = "/view/users/" + path_part(user_id)
+    more = (f'<p class="steps"><a href="{view_link(me, {"month": month, "before": cursor})}">'
+            "older sessions →</a></p>" if cursor else "")
+    body = (
+        f'<p class="who">User id: <bdi class="id">{esc(user_id) if user_id else "(no sub: empty user id)"}</bdi></p>'
+        + month_form(me, month)
+        + f"<section><h2>{esc(month)}</h2>{fields_list(earned)}{chart}"
+        f'<details><summary>The days as a table</summary>'
+        f'{records_table([r for r in per_day if r["sessions"]], "Days of this user", "since")}'
+        "</details></section>"
+        + f'<section><h2>Statement: where the reward is</h2>{fields_list(account["totals"])}'
+        f'{records_table(account["runs"], "Runs that paid this user", "run-id")}'
+        f'{records_table(account["settlements"], "Settlement lines of this user", "settlement-id")}</section>'
+        + f"<section><h2>Latest sessions</h2>{records_table(sessions, 'Sessions, newest first', 'session-id')}{more}</section>"
+    )
+    enc, who = urllib.parse.quote, path_part(user_id)
+    calls = [f"GET /users/{who}/earnings?since={enc(since)}&until={enc(until)} (and per day)",
+             f"GET /users/{who}/statement", f"GET /users/{who}/sessions?limit=20"]
+    return view_page("A user", calls, body, "/view/users")
+
+
+POSTBACK_OUTCOMES = ("recorded", "duplicate", "rejected", "conflict")
+
+
+def recent_postbacks(app, outcome, limit, before=2**63 - 1):
+    """The newest postbacks of each outcome, merged newest first: recorded
+    from the sessions table, rejected and conflicting from theirs, exact
+    duplicates from memory (they change nothing, so they are not written)."""
+    items = []
+    if outcome in (None, "recorded"):
+        items += [(received, "recorded", session_id, user_id, None, body)
+                  for received, session_id, user_id, body
+                  in app.store.read(SQL["newest_sessions"], {"limit": limit, "before": before})]
+    if outcome in (None, "duplicate"):
+        items += [(received, "duplicate", session_id, user_id, None, body)
+                  for received, session_id, user_id, body in list(app.recent_duplicates)
+                  if received < before][-limit:]
+    if outcome in (None, "rejected"):
+        items += [(parse_instant(r["received-at"]), "rejected", None, None,
+                   f"{r['field']}: {r['reason']}" if r["field"] else r["reason"], r["raw-body"])
+                  for r in newest_rejected(app.store, limit, before)]
+    if outcome in (None, "conflict"):
+        items += [(parse_instant(c["received-at"]), "conflict", c["session-id"],
+                   body_user_id(c["new-body"]), f"stored first: {c['stored-body']}", c["new-body"])
+                  for c in newest_conflicts(app.store, limit, before)]
+    items.sort(key=lambda item: item[0], reverse=True)
+    return items[:limit]
+
+
+def body_user_id(body):
+    """The user-id of a body that passed validation (a conflict's)."""
+    try:
+        user_id = json.loads(body).get("user-id")
+    except (ValueError, AttributeError):
+        return None
+    return user_id if isinstance(user_id, str) else None
+
+
+@view_endpoint
+def handle_view_postbacks():
+    params = query()
+    outcome = params.get("outcome") or None
+    if outcome is not None and outcome not in POSTBACK_OUTCOMES:
+        raise Invalid("outcome", f"must be one of {', '.join(POSTBACK_OUTCOMES)}")
+    limit = parse_limit(params, VIEW_PAGE_SIZE, 200)
+    try:
+        before = parse_instant(params["before"]) if params.get("before") else 2**63 - 1
+    except ValueError:
+        raise Invalid("before", "must be a time as the page's own link gives it, "
+                      "such as 2026-11-23T10:00:00.250000Z") from None
+    items = recent_postbacks(request.app, outcome, limit, before)
+    current = ' aria-current="true"'
+    filters = " ".join(
+        f'<a href="{view_link("/view/postbacks", {"outcome": o} if o else None)}"'
+        f'{current if o == outcome else ""}>{o or "all"}</a>'
+        for o in (None, *POSTBACK_OUTCOMES))
+    rows = [[f'<time class="live">{esc(iso_utc(received))}</time>',
+             f'<span class="outcome-{kind}">{kind}</span>',
+             esc(session_id), user_cell(user_id) if user_id is not None else esc(None),
+             esc(reason), f"<pre>{esc_block(body) if body else '(cleared by prune)'}</pre>"]
+            for received, kind, session_id, user_id, reason, body in items]
+    older = ""
+    if len(items) == limit:  # the times are to the microsecond: a cursor
+        more = {**({"outcome": outcome} if outcome else {}), "before": iso_utc(items[-1][0])}
+        older = f'<p class="steps"><a href="{view_link("/view/postbacks", more)}">older →</a></p>'
+    body = (f'<p class="steps">Outcome: {filters}</p>'
+            "<p>Recorded sessions, rejected postbacks and conflicting duplicates come from the "
+            "database; exact duplicates (they change nothing, so nothing is written for them) "
+            f"are the last {RECENT_DUPLICATES} this server process answered.</p>"
+            + html_table(["received-at", "outcome", "session-id", "user-id", "reason", "raw body"],
+                         rows, "Latest postbacks, newest first",
+                         raw_columns=("received-at", "outcome", "session-id", "user-id", "reason",
+                                      "raw body"))
+            + older)
+    calls = ["GET /rejected", "GET /conflicts", "GET /sessions (the change feed)",
+             "GET /stats (duplicates since the start)"]
+    return view_page("Recent postbacks", calls, body, "/view/postbacks")
+
+
+VIEW_ROUTES = [
+    ("/view", "GET", handle_view_month, ("month",)),
+    ("/view/", "GET", handle_view_month, ("month",)),
+    ("/view/view.css", "GET", handle_view_css, None),
+    ("/view/icon.svg", "GET", handle_view_icon, None),
+    ("/view/ledger", "GET", handle_view_ledger, ()),
+    ("/view/users", "GET", handle_view_users, ("month", "page", "search")),
+    (r"/view/users/<user_id:re:[\s\S]*>", "GET", handle_view_user, ("month", "before")),
+    ("/view/postbacks", "GET", handle_view_postbacks, ("outcome", "limit", "before")),
+]
 
 
 # ---------------------------------------------------------------------------
@@ -4429,6 +5406,7 @@ class HelpfulParser(argparse.ArgumentParser):
         if out is None:  # started with stdout closed (>&-)
             self.exit(stdout_closed(self.prog, "nowhere to write the help"))
         try:
+            out = CompleteOutput(out)
             out.write(self.format_help())
             out.flush()
         except OSError as exc:
@@ -4645,6 +5623,35 @@ def output_failed(prog, out, exc, committed=None):
 def stdout_closed(prog, what):
     say(f"{prog}: stdout is closed: {what}")
     return 1
+
+
+class CompleteOutput:
+    """A command's stdout, every write complete or an OSError.  CPython's
+    buffered stdout answers a write that the disk took only part of (a nearly
+    full file system: write(2) returns a short count) with that count, and
+    nothing raises: the output would end early with exit status 0."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.binary = getattr(stream, "buffer", stream)
+        self.encoding = getattr(stream, "encoding", None) or "utf-8"
+        stream.flush()  # what the text layer holds goes first
+
+    def write(self, data):
+        if isinstance(data, str):
+            data = data.encode(self.encoding)
+        view = memoryview(data)
+        while view:
+            written = self.binary.write(view)
+            if not written:  # nothing taken and nothing raised: never loop on it
+                raise OSError(errno.EIO, "the output took no more bytes")
+            view = view[written:]  # the next write raises why the rest was refused
+
+    def flush(self):
+        self.binary.flush()
+
+    def fileno(self):
+        return self.stream.fileno()
 
 
 class CheckedOutput:
@@ -4864,9 +5871,12 @@ def run_prune(argv, environ, out):
 MAX_REPORT_BYTES = 256 * 2**20
 
 
+IMPORT_PROG = "spp_server.py import-booked"
+
+
 def run_import_booked(argv, environ, out):
     args = parse_arguments(build_import_parser(environ), argv)
-    name = "spp_server.py import-booked"
+    name = IMPORT_PROG
     try:
         with open(args.file, "rb") as report:
             data = report.read(MAX_REPORT_BYTES + 1)
@@ -4891,9 +5901,9 @@ def run_import_booked(argv, environ, out):
         say(f"{name}: cannot open the database {args.db}: {exc}")
         return 1
     try:
-        # Committed when it returns, failed (nothing stored) when it raises:
+        # Committed when it returns, failed (nothing changed) when it raises:
         # a command's write has no deadline (InlineWriter).
-        counts = store.write(import_booked(rows, os.path.basename(args.file)))
+        counts = import_booked(store, rows, os.path.basename(args.file))
     except StoreUnavailable as exc:
         store.close()
         say(f"{name}: {exc}; nothing imported (running it again is safe)")
@@ -4965,8 +5975,8 @@ def ledger_lock_options(prog, args):
     """ledger_lock's options for a command: its --lock-wait, and one line on
     stderr when it has to wait."""
     def waiting(path):
-        print(f"{prog}: waiting for another pay or settle to release {path} "
-              f"(at most {args.lock_wait} s, --lock-wait)", file=sys.stderr, flush=True)
+        say(f"{prog}: waiting for another pay or settle to release {path} "
+            f"(at most {args.lock_wait} s, --lock-wait)")
     return {"wait_s": args.lock_wait, "waiting": waiting}
 
 
@@ -5077,7 +6087,7 @@ def look_before_writing(prog, db, out, look):
 
 def ledger_refusal(prog, invalid):
     where = f"--{invalid.field}" if invalid.field in LEDGER_OPTIONS else invalid.field
-    print(f"{prog}: {where}: {invalid.message}; nothing changed", file=sys.stderr)
+    say(f"{prog}: {where}: {invalid.message}; nothing changed")
     return 2
 
 
@@ -5091,10 +6101,10 @@ def run_ledger_step(prog, db, out, step, look=None):
     try:
         store = Store(db, DEFAULTS["busy_timeout_ms"], command=True)
     except StoreUnavailable as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        say(f"{prog}: {exc}")
         return 1
     except (OSError, sqlite3.Error) as exc:
-        print(f"{prog}: cannot open the database {db}: {exc}", file=sys.stderr)
+        say(f"{prog}: cannot open the database {db}: {exc}")
         return 1
     report = CheckedOutput(out)
     committed = None
@@ -5106,9 +6116,9 @@ def run_ledger_step(prog, db, out, step, look=None):
         return ledger_refusal(prog, invalid)
     except (StoreUnavailable, sqlite3.Error) as exc:
         if committed:  # reading it back failed: the output is cut short, the step is not
-            print(f"{prog}: {committed}, but reading it back failed: {exc}", file=sys.stderr)
+            say(f"{prog}: {committed}, but reading it back failed: {exc}")
             return EXIT_COMMITTED_OUTPUT_LOST
-        print(f"{prog}: {exc}", file=sys.stderr)
+        say(f"{prog}: {exc}")
         return 1
     finally:
         store.close()
@@ -5123,8 +6133,7 @@ def run_pay(argv, environ, out):
     try:
         until = parse_instant(args.until)
     except ValueError:
-        print(f"{parser.prog}: --until: must be {TIME_FORMS_HELP}, not {shown(args.until)}",
-              file=sys.stderr)
+        say(f"{parser.prog}: --until: must be {TIME_FORMS_HELP}, not {shown(args.until)}")
         return 2
 
     try:  # refused before the database is opened, as an older schema would be upgraded
@@ -5227,24 +6236,17 @@ def setup_logging(level="info"):
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
-# The commands: name -> (how to run it on argv, environ; one line for --help).
+# The commands: name -> (run(argv, environ, out), one line for --help); out is
+# stdout, every write of it complete or an error (CompleteOutput).
 COMMANDS = {
-    "export": (lambda argv, environ: run_export(argv, environ, sys.stdout.buffer),
-               "the payout export (what GET /earnings answers), to stdout"),
-    "import-booked": (lambda argv, environ: run_import_booked(argv, environ, sys.stdout),
-                      "store a Gamezop revenue report as booked revenue"),
-    "reconcile": (lambda argv, environ: run_reconcile(argv, environ, sys.stdout.buffer),
-                  "the estimates against the booked revenue per report day, to stdout"),
-    "prune": (lambda argv, environ: run_prune(argv, environ, sys.stdout),
-              "clear old raw bodies, delete old refusals: keep the database bounded"),
-    "pay": (lambda argv, environ: run_pay(argv, environ, sys.stdout.buffer),
-            "pay a run: every session since the last run, each paid exactly once"),
-    "settle": (lambda argv, environ: run_settle(argv, environ, sys.stdout.buffer),
-               "settle paid days against booked revenue: top-ups and carried balances"),
-    "statement": (lambda argv, environ: run_statement(argv, environ, sys.stdout.buffer),
-                  "one user's ledger statement (GET /users/<id>/statement), to stdout"),
-    "ledger": (lambda argv, environ: run_ledger(argv, environ, sys.stdout.buffer),
-               "the ledger summary (GET /ledger), to stdout"),
+    "export": (run_export, "the payout export (what GET /earnings answers), to stdout"),
+    "import-booked": (run_import_booked, "store a Gamezop revenue report as booked revenue"),
+    "reconcile": (run_reconcile, "the estimates against the booked revenue per report day, to stdout"),
+    "prune": (run_prune, "clear old raw bodies, delete old refusals: keep the database bounded"),
+    "pay": (run_pay, "pay a run: every session since the last run, each paid exactly once"),
+    "settle": (run_settle, "settle paid days against booked revenue: top-ups and carried balances"),
+    "statement": (run_statement, "one user's ledger statement (GET /users/<id>/statement), to stdout"),
+    "ledger": (run_ledger, "the ledger summary (GET /ledger), to stdout"),
 }
 
 
@@ -5278,7 +6280,7 @@ def run_command_line(argv, environ):
         if sys.stdout is None:  # started with stdout closed (>&-): Python leaves it None
             return stdout_closed(f"spp_server.py {argv[0]}",
                                  "nowhere to write the output; nothing done")
-        return COMMANDS[argv[0]][0](argv[1:], environ)
+        return COMMANDS[argv[0]][0](argv[1:], environ, CompleteOutput(sys.stdout))
     parser = build_parser(environ)
     if argv[:1] and not argv[0].startswith("-"):  # the server takes no argument
         close = difflib.get_close_matches(argv[0], COMMANDS, n=1)

@@ -1192,12 +1192,20 @@ READ_PARAMS = {
     "/ledger": [],
     "/ledger/runs/{}": ["format"],
     "/ledger/settlements/{}": ["format"],
+    # The web view's pages (its style sheet and icon read no parameter: None).
+    "/view": ["month"],
+    "/view/": ["month"],
+    "/view/ledger": [],
+    "/view/users": ["month", "page", "search"],
+    "/view/users/{}": ["month", "before"],
+    "/view/postbacks": ["outcome", "limit", "before"],
 }
 
 
 VALID_PARAMS = {"since": "2026-11-01", "until": "2026-11-02", "format": "csv", "limit": "5",
                 "group-by": "day", "property-id": "1234", "before": "MTox",
-                "report-utc-offset": "+05:30", "quantile": "0.9", "postbacks-within": "30m", "after": "1"}
+                "report-utc-offset": "+05:30", "quantile": "0.9", "postbacks-within": "30m", "after": "1",
+                "month": "2026-11", "page": "2", "search": "u", "outcome": "rejected"}
 
 
 def sessions_page(client, user, status=200, **params):
@@ -1278,7 +1286,8 @@ def route_declarations(app):
 def test_every_route_declares_the_parameters_the_tests_know(client):
     assert route_declarations(client.app) == {
         **{("GET", path): tuple(params) for path, params in READ_PARAMS.items()},
-        ("POST", "/postback"): None, ("POST", "/postback/"): None}
+        ("POST", "/postback"): None, ("POST", "/postback/"): None,
+        ("GET", "/view/view.css"): None, ("GET", "/view/icon.svg"): None}
 
 
 def request_route(client, route, query, status):
@@ -2027,7 +2036,11 @@ def test_metrics_in_the_prometheus_format_tell_what_stats_tells(make_client, clo
     assert {name: f.type for name, f in families.items()} == {
         "spp_postbacks": "counter", "spp_sessions_stored": "gauge", "spp_rejected_stored": "gauge",
         "spp_conflicts_stored": "gauge", "spp_last_postback_age_seconds": "gauge",
-        "spp_write_duration_seconds": "histogram", "spp_database_size_bytes": "gauge"}
+        "spp_write_duration_seconds": "histogram", "spp_database_size_bytes": "gauge",
+        "spp_estimated_revenue_usd": "counter", "spp_ledger_pending_usd": "gauge",
+        "spp_ledger_owed_usd": "gauge", **{f"spp_ledger_{name}_timestamp_seconds": "gauge" for name in (
+            "last_run", "last_run_until", "last_settlement", "last_settlement_until",
+            "oldest_unsettled_paid_day")}}
     assert {dict(k[1])["outcome"]: v for k, v in samples.items()
             if k[0] == "spp_postbacks_total"} == {
         "recorded": 2, "duplicate": 1, "rejected": 1, "too-large": 1, "unauthorized": 1,
@@ -2041,12 +2054,73 @@ def test_metrics_in_the_prometheus_format_tell_what_stats_tells(make_client, clo
         os.path.getsize(p) for p in (db, db + "-wal") if os.path.exists(p))
 
 
+def metric_lines(client):
+    """{sample: value text} of /metrics, exactly as written (money is exact)."""
+    text = client.get("/metrics", status=200).text
+    return dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+
+
+def test_estimated_revenue_is_a_counter_of_every_stored_session_exact(client, clock):
+    assert metric_lines(client)["spp_estimated_revenue_usd_total"] == "0"
+    post(client, postback(**{"your-estimated-revenue": "0.000012"}))
+    assert metric_lines(client)["spp_estimated_revenue_usd_total"] == "0.000012"
+    twice = postback(**{"your-estimated-revenue": "0.1"})
+    post(client, twice)
+    post(client, twice)  # a duplicate adds nothing
+    post(client, postback(**{"your-estimated-revenue": "0.000000001"}))
+    assert metric_lines(client)["spp_estimated_revenue_usd_total"] == "0.100012001"
+    with sqlite3.connect(client.app.store.path) as conn:  # as a restored backup: fewer sessions
+        conn.execute("DELETE FROM sessions WHERE id > 1")
+    assert metric_lines(client)["spp_estimated_revenue_usd_total"] == "0.000012"
+
+
+def test_the_revenue_counter_reads_the_covering_index_then_only_new_sessions(client, db):
+    assert query_plan(db, "revenue_all", ()) == "SCAN sessions USING COVERING INDEX sessions_by_time"
+    assert query_plan(db, "revenue_after", (5,)) == (
+        "SEARCH sessions USING INTEGER PRIMARY KEY (rowid>?)")
+
+
+def test_the_ledger_in_metrics_last_run_and_settlement_pending_owed_oldest_unsettled_day(
+        client, clock):
+    store = client.app.store
+    lines = metric_lines(client)
+    assert (lines["spp_ledger_pending_usd"], lines["spp_ledger_owed_usd"]) == ("0", "0")
+    assert not [name for name in lines if "timestamp" in name]  # no run, no settlement yet
+    add_sessions(store, [("a", None, 10**9, at(0)), ("b", None, 10**9, at(1)),
+                         ("a", None, 10**9, at(2))])
+    clock.set("2020-10-05T02:00:00Z")
+    pay(store, at(2, 0), pay_now="0.5", final="0.9")  # pays days 0 and 1
+    lines = metric_lines(client)
+    assert lines["spp_ledger_last_run_timestamp_seconds"] == "1601863200.000000"
+    assert lines["spp_ledger_last_run_until_timestamp_seconds"] == "1601683200.000000"  # Oct 3
+    assert lines["spp_ledger_oldest_unsettled_paid_day_timestamp_seconds"] == "1601510400.000000"
+    assert lines["spp_ledger_pending_usd"] == client.get("/ledger").json["totals"]["pending"] == "1"
+    clock.set("2020-11-05T03:00:00Z")
+    book_rows(store, [(day_text(0), "", 10**8)])  # day 0 booked low: a balance carried
+    spp_server.settle(store)
+    lines = metric_lines(client)
+    assert lines["spp_ledger_last_settlement_timestamp_seconds"] == "1604545200.000000"
+    assert lines["spp_ledger_last_settlement_until_timestamp_seconds"] == "1601596800.000000"
+    assert lines["spp_ledger_oldest_unsettled_paid_day_timestamp_seconds"] == "1601596800.000000"
+    totals = client.get("/ledger").json["totals"]
+    assert (lines["spp_ledger_pending_usd"], lines["spp_ledger_owed_usd"]) == (
+        totals["pending"], totals["owed"]) == ("0.5", "0.41")
+    book_rows(store, [(day_text(1), "", 10**9)])
+    spp_server.settle(store)
+    assert "spp_ledger_oldest_unsettled_paid_day_timestamp_seconds" not in metric_lines(client)
+
+
 ALERT_RULES = HERE / "docs" / "prometheus-alerts.yml"
 PROMTOOL = shutil.which("promtool")
 
 
 def test_the_alert_rules_name_only_metrics_the_server_gives(client):
     post(client, postback())
+    store = client.app.store  # a run, a settlement, a paid day still unsettled
+    add_sessions(store, [("a", None, 10**9, at(0)), ("b", None, 10**9, at(1))])
+    pay(store, at(2, 0))
+    book_rows(store, [(day_text(0), "", 10**9)])
+    spp_server.settle(store)
     families, samples = scrape(client)
     names = {name for name, _ in samples}
     used = set(re.findall(r"\bspp_[a-z_]+", ALERT_RULES.read_text()))
@@ -2450,6 +2524,7 @@ def command_lines(client, db, tmp_path):
                 "--final-share", "0.9"],
         "statement": ["statement", "sub1", "--db", db],
         "ledger": ["ledger", "--db", db],
+        "settle": ["settle", "--db", db],
     }
 
 
@@ -2523,6 +2598,62 @@ def test_help_with_stdout_closed_says_so_without_a_traceback(argv):
                             stderr=subprocess.PIPE, text=True, timeout=30)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and "stdout is closed" in result.stderr
+
+@pytest.fixture
+def nearly_full_output(tmp_path):
+    """A file on a real 256 KiB tmpfs filled but for its last 16 bytes: the
+    next write(2) of more than that returns a short count, as on a nearly
+    full disk (/dev/full fails the first write whole).  Needs root, as CI."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        output = mount / "out"
+        output.write_bytes(b"-" * (256 * 1024 - 16))
+        yield output
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+EVERY_OUTPUT_COMMAND = ["export", "reconcile", "import-booked", "prune", "prune --dry-run",
+                        "--help", "export --help", "pay", "settle", "statement", "ledger"]
+
+
+@pytest.mark.parametrize("command", EVERY_OUTPUT_COMMAND)
+def test_every_command_whose_output_the_disk_takes_only_part_of_fails_loudly(
+        command_lines, nearly_full_output, command):
+    """A short write is an error, not a short file with status 0: CPython's
+    buffered stdout returned the short count and nothing raised."""
+    with open(nearly_full_output, "ab") as target:
+        result = subprocess.run([sys.executable, str(SERVER), *command_lines[command]],
+                                stdout=target, stderr=subprocess.PIPE, text=True, timeout=30)
+    assert result.returncode in (1, COMMITTED), result.stderr
+    said = result.stderr.splitlines()  # settle also says there is nothing to settle
+    assert len(said) == 1 + (command == "settle") and "No space left on device" in said[-1]
+    assert "Traceback" not in result.stderr
+    assert nearly_full_output.stat().st_size == 256 * 1024  # it did take the 16 bytes
+
+
+@pytest.mark.parametrize("argv_of", [
+    lambda lines: lines["settle"],  # nothing to settle
+    lambda lines: [*lines["pay"][:-1], "2"],  # a refused share
+    lambda lines: [*lines["pay"][:3], "--until", "soon", *lines["pay"][5:]],  # a refused --until
+    lambda lines: ["export", "--db", "/nonexistent/spp.db", *lines["export"][3:]],
+    lambda lines: ["import-booked", "/nonexistent.csv", *lines["import-booked"][2:]],
+], ids=["settle-nothing", "pay-share", "pay-until", "export-no-db", "import-no-file"])
+def test_with_stderr_closed_a_command_writes_nothing_meant_for_stderr_to_stdout(
+        command_lines, argv_of):
+    """`settle > lines.csv 2>&-` wrote 'nothing to settle' into the CSV:
+    every command says things on stderr one way, which a closed stderr drops."""
+    argv = argv_of(command_lines)
+    said = subprocess.run([sys.executable, str(SERVER), *argv], capture_output=True, timeout=30)
+    assert said.stderr  # there is something for stderr in each case
+    closed = subprocess.run([sys.executable, str(SERVER), *argv], stdout=subprocess.PIPE,
+                            preexec_fn=lambda: os.close(2), timeout=30)
+    assert closed.stdout == said.stdout and closed.returncode == said.returncode
+
 
 # --- Read-only access: a backup read by a user who may not write it ---
 
@@ -2695,7 +2826,7 @@ def parse_booked(text, metric="revenue"):
 
 def book(client, text, source="report.csv"):
     """Import a report (CSV or JSON text) into the client's database."""
-    return client.app.store.write(spp_server.import_booked(parse_booked(text), source))
+    return spp_server.import_booked(client.app.store, parse_booked(text), source)
 
 
 def recon(client, status=200, **params):
@@ -2864,7 +2995,7 @@ def test_a_failed_write_imports_nothing(client, db):
     rows_in = parse_booked(booked_csv(("2026-11-01", "1", "IN", "1"), ("2026-11-02", "1", "IN", "1")))
     broken = [*rows_in, spp_server.BookedRow("2026-11-03", "1", "IN", -1)]  # the CHECK refuses it
     with pytest.raises(spp_server.StoreUnavailable):
-        client.app.store.write(spp_server.import_booked(broken, "x.csv"))
+        spp_server.import_booked(client.app.store, broken, "x.csv")
     assert count(db, "booked_revenue") == 0
 
 
@@ -3018,14 +3149,12 @@ def last_import_covering(imports, day, prop):
 @settings(max_examples=60, **HOSTILE_SETTINGS)
 @given(imports=st.lists(booked_reports(), min_size=1, max_size=6))
 def test_after_any_imports_each_day_holds_what_the_last_import_covering_it_says(imports):
-    conn = sqlite3.connect(":memory:", isolation_level=None)
-    spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text())
+    directory = tempfile.TemporaryDirectory()
+    store = spp_server.Store(Path(directory.name, "spp.db"))
+    conn = sqlite3.connect(store.path, isolation_level=None)
 
-    def run(op):
-        conn.execute("BEGIN IMMEDIATE")
-        result = op(conn, 1)
-        conn.execute("COMMIT")
-        return result
+    def run(report, source):
+        return spp_server.import_booked(store, report, source)
 
     def stored():
         return dict(((day, prop), nanos) for day, prop, nanos in conn.execute(
@@ -3033,7 +3162,7 @@ def test_after_any_imports_each_day_holds_what_the_last_import_covering_it_says(
 
     for i, report in enumerate(imports):
         rows_before = conn.execute("SELECT count(*) FROM booked_revenue").fetchone()[0]
-        counts = run(spp_server.import_booked(report, f"{i}.csv"))
+        counts = run(report, f"{i}.csv")
         assert counts["new"] + counts["replaced"] + counts["unchanged"] == len(report)
         assert conn.execute("SELECT count(*) FROM booked_revenue").fetchone()[0] == (
             rows_before + counts["new"] - counts["removed"])
@@ -3051,10 +3180,15 @@ def test_after_any_imports_each_day_holds_what_the_last_import_covering_it_says(
                 assert sum(n for (d, _), n in stored().items() if d == day) == sum(
                     row.revenue_nano for row in report if row.day == day)
         # The same report again changes nothing.
-        assert run(spp_server.import_booked(report, "again.csv")) == {
+        assert run(report, "again.csv") == {
             "new": 0, "replaced": 0, "unchanged": len(report), "removed": 0}
         assert stored() == expected
+        # Nothing is left behind: no staged or superseded row, in any step.
+        assert conn.execute("SELECT count(*) FROM booked_rows").fetchone() == conn.execute(
+            "SELECT count(*) FROM booked_revenue").fetchone()
     conn.close()
+    store.close()
+    directory.cleanup()
 
 
 @pytest.mark.parametrize("text, where, key", [
@@ -3133,19 +3267,14 @@ def test_an_import_waits_for_its_own_write_however_long_it_takes(client, db, tmp
     have the write commit after all."""
     monkeypatch.setitem(spp_server.DEFAULTS, "busy_timeout_ms", 0)  # a server would wait 1 s
     entered, gate = threading.Event(), threading.Event()
-    real_import = spp_server.import_booked
+    real_switch = spp_server.switch_to_import
 
-    def slow_import(rows_, source):
-        op = real_import(rows_, source)
+    def held_up(*args):
+        entered.set()
+        assert gate.wait(10)
+        return real_switch(*args)
 
-        def held_up(conn, now):
-            entered.set()
-            assert gate.wait(10)
-            return op(conn, now)
-
-        return held_up
-
-    monkeypatch.setattr(spp_server, "import_booked", slow_import)
+    monkeypatch.setattr(spp_server, "switch_to_import", held_up)
     outcome = []
     command = threading.Thread(
         target=lambda: outcome.append(import_file(tmp_path, db, "date,revenue\n2026-11-01,1\n")))
@@ -3158,6 +3287,106 @@ def test_an_import_waits_for_its_own_write_however_long_it_takes(client, db, tmp
     assert still_waiting, "the command gave up on a write that was still going to commit"
     [(code, out, err)] = outcome
     assert (code, err) == (0, "") and "1 new" in out
+    assert count(db, "booked_revenue") == 1
+
+
+# --- An import in steps: short transactions, never half seen, killed at any point ---
+
+
+def a_report(days, properties, countries, cents):
+    return booked_csv(*((f"2026-11-{day:02}", prop, country, f"0.{cents:02}")
+                        for day in days for prop in properties for country in countries))
+
+
+def test_an_import_holds_the_write_lock_for_short_transactions_and_is_never_seen_half(
+        client, db, tmp_path, monkeypatch):
+    """A 2M-row report in one transaction held the lock for 70 s and postbacks
+    got 503: each transaction now writes a bounded number of rows (staged
+    under a new import id, then one switch per day and property), and a
+    reader between any two of them sees the old figures or the new, whole."""
+    import_file(tmp_path, db, a_report([1, 2, 3], ["A", "B"], ["IN", "US", "BR"], 10))
+    old = rows(db, "SELECT * FROM booked_revenue ORDER BY 1, 2, 3")
+    monkeypatch.setattr(spp_server, "BOOKED_CHUNK_ROWS", 7)
+    monkeypatch.setattr(spp_server, "BOOKED_CHUNK_SCOPES", 2)
+    changes, seen = [], []
+    real_run = spp_server.InlineWriter.run
+
+    def watched(writer, op):
+        def counted(conn, now):
+            before = conn.total_changes
+            result = op(conn, now)
+            changes.append(conn.total_changes - before)
+            return result
+        result = real_run(writer, counted)
+        seen.append(rows(db, "SELECT * FROM booked_revenue ORDER BY 1, 2, 3"))
+        return result
+
+    monkeypatch.setattr(spp_server.InlineWriter, "run", watched)
+    report = a_report([2, 3, 4], ["A", "C"], ["IN", "US", "DE"], 20)  # 18 rows, 6 scopes
+    code, out, _ = import_file(tmp_path, db, report)
+    assert code == 0 and out.endswith("18 rows for 3 days (2 properties): 14 new, 4 replaced, "
+                                      "0 unchanged, 2 removed\n")
+    new = rows(db, "SELECT * FROM booked_revenue ORDER BY 1, 2, 3")
+    assert len(changes) > 4 and max(changes) <= 2 * 9  # a chunk, or a switch: 9 (day, property)
+    assert {tuple(state) for state in seen} <= {tuple(old), tuple(new)}
+    assert seen.index(new) > 1  # staged first, unseen
+    assert count(db, "booked_rows") == len(new)  # the superseded rows are gone
+
+
+@pytest.mark.parametrize("name, when", [
+    ("switch_to_import", "before"),  # staged, committed
+    ("switch_to_import", "after"),  # switched, not committed
+    ("clear_superseded_scopes", "before"),  # committed, superseded rows still there
+    ("import_summary", "before"),  # all done but the line
+])
+def test_an_import_killed_at_any_point_leaves_old_or_new_and_a_rerun_is_right(
+        client, db, tmp_path, name, when):
+    first = tmp_path / "first.csv"
+    first.write_text(a_report([1, 2], ["A", "B"], ["IN", "US"], 10))
+    second = tmp_path / "second.csv"
+    second.write_text(a_report([2, 3], ["A"], ["IN", "DE"], 20))
+    argv = ["import-booked", "--db", db]
+    assert spp_server.main([*argv, str(first)]) == 0
+    before = rows(db, "SELECT * FROM booked_revenue ORDER BY 1, 2, 3")
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, name, when, *argv, str(second)],
+                            cwd=HERE, capture_output=True, timeout=15)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+    switched = name in ("clear_superseded_scopes", "import_summary")
+    seen = rows(db, "SELECT day, property_id, country, revenue_nano FROM booked_revenue "
+                    "ORDER BY 1, 2, 3")
+    assert (seen == [row[:4] for row in before]) != switched
+    if name != "import_summary":  # staged or superseded rows were left
+        assert count(db, "booked_rows") > len(seen)
+    again = subprocess.run([sys.executable, str(SERVER), *argv, str(second)], capture_output=True,
+                           text=True, timeout=15)
+    assert again.returncode == 0, again.stderr
+    assert ("nothing changed" in again.stdout) == switched
+    after = rows(db, "SELECT day, property_id, country, revenue_nano FROM booked_revenue "
+                     "ORDER BY 1, 2, 3")
+    assert after == sorted(
+        [r for r in (row[:4] for row in before) if r[0] == "2026-11-01" or r[1] == "B"]
+        + [(f"2026-11-0{d}", "A", c, 200_000_000) for d in (2, 3) for c in ("DE", "IN")])
+    assert count(db, "booked_rows") == len(after)
+
+
+def test_two_imports_through_a_symlink_take_turns(client, db, tmp_path):
+    """One import at a time, whatever the path: a second one through a
+    symlink waits, says so, and then imports."""
+    link = tmp_path / "link.db"
+    link.symlink_to(db)
+    report = tmp_path / "r.csv"
+    report.write_text(a_report([1], ["A"], ["IN"], 10))
+    with open(db + "-import-lock", "wb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        second = subprocess.Popen([sys.executable, str(SERVER), "import-booked", str(report),
+                                   "--db", str(link)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        waiting = second.stderr.readline()
+        assert "waiting for another import-booked" in waiting
+        assert count(db, "booked_revenue") == 0
+    out, err = second.communicate(timeout=15)
+    assert second.returncode == 0 and "1 new" in out and err == ""
     assert count(db, "booked_revenue") == 1
 
 
@@ -3720,7 +3949,9 @@ def test_per_day_estimates_search_the_receive_time_index(client, db, name):
 def test_booked_days_search_the_primary_key(client, db):
     plan = query_plan(db, "booked_by_day",
                       {"since_day": "2026-11-01", "until_day": "2026-11-08", "property": None})
-    assert plan.startswith("SEARCH booked_revenue USING PRIMARY KEY (day>? AND day<?)")
+    # The current import of each day and property, then its rows: both by primary key.
+    assert plan.startswith("SEARCH c USING PRIMARY KEY (day>? AND day<?) / "
+                           "SEARCH r USING PRIMARY KEY (import_id=? AND day=? AND property_id=?)")
 
 
 # ---------------------------------------------------------------------------
@@ -3752,7 +3983,7 @@ def add_sessions(store, sessions):
 def book_rows(store, rows_):
     """rows_: (day, property or '', revenue nanos) -> imported as booked revenue."""
     booked = [spp_server.BookedRow(day, prop, "", nanos) for day, prop, nanos in rows_]
-    return store.write(spp_server.import_booked(booked, "test.csv"))
+    return spp_server.import_booked(store, booked, "test.csv")
 
 
 def day_text(n):
@@ -5409,6 +5640,627 @@ def test_only_users_who_can_be_credited_are_paid_over_random_months(month):
 
 
 # ---------------------------------------------------------------------------
+# Web view: read-only pages, the same figures as the API
+# ---------------------------------------------------------------------------
+
+VIEW_PAGES = ["/view/", "/view/ledger", "/view/users", "/view/users?search=u",
+              "/view/users/u1", "/view/postbacks", "/view/postbacks?outcome=rejected"]
+READ = "read-token-1"
+
+
+def basic(password, user="me"):
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def view(client, path, status=200, **params):
+    return client.get(path, params=params, headers=basic(READ), status=status)
+
+
+def view_soup(res):
+    from bs4 import BeautifulSoup
+    return BeautifulSoup(res.text, "html.parser")
+
+
+def api_text(value):
+    """A JSON value as the view shows it."""
+    return "none" if value is None else "; ".join(value) if isinstance(value, list) else str(value)
+
+
+def view_table(res, caption):
+    """The table with that caption -> its rows as dicts of cell texts."""
+    soup = view_soup(res)
+    [table] = [t for t in soup.find_all("table") if t.caption and t.caption.text == caption]
+    columns = [th.text for th in table.thead.find_all("th")]
+    rows_ = [[td.text for td in tr.find_all("td")] for tr in table.tbody.find_all("tr")]
+    return [dict(zip(columns, r)) for r in rows_ if r != ["none"]]
+
+
+def view_fields(res, heading):
+    """The definition list under the <h2> `heading` -> {term: text}."""
+    soup = view_soup(res)
+    [h2] = [h for h in soup.find_all("h2") if h.text == heading]
+    dl = h2.find_next("dl")
+    return {dt.text: dd.text for dt, dd in zip(dl.find_all("dt"), dl.find_all("dd"))}
+
+
+def as_shown(records):
+    return [{k: api_text(v) for k, v in r.items()} for r in records]
+
+
+def chart_titles(res, chart_title):
+    """{label: exact text} of the bars of one chart (their SVG <title>s)."""
+    soup = view_soup(res)
+    [svg] = [s for s in soup.find_all("svg") if s.get("aria-label") == chart_title]
+    return dict(rect.title.text.split(" · ", 1)[0:1] + [rect.title.text.rsplit(": ", 1)[1]]
+                for rect in svg.find_all("rect"))
+
+
+@pytest.fixture
+def view_client(make_client):
+    return make_client(read_tokens=(READ.encode(),), reward_share=D("0.7"))
+
+
+def test_view_asks_a_browser_for_the_read_token_as_a_basic_password(view_client):
+    post(view_client, postback(user_id="u1"))
+    for path in [*VIEW_PAGES, "/view/view.css", "/view/icon.svg"]:
+        refused = view_client.get(path, status=401)
+        assert refused.headers["WWW-Authenticate"] == 'Basic realm="spp view", charset="UTF-8"'
+        assert_error(refused, 401)
+        view_client.get(path, headers=basic("wrong"), status=401)
+        view_client.get(path, headers=basic(READ + "x"), status=401)
+        view_client.get(path, headers={"Authorization": "Basic !!!"}, status=401)
+        view_client.get(path, headers=basic(""), status=401)
+        assert view_client.get(path, headers=basic(READ, user="")).status_int == 200
+        assert view_client.get(path, headers=bearer(READ)).status_int == 200  # curl's way too
+    # Without a read token (the loopback-only default), like the API: open.
+    assert make_app_open(view_client).status_int == 200
+
+
+def make_app_open(view_client):
+    app = spp_server.create_app({"db": view_client.app.store.path})
+    try:
+        return TestApp(app).get("/view/")
+    finally:
+        app.store.close()
+
+
+def test_view_answers_carry_a_strict_policy_even_when_refused(view_client):
+    post(view_client, postback(user_id="u1"))
+    for res in [view_client.get("/view/", status=401), view(view_client, "/view/", 400, month="x"),
+                *(view(view_client, path) for path in VIEW_PAGES)]:
+        csp = res.headers["Content-Security-Policy"]
+        assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+        assert "script-src" not in csp and "unsafe" not in csp and "http" not in csp
+        assert res.headers["X-Content-Type-Options"] == "nosniff"
+        assert res.headers["Referrer-Policy"] == "no-referrer"
+        assert res.headers["Cache-Control"] == "no-store"
+    css = view(view_client, "/view/view.css")
+    assert css.content_type == "text/css" and b"prefers-color-scheme: dark" in css.body
+
+
+def test_view_pages_hold_no_script_no_inline_style_and_nothing_from_elsewhere(view_client):
+    post(view_client, postback(user_id="u1"))
+    for path in VIEW_PAGES:
+        soup = view_soup(view(view_client, path))
+        assert not soup.find_all("script") and not soup.find_all("style")
+        assert not soup.find_all(style=True)
+        assert not [t for t in soup.find_all(True) if any(a.startswith("on") for a in t.attrs)]
+        for tag, attr in (("link", "href"), ("a", "href"), ("form", "action"), ("img", "src")):
+            for element in soup.find_all(tag):
+                if element.get(attr) is not None:
+                    assert element[attr].startswith(("/view", "#")), (path, element)
+
+
+HOSTILE_IDS = ['<img src=x onerror="document.title=1">', "</script><script>alert(1)</script>",
+               "\u202egnp.exe", "\x01\x02\x7f\x1b[31m\ufffe" + "\u00ff" * 3, "a\"'&<>/b"]
+
+
+def test_view_shows_hostile_values_as_text(view_client):
+    for user_id in HOSTILE_IDS:
+        post(view_client, postback(user_id=user_id))
+    post(view_client, b'{"user-id": "<b>bold</b>", "session-id": 7}', status=400)
+    pages = [*VIEW_PAGES, "/view/postbacks?outcome=recorded",
+             *(f"/view/users/{quote(u, safe='')}" for u in HOSTILE_IDS)]
+    for path in pages:
+        res = view(view_client, path)
+        soup = view_soup(res)
+        assert not soup.find_all(["img", "script", "b"]), path
+        assert "\u202e" not in res.text and "\x1b" not in res.text and "\x01" not in res.text
+    users = view(view_client, "/view/users")
+    shown = {a.text for a in view_soup(users).select("a.id")}
+    # Invisible characters are shown as escapes; the rest as it is.
+    assert {'<img src=x onerror="document.title=1">', "\\u202egnp.exe", "a\"'&<>/b"} <= shown
+    # Each user's link leads to that user's page.
+    for a in view_soup(users).select("a.id"):
+        page = view_client.get(a["href"], headers=basic(READ))
+        assert page.status_int == 200
+        assert "1" == view_fields(page, view_soup(page).find_all("h2")[0].text)["sessions"]
+
+
+@pytest.mark.parametrize("rollup", ["kept", "too many cells"])
+def test_view_month_equals_reconciliation_and_totals(make_client, clock, monkeypatch, rollup):
+    if rollup == "too many cells":  # then the page reads with the API's own SQL
+        monkeypatch.setattr(spp_server.Rollup, "MAX_CELLS", 0)
+    client = make_client(read_tokens=(READ.encode(),), reward_share=D("0.7"),
+                         report_utc_offset=330)
+    for day in range(1, 10):
+        for n in range(day):
+            post_at(client, clock, f"2026-11-{day:02d}T{(n * 5) % 24:02d}:00:00Z",
+                    user_id=f"u{n}", property_id=["1234", "5678", None][n % 3],
+                    country=["IN", "BR"][n % 2], your_estimated_revenue=f"0.00{n}1")
+    post_at(client, clock, "2026-10-31T19:00:00Z", user_id="early")  # 1 Nov at +05:30
+    post_at(client, clock, "2026-11-30T20:00:00Z", user_id="late")  # December at +05:30
+    spp_server.import_booked(  # (main's merge of webview and importops left the old call)
+        client.app.store,
+        [spp_server.BookedRow(f"2026-11-{d:02d}", "", "", d * 900_000) for d in range(1, 8)],
+        "nov.csv")
+    clock.set("2026-11-20T00:00:00Z")
+    api = client.get("/reconciliation", headers=bearer(READ), params={
+        "since": "2026-11-01", "until": "2026-12-01", "report-utc-offset": "+05:30"}).json
+    for _ in range(2):  # the second load reads its rollup, caught up
+        page = view(client, "/view/")
+        assert as_shown(api["days"]) == view_table(page, "Days")
+        assert (client.app.rollup.cells == {}) == (rollup == "too many cells")
+        assert {k: api_text(v) for k, v in api["summary"].items()} == view_fields(
+            page, "The month in sum")
+        for group, caption in (("property-id", "Totals by property"),
+                               ("country", "Totals by country")):
+            totals_ = client.get("/totals", headers=bearer(READ), params={
+                "since": "2026-11-01T00:00:00+05:30", "until": "2026-12-01T00:00:00+05:30",
+                "group-by": group}).json["totals"]
+            assert as_shown(totals_) == view_table(page, caption)
+        sessions = chart_titles(page, "Sessions per report day, 2026-11")
+        assert sessions == {d["day"]: str(d["sessions"]) for d in api["days"]}
+        for svg in view_soup(page).find_all("svg"):  # every chart's axes are labelled
+            labels = [t.text for t in svg.find_all("text", class_="label")]
+            assert labels[0] == "report day" and labels[1] in ("sessions", "USD", "ratio")
+        share = api["summary"]["suggested-reward-share"]
+        assert share and f"suggested reward share: {share}" in page.text
+        # A postback after the first load is in the second.
+        post_at(client, clock, "2026-11-02T10:00:00Z", user_id="again")
+        clock.set("2026-11-20T00:00:00Z")
+        api = client.get("/reconciliation", headers=bearer(READ), params={
+            "since": "2026-11-01", "until": "2026-12-01", "report-utc-offset": "+05:30"}).json
+    assert "1" in view_table(view(client, "/view/", month="2026-12"), "Days")[0]["sessions"]
+
+
+def test_view_month_tells_whether_postbacks_arrive(view_client, clock):
+    page = view(view_client, "/view/")
+    assert view_fields(page, "Are postbacks arriving?")["silence alarm (30m)"] == "silent"
+    post_at(view_client, clock, "2026-11-23T10:00:00Z")
+    post(view_client, b"{", status=400)
+    clock.set("2026-11-23T10:29:00Z")
+    fields = view_fields(view(view_client, "/view/"), "Are postbacks arriving?")
+    assert fields["silence alarm (30m)"] == "ok"
+    assert fields["last postback received"] == "2026-11-23T10:00:00Z (1,740 s ago)"
+    assert fields["rejected postbacks kept"] == "1"
+    clock.set("2026-11-23T10:31:00Z")
+    fields = view_fields(view(view_client, "/view/"), "Are postbacks arriving?")
+    assert fields["silence alarm (30m)"] == "silent"
+    assert view_client.get("/healthz?postbacks-within=30m", status=503)
+
+
+def test_view_month_rollup_starts_over_when_the_ids_mean_other_sessions(view_client, clock):
+    post_at(view_client, clock, "2026-11-02T10:00:00Z", user_id="a")
+    post_at(view_client, clock, "2026-11-02T11:00:00Z", user_id="b")
+    assert chart_titles(view(view_client, "/view/"), "Sessions per report day, 2026-11") == {
+        "2026-11-02": "2"}
+    # A restored backup: the newest session is gone, another takes its id.
+    view_client.app.store.write(lambda conn, _: conn.execute(
+        "DELETE FROM sessions WHERE id = (SELECT max(id) FROM sessions)"))
+    post_at(view_client, clock, "2026-11-03T10:00:00Z", user_id="c")
+    assert chart_titles(view(view_client, "/view/"), "Sessions per report day, 2026-11") == {
+        "2026-11-02": "1", "2026-11-03": "1"}
+
+
+def test_view_users_rank_by_revenue_page_and_equal_the_api(view_client, clock):
+    for n in range(120):
+        post_at(view_client, clock, "2026-11-05T10:00:00Z", user_id=f"u{n:03d}",
+                your_estimated_revenue=f"0.{n % 40 + 1:06d}")
+    post_at(view_client, clock, "2026-10-05T10:00:00Z", user_id="october-only",
+            your_estimated_revenue="9")
+    clock.set("2026-11-20T00:00:00Z")
+    expected = sorted((f"u{n:03d}" for n in range(120)), key=lambda u: (-(int(u[1:]) % 40), u))
+    shown = []
+    for page in (1, 2, 3):
+        res = view(view_client, "/view/users", page=str(page))
+        table = view_table(res, "Users, 2026-11")
+        shown += [r["user-id"] for r in table]
+        assert f"page {page} of 3 (120 users with sessions in 2026-11)" in res.text
+        for row in table[:3]:
+            api = earnings(view_client, row["user-id"], headers=bearer(READ),
+                           since="2026-11-01", until="2026-12-01").json
+            ledger = view_client.get(f"/users/{row['user-id']}/statement",
+                                     headers=bearer(READ)).json["totals"]
+            assert row == {"user-id": row["user-id"], "sessions": str(api["sessions"]),
+                           "estimated-revenue": api["estimated-revenue"],
+                           "rewardable-revenue": api["rewardable-revenue"],
+                           "paid-now (all time)": ledger["paid-now"],
+                           "pending": ledger["pending"], "owed": ledger["owed"]}
+    assert shown == expected
+    october = view_table(view(view_client, "/view/users", month="2026-10"), "Users, 2026-10")
+    assert [r["user-id"] for r in october] == ["october-only"]
+    found = view_table(view(view_client, "/view/users", search="u11"), "Users, 2026-11")
+    assert [r["user-id"] for r in found] == [f"u11{n}" for n in range(10)]
+    assert view_table(view(view_client, "/view/users", search="v"), "Users, 2026-11") == []
+    view(view_client, "/view/users", 400, page="0")
+    view(view_client, "/view/users", 400, month="2026-13")
+    view(view_client, "/view/users", 400, sort="x")
+
+
+def test_view_users_order_is_kept_a_while_the_figures_are_read_fresh(view_client, clock,
+                                                                    monkeypatch):
+    post_at(view_client, clock, "2026-11-05T10:00:00Z", user_id="a", your_estimated_revenue="0.1")
+    post_at(view_client, clock, "2026-11-05T10:00:00Z", user_id="b", your_estimated_revenue="0.2")
+    def shown():
+        table = view_table(view(view_client, "/view/users"), "Users, 2026-11")
+        return [(r["user-id"], r["estimated-revenue"]) for r in table]
+    assert shown() == [("b", "0.2"), ("a", "0.1")]
+    post_at(view_client, clock, "2026-11-05T11:00:00Z", user_id="a", your_estimated_revenue="0.5")
+    assert shown() == [("b", "0.2"), ("a", "0.6")]  # the order of a minute ago, today's figures
+    monkeypatch.setattr(spp_server.Ranking, "RANKING_TTL_S", -1)
+    assert shown() == [("a", "0.6"), ("b", "0.2")]
+
+
+def test_view_user_page_is_the_statement_and_the_sessions(make_client, clock):
+    client = make_client(read_tokens=(READ.encode(),))
+    store = client.app.store
+    add_sessions(store, [("who", "p", 2_000_000, at(d)) for d in (0, 0, 1, 3)]
+                 + [("other", "p", 5_000_000, at(1))])
+    book_rows(store, [(day_text(d), "p", 1_000_000) for d in range(4)])
+    pay(store, at(5))
+    spp_server.settle(store)
+    clock.set("2020-10-20T00:00:00Z")
+    res = view(client, "/view/users/who")
+    statement_ = client.get("/users/who/statement", headers=bearer(READ)).json
+    assert view_fields(res, "Statement: where the reward is") == {
+        k: api_text(v) for k, v in statement_["totals"].items()}
+    assert view_table(res, "Runs that paid this user") == as_shown(statement_["runs"])
+    assert view_table(res, "Settlement lines of this user") == as_shown(statement_["settlements"])
+    sessions = client.get("/users/who/sessions?limit=20", headers=bearer(READ)).json["sessions"]
+    assert view_table(res, "Sessions, newest first") == as_shown(sessions)
+    assert chart_titles(res, "Sessions per report day, 2020-10") == {
+        "2020-10-01": "2", "2020-10-02": "1", "2020-10-04": "1"}
+    month = earnings(client, "who", headers=bearer(READ), since="2020-10-01",
+                     until="2020-11-01").json
+    assert view_fields(res, "2020-10") == {k: api_text(v) for k, v in month.items()}
+
+
+def test_view_user_page_pages_the_sessions(view_client, clock):
+    for n in range(25):
+        post_at(view_client, clock, f"2026-11-05T10:{n:02d}:00Z", user_id="many")
+    first = view(view_client, "/view/users/many")
+    older = view_soup(first).find("a", string="older sessions →")["href"]
+    second = view_client.get(older, headers=basic(READ))
+    api = view_client.get("/users/many/sessions", params={"limit": "20"}, headers=bearer(READ)).json
+    api2 = view_client.get("/users/many/sessions", params={"limit": "20", "before": api["next"]},
+                           headers=bearer(READ)).json
+    assert view_table(second, "Sessions, newest first") == as_shown(api2["sessions"])
+    assert len(api2["sessions"]) == 5
+
+
+def test_view_ledger_equals_get_ledger(make_client, clock):
+    client = make_client(read_tokens=(READ.encode(),))
+    store = client.app.store
+    add_sessions(store, [(f"u{n}", "p", 3_000_000 * (n + 1), at(n % 3)) for n in range(6)])
+    book_rows(store, [(day_text(d), "p", 9_000_000) for d in range(3)])
+    pay(store, at(1))
+    pay(store, at(5))
+    spp_server.settle(store)
+    res = view(client, "/view/ledger")
+    api = client.get("/ledger", headers=bearer(READ)).json
+    assert view_fields(res, "Totals") == {k: api_text(v) for k, v in api["totals"].items()}
+    assert view_table(res, "Runs") == as_shown(api["runs"])
+    assert view_table(res, "Settlements") == as_shown(api["settlements"])
+    assert view_table(res, "Settled days") == as_shown(api["days"])
+    assert chart_titles(res, "Paid now per run (USD)") == {
+        f"run {r['run-id']}": r["paid-now"] for r in api["runs"]}
+    assert chart_titles(res, "Top-ups per settlement (USD)") == {
+        f"settlement {s['settlement-id']}": s["released"] for s in api["settlements"]}
+
+
+def test_view_postbacks_show_each_outcome_with_its_body(view_client, clock):
+    first = postback(user_id="x")
+    post_at(view_client, clock, "2026-11-05T10:00:00Z", **{k.replace("-", "_"): v
+                                                           for k, v in first.items()})
+    clock.set("2026-11-05T10:01:00Z")
+    post(view_client, first)  # an exact duplicate
+    clock.set("2026-11-05T10:02:00Z")
+    post(view_client, {**first, "country": "BR"})  # a conflicting one
+    clock.set("2026-11-05T10:03:00Z")
+    post(view_client, postback(country="India"), status=400)
+    table = view_table(view(view_client, "/view/postbacks"), "Latest postbacks, newest first")
+    assert [r["outcome"] for r in table] == ["rejected", "conflict", "duplicate", "recorded"]
+    assert [r["received-at"] for r in table] == [f"2026-11-05T10:0{m}:00Z" for m in (3, 2, 1, 0)]
+    assert table[0]["reason"].startswith("country: ")
+    assert json.loads(table[0]["raw body"])["country"] == "India"
+    assert json.loads(table[1]["raw body"])["country"] == "BR"
+    assert table[1]["user-id"] == table[2]["user-id"] == table[3]["user-id"] == "x"
+    assert json.loads(table[2]["raw body"]) == first
+    assert table[3]["session-id"] == first["session-id"]
+    rejected = view_client.get("/rejected", headers=bearer(READ)).json["rejected"][0]
+    assert table[0]["reason"] == f"{rejected['field']}: {rejected['reason']}"
+    for outcome in spp_server.POSTBACK_OUTCOMES:
+        only = view_table(view(view_client, "/view/postbacks", outcome=outcome),
+                          "Latest postbacks, newest first")
+        assert [r["outcome"] for r in only] == [outcome]
+    view(view_client, "/view/postbacks", 400, outcome="lost")
+    assert_error(view(view_client, "/view/postbacks", 400, before="yesterday"), 400, "before")
+    # Paged by receive time: two a page, the next page from the link.
+    page = view(view_client, "/view/postbacks", limit="2")
+    seen = []
+    while True:
+        seen += [r["outcome"] for r in view_table(page, "Latest postbacks, newest first")]
+        link = view_soup(page).find("a", string="older →")
+        if link is None:
+            break
+        page = view_client.get(link["href"], headers=basic(READ))
+    assert seen == ["rejected", "conflict", "duplicate", "recorded"]
+    older = view(view_client, "/view/postbacks", outcome="rejected", before="2026-11-05T10:03:00Z")
+    assert view_table(older, "Latest postbacks, newest first") == []
+
+
+def test_view_changes_nothing(view_client, clock):
+    post_at(view_client, clock, "2026-11-05T10:00:00Z", user_id="u1")
+    changes = view_client.app.store.write(lambda conn, _: conn.total_changes)
+    for path in VIEW_PAGES:
+        view(view_client, path)
+    assert view_client.app.store.write(lambda conn, _: conn.total_changes) == changes
+
+
+
+
+# --- The view in a real browser: headless Chromium from Debian, driven by Playwright ---
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOTS = HERE / "docs"
+
+
+def browser_or_skip():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("no Chromium: apt-get install chromium chromium-driver (.ci/run does)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("no Playwright: pip install -r requirements-dev.txt")
+    return sync_playwright
+
+
+class OtherOrigin:
+    """An HTTP server on another port: any request that reaches it is a
+    page loading something from another origin."""
+
+    def __init__(self):
+        import http.server
+
+        self.requests = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.requests.append(self.path)
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+# other.test: the browser resolves it to the OtherOrigin server
+# (--host-resolver-rules), so the ids, and so the screenshots, stay the same.
+OTHER_HOST = "http://other.test"
+BROWSER_HOSTILE_IDS = [f'<img src="{OTHER_HOST}/img" onerror="alert(1)">',
+                       f'</script><script src="{OTHER_HOST}/js"></script>',
+                       f'<link rel=stylesheet href="{OTHER_HOST}/css">\u202eevil',
+                       "\u202e" + "txt.exe" + "\u202c",
+                       "\x01\x02\x7f\x1b[31m" + bytes(range(0x80, 0xff)).decode("latin-1"),
+                       "w" * 255]
+
+
+@pytest.fixture(scope="module")
+def view_site(tmp_path_factory):
+    """One real server with a month of data, a ledger and hostile postbacks,
+    one browser: shared by the browser tests, each of which opens its pages."""
+    sync_playwright = browser_or_skip()
+    folder = tmp_path_factory.mktemp("view")
+    db = str(folder / "spp.db")
+    # The month of October 2020 and its ledger, written with a fixed clock and
+    # fixed session ids, so that the screenshots come out the same each run.
+    real_now, spp_server.now_us = spp_server.now_us, lambda: at(61)
+    store = spp_server.Store(db)
+    try:
+        store.write(lambda conn, _: conn.executemany(spp_server.SQL["insert_session"], [
+            (f"oct-{n:03d}", f"user-{n % 37:02d}", ["1234", "5678"][n % 2], "IN", 1, 10,
+             (n % 11 + 1) * 1_000_000, at(n % 20, n % 24), "{}") for n in range(600)]))
+        book_rows(store, [(day_text(d), "", 165_000_000 + d * 2_000_000) for d in range(18)])
+        pay(store, at(10))
+        pay(store, at(25))
+        spp_server.settle(store)
+    finally:
+        store.close()
+        spp_server.now_us = real_now
+    other = OtherOrigin()
+    server = RealServer(db, env={"SPP_READ_TOKEN": READ})
+    hostile = BROWSER_HOSTILE_IDS
+    for n, user_id in enumerate(hostile):
+        assert server.post(postback(user_id=user_id, session_id=f"hostile-{n}"))[0] == 200
+    long_id = "<b>" + "\u0645" * 5000 + "</b>"  # 10 KB: refused, its body kept in rejected
+    assert server.post(postback(user_id=long_id, session_id="long"))[0] == 400
+    first = postback(user_id=hostile[0], session_id="twice")
+    server.post(first)
+    server.post(first)  # a duplicate
+    server.post({**first, "country": "BR"})  # a conflict
+    playwright = sync_playwright().start()
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        *CHROMIUM_FLAGS, f"--host-resolver-rules=MAP other.test:80 127.0.0.1:{other.port}"])
+    site = types_namespace(server=server, other=other, browser=browser, hostile=hostile,
+                           long_id=long_id, origin=f"http://127.0.0.1:{server.port}")
+    yield site
+    browser.close()
+    playwright.stop()
+    other.server.shutdown()
+    server.stop()
+
+
+def types_namespace(**fields):
+    import types
+
+    return types.SimpleNamespace(**fields)
+
+
+def api_json(site, path):
+    status, _, body = http_request(site.server.port, "GET", path, headers=bearer(READ))
+    assert status == 200, (path, body)
+    return json.loads(body)
+
+
+@contextlib.contextmanager
+def view_tab(site, width=1024, password=READ, dark=False):
+    """A fresh browser context (no cookies, no cached credentials) and a
+    page that records console errors, dialogs and every request."""
+    context = site.browser.new_context(
+        viewport={"width": width, "height": 800}, color_scheme="dark" if dark else "light",
+        http_credentials={"username": "me", "password": password} if password else None)
+    page = context.new_page()
+    page.problems, page.requests = [], []
+    page.on("console", lambda m: page.problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: page.problems.append(f"script ran: {e}"))
+    page.on("dialog", lambda d: (page.problems.append(f"dialog: {d.message}"), d.dismiss()))
+    page.on("request", lambda r: page.requests.append(r.url))
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+def open_view(site, page, path, shot=None):
+    """Open a page: it renders (200), no console error, no script, nothing
+    from another origin, no horizontal overflow at the page's width."""
+    response = page.goto(site.origin + path)
+    assert response.status == 200, path
+    page.wait_for_load_state("load")
+    assert page.problems == [], (path, page.problems)
+    foreign = [url for url in page.requests if not url.startswith(site.origin + "/view/")
+               and url != site.origin + path]
+    assert foreign == [], (path, foreign)
+    assert page.evaluate("document.scripts.length + document.images.length") == 0, path
+    overflow = page.evaluate(
+        "document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0, (path, f"{overflow}px wider than the window")
+    if shot:
+        # What changes by the second (the last postback's time) is masked:
+        # the pictures change only when the pages do.
+        page.screenshot(path=str(SCREENSHOTS / shot), full_page="month" in shot,
+                        mask=[page.locator(".live")], mask_color="#8a8a8a")
+    return page
+
+
+BROWSER_PAGES = [("/view/?month=2020-10", "view-month.png"), ("/view/ledger", "view-ledger.png"),
+                 ("/view/users?month=2020-10", "view-users.png"),
+                 ("/view/users/user-03?month=2020-10", "view-user.png"),
+                 ("/view/postbacks", "view-postbacks.png"), ("/view/", None),
+                 ("/view/users", None), ("/view/users?search=user-1", None)]
+
+
+def test_browser_every_page_renders_with_nothing_from_elsewhere(view_site):
+    with view_tab(view_site) as page:
+        for path, shot in BROWSER_PAGES:
+            open_view(view_site, page, path, shot)
+    with view_tab(view_site, width=360) as page:  # every other page at 360: the next test
+        open_view(view_site, page, "/view/?month=2020-10", "view-month-360.png")
+    with view_tab(view_site, dark=True) as page:
+        open_view(view_site, page, "/view/users/user-03?month=2020-10", "view-user-dark.png")
+        background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert background == "rgb(18, 18, 18)"  # dark mode followed
+    assert view_site.other.requests == []
+
+
+def test_browser_hostile_ids_stay_text(view_site):
+    paths = ["/view/", "/view/users", "/view/postbacks", "/view/postbacks?outcome=rejected",
+             "/view/ledger", "/view/users/user-03?month=2020-10", "/view/users?month=2020-10",
+             # The 10 KB id is refused (over 256 characters): its body is on the
+             # rejected list; a search for it fits the server's 16 KiB of headers.
+             f"/view/users?search={quote(view_site.long_id[:1000])}",
+             *(f"/view/users/{quote(u, safe='')}" for u in view_site.hostile)]
+    for width in (360,):  # the narrowest a layout must hold at
+        with view_tab(view_site, width=width) as page:
+            for path in paths:
+                open_view(view_site, page, path)
+                assert page.title().endswith("· spp-receiver")
+            # Each id reads back as it was posted (invisible characters as escapes).
+            open_view(view_site, page, "/view/users")
+            ids = page.locator("a.id").all_inner_texts()
+            assert view_site.hostile[0] in ids and view_site.hostile[5] in ids
+            assert "\\u202etxt.exe\\u202c" in ids
+    assert view_site.other.requests == []
+
+
+def test_browser_numbers_equal_the_api(view_site):
+    with view_tab(view_site) as page:
+        open_view(view_site, page, "/view/?month=2020-10")
+        report = api_json(view_site, "/reconciliation?since=2020-10-01&until=2020-11-01")
+        bars = page.locator('svg[aria-label="Sessions per report day, 2020-10"] rect title')
+        assert bars.all_text_contents() == [f"{d['day']} · sessions: {d['sessions']:,}"
+                                          for d in report["days"]]
+        share = report["summary"]["suggested-reward-share"]
+        assert page.locator("line.share title").text_content() == f"suggested reward share: {share}"
+        open_view(view_site, page, "/view/ledger")
+        ledger = api_json(view_site, "/ledger")
+        bars = page.locator('svg[aria-label="Paid now per run (USD)"] rect title')
+        assert bars.all_text_contents() == [f"run {r['run-id']} · paid now: {r['paid-now']}"
+                                          for r in ledger["runs"]]
+        open_view(view_site, page, "/view/users?month=2020-10")
+        first = page.locator("tbody tr").first.locator("td").all_inner_texts()
+        api = api_json(view_site, f"/users/{first[0]}/earnings?since=2020-10-01&until=2020-11-01")
+        assert first[1:3] == [str(api["sessions"]), api["estimated-revenue"]]
+        open_view(view_site, page, "/view/postbacks?outcome=rejected")
+        rejected = api_json(view_site, "/rejected")["rejected"]
+        assert page.locator("tbody tr").count() == len(rejected) == 1
+
+
+def test_browser_token_refused_then_accepted(view_site):
+    from playwright.sync_api import Error as BrowserError
+
+    for password in (None, READ[:-1]):
+        with view_tab(view_site, password=password) as page:
+            try:  # the browser is asked for a password; with none or a wrong one, refused
+                response = page.goto(view_site.origin + "/view/")
+            except BrowserError as refused:
+                assert "ERR_INVALID_AUTH_CREDENTIALS" in str(refused)
+            else:
+                assert response.status == 401
+                assert "Basic" in response.headers["www-authenticate"]
+                assert "user-" not in response.text()
+    with view_tab(view_site) as page:
+        open_view(view_site, page, "/view/")
+        assert all(READ not in url for url in page.requests)  # never in a URL
+    assert READ not in view_site.server.log_text()
+
+
+def test_browser_keyboard_reaches_every_link_and_form(view_site):
+    with view_tab(view_site) as page:
+        open_view(view_site, page, "/view/users?month=2020-10")
+        reached = []
+        while "search" not in reached and len(reached) < 10:
+            page.keyboard.press("Tab")
+            reached.append(page.evaluate("document.activeElement.textContent.trim() || "
+                                         "document.activeElement.name"))
+        assert reached == ["Skip to the content", "Month", "Ledger", "Users", "Postbacks",
+                           "search"]
+        page.keyboard.type("user-1")
+        with page.expect_navigation():
+            page.keyboard.press("Enter")
+        assert "search=user-1" in page.url
+        assert page.locator("a.id").first.inner_text().startswith("user-1")
+
+
+# ---------------------------------------------------------------------------
 # Errors, health, the watchdog, logs
 # ---------------------------------------------------------------------------
 
@@ -6074,6 +6926,31 @@ def test_commands_use_an_older_database_the_server_upgrades(db, tmp_path, capsys
     one_line_error(capsys, "schema version 1", f"older than this code's {LATEST}")
     assert run_entry_point("import-booked", db, tmp_path) == 0
     assert rows(db, "PRAGMA user_version") == [(LATEST,)]
+
+
+def design_upgrade_lists():
+    """docs/design.md's two lists: the commands that upgrade an older
+    database, and those that refuse one."""
+    text = " ".join((HERE / "docs" / "design.md").read_text().split())
+    upgrade, refuse = re.search(r"keeps its rows\. (.*?) upgrade it the same way; (.*?), which "
+                                r"only read, refuse an older one", text).groups()
+    return re.findall(r"`([a-z-]+)`", upgrade), re.findall(r"`([a-z-]+)`", refuse)
+
+
+@pytest.mark.parametrize("command", list(spp_server.COMMANDS))
+def test_every_command_upgrades_an_older_database_or_refuses_it_as_design_md_says(
+        db, tmp_path, capsys, command):
+    upgrading, refusing = design_upgrade_lists()
+    assert command in upgrading + refusing, "design.md does not say what it does"
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=1)
+    status = run_entry_point(command, db, tmp_path)
+    if command in refusing:
+        assert status == 1
+        one_line_error(capsys, "schema version 1", f"older than this code's {LATEST}")
+        assert rows(db, "PRAGMA user_version") == [(1,)]
+    else:
+        assert status == 0 and rows(db, "PRAGMA user_version") == [(LATEST,)]
 
 
 @pytest.mark.parametrize("version", SCHEMA_VERSIONS)
@@ -7778,6 +8655,7 @@ DOC_PAGES = {  # page -> how its server runs: the tokens and options it says to 
                           "shell": {"READ": "Authorization: Bearer read-secret"}},
     # pay, settle and statement run beside the server, on its spp.db.
     "docs/ledger.md": {"env": {"SPP_READ_TOKEN": "read-secret"}},
+    "docs/view.md": {"env": {"SPP_READ_TOKEN": "read-secret"}},
 }
 DOC_PLACEHOLDERS = {
     "…": r"[^\n]*?",
@@ -8065,27 +8943,36 @@ def test_the_payout_script_fails_loudly_leaves_nothing_and_recovers(real_server,
         assert not list(work.glob("*.part")), "a partial file was left behind"
         return result
 
-    paid = pay("2100-01-01")
+    def now():  # after every postback above was answered: they are before it
+        return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    ahead = pay((datetime.datetime.now(datetime.timezone.utc)
+                 + datetime.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    assert ahead.returncode == 2 and "is in the future" in ahead.stderr  # and nothing written
+    assert sorted(p.name for p in work.iterdir()) == ["payout.sh"]
+    first = now()
+    paid = pay(first)
     assert paid.returncode == 0, paid.stderr
     with open(work / "payout-2000-01-01.csv", newline="") as f:
         assert [(r["user-id"], r["estimated-revenue"]) for r in csv.DictReader(f)] == [
             ("a", "0.1"), ("b", "0.25")]
-    assert (work / "last-payout-until").read_text() == "2100-01-01\n"
+    assert (work / "last-payout-until").read_text() == first + "\n"
 
-    again = pay("2100-01-01")  # an empty window: the server answers 400
+    again = pay(first)  # an empty window: the server answers 400
     assert again.returncode != 0 and "400" in again.stderr and '"field": "until"' in again.stderr
     server.stop()
-    down = pay("2100-01-02")
+    second = now()
+    down = pay(second)
     assert down.returncode != 0 and "curl: (7)" in down.stderr
     assert sorted(p.name for p in work.iterdir()) == [
         "last-payout-until", "payout-2000-01-01.csv", "payout.sh"]
-    assert (work / "last-payout-until").read_text() == "2100-01-01\n"
+    assert (work / "last-payout-until").read_text() == first + "\n"
 
     real_server(db=server.db, env={"SPP_READ_TOKEN": "t"}, port=server.port)
-    later = pay("2100-01-02")
+    later = pay(second)
     assert later.returncode == 0, later.stderr
-    assert (work / "payout-2100-01-01.csv").read_text().count("\n") == 1  # the header only
-    assert (work / "last-payout-until").read_text() == "2100-01-02\n"
+    assert (work / f"payout-{first}.csv").read_text().count("\n") == 1  # the header only
+    assert (work / "last-payout-until").read_text() == second + "\n"
 
 
 def test_the_feed_consumer_credits_each_session_once_across_a_server_restart(real_server, tmp_path):
@@ -8200,6 +9087,98 @@ def heading_anchors(text):
             title = line.lstrip("#").strip().lower()
             anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
     return anchors
+
+
+@pytest.mark.parametrize("page", [page for page in DOC_PAGES if page != "README.md"])
+def test_moving_each_pages_database_aside_keeps_the_previous_pages_copy(tmp_path, page):
+    """Each page says how to move the previous page's database aside: done
+    after two pages in turn, both copies must still be there."""
+    text = " ".join((HERE / page).read_text().split())
+    [command] = re.findall(r"move its database into a folder of its own \(`([^`]+)`\)", text)
+    for content in (b"first page", b"second page"):
+        (tmp_path / "spp.db").write_bytes(content)
+        (tmp_path / "spp.db-wal").write_bytes(content + b" wal")
+        subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True, timeout=10)
+        assert not list(tmp_path.glob("spp.db*"))
+    kept = sorted(path.read_bytes() for path in tmp_path.glob("old/*/spp.db*"))
+    assert kept == [b"first page", b"first page wal", b"second page", b"second page wal"]
+
+
+@pytest.mark.skipif(shutil.which("sqlite3") is None, reason="the sqlite3 shell is not installed")
+def test_moving_to_a_bigger_machine_keeps_sessions_ledger_tokens_files_and_feed_cursors(
+        real_server, tmp_path):
+    """docs/operating.md's move-out.sh and move-in.sh as written, with the
+    machines' paths in temporary directories and systemctl a stand-in that
+    logs what it was asked.  The old server is killed, so that its newest
+    commits are still in the WAL."""
+    machines = {side: {name: tmp_path / side / name for name in ("state", "etc", "payouts", "bin")}
+                for side in ("old", "new")}
+    for paths in machines.values():
+        for path in paths.values():
+            path.mkdir(parents=True)
+        (paths["bin"] / "systemctl").write_text('#!/bin/sh\necho "$@" >> "${0%/*}/calls"\n')
+        (paths["bin"] / "systemctl").chmod(0o755)
+    old, new = machines["old"], machines["new"]
+    (old["etc"] / "postback-token").write_text("p-secret\n")
+    (old["etc"] / "read-token").write_text("r-secret\n")
+    (old["payouts"] / "run-1.csv").write_text("run-id,user-id\n1,a\n")
+    auth, read = {"Authorization": "Bearer p-secret"}, {"Authorization": "Bearer r-secret"}
+    server = real_server(db=str(old["state"] / "spp.db"),
+                         env={"CREDENTIALS_DIRECTORY": str(old["etc"])})
+    for i in range(6):
+        body = json.dumps(postback(user_id=f"u{i % 2}", your_estimated_revenue="0.5")).encode()
+        assert server.request("POST", "/postback", body, auth)[0] == 200
+    until = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    pay = ["pay", "--until", until, "--pay-now-share", "0.5", "--final-share", "0.9"]
+    paid = subprocess.run([sys.executable, str(SERVER), *pay, "--db", server.db],
+                          capture_output=True, timeout=15)
+    assert paid.returncode == 0 and paid.stdout.count(b"\n") == 3, paid.stderr
+    status, first_page = server.request("GET", "/sessions?after=0&limit=4", headers=read)
+    assert status == 200 and len(first_page["sessions"]) == 4
+    status, rest_on_old = server.request("GET", f"/sessions?after={first_page['next']}",
+                                         headers=read)
+    stats_on_old = server.request("GET", "/stats", headers=read)[1]
+    server.stop(signal.SIGKILL)
+    assert os.path.getsize(server.db + "-wal") > 0  # commits the database file lacks
+    fresh = real_server(db=str(new["state"] / "spp.db"))  # deploy.md on the new machine
+    fresh.stop()
+
+    def run(script, paths, *args):
+        env = {**os.environ, "PATH": f"{paths['bin']}:{os.environ['PATH']}",
+               "SPP_STATE": str(paths["state"]), "SPP_ETC": str(paths["etc"]),
+               "SPP_PAYOUTS": str(paths["payouts"])}
+        (tmp_path / script).write_text(doc_file("docs/operating.md", script, 0))
+        return subprocess.run(["bash", str(tmp_path / script), *args], env=env,
+                              capture_output=True, text=True, timeout=30)
+
+    archive = tmp_path / "spp-move.tar.gz"
+    out = run("move-out.sh", old, str(archive))
+    assert out.returncode == 0 and "6 sessions" in out.stdout, out.stderr
+    assert archive.stat().st_mode & 0o077 == 0
+    moved = run("move-in.sh", new, str(archive))
+    assert moved.returncode == 0 and "6 sessions" in moved.stdout, moved.stderr
+    assert "stop spp-payout.timer spp-settlement.timer spp.socket spp.service" in (
+        old["bin"] / "calls").read_text()
+    assert "start spp.socket spp.service" in (new["bin"] / "calls").read_text()
+    assert (new["payouts"] / "run-1.csv").read_text() == "run-id,user-id\n1,a\n"
+    server = real_server(db=str(new["state"] / "spp.db"),
+                         env={"CREDENTIALS_DIRECTORY": str(new["etc"])})
+    stats_on_new = server.request("GET", "/stats", headers=read)[1]
+    assert (stats_on_new["sessions"], stats_on_new["last-received-at"]) == (
+        stats_on_old["sessions"], stats_on_old["last-received-at"]) == (6, stats_on_old[
+            "last-received-at"])
+    # The feed consumer's cursor goes on where it was; the old tokens work.
+    assert server.request("GET", f"/sessions?after={first_page['next']}", headers=read) == (
+        status, rest_on_old)
+    assert server.request("GET", "/stats", headers={"Authorization": "Bearer x"})[0] == 401
+    body = json.dumps(postback(user_id="u9")).encode()
+    assert server.request("POST", "/postback", body, auth)[0] == 200
+    again = subprocess.run([sys.executable, str(SERVER), *pay, "--db", server.db],
+                           capture_output=True, timeout=15)
+    assert (again.returncode, again.stdout) == (0, paid.stdout)  # the same run 1, not a new one
+    # A second move-in onto a database that holds sessions changes nothing.
+    refused = run("move-in.sh", new, str(archive))
+    assert refused.returncode == 1 and "holds sessions: not replacing it" in refused.stderr
 
 
 def test_links_between_the_docs_lead_to_a_page_and_heading_that_exist():

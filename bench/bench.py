@@ -6,6 +6,7 @@
     python bench/bench.py --only read --read-sizes 100000
     python bench/bench.py --only ingest --pin-cpu 0      # both servers on one core
     python bench/bench.py --only during-export           # ingest while an export loops
+    python bench/bench.py --only view                    # each web view page at 1,000,000
 
 Ingest: starts spp_server.py on a fresh database in a temporary directory and
 bench/ceiling.py (Bottle + waitress with waitress's stock 4 threads, parsing
@@ -36,6 +37,7 @@ import contextlib
 import ctypes
 import datetime
 import http.client
+import itertools
 import json
 import math
 import os
@@ -51,6 +53,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -73,6 +76,7 @@ TARGETS = {
     "earnings_p50_ms": 2.0,  # one user's earnings, at the largest read size
     "growth": 1.5,  # p50 at the largest size <= 1.5 x p50 at the smallest (+0.1 ms)
     "reconciliation_p50_ms": 1000,  # 30 days of /reconciliation, at the largest read size
+    "view_ms": 300,  # each web view page over a month of 1,000,000 sessions
 }
 
 
@@ -469,17 +473,49 @@ def read_size(size, args, tmp):
     return out
 
 
+def fill_database(db, size, end_day=None):
+    argv = [sys.executable, str(FILL), "--db", str(db), "--sessions", str(size)]
+    done = subprocess.run([*argv, *(["--end-day", end_day] if end_day else [])],
+                          capture_output=True, text=True, timeout=900, preexec_fn=_die_with_parent)
+    if done.returncode:
+        raise RuntimeError(f"fill.py failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def load_while_posting(server, args, paths):
+    """wrk's load while `paths` are loaded in turn, in a loop, on a thread:
+    (wrk's result, times of the loads within the load, failed statuses)."""
+    stop, during, failed = threading.Event(), [], []
+    load_start = time.monotonic()
+
+    def loop():
+        # Only loads that start and end while wrk is loading count: wrk
+        # keeps its connections parked (idle) for TAIL_S after the load.
+        for path in itertools.cycle(paths):
+            if stop.is_set():
+                return
+            status, _, times = time_gets(server.port, path, 1, warmup=0)
+            if status != 200:
+                failed.append(status)
+            elif time.monotonic() <= load_start + args.duration:
+                during.extend(times)
+
+    looping = threading.Thread(target=loop, daemon=True)
+    looping.start()
+    result = run_wrk(server.port, args, server.pid)
+    stop.set()
+    looping.join(120)
+    return result, during, failed
+
+
 def ingest_during_export(args, tmp, size=1_000_000):
     """On a database of `size` sessions: the one-day export alone, ingest
     alone, then both at once (the export looping on its own connection)."""
     db = tmp / f"export-{size}.db"
-    done = subprocess.run([sys.executable, str(FILL), "--db", str(db), "--sessions", str(size)],
-                          capture_output=True, text=True, timeout=900, preexec_fn=_die_with_parent)
-    if done.returncode:
-        raise RuntimeError(f"fill.py failed:\n{done.stderr}")
-    info = json.loads(done.stdout.strip().splitlines()[-1])
+    info = fill_database(db, size)
     day = datetime.datetime.fromtimestamp(info["first_us"] / 1e6, datetime.timezone.utc).date()
     day += datetime.timedelta(days=fill.SPAN_DAYS // 2)
+    view_month = day.strftime("%Y-%m")
     path = "/earnings?" + args.export_query.format(
         since=day.isoformat(), until=(day + datetime.timedelta(days=1)).isoformat())
     argv = [sys.executable, str(SERVER), "--db", str(db), "--host", HOST, "--threads", str(args.threads)]
@@ -490,30 +526,71 @@ def ingest_during_export(args, tmp, size=1_000_000):
         server.wait_ready()
         _, _, alone = time_gets(server.port, path, args.export_requests, warmup=2)
         quiet = run_wrk(server.port, args, server.pid)
-        stop, during, failed = threading.Event(), [], []
-        load_start = time.monotonic()
-
-        def export_loop():
-            # Only exports that start and end while wrk is loading count: wrk
-            # keeps its connections parked (idle) for TAIL_S after the load.
-            while not stop.is_set():
-                status, _, times = time_gets(server.port, path, 1, warmup=0)
-                if status != 200:
-                    failed.append(status)
-                elif time.monotonic() <= load_start + args.duration:
-                    during.extend(times)
-
-        looping = threading.Thread(target=export_loop, daemon=True)
-        looping.start()
-        busy = run_wrk(server.port, args, server.pid)
-        stop.set()
-        looping.join(120)
+        busy, during, failed = load_while_posting(server, args, [path])
+        # The same with the web view's pages loaded in a loop instead, in turn.
+        pages = [p for _, p in view_paths(view_month, info)]
+        for page in pages:  # the first load of the month builds its rollup
+            time_gets(server.port, page, 1, warmup=0)
+        viewed, loaded, failed_pages = load_while_posting(server, args, pages)
+        failed += failed_pages
     finally:
         server.stop()
     return {"export_alone_p50": percentile(alone, 50), "export_during_p50": percentile(sorted(during), 50),
             "exports_during": len(during), "exports_failed": len(failed),
             "ingest_alone": quiet["rps"], "ingest_during": busy["rps"],
-            "non2xx": quiet["resp_non2xx"] + busy["resp_non2xx"]}
+            "ingest_during_view": viewed["rps"], "pages_during": len(loaded),
+            "page_during_p50": percentile(sorted(loaded), 50),
+            "non2xx": quiet["resp_non2xx"] + busy["resp_non2xx"] + viewed["resp_non2xx"]}
+
+
+def view_paths(month, info):
+    """The web view's pages, over the month that holds the filled sessions."""
+    heavy = urllib.parse.quote(info["heavy_user"], safe="")
+    return [("month", f"/view/?month={month}"), ("ledger", "/view/ledger"),
+            ("users, top 50", f"/view/users?month={month}"),
+            ("users, page 1,000", f"/view/users?month={month}&page=1000"),
+            ("users, search", "/view/users?search=user-0999"),
+            ("a user (10,000 sessions)", f"/view/users/{heavy}?month={month}"),
+            ("postbacks", "/view/postbacks")]
+
+
+def view_pages(args, tmp, size=1_000_000):
+    """Each page of the web view over `size` sessions that all fall in one
+    month (the one before the current): the first load (the month's rollup
+    reads every session once) and then repeated loads."""
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    end = today.replace(day=1)
+    month = (end - datetime.timedelta(days=1)).strftime("%Y-%m")
+    db = tmp / f"view-{size}.db"
+    info = fill_database(db, size, end.isoformat())
+    book_report(db, datetime.date.fromisoformat(end.isoformat()) - datetime.timedelta(
+        days=fill.SPAN_DAYS), tmp)
+    argv = [sys.executable, str(SERVER), "--db", str(db), "--host", HOST, "--threads", str(args.threads)]
+    server = Server(f"project (view, {size} rows)", argv, tmp / "view.log")
+    out = {"month": month, "sessions": size, "pages": {}}
+    try:
+        server.wait_ready()
+        for label, path in view_paths(month, info):
+            status, body, first = time_gets(server.port, path, 1, warmup=0)
+            if status != 200:
+                raise RuntimeError(f"{path}: HTTP {status}: {body[:200]!r}")
+            _, _, times = time_gets(server.port, path, args.view_requests, warmup=0)
+            out["pages"][label] = {"path": path, "first": first[0], "p50": percentile(times, 50),
+                                   "p99": percentile(times, 99), "bytes": len(body)}
+    finally:
+        server.stop()
+    return out
+
+
+def view_rows(v):
+    rows = [(f"**web view pages** ({fmt(v['sessions'])} sessions in {v['month']}; "
+             "A = first load, B = p50 / p99 of the next loads, ms)", "", "", "", "", "")]
+    for label, p in v["pages"].items():
+        rows.append((f"{label} `{p['path']}`", fmt(p["first"], 1),
+                     f"{p['p50']:.1f} / {p['p99']:.1f}", "", f"≤ {TARGETS['view_ms']} ms",
+                     verdict(p["p99"] <= TARGETS["view_ms"])
+                     + ("" if p["first"] <= TARGETS["view_ms"] else " (first load: FAIL)")))
+    return rows
 
 
 def during_export_rows(d):
@@ -526,7 +603,12 @@ def during_export_rows(d):
          "≥ 0.60", verdict(ingest >= 0.60)),
         ("one-day export p50 ms", fmt(d["export_alone_p50"], 1), fmt(d["export_during_p50"], 1),
          fmt(export, 2), "≤ 1.5", verdict(export is not None and export <= 1.5)),
-        ("exports within the load / failed exports / non-2xx postbacks", "",
+        ("ingest requests/s while the view's pages load in a loop", fmt(d["ingest_alone"], 0),
+         fmt(d["ingest_during_view"], 0), fmt(d["ingest_during_view"] / d["ingest_alone"], 2),
+         "≥ the export's", verdict(d["ingest_during_view"] >= d["ingest_during"])),
+        ("pages loaded within the load / their p50 ms", "",
+         f"{d['pages_during']} / {fmt(d['page_during_p50'], 1)}", "", "", ""),
+        ("exports within the load / failed exports and pages / non-2xx postbacks", "",
          f"{d['exports_during']} / {d['exports_failed']} / {d['non2xx']}", "", "failures = 0",
          verdict(d["non2xx"] == 0 and d["exports_failed"] == 0 and d["exports_during"] > 0)),
     ]
@@ -695,8 +777,10 @@ def parse_args(argv):
     p.add_argument("--pin-cpu", type=int, metavar="N",
                    help="run the servers (ceiling and project alike) pinned to core N "
                    "with taskset, as on a 1-vCPU VPS; wrk stays unpinned")
-    p.add_argument("--only", choices=("ingest", "read", "during-export"),
-                   help="run one part only (during-export: ingest while a one-day export loops)")
+    p.add_argument("--only", choices=("ingest", "read", "during-export", "view"),
+                   help="run one part only (during-export: ingest while a one-day export loops, "
+                   "then while the web view's pages do; view: each page's time)")
+    p.add_argument("--view-requests", type=int, default=10, help="timed loads of each view page")
     p.add_argument("--read-sizes", default="100000,1000000", help="rows in the read databases")
     p.add_argument("--read-requests", type=int, default=300, help="timed earnings requests per user")
     p.add_argument("--export-requests", type=int, default=20, help="timed export requests")
@@ -725,7 +809,7 @@ def _overtime(_signum, _frame):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.only != "read" and shutil.which("wrk") is None:  # ingest and during-export
+    if args.only not in ("read", "view") and shutil.which("wrk") is None:  # ingest, during-export
         sys.exit("bench.py needs wrk: apt-get install wrk")
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGALRM, _overtime)
@@ -754,6 +838,10 @@ def main(argv=None):
                 print("… ingest while a one-day export loops (1,000,000 rows)", file=sys.stderr, flush=True)
                 results["during_export"] = ingest_during_export(args, tmp)
                 rows += during_export_rows(results["during_export"])
+            elif args.only == "view":
+                print("… the web view's pages (1,000,000 rows)", file=sys.stderr, flush=True)
+                results["view"] = view_pages(args, tmp)
+                rows += view_rows(results["view"])
             elif args.only != "ingest":
                 reads = {}
                 for size in args.read_sizes:

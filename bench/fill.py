@@ -111,8 +111,11 @@ def main(argv=None):
     parser.add_argument("--db", required=True, help="database file to create (must not exist)")
     parser.add_argument("--sessions", type=int, default=1_000_000, help="rows (default %(default)s)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--end-day", metavar="YYYY-MM-DD",
+                        help="the day after the filled days (default: today, UTC)")
     args = parser.parse_args(argv)
-    print(json.dumps(fill(args.db, args.sessions, args.seed)))
+    end_us = None if args.end_day is None else spp_server.parse_instant(args.end_day)
+    print(json.dumps(fill(args.db, args.sessions, args.seed, end_us)))
 
 
 if __name__ == "__main__":
