@@ -3938,9 +3938,12 @@ def test_report_offset_comes_from_flag_or_environment(fake_serve, db, capsys):
     assert exited.value.code == 2 and "SPP_REPORT_UTC_OFFSET" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("days", [spp_server.ReportDays.fixed(0),
+                                  spp_server.ReportDays.fixed(0).changed_to(330, 10**15)])
 @pytest.mark.parametrize("name", ["estimates_by_day", "estimates_by_day_and_property"])
-def test_per_day_estimates_search_the_receive_time_index(client, db, name):
-    plan = query_plan(db, name, {"offset_us": 0, **spp_server.Window(1, 2).params()})
+def test_per_day_estimates_search_the_receive_time_index(client, db, name, days):
+    sql = "EXPLAIN QUERY PLAN " + spp_server.SQL[name].format(day=days.sql())
+    plan = " / ".join(row[-1] for row in rows(db, sql, spp_server.Window(1, 2).params()))
     assert plan.startswith("SEARCH sessions USING COVERING INDEX sessions_by_time "
                            "(received_at_us>? AND received_at_us<?)")
     assert "SCAN" not in plan
