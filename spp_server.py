@@ -2923,7 +2923,7 @@ class ReconciliationQuery:
     since_day: int  # report day numbers: the window [since, until)
     until_day: int
     property_id: str | None
-    days: "ReportDays | None"  # None: the offsets the ledger recorded (see recorded_report_days)
+    days: ReportDays | None  # None: the offsets the ledger recorded (see recorded_report_days)
     quantile: decimal.Decimal
     share: decimal.Decimal | None
     default_offset: int = 0  # before any run recorded one
