@@ -5793,7 +5793,7 @@ def test_view_month_equals_reconciliation_and_totals(make_client, clock, monkeyp
                     country=["IN", "BR"][n % 2], your_estimated_revenue=f"0.00{n}1")
     post_at(client, clock, "2026-10-31T19:00:00Z", user_id="early")  # 1 Nov at +05:30
     post_at(client, clock, "2026-11-30T20:00:00Z", user_id="late")  # December at +05:30
-    spp_server.import_booked(  # (main's merge of webview and importops left the old call)
+    spp_server.import_booked(
         client.app.store,
         [spp_server.BookedRow(f"2026-11-{d:02d}", "", "", d * 900_000) for d in range(1, 8)],
         "nov.csv")
@@ -9141,7 +9141,15 @@ def test_moving_to_a_bigger_machine_keeps_sessions_ledger_tokens_files_and_feed_
     status, rest_on_old = server.request("GET", f"/sessions?after={first_page['next']}",
                                          headers=read)
     stats_on_old = server.request("GET", "/stats", headers=read)[1]
+    # As systemd kills the whole control group: a writer process left alive
+    # would close its connection cleanly, checkpointing the WAL away.
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+    writers = [int(pid) for pid in children.read_text().split()]
+    for pid in writers:
+        os.kill(pid, signal.SIGSTOP)
     server.stop(signal.SIGKILL)
+    for pid in writers:
+        os.kill(pid, signal.SIGKILL)
     assert os.path.getsize(server.db + "-wal") > 0  # commits the database file lacks
     fresh = real_server(db=str(new["state"] / "spp.db"))  # deploy.md on the new machine
     fresh.stop()
