@@ -190,6 +190,12 @@ CREATE TABLE ledger_balances (
 ) WITHOUT ROWID;
 
 -- version 6
+-- Ledger cut-over (restore; issue 21, docs/ledger.md "The first run: where
+-- the ledger takes over"): the first run's --from as given (an instant in ISO
+-- 8601 UTC, or a feed cursor), NULL when the ledger pays from the first
+-- session.  The run's after_session_id is where it took over.
+ALTER TABLE payout_runs ADD COLUMN started_from TEXT;
+
 -- import-booked in steps (importops): a report's rows are staged under a new
 -- import id in short transactions, unseen, then one short transaction points
 -- each day and property it covers at them, then the rows it superseded are

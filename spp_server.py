@@ -22,6 +22,7 @@ import difflib
 import errno
 import fcntl
 import functools
+import hashlib
 import heapq
 import hmac
 import html
@@ -497,6 +498,14 @@ SQL = {
         ORDER BY id DESC LIMIT 1""",
     "run_exists": "SELECT 1 FROM payout_runs WHERE id = ?",
     "run_moved": "SELECT moved_sessions, moved_to_day FROM payout_runs WHERE id = ?",
+    # Where the ledger took over: the first run's start (see plan_run).
+    "first_run": "SELECT id, after_session_id, started_from FROM payout_runs ORDER BY id LIMIT 1",
+    "oldest_session_upto": """
+        SELECT received_at_us FROM sessions INDEXED BY sessions_by_time WHERE id <= ?
+        ORDER BY received_at_us LIMIT 1""",
+    "first_session_between": """
+        SELECT min(id) FROM sessions INDEXED BY sessions_by_time
+        WHERE received_at_us >= ? AND received_at_us < ?""",
     "settlement_exists": "SELECT 1 FROM settlements WHERE id = ?",
     # The largest id received before a run's until: the run pays every id up
     # to it that an earlier run did not, whatever their receive times.
@@ -537,8 +546,8 @@ SQL = {
         INSERT INTO payout_runs
             (id, after_session_id, last_session_id, until_us, created_at_us, pay_now_share,
              final_share, report_utc_offset, users, sessions, estimated_nano, paid_now_nano,
-             deducted_nano, withheld_nano, moved_sessions, moved_to_day)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+             deducted_nano, withheld_nano, moved_sessions, moved_to_day, started_from)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
     "insert_withheld": """
         INSERT INTO payout_withheld (run_id, user_id, withheld_nano) VALUES (?, ?, ?)""",
     "insert_part": """
@@ -3373,6 +3382,62 @@ class RunPlan:
     parts: list  # rows of insert_part: (run, day, property, user, sessions, estimated, paid now)
     moved: int = 0  # sessions on days already settled, paid on moved_to instead
     moved_to: str | None = None
+    started_from: str | None = None  # the first run's --from, as recorded
+
+
+# A first run without --from refuses to pay a session received longer than
+# this before its --until: such a history was most likely paid another way
+# (window exports, the feed) before the ledger; --from says where it takes over.
+FIRST_RUN_WINDOW_US = 7 * DAY_US
+LEDGER_CURSOR = re.compile(r"[0-9]{1,19}-[0-9a-f]{8}")
+
+
+@dataclass(frozen=True)
+class LedgerStart:
+    """Where the ledger takes over (pay --from): after the sessions received
+    before an instant, or after a feed cursor's session."""
+
+    text: str  # as recorded: an ISO 8601 UTC instant, or the cursor
+    instant_us: int | None = None
+    cursor: str | None = None
+
+
+def parse_ledger_start(text):
+    """--from: a feed cursor ('<row id>-<8 hex digits>') or an instant."""
+    if LEDGER_CURSOR.fullmatch(text):
+        return LedgerStart(text, cursor=text)
+    try:
+        instant = parse_instant(text)
+    except ValueError:
+        raise Invalid("from", f"must be a feed cursor or {TIME_FORMS_HELP}, "
+                      f"not {shown(text)}") from None
+    return LedgerStart(iso_utc(instant), instant_us=instant)
+
+
+def start_after_id(conn, start, until_us):
+    """The row id after which the first run pays, for its --from."""
+    if start.cursor is None:
+        if start.instant_us > until_us:
+            raise Invalid("from", "is after --until: the first run would pay nothing it covers")
+        [(newest,)] = conn.execute(SQL["last_session_before"], (start.instant_us,)).fetchall()
+        return newest or 0
+    row_id, fingerprint = decode_feed_cursor(start.cursor)
+    [(session_id, _)] = conn.execute(SQL["feed_cursor_row"], {"id": row_id}).fetchall()
+    if session_id is None or session_fingerprint(session_id) != fingerprint:
+        raise Invalid("from", f"names a session this database does not hold at {row_id} (a "
+                      "cursor of another database, or from before a restore)")
+    return row_id
+
+
+def check_first_run_window(conn, last_id, until_us):
+    """A first run told nothing (no --from) may pay only sessions received
+    within FIRST_RUN_WINDOW_US before its --until."""
+    row = conn.execute(SQL["oldest_session_upto"], (last_id,)).fetchone()
+    if row is not None and row[0] < until_us - FIRST_RUN_WINDOW_US:
+        raise Invalid("from", f"this first run would pay every session since {iso_utc(row[0])}, "
+                      f"more than {FIRST_RUN_WINDOW_US // DAY_US} days before --until: name "
+                      "where the ledger takes over with --from (an instant or a feed cursor; "
+                      "--from 1970-01-01 to pay them all), see docs/ledger.md")
 
 
 def recorded_run(conn, until_us, pay_now, final, offset_minutes=None):
@@ -3404,10 +3469,16 @@ def check_shares(until_us, pay_now, final):
                       "would be taken back from every user at settlement")
 
 
-def check_run(conn, until_us, pay_now, final, offset_minutes):
+def check_run(conn, until_us, pay_now, final, offset_minutes, start=None):
     """The id of the run recorded for `until_us`, or None for a new run; or
-    Invalid: every refusal `pay` can make, on the ledger's tables alone."""
+    Invalid: every refusal `pay` can make, on the ledger's tables alone.
+    `start` (pay --from) is the first run's; given again later, it must be
+    the recorded one."""
     check_shares(until_us, pay_now, final)
+    first = None if start is None else conn.execute(SQL["first_run"]).fetchone()
+    if first is not None and first[2] != start.text:
+        raise Invalid("from", f"the ledger took over {f'from {first[2]}' if first[2] else 'from the first session'} "
+                      f"with run {first[0]}: --from names the first run's start, leave it out")
     run_id = recorded_run(conn, until_us, pay_now, final, offset_minutes)
     if run_id is not None:
         return run_id
@@ -3433,16 +3504,22 @@ def run_report_days(conn, last, offset_minutes):
     return days, days.changes[-1]
 
 
-def plan_run(conn, until_us, pay_now, final, offset_minutes):
-    """On a read snapshot: the recorded run's id, or the RunPlan of a new one."""
-    run_id = check_run(conn, until_us, pay_now, final, offset_minutes)
+def plan_run(conn, until_us, pay_now, final, offset_minutes, start=None, window_us=None):
+    """On a read snapshot: the recorded run's id, or the RunPlan of a new one.
+    `start`: see check_run.  With `window_us`, a first run without a start
+    refuses sessions received longer than that before `until_us`."""
+    run_id = check_run(conn, until_us, pay_now, final, offset_minutes, start)
     if run_id is not None:
         return run_id
     last = conn.execute(SQL["last_run"]).fetchone()
     previous_id, after_id = (last[0], last[1]) if last else (None, 0)
     days, change = run_report_days(conn, last, offset_minutes)
+    if last is None and start is not None:
+        after_id = start_after_id(conn, start, until_us)
     [(newest,)] = conn.execute(SQL["last_session_before"], (until_us,)).fetchall()
     last_id = max(after_id, newest or 0)
+    if last is None and start is None and window_us is not None:
+        check_first_run_window(conn, last_id, until_us)
     # A settled day's users are never charged for a session that reached it
     # later (a clock step backwards): it is paid on the run's last report day.
     settled = json.dumps([day for (day,) in conn.execute(SQL["settled_day_numbers"])])
@@ -3457,8 +3534,8 @@ def plan_run(conn, until_us, pay_now, final, offset_minutes):
         **where, "run": (previous_id or 0) + 1, "last_day": last_day,
         "millionths": int(pay_now.scaleb(6))}).fetchall()  # exact: at most 6 places
     return RunPlan(previous_id, after_id, last_id, until_us, pay_now, final, days, change, parts,
-                   moved, report_day_text(last_day) if moved else None)
-
+                   moved, report_day_text(last_day) if moved else None,
+                   start.text if last is None and start is not None else None)
 
 def owed_balances(conn):
     """[(user, owed)] of every balance carried and not yet taken back, by user-id."""
@@ -3570,7 +3647,7 @@ def record_run(plan, run_id, lines, conn, created_at_us):
         run_id, plan.after_id, plan.last_id, plan.until_us, created_at_us, share_text(plan.pay_now),
         share_text(plan.final), plan.days.offset, len(paid), *totals,
         sum(nanos for _, nanos in taken), sum(nanos for _, nanos in withheld), plan.moved,
-        plan.moved_to))
+        plan.moved_to, plan.started_from))
     if plan.change is not None:
         first, offset = plan.change
         conn.execute(SQL["insert_report_offset"],
@@ -3581,15 +3658,17 @@ def record_run(plan, run_id, lines, conn, created_at_us):
     return run_id
 
 
-def pay_run(store, until_us, pay_now, final, offset_minutes, **lock):
+def pay_run(store, until_us, pay_now, final, offset_minutes, start=None, window_us=None,
+            **lock):
     """Pay every session after the last run up to `until_us` (or find the run
     already recorded for it): -> run id.  Computed on a read snapshot; its
     parts and lines are staged in short transactions, then one transaction
-    records the run (see write_in_chunks).  `lock`: ledger_lock's options."""
-    with ledger_lock(store, **lock):
+    records the run (see write_in_chunks), then the ledger journal.  `start`
+    and `window_us`: see plan_run; `lock`: ledger_lock's options."""
+    with ledger_step(store, **lock) as journal:
         for _ in range(LEDGER_RETRIES):
             with store.snapshot() as conn:
-                plan = plan_run(conn, until_us, pay_now, final, offset_minutes)
+                plan = plan_run(conn, until_us, pay_now, final, offset_minutes, start, window_us)
             if not isinstance(plan, RunPlan):
                 return plan
             clear_unfinished(store)
@@ -3599,9 +3678,11 @@ def pay_run(store, until_us, pay_now, final, offset_minutes, **lock):
             write_in_chunks(store, SQL["insert_line"],
                             ((run_id, user, *line) for user, line in sorted(lines.items())))
             try:
-                return store.write(functools.partial(record_run, plan, run_id, lines))
+                store.write(functools.partial(record_run, plan, run_id, lines))
             except LedgerMoved:
                 continue
+            journal.record("run", run_id)
+            return run_id
     raise StoreUnavailable("other ledger steps kept committing meanwhile; run it again")
 
 
@@ -3783,12 +3864,17 @@ def add_earlier_settlements(conn, pool):
 
 
 def paid_day(conn, day, days, last, paid_days):
-    """Whether every session of a report day was paid (cached in paid_days)."""
+    """Whether every session of a report day was paid by the ledger's runs
+    (cached in paid_days)."""
     if day not in paid_days:
         start, end = day_bounds_us(day, days)
         [(newest,)] = conn.execute(SQL["last_session_between"], (start, end)).fetchall()
-        # A session of the day that came in after the last run (a clock step): not yet.
-        paid_days[day] = end <= last[2] and (newest is None or newest <= last[1])
+        [(oldest,)] = conn.execute(SQL["first_session_between"], (start, end)).fetchall()
+        taken_over_after = conn.execute(SQL["first_run"]).fetchone()[1]
+        # None after the last run (a clock step), none before the ledger took
+        # over (paid another way: never settled here).
+        paid_days[day] = end <= last[2] and (newest is None or newest <= last[1]) and (
+            oldest is None or oldest > taken_over_after)
     return paid_days[day]
 
 
@@ -3953,7 +4039,7 @@ def settle(store, write_off=False, problems=None, warnings=None, **lock):
     there was nothing to settle.  Staged like a run (see pay_run).  The
     pools it could not settle, and its warnings, are added to the two
     lists (see settle_pools).  `lock`: ledger_lock's options."""
-    with ledger_lock(store, **lock):
+    with ledger_step(store, **lock) as journal:
         for _ in range(LEDGER_RETRIES):
             found, said = [], []
             with store.snapshot() as conn:
@@ -3970,12 +4056,14 @@ def settle(store, write_off=False, problems=None, warnings=None, **lock):
                 [(pool, pool_lines(pool, write_off, settlement_id)) for pool in pools], owed)
             write_in_chunks(store, SQL["insert_settlement_line"], settlement_line_rows(computed))
             try:
-                return store.write(functools.partial(
+                store.write(functools.partial(
                     record_settlement, fingerprint, offset, settlement_id, pools,
                     settled_pool_rows(settlement_id, computed), balance_changes(computed),
                     sum(line[13] for _, lines in computed for line in lines), write_off))
             except LedgerMoved:
                 continue
+            journal.record("settlement", settlement_id)
+            return settlement_id
     raise StoreUnavailable("other ledger steps kept committing meanwhile; run it again")
 
 
@@ -4177,7 +4265,7 @@ def write_off_aged(older_than_us, conn, created_at_us):
 
 
 def write_off_balances(store, older_than_us):
-    with ledger_lock(store):
+    with ledger_step(store):
         return store.write(functools.partial(write_off_aged, older_than_us))
 
 
@@ -4215,8 +4303,10 @@ def change_hold(user_id, action, reason, conn, at_us):
 def hold_user(store, user_id, action, reason):
     """Hold, release or write off (action) under the ledger lock: a run or a
     settlement sees the user held or not, never half."""
-    with ledger_lock(store):
-        return store.write(functools.partial(change_hold, user_id, action, reason))
+    with ledger_step(store) as journal:
+        row = store.write(functools.partial(change_hold, user_id, action, reason))
+        journal.record("hold", row[0])  # asked again: already journaled, nothing twice
+        return row
 
 
 HOLD_COLUMNS = ["hold-id", "user-id", "action", "at", "reason", "amount"]
@@ -4336,7 +4426,7 @@ def names_user(body, user_id):
     return isinstance(parsed, dict) and parsed.get("user-id") == user_id
 
 
-def erase_user(user_id, force, conn, erased_at_us):
+def erase_user(user_id, force, pseudonym, conn, erased_at_us):
     """The write op of `erase`: every row of the user renamed to a random
     pseudonym (it cannot be reversed: nothing derives it from the id), raw
     bodies cleared, rejected and conflicting postbacks naming them deleted,
@@ -4351,7 +4441,6 @@ def erase_user(user_id, force, conn, erased_at_us):
     if blockers and not force:
         raise Invalid("user-id", f"the user still has {', '.join(blockers)}: settle or release "
                       "it first, or erase anyway with --even-if-owed")
-    pseudonym = "erased:" + secrets.token_hex(16)
     counts = {"sessions": conn.execute(SQL["erase_sessions"], (pseudonym, user_id)).rowcount}
     of_sessions = conn.execute(SQL["erase_session_conflicts"], (pseudonym,)).rowcount
     for table in ERASE_RENAMES:
@@ -4385,10 +4474,14 @@ def compact_after_erasure(path):
 
 
 def erase(store, user_id, force=False):
-    """Erase a user (see erase_user), then compact the file: -> counts.
-    Under the ledger lock: no run or settlement is computed meanwhile."""
-    with ledger_lock(store):
-        counts = store.write(functools.partial(erase_user, user_id, force))
+    """Erase a user (see erase_user), in the database and then in its ledger
+    journal under the same pseudonym, then compact both files: -> counts.
+    As a ledger step: no run or settlement is computed meanwhile, and a
+    restored copy is refused until it is replayed."""
+    pseudonym = "erased:" + secrets.token_hex(16)  # random: nothing derives it from the id
+    with ledger_step(store) as journal:
+        counts = store.write(functools.partial(erase_user, user_id, force, pseudonym))
+        journal.rename_user(user_id, pseudonym)
     compact_after_erasure(store.path)
     return counts
 
@@ -4429,6 +4522,437 @@ def ledger_state(store):
 
 def json_output(report):
     return (json.dumps(report, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# --- The ledger journal: every step, kept beside the database, outlives a restore ---
+#
+# The database alone cannot know what happened after a backup of it was
+# taken: restored, it would pay again the sessions a lost run paid and give
+# a new run the lost run's id.  So every step is also copied, whole, into a
+# second SQLite file beside the database (never restored: backups copy the
+# database only), before its lines are released; each step first checks the
+# database against it, and `ledger-replay` puts lost steps back
+# (docs/ledger.md, "After a restore").
+
+JOURNAL_SUFFIX = "-ledger-journal"
+# The rows of a step, per kind: (table, the column naming the step, columns).
+# Runs' headers first: a header's columns are also what a step is told by,
+# except a run's id range, which a replay may move (see replayed_range).
+STEP_ROWS = {
+    "run": (
+        ("payout_runs", "id", (
+            "id", "after_session_id", "last_session_id", "until_us", "created_at_us",
+            "pay_now_share", "final_share", "report_utc_offset", "users", "sessions",
+            "estimated_nano", "paid_now_nano", "deducted_nano", "withheld_nano",
+            "moved_sessions", "moved_to_day", "started_from")),  # insert_run's order
+        ("payout_parts", "run_id", (
+            "run_id", "day", "property_id", "user_id", "sessions", "estimated_nano",
+            "paid_now_nano")),
+        ("payout_lines", "run_id", (
+            "run_id", "user_id", "sessions", "estimated_nano", "paid_now_nano")),
+        ("payout_deductions", "run_id", ("run_id", "user_id", "deducted_nano")),
+        ("payout_withheld", "run_id", ("run_id", "user_id", "withheld_nano")),
+        # The offset a first run recorded, or a change a run started.
+        ("report_offsets", "run_id", ("run_id", "first_day", "report_utc_offset")),
+    ),
+    "settlement": (
+        ("settlements", "id", (
+            "id", "created_at_us", "report_utc_offset", "write_off", "pools", "booked_nano",
+            "top_up_nano", "carried_nano", "written_off_nano", "deducted_nano")),
+        ("settlement_days", "settlement_id", (
+            "day", "property_id", "settlement_id", "by_property", "booked_nano", "sessions",
+            "estimated_nano", "paid_now_nano", "final_nano", "top_up_nano", "carried_nano",
+            "written_off_nano")),
+        ("settlement_lines", "settlement_id", (
+            "settlement_id", "day", "property_id", "user_id", "sessions", "estimated_nano",
+            "booked_part_nano", "final_nano", "paid_now_nano", "top_up_nano", "carried_nano",
+            "written_off_nano", "correction", "deducted_nano", "written_back_nano", "held")),
+    ),
+    # A release credits what was withheld: a release a restore lost must not
+    # be asked for, and credited, again.
+    "hold": (
+        ("ledger_holds", "id", ("id", "user_id", "action", "at_us", "reason", "amount_nano")),
+    ),
+}
+RANGE_COLUMNS = ("after_session_id", "last_session_id")
+# Not what tells a step from another's: a run's range (replay may cut it) and
+# what an erasure renames (the database's and the journal's one after the other).
+NOT_IDENTITY = (*RANGE_COLUMNS, "user_id", "reason")
+# steps: the order steps were recorded in.  run_sessions: per run, an 8-byte
+# digest of each session it paid (row id and session-id, in id order), and
+# of the session its range starts after: what replay finds a restored copy's
+# end by.
+JOURNAL_SCHEMA = "\n".join([
+    "CREATE TABLE IF NOT EXISTS steps (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, "
+    "id INTEGER NOT NULL, UNIQUE (kind, id));",
+    "CREATE TABLE IF NOT EXISTS run_sessions (run_id INTEGER PRIMARY KEY, anchor BLOB, "
+    "digests BLOB NOT NULL);",
+    *(f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(columns)});\n"
+      f"CREATE INDEX IF NOT EXISTS {table}_by_step ON {table} ({key});"
+      for rows in STEP_ROWS.values() for table, key, columns in rows)])
+DIGEST_BYTES = 8
+
+
+class LedgerBehind(StoreUnavailable):
+    """The database lacks steps its ledger journal holds (restored from a
+    backup), or the two disagree: no step may run on it."""
+
+
+def journal_path(db_path):
+    """Beside the database itself, whatever path or link named it."""
+    return os.path.realpath(db_path) + JOURNAL_SUFFIX
+
+
+def session_digest(row_id, session_id):
+    return hashlib.blake2b(f"{row_id}\0{session_id}".encode("utf-8", "surrogatepass"),
+                           digest_size=DIGEST_BYTES).digest()
+
+
+def sync_directory(path):
+    """Make a new file's name durable: fsync the directory that holds it."""
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_journal_file(path, db_path):
+    """Create the journal 0600 (it holds earnings) and, when root runs the
+    command, owned like the database, so that the service's user can check
+    it too (SQLite does the same with the -wal it creates as root)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        if os.geteuid() == 0:
+            owner = os.stat(db_path)
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    sync_directory(path)
+
+
+def step_identities(execute, schema=""):
+    """{(kind, id): the header's columns but the run's range} of every step."""
+    steps = {}
+    for kind, ((table, _, columns), *_) in STEP_ROWS.items():
+        told_by = [c for c in columns if c not in NOT_IDENTITY]
+        for row in execute(f"SELECT {', '.join(told_by)} FROM {schema}{table}"):
+            steps[(kind, row[0])] = tuple(row)
+    return steps
+
+
+def step_names(steps):
+    return ", ".join(f"{kind} {step_id}" for kind, step_id in steps)
+
+
+def compare_with_journal(journaled, recorded, db_path):
+    """-> (steps the database lacks, steps the journal lacks), each later
+    than every step both hold; LedgerBehind if the two disagree."""
+    for key in journaled.keys() & recorded.keys():
+        if journaled[key] != recorded[key]:
+            raise LedgerBehind(
+                f"{db_path} and its ledger journal {journal_path(db_path)} disagree about "
+                f"{step_names([key])}: one of them is another database's; move the wrong one "
+                "aside (docs/ledger.md, \"After a restore\"); nothing changed")
+    lost = sorted(journaled.keys() - recorded.keys())
+    unjournaled = sorted(recorded.keys() - journaled.keys())
+    for missing, holder in ((lost, recorded), (unjournaled, journaled)):
+        for kind, step_id in missing:
+            if any(k == kind and i > step_id for k, i in holder):
+                raise LedgerBehind(
+                    f"{db_path} and its ledger journal {journal_path(db_path)} disagree: "
+                    f"{step_names([(kind, step_id)])} is in one only, before later steps "
+                    "of both; nothing changed")
+    if lost and unjournaled:
+        raise LedgerBehind(
+            f"{db_path} holds {step_names(unjournaled)} but not {step_names(lost)} of its "
+            f"ledger journal {journal_path(db_path)}: a step was recorded on a restored copy "
+            "without the journal; nothing changed")
+    return lost, unjournaled
+
+
+def behind_journal(db_path, lost):
+    return LedgerBehind(
+        f"{db_path} is behind its ledger journal: {step_names(lost)} "
+        f"{'was' if len(lost) == 1 else 'were'} recorded after this copy of the database was "
+        "made (restored from a backup?), and a step now could pay again what they paid and "
+        f"reuse their ids; `spp_server.py ledger-replay --db {db_path}` puts them back; "
+        "nothing changed")
+
+
+def journal_step(conn, kind, step_id):
+    """On the journal's connection (the database attached as `db`): copy the
+    step's rows, and a run's session digests, in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for table, key, columns in STEP_ROWS[kind]:
+            names = ", ".join(columns)
+            conn.execute(f"INSERT INTO main.{table} ({names}) SELECT {names} "
+                         f"FROM db.{table} WHERE {key} = ?", (step_id,))
+        if kind == "run":
+            [(after, last)] = conn.execute(
+                "SELECT after_session_id, last_session_id FROM db.payout_runs WHERE id = ?",
+                (step_id,)).fetchall()
+            anchor = conn.execute("SELECT id, session_id FROM db.sessions WHERE id = ?",
+                                  (after,)).fetchone()
+            conn.execute("INSERT INTO run_sessions VALUES (?, ?, ?)", (
+                step_id, session_digest(*anchor) if anchor else None,
+                b"".join(itertools.starmap(session_digest, conn.execute(
+                    "SELECT id, session_id FROM db.sessions WHERE id > ? AND id <= ? "
+                    "ORDER BY id", (after, last))))))
+        conn.execute("INSERT INTO steps (kind, id) VALUES (?, ?)", (kind, step_id))
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback_quietly(conn)
+        raise
+
+
+class LedgerJournal:
+    """The journal of `store`'s database, open for writing (created if
+    missing), with the database attached as `db` to copy steps from."""
+
+    def __init__(self, store):
+        self.db_path = store.path
+        self.path = journal_path(store.path)
+        create_journal_file(self.path, store.path)
+        self.conn = sqlite3.connect(self.path, isolation_level=None,
+                                    timeout=DEFAULTS["busy_timeout_ms"] / 1000)
+        try:
+            # EXTRA: FULL, and the directory is synced after the rollback
+            # journal is deleted, which is when a commit happens.
+            self.conn.execute("PRAGMA synchronous = EXTRA")
+            self.conn.executescript(JOURNAL_SCHEMA)
+            self.conn.execute("ATTACH DATABASE ? AS db", (store.path,))
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def close(self):
+        self.conn.close()
+
+    def compare(self):
+        """(lost, unjournaled): see compare_with_journal."""
+        self.conn.execute("BEGIN")
+        try:
+            return compare_with_journal(step_identities(self.conn.execute, "main."),
+                                        step_identities(self.conn.execute, "db."), self.db_path)
+        finally:
+            self.conn.execute("ROLLBACK")
+
+    def record(self, kind, step_id):
+        """Copy a committed step of the database, whole, in one durable
+        transaction: from then on its lines may be released.  A step the
+        journal holds already (caught up, or asked for again) is left as it is."""
+        if self.conn.execute("SELECT 1 FROM steps WHERE kind = ? AND id = ?",
+                             (kind, step_id)).fetchone() is None:
+            journal_step(self.conn, kind, step_id)
+
+    def catch_up(self, unjournaled):
+        """Journal the steps the database holds and the journal lacks (a step
+        killed between its commit and its journal entry, whose lines were
+        never released; or every step, the first time), in the order made."""
+        made = {(kind, step_id): created for kind, step_id, created in self.conn.execute(
+            "SELECT 'run', id, created_at_us FROM db.payout_runs UNION ALL "
+            "SELECT 'settlement', id, created_at_us FROM db.settlements UNION ALL "
+            "SELECT 'hold', id, at_us FROM db.ledger_holds")}
+        for kind, step_id in sorted(unjournaled, key=lambda key: (made[key], key)):
+            self.record(kind, step_id)
+
+    def rename_user(self, user_id, pseudonym):
+        """An erasure's renaming (see erase_user), in every journaled table
+        that names users, then the file compacted: no copy of the id left."""
+        self.conn.execute("PRAGMA secure_delete = ON")
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            for table in sorted({table for rows in STEP_ROWS.values()
+                                 for table, _, columns in rows if "user_id" in columns}):
+                self.conn.execute(f"UPDATE main.{table} SET user_id = ? WHERE user_id = ?",
+                                  (pseudonym, user_id))
+            self.conn.execute(SQL["erase_hold_reasons"].replace("ledger_holds", "main.ledger_holds"),
+                              (user_id, pseudonym, pseudonym))
+            self.conn.execute("COMMIT")
+        except BaseException:
+            rollback_quietly(self.conn)
+            raise
+        self.conn.execute("VACUUM main")
+
+    def lost_rows(self, table, key, columns, step_id):
+        return self.conn.execute(
+            f"SELECT {', '.join(columns)} FROM main.{table} WHERE {key} = ? ORDER BY rowid",
+            (step_id,))
+
+    def lost_steps(self, lost):
+        """The lost steps in the order they were recorded."""
+        order = dict(((kind, step_id), seq) for seq, kind, step_id in
+                     self.conn.execute("SELECT seq, kind, id FROM steps"))
+        return sorted(lost, key=order.__getitem__)
+
+
+@contextlib.contextmanager
+def ledger_step(store, **lock):
+    """A pay or settle (or one printed again): under the ledger lock, the
+    database checked against its journal, which is brought up to date with
+    it; -> the journal, to record the step in before its lines are released.
+    LedgerBehind when the database lacks steps of the journal."""
+    with ledger_lock(store, **lock):
+        journal = LedgerJournal(store)
+        try:
+            lost, unjournaled = journal.compare()
+            if lost:
+                raise behind_journal(store.path, lost)
+            journal.catch_up(unjournaled)
+            yield journal
+        finally:
+            journal.close()
+
+
+def check_journal_read_only(store):
+    """For the reports and the ledger's endpoints: LedgerBehind when the
+    database lacks steps of a journal beside it; -> the steps the journal
+    lacks (a step killed before its journal entry: its lines were never
+    released).  The journal is read first, then the database: a step is
+    committed to the database before its journal entry, so a step made
+    meanwhile never looks lost."""
+    path = journal_path(store.path)
+    if not os.path.exists(path):
+        return set()
+    try:
+        conn = sqlite3.connect("file:" + urllib.parse.quote(path) + "?mode=ro", uri=True,
+                               isolation_level=None, timeout=DEFAULTS["busy_timeout_ms"] / 1000)
+        try:
+            journaled = step_identities(conn.execute)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"cannot read the ledger journal {path}: {exc}") from None
+    lost, unjournaled = compare_with_journal(journaled, step_identities(store.read), store.path)
+    if lost:
+        raise behind_journal(store.path, lost)
+    return set(unjournaled)
+
+
+@dataclass
+class ReplayPosition:
+    """Where the restored copy's sessions stop being the ones the journal's
+    runs paid: `last` is the end of the last run put back; once `broken`,
+    every id after it is a session received after the restore."""
+
+    last: int | None
+    broken: bool = False
+
+
+def matched_prefix_end(store, after, last, digests):
+    """The last id in (after, last] up to which the database holds the
+    sessions the run paid (digests), or `after`."""
+    end = after
+    rows = store.stream("SELECT id, session_id FROM sessions WHERE id > ? AND id <= ? "
+                        "ORDER BY id", (after, last))
+    for i, (row_id, session_id) in enumerate(rows):
+        if digests[i * DIGEST_BYTES:(i + 1) * DIGEST_BYTES] != session_digest(row_id, session_id):
+            break
+        end = row_id
+    return end
+
+
+def replayed_range(store, journal, header, position):
+    """The id range a lost run is put back with.  Ids are not reused only as
+    long as nothing was lost: the restored copy holds the sessions up to the
+    backup's newest, and sessions received since took the ids after it.  So
+    a run keeps the part of its range whose sessions the copy still holds
+    (found by their digests); the rest, and every later lost run's range,
+    shrinks to that end, where the next run starts: the lost sessions stay
+    paid (their parts are put back), the new ones are paid by the next run."""
+    run_id, after, last, created = header[0], header[1], header[2], header[4]
+    [(anchor, digests)] = journal.conn.execute(
+        "SELECT anchor, digests FROM run_sessions WHERE run_id = ?", (run_id,)).fetchall()
+    if position.last is None:  # the copy predates every run: the first starts at its --from
+        held = store.read("SELECT id, session_id FROM sessions WHERE id = ?", (after,))
+        if anchor is None or (held and session_digest(*held[0]) == anchor):
+            position.last = after
+        else:  # the copy predates the cut-over session: its end by receive time
+            [(newest,)] = store.read(SQL["last_session_before"], (created,))
+            position.last, position.broken = min(newest or 0, after), True
+    if position.broken or after != position.last:
+        position.broken = True
+        return position.last, position.last
+    end = matched_prefix_end(store, after, last, digests)
+    position.broken = end < last
+    position.last = end
+    return after, end
+
+
+def put_back_run(store, journal, header, position):
+    _, parts, lines, deducted, withheld, offsets = STEP_ROWS["run"]
+    run_id = header[0]
+    after, last = replayed_range(store, journal, header, position)
+    write_in_chunks(store, SQL["insert_part"], journal.lost_rows(*parts, run_id))
+    write_in_chunks(store, SQL["insert_line"], journal.lost_rows(*lines, run_id))
+    deductions = journal.lost_rows(*deducted, run_id).fetchall()
+    withheld_rows = journal.lost_rows(*withheld, run_id).fetchall()
+    offset_rows = journal.lost_rows(*offsets, run_id).fetchall()
+
+    def op(conn, _):
+        conn.execute(SQL["insert_run"], (run_id, after, last, *header[3:]))
+        conn.executemany(SQL["take_owed"], ((nanos, user) for _, user, nanos in deductions))
+        conn.executemany(SQL["insert_deduction"], deductions)
+        conn.executemany(SQL["insert_withheld"], withheld_rows)
+        conn.executemany(SQL["insert_report_offset"], offset_rows)
+
+    store.write(op)
+
+
+def put_back_settlement(store, journal, header):
+    (_, days, lines) = STEP_ROWS["settlement"]
+    settlement_id = header[0]
+    write_in_chunks(store, SQL["insert_settlement_line"],
+                    journal.lost_rows(*lines, settlement_id))
+    pools = journal.lost_rows(*days, settlement_id).fetchall()
+    # The balances as record_settlement changed them: carried less taken back.
+    changes = journal.conn.execute(
+        "SELECT user_id, sum(carried_nano - deducted_nano) AS change FROM main.settlement_lines "
+        "WHERE settlement_id = ? GROUP BY user_id HAVING change != 0 ORDER BY user_id",
+        (settlement_id,)).fetchall()
+
+    def op(conn, _):
+        conn.execute(SQL["insert_settlement"], header)
+        conn.executemany(SQL["insert_settlement_day"], pools)
+        conn.executemany(SQL["add_owed"], ((u, n) for u, n in changes if n > 0))
+        conn.executemany(SQL["take_owed"], ((-n, u) for u, n in changes if n < 0))
+
+    store.write(op)
+
+
+def replay_ledger(store):
+    """Put back the steps of the journal that the database lacks, in the
+    order they were made, each as its own staged step: -> their names."""
+    with ledger_lock(store):
+        journal = LedgerJournal(store)
+        try:
+            lost, unjournaled = journal.compare()
+            journal.catch_up(unjournaled)
+            if not lost:
+                return []
+            clear_unfinished(store)
+            last = store.read(SQL["last_run"])
+            position = ReplayPosition(last[0][1] if last else None)
+            for kind, step_id in journal.lost_steps(lost):
+                table, key, columns = STEP_ROWS[kind][0]
+                [header] = journal.lost_rows(table, key, columns, step_id).fetchall()
+                if kind == "run":
+                    put_back_run(store, journal, header, position)
+                elif kind == "settlement":
+                    put_back_settlement(store, journal, header)
+                else:
+                    store.write(lambda conn, _, row=header: conn.execute(
+                        "INSERT INTO ledger_holds (id, user_id, action, at_us, reason, amount_nano) "
+                        "VALUES (?, ?, ?, ?, ?, ?)", row))
+            return journal.lost_steps(lost)
+        finally:
+            journal.close()
 
 
 # ---------------------------------------------------------------------------
@@ -4758,20 +5282,25 @@ def json_body(report):
 @read_endpoint
 def handle_statement(user_id):
     query()
+    check_journal_read_only(request.app.store)  # a restored copy: 503 until ledger-replay
     return json_body(statement(request.app.store, user_id))
 
 
 @read_endpoint
 def handle_ledger():
     query()
+    check_journal_read_only(request.app.store)
     return json_body(ledger_summary(request.app.store))
 
 
 def ledger_lines(what, exists_sql, output, step_id):
     params = query()
     fmt = parse_format(params, EXPORT_FORMATS, "ndjson")
+    # A step not in the journal yet has not released its lines: not yet here.
+    unreleased = check_journal_read_only(request.app.store)
     # Bottle's int filter takes any length; SQLite's integers stop at 2**63.
-    if not 0 < step_id < 2**63 or not request.app.store.read(SQL[exists_sql], (step_id,)):
+    if not 0 < step_id < 2**63 or (what, step_id) in unreleased or not request.app.store.read(
+            SQL[exists_sql], (step_id,)):
         raise ApiError(404, f"no {what} {step_id}", f"{what}-id")
     return stream_response(output(request.app.store, step_id, fmt), fmt)
 
@@ -5424,6 +5953,10 @@ def handle_view_month():
 @view_endpoint
 def handle_view_ledger():
     query()
+    try:  # a restored copy's ledger is not shown until ledger-replay (see GET /ledger)
+        check_journal_read_only(request.app.store)
+    except StoreUnavailable as exc:
+        raise ApiError(503, str(exc)) from None
     summary = ledger_summary(request.app.store)
     runs, settlements = summary["runs"], summary["settlements"]
     usd = lambda text: (chart_number(text), text)
@@ -6172,16 +6705,24 @@ class CheckedOutput:
         return self.error is None
 
 
-def print_report(prog, db, out, chunks_of):
-    """Write chunks_of(store) to `out` from the database `db` opened read-only.
-    Any failure, before or during the output, is one line on stderr and exit
-    status 1: never a traceback, never a report cut short without saying so
-    (a reader that closed the pipe: EXIT_OUTPUT_CLOSED, quietly)."""
+def print_report(prog, db, out, chunks_of, check=None):
+    """Write chunks_of(store) to `out` from the database `db` opened read-only,
+    after check(store) if given.  Any failure, before or during the output,
+    is one line on stderr and exit status 1: never a traceback, never a
+    report cut short without saying so (a reader that closed the pipe:
+    EXIT_OUTPUT_CLOSED, quietly)."""
     try:
         store = ReadOnlyStore(db)
     except StoreUnavailable as exc:
         say(f"{prog}: {exc}")
         return 1
+    if check is not None:
+        try:
+            check(store)
+        except StoreUnavailable as exc:
+            store.close()
+            say(f"{prog}: {exc}")
+            return 1
     try:
         for chunk in chunks_of(store):
             out.write(chunk)
@@ -6440,7 +6981,7 @@ LEDGER_EXIT_HELP = ("Exit status 0 when done; 1, with one line on stderr, when t
 
 
 LEDGER_OPTIONS = ("until", "pay-now-share", "final-share", "report-utc-offset", "settlement",
-                  "write-off", "reason", "older-than")
+                  "write-off", "reason", "older-than", "from")
 
 
 def add_lines_format_option(parser):
@@ -6491,9 +7032,30 @@ def build_pay_parser(environ):
     parser.add_argument("--final-share", required=True,
                         help="share of the booked revenue users get in the end, e.g. 0.9: "
                         "settle pays the rest of it (recorded with the run)")
+    parser.add_argument("--from", dest="start", metavar="FROM",
+                        help="the first run only: where the ledger takes over from window "
+                        "exports or the feed, a feed cursor or an instant (sessions received "
+                        "before it are never paid by the ledger); without it a first run "
+                        f"refuses sessions received more than {FIRST_RUN_WINDOW_US // DAY_US} "
+                        "days before --until")
     add_report_offset_option(parser, environ, "pay")
     add_lines_format_option(parser)
     add_lock_wait_option(parser, environ)
+    return parser
+
+
+def build_replay_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py ledger-replay",
+        description="After the database was restored from a backup: put back the ledger's "
+        "runs and settlements recorded after the backup, from the ledger journal beside the "
+        "database (<database>-ledger-journal), so that no session is paid twice and no id "
+        "names two steps. pay and settle refuse until then. Writes what it put back to "
+        "stdout. Safe while the server runs. Exit status 0 when done (or nothing was "
+        "missing); 1, with one line on stderr, when the database or the journal cannot be "
+        "read or written, or the two disagree.",
+    )
+    add_db_option(parser, environ, "SQLite database file; never created")
     return parser
 
 
@@ -6633,6 +7195,7 @@ def run_pay(argv, environ, out):
         shares = (parse_ledger_share(args.pay_now_share, "pay-now-share"),
                   parse_ledger_share(args.final_share, "final-share"))
         check_shares(until, *shares)
+        start = None if args.start is None else parse_ledger_start(args.start)
     except Invalid as invalid:
         return ledger_refusal(parser.prog, invalid)
 
@@ -6640,17 +7203,22 @@ def run_pay(argv, environ, out):
         return f"run {run_id} is committed (the same --until prints it again)"
 
     def look(store):
+        # A restored copy's run may be another one, and a run not journaled
+        # yet has not released its lines: both are left to the step.
+        unreleased = check_journal_read_only(store)
         with store.snapshot() as conn:
-            run_id = check_run(conn, until, *shares, args.report_utc_offset)
-        return run_id and (committed(run_id), run_output(store, run_id, args.format))
+            run_id = check_run(conn, until, *shares, args.report_utc_offset, start)
+        if run_id is None or ("run", run_id) in unreleased:
+            return None
+        return committed(run_id), run_output(store, run_id, args.format)
 
     def step(store):
-        run_id = pay_run(store, until, *shares, args.report_utc_offset,
-                         **ledger_lock_options(parser.prog, args))
+        run_id = pay_run(store, until, *shares, args.report_utc_offset, start,
+                         FIRST_RUN_WINDOW_US, **ledger_lock_options(parser.prog, args))
         for first, offset in store.read(SQL["offset_change_of_run"], (run_id,)):
-            start = iso_utc(ReportDays.fixed(offset).start_us(report_day_number(first)))
+            begins = iso_utc(ReportDays.fixed(offset).start_us(report_day_number(first)))
             say(f"{parser.prog}: run {run_id} recorded the report offset "
-                f"{utc_offset_text(offset)} from report day {first} on (it starts at {start}; "
+                f"{utc_offset_text(offset)} from report day {first} on (it starts at {begins}; "
                 "the day before ends there)")
         [(moved, moved_to)] = store.read(SQL["run_moved"], (run_id,))
         if moved:
@@ -6675,11 +7243,18 @@ def run_settle(argv, environ, out):
             raise Invalid("settlement", f"there is no settlement {args.settlement}")
         return None, settlement_output(store, args.settlement, args.format)
 
+    def look(store):  # read-only: the journal checked first, as the step does
+        if ("settlement", args.settlement) in check_journal_read_only(store):
+            return None  # not journaled yet: the step journals it, then prints it
+        return recorded(store)
+
     unsettled, warnings = [], []
 
     def step(store):
         if args.settlement is not None:
-            return recorded(store)
+            # A restored copy's settlement may be another one: checked first.
+            with ledger_step(store, **ledger_lock_options(parser.prog, args)):
+                return recorded(store)
         settlement_id = settle(store, args.write_off, unsettled, warnings,
                                **ledger_lock_options(parser.prog, args))
         for line in [f"warning: {w}" for w in warnings] + [f"not settled: {u}" for u in unsettled]:
@@ -6696,7 +7271,7 @@ def run_settle(argv, environ, out):
                 settlement_output(store, settlement_id, args.format))
 
     status = run_ledger_step(parser.prog, args.db, out, step,
-                             recorded if args.settlement is not None else None)
+                             look if args.settlement is not None else None)
     return EXIT_PARTLY_SETTLED if status == 0 and unsettled else status
 
 
@@ -6709,20 +7284,36 @@ def refuse_dashed_argument(parser, argv):
                          f"written after '--': {parser.prog} [options] -- {arg}")
 
 
+def run_ledger_replay(argv, environ, out):
+    parser = build_replay_parser(environ)
+    args = parse_arguments(parser, argv)
+
+    def step(store):
+        put_back = replay_ledger(store)
+        if not put_back:
+            return None, [b"nothing to put back: the database holds every step of its "
+                          b"ledger journal\n"]
+        return None, [f"put back {step_names(put_back)} from the ledger journal\n".encode()]
+
+    return run_ledger_step(parser.prog, args.db, out, step)
+
+
 def run_statement(argv, environ, out):
     parser = build_statement_parser(environ)
     refuse_dashed_argument(parser, argv)
     args = parse_arguments(parser, argv)
     return print_report(parser.prog, args.db, out,
-                        lambda store: [json_output(statement(store, args.user_id))])
+                        lambda store: [json_output(statement(store, args.user_id))],
+                        check_journal_read_only)
 
 
 def run_ledger(argv, environ, out):
     parser = build_ledger_parser(environ)
     args = parse_arguments(parser, argv)
     if args.steps:
-        return print_report(parser.prog, args.db, out, ledger_steps)
-    return print_report(parser.prog, args.db, out, lambda store: [json_output(ledger_summary(store))])
+        return print_report(parser.prog, args.db, out, ledger_steps, check_journal_read_only)
+    return print_report(parser.prog, args.db, out,
+                        lambda store: [json_output(ledger_summary(store))], check_journal_read_only)
 
 
 def build_write_off_parser(environ):
@@ -6876,6 +7467,8 @@ COMMANDS = {
     "settle": (run_settle, "settle paid days against booked revenue: top-ups and carried balances"),
     "statement": (run_statement, "one user's ledger statement (GET /users/<id>/statement), to stdout"),
     "ledger": (run_ledger, "the ledger summary (GET /ledger), to stdout"),
+    "ledger-replay": (run_ledger_replay,
+                      "after a restore: put back the ledger steps the backup lacks"),
     "write-off-balances": (run_write_off_balances,
                            "write off carried balances older than a chosen age"),
     "suspects": (run_suspects, "users worth a look: figures far outside the others', to stdout"),

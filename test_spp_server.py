@@ -9,6 +9,7 @@ through one helper, http_request() (RealServer.request decodes its JSON)."""
 
 import atexit
 import base64
+import collections
 import contextlib
 import csv
 import datetime
@@ -29,6 +30,7 @@ import shlex
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -4859,9 +4861,10 @@ ERASED = "erase-me-7f3aé"
 
 
 def file_bytes(db):
-    """The database file and its WAL and shared-memory files, as they are on disk."""
-    return b"".join(Path(path).read_bytes() for path in (db, db + "-wal", db + "-shm")
-                    if os.path.exists(path))
+    """The database file, its WAL and shared-memory files and its ledger
+    journal, as they are on disk."""
+    return b"".join(Path(path).read_bytes() for path in (
+        db, db + "-wal", db + "-shm", spp_server.journal_path(db)) if os.path.exists(path))
 
 
 def erasable_month(client, clock, store, db):
@@ -4888,6 +4891,7 @@ def erasable_month(client, clock, store, db):
     book_rows(store, [(day_text(0), "", 8_000_000)])
     spp_server.settle(store)
     assert ERASED.encode() in file_bytes(db)
+    assert ERASED.encode() in Path(spp_server.journal_path(db)).read_bytes()  # its lines
 
 
 def test_an_erased_user_leaves_no_trace_in_the_file_and_every_total_stays_exact(
@@ -5111,6 +5115,8 @@ def test_printing_a_recorded_run_or_settlement_again_needs_no_write_access(
     run, settled = run_text(store, 1), b"".join(spp_server.settlement_output(store, 1, "csv"))
     store.close()
     db.chmod(0o444)
+    # Its ledger journal too, as readable as the database (the reprint checks it).
+    Path(spp_server.journal_path(str(db))).chmod(0o444)
     before = db.read_bytes()
     for args, expected in [(["pay", *pay_args("2020-10-02T00:00:00Z")], run),
                            (["settle", "--settlement", "1"], settled)]:
@@ -5233,10 +5239,13 @@ def ledger_rows(db, staged=True):
     (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "plan_run", "after"),
     (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "write_in_chunks", "after"),  # parts staged
     (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "record_run", "after"),  # before COMMIT
+    # After COMMIT, before the ledger journal holds it (its lines not released yet).
+    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "journal_step", "before"),
     (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "run_output", "before"),  # after COMMIT
     (["settle"], "settle_pools", "after"),
     (["settle"], "write_in_chunks", "after"),  # lines staged
     (["settle"], "record_settlement", "after"),
+    (["settle"], "journal_step", "before"),
     (["settle"], "settlement_output", "before"),
 ])
 def test_a_ledger_step_killed_at_any_point_is_whole_or_absent_and_a_rerun_completes_it(
@@ -5253,7 +5262,7 @@ def test_a_ledger_step_killed_at_any_point_is_whole_or_absent_and_a_rerun_comple
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert killed.stdout == b""
     assert rows(db, "PRAGMA integrity_check") == [("ok",)]
-    committed = name in ("run_output", "settlement_output")
+    committed = name in ("run_output", "settlement_output", "journal_step")
     assert ledger_rows(db, staged=False) == (ledger_rows(reference) if committed else before)
     if name == "write_in_chunks":  # rows of the step were staged, and stay unseen
         assert ledger_rows(db) != ledger_rows(db, staged=False)
@@ -5266,6 +5275,12 @@ def test_a_ledger_step_killed_at_any_point_is_whole_or_absent_and_a_rerun_comple
                                            if ": warning: " not in line))
     assert (code, out, err) == expected
     assert ledger_rows(db) == ledger_rows(reference)
+    # And the journal holds the step: a restore of the copy before it is seen.
+    assert journal_steps(db) == journal_steps(reference)
+
+
+def journal_steps(db):
+    return rows(spp_server.journal_path(db), "SELECT kind, id FROM steps ORDER BY seq")
 
 
 @pytest.mark.parametrize("command, name, when, committed", [
@@ -5283,8 +5298,9 @@ def test_the_other_ledger_commands_killed_at_any_point_leave_all_or_nothing_and_
         assert ledger_command(spp_server.run_hold, db, "u3", "--reason", "r")[0] == 0
     if command[0] == "write-off-balances":  # balances carried long ago
         assert ledger_command(spp_server.run_settle, db)[0] == 0
-        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
-            conn.execute("UPDATE settlements SET created_at_us = 0")
+        for path in (db, spp_server.journal_path(db)):  # the journal's copy of it too
+            with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+                conn.execute("UPDATE settlements SET created_at_us = 0")
         assert rows(db, "SELECT count(*) FROM ledger_balances WHERE owed_nano > 0")[0][0] > 0
     before = ledger_rows(db) | {t: rows(db, f"SELECT * FROM {t}") for t in
                                ("ledger_holds", "balance_write_offs", "erasures")}
@@ -5629,7 +5645,7 @@ def settle_a_month_by_the_routines(tmp_path, year, month, settle_day):
                                                  ("u", "p1", 1000, end)])
     finally:
         store.close()
-    routines = Routines(tmp_path, db)
+    routines = Routines(tmp_path, db, SPP_PAY_FROM=first.isoformat())  # the ledger takes over
     routines.book(f"{first:%Y-%m}", *((day.isoformat(), "p1", "", "0.002") for day in days))
     settling = after.replace(day=settle_day)
     monday = settling - datetime.timedelta(days=settling.weekday())
@@ -5702,7 +5718,8 @@ def uninterrupted_routines():
     atexit.register(shutil.rmtree, tmp, True)
     db = str(tmp / "spp.db")
     routine_month(db)
-    routines = Routines(tmp, db)
+    # A month of history before the first run: the ledger pays it all.
+    routines = Routines(tmp, db, SPP_PAY_FROM="1970-01-01")
     routine_reports(routines)
     done = []
     for step, (name, today) in enumerate(ROUTINE_CALENDAR):
@@ -5719,7 +5736,7 @@ def routines_before(step, tmp_path):
     _, before = uninterrupted_routines()
     shutil.copy(before[step] / "spp.db", tmp_path / "spp.db")
     shutil.copytree(before[step] / "payouts", tmp_path / "payouts", symlinks=True)
-    return Routines(tmp_path, str(tmp_path / "spp.db"))
+    return Routines(tmp_path, str(tmp_path / "spp.db"), SPP_PAY_FROM="1970-01-01")
 
 
 # (routine of ROUTINE_CALENDAR, command it runs, when) -> a kill point.  The
@@ -5783,7 +5800,8 @@ def test_the_ledger_settlement_illustration_is_what_settle_prints(store, db):
     add_sessions(store, [("sub1", None, 20_000, on(3, h)) for h in (9, 12, 15)]
                  + [("sub1", None, 20_000, on(day)) for day in range(5, 14)]
                  + [("sub2", None, 30_000, on(3)), ("sub2", None, 20_000, on(4))])
-    assert ledger_command(spp_server.run_pay, db, *pay_args("2026-11-30T00:00:00Z"))[0] == 0
+    assert ledger_command(spp_server.run_pay, db, *pay_args("2026-11-30T00:00:00Z"),
+                          "--from", "2026-11-01")[0] == 0
     book_rows(store, [("2026-11-03", "", 100_000), ("2026-11-04", "", 10_000)])
     code, out, err = ledger_command(spp_server.run_settle, db)
     assert (code, err) == (0, "")
@@ -6137,6 +6155,527 @@ def test_only_users_who_can_be_credited_are_paid_over_random_months(month):
                                            "AND property_id = ? AND settlement_id < ?",
                                        (pool["day"], pool["property-id"], pool["settlement-id"])))
         check_ledger(store, db, final, write_off)
+
+
+# ---------------------------------------------------------------------------
+# Payout ledger: the journal, restores, and where the ledger takes over
+# ---------------------------------------------------------------------------
+
+
+def backup_of(db, path):
+    """A copy taken as docs/operating.md says: `sqlite3 DB ".backup PATH"`
+    (SQLite's online backup API where the sqlite3 shell is missing)."""
+    if shutil.which("sqlite3"):
+        subprocess.run(["sqlite3", db, f".backup {path}"], check=True, timeout=15)
+    else:
+        with contextlib.closing(sqlite3.connect(db)) as source, \
+                contextlib.closing(sqlite3.connect(path)) as copy:
+            source.backup(copy)
+    return path
+
+
+def paid_session_ids(db):
+    """{run id: the session-ids of the sessions in its id range}, as of now."""
+    return {run: {sid for (sid,) in rows(db, "SELECT session_id FROM sessions WHERE id > ? AND "
+                                              "id <= ?", (after, last))}
+            for run, after, last in rows(db, "SELECT id, after_session_id, last_session_id "
+                                             "FROM payout_runs")}
+
+
+class LedgerModel:
+    """What was delivered, as a wallet app sees it: each step's lines by id,
+    and the session-ids each run paid when it was made.  check() asserts the
+    issue's promises on the database as it is now."""
+
+    def __init__(self, db):
+        self.db, self.runs, self.settlements, self.paid = db, {}, {}, {}
+
+    def delivered(self, kind, step_id, text):
+        book = self.runs if kind == "run" else self.settlements
+        assert book.setdefault(step_id, text) == text, f"{kind} {step_id} names two things"
+        if kind == "run" and step_id not in self.paid:
+            self.paid[step_id] = paid_session_ids(self.db)[step_id]
+
+    def pay(self, until, *more):
+        code, out, err = ledger_command(spp_server.run_pay, self.db, *pay_args(until), *more)
+        if code == 0:
+            self.delivered("run", int(out.splitlines()[1].split(b",")[0]) if out.count(b"\n") > 1
+                           else max(paid_session_ids(self.db)), out)
+        return code, err
+
+    def settle(self):
+        code, out, err = ledger_command(spp_server.run_settle, self.db)
+        if code == 0 and out.count(b"\n") > 1:
+            self.delivered("settlement", int(out.splitlines()[1].split(b",")[0]), out)
+        return code, err
+
+    def check(self):
+        store = spp_server.Store(self.db)
+        try:
+            for run_id, text in self.runs.items():  # every delivered id names what was delivered
+                assert b"".join(spp_server.run_output(store, run_id, "csv")) == text
+            for sid, text in self.settlements.items():
+                assert b"".join(spp_server.settlement_output(store, sid, "csv")) == text
+        finally:
+            store.close()
+        seen = collections.Counter(s for paid in self.paid.values() for s in paid)
+        assert [s for s, n in seen.items() if n > 1] == [], "a session paid twice"
+        # Each run's lines count the sessions it paid when made, no more.
+        for run_id, paid in self.paid.items():
+            [(sessions,)] = rows(self.db, "SELECT sessions FROM payout_runs WHERE id = ?", (run_id,))
+            assert sessions == len(paid)
+        # Every session of the database up to the last run's end is paid by some run.
+        [(last,)] = rows(self.db, "SELECT coalesce(max(last_session_id), 0) FROM payout_runs")
+        here = {s for (s,) in rows(self.db, "SELECT session_id FROM sessions WHERE id <= ? AND id > "
+                                   "(SELECT coalesce(min(after_session_id), 0) FROM payout_runs)",
+                                   (last,))}
+        assert here <= set(seen)
+        # No pool is topped up twice: one settlement line per pool and user, corrections aside.
+        assert rows(self.db, "SELECT day, property_id, user_id FROM settlement_lines WHERE "
+                    "correction = 0 GROUP BY 1, 2, 3 HAVING count(*) > 1") == []
+
+
+def add_day_sessions(db, day, n, users=3):
+    store = spp_server.Store(db)
+    try:
+        add_sessions(store, [(f"u{i % users}", ("p1", "p2")[i % 2], 1000 * (i + 1), at(day, i % 20))
+                             for i in range(n)])
+    finally:
+        store.close()
+
+
+def book_days(db, *days):
+    store = spp_server.Store(db)
+    try:
+        book_rows(store, [(day_text(d), p, 7_000) for d in days for p in ("p1", "p2")])
+    finally:
+        store.close()
+
+
+def day_iso(day):
+    return spp_server.iso_utc(at(day, 0))
+
+
+def replay(db):
+    out = io.BytesIO()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = spp_server.run_ledger_replay(["--db", db], {}, out)
+    return code, out.getvalue().decode(), err.getvalue()
+
+
+def test_a_release_a_restore_lost_is_put_back_and_never_credited_twice(tmp_path, db):
+    """A release credits what a hold withheld: the journal keeps it, so the
+    restored copy refuses a second release until replay puts the first back."""
+    add_day_sessions(db, 0, 10)
+    assert ledger_command(spp_server.run_hold, db, "u1", "--reason", "farming?")[0] == 0
+    assert LedgerModel(db).pay(day_iso(1))[0] == 0
+    [(withheld,)] = rows(db, "SELECT withheld_nano FROM payout_withheld WHERE user_id = 'u1'")
+    backup = backup_of(db, str(tmp_path / "backup.db"))
+    release = functools.partial(spp_server.run_hold, action="release")
+    code, released, _ = ledger_command(release, db, "u1", "--reason", "checked")
+    assert code == 0
+    restore(db, backup)
+    code, out, err = ledger_command(release, db, "u1", "--reason", "checked")
+    assert (code, out) == (1, b"") and "hold 2 was recorded after this copy" in err, err
+    assert replay(db)[:2] == (0, "put back hold 2 from the ledger journal\n")
+    assert rows(db, "SELECT action, amount_nano FROM ledger_holds ORDER BY id") == [
+        ("hold", 0), ("release", withheld)]
+    # Asked again: the same record, nothing credited twice.
+    assert ledger_command(release, db, "u1", "--reason", "checked")[:2] == (0, released)
+    assert count(db, "ledger_holds") == 2
+
+
+def test_every_ledger_step_refuses_a_restored_database_with_one_line_until_it_is_replayed(
+        tmp_path, db, make_client):
+    add_day_sessions(db, 0, 10)
+    model = LedgerModel(db)
+    assert model.pay(day_iso(1))[0] == 0
+    backup = backup_of(db, str(tmp_path / "backup.db"))
+    add_day_sessions(db, 1, 10)
+    book_days(db, 0)
+    assert model.pay(day_iso(2))[0] == 0
+    assert model.settle()[0] == 0
+    restore(db, backup)
+    add_day_sessions(db, 2, 4)  # take the ids of sessions run 2 paid
+    before = ledger_rows(db)
+    commands = [(spp_server.run_pay, pay_args(day_iso(3))),
+                (spp_server.run_pay, pay_args(day_iso(2))),  # run 2's --until: print it again
+                (spp_server.run_settle, []), (spp_server.run_settle, ["--settlement", "1"]),
+                (spp_server.run_statement, ["u1"]), (spp_server.run_ledger, []),
+                # Every other command that changes the ledger, and erase (the journal holds ids).
+                (spp_server.run_hold, ["u1", "--reason", "r"]),
+                (functools.partial(spp_server.run_hold, action="release"), ["u1", "--reason", "r"]),
+                (spp_server.run_write_off_balances, ["--older-than", "1d"]),
+                (spp_server.run_erase, ["u1", "--even-if-owed"])]
+    for run, args in commands:
+        code, out, err = ledger_command(run, db, *args)
+        assert (code, out) == (1, b""), (run, err)
+        assert err.count("\n") == 1 and "run 2, settlement 1 were recorded after this copy" in err
+        assert f"`spp_server.py ledger-replay --db {db}`" in err
+    assert ledger_rows(db) == before
+    # And the server's ledger reads: a 503 saying the same, never the restored copy's ledger.
+    app = make_client()
+    for path in ("/ledger", "/ledger/runs/1", "/ledger/settlements/1", "/users/u1/statement"):
+        assert "ledger-replay --db" in app.get(path, status=503).json["error"]
+    assert "ledger-replay --db" in app.get("/view/ledger", status=503).text
+    assert replay(db)[:2] == (0, "put back run 2, settlement 1 from the ledger journal\n")
+    assert app.get("/ledger/runs/2?format=csv").body == model.runs[2]
+    assert replay(db)[:2] == (0, "nothing to put back: the database holds every step of its "
+                                 "ledger journal\n")
+    assert model.pay(day_iso(2)) == (0, "")  # run 2 printed again, byte for byte
+    assert model.pay(day_iso(3)) == (0, "")
+    book_days(db, 0, 1, 2)  # the restore lost the import of day 0's report too
+    assert model.settle() == (0, "")
+    model.check()
+    # The four new sessions (ids that run 2 had paid) are paid by run 3, once.
+    assert len(model.paid[3]) == 4
+
+
+@pytest.mark.parametrize("backup_after", range(5))
+def test_after_restoring_any_backup_and_replaying_nothing_is_paid_twice_and_no_id_reused(
+        tmp_path, db, backup_after):
+    """A ledger of four steps; a backup taken before any or after each; more
+    steps, the restore, new sessions (taking lost ids), and more steps."""
+    model = LedgerModel(db)
+
+    def paying(first_day, until_day):  # sessions come in, then a run pays them
+        for day in range(first_day, until_day):
+            add_day_sessions(db, day, 6 + day)
+        return model.pay(day_iso(until_day))
+
+    steps = [lambda: paying(0, 2), lambda: paying(2, 4),
+             lambda: (book_days(db, 0, 1, 2), model.settle())[1], lambda: paying(4, 6)]
+    backup = None
+    for i, step in enumerate(steps):
+        if i == backup_after:
+            backup = backup_of(db, str(tmp_path / "backup.db"))
+        assert step()[0] == 0
+    backup = backup or backup_of(db, str(tmp_path / "backup.db"))
+    restore(db, backup)
+    add_day_sessions(db, 6, 5)  # received after the restore
+    code, err = model.pay(day_iso(7))
+    lost = backup_after < len(steps)
+    assert code == (1 if lost else 0), err
+    assert replay(db)[0] == 0
+    assert model.pay(day_iso(7))[0] == 0
+    book_days(db, *range(7))  # the reports the restore lost, and the newer ones
+    assert model.settle() == (0, "")
+    model.check()
+    assert {s for (s,) in rows(db, "SELECT session_id FROM sessions")} <= set().union(
+        *model.paid.values())  # and every session the copy holds is paid
+
+
+def test_a_backup_older_than_two_runs_is_replayed_and_restored_twice(tmp_path, db):
+    model = LedgerModel(db)
+    add_day_sessions(db, 0, 5)
+    first = backup_of(db, str(tmp_path / "first.db"))  # before any run
+    for day in (1, 2, 3):
+        add_day_sessions(db, day, 5)
+        assert model.pay(day_iso(day + 1))[0] == 0
+    restore(db, first)
+    add_day_sessions(db, 4, 3)
+    assert replay(db)[:2] == (0, "put back run 1, run 2, run 3 from the ledger journal\n")
+    assert model.pay(day_iso(5))[0] == 0
+    second = backup_of(db, str(tmp_path / "second.db"))
+    add_day_sessions(db, 5, 4)
+    assert model.pay(day_iso(6))[0] == 0
+    restore(db, first)  # older again: the replayed runs and the one after them are lost
+    add_day_sessions(db, 6, 2)
+    assert replay(db)[0] == 0
+    assert model.pay(day_iso(7))[0] == 0
+    model.check()
+    restore(db, second)
+    assert replay(db)[0] == 0
+    model.check()
+
+
+def test_a_backup_older_than_the_cut_over_leaves_its_sessions_unpaid_and_pays_the_new_ones(
+        tmp_path, store, db):
+    add_sessions(store, [("old", None, 1000, at(d)) for d in range(5)])
+    backup = backup_of(db, str(tmp_path / "backup.db"))
+    add_sessions(store, [("old", None, 1000, at(d)) for d in range(5, 10)])
+    model = LedgerModel(db)
+    assert model.pay(day_iso(10), "--from", day_iso(8))[0] == 0  # the last two days
+    store.close()
+    restore(db, backup)
+    store = spp_server.Store(db)
+    try:
+        # Received after the restore (after run 1 was made): ids 6 to 8.
+        add_sessions(store, [("new", None, 1000, spp_server.now_us()) for _ in range(3)])
+        until = spp_server.iso_utc(spp_server.now_us())
+    finally:
+        store.close()
+    assert replay(db)[:2] == (0, "put back run 1 from the ledger journal\n")
+    assert model.pay(until)[0] == 0
+    assert model.runs[2].decode().splitlines()[1:] == ["2,new,3,0.000003,0.0000018,0,0"]
+    model.check()
+
+def test_the_ledger_journal_is_private_and_owned_like_the_database(db):
+    add_day_sessions(db, 0, 3)
+    old = os.umask(0)
+    try:
+        if os.geteuid() == 0:
+            os.chown(db, 4321, 4321)
+        assert ledger_command(spp_server.run_pay, db, *pay_args(day_iso(1)))[0] == 0
+    finally:
+        os.umask(old)
+    info = os.stat(spp_server.journal_path(db))
+    assert stat.S_IMODE(info.st_mode) == 0o600
+    if os.geteuid() == 0:
+        assert (info.st_uid, info.st_gid) == (4321, 4321)
+
+
+def test_a_journal_of_another_database_is_refused_not_replayed(tmp_path, db):
+    add_day_sessions(db, 0, 3)
+    assert ledger_command(spp_server.run_pay, db, *pay_args(day_iso(1)))[0] == 0
+    other = str(tmp_path / "other.db")
+    shutil.copy(db, other)
+    shutil.copy(spp_server.journal_path(db), spp_server.journal_path(other))
+    assert ledger_command(spp_server.run_pay, db, *pay_args(day_iso(2)))[0] == 0
+    with contextlib.closing(sqlite3.connect(other)) as conn:  # its own run 2
+        conn.execute("UPDATE payout_runs SET created_at_us = created_at_us + 1")
+        conn.commit()
+    shutil.copy(spp_server.journal_path(db), spp_server.journal_path(other))
+    code, _, err = ledger_command(spp_server.run_pay, other, *pay_args(day_iso(3)))
+    assert code == 1 and "disagree about run 1" in err
+    assert replay(other)[0] == 1
+
+
+def test_a_run_killed_before_its_journal_entry_is_not_served_until_a_step_journals_it(
+        db, make_client):
+    add_day_sessions(db, 0, 4)
+    assert ledger_command(spp_server.run_pay, db, *pay_args(day_iso(1)))[0] == 0
+    add_day_sessions(db, 1, 4)
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, "journal_step", "before", "pay",
+                             *pay_args(day_iso(2)), "--db", db], cwd=HERE, capture_output=True,
+                            timeout=15)
+    assert killed.returncode == -signal.SIGKILL and killed.stdout == b""
+    assert count(db, "payout_runs") == 2  # committed, its lines never released
+    client = make_client()
+    assert client.get("/ledger/runs/2", status=404).json["field"] == "run-id"
+    code, lines, _ = ledger_command(spp_server.run_pay, db, *pay_args(day_iso(2)))
+    assert code == 0 and journal_steps(db) == [("run", 1), ("run", 2)]
+    assert client.get("/ledger/runs/2?format=csv").body == lines
+
+
+# --- Where the ledger takes over: the first run's --from ---
+
+
+def test_a_first_run_over_older_history_refuses_unless_told_where_the_ledger_takes_over(
+        store, db):
+    add_sessions(store, [("a", "p", 1000, at(d)) for d in range(30)])
+    before = ledger_rows(db)
+    code, out, err = ledger_command(spp_server.run_pay, db, *pay_args(day_iso(30)))
+    assert (code, out) == (2, b"")
+    assert err == ("spp_server.py pay: --from: this first run would pay every session since "
+                   "2020-10-01T12:00:00Z, more than 7 days before --until: name where the ledger "
+                   "takes over with --from (an instant or a feed cursor; --from 1970-01-01 to pay "
+                   "them all), see docs/ledger.md; nothing changed\n")
+    assert ledger_rows(db) == before
+    code, first, _ = ledger_command(spp_server.run_pay, db, *pay_args(day_iso(30)),
+                                    "--from", day_iso(20))
+    assert code == 0 and run_lines(store, 1)[0]["sessions"] == "10"  # days 20 to 29
+    assert rows(db, "SELECT started_from FROM payout_runs") == [("2020-10-21T00:00:00Z",)]
+    # Asked again with the same start, or none: the same run; another start is refused.
+    assert ledger_command(spp_server.run_pay, db, *pay_args(day_iso(30)), "--from",
+                          "2020-10-21")[:2] == (0, first)
+    assert ledger_command(spp_server.run_pay, db, *pay_args(day_iso(30)))[:2] == (0, first)
+    code, _, err = ledger_command(spp_server.run_pay, db, *pay_args(day_iso(31)),
+                                  "--from", day_iso(19))
+    assert code == 2 and err.startswith("spp_server.py pay: --from: the ledger took over from "
+                                        "2020-10-21T00:00:00Z with run 1")
+    assert count(db, "payout_runs") == 1
+
+
+@pytest.mark.parametrize("age_us, refused", [(spp_server.FIRST_RUN_WINDOW_US, False),
+                                             (spp_server.FIRST_RUN_WINDOW_US + 1, True)])
+def test_older_than_its_window_is_more_than_seven_days_before_until(store, db, age_us, refused):
+    until = at(20, 0)
+    add_sessions(store, [("a", None, 1000, until - age_us), ("b", None, 1000, until - 1)])
+    code, _, err = ledger_command(spp_server.run_pay, db, *pay_args(spp_server.iso_utc(until)))
+    assert (code, "--from:" in err) == ((2, True) if refused else (0, False))
+    if not refused:
+        assert len(run_lines(store, 1)) == 2
+
+
+def test_a_first_run_can_take_over_after_a_feed_cursor_of_this_database_only(store, db):
+    add_sessions(store, [(f"u{i}", None, 1000, at(0, i)) for i in range(8)])
+    sessions, _ = spp_server.session_feed_page(store, "0", 5)  # what a feed consumer credited
+    cursor = sessions[-1]["cursor"]
+    wrong = cursor.split("-")[0] + "-00000000"
+    code, _, err = ledger_command(spp_server.run_pay, db, *pay_args(day_iso(1)), "--from", wrong)
+    assert code == 2 and "--from: names a session this database does not hold at 5" in err
+    assert ledger_command(spp_server.run_pay, db, *pay_args(day_iso(1)), "--from", cursor)[0] == 0
+    assert [line["user-id"] for line in run_lines(store, 1)] == ["u5", "u6", "u7"]
+    assert rows(db, "SELECT after_session_id, started_from FROM payout_runs") == [(5, cursor)]
+
+
+@pytest.mark.parametrize("start, settled", [(at(1, 0), ["2020-10-02", "2020-10-03", "2020-10-04"]),
+                                            (at(1, 12), ["2020-10-03", "2020-10-04"])])
+def test_settle_never_settles_a_day_holding_sessions_from_before_the_cut_over(
+        store, db, start, settled):
+    add_sessions(store, [(f"u{h % 2}", "p1", 1000 + h, at(d, h)) for d in range(4)
+                         for h in (6, 18)])
+    book_rows(store, [(day_text(d), "p1", 5_000) for d in range(4)])
+    assert ledger_command(spp_server.run_pay, db, *pay_args(day_iso(4)), "--from",
+                          spp_server.iso_utc(start))[0] == 0
+    assert ledger_command(spp_server.run_settle, db)[0] == 0
+    assert sorted({line["day"] for line in settlement_lines(store, 1)}) == settled
+
+
+def test_the_weekly_routine_refuses_history_until_told_where_the_ledger_takes_over(tmp_path, db):
+    routine_month(db)  # October and November 2020, no run yet
+    code, err = Routines(tmp_path, db).run("weekly", "2020-11-02")
+    assert code != 0 and "spp_server.py pay: --from: this first run would pay every session" in err
+    assert count(db, "payout_runs") == 0
+    routines = Routines(tmp_path, db, SPP_PAY_FROM="2020-10-26")  # as in /etc/spp/spp.env
+    assert routines.run("weekly", "2020-11-02") == (0, "")
+    assert routines.run("weekly", "2020-11-09") == (0, "")  # the same start, accepted again
+    assert rows(db, "SELECT started_from FROM payout_runs") == [("2020-10-26T00:00:00Z",), (None,)]
+    # It starts after the last session received before 26 October, as a run
+    # starts after the one before it.
+    assert rows(db, "SELECT after_session_id FROM payout_runs WHERE id = 1") == rows(
+        db, "SELECT max(id) FROM sessions WHERE received_at_us < ?", (at(25, 0),))
+
+# --- Real processes: the routines as written, a kill -9 at each point, the restore as written ---
+
+
+def start_server_group(db, port):
+    """The server in a process group of its own, so that kill -9 takes its writer too."""
+    process = subprocess.Popen([sys.executable, str(SERVER), "--db", db, "--port", str(port)],
+                               stderr=subprocess.DEVNULL, process_group=0)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            if http_request(port, "GET", "/healthz")[0] == 200:
+                return process
+        except OSError:
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)  # polling for the port to open, not covering a race
+
+
+def kill_group(process):
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def documented_restore(live_dir, backup):
+    """docs/operating.md's Restore block, for a database in `live_dir`."""
+    [block] = [lines for _, language, _, lines in doc_blocks("docs/operating.md")
+               if language == "sh" and any("ledger-replay" in line for line in lines)]
+    text = "\n".join(block)
+    for path, here in (("/var/lib/private/spp", str(live_dir)),
+                       ("/var/backups/spp/spp-2026-01-31.db", str(backup)),
+                       ("/opt/spp/.venv/bin/python /opt/spp/spp_server.py",
+                        f"{sys.executable} {SERVER}")):
+        text = text.replace(path, here)
+    # No root, no systemd here: sudo runs the command, the service was stopped (killed).
+    return "sudo() { \"$@\"; }\nsystemctl() { :; }\nset -eu\n" + text
+
+
+def test_the_documented_restore_after_a_kill_keeps_the_wal_of_the_database_it_replaces(tmp_path):
+    live = tmp_path / "spp"
+    live.mkdir(mode=0o700)
+    db = str(live / "spp.db")
+    port = free_port()
+    server = start_server_group(db, port)
+    try:
+        backup = backup_of(db, str(tmp_path / "spp-2026-01-31.db"))
+        posted = [postback() for _ in range(5)]
+        for body in posted:
+            assert http_request(port, "POST", "/postback", json.dumps(body).encode())[0] == 200
+        assert os.path.getsize(db + "-wal") > 0  # the newest commits are in the -wal only
+    finally:
+        kill_group(server)
+    done = subprocess.run(["bash", "-c", documented_restore(live, backup)], capture_output=True,
+                          text=True, timeout=15)
+    assert done.returncode == 0, done.stderr
+    [replaced] = [p for p in live.iterdir() if p.is_dir()]
+    kept = {s for (s,) in rows(str(replaced / "spp.db"), "SELECT session_id FROM sessions")}
+    assert kept == {body["session-id"] for body in posted}
+    assert count(db, "sessions") == 0 and stat.S_IMODE(os.stat(db).st_mode) == 0o600
+
+
+@pytest.mark.parametrize("kill", ["server", "pay after its commit", "settle after its commit",
+                                  "replay after a run", "replay after a settlement"])
+def test_the_routines_as_written_never_pay_twice_across_a_restore_killed_at_each_point(
+        tmp_path, kill):
+    """The daily backup (as docs/operating.md takes it), two weekly payouts,
+    the monthly settlement, the server killed -9, the restore as written,
+    new sessions, and the routines again: with a kill -9 at each point, and
+    whatever was killed run again."""
+    live = tmp_path / "spp"
+    live.mkdir(mode=0o700)
+    db = str(live / "spp.db")
+    port = free_port()
+    server = start_server_group(db, port)
+    routines = Routines(tmp_path, db)
+    killer = tmp_path / "kill_at.py"  # spp_server.py, killed at a point (see KILL_AT)
+    killer.write_text(KILL_AT)
+    routines.env["PYTHONPATH"] = str(HERE)
+
+    def killed(name, today, point):
+        shim = routines.env["SPP"]
+        routines.env["SPP"] = f"{sys.executable} {killer} {point}"
+        try:
+            assert routines.run(name, today)[0] != 0
+        finally:
+            routines.env["SPP"] = shim
+
+    try:
+        add_day_sessions(db, 0, 8)
+        # The daily backup, before the runs: older than the two runs and the settlement.
+        backup = backup_of(db, str(tmp_path / "spp-2026-01-31.db"))
+        assert routines.run("weekly", day_text(1)) == (0, "")
+        add_day_sessions(db, 1, 8)
+        if kill == "pay after its commit":  # committed, not in the journal, not delivered
+            killed("weekly", day_text(2), "journal_step before")
+        assert routines.run("weekly", day_text(2)) == (0, "")
+        routines.book("2020-09", (day_text(0), "p1", "", "0.004"), (day_text(1), "p2", "", "0.02"))
+        if kill == "settle after its commit":
+            # Committed, never journaled, never delivered: the restore loses
+            # it whole, and no one was told of it.
+            killed("monthly", day_text(2), "journal_step before")
+        else:
+            assert routines.run("monthly", day_text(2))[0] == 0
+    finally:
+        kill_group(server)
+    delivered = routines.delivered()
+    restore_script = documented_restore(live, backup)
+    if kill.startswith("replay"):
+        point = "put_back_run after" if kill == "replay after a run" else "put_back_settlement after"
+        killing = restore_script.replace(f"{sys.executable} {SERVER} ledger-replay",
+                                         f"{sys.executable} {killer} {point} ledger-replay")
+        assert subprocess.run(["bash", "-c", killing], capture_output=True, timeout=15,
+                              env=routines.env).returncode
+        # Run again from its last step: the rest of the restore is done.
+        done = subprocess.run([sys.executable, str(SERVER), "ledger-replay", "--db", db],
+                              capture_output=True, text=True, timeout=15)
+    else:
+        done = subprocess.run(["bash", "-c", restore_script], capture_output=True, text=True,
+                              timeout=15)
+    assert done.returncode == 0, done.stderr
+    server = start_server_group(db, port)
+    try:
+        add_day_sessions(db, 2, 4)  # received on day 2, taking ids run 2 had paid
+        for _ in range(2):  # received today: a later run's
+            assert http_request(port, "POST", "/postback", json.dumps(postback()).encode())[0] == 200
+        assert routines.run("weekly", day_text(3)) == (0, "")
+        assert routines.run("monthly", day_text(3))[0] == 0
+        after = routines.delivered()
+        for name, data in delivered.items():  # each delivered id still names what it named
+            assert after[name] == data
+        assert sorted(set(after) - set(delivered)) == [
+            f"run-{day_text(3)}T00:00:00Z.csv",
+            *(["settlement-1.csv"] if kill == "settle after its commit" else [])]
+        # Run 3 paid the four sessions of day 2, the first two runs their own, none twice.
+        assert rows(db, "SELECT id, sessions FROM payout_runs") == [(1, 8), (2, 8), (3, 4)]
+        assert rows(db, "SELECT after_session_id, last_session_id FROM payout_runs "
+                        "WHERE id = 3") == [(8, 12)]  # 13 and 14: today's postbacks
+        assert count(db, "settlements") == 1
+    finally:
+        kill_group(server)
 
 
 # ---------------------------------------------------------------------------
@@ -7380,12 +7919,14 @@ def run_entry_point(entry, db, tmp_path):
         "release": lambda: spp_server.run_hold(["u", "--reason", "r", "--db", db], {}, io.BytesIO())
         or spp_server.run_hold(["u", "--reason", "r", "--db", db], {}, io.BytesIO(), "release"),
         "erase": lambda: spp_server.run_erase(["u", "--db", db], {}, io.BytesIO()),
+        "ledger-replay": lambda: spp_server.run_ledger_replay(["--db", db], {}, io.BytesIO()),
     }[entry]()
 
 
 @pytest.mark.parametrize("kind", NOT_OURS)
 @pytest.mark.parametrize("entry", ["import-booked", "prune", "prune --dry-run", "export",
-                                   "reconcile", "pay", "settle", "statement", "ledger"])
+                                   "reconcile", "pay", "settle", "statement", "ledger",
+                                   "ledger-replay"])
 def test_every_command_refuses_a_file_that_is_not_its_database_and_changes_nothing(
         tmp_path, capsys, kind, entry):
     folder = tmp_path / "data"
@@ -8451,7 +8992,7 @@ EVERY_COMMAND = [[], ["export", "--since", "1", "--until", "2"],
                  ["reconcile", "--since", "2026-11-01", "--until", "2026-11-02"],
                  ["import-booked", "r.csv"], ["prune", "--rejected-before", "1"],
                  ["pay", "--until", "1", "--pay-now-share", "0.5", "--final-share", "0.9"],
-                 ["settle"], ["statement", "u"], ["ledger"], ["erase", "u"],
+                 ["settle"], ["statement", "u"], ["ledger"], ["ledger-replay"], ["erase", "u"],
                  ["hold", "u", "--reason", "r"], ["release", "u", "--reason", "r"],
                  ["write-off-balances", "--older-than", "90d"], ["suspects"]]
 
