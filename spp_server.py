@@ -6,9 +6,47 @@ stores it once per session-id (durably, before answering 200) and tells the
 publisher what each user earned.  One Bottle app served by waitress; storage
 is one SQLite file in WAL mode.  See README.md.
 
-Sections: configuration, money and time, storage (with retention), output formats,
-validation, booked revenue, reconciliation, payout ledger, HTTP, web view, server/CLI.
+Sections, in this order (a test holds this list to the section headers):
+- Configuration
+- Money and time
+- Storage: the file, its schema and its connections
+- The writer: group commit, in a thread or in a process of its own
+- The store: reads, write ops, earnings and totals
+- Retention: clearing old raw bodies, deleting old refusals
+- Reads for the API: sessions, the change feed, stats and metrics
+- Output formats
+- Validation of a postback body
+- Booked revenue
+- Reconciliation
+- Payout ledger
+- HTTP
+- Web view
+- Waitress's internals
+- Server and command line
 """
+
+import os
+import sys
+
+# Run as a script (`python spp_server.py`, as the README and spp.service start
+# the server), CPython keeps the script's whole syntax tree until the script
+# ends (Python/pythonrun.c frees it only after running it): about 4 MB resident
+# for this module, in the web process and again in the forked writer.  So the
+# server starts again at once as the module, whose tree is freed once compiled:
+# the same process id, arguments, descriptors and interpreter options.  -c puts
+# the working directory first on sys.path, where a script has its own folder.
+# Commands (a first argument that is not an option) are short-lived: run as they are.
+RELAUNCH_AS_MODULE = ("import runpy, sys; sys.path[:1] == [''] and sys.path.pop(0); "
+                      "sys.path.insert(0, sys.argv.pop(1)); "
+                      "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
+if __name__ == "__main__" and __spec__ is None and (sys.argv[1:2] or ["-"])[0].startswith("-"):
+    try:
+        os.execv(sys.executable, [
+            sys.executable, *sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)],
+            "-c", RELAUNCH_AS_MODULE, os.path.dirname(os.path.abspath(__file__)),
+            os.path.splitext(os.path.basename(__file__))[0], *sys.argv[1:]])
+    except OSError:
+        pass  # no interpreter to run again (sys.executable empty): go on as the script
 
 import argparse
 import base64
@@ -33,7 +71,6 @@ import json
 import logging
 import math
 import operator
-import os
 import queue
 import re
 import secrets
@@ -42,7 +79,6 @@ import signal
 import socket
 import sqlite3
 import struct
-import sys
 import textwrap
 import threading
 import time
@@ -54,9 +90,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from bottle import Bottle, HTTPError, HTTPResponse, request, response
-from waitress import wasyncore
-from waitress.channel import HTTPChannel
-from waitress.server import BaseWSGIServer, MultiSocketServer, create_server
+from waitress.server import create_server
 
 log = logging.getLogger("spp")
 
@@ -78,9 +112,9 @@ DEFAULTS = {
     "read_tokens": (),  # bytes; empty = reads need no auth (loopback only)
     "log_level": "info",
     "report_utc_offset": 0,  # minutes east of UTC of the booked reports' days
-    # Commit in a child process (the server: main() sets it) or in a thread
-    # (create_app on its own: tests, which set the clock in this process).
-    "writer_process": False,
+    # Where writes commit (WRITERS): "auto", as the server runs, is a process
+    # of its own where two CPUs or more are allowed, a thread on one.
+    "writer": "auto",
     # How long pay or settle waits for another step's ledger lock: far above
     # the longest step measured (settle of a million sessions, 26 s).
     "ledger_lock_wait_s": 600,
@@ -324,7 +358,7 @@ def parse_window(since_text, until_text, required=False):
 
 
 # ---------------------------------------------------------------------------
-# Storage
+# Storage: the file, its schema and its connections
 # ---------------------------------------------------------------------------
 
 # What every earnings and totals query sums.  Revenue is summed as whole USD
@@ -1027,6 +1061,10 @@ def rollback_quietly(conn):
             pass
 
 
+# ---------------------------------------------------------------------------
+# The writer: group commit, in a thread or in a process of its own
+# ---------------------------------------------------------------------------
+
 # A write result younger than this stands for the database's health; past it,
 # /healthz and the watchdog write a probe row instead.
 HEALTH_FRESH_S = 1.0
@@ -1152,8 +1190,9 @@ class _Pending:
 
 
 class WriterThread(Writer):
-    """The committing loop in a thread of this process: for create_app on its
-    own, as the tests use it (they set the clock in this process)."""
+    """The committing loop in a thread of this process: the server's on one
+    CPU (see writer_for_the_cpus), and the tests' (they set the clock in
+    this process)."""
 
     def __init__(self, path, busy_timeout_ms, wait_timeout_s):
         super().__init__(wait_timeout_s)
@@ -1195,6 +1234,10 @@ class WriterThread(Writer):
 
     def alive(self):
         return self._thread.is_alive()
+
+    def loss(self):
+        """Why alive() is false."""
+        return "the writer thread stopped"
 
     def exit_status(self):
         return None
@@ -1570,6 +1613,10 @@ def answer(batch, outcomes):
             pass  # its request timed out, and the web process closed the channel
 
 
+# ---------------------------------------------------------------------------
+# The store: reads, write ops, earnings and totals
+# ---------------------------------------------------------------------------
+
 class Reads:
     """Read queries, on the connection self._reader() gives."""
 
@@ -1614,15 +1661,36 @@ def write_wait_s(busy_timeout_ms):
     return busy_timeout_ms / 1000 + 1
 
 
-class Store(Reads):
-    """The database: one writer (see Writer), one read connection per thread.
-    With writer_process, the writer is a child process (the server's shape);
-    otherwise a thread of this process.  A command (import-booked, prune)
-    opens it with command=True: it never creates a database (only the server
-    does, where none exists) and commits in its own thread (InlineWriter)."""
+def writer_for_the_cpus():
+    """The server's writer ("auto"): a process of its own where two CPUs or
+    more are allowed (it commits beside the web process, see keep_to_cpus);
+    on one, a thread of the web process, which spares every write a blocking
+    hand-off between two processes taking turns on that CPU
+    (docs/performance.md)."""
+    if len(os.sched_getaffinity(0)) >= 2:
+        return "process"
+    log.info("one CPU allowed: writes commit in a thread of the web process")
+    return "thread"
 
-    def __init__(self, path, busy_timeout_ms=DEFAULTS["busy_timeout_ms"], writer_process=False,
-                 channels=1, command=False):
+
+# Store(writer=...): which Writer commits.  "auto" (the server's) is decided
+# when the store opens: WriterProcess or WriterThread (writer_for_the_cpus);
+# "thread" for tests, which set the clock in this process; "command", for the
+# commands (import-booked, prune, pay...): InlineWriter, and the database is
+# never created (only the server does that).
+WRITERS = ("auto", "process", "thread", "command")
+
+
+class Store(Reads):
+    """The database: one writer (see Writer and WRITERS), one read connection per thread."""
+
+    def __init__(self, path, busy_timeout_ms=DEFAULTS["busy_timeout_ms"],
+                 writer=DEFAULTS["writer"], channels=1):
+        if writer not in WRITERS:
+            raise ValueError(f"writer must be one of {', '.join(WRITERS)}, not {writer!r}")
+        if writer == "auto":
+            writer = writer_for_the_cpus()
+        command = writer == "command"
         self.path = str(path)
         self._busy_timeout_ms = busy_timeout_ms
         if command and not os.path.exists(self.path):
@@ -1649,7 +1717,7 @@ class Store(Reads):
         wait_timeout_s = write_wait_s(busy_timeout_ms)
         if command:
             self.writer = InlineWriter(self.path, busy_timeout_ms)
-        elif writer_process:
+        elif writer == "process":
             self.writer = WriterProcess(self.path, busy_timeout_ms, wait_timeout_s, channels)
         else:
             self.writer = WriterThread(self.path, busy_timeout_ms, wait_timeout_s)
@@ -1937,6 +2005,10 @@ def prune_batch(what, lo, hi, before_us, conn, received_at_us):
     conn.execute(change_sql, (lo, hi, before_us))
     return rows, size
 
+
+# ---------------------------------------------------------------------------
+# Reads for the API: sessions, the change feed, stats and metrics
+# ---------------------------------------------------------------------------
 
 def session_record(row):
     """A session row (the columns of SQL['user_sessions']) -> its JSON fields."""
@@ -5433,7 +5505,7 @@ def create_app(config):
     app = Bottle()
     app.config.update("spp", **settings)
     app.store = Store(
-        settings["db"], settings["busy_timeout_ms"], writer_process=settings["writer_process"],
+        settings["db"], settings["busy_timeout_ms"], writer=settings["writer"],
         # Every request thread and the watchdog may write at once.
         channels=settings["threads"] + 1,
     )
@@ -6177,13 +6249,74 @@ VIEW_ROUTES = [
 
 
 # ---------------------------------------------------------------------------
-# Server and command line
+# Waitress's internals: the only code that touches them
 # ---------------------------------------------------------------------------
+
+# waitress has no graceful stop: its serve() runs until the process ends, and
+# closing the server drops every connection, answers unsent.  So serve() below
+# runs waitress's loop itself and, on SIGTERM, drains: that takes the server's socket map, the
+# wasyncore loop, HTTPChannel's fields and the task dispatcher's shutdown,
+# none of them waitress's public API.  Written and tested against the waitress
+# that requirements.txt pins (a test checks that the two agree): upgrading
+# waitress means reading this section against its source first.
+WAITRESS_PINNED = "3.0.2"
+
+from waitress import wasyncore  # noqa: E402  (imported here: see above)
+from waitress.channel import HTTPChannel  # noqa: E402
+from waitress.server import BaseWSGIServer, MultiSocketServer  # noqa: E402
 
 DRAIN_TIMEOUT_S = 20  # in-flight requests get this long after SIGTERM
 THREADS_STOP_S = 5  # then the request threads get this long to end
 LOOP_TIMEOUT_S = 0.5  # how often the main loop looks for a stop request
 FRESH_CONNECTION_GRACE_S = 2
+
+
+def socket_map_of(server):
+    """The dispatchers (listeners, connections) that create_server's `server` polls."""
+    return server.map if isinstance(server, MultiSocketServer) else server._map
+
+
+def run_until(socket_map, stopping, writer):
+    while not stopping.is_set():
+        wasyncore.loop(timeout=LOOP_TIMEOUT_S, map=socket_map, use_poll=True, count=1)
+        if not writer.alive():
+            return False
+    return True
+
+
+def is_idle(channel, now):
+    """A connection that may be closed at shutdown: nothing being received,
+    served or sent.  One accepted just before the stop that has not sent its
+    request yet gets a moment to do so; closing it would fail a postback that
+    was on its way."""
+    if channel.requests or channel.total_outbufs_len or channel.request is not None:
+        return False
+    never_spoke = channel.last_activity == channel.creation_time
+    return not never_spoke or now - channel.creation_time > FRESH_CONNECTION_GRACE_S
+
+
+def drain(server):
+    """Stop accepting, let requests in flight finish and their answers go
+    out, then stop the worker threads."""
+    socket_map = socket_map_of(server)
+    for listener in [d for d in socket_map.values() if isinstance(d, BaseWSGIServer)]:
+        # Only the listening socket: its trigger still wakes the loop for answers.
+        wasyncore.dispatcher.close(listener)
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        channels = [d for d in socket_map.values() if isinstance(d, HTTPChannel)]
+        for channel in channels:
+            if is_idle(channel, time.time()):
+                channel.handle_close()
+        if not any(isinstance(d, HTTPChannel) for d in socket_map.values()):
+            break
+        wasyncore.loop(timeout=0.05, map=socket_map, use_poll=True, count=1)
+    server.task_dispatcher.shutdown(cancel_pending=True, timeout=THREADS_STOP_S)
+
+
+# ---------------------------------------------------------------------------
+# Server and command line
+# ---------------------------------------------------------------------------
 
 
 def waitress_settings(config, sockets):
@@ -6291,43 +6424,6 @@ def keep_to_cpus(writer):
              ",".join(map(str, cpus[1:])))
 
 
-def run_until(socket_map, stopping, writer):
-    while not stopping.is_set():
-        wasyncore.loop(timeout=LOOP_TIMEOUT_S, map=socket_map, use_poll=True, count=1)
-        if not writer.alive():
-            return False
-    return True
-
-
-def is_idle(channel, now):
-    """A connection that may be closed at shutdown: nothing being received,
-    served or sent.  One accepted just before the stop that has not sent its
-    request yet gets a moment to do so; closing it would fail a postback that
-    was on its way."""
-    if channel.requests or channel.total_outbufs_len or channel.request is not None:
-        return False
-    never_spoke = channel.last_activity == channel.creation_time
-    return not never_spoke or now - channel.creation_time > FRESH_CONNECTION_GRACE_S
-
-
-def drain(socket_map, dispatcher):
-    """Stop accepting, let requests in flight finish and their answers go
-    out, then stop the worker threads."""
-    for listener in [d for d in socket_map.values() if isinstance(d, BaseWSGIServer)]:
-        # Only the listening socket: its trigger still wakes the loop for answers.
-        wasyncore.dispatcher.close(listener)
-    deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        channels = [d for d in socket_map.values() if isinstance(d, HTTPChannel)]
-        for channel in channels:
-            if is_idle(channel, time.time()):
-                channel.handle_close()
-        if not any(isinstance(d, HTTPChannel) for d in socket_map.values()):
-            break
-        wasyncore.loop(timeout=0.05, map=socket_map, use_poll=True, count=1)
-    dispatcher.shutdown(cancel_pending=True, timeout=THREADS_STOP_S)
-
-
 def worst_case_stop_s(busy_timeout_ms=DEFAULTS["busy_timeout_ms"]):
     """The longest the server takes from SIGTERM to exit (TimeoutStopSec in
     spp.service must be longer): noticing the signal, the drain, the request
@@ -6345,17 +6441,16 @@ def serve(app, config, sockets=()):
         server = create_server(app, **waitress_settings(config, sockets))
     except ValueError as exc:  # "Invalid host/port specified.": a name that does not resolve
         raise OSError(f"{exc} ({config['host']!r} does not resolve to an address here)") from None
-    socket_map = server.map if isinstance(server, MultiSocketServer) else server._map
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
     server.print_listen("listening on http://{}:{}")
     start_watchdog(app.store, os.environ, stopping)
     sd_notify("READY=1")
-    writer_alive = run_until(socket_map, stopping, app.store.writer)
+    writer_alive = run_until(socket_map_of(server), stopping, app.store.writer)
     sd_notify("STOPPING=1")
     log.info("stopping: finishing requests in flight")
-    drain(socket_map, server.task_dispatcher)
+    drain(server)
     if not writer_alive:
         raise WriterLost(app.store.writer.loss())
 
@@ -6581,7 +6676,6 @@ def build_config(args, environ):
         "report_utc_offset": args.report_utc_offset,
         "postback_tokens": load_tokens("SPP_POSTBACK_TOKEN", "postback-token", environ),
         "read_tokens": load_tokens("SPP_READ_TOKEN", "read-token", environ),
-        "writer_process": True,
     }
 
 
@@ -6872,7 +6966,7 @@ def run_prune(argv, environ, out):
         if not os.path.isfile(args.db):
             raise no_database(args.db)
         store = (ReadOnlyStore(args.db) if args.dry_run
-                 else Store(args.db, DEFAULTS["busy_timeout_ms"], command=True))
+                 else Store(args.db, DEFAULTS["busy_timeout_ms"], writer="command"))
     except (StoreUnavailable, OSError, sqlite3.Error) as exc:
         say(f"{parser.prog}: {exc}")
         return 1
@@ -6927,7 +7021,7 @@ def run_import_booked(argv, environ, out):
         say(f"{name}: {args.file}: {exc}; nothing imported")
         return 1
     try:
-        store = Store(args.db, DEFAULTS["busy_timeout_ms"], command=True)
+        store = Store(args.db, DEFAULTS["busy_timeout_ms"], writer="command")
     except StoreUnavailable as exc:
         say(f"{name}: {exc}; nothing imported")
         return 1
@@ -7154,7 +7248,7 @@ def run_ledger_step(prog, db, out, step, look=None):
     if look is not None and (status := look_before_writing(prog, db, out, look)) is not None:
         return status
     try:
-        store = Store(db, DEFAULTS["busy_timeout_ms"], command=True)
+        store = Store(db, DEFAULTS["busy_timeout_ms"], writer="command")
     except StoreUnavailable as exc:
         say(f"{prog}: {exc}")
         return 1

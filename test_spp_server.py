@@ -16,6 +16,7 @@ import datetime
 import fcntl
 import functools
 import http.client
+import inspect
 import io
 import ipaddress
 import itertools
@@ -135,7 +136,7 @@ def make_client(db):
     apps = []
 
     def make(**config):
-        app = spp_server.create_app({"db": db, **config})
+        app = spp_server.create_app({"db": db, "writer": "thread", **config})
         apps.append(app)
         return TestApp(app)
 
@@ -223,10 +224,17 @@ def free_port():
         return sock.getsockname()[1]
 
 
+# The server's two writers (writer="auto"): a process where two CPUs or more
+# are allowed, a thread of the web process on one.  The durability tests run with each.
+ONE_CPU = {min(os.sched_getaffinity(0))}
+EACH_WRITER = pytest.mark.parametrize("cpus", [None, ONE_CPU],
+                                      ids=["writer process", "writer thread on one CPU"])
+
+
 class RealServer:
     """`python spp_server.py` on a free port of 127.0.0.1, waited for until it answers."""
 
-    def __init__(self, db, env=None, args=(), port=None):
+    def __init__(self, db, env=None, args=(), port=None, cpus=None):
         self.db = db
         self.port = port or free_port()  # a port: restart where clients expect it
         self.log = open(Path(db).with_suffix(".log"), "ab")
@@ -234,6 +242,8 @@ class RealServer:
             [sys.executable, str(SERVER), "--db", db, "--port", str(self.port), *args],
             env={**os.environ, **(env or {})},
             stderr=self.log,
+            # The CPUs it may use, as taskset or a unit's CPUAffinity= set them.
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         self.wait_until_ready()
 
@@ -893,6 +903,28 @@ def test_a_whole_number_of_any_length_is_refused_by_its_field_name(client, db, f
         assert_no_internals(res.json["error"])
 
     check()
+
+
+@pytest.mark.parametrize("digits", [1, 3999, 4000, 4001, 4300, 4301, 20_000])
+@pytest.mark.parametrize("sign", ["", "-"])
+def test_a_json_whole_number_is_an_int_up_to_4000_characters_then_an_exact_decimal(digits, sign):
+    """Up to 4,000 characters int() reads it (its own limit is 4,300 digits);
+    past that an exact Decimal, never int()'s error about sys."""
+    text = sign + "9" * digits
+    value = spp_server.parse_json(text)
+    assert type(value) is (int if len(text) <= 4000 else Decimal)
+    assert value == Decimal(text)
+
+
+@pytest.mark.parametrize("digits, error", [
+    (4000, "must be at most 128 characters"),  # read as an int: too long as text
+    (4001, "must be a string or an integer"),  # read as a Decimal
+])
+def test_a_4000_digit_property_id_is_refused_by_its_length(client, db, digits, error):
+    text = json.dumps(postback(property_id="__LITERAL__"))
+    res = send_raw(client, as_body(text.replace('"__LITERAL__"', "9" * digits)))
+    assert_error(res, 400, "property-id")
+    assert res.json["error"] == error
 
 
 def test_no_postback_error_shows_python_internals(client, db):
@@ -1896,7 +1928,8 @@ def test_a_forged_cursor_is_refused(client):
     for forged in [f"{row_id}-{flipped}", f"1-{fingerprint}", f"3-{fingerprint}",
                    f"0-{fingerprint}", f"4-{fingerprint}"]:
         assert_cursor_gone(feed_page(client, status=410, after=forged))
-    for malformed in [f"{row_id}-{fingerprint.upper()}", f"{row_id}-{fingerprint[:-1]}",
+    upper = [f"{row_id}-{fingerprint.upper()}"] if fingerprint != fingerprint.upper() else []
+    for malformed in [*upper, f"{row_id}-{fingerprint[:-1]}",
                       f"{row_id}-{fingerprint}0", f"{row_id}-", f"-{fingerprint}",
                       f"{row_id}:{fingerprint}", f" {real}", f"+{row_id}",
                       f"{2**63}-{fingerprint}"]:
@@ -2550,8 +2583,11 @@ def test_every_command_on_a_full_disk_or_a_closed_pipe_is_one_line_at_most_and_n
         read_end, write_end = os.pipe()
         os.close(read_end)
         target, expected = open(write_end, "wb"), status_closed
+    # Without PYTHONUNBUFFERED, as a shell runs it: stdout buffered, so the
+    # write that fails may be a flush, and the line must still name the command.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     with target:
-        result = subprocess.run([sys.executable, str(SERVER), *command_lines[command]],
+        result = subprocess.run([sys.executable, str(SERVER), *command_lines[command]], env=env,
                                 stdout=target, stderr=subprocess.PIPE, text=True, timeout=30)
     assert result.returncode == expected, result.stderr
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
@@ -2559,8 +2595,45 @@ def test_every_command_on_a_full_disk_or_a_closed_pipe_is_one_line_at_most_and_n
         assert result.stderr == ""  # the reader quit: nothing went wrong here
     else:
         assert result.stderr.count("\n") == 1, result.stderr
+        name = command.split()[0]
+        assert result.stderr.startswith("spp_server.py: " if name.startswith("-")
+                                        else f"spp_server.py {name}: "), result.stderr
         assert ("No space left on device" if output == "/dev/full" else "Broken pipe") in result.stderr
         assert ("committed" in result.stderr) == (expected == COMMITTED)
+
+
+def every_parser():
+    """Each parser of the module (the server's and each command's), built."""
+    parsers = []
+    for name, builder in vars(spp_server).items():
+        if not re.fullmatch(r"build_\w*parser", name):
+            continue
+        if len(inspect.signature(builder).parameters) == 1:
+            parsers.append(builder({}))
+        else:  # one builder for several commands (hold, release): each it builds
+            for command in spp_server.COMMANDS:
+                with contextlib.suppress(KeyError):
+                    parsers.append(builder({}, command))
+    return parsers
+
+
+def test_every_command_has_a_parser_named_after_it():
+    progs = sorted(parser.prog for parser in every_parser())
+    assert progs == sorted(["spp_server.py", *(f"spp_server.py {c}" for c in spp_server.COMMANDS)])
+
+
+@pytest.mark.parametrize("parser", every_parser(), ids=lambda parser: parser.prog)
+def test_help_that_cannot_be_written_names_its_command_even_when_only_the_flush_fails(
+        parser, capsys):
+    """A help shorter than the buffer is written without error; only the
+    flush meets the full disk, and must not leave it to the interpreter's
+    exit, whose error could not say which command's output was lost."""
+    with open("/dev/full", "w") as full:  # buffered, as a shell's > /dev/full
+        with pytest.raises(SystemExit) as exited:
+            parser.print_help(full)
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == (f"{parser.prog}: writing the output failed, it is "
+                                       "incomplete: No space left on device\n")
 
 
 @pytest.mark.parametrize("command, status", [
@@ -2806,7 +2879,7 @@ def test_a_backup_that_changes_while_it_is_read_is_no_report(make_client, tmp_pa
     def first_row_then_a_server_writes(self, sql, params=()):
         rows_ = Reads.stream(self, sql, params)
         yield next(rows_)
-        store = spp_server.Store(str(db))
+        store = spp_server.Store(str(db), writer="thread")
         store.write(spp_server.write_health_probe)
         store.close()  # the last connection checkpoints into the file
         yield from rows_
@@ -3152,7 +3225,7 @@ def last_import_covering(imports, day, prop):
 @given(imports=st.lists(booked_reports(), min_size=1, max_size=6))
 def test_after_any_imports_each_day_holds_what_the_last_import_covering_it_says(imports):
     directory = tempfile.TemporaryDirectory()
-    store = spp_server.Store(Path(directory.name, "spp.db"))
+    store = spp_server.Store(Path(directory.name, "spp.db"), writer="thread")
     conn = sqlite3.connect(store.path, isolation_level=None)
 
     def run(report, source):
@@ -4022,7 +4095,7 @@ def nanos(text):
 
 @pytest.fixture
 def store(db):
-    store = spp_server.Store(db)
+    store = spp_server.Store(db, writer="thread")
     yield store
     store.close()
 
@@ -5206,7 +5279,7 @@ sys.exit(spp_server.main(sys.argv[3:]))
 
 def ledger_month(db):
     """Two paid days, one to come, booked figures for two: a ledger to kill steps of."""
-    store = spp_server.Store(db)
+    store = spp_server.Store(db, writer="thread")
     try:
         add_sessions(store, [(f"u{i % 7}", ("p1", "p2", None)[i % 3], 1000 * i + 1, at(i % 4, i % 24))
                              for i in range(200)])
@@ -5524,7 +5597,7 @@ class Routines:
 
 
 def test_the_documented_weekly_and_monthly_routine_runs_as_written(real_server, tmp_path, db):
-    store = spp_server.Store(db)  # what postbacks stored in October 2020
+    store = spp_server.Store(db, writer="thread")  # what postbacks stored in October 2020
     add_sessions(store, [(f"u{i % 3}", ("p1", "p2")[i % 2], 1000 * i, at(i // 8, i % 8))
                          for i in range(32)])
     store.close()
@@ -5638,7 +5711,7 @@ def settle_a_month_by_the_routines(tmp_path, year, month, settle_day):
     start = spp_server.parse_instant(first.isoformat())
     end = spp_server.parse_instant(after.isoformat())
     db = str(tmp_path / "spp.db")
-    store = spp_server.Store(db)
+    store = spp_server.Store(db, writer="thread")
     try:
         add_sessions(store, [("u", "p1", 1000, spp_server.parse_instant(f"{day}T12:00:00Z"))
                              for day in days] + [("u", "p1", 1000, start), ("u", "p1", 1000, end - 1),
@@ -5689,7 +5762,7 @@ def test_every_day_settles_in_the_first_settlement_after_its_report_on_any_day(
 
 def routine_month(db):
     """A new database with sessions in October and November 2020."""
-    store = spp_server.Store(db)
+    store = spp_server.Store(db, writer="thread")
     try:
         add_sessions(store, [(f"u{i % 5}", ("p1", "p2")[i % 2], 1000 * i + 7, at(i % 45, i % 24))
                              for i in range(120)])
@@ -5976,7 +6049,7 @@ def month_in_store(sessions, order, booked):
     in the drawn order: clock steps) and booked figures -> (store, db)."""
     with tempfile.TemporaryDirectory() as tmp:
         db = os.path.join(tmp, "spp.db")
-        store = spp_server.Store(db)
+        store = spp_server.Store(db, writer="thread")
         try:
             timed = [(user, prop, nanos_, at(day, hour)) for user, day, hour, prop, nanos_ in sessions]
             if order == "time":
@@ -6210,7 +6283,7 @@ class LedgerModel:
         return code, err
 
     def check(self):
-        store = spp_server.Store(self.db)
+        store = spp_server.Store(self.db, writer="thread")
         try:
             for run_id, text in self.runs.items():  # every delivered id names what was delivered
                 assert b"".join(spp_server.run_output(store, run_id, "csv")) == text
@@ -6236,7 +6309,7 @@ class LedgerModel:
 
 
 def add_day_sessions(db, day, n, users=3):
-    store = spp_server.Store(db)
+    store = spp_server.Store(db, writer="thread")
     try:
         add_sessions(store, [(f"u{i % users}", ("p1", "p2")[i % 2], 1000 * (i + 1), at(day, i % 20))
                              for i in range(n)])
@@ -6245,7 +6318,7 @@ def add_day_sessions(db, day, n, users=3):
 
 
 def book_days(db, *days):
-    store = spp_server.Store(db)
+    store = spp_server.Store(db, writer="thread")
     try:
         book_rows(store, [(day_text(d), p, 7_000) for d in days for p in ("p1", "p2")])
     finally:
@@ -6399,7 +6472,7 @@ def test_a_backup_older_than_the_cut_over_leaves_its_sessions_unpaid_and_pays_th
     assert model.pay(day_iso(10), "--from", day_iso(8))[0] == 0  # the last two days
     store.close()
     restore(db, backup)
-    store = spp_server.Store(db)
+    store = spp_server.Store(db, writer="thread")
     try:
         # Received after the restore (after run 1 was made): ids 6 to 8.
         add_sessions(store, [("new", None, 1000, spp_server.now_us()) for _ in range(3)])
@@ -6756,7 +6829,7 @@ def test_view_asks_a_browser_for_the_read_token_as_a_basic_password(view_client)
 
 
 def make_app_open(view_client):
-    app = spp_server.create_app({"db": view_client.app.store.path})
+    app = spp_server.create_app({"db": view_client.app.store.path, "writer": "thread"})
     try:
         return TestApp(app).get("/view/")
     finally:
@@ -7112,7 +7185,7 @@ def view_site(tmp_path_factory):
     # The month of October 2020 and its ledger, written with a fixed clock and
     # fixed session ids, so that the screenshots come out the same each run.
     real_now, spp_server.now_us = spp_server.now_us, lambda: at(61)
-    store = spp_server.Store(db)
+    store = spp_server.Store(db, writer="thread")
     try:
         store.write(lambda conn, _: conn.executemany(spp_server.SQL["insert_session"], [
             (f"oct-{n:03d}", f"user-{n % 37:02d}", ["1234", "5678"][n % 2], "IN", 1, 10,
@@ -7570,7 +7643,7 @@ def test_waitress_queue_depth_warnings_are_kept_out_of_the_log():
 # ---------------------------------------------------------------------------
 
 
-OPEN_STORE = "import sys, spp_server; spp_server.Store(sys.argv[1]).close()"
+OPEN_STORE = "import sys, spp_server; spp_server.Store(sys.argv[1], writer='thread').close()"
 
 
 def writer_pragma(app, sql):
@@ -7656,7 +7729,7 @@ def test_older_database_is_upgraded_in_place_keeping_rows(db, old_version):
     )
     conn.close()
     assert rows(db, "PRAGMA user_version") == [(old_version,)]
-    app = spp_server.create_app({"db": db})
+    app = spp_server.create_app({"db": db, "writer": "thread"})
     try:
         client = TestApp(app)
         assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSIONS[-1],)]
@@ -7694,7 +7767,7 @@ def test_opening_waits_for_a_writer_in_the_way_of_wal_mode(db):
     release = threading.Timer(0.3, other.execute, ["COMMIT"])
     release.start()
     try:
-        spp_server.Store(db).close()
+        spp_server.Store(db, writer="thread").close()
     finally:
         release.join()
         other.close()
@@ -8082,7 +8155,7 @@ def test_a_duplicate_in_the_same_batch_is_a_duplicate_and_a_changed_one_a_confli
 @pytest.fixture
 def process_client(db):
     """A TestApp whose writes go to a writer process, as the server's do."""
-    app = spp_server.create_app({"db": db, "writer_process": True, "threads": 4})
+    app = spp_server.create_app({"db": db, "writer": "process", "threads": 4})
     yield TestApp(app)
     app.store.close()
 
@@ -8117,7 +8190,7 @@ def test_with_a_writer_process_a_refusal_and_a_conflict_are_kept(process_client,
 
 
 def test_closing_the_store_ends_its_writer_process(db):
-    store = spp_server.Store(db, writer_process=True, channels=2)
+    store = spp_server.Store(db, writer="process", channels=2)
     pid = store.writer.pid
     assert store.writer.alive()
     store.close()
@@ -8128,8 +8201,46 @@ def test_closing_the_store_ends_its_writer_process(db):
         store.write(spp_server.write_health_probe)
 
 
+@pytest.mark.parametrize("cpus, kind", [({0}, "WriterThread"), ({0, 1}, "WriterProcess"),
+                                        ({1, 2, 3}, "WriterProcess")])
+def test_the_servers_writer_is_a_thread_on_one_cpu_a_process_on_more(
+        db, monkeypatch, caplog, cpus, kind):
+    """writer="auto", the default: decided by the CPUs this process may use
+    when the store opens, and said in the log when it is the thread."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus)
+    caplog.set_level(logging.INFO, logger="spp")
+    store = spp_server.Store(db)
+    try:
+        assert type(store.writer).__name__ == kind
+        assert store.write(spp_server.write_health_probe) is None
+    finally:
+        store.close()
+    said = "one CPU allowed: writes commit in a thread of the web process" in caplog.text
+    assert said == (kind == "WriterThread")
+
+
+@pytest.mark.parametrize("writer", ["processes", "", None, True])
+def test_a_writer_that_is_none_of_the_four_is_refused(db, writer):
+    with pytest.raises(ValueError, match="writer must be one of auto, process, thread, command"):
+        spp_server.Store(db, writer=writer)
+    assert not os.path.exists(db)
+
+
+@EACH_WRITER
+def test_the_real_server_commits_in_a_thread_on_one_cpu_and_in_a_process_on_more(
+        real_server, db, cpus):
+    server = real_server(db, cpus=cpus)
+    assert server.post(postback())[0] == 200
+    pid = server.process.pid
+    one = len(cpus or os.sched_getaffinity(0)) == 1
+    assert len(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()) == (0 if one else 1)
+    assert ("writes commit in a thread of the web process" in server.log_text()) == one
+    assert server.stop() == 0
+    assert count(db, "sessions") == 1
+
+
 def test_a_dead_writer_process_makes_writes_unavailable_not_hang(db):
-    store = spp_server.Store(db, writer_process=True, channels=2)
+    store = spp_server.Store(db, writer="process", channels=2)
     try:
         os.kill(store.writer.pid, signal.SIGKILL)
         with pytest.raises(spp_server.StoreUnavailable, match="writer process"):
@@ -8189,7 +8300,7 @@ def test_a_late_answer_is_not_taken_for_the_next_writes(db, monkeypatch):
     """One channel: the first write times out, and its answer arrives while
     the second waits; the second gets its own answer, on a new channel."""
     monkeypatch.setitem(spp_server.WRITE_OPS, "slow_write", slow_write)
-    store = spp_server.Store(db, busy_timeout_ms=100, writer_process=True, channels=1)
+    store = spp_server.Store(db, busy_timeout_ms=100, writer="process", channels=1)
     try:
         [first] = store.writer._sockets
         with pytest.raises(spp_server.StoreUnavailable, match="did not answer in time"):
@@ -8263,7 +8374,7 @@ def process_store(db, test_ops):
     stores = []
 
     def make(**kwargs):
-        stores.append(spp_server.Store(db, writer_process=True, **kwargs))
+        stores.append(spp_server.Store(db, writer="process", **kwargs))
         return stores[-1]
 
     yield make
@@ -8337,7 +8448,7 @@ def test_another_error_reaches_the_web_process_as_a_bug_naming_it():
 
 
 def write_loop_in_thread(db, channels):
-    spp_server.Store(db).close()  # the schema
+    spp_server.Store(db, writer="thread").close()  # the schema
     conn = spp_server.connect(db, 1000)
     thread = threading.Thread(target=spp_server.write_loop, args=(conn, channels))
     thread.start()
@@ -8597,7 +8708,7 @@ def test_a_commit_that_fails_in_the_writer_process_leaves_no_transaction_open(pr
 
 
 def test_closing_kills_and_reaps_a_writer_process_that_does_not_stop(db):
-    spp_server.Store(db).close()
+    spp_server.Store(db, writer="thread").close()
     writer = spp_server.WriterProcess(db, 100, 0.3, 1)
     os.kill(writer.pid, signal.SIGSTOP)  # it can no longer see its channels close
     started = time.monotonic()
@@ -8616,6 +8727,49 @@ def test_closing_kills_and_reaps_a_writer_process_that_does_not_stop(db):
 ])
 def test_the_writer_process_lets_go_of_all_but_stdio_and_its_channels(open_fds, keep, released):
     assert spp_server.descriptors_to_release(open_fds, keep) == released
+
+
+class FakeDescriptors:
+    """os.listdir("/proc/self/fd") and os.dup2 as the forked writer sees them,
+    without touching this process's descriptors."""
+
+    def __init__(self, monkeypatch, listing, refused=()):
+        self.pointed = []  # the descriptors pointed at /dev/null
+        self.devnull = set()  # what they were pointed at
+
+        def listdir(path):
+            assert path == "/proc/self/fd"
+            if isinstance(listing, Exception):
+                raise listing
+            return [str(fd) for fd in listing]
+
+        def dup2(fd, to):
+            self.devnull.add(fd)
+            if to in refused:
+                raise OSError(9, "Bad file descriptor")
+            self.pointed.append(to)
+
+        monkeypatch.setattr(spp_server.os, "listdir", listdir)
+        monkeypatch.setattr(spp_server.os, "dup2", dup2)
+
+
+def test_a_writer_process_that_cannot_list_its_descriptors_says_so_and_goes_on(
+        monkeypatch, caplog):
+    fake = FakeDescriptors(monkeypatch, FileNotFoundError(2, "No such file or directory"))
+    with caplog.at_level(logging.WARNING, logger="spp"):
+        spp_server.release_inherited_descriptors({5})
+    assert fake.pointed == []
+    assert caplog.messages == ["the writer process keeps its inherited descriptors: "
+                               "[Errno 2] No such file or directory"]
+
+
+def test_a_descriptor_the_writer_process_cannot_release_does_not_stop_the_others(monkeypatch):
+    fake = FakeDescriptors(monkeypatch, [0, 1, 2, 3, 4, 5, 6, 7], refused={4})
+    spp_server.release_inherited_descriptors({6})
+    assert fake.pointed == [3, 5, 7]  # not 4 (refused), 6 (kept), nor stdio
+    [devnull] = fake.devnull
+    with pytest.raises(OSError):
+        os.fstat(devnull)  # closed once done
 
 
 def socket_inodes(pid):
@@ -8755,7 +8909,7 @@ def test_prune_touches_nothing_received_after_the_cut_whatever_the_id_order(
     or deletes what was received before the cut (at the worst leaving some
     of it for the next run), never anything received later."""
     if not os.path.exists(db):
-        spp_server.Store(db).close()
+        spp_server.Store(db, writer="thread").close()
     start = spp_server.parse_instant("2026-11-01")
     with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
         conn.execute("PRAGMA synchronous = OFF")  # test data: no fsync
@@ -9013,6 +9167,32 @@ def test_an_empty_database_path_is_named_as_the_variable_or_the_flag(fake_serve,
         assert named in error and "not empty" in error and "Errno" not in error
 
 
+@pytest.mark.parametrize("build, option, low, high", [
+    (spp_server.build_parser, "--port", 0, 65535),
+    (spp_server.build_parser, "--threads", 1, 10**9 - 1),
+    (spp_server.build_settle_parser, "--settlement", 1, 10**9 - 1),
+])
+def test_every_whole_number_option_takes_both_ends_of_its_range_and_nothing_past_them(
+        build, option, low, high, capsys):
+    parser = build({})
+    dest = option[2:].replace("-", "_")
+    for value in (low, high):
+        assert getattr(parser.parse_args([option, str(value)]), dest) == value
+    for value in (low - 1, high + 1, f"{high}0"):
+        with pytest.raises(SystemExit) as exited:
+            parser.parse_args([f"{option}={value}"])
+        assert exited.value.code == 2
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert f"argument {option}: must be a whole number" in error and f"'{value}'" in error
+
+
+def test_settle_asks_for_the_highest_settlement_id_there_can_be(db):
+    spp_server.Store(db, writer="thread").close()
+    code, out, err = ledger_command(spp_server.run_settle, db, "--settlement", "999999999")
+    assert (code, out) == (2, b"")  # read as an id, and found to be none
+    assert err == "spp_server.py settle: --settlement: there is no settlement 999999999; nothing changed\n"
+
+
 @pytest.mark.parametrize("bad", [["--port", "70000"], ["--threads", "0"], ["--port", "x"],
                                  ["--host="], ["--host", "999.1.1.1"], ["--host", "not a host"]])
 def test_bad_option_values_exit_with_usage(fake_serve, capsys, bad):
@@ -9155,6 +9335,70 @@ def test_importing_the_module_has_no_side_effects(tmp_path):
 
 CONNECTION_ERRORS = (OSError, http.client.HTTPException)  # refused, reset, closed early
 
+# What of waitress is not its public API (create_server and its settings).
+WAITRESS_INTERNALS = re.compile(r"\b(wasyncore|HTTPChannel|BaseWSGIServer|MultiSocketServer|"
+                                r"task_dispatcher)\b|\._map\b")
+
+
+def test_only_the_waitress_internals_section_touches_waitress_internals():
+    source = SERVER.read_text(encoding="utf-8")
+    sections = re.split(r"^# -{75}\n# (.*)\n# -{75}\n", source, flags=re.M)
+    touching = {name for name, body in zip(sections[1::2], sections[2::2])
+                if WAITRESS_INTERNALS.search(body)}
+    assert WAITRESS_INTERNALS.search(sections[0]) is None  # the imports
+    assert touching == {"Waitress's internals: the only code that touches them"}
+
+
+def section_titles(source):
+    return re.findall(r"^# -{75}\n# (.*)\n# -{75}\n", source, flags=re.M)
+
+
+def test_the_module_docstring_lists_its_sections_in_order():
+    """The module's map: each "- name" line of the docstring's section list is
+    a section header of the module (its title, or the part before its colon),
+    in the same order, and no header is left out."""
+    listed = re.findall(r"^- (.+)$", spp_server.__doc__.split("Sections", 1)[1], flags=re.M)
+    titles = section_titles(SERVER.read_text(encoding="utf-8"))
+    assert len(listed) == len(titles) > 10
+    for name, title in zip(listed, titles):
+        assert title == name or title.startswith(name + ":"), (name, title)
+
+
+def test_the_waitress_internals_are_those_of_the_pinned_waitress():
+    """The section names the version it was written against: the one
+    requirements.txt pins, and the one installed."""
+    import importlib.metadata
+    [pinned] = re.findall(r"^waitress==(\S+)$", (HERE / "requirements.txt").read_text(), re.M)
+    assert spp_server.WAITRESS_PINNED == pinned == importlib.metadata.version("waitress")
+
+
+def resident_kb(pid):
+    """VmRSS of pid and its children (the writer process), summed."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sum(int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{p}/status").read_text())[1])
+               for p in [pid, *map(int, children)])
+
+
+def test_the_server_run_as_a_script_holds_no_more_memory_than_run_as_the_module(tmp_path):
+    """`python spp_server.py` (README, spp.service) used to hold about 4 MB more
+    in each process than `python -m spp_server`: CPython keeps a script's
+    syntax tree while the script runs.  Both are measured in this run, at rest."""
+    held = {}
+    for name, how in [("script", [str(SERVER)]), ("module", ["-m", "spp_server"])]:
+        server = RealServer.__new__(RealServer)
+        server.db, server.port = str(tmp_path / f"{name}.db"), free_port()
+        server.log = open(tmp_path / f"{name}.log", "ab")
+        server.process = subprocess.Popen(
+            [sys.executable, *how, "--db", server.db, "--port", str(server.port)],
+            cwd=HERE, stderr=server.log)
+        try:
+            server.wait_until_ready()
+            assert server.post(postback())[0] == 200
+            held[name] = resident_kb(server.process.pid)
+        finally:
+            assert server.stop() == 0
+    assert held["script"] <= held["module"] + 1024, held
+
 
 class LoadGenerator:
     """Threads that post fresh postbacks, one connection per request, until the
@@ -9237,15 +9481,16 @@ def test_sigterm_exits_0_and_keeps_every_acknowledged_row(real_server):
     assert stored == set(acknowledged) and len(acknowledged) == 20
 
 
-def test_rows_acknowledged_before_sigkill_survive(real_server, db):
-    server = real_server(db)
+@EACH_WRITER
+def test_rows_acknowledged_before_sigkill_survive(real_server, db, cpus):
+    server = real_server(db, cpus=cpus)
     sent = [postback() for _ in range(20)]
     for payload in sent:
         assert server.post(payload)[0] == 200
     server.stop(signal.SIGKILL)
     assert rows(db, "PRAGMA integrity_check") == [("ok",)]
     assert count(db, "sessions") == 20
-    server = real_server(db)
+    server = real_server(db, cpus=cpus)
     assert server.request("GET", "/users/sub1/earnings")[1]["sessions"] == 20
 
 
@@ -9291,8 +9536,9 @@ def test_sigterm_with_an_idle_keep_alive_connection_exits_within_seconds(real_se
     assert count(db, "sessions") == 1
 
 
-def test_sigkill_mid_stream_keeps_every_acknowledged_session_exactly_once(real_server, db):
-    server = real_server(db)
+@EACH_WRITER
+def test_sigkill_mid_stream_keeps_every_acknowledged_session_exactly_once(real_server, db, cpus):
+    server = real_server(db, cpus=cpus)
     load = LoadGenerator(server, threads=6)
     load.wait_for_acknowledged(150)
     server.process.kill()  # SIGKILL while the clients are still sending
@@ -9302,7 +9548,7 @@ def test_sigkill_mid_stream_keeps_every_acknowledged_session_exactly_once(real_s
     assert [status for _, status, _ in load.outcomes if status != 200] == ["connection error"] * 6
     assert rows(db, "PRAGMA integrity_check") == [("ok",)]
 
-    server = real_server(db)  # restart on the same file
+    server = real_server(db, cpus=cpus)  # restart on the same file
     assert rows(db, "PRAGMA integrity_check") == [("ok",)]
     stored = stored_bodies(db)
     for payload in acknowledged:  # present, and exactly as acknowledged
@@ -9320,8 +9566,9 @@ def test_sigkill_mid_stream_keeps_every_acknowledged_session_exactly_once(real_s
     assert server.stop() == 0
 
 
-def test_sigterm_under_load_exits_0_and_loses_no_acknowledged_session(real_server, db):
-    server = real_server(db)
+@EACH_WRITER
+def test_sigterm_under_load_exits_0_and_loses_no_acknowledged_session(real_server, db, cpus):
+    server = real_server(db, cpus=cpus)
     load = LoadGenerator(server, threads=8)
     load.wait_for_acknowledged(100)
     server.process.send_signal(signal.SIGTERM)

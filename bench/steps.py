@@ -66,7 +66,12 @@ def main(argv=None):
     p.add_argument("steps", nargs="*", metavar="NAME=REV", help="default: the STEPS list")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--duration", type=int, default=3, help="seconds of load per wrk run")
-    p.add_argument("--threads", type=int, default=4, help="server (waitress) threads, all servers")
+    p.add_argument("--threads", type=int, default=bench.spp_server.DEFAULTS["threads"],
+                   help="request threads of each spp_server.py step")
+    p.add_argument("--ceiling-threads", type=int, default=4,
+                   help="threads of the ceiling (waitress's stock 4, as bench.py)")
+    p.add_argument("--pin-cpu", type=int, metavar="N",
+                   help="run every server on CPU N only (taskset), as on a 1-vCPU VPS; wrk stays unpinned")
     p.add_argument("--tuned-ceiling", type=float, metavar="S", default=0.0005,
                    help="also run the ceiling with sys.setswitchinterval(S); 0: don't")
     args = p.parse_args(argv)
@@ -84,11 +89,15 @@ def main(argv=None):
         try:
             for n in range(args.rounds):
                 print(f"… round {n + 1}/{args.rounds}", file=sys.stderr, flush=True)
-                plan = [(name, [sys.executable, str(bench.CEILING), *extra]) for name, extra in ceilings]
-                plan += [(name, [sys.executable, str(path), "--db", str(tmp / f"{n}-{i}.db")])
+                plan = [(name, [sys.executable, str(bench.CEILING), *extra,
+                                "--threads", str(args.ceiling_threads)]) for name, extra in ceilings]
+                plan += [(name, [sys.executable, str(path), "--db", str(tmp / f"{n}-{i}.db"),
+                                 "--threads", str(args.threads)])
                          for i, (name, path) in enumerate(servers.items())]
                 for name, command in plan:
-                    command += ["--host", bench.HOST, "--threads", str(args.threads)]
+                    command += ["--host", bench.HOST]
+                    if args.pin_cpu is not None:  # taskset execs: the pid stays the server's
+                        command[:0] = ["taskset", "-c", str(args.pin_cpu)]
                     got, bad = one_round(name, command, args, tmp / "server.log")
                     rps[name].append(got)
                     failures += bad
@@ -96,7 +105,9 @@ def main(argv=None):
             bench.stop_all()
     ceiling = rps["ceiling"]
     print(f"`{' '.join(['python bench/steps.py', *(argv or sys.argv[1:])])}`: {args.rounds} rounds, "
-          f"each {args.duration} s of wrk -t2 -c16 per server, threads {args.threads}, "
+          f"each {args.duration} s of wrk -t2 -c16 per server, threads {args.threads} "
+          f"(ceiling {args.ceiling_threads}), "
+          f"{'pinned to CPU %d, ' % args.pin_cpu if args.pin_cpu is not None else ''}"
           f"{time.monotonic() - started:.0f} s; non-2xx answers: {failures}\n")
     print("| step | revision | req/s (median) | ratio to ceiling | per round | beats the step before |")
     print("|---|---|---|---|---|---|")
