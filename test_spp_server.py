@@ -5180,7 +5180,7 @@ def test_a_user_id_that_starts_with_a_dash_is_told_to_follow_two_dashes(store, d
 def test_printing_a_recorded_run_or_settlement_again_needs_no_write_access(
         make_client, shared_dir, nobody_spp):
     db = make_backup(make_client, shared_dir / "ro")
-    store = spp_server.Store(str(db))
+    store = spp_server.Store(str(db), writer="thread")
     add_sessions(store, [("a", None, 1000, at(0)), ("b", None, 3000, at(0))])
     pay(store, at(1, 0))
     book_rows(store, [(day_text(0), "", 2000)])
