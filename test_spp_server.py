@@ -6359,6 +6359,24 @@ def test_a_release_a_restore_lost_is_put_back_and_never_credited_twice(tmp_path,
     assert count(db, "ledger_holds") == 2
 
 
+def test_a_run_a_restore_lost_is_put_back_with_the_report_offset_it_changed(tmp_path, db):
+    """The report offset is recorded with the runs (issue 22, 1): the journal
+    keeps a run's change with it, and replay puts it back, so that the next
+    run cuts the days as the lost one did."""
+    add_day_sessions(db, 0, 10)
+    assert ledger_command(spp_server.run_pay, db, *pay_args(day_iso(1)))[0] == 0
+    backup = backup_of(db, str(tmp_path / "backup.db"))
+    add_day_sessions(db, 1, 10)
+    code, _, err = ledger_command(spp_server.run_pay, db, *pay_args(day_iso(2)),
+                                  "--report-utc-offset", "+05:30")
+    assert code == 0 and "recorded the report offset +05:30" in err
+    offsets = rows(db, "SELECT run_id, first_day, report_utc_offset FROM report_offsets")
+    assert offsets == [(1, None, 0), (2, day_text(2), 330)]
+    restore(db, backup)
+    assert replay(db)[:2] == (0, "put back run 2 from the ledger journal\n")
+    assert rows(db, "SELECT run_id, first_day, report_utc_offset FROM report_offsets") == offsets
+
+
 def test_every_ledger_step_refuses_a_restored_database_with_one_line_until_it_is_replayed(
         tmp_path, db, make_client):
     add_day_sessions(db, 0, 10)
