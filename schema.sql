@@ -304,3 +304,14 @@ CREATE TABLE erasures (
     sessions            INTEGER NOT NULL,
     forced              INTEGER NOT NULL
 );
+
+-- Ledger rules (issue 22, one report offset): the offsets that cut receive
+-- times into report days, each recorded by the run that started it.  The
+-- first applies from the start (first_day NULL); a change from first_day on.
+CREATE TABLE report_offsets (
+    run_id              INTEGER PRIMARY KEY REFERENCES payout_runs (id),
+    first_day           TEXT,
+    report_utc_offset   INTEGER NOT NULL   -- minutes east of UTC
+);
+INSERT INTO report_offsets (run_id, first_day, report_utc_offset)
+    SELECT id, NULL, report_utc_offset FROM payout_runs ORDER BY id LIMIT 1;

@@ -54,6 +54,7 @@ import bisect
 import collections
 import contextlib
 import csv
+import dataclasses
 import decimal
 import difflib
 import errno
@@ -379,6 +380,16 @@ SQL_SUMS = """count(*), coalesce(sum(ads_viewed), 0), coalesce(sum(duration_s), 
     min(received_at_us), max(received_at_us)"""
 SQL_WINDOW = """received_at_us >= :since AND received_at_us < :until
     AND (:property IS NULL OR property_id = :property)"""
+# The user id docs/deploy.md's check posts: its session is kept (a 200 is a
+# promise) but no report or payout counts it.  /users/deploy-check/earnings
+# still shows it, which is how the check is read.
+DEPLOY_CHECK_USER = "deploy-check"
+SQL_REPORTED = f"user_id <> '{DEPLOY_CHECK_USER}'"
+# Users the ledger cannot credit: sessions without a sub ('') and the deploy
+# check's.  Runs pay them nothing and print no line for them; settlement
+# gives their share of a booked figure to the publisher's margin.
+UNCREDITED_USERS = ("", DEPLOY_CHECK_USER)
+SQL_UNCREDITED = "(" + ", ".join(f"'{user}'" for user in UNCREDITED_USERS) + ")"
 SQL = {
     "insert_session": """
         INSERT OR IGNORE INTO sessions
@@ -398,7 +409,7 @@ SQL = {
         WHERE user_id = :user AND {SQL_WINDOW}""",
     "earnings_by_user": f"""
         SELECT user_id, {SQL_SUMS} FROM sessions INDEXED BY sessions_by_time
-        WHERE {SQL_WINDOW}
+        WHERE {SQL_WINDOW} AND {SQL_REPORTED}
         GROUP BY user_id ORDER BY user_id""",
     # A template for totals_sql(); {keys} is a choice of TOTALS_GROUPS, never
     # text from a request.
@@ -455,6 +466,9 @@ SQL = {
     "delete_conflicts": "DELETE FROM conflicts WHERE id >= ? AND id < ? AND received_at_us < ?",
     # --- Reconciliation with booked revenue (see "Booked revenue" below) ---
     # What an import covers: a whole day, or a day's rows of one property.
+    "properties_between": f"""
+        SELECT coalesce(property_id, ''), count(*) FROM sessions INDEXED BY sessions_by_time
+        WHERE received_at_us >= ? AND received_at_us < ? AND {SQL_REPORTED} GROUP BY 1""",
     "booked_of_day": """
         SELECT property_id, country, revenue_nano, imported_at_us, source_file
         FROM booked_revenue WHERE day = ?""",
@@ -499,19 +513,31 @@ SQL = {
     # Report day numbers (days since 1970-01-01 in the report's time zone),
     # computed on the integer receive time so that the window is an index range.
     "estimates_by_day": f"""
-        SELECT (received_at_us + :offset_us) / 86400000000, count(*),
+        SELECT {{day}}, count(*),
                sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
         FROM sessions INDEXED BY sessions_by_time
-        WHERE {SQL_WINDOW}
+        WHERE {SQL_WINDOW} AND {SQL_REPORTED}
         GROUP BY 1 ORDER BY 1""",
     "estimates_by_day_and_property": f"""
-        SELECT (received_at_us + :offset_us) / 86400000000, property_id, count(*),
+        SELECT {{day}}, property_id, count(*),
                sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
         FROM sessions INDEXED BY sessions_by_time
-        WHERE {SQL_WINDOW}
+        WHERE {SQL_WINDOW} AND {SQL_REPORTED}
         GROUP BY 1, 2 ORDER BY 1, 2""",
     # --- Payout ledger (see "Payout ledger" below) ---
-    "run_at": "SELECT id, pay_now_share, final_share FROM payout_runs WHERE until_us = ?",
+    "run_at": """
+        SELECT id, pay_now_share, final_share, report_utc_offset FROM payout_runs
+        WHERE until_us = ?""",
+    # Only runs whose header committed: a staged run has no row here yet.
+    "report_offsets": """
+        SELECT first_day, report_utc_offset FROM report_offsets ORDER BY run_id""",
+    # Read once per offset change: it scans the paid sessions.
+    "latest_paid_session": "SELECT max(received_at_us) FROM sessions WHERE id <= ?",
+    "offset_change_of_run": """
+        SELECT first_day, report_utc_offset FROM report_offsets
+        WHERE run_id = ? AND first_day IS NOT NULL""",
+    "insert_report_offset": """
+        INSERT INTO report_offsets (run_id, first_day, report_utc_offset) VALUES (?, ?, ?)""",
     "last_run": """
         SELECT id, last_session_id, until_us, report_utc_offset FROM payout_runs
         ORDER BY id DESC LIMIT 1""",
@@ -542,13 +568,13 @@ SQL = {
     # backwards) is paid in the pool of :last_day instead (see plan_run).
     "run_parts": """
         SELECT :run, date(day * 86400, 'unixepoch'), property_id, user_id, sessions, estimated,
-               estimated / 1000000 * :millionths + estimated % 1000000 * :millionths / 1000000
-        FROM (SELECT CASE WHEN (received_at_us + :offset_us) / 86400000000
-                               IN (SELECT value FROM json_each(:settled))
-                          THEN :last_day ELSE (received_at_us + :offset_us) / 86400000000 END AS day,
+               CASE WHEN user_id IN {uncredited} THEN 0 ELSE
+               estimated / 1000000 * :millionths + estimated % 1000000 * :millionths / 1000000 END
+        FROM (SELECT CASE WHEN {day} IN (SELECT value FROM json_each(:settled))
+                          THEN :last_day ELSE {day} END AS day,
                      coalesce(property_id, '') AS property_id, user_id,
                      count(*) AS sessions, sum(revenue_nano) AS estimated
-              FROM sessions WHERE id > :after AND id <= :last
+              FROM sessions WHERE id > :after AND id <= :last AND {reported}
               GROUP BY 1, 2, 3 ORDER BY 1, 2, 3)""",
     # Sessions a run would pay with an estimate above MAX_ESTIMATE (stored
     # before the receiver refused them): how many, the largest, the first.
@@ -572,8 +598,8 @@ SQL = {
     "settled_day_numbers": """
         SELECT DISTINCT CAST(julianday(day) - 2440587.5 AS INTEGER) FROM settlement_days""",
     "sessions_on_days": """
-        SELECT count(*) FROM sessions WHERE id > :after AND id <= :last
-          AND (received_at_us + :offset_us) / 86400000000 IN (SELECT value FROM json_each(:settled))""",
+        SELECT count(*) FROM sessions WHERE id > :after AND id <= :last AND {reported}
+          AND {day} IN (SELECT value FROM json_each(:settled))""",
     "owed_balances": """
         SELECT user_id, owed_nano FROM ledger_balances WHERE owed_nano > 0 ORDER BY user_id""",
     "take_owed": "UPDATE ledger_balances SET owed_nano = owed_nano - ? WHERE user_id = ?",
@@ -610,13 +636,17 @@ SQL = {
     "insert_line": """
         INSERT INTO payout_lines (run_id, user_id, sessions, estimated_nano, paid_now_nano)
         VALUES (?, ?, ?, ?, ?)""",
-    "run_lines": """
+    "run_lines": f"""
         SELECT l.user_id, l.sessions, l.estimated_nano, l.paid_now_nano,
                coalesce(d.deducted_nano, 0), coalesce(w.withheld_nano, 0)
         FROM payout_lines l
         LEFT JOIN payout_deductions d ON d.run_id = l.run_id AND d.user_id = l.user_id
         LEFT JOIN payout_withheld w ON w.run_id = l.run_id AND w.user_id = l.user_id
-        WHERE l.run_id = ? ORDER BY l.user_id""",
+        WHERE l.run_id = ? AND l.user_id NOT IN {SQL_UNCREDITED} ORDER BY l.user_id""",
+    # What a run covered and paid nobody: the users UNCREDITED_USERS names.
+    "run_uncredited": f"""
+        SELECT coalesce(sum(sessions), 0), coalesce(sum(estimated_nano), 0) FROM payout_lines
+        WHERE run_id = ? AND user_id IN {SQL_UNCREDITED}""",
     "run_final_shares": "SELECT id, final_share FROM payout_runs",
     "booked_total": """
         SELECT coalesce(sum(revenue_nano / 1000000000), 0), coalesce(sum(revenue_nano % 1000000000), 0)
@@ -630,6 +660,9 @@ SQL = {
     "pool_parts": """
         SELECT run_id, user_id, sessions, estimated_nano, paid_now_nano FROM payout_parts
         WHERE run_id = ? AND day = ? AND property_id = ?""",
+    "day_parts_by_property": """
+        SELECT property_id, sum(sessions), sum(estimated_nano), sum(paid_now_nano)
+        FROM payout_parts WHERE run_id = ? AND day = ? GROUP BY property_id""",
     "day_parts": """
         SELECT run_id, user_id, sessions, estimated_nano, paid_now_nano FROM payout_parts
         WHERE run_id = ? AND day = ?""",
@@ -696,25 +729,39 @@ SQL = {
         FROM settlement_lines
         WHERE user_id = ? AND settlement_id <= (SELECT coalesce(max(id), 0) FROM settlements)
         ORDER BY settlement_id, day, property_id""",
-    "runs": """
+    "runs": f"""
         SELECT id, until_us, created_at_us, pay_now_share, final_share, report_utc_offset, users,
                sessions, estimated_nano, paid_now_nano, deducted_nano, withheld_nano,
-               moved_sessions, moved_to_day
-        FROM payout_runs ORDER BY id""",
+               moved_sessions, moved_to_day,
+               (SELECT coalesce(sum(sessions), 0) FROM payout_lines l
+                WHERE l.run_id = r.id AND l.user_id IN {SQL_UNCREDITED}),
+               (SELECT coalesce(sum(estimated_nano), 0) FROM payout_lines l
+                WHERE l.run_id = r.id AND l.user_id IN {SQL_UNCREDITED})
+        FROM payout_runs r ORDER BY id""",
     "settlements": """
         SELECT id, created_at_us, report_utc_offset, write_off, pools, booked_nano, top_up_nano,
                carried_nano, written_off_nano, deducted_nano
         FROM settlements ORDER BY id""",
     # Each settled pool as of its newest settlement; released: the top-ups
     # less the balances carried, over all its settlements.
-    "settled_pools": """
+    "settled_pools": f"""
         SELECT day, property_id, settlement_id, by_property, booked_nano, paid_now_nano,
                released + coalesce((SELECT sum(written_off_nano) FROM balance_write_off_lines w
-                                    WHERE w.day = p.day AND w.property_id = p.property_id), 0)
+                                    WHERE w.day = p.day AND w.property_id = p.property_id), 0),
+               (SELECT coalesce(sum(booked_part_nano), 0) FROM settlement_lines l
+                WHERE l.settlement_id = p.settlement_id AND l.day = p.day
+                  AND l.property_id = p.property_id AND l.user_id IN {SQL_UNCREDITED})
         FROM (SELECT *, sum(top_up_nano - carried_nano) OVER pool AS released,
                      row_number() OVER (pool ORDER BY settlement_id DESC) AS newest
               FROM settlement_days WINDOW pool AS (PARTITION BY day, property_id)) p
         WHERE newest = 1 ORDER BY day, property_id""",
+    # Pools whose newest settlement found booked revenue and no session: all margin.
+    "settled_without_sessions": """
+        SELECT day, property_id, booked_nano FROM settlement_days d
+        WHERE sessions = 0 AND booked_nano > 0
+          AND settlement_id = (SELECT max(settlement_id) FROM settlement_days n
+                               WHERE n.day = d.day AND n.property_id = d.property_id)
+        ORDER BY day, property_id""",
     # Totals in the order of LEDGER_TOTALS.  Pending: paid now (before
     # deductions) less what the newest settlement of each pool found paid now.
     "ledger_sums": """
@@ -795,14 +842,15 @@ SQL = {
     "insert_hold": """
         INSERT INTO ledger_holds (user_id, action, at_us, reason, amount_nano)
         VALUES (?, ?, ?, ?, ?) RETURNING id, user_id, action, at_us, reason, amount_nano""",
-    # Per attributed user in a window: sessions, days with a session, revenue,
-    # duration summed over the sessions that have one, and their number.
-    "suspect_figures": """
+    # Per user a hold can apply to (not UNCREDITED_USERS) in a window: sessions,
+    # days with a session, revenue, duration summed over the sessions that
+    # have one, and their number.
+    "suspect_figures": f"""
         SELECT user_id, count(*), count(DISTINCT received_at_us / 86400000000),
                sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000),
                coalesce(sum(duration_s), 0), count(duration_s)
         FROM sessions INDEXED BY sessions_by_time
-        WHERE received_at_us >= ? AND received_at_us < ? AND user_id != ''
+        WHERE received_at_us >= ? AND received_at_us < ? AND user_id NOT IN {SQL_UNCREDITED}
         GROUP BY user_id ORDER BY user_id""",
     # --- Erasure ---
     "user_unpaid_sessions": """
@@ -889,7 +937,7 @@ def totals_sql(groups):
     return SQL["totals"].format(
         keys="".join(f"{key}, " for key in keys),
         sums=SQL_SUMS,
-        window=SQL_WINDOW,
+        window=f"{SQL_WINDOW} AND {SQL_REPORTED}",
         group_by=f"GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}" if keys else "",
     )
 
@@ -1763,8 +1811,9 @@ class ReadOnlyStore(Reads):
     Otherwise (a live database: the server's -wal and -shm are there) it
     joins the server's WAL with mode=ro, which creates nothing while both exist."""
 
-    def __init__(self, path):
+    def __init__(self, path, oldest=None):
         self.path = str(path)
+        self._oldest = oldest  # the oldest schema version accepted; None: this code's
         if not os.path.isfile(self.path):
             raise no_database(self.path)
         if not os.access(self.path, os.R_OK):
@@ -1807,13 +1856,13 @@ class ReadOnlyStore(Reads):
         return conn
 
     def _check_version(self):
-        found = database_version(self._conn, self.path)
+        found = self.version = database_version(self._conn, self.path)
         latest = latest_schema_version()
         if found == 0:
             raise StoreUnavailable(
                 f"{self.path} is not an spp-receiver database: it is empty "
                 f"(this code's schema is version {latest})")
-        if found < latest:
+        if found < (self._oldest or latest):
             raise StoreUnavailable(
                 f"{self.path} has schema version {found}, older than this code's {latest}: "
                 "start the server on it once to upgrade it (reports never change a database)"
@@ -2963,6 +3012,33 @@ def import_booked(store, rows, source_file):
     return counts
 
 
+def booked_without_sessions(store, rows):
+    """The booked (day, property) figures above 0 that no session of that
+    report day matches although the day has sessions (a property-id written
+    '01234' for '1234', say): the ledger would settle them to the margin.
+    -> warning texts."""
+    days = recorded_report_days(store, 0)
+    figures = collections.Counter()
+    for row in rows:
+        figures[row.day, row.property_id] += row.revenue_nano
+    found = {}
+    warnings = []
+    for (day, prop), nanos in sorted(figures.items()):
+        if not nanos:
+            continue
+        if day not in found:
+            number = report_day_number(day)
+            found[day] = dict(store.read(SQL["properties_between"], (
+                days.start_us(number), days.start_us(number + 1))))
+        if not found[day] or (prop in found[day]) or not prop:
+            continue  # a day without sessions is reconcile's no-postbacks
+        have = ", ".join(p or "(none)" for p in sorted(found[day]))
+        warnings.append(f"{day} property {prop}: booked {nanos_to_usd(nanos)}, but no session "
+                        f"received that report day has this property-id (theirs: {have}); "
+                        "settled, it all goes to the margin")
+    return warnings
+
+
 def import_summary(name, rows, counts):
     """The line `import-booked` prints: what the file covered and what changed."""
     days = len({row.day for row in rows})
@@ -3005,6 +3081,101 @@ def utc_offset_text(minutes):
     return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
 
 
+MINUTE_US = 60 * 1_000_000
+
+
+@dataclass(frozen=True)
+class ReportDays:
+    """How receive times are cut into the report days of Gamezop's reports:
+    ((first day number, or None from the start; offset in minutes), ...),
+    each change from a report day on (recorded by the run that started it).
+    The day before a change ends where the new offset's first day starts,
+    so it is shorter or longer than 24 hours; every other day is whole."""
+
+    changes: tuple
+
+    @classmethod
+    def fixed(cls, offset_minutes):
+        return cls(((None, offset_minutes),))
+
+    @property
+    def offset(self):
+        """The offset of the newest days."""
+        return self.changes[-1][1]
+
+    def _change_start_us(self, i):
+        first, offset = self.changes[i]
+        return first * DAY_US - offset * MINUTE_US
+
+    def start_us(self, day):
+        """The receive time at which report day number `day` starts."""
+        i = max(i for i, (first, _) in enumerate(self.changes) if first is None or first <= day)
+        start = day * DAY_US - self.changes[i][1] * MINUTE_US
+        return start if i + 1 == len(self.changes) else min(start, self._change_start_us(i + 1))
+
+    def day_of(self, at_us):
+        """The report day number of receive time `at_us` (what sql() gives)."""
+        i = max(i for i in range(len(self.changes)) if i == 0 or at_us >= self._change_start_us(i))
+        day = (at_us + self.changes[i][1] * MINUTE_US) // DAY_US
+        return day if i + 1 == len(self.changes) else min(day, self.changes[i + 1][0] - 1)
+
+    def sql(self):
+        """SQL for the report day number of a session's received_at_us."""
+        cases = []
+        for i, (_, offset) in enumerate(self.changes):
+            day = f"(received_at_us + {offset * MINUTE_US}) / {DAY_US}"
+            if i + 1 < len(self.changes):  # the day before the next change ends where it starts
+                day = f"min({day}, {self.changes[i + 1][0] - 1})"
+            cases.append(day if i == 0 else
+                         f"WHEN received_at_us >= {self._change_start_us(i)} THEN {day}")
+        if len(cases) == 1:
+            return cases[0]
+        return f"CASE {' '.join(reversed(cases[1:]))} ELSE {cases[0]} END"
+
+    def text(self, since_day=None, until_day=None):
+        """The offsets of the days [since, until) as text: '+05:30', or
+        '+00:00 to 2026-11-21, +05:30 from 2026-11-22' across a change."""
+        shown_ = [(first, offset) for first, offset in self.changes
+                  if (first is None or until_day is None or first < until_day)]
+        while since_day is not None and len(shown_) > 1 and shown_[1][0] <= since_day:
+            shown_.pop(0)
+        parts = []
+        for i, (first, offset) in enumerate(shown_):
+            words = [utc_offset_text(offset)]
+            if first is not None and i > 0:
+                words.append(f"from {report_day_text(first)}")
+            if i + 1 < len(shown_):
+                words.append(f"to {report_day_text(shown_[i + 1][0] - 1)}")
+            parts.append(" ".join(words))
+        return ", ".join(parts)
+
+    def changed_to(self, offset_minutes, last_until_us):
+        """These days with `offset_minutes` from the first report day that
+        cuts no time before `last_until_us` (paid by the runs so far, maybe
+        settled) into another day than it was: -> ReportDays, or Invalid."""
+        if len(self.changes) > 1 and last_until_us < self._change_start_us(-1):
+            raise Invalid("report-utc-offset", f"the change to {utc_offset_text(self.offset)} "
+                          f"starts at {iso_utc(self._change_start_us(-1))}, after the last "
+                          "run's until: change it again from a run after that")
+        old, new = self.offset * MINUTE_US, offset_minutes * MINUTE_US
+        first = max((last_until_us + old) // DAY_US + 1, -((-last_until_us - new) // DAY_US))
+        return ReportDays((*self.changes, (first, offset_minutes)))
+
+
+def recorded_report_days(reads, default_offset):
+    """The report days the ledger's runs recorded (every report reads
+    them, so that it cuts the days as settlement does); before the first
+    run, `default_offset` (SPP_REPORT_UTC_OFFSET) from the start."""
+    return report_days_of(reads.read(SQL["report_offsets"]), default_offset)
+
+
+def report_days_of(rows, default_offset):
+    if not rows:
+        return ReportDays.fixed(default_offset)
+    return ReportDays(tuple((None if first is None else report_day_number(first), offset)
+                            for first, offset in rows))
+
+
 def parse_quantile(text):
     """'0.9' -> Decimal('0.9'): the fraction of days the suggested share must
     have been safe on, in (0, 1]."""
@@ -3016,14 +3187,16 @@ class ReconciliationQuery:
     since_day: int  # report day numbers: the window [since, until)
     until_day: int
     property_id: str | None
-    offset_minutes: int
+    days: ReportDays | None  # None: the offsets the ledger recorded (see recorded_report_days)
     quantile: decimal.Decimal
     share: decimal.Decimal | None
+    default_offset: int = 0  # before any run recorded one
 
 
-def reconciliation_query(since, until, property_id, offset, quantile, share):
+def reconciliation_query(since, until, property_id, offset, quantile, share, default_offset=0):
     """Texts as given (None = absent) -> ReconciliationQuery, or Invalid
-    naming the parameter.  `offset` may already be minutes (a default)."""
+    naming the parameter.  `offset`: an offset to try instead of the
+    recorded ones (text, or minutes), or None."""
     days = {}
     for name, text in (("since", since), ("until", until)):
         if not text:
@@ -3040,7 +3213,8 @@ def reconciliation_query(since, until, property_id, offset, quantile, share):
         try:
             offset = parse_utc_offset(offset)
         except ValueError:
-            raise Invalid("report-utc-offset", "must be +HH:MM or -HH:MM within ±14:00, such as +05:30") from None
+            raise Invalid("report-utc-offset", "must be +HH:MM or -HH:MM within ±14:00, such as "
+                          f"+05:30, not {shown(offset)}") from None
     if quantile is None:
         quantile = decimal.Decimal(1)
     else:
@@ -3048,7 +3222,9 @@ def reconciliation_query(since, until, property_id, offset, quantile, share):
             quantile = parse_quantile(quantile)
         except ValueError as exc:
             raise Invalid("quantile", str(exc)) from None
-    return ReconciliationQuery(days["since"], days["until"], property_id or None, offset, quantile, share)
+    return ReconciliationQuery(days["since"], days["until"], property_id or None,
+                               None if offset is None else ReportDays.fixed(offset), quantile,
+                               share, default_offset)
 
 
 def signed_usd(nanos):
@@ -3112,12 +3288,14 @@ def joined_nanos(whole_usd, nano_rest):
     return whole_usd * NANOS_PER_USD + nano_rest
 
 
-def estimates_of_days(store, window, split):
+def estimates_of_days(store, window, split, days):
     """Each report day's (day, property or None, sessions, whole USD, nano
-    rest), by property when `split`: what the sessions estimated."""
+    rest), by property when `split`: what the sessions estimated, in the
+    report days `days`."""
     if split:
-        return store.read(SQL["estimates_by_day_and_property"], window)
-    return [(day, None, *sums) for day, *sums in store.read(SQL["estimates_by_day"], window)]
+        return store.read(SQL["estimates_by_day_and_property"].format(day=days.sql()), window)
+    return [(day, None, *sums) for day, *sums
+            in store.read(SQL["estimates_by_day"].format(day=days.sql()), window)]
 
 
 def reconciliation_sides(store, q, estimates_of=estimates_of_days):
@@ -3138,10 +3316,10 @@ def reconciliation_sides(store, q, estimates_of=estimates_of_days):
     def key(day, prop):
         return day, (prop or None) if split and day not in whole_days else None
 
-    offset_us = q.offset_minutes * 60 * 1_000_000
-    window = {"offset_us": offset_us, "since": q.since_day * DAY_US - offset_us,
-              "until": q.until_day * DAY_US - offset_us, "property": q.property_id}
-    estimates = estimates_of(store, window, split)
+    days = q.days  # offset_us: for the web view's rollup, cut at one offset
+    window = {"since": days.start_us(q.since_day), "until": days.start_us(q.until_day),
+              "property": q.property_id, "offset_us": days.offset * MINUTE_US}
+    estimates = estimates_of(store, window, split, days)
     sides = {}
     for day, prop, sessions, whole, rest in estimates:
         side = sides.setdefault(key(report_day_text(day), prop), [0, 0, None])
@@ -3268,6 +3446,7 @@ def reconciliation(store, q, estimates_of=estimates_of_days):
     reconciliation_sides) and a summary.  Shared by GET /reconciliation,
     `spp_server.py reconcile` and the web view (which sums the estimates
     from its rollup: estimates_of)."""
+    q = dataclasses.replace(q, days=q.days or recorded_report_days(store, q.default_offset))
     return reconciliation_report(q, reconciliation_sides(store, q, estimates_of))
 
 
@@ -3279,7 +3458,7 @@ def reconciliation_report(q, sides):
         rows.append((sessions, estimated, booked, paid))
     return {
         "since": report_day_text(q.since_day), "until": report_day_text(q.until_day),
-        "property-id": q.property_id, "report-utc-offset": utc_offset_text(q.offset_minutes),
+        "property-id": q.property_id, "report-utc-offset": q.days.text(q.since_day, q.until_day),
         "reward-share": None if q.share is None else format(q.share, "f"),
         "days": records, "summary": reconciliation_summary(q, records, rows),
     }
@@ -3318,7 +3497,7 @@ def parse_ledger_share(text, field):
     """'0.60' -> Decimal('0.6'), or Invalid naming the field."""
     if not isinstance(text, str) or not LEDGER_SHARE.fullmatch(text):
         raise Invalid(field, "must be a plain decimal from 0 to 1 with at most 6 places, "
-                      f"such as 0.6, not {text!r}")
+                      f"such as 0.6, not {shown(text)}")
     return decimal.Decimal(text)
 
 
@@ -3333,10 +3512,10 @@ def share_millionths(text):
     return int(decimal.Decimal(text).scaleb(6))
 
 
-def day_bounds_us(day_text, offset_minutes):
+def day_bounds_us(day_text, days):
     """A report day -> [start, end) in receive-time microseconds."""
-    start = report_day_number(day_text) * DAY_US - offset_minutes * 60 * 1_000_000
-    return start, start + DAY_US
+    number = report_day_number(day_text)
+    return days.start_us(number), days.start_us(number + 1)
 
 
 @dataclass(frozen=True)
@@ -3347,7 +3526,8 @@ class RunPlan:
     until_us: int
     pay_now: decimal.Decimal
     final: decimal.Decimal
-    offset_minutes: int
+    days: ReportDays
+    change: tuple | None  # (first day number or None, offset): recorded with this run
     parts: list  # rows of insert_part: (run, day, property, user, sessions, estimated, paid now)
     moved: int = 0  # sessions on days already settled, paid on moved_to instead
     moved_to: str | None = None
@@ -3378,7 +3558,8 @@ def parse_ledger_start(text):
     try:
         instant = parse_instant(text)
     except ValueError:
-        raise Invalid("from", f"must be a feed cursor or {TIME_FORMS_HELP}, not {text!r}") from None
+        raise Invalid("from", f"must be a feed cursor or {TIME_FORMS_HELP}, "
+                      f"not {shown(text)}") from None
     return LedgerStart(iso_utc(instant), instant_us=instant)
 
 
@@ -3408,46 +3589,80 @@ def check_first_run_window(conn, last_id, until_us):
                       "--from 1970-01-01 to pay them all), see docs/ledger.md")
 
 
-def recorded_run(conn, until_us, pay_now, final):
+def recorded_run(conn, until_us, pay_now, final, offset_minutes=None):
     """The id of the run recorded for `until_us`, or None; Invalid if it was
-    recorded with other shares (history is never rewritten)."""
+    recorded with other shares or another report offset (when one is asked
+    for): history is never rewritten."""
     row = conn.execute(SQL["run_at"], (until_us,)).fetchone()
     if row is None:
         return None
-    run_id, pay_now_text, final_text = row
-    for field, asked, stored in (("pay-now-share", pay_now, pay_now_text),
-                                 ("final-share", final, final_text)):
-        if asked != decimal.Decimal(stored):
+    run_id, pay_now_text, final_text, offset = row
+    asked = [("pay-now-share", share_text(pay_now), share_text(decimal.Decimal(pay_now_text))),
+             ("final-share", share_text(final), share_text(decimal.Decimal(final_text)))]
+    if offset_minutes is not None:
+        asked.append(("report-utc-offset", utc_offset_text(offset_minutes),
+                      utc_offset_text(offset)))
+    for field, wanted, stored in asked:
+        if wanted != stored:
             raise Invalid(field, f"run {run_id} for this --until was recorded with {field} "
-                          f"{stored}, not {share_text(asked)}: a recorded run never changes")
+                          f"{stored}, not {wanted}: a recorded run never changes")
     return run_id
 
 
-def plan_run(conn, until_us, pay_now, final, offset_minutes, start=None, window_us=None):
-    """On a read snapshot: the recorded run's id, or the RunPlan of a new one.
-    `start` (pay --from) is the first run's; given again later, it must be
-    the recorded one.  With `window_us`, a first run without a start refuses
-    sessions received longer than that before `until_us`."""
+def check_shares(until_us, pay_now, final):
+    """The refusals of a run that need no database."""
     if until_us >= now_us():
         raise Invalid("until", "must be in the past: a run pays finished time only")
     if pay_now > final:
         raise Invalid("pay-now-share", "must not be above the final share: the excess "
                       "would be taken back from every user at settlement")
-    first = conn.execute(SQL["first_run"]).fetchone()
-    if start is not None and first is not None and first[2] != start.text:
+
+
+def check_run(conn, until_us, pay_now, final, offset_minutes, start=None):
+    """The id of the run recorded for `until_us`, or None for a new run; or
+    Invalid: every refusal `pay` can make, on the ledger's tables alone.
+    `start` (pay --from) is the first run's; given again later, it must be
+    the recorded one."""
+    check_shares(until_us, pay_now, final)
+    first = None if start is None else conn.execute(SQL["first_run"]).fetchone()
+    if first is not None and first[2] != start.text:
         raise Invalid("from", f"the ledger took over {f'from {first[2]}' if first[2] else 'from the first session'} "
                       f"with run {first[0]}: --from names the first run's start, leave it out")
-    run_id = recorded_run(conn, until_us, pay_now, final)
+    run_id = recorded_run(conn, until_us, pay_now, final, offset_minutes)
+    if run_id is not None:
+        return run_id
+    last = conn.execute(SQL["last_run"]).fetchone()
+    if last and until_us < last[2]:
+        raise Invalid("until", f"is before {iso_utc(last[2])}, the until of run {last[0]}: "
+                      "runs only go forward")
+    return None
+
+
+def run_report_days(conn, last, offset_minutes):
+    """(the report days of a new run, the change it records or None).  The
+    first run records its offset; a run asked for another offset than the
+    newest recorded changes it from a day no earlier run paid (ReportDays.changed_to)."""
+    days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), offset_minutes or 0)
+    if last is None:
+        return days, days.changes[-1]
+    if offset_minutes is None or offset_minutes == days.offset:
+        return days, None
+    # After a clock step a run may have paid a session received after its until.
+    [(latest_paid,)] = conn.execute(SQL["latest_paid_session"], (last[1],)).fetchall()
+    days = days.changed_to(offset_minutes, max(last[2], (latest_paid or 0) + 1))
+    return days, days.changes[-1]
+
+
+def plan_run(conn, until_us, pay_now, final, offset_minutes, start=None, window_us=None):
+    """On a read snapshot: the recorded run's id, or the RunPlan of a new one.
+    `start`: see check_run.  With `window_us`, a first run without a start
+    refuses sessions received longer than that before `until_us`."""
+    run_id = check_run(conn, until_us, pay_now, final, offset_minutes, start)
     if run_id is not None:
         return run_id
     last = conn.execute(SQL["last_run"]).fetchone()
     previous_id, after_id = (last[0], last[1]) if last else (None, 0)
-    if last and until_us < last[2]:
-        raise Invalid("until", f"is before {iso_utc(last[2])}, the until of run {last[0]}: "
-                      "runs only go forward")
-    if last and offset_minutes != last[3]:
-        raise Invalid("report-utc-offset", f"must be {utc_offset_text(last[3])}, the offset of "
-                      f"run {last[0]}: the parts of all runs are cut into the same report days")
+    days, change = run_report_days(conn, last, offset_minutes)
     if last is None and start is not None:
         after_id = start_after_id(conn, start, until_us)
     [(newest,)] = conn.execute(SQL["last_session_before"], (until_us,)).fetchall()
@@ -3458,16 +3673,17 @@ def plan_run(conn, until_us, pay_now, final, offset_minutes, start=None, window_
     # A settled day's users are never charged for a session that reached it
     # later (a clock step backwards): it is paid on the run's last report day.
     settled = json.dumps([day for (day,) in conn.execute(SQL["settled_day_numbers"])])
-    last_day = (until_us - 1 + offset_minutes * 60 * 1_000_000) // DAY_US
-    where = {"after": after_id, "last": last_id, "offset_us": offset_minutes * 60 * 1_000_000,
-             "settled": settled}
+    last_day = days.day_of(until_us - 1)
+    where = {"after": after_id, "last": last_id, "settled": settled}
+    cut = {"day": days.sql(), "uncredited": SQL_UNCREDITED, "reported": SQL_REPORTED}
     # Counted only when a day is settled: a first run scans its sessions once.
-    [(moved,)] = conn.execute(SQL["sessions_on_days"], where).fetchall() if settled != "[]" else [(0,)]
+    [(moved,)] = (conn.execute(SQL["sessions_on_days"].format(**cut), where).fetchall()
+                  if settled != "[]" else [(0,)])
     # Rows as SQLite gives them, staged as they are: no Python work per part.
-    parts = conn.execute(SQL["run_parts"], {
+    parts = conn.execute(SQL["run_parts"].format(**cut), {
         **where, "run": (previous_id or 0) + 1, "last_day": last_day,
         "millionths": int(pay_now.scaleb(6))}).fetchall()  # exact: at most 6 places
-    return RunPlan(previous_id, after_id, last_id, until_us, pay_now, final, offset_minutes, parts,
+    return RunPlan(previous_id, after_id, last_id, until_us, pay_now, final, days, change, parts,
                    moved, report_day_text(last_day) if moved else None,
                    start.text if last is None and start is not None else None)
 
@@ -3606,12 +3822,18 @@ def record_run(plan, run_id, lines, conn, created_at_us):
     # A carried balance is taken back from what the user is paid now, never below zero.
     taken = [(user, min(owed, lines[user][2])) for user, owed in owed_balances(conn)
              if user in lines and lines[user][2] and user not in held]
-    totals = [sum(line[i] for line in lines.values()) for i in range(3)]
+    # The run's totals are its printed lines': the uncredited users' are not.
+    paid = [line for user, line in lines.items() if user not in UNCREDITED_USERS]
+    totals = [sum(line[i] for line in paid) for i in range(3)]
     conn.execute(SQL["insert_run"], (
         run_id, plan.after_id, plan.last_id, plan.until_us, created_at_us, share_text(plan.pay_now),
-        share_text(plan.final), plan.offset_minutes, len(lines), *totals,
+        share_text(plan.final), plan.days.offset, len(paid), *totals,
         sum(nanos for _, nanos in taken), sum(nanos for _, nanos in withheld), plan.moved,
         plan.moved_to, plan.started_from))
+    if plan.change is not None:
+        first, offset = plan.change
+        conn.execute(SQL["insert_report_offset"],
+                     (run_id, None if first is None else report_day_text(first), offset))
     conn.executemany(SQL["take_owed"], ((nanos, user) for user, nanos in taken))
     conn.executemany(SQL["insert_deduction"], ((run_id, user, nanos) for user, nanos in taken))
     conn.executemany(SQL["insert_withheld"], ((run_id, user, nanos) for user, nanos in withheld))
@@ -3646,10 +3868,23 @@ def pay_run(store, until_us, pay_now, final, offset_minutes, start=None, window_
     raise StoreUnavailable("other ledger steps kept committing meanwhile; run it again")
 
 
+# What a spreadsheet may run as a formula at the start of a cell (OWASP's
+# list), and the quote that marks a cell escaped here.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def spreadsheet_text(text):
+    """A user or property id for the ledger's CSV: one quote in front of one
+    that starts like a formula (or with a quote), so that a spreadsheet shows
+    it as text and an app gets the id back by removing one leading quote."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def run_output(store, run_id, fmt):
     """A run's lines, one per user ordered by user-id, as CSV or NDJSON: what
     the publisher's app credits (paid-now is after deducted)."""
-    rows = ((run_id, user, sessions, nanos_to_usd(estimated),
+    escape = spreadsheet_text if fmt == "csv" else str
+    rows = ((run_id, escape(user), sessions, nanos_to_usd(estimated),
              nanos_to_usd(paid - deducted - withheld), nanos_to_usd(deducted), nanos_to_usd(withheld))
             for user, sessions, estimated, paid, deducted, withheld in store.stream(
                 SQL["run_lines"], (run_id,)))
@@ -3705,7 +3940,9 @@ def pool_lines(pool, write_off, settlement_id):
     take_owed_from_top_ups), written back, held).  The final amount is the
     booked part times the final shares of the runs that paid the user's
     sessions (weighted by their estimates), rounded down once.  A held user
-    weighs nothing: the booked figure is shared among the others."""
+    weighs nothing: the booked figure is shared among the others.  An
+    uncredited user (UNCREDITED_USERS) weighs as any other, and their booked
+    part is the margin's: final 0 (line_kind tells such lines apart)."""
     users = sorted(pool.users)
     counted = [pool.users[u] for u in users if not pool.users[u][HELD]]
     by_sessions = not any(u[ESTIMATED] for u in counted)  # no estimate to weigh by
@@ -3719,6 +3956,10 @@ def pool_lines(pool, write_off, settlement_id):
         sessions, estimated, paid, adjustment, standing = (
             entry[SESSIONS], entry[ESTIMATED], entry[PAID], entry[ADJUSTMENT], entry[STANDING])
         correction = int(adjustment is not None)
+        if user in UNCREDITED_USERS:  # its booked part is the margin's; paid nothing
+            lines.append((*key, user, sessions, estimated, booked_part, 0, paid, 0, 0, 0,
+                          correction, 0, 0, 0))
+            continue
         if entry[HELD]:  # the publisher decides with release (see hold_user)
             lines.append((*key, user, sessions, estimated, 0, 0, paid, 0, 0, 0, correction,
                           0, 0, 1))
@@ -3804,35 +4045,70 @@ def add_earlier_settlements(conn, pool):
             users[user][STANDING] += written_off
 
 
-def settle_pools(conn):
+def paid_day(conn, day, days, last, paid_days):
+    """Whether every session of a report day was paid by the ledger's runs
+    (cached in paid_days)."""
+    if day not in paid_days:
+        start, end = day_bounds_us(day, days)
+        [(newest,)] = conn.execute(SQL["last_session_between"], (start, end)).fetchall()
+        [(oldest,)] = conn.execute(SQL["first_session_between"], (start, end)).fetchall()
+        taken_over_after = conn.execute(SQL["first_run"]).fetchone()[1]
+        # None after the last run (a clock step), none before the ledger took
+        # over (paid another way: never settled here).
+        paid_days[day] = end <= last[2] and (newest is None or newest <= last[1]) and (
+            oldest is None or oldest > taken_over_after)
+    return paid_days[day]
+
+
+def pending_without_booked(conn, booked, days, last):
+    """What stays pending because no booked row can ever settle it: on each
+    paid day booked by property, the parts of a property (or of sessions
+    without one) that has no booked row.  -> [record], by day and property."""
+    booked_props = collections.defaultdict(set)
+    for day, prop, *_ in booked:
+        booked_props[day].add(prop)
+    runs = [run for (run, _) in conn.execute(SQL["run_final_shares"])]
+    pending, paid_days = [], {}
+    for day, props in sorted(booked_props.items()):
+        if props == {""} or not paid_day(conn, day, days, last, paid_days):
+            continue  # a whole-day pool takes every property
+        sums = collections.defaultdict(lambda: [0, 0, 0])
+        for run in runs:
+            for prop, *amounts in conn.execute(SQL["day_parts_by_property"], (run, day)):
+                if prop not in props:
+                    sums[prop] = [a + b for a, b in zip(sums[prop], amounts)]
+        pending += [{"day": day, "property-id": prop, "sessions": n,
+                     "estimated-revenue": nanos_to_usd(estimated), "paid-now": nanos_to_usd(paid),
+                     "why": "no booked row for this property on a day booked by property"
+                     if prop else "sessions without a property-id, on a day whose booked rows "
+                     "all have one"} for prop, (n, estimated, paid) in sorted(sums.items())]
+    return pending
+
+
+def settle_pools(conn, problems=None, warnings=None):
     """On a read snapshot: (run fingerprint, offset, [Pool, ...]) of every
     report day (and property) with booked revenue whose sessions were all
-    paid in runs and that is new or changed since its last settlement."""
+    paid in runs and that is new or changed since its last settlement.
+    Pools that cannot be settled are left out, each named in `problems` (a
+    list) with why; what stays pending for want of a booked row, and booked
+    rows that match no session, are named in `warnings`."""
+    problems = [] if problems is None else problems
+    warnings = [] if warnings is None else warnings
     last = conn.execute(SQL["last_run"]).fetchone()
     last_settlement = conn.execute(SQL["last_settlement"]).fetchone()[0]
     if last is None:
         return (None, last_settlement), 0, []
-    run_id, last_id, last_until, offset = last
-    taken_over_after = conn.execute(SQL["first_run"]).fetchone()[1]
+    run_id, _, _, offset = last
+    days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), offset)
     booked = conn.execute(SQL["booked_pools"]).fetchall()
     days_by_property = {day for day, prop, *_ in booked if prop != ""}
     final_millionths = {run: share_millionths(share)
                         for run, share in conn.execute(SQL["run_final_shares"])}
     held = {user for (user,) in conn.execute(SQL["held_users"])}
-    paid_days = {}
+    paid_days, blocked_days = {}, set()
     pools = []
     for day, prop, whole, rest in booked:
-        start, end = day_bounds_us(day, offset)
-        if end > last_until:
-            continue
-        if day not in paid_days:
-            [(newest,)] = conn.execute(SQL["last_session_between"], (start, end)).fetchall()
-            [(oldest,)] = conn.execute(SQL["first_session_between"], (start, end)).fetchall()
-            # All paid by runs: none after the last run (a clock step), none
-            # before the ledger took over (paid another way: never settled here).
-            paid_days[day] = (newest is None or newest <= last_id) and (
-                oldest is None or oldest > taken_over_after)
-        if not paid_days[day]:
+        if day in blocked_days or not paid_day(conn, day, days, last, paid_days):
             continue
         by_property = int(day in days_by_property)
         part_rows = itertools.chain.from_iterable(
@@ -3841,13 +4117,19 @@ def settle_pools(conn):
             for run in final_millionths)
         pool = Pool(day, prop, by_property, joined_nanos(whole, rest),
                     pool_users(part_rows, final_millionths, held))
+        if not pool.users and pool.booked:
+            warnings.append(str(Unsettled(day, prop, f"booked {nanos_to_usd(pool.booked)} that "
+                                          "matches no session paid: all of it is the margin's "
+                                          "(is the property-id written as in the postbacks?)")))
         # Per day, not per pool: an import with the other breakdown replaces
         # the day's rows, so its pools are new keys that would pay it twice.
         settled_as = conn.execute(SQL["day_settled_by_property"], (day,)).fetchone()
         if settled_as is not None and settled_as[0] != by_property:
             how = "by property" if settled_as[0] else "as a whole day"
-            raise Invalid("booked revenue", f"{day} was settled {how} but its booked rows "
-                          "now are not: re-import its report as it was")
+            problems.append(Unsettled(day, "", f"was settled {how} but its booked rows now "
+                                      "are not: re-import its report as it was"))
+            blocked_days.add(day)
+            continue
         previous = conn.execute(SQL["pool_settled"], (day, prop)).fetchone()
         if previous is not None:
             if tuple(previous[1:]) == (pool.booked, *pool.totals()[:2]):
@@ -3856,11 +4138,28 @@ def settle_pools(conn):
         pools.append(pool)
     booked_keys = {(day, prop) for day, prop, *_ in booked}
     for day, prop in conn.execute(SQL["settled_pool_keys"]):
-        if (day, prop) not in booked_keys:  # a revision dropped a row its users were paid on
-            raise Invalid("booked revenue", f"{day}{f' property {prop}' if prop else ''} was "
-                          "settled against booked revenue that is no longer stored: re-import "
-                          "its report with that row (with 0 if it truly earned nothing)")
+        # A revision dropped a row its users were paid on (named once per day above).
+        if (day, prop) not in booked_keys and day not in blocked_days:
+            problems.append(Unsettled(day, prop, "was settled against booked revenue that is "
+                                      "no longer stored: re-import its report with that row "
+                                      "(with 0 if it truly earned nothing)"))
+    warnings += [f"{p['day']}{f' property ' + p['property-id'] if p['property-id'] else ''}: "
+                 f"{p['sessions']} sessions estimated at {p['estimated-revenue']} (paid now "
+                 f"{p['paid-now']}) stay pending: {p['why']}"
+                 for p in pending_without_booked(conn, booked, days, last)]
     return (run_id, last_settlement), offset, pools
+
+
+@dataclass(frozen=True)
+class Unsettled:
+    """A pool (or day) that settle left alone, and why."""
+
+    day: str
+    property_id: str
+    why: str
+
+    def __str__(self):
+        return f"{self.day}{f' property {self.property_id}' if self.property_id else ''} {self.why}"
 
 
 def settlement_line_rows(computed):
@@ -3917,15 +4216,21 @@ def record_settlement(fingerprint, offset, settlement_id, pools, pool_rows, chan
     return settlement_id
 
 
-def settle(store, write_off=False, **lock):
+def settle(store, write_off=False, problems=None, warnings=None, **lock):
     """Settle what can be settled: -> the new settlement's id, or None when
-    there was nothing to settle.  Staged like a run (see pay_run)."""
+    there was nothing to settle.  Staged like a run (see pay_run).  The
+    pools it could not settle, and its warnings, are added to the two
+    lists (see settle_pools).  `lock`: ledger_lock's options."""
     with ledger_step(store, **lock) as journal:
         for _ in range(LEDGER_RETRIES):
+            found, said = [], []
             with store.snapshot() as conn:
                 check_booked_bound(conn)
-                fingerprint, offset, pools = settle_pools(conn)
+                fingerprint, offset, pools = settle_pools(conn, found, said)
                 owed = dict(owed_balances(conn))
+            for given, new in ((problems, found), (warnings, said)):
+                if given is not None:
+                    given[:] = new
             if not pools:
                 return None
             clear_unfinished(store)
@@ -3945,15 +4250,26 @@ def settle(store, write_off=False, **lock):
     raise StoreUnavailable("other ledger steps kept committing meanwhile; run it again")
 
 
+def line_kind(user, correction, held):
+    """A settlement line's kind, each from its own column: `unattributed` for
+    a user UNCREDITED_USERS names (their booked part is the margin's), `held`
+    for a user held when settled (sharing nothing), else `correction` for a
+    pool settled before (settlement_lines.correction is only that), or
+    `settlement`."""
+    if user in UNCREDITED_USERS:
+        return "unattributed"
+    return "held" if held else "correction" if correction else "settlement"
+
+
 def settlement_values(row):
     """A settlement_lines row -> its values in the order of SETTLEMENT_COLUMNS."""
     (settlement_id, day, prop, user, sessions, estimated, booked_part, final, paid, top_up,
      carried, written_off, correction, deducted, written_back, held) = row
-    kind = "held" if held else "correction" if correction else "settlement"
     return (settlement_id, day, prop, user, sessions, nanos_to_usd(estimated),
             nanos_to_usd(booked_part), nanos_to_usd(final), nanos_to_usd(paid),
             nanos_to_usd(top_up - deducted), nanos_to_usd(carried),
-            signed_usd(written_off - written_back), kind, nanos_to_usd(deducted))
+            signed_usd(written_off - written_back), line_kind(user, correction, held),
+            nanos_to_usd(deducted))
 
 
 def settlement_record(row):
@@ -3963,8 +4279,11 @@ def settlement_record(row):
 def settlement_output(store, settlement_id, fmt):
     """A settlement's lines (per day, property and user) as CSV or NDJSON: the
     top-ups to credit, the balances carried."""
-    rows = store.stream(SQL["settlement_lines_of"], (settlement_id,))
-    return in_chunks(encode_values(map(settlement_values, rows), SETTLEMENT_COLUMNS, fmt))
+    rows = map(settlement_values, store.stream(SQL["settlement_lines_of"], (settlement_id,)))
+    if fmt == "csv":
+        rows = ((sid, day, spreadsheet_text(prop), spreadsheet_text(user), *rest)
+                for sid, day, prop, user, *rest in rows)
+    return in_chunks(encode_values(rows, SETTLEMENT_COLUMNS, fmt))
 
 
 def statement(store, user_id):
@@ -3984,8 +4303,17 @@ def statement(store, user_id):
                       for wid, created, day, prop, nanos
                       in conn.execute(SQL["user_balance_write_offs"], (user_id,))]
         sums = conn.execute(SQL["user_ledger_sums"], {"user": user_id}).fetchone()
-    return {"user-id": user_id, "runs": runs, "settlements": lines, "holds": holds,
-            "balance-write-offs": write_offs, "totals": ledger_totals(sums)}
+    record = {"user-id": user_id, "runs": runs, "settlements": lines, "holds": holds,
+              "balance-write-offs": write_offs, "totals": ledger_totals(sums)}
+    if user_id in UNCREDITED_USERS:
+        record["unattributed"] = UNCREDITED_NOTES[user_id]
+    return record
+
+
+UNCREDITED_NOTES = {
+    "": "sessions without a sub: never paid; their share of booked revenue is the margin's",
+    DEPLOY_CHECK_USER: "the deploy check's test user (docs/deploy.md): never paid nor reported",
+}
 
 
 def hold_record(row):
@@ -4027,9 +4355,11 @@ def ledger_summary(store):
                  "held-back": signed_usd(
                      rewardable_nanos(estimated, decimal.Decimal(final)) - paid),
                  "withheld": nanos_to_usd(withheld), "moved-sessions": moved,
-                 "moved-to-day": moved_to}
+                 "moved-to-day": moved_to, "unattributed-sessions": uncredited,
+                 "unattributed-estimated-revenue": nanos_to_usd(uncredited_estimated)}
                 for run, until, created, pay_now, final, offset, users, sessions, estimated,
-                paid, deducted, withheld, moved, moved_to in conn.execute(SQL["runs"])]
+                paid, deducted, withheld, moved, moved_to, uncredited, uncredited_estimated
+                in conn.execute(SQL["runs"])]
         settlements = [{"settlement-id": sid, "created-at": iso_utc(created),
                         "report-utc-offset": utc_offset_text(offset), "write-off": bool(off),
                         "pools": pools, "booked-revenue": nanos_to_usd(booked),
@@ -4040,13 +4370,27 @@ def ledger_summary(store):
         days = [{"day": day, "property-id": prop, "by-property": bool(by_property),
                  "settlement-id": sid, "booked-revenue": nanos_to_usd(booked),
                  "paid-now": nanos_to_usd(paid), "paid-in-total": nanos_to_usd(paid + released),
-                 "margin": signed_usd(booked - paid - released)}
-                for day, prop, sid, by_property, booked, paid, released
+                 "margin": signed_usd(booked - paid - released),
+                 "unattributed-booked": nanos_to_usd(uncredited)}
+                for day, prop, sid, by_property, booked, paid, released, uncredited
                 in conn.execute(SQL["settled_pools"])]
         sums = conn.execute(SQL["ledger_sums"]).fetchone()
-    totals = ledger_totals(sums)
+        pending = unmatched_pending(conn)
+        booked_alone = [{"day": day, "property-id": prop, "booked-revenue": nanos_to_usd(booked)}
+                        for day, prop, booked in conn.execute(SQL["settled_without_sessions"])]
     return {"runs": runs, "settlements": settlements, "days": days,
-            "margin": honest_margin(days, sums[LEDGER_TOTALS.index("owed")]), "totals": totals}
+            "margin": honest_margin(days, sums[LEDGER_TOTALS.index("owed")]),
+            "totals": ledger_totals(sums), "pending-without-booked": pending,
+            "booked-without-sessions": booked_alone}
+
+
+def unmatched_pending(conn):
+    """pending_without_booked over the ledger as it stands (for the summary)."""
+    last = conn.execute(SQL["last_run"]).fetchone()
+    if last is None:
+        return []
+    days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), last[3])
+    return pending_without_booked(conn, conn.execute(SQL["booked_pools"]).fetchall(), days, last)
 
 
 def honest_margin(days, owed):
@@ -4109,7 +4453,8 @@ def write_off_balances(store, older_than_us):
 
 
 def balance_write_off_output(store, write_off_id, fmt):
-    rows = ((write_off_id, user, day, prop, nanos_to_usd(nanos))
+    escape = spreadsheet_text if fmt == "csv" else str
+    rows = ((write_off_id, escape(user), day, escape(prop), nanos_to_usd(nanos))
             for user, day, prop, nanos in store.stream(SQL["balance_write_off_lines_of"],
                                                        (write_off_id or 0,)))
     return in_chunks(encode_values(rows, BALANCE_WRITE_OFF_COLUMNS, fmt))
@@ -4125,6 +4470,9 @@ def change_hold(user_id, action, reason, conn, at_us):
     what was withheld; a write-off of it leaves it to the publisher."""
     if not reason.strip():
         raise Invalid("reason", "must say why: it is recorded with the hold")
+    if user_id in UNCREDITED_USERS:  # never paid: no pay-now to withhold, no share to take
+        raise Invalid("user-id", f"{shown(user_id)} is {UNCREDITED_NOTES[user_id]}: "
+                      "there is nothing to hold")
     newest = conn.execute(SQL["user_hold_state"], (user_id,)).fetchone()
     if newest is not None and newest[2] == action:
         return newest
@@ -4149,6 +4497,9 @@ HOLD_COLUMNS = ["hold-id", "user-id", "action", "at", "reason", "amount"]
 
 def hold_output(row, fmt):
     values = hold_record(row)
+    if fmt == "csv":  # the reason is the publisher's text, the id a user's: both escaped
+        values["user-id"], values["reason"] = map(spreadsheet_text,
+                                                  (values["user-id"], values["reason"]))
     return in_chunks(encode_values([tuple(values.values())], HOLD_COLUMNS, fmt))
 
 
@@ -4266,6 +4617,9 @@ def erase_user(user_id, force, pseudonym, conn, erased_at_us):
     the user has amounts pending or owed (unless forced)."""
     if not user_id:
         raise Invalid("user-id", "must not be empty: '' stands for every session without a sub")
+    if user_id == DEPLOY_CHECK_USER:  # under a pseudonym its sessions would be paid and reported
+        raise Invalid("user-id", f"{user_id} is the deploy check's test user, no person: "
+                      "nothing to erase")
     blockers = erasure_blockers(conn, user_id)
     if blockers and not force:
         raise Invalid("user-id", f"the user still has {', '.join(blockers)}: settle or release "
@@ -4320,12 +4674,13 @@ def oldest_unsettled_paid_day(conn):
     run and no settlement, or None: each run's days are walked in its key
     order, one index search per day, never its parts one by one."""
     settled = {day for (day,) in conn.execute(SQL["settled_days"])}
+    days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), 0)
     oldest = None
-    for run_id, offset in conn.execute(SQL["run_offsets"]).fetchall():
+    for run_id, _ in conn.execute(SQL["run_offsets"]).fetchall():
         day = ""
         while (day := conn.execute(SQL["next_paid_day"], (run_id, day)).fetchone()[0]) is not None:
             if day not in settled:
-                start = day_bounds_us(day, offset)[0]
+                start = day_bounds_us(day, days)[0]
                 oldest = start if oldest is None else min(oldest, start)
                 break
     return oldest
@@ -4339,9 +4694,10 @@ def ledger_state(store):
         settlement = conn.execute(SQL["last_settlement_times"]).fetchone()
         sums = ledger_totals(conn.execute(SQL["ledger_sums"]).fetchone())
         oldest = oldest_unsettled_paid_day(conn)
+        days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), 0)
     settled_until = None
     if settlement is not None and settlement[2] is not None:
-        settled_until = day_bounds_us(settlement[2], settlement[1])[1]
+        settled_until = day_bounds_us(settlement[2], days)[1]
     return {"run_at": run and run[0], "run_until": run and run[1],
             "settlement_at": settlement and settlement[0], "settlement_until": settled_until,
             "oldest_unsettled": oldest, "pending": sums["pending"], "owed": sums["owed"]}
@@ -4379,6 +4735,8 @@ STEP_ROWS = {
             "run_id", "user_id", "sessions", "estimated_nano", "paid_now_nano")),
         ("payout_deductions", "run_id", ("run_id", "user_id", "deducted_nano")),
         ("payout_withheld", "run_id", ("run_id", "user_id", "withheld_nano")),
+        # The offset a first run recorded, or a change a run started.
+        ("report_offsets", "run_id", ("run_id", "first_day", "report_utc_offset")),
     ),
     "settlement": (
         ("settlements", "id", (
@@ -4711,19 +5069,21 @@ def replayed_range(store, journal, header, position):
 
 
 def put_back_run(store, journal, header, position):
-    _, parts, lines, deducted, withheld = STEP_ROWS["run"]
+    _, parts, lines, deducted, withheld, offsets = STEP_ROWS["run"]
     run_id = header[0]
     after, last = replayed_range(store, journal, header, position)
     write_in_chunks(store, SQL["insert_part"], journal.lost_rows(*parts, run_id))
     write_in_chunks(store, SQL["insert_line"], journal.lost_rows(*lines, run_id))
     deductions = journal.lost_rows(*deducted, run_id).fetchall()
     withheld_rows = journal.lost_rows(*withheld, run_id).fetchall()
+    offset_rows = journal.lost_rows(*offsets, run_id).fetchall()
 
     def op(conn, _):
         conn.execute(SQL["insert_run"], (run_id, after, last, *header[3:]))
         conn.executemany(SQL["take_owed"], ((nanos, user) for _, user, nanos in deductions))
         conn.executemany(SQL["insert_deduction"], deductions)
         conn.executemany(SQL["insert_withheld"], withheld_rows)
+        conn.executemany(SQL["insert_report_offset"], offset_rows)
 
     store.write(op)
 
@@ -5017,9 +5377,9 @@ def parse_property_id(params):
 
 
 def parse_format(params, allowed, default):
-    fmt = params.get("format") or default
+    fmt = params.get("format", default)  # `format=` with no value is a mistake, not the default
     if fmt not in allowed:
-        raise Invalid("format", f"must be one of {', '.join(allowed)}")
+        raise Invalid("format", f"must be one of {', '.join(allowed)}, not {shown(fmt)}")
     return fmt
 
 
@@ -5085,8 +5445,8 @@ def handle_reconciliation():
     config = request.app.config
     q = reconciliation_query(
         params.get("since"), params.get("until"), parse_property_id(params),
-        params.get("report-utc-offset") or config["spp.report_utc_offset"],
-        params.get("quantile"), config["spp.reward_share"],
+        params.get("report-utc-offset"), params.get("quantile"), config["spp.reward_share"],
+        config["spp.report_utc_offset"],
     )
     fmt = parse_format(params, RECONCILIATION_FORMATS, "json")
     body = reconciliation_output(request.app.store, q, fmt)
@@ -5522,8 +5882,9 @@ class Rollup:
                     target[i] += value
         return out
 
-    def estimates_of(self, store, window, split):
-        """estimates_of_days, from the rollup (same rows, same order)."""
+    def estimates_of(self, store, window, split, days=None):
+        """estimates_of_days, from the rollup (same rows, same order), cut at
+        its one offset (window["offset_us"])."""
         offset_us = self.offset_minutes * 60 * 1_000_000
         since_day, until_day = ((window[b] + offset_us) // DAY_US for b in ("since", "until"))
         sums = self.sums(since_day, until_day, lambda d, p, c: (d, p if split else None),
@@ -6394,7 +6755,7 @@ def build_parser(environ):
         help=f"one of {', '.join(LOG_LEVELS)}; debug adds a line per accepted postback "
         "[SPP_LOG_LEVEL, default %(default)s]",
     )
-    add_report_offset_option(parser, environ)
+    add_report_offset_option(parser, environ, "server")
     return parser
 
 
@@ -6447,6 +6808,7 @@ def run_export(argv, environ, out):
 # a report: the output is incomplete); 2 a usage error; and these two.
 EXIT_OUTPUT_CLOSED = 141  # the reader closed the pipe before the end: 128 + SIGPIPE, as cat gives
 EXIT_COMMITTED_OUTPUT_LOST = 3  # the change is committed, but what says so was not written
+EXIT_PARTLY_SETTLED = 4  # settle settled what it could; a line names each pool it could not
 
 
 def discard_output(out):
@@ -6592,15 +6954,28 @@ def utc_offset_option(text):
             f"must be +HH:MM or -HH:MM within ±14:00, such as +05:30, not {shown(text)}") from None
 
 
-def add_report_offset_option(parser, environ):
-    """The server and `reconcile` take it."""
-    parser.add_argument(
-        "--report-utc-offset", type=utc_offset_option,
-        default=env_default(environ, "SPP_REPORT_UTC_OFFSET", utc_offset_option, 0),
-        help="UTC offset of the days of Gamezop's revenue reports, e.g. +05:30: "
-        "/reconciliation and the payout ledger group SPP receive times into those days "
-        "[SPP_REPORT_UTC_OFFSET, default +00:00]",
-    )
+REPORT_OFFSET_HELP = {
+    "server": "UTC offset of the days of Gamezop's revenue reports, e.g. +05:30, until a payout "
+              "run records one: /reconciliation then cuts the days as the ledger does "
+              "[SPP_REPORT_UTC_OFFSET, default +00:00]",
+    "reconcile": "try this UTC offset for the report days, e.g. +05:30, instead of those the "
+                 "payout runs recorded (or SPP_REPORT_UTC_OFFSET before the first run)",
+    "pay": "UTC offset of the report days, e.g. +05:30: the first run records it; another "
+           "value changes it from the first report day after the last run's until, recorded "
+           "with this run [SPP_REPORT_UTC_OFFSET, default: the recorded one, or +00:00]",
+}
+
+
+def add_report_offset_option(parser, environ, role):
+    """--report-utc-offset: the server's setting, reconcile's offset to try,
+    pay's offset to record (see REPORT_OFFSET_HELP)."""
+    from_environment = env_default(environ, "SPP_REPORT_UTC_OFFSET", utc_offset_option,
+                                   0 if role != "pay" else None)
+    parser.add_argument("--report-utc-offset", type=utc_offset_option,
+                        default=None if role == "reconcile" else from_environment,
+                        help=REPORT_OFFSET_HELP[role])
+    if role == "reconcile":
+        parser.set_defaults(configured_offset=from_environment)
 
 
 def metric_column(text):
@@ -6650,7 +7025,7 @@ def build_reconcile_parser(environ):
     )
     add_shared_options(parser, environ, DB_HELP_REPORT, "adds each record's paid-out (the "
                        "estimate times the share, rounded down) and margin (booked minus paid-out)")
-    add_report_offset_option(parser, environ)
+    add_report_offset_option(parser, environ, "reconcile")
     parser.add_argument("--since", required=True, help="first report day, included (YYYY-MM-DD)")
     parser.add_argument("--until", required=True, help="report day that ends the window, excluded")
     parser.add_argument("--property-id", help="only this property")
@@ -6772,8 +7147,14 @@ def run_import_booked(argv, environ, out):
         say(f"{name}: {args.file}: {exc}; nothing imported")
         return 1
     except StoreUnavailable as exc:
+        store.close()
         say(f"{name}: {exc}; nothing imported (running it again is safe)")
         return 1
+    try:
+        for warning in booked_without_sessions(store, rows):
+            say(f"{name}: {args.file}: warning: {warning}")
+    except StoreUnavailable:
+        pass  # imported all the same; settle names such rows again
     finally:
         store.close()
     report = CheckedOutput(out)
@@ -6788,7 +7169,8 @@ def run_reconcile(argv, environ, out):
     args = parse_arguments(parser, argv)
     try:
         q = reconciliation_query(args.since, args.until, args.property_id,
-                                 args.report_utc_offset, args.quantile, args.reward_share)
+                                 args.report_utc_offset, args.quantile, args.reward_share,
+                                 args.configured_offset)
     except Invalid as invalid:
         parser.error(f"--{invalid.field}: {invalid.message}")
     return print_report(parser.prog, args.db, out,
@@ -6801,11 +7183,13 @@ LEDGER_EXIT_HELP = ("Exit status 0 when done; 1, with one line on stderr, when t
                     "cannot be read or written (nothing is half-written: run it again); 2 when "
                     "an option is refused (nothing changed); 3 when the step is recorded but "
                     "its lines could not be written (the line says how to print them again); "
+                    "4 (settle) when it settled what it could but a line names pools it could "
+                    "not (partly settled); "
                     "141 when the reader closed the pipe before any step was recorded.")
 
 
 LEDGER_OPTIONS = ("until", "pay-now-share", "final-share", "report-utc-offset", "settlement",
-                  "reason", "older-than", "from")
+                  "write-off", "reason", "older-than", "from")
 
 
 def add_lines_format_option(parser):
@@ -6862,7 +7246,7 @@ def build_pay_parser(environ):
                         "before it are never paid by the ledger); without it a first run "
                         f"refuses sessions received more than {FIRST_RUN_WINDOW_US // DAY_US} "
                         "days before --until")
-    add_report_offset_option(parser, environ)
+    add_report_offset_option(parser, environ, "pay")
     add_lines_format_option(parser)
     add_lock_wait_option(parser, environ)
     return parser
@@ -6929,10 +7313,54 @@ def build_ledger_parser(environ):
     return parser
 
 
-def run_ledger_step(prog, db, out, step):
+LEDGER_SCHEMA_VERSION = 5  # the first with the ledger's tables
+
+
+def look_before_writing(prog, db, out, look):
+    """Run look(store) on `db` opened read-only, any schema from the
+    ledger's first on: it refuses an option (Invalid) before the file is
+    touched (not even upgraded), or gives (what is recorded, chunks) of a
+    recorded step to print again, which needs no write access (a read-only
+    file system), or None: the step must run.  -> an exit status, or None."""
+    try:
+        store = ReadOnlyStore(db, oldest=1)
+    except StoreUnavailable:
+        return None  # opening it for writing says why, or works (a -wal to join)
+    report = CheckedOutput(out)
+    try:
+        found = look(store) if store.version >= LEDGER_SCHEMA_VERSION else None
+        if found is None:
+            return None
+        recorded, chunks = found
+        if store.version < latest_schema_version():
+            return None  # printed by the step, after the upgrade its reads expect
+        for chunk in chunks:
+            report.write(chunk)
+        store.check_unchanged()
+    except Invalid as invalid:
+        return ledger_refusal(prog, invalid)
+    except (StoreUnavailable, sqlite3.Error):
+        return None  # the step reads it again, and says what fails
+    finally:
+        store.close()
+    if not report.flushed():
+        return output_failed(prog, out, report.error, recorded)
+    return 0
+
+
+def ledger_refusal(prog, invalid):
+    where = f"--{invalid.field}" if invalid.field in LEDGER_OPTIONS else invalid.field
+    say(f"{prog}: {where}: {invalid.message}; nothing changed")
+    return 2
+
+
+def run_ledger_step(prog, db, out, step, look=None):
     """Open `db` for writing, run step(store) -> (what it committed, chunks)
     and write the chunks.  One line on stderr and a status on failure (see
-    LEDGER_EXIT_HELP); output lost after the commit says what is committed."""
+    LEDGER_EXIT_HELP); output lost after the commit says what is committed.
+    look: see look_before_writing."""
+    if look is not None and (status := look_before_writing(prog, db, out, look)) is not None:
+        return status
     try:
         store = Store(db, DEFAULTS["busy_timeout_ms"], writer="command")
     except StoreUnavailable as exc:
@@ -6948,9 +7376,7 @@ def run_ledger_step(prog, db, out, step):
         for chunk in chunks:
             report.write(chunk)
     except Invalid as invalid:
-        where = f"--{invalid.field}" if invalid.field in LEDGER_OPTIONS else invalid.field
-        say(f"{prog}: {where}: {invalid.message}; nothing changed")
-        return 2
+        return ledger_refusal(prog, invalid)
     except OverflowError:  # a sum past 64 bits that the bounds above did not foresee
         say(f"{prog}: a sum is beyond what SQLite's 64-bit integers hold; nothing is recorded: "
             "please report it (docs/ledger.md, \"Limits\")")
@@ -6974,49 +7400,100 @@ def run_pay(argv, environ, out):
     try:
         until = parse_instant(args.until)
     except ValueError:
-        say(f"{parser.prog}: --until: must be {TIME_FORMS_HELP}, not {args.until!r}")
+        say(f"{parser.prog}: --until: must be {TIME_FORMS_HELP}, not {shown(args.until)}")
         return 2
 
-    def step(store):
-        pay_now = parse_ledger_share(args.pay_now_share, "pay-now-share")
-        final = parse_ledger_share(args.final_share, "final-share")
+    try:  # refused before the database is opened, as an older schema would be upgraded
+        shares = (parse_ledger_share(args.pay_now_share, "pay-now-share"),
+                  parse_ledger_share(args.final_share, "final-share"))
+        check_shares(until, *shares)
         start = None if args.start is None else parse_ledger_start(args.start)
-        run_id = pay_run(store, until, pay_now, final, args.report_utc_offset, start,
+    except Invalid as invalid:
+        return ledger_refusal(parser.prog, invalid)
+
+    def committed(run_id):
+        return f"run {run_id} is committed (the same --until prints it again)"
+
+    def look(store):
+        # A restored copy's run may be another one, and a run not journaled
+        # yet has not released its lines: both are left to the step.
+        unreleased = check_journal_read_only(store)
+        with store.snapshot() as conn:
+            run_id = check_run(conn, until, *shares, args.report_utc_offset, start)
+        if run_id is None or ("run", run_id) in unreleased:
+            return None
+        return committed(run_id), run_output(store, run_id, args.format)
+
+    def step(store):
+        run_id = pay_run(store, until, *shares, args.report_utc_offset, start,
                          FIRST_RUN_WINDOW_US, **ledger_lock_options(parser.prog, args))
+        for first, offset in store.read(SQL["offset_change_of_run"], (run_id,)):
+            begins = iso_utc(ReportDays.fixed(offset).start_us(report_day_number(first)))
+            say(f"{parser.prog}: run {run_id} recorded the report offset "
+                f"{utc_offset_text(offset)} from report day {first} on (it starts at {begins}; "
+                "the day before ends there)")
         [(moved, moved_to)] = store.read(SQL["run_moved"], (run_id,))
         if moved:
             say(f"{parser.prog}: run {run_id}: {moved} session(s) received on report days "
                 f"already settled (a clock step backwards?) are paid in the pool of "
                 f"{moved_to}, not charged to the settled days' users")
-        return (f"run {run_id} is committed (the same --until prints it again)",
-                run_output(store, run_id, args.format))
+        return committed(run_id), run_output(store, run_id, args.format)
 
-    return run_ledger_step(parser.prog, args.db, out, step)
+    return run_ledger_step(parser.prog, args.db, out, step, look)
 
 
 def run_settle(argv, environ, out):
     parser = build_settle_parser(environ)
     args = parse_arguments(parser, argv)
+    if args.write_off and args.settlement is not None:
+        return ledger_refusal(parser.prog, Invalid(
+            "write-off", "settle --settlement ID prints a recorded settlement again and "
+            "settles nothing, so it cannot write anything off"))
+
+    def recorded(store):
+        if not store.read(SQL["settlement_exists"], (args.settlement,)):
+            raise Invalid("settlement", f"there is no settlement {args.settlement}")
+        return None, settlement_output(store, args.settlement, args.format)
+
+    def look(store):  # read-only: the journal checked first, as the step does
+        if ("settlement", args.settlement) in check_journal_read_only(store):
+            return None  # not journaled yet: the step journals it, then prints it
+        return recorded(store)
+
+    unsettled, warnings = [], []
 
     def step(store):
         if args.settlement is not None:
             # A restored copy's settlement may be another one: checked first.
             with ledger_step(store, **ledger_lock_options(parser.prog, args)):
-                if not store.read(SQL["settlement_exists"], (args.settlement,)):
-                    raise Invalid("settlement", f"there is no settlement {args.settlement}")
-            return None, settlement_output(store, args.settlement, args.format)
-        settlement_id = settle(store, args.write_off, **ledger_lock_options(parser.prog, args))
+                return recorded(store)
+        settlement_id = settle(store, args.write_off, unsettled, warnings,
+                               **ledger_lock_options(parser.prog, args))
+        for line in [f"warning: {w}" for w in warnings] + [f"not settled: {u}" for u in unsettled]:
+            say(f"{parser.prog}: {line}")
         if settlement_id is None:
-            [(newest,)] = store.read(SQL["last_settlement"])
-            again = (f" (settlement {newest} is the newest: settle --settlement {newest} "
-                     "prints it again)") if newest else ""
-            say(f"{parser.prog}: nothing to settle{again}")
+            if not unsettled:
+                [(newest,)] = store.read(SQL["last_settlement"])
+                again = (f" (settlement {newest} is the newest: settle --settlement {newest} "
+                         "prints it again)") if newest else ""
+                say(f"{parser.prog}: nothing to settle{again}")
             return None, settlement_output(store, settlement_id, args.format)
         return (f"settlement {settlement_id} is committed (settle --settlement "
                 f"{settlement_id} prints it again)",
                 settlement_output(store, settlement_id, args.format))
 
-    return run_ledger_step(parser.prog, args.db, out, step)
+    status = run_ledger_step(parser.prog, args.db, out, step,
+                             look if args.settlement is not None else None)
+    return EXIT_PARTLY_SETTLED if status == 0 and unsettled else status
+
+
+def refuse_dashed_argument(parser, argv):
+    """A user id such as '-x' reads as an unknown option to argparse, which
+    then says the id is missing: say instead how to write it."""
+    for arg in itertools.takewhile(lambda a: a != "--", argv):
+        if arg.startswith("-") and arg.split("=")[0] not in parser._option_string_actions:
+            parser.error(f"{shown(arg)} is not an option; a user id that starts with '-' is "
+                         f"written after '--': {parser.prog} [options] -- {arg}")
 
 
 def run_ledger_replay(argv, environ, out):
@@ -7035,6 +7512,7 @@ def run_ledger_replay(argv, environ, out):
 
 def run_statement(argv, environ, out):
     parser = build_statement_parser(environ)
+    refuse_dashed_argument(parser, argv)
     args = parse_arguments(parser, argv)
     return print_report(parser.prog, args.db, out,
                         lambda store: [json_output(statement(store, args.user_id))],
@@ -7075,7 +7553,7 @@ def run_write_off_balances(argv, environ, out):
         older_than_us = parse_duration(args.older_than, "older-than") * 1_000_000
         write_off_id = write_off_balances(store, older_than_us)
         if write_off_id is None:
-            print(f"{parser.prog}: nothing to write off", file=sys.stderr)
+            say(f"{parser.prog}: nothing to write off")
             return None, balance_write_off_output(store, None, args.format)
         return (f"write-off {write_off_id} is committed (statements and the ledger show it)",
                 balance_write_off_output(store, write_off_id, args.format))
@@ -7106,7 +7584,7 @@ def run_suspects(argv, environ, out):
         until = now_us() if args.until is None else parse_instant(args.until)
         since = until - 30 * DAY_US if args.since is None else parse_instant(args.since)
     except ValueError:
-        print(f"{parser.prog}: --since/--until: must be {TIME_FORMS_HELP}", file=sys.stderr)
+        say(f"{parser.prog}: --since/--until: must be {TIME_FORMS_HELP}")
         return 2
     return print_report(parser.prog, args.db, out,
                         lambda store: [json_output(suspects(store, since, until))])

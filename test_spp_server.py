@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -3770,7 +3771,8 @@ def paid_out(estimated, share):
        share=st.sampled_from([None, Decimal("0.7"), Decimal("0.000001"), Decimal(1)]))
 def test_the_suggestion_is_safe_on_the_quantile_of_days_and_a_hundredth_more_is_not(
         sides, quantile, share):
-    q = spp_server.ReconciliationQuery(20_400, 20_406, None, 0, quantile, share)
+    q = spp_server.ReconciliationQuery(20_400, 20_406, None, spp_server.ReportDays.fixed(0),
+                                       quantile, share)
     report = spp_server.reconciliation_report(q, sides)
     summary = report["summary"]
     days = {}
@@ -4019,9 +4021,12 @@ def test_report_offset_comes_from_flag_or_environment(fake_serve, db, capsys):
     assert exited.value.code == 2 and "SPP_REPORT_UTC_OFFSET" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("days", [spp_server.ReportDays.fixed(0),
+                                  spp_server.ReportDays.fixed(0).changed_to(330, 10**15)])
 @pytest.mark.parametrize("name", ["estimates_by_day", "estimates_by_day_and_property"])
-def test_per_day_estimates_search_the_receive_time_index(client, db, name):
-    plan = query_plan(db, name, {"offset_us": 0, **spp_server.Window(1, 2).params()})
+def test_per_day_estimates_search_the_receive_time_index(client, db, name, days):
+    sql = "EXPLAIN QUERY PLAN " + spp_server.SQL[name].format(day=days.sql())
+    plan = " / ".join(row[-1] for row in rows(db, sql, spp_server.Window(1, 2).params()))
     assert plan.startswith("SEARCH sessions USING COVERING INDEX sessions_by_time "
                            "(received_at_us>? AND received_at_us<?)")
     assert "SCAN" not in plan
@@ -4142,7 +4147,8 @@ def test_asking_again_returns_the_recorded_run_byte_identical_and_pays_nothing(s
     ({"until_us": at(0)}, "until", ["before", "run 1"]),
     ({"until_us": at(2, 0), "final": "0.8"}, "final-share", ["0.9", "0.8"]),
     ({"until_us": at(2, 0), "pay_now": "0.5"}, "pay-now-share", ["0.6", "0.5"]),
-    ({"until_us": at(3), "offset": 330}, "report-utc-offset", ["+00:00"]),
+    # Asked again with another offset: refused like other shares (issue 22 §1).
+    ({"until_us": at(2, 0), "offset": 330}, "report-utc-offset", ["+00:00", "+05:30", "run 1"]),
     ({"until_us": at(3), "pay_now": "0.95"}, "pay-now-share", ["final"]),
     ({"until_us": spp_server.parse_instant("2999-01-01")}, "until", ["past"]),
 ])
@@ -4390,8 +4396,9 @@ def test_a_day_settled_one_way_is_never_settled_again_the_other_way(store, db, f
     if how is None:
         assert code == 0 and ledger_counts(db) != before
         return
-    assert (code, out, err.count("\n")) == (2, b"", 1)
-    assert err.startswith(f"spp_server.py settle: booked revenue: {day_text(0)} was settled {how}")
+    # Partly settled (issue 22, 5): nothing else to settle here, and the day is named.
+    assert (code, out.count(b"\n"), err.count("not settled")) == (4, 1, 1)
+    assert f"spp_server.py settle: not settled: {day_text(0)} was settled {how}" in err
     assert ledger_counts(db) == before
 
 
@@ -4404,11 +4411,11 @@ def test_a_settled_pool_whose_booked_row_a_revision_dropped_is_refused(store, db
     book_rows(store, [(day_text(0), "p1", 900), (day_text(0), "", 2000)])
     spp_server.settle(store)
     book_rows(store, [(day_text(0), prop, n) for prop, n in revision])
-    before = ledger_counts(db)
     code, out, err = ledger_command(spp_server.run_settle, db)
-    assert (code, out, err.count("\n")) == (2, b"", 1)
-    assert f"{day_text(0)} was settled against booked revenue that is no longer stored" in err
-    assert ledger_counts(db) == before
+    # Partly settled (issue 22, 5): the revised p1 is corrected, the dropped row named.
+    assert code == 4 and "not settled: " + day_text(0) + " was settled against booked revenue " \
+        "that is no longer stored" in err
+    assert {line["property-id"] for line in settlement_lines(store, 2)} == {"p1"}
     book_rows(store, [(day_text(0), prop, n) for prop, n in [*revision, ("", 2000)]])
     assert ledger_command(spp_server.run_settle, db)[0] == 0  # re-imported whole: settled
 
@@ -4439,6 +4446,137 @@ def test_report_days_are_cut_at_the_report_offset(store):
     assert [(line["day"], line["user-id"], line["final"]) for line in lines] == [
         (day_text(1), "a", "0.0000005")]
     assert spp_server.ledger_summary(store)["settlements"][0]["report-utc-offset"] == "+05:30"
+
+
+# --- One report offset, recorded with the runs (issue 22, 1) ---
+
+
+def recorded_offsets(db):
+    return rows(db, "SELECT run_id, first_day, report_utc_offset FROM report_offsets "
+                    "ORDER BY run_id")
+
+
+def test_an_offset_change_is_recorded_with_its_run_and_cuts_only_days_no_run_paid(store, db):
+    # Run 1 pays up to 2020-10-03T00:00Z at +00:00; run 2 asks for +05:30.
+    add_sessions(store, [("a", None, 1000, at(d, h)) for d in range(6) for h in (1, 12, 20)])
+    pay(store, at(2, 0))
+    code, _, err = ledger_command(spp_server.run_pay, db, *pay_args(
+        "2020-10-07T00:00:00Z", "0.6", "0.9", "--report-utc-offset", "+05:30"))
+    assert (code, err) == (0, ledger_illustration("text", ("illustration", "offset-change")))
+    # The 3rd (UTC) is the last day at +00:00: it ends where the 4th starts at
+    # +05:30, 2020-10-03T18:30Z; no session paid by run 1 changes its day.
+    assert recorded_offsets(db) == [(1, None, 0), (2, day_text(3), 330)]
+    parts = dict(((run, day), n) for run, day, n in rows(
+        db, "SELECT run_id, day, sessions FROM payout_parts"))
+    assert parts == {(1, day_text(0)): 3, (1, day_text(1)): 3, (2, day_text(2)): 2,
+                     (2, day_text(3)): 3, (2, day_text(4)): 3, (2, day_text(5)): 3,
+                     (2, day_text(6)): 1}  # the 20:00 UTC sessions are on the next day at +05:30
+    # The same --until with another offset is refused like other shares.
+    with pytest.raises(spp_server.Invalid) as refused:
+        pay(store, at(6, 0), offset=0)
+    assert refused.value.field == "report-utc-offset"
+    assert pay(store, at(6, 0), offset=330) == pay(store, at(6, 0), offset=None) == 2
+    # Settlement and the reconciliation cut the days as the runs did.
+    book_rows(store, [(day_text(d), "", 10_000) for d in range(6)])
+    spp_server.settle(store)
+    settled = {day: int(n) for day, n in rows(db, "SELECT day, sessions FROM settlement_days")}
+    assert settled == {day_text(d): n for d, n in enumerate([3, 3, 2, 3, 3, 3])}
+    q = spp_server.reconciliation_query(day_text(0), day_text(7), None, None, None, None)
+    report = spp_server.reconciliation(store, q)
+    assert {d["day"]: d["sessions"] for d in report["days"]} == {**settled, day_text(6): 1}
+    assert report["report-utc-offset"] == f"+00:00 to {day_text(2)}, +05:30 from {day_text(3)}"
+    assert spp_server.ledger_summary(store)["runs"][1]["report-utc-offset"] == "+05:30"
+
+
+def test_the_documented_offset_routine_first_weeks_on_the_default_then_found_and_changed(
+        store, db):
+    """docs/reconciling.md: pay weekly on the default offset, find the offset
+    over three weeks of booked data, set SPP_REPORT_UTC_OFFSET (spp.env, which
+    the payout unit reads): the next runs record it and succeed, and runs,
+    settlements, statements and the reconciliation agree across the change."""
+    true = 330  # Gamezop's report days start at 18:30 UTC
+    traffic = [1, 5, 2, 8, 1, 6, 3] * 5  # per day: a day unlike the one before shows it
+    sessions = [(f"u{h % 3}", "1234", 1000 * traffic[d] * (1 + h % 2), at(d, h))
+                for d in range(35) for h in range(0, 24, 2)]
+    add_sessions(store, sessions)
+    true_days = spp_server.ReportDays.fixed(true)
+    booked = Counter()
+    for _, _, nanos_, t in sessions:  # Gamezop books 0.8 of each of its days
+        booked[sql_report_day(true_days, t)] += nanos_
+    first = OCT // spp_server.DAY_US
+    book_rows(store, [(spp_server.report_day_text(day), "1234", n * 8 // 10)
+                      for day, n in booked.items() if first < day < first + 34])
+
+    def command(run, *args, env=None):
+        out, err = io.BytesIO(), io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = run([*args, "--db", db], env or {}, out)
+        return code, out.getvalue(), err.getvalue()
+
+    def weekly(week, env=None):
+        until = spp_server.iso_utc(at(7 * week, 0))
+        return command(spp_server.run_pay, "--until", until, "--pay-now-share", "0.6",
+                       "--final-share", "0.9", env=env)
+
+    for week in (1, 2, 3):
+        assert weekly(week)[0] == 0
+    ratios = {}
+    for offset in ("+00:00", "+05:30"):  # the routine: the same weeks both ways
+        code, out, _ = command(spp_server.run_reconcile, "--since", day_text(0), "--until",
+                               day_text(21), f"--report-utc-offset={offset}")
+        summary = json.loads(out)["summary"]
+        ratios[offset] = D(summary["median-ratio"]) - D(summary["lowest-ratio"])
+    assert ratios["+05:30"] < ratios["+00:00"]  # steadier: the right one
+    env = {"SPP_REPORT_UTC_OFFSET": "+05:30"}
+    code, _, err = weekly(4, env)
+    assert code == 0 and "+05:30" in err and day_text(22) in err
+    assert weekly(4, env)[0] == 0 and weekly(5, env)[0] == 0  # again, and the next week
+    code, _, err = command(spp_server.run_settle)
+    assert code == 0, err
+    settled = {day: (n, estimated, booked_) for day, n, estimated, booked_ in rows(
+        db, "SELECT day, sessions, estimated_nano, booked_nano FROM settlement_days")}
+    # From the change on, each settled day is Gamezop's day: booked 0.8 of its estimate.
+    for day in range(22, 34):
+        n, estimated, booked_ = settled[day_text(day)]
+        assert booked_ == estimated * 8 // 10 and n == 12
+    # Without an offset, the reconciliation cuts the days as the ledger did, every day.
+    code, out, _ = command(spp_server.run_reconcile, "--since", day_text(0),
+                           "--until", day_text(34),
+                           env={"SPP_REPORT_UTC_OFFSET": "-03:00"})  # the recorded ones win
+    report = json.loads(out)
+    assert {d["day"]: (d["sessions"], nanos(d["estimated-revenue"])) for d in report["days"]
+            if d["day"] in settled} == {day: v[:2] for day, v in settled.items()}
+    assert report["report-utc-offset"] == f"+00:00 to {day_text(21)}, +05:30 from {day_text(22)}"
+    totals = [spp_server.statement(store, f"u{i}")["totals"] for i in range(3)]
+    ledger = spp_server.ledger_summary(store)["totals"]
+    for key in spp_server.LEDGER_TOTALS:
+        assert sum(nanos(t[key]) for t in totals) == nanos(ledger[key])
+    assert rows(db, "SELECT sum(sessions) FROM payout_parts") == [(35 * 12,)]
+
+
+@pytest.mark.parametrize("old, new", [(0, 330), (330, 0), (-720, 840), (840, -720), (60, 90)])
+def test_the_day_before_a_change_ends_where_the_first_new_day_starts(old, new):
+    last_until = OCT + 5 * spp_server.DAY_US
+    days = spp_server.ReportDays.fixed(old).changed_to(new, last_until)
+    first = days.changes[-1][0]
+    starts = [days.start_us(d) for d in range(first - 4, first + 3)]
+    assert starts == sorted(starts)  # each day follows the one before
+    assert days.start_us(first) == first * spp_server.DAY_US - new * 60_000_000 >= last_until
+    old_days = spp_server.ReportDays.fixed(old)
+    for d in range(first - 4, first):  # every day before it as it was, cut at the change
+        assert days.start_us(d) == min(old_days.start_us(d), days.start_us(first))
+    # No time before last_until (paid, maybe settled) is in another day now.
+    assert old_days.start_us(first) > last_until
+    for t in [last_until - 1, last_until, days.start_us(first) - 1, days.start_us(first),
+              days.start_us(first - 1) - 1, days.start_us(first - 1)]:
+        day = sql_report_day(days, t)  # how runs cut it; and settlement's bounds agree
+        assert days.start_us(day) <= t < days.start_us(day + 1)
+
+
+def sql_report_day(days, t):
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        sql = f"SELECT {days.sql()} FROM (SELECT ? AS received_at_us)"
+        return conn.execute(sql, (t,)).fetchone()[0]
 
 
 def test_a_booked_figure_imported_while_settling_is_settled_as_it_now_is(store, db, monkeypatch):
@@ -4916,6 +5054,218 @@ def test_erasing_a_user_still_owed_or_owing_is_refused_unless_forced(store, db):
     assert code == 2 and "must not be empty" in err and count(db, "erasures") == 1
 
 
+# --- Only users who can be credited are paid (issue 22, 2) ---
+
+
+def test_sessions_without_a_sub_and_the_deploy_check_are_never_paid(client, db):
+    store = client.app.store
+    check = spp_server.DEPLOY_CHECK_USER
+    add_sessions(store, [("a", None, 3000, at(0)), ("", None, 1000, at(0)), ("", None, 1000, at(0)),
+                         (check, None, 0, at(0))])
+    pay(store, at(1, 0), pay_now="0.5", final="1")
+    assert [line["user-id"] for line in run_lines(store, 1)] == ["a"]
+    [run] = spp_server.ledger_summary(store)["runs"]
+    assert (run["users"], run["sessions"], run["paid-now"]) == (1, 1, "0.0000015")
+    assert (run["unattributed-sessions"], run["unattributed-estimated-revenue"]) == (2, "0.000002")
+    book_rows(store, [(day_text(0), "", 10_000)])  # 3 : 2 by the estimates
+    lines = settlement_lines(store, spp_server.settle(store))
+    assert b"".join(spp_server.settlement_output(store, 1, "csv")).decode().replace("\r\n", "\n") \
+        == ledger_illustration("csv", ("illustration", "unattributed"))  # docs/ledger.md
+    assert [(line["user-id"], line["booked-part"], line["final"], line["top-up"], line["kind"])
+            for line in lines] == [
+        ("", "0.000004", "0", "0", "unattributed"), ("a", "0.000006", "0.000006", "0.0000045",
+                                                      "settlement")]
+    [pool] = spp_server.ledger_summary(store)["days"]
+    assert (pool["paid-in-total"], pool["margin"], pool["unattributed-booked"]) == (
+        "0.000006", "0.000004", "0.000004")
+    for user in ("", check):
+        got = spp_server.statement(store, user)
+        assert got["totals"]["paid-now"] == "0" and "unattributed" in got
+    assert "unattributed" not in spp_server.statement(store, "a")
+    # The deploy check stays out of the reports too, but its own earnings show it.
+    window = {"since": "2020-10-01", "until": "2020-10-02"}
+    assert check not in {json.loads(line)["user-id"]
+                         for line in export(client, **window).body.splitlines()}
+    assert client.get("/totals", params=window).json["totals"][0]["sessions"] == 3
+    recon_ = recon(client, **window).json
+    assert recon_["summary"]["sessions"] == 3
+    assert client.get(f"/users/{check}/earnings").json["sessions"] == 1
+    # Paid nothing, they have nothing to hold; '' is no one and the deploy
+    # check no person: neither is erased (renamed, its sessions would be paid).
+    for user in ("", check):
+        code, out, err = ledger_command(spp_server.run_hold, db, user, "--reason", "x")
+        assert (code, out) == (2, b"") and "nothing to hold" in err
+    code, _, err = ledger_command(spp_server.run_erase, db, check, "--even-if-owed")
+    assert code == 2 and "nothing to erase" in err
+    assert count(db, "ledger_holds") == count(db, "erasures") == 0
+    assert spp_server.suspects(store, at(0, 0), at(2, 0))["users"] == 1  # only 'a'
+
+
+# --- Nothing pending without a word (issue 22, 5) ---
+
+
+def test_what_no_booked_row_can_settle_is_named_at_settle_in_the_summary_and_at_import(
+        store, db, tmp_path):
+    add_sessions(store, [("a", "1234", 3000, at(0)), ("b", "p2", 1000, at(0)),
+                         ("c", None, 2000, at(0)), ("a", "1234", 5000, at(1))])
+    pay(store, at(2, 0), pay_now="0.5", final="1")
+    report = tmp_path / "booked.csv"
+    report.write_text(booked_csv((day_text(0), "01234", "", "0.000004"),
+                                 (day_text(1), "1234", "", "0.000004")))
+    out = io.StringIO()
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert spp_server.run_import_booked([str(report), "--db", db], {}, out) == 0
+    [warning] = err.getvalue().splitlines()
+    assert f"{day_text(0)} property 01234: booked 0.000004" in warning and "1234, p2" in warning
+    code, lines, err = ledger_command(spp_server.run_settle, db)
+    assert code == 0  # settled what it could; the rest is named
+    assert err == ledger_illustration("text", ("illustration", "pending"))  # docs/ledger.md
+    named = err.splitlines()
+    assert any(f"{day_text(0)} property 01234 booked 0.000004 that matches no session" in line
+               for line in named)
+    for prop, sessions, estimated, paid in [("1234", 1, "0.000003", "0.0000015"),
+                                            ("p2", 1, "0.000001", "0.0000005")]:
+        assert any(f"{day_text(0)} property {prop}: {sessions} sessions estimated at {estimated} "
+                   f"(paid now {paid}) stay pending" in line for line in named), named
+    assert any(f"{day_text(0)}: 1 sessions estimated at 0.000002" in line for line in named)
+    summary = spp_server.ledger_summary(store)
+    assert [(p["day"], p["property-id"], p["sessions"])
+            for p in summary["pending-without-booked"]] == [
+        (day_text(0), "", 1), (day_text(0), "1234", 1), (day_text(0), "p2", 1)]
+    assert summary["booked-without-sessions"] == [
+        {"day": day_text(0), "property-id": "01234", "booked-revenue": "0.000004"}]
+
+
+# --- Limits and refusals (issue 22, 6) ---
+
+
+@pytest.mark.parametrize("option", ["--until", "--pay-now-share", "--final-share"])
+def test_a_long_bad_value_is_cut_short_in_the_refusal(store, db, option):
+    args = dict(zip(["--until", "--pay-now-share", "--final-share"], pay_args()[1::2]))
+    args[option] = "9" * 100_000
+    code, out, err = ledger_command(spp_server.run_pay, db,
+                                    *itertools.chain.from_iterable(args.items()))
+    assert (code, out, err.count("\n")) == (2, b"", 1)
+    assert err.startswith(f"spp_server.py pay: {option}: ") and len(err) < 300
+
+
+def test_write_off_with_a_settlement_to_print_again_is_refused_not_ignored(store, db):
+    add_sessions(store, [("a", None, 1000, at(0))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "", 500)])
+    spp_server.settle(store)
+    code, out, err = ledger_command(spp_server.run_settle, db, "--settlement", "1", "--write-off")
+    assert (code, out) == (2, b"") and err.startswith("spp_server.py settle: --write-off: ")
+    assert "nothing changed" in err
+
+
+@pytest.mark.parametrize("url", ["/ledger/runs/1?format=", "/ledger/settlements/1?format=",
+                                 "/earnings?since=2020-10-01&until=2020-10-02&format=",
+                                 "/reconciliation?since=2020-10-01&until=2020-10-02"
+                                 "&report-utc-offset="])
+def test_an_empty_format_or_offset_is_refused_like_an_empty_since(client, url):
+    store = client.app.store
+    add_sessions(store, [("a", None, 1000, at(0))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "", 500)])
+    spp_server.settle(store)
+    assert_error(client.get(url, status=400), 400, url.rsplit("&", 1)[-1].split("?")[-1][:-1])
+
+
+def test_a_user_id_that_starts_with_a_dash_is_told_to_follow_two_dashes(store, db, capsys):
+    add_sessions(store, [("-x", None, 1000, at(0))])
+    pay(store, at(1, 0))
+    with pytest.raises(SystemExit) as exited:
+        spp_server.run_statement(["-x", "--db", db], {}, io.BytesIO())
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "'--'" in err and "-- -x" in err and "required" not in err
+    out = io.BytesIO()
+    assert spp_server.run_statement(["--db", db, "--", "-x"], {}, out) == 0
+    assert json.loads(out.getvalue())["runs"][0]["run-id"] == 1
+
+
+def test_printing_a_recorded_run_or_settlement_again_needs_no_write_access(
+        make_client, shared_dir, nobody_spp):
+    db = make_backup(make_client, shared_dir / "ro")
+    store = spp_server.Store(str(db), writer="thread")
+    add_sessions(store, [("a", None, 1000, at(0)), ("b", None, 3000, at(0))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "", 2000)])
+    spp_server.settle(store)
+    run, settled = run_text(store, 1), b"".join(spp_server.settlement_output(store, 1, "csv"))
+    store.close()
+    db.chmod(0o444)
+    # Its ledger journal too, as readable as the database (the reprint checks it).
+    Path(spp_server.journal_path(str(db))).chmod(0o444)
+    before = db.read_bytes()
+    for args, expected in [(["pay", *pay_args("2020-10-02T00:00:00Z")], run),
+                           (["settle", "--settlement", "1"], settled)]:
+        done = subprocess.run(nobody_spp(*args, "--db", str(db)), capture_output=True, timeout=30)
+        assert (done.returncode, done.stdout, done.stderr) == (0, expected, b"")
+    assert db.read_bytes() == before
+
+
+@pytest.mark.parametrize("age", [1, 2])
+@pytest.mark.parametrize("args, field", [
+    (pay_args(pay_now="0.95"), "--pay-now-share"),
+    (pay_args(final="x" * 50), "--final-share"),
+    (pay_args(until="2020-10-02T00:00:00Z", pay_now="0.5"), "--pay-now-share"),
+])
+def test_an_older_schema_is_not_upgraded_by_a_step_that_refuses(db, args, field, age):
+    version = SCHEMA_VERSIONS[-1] - age
+    if "0.5" in args and version < spp_server.LEDGER_SCHEMA_VERSION:
+        pytest.skip("no ledger yet: no run to differ from")
+    conn = sqlite3.connect(db, isolation_level=None)
+    spp_server.enable_wal(conn, 1)
+    spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=version)
+    if version >= spp_server.LEDGER_SCHEMA_VERSION:  # a run recorded for that until, at 0.6
+        conn.execute("INSERT INTO payout_runs VALUES "
+                     "(1, 0, 0, ?, 0, '0.6', '0.9', 0, 0, 0, 0, 0, 0)",
+                     (spp_server.parse_instant("2020-10-02T00:00:00Z"),))
+    conn.close()
+    code, out, err = ledger_command(spp_server.run_pay, db, *args)
+    assert (code, out) == (2, b"") and err.startswith(f"spp_server.py pay: {field}: "), err
+    assert rows(db, "PRAGMA user_version") == [(version,)]
+
+
+def test_the_ledger_csv_escapes_ids_a_spreadsheet_would_run_as_formulas(client, db):
+    store = client.app.store
+    users = ['=HYPERLINK("http://x","y")', "+1", "-2", "@SUM(1)", "\tt", "'quoted", "plain"]
+    add_sessions(store, [(user, "=p", 1000, at(0)) for user in users])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "=p", 7000)])
+    spp_server.settle(store)
+    escaped = {user: (user if user == "plain" else "'" + user) for user in users}
+    for text in (run_text(store, 1), client.get("/ledger/runs/1?format=csv").body):
+        lines = list(csv.DictReader(io.StringIO(text.decode())))
+        assert sorted(line["user-id"] for line in lines) == sorted(escaped.values())
+    for text in (b"".join(spp_server.settlement_output(store, 1, "csv")),
+                 client.get("/ledger/settlements/1?format=csv").body):
+        lines = list(csv.DictReader(io.StringIO(text.decode())))
+        assert sorted(line["user-id"] for line in lines) == sorted(escaped.values())
+        assert {line["property-id"] for line in lines} == {"'=p"}
+    # A hold's id and reason, a balance write-off's ids: escaped the same way.
+    code, out, _ = ledger_command(spp_server.run_hold, db, users[0], "--reason", "@SUM(1)")
+    [line] = csv.DictReader(io.StringIO(out.decode()))
+    assert (code, line["user-id"], line["reason"]) == (0, "'" + users[0], "'@SUM(1)")
+    code, out, _ = ledger_command(spp_server.run_hold, db, users[0], "--reason", "@SUM(1)",
+                                  "--format", "ndjson")
+    assert (code, json.loads(out)["user-id"], json.loads(out)["reason"]) == (0, users[0], "@SUM(1)")
+    add_sessions(store, [("+1", "=p", 10**9, at(2))])
+    pay(store, at(3, 0), pay_now="0.8")
+    book_rows(store, [(day_text(2), "=p", 1000)])
+    spp_server.settle(store)  # '+1' owes what was paid above its final amount
+    write_off_id = spp_server.write_off_balances(store, -1)
+    [line] = csv.DictReader(io.StringIO(b"".join(
+        spp_server.balance_write_off_output(store, write_off_id, "csv")).decode()))
+    assert (line["user-id"], line["property-id"]) == ("'+1", "'=p")
+    # NDJSON, for an app, has the ids exactly; one leading quote removed gives them back.
+    ndjson = run_text(store, 1, "ndjson").splitlines()
+    assert sorted(json.loads(line)["user-id"] for line in ndjson) == sorted(users) == sorted(
+        v[1:] if v.startswith("'") else v for v in escaped.values())
+
+
 # --- kill -9 at chosen points of a real command ---
 
 # Runs a command of spp_server.py in a process that SIGKILLs itself just
@@ -5000,7 +5350,11 @@ def test_a_ledger_step_killed_at_any_point_is_whole_or_absent_and_a_rerun_comple
     # A re-run completes it; once committed, pay prints the run again, settle
     # prints the settlement again when asked for it by id.
     again = ["--settlement", "1"] if committed and command == ["settle"] else []
-    assert ledger_command(run, db, *command[1:], *again) == expected
+    code, out, err = ledger_command(run, db, *command[1:], *again)
+    if again:  # printing it again repeats no warning about what stays pending
+        expected = (*expected[:2], "".join(line for line in expected[2].splitlines(True)
+                                           if ": warning: " not in line))
+    assert (code, out, err) == expected
     assert ledger_rows(db) == ledger_rows(reference)
     # And the journal holds the step: a restore of the copy before it is seen.
     assert journal_steps(db) == journal_steps(reference)
@@ -5617,7 +5971,9 @@ def check_ledger(store, db, final, write_off):
     last = runs[-1][2] if runs else 0
     sessions = rows(db, "SELECT id, user_id, coalesce(property_id, ''), revenue_nano FROM sessions")
     for run_id, after, last_id, n, estimated, paid, deducted, withheld in runs:
-        mine = [s for s in sessions if after < s[0] <= last_id]
+        # A run's totals are its lines': no user it cannot credit (issue 22, 2).
+        mine = [s for s in sessions if after < s[0] <= last_id
+                and s[1] not in spp_server.UNCREDITED_USERS]
         assert (n, estimated) == (len(mine), sum(s[3] for s in mine))
         lines = run_lines(store, run_id)
         assert sum(int(line["sessions"]) for line in lines) == n
@@ -5628,7 +5984,7 @@ def check_ledger(store, db, final, write_off):
         # A held user is paid nothing now, and nothing is taken from them.
         assert all(nanos(line["deducted"]) == 0 for line in lines if nanos(line["withheld"]))
     assert rows(db, "SELECT coalesce(sum(sessions), 0) FROM payout_parts") == [
-        (len([s for s in sessions if s[0] <= last]),)]
+        (len([s for s in sessions if s[0] <= last and s[1] != spp_server.DEPLOY_CHECK_USER]),)]
     # Every settled pool: users get the final share of booked, less under a nano each.
     pools = rows(db, "SELECT day, property_id, by_property, booked_nano, sessions, "
                      "max(settlement_id) FROM settlement_days GROUP BY day, property_id")
@@ -5650,16 +6006,23 @@ def check_ledger(store, db, final, write_off):
         held = {user for user, _, _, was_held in lines if was_held}
         # A held user's line moves nothing: their fate is the publisher's (release).
         assert all(moved == standing == 0 for _, moved, standing, was_held in lines if was_held)
-        users = [u for u in paid if u not in held]
+        # Held users share nothing; the uncredited take their share to the margin.
+        counted = [u for u in paid if u not in held]
+        users = [u for u in counted if u not in spp_server.UNCREDITED_USERS]
         aged = sum(n for u, n in aged.items() if u not in held)
         moved = sum(m for u, m, _, _ in lines if u not in held) + aged
         standing = sum(w for u, _, w, _ in lines if u not in held) + aged
         parts = rows(db, "SELECT coalesce(sum(booked_part_nano), 0) FROM settlement_lines "
                          "WHERE settlement_id = ? AND day = ? AND property_id = ?", (newest, day, prop))
-        if users:
+        if counted:
             assert parts == [(booked,)]
+        # The share of the users who cannot be credited is the margin's (issue 22, 2).
+        [(uncredited,)] = rows(
+            db, f"SELECT coalesce(sum(booked_part_nano), 0) FROM settlement_lines "
+                f"WHERE settlement_id = ? AND day = ? AND property_id = ? "
+                f"AND user_id IN {spp_server.SQL_UNCREDITED}", (newest, day, prop))
         total = sum(paid[u] for u in users) + moved  # now + top-ups - balances carried
-        due = Fraction(D(final)) * booked if users else 0
+        due = Fraction(D(final)) * (booked - uncredited) if users else 0
         # What stands written off is what users hold above their final amounts:
         # a correction never charges it again, nor leaves it forgiven twice.
         assert due - len(users) <= total - standing <= due
@@ -5690,11 +6053,10 @@ def check_ledger(store, db, final, write_off):
                         (u, u)) == [(0,)]
 
 
-@given(months())
-@LEDGER_SETTINGS
-def test_ledger_properties_hold_over_random_months(month):
-    (sessions, order, cuts, final, pay_nows, booked, revisions, write_off,
-     late, held, hold_from, release, age_off, erased) = month
+@contextlib.contextmanager
+def month_in_store(sessions, order, booked):
+    """A fresh database holding a random month's sessions (in time order, or
+    in the drawn order: clock steps) and booked figures -> (store, db)."""
     with tempfile.TemporaryDirectory() as tmp:
         db = os.path.join(tmp, "spp.db")
         store = spp_server.Store(db, writer="thread")
@@ -5704,45 +6066,178 @@ def test_ledger_properties_hold_over_random_months(month):
                 timed.sort(key=lambda s: s[3])
             add_sessions(store, timed)
             book_rows(store, [(day_text(day), prop, n) for (day, prop), n in booked.items()])
-            outputs = {}
-            for i, (cut, pay_now) in enumerate(zip(cuts, pay_nows)):
-                if i == hold_from:
-                    for user in sorted(held):
-                        spp_server.hold_user(store, user, "hold", "suspect")
-                run_id = pay(store, OCT + cut * HOUR_US, pay_now, final)
-                outputs[run_id] = run_text(store, run_id)
-                if cut % 2:
-                    spp_server.settle(store, write_off)
-                if i == 0:  # the clock steps back: sessions on days maybe settled already
-                    add_sessions(store, [(u, prop, n, at(day, 23)) for u, day, prop, n in late])
-            pays = len(outputs)
-            run_id = pay(store, OCT + 12 * 24 * HOUR_US, pay_nows[-1], final)  # pays the late ones
-            outputs[run_id] = run_text(store, run_id)
-            cuts, pay_nows = [*cuts, 12 * 24], [*pay_nows, pay_nows[-1]]
-            assert pays + 1 == len(outputs)
-            spp_server.settle(store, write_off)
-            if release:
-                for user in sorted(held):
-                    spp_server.hold_user(store, user, release, "checked")
-            if age_off:  # every balance counts as aged: a cutoff after now
-                spp_server.write_off_balances(store, -1)
-            # A revised report gives its days again whole, in the same breakdown.
-            revised = {key: revisions.get(key, n) for key, n in booked.items()
-                       if key[0] in {day for day, _ in revisions}}
-            book_rows(store, [(day_text(day), prop, n) for (day, prop), n in revised.items()])
-            spp_server.settle(store, write_off)
-            for run_id, cut, pay_now in zip(outputs, cuts, pay_nows):
-                assert pay(store, OCT + cut * HOUR_US, pay_now, final) == run_id
-                assert run_text(store, run_id) == outputs[run_id]
-            check_ledger(store, db, final, write_off)
-            if erased:  # every total stays exact under the pseudonym
-                summary = spp_server.ledger_summary(store)
-                spp_server.erase(store, erased, force=True)
-                assert spp_server.ledger_summary(store) == summary
-                assert rows(db, "SELECT count(*) FROM sessions WHERE user_id = ?", (erased,)) == [(0,)]
-                check_ledger(store, db, final, write_off)
+            yield store, db
         finally:
             store.close()
+
+
+def uncredited_month(month):
+    """A random month where 'd' posted without a sub and 'c' is the deploy
+    check: the month's holds and erasure name them too, when they do."""
+    rename = {"d": "", "c": spp_server.DEPLOY_CHECK_USER}
+    (sessions, order, cuts, final, pay_nows, booked, revisions, write_off,
+     late, held, hold_from, release, age_off, erased) = month
+    return ([(rename.get(user, user), *more) for user, *more in sessions], order, cuts, final,
+            pay_nows, booked, revisions, write_off, late, {rename.get(u, u) for u in held},
+            hold_from, release, age_off, rename.get(erased, erased))
+
+
+def held_if_credited(store, held):
+    """Hold the users of `held` (a set) that can be held -> those.  A user
+    the ledger cannot credit has nothing to hold: refused (issue 22, 2 and 4)."""
+    for user in sorted(held & set(spp_server.UNCREDITED_USERS)):
+        with pytest.raises(spp_server.Invalid, match="nothing to hold"):
+            spp_server.hold_user(store, user, "hold", "suspect")
+    held = held - set(spp_server.UNCREDITED_USERS)
+    for user in sorted(held):
+        spp_server.hold_user(store, user, "hold", "suspect")
+    return held
+
+
+@given(st.one_of(months(), months().map(uncredited_month)))
+@LEDGER_SETTINGS
+def test_ledger_properties_hold_over_random_months(month):
+    (sessions, order, cuts, final, pay_nows, booked, revisions, write_off,
+     late, held, hold_from, release, age_off, erased) = month
+    with month_in_store(sessions, order, booked) as (store, db):
+        outputs = {}
+        for i, (cut, pay_now) in enumerate(zip(cuts, pay_nows)):
+            if i == hold_from:
+                held = held_if_credited(store, held)
+            run_id = pay(store, OCT + cut * HOUR_US, pay_now, final)
+            outputs[run_id] = run_text(store, run_id)
+            if cut % 2:
+                spp_server.settle(store, write_off)
+            if i == 0:  # the clock steps back: sessions on days maybe settled already
+                add_sessions(store, [(u, prop, n, at(day, 23)) for u, day, prop, n in late])
+        pays = len(outputs)
+        run_id = pay(store, OCT + 12 * 24 * HOUR_US, pay_nows[-1], final)  # pays the late ones
+        outputs[run_id] = run_text(store, run_id)
+        cuts, pay_nows = [*cuts, 12 * 24], [*pay_nows, pay_nows[-1]]
+        assert pays + 1 == len(outputs)
+        spp_server.settle(store, write_off)
+        if release:
+            for user in sorted(held):
+                spp_server.hold_user(store, user, release, "checked")
+        if age_off:  # every balance counts as aged: a cutoff after now
+            spp_server.write_off_balances(store, -1)
+        # A revised report gives its days again whole, in the same breakdown.
+        revised = {key: revisions.get(key, n) for key, n in booked.items()
+                   if key[0] in {day for day, _ in revisions}}
+        book_rows(store, [(day_text(day), prop, n) for (day, prop), n in revised.items()])
+        spp_server.settle(store, write_off)
+        for run_id, cut, pay_now in zip(outputs, cuts, pay_nows):
+            assert pay(store, OCT + cut * HOUR_US, pay_now, final) == run_id
+            assert run_text(store, run_id) == outputs[run_id]
+        check_ledger(store, db, final, write_off)
+        if erased in spp_server.UNCREDITED_USERS:  # the deploy check is no person
+            with pytest.raises(spp_server.Invalid, match="nothing to erase"):
+                spp_server.erase(store, erased, force=True)
+        elif erased:  # every total stays exact under the pseudonym
+            summary = spp_server.ledger_summary(store)
+            spp_server.erase(store, erased, force=True)
+            assert spp_server.ledger_summary(store) == summary
+            assert rows(db, "SELECT count(*) FROM sessions WHERE user_id = ?", (erased,)) == [(0,)]
+            check_ledger(store, db, final, write_off)
+
+
+OFFSETS = st.sampled_from([None, 0, 330, -180, 840, -720])
+
+
+@given(months(), st.lists(OFFSETS, min_size=4, max_size=4))
+@LEDGER_SETTINGS
+def test_report_offset_changes_keep_every_ledger_property_over_random_months(month, offsets):
+    """Runs asking for other offsets: each session is paid in one part, on
+    the day the recorded offsets give its receive time, and every ledger
+    property still holds (issue 22, 1).  A session that reached a day
+    already settled (a clock step) is paid on its run's last report day, as
+    the offsets recorded cut it (issue 22, 3)."""
+    sessions, order, cuts, final, pay_nows, booked, _, write_off, late, *_ = month
+    with month_in_store(sessions, order, booked) as (store, db):
+        settled_before = {}  # run -> the days settled when it was computed
+        for i, (cut, pay_now, offset) in enumerate(zip([*cuts, 12 * 24], [*pay_nows, final],
+                                                       [*offsets[:len(cuts)], None])):
+            settled = {day for (day,) in rows(db, "SELECT day FROM settlement_days")}
+            try:
+                run_id = pay(store, OCT + cut * HOUR_US, pay_now, final, offset)
+            except spp_server.Invalid as refused:  # a change that has not started yet
+                assert refused.field == "report-utc-offset"
+                run_id = pay(store, OCT + cut * HOUR_US, pay_now, final, None)
+            settled_before[run_id] = settled
+            if cut % 2:
+                spp_server.settle(store, write_off)
+            if i == 0:  # the clock steps back: sessions on days maybe settled already
+                add_sessions(store, [(u, prop, n, at(day, 23)) for u, day, prop, n in late])
+        spp_server.settle(store, write_off)
+        days = spp_server.recorded_report_days(store, 0)
+        runs = rows(db, "SELECT id, after_session_id, last_session_id, until_us FROM payout_runs")
+        expected = Counter()
+        for sid, user, prop, t, day in rows(
+                db, f"SELECT id, user_id, coalesce(property_id, ''), received_at_us, "
+                    f"{days.sql()} FROM sessions"):
+            assert days.start_us(day) <= t < days.start_us(day + 1) and days.day_of(t) == day
+            run = [(r, until) for r, after, last, until in runs if after < sid <= last]
+            if run:
+                [(run_id, until)] = run
+                if day_text(day - OCT // spp_server.DAY_US) in settled_before[run_id]:
+                    day = days.day_of(until - 1)
+                expected[run_id, day_text(day - OCT // spp_server.DAY_US), prop, user] += 1
+        assert dict(expected) == {tuple(key): n for *key, n in rows(
+            db, "SELECT run_id, day, property_id, user_id, sessions FROM payout_parts")}
+        check_ledger(store, db, final, write_off)
+
+
+@given(months().map(uncredited_month))
+@LEDGER_SETTINGS
+def test_only_users_who_can_be_credited_are_paid_over_random_months(month):
+    """Issue 22, 2: no run line, pay-now, top-up or balance for '' or the
+    deploy check; ''s share of a booked figure is the margin's; the deploy
+    check's sessions are in no part at all."""
+    sessions, order, cuts, final, pay_nows, booked, _, write_off, *_ = month
+    with month_in_store(sessions, order, booked) as (store, db):
+        for cut, pay_now in zip(cuts, pay_nows):
+            run_id = pay(store, OCT + cut * HOUR_US, pay_now, final)
+            assert {line["user-id"] for line in run_lines(store, run_id)}.isdisjoint(
+                {"", spp_server.DEPLOY_CHECK_USER})
+            if cut % 2:
+                spp_server.settle(store, write_off)
+        spp_server.settle(store, write_off)
+        uncredited = ("", spp_server.DEPLOY_CHECK_USER)
+        assert rows(db, "SELECT count(*) FROM payout_parts WHERE user_id = ?",
+                    (spp_server.DEPLOY_CHECK_USER,)) == [(0,)]
+        for table in ("payout_parts", "settlement_lines"):
+            assert rows(db, f"SELECT coalesce(sum(paid_now_nano), 0) FROM {table} "
+                            "WHERE user_id IN (?, ?)", uncredited) == [(0,)]
+        assert rows(db, "SELECT coalesce(sum(final_nano + top_up_nano + carried_nano "
+                        "+ written_off_nano), 0) FROM settlement_lines WHERE user_id IN (?, ?)",
+                    uncredited) == [(0,)]
+        for (settlement_id,) in rows(db, "SELECT id FROM settlements"):  # each line its kind
+            assert all((line["kind"] == "unattributed") == (line["user-id"] in uncredited)
+                       for line in settlement_lines(store, settlement_id))
+        assert rows(db, "SELECT count(*) FROM ledger_balances WHERE user_id IN (?, ?)",
+                    uncredited) == [(0,)]
+        summary = spp_server.ledger_summary(store)
+        for run in summary["runs"]:  # a run's totals are its lines'; '' is shown apart
+            unpaid = rows(db, "SELECT count(*), coalesce(sum(revenue_nano), 0) FROM sessions s "
+                              "JOIN payout_runs r ON s.id > r.after_session_id "
+                              "AND s.id <= r.last_session_id WHERE r.id = ? AND s.user_id = ''",
+                          (run["run-id"],))[0]
+            assert (run["unattributed-sessions"], nanos(run["unattributed-estimated-revenue"])) \
+                == unpaid
+        for pool in summary["days"]:  # what '' would have had is the margin's
+            credited = rows(db, "SELECT coalesce(sum(booked_part_nano), 0), count(*) "
+                                "FROM settlement_lines WHERE settlement_id = ? AND day = ? "
+                                "AND property_id = ? AND user_id <> ''",
+                            (pool["settlement-id"], pool["day"], pool["property-id"]))[0]
+            paid_in_total = nanos(pool["paid-in-total"])
+            assert nanos(pool["unattributed-booked"]) + credited[0] in (
+                nanos(pool["booked-revenue"]), 0)
+            if not write_off and credited[1]:
+                assert paid_in_total <= Fraction(D(final)) * credited[0] or any(
+                    n for (n,) in rows(db, "SELECT count(*) FROM settlement_days WHERE day = ? "
+                                           "AND property_id = ? AND settlement_id < ?",
+                                       (pool["day"], pool["property-id"], pool["settlement-id"])))
+        check_ledger(store, db, final, write_off)
 
 
 # ---------------------------------------------------------------------------
@@ -5872,6 +6367,24 @@ def test_a_release_a_restore_lost_is_put_back_and_never_credited_twice(tmp_path,
     # Asked again: the same record, nothing credited twice.
     assert ledger_command(release, db, "u1", "--reason", "checked")[:2] == (0, released)
     assert count(db, "ledger_holds") == 2
+
+
+def test_a_run_a_restore_lost_is_put_back_with_the_report_offset_it_changed(tmp_path, db):
+    """The report offset is recorded with the runs (issue 22, 1): the journal
+    keeps a run's change with it, and replay puts it back, so that the next
+    run cuts the days as the lost one did."""
+    add_day_sessions(db, 0, 10)
+    assert ledger_command(spp_server.run_pay, db, *pay_args(day_iso(1)))[0] == 0
+    backup = backup_of(db, str(tmp_path / "backup.db"))
+    add_day_sessions(db, 1, 10)
+    code, _, err = ledger_command(spp_server.run_pay, db, *pay_args(day_iso(2)),
+                                  "--report-utc-offset", "+05:30")
+    assert code == 0 and "recorded the report offset +05:30" in err
+    offsets = rows(db, "SELECT run_id, first_day, report_utc_offset FROM report_offsets")
+    assert offsets == [(1, None, 0), (2, day_text(2), 330)]
+    restore(db, backup)
+    assert replay(db)[:2] == (0, "put back run 2 from the ledger journal\n")
+    assert rows(db, "SELECT run_id, first_day, report_utc_offset FROM report_offsets") == offsets
 
 
 def test_every_ledger_step_refuses_a_restored_database_with_one_line_until_it_is_replayed(
