@@ -7170,9 +7170,10 @@ def build_replay_parser(environ):
     parser = HelpfulParser(
         prog="spp_server.py ledger-replay",
         description="After the database was restored from a backup: put back the ledger's "
-        "runs and settlements recorded after the backup, from the ledger journal beside the "
-        "database (<database>-ledger-journal), so that no session is paid twice and no id "
-        "names two steps. pay and settle refuse until then. Writes what it put back to "
+        "steps recorded after the backup (runs, settlements, holds and releases, balance "
+        "write-offs), from the ledger journal beside the database "
+        "(<database>-ledger-journal), so that no session is paid twice and no id names two "
+        "steps. Every ledger step refuses until then. Writes what it put back to "
         "stdout. Safe while the server runs. Exit status 0 when done (or nothing was "
         "missing); 1, with one line on stderr, when the database or the journal cannot be "
         "read or written, or the two disagree.",
