@@ -4448,8 +4448,11 @@ def write_off_aged(older_than_us, conn, created_at_us):
 
 
 def write_off_balances(store, older_than_us):
-    with ledger_step(store):
-        return store.write(functools.partial(write_off_aged, older_than_us))
+    with ledger_step(store) as journal:
+        write_off_id = store.write(functools.partial(write_off_aged, older_than_us))
+        if write_off_id is not None:
+            journal.record("balance-write-off", write_off_id)
+        return write_off_id
 
 
 def balance_write_off_output(store, write_off_id, fmt):
@@ -4756,6 +4759,14 @@ STEP_ROWS = {
     "hold": (
         ("ledger_holds", "id", ("id", "user_id", "action", "at_us", "reason", "amount_nano")),
     ),
+    # Balances written off for their age: one a restore lost would be taken
+    # back again from the users' later pay.
+    "balance-write-off": (
+        ("balance_write_offs", "id", (
+            "id", "created_at_us", "older_than_us", "users", "written_off_nano")),
+        ("balance_write_off_lines", "write_off_id", (
+            "write_off_id", "user_id", "day", "property_id", "written_off_nano")),
+    ),
 }
 RANGE_COLUMNS = ("after_session_id", "last_session_id")
 # Not what tells a step from another's: a run's range (replay may cut it) and
@@ -4941,7 +4952,8 @@ class LedgerJournal:
         made = {(kind, step_id): created for kind, step_id, created in self.conn.execute(
             "SELECT 'run', id, created_at_us FROM db.payout_runs UNION ALL "
             "SELECT 'settlement', id, created_at_us FROM db.settlements UNION ALL "
-            "SELECT 'hold', id, at_us FROM db.ledger_holds")}
+            "SELECT 'hold', id, at_us FROM db.ledger_holds UNION ALL "
+            "SELECT 'balance-write-off', id, created_at_us FROM db.balance_write_offs")}
         for kind, step_id in sorted(unjournaled, key=lambda key: (made[key], key)):
             self.record(kind, step_id)
 
@@ -5109,6 +5121,20 @@ def put_back_settlement(store, journal, header):
     store.write(op)
 
 
+def put_back_balance_write_off(store, journal, header):
+    lines = journal.lost_rows(*STEP_ROWS["balance-write-off"][1], header[0]).fetchall()
+    per_user = collections.Counter()
+    for _, user, _, _, nanos in lines:
+        per_user[user] += nanos
+
+    def op(conn, _):  # as write_off_aged wrote it
+        conn.execute(SQL["insert_balance_write_off"], header)
+        conn.executemany(SQL["insert_balance_write_off_line"], lines)
+        conn.executemany(SQL["take_owed"], ((n, user) for user, n in sorted(per_user.items())))
+
+    store.write(op)
+
+
 def replay_ledger(store):
     """Put back the steps of the journal that the database lacks, in the
     order they were made, each as its own staged step: -> their names."""
@@ -5129,6 +5155,8 @@ def replay_ledger(store):
                     put_back_run(store, journal, header, position)
                 elif kind == "settlement":
                     put_back_settlement(store, journal, header)
+                elif kind == "balance-write-off":
+                    put_back_balance_write_off(store, journal, header)
                 else:
                     store.write(lambda conn, _, row=header: conn.execute(
                         "INSERT INTO ledger_holds (id, user_id, action, at_us, reason, amount_nano) "
@@ -7256,9 +7284,10 @@ def build_replay_parser(environ):
     parser = HelpfulParser(
         prog="spp_server.py ledger-replay",
         description="After the database was restored from a backup: put back the ledger's "
-        "runs and settlements recorded after the backup, from the ledger journal beside the "
-        "database (<database>-ledger-journal), so that no session is paid twice and no id "
-        "names two steps. pay and settle refuse until then. Writes what it put back to "
+        "steps recorded after the backup (runs, settlements, holds and releases, balance "
+        "write-offs), from the ledger journal beside the database "
+        "(<database>-ledger-journal), so that no session is paid twice and no id names two "
+        "steps. Every ledger step refuses until then. Writes what it put back to "
         "stdout. Safe while the server runs. Exit status 0 when done (or nothing was "
         "missing); 1, with one line on stderr, when the database or the journal cannot be "
         "read or written, or the two disagree.",

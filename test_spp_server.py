@@ -6387,6 +6387,29 @@ def test_a_run_a_restore_lost_is_put_back_with_the_report_offset_it_changed(tmp_
     assert rows(db, "SELECT run_id, first_day, report_utc_offset FROM report_offsets") == offsets
 
 
+def test_a_balance_write_off_a_restore_lost_is_put_back_and_not_charged_again(tmp_path):
+    """Balances written off for their age are forgiven: a write-off the
+    restore lost comes back from the journal, so nobody owes them again."""
+    db = str(tmp_path / "spp.db")
+    ledger_month(db)
+    assert ledger_command(spp_server.run_settle, db)[0] == 0
+    for path in (db, spp_server.journal_path(db)):  # balances carried long ago
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+            conn.execute("UPDATE settlements SET created_at_us = 0")
+    owed = "SELECT user_id, owed_nano FROM ledger_balances WHERE owed_nano > 0 ORDER BY user_id"
+    assert rows(db, owed)
+    backup = backup_of(db, str(tmp_path / "backup.db"))
+    assert ledger_command(spp_server.run_write_off_balances, db, "--older-than", "1d")[0] == 0
+    written, owed_after = rows(db, "SELECT * FROM balance_write_off_lines"), rows(db, owed)
+    assert written
+    restore(db, backup)
+    code, out, err = ledger_command(spp_server.run_write_off_balances, db, "--older-than", "1d")
+    assert (code, out) == (1, b"") and "balance-write-off 1 was recorded after this copy" in err
+    assert replay(db)[:2] == (0, "put back balance-write-off 1 from the ledger journal\n")
+    assert rows(db, "SELECT * FROM balance_write_off_lines") == written
+    assert rows(db, owed) == owed_after
+
+
 def test_every_ledger_step_refuses_a_restored_database_with_one_line_until_it_is_replayed(
         tmp_path, db, make_client):
     add_day_sessions(db, 0, 10)
