@@ -193,7 +193,18 @@ def check_exposure(config, listen_hosts):
 
 NANOS_PER_USD = 10**9
 NANO = decimal.Decimal("1e-9")
-MAX_REVENUE = decimal.Decimal(1_000_000)
+MAX_REVENUE = decimal.Decimal(1_000_000)  # a booked report row: below this
+# A postback's estimate: at most this.  Real SPP estimates are 0.00001 to
+# 0.01 USD a session; 10 USD is a thousand times the largest.  It bounds every
+# sum of estimates: the most in one 64-bit nano-USD sum is (2^63 - 1) / 10^10
+# = 922,337,203 maximal sessions, and what is summed whole-USD and nano
+# remainder apart (SQL_SUMS) is limited by the remainders, 9.2 billion
+# sessions of any size.  See docs/ledger.md, "Limits".
+MAX_ESTIMATE = decimal.Decimal(10)
+# Every booked row together: at most this.  The ledger's sums of booked money
+# (pools, settlement headers, margins over every settlement) then stay within
+# 64 bits with a margin of 92 for corrections that settle a pool again.
+MAX_BOOKED_TOTAL = decimal.Decimal(100_000_000)
 # Wide enough that no valid revenue below MAX_REVENUE loses a digit.
 MONEY_CONTEXT = decimal.Context(prec=40, rounding=decimal.ROUND_HALF_EVEN)
 REWARD_CONTEXT = decimal.Context(prec=60)  # exact for any stored sum times any share
@@ -565,6 +576,25 @@ SQL = {
                      count(*) AS sessions, sum(revenue_nano) AS estimated
               FROM sessions WHERE id > :after AND id <= :last AND {reported}
               GROUP BY 1, 2, 3 ORDER BY 1, 2, 3)""",
+    # Sessions a run would pay with an estimate above MAX_ESTIMATE (stored
+    # before the receiver refused them): how many, the largest, the first.
+    "oversized_sessions": """
+        SELECT count(*), max(revenue_nano), min(id) FROM sessions
+        WHERE id > :after AND id <= :last AND revenue_nano > :at_most""",
+    "session_and_user": "SELECT session_id, user_id FROM sessions WHERE id = ?",
+    # void-oversized: the estimates no run has paid, kept in rejected, then 0.
+    "reject_oversized": """
+        INSERT INTO rejected (received_at_us, field, reason, raw_body)
+        SELECT :now, 'your-estimated-revenue',
+               'must be at most ' || :limit || ' USD: stored before the receiver refused it, as '
+                   || (revenue_nano / 1000000000) || ' USD and '
+                   || (revenue_nano % 1000000000) || ' nano-USD for session-id ' || session_id
+                   || ' of user-id ' || user_id || '; its estimate set to 0 by void-oversized',
+               CAST(raw_body AS BLOB)
+        FROM sessions WHERE id > :after AND revenue_nano > :at_most ORDER BY id""",
+    "void_oversized": """
+        UPDATE sessions SET revenue_nano = 0 WHERE id > :after AND revenue_nano > :at_most""",
+    "last_paid_session": "SELECT coalesce(max(last_session_id), 0) FROM payout_runs",
     "settled_day_numbers": """
         SELECT DISTINCT CAST(julianday(day) - 2440587.5 AS INTEGER) FROM settlement_days""",
     "sessions_on_days": """
@@ -618,6 +648,9 @@ SQL = {
         SELECT coalesce(sum(sessions), 0), coalesce(sum(estimated_nano), 0) FROM payout_lines
         WHERE run_id = ? AND user_id IN {SQL_UNCREDITED}""",
     "run_final_shares": "SELECT id, final_share FROM payout_runs",
+    "booked_total": """
+        SELECT coalesce(sum(revenue_nano / 1000000000), 0), coalesce(sum(revenue_nano % 1000000000), 0)
+        FROM booked_revenue""",
     "booked_pools": """
         SELECT day, property_id, sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
         FROM booked_revenue GROUP BY day, property_id ORDER BY day, property_id""",
@@ -814,7 +847,8 @@ SQL = {
     # have one, and their number.
     "suspect_figures": f"""
         SELECT user_id, count(*), count(DISTINCT received_at_us / 86400000000),
-               sum(revenue_nano), coalesce(sum(duration_s), 0), count(duration_s)
+               sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000),
+               coalesce(sum(duration_s), 0), count(duration_s)
         FROM sessions INDEXED BY sessions_by_time
         WHERE received_at_us >= ? AND received_at_us < ? AND user_id NOT IN {SQL_UNCREDITED}
         GROUP BY user_id ORDER BY user_id""",
@@ -831,10 +865,14 @@ SQL = {
     "insert_erasure": "INSERT INTO erasures (erased_at_us, sessions, forced) VALUES (?, ?, ?)",
     # For /metrics: the estimated revenue of the sessions after an id (the
     # total grows by the new ones only), the ledger's last steps and its days.
+    # Split like SQL_SUMS: every session ever stored is in the first sum.
     "revenue_after": """
-        SELECT max(id), coalesce(sum(revenue_nano), 0) FROM sessions WHERE id > ?""",
+        SELECT max(id), coalesce(sum(revenue_nano / 1000000000), 0),
+               coalesce(sum(revenue_nano % 1000000000), 0) FROM sessions WHERE id > ?""",
     # The first sum: the narrow covering index, not the rows with their raw bodies.
-    "revenue_all": "SELECT max(id), coalesce(sum(revenue_nano), 0) FROM sessions",
+    "revenue_all": """
+        SELECT max(id), coalesce(sum(revenue_nano / 1000000000), 0),
+               coalesce(sum(revenue_nano % 1000000000), 0) FROM sessions""",
     "last_session_id": "SELECT coalesce(max(id), 0) FROM sessions",
     "last_run_times": "SELECT created_at_us, until_us FROM payout_runs ORDER BY id DESC LIMIT 1",
     "last_settlement_times": """
@@ -2166,10 +2204,10 @@ class RevenueTotal:
         with self._lock:
             if store.read(SQL["last_session_id"])[0][0] < self._last_id:
                 self._last_id, self._nanos = 0, 0
-            [(last_id, nanos)] = (store.read(SQL["revenue_after"], (self._last_id,))
-                                  if self._last_id else store.read(SQL["revenue_all"]))
+            [(last_id, whole, nanos)] = (store.read(SQL["revenue_after"], (self._last_id,))
+                                         if self._last_id else store.read(SQL["revenue_all"]))
             if last_id is not None:
-                self._last_id, self._nanos = last_id, self._nanos + nanos
+                self._last_id, self._nanos = last_id, self._nanos + whole * NANOS_PER_USD + nanos
             return self._nanos
 
 
@@ -2486,7 +2524,7 @@ def parse_json(text):
 def json_int(text):
     """A JSON whole number: an int, or past the digits int() takes (its
     advice is about sys), an exact Decimal, which the field's own check
-    then refuses by name ("must be below 1000000 USD")."""
+    then refuses by name ("must be at most 10 USD")."""
     return int(text) if len(text) <= 4000 else decimal.Decimal(text)
 
 
@@ -2543,7 +2581,10 @@ def parse_decimal_string(text):
         return None
 
 
-def check_revenue(payload, field="your-estimated-revenue"):
+def check_revenue(payload, field="your-estimated-revenue", at_most=MAX_ESTIMATE):
+    """The field's exact amount in USD -> int nano-USD, from 0 to `at_most`
+    (a postback's estimate) or, with at_most=None, below MAX_REVENUE (a
+    booked report row)."""
     if field not in payload or payload[field] is None:
         raise Invalid(field, "is required")
     value = payload[field]
@@ -2559,6 +2600,9 @@ def check_revenue(payload, field="your-estimated-revenue"):
         raise Invalid(field, "must be finite")
     if value < 0:
         raise Invalid(field, "must not be negative")
+    if at_most is not None and value > at_most:
+        raise Invalid(field, f"must be at most {at_most} USD: no session earns that much "
+                      "(SPP estimates are fractions of a cent)")
     if value >= MAX_REVENUE:
         raise Invalid(field, "must be below 1000000 USD")
     nanos = usd_to_nanos(value)
@@ -2774,7 +2818,7 @@ def booked_row(where, fields, columns):
                "the days reconcile can query")
     metric = columns["revenue"]
     try:
-        nanos = check_revenue(fields, metric)
+        nanos = check_revenue(fields, metric, at_most=None)
         country = check_country(fields)
         property_id = check_property_id(fields)
     except Invalid as invalid:
@@ -2857,6 +2901,7 @@ def compare_with_stored(conn, rows, source_file, imported_at_us):
                   for row in conn.execute(SQL["booked_of_day_and_property"], (day, prop))))
         for prop, country, nanos, at_us, source in found:
             stored[(day, prop, country)] = (nanos, at_us, source)
+    check_booked_total(conn, sum(figures.values()) - sum(row[0] for row in stored.values()))
     counts = {"new": 0, "replaced": 0, "unchanged": 0, "removed": len(stored.keys() - figures)}
     staged = []
     for key, nanos in sorted(figures.items()):
@@ -2868,6 +2913,38 @@ def compare_with_stored(conn, rows, source_file, imported_at_us):
             counts["new" if before is None else "replaced"] += 1
             staged.append((*key, nanos, imported_at_us, source_file))
     return counts, staged, days, properties
+
+
+def booked_total(conn):
+    """Every booked row's revenue added up, in nano-USD."""
+    [(whole, nanos)] = conn.execute(SQL["booked_total"]).fetchall()
+    return whole * NANOS_PER_USD + nanos
+
+
+def check_booked_bound(conn):
+    """Invalid unless the booked revenue stored is at most MAX_BOOKED_TOTAL
+    (a database imported into before the bound): settle refuses by name."""
+    total = booked_total(conn)
+    if total > MAX_BOOKED_TOTAL * NANOS_PER_USD:
+        raise Invalid("booked-revenue", (
+            f"the booked revenue stored adds up to {nanos_to_usd(total)} USD, above the "
+            f"{MAX_BOOKED_TOTAL} USD this receiver keeps (far above any publisher's SPP revenue, "
+            "and what keeps every ledger sum within 64 bits): a wrong file or column was "
+            "imported; import the right report for those days (import-booked replaces them), "
+            "then settle again"))
+
+
+def check_booked_total(conn, change):
+    """BookedFileError when an import that changes the booked rows' total by
+    `change` nano-USD takes it above MAX_BOOKED_TOTAL: what keeps the
+    ledger's sums of booked money within 64 bits.  An import that lowers it
+    is taken, so that a wrong import can always be corrected."""
+    total = booked_total(conn) + change
+    if change > 0 and total > MAX_BOOKED_TOTAL * NANOS_PER_USD:
+        raise BookedFileError(
+            f"would bring the booked revenue stored to {nanos_to_usd(total)} USD, above the "
+            f"{MAX_BOOKED_TOTAL} USD this receiver keeps (far above any publisher's SPP revenue, "
+            "and what keeps every ledger sum within 64 bits): is this the right file and column?")
 
 
 def clear_earlier_imports(store, unfinished_id):
@@ -3592,6 +3669,7 @@ def plan_run(conn, until_us, pay_now, final, offset_minutes, start=None, window_
     last_id = max(after_id, newest or 0)
     if last is None and start is None and window_us is not None:
         check_first_run_window(conn, last_id, until_us)
+    check_no_oversized(conn, after_id, last_id)
     # A settled day's users are never charged for a session that reached it
     # later (a clock step backwards): it is paid on the run's last report day.
     settled = json.dumps([day for (day,) in conn.execute(SQL["settled_day_numbers"])])
@@ -3608,6 +3686,38 @@ def plan_run(conn, until_us, pay_now, final, offset_minutes, start=None, window_
     return RunPlan(previous_id, after_id, last_id, until_us, pay_now, final, days, change, parts,
                    moved, report_day_text(last_day) if moved else None,
                    start.text if last is None and start is not None else None)
+
+
+MAX_ESTIMATE_NANOS = int(MAX_ESTIMATE) * NANOS_PER_USD
+
+
+def check_no_oversized(conn, after_id, last_id):
+    """Invalid naming the field when the run would pay a session above
+    MAX_ESTIMATE: stored before postbacks were refused above it, it is no
+    real estimate, and sums of such sessions can pass 64 bits."""
+    [(count, largest, first)] = conn.execute(SQL["oversized_sessions"], {
+        "after": after_id, "last": last_id, "at_most": MAX_ESTIMATE_NANOS}).fetchall()
+    if count:
+        [(session_id, user_id)] = conn.execute(SQL["session_and_user"], (first,)).fetchall()
+        raise Invalid("your-estimated-revenue", (
+            f"{plural(count, 'session')} to pay {'is' if count == 1 else 'are'} above "
+            f"{MAX_ESTIMATE} USD, up to {nanos_to_usd(largest)} USD (the first: session-id "
+            f"{shown(session_id, 40)} of user-id {shown(user_id, 40)}), stored before the "
+            f"receiver refused estimates above {MAX_ESTIMATE} USD: no SPP session earns that "
+            "much, and sums of such sessions can pass what 64-bit integers hold. Set them "
+            "aside with `spp_server.py void-oversized` (each kept in rejected, its estimate "
+            "set to 0), then pay again"))
+
+
+def void_oversized(conn, _):
+    """The write op of void-oversized: every session no run has paid with an
+    estimate above MAX_ESTIMATE kept in `rejected`, then its estimate set to
+    0 -> how many."""
+    where = {"after": conn.execute(SQL["last_paid_session"]).fetchone()[0],
+             "at_most": MAX_ESTIMATE_NANOS, "limit": str(MAX_ESTIMATE), "now": now_us()}
+    conn.execute(SQL["reject_oversized"], where)
+    return conn.execute(SQL["void_oversized"], where).rowcount
+
 
 def owed_balances(conn):
     """[(user, owed)] of every balance carried and not yet taken back, by user-id."""
@@ -4115,6 +4225,7 @@ def settle(store, write_off=False, problems=None, warnings=None, **lock):
         for _ in range(LEDGER_RETRIES):
             found, said = [], []
             with store.snapshot() as conn:
+                check_booked_bound(conn)
                 fingerprint, offset, pools = settle_pools(conn, found, said)
                 owed = dict(owed_balances(conn))
             for given, new in ((problems, found), (warnings, said)):
@@ -4419,9 +4530,9 @@ def spread(values, centre):
 
 def user_figures(row):
     """A suspect_figures row -> {figure: Fraction} (None where unknown)."""
-    user, sessions, days, revenue, duration, timed = row
+    user, sessions, days, whole, nanos, duration, timed = row
     return {"sessions-per-day": Fraction(sessions, days),
-            "revenue-per-session": Fraction(revenue, sessions * 10**9),
+            "revenue-per-session": Fraction(whole * NANOS_PER_USD + nanos, sessions * 10**9),
             "mean-duration-s": Fraction(duration, timed) if timed else None}
 
 
@@ -7060,6 +7171,9 @@ def run_import_booked(argv, environ, out):
         # Committed when it returns, failed (nothing changed) when it raises:
         # a command's write has no deadline (InlineWriter).
         counts = import_booked(store, rows, os.path.basename(args.file))
+    except BookedFileError as exc:
+        say(f"{name}: {args.file}: {exc}; nothing imported")
+        return 1
     except StoreUnavailable as exc:
         store.close()
         say(f"{name}: {exc}; nothing imported (running it again is safe)")
@@ -7292,6 +7406,10 @@ def run_ledger_step(prog, db, out, step, look=None):
             report.write(chunk)
     except Invalid as invalid:
         return ledger_refusal(prog, invalid)
+    except OverflowError:  # a sum past 64 bits that the bounds above did not foresee
+        say(f"{prog}: a sum is beyond what SQLite's 64-bit integers hold; nothing is recorded: "
+            "please report it (docs/ledger.md, \"Limits\")")
+        return 1
     except (StoreUnavailable, sqlite3.Error) as exc:
         if committed:  # reading it back failed: the output is cut short, the step is not
             say(f"{prog}: {committed}, but reading it back failed: {exc}")
@@ -7570,6 +7688,33 @@ def run_erase(argv, environ, out):
     return run_ledger_step(parser.prog, args.db, out, step)
 
 
+def build_void_oversized_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py void-oversized",
+        description=f"Set aside the estimates above {MAX_ESTIMATE} USD that no run has paid: "
+        "stored before the receiver refused them, they are no real SPP estimates, and pay "
+        "refuses to pay them. Each is kept in rejected (its body, and its session-id, user-id "
+        "and amount in the reason) and its session's estimate set to 0; the session still "
+        "counts. Restart the server afterwards: the web view and /metrics keep running totals. "
+        "Exit 0, or 1 when the database cannot be written.",
+    )
+    add_db_option(parser, environ, "SQLite database file; never created")
+    return parser
+
+
+def run_void_oversized(argv, environ, out):
+    parser = build_void_oversized_parser(environ)
+    args = parse_arguments(parser, argv)
+
+    def step(store):
+        voided = store.write(void_oversized)
+        return "the change is committed", [
+            f"{plural(voided, 'session')} above {MAX_ESTIMATE} USD set to 0, kept in rejected\n"
+            .encode()]
+
+    return run_ledger_step(parser.prog, args.db, out, step)
+
+
 def setup_logging(level="info"):
     # No timestamps: journald adds its own.
     logging.basicConfig(
@@ -7599,6 +7744,8 @@ COMMANDS = {
     "release": (functools.partial(run_hold, action="release"),
                 "release a held user: what was withheld credited (or --write-off)"),
     "erase": (run_erase, "erase a user on request: no trace of their id left in the database file"),
+    "void-oversized": (run_void_oversized,
+                       f"set aside unpaid estimates above {MAX_ESTIMATE} USD, stored before they were refused"),
 }
 
 

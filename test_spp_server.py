@@ -32,6 +32,7 @@ import signal
 import socket
 import sqlite3
 import stat
+import string
 import subprocess
 import sys
 import tempfile
@@ -595,6 +596,10 @@ def test_body_that_is_not_a_json_object_is_400_and_kept_raw(client, db, body):
         ("your-estimated-revenue", -1),
         ("your-estimated-revenue", "1000000"),
         ("your-estimated-revenue", "999999.9999999996"),
+        ("your-estimated-revenue", "10.000000001"),  # one nano-USD above the largest
+        ("your-estimated-revenue", "10.0000000001"),  # above, although it rounds to 10
+        ("your-estimated-revenue", 11),
+        ("your-estimated-revenue", "999999"),
         ("your-estimated-revenue", 1e400),
         ("your-estimated-revenue", "NaN"),
         ("your-estimated-revenue", "Infinity"),
@@ -698,7 +703,10 @@ def test_non_finite_json_number_literals_are_400(client, db, literal):
         ({"your_estimated_revenue": "0"}, "revenue_nano", 0),
         ({"your_estimated_revenue": "-0"}, "revenue_nano", 0),
         ({"your_estimated_revenue": "1.2e-05"}, "revenue_nano", 12_000),
-        ({"your_estimated_revenue": "999999.999999999"}, "revenue_nano", 999_999_999_999_999),
+        ({"your_estimated_revenue": "10"}, "revenue_nano", 10_000_000_000),  # the largest
+        ({"your_estimated_revenue": "1e1"}, "revenue_nano", 10_000_000_000),
+        ({"your_estimated_revenue": "9.9999999995"}, "revenue_nano", 10_000_000_000),  # half-even
+        ({"your_estimated_revenue": "9.999999999"}, "revenue_nano", 9_999_999_999),
         ({"your_estimated_revenue": "0.0000000005"}, "revenue_nano", 0),  # half-even: down
         ({"your_estimated_revenue": "0.0000000015"}, "revenue_nano", 2),  # half-even: up
         ({"your_estimated_revenue": "0.0000000025"}, "revenue_nano", 2),
@@ -774,7 +782,7 @@ def test_escaped_surrogate_pair_in_an_id_is_one_character(client, db):
     "literal, allowed",
     [
         ("-0", {0}), ("-0.0", {0}), ("0e0", {0}), ("1E-9", {1}), ('"1e-9"', {1}),
-        ("0.0000000005", {0}), ('"-0e5"', {0}), ("12", {12 * 10**9}),
+        ("0.0000000005", {0}), ('"-0e5"', {0}), ("7", {7 * 10**9}), ("12", {400}),
         ("1e400", {400}), ("1e99999999999999999999", {400}), ('"1e99999999999999999999"', {400}),
         # Too small to be written down by Python's Decimal; it rounds to 0 nano-USD.
         ('"1e-99999999999999999999"', {0, 400}), ("1e-99999999999999999999", {0, 400}),
@@ -951,7 +959,7 @@ TOTAL_KEYS = ["user-id", "sessions", "ads-viewed", "session-duration", "estimate
 NANO_DECIMAL = Decimal("1e-9")
 
 
-REVENUES = st.decimals(min_value=0, max_value=Decimal("999999.999999999"), places=9,
+REVENUES = st.decimals(min_value=0, max_value=spp_server.MAX_ESTIMATE, places=9,
                        allow_nan=False, allow_infinity=False)
 
 
@@ -979,7 +987,7 @@ def test_many_tenths_add_up_exactly(client):
 
 
 def test_earnings_sum_is_exact_for_awkward_amounts(client):
-    amounts = ["0.000012", "0.000000001", "123.456789012", "0.3", "999999.999999999", "7"]
+    amounts = ["0.000012", "0.000000001", "3.456789012", "0.3", "9.999999999", "7"]
     for amount in amounts:
         post(client, postback(user_id="mix", your_estimated_revenue=amount))
     revenue = earnings(client, "mix").json["estimated-revenue"]
@@ -5924,7 +5932,9 @@ def months(draw):
     sessions = draw(st.lists(st.tuples(
         st.sampled_from(["a", "b", "c", "d", "é"]), st.integers(0, 9), st.integers(0, 23),
         st.sampled_from([None, "p1", "p2"]),
-        st.one_of(st.integers(0, 10**7), st.integers(0, 10**12))), max_size=40))
+        # Up to the largest estimate a postback may give.
+        st.one_of(st.integers(0, 10**7), st.integers(0, spp_server.MAX_ESTIMATE_NANOS))),
+        max_size=40))
     order = draw(st.sampled_from(["time", "clock steps"]))
     cuts = sorted(set(draw(st.lists(st.integers(1, 11 * 24), min_size=1, max_size=4))))
     final = draw(share_strategy())
@@ -6790,6 +6800,219 @@ def test_the_routines_as_written_never_pay_twice_across_a_restore_killed_at_each
         assert count(db, "settlements") == 1
     finally:
         kill_group(server)
+
+
+# ---------------------------------------------------------------------------
+# Limits: no input can take a sum past 64 bits and block the ledger
+# ---------------------------------------------------------------------------
+
+LARGEST = spp_server.MAX_ESTIMATE_NANOS  # the largest estimate a postback may give
+
+
+def insert_sessions(db, user, nanos, n, day=0, prop=None, first=0):
+    """n sessions of `user` at `nanos` each, written straight to the file (an
+    older receiver's, or what many postbacks would leave), on report day `day`."""
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.executemany(
+            "INSERT INTO sessions (session_id, user_id, property_id, revenue_nano, received_at_us,"
+            " raw_body) VALUES (?, ?, ?, ?, ?, ?)",
+            ((f"{user}-{first + i}", user, prop, nanos, at(day, i % 24),
+              json.dumps({"your-estimated-revenue": nanos_to_text(nanos)})) for i in range(n)))
+
+
+def read_every_page(client, user, run_id=None, settlement_id=None):
+    """Every read endpoint and web view page that sums estimates or ledger
+    amounts, answered 200 (never a 500 from an overflow) -> /metrics text."""
+    window = {"since": "2020-09-01", "until": "2020-12-01"}
+    for url in [f"/users/{user}/earnings", f"/users/{user}/statement", "/ledger", "/stats",
+                "/sessions", "/rejected", "/view/ledger", "/view/postbacks", f"/view/users/{user}",
+                "/view/?month=2020-10", "/view/users?month=2020-10"]:
+        client.get(url, status=200)
+    for group_by in ("day", "property-id", "country", "day,property-id,country"):
+        client.get("/totals", params={**window, "group-by": group_by}, status=200)
+    client.get("/earnings", params=window, status=200)
+    client.get("/reconciliation", params=window, status=200)
+    for path, step in (("runs", run_id), ("settlements", settlement_id)):
+        if step is not None:
+            client.get(f"/ledger/{path}/{step}", status=200)
+    return client.get("/metrics", status=200).text
+
+
+def test_the_largest_estimate_is_taken_and_one_nano_usd_more_is_refused_by_name(client, db):
+    for literal in ['"10"', "10", '"1e1"', '"9.9999999995"']:  # the last rounds half-even to 10
+        text = json.dumps(postback(session_id=f"s{literal}")).replace(
+            '"0.000012"', literal)
+        assert send_raw(client, text.encode()).json == {"status": "recorded"}
+    assert rows(db, "SELECT DISTINCT revenue_nano FROM sessions") == [(LARGEST,)]
+    for literal in ['"10.000000001"', "10.000000001", '"10.0000000001"', '"1.0000000001e1"',
+                    "999999", '"999999"', "11"]:
+        text = json.dumps(postback(session_id="above")).replace('"0.000012"', literal)
+        res = send_raw(client, text.encode())
+        assert_error(res, 400, "your-estimated-revenue")
+        assert "at most 10 USD" in res.json["error"]
+    assert count(db, "sessions") == 4
+    assert count(db, "rejected") == 7  # each body kept, as for any refusal
+    assert [b"10.000000001" in body for (body,) in rows(db, "SELECT raw_body FROM rejected")] == [
+        True, True, False, False, False, False, False]
+
+
+def test_many_sessions_at_the_largest_estimate_pay_settle_and_read(client, db, store, capsys):
+    # 30,000 sessions at 10 USD of one user on one day (one part of a run)
+    # and another user's on the next, booked at the largest total an import
+    # takes: every step and every page works, to the nano-USD.
+    insert_sessions(db, "max", LARGEST, 30_000, day=0)
+    insert_sessions(db, "other", LARGEST, 100, day=1)
+    total = spp_server.MAX_BOOKED_TOTAL
+    book_rows(store, [(day_text(d), "", nanos(str(total / 200))) for d in range(2)] +
+              [(day_text(d + 2), "", nanos(str(total / 200))) for d in range(98)])
+    assert run_cli(spp_server.run_pay, ["--db", db, "--until", iso(at(2, 0)),
+                                        "--pay-now-share", "0.6", "--final-share", "0.9"]) == 0
+    assert run_cli(spp_server.run_settle, ["--db", db]) == 0
+    assert run_cli(spp_server.run_statement, ["max", "--db", db]) == 0
+    assert run_cli(spp_server.run_ledger, ["--db", db]) == 0
+    capsys.readouterr()
+    assert earnings(client, "max").json["estimated-revenue"] == "300000"
+    assert run_lines(store, 1)[0] == {
+        "run-id": "1", "user-id": "max", "sessions": "30000", "estimated-revenue": "300000",
+        "paid-now": "180000", "deducted": "0", "withheld": "0"}
+    # Day 0's pool: booked 500,000 USD, all to the one user; final 0.9 of it.
+    line = next(line for line in settlement_lines(store, 1) if line["user-id"] == "max")
+    assert (line["booked-part"], line["final"], line["top-up"]) == ("500000", "450000", "270000")
+    metrics = read_every_page(client, "max", run_id=1, settlement_id=1)
+    assert metric_value(metrics, "spp_estimated_revenue_usd_total") == 301_000
+
+
+def test_an_import_takes_the_booked_total_up_to_the_bound_and_refuses_past_it(
+        store, db, tmp_path, capsys):
+    per_day = spp_server.MAX_BOOKED_TOTAL / 125  # 800,000 USD: below the 1,000,000 of a row
+    report = tmp_path / "r.csv"
+    days = [day_text(d) for d in range(125)]
+    report.write_text("date,revenue\n" + "".join(f"{d},{per_day}\n" for d in days))
+    assert run_cli(spp_server.run_import_booked, [str(report), "--db", db]) == 0
+    extra = tmp_path / "extra.csv"
+    extra.write_text(f"date,revenue\n{day_text(125)},0.000000001\n")
+    assert run_cli(spp_server.run_import_booked, [str(extra), "--db", db]) == 1
+    err = capsys.readouterr().err
+    assert "100000000.000000001 USD, above the 100000000 USD" in err and "nothing imported" in err
+    assert count(db, "booked_revenue") == 125
+    # Replacing a day by a lower figure is taken, and then the one nano-USD more fits.
+    lower = tmp_path / "lower.csv"
+    lower.write_text(f"date,revenue\n{days[0]},799999.999999999\n")
+    assert run_cli(spp_server.run_import_booked, [str(lower), "--db", db]) == 0
+    assert run_cli(spp_server.run_import_booked, [str(extra), "--db", db]) == 0
+    assert rows(db, "SELECT sum(revenue_nano) FROM booked_revenue") == [(10**17,)]
+
+
+def test_booked_revenue_stored_above_the_bound_is_refused_by_settle_until_corrected(
+        store, db, tmp_path, capsys):
+    # The issue's file: 13,520 rows at 999,999.99 USD, stored by an older receiver.
+    add_sessions(store, [("u", None, 1_000_000, at(d)) for d in range(20)])
+    pay(store, at(20, 0))
+    countries = [a + b for a in string.ascii_uppercase for b in string.ascii_uppercase]
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.executemany("INSERT INTO booked_rows VALUES (1, ?, '', ?, ?, 0, 'old.csv')",
+                         ((day_text(d), c, nanos("999999.99")) for d in range(20) for c in countries))
+        conn.executemany("INSERT INTO booked_current VALUES (?, '', 1)",
+                         ((day_text(d),) for d in range(20)))
+    assert count(db, "booked_revenue") == 13_520
+    before = ledger_counts(db)
+    assert run_cli(spp_server.run_settle, ["--db", db]) == 2
+    err = capsys.readouterr().err
+    assert "booked-revenue: the booked revenue stored adds up to 13519999864.8 USD" in err
+    assert "import the right report" in err and "nothing changed" in err
+    assert ledger_counts(db) == before
+    right = tmp_path / "right.csv"  # lower than what is stored: taken although still above
+    right.write_text("date,revenue\n" + "".join(f"{day_text(d)},0.002\n" for d in range(10)))
+    assert run_cli(spp_server.run_import_booked, [str(right), "--db", db]) == 0
+    assert run_cli(spp_server.run_settle, ["--db", db]) == 2
+    assert "adds up to 6759999932.42 USD" in capsys.readouterr().err
+    right.write_text("date,revenue\n" + "".join(f"{day_text(d)},0.002\n" for d in range(10, 20)))
+    assert run_cli(spp_server.run_import_booked, [str(right), "--db", db]) == 0
+    assert run_cli(spp_server.run_settle, ["--db", db]) == 0
+    assert count(db, "settlement_lines") == 20
+
+
+def test_estimates_stored_above_the_largest_are_refused_by_pay_until_set_aside(
+        client, db, store, capsys, monkeypatch):
+    # An older receiver took 10,000 postbacks at 999,999 USD: their sum passes
+    # 2^63 nano-USD.  One at 20 USD was paid before (as if by that receiver).
+    add_sessions(store, [("u", None, 1_000_000, at(0)), ("paid", None, 20 * 10**9, at(0))])
+    with monkeypatch.context() as patch:
+        patch.setattr(spp_server, "MAX_ESTIMATE_NANOS", 10**15)
+        pay(store, at(1, 0))
+    insert_sessions(db, "whale", nanos("999999"), 10_000, day=1)
+    add_sessions(store, [("u", None, 2_000_000, at(1))])
+    # Reads sum them past 64 bits, exactly.
+    assert earnings(client, "whale").json["estimated-revenue"] == "9999990000"
+    assert metric_value(read_every_page(client, "whale"), "spp_estimated_revenue_usd_total") == (
+        D("9999990020.003"))
+    assert suspects_of(store)  # the report of users worth a look reads them too
+    pay_args = ["--db", db, "--until", iso(at(2, 0)), "--pay-now-share", "0.6",
+                "--final-share", "0.9"]
+    before = ledger_counts(db)
+    assert run_cli(spp_server.run_pay, pay_args) == 2
+    err = capsys.readouterr().err
+    assert "your-estimated-revenue: 10000 sessions to pay are above 10 USD, up to 999999 USD" in err
+    assert "'whale-0'" in err and "void-oversized" in err and "nothing changed" in err
+    assert ledger_counts(db) == before
+    out = []
+    assert run_cli(spp_server.run_void_oversized, ["--db", db], out) == 0
+    assert out == ["10000 sessions above 10 USD set to 0, kept in rejected\n"]
+    assert count(db, "rejected") == 10_000
+    [(field, reason, body)] = rows(db, "SELECT field, reason, raw_body FROM rejected LIMIT 1")
+    assert field == "your-estimated-revenue" and "999999 USD and 0 nano-USD" in reason
+    assert "whale-" in reason and json.loads(body) == {"your-estimated-revenue": "999999"}
+    client.get("/view/postbacks?outcome=rejected", status=200)
+    assert client.get("/rejected", status=200).json["rejected"][0]["raw-body"] == body.decode()
+    # The session paid before keeps its estimate: its run stands as it was paid.
+    assert rows(db, "SELECT revenue_nano FROM sessions WHERE user_id = 'paid'") == [(20 * 10**9,)]
+    assert run_cli(spp_server.run_pay, pay_args) == 0
+    lines = {line["user-id"]: line for line in run_lines(store, 2)}
+    assert (lines["whale"]["estimated-revenue"], lines["u"]["paid-now"]) == ("0", "0.0012")
+    assert run_cli(spp_server.run_void_oversized, ["--db", db], out) == 0
+    assert out[1].startswith("0 sessions above")
+
+
+def test_a_sum_past_64_bits_that_no_bound_foresaw_is_one_line_not_a_traceback(
+        store, db, capsys, monkeypatch):
+    add_sessions(store, [("u", None, 1_000_000, at(0))])
+    monkeypatch.setattr(spp_server, "run_lines_of", lambda parts: {"u": (1, 2**63, 0)})
+    assert run_cli(spp_server.run_pay, ["--db", db, "--until", iso(at(1, 0)),
+                                        "--pay-now-share", "0.6", "--final-share", "0.9"]) == 1
+    err = capsys.readouterr().err
+    assert "beyond what SQLite's 64-bit integers hold; nothing is recorded" in err
+    assert "Traceback" not in err
+    assert count(db, "payout_runs") == 0
+
+
+class AnyTextSink(io.BytesIO):
+    """stdout for a command: some write text, others bytes."""
+
+    def write(self, data):
+        return super().write(data.encode() if isinstance(data, str) else data)
+
+
+def run_cli(command, argv, output=None):
+    """Run a command's run_ function -> its exit status; what it wrote to
+    stdout is appended to `output` (a list), when given."""
+    out = AnyTextSink()
+    status = command(argv, {}, out)
+    if output is not None:
+        output.append(out.getvalue().decode())
+    return status
+
+
+def iso(us):
+    return spp_server.iso_utc(us)
+
+
+def metric_value(text, name):
+    return D(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
+
+
+def suspects_of(store):
+    return spp_server.suspects(store, OCT, at(30))["users"]
+
 
 
 # ---------------------------------------------------------------------------
@@ -8034,6 +8257,7 @@ def run_entry_point(entry, db, tmp_path):
         or spp_server.run_hold(["u", "--reason", "r", "--db", db], {}, io.BytesIO(), "release"),
         "erase": lambda: spp_server.run_erase(["u", "--db", db], {}, io.BytesIO()),
         "ledger-replay": lambda: spp_server.run_ledger_replay(["--db", db], {}, io.BytesIO()),
+        "void-oversized": lambda: spp_server.run_void_oversized(["--db", db], {}, io.BytesIO()),
     }[entry]()
 
 
@@ -9189,7 +9413,7 @@ EVERY_COMMAND = [[], ["export", "--since", "1", "--until", "2"],
                  ["pay", "--until", "1", "--pay-now-share", "0.5", "--final-share", "0.9"],
                  ["settle"], ["statement", "u"], ["ledger"], ["ledger-replay"], ["erase", "u"],
                  ["hold", "u", "--reason", "r"], ["release", "u", "--reason", "r"],
-                 ["write-off-balances", "--older-than", "90d"], ["suspects"]]
+                 ["write-off-balances", "--older-than", "90d"], ["suspects"], ["void-oversized"]]
 
 
 def test_every_command_is_in_the_list_of_every_command():
