@@ -6976,7 +6976,7 @@ def test_estimates_stored_above_the_largest_are_refused_by_pay_until_set_aside(
 def test_a_sum_past_64_bits_that_no_bound_foresaw_is_one_line_not_a_traceback(
         store, db, capsys, monkeypatch):
     add_sessions(store, [("u", None, 1_000_000, at(0))])
-    monkeypatch.setattr(spp_server, "run_lines_of", lambda parts: {"u": (1, 2**63, 0)})
+    monkeypatch.setattr(spp_server, "run_lines_of", lambda parts: {"u": spp_server.RunLine(1, 2**63, 0)})
     assert run_cli(spp_server.run_pay, ["--db", db, "--until", iso(at(1, 0)),
                                         "--pay-now-share", "0.6", "--final-share", "0.9"]) == 1
     err = capsys.readouterr().err
