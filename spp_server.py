@@ -4201,9 +4201,8 @@ class Unsettled:
 def settlement_line_rows(computed):
     """The lines of every pool, to be staged in user-id order (then day and
     property): both the primary key and settlement_lines_by_user then grow
-    at a few places, so a staged chunk writes few pages.  In pool order, each
-    chunk rewrote index pages all over the table: three times as long for a
-    month of 931,000 lines."""
+    at a few places, so a staged chunk writes few pages (in pool order, each
+    chunk would rewrite index pages all over the table; see docs/performance.md)."""
     rows = list(itertools.chain.from_iterable(lines for _, lines in computed))
     rows.sort(key=operator.attrgetter("user_id"))  # stable: a user's pools stay in day, property order
     return rows
