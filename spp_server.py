@@ -3654,12 +3654,10 @@ def run_report_days(conn, last, offset_minutes):
 
 
 def plan_run(conn, until_us, pay_now, final, offset_minutes, start=None, window_us=None):
-    """On a read snapshot: the recorded run's id, or the RunPlan of a new one.
-    `start`: see check_run.  With `window_us`, a first run without a start
-    refuses sessions received longer than that before `until_us`."""
-    run_id = check_run(conn, until_us, pay_now, final, offset_minutes, start)
-    if run_id is not None:
-        return run_id
+    """On a read snapshot, after check_run found no run recorded for
+    `until_us`: the RunPlan of a new one.  `start`: see check_run.  With
+    `window_us`, a first run without a start refuses sessions received longer
+    than that before `until_us`."""
     last = conn.execute(SQL["last_run"]).fetchone()
     previous_id, after_id = (last[0], last[1]) if last else (None, 0)
     days, change = run_report_days(conn, last, offset_minutes)
@@ -3861,9 +3859,10 @@ def pay_run(store, until_us, pay_now, final, offset_minutes, start=None, window_
     with ledger_step(store, **lock) as journal:
         for _ in range(LEDGER_RETRIES):
             with store.snapshot() as conn:
+                recorded_id = check_run(conn, until_us, pay_now, final, offset_minutes, start)
+                if recorded_id is not None:
+                    return recorded_id
                 plan = plan_run(conn, until_us, pay_now, final, offset_minutes, start, window_us)
-            if not isinstance(plan, RunPlan):
-                return plan
             clear_unfinished(store)
             run_id = (plan.previous_run_id or 0) + 1
             lines = run_lines_of(plan.parts)

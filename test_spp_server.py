@@ -4603,7 +4603,8 @@ def test_a_run_recorded_meanwhile_fails_the_write_of_another(store, db):
         plan = spp_server.plan_run(conn, at(1, 0), D("0.5"), D("1"), 0)
     pay(store, at(0, 12))
     with pytest.raises(spp_server.LedgerMoved):
-        store.write(functools.partial(spp_server.record_run, plan, 2, {"a": [1, 1000, 500]}))
+        store.write(functools.partial(spp_server.record_run, plan, 2,
+                                      {"a": spp_server.RunLine(1, 1000, 500)}))
     assert count(db, "payout_runs") == 1
 
 
