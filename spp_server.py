@@ -3654,12 +3654,10 @@ def run_report_days(conn, last, offset_minutes):
 
 
 def plan_run(conn, until_us, pay_now, final, offset_minutes, start=None, window_us=None):
-    """On a read snapshot: the recorded run's id, or the RunPlan of a new one.
-    `start`: see check_run.  With `window_us`, a first run without a start
-    refuses sessions received longer than that before `until_us`."""
-    run_id = check_run(conn, until_us, pay_now, final, offset_minutes, start)
-    if run_id is not None:
-        return run_id
+    """On a read snapshot, after check_run found no run recorded for
+    `until_us`: the RunPlan of a new one.  `start`: see check_run.  With
+    `window_us`, a first run without a start refuses sessions received longer
+    than that before `until_us`."""
     last = conn.execute(SQL["last_run"]).fetchone()
     previous_id, after_id = (last[0], last[1]) if last else (None, 0)
     days, change = run_report_days(conn, last, offset_minutes)
@@ -3795,17 +3793,26 @@ def clear_unfinished(store):
             pass
 
 
+@dataclass(slots=True)
+class RunLine:
+    """A user's line of a run: their parts summed (a mutable accumulator)."""
+
+    sessions: int
+    estimated: int
+    paid: int  # paid now
+
+
 def run_lines_of(parts):
-    """{user: [sessions, estimated, paid now]} summed over the user's parts."""
+    """{user: RunLine} summed over the user's parts."""
     lines = {}
     for _, _, _, user, sessions, estimated, paid in parts:
         line = lines.get(user)
         if line is None:
-            lines[user] = [sessions, estimated, paid]
+            lines[user] = RunLine(sessions, estimated, paid)
         else:
-            line[0] += sessions
-            line[1] += estimated
-            line[2] += paid
+            line.sessions += sessions
+            line.estimated += estimated
+            line.paid += paid
     return lines
 
 
@@ -3818,13 +3825,15 @@ def record_run(plan, run_id, lines, conn, created_at_us):
     # A held user's pay-now is withheld whole (see hold_user); read here, in
     # the run's own transaction, so that a hold committed before it applies.
     held = {user for (user,) in conn.execute(SQL["held_users"])}
-    withheld = [(user, lines[user][2]) for user in sorted(held) if lines.get(user, (0, 0, 0))[2]]
+    withheld = [(user, lines[user].paid) for user in sorted(held)
+                if user in lines and lines[user].paid]
     # A carried balance is taken back from what the user is paid now, never below zero.
-    taken = [(user, min(owed, lines[user][2])) for user, owed in owed_balances(conn)
-             if user in lines and lines[user][2] and user not in held]
+    taken = [(user, min(owed, lines[user].paid)) for user, owed in owed_balances(conn)
+             if user in lines and lines[user].paid and user not in held]
     # The run's totals are its printed lines': the uncredited users' are not.
     paid = [line for user, line in lines.items() if user not in UNCREDITED_USERS]
-    totals = [sum(line[i] for line in paid) for i in range(3)]
+    totals = [sum(line.sessions for line in paid), sum(line.estimated for line in paid),
+              sum(line.paid for line in paid)]
     conn.execute(SQL["insert_run"], (
         run_id, plan.after_id, plan.last_id, plan.until_us, created_at_us, share_text(plan.pay_now),
         share_text(plan.final), plan.days.offset, len(paid), *totals,
@@ -3850,15 +3859,17 @@ def pay_run(store, until_us, pay_now, final, offset_minutes, start=None, window_
     with ledger_step(store, **lock) as journal:
         for _ in range(LEDGER_RETRIES):
             with store.snapshot() as conn:
+                recorded_id = check_run(conn, until_us, pay_now, final, offset_minutes, start)
+                if recorded_id is not None:
+                    return recorded_id
                 plan = plan_run(conn, until_us, pay_now, final, offset_minutes, start, window_us)
-            if not isinstance(plan, RunPlan):
-                return plan
             clear_unfinished(store)
             run_id = (plan.previous_run_id or 0) + 1
             lines = run_lines_of(plan.parts)
             write_in_chunks(store, SQL["insert_part"], plan.parts)
             write_in_chunks(store, SQL["insert_line"],
-                            ((run_id, user, *line) for user, line in sorted(lines.items())))
+                            ((run_id, user, line.sessions, line.estimated, line.paid)
+                             for user, line in sorted(lines.items())))
             try:
                 store.write(functools.partial(record_run, plan, run_id, lines))
             except LedgerMoved:
@@ -3910,8 +3921,32 @@ def largest_remainder(total, weights):
     return parts
 
 
-# Pool.users entries: per user, summed over the user's parts of the pool.
-SESSIONS, ESTIMATED, PAID, SHARE_BY_SESSIONS, SHARE_BY_ESTIMATES, ADJUSTMENT, STANDING, HELD = range(8)
+@dataclass(slots=True)
+class PoolUser:
+    """A Pool.users entry: one user's parts of the pool summed (an accumulator)."""
+
+    sessions: int
+    estimated: int
+    paid: int  # paid now
+    # The final share (millionths) times sessions and times estimates.
+    share_by_sessions: int
+    share_by_estimates: int
+    # None before the first settlement of the pool; then top-ups less balances carried.
+    adjustment: int | None = None
+    standing: int = 0  # the standing write-off: written off, less written back
+    held: bool = False
+
+
+# A row of insert_settlement_line, in its columns' order.
+SettlementLine = collections.namedtuple("SettlementLine", (
+    "settlement_id", "day", "property_id", "user_id", "sessions", "estimated", "booked_part",
+    "final", "paid", "top_up", "carried", "written_off", "correction", "deducted",
+    "written_back", "held"))
+
+# A row of insert_settlement_day, in its columns' order.
+SettlementDay = collections.namedtuple("SettlementDay", (
+    "day", "property_id", "settlement_id", "by_property", "booked", "sessions", "estimated",
+    "paid", "final", "top_up", "carried", "written_off"))
 
 
 @dataclass
@@ -3922,50 +3957,47 @@ class Pool:
     property_id: str
     by_property: int
     booked: int
-    # user -> [sessions, estimated, paid now, final share (millionths) times
-    # sessions and times estimates, adjustment (None before the first
-    # settlement of the pool; then top-ups less balances carried), the
-    # standing write-off (written off, less written back), held]
-    users: dict
+    users: dict  # user -> PoolUser
 
     def totals(self):
         users = self.users.values()
-        return sum(u[0] for u in users), sum(u[1] for u in users), sum(u[2] for u in users)
+        return (sum(u.sessions for u in users), sum(u.estimated for u in users),
+                sum(u.paid for u in users))
 
 
 def pool_lines(pool, write_off, settlement_id):
-    """Per user, in user-id order, the rows of insert_settlement_line:
-    (settlement, day, property, user, sessions, estimated, booked part, final,
-    paid now, top-up, carried, written off, correction, deducted (set later by
-    take_owed_from_top_ups), written back, held).  The final amount is the
+    """Per user, in user-id order, a SettlementLine (deducted is set later by
+    take_owed_from_top_ups).  The final amount is the
     booked part times the final shares of the runs that paid the user's
     sessions (weighted by their estimates), rounded down once.  A held user
     weighs nothing: the booked figure is shared among the others.  An
     uncredited user (UNCREDITED_USERS) weighs as any other, and their booked
     part is the margin's: final 0 (line_kind tells such lines apart)."""
     users = sorted(pool.users)
-    counted = [pool.users[u] for u in users if not pool.users[u][HELD]]
-    by_sessions = not any(u[ESTIMATED] for u in counted)  # no estimate to weigh by
-    weight_of = SESSIONS if by_sessions else ESTIMATED
-    weights = [0 if pool.users[u][HELD] else pool.users[u][weight_of] for u in users]
+    counted = [pool.users[u] for u in users if not pool.users[u].held]
+    by_sessions = not any(u.estimated for u in counted)  # no estimate to weigh by
+    weights = [0 if entry.held else entry.sessions if by_sessions else entry.estimated
+               for entry in map(pool.users.__getitem__, users)]
     booked_parts = largest_remainder(pool.booked, weights)
     lines = []
     key = (settlement_id, pool.day, pool.property_id)
     for user, weight, booked_part in zip(users, weights, booked_parts):
         entry = pool.users[user]
         sessions, estimated, paid, adjustment, standing = (
-            entry[SESSIONS], entry[ESTIMATED], entry[PAID], entry[ADJUSTMENT], entry[STANDING])
+            entry.sessions, entry.estimated, entry.paid, entry.adjustment, entry.standing)
         correction = int(adjustment is not None)
+        line = functools.partial(SettlementLine, *key, user, sessions, estimated, paid=paid,
+                                 correction=correction, deducted=0)
         if user in UNCREDITED_USERS:  # its booked part is the margin's; paid nothing
-            lines.append((*key, user, sessions, estimated, booked_part, 0, paid, 0, 0, 0,
-                          correction, 0, 0, 0))
+            lines.append(line(booked_part=booked_part, final=0, top_up=0, carried=0,
+                              written_off=0, written_back=0, held=0))
             continue
-        if entry[HELD]:  # the publisher decides with release (see hold_user)
-            lines.append((*key, user, sessions, estimated, 0, 0, paid, 0, 0, 0, correction,
-                          0, 0, 1))
+        if entry.held:  # the publisher decides with release (see hold_user)
+            lines.append(line(booked_part=0, final=0, top_up=0, carried=0, written_off=0,
+                              written_back=0, held=1))
             continue
         # Exact in integers: a share has at most 6 places.
-        shared = entry[SHARE_BY_SESSIONS if by_sessions else SHARE_BY_ESTIMATES]
+        shared = entry.share_by_sessions if by_sessions else entry.share_by_estimates
         final = booked_part * shared // (weight * 10**6) if weight else 0
         # Against what the user holds for the pool so far (written-off amounts included).
         delta = final - paid - (adjustment or 0)
@@ -3974,9 +4006,10 @@ def pool_lines(pool, write_off, settlement_id):
         # standing write-off: only the rest is short; a write-off no longer
         # needed is written back (a correction never charges it again).
         short, written_back = max(excess - standing, 0), max(standing - excess, 0)
-        lines.append((*key, user, sessions, estimated, booked_part, final, paid, top_up,
-                      0 if write_off else short, short if write_off else 0, correction,
-                      0, written_back, 0))
+        lines.append(line(booked_part=booked_part, final=final, top_up=top_up,
+                          carried=0 if write_off else short,
+                          written_off=short if write_off else 0, written_back=written_back,
+                          held=0))
     return lines
 
 
@@ -3987,19 +4020,19 @@ def take_owed_from_top_ups(computed, owed):
     remaining = collections.Counter(owed)
     for _, lines in computed:
         for line in lines:
-            if line[10]:
-                remaining[line[3]] += line[10]
+            if line.carried:
+                remaining[line.user_id] += line.carried
     if not +remaining:
         return computed  # no one owes: nothing to take (most settlements)
     taken = []
     for pool, lines in computed:
         new_lines = []
         for line in lines:
-            user, top_up = line[3], line[9]
-            deducted = min(remaining[user], top_up)
+            user = line.user_id
+            deducted = min(remaining[user], line.top_up)
             if deducted:
                 remaining[user] -= deducted
-                line = (*line[:13], deducted, *line[14:])
+                line = line._replace(deducted=deducted)
             new_lines.append(line)
         taken.append((pool, new_lines))
     return taken
@@ -4014,14 +4047,14 @@ def pool_users(part_rows, final_millionths, held):
         share = final_millionths[run]
         entry = users.get(user)
         if entry is None:
-            users[user] = [sessions, estimated, paid, share * sessions, share * estimated, None,
-                           0, user in held]
+            users[user] = PoolUser(sessions, estimated, paid, share * sessions,
+                                   share * estimated, held=user in held)
         else:
-            entry[0] += sessions
-            entry[1] += estimated
-            entry[2] += paid
-            entry[3] += share * sessions
-            entry[4] += share * estimated
+            entry.sessions += sessions
+            entry.estimated += estimated
+            entry.paid += paid
+            entry.share_by_sessions += share * sessions
+            entry.share_by_estimates += share * estimated
     return users
 
 
@@ -4035,14 +4068,16 @@ def add_earlier_settlements(conn, pool):
         for user, adjustment, written_off, held in conn.execute(
                 SQL["pool_adjustments"], (settled_in, pool.day, pool.property_id)):
             if user in users:
-                users[user][ADJUSTMENT] = (users[user][ADJUSTMENT] or 0) + adjustment
-                users[user][STANDING] += written_off
-                users[user][HELD] = users[user][HELD] or bool(held)
+                entry = users[user]
+                entry.adjustment = (entry.adjustment or 0) + adjustment
+                entry.standing += written_off
+                entry.held = entry.held or bool(held)
     for user, written_off in conn.execute(SQL["pool_balance_write_offs"],
                                           (pool.day, pool.property_id)):
         if user in users:
-            users[user][ADJUSTMENT] = (users[user][ADJUSTMENT] or 0) + written_off
-            users[user][STANDING] += written_off
+            entry = users[user]
+            entry.adjustment = (entry.adjustment or 0) + written_off
+            entry.standing += written_off
 
 
 def paid_day(conn, day, days, last, paid_days):
@@ -4165,11 +4200,10 @@ class Unsettled:
 def settlement_line_rows(computed):
     """The lines of every pool, to be staged in user-id order (then day and
     property): both the primary key and settlement_lines_by_user then grow
-    at a few places, so a staged chunk writes few pages.  In pool order, each
-    chunk rewrote index pages all over the table: three times as long for a
-    month of 931,000 lines."""
+    at a few places, so a staged chunk writes few pages (in pool order, each
+    chunk would rewrite index pages all over the table; see docs/performance.md)."""
     rows = list(itertools.chain.from_iterable(lines for _, lines in computed))
-    rows.sort(key=operator.itemgetter(3))  # stable: a user's pools stay in day, property order
+    rows.sort(key=operator.attrgetter("user_id"))  # stable: a user's pools stay in day, property order
     return rows
 
 
@@ -4177,9 +4211,11 @@ def settled_pool_rows(settlement_id, computed):
     """The settlement_days rows of the computed pools: each pool's state and
     its final, top-up, carried and (net of written back) written-off amounts
     summed over its lines."""
-    return [(pool.day, pool.property_id, settlement_id, pool.by_property, pool.booked,
-             *pool.totals(), *(sum(line[i] for line in lines) for i in (7, 9, 10)),
-             sum(line[11] - line[14] for line in lines))
+    return [SettlementDay(pool.day, pool.property_id, settlement_id, pool.by_property,
+                          pool.booked, *pool.totals(), sum(line.final for line in lines),
+                          sum(line.top_up for line in lines),
+                          sum(line.carried for line in lines),
+                          sum(line.written_off - line.written_back for line in lines))
             for pool, lines in computed]
 
 
@@ -4189,8 +4225,8 @@ def balance_changes(computed):
     change = collections.Counter()
     for _, lines in computed:
         for line in lines:
-            if line[10] or line[13]:
-                change[line[3]] += line[10] - line[13]
+            if line.carried or line.deducted:
+                change[line.user_id] += line.carried - line.deducted
     return sorted((user, nanos) for user, nanos in change.items() if nanos)
 
 
@@ -4208,7 +4244,8 @@ def record_settlement(fingerprint, offset, settlement_id, pools, pool_rows, chan
         raise LedgerMoved()
     conn.execute(SQL["insert_settlement"], (
         settlement_id, created_at_us, offset, int(write_off), len(pools),
-        sum(pool.booked for pool in pools), *(sum(row[i] for row in pool_rows) for i in (9, 10, 11)),
+        sum(pool.booked for pool in pools), sum(row.top_up for row in pool_rows),
+        sum(row.carried for row in pool_rows), sum(row.written_off for row in pool_rows),
         deducted))
     conn.executemany(SQL["insert_settlement_day"], pool_rows)
     conn.executemany(SQL["add_owed"], ((u, n) for u, n in changes if n > 0))
@@ -4242,7 +4279,7 @@ def settle(store, write_off=False, problems=None, warnings=None, **lock):
                 store.write(functools.partial(
                     record_settlement, fingerprint, offset, settlement_id, pools,
                     settled_pool_rows(settlement_id, computed), balance_changes(computed),
-                    sum(line[13] for _, lines in computed for line in lines), write_off))
+                    sum(line.deducted for _, lines in computed for line in lines), write_off))
             except LedgerMoved:
                 continue
             journal.record("settlement", settlement_id)

@@ -4603,7 +4603,8 @@ def test_a_run_recorded_meanwhile_fails_the_write_of_another(store, db):
         plan = spp_server.plan_run(conn, at(1, 0), D("0.5"), D("1"), 0)
     pay(store, at(0, 12))
     with pytest.raises(spp_server.LedgerMoved):
-        store.write(functools.partial(spp_server.record_run, plan, 2, {"a": [1, 1000, 500]}))
+        store.write(functools.partial(spp_server.record_run, plan, 2,
+                                      {"a": spp_server.RunLine(1, 1000, 500)}))
     assert count(db, "payout_runs") == 1
 
 
@@ -6976,7 +6977,7 @@ def test_estimates_stored_above_the_largest_are_refused_by_pay_until_set_aside(
 def test_a_sum_past_64_bits_that_no_bound_foresaw_is_one_line_not_a_traceback(
         store, db, capsys, monkeypatch):
     add_sessions(store, [("u", None, 1_000_000, at(0))])
-    monkeypatch.setattr(spp_server, "run_lines_of", lambda parts: {"u": (1, 2**63, 0)})
+    monkeypatch.setattr(spp_server, "run_lines_of", lambda parts: {"u": spp_server.RunLine(1, 2**63, 0)})
     assert run_cli(spp_server.run_pay, ["--db", db, "--until", iso(at(1, 0)),
                                         "--pay-now-share", "0.6", "--final-share", "0.9"]) == 1
     err = capsys.readouterr().err
