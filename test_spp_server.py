@@ -1305,13 +1305,23 @@ def test_bytes_that_are_not_utf8_outside_a_user_id_are_a_404(client, url):
     assert_error(client.get(url, status=404), 404)
 
 
+@pytest.fixture(scope="module")
+def refusing_client(tmp_path_factory):
+    """One app for tests of reads that it refuses: a refusal depends on the
+    request alone, and these tests are many (an app each took most of their time)."""
+    app = spp_server.create_app({"db": str(tmp_path_factory.mktemp("refusals") / "spp.db"),
+                                 "writer": "thread"})
+    yield TestApp(app)
+    app.store.close()
+
+
 @pytest.mark.parametrize("bad", NOT_UTF8)
 @pytest.mark.parametrize("path, param", [
     (path, param) for path, params in READ_PARAMS.items() for param in params])
-def test_a_parameter_that_is_not_utf8_is_a_400_naming_it(client, path, param, bad):
+def test_a_parameter_that_is_not_utf8_is_a_400_naming_it(refusing_client, path, param, bad):
     others = "&".join(f"{p}={VALID_PARAMS[p]}" for p in READ_PARAMS[path] if p != param)
     url = f"{path.format('1')}?{param}={bad}&{others}"
-    assert_error(client.get(url, status=400), 400, param)
+    assert_error(refusing_client.get(url, status=400), 400, param)
 
 
 def route_url(rule):
