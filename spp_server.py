@@ -1113,15 +1113,17 @@ class StoreUnavailable(Exception):
 
 
 def no_database(path):
-    """The error for a path that is no file here: missing, or in a folder this
-    user may not enter (isfile() says False for both; only one is "missing")."""
+    """The error for a path that is no file here: missing, in a folder this
+    user may not enter, or a directory (isfile() says False for each; only
+    one is "missing")."""
     try:
         os.stat(path)
     except PermissionError:
         return StoreUnavailable(f"cannot read {path}: permission denied (run as its owner, or with sudo)")
     except OSError:
-        pass
-    return StoreUnavailable(f"no database at {path}")
+        return StoreUnavailable(f"no database at {path}")
+    kind = "a directory" if os.path.isdir(path) else "not a regular file"
+    return StoreUnavailable(f"cannot open the database {path}: it is {kind}")
 
 
 WRITE_OPS = {}  # name -> function(*args, conn, received_at_us): what a writer process runs
@@ -1731,7 +1733,7 @@ class Store(Reads):
         command = writer == "command"
         self.path = str(path)
         self._busy_timeout_ms = busy_timeout_ms
-        if command and not os.path.exists(self.path):
+        if command and not os.path.isfile(self.path):
             raise no_database(self.path)
         if not command:
             ensure_private_file(self.path)
@@ -1784,6 +1786,10 @@ class Store(Reads):
         except StoreUnavailable as exc:
             return str(exc)
         return self.writer.write_problem()
+
+    def check_unchanged(self):
+        """A Store reads the live database, never an immutable copy: nothing to check
+        (see ReadOnlyStore.check_unchanged)."""
 
     def close(self):
         self.writer.close()
@@ -6917,8 +6923,7 @@ def output_failed(prog, out, exc, committed=None):
 
 
 def stdout_closed(prog, what):
-    say(f"{prog}: stdout is closed: {what}")
-    return 1
+    return failed(prog, f"stdout is closed: {what}")
 
 
 class CompleteOutput:
@@ -6950,62 +6955,82 @@ class CompleteOutput:
         return self.stream.fileno()
 
 
-class CheckedOutput:
-    """The output of a command that changes the database: the first failed
-    write is kept, not raised, so that the command finishes its change and
-    then says that only its output was lost (see output_failed)."""
-
-    def __init__(self, out):
-        self.out, self.error = out, None
-
-    def write(self, text):
-        if self.error is None:
-            try:
-                self.out.write(text)
-            except OSError as exc:
-                self.error = exc
-
-    def flushed(self):
-        """True once everything is written."""
-        if self.error is None:
-            try:
-                self.out.flush()
-            except OSError as exc:
-                self.error = exc
-        return self.error is None
+class CommandFailed(Exception):
+    """What a command's step says when it could not be done and changed
+    nothing (a refused report file, say): one line, exit status 1."""
 
 
-def print_report(prog, db, out, chunks_of, check=None):
-    """Write chunks_of(store) to `out` from the database `db` opened read-only,
-    after check(store) if given.  Any failure, before or during the output,
-    is one line on stderr and exit status 1: never a traceback, never a
-    report cut short without saying so (a reader that closed the pipe:
-    EXIT_OUTPUT_CLOSED, quietly)."""
+def run_on_database(prog, db, out, step, read_only=False, look=None):
+    """The driver of every command that opens the database: opens `db`
+    (read-only, or for writing: never created), runs step(store) -> (what it
+    committed or None, the output's chunks), writes the chunks to `out`, and
+    turns every failure into one line on stderr and the exit status of README
+    "Commands" (LEDGER_EXIT_HELP): 1 nothing done, or an output incomplete; 2
+    an option refused (Invalid: nothing changed); 3 committed but its output
+    lost; 141 a reader that closed the pipe, when nothing was committed.
+    look: see look_before_writing."""
+    if look is not None and (status := look_before_writing(prog, db, out, look)) is not None:
+        return status
     try:
-        store = ReadOnlyStore(db)
-    except StoreUnavailable as exc:
-        say(f"{prog}: {exc}")
-        return 1
-    if check is not None:
-        try:
-            check(store)
-        except StoreUnavailable as exc:
-            store.close()
-            say(f"{prog}: {exc}")
-            return 1
+        store = (ReadOnlyStore(db) if read_only
+                 else Store(db, DEFAULTS["busy_timeout_ms"], writer="command"))
+    except StoreUnavailable as exc:  # its reason names the file
+        return failed(prog, exc)
+    except (OSError, sqlite3.Error) as exc:
+        return failed(prog, f"cannot open the database {db}: {exc}")
     try:
-        for chunk in chunks_of(store):
+        committed, chunks = step(store)
+        return write_output(prog, db, out, store, committed, chunks)
+    except Invalid as invalid:
+        return ledger_refusal(prog, invalid)
+    except OverflowError:  # a sum past 64 bits that the bounds did not foresee
+        return failed(prog, "a sum is beyond what SQLite's 64-bit integers hold; nothing is "
+                      "recorded: please report it (docs/ledger.md, \"Limits\")")
+    except (CommandFailed, StoreUnavailable, sqlite3.Error) as exc:
+        return failed(prog, exc)
+    finally:
+        store.close()
+
+
+def failed(prog, reason):
+    """A command that did nothing, or whose output is incomplete: its one
+    line on stderr -> exit status 1."""
+    say(f"{prog}: {reason}")
+    return 1
+
+
+def write_output(prog, db, out, store, committed, chunks):
+    """Write a step's chunks (made as they are written: a failed read cuts
+    the output short) -> the exit status; `committed`: see run_on_database."""
+    try:
+        for chunk in chunks:
             out.write(chunk)
         store.check_unchanged()
         out.flush()
     except (StoreUnavailable, sqlite3.Error) as exc:
-        say(f"{prog}: reading {db} failed, the output is incomplete: {exc}")
-        return 1
+        if committed:  # reading it back failed: the output is cut short, the step is not
+            say(f"{prog}: {committed}, but reading it back failed: {exc}")
+            return EXIT_COMMITTED_OUTPUT_LOST
+        return failed(prog, f"reading {db} failed, the output is incomplete: {exc}")
     except OSError as exc:
-        return output_failed(prog, out, exc)
-    finally:
-        store.close()
+        return output_failed(prog, out, exc, committed)
     return 0
+
+
+def made_while_written(chunks_of, store):
+    """chunks_of(store), made only once the output is written: what fails
+    to be read then cuts the output short (write_output), whenever it fails."""
+    yield from chunks_of(store)
+
+
+def print_report(prog, db, out, chunks_of, check=None):
+    """A command that only reads: chunks_of(store) written from `db` opened
+    read-only, after check(store) if given (it refuses before any output)."""
+    def step(store):
+        if check is not None:
+            check(store)
+        return None, made_while_written(chunks_of, store)
+    return run_on_database(prog, db, out, step, read_only=True)
 
 
 # --- Booked revenue and reconciliation: import-booked, reconcile ---
@@ -7138,37 +7163,33 @@ def run_prune(argv, environ, out):
                 parser.error(f"--{option.replace('_', '-')}: {TIME_FORMS_HELP}, not {shown(text)}")
     if not plan:
         parser.error("give --raw-bodies-before, --rejected-before or both")
-    try:
-        if not os.path.isfile(args.db):
-            raise no_database(args.db)
-        store = (ReadOnlyStore(args.db) if args.dry_run
-                 else Store(args.db, DEFAULTS["busy_timeout_ms"], writer="command"))
-    except (StoreUnavailable, OSError, sqlite3.Error) as exc:
-        say(f"{parser.prog}: {exc}")
-        return 1
-    freed = 0
-    report = CheckedOutput(out)
-    try:
-        for what, before in plan:
-            rows, size = (count_prunable if args.dry_run else prune)(store, what, before)
-            freed += 0 if args.dry_run else rows
-            done = ("would be " if args.dry_run else "") + (
-                "cleared" if what == "raw bodies" else "deleted")
-            report.write(f"{what} received before {iso_utc(before)}: {rows} {done}, {size} bytes\n")
-    except StoreUnavailable as exc:
-        say(f"{parser.prog}: {exc} (batches already done stay done; run it again)")
-        return 1
-    finally:
-        store.close()
-    if freed:  # the hint only when this run freed something to give back
-        # Under systemd the socket would start the server again: stop both.
-        report.write("Freed pages are reused by new rows; the file keeps its size. To shrink it, "
-                     "stop the server (under systemd: systemctl stop spp.socket spp.service) "
-                     f"and run: sqlite3 {args.db} VACUUM\n")
-    if not report.flushed():
-        return output_failed(parser.prog, out, report.error,
-                             None if args.dry_run else "the pruning is committed")
-    return 0
+    if args.dry_run:
+        return print_report(parser.prog, args.db, out, lambda store: (
+            prune_line(what, before, *count_prunable(store, what, before), "would be ")
+            for what, before in plan))
+
+    def step(store):
+        lines, freed = [], 0
+        try:
+            for what, before in plan:
+                rows, size = prune(store, what, before)
+                lines.append(prune_line(what, before, rows, size))
+                freed += rows
+        except StoreUnavailable as exc:
+            raise CommandFailed(f"{exc} (batches already done stay done; run it again)") from None
+        if freed:  # the hint only when this run freed something to give back
+            # Under systemd the socket would start the server again: stop both.
+            lines.append("Freed pages are reused by new rows; the file keeps its size. To shrink "
+                         "it, stop the server (under systemd: systemctl stop spp.socket "
+                         f"spp.service) and run: sqlite3 {args.db} VACUUM\n")
+        return "the pruning is committed", lines
+
+    return run_on_database(parser.prog, args.db, out, step)
+
+
+def prune_line(what, before, rows, size, would=""):
+    done = "cleared" if what == "raw bodies" else "deleted"
+    return f"{what} received before {iso_utc(before)}: {rows} {would}{done}, {size} bytes\n"
 
 
 # Far above a year of a daily report by property and country (~50 bytes a row).
@@ -7185,48 +7206,31 @@ def run_import_booked(argv, environ, out):
         with open(args.file, "rb") as report:
             data = report.read(MAX_REPORT_BYTES + 1)
     except OSError as exc:
-        say(f"{name}: cannot read {args.file}: {exc.strerror or exc}")
-        return 1
+        return failed(name, f"cannot read {args.file}: {exc.strerror or exc}")
     if len(data) > MAX_REPORT_BYTES:  # /dev/zero, or a wrong file: not read to the end
-        say(f"{name}: {args.file}: is larger than {MAX_REPORT_BYTES // 2**20} MiB, more than "
-            "any report; import it in parts (by date); nothing imported")
-        return 1
+        return failed(name, f"{args.file}: is larger than {MAX_REPORT_BYTES // 2**20} MiB, more "
+                      "than any report; import it in parts (by date); nothing imported")
     try:
         rows = parse_booked_report(data, args.metric)
     except BookedFileError as exc:
-        say(f"{name}: {args.file}: {exc}; nothing imported")
-        return 1
-    try:
-        store = Store(args.db, DEFAULTS["busy_timeout_ms"], writer="command")
-    except StoreUnavailable as exc:
-        say(f"{name}: {exc}; nothing imported")
-        return 1
-    except (OSError, sqlite3.Error) as exc:
-        say(f"{name}: cannot open the database {args.db}: {exc}")
-        return 1
-    try:
-        # Committed when it returns, failed (nothing changed) when it raises:
-        # a command's write has no deadline (InlineWriter).
-        counts = import_booked(store, rows, os.path.basename(args.file))
-    except BookedFileError as exc:
-        say(f"{name}: {args.file}: {exc}; nothing imported")
-        return 1
-    except StoreUnavailable as exc:
-        store.close()
-        say(f"{name}: {exc}; nothing imported (running it again is safe)")
-        return 1
-    try:
-        for warning in booked_without_sessions(store, rows):
-            say(f"{name}: {args.file}: warning: {warning}")
-    except StoreUnavailable:
-        pass  # imported all the same; settle names such rows again
-    finally:
-        store.close()
-    report = CheckedOutput(out)
-    report.write(import_summary(args.file, rows, counts))
-    if not report.flushed():
-        return output_failed(name, out, report.error, f"{args.file} is imported (committed)")
-    return 0
+        return failed(name, f"{args.file}: {exc}; nothing imported")
+
+    def step(store):
+        try:
+            # Committed when it returns, failed (nothing changed) when it raises:
+            # a command's write has no deadline (InlineWriter).
+            counts = import_booked(store, rows, os.path.basename(args.file))
+        except BookedFileError as exc:
+            raise CommandFailed(f"{args.file}: {exc}; nothing imported") from None
+        except StoreUnavailable as exc:
+            raise CommandFailed(f"{exc}; nothing imported (running it again is safe)") from None
+        # Imported all the same if these cannot be read: settle names such rows again.
+        with contextlib.suppress(StoreUnavailable):
+            for warning in booked_without_sessions(store, rows):
+                say(f"{name}: {args.file}: warning: {warning}")
+        return f"{args.file} is imported (committed)", [import_summary(args.file, rows, counts)]
+
+    return run_on_database(name, args.db, out, step)
 
 
 def run_reconcile(argv, environ, out):
@@ -7327,7 +7331,8 @@ def build_replay_parser(environ):
         "steps. Every ledger step refuses until then. Writes what it put back to "
         "stdout. Safe while the server runs. Exit status 0 when done (or nothing was "
         "missing); 1, with one line on stderr, when the database or the journal cannot be "
-        "read or written, or the two disagree.",
+        "read or written, or the two disagree; 3 when what it put back is committed but "
+        "its output could not be written.",
     )
     add_db_option(parser, environ, "SQLite database file; never created")
     return parser
@@ -7392,26 +7397,17 @@ def look_before_writing(prog, db, out, look):
         store = ReadOnlyStore(db, oldest=1)
     except StoreUnavailable:
         return None  # opening it for writing says why, or works (a -wal to join)
-    report = CheckedOutput(out)
     try:
         found = look(store) if store.version >= LEDGER_SCHEMA_VERSION else None
-        if found is None:
-            return None
-        recorded, chunks = found
-        if store.version < latest_schema_version():
-            return None  # printed by the step, after the upgrade its reads expect
-        for chunk in chunks:
-            report.write(chunk)
-        store.check_unchanged()
+        if found is None or store.version < latest_schema_version():
+            return None  # the step prints it, after the upgrade its reads expect
+        return write_output(prog, db, out, store, *found)
     except Invalid as invalid:
         return ledger_refusal(prog, invalid)
     except (StoreUnavailable, sqlite3.Error):
         return None  # the step reads it again, and says what fails
     finally:
         store.close()
-    if not report.flushed():
-        return output_failed(prog, out, report.error, recorded)
-    return 0
 
 
 def ledger_refusal(prog, invalid):
@@ -7420,54 +7416,14 @@ def ledger_refusal(prog, invalid):
     return 2
 
 
-def run_ledger_step(prog, db, out, step, look=None):
-    """Open `db` for writing, run step(store) -> (what it committed, chunks)
-    and write the chunks.  One line on stderr and a status on failure (see
-    LEDGER_EXIT_HELP); output lost after the commit says what is committed.
-    look: see look_before_writing."""
-    if look is not None and (status := look_before_writing(prog, db, out, look)) is not None:
-        return status
-    try:
-        store = Store(db, DEFAULTS["busy_timeout_ms"], writer="command")
-    except StoreUnavailable as exc:
-        say(f"{prog}: {exc}")
-        return 1
-    except (OSError, sqlite3.Error) as exc:
-        say(f"{prog}: cannot open the database {db}: {exc}")
-        return 1
-    report = CheckedOutput(out)
-    committed = None
-    try:
-        committed, chunks = step(store)
-        for chunk in chunks:
-            report.write(chunk)
-    except Invalid as invalid:
-        return ledger_refusal(prog, invalid)
-    except OverflowError:  # a sum past 64 bits that the bounds above did not foresee
-        say(f"{prog}: a sum is beyond what SQLite's 64-bit integers hold; nothing is recorded: "
-            "please report it (docs/ledger.md, \"Limits\")")
-        return 1
-    except (StoreUnavailable, sqlite3.Error) as exc:
-        if committed:  # reading it back failed: the output is cut short, the step is not
-            say(f"{prog}: {committed}, but reading it back failed: {exc}")
-            return EXIT_COMMITTED_OUTPUT_LOST
-        say(f"{prog}: {exc}")
-        return 1
-    finally:
-        store.close()
-    if not report.flushed():
-        return output_failed(prog, out, report.error, committed)
-    return 0
-
-
 def run_pay(argv, environ, out):
     parser = build_pay_parser(environ)
     args = parse_arguments(parser, argv)
     try:
         until = parse_instant(args.until)
     except ValueError:
-        say(f"{parser.prog}: --until: must be {TIME_FORMS_HELP}, not {shown(args.until)}")
-        return 2
+        return ledger_refusal(parser.prog, Invalid(
+            "until", f"must be {TIME_FORMS_HELP}, not {shown(args.until)}"))
 
     try:  # refused before the database is opened, as an older schema would be upgraded
         shares = (parse_ledger_share(args.pay_now_share, "pay-now-share"),
@@ -7505,7 +7461,7 @@ def run_pay(argv, environ, out):
                 f"{moved_to}, not charged to the settled days' users")
         return committed(run_id), run_output(store, run_id, args.format)
 
-    return run_ledger_step(parser.prog, args.db, out, step, look)
+    return run_on_database(parser.prog, args.db, out, step, look=look)
 
 
 def run_settle(argv, environ, out):
@@ -7548,8 +7504,8 @@ def run_settle(argv, environ, out):
                 f"{settlement_id} prints it again)",
                 settlement_output(store, settlement_id, args.format))
 
-    status = run_ledger_step(parser.prog, args.db, out, step,
-                             look if args.settlement is not None else None)
+    status = run_on_database(parser.prog, args.db, out, step,
+                             look=look if args.settlement is not None else None)
     return EXIT_PARTLY_SETTLED if status == 0 and unsettled else status
 
 
@@ -7571,9 +7527,10 @@ def run_ledger_replay(argv, environ, out):
         if not put_back:
             return None, [b"nothing to put back: the database holds every step of its "
                           b"ledger journal\n"]
-        return None, [f"put back {step_names(put_back)} from the ledger journal\n".encode()]
+        return (f"{step_names(put_back)} put back (committed)",
+                [f"put back {step_names(put_back)} from the ledger journal\n".encode()])
 
-    return run_ledger_step(parser.prog, args.db, out, step)
+    return run_on_database(parser.prog, args.db, out, step)
 
 
 def run_statement(argv, environ, out):
@@ -7624,7 +7581,7 @@ def run_write_off_balances(argv, environ, out):
         return (f"write-off {write_off_id} is committed (statements and the ledger show it)",
                 balance_write_off_output(store, write_off_id, args.format))
 
-    return run_ledger_step(parser.prog, args.db, out, step)
+    return run_on_database(parser.prog, args.db, out, step)
 
 
 def build_suspects_parser(environ):
@@ -7690,7 +7647,7 @@ def run_hold(argv, environ, out, action="hold"):
         return f"the {action} is committed (asked again, it prints it again)", hold_output(
             row, args.format)
 
-    return run_ledger_step(parser.prog, args.db, out, step)
+    return run_on_database(parser.prog, args.db, out, step)
 
 
 def build_erase_parser(environ):
@@ -7722,7 +7679,7 @@ def run_erase(argv, environ, out):
                    f"and {counts['conflicts']} conflicting postback(s); the file is compacted\n")
         return "the erasure is committed", [summary.encode()]
 
-    return run_ledger_step(parser.prog, args.db, out, step)
+    return run_on_database(parser.prog, args.db, out, step)
 
 
 def build_void_oversized_parser(environ):
@@ -7749,7 +7706,7 @@ def run_void_oversized(argv, environ, out):
             f"{plural(voided, 'session')} above {MAX_ESTIMATE} USD set to 0, kept in rejected\n"
             .encode()]
 
-    return run_ledger_step(parser.prog, args.db, out, step)
+    return run_on_database(parser.prog, args.db, out, step)
 
 
 def setup_logging(level="info"):

@@ -2610,6 +2610,28 @@ def test_every_command_on_a_full_disk_or_a_closed_pipe_is_one_line_at_most_and_n
         assert ("committed" in result.stderr) == (expected == COMMITTED)
 
 
+@pytest.mark.parametrize("command", list(spp_server.COMMANDS))
+def test_every_command_whose_output_cannot_be_written_says_so_in_one_line_of_one_shape(
+        client, tmp_path, db, command):
+    """Every command in COMMANDS, on a full disk: its last line names the
+    command and the error, and the status says whether a change is
+    committed behind the lost output (3) or not (1)."""
+    post(client, SAMPLE)
+    argv = command_argv(command, db, tmp_path)
+    if command == "release":  # a user held first, so that there is one to release
+        assert run_command("hold", argv, io.BytesIO())[0] == 0
+    status, err = run_command(command, argv, FullDisk(0, fail_flush=True))  # even no output
+    *notes, line = err.splitlines()
+    prog = f"spp_server.py {command}: "
+    assert all(note.startswith(prog) for note in notes) and len(notes) <= 1, err
+    if status == COMMITTED:
+        assert re.fullmatch(re.escape(prog) + r".*\bcommitted\b.*, but writing its output "
+                            "failed: No space left on device", line), line
+    else:
+        assert (status, line) == (1, prog + "writing the output failed, it is incomplete: "
+                                  "No space left on device")
+
+
 def every_parser():
     """Each parser of the module (the server's and each command's), built."""
     parsers = []
@@ -6370,6 +6392,20 @@ def test_a_release_a_restore_lost_is_put_back_and_never_credited_twice(tmp_path,
     assert count(db, "ledger_holds") == 2
 
 
+def test_a_replay_whose_output_is_lost_says_what_it_put_back_is_committed(tmp_path, db, capsys):
+    """As every step that commits: status 3 and a line saying so, not 1 and
+    "the output is incomplete" (as if running it again were needed)."""
+    add_day_sessions(db, 0, 10)
+    backup = backup_of(db, str(tmp_path / "backup.db"))
+    assert LedgerModel(db).pay(day_iso(1))[0] == 0
+    restore(db, backup)
+    assert spp_server.run_ledger_replay(["--db", db], {}, FullDisk(0)) == COMMITTED
+    one_line_error(capsys, "spp_server.py ledger-replay: run 1 put back (committed), but "
+                   "writing its output failed: No space left on device")
+    assert replay(db)[:2] == (0, "nothing to put back: the database holds every step of its "
+                                 "ledger journal\n")
+
+
 def test_a_run_a_restore_lost_is_put_back_with_the_report_offset_it_changed(tmp_path, db):
     """The report offset is recorded with the runs (issue 22, 1): the journal
     keeps a run's change with it, and replay puts it back, so that the next
@@ -8277,6 +8313,44 @@ def test_every_command_refuses_a_file_that_is_not_its_database_and_changes_nothi
     one_line_error(capsys, str(db), f"this code's{' schema is version' if kind != 'newer' else ''} "
                    f"{LATEST}", *words)
     assert file_state(folder) == before  # no table, no WAL switch, no -wal or -shm
+
+
+def command_argv(command, db, tmp_path):
+    """`command`'s argv from EVERY_COMMAND, on `db`, its report file real."""
+    report = tmp_path / "r.csv"
+    report.write_text("date,revenue\n2026-11-01,1\n")
+    [argv] = [a for a in EVERY_COMMAND if a[:1] == [command]]
+    return [str(report) if a == "r.csv" else a for a in argv[1:]] + ["--db", str(db)]
+
+
+def run_command(command, argv, out):
+    """COMMANDS[command] in-process -> (exit status, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = spp_server.COMMANDS[command][0](argv, {}, out)
+    return status, err.getvalue()
+
+
+@pytest.mark.parametrize("failure", ["missing", "no folder", "directory", "text"])
+@pytest.mark.parametrize("command", list(spp_server.COMMANDS))
+def test_every_command_says_an_unusable_database_in_the_same_line_and_status(
+        tmp_path, command, failure):
+    """One driver opens the database for every command: the same failure is
+    the same line, naming the command and the file, and status 1 (a
+    directory was "no database at" to a report, SQLite's "unable to open
+    database file" to a step; import-booked added "; nothing imported")."""
+    db = tmp_path / ("none/x.db" if failure == "no folder" else "x.db")
+    if failure == "directory":
+        db.mkdir()
+    elif failure == "text":
+        make_not_ours(db, "text")
+    said = {"missing": f"no database at {db}", "no folder": f"no database at {db}",
+            "directory": f"cannot open the database {db}: it is a directory",
+            "text": f"{db} is not an spp-receiver database: not an SQLite file (this code's "
+                    f"schema is version {LATEST})"}[failure]
+    status, err = run_command(command, command_argv(command, db, tmp_path), io.BytesIO())
+    assert (status, err) == (1, f"spp_server.py {command}: {said}\n")
+    assert not (tmp_path / "none").exists() and not Path(f"{db}-wal").exists()
 
 
 @pytest.mark.parametrize("kind", NOT_OURS[1:])
