@@ -548,17 +548,11 @@ SQL = {
     "oldest_session_upto": """
         SELECT received_at_us FROM sessions INDEXED BY sessions_by_time WHERE id <= ?
         ORDER BY received_at_us LIMIT 1""",
-    "first_session_between": """
-        SELECT min(id) FROM sessions INDEXED BY sessions_by_time
-        WHERE received_at_us >= ? AND received_at_us < ?""",
     "settlement_exists": "SELECT 1 FROM settlements WHERE id = ?",
     # The largest id received before a run's until: the run pays every id up
     # to it that an earlier run did not, whatever their receive times.
     "last_session_before": """
         SELECT max(id) FROM sessions INDEXED BY sessions_by_time WHERE received_at_us < ?""",
-    "last_session_between": """
-        SELECT max(id) FROM sessions INDEXED BY sessions_by_time
-        WHERE received_at_us >= ? AND received_at_us < ?""",
     # A run's parts: per report day, property and user, by row id range, as
     # the rows of insert_part in its primary key's order (so that staging
     # appends).  Paid now: the estimate times the share (in millionths),
@@ -657,38 +651,61 @@ SQL = {
     "booked_pool": """
         SELECT coalesce(sum(revenue_nano / 1000000000), 0), coalesce(sum(revenue_nano % 1000000000), 0)
         FROM booked_revenue WHERE day = ? AND property_id = ?""",
-    "pool_parts": """
-        SELECT run_id, user_id, sessions, estimated_nano, paid_now_nano FROM payout_parts
-        WHERE run_id = ? AND day = ? AND property_id = ?""",
-    "day_parts_by_property": """
-        SELECT property_id, sum(sessions), sum(estimated_nano), sum(paid_now_nano)
-        FROM payout_parts WHERE run_id = ? AND day = ? GROUP BY property_id""",
-    "day_parts": """
-        SELECT run_id, user_id, sessions, estimated_nano, paid_now_nano FROM payout_parts
-        WHERE run_id = ? AND day = ?""",
+    # Every recorded run's parts of the days (a JSON list): a search of the
+    # primary key per run and day (CROSS JOIN keeps the runs outer, where
+    # SQLite would rather scan every part), none of an unfinished run's.
+    "parts_of_days": """
+        SELECT p.run_id, p.day, p.property_id, p.user_id, p.sessions, p.estimated_nano,
+               p.paid_now_nano
+        FROM payout_runs r CROSS JOIN payout_parts p ON p.run_id = r.id
+        WHERE p.day IN (SELECT value FROM json_each(?))""",
+    # Summed per run, day and property: no SQL sum spans two runs' parts
+    # (Python adds the runs up, as when each run was a query of its own).
+    "run_day_property_parts": """
+        SELECT p.day, p.property_id, sum(p.sessions), sum(p.estimated_nano),
+               sum(p.paid_now_nano)
+        FROM payout_runs r CROSS JOIN payout_parts p ON p.run_id = r.id
+        WHERE p.day IN (SELECT value FROM json_each(?))
+        GROUP BY r.id, p.day, p.property_id""",
+    # Per [day, start, end] of a JSON list: its day, end, and the first and
+    # last session received in [start, end).
+    "sessions_of_days": """
+        SELECT json_extract(d.value, '$[0]'), json_extract(d.value, '$[2]'),
+               (SELECT min(id) FROM sessions INDEXED BY sessions_by_time
+                WHERE received_at_us >= json_extract(d.value, '$[1]')
+                  AND received_at_us < json_extract(d.value, '$[2]')),
+               (SELECT max(id) FROM sessions INDEXED BY sessions_by_time
+                WHERE received_at_us >= json_extract(d.value, '$[1]')
+                  AND received_at_us < json_extract(d.value, '$[2]'))
+        FROM json_each(?) d""",
     "last_settlement": "SELECT max(id) FROM settlements",
     "ledger_steps": """
         SELECT 'run', id, until_us FROM payout_runs
         UNION ALL SELECT 'settlement', id, NULL FROM settlements ORDER BY 1, 2""",
     "settled_pool_keys": "SELECT DISTINCT day, property_id FROM settlement_days",
-    # How a day was last settled: by property (1) or whole (0), whatever pool.
-    "day_settled_by_property": """
-        SELECT by_property FROM settlement_days WHERE day = ?
-        ORDER BY settlement_id DESC LIMIT 1""",
-    "pool_settled": """
-        SELECT by_property, booked_nano, sessions, estimated_nano FROM settlement_days
-        WHERE day = ? AND property_id = ? ORDER BY settlement_id DESC LIMIT 1""",
-    # What each user's earlier lines of a pool moved: top-ups less balances carried.
-    "pool_settlements": """
-        SELECT settlement_id FROM settlement_days WHERE day = ? AND property_id = ?""",
-    "pool_adjustments": """
-        SELECT user_id, top_up_nano - carried_nano, written_off_nano - written_back_nano, held
-        FROM settlement_lines WHERE settlement_id = ? AND day = ? AND property_id = ?""",
-    # Balances of the pool written off for their age: the user keeps them, as
+    # Every settlement of the days (a JSON list): see last_settled.
+    "settled_pools_of_days": """
+        SELECT day, property_id, settlement_id, by_property, booked_nano, sessions, estimated_nano
+        FROM settlement_days WHERE day IN (SELECT value FROM json_each(?))""",
+    # What each user's earlier lines of the pools (a JSON list of [day,
+    # property]) moved: top-ups less balances carried (lines of a committed
+    # settlement only: a settlement_days row is its header's).
+    "earlier_pool_lines": """
+        SELECT d.day, d.property_id, l.user_id, l.top_up_nano - l.carried_nano,
+               l.written_off_nano - l.written_back_nano, l.held
+        FROM json_each(?) p
+        JOIN settlement_days d ON d.day = json_extract(p.value, '$[0]')
+                              AND d.property_id = json_extract(p.value, '$[1]')
+        JOIN settlement_lines l ON l.settlement_id = d.settlement_id AND l.day = d.day
+                               AND l.property_id = d.property_id""",
+    # Balances of the pools written off for their age: the user keeps them, as
     # if written off when settled (see pool_lines).
-    "pool_balance_write_offs": """
-        SELECT user_id, sum(written_off_nano) FROM balance_write_off_lines
-        WHERE day = ? AND property_id = ? GROUP BY user_id""",
+    "pools_balance_write_offs": """
+        SELECT b.day, b.property_id, b.user_id, sum(b.written_off_nano)
+        FROM json_each(?) p
+        JOIN balance_write_off_lines b ON b.day = json_extract(p.value, '$[0]')
+                                      AND b.property_id = json_extract(p.value, '$[1]')
+        GROUP BY b.day, b.property_id, b.user_id""",
     # Users held now: whose newest hold event is a hold.
     "held_users": """
         SELECT user_id FROM ledger_holds h
@@ -4044,151 +4061,184 @@ def take_owed_from_top_ups(computed, owed):
     return taken
 
 
-def pool_users(part_rows, final_millionths, held):
-    """The parts of a pool summed per user (see Pool.users).  The final
+def add_part(users, share, user, sessions, estimated, paid, held):
+    """One part of a pool added to its users (see Pool.users).  The final
     shares of the runs are summed weighted by sessions and by estimates, so
     that pool_lines applies them in proportion to either."""
-    users = {}
-    for run, user, sessions, estimated, paid in part_rows:
-        share = final_millionths[run]
-        entry = users.get(user)
-        if entry is None:
-            users[user] = PoolUser(sessions, estimated, paid, share * sessions,
-                                   share * estimated, held=user in held)
-        else:
-            entry.sessions += sessions
-            entry.estimated += estimated
-            entry.paid += paid
-            entry.share_by_sessions += share * sessions
-            entry.share_by_estimates += share * estimated
-    return users
+    entry = users.get(user)
+    if entry is None:
+        users[user] = PoolUser(sessions, estimated, paid, share * sessions, share * estimated,
+                               held=user in held)
+    else:
+        entry.sessions += sessions
+        entry.estimated += estimated
+        entry.paid += paid
+        entry.share_by_sessions += share * sessions
+        entry.share_by_estimates += share * estimated
 
 
-def add_earlier_settlements(conn, pool):
-    """What each user's earlier lines of the pool moved (top-ups less balances
-    carried), their standing write-off, and whether they were held then (a
-    user settled as held stays out of the pool's sharing); balances of the
-    pool written off for their age count as written off at settlement."""
-    users = pool.users
-    for (settled_in,) in conn.execute(SQL["pool_settlements"], (pool.day, pool.property_id)).fetchall():
-        for user, adjustment, written_off, held in conn.execute(
-                SQL["pool_adjustments"], (settled_in, pool.day, pool.property_id)):
-            if user in users:
-                entry = users[user]
-                entry.adjustment = (entry.adjustment or 0) + adjustment
-                entry.standing += written_off
-                entry.held = entry.held or bool(held)
-    for user, written_off in conn.execute(SQL["pool_balance_write_offs"],
-                                          (pool.day, pool.property_id)):
-        if user in users:
-            entry = users[user]
+def users_by_pool(conn, keys, by_property_days):
+    """{(day, property): {user: PoolUser}} of the pools `keys`, from every
+    run's parts of their days: a day booked by property pools each
+    property's parts apart (a property without a pool stays pending), a
+    whole day pools all of them under property ''.  One query over every
+    run and day."""
+    final_millionths = {run: share_millionths(share)
+                        for run, share in conn.execute(SQL["run_final_shares"])}
+    held = {user for (user,) in conn.execute(SQL["held_users"])}
+    pools = {key: {} for key in keys}
+    for run, day, prop, user, sessions, estimated, paid in conn.execute(
+            SQL["parts_of_days"], (json.dumps(sorted({day for day, _ in keys})),)):
+        if (users := pools.get((day, prop if day in by_property_days else ""))) is not None:
+            add_part(users, final_millionths[run], user, sessions, estimated, paid, held)
+    return pools
+
+
+def add_earlier_settlements(conn, pools):
+    """To the users of each pool settled before: what their earlier lines of
+    the pool moved (top-ups less balances carried), their standing
+    write-off, and whether they were held then (a user settled as held stays
+    out of the pool's sharing); balances of the pool written off for their
+    age count as written off at settlement.  Two queries over every pool."""
+    by_key = {(pool.day, pool.property_id): pool.users for pool in pools}
+    keys = json.dumps(sorted(by_key))
+    for day, prop, user, adjustment, written_off, held in conn.execute(
+            SQL["earlier_pool_lines"], (keys,)):
+        if (entry := by_key[day, prop].get(user)) is not None:
+            entry.adjustment = (entry.adjustment or 0) + adjustment
+            entry.standing += written_off
+            entry.held = entry.held or bool(held)
+    for day, prop, user, written_off in conn.execute(SQL["pools_balance_write_offs"], (keys,)):
+        if (entry := by_key[day, prop].get(user)) is not None:
             entry.adjustment = (entry.adjustment or 0) + written_off
             entry.standing += written_off
 
 
-def paid_day(conn, day, days, last, paid_days):
-    """Whether every session of a report day was paid by the ledger's runs
-    (cached in paid_days)."""
-    if day not in paid_days:
-        start, end = day_bounds_us(day, days)
-        [(newest,)] = conn.execute(SQL["last_session_between"], (start, end)).fetchall()
-        [(oldest,)] = conn.execute(SQL["first_session_between"], (start, end)).fetchall()
-        taken_over_after = conn.execute(SQL["first_run"]).fetchone()[1]
-        # None after the last run (a clock step), none before the ledger took
-        # over (paid another way: never settled here).
-        paid_days[day] = end <= last[2] and (newest is None or newest <= last[1]) and (
-            oldest is None or oldest > taken_over_after)
-    return paid_days[day]
+def paid_days(conn, days, last, booked_days):
+    """The days of `booked_days` whose sessions were all paid by the
+    ledger's runs: none received after the last run, none before the
+    ledger took over (paid another way: never settled here).  One query."""
+    bounds = [[day, *day_bounds_us(day, days)] for day in sorted(booked_days)]
+    taken_over_after = conn.execute(SQL["first_run"]).fetchone()[1]
+    return {day for day, end, oldest, newest in conn.execute(
+                SQL["sessions_of_days"], (json.dumps(bounds),))
+            # None after the last run (a clock step), none before the ledger took over.
+            if end <= last[2] and (newest is None or newest <= last[1])
+            and (oldest is None or oldest > taken_over_after)}
 
 
-def pending_without_booked(conn, booked, days, last):
+def last_settled(conn, days):
+    """How `days` were last settled: ({day: by_property}, {(day, property):
+    (booked, sessions, estimated)}), each of its newest settlement.  One query."""
+    newest_of_day, newest_of_pool = {}, {}
+    for day, prop, settlement_id, by_property, *state in conn.execute(
+            SQL["settled_pools_of_days"], (json.dumps(sorted(days)),)):
+        if newest_of_day.get(day, (0,))[0] < settlement_id:
+            newest_of_day[day] = (settlement_id, by_property)
+        if newest_of_pool.get((day, prop), (0,))[0] < settlement_id:
+            newest_of_pool[day, prop] = (settlement_id, tuple(state))
+    return ({day: by_property for day, (_, by_property) in newest_of_day.items()},
+            {key: state for key, (_, state) in newest_of_pool.items()})
+
+
+def dropped_pools(conn, booked, blocked_days):
+    """[Unsettled] of each pool settled before whose booked row a revision
+    dropped (its users were paid on it); a blocked day is named once already."""
+    booked_keys = {(day, prop) for day, prop, *_ in booked}
+    return [Unsettled(day, prop, "was settled against booked revenue that is no longer "
+                      "stored: re-import its report with that row (with 0 if it truly earned "
+                      "nothing)")
+            for day, prop in conn.execute(SQL["settled_pool_keys"])
+            if (day, prop) not in booked_keys and day not in blocked_days]
+
+
+def pending_without_booked(conn, booked, paid):
     """What stays pending because no booked row can ever settle it: on each
-    paid day booked by property, the parts of a property (or of sessions
-    without one) that has no booked row.  -> [record], by day and property."""
+    paid day (of the set `paid`) booked by property, the parts of a property
+    (or of sessions without one) that has no booked row.  -> [record], by
+    day and property.  One query over every run and day."""
     booked_props = collections.defaultdict(set)
     for day, prop, *_ in booked:
         booked_props[day].add(prop)
-    runs = [run for (run, _) in conn.execute(SQL["run_final_shares"])]
-    pending, paid_days = [], {}
-    for day, props in sorted(booked_props.items()):
-        if props == {""} or not paid_day(conn, day, days, last, paid_days):
-            continue  # a whole-day pool takes every property
-        sums = collections.defaultdict(lambda: [0, 0, 0])
-        for run in runs:
-            for prop, *amounts in conn.execute(SQL["day_parts_by_property"], (run, day)):
-                if prop not in props:
-                    sums[prop] = [a + b for a, b in zip(sums[prop], amounts)]
-        pending += [{"day": day, "property-id": prop, "sessions": n,
-                     "estimated-revenue": nanos_to_usd(estimated), "paid-now": nanos_to_usd(paid),
-                     "why": "no booked row for this property on a day booked by property"
-                     if prop else "sessions without a property-id, on a day whose booked rows "
-                     "all have one"} for prop, (n, estimated, paid) in sorted(sums.items())]
-    return pending
+    # A whole-day pool takes every property.
+    days = {day for day, props in booked_props.items() if props != {""} and day in paid}
+    sums = collections.defaultdict(lambda: [0, 0, 0])
+    for day, prop, *amounts in conn.execute(SQL["run_day_property_parts"],
+                                            (json.dumps(sorted(days)),)):
+        if prop not in booked_props[day]:
+            sums[day, prop] = [a + b for a, b in zip(sums[day, prop], amounts)]
+    return [{"day": day, "property-id": prop, "sessions": n,
+             "estimated-revenue": nanos_to_usd(estimated), "paid-now": nanos_to_usd(paid_now),
+             "why": "no booked row for this property on a day booked by property"
+             if prop else "sessions without a property-id, on a day whose booked rows "
+             "all have one"} for (day, prop), (n, estimated, paid_now) in sorted(sums.items())]
 
 
-def settle_pools(conn, problems=None, warnings=None):
-    """On a read snapshot: (run fingerprint, offset, [Pool, ...]) of every
-    report day (and property) with booked revenue whose sessions were all
-    paid in runs and that is new or changed since its last settlement.
-    Pools that cannot be settled are left out, each named in `problems` (a
-    list) with why; what stays pending for want of a booked row, and booked
-    rows that match no session, are named in `warnings`."""
-    problems = [] if problems is None else problems
-    warnings = [] if warnings is None else warnings
+def pending_warning(pending):
+    """A pending_without_booked record as settle's warning."""
+    where = f" property {pending['property-id']}" if pending["property-id"] else ""
+    return (f"{pending['day']}{where}: {pending['sessions']} sessions estimated at "
+            f"{pending['estimated-revenue']} (paid now {pending['paid-now']}) stay pending: "
+            f"{pending['why']}")
+
+
+@dataclass
+class Settleable:
+    """What settle_pools finds on a snapshot."""
+
+    fingerprint: tuple  # (last run id, last settlement id): record_settlement checks it
+    offset: int  # the newest report offset, recorded with the settlement
+    pools: list  # [Pool] to settle: new, or changed since their last settlement
+    problems: list = dataclasses.field(default_factory=list)  # [Unsettled]: left alone, and why
+    warnings: list = dataclasses.field(default_factory=list)  # [str]
+
+
+def settle_pools(conn):
+    """On a read snapshot: the Settleable of every report day (and property)
+    with booked revenue whose sessions were all paid in runs and that is new
+    or changed since its last settlement; the pools that cannot be settled,
+    each with why; what stays pending for want of a booked row, and booked
+    rows that match no session, as warnings.  A bounded number of queries,
+    each over every pool (not one per run per pool)."""
     last = conn.execute(SQL["last_run"]).fetchone()
     last_settlement = conn.execute(SQL["last_settlement"]).fetchone()[0]
     if last is None:
-        return (None, last_settlement), 0, []
+        return Settleable((None, last_settlement), 0, [])
     run_id, _, _, offset = last
     days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), offset)
     booked = conn.execute(SQL["booked_pools"]).fetchall()
+    paid = paid_days(conn, days, last, {day for day, *_ in booked})
     days_by_property = {day for day, prop, *_ in booked if prop != ""}
-    final_millionths = {run: share_millionths(share)
-                        for run, share in conn.execute(SQL["run_final_shares"])}
-    held = {user for (user,) in conn.execute(SQL["held_users"])}
-    paid_days, blocked_days = {}, set()
-    pools = []
+    users = users_by_pool(conn, {(day, prop) for day, prop, *_ in booked if day in paid},
+                          days_by_property)
+    settled_by_property, settled_pools = last_settled(conn, paid)
+    found = Settleable((run_id, last_settlement), offset, [])
+    blocked_days = set()
     for day, prop, whole, rest in booked:
-        if day in blocked_days or not paid_day(conn, day, days, last, paid_days):
+        if day in blocked_days or day not in paid:
             continue
         by_property = int(day in days_by_property)
-        part_rows = itertools.chain.from_iterable(
-            conn.execute(SQL["pool_parts" if by_property else "day_parts"],
-                         (run, day, prop) if by_property else (run, day))
-            for run in final_millionths)
-        pool = Pool(day, prop, by_property, joined_nanos(whole, rest),
-                    pool_users(part_rows, final_millionths, held))
+        pool = Pool(day, prop, by_property, joined_nanos(whole, rest), users[day, prop])
         if not pool.users and pool.booked:
-            warnings.append(str(Unsettled(day, prop, f"booked {nanos_to_usd(pool.booked)} that "
-                                          "matches no session paid: all of it is the margin's "
-                                          "(is the property-id written as in the postbacks?)")))
+            found.warnings.append(str(Unsettled(
+                day, prop, f"booked {nanos_to_usd(pool.booked)} that matches no session paid: "
+                "all of it is the margin's (is the property-id written as in the postbacks?)")))
         # Per day, not per pool: an import with the other breakdown replaces
         # the day's rows, so its pools are new keys that would pay it twice.
-        settled_as = conn.execute(SQL["day_settled_by_property"], (day,)).fetchone()
-        if settled_as is not None and settled_as[0] != by_property:
-            how = "by property" if settled_as[0] else "as a whole day"
-            problems.append(Unsettled(day, "", f"was settled {how} but its booked rows now "
-                                      "are not: re-import its report as it was"))
+        if settled_by_property.get(day, by_property) != by_property:
+            how = "by property" if settled_by_property[day] else "as a whole day"
+            found.problems.append(Unsettled(day, "", f"was settled {how} but its booked rows "
+                                            "now are not: re-import its report as it was"))
             blocked_days.add(day)
             continue
-        previous = conn.execute(SQL["pool_settled"], (day, prop)).fetchone()
-        if previous is not None:
-            if tuple(previous[1:]) == (pool.booked, *pool.totals()[:2]):
-                continue  # settled, and nothing changed since
-            add_earlier_settlements(conn, pool)
-        pools.append(pool)
-    booked_keys = {(day, prop) for day, prop, *_ in booked}
-    for day, prop in conn.execute(SQL["settled_pool_keys"]):
-        # A revision dropped a row its users were paid on (named once per day above).
-        if (day, prop) not in booked_keys and day not in blocked_days:
-            problems.append(Unsettled(day, prop, "was settled against booked revenue that is "
-                                      "no longer stored: re-import its report with that row "
-                                      "(with 0 if it truly earned nothing)"))
-    warnings += [f"{p['day']}{f' property ' + p['property-id'] if p['property-id'] else ''}: "
-                 f"{p['sessions']} sessions estimated at {p['estimated-revenue']} (paid now "
-                 f"{p['paid-now']}) stay pending: {p['why']}"
-                 for p in pending_without_booked(conn, booked, days, last)]
-    return (run_id, last_settlement), offset, pools
+        if settled_pools.get((day, prop)) == (pool.booked, *pool.totals()[:2]):
+            continue  # settled, and nothing changed since
+        found.pools.append(pool)
+    add_earlier_settlements(conn, [pool for pool in found.pools
+                                   if (pool.day, pool.property_id) in settled_pools])
+    found.problems += dropped_pools(conn, booked, blocked_days)
+    found.warnings += map(pending_warning, pending_without_booked(conn, booked, paid))
+    return found
 
 
 @dataclass(frozen=True)
@@ -4266,24 +4316,24 @@ def settle(store, write_off=False, problems=None, warnings=None, **lock):
     lists (see settle_pools).  `lock`: ledger_lock's options."""
     with ledger_step(store, **lock) as journal:
         for _ in range(LEDGER_RETRIES):
-            found, said = [], []
             with store.snapshot() as conn:
                 check_booked_bound(conn)
-                fingerprint, offset, pools = settle_pools(conn, found, said)
+                found = settle_pools(conn)
                 owed = dict(owed_balances(conn))
-            for given, new in ((problems, found), (warnings, said)):
+            for given, new in ((problems, found.problems), (warnings, found.warnings)):
                 if given is not None:
                     given[:] = new
-            if not pools:
+            if not found.pools:
                 return None
             clear_unfinished(store)
-            settlement_id = (fingerprint[1] or 0) + 1
+            settlement_id = (found.fingerprint[1] or 0) + 1
             computed = take_owed_from_top_ups(
-                [(pool, pool_lines(pool, write_off, settlement_id)) for pool in pools], owed)
+                [(pool, pool_lines(pool, write_off, settlement_id)) for pool in found.pools],
+                owed)
             write_in_chunks(store, SQL["insert_settlement_line"], settlement_line_rows(computed))
             try:
                 store.write(functools.partial(
-                    record_settlement, fingerprint, offset, settlement_id, pools,
+                    record_settlement, found.fingerprint, found.offset, settlement_id, found.pools,
                     settled_pool_rows(settlement_id, computed), balance_changes(computed),
                     sum(line.deducted for _, lines in computed for line in lines), write_off))
             except LedgerMoved:
@@ -4433,7 +4483,9 @@ def unmatched_pending(conn):
     if last is None:
         return []
     days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), last[3])
-    return pending_without_booked(conn, conn.execute(SQL["booked_pools"]).fetchall(), days, last)
+    booked = conn.execute(SQL["booked_pools"]).fetchall()
+    return pending_without_booked(conn, booked, paid_days(conn, days, last,
+                                                          {day for day, *_ in booked}))
 
 
 def honest_margin(days, owed):

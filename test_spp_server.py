@@ -4313,6 +4313,41 @@ def test_a_revised_booked_figure_gives_a_correcting_line_not_a_rewrite(store, db
         ("a", 225_000), ("b", 675_000)]
 
 
+def settle_pools_statements(store):
+    """The statements settle_pools runs on a snapshot of `store`, and what it found."""
+    statements = []
+    with store.snapshot() as conn:
+        conn.set_trace_callback(statements.append)
+        try:
+            found = spp_server.settle_pools(conn)
+        finally:
+            conn.set_trace_callback(None)
+    return statements, found
+
+
+def test_settle_finds_its_pools_in_as_many_queries_however_many_runs_and_pools(tmp_path):
+    """One query per job over every pool, not one per run per pool (nor per
+    day): a month of many runs and pools costs the queries of a small one."""
+    counts = []
+    for days, runs in [(2, 1), (12, 4)]:
+        store = spp_server.Store(str(tmp_path / f"{days}.db"), writer="thread")
+        try:
+            add_sessions(store, [(f"u{i % 3}", ("p1", "p2", None)[i % 3], 1000 * (i + 1),
+                                  at(day, i)) for day in range(days) for i in range(6)])
+            for run in range(1, runs + 1):
+                pay(store, at(days * run // runs, 0))
+            book_rows(store, [(day_text(d), p, 7_000) for d in range(days) for p in ("p1", "p2")])
+            assert spp_server.settle(store) is not None
+            # p1's pools changed since (corrections); p3's booked rows match no session.
+            book_rows(store, [(day_text(d), p, 9_000) for d in range(days) for p in ("p1", "p3")])
+            statements, found = settle_pools_statements(store)
+            assert len(found.pools) == 2 * days and len(found.warnings) == 2 * days
+            counts.append(len(statements))
+        finally:
+            store.close()
+    assert counts[0] == counts[1] < 20, counts
+
+
 def test_a_day_is_settled_only_once_every_session_of_it_was_paid(store):
     add_sessions(store, [("a", None, 1000, at(0)), ("a", None, 1000, at(1, 1))])
     pay(store, at(1, 0))
@@ -4954,9 +4989,19 @@ def test_the_lines_of_a_run_need_the_read_token(make_client):
 
 def test_ledger_reads_use_their_indexes(store, db):
     for name, params in [("user_run_lines", ("a",)), ("user_settlement_lines", ("a",)),
-                         ("pool_parts", (1, "d", "p")), ("run_lines", (1,)),
-                         ("pool_adjustments", (1, "d", "p")), ("pool_settlements", ("d", "p"))]:
+                         ("run_lines", (1,))]:
         assert "SCAN" not in query_plan(db, name, params), name
+    # settle_pools' queries over every pool: one index search per day or pool
+    # of the JSON list, or per run and day (the runs are scanned, not their parts).
+    days, pools = ('["d"]',), ('[["d", "p"]]',)
+    for name, params in [("parts_of_days", days), ("run_day_property_parts", days),
+                         ("settled_pools_of_days", days), ("earlier_pool_lines", pools),
+                         ("pools_balance_write_offs", pools),
+                         ("sessions_of_days", ('[["d", 0, 1]]',))]:
+        steps = query_plan(db, name, params).split(" / ")
+        assert any(step.startswith("SEARCH") for step in steps), (name, steps)
+        assert [step for step in steps if step.startswith("SCAN") and "VIRTUAL TABLE" not in step
+                and not step.startswith("SCAN r")] == [], (name, steps)
 
 
 # --- Erasure on request (issue 22, section 7) ---
