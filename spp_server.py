@@ -6619,6 +6619,22 @@ def start_watchdog(store, environ, stopping):
     return thread
 
 
+def release_freed_memory():
+    """Give the C heap's free pages back to the system before the writer
+    process forks.  Where no bytecode cache can be read or written (spp.service
+    sets PYTHONDONTWRITEBYTECODE, /opt/spp is read-only), starting compiles
+    this module, and glibc keeps the ~10 MB the compiler freed, in this process
+    and again in the forked writer: 70 MB summed under the benchmark's load
+    against 52 MB (docs/performance.md).  One call to glibc's malloc_trim;
+    ctypes calls it with no writable+executable memory (spp.service's
+    MemoryDenyWriteExecute=).  Elsewhere (another libc) nothing is done."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, ImportError):
+        pass
+
+
 class WriterLost(Exception):
     """The writer process exited while the server ran."""
 
@@ -7880,6 +7896,7 @@ def run_command_line(argv, environ):
         log.warning(
             "no postback token configured: anyone who can reach /postback can record sessions"
         )
+    release_freed_memory()
     try:
         app = create_app(config)
     except StoreUnavailable as exc:  # not our database, or a newer schema

@@ -9701,6 +9701,31 @@ def test_the_server_run_as_a_script_holds_no_more_memory_than_run_as_the_module(
     assert held["script"] <= held["module"] + 1024, held
 
 
+def test_a_server_that_compiles_the_module_holds_no_more_memory_than_one_with_its_bytecode(
+        tmp_path):
+    """spp.service reads /opt/spp with no bytecode cache: each start compiles
+    the module.  The compiler's freed memory is given back before the writer
+    forks, so that start holds what a start from a cached .pyc holds."""
+    cache = tmp_path / "pycache"
+    subprocess.run([sys.executable, "-c", "import spp_server"], cwd=HERE, check=True,
+                   env={**os.environ, "PYTHONPYCACHEPREFIX": str(cache)}
+                   | {"PYTHONDONTWRITEBYTECODE": ""})
+    assert list(cache.rglob("spp_server*.pyc"))
+    held = {}
+    for name, env in [("compiled at start", {"PYTHONPYCACHEPREFIX": str(tmp_path / "empty"),
+                                             "PYTHONDONTWRITEBYTECODE": "1"}),
+                      ("from the cache", {"PYTHONPYCACHEPREFIX": str(cache),
+                                          "PYTHONDONTWRITEBYTECODE": "1"})]:
+        server = RealServer(str(tmp_path / f"{name}.db"), env=env)
+        try:
+            assert server.post(postback())[0] == 200
+            held[name] = resident_kb(server.process.pid)
+        finally:
+            assert server.stop() == 0
+    assert not (tmp_path / "empty").exists()  # it did compile, and wrote nothing
+    assert held["compiled at start"] <= held["from the cache"] + 2048, held
+
+
 class LoadGenerator:
     """Threads that post fresh postbacks, one connection per request, until the
     server stops answering; every outcome is kept with the payload sent."""
