@@ -6059,6 +6059,49 @@ def view_rollup(app):
     return rollup if rollup.refresh(app.store) else None
 
 
+# How often the server catches the view's sums up in the background, so that
+# a page reads only what arrived since (a few seconds of postbacks) and not,
+# on its first load after a start, every session once (1.3 s per million).
+ROLLUP_REFRESH_S = 10
+
+
+def start_rollup_refresh(app, stopping, interval=ROLLUP_REFRESH_S):
+    """Catch the view's sums up now, then every `interval` seconds, on a
+    thread at the lowest CPU priority: SQLite releases the GIL while it reads,
+    so the thread takes only the CPU time postbacks leave idle.  Ends with
+    `stopping`, or for good once the sums have too many cells to keep."""
+
+    def refresh():
+        lower_this_threads_priority()
+        while True:
+            before = app.rollup.last_id
+            try:
+                kept = app.rollup.refresh(app.store)
+            except (StoreUnavailable, sqlite3.Error) as exc:
+                log.warning("view: the month's sums were not caught up (a page will): %s", exc)
+            else:
+                if not kept:
+                    return
+                if app.rollup.last_id != before:
+                    log.debug("view: the month's sums are caught up to session row %d",
+                              app.rollup.last_id)
+            if stopping.wait(interval):
+                return
+
+    thread = threading.Thread(target=refresh, name="spp-view-sums", daemon=True)
+    thread.start()
+    return thread
+
+
+def lower_this_threads_priority():
+    """Nice 19 for the calling thread alone (on Linux a thread has its own
+    scheduling priority); where that is refused, it keeps the process's."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError as exc:
+        log.info("view: the thread catching up its sums keeps the normal priority: %s", exc)
+
+
 def current_month(offset_minutes):
     day = utc_date_text((now_us() + offset_minutes * 60 * 1_000_000) // DAY_US)
     return day[:7]
@@ -6634,6 +6677,22 @@ def start_watchdog(store, environ, stopping):
     return thread
 
 
+def release_freed_memory():
+    """Give the C heap's free pages back to the system before the writer
+    process forks.  Where no bytecode cache can be read or written (spp.service
+    sets PYTHONDONTWRITEBYTECODE, /opt/spp is read-only), starting compiles
+    this module, and glibc keeps the ~10 MB the compiler freed, in this process
+    and again in the forked writer: 70 MB summed under the benchmark's load
+    against 52 MB (docs/performance.md).  One call to glibc's malloc_trim;
+    ctypes calls it with no writable+executable memory (spp.service's
+    MemoryDenyWriteExecute=).  Elsewhere (another libc) nothing is done."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, ImportError):
+        pass
+
+
 class WriterLost(Exception):
     """The writer process exited while the server ran."""
 
@@ -6680,6 +6739,7 @@ def serve(app, config, sockets=()):
         signal.signal(signum, lambda *_: stopping.set())
     server.print_listen("listening on http://{}:{}")
     start_watchdog(app.store, os.environ, stopping)
+    start_rollup_refresh(app, stopping)
     sd_notify("READY=1")
     writer_alive = run_until(socket_map_of(server), stopping, app.store.writer)
     sd_notify("STOPPING=1")
@@ -7845,6 +7905,7 @@ def run_command_line(argv, environ):
         log.warning(
             "no postback token configured: anyone who can reach /postback can record sessions"
         )
+    release_freed_memory()
     try:
         app = create_app(config)
     except StoreUnavailable as exc:  # not our database, or a newer schema

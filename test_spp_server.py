@@ -7311,6 +7311,41 @@ def test_view_month_rollup_starts_over_when_the_ids_mean_other_sessions(view_cli
         "2026-11-02": "1", "2026-11-03": "1"}
 
 
+def test_the_view_sums_are_caught_up_in_the_background_at_the_lowest_priority(view_client, clock):
+    app = view_client.app
+    newest = lambda: app.store.read("SELECT max(id) FROM sessions")[0][0]  # noqa: E731
+    post_at(view_client, clock, "2026-11-02T10:00:00Z", user_id="a")
+    stopping = threading.Event()
+    thread = spp_server.start_rollup_refresh(app, stopping, interval=0.05)
+    try:
+        wait_for(lambda: app.rollup.last_id == newest(), "the sums at once, no page loaded")
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == 19
+        post_at(view_client, clock, "2026-11-03T10:00:00Z", user_id="b")
+        wait_for(lambda: app.rollup.last_id == newest(), "the sums caught up again")
+        assert sorted(day for day, _, _ in app.rollup.cells) == [
+            spp_server.report_day_number(d) for d in ("2026-11-02", "2026-11-03")]
+    finally:
+        stopping.set()
+        thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_the_view_sums_stop_being_caught_up_once_too_many(view_client, clock, monkeypatch):
+    monkeypatch.setattr(spp_server.Rollup, "MAX_CELLS", 0)
+    post_at(view_client, clock, "2026-11-02T10:00:00Z", user_id="a")
+    thread = spp_server.start_rollup_refresh(view_client.app, threading.Event(), interval=0.05)
+    thread.join(5)  # ends on its own: nothing kept, pages read with SQL
+    assert not thread.is_alive() and view_client.app.rollup.too_many
+
+
+def test_the_real_server_catches_the_view_sums_up_from_its_start(make_client, db, real_server):
+    post(make_client(), postback())  # a session already stored when the server starts
+    server = real_server(db, args=["--log-level", "debug"])
+    wait_for(lambda: "the month's sums are caught up to session row 1" in server.log_text(),
+             "the server's first catch-up")
+    assert server.stop() == 0
+
+
 def test_view_users_rank_by_revenue_page_and_equal_the_api(view_client, clock):
     for n in range(120):
         post_at(view_client, clock, "2026-11-05T10:00:00Z", user_id=f"u{n:03d}",
@@ -9783,6 +9818,31 @@ def test_the_server_run_as_a_script_holds_no_more_memory_than_run_as_the_module(
         finally:
             assert server.stop() == 0
     assert held["script"] <= held["module"] + 1024, held
+
+
+def test_a_server_that_compiles_the_module_holds_no_more_memory_than_one_with_its_bytecode(
+        tmp_path):
+    """spp.service reads /opt/spp with no bytecode cache: each start compiles
+    the module.  The compiler's freed memory is given back before the writer
+    forks, so that start holds what a start from a cached .pyc holds."""
+    cache = tmp_path / "pycache"
+    subprocess.run([sys.executable, "-c", "import spp_server"], cwd=HERE, check=True,
+                   env={**os.environ, "PYTHONPYCACHEPREFIX": str(cache)}
+                   | {"PYTHONDONTWRITEBYTECODE": ""})
+    assert list(cache.rglob("spp_server*.pyc"))
+    held = {}
+    for name, env in [("compiled at start", {"PYTHONPYCACHEPREFIX": str(tmp_path / "empty"),
+                                             "PYTHONDONTWRITEBYTECODE": "1"}),
+                      ("from the cache", {"PYTHONPYCACHEPREFIX": str(cache),
+                                          "PYTHONDONTWRITEBYTECODE": "1"})]:
+        server = RealServer(str(tmp_path / f"{name}.db"), env=env)
+        try:
+            assert server.post(postback())[0] == 200
+            held[name] = resident_kb(server.process.pid)
+        finally:
+            assert server.stop() == 0
+    assert not (tmp_path / "empty").exists()  # it did compile, and wrote nothing
+    assert held["compiled at start"] <= held["from the cache"] + 2048, held
 
 
 class LoadGenerator:
