@@ -8379,9 +8379,7 @@ def run_entry_point(entry, db, tmp_path):
 
 
 @pytest.mark.parametrize("kind", NOT_OURS)
-@pytest.mark.parametrize("entry", ["import-booked", "prune", "prune --dry-run", "export",
-                                   "reconcile", "pay", "settle", "statement", "ledger",
-                                   "ledger-replay"])
+@pytest.mark.parametrize("entry", [*spp_server.COMMANDS, "prune --dry-run"])
 def test_every_command_refuses_a_file_that_is_not_its_database_and_changes_nothing(
         tmp_path, capsys, kind, entry):
     folder = tmp_path / "data"
