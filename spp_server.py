@@ -7718,9 +7718,8 @@ def run_suspects(argv, environ, out):
     try:
         until = now_us() if args.until is None else parse_instant(args.until)
         since = until - 30 * DAY_US if args.since is None else parse_instant(args.since)
-    except ValueError:
-        say(f"{parser.prog}: --since/--until: must be {TIME_FORMS_HELP}")
-        return 2
+    except ValueError:  # a usage error, as export's and reconcile's
+        parser.error(f"--since/--until: must be {TIME_FORMS_HELP}")
     return print_report(parser.prog, args.db, out,
                         lambda store: [json_output(suspects(store, since, until))])
 

@@ -4869,6 +4869,29 @@ def test_the_users_worth_a_look_are_those_far_outside_the_others_with_the_figure
     assert report["suspects"][1]["outside"][0]["spreads"] == "240.0"
 
 
+@pytest.mark.parametrize("command, argv, said", [
+    # A ledger step refuses it as its other options: one line, nothing changed.
+    ("pay", ["--until", "soon", "--pay-now-share", "0.5", "--final-share", "0.9"],
+     ["spp_server.py pay: --until: must be ", "not 'soon'; nothing changed"]),
+    # A report, as export and reconcile: a usage error.
+    ("suspects", ["--since", "soon"], ["usage: ", "spp_server.py suspects: error: --since/--until"]),
+    ("export", ["--since", "soon", "--until", "2026-11-02"],
+     ["usage: ", "spp_server.py export: error: --since"])])
+def test_a_time_that_is_no_time_is_refused_with_status_2_and_the_database_untouched(
+        tmp_path, command, argv, said):
+    db = tmp_path / "absent.db"  # never opened: the refusal comes first
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            status = spp_server.COMMANDS[command][0]([*argv, "--db", str(db)], {}, io.BytesIO())
+        except SystemExit as exited:  # argparse's usage error
+            status = exited.code
+    lines = err.getvalue().splitlines()
+    assert status == 2 and lines[0].startswith(said[0]) and said[1] in lines[-1], lines
+    assert command != "pay" or len(lines) == 1, lines
+    assert not db.exists()
+
+
 def test_at_settlement_a_held_users_estimates_take_no_share_of_the_others(store, db):
     add_sessions(store, [("a", None, 1000, at(0)), ("bot", None, 9000, at(0))])
     pay(store, at(1, 0), pay_now="0.5", final="1")  # a: 500 paid now
