@@ -548,17 +548,11 @@ SQL = {
     "oldest_session_upto": """
         SELECT received_at_us FROM sessions INDEXED BY sessions_by_time WHERE id <= ?
         ORDER BY received_at_us LIMIT 1""",
-    "first_session_between": """
-        SELECT min(id) FROM sessions INDEXED BY sessions_by_time
-        WHERE received_at_us >= ? AND received_at_us < ?""",
     "settlement_exists": "SELECT 1 FROM settlements WHERE id = ?",
     # The largest id received before a run's until: the run pays every id up
     # to it that an earlier run did not, whatever their receive times.
     "last_session_before": """
         SELECT max(id) FROM sessions INDEXED BY sessions_by_time WHERE received_at_us < ?""",
-    "last_session_between": """
-        SELECT max(id) FROM sessions INDEXED BY sessions_by_time
-        WHERE received_at_us >= ? AND received_at_us < ?""",
     # A run's parts: per report day, property and user, by row id range, as
     # the rows of insert_part in its primary key's order (so that staging
     # appends).  Paid now: the estimate times the share (in millionths),
@@ -657,38 +651,61 @@ SQL = {
     "booked_pool": """
         SELECT coalesce(sum(revenue_nano / 1000000000), 0), coalesce(sum(revenue_nano % 1000000000), 0)
         FROM booked_revenue WHERE day = ? AND property_id = ?""",
-    "pool_parts": """
-        SELECT run_id, user_id, sessions, estimated_nano, paid_now_nano FROM payout_parts
-        WHERE run_id = ? AND day = ? AND property_id = ?""",
-    "day_parts_by_property": """
-        SELECT property_id, sum(sessions), sum(estimated_nano), sum(paid_now_nano)
-        FROM payout_parts WHERE run_id = ? AND day = ? GROUP BY property_id""",
-    "day_parts": """
-        SELECT run_id, user_id, sessions, estimated_nano, paid_now_nano FROM payout_parts
-        WHERE run_id = ? AND day = ?""",
+    # Every recorded run's parts of the days (a JSON list): a search of the
+    # primary key per run and day (CROSS JOIN keeps the runs outer, where
+    # SQLite would rather scan every part), none of an unfinished run's.
+    "parts_of_days": """
+        SELECT p.run_id, p.day, p.property_id, p.user_id, p.sessions, p.estimated_nano,
+               p.paid_now_nano
+        FROM payout_runs r CROSS JOIN payout_parts p ON p.run_id = r.id
+        WHERE p.day IN (SELECT value FROM json_each(?))""",
+    # Summed per run, day and property: no SQL sum spans two runs' parts
+    # (Python adds the runs up, as when each run was a query of its own).
+    "run_day_property_parts": """
+        SELECT p.day, p.property_id, sum(p.sessions), sum(p.estimated_nano),
+               sum(p.paid_now_nano)
+        FROM payout_runs r CROSS JOIN payout_parts p ON p.run_id = r.id
+        WHERE p.day IN (SELECT value FROM json_each(?))
+        GROUP BY r.id, p.day, p.property_id""",
+    # Per [day, start, end] of a JSON list: its day, end, and the first and
+    # last session received in [start, end).
+    "sessions_of_days": """
+        SELECT json_extract(d.value, '$[0]'), json_extract(d.value, '$[2]'),
+               (SELECT min(id) FROM sessions INDEXED BY sessions_by_time
+                WHERE received_at_us >= json_extract(d.value, '$[1]')
+                  AND received_at_us < json_extract(d.value, '$[2]')),
+               (SELECT max(id) FROM sessions INDEXED BY sessions_by_time
+                WHERE received_at_us >= json_extract(d.value, '$[1]')
+                  AND received_at_us < json_extract(d.value, '$[2]'))
+        FROM json_each(?) d""",
     "last_settlement": "SELECT max(id) FROM settlements",
     "ledger_steps": """
         SELECT 'run', id, until_us FROM payout_runs
         UNION ALL SELECT 'settlement', id, NULL FROM settlements ORDER BY 1, 2""",
     "settled_pool_keys": "SELECT DISTINCT day, property_id FROM settlement_days",
-    # How a day was last settled: by property (1) or whole (0), whatever pool.
-    "day_settled_by_property": """
-        SELECT by_property FROM settlement_days WHERE day = ?
-        ORDER BY settlement_id DESC LIMIT 1""",
-    "pool_settled": """
-        SELECT by_property, booked_nano, sessions, estimated_nano FROM settlement_days
-        WHERE day = ? AND property_id = ? ORDER BY settlement_id DESC LIMIT 1""",
-    # What each user's earlier lines of a pool moved: top-ups less balances carried.
-    "pool_settlements": """
-        SELECT settlement_id FROM settlement_days WHERE day = ? AND property_id = ?""",
-    "pool_adjustments": """
-        SELECT user_id, top_up_nano - carried_nano, written_off_nano - written_back_nano, held
-        FROM settlement_lines WHERE settlement_id = ? AND day = ? AND property_id = ?""",
-    # Balances of the pool written off for their age: the user keeps them, as
+    # Every settlement of the days (a JSON list): see last_settled.
+    "settled_pools_of_days": """
+        SELECT day, property_id, settlement_id, by_property, booked_nano, sessions, estimated_nano
+        FROM settlement_days WHERE day IN (SELECT value FROM json_each(?))""",
+    # What each user's earlier lines of the pools (a JSON list of [day,
+    # property]) moved: top-ups less balances carried (lines of a committed
+    # settlement only: a settlement_days row is its header's).
+    "earlier_pool_lines": """
+        SELECT d.day, d.property_id, l.user_id, l.top_up_nano - l.carried_nano,
+               l.written_off_nano - l.written_back_nano, l.held
+        FROM json_each(?) p
+        JOIN settlement_days d ON d.day = json_extract(p.value, '$[0]')
+                              AND d.property_id = json_extract(p.value, '$[1]')
+        JOIN settlement_lines l ON l.settlement_id = d.settlement_id AND l.day = d.day
+                               AND l.property_id = d.property_id""",
+    # Balances of the pools written off for their age: the user keeps them, as
     # if written off when settled (see pool_lines).
-    "pool_balance_write_offs": """
-        SELECT user_id, sum(written_off_nano) FROM balance_write_off_lines
-        WHERE day = ? AND property_id = ? GROUP BY user_id""",
+    "pools_balance_write_offs": """
+        SELECT b.day, b.property_id, b.user_id, sum(b.written_off_nano)
+        FROM json_each(?) p
+        JOIN balance_write_off_lines b ON b.day = json_extract(p.value, '$[0]')
+                                      AND b.property_id = json_extract(p.value, '$[1]')
+        GROUP BY b.day, b.property_id, b.user_id""",
     # Users held now: whose newest hold event is a hold.
     "held_users": """
         SELECT user_id FROM ledger_holds h
@@ -1113,15 +1130,17 @@ class StoreUnavailable(Exception):
 
 
 def no_database(path):
-    """The error for a path that is no file here: missing, or in a folder this
-    user may not enter (isfile() says False for both; only one is "missing")."""
+    """The error for a path that is no file here: missing, in a folder this
+    user may not enter, or a directory (isfile() says False for each; only
+    one is "missing")."""
     try:
         os.stat(path)
     except PermissionError:
         return StoreUnavailable(f"cannot read {path}: permission denied (run as its owner, or with sudo)")
     except OSError:
-        pass
-    return StoreUnavailable(f"no database at {path}")
+        return StoreUnavailable(f"no database at {path}")
+    kind = "a directory" if os.path.isdir(path) else "not a regular file"
+    return StoreUnavailable(f"cannot open the database {path}: it is {kind}")
 
 
 WRITE_OPS = {}  # name -> function(*args, conn, received_at_us): what a writer process runs
@@ -1731,7 +1750,7 @@ class Store(Reads):
         command = writer == "command"
         self.path = str(path)
         self._busy_timeout_ms = busy_timeout_ms
-        if command and not os.path.exists(self.path):
+        if command and not os.path.isfile(self.path):
             raise no_database(self.path)
         if not command:
             ensure_private_file(self.path)
@@ -1784,6 +1803,10 @@ class Store(Reads):
         except StoreUnavailable as exc:
             return str(exc)
         return self.writer.write_problem()
+
+    def check_unchanged(self):
+        """A Store reads the live database, never an immutable copy: nothing to check
+        (see ReadOnlyStore.check_unchanged)."""
 
     def close(self):
         self.writer.close()
@@ -4038,151 +4061,184 @@ def take_owed_from_top_ups(computed, owed):
     return taken
 
 
-def pool_users(part_rows, final_millionths, held):
-    """The parts of a pool summed per user (see Pool.users).  The final
+def add_part(users, share, user, sessions, estimated, paid, held):
+    """One part of a pool added to its users (see Pool.users).  The final
     shares of the runs are summed weighted by sessions and by estimates, so
     that pool_lines applies them in proportion to either."""
-    users = {}
-    for run, user, sessions, estimated, paid in part_rows:
-        share = final_millionths[run]
-        entry = users.get(user)
-        if entry is None:
-            users[user] = PoolUser(sessions, estimated, paid, share * sessions,
-                                   share * estimated, held=user in held)
-        else:
-            entry.sessions += sessions
-            entry.estimated += estimated
-            entry.paid += paid
-            entry.share_by_sessions += share * sessions
-            entry.share_by_estimates += share * estimated
-    return users
+    entry = users.get(user)
+    if entry is None:
+        users[user] = PoolUser(sessions, estimated, paid, share * sessions, share * estimated,
+                               held=user in held)
+    else:
+        entry.sessions += sessions
+        entry.estimated += estimated
+        entry.paid += paid
+        entry.share_by_sessions += share * sessions
+        entry.share_by_estimates += share * estimated
 
 
-def add_earlier_settlements(conn, pool):
-    """What each user's earlier lines of the pool moved (top-ups less balances
-    carried), their standing write-off, and whether they were held then (a
-    user settled as held stays out of the pool's sharing); balances of the
-    pool written off for their age count as written off at settlement."""
-    users = pool.users
-    for (settled_in,) in conn.execute(SQL["pool_settlements"], (pool.day, pool.property_id)).fetchall():
-        for user, adjustment, written_off, held in conn.execute(
-                SQL["pool_adjustments"], (settled_in, pool.day, pool.property_id)):
-            if user in users:
-                entry = users[user]
-                entry.adjustment = (entry.adjustment or 0) + adjustment
-                entry.standing += written_off
-                entry.held = entry.held or bool(held)
-    for user, written_off in conn.execute(SQL["pool_balance_write_offs"],
-                                          (pool.day, pool.property_id)):
-        if user in users:
-            entry = users[user]
+def users_by_pool(conn, keys, by_property_days):
+    """{(day, property): {user: PoolUser}} of the pools `keys`, from every
+    run's parts of their days: a day booked by property pools each
+    property's parts apart (a property without a pool stays pending), a
+    whole day pools all of them under property ''.  One query over every
+    run and day."""
+    final_millionths = {run: share_millionths(share)
+                        for run, share in conn.execute(SQL["run_final_shares"])}
+    held = {user for (user,) in conn.execute(SQL["held_users"])}
+    pools = {key: {} for key in keys}
+    for run, day, prop, user, sessions, estimated, paid in conn.execute(
+            SQL["parts_of_days"], (json.dumps(sorted({day for day, _ in keys})),)):
+        if (users := pools.get((day, prop if day in by_property_days else ""))) is not None:
+            add_part(users, final_millionths[run], user, sessions, estimated, paid, held)
+    return pools
+
+
+def add_earlier_settlements(conn, pools):
+    """To the users of each pool settled before: what their earlier lines of
+    the pool moved (top-ups less balances carried), their standing
+    write-off, and whether they were held then (a user settled as held stays
+    out of the pool's sharing); balances of the pool written off for their
+    age count as written off at settlement.  Two queries over every pool."""
+    by_key = {(pool.day, pool.property_id): pool.users for pool in pools}
+    keys = json.dumps(sorted(by_key))
+    for day, prop, user, adjustment, written_off, held in conn.execute(
+            SQL["earlier_pool_lines"], (keys,)):
+        if (entry := by_key[day, prop].get(user)) is not None:
+            entry.adjustment = (entry.adjustment or 0) + adjustment
+            entry.standing += written_off
+            entry.held = entry.held or bool(held)
+    for day, prop, user, written_off in conn.execute(SQL["pools_balance_write_offs"], (keys,)):
+        if (entry := by_key[day, prop].get(user)) is not None:
             entry.adjustment = (entry.adjustment or 0) + written_off
             entry.standing += written_off
 
 
-def paid_day(conn, day, days, last, paid_days):
-    """Whether every session of a report day was paid by the ledger's runs
-    (cached in paid_days)."""
-    if day not in paid_days:
-        start, end = day_bounds_us(day, days)
-        [(newest,)] = conn.execute(SQL["last_session_between"], (start, end)).fetchall()
-        [(oldest,)] = conn.execute(SQL["first_session_between"], (start, end)).fetchall()
-        taken_over_after = conn.execute(SQL["first_run"]).fetchone()[1]
-        # None after the last run (a clock step), none before the ledger took
-        # over (paid another way: never settled here).
-        paid_days[day] = end <= last[2] and (newest is None or newest <= last[1]) and (
-            oldest is None or oldest > taken_over_after)
-    return paid_days[day]
+def paid_days(conn, days, last, booked_days):
+    """The days of `booked_days` whose sessions were all paid by the
+    ledger's runs: none received after the last run, none before the
+    ledger took over (paid another way: never settled here).  One query."""
+    bounds = [[day, *day_bounds_us(day, days)] for day in sorted(booked_days)]
+    taken_over_after = conn.execute(SQL["first_run"]).fetchone()[1]
+    return {day for day, end, oldest, newest in conn.execute(
+                SQL["sessions_of_days"], (json.dumps(bounds),))
+            # None after the last run (a clock step), none before the ledger took over.
+            if end <= last[2] and (newest is None or newest <= last[1])
+            and (oldest is None or oldest > taken_over_after)}
 
 
-def pending_without_booked(conn, booked, days, last):
+def last_settled(conn, days):
+    """How `days` were last settled: ({day: by_property}, {(day, property):
+    (booked, sessions, estimated)}), each of its newest settlement.  One query."""
+    newest_of_day, newest_of_pool = {}, {}
+    for day, prop, settlement_id, by_property, *state in conn.execute(
+            SQL["settled_pools_of_days"], (json.dumps(sorted(days)),)):
+        if newest_of_day.get(day, (0,))[0] < settlement_id:
+            newest_of_day[day] = (settlement_id, by_property)
+        if newest_of_pool.get((day, prop), (0,))[0] < settlement_id:
+            newest_of_pool[day, prop] = (settlement_id, tuple(state))
+    return ({day: by_property for day, (_, by_property) in newest_of_day.items()},
+            {key: state for key, (_, state) in newest_of_pool.items()})
+
+
+def dropped_pools(conn, booked, blocked_days):
+    """[Unsettled] of each pool settled before whose booked row a revision
+    dropped (its users were paid on it); a blocked day is named once already."""
+    booked_keys = {(day, prop) for day, prop, *_ in booked}
+    return [Unsettled(day, prop, "was settled against booked revenue that is no longer "
+                      "stored: re-import its report with that row (with 0 if it truly earned "
+                      "nothing)")
+            for day, prop in conn.execute(SQL["settled_pool_keys"])
+            if (day, prop) not in booked_keys and day not in blocked_days]
+
+
+def pending_without_booked(conn, booked, paid):
     """What stays pending because no booked row can ever settle it: on each
-    paid day booked by property, the parts of a property (or of sessions
-    without one) that has no booked row.  -> [record], by day and property."""
+    paid day (of the set `paid`) booked by property, the parts of a property
+    (or of sessions without one) that has no booked row.  -> [record], by
+    day and property.  One query over every run and day."""
     booked_props = collections.defaultdict(set)
     for day, prop, *_ in booked:
         booked_props[day].add(prop)
-    runs = [run for (run, _) in conn.execute(SQL["run_final_shares"])]
-    pending, paid_days = [], {}
-    for day, props in sorted(booked_props.items()):
-        if props == {""} or not paid_day(conn, day, days, last, paid_days):
-            continue  # a whole-day pool takes every property
-        sums = collections.defaultdict(lambda: [0, 0, 0])
-        for run in runs:
-            for prop, *amounts in conn.execute(SQL["day_parts_by_property"], (run, day)):
-                if prop not in props:
-                    sums[prop] = [a + b for a, b in zip(sums[prop], amounts)]
-        pending += [{"day": day, "property-id": prop, "sessions": n,
-                     "estimated-revenue": nanos_to_usd(estimated), "paid-now": nanos_to_usd(paid),
-                     "why": "no booked row for this property on a day booked by property"
-                     if prop else "sessions without a property-id, on a day whose booked rows "
-                     "all have one"} for prop, (n, estimated, paid) in sorted(sums.items())]
-    return pending
+    # A whole-day pool takes every property.
+    days = {day for day, props in booked_props.items() if props != {""} and day in paid}
+    sums = collections.defaultdict(lambda: [0, 0, 0])
+    for day, prop, *amounts in conn.execute(SQL["run_day_property_parts"],
+                                            (json.dumps(sorted(days)),)):
+        if prop not in booked_props[day]:
+            sums[day, prop] = [a + b for a, b in zip(sums[day, prop], amounts)]
+    return [{"day": day, "property-id": prop, "sessions": n,
+             "estimated-revenue": nanos_to_usd(estimated), "paid-now": nanos_to_usd(paid_now),
+             "why": "no booked row for this property on a day booked by property"
+             if prop else "sessions without a property-id, on a day whose booked rows "
+             "all have one"} for (day, prop), (n, estimated, paid_now) in sorted(sums.items())]
 
 
-def settle_pools(conn, problems=None, warnings=None):
-    """On a read snapshot: (run fingerprint, offset, [Pool, ...]) of every
-    report day (and property) with booked revenue whose sessions were all
-    paid in runs and that is new or changed since its last settlement.
-    Pools that cannot be settled are left out, each named in `problems` (a
-    list) with why; what stays pending for want of a booked row, and booked
-    rows that match no session, are named in `warnings`."""
-    problems = [] if problems is None else problems
-    warnings = [] if warnings is None else warnings
+def pending_warning(pending):
+    """A pending_without_booked record as settle's warning."""
+    where = f" property {pending['property-id']}" if pending["property-id"] else ""
+    return (f"{pending['day']}{where}: {pending['sessions']} sessions estimated at "
+            f"{pending['estimated-revenue']} (paid now {pending['paid-now']}) stay pending: "
+            f"{pending['why']}")
+
+
+@dataclass
+class Settleable:
+    """What settle_pools finds on a snapshot."""
+
+    fingerprint: tuple  # (last run id, last settlement id): record_settlement checks it
+    offset: int  # the newest report offset, recorded with the settlement
+    pools: list  # [Pool] to settle: new, or changed since their last settlement
+    problems: list = dataclasses.field(default_factory=list)  # [Unsettled]: left alone, and why
+    warnings: list = dataclasses.field(default_factory=list)  # [str]
+
+
+def settle_pools(conn):
+    """On a read snapshot: the Settleable of every report day (and property)
+    with booked revenue whose sessions were all paid in runs and that is new
+    or changed since its last settlement; the pools that cannot be settled,
+    each with why; what stays pending for want of a booked row, and booked
+    rows that match no session, as warnings.  A bounded number of queries,
+    each over every pool (not one per run per pool)."""
     last = conn.execute(SQL["last_run"]).fetchone()
     last_settlement = conn.execute(SQL["last_settlement"]).fetchone()[0]
     if last is None:
-        return (None, last_settlement), 0, []
+        return Settleable((None, last_settlement), 0, [])
     run_id, _, _, offset = last
     days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), offset)
     booked = conn.execute(SQL["booked_pools"]).fetchall()
+    paid = paid_days(conn, days, last, {day for day, *_ in booked})
     days_by_property = {day for day, prop, *_ in booked if prop != ""}
-    final_millionths = {run: share_millionths(share)
-                        for run, share in conn.execute(SQL["run_final_shares"])}
-    held = {user for (user,) in conn.execute(SQL["held_users"])}
-    paid_days, blocked_days = {}, set()
-    pools = []
+    users = users_by_pool(conn, {(day, prop) for day, prop, *_ in booked if day in paid},
+                          days_by_property)
+    settled_by_property, settled_pools = last_settled(conn, paid)
+    found = Settleable((run_id, last_settlement), offset, [])
+    blocked_days = set()
     for day, prop, whole, rest in booked:
-        if day in blocked_days or not paid_day(conn, day, days, last, paid_days):
+        if day in blocked_days or day not in paid:
             continue
         by_property = int(day in days_by_property)
-        part_rows = itertools.chain.from_iterable(
-            conn.execute(SQL["pool_parts" if by_property else "day_parts"],
-                         (run, day, prop) if by_property else (run, day))
-            for run in final_millionths)
-        pool = Pool(day, prop, by_property, joined_nanos(whole, rest),
-                    pool_users(part_rows, final_millionths, held))
+        pool = Pool(day, prop, by_property, joined_nanos(whole, rest), users[day, prop])
         if not pool.users and pool.booked:
-            warnings.append(str(Unsettled(day, prop, f"booked {nanos_to_usd(pool.booked)} that "
-                                          "matches no session paid: all of it is the margin's "
-                                          "(is the property-id written as in the postbacks?)")))
+            found.warnings.append(str(Unsettled(
+                day, prop, f"booked {nanos_to_usd(pool.booked)} that matches no session paid: "
+                "all of it is the margin's (is the property-id written as in the postbacks?)")))
         # Per day, not per pool: an import with the other breakdown replaces
         # the day's rows, so its pools are new keys that would pay it twice.
-        settled_as = conn.execute(SQL["day_settled_by_property"], (day,)).fetchone()
-        if settled_as is not None and settled_as[0] != by_property:
-            how = "by property" if settled_as[0] else "as a whole day"
-            problems.append(Unsettled(day, "", f"was settled {how} but its booked rows now "
-                                      "are not: re-import its report as it was"))
+        if settled_by_property.get(day, by_property) != by_property:
+            how = "by property" if settled_by_property[day] else "as a whole day"
+            found.problems.append(Unsettled(day, "", f"was settled {how} but its booked rows "
+                                            "now are not: re-import its report as it was"))
             blocked_days.add(day)
             continue
-        previous = conn.execute(SQL["pool_settled"], (day, prop)).fetchone()
-        if previous is not None:
-            if tuple(previous[1:]) == (pool.booked, *pool.totals()[:2]):
-                continue  # settled, and nothing changed since
-            add_earlier_settlements(conn, pool)
-        pools.append(pool)
-    booked_keys = {(day, prop) for day, prop, *_ in booked}
-    for day, prop in conn.execute(SQL["settled_pool_keys"]):
-        # A revision dropped a row its users were paid on (named once per day above).
-        if (day, prop) not in booked_keys and day not in blocked_days:
-            problems.append(Unsettled(day, prop, "was settled against booked revenue that is "
-                                      "no longer stored: re-import its report with that row "
-                                      "(with 0 if it truly earned nothing)"))
-    warnings += [f"{p['day']}{f' property ' + p['property-id'] if p['property-id'] else ''}: "
-                 f"{p['sessions']} sessions estimated at {p['estimated-revenue']} (paid now "
-                 f"{p['paid-now']}) stay pending: {p['why']}"
-                 for p in pending_without_booked(conn, booked, days, last)]
-    return (run_id, last_settlement), offset, pools
+        if settled_pools.get((day, prop)) == (pool.booked, *pool.totals()[:2]):
+            continue  # settled, and nothing changed since
+        found.pools.append(pool)
+    add_earlier_settlements(conn, [pool for pool in found.pools
+                                   if (pool.day, pool.property_id) in settled_pools])
+    found.problems += dropped_pools(conn, booked, blocked_days)
+    found.warnings += map(pending_warning, pending_without_booked(conn, booked, paid))
+    return found
 
 
 @dataclass(frozen=True)
@@ -4260,24 +4316,24 @@ def settle(store, write_off=False, problems=None, warnings=None, **lock):
     lists (see settle_pools).  `lock`: ledger_lock's options."""
     with ledger_step(store, **lock) as journal:
         for _ in range(LEDGER_RETRIES):
-            found, said = [], []
             with store.snapshot() as conn:
                 check_booked_bound(conn)
-                fingerprint, offset, pools = settle_pools(conn, found, said)
+                found = settle_pools(conn)
                 owed = dict(owed_balances(conn))
-            for given, new in ((problems, found), (warnings, said)):
+            for given, new in ((problems, found.problems), (warnings, found.warnings)):
                 if given is not None:
                     given[:] = new
-            if not pools:
+            if not found.pools:
                 return None
             clear_unfinished(store)
-            settlement_id = (fingerprint[1] or 0) + 1
+            settlement_id = (found.fingerprint[1] or 0) + 1
             computed = take_owed_from_top_ups(
-                [(pool, pool_lines(pool, write_off, settlement_id)) for pool in pools], owed)
+                [(pool, pool_lines(pool, write_off, settlement_id)) for pool in found.pools],
+                owed)
             write_in_chunks(store, SQL["insert_settlement_line"], settlement_line_rows(computed))
             try:
                 store.write(functools.partial(
-                    record_settlement, fingerprint, offset, settlement_id, pools,
+                    record_settlement, found.fingerprint, found.offset, settlement_id, found.pools,
                     settled_pool_rows(settlement_id, computed), balance_changes(computed),
                     sum(line.deducted for _, lines in computed for line in lines), write_off))
             except LedgerMoved:
@@ -4427,7 +4483,9 @@ def unmatched_pending(conn):
     if last is None:
         return []
     days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), last[3])
-    return pending_without_booked(conn, conn.execute(SQL["booked_pools"]).fetchall(), days, last)
+    booked = conn.execute(SQL["booked_pools"]).fetchall()
+    return pending_without_booked(conn, booked, paid_days(conn, days, last,
+                                                          {day for day, *_ in booked}))
 
 
 def honest_margin(days, owed):
@@ -6001,6 +6059,49 @@ def view_rollup(app):
     return rollup if rollup.refresh(app.store) else None
 
 
+# How often the server catches the view's sums up in the background, so that
+# a page reads only what arrived since (a few seconds of postbacks) and not,
+# on its first load after a start, every session once (1.3 s per million).
+ROLLUP_REFRESH_S = 10
+
+
+def start_rollup_refresh(app, stopping, interval=ROLLUP_REFRESH_S):
+    """Catch the view's sums up now, then every `interval` seconds, on a
+    thread at the lowest CPU priority: SQLite releases the GIL while it reads,
+    so the thread takes only the CPU time postbacks leave idle.  Ends with
+    `stopping`, or for good once the sums have too many cells to keep."""
+
+    def refresh():
+        lower_this_threads_priority()
+        while True:
+            before = app.rollup.last_id
+            try:
+                kept = app.rollup.refresh(app.store)
+            except (StoreUnavailable, sqlite3.Error) as exc:
+                log.warning("view: the month's sums were not caught up (a page will): %s", exc)
+            else:
+                if not kept:
+                    return
+                if app.rollup.last_id != before:
+                    log.debug("view: the month's sums are caught up to session row %d",
+                              app.rollup.last_id)
+            if stopping.wait(interval):
+                return
+
+    thread = threading.Thread(target=refresh, name="spp-view-sums", daemon=True)
+    thread.start()
+    return thread
+
+
+def lower_this_threads_priority():
+    """Nice 19 for the calling thread alone (on Linux a thread has its own
+    scheduling priority); where that is refused, it keeps the process's."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError as exc:
+        log.info("view: the thread catching up its sums keeps the normal priority: %s", exc)
+
+
 def current_month(offset_minutes):
     day = utc_date_text((now_us() + offset_minutes * 60 * 1_000_000) // DAY_US)
     return day[:7]
@@ -6576,6 +6677,22 @@ def start_watchdog(store, environ, stopping):
     return thread
 
 
+def release_freed_memory():
+    """Give the C heap's free pages back to the system before the writer
+    process forks.  Where no bytecode cache can be read or written (spp.service
+    sets PYTHONDONTWRITEBYTECODE, /opt/spp is read-only), starting compiles
+    this module, and glibc keeps the ~10 MB the compiler freed, in this process
+    and again in the forked writer: 70 MB summed under the benchmark's load
+    against 52 MB (docs/performance.md).  One call to glibc's malloc_trim;
+    ctypes calls it with no writable+executable memory (spp.service's
+    MemoryDenyWriteExecute=).  Elsewhere (another libc) nothing is done."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, ImportError):
+        pass
+
+
 class WriterLost(Exception):
     """The writer process exited while the server ran."""
 
@@ -6622,6 +6739,7 @@ def serve(app, config, sockets=()):
         signal.signal(signum, lambda *_: stopping.set())
     server.print_listen("listening on http://{}:{}")
     start_watchdog(app.store, os.environ, stopping)
+    start_rollup_refresh(app, stopping)
     sd_notify("READY=1")
     writer_alive = run_until(socket_map_of(server), stopping, app.store.writer)
     sd_notify("STOPPING=1")
@@ -6917,8 +7035,7 @@ def output_failed(prog, out, exc, committed=None):
 
 
 def stdout_closed(prog, what):
-    say(f"{prog}: stdout is closed: {what}")
-    return 1
+    return failed(prog, f"stdout is closed: {what}")
 
 
 class CompleteOutput:
@@ -6950,62 +7067,82 @@ class CompleteOutput:
         return self.stream.fileno()
 
 
-class CheckedOutput:
-    """The output of a command that changes the database: the first failed
-    write is kept, not raised, so that the command finishes its change and
-    then says that only its output was lost (see output_failed)."""
-
-    def __init__(self, out):
-        self.out, self.error = out, None
-
-    def write(self, text):
-        if self.error is None:
-            try:
-                self.out.write(text)
-            except OSError as exc:
-                self.error = exc
-
-    def flushed(self):
-        """True once everything is written."""
-        if self.error is None:
-            try:
-                self.out.flush()
-            except OSError as exc:
-                self.error = exc
-        return self.error is None
+class CommandFailed(Exception):
+    """What a command's step says when it could not be done and changed
+    nothing (a refused report file, say): one line, exit status 1."""
 
 
-def print_report(prog, db, out, chunks_of, check=None):
-    """Write chunks_of(store) to `out` from the database `db` opened read-only,
-    after check(store) if given.  Any failure, before or during the output,
-    is one line on stderr and exit status 1: never a traceback, never a
-    report cut short without saying so (a reader that closed the pipe:
-    EXIT_OUTPUT_CLOSED, quietly)."""
+def run_on_database(prog, db, out, step, read_only=False, look=None):
+    """The driver of every command that opens the database: opens `db`
+    (read-only, or for writing: never created), runs step(store) -> (what it
+    committed or None, the output's chunks), writes the chunks to `out`, and
+    turns every failure into one line on stderr and the exit status of README
+    "Commands" (LEDGER_EXIT_HELP): 1 nothing done, or an output incomplete; 2
+    an option refused (Invalid: nothing changed); 3 committed but its output
+    lost; 141 a reader that closed the pipe, when nothing was committed.
+    look: see look_before_writing."""
+    if look is not None and (status := look_before_writing(prog, db, out, look)) is not None:
+        return status
     try:
-        store = ReadOnlyStore(db)
-    except StoreUnavailable as exc:
-        say(f"{prog}: {exc}")
-        return 1
-    if check is not None:
-        try:
-            check(store)
-        except StoreUnavailable as exc:
-            store.close()
-            say(f"{prog}: {exc}")
-            return 1
+        store = (ReadOnlyStore(db) if read_only
+                 else Store(db, DEFAULTS["busy_timeout_ms"], writer="command"))
+    except StoreUnavailable as exc:  # its reason names the file
+        return failed(prog, exc)
+    except (OSError, sqlite3.Error) as exc:
+        return failed(prog, f"cannot open the database {db}: {exc}")
     try:
-        for chunk in chunks_of(store):
+        committed, chunks = step(store)
+        return write_output(prog, db, out, store, committed, chunks)
+    except Invalid as invalid:
+        return ledger_refusal(prog, invalid)
+    except OverflowError:  # a sum past 64 bits that the bounds did not foresee
+        return failed(prog, "a sum is beyond what SQLite's 64-bit integers hold; nothing is "
+                      "recorded: please report it (docs/ledger.md, \"Limits\")")
+    except (CommandFailed, StoreUnavailable, sqlite3.Error) as exc:
+        return failed(prog, exc)
+    finally:
+        store.close()
+
+
+def failed(prog, reason):
+    """A command that did nothing, or whose output is incomplete: its one
+    line on stderr -> exit status 1."""
+    say(f"{prog}: {reason}")
+    return 1
+
+
+def write_output(prog, db, out, store, committed, chunks):
+    """Write a step's chunks (made as they are written: a failed read cuts
+    the output short) -> the exit status; `committed`: see run_on_database."""
+    try:
+        for chunk in chunks:
             out.write(chunk)
         store.check_unchanged()
         out.flush()
     except (StoreUnavailable, sqlite3.Error) as exc:
-        say(f"{prog}: reading {db} failed, the output is incomplete: {exc}")
-        return 1
+        if committed:  # reading it back failed: the output is cut short, the step is not
+            say(f"{prog}: {committed}, but reading it back failed: {exc}")
+            return EXIT_COMMITTED_OUTPUT_LOST
+        return failed(prog, f"reading {db} failed, the output is incomplete: {exc}")
     except OSError as exc:
-        return output_failed(prog, out, exc)
-    finally:
-        store.close()
+        return output_failed(prog, out, exc, committed)
     return 0
+
+
+def made_while_written(chunks_of, store):
+    """chunks_of(store), made only once the output is written: what fails
+    to be read then cuts the output short (write_output), whenever it fails."""
+    yield from chunks_of(store)
+
+
+def print_report(prog, db, out, chunks_of, check=None):
+    """A command that only reads: chunks_of(store) written from `db` opened
+    read-only, after check(store) if given (it refuses before any output)."""
+    def step(store):
+        if check is not None:
+            check(store)
+        return None, made_while_written(chunks_of, store)
+    return run_on_database(prog, db, out, step, read_only=True)
 
 
 # --- Booked revenue and reconciliation: import-booked, reconcile ---
@@ -7138,37 +7275,33 @@ def run_prune(argv, environ, out):
                 parser.error(f"--{option.replace('_', '-')}: {TIME_FORMS_HELP}, not {shown(text)}")
     if not plan:
         parser.error("give --raw-bodies-before, --rejected-before or both")
-    try:
-        if not os.path.isfile(args.db):
-            raise no_database(args.db)
-        store = (ReadOnlyStore(args.db) if args.dry_run
-                 else Store(args.db, DEFAULTS["busy_timeout_ms"], writer="command"))
-    except (StoreUnavailable, OSError, sqlite3.Error) as exc:
-        say(f"{parser.prog}: {exc}")
-        return 1
-    freed = 0
-    report = CheckedOutput(out)
-    try:
-        for what, before in plan:
-            rows, size = (count_prunable if args.dry_run else prune)(store, what, before)
-            freed += 0 if args.dry_run else rows
-            done = ("would be " if args.dry_run else "") + (
-                "cleared" if what == "raw bodies" else "deleted")
-            report.write(f"{what} received before {iso_utc(before)}: {rows} {done}, {size} bytes\n")
-    except StoreUnavailable as exc:
-        say(f"{parser.prog}: {exc} (batches already done stay done; run it again)")
-        return 1
-    finally:
-        store.close()
-    if freed:  # the hint only when this run freed something to give back
-        # Under systemd the socket would start the server again: stop both.
-        report.write("Freed pages are reused by new rows; the file keeps its size. To shrink it, "
-                     "stop the server (under systemd: systemctl stop spp.socket spp.service) "
-                     f"and run: sqlite3 {args.db} VACUUM\n")
-    if not report.flushed():
-        return output_failed(parser.prog, out, report.error,
-                             None if args.dry_run else "the pruning is committed")
-    return 0
+    if args.dry_run:
+        return print_report(parser.prog, args.db, out, lambda store: (
+            prune_line(what, before, *count_prunable(store, what, before), "would be ")
+            for what, before in plan))
+
+    def step(store):
+        lines, freed = [], 0
+        try:
+            for what, before in plan:
+                rows, size = prune(store, what, before)
+                lines.append(prune_line(what, before, rows, size))
+                freed += rows
+        except StoreUnavailable as exc:
+            raise CommandFailed(f"{exc} (batches already done stay done; run it again)") from None
+        if freed:  # the hint only when this run freed something to give back
+            # Under systemd the socket would start the server again: stop both.
+            lines.append("Freed pages are reused by new rows; the file keeps its size. To shrink "
+                         "it, stop the server (under systemd: systemctl stop spp.socket "
+                         f"spp.service) and run: sqlite3 {args.db} VACUUM\n")
+        return "the pruning is committed", lines
+
+    return run_on_database(parser.prog, args.db, out, step)
+
+
+def prune_line(what, before, rows, size, would=""):
+    done = "cleared" if what == "raw bodies" else "deleted"
+    return f"{what} received before {iso_utc(before)}: {rows} {would}{done}, {size} bytes\n"
 
 
 # Far above a year of a daily report by property and country (~50 bytes a row).
@@ -7185,48 +7318,31 @@ def run_import_booked(argv, environ, out):
         with open(args.file, "rb") as report:
             data = report.read(MAX_REPORT_BYTES + 1)
     except OSError as exc:
-        say(f"{name}: cannot read {args.file}: {exc.strerror or exc}")
-        return 1
+        return failed(name, f"cannot read {args.file}: {exc.strerror or exc}")
     if len(data) > MAX_REPORT_BYTES:  # /dev/zero, or a wrong file: not read to the end
-        say(f"{name}: {args.file}: is larger than {MAX_REPORT_BYTES // 2**20} MiB, more than "
-            "any report; import it in parts (by date); nothing imported")
-        return 1
+        return failed(name, f"{args.file}: is larger than {MAX_REPORT_BYTES // 2**20} MiB, more "
+                      "than any report; import it in parts (by date); nothing imported")
     try:
         rows = parse_booked_report(data, args.metric)
     except BookedFileError as exc:
-        say(f"{name}: {args.file}: {exc}; nothing imported")
-        return 1
-    try:
-        store = Store(args.db, DEFAULTS["busy_timeout_ms"], writer="command")
-    except StoreUnavailable as exc:
-        say(f"{name}: {exc}; nothing imported")
-        return 1
-    except (OSError, sqlite3.Error) as exc:
-        say(f"{name}: cannot open the database {args.db}: {exc}")
-        return 1
-    try:
-        # Committed when it returns, failed (nothing changed) when it raises:
-        # a command's write has no deadline (InlineWriter).
-        counts = import_booked(store, rows, os.path.basename(args.file))
-    except BookedFileError as exc:
-        say(f"{name}: {args.file}: {exc}; nothing imported")
-        return 1
-    except StoreUnavailable as exc:
-        store.close()
-        say(f"{name}: {exc}; nothing imported (running it again is safe)")
-        return 1
-    try:
-        for warning in booked_without_sessions(store, rows):
-            say(f"{name}: {args.file}: warning: {warning}")
-    except StoreUnavailable:
-        pass  # imported all the same; settle names such rows again
-    finally:
-        store.close()
-    report = CheckedOutput(out)
-    report.write(import_summary(args.file, rows, counts))
-    if not report.flushed():
-        return output_failed(name, out, report.error, f"{args.file} is imported (committed)")
-    return 0
+        return failed(name, f"{args.file}: {exc}; nothing imported")
+
+    def step(store):
+        try:
+            # Committed when it returns, failed (nothing changed) when it raises:
+            # a command's write has no deadline (InlineWriter).
+            counts = import_booked(store, rows, os.path.basename(args.file))
+        except BookedFileError as exc:
+            raise CommandFailed(f"{args.file}: {exc}; nothing imported") from None
+        except StoreUnavailable as exc:
+            raise CommandFailed(f"{exc}; nothing imported (running it again is safe)") from None
+        # Imported all the same if these cannot be read: settle names such rows again.
+        with contextlib.suppress(StoreUnavailable):
+            for warning in booked_without_sessions(store, rows):
+                say(f"{name}: {args.file}: warning: {warning}")
+        return f"{args.file} is imported (committed)", [import_summary(args.file, rows, counts)]
+
+    return run_on_database(name, args.db, out, step)
 
 
 def run_reconcile(argv, environ, out):
@@ -7327,7 +7443,8 @@ def build_replay_parser(environ):
         "steps. Every ledger step refuses until then. Writes what it put back to "
         "stdout. Safe while the server runs. Exit status 0 when done (or nothing was "
         "missing); 1, with one line on stderr, when the database or the journal cannot be "
-        "read or written, or the two disagree.",
+        "read or written, or the two disagree; 3 when what it put back is committed but "
+        "its output could not be written.",
     )
     add_db_option(parser, environ, "SQLite database file; never created")
     return parser
@@ -7392,26 +7509,17 @@ def look_before_writing(prog, db, out, look):
         store = ReadOnlyStore(db, oldest=1)
     except StoreUnavailable:
         return None  # opening it for writing says why, or works (a -wal to join)
-    report = CheckedOutput(out)
     try:
         found = look(store) if store.version >= LEDGER_SCHEMA_VERSION else None
-        if found is None:
-            return None
-        recorded, chunks = found
-        if store.version < latest_schema_version():
-            return None  # printed by the step, after the upgrade its reads expect
-        for chunk in chunks:
-            report.write(chunk)
-        store.check_unchanged()
+        if found is None or store.version < latest_schema_version():
+            return None  # the step prints it, after the upgrade its reads expect
+        return write_output(prog, db, out, store, *found)
     except Invalid as invalid:
         return ledger_refusal(prog, invalid)
     except (StoreUnavailable, sqlite3.Error):
         return None  # the step reads it again, and says what fails
     finally:
         store.close()
-    if not report.flushed():
-        return output_failed(prog, out, report.error, recorded)
-    return 0
 
 
 def ledger_refusal(prog, invalid):
@@ -7420,54 +7528,14 @@ def ledger_refusal(prog, invalid):
     return 2
 
 
-def run_ledger_step(prog, db, out, step, look=None):
-    """Open `db` for writing, run step(store) -> (what it committed, chunks)
-    and write the chunks.  One line on stderr and a status on failure (see
-    LEDGER_EXIT_HELP); output lost after the commit says what is committed.
-    look: see look_before_writing."""
-    if look is not None and (status := look_before_writing(prog, db, out, look)) is not None:
-        return status
-    try:
-        store = Store(db, DEFAULTS["busy_timeout_ms"], writer="command")
-    except StoreUnavailable as exc:
-        say(f"{prog}: {exc}")
-        return 1
-    except (OSError, sqlite3.Error) as exc:
-        say(f"{prog}: cannot open the database {db}: {exc}")
-        return 1
-    report = CheckedOutput(out)
-    committed = None
-    try:
-        committed, chunks = step(store)
-        for chunk in chunks:
-            report.write(chunk)
-    except Invalid as invalid:
-        return ledger_refusal(prog, invalid)
-    except OverflowError:  # a sum past 64 bits that the bounds above did not foresee
-        say(f"{prog}: a sum is beyond what SQLite's 64-bit integers hold; nothing is recorded: "
-            "please report it (docs/ledger.md, \"Limits\")")
-        return 1
-    except (StoreUnavailable, sqlite3.Error) as exc:
-        if committed:  # reading it back failed: the output is cut short, the step is not
-            say(f"{prog}: {committed}, but reading it back failed: {exc}")
-            return EXIT_COMMITTED_OUTPUT_LOST
-        say(f"{prog}: {exc}")
-        return 1
-    finally:
-        store.close()
-    if not report.flushed():
-        return output_failed(prog, out, report.error, committed)
-    return 0
-
-
 def run_pay(argv, environ, out):
     parser = build_pay_parser(environ)
     args = parse_arguments(parser, argv)
     try:
         until = parse_instant(args.until)
     except ValueError:
-        say(f"{parser.prog}: --until: must be {TIME_FORMS_HELP}, not {shown(args.until)}")
-        return 2
+        return ledger_refusal(parser.prog, Invalid(
+            "until", f"must be {TIME_FORMS_HELP}, not {shown(args.until)}"))
 
     try:  # refused before the database is opened, as an older schema would be upgraded
         shares = (parse_ledger_share(args.pay_now_share, "pay-now-share"),
@@ -7505,7 +7573,7 @@ def run_pay(argv, environ, out):
                 f"{moved_to}, not charged to the settled days' users")
         return committed(run_id), run_output(store, run_id, args.format)
 
-    return run_ledger_step(parser.prog, args.db, out, step, look)
+    return run_on_database(parser.prog, args.db, out, step, look=look)
 
 
 def run_settle(argv, environ, out):
@@ -7548,8 +7616,8 @@ def run_settle(argv, environ, out):
                 f"{settlement_id} prints it again)",
                 settlement_output(store, settlement_id, args.format))
 
-    status = run_ledger_step(parser.prog, args.db, out, step,
-                             look if args.settlement is not None else None)
+    status = run_on_database(parser.prog, args.db, out, step,
+                             look=look if args.settlement is not None else None)
     return EXIT_PARTLY_SETTLED if status == 0 and unsettled else status
 
 
@@ -7571,9 +7639,10 @@ def run_ledger_replay(argv, environ, out):
         if not put_back:
             return None, [b"nothing to put back: the database holds every step of its "
                           b"ledger journal\n"]
-        return None, [f"put back {step_names(put_back)} from the ledger journal\n".encode()]
+        return (f"{step_names(put_back)} put back (committed)",
+                [f"put back {step_names(put_back)} from the ledger journal\n".encode()])
 
-    return run_ledger_step(parser.prog, args.db, out, step)
+    return run_on_database(parser.prog, args.db, out, step)
 
 
 def run_statement(argv, environ, out):
@@ -7624,7 +7693,7 @@ def run_write_off_balances(argv, environ, out):
         return (f"write-off {write_off_id} is committed (statements and the ledger show it)",
                 balance_write_off_output(store, write_off_id, args.format))
 
-    return run_ledger_step(parser.prog, args.db, out, step)
+    return run_on_database(parser.prog, args.db, out, step)
 
 
 def build_suspects_parser(environ):
@@ -7649,9 +7718,8 @@ def run_suspects(argv, environ, out):
     try:
         until = now_us() if args.until is None else parse_instant(args.until)
         since = until - 30 * DAY_US if args.since is None else parse_instant(args.since)
-    except ValueError:
-        say(f"{parser.prog}: --since/--until: must be {TIME_FORMS_HELP}")
-        return 2
+    except ValueError:  # a usage error, as export's and reconcile's
+        parser.error(f"--since/--until: must be {TIME_FORMS_HELP}")
     return print_report(parser.prog, args.db, out,
                         lambda store: [json_output(suspects(store, since, until))])
 
@@ -7690,7 +7758,7 @@ def run_hold(argv, environ, out, action="hold"):
         return f"the {action} is committed (asked again, it prints it again)", hold_output(
             row, args.format)
 
-    return run_ledger_step(parser.prog, args.db, out, step)
+    return run_on_database(parser.prog, args.db, out, step)
 
 
 def build_erase_parser(environ):
@@ -7722,7 +7790,7 @@ def run_erase(argv, environ, out):
                    f"and {counts['conflicts']} conflicting postback(s); the file is compacted\n")
         return "the erasure is committed", [summary.encode()]
 
-    return run_ledger_step(parser.prog, args.db, out, step)
+    return run_on_database(parser.prog, args.db, out, step)
 
 
 def build_void_oversized_parser(environ):
@@ -7749,7 +7817,7 @@ def run_void_oversized(argv, environ, out):
             f"{plural(voided, 'session')} above {MAX_ESTIMATE} USD set to 0, kept in rejected\n"
             .encode()]
 
-    return run_ledger_step(parser.prog, args.db, out, step)
+    return run_on_database(parser.prog, args.db, out, step)
 
 
 def setup_logging(level="info"):
@@ -7836,6 +7904,7 @@ def run_command_line(argv, environ):
         log.warning(
             "no postback token configured: anyone who can reach /postback can record sessions"
         )
+    release_freed_memory()
     try:
         app = create_app(config)
     except StoreUnavailable as exc:  # not our database, or a newer schema

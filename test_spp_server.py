@@ -2620,6 +2620,28 @@ def test_every_command_on_a_full_disk_or_a_closed_pipe_is_one_line_at_most_and_n
         assert ("committed" in result.stderr) == (expected == COMMITTED)
 
 
+@pytest.mark.parametrize("command", list(spp_server.COMMANDS))
+def test_every_command_whose_output_cannot_be_written_says_so_in_one_line_of_one_shape(
+        client, tmp_path, db, command):
+    """Every command in COMMANDS, on a full disk: its last line names the
+    command and the error, and the status says whether a change is
+    committed behind the lost output (3) or not (1)."""
+    post(client, SAMPLE)
+    argv = command_argv(command, db, tmp_path)
+    if command == "release":  # a user held first, so that there is one to release
+        assert run_command("hold", argv, io.BytesIO())[0] == 0
+    status, err = run_command(command, argv, FullDisk(0, fail_flush=True))  # even no output
+    *notes, line = err.splitlines()
+    prog = f"spp_server.py {command}: "
+    assert all(note.startswith(prog) for note in notes) and len(notes) <= 1, err
+    if status == COMMITTED:
+        assert re.fullmatch(re.escape(prog) + r".*\bcommitted\b.*, but writing its output "
+                            "failed: No space left on device", line), line
+    else:
+        assert (status, line) == (1, prog + "writing the output failed, it is incomplete: "
+                                  "No space left on device")
+
+
 def every_parser():
     """Each parser of the module (the server's and each command's), built."""
     parsers = []
@@ -4301,6 +4323,41 @@ def test_a_revised_booked_figure_gives_a_correcting_line_not_a_rewrite(store, db
         ("a", 225_000), ("b", 675_000)]
 
 
+def settle_pools_statements(store):
+    """The statements settle_pools runs on a snapshot of `store`, and what it found."""
+    statements = []
+    with store.snapshot() as conn:
+        conn.set_trace_callback(statements.append)
+        try:
+            found = spp_server.settle_pools(conn)
+        finally:
+            conn.set_trace_callback(None)
+    return statements, found
+
+
+def test_settle_finds_its_pools_in_as_many_queries_however_many_runs_and_pools(tmp_path):
+    """One query per job over every pool, not one per run per pool (nor per
+    day): a month of many runs and pools costs the queries of a small one."""
+    counts = []
+    for days, runs in [(2, 1), (12, 4)]:
+        store = spp_server.Store(str(tmp_path / f"{days}.db"), writer="thread")
+        try:
+            add_sessions(store, [(f"u{i % 3}", ("p1", "p2", None)[i % 3], 1000 * (i + 1),
+                                  at(day, i)) for day in range(days) for i in range(6)])
+            for run in range(1, runs + 1):
+                pay(store, at(days * run // runs, 0))
+            book_rows(store, [(day_text(d), p, 7_000) for d in range(days) for p in ("p1", "p2")])
+            assert spp_server.settle(store) is not None
+            # p1's pools changed since (corrections); p3's booked rows match no session.
+            book_rows(store, [(day_text(d), p, 9_000) for d in range(days) for p in ("p1", "p3")])
+            statements, found = settle_pools_statements(store)
+            assert len(found.pools) == 2 * days and len(found.warnings) == 2 * days
+            counts.append(len(statements))
+        finally:
+            store.close()
+    assert counts[0] == counts[1] < 20, counts
+
+
 def test_a_day_is_settled_only_once_every_session_of_it_was_paid(store):
     add_sessions(store, [("a", None, 1000, at(0)), ("a", None, 1000, at(1, 1))])
     pay(store, at(1, 0))
@@ -4822,6 +4879,29 @@ def test_the_users_worth_a_look_are_those_far_outside_the_others_with_the_figure
     assert report["suspects"][1]["outside"][0]["spreads"] == "240.0"
 
 
+@pytest.mark.parametrize("command, argv, said", [
+    # A ledger step refuses it as its other options: one line, nothing changed.
+    ("pay", ["--until", "soon", "--pay-now-share", "0.5", "--final-share", "0.9"],
+     ["spp_server.py pay: --until: must be ", "not 'soon'; nothing changed"]),
+    # A report, as export and reconcile: a usage error.
+    ("suspects", ["--since", "soon"], ["usage: ", "spp_server.py suspects: error: --since/--until"]),
+    ("export", ["--since", "soon", "--until", "2026-11-02"],
+     ["usage: ", "spp_server.py export: error: --since"])])
+def test_a_time_that_is_no_time_is_refused_with_status_2_and_the_database_untouched(
+        tmp_path, command, argv, said):
+    db = tmp_path / "absent.db"  # never opened: the refusal comes first
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            status = spp_server.COMMANDS[command][0]([*argv, "--db", str(db)], {}, io.BytesIO())
+        except SystemExit as exited:  # argparse's usage error
+            status = exited.code
+    lines = err.getvalue().splitlines()
+    assert status == 2 and lines[0].startswith(said[0]) and said[1] in lines[-1], lines
+    assert command != "pay" or len(lines) == 1, lines
+    assert not db.exists()
+
+
 def test_at_settlement_a_held_users_estimates_take_no_share_of_the_others(store, db):
     add_sessions(store, [("a", None, 1000, at(0)), ("bot", None, 9000, at(0))])
     pay(store, at(1, 0), pay_now="0.5", final="1")  # a: 500 paid now
@@ -4942,9 +5022,19 @@ def test_the_lines_of_a_run_need_the_read_token(make_client):
 
 def test_ledger_reads_use_their_indexes(store, db):
     for name, params in [("user_run_lines", ("a",)), ("user_settlement_lines", ("a",)),
-                         ("pool_parts", (1, "d", "p")), ("run_lines", (1,)),
-                         ("pool_adjustments", (1, "d", "p")), ("pool_settlements", ("d", "p"))]:
+                         ("run_lines", (1,))]:
         assert "SCAN" not in query_plan(db, name, params), name
+    # settle_pools' queries over every pool: one index search per day or pool
+    # of the JSON list, or per run and day (the runs are scanned, not their parts).
+    days, pools = ('["d"]',), ('[["d", "p"]]',)
+    for name, params in [("parts_of_days", days), ("run_day_property_parts", days),
+                         ("settled_pools_of_days", days), ("earlier_pool_lines", pools),
+                         ("pools_balance_write_offs", pools),
+                         ("sessions_of_days", ('[["d", 0, 1]]',))]:
+        steps = query_plan(db, name, params).split(" / ")
+        assert any(step.startswith("SEARCH") for step in steps), (name, steps)
+        assert [step for step in steps if step.startswith("SCAN") and "VIRTUAL TABLE" not in step
+                and not step.startswith("SCAN r")] == [], (name, steps)
 
 
 # --- Erasure on request (issue 22, section 7) ---
@@ -6467,6 +6557,20 @@ def test_a_release_a_restore_lost_is_put_back_and_never_credited_twice(tmp_path,
     assert count(db, "ledger_holds") == 2
 
 
+def test_a_replay_whose_output_is_lost_says_what_it_put_back_is_committed(tmp_path, db, capsys):
+    """As every step that commits: status 3 and a line saying so, not 1 and
+    "the output is incomplete" (as if running it again were needed)."""
+    add_day_sessions(db, 0, 10)
+    backup = backup_of(db, str(tmp_path / "backup.db"))
+    assert LedgerModel(db).pay(day_iso(1))[0] == 0
+    restore(db, backup)
+    assert spp_server.run_ledger_replay(["--db", db], {}, FullDisk(0)) == COMMITTED
+    one_line_error(capsys, "spp_server.py ledger-replay: run 1 put back (committed), but "
+                   "writing its output failed: No space left on device")
+    assert replay(db)[:2] == (0, "nothing to put back: the database holds every step of its "
+                                 "ledger journal\n")
+
+
 def test_a_run_a_restore_lost_is_put_back_with_the_report_offset_it_changed(tmp_path, db):
     """The report offset is recorded with the runs (issue 22, 1): the journal
     keeps a run's change with it, and replay puts it back, so that the next
@@ -7325,6 +7429,41 @@ def test_view_month_rollup_starts_over_when_the_ids_mean_other_sessions(view_cli
     post_at(view_client, clock, "2026-11-03T10:00:00Z", user_id="c")
     assert chart_titles(view(view_client, "/view/"), "Sessions per report day, 2026-11") == {
         "2026-11-02": "1", "2026-11-03": "1"}
+
+
+def test_the_view_sums_are_caught_up_in_the_background_at_the_lowest_priority(view_client, clock):
+    app = view_client.app
+    newest = lambda: app.store.read("SELECT max(id) FROM sessions")[0][0]  # noqa: E731
+    post_at(view_client, clock, "2026-11-02T10:00:00Z", user_id="a")
+    stopping = threading.Event()
+    thread = spp_server.start_rollup_refresh(app, stopping, interval=0.05)
+    try:
+        wait_for(lambda: app.rollup.last_id == newest(), "the sums at once, no page loaded")
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == 19
+        post_at(view_client, clock, "2026-11-03T10:00:00Z", user_id="b")
+        wait_for(lambda: app.rollup.last_id == newest(), "the sums caught up again")
+        assert sorted(day for day, _, _ in app.rollup.cells) == [
+            spp_server.report_day_number(d) for d in ("2026-11-02", "2026-11-03")]
+    finally:
+        stopping.set()
+        thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_the_view_sums_stop_being_caught_up_once_too_many(view_client, clock, monkeypatch):
+    monkeypatch.setattr(spp_server.Rollup, "MAX_CELLS", 0)
+    post_at(view_client, clock, "2026-11-02T10:00:00Z", user_id="a")
+    thread = spp_server.start_rollup_refresh(view_client.app, threading.Event(), interval=0.05)
+    thread.join(5)  # ends on its own: nothing kept, pages read with SQL
+    assert not thread.is_alive() and view_client.app.rollup.too_many
+
+
+def test_the_real_server_catches_the_view_sums_up_from_its_start(make_client, db, real_server):
+    post(make_client(), postback())  # a session already stored when the server starts
+    server = real_server(db, args=["--log-level", "debug"])
+    wait_for(lambda: "the month's sums are caught up to session row 1" in server.log_text(),
+             "the server's first catch-up")
+    assert server.stop() == 0
 
 
 def test_view_users_rank_by_revenue_page_and_equal_the_api(view_client, clock):
@@ -8360,9 +8499,7 @@ def run_entry_point(entry, db, tmp_path):
 
 
 @pytest.mark.parametrize("kind", NOT_OURS)
-@pytest.mark.parametrize("entry", ["import-booked", "prune", "prune --dry-run", "export",
-                                   "reconcile", "pay", "settle", "statement", "ledger",
-                                   "ledger-replay"])
+@pytest.mark.parametrize("entry", [*spp_server.COMMANDS, "prune --dry-run"])
 def test_every_command_refuses_a_file_that_is_not_its_database_and_changes_nothing(
         tmp_path, capsys, kind, entry):
     folder = tmp_path / "data"
@@ -8374,6 +8511,44 @@ def test_every_command_refuses_a_file_that_is_not_its_database_and_changes_nothi
     one_line_error(capsys, str(db), f"this code's{' schema is version' if kind != 'newer' else ''} "
                    f"{LATEST}", *words)
     assert file_state(folder) == before  # no table, no WAL switch, no -wal or -shm
+
+
+def command_argv(command, db, tmp_path):
+    """`command`'s argv from EVERY_COMMAND, on `db`, its report file real."""
+    report = tmp_path / "r.csv"
+    report.write_text("date,revenue\n2026-11-01,1\n")
+    [argv] = [a for a in EVERY_COMMAND if a[:1] == [command]]
+    return [str(report) if a == "r.csv" else a for a in argv[1:]] + ["--db", str(db)]
+
+
+def run_command(command, argv, out):
+    """COMMANDS[command] in-process -> (exit status, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = spp_server.COMMANDS[command][0](argv, {}, out)
+    return status, err.getvalue()
+
+
+@pytest.mark.parametrize("failure", ["missing", "no folder", "directory", "text"])
+@pytest.mark.parametrize("command", list(spp_server.COMMANDS))
+def test_every_command_says_an_unusable_database_in_the_same_line_and_status(
+        tmp_path, command, failure):
+    """One driver opens the database for every command: the same failure is
+    the same line, naming the command and the file, and status 1 (a
+    directory was "no database at" to a report, SQLite's "unable to open
+    database file" to a step; import-booked added "; nothing imported")."""
+    db = tmp_path / ("none/x.db" if failure == "no folder" else "x.db")
+    if failure == "directory":
+        db.mkdir()
+    elif failure == "text":
+        make_not_ours(db, "text")
+    said = {"missing": f"no database at {db}", "no folder": f"no database at {db}",
+            "directory": f"cannot open the database {db}: it is a directory",
+            "text": f"{db} is not an spp-receiver database: not an SQLite file (this code's "
+                    f"schema is version {LATEST})"}[failure]
+    status, err = run_command(command, command_argv(command, db, tmp_path), io.BytesIO())
+    assert (status, err) == (1, f"spp_server.py {command}: {said}\n")
+    assert not (tmp_path / "none").exists() and not Path(f"{db}-wal").exists()
 
 
 @pytest.mark.parametrize("kind", NOT_OURS[1:])
@@ -9761,6 +9936,31 @@ def test_the_server_run_as_a_script_holds_no_more_memory_than_run_as_the_module(
         finally:
             assert server.stop() == 0
     assert held["script"] <= held["module"] + 1024, held
+
+
+def test_a_server_that_compiles_the_module_holds_no_more_memory_than_one_with_its_bytecode(
+        tmp_path):
+    """spp.service reads /opt/spp with no bytecode cache: each start compiles
+    the module.  The compiler's freed memory is given back before the writer
+    forks, so that start holds what a start from a cached .pyc holds."""
+    cache = tmp_path / "pycache"
+    subprocess.run([sys.executable, "-c", "import spp_server"], cwd=HERE, check=True,
+                   env={**os.environ, "PYTHONPYCACHEPREFIX": str(cache)}
+                   | {"PYTHONDONTWRITEBYTECODE": ""})
+    assert list(cache.rglob("spp_server*.pyc"))
+    held = {}
+    for name, env in [("compiled at start", {"PYTHONPYCACHEPREFIX": str(tmp_path / "empty"),
+                                             "PYTHONDONTWRITEBYTECODE": "1"}),
+                      ("from the cache", {"PYTHONPYCACHEPREFIX": str(cache),
+                                          "PYTHONDONTWRITEBYTECODE": "1"})]:
+        server = RealServer(str(tmp_path / f"{name}.db"), env=env)
+        try:
+            assert server.post(postback())[0] == 200
+            held[name] = resident_kb(server.process.pid)
+        finally:
+            assert server.stop() == 0
+    assert not (tmp_path / "empty").exists()  # it did compile, and wrote nothing
+    assert held["compiled at start"] <= held["from the cache"] + 2048, held
 
 
 class LoadGenerator:
