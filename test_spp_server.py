@@ -1305,13 +1305,23 @@ def test_bytes_that_are_not_utf8_outside_a_user_id_are_a_404(client, url):
     assert_error(client.get(url, status=404), 404)
 
 
+@pytest.fixture(scope="module")
+def refusing_client(tmp_path_factory):
+    """One app for tests of reads that it refuses: a refusal depends on the
+    request alone, and these tests are many (an app each took most of their time)."""
+    app = spp_server.create_app({"db": str(tmp_path_factory.mktemp("refusals") / "spp.db"),
+                                 "writer": "thread"})
+    yield TestApp(app)
+    app.store.close()
+
+
 @pytest.mark.parametrize("bad", NOT_UTF8)
 @pytest.mark.parametrize("path, param", [
     (path, param) for path, params in READ_PARAMS.items() for param in params])
-def test_a_parameter_that_is_not_utf8_is_a_400_naming_it(client, path, param, bad):
+def test_a_parameter_that_is_not_utf8_is_a_400_naming_it(refusing_client, path, param, bad):
     others = "&".join(f"{p}={VALID_PARAMS[p]}" for p in READ_PARAMS[path] if p != param)
     url = f"{path.format('1')}?{param}={bad}&{others}"
-    assert_error(client.get(url, status=400), 400, param)
+    assert_error(refusing_client.get(url, status=400), 400, param)
 
 
 def route_url(rule):
@@ -5626,32 +5636,118 @@ def documented_scripts():
     return re.findall(r"```sh\n(#!/bin/sh\n.*?)```", text, re.S)
 
 
-# Stands for $SPP in the routines: counts the commands it runs (in a file),
-# and SIGKILLs the routine's whole process group just before the command
-# numbered SHIM_KILL_AT, just after the step it runs is committed (before
-# its lines are written), or just after it.
-ROUTINE_SHIM = """
-import os, signal, sys
-sys.path.insert(0, {here!r})
+# The routines' commands of spp_server.py.  Importing the module is most of
+# what a short command costs, and the routine tests run hundreds of commands:
+# so one process per test worker imports it once (ROUTINE_COMMANDS), and each
+# command is a process forked from it, handed the argv, environment, working
+# directory, umask, standard streams and process group of the $SPP the
+# routine started (ROUTINE_SHIM), which exits with the command's status.
+# Each command counts the commands run (in a file), and SIGKILLs the
+# routine's whole process group and itself just before the command numbered
+# SHIM_KILL_AT, just after the step it runs is committed (before its lines
+# are written), or just after it.
+ROUTINE_COMMANDS = """
+import ast, os, signal, socket, sys, traceback
+sys.path[0] = sys.argv[1]  # spp_server from the checkout, nothing from the working directory
 import spp_server
-counter, kill_at, when = os.environ["SHIM_COUNT"], os.environ.get("SHIM_KILL_AT"), os.environ.get("SHIM_WHEN")
-n = int(open(counter).read()) if os.path.exists(counter) else 0
-with open(counter, "w") as f:
-    f.write(str(n + 1))
-kill = kill_at is not None and int(kill_at) == n
-def die():
+listener = socket.socket(fileno=int(sys.argv[2]))
+
+def command(argv, env, cwd, umask, group):
+    os.chdir(cwd)
+    os.umask(umask)
+    os.environ.clear()
+    os.environ.update(env)
+    counter, kill_at, when = env["SHIM_COUNT"], env.get("SHIM_KILL_AT"), env.get("SHIM_WHEN")
+    n = int(open(counter).read()) if os.path.exists(counter) else 0
+    with open(counter, "w") as f:
+        f.write(str(n + 1))
+    kill = kill_at is not None and int(kill_at) == n
+    def die():
+        sys.stdout.flush()
+        os.killpg(group, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kill and when == "before":
+        die()
+    if kill and when == "committed":
+        for name in ("run_output", "settlement_output"):
+            setattr(spp_server, name, lambda *args, **kwargs: die())
+    try:
+        status = spp_server.main(argv)
+    except SystemExit as exited:  # as the interpreter takes sys.exit's argument
+        status = exited.code
+    if kill:
+        die()
     sys.stdout.flush()
-    os.killpg(0, signal.SIGKILL)
-if kill and when == "before":
-    die()
-if kill and when == "committed":
-    for name in ("run_output", "settlement_output"):
-        setattr(spp_server, name, lambda *args, **kwargs: die())
-code = spp_server.main(sys.argv[1:])
-if kill:
-    die()
-sys.exit(code)
+    if status is None or isinstance(status, int):
+        return status or 0
+    print(status, file=sys.stderr)
+    return 1
+
+while True:
+    connection, _ = listener.accept()
+    request, streams, _, _ = socket.recv_fds(connection, 1 << 16, 3)
+    while chunk := connection.recv(1 << 16):
+        request += chunk
+    if os.fork() == 0:
+        status = 1
+        try:
+            listener.close()
+            for target, fd in enumerate(streams):
+                os.dup2(fd, target)
+                os.close(fd)
+            status = command(*ast.literal_eval(request.decode()))
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            connection.sendall(str(status).encode())
+            os._exit(status)
+    connection.close()
+    for fd in streams:
+        os.close(fd)
+    while True:  # collect the commands that ended
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
 """
+
+# $SPP in the routines: runs its command in a process forked by
+# ROUTINE_COMMANDS, and exits with its status.  -I -S: the standard library only.
+ROUTINE_SHIM = """
+import os, socket, sys
+umask = os.umask(0o22)
+os.umask(umask)
+with socket.socket(socket.AF_UNIX) as commands:
+    commands.connect(os.environ["SHIM_COMMANDS"])
+    request = (sys.argv[1:], dict(os.environ), os.getcwd(), umask, os.getpgid(0))
+    socket.send_fds(commands, [repr(request).encode()], [0, 1, 2])
+    commands.shutdown(socket.SHUT_WR)
+    status = commands.recv(16)
+sys.exit(int(status) if status else 1)
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def routine_commands():
+    """-> the socket of ROUTINE_COMMANDS, started once per test process."""
+    folder = tempfile.mkdtemp(prefix="spp-routine-commands-")
+    path = os.path.join(folder, "commands")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen(16)  # commands wait here until it has started
+        process = subprocess.Popen(
+            [sys.executable, "-c", ROUTINE_COMMANDS, str(HERE), str(listener.fileno())],
+            pass_fds=[listener.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+
+    def stop():
+        process.kill()
+        process.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(stop)
+    return path
 
 
 class Routines:
@@ -5665,8 +5761,9 @@ class Routines:
         self.scripts["weekly"].write_text(weekly)
         self.scripts["monthly"].write_text(monthly)
         shim = tmp_path / "shim.py"
-        shim.write_text(ROUTINE_SHIM.format(here=str(HERE)))
-        self.env = {**os.environ, "SPP": f"{sys.executable} {shim}", "SPP_DB": db,
+        shim.write_text(ROUTINE_SHIM)
+        self.env = {**os.environ, "SPP": f"{sys.executable} -I -S {shim}", "SPP_DB": db,
+                    "SHIM_COMMANDS": routine_commands(),
                     "SPP_PAYOUTS": str(self.out), "SHIM_COUNT": str(tmp_path / "commands"),
                     "SPP_WEEKLY_PAYOUT": f"sh {self.scripts['weekly']}", **env}
 
