@@ -5971,29 +5971,44 @@ class Rollup:
     def _reset(self):
         self.cells, self.last_id, self.last_session_id = {}, 0, None
 
-    def refresh(self, store):
-        """Catch up with the database; False when too many cells to keep."""
+    # How many SQLite VM steps a cancellable catch-up runs between two looks
+    # at whether it is cancelled (a look is a Python call: ~1 per 20 rows).
+    CANCEL_CHECK_STEPS = 1000
+
+    def refresh(self, store, cancelled=None):
+        """Catch up with the database; False when too many cells to keep.
+        A read that fails (or is cancelled: `cancelled()` true) raises
+        StoreUnavailable and changes none of the sums."""
         if self.too_many:
             return False
         with self._lock, store.snapshot() as conn:
-            [(newest, at_last)] = conn.execute(SQL["rollup_mark"], (self.last_id,)).fetchall()
-            if at_last != self.last_session_id or (newest or 0) < self.last_id:
-                self._reset()  # a restored backup: ids mean other sessions now
-            if newest is None or newest == self.last_id:
-                return True
-            params = {"after": self.last_id, "last": newest,
-                      "offset_us": self.offset_minutes * 60 * 1_000_000}
-            for day, prop, country, sessions, ads, duration, whole, rest in conn.execute(
-                    SQL["rollup_rows"], params):
-                cell = self.cells.setdefault((day, prop, country), [0, 0, 0, 0])
-                for i, value in enumerate((sessions, ads, duration, joined_nanos(whole, rest))):
-                    cell[i] += value
-            self.last_id = newest
-            self.last_session_id = conn.execute(SQL["session_id_at"], (newest,)).fetchone()[0]
-            if len(self.cells) > self.MAX_CELLS:
-                self.too_many = True
-                self._reset()
-            return not self.too_many
+            if cancelled is not None:
+                conn.set_progress_handler(cancelled, self.CANCEL_CHECK_STEPS)
+            try:
+                return self._catch_up(conn)
+            finally:
+                conn.set_progress_handler(None, 0)
+
+    def _catch_up(self, conn):
+        [(newest, at_last)] = conn.execute(SQL["rollup_mark"], (self.last_id,)).fetchall()
+        if at_last != self.last_session_id or (newest or 0) < self.last_id:
+            self._reset()  # a restored backup: ids mean other sessions now
+        if newest is None or newest == self.last_id:
+            return True
+        params = {"after": self.last_id, "last": newest,
+                  "offset_us": self.offset_minutes * 60 * 1_000_000}
+        # Every row read before any is added: a read cut short adds nothing.
+        added = conn.execute(SQL["rollup_rows"], params).fetchall()
+        for day, prop, country, sessions, ads, duration, whole, rest in added:
+            cell = self.cells.setdefault((day, prop, country), [0, 0, 0, 0])
+            for i, value in enumerate((sessions, ads, duration, joined_nanos(whole, rest))):
+                cell[i] += value
+        self.last_id = newest
+        self.last_session_id = conn.execute(SQL["session_id_at"], (newest,)).fetchone()[0]
+        if len(self.cells) > self.MAX_CELLS:
+            self.too_many = True
+            self._reset()
+        return not self.too_many
 
     def sums(self, since_day, until_day, key, property_id=None):
         """{key(day, property, country): [sessions, ads, duration, nanos]} over the days."""
@@ -6069,16 +6084,19 @@ def start_rollup_refresh(app, stopping, interval=ROLLUP_REFRESH_S):
     """Catch the view's sums up now, then every `interval` seconds, on a
     thread at the lowest CPU priority: SQLite releases the GIL while it reads,
     so the thread takes only the CPU time postbacks leave idle.  Ends with
-    `stopping`, or for good once the sums have too many cells to keep."""
+    `stopping`, a catch-up in progress cut short (serve joins the thread, so
+    the interpreter never exits under a read), or for good once the sums have
+    too many cells to keep."""
 
     def refresh():
         lower_this_threads_priority()
-        while True:
+        while not stopping.is_set():
             before = app.rollup.last_id
             try:
-                kept = app.rollup.refresh(app.store)
+                kept = app.rollup.refresh(app.store, cancelled=stopping.is_set)
             except (StoreUnavailable, sqlite3.Error) as exc:
-                log.warning("view: the month's sums were not caught up (a page will): %s", exc)
+                if not stopping.is_set():
+                    log.warning("view: the month's sums were not caught up (a page will): %s", exc)
             else:
                 if not kept:
                     return
@@ -6088,7 +6106,7 @@ def start_rollup_refresh(app, stopping, interval=ROLLUP_REFRESH_S):
             if stopping.wait(interval):
                 return
 
-    thread = threading.Thread(target=refresh, name="spp-view-sums", daemon=True)
+    thread = threading.Thread(target=refresh, name="spp-view-sums")
     thread.start()
     return thread
 
@@ -6739,12 +6757,16 @@ def serve(app, config, sockets=()):
         signal.signal(signum, lambda *_: stopping.set())
     server.print_listen("listening on http://{}:{}")
     start_watchdog(app.store, os.environ, stopping)
-    start_rollup_refresh(app, stopping)
-    sd_notify("READY=1")
-    writer_alive = run_until(socket_map_of(server), stopping, app.store.writer)
-    sd_notify("STOPPING=1")
-    log.info("stopping: finishing requests in flight")
-    drain(server)
+    catching_up = start_rollup_refresh(app, stopping)
+    try:
+        sd_notify("READY=1")
+        writer_alive = run_until(socket_map_of(server), stopping, app.store.writer)
+        sd_notify("STOPPING=1")
+        log.info("stopping: finishing requests in flight")
+        drain(server)
+    finally:
+        stopping.set()  # when the writer process died, too
+        catching_up.join()
     if not writer_alive:
         raise WriterLost(app.store.writer.loss())
 

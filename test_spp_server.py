@@ -7450,6 +7450,42 @@ def test_the_view_sums_are_caught_up_in_the_background_at_the_lowest_priority(vi
     assert not thread.is_alive()
 
 
+def test_a_catch_up_cut_short_changes_none_of_the_sums(view_client, db):
+    store_sessions(db, 3000)  # far more SQLite steps than between two looks
+    rollup = view_client.app.rollup
+    looks = []
+    with pytest.raises(spp_server.StoreUnavailable, match="interrupted"):
+        rollup.refresh(view_client.app.store, cancelled=lambda: looks.append(1) or len(looks) > 1)
+    assert looks and (rollup.last_id, rollup.cells) == (0, {})
+    assert rollup.refresh(view_client.app.store)  # and the next catch-up adds every session once
+    assert [cell[0] for cell in rollup.cells.values()] == [3000] and rollup.last_id == 3000
+
+
+class StopsOnceLookedAt(threading.Event):
+    """An Event that is set from its second look on: `stopping` for a server
+    that stops while its first catch-up is reading."""
+
+    looks = 0
+
+    def is_set(self):
+        self.looks += 1
+        return self.looks > 1 or super().is_set()
+
+    def wait(self, timeout=None):
+        return self.is_set() or super().wait(timeout)
+
+
+def test_the_background_catch_up_ends_when_the_server_stops_even_mid_read(view_client, db,
+                                                                        caplog):
+    store_sessions(db, 3000)
+    stopping = StopsOnceLookedAt()
+    thread = spp_server.start_rollup_refresh(view_client.app, stopping, interval=3600)
+    thread.join(5)
+    assert not thread.is_alive() and view_client.app.rollup.last_id == 0  # cut short
+    assert stopping.looks > 2  # looked at during the read
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # stopping is no fault
+
+
 def test_the_view_sums_stop_being_caught_up_once_too_many(view_client, clock, monkeypatch):
     monkeypatch.setattr(spp_server.Rollup, "MAX_CELLS", 0)
     post_at(view_client, clock, "2026-11-02T10:00:00Z", user_id="a")
