@@ -8,21 +8,26 @@ is one SQLite file in WAL mode.  See README.md.
 
 Sections, in this order (a test holds this list to the section headers):
 - Configuration
-- Money and time
+- Money and time: exact decimals, integer nano-USD, integer microseconds
+- Validation of a postback body
 - Storage: the file, its schema and its connections
 - The writer: group commit, in a thread or in a process of its own
 - The store: reads, write ops, earnings and totals
-- Retention: clearing old raw bodies, deleting old refusals
-- Reads for the API: sessions, the change feed, stats and metrics
 - Output formats
-- Validation of a postback body
-- Booked revenue
-- Reconciliation
-- Payout ledger
+- Reads for the API: sessions, the change feed, stats, metrics, export
+- Booked revenue: importing Gamezop's Ad Revenue Reports (import-booked)
+- Reconciliation: each report day's estimates against what was booked
+- Payout ledger, the frame: every step's lock, chunked writes and journal
+- Payout ledger, runs: each session paid once (pay, void-oversized)
+- Payout ledger, settlements: the buffer released (settle)
+- Payout ledger, adjustments: write-offs, holds, suspects, erasure (their commands)
+- Payout ledger, statements: accounts and the ledger's state (statement, ledger)
+- Payout ledger, replay: steps a restore lost, put back (ledger-replay)
+- Retention: clearing old raw bodies, deleting old refusals (prune)
 - HTTP
-- Web view
-- Waitress's internals
-- Server and command line
+- Web view: read-only pages of the month, the ledger, users and postbacks
+- Waitress's internals: the only code that touches them
+- Server and command line: serving, and what every command shares
 """
 
 import os
@@ -93,6 +98,7 @@ from bottle import Bottle, HTTPError, HTTPResponse, request, response
 from waitress.server import create_server
 
 log = logging.getLogger("spp")
+
 
 # ---------------------------------------------------------------------------
 # Configuration
@@ -224,6 +230,23 @@ def billionths_text(n):
 def nanos_to_usd(nanos):
     """int nano-USD -> exact decimal string of USD."""
     return billionths_text(nanos) if nanos else "0"  # most ledger fields are 0
+
+
+def joined_nanos(whole_usd, nano_rest):
+    return whole_usd * NANOS_PER_USD + nano_rest
+
+
+def signed_usd(nanos):
+    """nanos_to_usd for a figure that may be negative (a margin)."""
+    return f"-{nanos_to_usd(-nanos)}" if nanos < 0 else nanos_to_usd(nanos)
+
+
+def floor_places(fraction, places):
+    """A non-negative Fraction -> a decimal string with exactly `places`
+    places, rounded down: Fraction(2, 3), 6 -> '0.666666'."""
+    scaled = fraction.numerator * 10**places // fraction.denominator
+    whole, rest = divmod(scaled, 10**places)
+    return f"{whole}.{rest:0{places}d}"
 
 
 def now_us():
@@ -368,595 +391,271 @@ def parse_window(since_text, until_text, required=False):
     return window
 
 
+DAY_US = 86_400 * 1_000_000
+
+
+# ---------------------------------------------------------------------------
+# Validation of a postback body
+# ---------------------------------------------------------------------------
+
+MAX_SESSION_ID_CHARS = 128
+MAX_USER_ID_CHARS = 256
+MAX_PROPERTY_ID_CHARS = 128
+MAX_COUNT = 2**31 - 1  # ads viewed, seconds: anything larger is not a real session
+DECIMAL_STRING = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+DIGITS = re.compile(r"[0-9]{1,10}")
+COUNTRY = re.compile(r"[A-Za-z]{2}")
+
+
+@dataclass(frozen=True)
+class Session:
+    session_id: str
+    user_id: str
+    property_id: str | None
+    country: str | None
+    ads_viewed: int | None
+    duration_s: int | None
+    revenue_nano: int
+
+    def columns(self):
+        """In the order of STORE_SQL['insert_session'] (and STORE_SQL['stored_session'] after session_id)."""
+        return (
+            self.session_id,
+            self.user_id,
+            self.property_id,
+            self.country,
+            self.ads_viewed,
+            self.duration_s,
+            self.revenue_nano,
+        )
+
+
+class NotANumber(ValueError):
+    """NaN or Infinity, which JSON does not have."""
+
+
+def _reject_constant(name):
+    raise NotANumber(f"{name} is not a number")
+
+
+class RepeatedKeys(dict):
+    """A JSON object that gives a key more than once (json would keep the
+    last value): refused where read, since which value was meant is ambiguous.
+    `repeated` is the first key given twice."""
+
+    repeated = None
+
+
+def json_object(pairs):
+    """object_pairs_hook: a dict, or RepeatedKeys for an object that repeats a key."""
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    obj, seen = RepeatedKeys(obj), set()
+    obj.repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+    return obj
+
+
+def repeated_key(value):
+    """The first object in the parsed JSON `value`, in document order, that
+    gives a key twice -> (its path, the key); None if none does.  Nested
+    objects count too: their values are as ambiguous.  A loop, not
+    recursion: it goes as deep as json nests."""
+    if type(value) is dict and not any(isinstance(v, (dict, list)) for v in value.values()):
+        return None  # a flat object (every postback): nothing nested to look into
+    stack = [((), value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, RepeatedKeys):
+            return path, item.repeated
+        children = item.items() if isinstance(item, dict) else (
+            enumerate(item) if isinstance(item, list) else ())
+        stack.extend(reversed([((*path, key), child) for key, child in children]))
+    return None
+
+
+def json_path_text(path):
+    """('data', 'ad_revenue', 0) -> 'data.ad_revenue[0]'; () -> 'the top object'."""
+    text = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path)
+    return text.removeprefix(".") or "the top object"
+
+
+def parse_json(text):
+    """JSON text -> value: numbers with a fraction or exponent as exact
+    Decimals (never a float), objects through json_object.  ValueError with
+    a message for people (never an exception's repr, such as decimal's
+    [<class 'decimal.InvalidOperation'>] or int's advice about sys)."""
+    try:
+        return json.loads(text, parse_float=decimal.Decimal, parse_int=json_int,
+                          parse_constant=_reject_constant, object_pairs_hook=json_object)
+    except (json.JSONDecodeError, NotANumber) as exc:
+        raise ValueError(str(exc)) from None
+    except decimal.InvalidOperation:  # 1e99999999999999999999: beyond what decimal holds
+        raise ValueError("a number's exponent is too large") from None
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
+
+
+def json_int(text):
+    """A JSON whole number: an int, or past the digits int() takes (its
+    advice is about sys), an exact Decimal, which the field's own check
+    then refuses by name ("must be at most 10 USD")."""
+    return int(text) if len(text) <= 4000 else decimal.Decimal(text)
+
+
+def parse_json_object(body):
+    """bytes -> dict (see parse_json); a key given twice is refused, naming it."""
+    try:
+        payload = parse_json(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise Invalid(None, "the body is not valid UTF-8") from None
+    except ValueError as exc:
+        raise Invalid(None, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise Invalid(None, "the body must be a JSON object")
+    repeated = repeated_key(payload)
+    if repeated:
+        path, key = repeated
+        if not path:
+            raise Invalid(key, "is given more than once: which value is meant is ambiguous")
+        raise Invalid(path[0], f"holds the key {shown(key)} more than once (at "
+                      f"{json_path_text(path)}): which value is meant is ambiguous")
+    return payload
+
+
+def check_encodable(field, value):
+    """JSON text may escape a lone surrogate, which no UTF-8 text can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Invalid(field, "must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
+def check_text(payload, field, max_chars, allow_empty):
+    if field not in payload:
+        raise Invalid(field, "is required")
+    value = payload[field]
+    if not isinstance(value, str):
+        raise Invalid(field, "must be a string")
+    check_encodable(field, value)
+    if not value and not allow_empty:
+        raise Invalid(field, "must not be empty")
+    return check_length(field, value, max_chars)
+
+
+def parse_decimal_string(text):
+    """'0.000012' or '1.2e-05' -> Decimal; None for anything else, such as
+    '0x10', '1_000', '+1', ' 1' (which Decimal() itself would take) or an
+    exponent too large for decimal."""
+    if not DECIMAL_STRING.fullmatch(text):
+        return None
+    try:
+        return decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        return None
+
+
+def check_revenue(payload, field="your-estimated-revenue", at_most=MAX_ESTIMATE):
+    """The field's exact amount in USD -> int nano-USD, from 0 to `at_most`
+    (a postback's estimate) or, with at_most=None, below MAX_REVENUE (a
+    booked report row)."""
+    if field not in payload or payload[field] is None:
+        raise Invalid(field, "is required")
+    value = payload[field]
+    if isinstance(value, str):
+        value = parse_decimal_string(value)
+        if value is None:
+            raise Invalid(field, "must be a decimal number such as \"0.000012\"")
+    elif isinstance(value, bool) or not isinstance(value, (int, decimal.Decimal)):
+        raise Invalid(field, "must be a decimal string or a number")
+    else:
+        value = decimal.Decimal(value)
+    if not value.is_finite():
+        raise Invalid(field, "must be finite")
+    if value < 0:
+        raise Invalid(field, "must not be negative")
+    if at_most is not None and value > at_most:
+        raise Invalid(field, f"must be at most {at_most} USD: no session earns that much "
+                      "(SPP estimates are fractions of a cent)")
+    if value >= MAX_REVENUE:
+        raise Invalid(field, "must be below 1000000 USD")
+    nanos = usd_to_nanos(value)
+    if nanos >= MAX_REVENUE * NANOS_PER_USD:  # 999999.9999999999 rounds up to the limit
+        raise Invalid(field, "must be below 1000000 USD")
+    return nanos
+
+
+def check_count(payload, field):
+    value = payload.get(field)
+    if value is None:
+        return None
+    if isinstance(value, str) and DIGITS.fullmatch(value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise Invalid(field, f"must be a whole number from 0 to {MAX_COUNT}")
+    return value
+
+
+def check_country(payload, field="country"):
+    value = payload.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not COUNTRY.fullmatch(value):
+        raise Invalid(field, "must be a two-letter ISO 3166-1 alpha-2 code")
+    return value.upper()
+
+
+def check_property_id(payload, field="property-id"):
+    value = payload.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise Invalid(field, "must be a string or an integer")
+    return check_length(field, check_encodable(field, str(value)), MAX_PROPERTY_ID_CHARS)
+
+
+def check_length(field, value, max_chars):
+    if len(value) > max_chars:
+        raise Invalid(field, f"must be at most {max_chars} characters")
+    return value
+
+
+def parse_postback(body):
+    """Raw body bytes -> Session, or Invalid naming the first bad field (and
+    carrying the ids that were valid, for the log)."""
+    payload = parse_json_object(body)
+    try:
+        return Session(
+            session_id=check_text(payload, "session-id", MAX_SESSION_ID_CHARS, allow_empty=False),
+            user_id=check_text(payload, "user-id", MAX_USER_ID_CHARS, allow_empty=True),
+            property_id=check_property_id(payload),
+            country=check_country(payload),
+            ads_viewed=check_count(payload, "count-of-ads-viewed"),
+            duration_s=check_count(payload, "session-duration"),
+            revenue_nano=check_revenue(payload),
+        )
+    except Invalid as invalid:
+        invalid.session_id = valid_text_or_none(
+            payload, "session-id", MAX_SESSION_ID_CHARS, allow_empty=False)
+        invalid.user_id = valid_text_or_none(payload, "user-id", MAX_USER_ID_CHARS, allow_empty=True)
+        raise
+
+
+def valid_text_or_none(payload, field, max_chars, allow_empty):
+    try:
+        return check_text(payload, field, max_chars, allow_empty)
+    except Invalid:
+        return None
+
+
 # ---------------------------------------------------------------------------
 # Storage: the file, its schema and its connections
 # ---------------------------------------------------------------------------
 
-# What every earnings and totals query sums.  Revenue is summed as whole USD
-# and nano remainder so that SUM cannot overflow 64 bits however many
-# sessions there are; Python joins the two exactly.
-SQL_SUMS = """count(*), coalesce(sum(ads_viewed), 0), coalesce(sum(duration_s), 0),
-    coalesce(sum(revenue_nano / 1000000000), 0), coalesce(sum(revenue_nano % 1000000000), 0),
-    min(received_at_us), max(received_at_us)"""
-SQL_WINDOW = """received_at_us >= :since AND received_at_us < :until
-    AND (:property IS NULL OR property_id = :property)"""
-# The user id docs/deploy.md's check posts: its session is kept (a 200 is a
-# promise) but no report or payout counts it.  /users/deploy-check/earnings
-# still shows it, which is how the check is read.
-DEPLOY_CHECK_USER = "deploy-check"
-SQL_REPORTED = f"user_id <> '{DEPLOY_CHECK_USER}'"
-# Users the ledger cannot credit: sessions without a sub ('') and the deploy
-# check's.  Runs pay them nothing and print no line for them; settlement
-# gives their share of a booked figure to the publisher's margin.
-UNCREDITED_USERS = ("", DEPLOY_CHECK_USER)
-SQL_UNCREDITED = "(" + ", ".join(f"'{user}'" for user in UNCREDITED_USERS) + ")"
-SQL = {
-    "insert_session": """
-        INSERT OR IGNORE INTO sessions
-            (session_id, user_id, property_id, country, ads_viewed, duration_s,
-             revenue_nano, received_at_us, raw_body)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-    "stored_session": """
-        SELECT user_id, property_id, country, ads_viewed, duration_s, revenue_nano, raw_body
-        FROM sessions WHERE session_id = ?""",
-    "insert_conflict": """
-        INSERT INTO conflicts (session_id, received_at_us, stored_body, new_body)
-        VALUES (?, ?, ?, ?)""",
-    "insert_rejected": """
-        INSERT INTO rejected (received_at_us, field, reason, raw_body) VALUES (?, ?, ?, ?)""",
-    "user_earnings": f"""
-        SELECT {SQL_SUMS} FROM sessions
-        WHERE user_id = :user AND {SQL_WINDOW}""",
-    "earnings_by_user": f"""
-        SELECT user_id, {SQL_SUMS} FROM sessions INDEXED BY sessions_by_time
-        WHERE {SQL_WINDOW} AND {SQL_REPORTED}
-        GROUP BY user_id ORDER BY user_id""",
-    # A template for totals_sql(); {keys} is a choice of TOTALS_GROUPS, never
-    # text from a request.
-    "totals": """
-        SELECT {keys}{sums} FROM sessions INDEXED BY sessions_by_time
-        WHERE {window} {group_by}""",
-    # Keyset pagination, newest first: stable while sessions arrive.
-    "user_sessions": """
-        SELECT session_id, country, ads_viewed, revenue_nano, duration_s, property_id,
-               received_at_us, id
-        FROM sessions
-        WHERE user_id = :user AND (received_at_us, id) < (:before_at, :before_id)
-        ORDER BY received_at_us DESC, id DESC LIMIT :limit""",
-    # The change feed: every session in commit order.  Rows are only ever
-    # added, one write transaction at a time, each taking the next id, so id
-    # order is commit order and a reader never sees a later id before an
-    # earlier one.  A new id is max(id) + 1: nothing deletes a session (prune
-    # clears bodies only), so none is reused, but after a restore from a
-    # backup new sessions take ids that consumers have passed: feed cursors
-    # carry a fingerprint of their session (see feed_position).
-    "session_feed": """
-        SELECT session_id, country, ads_viewed, revenue_nano, duration_s, property_id,
-               received_at_us, id, user_id
-        FROM sessions WHERE id > :after ORDER BY id LIMIT :limit""",
-    "feed_cursor_row": """
-        SELECT (SELECT session_id FROM sessions WHERE id = :id),
-               (SELECT coalesce(max(id), 0) FROM sessions)""",
-    # --- Retention (prune): ids grow with receive times, so each table is cut
-    # at the first id received on or after the date, then cleared in id ranges;
-    # each range checks the receive time too, because after the clock steps
-    # back ids and receive times disagree.
-    "first_session_id_from": """
-        SELECT id FROM sessions INDEXED BY sessions_by_time
-        WHERE received_at_us >= ? ORDER BY received_at_us, id LIMIT 1""",
-    "session_ids": "SELECT coalesce(min(id), 0), coalesce(max(id), -1) FROM sessions",
-    "prunable_bodies": """
-        SELECT count(*), coalesce(sum(length(CAST(raw_body AS BLOB))), 0) FROM sessions
-        WHERE id >= ? AND id < ? AND received_at_us < ? AND raw_body != ''""",
-    "clear_bodies": """
-        UPDATE sessions SET raw_body = ''
-        WHERE id >= ? AND id < ? AND received_at_us < ? AND raw_body != ''""",
-    "first_rejected_id_from": "SELECT min(id) FROM rejected WHERE received_at_us >= ?",
-    "rejected_ids": "SELECT coalesce(min(id), 0), coalesce(max(id), -1) FROM rejected",
-    "prunable_rejected": """
-        SELECT count(*), coalesce(sum(length(raw_body)), 0) FROM rejected
-        WHERE id >= ? AND id < ? AND received_at_us < ?""",
-    "delete_rejected": "DELETE FROM rejected WHERE id >= ? AND id < ? AND received_at_us < ?",
-    "first_conflicts_id_from": "SELECT min(id) FROM conflicts WHERE received_at_us >= ?",
-    "conflicts_ids": "SELECT coalesce(min(id), 0), coalesce(max(id), -1) FROM conflicts",
-    "prunable_conflicts": """
-        SELECT count(*), coalesce(sum(length(CAST(stored_body AS BLOB))
-                                      + length(CAST(new_body AS BLOB))), 0)
-        FROM conflicts WHERE id >= ? AND id < ? AND received_at_us < ?""",
-    "delete_conflicts": "DELETE FROM conflicts WHERE id >= ? AND id < ? AND received_at_us < ?",
-    # --- Reconciliation with booked revenue (see "Booked revenue" below) ---
-    # What an import covers: a whole day, or a day's rows of one property.
-    "properties_between": f"""
-        SELECT coalesce(property_id, ''), count(*) FROM sessions INDEXED BY sessions_by_time
-        WHERE received_at_us >= ? AND received_at_us < ? AND {SQL_REPORTED} GROUP BY 1""",
-    "booked_of_day": """
-        SELECT property_id, country, revenue_nano, imported_at_us, source_file
-        FROM booked_revenue WHERE day = ?""",
-    "booked_of_day_and_property": """
-        SELECT property_id, country, revenue_nano, imported_at_us, source_file
-        FROM booked_revenue WHERE day = ? AND property_id = ?""",
-    # An import in steps (see import_booked): staged, switched, superseded cleared.
-    "last_import": "SELECT coalesce(max(import_id), 0) FROM booked_current",
-    "import_leftovers": """
-        SELECT EXISTS (SELECT 1 FROM booked_rows WHERE import_id > ?)
-            OR EXISTS (SELECT 1 FROM booked_superseded)""",
-    "unfinished_import": """
-        DELETE FROM booked_rows WHERE import_id = :id AND (day, property_id, country) IN (
-            SELECT day, property_id, country FROM booked_rows WHERE import_id = :id LIMIT :n)""",
-    "stage_booked": """
-        INSERT INTO booked_rows
-            (import_id, day, property_id, country, revenue_nano, imported_at_us, source_file)
-        VALUES (?, ?, ?, ?, ?, ?, ?)""",
-    "supersede_day": """
-        INSERT OR IGNORE INTO booked_superseded
-        SELECT import_id, day, property_id FROM booked_current WHERE day = ?""",
-    "switch_day": "UPDATE booked_current SET import_id = ? WHERE day = ?",
-    "supersede_scope": """
-        INSERT OR IGNORE INTO booked_superseded
-        SELECT import_id, day, property_id FROM booked_current WHERE day = ? AND property_id = ?""",
-    "switch_scope": """
-        INSERT INTO booked_current (day, property_id, import_id) VALUES (?, ?, ?)
-        ON CONFLICT (day, property_id) DO UPDATE SET import_id = excluded.import_id""",
-    "superseded_scopes": "SELECT import_id, day, property_id FROM booked_superseded LIMIT ?",
-    "delete_superseded_rows": """
-        DELETE FROM booked_rows WHERE import_id = ? AND day = ? AND property_id = ?""",
-    "delete_superseded_scope": """
-        DELETE FROM booked_superseded WHERE import_id = ? AND day = ? AND property_id = ?""",
-    # Summed over countries; split like SQL_SUMS so that the sum cannot overflow.
-    "booked_by_day": """
-        SELECT day, property_id,
-               sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
-        FROM booked_revenue
-        WHERE day >= :since_day AND day < :until_day
-          AND (:property IS NULL OR property_id = :property)
-        GROUP BY day, property_id ORDER BY day, property_id""",
-    # Report day numbers (days since 1970-01-01 in the report's time zone),
-    # computed on the integer receive time so that the window is an index range.
-    "estimates_by_day": f"""
-        SELECT {{day}}, count(*),
-               sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
-        FROM sessions INDEXED BY sessions_by_time
-        WHERE {SQL_WINDOW} AND {SQL_REPORTED}
-        GROUP BY 1 ORDER BY 1""",
-    "estimates_by_day_and_property": f"""
-        SELECT {{day}}, property_id, count(*),
-               sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
-        FROM sessions INDEXED BY sessions_by_time
-        WHERE {SQL_WINDOW} AND {SQL_REPORTED}
-        GROUP BY 1, 2 ORDER BY 1, 2""",
-    # --- Payout ledger (see "Payout ledger" below) ---
-    "run_at": """
-        SELECT id, pay_now_share, final_share, report_utc_offset FROM payout_runs
-        WHERE until_us = ?""",
-    # Only runs whose header committed: a staged run has no row here yet.
-    "report_offsets": """
-        SELECT first_day, report_utc_offset FROM report_offsets ORDER BY run_id""",
-    # Read once per offset change: it scans the paid sessions.
-    "latest_paid_session": "SELECT max(received_at_us) FROM sessions WHERE id <= ?",
-    "offset_change_of_run": """
-        SELECT first_day, report_utc_offset FROM report_offsets
-        WHERE run_id = ? AND first_day IS NOT NULL""",
-    "insert_report_offset": """
-        INSERT INTO report_offsets (run_id, first_day, report_utc_offset) VALUES (?, ?, ?)""",
-    "last_run": """
-        SELECT id, last_session_id, until_us, report_utc_offset FROM payout_runs
-        ORDER BY id DESC LIMIT 1""",
-    "run_exists": "SELECT 1 FROM payout_runs WHERE id = ?",
-    "run_moved": "SELECT moved_sessions, moved_to_day FROM payout_runs WHERE id = ?",
-    # Where the ledger took over: the first run's start (see plan_run).
-    "first_run": "SELECT id, after_session_id, started_from FROM payout_runs ORDER BY id LIMIT 1",
-    "oldest_session_upto": """
-        SELECT received_at_us FROM sessions INDEXED BY sessions_by_time WHERE id <= ?
-        ORDER BY received_at_us LIMIT 1""",
-    "settlement_exists": "SELECT 1 FROM settlements WHERE id = ?",
-    # The largest id received before a run's until: the run pays every id up
-    # to it that an earlier run did not, whatever their receive times.
-    "last_session_before": """
-        SELECT max(id) FROM sessions INDEXED BY sessions_by_time WHERE received_at_us < ?""",
-    # A run's parts: per report day, property and user, by row id range, as
-    # the rows of insert_part in its primary key's order (so that staging
-    # appends).  Paid now: the estimate times the share (in millionths),
-    # rounded down, split so that the product stays within 64 bits.  A
-    # part's estimate above 9.2 billion USD makes sum() fail, never round.
-    # A session received on a report day already settled (a clock step
-    # backwards) is paid in the pool of :last_day instead (see plan_run).
-    "run_parts": """
-        SELECT :run, date(day * 86400, 'unixepoch'), property_id, user_id, sessions, estimated,
-               CASE WHEN user_id IN {uncredited} THEN 0 ELSE
-               estimated / 1000000 * :millionths + estimated % 1000000 * :millionths / 1000000 END
-        FROM (SELECT CASE WHEN {day} IN (SELECT value FROM json_each(:settled))
-                          THEN :last_day ELSE {day} END AS day,
-                     coalesce(property_id, '') AS property_id, user_id,
-                     count(*) AS sessions, sum(revenue_nano) AS estimated
-              FROM sessions WHERE id > :after AND id <= :last AND {reported}
-              GROUP BY 1, 2, 3 ORDER BY 1, 2, 3)""",
-    # Sessions a run would pay with an estimate above MAX_ESTIMATE (stored
-    # before the receiver refused them): how many, the largest, the first.
-    "oversized_sessions": """
-        SELECT count(*), max(revenue_nano), min(id) FROM sessions
-        WHERE id > :after AND id <= :last AND revenue_nano > :at_most""",
-    "session_and_user": "SELECT session_id, user_id FROM sessions WHERE id = ?",
-    # void-oversized: the estimates no run has paid, kept in rejected, then 0.
-    "reject_oversized": """
-        INSERT INTO rejected (received_at_us, field, reason, raw_body)
-        SELECT :now, 'your-estimated-revenue',
-               'must be at most ' || :limit || ' USD: stored before the receiver refused it, as '
-                   || (revenue_nano / 1000000000) || ' USD and '
-                   || (revenue_nano % 1000000000) || ' nano-USD for session-id ' || session_id
-                   || ' of user-id ' || user_id || '; its estimate set to 0 by void-oversized',
-               CAST(raw_body AS BLOB)
-        FROM sessions WHERE id > :after AND revenue_nano > :at_most ORDER BY id""",
-    "void_oversized": """
-        UPDATE sessions SET revenue_nano = 0 WHERE id > :after AND revenue_nano > :at_most""",
-    "last_paid_session": "SELECT coalesce(max(last_session_id), 0) FROM payout_runs",
-    "settled_day_numbers": """
-        SELECT DISTINCT CAST(julianday(day) - 2440587.5 AS INTEGER) FROM settlement_days""",
-    "sessions_on_days": """
-        SELECT count(*) FROM sessions WHERE id > :after AND id <= :last AND {reported}
-          AND {day} IN (SELECT value FROM json_each(:settled))""",
-    "owed_balances": """
-        SELECT user_id, owed_nano FROM ledger_balances WHERE owed_nano > 0 ORDER BY user_id""",
-    "take_owed": "UPDATE ledger_balances SET owed_nano = owed_nano - ? WHERE user_id = ?",
-    "add_owed": """
-        INSERT INTO ledger_balances (user_id, owed_nano) VALUES (?, ?)
-        ON CONFLICT (user_id) DO UPDATE SET owed_nano = owed_nano + excluded.owed_nano""",
-    "insert_run": """
-        INSERT INTO payout_runs
-            (id, after_session_id, last_session_id, until_us, created_at_us, pay_now_share,
-             final_share, report_utc_offset, users, sessions, estimated_nano, paid_now_nano,
-             deducted_nano, withheld_nano, moved_sessions, moved_to_day, started_from)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-    "insert_withheld": """
-        INSERT INTO payout_withheld (run_id, user_id, withheld_nano) VALUES (?, ?, ?)""",
-    "insert_part": """
-        INSERT INTO payout_parts
-            (run_id, day, property_id, user_id, sessions, estimated_nano, paid_now_nano)
-        VALUES (?, ?, ?, ?, ?, ?, ?)""",
-    "insert_deduction": """
-        INSERT INTO payout_deductions (run_id, user_id, deducted_nano) VALUES (?, ?, ?)""",
-    # Staged rows of a step whose header never committed (see write_in_chunks).
-    "unfinished_parts": """
-        DELETE FROM payout_parts WHERE (run_id, day, property_id, user_id) IN (
-            SELECT run_id, day, property_id, user_id FROM payout_parts
-            WHERE run_id > (SELECT coalesce(max(id), 0) FROM payout_runs) LIMIT ?)""",
-    "unfinished_lines": """
-        DELETE FROM payout_lines WHERE (run_id, user_id) IN (
-            SELECT run_id, user_id FROM payout_lines
-            WHERE run_id > (SELECT coalesce(max(id), 0) FROM payout_runs) LIMIT ?)""",
-    "unfinished_settlement_lines": """
-        DELETE FROM settlement_lines WHERE (settlement_id, day, property_id, user_id) IN (
-            SELECT settlement_id, day, property_id, user_id FROM settlement_lines
-            WHERE settlement_id > (SELECT coalesce(max(id), 0) FROM settlements) LIMIT ?)""",
-    "insert_line": """
-        INSERT INTO payout_lines (run_id, user_id, sessions, estimated_nano, paid_now_nano)
-        VALUES (?, ?, ?, ?, ?)""",
-    "run_lines": f"""
-        SELECT l.user_id, l.sessions, l.estimated_nano, l.paid_now_nano,
-               coalesce(d.deducted_nano, 0), coalesce(w.withheld_nano, 0)
-        FROM payout_lines l
-        LEFT JOIN payout_deductions d ON d.run_id = l.run_id AND d.user_id = l.user_id
-        LEFT JOIN payout_withheld w ON w.run_id = l.run_id AND w.user_id = l.user_id
-        WHERE l.run_id = ? AND l.user_id NOT IN {SQL_UNCREDITED} ORDER BY l.user_id""",
-    # What a run covered and paid nobody: the users UNCREDITED_USERS names.
-    "run_uncredited": f"""
-        SELECT coalesce(sum(sessions), 0), coalesce(sum(estimated_nano), 0) FROM payout_lines
-        WHERE run_id = ? AND user_id IN {SQL_UNCREDITED}""",
-    "run_final_shares": "SELECT id, final_share FROM payout_runs",
-    "booked_total": """
-        SELECT coalesce(sum(revenue_nano / 1000000000), 0), coalesce(sum(revenue_nano % 1000000000), 0)
-        FROM booked_revenue""",
-    "booked_pools": """
-        SELECT day, property_id, sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
-        FROM booked_revenue GROUP BY day, property_id ORDER BY day, property_id""",
-    "booked_pool": """
-        SELECT coalesce(sum(revenue_nano / 1000000000), 0), coalesce(sum(revenue_nano % 1000000000), 0)
-        FROM booked_revenue WHERE day = ? AND property_id = ?""",
-    # Every recorded run's parts of the days (a JSON list): a search of the
-    # primary key per run and day (CROSS JOIN keeps the runs outer, where
-    # SQLite would rather scan every part), none of an unfinished run's.
-    "parts_of_days": """
-        SELECT p.run_id, p.day, p.property_id, p.user_id, p.sessions, p.estimated_nano,
-               p.paid_now_nano
-        FROM payout_runs r CROSS JOIN payout_parts p ON p.run_id = r.id
-        WHERE p.day IN (SELECT value FROM json_each(?))""",
-    # Summed per run, day and property: no SQL sum spans two runs' parts
-    # (Python adds the runs up, as when each run was a query of its own).
-    "run_day_property_parts": """
-        SELECT p.day, p.property_id, sum(p.sessions), sum(p.estimated_nano),
-               sum(p.paid_now_nano)
-        FROM payout_runs r CROSS JOIN payout_parts p ON p.run_id = r.id
-        WHERE p.day IN (SELECT value FROM json_each(?))
-        GROUP BY r.id, p.day, p.property_id""",
-    # Per [day, start, end] of a JSON list: its day, end, and the first and
-    # last session received in [start, end).
-    "sessions_of_days": """
-        SELECT json_extract(d.value, '$[0]'), json_extract(d.value, '$[2]'),
-               (SELECT min(id) FROM sessions INDEXED BY sessions_by_time
-                WHERE received_at_us >= json_extract(d.value, '$[1]')
-                  AND received_at_us < json_extract(d.value, '$[2]')),
-               (SELECT max(id) FROM sessions INDEXED BY sessions_by_time
-                WHERE received_at_us >= json_extract(d.value, '$[1]')
-                  AND received_at_us < json_extract(d.value, '$[2]'))
-        FROM json_each(?) d""",
-    "last_settlement": "SELECT max(id) FROM settlements",
-    "ledger_steps": """
-        SELECT 'run', id, until_us FROM payout_runs
-        UNION ALL SELECT 'settlement', id, NULL FROM settlements ORDER BY 1, 2""",
-    "settled_pool_keys": "SELECT DISTINCT day, property_id FROM settlement_days",
-    # Every settlement of the days (a JSON list): see last_settled.
-    "settled_pools_of_days": """
-        SELECT day, property_id, settlement_id, by_property, booked_nano, sessions, estimated_nano
-        FROM settlement_days WHERE day IN (SELECT value FROM json_each(?))""",
-    # What each user's earlier lines of the pools (a JSON list of [day,
-    # property]) moved: top-ups less balances carried (lines of a committed
-    # settlement only: a settlement_days row is its header's).
-    "earlier_pool_lines": """
-        SELECT d.day, d.property_id, l.user_id, l.top_up_nano - l.carried_nano,
-               l.written_off_nano - l.written_back_nano, l.held
-        FROM json_each(?) p
-        JOIN settlement_days d ON d.day = json_extract(p.value, '$[0]')
-                              AND d.property_id = json_extract(p.value, '$[1]')
-        JOIN settlement_lines l ON l.settlement_id = d.settlement_id AND l.day = d.day
-                               AND l.property_id = d.property_id""",
-    # Balances of the pools written off for their age: the user keeps them, as
-    # if written off when settled (see pool_lines).
-    "pools_balance_write_offs": """
-        SELECT b.day, b.property_id, b.user_id, sum(b.written_off_nano)
-        FROM json_each(?) p
-        JOIN balance_write_off_lines b ON b.day = json_extract(p.value, '$[0]')
-                                      AND b.property_id = json_extract(p.value, '$[1]')
-        GROUP BY b.day, b.property_id, b.user_id""",
-    # Users held now: whose newest hold event is a hold.
-    "held_users": """
-        SELECT user_id FROM ledger_holds h
-        WHERE id = (SELECT max(id) FROM ledger_holds n WHERE n.user_id = h.user_id)
-          AND action = 'hold' ORDER BY user_id""",
-    "insert_settlement": """
-        INSERT INTO settlements (id, created_at_us, report_utc_offset, write_off, pools,
-                                 booked_nano, top_up_nano, carried_nano, written_off_nano,
-                                 deducted_nano)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-    "insert_settlement_day": """
-        INSERT INTO settlement_days
-            (day, property_id, settlement_id, by_property, booked_nano, sessions, estimated_nano,
-             paid_now_nano, final_nano, top_up_nano, carried_nano, written_off_nano)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-    "insert_settlement_line": """
-        INSERT INTO settlement_lines
-            (settlement_id, day, property_id, user_id, sessions, estimated_nano,
-             booked_part_nano, final_nano, paid_now_nano, top_up_nano, carried_nano,
-             written_off_nano, correction, deducted_nano, written_back_nano, held)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-    "settlement_lines_of": """
-        SELECT settlement_id, day, property_id, user_id, sessions, estimated_nano,
-               booked_part_nano, final_nano, paid_now_nano, top_up_nano, carried_nano,
-               written_off_nano, correction, deducted_nano, written_back_nano, held
-        FROM settlement_lines WHERE settlement_id = ? ORDER BY day, property_id, user_id""",
-    "user_run_lines": """
-        SELECT l.run_id, r.until_us, l.sessions, l.estimated_nano, l.paid_now_nano,
-               coalesce(d.deducted_nano, 0), coalesce(w.withheld_nano, 0)
-        FROM payout_lines l JOIN payout_runs r ON r.id = l.run_id
-        LEFT JOIN payout_deductions d ON d.run_id = l.run_id AND d.user_id = l.user_id
-        LEFT JOIN payout_withheld w ON w.run_id = l.run_id AND w.user_id = l.user_id
-        WHERE l.user_id = ? ORDER BY l.run_id""",
-    "user_settlement_lines": """
-        SELECT settlement_id, day, property_id, sessions, estimated_nano, booked_part_nano,
-               final_nano, paid_now_nano, top_up_nano, carried_nano, written_off_nano, correction,
-               deducted_nano, written_back_nano, held
-        FROM settlement_lines
-        WHERE user_id = ? AND settlement_id <= (SELECT coalesce(max(id), 0) FROM settlements)
-        ORDER BY settlement_id, day, property_id""",
-    "runs": f"""
-        SELECT id, until_us, created_at_us, pay_now_share, final_share, report_utc_offset, users,
-               sessions, estimated_nano, paid_now_nano, deducted_nano, withheld_nano,
-               moved_sessions, moved_to_day,
-               (SELECT coalesce(sum(sessions), 0) FROM payout_lines l
-                WHERE l.run_id = r.id AND l.user_id IN {SQL_UNCREDITED}),
-               (SELECT coalesce(sum(estimated_nano), 0) FROM payout_lines l
-                WHERE l.run_id = r.id AND l.user_id IN {SQL_UNCREDITED})
-        FROM payout_runs r ORDER BY id""",
-    "settlements": """
-        SELECT id, created_at_us, report_utc_offset, write_off, pools, booked_nano, top_up_nano,
-               carried_nano, written_off_nano, deducted_nano
-        FROM settlements ORDER BY id""",
-    # Each settled pool as of its newest settlement; released: the top-ups
-    # less the balances carried, over all its settlements.
-    "settled_pools": f"""
-        SELECT day, property_id, settlement_id, by_property, booked_nano, paid_now_nano,
-               released + coalesce((SELECT sum(written_off_nano) FROM balance_write_off_lines w
-                                    WHERE w.day = p.day AND w.property_id = p.property_id), 0),
-               (SELECT coalesce(sum(booked_part_nano), 0) FROM settlement_lines l
-                WHERE l.settlement_id = p.settlement_id AND l.day = p.day
-                  AND l.property_id = p.property_id AND l.user_id IN {SQL_UNCREDITED})
-        FROM (SELECT *, sum(top_up_nano - carried_nano) OVER pool AS released,
-                     row_number() OVER (pool ORDER BY settlement_id DESC) AS newest
-              FROM settlement_days WINDOW pool AS (PARTITION BY day, property_id)) p
-        WHERE newest = 1 ORDER BY day, property_id""",
-    # Pools whose newest settlement found booked revenue and no session: all margin.
-    "settled_without_sessions": """
-        SELECT day, property_id, booked_nano FROM settlement_days d
-        WHERE sessions = 0 AND booked_nano > 0
-          AND settlement_id = (SELECT max(settlement_id) FROM settlement_days n
-                               WHERE n.day = d.day AND n.property_id = d.property_id)
-        ORDER BY day, property_id""",
-    # Totals in the order of LEDGER_TOTALS.  Pending: paid now (before
-    # deductions) less what the newest settlement of each pool found paid now.
-    "ledger_sums": """
-        SELECT (SELECT coalesce(sum(paid_now_nano - deducted_nano - withheld_nano), 0)
-                FROM payout_runs),
-               (SELECT coalesce(sum(deducted_nano), 0) FROM payout_runs)
-               + (SELECT coalesce(sum(deducted_nano), 0) FROM settlements),
-               (SELECT coalesce(sum(top_up_nano - deducted_nano), 0) FROM settlements),
-               (SELECT coalesce(sum(carried_nano), 0) FROM settlements),
-               (SELECT coalesce(sum(written_off_nano), 0) FROM settlements)
-               + (SELECT coalesce(sum(written_off_nano), 0) FROM balance_write_offs),
-               (SELECT coalesce(sum(owed_nano), 0) FROM ledger_balances),
-               (SELECT coalesce(sum(paid_now_nano), 0) FROM payout_runs)
-               - (SELECT coalesce(sum(paid_now_nano), 0) FROM settlement_days d
-                  WHERE settlement_id = (SELECT max(settlement_id) FROM settlement_days n
-                                         WHERE n.day = d.day AND n.property_id = d.property_id)),
-               (SELECT coalesce(sum(withheld_nano), 0) FROM payout_runs)
-               - (SELECT coalesce(sum(amount_nano), 0) FROM ledger_holds),
-               (SELECT coalesce(sum(amount_nano), 0) FROM ledger_holds WHERE action = 'release'),
-               (SELECT coalesce(sum(amount_nano), 0) FROM ledger_holds WHERE action = 'write-off')""",
-    "user_ledger_sums": """
-        WITH runs AS (SELECT coalesce(max(id), 0) AS last FROM payout_runs),
-             settled AS (SELECT coalesce(max(id), 0) AS last FROM settlements),
-             deductions AS (SELECT coalesce(sum(deducted_nano), 0) AS nano
-                            FROM payout_deductions WHERE user_id = :user),
-             paid AS (SELECT coalesce(sum(paid_now_nano), 0) AS nano FROM payout_lines
-                      WHERE user_id = :user AND run_id <= (SELECT last FROM runs)),
-             withheld AS (SELECT coalesce(sum(withheld_nano), 0) AS nano FROM payout_withheld
-                          WHERE user_id = :user),
-             holds AS (SELECT * FROM ledger_holds WHERE user_id = :user),
-             lines AS (SELECT * FROM settlement_lines
-                       WHERE user_id = :user AND settlement_id <= (SELECT last FROM settled))
-        SELECT (SELECT nano FROM paid) - (SELECT nano FROM deductions) - (SELECT nano FROM withheld),
-               (SELECT nano FROM deductions) + (SELECT coalesce(sum(deducted_nano), 0) FROM lines),
-               (SELECT coalesce(sum(top_up_nano - deducted_nano), 0) FROM lines),
-               (SELECT coalesce(sum(carried_nano), 0) FROM lines),
-               (SELECT coalesce(sum(written_off_nano - written_back_nano), 0) FROM lines)
-               + (SELECT coalesce(sum(written_off_nano), 0) FROM balance_write_off_lines
-                  WHERE user_id = :user
-                    AND write_off_id <= (SELECT coalesce(max(id), 0) FROM balance_write_offs)),
-               (SELECT coalesce(sum(owed_nano), 0) FROM ledger_balances WHERE user_id = :user),
-               (SELECT nano FROM paid) - (SELECT coalesce(sum(paid_now_nano), 0) FROM lines l
-                  WHERE settlement_id = (SELECT max(settlement_id) FROM lines n
-                                         WHERE n.day = l.day AND n.property_id = l.property_id)),
-               (SELECT nano FROM withheld) - (SELECT coalesce(sum(amount_nano), 0) FROM holds),
-               (SELECT coalesce(sum(amount_nano), 0) FROM holds WHERE action = 'release'),
-               (SELECT coalesce(sum(amount_nano), 0) FROM holds WHERE action = 'write-off')""",
-    "carried_lines_of_owing": """
-        SELECT l.user_id, s.created_at_us, l.day, l.property_id, l.carried_nano
-        FROM settlement_lines l JOIN settlements s ON s.id = l.settlement_id
-        WHERE l.carried_nano > 0
-          AND l.user_id IN (SELECT user_id FROM ledger_balances WHERE owed_nano > 0)
-        ORDER BY l.user_id, l.settlement_id, l.day, l.property_id""",
-    "next_balance_write_off": "SELECT coalesce(max(id), 0) + 1 FROM balance_write_offs",
-    "insert_balance_write_off": """
-        INSERT INTO balance_write_offs (id, created_at_us, older_than_us, users, written_off_nano)
-        VALUES (?, ?, ?, ?, ?)""",
-    "insert_balance_write_off_line": """
-        INSERT INTO balance_write_off_lines (write_off_id, user_id, day, property_id,
-                                             written_off_nano)
-        VALUES (?, ?, ?, ?, ?)""",
-    "balance_write_off_lines_of": """
-        SELECT user_id, day, property_id, written_off_nano FROM balance_write_off_lines
-        WHERE write_off_id = ? ORDER BY user_id, day, property_id""",
-    "user_holds": """
-        SELECT id, user_id, action, at_us, reason, amount_nano FROM ledger_holds
-        WHERE user_id = ? ORDER BY id""",
-    "user_balance_write_offs": """
-        SELECT w.id, w.created_at_us, l.day, l.property_id, l.written_off_nano
-        FROM balance_write_off_lines l JOIN balance_write_offs w ON w.id = l.write_off_id
-        WHERE l.user_id = ? ORDER BY w.id, l.day, l.property_id""",
-    "user_hold_state": """
-        SELECT id, user_id, action, at_us, reason, amount_nano FROM ledger_holds
-        WHERE user_id = ? ORDER BY id DESC LIMIT 1""",
-    "user_withheld": """
-        SELECT (SELECT coalesce(sum(withheld_nano), 0) FROM payout_withheld WHERE user_id = :user)
-               - (SELECT coalesce(sum(amount_nano), 0) FROM ledger_holds WHERE user_id = :user)""",
-    "insert_hold": """
-        INSERT INTO ledger_holds (user_id, action, at_us, reason, amount_nano)
-        VALUES (?, ?, ?, ?, ?) RETURNING id, user_id, action, at_us, reason, amount_nano""",
-    # Per user a hold can apply to (not UNCREDITED_USERS) in a window: sessions,
-    # days with a session, revenue, duration summed over the sessions that
-    # have one, and their number.
-    "suspect_figures": f"""
-        SELECT user_id, count(*), count(DISTINCT received_at_us / 86400000000),
-               sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000),
-               coalesce(sum(duration_s), 0), count(duration_s)
-        FROM sessions INDEXED BY sessions_by_time
-        WHERE received_at_us >= ? AND received_at_us < ? AND user_id NOT IN {SQL_UNCREDITED}
-        GROUP BY user_id ORDER BY user_id""",
-    # --- Erasure ---
-    "user_unpaid_sessions": """
-        SELECT count(*) FROM sessions INDEXED BY sessions_by_user
-        WHERE user_id = ? AND id > (SELECT coalesce(max(last_session_id), 0) FROM payout_runs)""",
-    "erase_sessions": "UPDATE sessions SET user_id = ?, raw_body = '' WHERE user_id = ?",
-    # Conflicts over the erased user's sessions (found by the pseudonym just set).
-    "erase_session_conflicts": """
-        DELETE FROM conflicts WHERE session_id IN (
-            SELECT session_id FROM sessions INDEXED BY sessions_by_user WHERE user_id = ?)""",
-    "erase_hold_reasons": "UPDATE ledger_holds SET reason = replace(reason, ?, ?) WHERE user_id = ?",
-    "insert_erasure": "INSERT INTO erasures (erased_at_us, sessions, forced) VALUES (?, ?, ?)",
-    # For /metrics: the estimated revenue of the sessions after an id (the
-    # total grows by the new ones only), the ledger's last steps and its days.
-    # Split like SQL_SUMS: every session ever stored is in the first sum.
-    "revenue_after": """
-        SELECT max(id), coalesce(sum(revenue_nano / 1000000000), 0),
-               coalesce(sum(revenue_nano % 1000000000), 0) FROM sessions WHERE id > ?""",
-    # The first sum: the narrow covering index, not the rows with their raw bodies.
-    "revenue_all": """
-        SELECT max(id), coalesce(sum(revenue_nano / 1000000000), 0),
-               coalesce(sum(revenue_nano % 1000000000), 0) FROM sessions""",
-    "last_session_id": "SELECT coalesce(max(id), 0) FROM sessions",
-    "last_run_times": "SELECT created_at_us, until_us FROM payout_runs ORDER BY id DESC LIMIT 1",
-    "last_settlement_times": """
-        SELECT s.created_at_us, s.report_utc_offset,
-               (SELECT max(day) FROM settlement_days WHERE settlement_id = s.id)
-        FROM settlements s ORDER BY s.id DESC LIMIT 1""",
-    "run_offsets": "SELECT id, report_utc_offset FROM payout_runs ORDER BY id",
-    "next_paid_day": "SELECT min(day) FROM payout_parts WHERE run_id = ? AND day > ?",
-    "settled_days": "SELECT DISTINCT day FROM settlement_days",
-    "stats": """
-        SELECT (SELECT count(*) FROM sessions), (SELECT max(received_at_us) FROM sessions),
-               (SELECT count(*) FROM rejected), (SELECT count(*) FROM conflicts)""",
-    # Newest first; the web view pages them by receive time (:before).
-    "newest_rejected": """
-        SELECT id, received_at_us, field, reason, raw_body
-        FROM rejected WHERE received_at_us < :before ORDER BY id DESC LIMIT :limit""",
-    "newest_conflicts": """
-        SELECT id, session_id, received_at_us, stored_body, new_body
-        FROM conflicts WHERE received_at_us < :before ORDER BY id DESC LIMIT :limit""",
-    # --- The web view (see "Web view" below) ---
-    # Where the view's rollup stands: the newest id, and the session at the
-    # id it has read up to (a restored backup puts another one there).
-    "rollup_mark": """
-        SELECT (SELECT max(id) FROM sessions), (SELECT session_id FROM sessions WHERE id = ?)""",
-    "session_id_at": "SELECT session_id FROM sessions WHERE id = ?",
-    # The sessions added since the rollup's last read, by the primary key.
-    "rollup_rows": """
-        SELECT (received_at_us + :offset_us) / 86400000000, property_id, country, count(*),
-               coalesce(sum(ads_viewed), 0), coalesce(sum(duration_s), 0),
-               sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
-        FROM sessions WHERE id > :after AND id <= :last GROUP BY 1, 2, 3""",
-    # The ranking only (total() is a float: it orders, it never shows): the
-    # figures on the page come from user_earnings, as the API's do.
-    "users_by_revenue": """
-        SELECT user_id FROM (
-            SELECT user_id, total(revenue_nano) AS revenue
-            FROM sessions INDEXED BY sessions_by_user
-            WHERE received_at_us >= :since AND received_at_us < :until GROUP BY user_id)
-        ORDER BY revenue DESC, user_id""",
-    "first_user_from": """
-        SELECT user_id FROM sessions INDEXED BY sessions_by_user
-        WHERE user_id >= ? ORDER BY user_id LIMIT 1""",
-    "next_user_after": """
-        SELECT user_id FROM sessions INDEXED BY sessions_by_user
-        WHERE user_id > ? ORDER BY user_id LIMIT 1""",
-    "newest_sessions": """
-        SELECT received_at_us, session_id, user_id, raw_body FROM sessions INDEXED BY sessions_by_time
-        WHERE received_at_us < :before ORDER BY received_at_us DESC LIMIT :limit""",
+STORAGE_SQL = {
     "schema_version": "PRAGMA user_version",  # also a cheap read for health
-    "last_received": "SELECT max(received_at_us) FROM sessions",
-    "health_probe": "INSERT OR REPLACE INTO health_probe (id, probed_at_us) VALUES (1, ?)",
 }
-TOTALS_GROUPS = {
-    "day": "strftime('%Y-%m-%d', received_at_us / 1000000, 'unixepoch')",
-    "property-id": "property_id",
-    "country": "country",
-}
-
-
-def totals_sql(groups):
-    keys = [TOTALS_GROUPS[group] for group in groups]
-    return SQL["totals"].format(
-        keys="".join(f"{key}, " for key in keys),
-        sums=SQL_SUMS,
-        window=f"{SQL_WINDOW} AND {SQL_REPORTED}",
-        group_by=f"GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}" if keys else "",
-    )
 
 
 def ensure_private_file(path):
@@ -1020,7 +719,7 @@ def database_version(conn, path):
     it changes anything."""
     latest = latest_schema_version()
     try:
-        version = conn.execute(SQL["schema_version"]).fetchone()[0]
+        version = conn.execute(STORAGE_SQL["schema_version"]).fetchone()[0]
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
     except sqlite3.DatabaseError as exc:
         raise not_sqlite_or(exc, path) from None
@@ -1119,6 +818,10 @@ def rollback_quietly(conn):
 # ---------------------------------------------------------------------------
 # The writer: group commit, in a thread or in a process of its own
 # ---------------------------------------------------------------------------
+
+WRITER_SQL = {
+    "health_probe": "INSERT OR REPLACE INTO health_probe (id, probed_at_us) VALUES (1, ?)",
+}
 
 # A write result younger than this stands for the database's health; past it,
 # /healthz and the watchdog write a probe row instead.
@@ -1232,7 +935,7 @@ class Writer:
 
 @write_op
 def write_health_probe(conn, received_at_us):
-    conn.execute(SQL["health_probe"], (received_at_us,))
+    conn.execute(WRITER_SQL["health_probe"], (received_at_us,))
 
 
 class _Pending:
@@ -1674,6 +1377,78 @@ def answer(batch, outcomes):
 # The store: reads, write ops, earnings and totals
 # ---------------------------------------------------------------------------
 
+# What every earnings and totals query sums.  Revenue is summed as whole USD
+# and nano remainder so that SUM cannot overflow 64 bits however many
+# sessions there are; Python joins the two exactly.
+SQL_SUMS = """count(*), coalesce(sum(ads_viewed), 0), coalesce(sum(duration_s), 0),
+    coalesce(sum(revenue_nano / 1000000000), 0), coalesce(sum(revenue_nano % 1000000000), 0),
+    min(received_at_us), max(received_at_us)"""
+SQL_WINDOW = """received_at_us >= :since AND received_at_us < :until
+    AND (:property IS NULL OR property_id = :property)"""
+# The user id docs/deploy.md's check posts: its session is kept (a 200 is a
+# promise) but no report or payout counts it.  /users/deploy-check/earnings
+# still shows it, which is how the check is read.
+DEPLOY_CHECK_USER = "deploy-check"
+SQL_REPORTED = f"user_id <> '{DEPLOY_CHECK_USER}'"
+# Users the ledger cannot credit: sessions without a sub ('') and the deploy
+# check's.  Runs pay them nothing and print no line for them; settlement
+# gives their share of a booked figure to the publisher's margin.
+UNCREDITED_USERS = ("", DEPLOY_CHECK_USER)
+SQL_UNCREDITED = "(" + ", ".join(f"'{user}'" for user in UNCREDITED_USERS) + ")"
+
+
+STORE_SQL = {
+    "insert_session": """
+        INSERT OR IGNORE INTO sessions
+            (session_id, user_id, property_id, country, ads_viewed, duration_s,
+             revenue_nano, received_at_us, raw_body)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+    "stored_session": """
+        SELECT user_id, property_id, country, ads_viewed, duration_s, revenue_nano, raw_body
+        FROM sessions WHERE session_id = ?""",
+    "insert_conflict": """
+        INSERT INTO conflicts (session_id, received_at_us, stored_body, new_body)
+        VALUES (?, ?, ?, ?)""",
+    "insert_rejected": """
+        INSERT INTO rejected (received_at_us, field, reason, raw_body) VALUES (?, ?, ?, ?)""",
+    "user_earnings": f"""
+        SELECT {SQL_SUMS} FROM sessions
+        WHERE user_id = :user AND {SQL_WINDOW}""",
+    "earnings_by_user": f"""
+        SELECT user_id, {SQL_SUMS} FROM sessions INDEXED BY sessions_by_time
+        WHERE {SQL_WINDOW} AND {SQL_REPORTED}
+        GROUP BY user_id ORDER BY user_id""",
+    # A template for totals_sql(); {keys} is a choice of TOTALS_GROUPS, never
+    # text from a request.
+    "totals": """
+        SELECT {keys}{sums} FROM sessions INDEXED BY sessions_by_time
+        WHERE {window} {group_by}""",
+    # Keyset pagination, newest first: stable while sessions arrive.
+    "user_sessions": """
+        SELECT session_id, country, ads_viewed, revenue_nano, duration_s, property_id,
+               received_at_us, id
+        FROM sessions
+        WHERE user_id = :user AND (received_at_us, id) < (:before_at, :before_id)
+        ORDER BY received_at_us DESC, id DESC LIMIT :limit""",
+}
+
+TOTALS_GROUPS = {
+    "day": "strftime('%Y-%m-%d', received_at_us / 1000000, 'unixepoch')",
+    "property-id": "property_id",
+    "country": "country",
+}
+
+
+def totals_sql(groups):
+    keys = [TOTALS_GROUPS[group] for group in groups]
+    return STORE_SQL["totals"].format(
+        keys="".join(f"{key}, " for key in keys),
+        sums=SQL_SUMS,
+        window=f"{SQL_WINDOW} AND {SQL_REPORTED}",
+        group_by=f"GROUP BY {', '.join(keys)} ORDER BY {', '.join(keys)}" if keys else "",
+    )
+
+
 class Reads:
     """Read queries, on the connection self._reader() gives."""
 
@@ -1799,7 +1574,7 @@ class Store(Reads):
         """None when the database answers a read and commits a write now (see
         Writer.write_problem), whatever happened to earlier postbacks."""
         try:
-            self.read(SQL["schema_version"])
+            self.read(STORAGE_SQL["schema_version"])
         except StoreUnavailable as exc:
             return str(exc)
         return self.writer.write_problem()
@@ -1918,14 +1693,14 @@ def record_session(session, raw_body):
 
 @write_op
 def insert_session(columns, raw_body, conn, received_at_us):
-    inserted = conn.execute(SQL["insert_session"], (*columns, received_at_us, raw_body)).rowcount
+    inserted = conn.execute(STORE_SQL["insert_session"], (*columns, received_at_us, raw_body)).rowcount
     if inserted:
         return "recorded"
     session_id = columns[0]
-    *stored_columns, stored_body = conn.execute(SQL["stored_session"], (session_id,)).fetchone()
+    *stored_columns, stored_body = conn.execute(STORE_SQL["stored_session"], (session_id,)).fetchone()
     if tuple(stored_columns) == tuple(columns[1:]):  # a list when it came as JSON
         return "duplicate"
-    conn.execute(SQL["insert_conflict"], (session_id, received_at_us, stored_body, raw_body))
+    conn.execute(STORE_SQL["insert_conflict"], (session_id, received_at_us, stored_body, raw_body))
     return "conflict"
 
 
@@ -1935,7 +1710,11 @@ def record_rejected(field, reason, raw_body):
 
 @write_op
 def insert_rejected(field, reason, raw_body, conn, received_at_us):
-    conn.execute(SQL["insert_rejected"], (received_at_us, field, reason, raw_body))
+    conn.execute(STORE_SQL["insert_rejected"], (received_at_us, field, reason, raw_body))
+
+
+def insert_rows(sql, rows, conn, _):
+    conn.executemany(sql, rows)
 
 
 SUM_FIELDS = ["sessions", "ads-viewed", "session-duration", "estimated-revenue"]
@@ -1975,7 +1754,7 @@ def window_texts(window):
 
 
 def user_earnings(store, user_id, window=Window(), property_id=None, share=None):
-    [sums] = store.read(SQL["user_earnings"], {"user": user_id, **window.params(property_id)})
+    [sums] = store.read(STORE_SQL["user_earnings"], {"user": user_id, **window.params(property_id)})
     return earnings_record(user_id, sums, window_texts(window), share)
 
 
@@ -1989,7 +1768,7 @@ def earnings_export(rows, window, share, fmt):
 def export_earnings(store, window, property_id, share, fmt):
     """The payout export: one record per user with sessions in the window,
     ordered by user-id, streamed.  Shared by GET /earnings and `export`."""
-    rows = store.stream(SQL["earnings_by_user"], window.params(property_id))
+    rows = store.stream(STORE_SQL["earnings_by_user"], window.params(property_id))
     return earnings_export(rows, window, share, fmt)
 
 
@@ -2004,7 +1783,7 @@ def user_sessions(store, user_id, limit, before):
     """One page of a user's sessions, newest first, and the cursor of the next page."""
     before_at, before_id = before or (2**63 - 1, 2**63 - 1)
     rows = store.read(
-        SQL["user_sessions"],
+        STORE_SQL["user_sessions"],
         {"user": user_id, "before_at": before_at, "before_id": before_id, "limit": limit + 1},
     )
     sessions = [session_record(row) for row in rows[:limit]]
@@ -2013,66 +1792,116 @@ def user_sessions(store, user_id, limit, before):
 
 
 # ---------------------------------------------------------------------------
-# Retention: clearing old raw bodies, deleting old refusals
+# Output formats
 # ---------------------------------------------------------------------------
 
-PRUNE_BATCH_ROWS = 1000  # rows per transaction: a postback waits behind one batch at most
-# What `prune` can clear -> the SQL names of: the table's first and last ids,
-# its first id received on or after a time, the rows and bytes received
-# before a time in an id range, and clearing or deleting those.
-PRUNABLE = {
-    "raw bodies": ("session_ids", "first_session_id_from", "prunable_bodies", "clear_bodies"),
-    "rejected": ("rejected_ids", "first_rejected_id_from", "prunable_rejected", "delete_rejected"),
-    "conflicts": ("conflicts_ids", "first_conflicts_id_from", "prunable_conflicts",
-                  "delete_conflicts"),
+EXPORT_FORMATS = {"ndjson": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
+
+
+NDJSON_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps's output, without its set-up per call
+
+
+ENCODE_BATCH_RECORDS = 256  # records encoded per piece: a ledger step prints a million
+
+
+def encode_records(records, columns, fmt):
+    """Records -> pieces of bytes, whole lines each: NDJSON, or CSV with a
+    header row (RFC 4180: CRLF, and quotes around any field with a comma,
+    quote or line break)."""
+    records = iter(records)
+    if fmt == "ndjson":
+        encode = NDJSON_ENCODER.encode
+        while batch := list(itertools.islice(records, ENCODE_BATCH_RECORDS)):
+            yield "".join([encode(record) + "\n" for record in batch]).encode("utf-8")
+        return
+    yield from encode_csv((["" if (value := record[c]) is None else value for c in columns]
+                           for record in records), columns)
+
+
+def encode_csv(rows, columns):
+    """Rows of values in the order of `columns` -> pieces of CSV bytes, the
+    header row first (see encode_records)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    rows = itertools.chain([columns], rows)
+    while batch := list(itertools.islice(rows, ENCODE_BATCH_RECORDS)):
+        writer.writerows(batch)
+        yield buffer.getvalue().encode("utf-8")
+        buffer.seek(0)
+        buffer.truncate()
+
+
+def encode_values(rows, columns, fmt):
+    """Like encode_records, from rows of values in the order of `columns`
+    (never None): no dict per row for CSV, the ledger's million lines."""
+    if fmt == "ndjson":
+        return encode_records((dict(zip(columns, row)) for row in rows), columns, fmt)
+    return encode_csv(rows, columns)
+
+
+def in_chunks(lines, size=64 * 1024):
+    """Join small pieces into writes of about `size` bytes."""
+    chunk = []
+    length = 0
+    for line in lines:
+        chunk.append(line)
+        length += len(line)
+        if length >= size:
+            yield b"".join(chunk)
+            chunk, length = [], 0
+    if chunk:
+        yield b"".join(chunk)
+
+
+def plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+# ---------------------------------------------------------------------------
+# Reads for the API: sessions, the change feed, stats, metrics, export
+# ---------------------------------------------------------------------------
+
+FEED_SQL = {
+    # The change feed: every session in commit order.  Rows are only ever
+    # added, one write transaction at a time, each taking the next id, so id
+    # order is commit order and a reader never sees a later id before an
+    # earlier one.  A new id is max(id) + 1: nothing deletes a session (prune
+    # clears bodies only), so none is reused, but after a restore from a
+    # backup new sessions take ids that consumers have passed: feed cursors
+    # carry a fingerprint of their session (see feed_position).
+    "session_feed": """
+        SELECT session_id, country, ads_viewed, revenue_nano, duration_s, property_id,
+               received_at_us, id, user_id
+        FROM sessions WHERE id > :after ORDER BY id LIMIT :limit""",
+    "feed_cursor_row": """
+        SELECT (SELECT session_id FROM sessions WHERE id = :id),
+               (SELECT coalesce(max(id), 0) FROM sessions)""",
+    # For /metrics: the estimated revenue of the sessions after an id (the
+    # total grows by the new ones only), the ledger's last steps and its days.
+    # Split like SQL_SUMS: every session ever stored is in the first sum.
+    "revenue_after": """
+        SELECT max(id), coalesce(sum(revenue_nano / 1000000000), 0),
+               coalesce(sum(revenue_nano % 1000000000), 0) FROM sessions WHERE id > ?""",
+    # The first sum: the narrow covering index, not the rows with their raw bodies.
+    "revenue_all": """
+        SELECT max(id), coalesce(sum(revenue_nano / 1000000000), 0),
+               coalesce(sum(revenue_nano % 1000000000), 0) FROM sessions""",
+    "last_session_id": "SELECT coalesce(max(id), 0) FROM sessions",
+    "stats": """
+        SELECT (SELECT count(*) FROM sessions), (SELECT max(received_at_us) FROM sessions),
+               (SELECT count(*) FROM rejected), (SELECT count(*) FROM conflicts)""",
+    # Newest first; the web view pages them by receive time (:before).
+    "newest_rejected": """
+        SELECT id, received_at_us, field, reason, raw_body
+        FROM rejected WHERE received_at_us < :before ORDER BY id DESC LIMIT :limit""",
+    "newest_conflicts": """
+        SELECT id, session_id, received_at_us, stored_body, new_body
+        FROM conflicts WHERE received_at_us < :before ORDER BY id DESC LIMIT :limit""",
 }
 
 
-def prune_range(store, what, before_us):
-    """The ids [first, end) of `what` received before `before_us`: ids grow
-    with receive times, so the range ends at the first id received later."""
-    ids_sql, from_sql, *_ = PRUNABLE[what]
-    [(first, last)] = store.read(SQL[ids_sql])
-    later = store.read(SQL[from_sql], (before_us,))
-    end = later[0][0] if later and later[0][0] is not None else last + 1
-    return first, max(first, end)
-
-
-def count_prunable(store, what, before_us):
-    """(rows, bytes) that prune would clear or delete, changing nothing."""
-    first, end = prune_range(store, what, before_us)
-    [(rows, size)] = store.read(SQL[PRUNABLE[what][2]], (first, end, before_us))
-    return rows, size
-
-
-def prune(store, what, before_us):
-    """Clear or delete what was received before `before_us`, one short
-    transaction per PRUNE_BATCH_ROWS ids, through the server's write path (so
-    it is safe while the server runs).  Returns (rows, bytes)."""
-    first, end = prune_range(store, what, before_us)
-    total_rows = total_bytes = 0
-    for lo in range(first, end, PRUNE_BATCH_ROWS):
-        hi = min(lo + PRUNE_BATCH_ROWS, end)
-        rows, size = store.write(functools.partial(prune_batch, what, lo, hi, before_us))
-        total_rows, total_bytes = total_rows + rows, total_bytes + size
-    return total_rows, total_bytes
-
-
-@write_op
-def prune_batch(what, lo, hi, before_us, conn, received_at_us):
-    """One transaction of prune: ids [lo, hi) received before `before_us`."""
-    count_sql, change_sql = (SQL[name] for name in PRUNABLE[what][2:])
-    [(rows, size)] = conn.execute(count_sql, (lo, hi, before_us)).fetchall()
-    conn.execute(change_sql, (lo, hi, before_us))
-    return rows, size
-
-
-# ---------------------------------------------------------------------------
-# Reads for the API: sessions, the change feed, stats and metrics
-# ---------------------------------------------------------------------------
-
 def session_record(row):
-    """A session row (the columns of SQL['user_sessions']) -> its JSON fields."""
+    """A session row (the columns of STORE_SQL['user_sessions']) -> its JSON fields."""
     session_id, country, ads, nanos, duration, property_id, received, *_ = row
     return {
         "session-id": session_id,
@@ -2090,7 +1919,7 @@ FEED_COLUMNS = ["cursor", "user-id", "session-id", "country", "count-of-ads-view
 
 
 def feed_record(row):
-    """A SQL['session_feed'] row -> its record, cursor first."""
+    """A FEED_SQL['session_feed'] row -> its record, cursor first."""
     return {"cursor": feed_cursor(row[7], row[0]), "user-id": row[8], **session_record(row)}
 
 
@@ -2136,7 +1965,7 @@ def feed_position(store, text):
     the newest session, or names a session this database does not hold at
     that position: either way, continuing would skip sessions silently."""
     row_id, fingerprint = decode_feed_cursor(text)
-    [(session_id, newest)] = store.read(SQL["feed_cursor_row"], {"id": row_id})
+    [(session_id, newest)] = store.read(FEED_SQL["feed_cursor_row"], {"id": row_id})
     if row_id > newest:
         raise CursorGone(f"is beyond the newest session ({newest}): {RESUME_HINT}")
     if fingerprint is not None and (
@@ -2151,7 +1980,7 @@ def session_feed_page(store, cursor, limit):
     the cursor to pass next (the one sent when there is nothing new yet)."""
     after, here = feed_position(store, cursor)
     records = [feed_record(row) for row in store.read(
-        SQL["session_feed"], {"after": after, "limit": limit})]
+        FEED_SQL["session_feed"], {"after": after, "limit": limit})]
     return records, records[-1]["cursor"] if records else here
 
 
@@ -2159,7 +1988,7 @@ def session_feed_stream(store, cursor):
     """Every session committed after the cursor, as NDJSON chunks, in constant
     memory (one read snapshot: sessions committed meanwhile come next time)."""
     after, _ = feed_position(store, cursor)
-    rows = store.stream(SQL["session_feed"], {"after": after, "limit": -1})
+    rows = store.stream(FEED_SQL["session_feed"], {"after": after, "limit": -1})
     return in_chunks(encode_records((feed_record(row) for row in rows), FEED_COLUMNS, "ndjson"))
 
 
@@ -2193,7 +2022,7 @@ def age_s(us):
 
 
 def stats(store, counters):
-    sessions, last, rejected, conflicts = store.read(SQL["stats"])[0]
+    sessions, last, rejected, conflicts = store.read(FEED_SQL["stats"])[0]
     return {
         "sessions": sessions,
         "rejected": rejected,
@@ -2225,10 +2054,10 @@ class RevenueTotal:
 
     def nanos(self, store):
         with self._lock:
-            if store.read(SQL["last_session_id"])[0][0] < self._last_id:
+            if store.read(FEED_SQL["last_session_id"])[0][0] < self._last_id:
                 self._last_id, self._nanos = 0, 0
-            [(last_id, whole, nanos)] = (store.read(SQL["revenue_after"], (self._last_id,))
-                                         if self._last_id else store.read(SQL["revenue_all"]))
+            [(last_id, whole, nanos)] = (store.read(FEED_SQL["revenue_after"], (self._last_id,))
+                                         if self._last_id else store.read(FEED_SQL["revenue_all"]))
             if last_id is not None:
                 self._last_id, self._nanos = last_id, self._nanos + whole * NANOS_PER_USD + nanos
             return self._nanos
@@ -2312,7 +2141,7 @@ def newest_rejected(store, limit, before=2**63 - 1):
             "raw-body": bytes(raw).decode("utf-8", "backslashreplace"),
         }
         for row_id, received, field, reason, raw in store.read(
-            SQL["newest_rejected"], {"limit": limit, "before": before})
+            FEED_SQL["newest_rejected"], {"limit": limit, "before": before})
     ]
 
 
@@ -2326,7 +2155,7 @@ def newest_conflicts(store, limit, before=2**63 - 1):
             "new-body": new,
         }
         for row_id, session_id, received, stored, new in store.read(
-            SQL["newest_conflicts"], {"limit": limit, "before": before}
+            FEED_SQL["newest_conflicts"], {"limit": limit, "before": before}
         )
     ]
 
@@ -2380,329 +2209,86 @@ class PostbackCounters:
             return dict(self._counts)
 
 
-# ---------------------------------------------------------------------------
-# Output formats
-# ---------------------------------------------------------------------------
-
-EXPORT_FORMATS = {"ndjson": "application/x-ndjson", "csv": "text/csv; charset=utf-8"}
-
-
-NDJSON_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps's output, without its set-up per call
-
-
-ENCODE_BATCH_RECORDS = 256  # records encoded per piece: a ledger step prints a million
-
-
-def encode_records(records, columns, fmt):
-    """Records -> pieces of bytes, whole lines each: NDJSON, or CSV with a
-    header row (RFC 4180: CRLF, and quotes around any field with a comma,
-    quote or line break)."""
-    records = iter(records)
-    if fmt == "ndjson":
-        encode = NDJSON_ENCODER.encode
-        while batch := list(itertools.islice(records, ENCODE_BATCH_RECORDS)):
-            yield "".join([encode(record) + "\n" for record in batch]).encode("utf-8")
-        return
-    yield from encode_csv((["" if (value := record[c]) is None else value for c in columns]
-                           for record in records), columns)
+def build_export_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py export",
+        description="Write the payout export (what GET /earnings answers) to stdout, "
+        "reading the database directly; safe while the server runs. Exit status 1, "
+        "with one line on stderr, when the database cannot be read to the end.",
+    )
+    add_shared_options(parser, environ, DB_HELP_REPORT)
+    parser.add_argument("--since", required=True,
+                        help=f"start of the window on receive times, included: {TIME_FORMS_HELP}")
+    parser.add_argument("--until", required=True, help="end of the window, excluded; same forms")
+    parser.add_argument("--property-id", help="only sessions of this property")
+    parser.add_argument("--format", choices=list(EXPORT_FORMATS), default="ndjson",
+                        help="ndjson (one JSON object per line) or csv (with a header row) "
+                        "[default %(default)s]")
+    return parser
 
 
-def encode_csv(rows, columns):
-    """Rows of values in the order of `columns` -> pieces of CSV bytes, the
-    header row first (see encode_records)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
-    rows = itertools.chain([columns], rows)
-    while batch := list(itertools.islice(rows, ENCODE_BATCH_RECORDS)):
-        writer.writerows(batch)
-        yield buffer.getvalue().encode("utf-8")
-        buffer.seek(0)
-        buffer.truncate()
-
-
-def encode_values(rows, columns, fmt):
-    """Like encode_records, from rows of values in the order of `columns`
-    (never None): no dict per row for CSV, the ledger's million lines."""
-    if fmt == "ndjson":
-        return encode_records((dict(zip(columns, row)) for row in rows), columns, fmt)
-    return encode_csv(rows, columns)
-
-
-def in_chunks(lines, size=64 * 1024):
-    """Join small pieces into writes of about `size` bytes."""
-    chunk = []
-    length = 0
-    for line in lines:
-        chunk.append(line)
-        length += len(line)
-        if length >= size:
-            yield b"".join(chunk)
-            chunk, length = [], 0
-    if chunk:
-        yield b"".join(chunk)
-
-
-# ---------------------------------------------------------------------------
-# Validation of a postback body
-# ---------------------------------------------------------------------------
-
-MAX_SESSION_ID_CHARS = 128
-MAX_USER_ID_CHARS = 256
-MAX_PROPERTY_ID_CHARS = 128
-MAX_COUNT = 2**31 - 1  # ads viewed, seconds: anything larger is not a real session
-DECIMAL_STRING = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
-DIGITS = re.compile(r"[0-9]{1,10}")
-COUNTRY = re.compile(r"[A-Za-z]{2}")
-
-
-@dataclass(frozen=True)
-class Session:
-    session_id: str
-    user_id: str
-    property_id: str | None
-    country: str | None
-    ads_viewed: int | None
-    duration_s: int | None
-    revenue_nano: int
-
-    def columns(self):
-        """In the order of SQL['insert_session'] (and SQL['stored_session'] after session_id)."""
-        return (
-            self.session_id,
-            self.user_id,
-            self.property_id,
-            self.country,
-            self.ads_viewed,
-            self.duration_s,
-            self.revenue_nano,
-        )
-
-
-class NotANumber(ValueError):
-    """NaN or Infinity, which JSON does not have."""
-
-
-def _reject_constant(name):
-    raise NotANumber(f"{name} is not a number")
-
-
-class RepeatedKeys(dict):
-    """A JSON object that gives a key more than once (json would keep the
-    last value): refused where read, since which value was meant is ambiguous.
-    `repeated` is the first key given twice."""
-
-    repeated = None
-
-
-def json_object(pairs):
-    """object_pairs_hook: a dict, or RepeatedKeys for an object that repeats a key."""
-    obj = dict(pairs)
-    if len(obj) == len(pairs):
-        return obj
-    obj, seen = RepeatedKeys(obj), set()
-    obj.repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
-    return obj
-
-
-def repeated_key(value):
-    """The first object in the parsed JSON `value`, in document order, that
-    gives a key twice -> (its path, the key); None if none does.  Nested
-    objects count too: their values are as ambiguous.  A loop, not
-    recursion: it goes as deep as json nests."""
-    if type(value) is dict and not any(isinstance(v, (dict, list)) for v in value.values()):
-        return None  # a flat object (every postback): nothing nested to look into
-    stack = [((), value)]
-    while stack:
-        path, item = stack.pop()
-        if isinstance(item, RepeatedKeys):
-            return path, item.repeated
-        children = item.items() if isinstance(item, dict) else (
-            enumerate(item) if isinstance(item, list) else ())
-        stack.extend(reversed([((*path, key), child) for key, child in children]))
-    return None
-
-
-def json_path_text(path):
-    """('data', 'ad_revenue', 0) -> 'data.ad_revenue[0]'; () -> 'the top object'."""
-    text = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path)
-    return text.removeprefix(".") or "the top object"
-
-
-def parse_json(text):
-    """JSON text -> value: numbers with a fraction or exponent as exact
-    Decimals (never a float), objects through json_object.  ValueError with
-    a message for people (never an exception's repr, such as decimal's
-    [<class 'decimal.InvalidOperation'>] or int's advice about sys)."""
+def run_export(argv, environ, out):
+    parser = build_export_parser(environ)
+    args = parse_arguments(parser, argv)
     try:
-        return json.loads(text, parse_float=decimal.Decimal, parse_int=json_int,
-                          parse_constant=_reject_constant, object_pairs_hook=json_object)
-    except (json.JSONDecodeError, NotANumber) as exc:
-        raise ValueError(str(exc)) from None
-    except decimal.InvalidOperation:  # 1e99999999999999999999: beyond what decimal holds
-        raise ValueError("a number's exponent is too large") from None
-    except RecursionError:
-        raise ValueError("it is nested too deeply") from None
-
-
-def json_int(text):
-    """A JSON whole number: an int, or past the digits int() takes (its
-    advice is about sys), an exact Decimal, which the field's own check
-    then refuses by name ("must be at most 10 USD")."""
-    return int(text) if len(text) <= 4000 else decimal.Decimal(text)
-
-
-def parse_json_object(body):
-    """bytes -> dict (see parse_json); a key given twice is refused, naming it."""
-    try:
-        payload = parse_json(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise Invalid(None, "the body is not valid UTF-8") from None
-    except ValueError as exc:
-        raise Invalid(None, f"the body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise Invalid(None, "the body must be a JSON object")
-    repeated = repeated_key(payload)
-    if repeated:
-        path, key = repeated
-        if not path:
-            raise Invalid(key, "is given more than once: which value is meant is ambiguous")
-        raise Invalid(path[0], f"holds the key {shown(key)} more than once (at "
-                      f"{json_path_text(path)}): which value is meant is ambiguous")
-    return payload
-
-
-def check_encodable(field, value):
-    """JSON text may escape a lone surrogate, which no UTF-8 text can hold."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise Invalid(field, "must be valid Unicode text (no lone surrogates)") from None
-    return value
-
-
-def check_text(payload, field, max_chars, allow_empty):
-    if field not in payload:
-        raise Invalid(field, "is required")
-    value = payload[field]
-    if not isinstance(value, str):
-        raise Invalid(field, "must be a string")
-    check_encodable(field, value)
-    if not value and not allow_empty:
-        raise Invalid(field, "must not be empty")
-    return check_length(field, value, max_chars)
-
-
-def parse_decimal_string(text):
-    """'0.000012' or '1.2e-05' -> Decimal; None for anything else, such as
-    '0x10', '1_000', '+1', ' 1' (which Decimal() itself would take) or an
-    exponent too large for decimal."""
-    if not DECIMAL_STRING.fullmatch(text):
-        return None
-    try:
-        return decimal.Decimal(text)
-    except decimal.InvalidOperation:
-        return None
-
-
-def check_revenue(payload, field="your-estimated-revenue", at_most=MAX_ESTIMATE):
-    """The field's exact amount in USD -> int nano-USD, from 0 to `at_most`
-    (a postback's estimate) or, with at_most=None, below MAX_REVENUE (a
-    booked report row)."""
-    if field not in payload or payload[field] is None:
-        raise Invalid(field, "is required")
-    value = payload[field]
-    if isinstance(value, str):
-        value = parse_decimal_string(value)
-        if value is None:
-            raise Invalid(field, "must be a decimal number such as \"0.000012\"")
-    elif isinstance(value, bool) or not isinstance(value, (int, decimal.Decimal)):
-        raise Invalid(field, "must be a decimal string or a number")
-    else:
-        value = decimal.Decimal(value)
-    if not value.is_finite():
-        raise Invalid(field, "must be finite")
-    if value < 0:
-        raise Invalid(field, "must not be negative")
-    if at_most is not None and value > at_most:
-        raise Invalid(field, f"must be at most {at_most} USD: no session earns that much "
-                      "(SPP estimates are fractions of a cent)")
-    if value >= MAX_REVENUE:
-        raise Invalid(field, "must be below 1000000 USD")
-    nanos = usd_to_nanos(value)
-    if nanos >= MAX_REVENUE * NANOS_PER_USD:  # 999999.9999999999 rounds up to the limit
-        raise Invalid(field, "must be below 1000000 USD")
-    return nanos
-
-
-def check_count(payload, field):
-    value = payload.get(field)
-    if value is None:
-        return None
-    if isinstance(value, str) and DIGITS.fullmatch(value):
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
-        raise Invalid(field, f"must be a whole number from 0 to {MAX_COUNT}")
-    return value
-
-
-def check_country(payload, field="country"):
-    value = payload.get(field)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not COUNTRY.fullmatch(value):
-        raise Invalid(field, "must be a two-letter ISO 3166-1 alpha-2 code")
-    return value.upper()
-
-
-def check_property_id(payload, field="property-id"):
-    value = payload.get(field)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise Invalid(field, "must be a string or an integer")
-    return check_length(field, check_encodable(field, str(value)), MAX_PROPERTY_ID_CHARS)
-
-
-def check_length(field, value, max_chars):
-    if len(value) > max_chars:
-        raise Invalid(field, f"must be at most {max_chars} characters")
-    return value
-
-
-def parse_postback(body):
-    """Raw body bytes -> Session, or Invalid naming the first bad field (and
-    carrying the ids that were valid, for the log)."""
-    payload = parse_json_object(body)
-    try:
-        return Session(
-            session_id=check_text(payload, "session-id", MAX_SESSION_ID_CHARS, allow_empty=False),
-            user_id=check_text(payload, "user-id", MAX_USER_ID_CHARS, allow_empty=True),
-            property_id=check_property_id(payload),
-            country=check_country(payload),
-            ads_viewed=check_count(payload, "count-of-ads-viewed"),
-            duration_s=check_count(payload, "session-duration"),
-            revenue_nano=check_revenue(payload),
-        )
+        window = parse_window(args.since, args.until, required=True)
     except Invalid as invalid:
-        invalid.session_id = valid_text_or_none(
-            payload, "session-id", MAX_SESSION_ID_CHARS, allow_empty=False)
-        invalid.user_id = valid_text_or_none(payload, "user-id", MAX_USER_ID_CHARS, allow_empty=True)
-        raise
-
-
-def valid_text_or_none(payload, field, max_chars, allow_empty):
-    try:
-        return check_text(payload, field, max_chars, allow_empty)
-    except Invalid:
-        return None
+        parser.error(f"--{invalid.field}: {invalid.message}")
+    return print_report(
+        parser.prog, args.db, out,
+        lambda store: export_earnings(store, window, args.property_id, args.reward_share,
+                                      args.format),
+    )
 
 
 # ---------------------------------------------------------------------------
-# Booked revenue: importing Gamezop's Ad Revenue Reports
+# Booked revenue: importing Gamezop's Ad Revenue Reports (import-booked)
 # ---------------------------------------------------------------------------
+
+BOOKED_SQL = {
+    # What an import covers: a whole day, or a day's rows of one property.
+    "properties_between": f"""
+        SELECT coalesce(property_id, ''), count(*) FROM sessions INDEXED BY sessions_by_time
+        WHERE received_at_us >= ? AND received_at_us < ? AND {SQL_REPORTED} GROUP BY 1""",
+    "booked_of_day": """
+        SELECT property_id, country, revenue_nano, imported_at_us, source_file
+        FROM booked_revenue WHERE day = ?""",
+    "booked_of_day_and_property": """
+        SELECT property_id, country, revenue_nano, imported_at_us, source_file
+        FROM booked_revenue WHERE day = ? AND property_id = ?""",
+    # An import in steps (see import_booked): staged, switched, superseded cleared.
+    "last_import": "SELECT coalesce(max(import_id), 0) FROM booked_current",
+    "import_leftovers": """
+        SELECT EXISTS (SELECT 1 FROM booked_rows WHERE import_id > ?)
+            OR EXISTS (SELECT 1 FROM booked_superseded)""",
+    "unfinished_import": """
+        DELETE FROM booked_rows WHERE import_id = :id AND (day, property_id, country) IN (
+            SELECT day, property_id, country FROM booked_rows WHERE import_id = :id LIMIT :n)""",
+    "stage_booked": """
+        INSERT INTO booked_rows
+            (import_id, day, property_id, country, revenue_nano, imported_at_us, source_file)
+        VALUES (?, ?, ?, ?, ?, ?, ?)""",
+    "supersede_day": """
+        INSERT OR IGNORE INTO booked_superseded
+        SELECT import_id, day, property_id FROM booked_current WHERE day = ?""",
+    "switch_day": "UPDATE booked_current SET import_id = ? WHERE day = ?",
+    "supersede_scope": """
+        INSERT OR IGNORE INTO booked_superseded
+        SELECT import_id, day, property_id FROM booked_current WHERE day = ? AND property_id = ?""",
+    "switch_scope": """
+        INSERT INTO booked_current (day, property_id, import_id) VALUES (?, ?, ?)
+        ON CONFLICT (day, property_id) DO UPDATE SET import_id = excluded.import_id""",
+    "superseded_scopes": "SELECT import_id, day, property_id FROM booked_superseded LIMIT ?",
+    "delete_superseded_rows": """
+        DELETE FROM booked_rows WHERE import_id = ? AND day = ? AND property_id = ?""",
+    "delete_superseded_scope": """
+        DELETE FROM booked_superseded WHERE import_id = ? AND day = ? AND property_id = ?""",
+    "booked_total": """
+        SELECT coalesce(sum(revenue_nano / 1000000000), 0), coalesce(sum(revenue_nano % 1000000000), 0)
+        FROM booked_revenue""",
+}
 
 REPORT_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-DAY_US = 86_400 * 1_000_000
 
 
 class BookedFileError(Exception):
@@ -2919,9 +2505,9 @@ def compare_with_stored(conn, rows, source_file, imported_at_us):
     properties = sorted({row.property_id for row in rows} | {""})
     stored = {}
     for day in days:
-        found = (conn.execute(SQL["booked_of_day"], (day,)) if properties == [""] else
+        found = (conn.execute(BOOKED_SQL["booked_of_day"], (day,)) if properties == [""] else
                  (row for prop in properties
-                  for row in conn.execute(SQL["booked_of_day_and_property"], (day, prop))))
+                  for row in conn.execute(BOOKED_SQL["booked_of_day_and_property"], (day, prop))))
         for prop, country, nanos, at_us, source in found:
             stored[(day, prop, country)] = (nanos, at_us, source)
     check_booked_total(conn, sum(figures.values()) - sum(row[0] for row in stored.values()))
@@ -2940,7 +2526,7 @@ def compare_with_stored(conn, rows, source_file, imported_at_us):
 
 def booked_total(conn):
     """Every booked row's revenue added up, in nano-USD."""
-    [(whole, nanos)] = conn.execute(SQL["booked_total"]).fetchall()
+    [(whole, nanos)] = conn.execute(BOOKED_SQL["booked_total"]).fetchall()
     return whole * NANOS_PER_USD + nanos
 
 
@@ -2973,7 +2559,7 @@ def check_booked_total(conn, change):
 def clear_earlier_imports(store, unfinished_id):
     """Delete, in short transactions, the staged rows of an import that died
     before its switch and the rows that committed imports superseded."""
-    while store.write(lambda conn, _: conn.execute(SQL["unfinished_import"], {
+    while store.write(lambda conn, _: conn.execute(BOOKED_SQL["unfinished_import"], {
             "id": unfinished_id, "n": BOOKED_CHUNK_ROWS}).rowcount):
         pass
     while store.write(clear_superseded_scopes):
@@ -2981,10 +2567,10 @@ def clear_earlier_imports(store, unfinished_id):
 
 
 def clear_superseded_scopes(conn, _):
-    scopes = conn.execute(SQL["superseded_scopes"], (BOOKED_CHUNK_SCOPES,)).fetchall()
+    scopes = conn.execute(BOOKED_SQL["superseded_scopes"], (BOOKED_CHUNK_SCOPES,)).fetchall()
     for scope in scopes:
-        conn.execute(SQL["delete_superseded_rows"], scope)
-        conn.execute(SQL["delete_superseded_scope"], scope)
+        conn.execute(BOOKED_SQL["delete_superseded_rows"], scope)
+        conn.execute(BOOKED_SQL["delete_superseded_scope"], scope)
     return len(scopes)
 
 
@@ -2993,14 +2579,14 @@ def switch_to_import(import_id, days, properties, conn, _):
     covers, in one short transaction: a row per day and property covered."""
     if properties == [""]:  # whole days: every property stored for them too
         for day in days:
-            conn.execute(SQL["supersede_day"], (day,))
-            conn.execute(SQL["switch_day"], (import_id, day))
-            conn.execute(SQL["switch_scope"], (day, "", import_id))
+            conn.execute(BOOKED_SQL["supersede_day"], (day,))
+            conn.execute(BOOKED_SQL["switch_day"], (import_id, day))
+            conn.execute(BOOKED_SQL["switch_scope"], (day, "", import_id))
         return
     for day in days:
         for prop in properties:
-            conn.execute(SQL["supersede_scope"], (day, prop))
-            conn.execute(SQL["switch_scope"], (day, prop, import_id))
+            conn.execute(BOOKED_SQL["supersede_scope"], (day, prop))
+            conn.execute(BOOKED_SQL["switch_scope"], (day, prop, import_id))
 
 
 def import_booked(store, rows, source_file):
@@ -3015,8 +2601,8 @@ def import_booked(store, rows, source_file):
     switched) and the next import clears what was left."""
     with import_lock(store):
         with store.snapshot() as conn:
-            import_id = conn.execute(SQL["last_import"]).fetchone()[0] + 1
-            left_over = conn.execute(SQL["import_leftovers"], (import_id - 1,)).fetchone()[0]
+            import_id = conn.execute(BOOKED_SQL["last_import"]).fetchone()[0] + 1
+            left_over = conn.execute(BOOKED_SQL["import_leftovers"], (import_id - 1,)).fetchone()[0]
         if left_over:
             clear_earlier_imports(store, import_id)
         with store.snapshot() as conn:
@@ -3027,7 +2613,7 @@ def import_booked(store, rows, source_file):
         staged = iter(staged)
         while chunk := list(itertools.islice(staged, BOOKED_CHUNK_ROWS)):
             store.write(functools.partial(
-                insert_rows, SQL["stage_booked"], [(import_id, *row) for row in chunk]))
+                insert_rows, BOOKED_SQL["stage_booked"], [(import_id, *row) for row in chunk]))
         store.write(functools.partial(switch_to_import, import_id, days, properties))
     with contextlib.suppress(StoreUnavailable):  # the next import clears them
         while store.write(clear_superseded_scopes):
@@ -3051,7 +2637,7 @@ def booked_without_sessions(store, rows):
             continue
         if day not in found:
             number = report_day_number(day)
-            found[day] = dict(store.read(SQL["properties_between"], (
+            found[day] = dict(store.read(BOOKED_SQL["properties_between"], (
                 days.start_us(number), days.start_us(number + 1))))
         if not found[day] or (prop in found[day]) or not prop:
             continue  # a day without sessions is reconcile's no-postbacks
@@ -3076,9 +2662,106 @@ def import_summary(name, rows, counts):
     return line + "\n"
 
 
+def metric_column(text):
+    """--metric: a column other than those the rows are keyed by."""
+    taken = {key for meaning, key in booked_columns("revenue").items() if meaning != "revenue"}
+    if not column_key(text) or column_key(text) in taken:
+        raise argparse.ArgumentTypeError(
+            f"must name the revenue column, not {shown(text)} (the rows' keys are "
+            f"{', '.join(sorted(taken))})")
+    return text
+
+
+def build_import_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py import-booked",
+        description="Store a Gamezop revenue report (the Ad Revenue Reports API's JSON, "
+        "or CSV with date and revenue columns) as booked revenue, one row per day, "
+        "property and country. It replaces everything stored for the days it covers, "
+        "whatever breakdown or metric that was imported with: with property ids, for the "
+        "properties it names (and the rows without one); without, for every property. "
+        "It prints how many rows were new, replaced, unchanged and removed. All or nothing; "
+        "safe while the server runs.",
+    )
+    parser.add_argument("file", help="the report file")
+    add_db_option(parser, environ, "SQLite database file")
+    parser.add_argument(
+        "--metric", default="revenue", type=metric_column,
+        help="the column or key holding your share of the revenue, in USD "
+        "(matched ignoring case, '-', '_' and spaces) [default %(default)s]",
+    )
+    return parser
+
+
+# Far above a year of a daily report by property and country (~50 bytes a row).
+MAX_REPORT_BYTES = 256 * 2**20
+
+
+IMPORT_PROG = "spp_server.py import-booked"
+
+
+def run_import_booked(argv, environ, out):
+    args = parse_arguments(build_import_parser(environ), argv)
+    name = IMPORT_PROG
+    try:
+        with open(args.file, "rb") as report:
+            data = report.read(MAX_REPORT_BYTES + 1)
+    except OSError as exc:
+        return failed(name, f"cannot read {args.file}: {exc.strerror or exc}")
+    if len(data) > MAX_REPORT_BYTES:  # /dev/zero, or a wrong file: not read to the end
+        return failed(name, f"{args.file}: is larger than {MAX_REPORT_BYTES // 2**20} MiB, more "
+                      "than any report; import it in parts (by date); nothing imported")
+    try:
+        rows = parse_booked_report(data, args.metric)
+    except BookedFileError as exc:
+        return failed(name, f"{args.file}: {exc}; nothing imported")
+
+    def step(store):
+        try:
+            # Committed when it returns, failed (nothing changed) when it raises:
+            # a command's write has no deadline (InlineWriter).
+            counts = import_booked(store, rows, os.path.basename(args.file))
+        except BookedFileError as exc:
+            raise CommandFailed(f"{args.file}: {exc}; nothing imported") from None
+        except StoreUnavailable as exc:
+            raise CommandFailed(f"{exc}; nothing imported (running it again is safe)") from None
+        # Imported all the same if these cannot be read: settle names such rows again.
+        with contextlib.suppress(StoreUnavailable):
+            for warning in booked_without_sessions(store, rows):
+                say(f"{name}: {args.file}: warning: {warning}")
+        return f"{args.file} is imported (committed)", [import_summary(args.file, rows, counts)]
+
+    return run_on_database(name, args.db, out, step)
+
+
 # ---------------------------------------------------------------------------
 # Reconciliation: each report day's estimates against what was booked
 # ---------------------------------------------------------------------------
+
+RECONCILIATION_SQL = {
+    # Summed over countries; split like SQL_SUMS so that the sum cannot overflow.
+    "booked_by_day": """
+        SELECT day, property_id,
+               sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
+        FROM booked_revenue
+        WHERE day >= :since_day AND day < :until_day
+          AND (:property IS NULL OR property_id = :property)
+        GROUP BY day, property_id ORDER BY day, property_id""",
+    # Report day numbers (days since 1970-01-01 in the report's time zone),
+    # computed on the integer receive time so that the window is an index range.
+    "estimates_by_day": f"""
+        SELECT {{day}}, count(*),
+               sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
+        FROM sessions INDEXED BY sessions_by_time
+        WHERE {SQL_WINDOW} AND {SQL_REPORTED}
+        GROUP BY 1 ORDER BY 1""",
+    "estimates_by_day_and_property": f"""
+        SELECT {{day}}, property_id, count(*),
+               sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
+        FROM sessions INDEXED BY sessions_by_time
+        WHERE {SQL_WINDOW} AND {SQL_REPORTED}
+        GROUP BY 1, 2 ORDER BY 1, 2""",
+}
 
 RATIO_PLACES = 6
 MIN_DAYS_FOR_A_SUGGESTION = 7
@@ -3189,7 +2872,7 @@ def recorded_report_days(reads, default_offset):
     """The report days the ledger's runs recorded (every report reads
     them, so that it cuts the days as settlement does); before the first
     run, `default_offset` (SPP_REPORT_UTC_OFFSET) from the start."""
-    return report_days_of(reads.read(SQL["report_offsets"]), default_offset)
+    return report_days_of(reads.read(RUNS_SQL["report_offsets"]), default_offset)
 
 
 def report_days_of(rows, default_offset):
@@ -3250,19 +2933,6 @@ def reconciliation_query(since, until, property_id, offset, quantile, share, def
                                share, default_offset)
 
 
-def signed_usd(nanos):
-    """nanos_to_usd for a figure that may be negative (a margin)."""
-    return f"-{nanos_to_usd(-nanos)}" if nanos < 0 else nanos_to_usd(nanos)
-
-
-def floor_places(fraction, places):
-    """A non-negative Fraction -> a decimal string with exactly `places`
-    places, rounded down: Fraction(2, 3), 6 -> '0.666666'."""
-    scaled = fraction.numerator * 10**places // fraction.denominator
-    whole, rest = divmod(scaled, 10**places)
-    return f"{whole}.{rest:0{places}d}"
-
-
 def ratio_text(booked, estimated):
     if booked is None or not estimated:
         return None
@@ -3307,18 +2977,14 @@ def reconciliation_columns(share):
             *(["paid-out", "margin"] if share is not None else []), "flag"]
 
 
-def joined_nanos(whole_usd, nano_rest):
-    return whole_usd * NANOS_PER_USD + nano_rest
-
-
 def estimates_of_days(store, window, split, days):
     """Each report day's (day, property or None, sessions, whole USD, nano
     rest), by property when `split`: what the sessions estimated, in the
     report days `days`."""
     if split:
-        return store.read(SQL["estimates_by_day_and_property"].format(day=days.sql()), window)
+        return store.read(RECONCILIATION_SQL["estimates_by_day_and_property"].format(day=days.sql()), window)
     return [(day, None, *sums) for day, *sums
-            in store.read(SQL["estimates_by_day"].format(day=days.sql()), window)]
+            in store.read(RECONCILIATION_SQL["estimates_by_day"].format(day=days.sql()), window)]
 
 
 def reconciliation_sides(store, q, estimates_of=estimates_of_days):
@@ -3329,7 +2995,7 @@ def reconciliation_sides(store, q, estimates_of=estimates_of_days):
     booked without property ids has one record for all properties; a day not
     booked is split by property when another day of the window is, or when a
     property is asked for."""
-    booked = store.read(SQL["booked_by_day"], {
+    booked = store.read(RECONCILIATION_SQL["booked_by_day"], {
         "since_day": report_day_text(q.since_day), "until_day": report_day_text(q.until_day),
         "property": q.property_id})
     split_days = {day for day, prop, *_ in booked if prop}
@@ -3391,10 +3057,6 @@ def total_nanos(values):
 
 def usd_or_none(nanos, text=nanos_to_usd):
     return None if nanos is None else text(nanos)
-
-
-def plural(n, word):
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def reconciliation_warnings(flags, unbooked, paid, booked):
@@ -3495,44 +3157,78 @@ def reconciliation_output(store, q, fmt):
     return (json.dumps(report, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+def build_reconcile_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py reconcile",
+        description="Write the reconciliation (what GET /reconciliation answers) to stdout: "
+        "per report day, SPP's estimates against the imported booked revenue.",
+        epilog="A record with estimates but no booked figure is flagged no-booked-revenue, "
+        "one with booked revenue but no postbacks no-postbacks; the summary counts both, and "
+        "its warnings say when paid-out exceeds booked-revenue over the window. Totals with "
+        "nothing to add up are null. median-ratio is the median of the records' exact ratios "
+        "(booked / estimated as fractions, not the rounded ratio column), rounded down to 6 "
+        "places. suggested-reward-share counts days: a day is safe at a share when, on every "
+        "record of that day with both figures, the share paid out (rounded down to the "
+        "nano-USD) no more than was booked.",
+    )
+    add_shared_options(parser, environ, DB_HELP_REPORT, "adds each record's paid-out (the "
+                       "estimate times the share, rounded down) and margin (booked minus paid-out)")
+    add_report_offset_option(parser, environ, "reconcile")
+    parser.add_argument("--since", required=True, help="first report day, included (YYYY-MM-DD)")
+    parser.add_argument("--until", required=True, help="report day that ends the window, excluded")
+    parser.add_argument("--property-id", help="only this property")
+    parser.add_argument("--quantile", help="fraction of the days with both figures the suggested "
+                        "share must have been safe on (a day is safe when every record on it is): "
+                        "a decimal above 0 and at most 1, with at most 6 places "
+                        "[default 1: every day]")
+    parser.add_argument("--format", choices=list(RECONCILIATION_FORMATS), default="json")
+    return parser
+
+
+def run_reconcile(argv, environ, out):
+    parser = build_reconcile_parser(environ)
+    args = parse_arguments(parser, argv)
+    try:
+        q = reconciliation_query(args.since, args.until, args.property_id,
+                                 args.report_utc_offset, args.quantile, args.reward_share,
+                                 args.configured_offset)
+    except Invalid as invalid:
+        parser.error(f"--{invalid.field}: {invalid.message}")
+    return print_report(parser.prog, args.db, out,
+                        lambda store: [reconciliation_output(store, q, args.format)])
+
+
 # ---------------------------------------------------------------------------
-# Payout ledger: runs pay each session once, settlements release the buffer
+# Payout ledger, the frame: every step's lock, chunked writes and journal
 # ---------------------------------------------------------------------------
 
-# A share of the ledger: a plain decimal in [0, 1], at most 6 places, read by
-# regex before Decimal so that no exponent or NaN form gets in.
-LEDGER_SHARE = re.compile(r"0(?:\.[0-9]{1,6})?|1(?:\.0{1,6})?")
+FRAME_SQL = {
+    "run_exists": "SELECT 1 FROM payout_runs WHERE id = ?",
+    "settlement_exists": "SELECT 1 FROM settlements WHERE id = ?",
+    "owed_balances": """
+        SELECT user_id, owed_nano FROM ledger_balances WHERE owed_nano > 0 ORDER BY user_id""",
+    # Staged rows of a step whose header never committed (see write_in_chunks).
+    "unfinished_parts": """
+        DELETE FROM payout_parts WHERE (run_id, day, property_id, user_id) IN (
+            SELECT run_id, day, property_id, user_id FROM payout_parts
+            WHERE run_id > (SELECT coalesce(max(id), 0) FROM payout_runs) LIMIT ?)""",
+    "unfinished_lines": """
+        DELETE FROM payout_lines WHERE (run_id, user_id) IN (
+            SELECT run_id, user_id FROM payout_lines
+            WHERE run_id > (SELECT coalesce(max(id), 0) FROM payout_runs) LIMIT ?)""",
+    "unfinished_settlement_lines": """
+        DELETE FROM settlement_lines WHERE (settlement_id, day, property_id, user_id) IN (
+            SELECT settlement_id, day, property_id, user_id FROM settlement_lines
+            WHERE settlement_id > (SELECT coalesce(max(id), 0) FROM settlements) LIMIT ?)""",
+}
+
 LEDGER_RETRIES = 3  # a step computed on a snapshot is redone if the ledger moved meanwhile
 LEDGER_CHUNK_ROWS = 10_000  # detail rows per staging transaction
-RUN_COLUMNS = ["run-id", "user-id", "sessions", "estimated-revenue", "paid-now", "deducted",
-               "withheld"]
-SETTLEMENT_COLUMNS = ["settlement-id", "day", "property-id", "user-id", "sessions",
-                      "estimated-revenue", "booked-part", "final", "paid-now", "top-up",
-                      "carried", "written-off", "kind", "deducted"]
 
 
 class LedgerMoved(Exception):
     """Another pay, settle or import committed between the snapshot a step was
     computed on and its write: the write is rolled back and the step redone."""
-
-
-def parse_ledger_share(text, field):
-    """'0.60' -> Decimal('0.6'), or Invalid naming the field."""
-    if not isinstance(text, str) or not LEDGER_SHARE.fullmatch(text):
-        raise Invalid(field, "must be a plain decimal from 0 to 1 with at most 6 places, "
-                      f"such as 0.6, not {shown(text)}")
-    return decimal.Decimal(text)
-
-
-def share_text(share):
-    """The canonical text stored with a run: Decimal('0.60') -> '0.6'."""
-    return format(share.normalize(), "f") if share else "0"
-
-
-@functools.lru_cache(maxsize=64)
-def share_millionths(text):
-    """A recorded share -> an integer of millionths: '0.9' -> 900000."""
-    return int(decimal.Decimal(text).scaleb(6))
 
 
 def day_bounds_us(day_text, days):
@@ -3541,208 +3237,9 @@ def day_bounds_us(day_text, days):
     return days.start_us(number), days.start_us(number + 1)
 
 
-@dataclass(frozen=True)
-class RunPlan:
-    previous_run_id: int | None
-    after_id: int
-    last_id: int
-    until_us: int
-    pay_now: decimal.Decimal
-    final: decimal.Decimal
-    days: ReportDays
-    change: tuple | None  # (first day number or None, offset): recorded with this run
-    parts: list  # rows of insert_part: (run, day, property, user, sessions, estimated, paid now)
-    moved: int = 0  # sessions on days already settled, paid on moved_to instead
-    moved_to: str | None = None
-    started_from: str | None = None  # the first run's --from, as recorded
-
-
-# A first run without --from refuses to pay a session received longer than
-# this before its --until: such a history was most likely paid another way
-# (window exports, the feed) before the ledger; --from says where it takes over.
-FIRST_RUN_WINDOW_US = 7 * DAY_US
-LEDGER_CURSOR = re.compile(r"[0-9]{1,19}-[0-9a-f]{8}")
-
-
-@dataclass(frozen=True)
-class LedgerStart:
-    """Where the ledger takes over (pay --from): after the sessions received
-    before an instant, or after a feed cursor's session."""
-
-    text: str  # as recorded: an ISO 8601 UTC instant, or the cursor
-    instant_us: int | None = None
-    cursor: str | None = None
-
-
-def parse_ledger_start(text):
-    """--from: a feed cursor ('<row id>-<8 hex digits>') or an instant."""
-    if LEDGER_CURSOR.fullmatch(text):
-        return LedgerStart(text, cursor=text)
-    try:
-        instant = parse_instant(text)
-    except ValueError:
-        raise Invalid("from", f"must be a feed cursor or {TIME_FORMS_HELP}, "
-                      f"not {shown(text)}") from None
-    return LedgerStart(iso_utc(instant), instant_us=instant)
-
-
-def start_after_id(conn, start, until_us):
-    """The row id after which the first run pays, for its --from."""
-    if start.cursor is None:
-        if start.instant_us > until_us:
-            raise Invalid("from", "is after --until: the first run would pay nothing it covers")
-        [(newest,)] = conn.execute(SQL["last_session_before"], (start.instant_us,)).fetchall()
-        return newest or 0
-    row_id, fingerprint = decode_feed_cursor(start.cursor)
-    [(session_id, _)] = conn.execute(SQL["feed_cursor_row"], {"id": row_id}).fetchall()
-    if session_id is None or session_fingerprint(session_id) != fingerprint:
-        raise Invalid("from", f"names a session this database does not hold at {row_id} (a "
-                      "cursor of another database, or from before a restore)")
-    return row_id
-
-
-def check_first_run_window(conn, last_id, until_us):
-    """A first run told nothing (no --from) may pay only sessions received
-    within FIRST_RUN_WINDOW_US before its --until."""
-    row = conn.execute(SQL["oldest_session_upto"], (last_id,)).fetchone()
-    if row is not None and row[0] < until_us - FIRST_RUN_WINDOW_US:
-        raise Invalid("from", f"this first run would pay every session since {iso_utc(row[0])}, "
-                      f"more than {FIRST_RUN_WINDOW_US // DAY_US} days before --until: name "
-                      "where the ledger takes over with --from (an instant or a feed cursor; "
-                      "--from 1970-01-01 to pay them all), see docs/ledger.md")
-
-
-def recorded_run(conn, until_us, pay_now, final, offset_minutes=None):
-    """The id of the run recorded for `until_us`, or None; Invalid if it was
-    recorded with other shares or another report offset (when one is asked
-    for): history is never rewritten."""
-    row = conn.execute(SQL["run_at"], (until_us,)).fetchone()
-    if row is None:
-        return None
-    run_id, pay_now_text, final_text, offset = row
-    asked = [("pay-now-share", share_text(pay_now), share_text(decimal.Decimal(pay_now_text))),
-             ("final-share", share_text(final), share_text(decimal.Decimal(final_text)))]
-    if offset_minutes is not None:
-        asked.append(("report-utc-offset", utc_offset_text(offset_minutes),
-                      utc_offset_text(offset)))
-    for field, wanted, stored in asked:
-        if wanted != stored:
-            raise Invalid(field, f"run {run_id} for this --until was recorded with {field} "
-                          f"{stored}, not {wanted}: a recorded run never changes")
-    return run_id
-
-
-def check_shares(until_us, pay_now, final):
-    """The refusals of a run that need no database."""
-    if until_us >= now_us():
-        raise Invalid("until", "must be in the past: a run pays finished time only")
-    if pay_now > final:
-        raise Invalid("pay-now-share", "must not be above the final share: the excess "
-                      "would be taken back from every user at settlement")
-
-
-def check_run(conn, until_us, pay_now, final, offset_minutes, start=None):
-    """The id of the run recorded for `until_us`, or None for a new run; or
-    Invalid: every refusal `pay` can make, on the ledger's tables alone.
-    `start` (pay --from) is the first run's; given again later, it must be
-    the recorded one."""
-    check_shares(until_us, pay_now, final)
-    first = None if start is None else conn.execute(SQL["first_run"]).fetchone()
-    if first is not None and first[2] != start.text:
-        raise Invalid("from", f"the ledger took over {f'from {first[2]}' if first[2] else 'from the first session'} "
-                      f"with run {first[0]}: --from names the first run's start, leave it out")
-    run_id = recorded_run(conn, until_us, pay_now, final, offset_minutes)
-    if run_id is not None:
-        return run_id
-    last = conn.execute(SQL["last_run"]).fetchone()
-    if last and until_us < last[2]:
-        raise Invalid("until", f"is before {iso_utc(last[2])}, the until of run {last[0]}: "
-                      "runs only go forward")
-    return None
-
-
-def run_report_days(conn, last, offset_minutes):
-    """(the report days of a new run, the change it records or None).  The
-    first run records its offset; a run asked for another offset than the
-    newest recorded changes it from a day no earlier run paid (ReportDays.changed_to)."""
-    days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), offset_minutes or 0)
-    if last is None:
-        return days, days.changes[-1]
-    if offset_minutes is None or offset_minutes == days.offset:
-        return days, None
-    # After a clock step a run may have paid a session received after its until.
-    [(latest_paid,)] = conn.execute(SQL["latest_paid_session"], (last[1],)).fetchall()
-    days = days.changed_to(offset_minutes, max(last[2], (latest_paid or 0) + 1))
-    return days, days.changes[-1]
-
-
-def plan_run(conn, until_us, pay_now, final, offset_minutes, start=None, window_us=None):
-    """On a read snapshot, after check_run found no run recorded for
-    `until_us`: the RunPlan of a new one.  `start`: see check_run.  With
-    `window_us`, a first run without a start refuses sessions received longer
-    than that before `until_us`."""
-    last = conn.execute(SQL["last_run"]).fetchone()
-    previous_id, after_id = (last[0], last[1]) if last else (None, 0)
-    days, change = run_report_days(conn, last, offset_minutes)
-    if last is None and start is not None:
-        after_id = start_after_id(conn, start, until_us)
-    [(newest,)] = conn.execute(SQL["last_session_before"], (until_us,)).fetchall()
-    last_id = max(after_id, newest or 0)
-    if last is None and start is None and window_us is not None:
-        check_first_run_window(conn, last_id, until_us)
-    check_no_oversized(conn, after_id, last_id)
-    # A settled day's users are never charged for a session that reached it
-    # later (a clock step backwards): it is paid on the run's last report day.
-    settled = json.dumps([day for (day,) in conn.execute(SQL["settled_day_numbers"])])
-    last_day = days.day_of(until_us - 1)
-    where = {"after": after_id, "last": last_id, "settled": settled}
-    cut = {"day": days.sql(), "uncredited": SQL_UNCREDITED, "reported": SQL_REPORTED}
-    # Counted only when a day is settled: a first run scans its sessions once.
-    [(moved,)] = (conn.execute(SQL["sessions_on_days"].format(**cut), where).fetchall()
-                  if settled != "[]" else [(0,)])
-    # Rows as SQLite gives them, staged as they are: no Python work per part.
-    parts = conn.execute(SQL["run_parts"].format(**cut), {
-        **where, "run": (previous_id or 0) + 1, "last_day": last_day,
-        "millionths": int(pay_now.scaleb(6))}).fetchall()  # exact: at most 6 places
-    return RunPlan(previous_id, after_id, last_id, until_us, pay_now, final, days, change, parts,
-                   moved, report_day_text(last_day) if moved else None,
-                   start.text if last is None and start is not None else None)
-
-
-MAX_ESTIMATE_NANOS = int(MAX_ESTIMATE) * NANOS_PER_USD
-
-
-def check_no_oversized(conn, after_id, last_id):
-    """Invalid naming the field when the run would pay a session above
-    MAX_ESTIMATE: stored before postbacks were refused above it, it is no
-    real estimate, and sums of such sessions can pass 64 bits."""
-    [(count, largest, first)] = conn.execute(SQL["oversized_sessions"], {
-        "after": after_id, "last": last_id, "at_most": MAX_ESTIMATE_NANOS}).fetchall()
-    if count:
-        [(session_id, user_id)] = conn.execute(SQL["session_and_user"], (first,)).fetchall()
-        raise Invalid("your-estimated-revenue", (
-            f"{plural(count, 'session')} to pay {'is' if count == 1 else 'are'} above "
-            f"{MAX_ESTIMATE} USD, up to {nanos_to_usd(largest)} USD (the first: session-id "
-            f"{shown(session_id, 40)} of user-id {shown(user_id, 40)}), stored before the "
-            f"receiver refused estimates above {MAX_ESTIMATE} USD: no SPP session earns that "
-            "much, and sums of such sessions can pass what 64-bit integers hold. Set them "
-            "aside with `spp_server.py void-oversized` (each kept in rejected, its estimate "
-            "set to 0), then pay again"))
-
-
-def void_oversized(conn, _):
-    """The write op of void-oversized: every session no run has paid with an
-    estimate above MAX_ESTIMATE kept in `rejected`, then its estimate set to
-    0 -> how many."""
-    where = {"after": conn.execute(SQL["last_paid_session"]).fetchone()[0],
-             "at_most": MAX_ESTIMATE_NANOS, "limit": str(MAX_ESTIMATE), "now": now_us()}
-    conn.execute(SQL["reject_oversized"], where)
-    return conn.execute(SQL["void_oversized"], where).rowcount
-
-
 def owed_balances(conn):
     """[(user, owed)] of every balance carried and not yet taken back, by user-id."""
-    return conn.execute(SQL["owed_balances"]).fetchall()
+    return conn.execute(FRAME_SQL["owed_balances"]).fetchall()
 
 
 def ledger_lock_path(store, suffix="-ledger-lock"):
@@ -3795,10 +3292,6 @@ def try_flock(fd):
     return True
 
 
-def insert_rows(sql, rows, conn, _):
-    conn.executemany(sql, rows)
-
-
 def write_in_chunks(store, sql, rows):
     """Stage detail rows in transactions of LEDGER_CHUNK_ROWS rows: postbacks
     wait behind one chunk at most.  They stay invisible until the step's
@@ -3811,95 +3304,9 @@ def write_in_chunks(store, sql, rows):
 def clear_unfinished(store):
     """Delete the staged rows of a step that died before its header committed."""
     for name in ("unfinished_parts", "unfinished_lines", "unfinished_settlement_lines"):
-        while store.write(lambda conn, _, sql=SQL[name]: conn.execute(
+        while store.write(lambda conn, _, sql=FRAME_SQL[name]: conn.execute(
                 sql, (LEDGER_CHUNK_ROWS,)).rowcount):
             pass
-
-
-@dataclass(slots=True)
-class RunLine:
-    """A user's line of a run: their parts summed (a mutable accumulator)."""
-
-    sessions: int
-    estimated: int
-    paid: int  # paid now
-
-
-def run_lines_of(parts):
-    """{user: RunLine} summed over the user's parts."""
-    lines = {}
-    for _, _, _, user, sessions, estimated, paid in parts:
-        line = lines.get(user)
-        if line is None:
-            lines[user] = RunLine(sessions, estimated, paid)
-        else:
-            line.sessions += sessions
-            line.estimated += estimated
-            line.paid += paid
-    return lines
-
-
-def record_run(plan, run_id, lines, conn, created_at_us):
-    """The write op that makes a staged run real: the balances taken back and
-    the run's header row, in one transaction; LedgerMoved if a run came first."""
-    last = conn.execute(SQL["last_run"]).fetchone()
-    if (last[0] if last else None) != plan.previous_run_id:
-        raise LedgerMoved()
-    # A held user's pay-now is withheld whole (see hold_user); read here, in
-    # the run's own transaction, so that a hold committed before it applies.
-    held = {user for (user,) in conn.execute(SQL["held_users"])}
-    withheld = [(user, lines[user].paid) for user in sorted(held)
-                if user in lines and lines[user].paid]
-    # A carried balance is taken back from what the user is paid now, never below zero.
-    taken = [(user, min(owed, lines[user].paid)) for user, owed in owed_balances(conn)
-             if user in lines and lines[user].paid and user not in held]
-    # The run's totals are its printed lines': the uncredited users' are not.
-    paid = [line for user, line in lines.items() if user not in UNCREDITED_USERS]
-    totals = [sum(line.sessions for line in paid), sum(line.estimated for line in paid),
-              sum(line.paid for line in paid)]
-    conn.execute(SQL["insert_run"], (
-        run_id, plan.after_id, plan.last_id, plan.until_us, created_at_us, share_text(plan.pay_now),
-        share_text(plan.final), plan.days.offset, len(paid), *totals,
-        sum(nanos for _, nanos in taken), sum(nanos for _, nanos in withheld), plan.moved,
-        plan.moved_to, plan.started_from))
-    if plan.change is not None:
-        first, offset = plan.change
-        conn.execute(SQL["insert_report_offset"],
-                     (run_id, None if first is None else report_day_text(first), offset))
-    conn.executemany(SQL["take_owed"], ((nanos, user) for user, nanos in taken))
-    conn.executemany(SQL["insert_deduction"], ((run_id, user, nanos) for user, nanos in taken))
-    conn.executemany(SQL["insert_withheld"], ((run_id, user, nanos) for user, nanos in withheld))
-    return run_id
-
-
-def pay_run(store, until_us, pay_now, final, offset_minutes, start=None, window_us=None,
-            **lock):
-    """Pay every session after the last run up to `until_us` (or find the run
-    already recorded for it): -> run id.  Computed on a read snapshot; its
-    parts and lines are staged in short transactions, then one transaction
-    records the run (see write_in_chunks), then the ledger journal.  `start`
-    and `window_us`: see plan_run; `lock`: ledger_lock's options."""
-    with ledger_step(store, **lock) as journal:
-        for _ in range(LEDGER_RETRIES):
-            with store.snapshot() as conn:
-                recorded_id = check_run(conn, until_us, pay_now, final, offset_minutes, start)
-                if recorded_id is not None:
-                    return recorded_id
-                plan = plan_run(conn, until_us, pay_now, final, offset_minutes, start, window_us)
-            clear_unfinished(store)
-            run_id = (plan.previous_run_id or 0) + 1
-            lines = run_lines_of(plan.parts)
-            write_in_chunks(store, SQL["insert_part"], plan.parts)
-            write_in_chunks(store, SQL["insert_line"],
-                            ((run_id, user, line.sessions, line.estimated, line.paid)
-                             for user, line in sorted(lines.items())))
-            try:
-                store.write(functools.partial(record_run, plan, run_id, lines))
-            except LedgerMoved:
-                continue
-            journal.record("run", run_id)
-            return run_id
-    raise StoreUnavailable("other ledger steps kept committing meanwhile; run it again")
 
 
 # What a spreadsheet may run as a formula at the start of a cell (OWASP's
@@ -3912,893 +3319,6 @@ def spreadsheet_text(text):
     that starts like a formula (or with a quote), so that a spreadsheet shows
     it as text and an app gets the id back by removing one leading quote."""
     return "'" + text if text.startswith(FORMULA_STARTS) else text
-
-
-def run_output(store, run_id, fmt):
-    """A run's lines, one per user ordered by user-id, as CSV or NDJSON: what
-    the publisher's app credits (paid-now is after deducted)."""
-    escape = spreadsheet_text if fmt == "csv" else str
-    rows = ((run_id, escape(user), sessions, nanos_to_usd(estimated),
-             nanos_to_usd(paid - deducted - withheld), nanos_to_usd(deducted), nanos_to_usd(withheld))
-            for user, sessions, estimated, paid, deducted, withheld in store.stream(
-                SQL["run_lines"], (run_id,)))
-    return in_chunks(encode_values(rows, RUN_COLUMNS, fmt))
-
-
-def largest_remainder(total, weights):
-    """Share the integer `total` in proportion to `weights` (in order of the
-    users' ids): each gets the floor of its exact quota, and what is left (one
-    nano each) goes to the largest remainders, ties to the first user-id.
-    The parts sum to `total` exactly."""
-    whole = sum(weights)
-    if not whole:
-        return [0] * len(weights)
-    parts, remainders = [], []
-    for w in weights:
-        part, remainder = divmod(total * w, whole)
-        parts.append(part)
-        remainders.append(remainder)
-    # nlargest is sorted(reverse=True)[:n], stable: equal remainders keep user-id order.
-    for i in heapq.nlargest(total - sum(parts), range(len(weights)), key=remainders.__getitem__):
-        parts[i] += 1
-    return parts
-
-
-@dataclass(slots=True)
-class PoolUser:
-    """A Pool.users entry: one user's parts of the pool summed (an accumulator)."""
-
-    sessions: int
-    estimated: int
-    paid: int  # paid now
-    # The final share (millionths) times sessions and times estimates.
-    share_by_sessions: int
-    share_by_estimates: int
-    # None before the first settlement of the pool; then top-ups less balances carried.
-    adjustment: int | None = None
-    standing: int = 0  # the standing write-off: written off, less written back
-    held: bool = False
-
-
-# A row of insert_settlement_line, in its columns' order.
-SettlementLine = collections.namedtuple("SettlementLine", (
-    "settlement_id", "day", "property_id", "user_id", "sessions", "estimated", "booked_part",
-    "final", "paid", "top_up", "carried", "written_off", "correction", "deducted",
-    "written_back", "held"))
-
-# A row of insert_settlement_day, in its columns' order.
-SettlementDay = collections.namedtuple("SettlementDay", (
-    "day", "property_id", "settlement_id", "by_property", "booked", "sessions", "estimated",
-    "paid", "final", "top_up", "carried", "written_off"))
-
-
-@dataclass
-class Pool:
-    """One report day and property (or whole day) to settle."""
-
-    day: str
-    property_id: str
-    by_property: int
-    booked: int
-    users: dict  # user -> PoolUser
-
-    def totals(self):
-        users = self.users.values()
-        return (sum(u.sessions for u in users), sum(u.estimated for u in users),
-                sum(u.paid for u in users))
-
-
-def pool_lines(pool, write_off, settlement_id):
-    """Per user, in user-id order, a SettlementLine (deducted is set later by
-    take_owed_from_top_ups).  The final amount is the
-    booked part times the final shares of the runs that paid the user's
-    sessions (weighted by their estimates), rounded down once.  A held user
-    weighs nothing: the booked figure is shared among the others.  An
-    uncredited user (UNCREDITED_USERS) weighs as any other, and their booked
-    part is the margin's: final 0 (line_kind tells such lines apart)."""
-    users = sorted(pool.users)
-    counted = [pool.users[u] for u in users if not pool.users[u].held]
-    by_sessions = not any(u.estimated for u in counted)  # no estimate to weigh by
-    weights = [0 if entry.held else entry.sessions if by_sessions else entry.estimated
-               for entry in map(pool.users.__getitem__, users)]
-    booked_parts = largest_remainder(pool.booked, weights)
-    lines = []
-    key = (settlement_id, pool.day, pool.property_id)
-    for user, weight, booked_part in zip(users, weights, booked_parts):
-        entry = pool.users[user]
-        sessions, estimated, paid, adjustment, standing = (
-            entry.sessions, entry.estimated, entry.paid, entry.adjustment, entry.standing)
-        correction = int(adjustment is not None)
-        line = functools.partial(SettlementLine, *key, user, sessions, estimated, paid=paid,
-                                 correction=correction, deducted=0)
-        if user in UNCREDITED_USERS:  # its booked part is the margin's; paid nothing
-            lines.append(line(booked_part=booked_part, final=0, top_up=0, carried=0,
-                              written_off=0, written_back=0, held=0))
-            continue
-        if entry.held:  # the publisher decides with release (see hold_user)
-            lines.append(line(booked_part=0, final=0, top_up=0, carried=0, written_off=0,
-                              written_back=0, held=1))
-            continue
-        # Exact in integers: a share has at most 6 places.
-        shared = entry.share_by_sessions if by_sessions else entry.share_by_estimates
-        final = booked_part * shared // (weight * 10**6) if weight else 0
-        # Against what the user holds for the pool so far (written-off amounts included).
-        delta = final - paid - (adjustment or 0)
-        top_up, excess = max(delta, 0), max(-delta, 0)
-        # What the user holds above the final amount was forgiven up to the
-        # standing write-off: only the rest is short; a write-off no longer
-        # needed is written back (a correction never charges it again).
-        short, written_back = max(excess - standing, 0), max(standing - excess, 0)
-        lines.append(line(booked_part=booked_part, final=final, top_up=top_up,
-                          carried=0 if write_off else short,
-                          written_off=short if write_off else 0, written_back=written_back,
-                          held=0))
-    return lines
-
-
-def take_owed_from_top_ups(computed, owed):
-    """Take each user's balance (owed before, plus what this settlement
-    carries) back from their top-ups, in day and property order, never below
-    zero: the lines' `deducted`.  -> [(pool, lines)] with it set."""
-    remaining = collections.Counter(owed)
-    for _, lines in computed:
-        for line in lines:
-            if line.carried:
-                remaining[line.user_id] += line.carried
-    if not +remaining:
-        return computed  # no one owes: nothing to take (most settlements)
-    taken = []
-    for pool, lines in computed:
-        new_lines = []
-        for line in lines:
-            user = line.user_id
-            deducted = min(remaining[user], line.top_up)
-            if deducted:
-                remaining[user] -= deducted
-                line = line._replace(deducted=deducted)
-            new_lines.append(line)
-        taken.append((pool, new_lines))
-    return taken
-
-
-def add_part(users, share, user, sessions, estimated, paid, held):
-    """One part of a pool added to its users (see Pool.users).  The final
-    shares of the runs are summed weighted by sessions and by estimates, so
-    that pool_lines applies them in proportion to either."""
-    entry = users.get(user)
-    if entry is None:
-        users[user] = PoolUser(sessions, estimated, paid, share * sessions, share * estimated,
-                               held=user in held)
-    else:
-        entry.sessions += sessions
-        entry.estimated += estimated
-        entry.paid += paid
-        entry.share_by_sessions += share * sessions
-        entry.share_by_estimates += share * estimated
-
-
-def users_by_pool(conn, keys, by_property_days):
-    """{(day, property): {user: PoolUser}} of the pools `keys`, from every
-    run's parts of their days: a day booked by property pools each
-    property's parts apart (a property without a pool stays pending), a
-    whole day pools all of them under property ''.  One query over every
-    run and day."""
-    final_millionths = {run: share_millionths(share)
-                        for run, share in conn.execute(SQL["run_final_shares"])}
-    held = {user for (user,) in conn.execute(SQL["held_users"])}
-    pools = {key: {} for key in keys}
-    for run, day, prop, user, sessions, estimated, paid in conn.execute(
-            SQL["parts_of_days"], (json.dumps(sorted({day for day, _ in keys})),)):
-        if (users := pools.get((day, prop if day in by_property_days else ""))) is not None:
-            add_part(users, final_millionths[run], user, sessions, estimated, paid, held)
-    return pools
-
-
-def add_earlier_settlements(conn, pools):
-    """To the users of each pool settled before: what their earlier lines of
-    the pool moved (top-ups less balances carried), their standing
-    write-off, and whether they were held then (a user settled as held stays
-    out of the pool's sharing); balances of the pool written off for their
-    age count as written off at settlement.  Two queries over every pool."""
-    by_key = {(pool.day, pool.property_id): pool.users for pool in pools}
-    keys = json.dumps(sorted(by_key))
-    for day, prop, user, adjustment, written_off, held in conn.execute(
-            SQL["earlier_pool_lines"], (keys,)):
-        if (entry := by_key[day, prop].get(user)) is not None:
-            entry.adjustment = (entry.adjustment or 0) + adjustment
-            entry.standing += written_off
-            entry.held = entry.held or bool(held)
-    for day, prop, user, written_off in conn.execute(SQL["pools_balance_write_offs"], (keys,)):
-        if (entry := by_key[day, prop].get(user)) is not None:
-            entry.adjustment = (entry.adjustment or 0) + written_off
-            entry.standing += written_off
-
-
-def paid_days(conn, days, last, booked_days):
-    """The days of `booked_days` whose sessions were all paid by the
-    ledger's runs: none received after the last run, none before the
-    ledger took over (paid another way: never settled here).  One query."""
-    bounds = [[day, *day_bounds_us(day, days)] for day in sorted(booked_days)]
-    taken_over_after = conn.execute(SQL["first_run"]).fetchone()[1]
-    return {day for day, end, oldest, newest in conn.execute(
-                SQL["sessions_of_days"], (json.dumps(bounds),))
-            # None after the last run (a clock step), none before the ledger took over.
-            if end <= last[2] and (newest is None or newest <= last[1])
-            and (oldest is None or oldest > taken_over_after)}
-
-
-def last_settled(conn, days):
-    """How `days` were last settled: ({day: by_property}, {(day, property):
-    (booked, sessions, estimated)}), each of its newest settlement.  One query."""
-    newest_of_day, newest_of_pool = {}, {}
-    for day, prop, settlement_id, by_property, *state in conn.execute(
-            SQL["settled_pools_of_days"], (json.dumps(sorted(days)),)):
-        if newest_of_day.get(day, (0,))[0] < settlement_id:
-            newest_of_day[day] = (settlement_id, by_property)
-        if newest_of_pool.get((day, prop), (0,))[0] < settlement_id:
-            newest_of_pool[day, prop] = (settlement_id, tuple(state))
-    return ({day: by_property for day, (_, by_property) in newest_of_day.items()},
-            {key: state for key, (_, state) in newest_of_pool.items()})
-
-
-def dropped_pools(conn, booked, blocked_days):
-    """[Unsettled] of each pool settled before whose booked row a revision
-    dropped (its users were paid on it); a blocked day is named once already."""
-    booked_keys = {(day, prop) for day, prop, *_ in booked}
-    return [Unsettled(day, prop, "was settled against booked revenue that is no longer "
-                      "stored: re-import its report with that row (with 0 if it truly earned "
-                      "nothing)")
-            for day, prop in conn.execute(SQL["settled_pool_keys"])
-            if (day, prop) not in booked_keys and day not in blocked_days]
-
-
-def pending_without_booked(conn, booked, paid):
-    """What stays pending because no booked row can ever settle it: on each
-    paid day (of the set `paid`) booked by property, the parts of a property
-    (or of sessions without one) that has no booked row.  -> [record], by
-    day and property.  One query over every run and day."""
-    booked_props = collections.defaultdict(set)
-    for day, prop, *_ in booked:
-        booked_props[day].add(prop)
-    # A whole-day pool takes every property.
-    days = {day for day, props in booked_props.items() if props != {""} and day in paid}
-    sums = collections.defaultdict(lambda: [0, 0, 0])
-    for day, prop, *amounts in conn.execute(SQL["run_day_property_parts"],
-                                            (json.dumps(sorted(days)),)):
-        if prop not in booked_props[day]:
-            sums[day, prop] = [a + b for a, b in zip(sums[day, prop], amounts)]
-    return [{"day": day, "property-id": prop, "sessions": n,
-             "estimated-revenue": nanos_to_usd(estimated), "paid-now": nanos_to_usd(paid_now),
-             "why": "no booked row for this property on a day booked by property"
-             if prop else "sessions without a property-id, on a day whose booked rows "
-             "all have one"} for (day, prop), (n, estimated, paid_now) in sorted(sums.items())]
-
-
-def pending_warning(pending):
-    """A pending_without_booked record as settle's warning."""
-    where = f" property {pending['property-id']}" if pending["property-id"] else ""
-    return (f"{pending['day']}{where}: {pending['sessions']} sessions estimated at "
-            f"{pending['estimated-revenue']} (paid now {pending['paid-now']}) stay pending: "
-            f"{pending['why']}")
-
-
-@dataclass
-class Settleable:
-    """What settle_pools finds on a snapshot."""
-
-    fingerprint: tuple  # (last run id, last settlement id): record_settlement checks it
-    offset: int  # the newest report offset, recorded with the settlement
-    pools: list  # [Pool] to settle: new, or changed since their last settlement
-    problems: list = dataclasses.field(default_factory=list)  # [Unsettled]: left alone, and why
-    warnings: list = dataclasses.field(default_factory=list)  # [str]
-
-
-def settle_pools(conn):
-    """On a read snapshot: the Settleable of every report day (and property)
-    with booked revenue whose sessions were all paid in runs and that is new
-    or changed since its last settlement; the pools that cannot be settled,
-    each with why; what stays pending for want of a booked row, and booked
-    rows that match no session, as warnings.  A bounded number of queries,
-    each over every pool (not one per run per pool)."""
-    last = conn.execute(SQL["last_run"]).fetchone()
-    last_settlement = conn.execute(SQL["last_settlement"]).fetchone()[0]
-    if last is None:
-        return Settleable((None, last_settlement), 0, [])
-    run_id, _, _, offset = last
-    days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), offset)
-    booked = conn.execute(SQL["booked_pools"]).fetchall()
-    paid = paid_days(conn, days, last, {day for day, *_ in booked})
-    days_by_property = {day for day, prop, *_ in booked if prop != ""}
-    users = users_by_pool(conn, {(day, prop) for day, prop, *_ in booked if day in paid},
-                          days_by_property)
-    settled_by_property, settled_pools = last_settled(conn, paid)
-    found = Settleable((run_id, last_settlement), offset, [])
-    blocked_days = set()
-    for day, prop, whole, rest in booked:
-        if day in blocked_days or day not in paid:
-            continue
-        by_property = int(day in days_by_property)
-        pool = Pool(day, prop, by_property, joined_nanos(whole, rest), users[day, prop])
-        if not pool.users and pool.booked:
-            found.warnings.append(str(Unsettled(
-                day, prop, f"booked {nanos_to_usd(pool.booked)} that matches no session paid: "
-                "all of it is the margin's (is the property-id written as in the postbacks?)")))
-        # Per day, not per pool: an import with the other breakdown replaces
-        # the day's rows, so its pools are new keys that would pay it twice.
-        if settled_by_property.get(day, by_property) != by_property:
-            how = "by property" if settled_by_property[day] else "as a whole day"
-            found.problems.append(Unsettled(day, "", f"was settled {how} but its booked rows "
-                                            "now are not: re-import its report as it was"))
-            blocked_days.add(day)
-            continue
-        if settled_pools.get((day, prop)) == (pool.booked, *pool.totals()[:2]):
-            continue  # settled, and nothing changed since
-        found.pools.append(pool)
-    add_earlier_settlements(conn, [pool for pool in found.pools
-                                   if (pool.day, pool.property_id) in settled_pools])
-    found.problems += dropped_pools(conn, booked, blocked_days)
-    found.warnings += map(pending_warning, pending_without_booked(conn, booked, paid))
-    return found
-
-
-@dataclass(frozen=True)
-class Unsettled:
-    """A pool (or day) that settle left alone, and why."""
-
-    day: str
-    property_id: str
-    why: str
-
-    def __str__(self):
-        return f"{self.day}{f' property {self.property_id}' if self.property_id else ''} {self.why}"
-
-
-def settlement_line_rows(computed):
-    """The lines of every pool, to be staged in user-id order (then day and
-    property): both the primary key and settlement_lines_by_user then grow
-    at a few places, so a staged chunk writes few pages (in pool order, each
-    chunk would rewrite index pages all over the table; see docs/performance.md)."""
-    rows = list(itertools.chain.from_iterable(lines for _, lines in computed))
-    rows.sort(key=operator.attrgetter("user_id"))  # stable: a user's pools stay in day, property order
-    return rows
-
-
-def settled_pool_rows(settlement_id, computed):
-    """The settlement_days rows of the computed pools: each pool's state and
-    its final, top-up, carried and (net of written back) written-off amounts
-    summed over its lines."""
-    return [SettlementDay(pool.day, pool.property_id, settlement_id, pool.by_property,
-                          pool.booked, *pool.totals(), sum(line.final for line in lines),
-                          sum(line.top_up for line in lines),
-                          sum(line.carried for line in lines),
-                          sum(line.written_off - line.written_back for line in lines))
-            for pool, lines in computed]
-
-
-def balance_changes(computed):
-    """[(user, carried - deducted)] over every pool, in user-id order, where
-    not zero: one statement per user keeps the last transaction short."""
-    change = collections.Counter()
-    for _, lines in computed:
-        for line in lines:
-            if line.carried or line.deducted:
-                change[line.user_id] += line.carried - line.deducted
-    return sorted((user, nanos) for user, nanos in change.items() if nanos)
-
-
-def record_settlement(fingerprint, offset, settlement_id, pools, pool_rows, changes, deducted,
-                      write_off, conn, created_at_us):
-    """The write op that makes a staged settlement real: its header, its
-    pools and the balances carried and taken back, in one transaction;
-    LedgerMoved if a run, a settlement or a booked figure of its pools changed
-    since it was computed."""
-    last = conn.execute(SQL["last_run"]).fetchone()
-    now_print = (last and last[0], conn.execute(SQL["last_settlement"]).fetchone()[0])
-    if now_print != fingerprint or any(
-            joined_nanos(*conn.execute(SQL["booked_pool"], (p.day, p.property_id)).fetchone())
-            != p.booked for p in pools):
-        raise LedgerMoved()
-    conn.execute(SQL["insert_settlement"], (
-        settlement_id, created_at_us, offset, int(write_off), len(pools),
-        sum(pool.booked for pool in pools), sum(row.top_up for row in pool_rows),
-        sum(row.carried for row in pool_rows), sum(row.written_off for row in pool_rows),
-        deducted))
-    conn.executemany(SQL["insert_settlement_day"], pool_rows)
-    conn.executemany(SQL["add_owed"], ((u, n) for u, n in changes if n > 0))
-    conn.executemany(SQL["take_owed"], ((-n, u) for u, n in changes if n < 0))
-    return settlement_id
-
-
-def settle(store, write_off=False, problems=None, warnings=None, **lock):
-    """Settle what can be settled: -> the new settlement's id, or None when
-    there was nothing to settle.  Staged like a run (see pay_run).  The
-    pools it could not settle, and its warnings, are added to the two
-    lists (see settle_pools).  `lock`: ledger_lock's options."""
-    with ledger_step(store, **lock) as journal:
-        for _ in range(LEDGER_RETRIES):
-            with store.snapshot() as conn:
-                check_booked_bound(conn)
-                found = settle_pools(conn)
-                owed = dict(owed_balances(conn))
-            for given, new in ((problems, found.problems), (warnings, found.warnings)):
-                if given is not None:
-                    given[:] = new
-            if not found.pools:
-                return None
-            clear_unfinished(store)
-            settlement_id = (found.fingerprint[1] or 0) + 1
-            computed = take_owed_from_top_ups(
-                [(pool, pool_lines(pool, write_off, settlement_id)) for pool in found.pools],
-                owed)
-            write_in_chunks(store, SQL["insert_settlement_line"], settlement_line_rows(computed))
-            try:
-                store.write(functools.partial(
-                    record_settlement, found.fingerprint, found.offset, settlement_id, found.pools,
-                    settled_pool_rows(settlement_id, computed), balance_changes(computed),
-                    sum(line.deducted for _, lines in computed for line in lines), write_off))
-            except LedgerMoved:
-                continue
-            journal.record("settlement", settlement_id)
-            return settlement_id
-    raise StoreUnavailable("other ledger steps kept committing meanwhile; run it again")
-
-
-def line_kind(user, correction, held):
-    """A settlement line's kind, each from its own column: `unattributed` for
-    a user UNCREDITED_USERS names (their booked part is the margin's), `held`
-    for a user held when settled (sharing nothing), else `correction` for a
-    pool settled before (settlement_lines.correction is only that), or
-    `settlement`."""
-    if user in UNCREDITED_USERS:
-        return "unattributed"
-    return "held" if held else "correction" if correction else "settlement"
-
-
-def settlement_values(row):
-    """A settlement_lines row -> its values in the order of SETTLEMENT_COLUMNS."""
-    (settlement_id, day, prop, user, sessions, estimated, booked_part, final, paid, top_up,
-     carried, written_off, correction, deducted, written_back, held) = row
-    return (settlement_id, day, prop, user, sessions, nanos_to_usd(estimated),
-            nanos_to_usd(booked_part), nanos_to_usd(final), nanos_to_usd(paid),
-            nanos_to_usd(top_up - deducted), nanos_to_usd(carried),
-            signed_usd(written_off - written_back), line_kind(user, correction, held),
-            nanos_to_usd(deducted))
-
-
-def settlement_record(row):
-    return dict(zip(SETTLEMENT_COLUMNS, settlement_values(row)))
-
-
-def settlement_output(store, settlement_id, fmt):
-    """A settlement's lines (per day, property and user) as CSV or NDJSON: the
-    top-ups to credit, the balances carried."""
-    rows = map(settlement_values, store.stream(SQL["settlement_lines_of"], (settlement_id,)))
-    if fmt == "csv":
-        rows = ((sid, day, spreadsheet_text(prop), spreadsheet_text(user), *rest)
-                for sid, day, prop, user, *rest in rows)
-    return in_chunks(encode_values(rows, SETTLEMENT_COLUMNS, fmt))
-
-
-def statement(store, user_id):
-    """Every run line and settlement line of one user, what is pending and owed."""
-    with store.snapshot() as conn:
-        runs = [{"run-id": run, "until": iso_utc(until), "sessions": sessions,
-                 "estimated-revenue": nanos_to_usd(estimated),
-                 "paid-now": nanos_to_usd(paid - deducted - withheld),
-                 "deducted": nanos_to_usd(deducted), "withheld": nanos_to_usd(withheld)}
-                for run, until, sessions, estimated, paid, deducted, withheld
-                in conn.execute(SQL["user_run_lines"], (user_id,))]
-        lines = [settlement_record((row[0], row[1], row[2], user_id, *row[3:]))
-                 for row in conn.execute(SQL["user_settlement_lines"], (user_id,))]
-        holds = [hold_record(row) for row in conn.execute(SQL["user_holds"], (user_id,))]
-        write_offs = [{"write-off-id": wid, "created-at": iso_utc(created), "day": day,
-                       "property-id": prop, "written-off": nanos_to_usd(nanos)}
-                      for wid, created, day, prop, nanos
-                      in conn.execute(SQL["user_balance_write_offs"], (user_id,))]
-        sums = conn.execute(SQL["user_ledger_sums"], {"user": user_id}).fetchone()
-    record = {"user-id": user_id, "runs": runs, "settlements": lines, "holds": holds,
-              "balance-write-offs": write_offs, "totals": ledger_totals(sums)}
-    if user_id in UNCREDITED_USERS:
-        record["unattributed"] = UNCREDITED_NOTES[user_id]
-    return record
-
-
-UNCREDITED_NOTES = {
-    "": "sessions without a sub: never paid; their share of booked revenue is the margin's",
-    DEPLOY_CHECK_USER: "the deploy check's test user (docs/deploy.md): never paid nor reported",
-}
-
-
-def hold_record(row):
-    hold_id, user, action, at, reason, amount = row
-    return {"hold-id": hold_id, "user-id": user, "action": action, "at": iso_utc(at),
-            "reason": reason, "amount": nanos_to_usd(amount)}
-
-
-LEDGER_TOTALS = ("paid-now", "deducted", "topped-up", "carried", "written-off", "owed", "pending",
-                 "withheld", "released", "withheld-written-off")
-
-
-def ledger_totals(sums):
-    """SQL's user_ledger_sums / ledger_sums row -> exact decimal strings."""
-    return dict(zip(LEDGER_TOTALS, map(nanos_to_usd, sums)))
-
-
-STEP_COLUMNS = ["step", "id", "until"]
-
-
-def ledger_steps(store):
-    """One CSV line per recorded step, runs then settlements, oldest first:
-    what the routines check their delivered files against (docs/ledger.md)."""
-    rows = ((step, step_id, "" if until is None else iso_utc(until))
-            for step, step_id, until in store.stream(SQL["ledger_steps"], ()))
-    return in_chunks(encode_values(rows, STEP_COLUMNS, "csv"))
-
-
-def ledger_summary(store):
-    """Per run and per settlement: paid now, held back, released; per settled
-    pool: booked, paid in total, the publisher's margin; and the totals."""
-    with store.snapshot() as conn:
-        runs = [{"run-id": run, "until": iso_utc(until), "created-at": iso_utc(created),
-                 "pay-now-share": pay_now, "final-share": final,
-                 "report-utc-offset": utc_offset_text(offset), "users": users,
-                 "sessions": sessions, "estimated-revenue": nanos_to_usd(estimated),
-                 "paid-now": nanos_to_usd(paid - deducted - withheld),
-                 "deducted": nanos_to_usd(deducted),
-                 "held-back": signed_usd(
-                     rewardable_nanos(estimated, decimal.Decimal(final)) - paid),
-                 "withheld": nanos_to_usd(withheld), "moved-sessions": moved,
-                 "moved-to-day": moved_to, "unattributed-sessions": uncredited,
-                 "unattributed-estimated-revenue": nanos_to_usd(uncredited_estimated)}
-                for run, until, created, pay_now, final, offset, users, sessions, estimated,
-                paid, deducted, withheld, moved, moved_to, uncredited, uncredited_estimated
-                in conn.execute(SQL["runs"])]
-        settlements = [{"settlement-id": sid, "created-at": iso_utc(created),
-                        "report-utc-offset": utc_offset_text(offset), "write-off": bool(off),
-                        "pools": pools, "booked-revenue": nanos_to_usd(booked),
-                        "released": nanos_to_usd(top_up), "carried": nanos_to_usd(carried),
-                        "written-off": signed_usd(written_off), "deducted": nanos_to_usd(deducted)}
-                       for sid, created, offset, off, pools, booked, top_up, carried,
-                       written_off, deducted in conn.execute(SQL["settlements"])]
-        days = [{"day": day, "property-id": prop, "by-property": bool(by_property),
-                 "settlement-id": sid, "booked-revenue": nanos_to_usd(booked),
-                 "paid-now": nanos_to_usd(paid), "paid-in-total": nanos_to_usd(paid + released),
-                 "margin": signed_usd(booked - paid - released),
-                 "unattributed-booked": nanos_to_usd(uncredited)}
-                for day, prop, sid, by_property, booked, paid, released, uncredited
-                in conn.execute(SQL["settled_pools"])]
-        sums = conn.execute(SQL["ledger_sums"]).fetchone()
-        pending = unmatched_pending(conn)
-        booked_alone = [{"day": day, "property-id": prop, "booked-revenue": nanos_to_usd(booked)}
-                        for day, prop, booked in conn.execute(SQL["settled_without_sessions"])]
-    return {"runs": runs, "settlements": settlements, "days": days,
-            "margin": honest_margin(days, sums[LEDGER_TOTALS.index("owed")]),
-            "totals": ledger_totals(sums), "pending-without-booked": pending,
-            "booked-without-sessions": booked_alone}
-
-
-def unmatched_pending(conn):
-    """pending_without_booked over the ledger as it stands (for the summary)."""
-    last = conn.execute(SQL["last_run"]).fetchone()
-    if last is None:
-        return []
-    days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), last[3])
-    booked = conn.execute(SQL["booked_pools"]).fetchall()
-    return pending_without_booked(conn, booked, paid_days(conn, days, last,
-                                                          {day for day, *_ in booked}))
-
-
-def honest_margin(days, owed):
-    """The margin over every settled pool, counting carried balances as
-    recovered (as each day's margin does) and without what is still owed:
-    a balance is money paid out until it is taken back."""
-    booked = sum(usd_to_nanos(decimal.Decimal(d["booked-revenue"])) for d in days)
-    paid = sum(usd_to_nanos(decimal.Decimal(d["paid-in-total"])) for d in days)
-    return {"booked-revenue": nanos_to_usd(booked), "paid-in-total": nanos_to_usd(paid),
-            "margin": signed_usd(booked - paid), "owed": nanos_to_usd(owed),
-            "margin-without-owed": signed_usd(booked - paid - owed)}
-
-
-# --- Balances that end: what is owed past a chosen age written off ---
-
-BALANCE_WRITE_OFF_COLUMNS = ["write-off-id", "user-id", "day", "property-id", "written-off"]
-
-
-def aged_balance_lines(carried_lines, owed_by_user, cutoff_us):
-    """[(user, day, property, nanos)] of the balances carried before
-    `cutoff_us` and still owed.  A user's balance is taken back oldest first,
-    so what is still owed is the newest carried lines: walk them oldest first,
-    skipping what was taken back."""
-    aged = []
-    for user, lines in itertools.groupby(carried_lines, key=operator.itemgetter(0)):
-        lines = list(lines)
-        taken_back = sum(line[4] for line in lines) - owed_by_user.get(user, 0)
-        for _, created_at_us, day, prop, carried in lines:
-            left = max(carried - max(taken_back, 0), 0)
-            taken_back -= carried
-            if left and created_at_us < cutoff_us:
-                aged.append((user, day, prop, left))
-    return aged
-
-
-def write_off_aged(older_than_us, conn, created_at_us):
-    """The write op of write-off-balances: every balance carried more than
-    `older_than_us` ago and still owed, written off in one transaction and
-    recorded per user and pool.  -> the write-off's id, or None for nothing."""
-    owed = dict(owed_balances(conn))
-    aged = aged_balance_lines(conn.execute(SQL["carried_lines_of_owing"]), owed,
-                              created_at_us - older_than_us)
-    if not aged:
-        return None
-    [(write_off_id,)] = conn.execute(SQL["next_balance_write_off"]).fetchall()
-    per_user = collections.Counter()
-    for user, _, _, nanos in aged:
-        per_user[user] += nanos
-    conn.execute(SQL["insert_balance_write_off"], (write_off_id, created_at_us, older_than_us,
-                                                   len(per_user), sum(per_user.values())))
-    conn.executemany(SQL["insert_balance_write_off_line"],
-                     ((write_off_id, *line) for line in aged))
-    conn.executemany(SQL["take_owed"], ((nanos, user) for user, nanos in sorted(per_user.items())))
-    return write_off_id
-
-
-def write_off_balances(store, older_than_us):
-    with ledger_step(store) as journal:
-        write_off_id = store.write(functools.partial(write_off_aged, older_than_us))
-        if write_off_id is not None:
-            journal.record("balance-write-off", write_off_id)
-        return write_off_id
-
-
-def balance_write_off_output(store, write_off_id, fmt):
-    escape = spreadsheet_text if fmt == "csv" else str
-    rows = ((write_off_id, escape(user), day, escape(prop), nanos_to_usd(nanos))
-            for user, day, prop, nanos in store.stream(SQL["balance_write_off_lines_of"],
-                                                       (write_off_id or 0,)))
-    return in_chunks(encode_values(rows, BALANCE_WRITE_OFF_COLUMNS, fmt))
-
-
-# --- Holds: a suspect user's pay-now withheld until released or written off ---
-
-
-def change_hold(user_id, action, reason, conn, at_us):
-    """The write op of hold and release: -> the ledger_holds row recorded, or
-    the same row again when the user's newest event already is this action
-    (asked again after a crash: nothing is done twice).  A release credits
-    what was withheld; a write-off of it leaves it to the publisher."""
-    if not reason.strip():
-        raise Invalid("reason", "must say why: it is recorded with the hold")
-    if user_id in UNCREDITED_USERS:  # never paid: no pay-now to withhold, no share to take
-        raise Invalid("user-id", f"{shown(user_id)} is {UNCREDITED_NOTES[user_id]}: "
-                      "there is nothing to hold")
-    newest = conn.execute(SQL["user_hold_state"], (user_id,)).fetchone()
-    if newest is not None and newest[2] == action:
-        return newest
-    if action != "hold" and (newest is None or newest[2] != "hold"):
-        raise Invalid("user-id", "is not held: only a held user is released")
-    [(withheld,)] = conn.execute(SQL["user_withheld"], {"user": user_id}).fetchall()
-    amount = 0 if action == "hold" else withheld
-    return conn.execute(SQL["insert_hold"], (user_id, action, at_us, reason, amount)).fetchone()
-
-
-def hold_user(store, user_id, action, reason):
-    """Hold, release or write off (action) under the ledger lock: a run or a
-    settlement sees the user held or not, never half."""
-    with ledger_step(store) as journal:
-        row = store.write(functools.partial(change_hold, user_id, action, reason))
-        journal.record("hold", row[0])  # asked again: already journaled, nothing twice
-        return row
-
-
-HOLD_COLUMNS = ["hold-id", "user-id", "action", "at", "reason", "amount"]
-
-
-def hold_output(row, fmt):
-    values = hold_record(row)
-    if fmt == "csv":  # the reason is the publisher's text, the id a user's: both escaped
-        values["user-id"], values["reason"] = map(spreadsheet_text,
-                                                  (values["user-id"], values["reason"]))
-    return in_chunks(encode_values([tuple(values.values())], HOLD_COLUMNS, fmt))
-
-
-# --- Users worth a look: figures far outside the publisher's own distribution ---
-
-# A figure is far outside when it is further from the median of all users
-# than SUSPECT_SPREADS times the spread (the median absolute deviation, scaled
-# to a standard deviation for normal data, and at least a tenth of the
-# median, so that a crowd of identical users does not flag every other one).
-SUSPECT_SPREADS = 5
-SUSPECT_MIN_USERS = 5  # fewer: no distribution to compare with
-SUSPECT_FIGURES = (("sessions-per-day", 2), ("revenue-per-session", 9), ("mean-duration-s", 1))
-
-
-def median(values):
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
-def spread(values, centre):
-    mad = median([abs(v - centre) for v in values]) * Fraction(14826, 10000)
-    return max(mad, abs(centre) / 10, Fraction(1, 10**9))
-
-
-def user_figures(row):
-    """A suspect_figures row -> {figure: Fraction} (None where unknown)."""
-    user, sessions, days, whole, nanos, duration, timed = row
-    return {"sessions-per-day": Fraction(sessions, days),
-            "revenue-per-session": Fraction(whole * NANOS_PER_USD + nanos, sessions * 10**9),
-            "mean-duration-s": Fraction(duration, timed) if timed else None}
-
-
-def suspects(store, since_us, until_us):
-    """Every user whose sessions per day, revenue per session or mean session
-    duration in [since, until) is far outside the distribution of all users,
-    with the figures, the medians and how many spreads away: a reason to hold
-    someone (or not)."""
-    with store.snapshot() as conn:
-        rows = conn.execute(SQL["suspect_figures"], (since_us, until_us)).fetchall()
-        held = {user for (user,) in conn.execute(SQL["held_users"])}
-    figures = {row[0]: (row, user_figures(row)) for row in rows}
-    typical, found = {}, []
-    for name, places in SUSPECT_FIGURES:
-        values = [f[name] for _, f in figures.values() if f[name] is not None]
-        if len(values) >= SUSPECT_MIN_USERS:
-            centre = median(values)
-            typical[name] = (centre, spread(values, centre))
-    for user, (row, figure) in figures.items():
-        outside = []
-        for name, places in SUSPECT_FIGURES:
-            if name in typical and figure[name] is not None:
-                centre, width = typical[name]
-                away = abs(figure[name] - centre) / width
-                if away > SUSPECT_SPREADS:
-                    outside.append({"figure": name, "spreads": floor_places(away, 1),
-                                    "direction": "above" if figure[name] > centre else "below"})
-        if outside:
-            found.append((max(Fraction(o["spreads"]) for o in outside), user, row, figure, outside))
-    found.sort(key=lambda f: (-f[0], f[1]))
-    return {"since": iso_utc(since_us), "until": iso_utc(until_us), "users": len(figures),
-            "typical": {name: {"median": floor_places(abs(c), places), "spread": floor_places(w, places)}
-                        for name, places in SUSPECT_FIGURES if name in typical
-                        for c, w in [typical[name]]},
-            "suspects": [{"user-id": user, "held": user in held, "sessions": row[1],
-                          "days": row[2],
-                          **{name: None if figure[name] is None else floor_places(figure[name], places)
-                             for name, places in SUSPECT_FIGURES},
-                          "outside": outside}
-                         for _, user, row, figure, outside in found]}
-
-
-# --- Erasure: what identifies a user removed on request (GDPR Art. 17) ---
-
-# Every ledger table with a user id: renamed to the pseudonym, so that every
-# sum (a run's, a settlement's, a pool's) stays exactly what it was.
-ERASE_RENAMES = ("payout_parts", "payout_lines", "payout_deductions", "payout_withheld",
-                 "settlement_lines", "ledger_balances", "ledger_holds", "balance_write_off_lines")
-
-
-def erasure_blockers(conn, user_id):
-    """What the user is still to be paid or to give back, as words; [] when
-    nothing: erasing them would leave an amount no one can credit."""
-    sums = dict(zip(LEDGER_TOTALS, conn.execute(SQL["user_ledger_sums"], {"user": user_id}).fetchone()))
-    [(unpaid,)] = conn.execute(SQL["user_unpaid_sessions"], (user_id,)).fetchall()
-    blockers = [f"{nanos_to_usd(sums[key])} {key}" for key in ("pending", "owed", "withheld")
-                if sums.get(key)]
-    if unpaid:
-        blockers.append(f"{unpaid} session(s) not paid in a run yet")
-    return blockers
-
-
-def names_user(body, user_id):
-    """Whether a stored postback body (text or bytes) carries `user_id`: as
-    its user-id field (escaped or not), anywhere as a JSON string, or, in a
-    body that is not JSON (cut short, say), anywhere at all.  Another user's
-    id that merely contains this one ("a" in "bob") is no match in JSON."""
-    raw = body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")
-    quoted = {json.dumps(user_id, ensure_ascii=ascii).encode("utf-8", "surrogatepass")
-              for ascii in (False, True)}
-    if any(form in raw for form in quoted):
-        return True
-    try:
-        parsed = json.loads(raw)
-    except (ValueError, RecursionError):
-        return user_id.encode("utf-8", "surrogatepass") in raw
-    return isinstance(parsed, dict) and parsed.get("user-id") == user_id
-
-
-def erase_user(user_id, force, pseudonym, conn, erased_at_us):
-    """The write op of `erase`: every row of the user renamed to a random
-    pseudonym (it cannot be reversed: nothing derives it from the id), raw
-    bodies cleared, rejected and conflicting postbacks naming them deleted,
-    and the erasure recorded without the id.  -> counts, or Invalid while
-    the user has amounts pending or owed (unless forced)."""
-    if not user_id:
-        raise Invalid("user-id", "must not be empty: '' stands for every session without a sub")
-    if user_id == DEPLOY_CHECK_USER:  # under a pseudonym its sessions would be paid and reported
-        raise Invalid("user-id", f"{user_id} is the deploy check's test user, no person: "
-                      "nothing to erase")
-    blockers = erasure_blockers(conn, user_id)
-    if blockers and not force:
-        raise Invalid("user-id", f"the user still has {', '.join(blockers)}: settle or release "
-                      "it first, or erase anyway with --even-if-owed")
-    counts = {"sessions": conn.execute(SQL["erase_sessions"], (pseudonym, user_id)).rowcount}
-    of_sessions = conn.execute(SQL["erase_session_conflicts"], (pseudonym,)).rowcount
-    for table in ERASE_RENAMES:
-        conn.execute(f"UPDATE {table} SET user_id = ? WHERE user_id = ?", (pseudonym, user_id))
-    for table, id_column, bodies in (("rejected", "id", "raw_body"),
-                                     ("conflicts", "id", "stored_body, new_body")):
-        doomed = [(row[0],) for row in conn.execute(f"SELECT {id_column}, {bodies} FROM {table}")
-                  if any(names_user(body, user_id) for body in row[1:])]
-        conn.executemany(f"DELETE FROM {table} WHERE {id_column} = ?", doomed)
-        counts[table] = len(doomed) + (of_sessions if table == "conflicts" else 0)
-    conn.execute(SQL["erase_hold_reasons"], (user_id, pseudonym, pseudonym))
-    if any(counts.values()):  # a second erase of the same id (after a crash) records nothing
-        conn.execute(SQL["insert_erasure"], (erased_at_us, counts["sessions"], int(bool(blockers))))
-    return counts
-
-
-def compact_after_erasure(path):
-    """Leave no copy of erased bytes in the file: VACUUM rewrites it without
-    free pages or free space inside pages, and a TRUNCATE checkpoint empties
-    the WAL, whose older frames still hold pages as they were.  StoreUnavailable
-    if a reader kept the WAL from being emptied."""
-    conn = connect(path, DEFAULTS["busy_timeout_ms"])
-    try:
-        conn.execute("VACUUM")
-        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    finally:
-        conn.close()
-    if busy:
-        raise StoreUnavailable("the WAL could not be emptied (a reader kept it busy): run the "
-                               "same erase again")
-
-
-def erase(store, user_id, force=False):
-    """Erase a user (see erase_user), in the database and then in its ledger
-    journal under the same pseudonym, then compact both files: -> counts.
-    As a ledger step: no run or settlement is computed meanwhile, and a
-    restored copy is refused until it is replayed."""
-    pseudonym = "erased:" + secrets.token_hex(16)  # random: nothing derives it from the id
-    with ledger_step(store) as journal:
-        counts = store.write(functools.partial(erase_user, user_id, force, pseudonym))
-        journal.rename_user(user_id, pseudonym)
-    compact_after_erasure(store.path)
-    return counts
-
-
-def oldest_unsettled_paid_day(conn):
-    """The start (receive time) of the oldest report day with a part in a
-    run and no settlement, or None: each run's days are walked in its key
-    order, one index search per day, never its parts one by one."""
-    settled = {day for (day,) in conn.execute(SQL["settled_days"])}
-    days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), 0)
-    oldest = None
-    for run_id, _ in conn.execute(SQL["run_offsets"]).fetchall():
-        day = ""
-        while (day := conn.execute(SQL["next_paid_day"], (run_id, day)).fetchone()[0]) is not None:
-            if day not in settled:
-                start = day_bounds_us(day, days)[0]
-                oldest = start if oldest is None else min(oldest, start)
-                break
-    return oldest
-
-
-def ledger_state(store):
-    """What /metrics tells of the ledger: times in receive-time microseconds
-    (None before the first run or settlement), totals as decimal strings."""
-    with store.snapshot() as conn:
-        run = conn.execute(SQL["last_run_times"]).fetchone()
-        settlement = conn.execute(SQL["last_settlement_times"]).fetchone()
-        sums = ledger_totals(conn.execute(SQL["ledger_sums"]).fetchone())
-        oldest = oldest_unsettled_paid_day(conn)
-        days = report_days_of(conn.execute(SQL["report_offsets"]).fetchall(), 0)
-    settled_until = None
-    if settlement is not None and settlement[2] is not None:
-        settled_until = day_bounds_us(settlement[2], days)[1]
-    return {"run_at": run and run[0], "run_until": run and run[1],
-            "settlement_at": settlement and settlement[0], "settlement_until": settled_until,
-            "oldest_unsettled": oldest, "pending": sums["pending"], "owed": sums["owed"]}
 
 
 def json_output(report):
@@ -5062,7 +3582,7 @@ class LedgerJournal:
                                  for table, _, columns in rows if "user_id" in columns}):
                 self.conn.execute(f"UPDATE main.{table} SET user_id = ? WHERE user_id = ?",
                                   (pseudonym, user_id))
-            self.conn.execute(SQL["erase_hold_reasons"].replace("ledger_holds", "main.ledger_holds"),
+            self.conn.execute(ADJUSTMENTS_SQL["erase_hold_reasons"].replace("ledger_holds", "main.ledger_holds"),
                               (user_id, pseudonym, pseudonym))
             self.conn.execute("COMMIT")
         except BaseException:
@@ -5125,6 +3645,2016 @@ def check_journal_read_only(store):
     return set(unjournaled)
 
 
+# --- The ledger's commands: options and the driver they share ---
+
+LEDGER_EXIT_HELP = ("Exit status 0 when done; 1, with one line on stderr, when the database "
+                    "cannot be read or written (nothing is half-written: run it again); 2 when "
+                    "an option is refused (nothing changed); 3 when the step is recorded but "
+                    "its lines could not be written (the line says how to print them again); "
+                    "4 (settle) when it settled what it could but a line names pools it could "
+                    "not (partly settled); "
+                    "141 when the reader closed the pipe before any step was recorded.")
+
+
+LEDGER_OPTIONS = ("until", "pay-now-share", "final-share", "report-utc-offset", "settlement",
+                  "write-off", "reason", "older-than", "from")
+
+
+def add_lines_format_option(parser):
+    """--format of the ledger steps' lines: CSV by default, for a spreadsheet or awk."""
+    parser.add_argument("--format", choices=list(EXPORT_FORMATS), default="csv",
+                        help="csv (with a header row) or ndjson [default %(default)s]")
+
+
+def add_lock_wait_option(parser, environ):
+    """How long pay or settle waits for another step (see ledger_lock)."""
+    wait = DEFAULTS["ledger_lock_wait_s"]
+    parser.add_argument("--lock-wait", type=lock_wait_seconds, metavar="SECONDS",
+                        default=env_default(environ, "SPP_LEDGER_LOCK_WAIT", lock_wait_seconds,
+                                            wait),
+                        help="while another pay or settle runs on the database, say so on "
+                        "stderr and wait this long for it, then give up with status 1 "
+                        f"[SPP_LEDGER_LOCK_WAIT, default {wait}]")
+
+
+def lock_wait_seconds(text):
+    return whole_number(text, 0, 86_400, "a whole number of seconds from 0 to 86400")
+
+
+def ledger_lock_options(prog, args):
+    """ledger_lock's options for a command: its --lock-wait, and one line on
+    stderr when it has to wait."""
+    def waiting(path):
+        say(f"{prog}: waiting for another pay or settle to release {path} "
+            f"(at most {args.lock_wait} s, --lock-wait)")
+    return {"wait_s": args.lock_wait, "waiting": waiting}
+
+
+LEDGER_SCHEMA_VERSION = 5  # the first with the ledger's tables
+
+
+def look_before_writing(prog, db, out, look):
+    """Run look(store) on `db` opened read-only, any schema from the
+    ledger's first on: it refuses an option (Invalid) before the file is
+    touched (not even upgraded), or gives (what is recorded, chunks) of a
+    recorded step to print again, which needs no write access (a read-only
+    file system), or None: the step must run.  -> an exit status, or None."""
+    try:
+        store = ReadOnlyStore(db, oldest=1)
+    except StoreUnavailable:
+        return None  # opening it for writing says why, or works (a -wal to join)
+    try:
+        found = look(store) if store.version >= LEDGER_SCHEMA_VERSION else None
+        if found is None or store.version < latest_schema_version():
+            return None  # the step prints it, after the upgrade its reads expect
+        return write_output(prog, db, out, store, *found)
+    except Invalid as invalid:
+        return ledger_refusal(prog, invalid)
+    except (StoreUnavailable, sqlite3.Error):
+        return None  # the step reads it again, and says what fails
+    finally:
+        store.close()
+
+
+def ledger_refusal(prog, invalid):
+    where = f"--{invalid.field}" if invalid.field in LEDGER_OPTIONS else invalid.field
+    say(f"{prog}: {where}: {invalid.message}; nothing changed")
+    return 2
+
+
+# ---------------------------------------------------------------------------
+# Payout ledger, runs: each session paid once (pay, void-oversized)
+# ---------------------------------------------------------------------------
+
+RUNS_SQL = {
+    "run_at": """
+        SELECT id, pay_now_share, final_share, report_utc_offset FROM payout_runs
+        WHERE until_us = ?""",
+    # Only runs whose header committed: a staged run has no row here yet.
+    "report_offsets": """
+        SELECT first_day, report_utc_offset FROM report_offsets ORDER BY run_id""",
+    # Read once per offset change: it scans the paid sessions.
+    "latest_paid_session": "SELECT max(received_at_us) FROM sessions WHERE id <= ?",
+    "offset_change_of_run": """
+        SELECT first_day, report_utc_offset FROM report_offsets
+        WHERE run_id = ? AND first_day IS NOT NULL""",
+    "insert_report_offset": """
+        INSERT INTO report_offsets (run_id, first_day, report_utc_offset) VALUES (?, ?, ?)""",
+    "last_run": """
+        SELECT id, last_session_id, until_us, report_utc_offset FROM payout_runs
+        ORDER BY id DESC LIMIT 1""",
+    "run_moved": "SELECT moved_sessions, moved_to_day FROM payout_runs WHERE id = ?",
+    # Where the ledger took over: the first run's start (see plan_run).
+    "first_run": "SELECT id, after_session_id, started_from FROM payout_runs ORDER BY id LIMIT 1",
+    "oldest_session_upto": """
+        SELECT received_at_us FROM sessions INDEXED BY sessions_by_time WHERE id <= ?
+        ORDER BY received_at_us LIMIT 1""",
+    # The largest id received before a run's until: the run pays every id up
+    # to it that an earlier run did not, whatever their receive times.
+    "last_session_before": """
+        SELECT max(id) FROM sessions INDEXED BY sessions_by_time WHERE received_at_us < ?""",
+    # A run's parts: per report day, property and user, by row id range, as
+    # the rows of insert_part in its primary key's order (so that staging
+    # appends).  Paid now: the estimate times the share (in millionths),
+    # rounded down, split so that the product stays within 64 bits.  A
+    # part's estimate above 9.2 billion USD makes sum() fail, never round.
+    # A session received on a report day already settled (a clock step
+    # backwards) is paid in the pool of :last_day instead (see plan_run).
+    "run_parts": """
+        SELECT :run, date(day * 86400, 'unixepoch'), property_id, user_id, sessions, estimated,
+               CASE WHEN user_id IN {uncredited} THEN 0 ELSE
+               estimated / 1000000 * :millionths + estimated % 1000000 * :millionths / 1000000 END
+        FROM (SELECT CASE WHEN {day} IN (SELECT value FROM json_each(:settled))
+                          THEN :last_day ELSE {day} END AS day,
+                     coalesce(property_id, '') AS property_id, user_id,
+                     count(*) AS sessions, sum(revenue_nano) AS estimated
+              FROM sessions WHERE id > :after AND id <= :last AND {reported}
+              GROUP BY 1, 2, 3 ORDER BY 1, 2, 3)""",
+    # Sessions a run would pay with an estimate above MAX_ESTIMATE (stored
+    # before the receiver refused them): how many, the largest, the first.
+    "oversized_sessions": """
+        SELECT count(*), max(revenue_nano), min(id) FROM sessions
+        WHERE id > :after AND id <= :last AND revenue_nano > :at_most""",
+    "session_and_user": "SELECT session_id, user_id FROM sessions WHERE id = ?",
+    # void-oversized: the estimates no run has paid, kept in rejected, then 0.
+    "reject_oversized": """
+        INSERT INTO rejected (received_at_us, field, reason, raw_body)
+        SELECT :now, 'your-estimated-revenue',
+               'must be at most ' || :limit || ' USD: stored before the receiver refused it, as '
+                   || (revenue_nano / 1000000000) || ' USD and '
+                   || (revenue_nano % 1000000000) || ' nano-USD for session-id ' || session_id
+                   || ' of user-id ' || user_id || '; its estimate set to 0 by void-oversized',
+               CAST(raw_body AS BLOB)
+        FROM sessions WHERE id > :after AND revenue_nano > :at_most ORDER BY id""",
+    "void_oversized": """
+        UPDATE sessions SET revenue_nano = 0 WHERE id > :after AND revenue_nano > :at_most""",
+    "last_paid_session": "SELECT coalesce(max(last_session_id), 0) FROM payout_runs",
+    "settled_day_numbers": """
+        SELECT DISTINCT CAST(julianday(day) - 2440587.5 AS INTEGER) FROM settlement_days""",
+    "sessions_on_days": """
+        SELECT count(*) FROM sessions WHERE id > :after AND id <= :last AND {reported}
+          AND {day} IN (SELECT value FROM json_each(:settled))""",
+    "take_owed": "UPDATE ledger_balances SET owed_nano = owed_nano - ? WHERE user_id = ?",
+    "insert_run": """
+        INSERT INTO payout_runs
+            (id, after_session_id, last_session_id, until_us, created_at_us, pay_now_share,
+             final_share, report_utc_offset, users, sessions, estimated_nano, paid_now_nano,
+             deducted_nano, withheld_nano, moved_sessions, moved_to_day, started_from)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+    "insert_withheld": """
+        INSERT INTO payout_withheld (run_id, user_id, withheld_nano) VALUES (?, ?, ?)""",
+    "insert_part": """
+        INSERT INTO payout_parts
+            (run_id, day, property_id, user_id, sessions, estimated_nano, paid_now_nano)
+        VALUES (?, ?, ?, ?, ?, ?, ?)""",
+    "insert_deduction": """
+        INSERT INTO payout_deductions (run_id, user_id, deducted_nano) VALUES (?, ?, ?)""",
+    "insert_line": """
+        INSERT INTO payout_lines (run_id, user_id, sessions, estimated_nano, paid_now_nano)
+        VALUES (?, ?, ?, ?, ?)""",
+    "run_lines": f"""
+        SELECT l.user_id, l.sessions, l.estimated_nano, l.paid_now_nano,
+               coalesce(d.deducted_nano, 0), coalesce(w.withheld_nano, 0)
+        FROM payout_lines l
+        LEFT JOIN payout_deductions d ON d.run_id = l.run_id AND d.user_id = l.user_id
+        LEFT JOIN payout_withheld w ON w.run_id = l.run_id AND w.user_id = l.user_id
+        WHERE l.run_id = ? AND l.user_id NOT IN {SQL_UNCREDITED} ORDER BY l.user_id""",
+    # What a run covered and paid nobody: the users UNCREDITED_USERS names.
+    "run_uncredited": f"""
+        SELECT coalesce(sum(sessions), 0), coalesce(sum(estimated_nano), 0) FROM payout_lines
+        WHERE run_id = ? AND user_id IN {SQL_UNCREDITED}""",
+}
+
+# A share of the ledger: a plain decimal in [0, 1], at most 6 places, read by
+# regex before Decimal so that no exponent or NaN form gets in.
+LEDGER_SHARE = re.compile(r"0(?:\.[0-9]{1,6})?|1(?:\.0{1,6})?")
+
+RUN_COLUMNS = ["run-id", "user-id", "sessions", "estimated-revenue", "paid-now", "deducted",
+               "withheld"]
+
+
+def parse_ledger_share(text, field):
+    """'0.60' -> Decimal('0.6'), or Invalid naming the field."""
+    if not isinstance(text, str) or not LEDGER_SHARE.fullmatch(text):
+        raise Invalid(field, "must be a plain decimal from 0 to 1 with at most 6 places, "
+                      f"such as 0.6, not {shown(text)}")
+    return decimal.Decimal(text)
+
+
+def share_text(share):
+    """The canonical text stored with a run: Decimal('0.60') -> '0.6'."""
+    return format(share.normalize(), "f") if share else "0"
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    previous_run_id: int | None
+    after_id: int
+    last_id: int
+    until_us: int
+    pay_now: decimal.Decimal
+    final: decimal.Decimal
+    days: ReportDays
+    change: tuple | None  # (first day number or None, offset): recorded with this run
+    parts: list  # rows of insert_part: (run, day, property, user, sessions, estimated, paid now)
+    moved: int = 0  # sessions on days already settled, paid on moved_to instead
+    moved_to: str | None = None
+    started_from: str | None = None  # the first run's --from, as recorded
+
+
+# A first run without --from refuses to pay a session received longer than
+# this before its --until: such a history was most likely paid another way
+# (window exports, the feed) before the ledger; --from says where it takes over.
+FIRST_RUN_WINDOW_US = 7 * DAY_US
+LEDGER_CURSOR = re.compile(r"[0-9]{1,19}-[0-9a-f]{8}")
+
+
+@dataclass(frozen=True)
+class LedgerStart:
+    """Where the ledger takes over (pay --from): after the sessions received
+    before an instant, or after a feed cursor's session."""
+
+    text: str  # as recorded: an ISO 8601 UTC instant, or the cursor
+    instant_us: int | None = None
+    cursor: str | None = None
+
+
+def parse_ledger_start(text):
+    """--from: a feed cursor ('<row id>-<8 hex digits>') or an instant."""
+    if LEDGER_CURSOR.fullmatch(text):
+        return LedgerStart(text, cursor=text)
+    try:
+        instant = parse_instant(text)
+    except ValueError:
+        raise Invalid("from", f"must be a feed cursor or {TIME_FORMS_HELP}, "
+                      f"not {shown(text)}") from None
+    return LedgerStart(iso_utc(instant), instant_us=instant)
+
+
+def start_after_id(conn, start, until_us):
+    """The row id after which the first run pays, for its --from."""
+    if start.cursor is None:
+        if start.instant_us > until_us:
+            raise Invalid("from", "is after --until: the first run would pay nothing it covers")
+        [(newest,)] = conn.execute(RUNS_SQL["last_session_before"], (start.instant_us,)).fetchall()
+        return newest or 0
+    row_id, fingerprint = decode_feed_cursor(start.cursor)
+    [(session_id, _)] = conn.execute(FEED_SQL["feed_cursor_row"], {"id": row_id}).fetchall()
+    if session_id is None or session_fingerprint(session_id) != fingerprint:
+        raise Invalid("from", f"names a session this database does not hold at {row_id} (a "
+                      "cursor of another database, or from before a restore)")
+    return row_id
+
+
+def check_first_run_window(conn, last_id, until_us):
+    """A first run told nothing (no --from) may pay only sessions received
+    within FIRST_RUN_WINDOW_US before its --until."""
+    row = conn.execute(RUNS_SQL["oldest_session_upto"], (last_id,)).fetchone()
+    if row is not None and row[0] < until_us - FIRST_RUN_WINDOW_US:
+        raise Invalid("from", f"this first run would pay every session since {iso_utc(row[0])}, "
+                      f"more than {FIRST_RUN_WINDOW_US // DAY_US} days before --until: name "
+                      "where the ledger takes over with --from (an instant or a feed cursor; "
+                      "--from 1970-01-01 to pay them all), see docs/ledger.md")
+
+
+def recorded_run(conn, until_us, pay_now, final, offset_minutes=None):
+    """The id of the run recorded for `until_us`, or None; Invalid if it was
+    recorded with other shares or another report offset (when one is asked
+    for): history is never rewritten."""
+    row = conn.execute(RUNS_SQL["run_at"], (until_us,)).fetchone()
+    if row is None:
+        return None
+    run_id, pay_now_text, final_text, offset = row
+    asked = [("pay-now-share", share_text(pay_now), share_text(decimal.Decimal(pay_now_text))),
+             ("final-share", share_text(final), share_text(decimal.Decimal(final_text)))]
+    if offset_minutes is not None:
+        asked.append(("report-utc-offset", utc_offset_text(offset_minutes),
+                      utc_offset_text(offset)))
+    for field, wanted, stored in asked:
+        if wanted != stored:
+            raise Invalid(field, f"run {run_id} for this --until was recorded with {field} "
+                          f"{stored}, not {wanted}: a recorded run never changes")
+    return run_id
+
+
+def check_shares(until_us, pay_now, final):
+    """The refusals of a run that need no database."""
+    if until_us >= now_us():
+        raise Invalid("until", "must be in the past: a run pays finished time only")
+    if pay_now > final:
+        raise Invalid("pay-now-share", "must not be above the final share: the excess "
+                      "would be taken back from every user at settlement")
+
+
+def check_run(conn, until_us, pay_now, final, offset_minutes, start=None):
+    """The id of the run recorded for `until_us`, or None for a new run; or
+    Invalid: every refusal `pay` can make, on the ledger's tables alone.
+    `start` (pay --from) is the first run's; given again later, it must be
+    the recorded one."""
+    check_shares(until_us, pay_now, final)
+    first = None if start is None else conn.execute(RUNS_SQL["first_run"]).fetchone()
+    if first is not None and first[2] != start.text:
+        raise Invalid("from", f"the ledger took over {f'from {first[2]}' if first[2] else 'from the first session'} "
+                      f"with run {first[0]}: --from names the first run's start, leave it out")
+    run_id = recorded_run(conn, until_us, pay_now, final, offset_minutes)
+    if run_id is not None:
+        return run_id
+    last = conn.execute(RUNS_SQL["last_run"]).fetchone()
+    if last and until_us < last[2]:
+        raise Invalid("until", f"is before {iso_utc(last[2])}, the until of run {last[0]}: "
+                      "runs only go forward")
+    return None
+
+
+def run_report_days(conn, last, offset_minutes):
+    """(the report days of a new run, the change it records or None).  The
+    first run records its offset; a run asked for another offset than the
+    newest recorded changes it from a day no earlier run paid (ReportDays.changed_to)."""
+    days = report_days_of(conn.execute(RUNS_SQL["report_offsets"]).fetchall(), offset_minutes or 0)
+    if last is None:
+        return days, days.changes[-1]
+    if offset_minutes is None or offset_minutes == days.offset:
+        return days, None
+    # After a clock step a run may have paid a session received after its until.
+    [(latest_paid,)] = conn.execute(RUNS_SQL["latest_paid_session"], (last[1],)).fetchall()
+    days = days.changed_to(offset_minutes, max(last[2], (latest_paid or 0) + 1))
+    return days, days.changes[-1]
+
+
+def plan_run(conn, until_us, pay_now, final, offset_minutes, start=None, window_us=None):
+    """On a read snapshot, after check_run found no run recorded for
+    `until_us`: the RunPlan of a new one.  `start`: see check_run.  With
+    `window_us`, a first run without a start refuses sessions received longer
+    than that before `until_us`."""
+    last = conn.execute(RUNS_SQL["last_run"]).fetchone()
+    previous_id, after_id = (last[0], last[1]) if last else (None, 0)
+    days, change = run_report_days(conn, last, offset_minutes)
+    if last is None and start is not None:
+        after_id = start_after_id(conn, start, until_us)
+    [(newest,)] = conn.execute(RUNS_SQL["last_session_before"], (until_us,)).fetchall()
+    last_id = max(after_id, newest or 0)
+    if last is None and start is None and window_us is not None:
+        check_first_run_window(conn, last_id, until_us)
+    check_no_oversized(conn, after_id, last_id)
+    # A settled day's users are never charged for a session that reached it
+    # later (a clock step backwards): it is paid on the run's last report day.
+    settled = json.dumps([day for (day,) in conn.execute(RUNS_SQL["settled_day_numbers"])])
+    last_day = days.day_of(until_us - 1)
+    where = {"after": after_id, "last": last_id, "settled": settled}
+    cut = {"day": days.sql(), "uncredited": SQL_UNCREDITED, "reported": SQL_REPORTED}
+    # Counted only when a day is settled: a first run scans its sessions once.
+    [(moved,)] = (conn.execute(RUNS_SQL["sessions_on_days"].format(**cut), where).fetchall()
+                  if settled != "[]" else [(0,)])
+    # Rows as SQLite gives them, staged as they are: no Python work per part.
+    parts = conn.execute(RUNS_SQL["run_parts"].format(**cut), {
+        **where, "run": (previous_id or 0) + 1, "last_day": last_day,
+        "millionths": int(pay_now.scaleb(6))}).fetchall()  # exact: at most 6 places
+    return RunPlan(previous_id, after_id, last_id, until_us, pay_now, final, days, change, parts,
+                   moved, report_day_text(last_day) if moved else None,
+                   start.text if last is None and start is not None else None)
+
+
+MAX_ESTIMATE_NANOS = int(MAX_ESTIMATE) * NANOS_PER_USD
+
+
+def check_no_oversized(conn, after_id, last_id):
+    """Invalid naming the field when the run would pay a session above
+    MAX_ESTIMATE: stored before postbacks were refused above it, it is no
+    real estimate, and sums of such sessions can pass 64 bits."""
+    [(count, largest, first)] = conn.execute(RUNS_SQL["oversized_sessions"], {
+        "after": after_id, "last": last_id, "at_most": MAX_ESTIMATE_NANOS}).fetchall()
+    if count:
+        [(session_id, user_id)] = conn.execute(RUNS_SQL["session_and_user"], (first,)).fetchall()
+        raise Invalid("your-estimated-revenue", (
+            f"{plural(count, 'session')} to pay {'is' if count == 1 else 'are'} above "
+            f"{MAX_ESTIMATE} USD, up to {nanos_to_usd(largest)} USD (the first: session-id "
+            f"{shown(session_id, 40)} of user-id {shown(user_id, 40)}), stored before the "
+            f"receiver refused estimates above {MAX_ESTIMATE} USD: no SPP session earns that "
+            "much, and sums of such sessions can pass what 64-bit integers hold. Set them "
+            "aside with `spp_server.py void-oversized` (each kept in rejected, its estimate "
+            "set to 0), then pay again"))
+
+
+def void_oversized(conn, _):
+    """The write op of void-oversized: every session no run has paid with an
+    estimate above MAX_ESTIMATE kept in `rejected`, then its estimate set to
+    0 -> how many."""
+    where = {"after": conn.execute(RUNS_SQL["last_paid_session"]).fetchone()[0],
+             "at_most": MAX_ESTIMATE_NANOS, "limit": str(MAX_ESTIMATE), "now": now_us()}
+    conn.execute(RUNS_SQL["reject_oversized"], where)
+    return conn.execute(RUNS_SQL["void_oversized"], where).rowcount
+
+
+@dataclass(slots=True)
+class RunLine:
+    """A user's line of a run: their parts summed (a mutable accumulator)."""
+
+    sessions: int
+    estimated: int
+    paid: int  # paid now
+
+
+def run_lines_of(parts):
+    """{user: RunLine} summed over the user's parts."""
+    lines = {}
+    for _, _, _, user, sessions, estimated, paid in parts:
+        line = lines.get(user)
+        if line is None:
+            lines[user] = RunLine(sessions, estimated, paid)
+        else:
+            line.sessions += sessions
+            line.estimated += estimated
+            line.paid += paid
+    return lines
+
+
+def record_run(plan, run_id, lines, conn, created_at_us):
+    """The write op that makes a staged run real: the balances taken back and
+    the run's header row, in one transaction; LedgerMoved if a run came first."""
+    last = conn.execute(RUNS_SQL["last_run"]).fetchone()
+    if (last[0] if last else None) != plan.previous_run_id:
+        raise LedgerMoved()
+    # A held user's pay-now is withheld whole (see hold_user); read here, in
+    # the run's own transaction, so that a hold committed before it applies.
+    held = {user for (user,) in conn.execute(ADJUSTMENTS_SQL["held_users"])}
+    withheld = [(user, lines[user].paid) for user in sorted(held)
+                if user in lines and lines[user].paid]
+    # A carried balance is taken back from what the user is paid now, never below zero.
+    taken = [(user, min(owed, lines[user].paid)) for user, owed in owed_balances(conn)
+             if user in lines and lines[user].paid and user not in held]
+    # The run's totals are its printed lines': the uncredited users' are not.
+    paid = [line for user, line in lines.items() if user not in UNCREDITED_USERS]
+    totals = [sum(line.sessions for line in paid), sum(line.estimated for line in paid),
+              sum(line.paid for line in paid)]
+    conn.execute(RUNS_SQL["insert_run"], (
+        run_id, plan.after_id, plan.last_id, plan.until_us, created_at_us, share_text(plan.pay_now),
+        share_text(plan.final), plan.days.offset, len(paid), *totals,
+        sum(nanos for _, nanos in taken), sum(nanos for _, nanos in withheld), plan.moved,
+        plan.moved_to, plan.started_from))
+    if plan.change is not None:
+        first, offset = plan.change
+        conn.execute(RUNS_SQL["insert_report_offset"],
+                     (run_id, None if first is None else report_day_text(first), offset))
+    conn.executemany(RUNS_SQL["take_owed"], ((nanos, user) for user, nanos in taken))
+    conn.executemany(RUNS_SQL["insert_deduction"], ((run_id, user, nanos) for user, nanos in taken))
+    conn.executemany(RUNS_SQL["insert_withheld"], ((run_id, user, nanos) for user, nanos in withheld))
+    return run_id
+
+
+def pay_run(store, until_us, pay_now, final, offset_minutes, start=None, window_us=None,
+            **lock):
+    """Pay every session after the last run up to `until_us` (or find the run
+    already recorded for it): -> run id.  Computed on a read snapshot; its
+    parts and lines are staged in short transactions, then one transaction
+    records the run (see write_in_chunks), then the ledger journal.  `start`
+    and `window_us`: see plan_run; `lock`: ledger_lock's options."""
+    with ledger_step(store, **lock) as journal:
+        for _ in range(LEDGER_RETRIES):
+            with store.snapshot() as conn:
+                recorded_id = check_run(conn, until_us, pay_now, final, offset_minutes, start)
+                if recorded_id is not None:
+                    return recorded_id
+                plan = plan_run(conn, until_us, pay_now, final, offset_minutes, start, window_us)
+            clear_unfinished(store)
+            run_id = (plan.previous_run_id or 0) + 1
+            lines = run_lines_of(plan.parts)
+            write_in_chunks(store, RUNS_SQL["insert_part"], plan.parts)
+            write_in_chunks(store, RUNS_SQL["insert_line"],
+                            ((run_id, user, line.sessions, line.estimated, line.paid)
+                             for user, line in sorted(lines.items())))
+            try:
+                store.write(functools.partial(record_run, plan, run_id, lines))
+            except LedgerMoved:
+                continue
+            journal.record("run", run_id)
+            return run_id
+    raise StoreUnavailable("other ledger steps kept committing meanwhile; run it again")
+
+
+def run_output(store, run_id, fmt):
+    """A run's lines, one per user ordered by user-id, as CSV or NDJSON: what
+    the publisher's app credits (paid-now is after deducted)."""
+    escape = spreadsheet_text if fmt == "csv" else str
+    rows = ((run_id, escape(user), sessions, nanos_to_usd(estimated),
+             nanos_to_usd(paid - deducted - withheld), nanos_to_usd(deducted), nanos_to_usd(withheld))
+            for user, sessions, estimated, paid, deducted, withheld in store.stream(
+                RUNS_SQL["run_lines"], (run_id,)))
+    return in_chunks(encode_values(rows, RUN_COLUMNS, fmt))
+
+
+def build_pay_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py pay",
+        description="Pay a run: every session received since the end of the last run up to "
+        "--until, each in exactly one run. Writes the run's lines (one per user, ordered by "
+        "user-id; paid-now is what to credit) to stdout. Asked again with the same --until "
+        "and shares, it writes the recorded run again, byte for byte, and pays nothing. "
+        "Safe while the server runs. " + LEDGER_EXIT_HELP,
+    )
+    add_db_option(parser, environ, "SQLite database file; never created")
+    parser.add_argument("--until", required=True,
+                        help=f"end of the run, excluded, in the past: {TIME_FORMS_HELP}")
+    parser.add_argument("--pay-now-share", required=True,
+                        help="share of the estimated revenue paid now, from 0 to 1, at most "
+                        "6 places, e.g. 0.6; at most --final-share")
+    parser.add_argument("--final-share", required=True,
+                        help="share of the booked revenue users get in the end, e.g. 0.9: "
+                        "settle pays the rest of it (recorded with the run)")
+    parser.add_argument("--from", dest="start", metavar="FROM",
+                        help="the first run only: where the ledger takes over from window "
+                        "exports or the feed, a feed cursor or an instant (sessions received "
+                        "before it are never paid by the ledger); without it a first run "
+                        f"refuses sessions received more than {FIRST_RUN_WINDOW_US // DAY_US} "
+                        "days before --until")
+    add_report_offset_option(parser, environ, "pay")
+    add_lines_format_option(parser)
+    add_lock_wait_option(parser, environ)
+    return parser
+
+
+def run_pay(argv, environ, out):
+    parser = build_pay_parser(environ)
+    args = parse_arguments(parser, argv)
+    try:
+        until = parse_instant(args.until)
+    except ValueError:
+        return ledger_refusal(parser.prog, Invalid(
+            "until", f"must be {TIME_FORMS_HELP}, not {shown(args.until)}"))
+
+    try:  # refused before the database is opened, as an older schema would be upgraded
+        shares = (parse_ledger_share(args.pay_now_share, "pay-now-share"),
+                  parse_ledger_share(args.final_share, "final-share"))
+        check_shares(until, *shares)
+        start = None if args.start is None else parse_ledger_start(args.start)
+    except Invalid as invalid:
+        return ledger_refusal(parser.prog, invalid)
+
+    def committed(run_id):
+        return f"run {run_id} is committed (the same --until prints it again)"
+
+    def look(store):
+        # A restored copy's run may be another one, and a run not journaled
+        # yet has not released its lines: both are left to the step.
+        unreleased = check_journal_read_only(store)
+        with store.snapshot() as conn:
+            run_id = check_run(conn, until, *shares, args.report_utc_offset, start)
+        if run_id is None or ("run", run_id) in unreleased:
+            return None
+        return committed(run_id), run_output(store, run_id, args.format)
+
+    def step(store):
+        run_id = pay_run(store, until, *shares, args.report_utc_offset, start,
+                         FIRST_RUN_WINDOW_US, **ledger_lock_options(parser.prog, args))
+        for first, offset in store.read(RUNS_SQL["offset_change_of_run"], (run_id,)):
+            begins = iso_utc(ReportDays.fixed(offset).start_us(report_day_number(first)))
+            say(f"{parser.prog}: run {run_id} recorded the report offset "
+                f"{utc_offset_text(offset)} from report day {first} on (it starts at {begins}; "
+                "the day before ends there)")
+        [(moved, moved_to)] = store.read(RUNS_SQL["run_moved"], (run_id,))
+        if moved:
+            say(f"{parser.prog}: run {run_id}: {moved} session(s) received on report days "
+                f"already settled (a clock step backwards?) are paid in the pool of "
+                f"{moved_to}, not charged to the settled days' users")
+        return committed(run_id), run_output(store, run_id, args.format)
+
+    return run_on_database(parser.prog, args.db, out, step, look=look)
+
+
+def build_void_oversized_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py void-oversized",
+        description=f"Set aside the estimates above {MAX_ESTIMATE} USD that no run has paid: "
+        "stored before the receiver refused them, they are no real SPP estimates, and pay "
+        "refuses to pay them. Each is kept in rejected (its body, and its session-id, user-id "
+        "and amount in the reason) and its session's estimate set to 0; the session still "
+        "counts. Restart the server afterwards: the web view and /metrics keep running totals. "
+        "Exit 0, or 1 when the database cannot be written.",
+    )
+    add_db_option(parser, environ, "SQLite database file; never created")
+    return parser
+
+
+def run_void_oversized(argv, environ, out):
+    parser = build_void_oversized_parser(environ)
+    args = parse_arguments(parser, argv)
+
+    def step(store):
+        voided = store.write(void_oversized)
+        return "the change is committed", [
+            f"{plural(voided, 'session')} above {MAX_ESTIMATE} USD set to 0, kept in rejected\n"
+            .encode()]
+
+    return run_on_database(parser.prog, args.db, out, step)
+
+
+# ---------------------------------------------------------------------------
+# Payout ledger, settlements: the buffer released (settle)
+# ---------------------------------------------------------------------------
+
+SETTLEMENTS_SQL = {
+    "add_owed": """
+        INSERT INTO ledger_balances (user_id, owed_nano) VALUES (?, ?)
+        ON CONFLICT (user_id) DO UPDATE SET owed_nano = owed_nano + excluded.owed_nano""",
+    "run_final_shares": "SELECT id, final_share FROM payout_runs",
+    "booked_pools": """
+        SELECT day, property_id, sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
+        FROM booked_revenue GROUP BY day, property_id ORDER BY day, property_id""",
+    "booked_pool": """
+        SELECT coalesce(sum(revenue_nano / 1000000000), 0), coalesce(sum(revenue_nano % 1000000000), 0)
+        FROM booked_revenue WHERE day = ? AND property_id = ?""",
+    # Every recorded run's parts of the days (a JSON list): a search of the
+    # primary key per run and day (CROSS JOIN keeps the runs outer, where
+    # SQLite would rather scan every part), none of an unfinished run's.
+    "parts_of_days": """
+        SELECT p.run_id, p.day, p.property_id, p.user_id, p.sessions, p.estimated_nano,
+               p.paid_now_nano
+        FROM payout_runs r CROSS JOIN payout_parts p ON p.run_id = r.id
+        WHERE p.day IN (SELECT value FROM json_each(?))""",
+    # Summed per run, day and property: no SQL sum spans two runs' parts
+    # (Python adds the runs up, as when each run was a query of its own).
+    "run_day_property_parts": """
+        SELECT p.day, p.property_id, sum(p.sessions), sum(p.estimated_nano),
+               sum(p.paid_now_nano)
+        FROM payout_runs r CROSS JOIN payout_parts p ON p.run_id = r.id
+        WHERE p.day IN (SELECT value FROM json_each(?))
+        GROUP BY r.id, p.day, p.property_id""",
+    # Per [day, start, end] of a JSON list: its day, end, and the first and
+    # last session received in [start, end).
+    "sessions_of_days": """
+        SELECT json_extract(d.value, '$[0]'), json_extract(d.value, '$[2]'),
+               (SELECT min(id) FROM sessions INDEXED BY sessions_by_time
+                WHERE received_at_us >= json_extract(d.value, '$[1]')
+                  AND received_at_us < json_extract(d.value, '$[2]')),
+               (SELECT max(id) FROM sessions INDEXED BY sessions_by_time
+                WHERE received_at_us >= json_extract(d.value, '$[1]')
+                  AND received_at_us < json_extract(d.value, '$[2]'))
+        FROM json_each(?) d""",
+    "last_settlement": "SELECT max(id) FROM settlements",
+    "settled_pool_keys": "SELECT DISTINCT day, property_id FROM settlement_days",
+    # Every settlement of the days (a JSON list): see last_settled.
+    "settled_pools_of_days": """
+        SELECT day, property_id, settlement_id, by_property, booked_nano, sessions, estimated_nano
+        FROM settlement_days WHERE day IN (SELECT value FROM json_each(?))""",
+    # What each user's earlier lines of the pools (a JSON list of [day,
+    # property]) moved: top-ups less balances carried (lines of a committed
+    # settlement only: a settlement_days row is its header's).
+    "earlier_pool_lines": """
+        SELECT d.day, d.property_id, l.user_id, l.top_up_nano - l.carried_nano,
+               l.written_off_nano - l.written_back_nano, l.held
+        FROM json_each(?) p
+        JOIN settlement_days d ON d.day = json_extract(p.value, '$[0]')
+                              AND d.property_id = json_extract(p.value, '$[1]')
+        JOIN settlement_lines l ON l.settlement_id = d.settlement_id AND l.day = d.day
+                               AND l.property_id = d.property_id""",
+    # Balances of the pools written off for their age: the user keeps them, as
+    # if written off when settled (see pool_lines).
+    "pools_balance_write_offs": """
+        SELECT b.day, b.property_id, b.user_id, sum(b.written_off_nano)
+        FROM json_each(?) p
+        JOIN balance_write_off_lines b ON b.day = json_extract(p.value, '$[0]')
+                                      AND b.property_id = json_extract(p.value, '$[1]')
+        GROUP BY b.day, b.property_id, b.user_id""",
+    "insert_settlement": """
+        INSERT INTO settlements (id, created_at_us, report_utc_offset, write_off, pools,
+                                 booked_nano, top_up_nano, carried_nano, written_off_nano,
+                                 deducted_nano)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+    "insert_settlement_day": """
+        INSERT INTO settlement_days
+            (day, property_id, settlement_id, by_property, booked_nano, sessions, estimated_nano,
+             paid_now_nano, final_nano, top_up_nano, carried_nano, written_off_nano)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+    "insert_settlement_line": """
+        INSERT INTO settlement_lines
+            (settlement_id, day, property_id, user_id, sessions, estimated_nano,
+             booked_part_nano, final_nano, paid_now_nano, top_up_nano, carried_nano,
+             written_off_nano, correction, deducted_nano, written_back_nano, held)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+    "settlement_lines_of": """
+        SELECT settlement_id, day, property_id, user_id, sessions, estimated_nano,
+               booked_part_nano, final_nano, paid_now_nano, top_up_nano, carried_nano,
+               written_off_nano, correction, deducted_nano, written_back_nano, held
+        FROM settlement_lines WHERE settlement_id = ? ORDER BY day, property_id, user_id""",
+}
+
+SETTLEMENT_COLUMNS = ["settlement-id", "day", "property-id", "user-id", "sessions",
+                      "estimated-revenue", "booked-part", "final", "paid-now", "top-up",
+                      "carried", "written-off", "kind", "deducted"]
+
+
+@functools.lru_cache(maxsize=64)
+def share_millionths(text):
+    """A recorded share -> an integer of millionths: '0.9' -> 900000."""
+    return int(decimal.Decimal(text).scaleb(6))
+
+
+def largest_remainder(total, weights):
+    """Share the integer `total` in proportion to `weights` (in order of the
+    users' ids): each gets the floor of its exact quota, and what is left (one
+    nano each) goes to the largest remainders, ties to the first user-id.
+    The parts sum to `total` exactly."""
+    whole = sum(weights)
+    if not whole:
+        return [0] * len(weights)
+    parts, remainders = [], []
+    for w in weights:
+        part, remainder = divmod(total * w, whole)
+        parts.append(part)
+        remainders.append(remainder)
+    # nlargest is sorted(reverse=True)[:n], stable: equal remainders keep user-id order.
+    for i in heapq.nlargest(total - sum(parts), range(len(weights)), key=remainders.__getitem__):
+        parts[i] += 1
+    return parts
+
+
+@dataclass(slots=True)
+class PoolUser:
+    """A Pool.users entry: one user's parts of the pool summed (an accumulator)."""
+
+    sessions: int
+    estimated: int
+    paid: int  # paid now
+    # The final share (millionths) times sessions and times estimates.
+    share_by_sessions: int
+    share_by_estimates: int
+    # None before the first settlement of the pool; then top-ups less balances carried.
+    adjustment: int | None = None
+    standing: int = 0  # the standing write-off: written off, less written back
+    held: bool = False
+
+
+# A row of insert_settlement_line, in its columns' order.
+SettlementLine = collections.namedtuple("SettlementLine", (
+    "settlement_id", "day", "property_id", "user_id", "sessions", "estimated", "booked_part",
+    "final", "paid", "top_up", "carried", "written_off", "correction", "deducted",
+    "written_back", "held"))
+
+# A row of insert_settlement_day, in its columns' order.
+SettlementDay = collections.namedtuple("SettlementDay", (
+    "day", "property_id", "settlement_id", "by_property", "booked", "sessions", "estimated",
+    "paid", "final", "top_up", "carried", "written_off"))
+
+
+@dataclass
+class Pool:
+    """One report day and property (or whole day) to settle."""
+
+    day: str
+    property_id: str
+    by_property: int
+    booked: int
+    users: dict  # user -> PoolUser
+
+    def totals(self):
+        users = self.users.values()
+        return (sum(u.sessions for u in users), sum(u.estimated for u in users),
+                sum(u.paid for u in users))
+
+
+def pool_lines(pool, write_off, settlement_id):
+    """Per user, in user-id order, a SettlementLine (deducted is set later by
+    take_owed_from_top_ups).  The final amount is the
+    booked part times the final shares of the runs that paid the user's
+    sessions (weighted by their estimates), rounded down once.  A held user
+    weighs nothing: the booked figure is shared among the others.  An
+    uncredited user (UNCREDITED_USERS) weighs as any other, and their booked
+    part is the margin's: final 0 (line_kind tells such lines apart)."""
+    users = sorted(pool.users)
+    counted = [pool.users[u] for u in users if not pool.users[u].held]
+    by_sessions = not any(u.estimated for u in counted)  # no estimate to weigh by
+    weights = [0 if entry.held else entry.sessions if by_sessions else entry.estimated
+               for entry in map(pool.users.__getitem__, users)]
+    booked_parts = largest_remainder(pool.booked, weights)
+    lines = []
+    key = (settlement_id, pool.day, pool.property_id)
+    for user, weight, booked_part in zip(users, weights, booked_parts):
+        entry = pool.users[user]
+        sessions, estimated, paid, adjustment, standing = (
+            entry.sessions, entry.estimated, entry.paid, entry.adjustment, entry.standing)
+        correction = int(adjustment is not None)
+        line = functools.partial(SettlementLine, *key, user, sessions, estimated, paid=paid,
+                                 correction=correction, deducted=0)
+        if user in UNCREDITED_USERS:  # its booked part is the margin's; paid nothing
+            lines.append(line(booked_part=booked_part, final=0, top_up=0, carried=0,
+                              written_off=0, written_back=0, held=0))
+            continue
+        if entry.held:  # the publisher decides with release (see hold_user)
+            lines.append(line(booked_part=0, final=0, top_up=0, carried=0, written_off=0,
+                              written_back=0, held=1))
+            continue
+        # Exact in integers: a share has at most 6 places.
+        shared = entry.share_by_sessions if by_sessions else entry.share_by_estimates
+        final = booked_part * shared // (weight * 10**6) if weight else 0
+        # Against what the user holds for the pool so far (written-off amounts included).
+        delta = final - paid - (adjustment or 0)
+        top_up, excess = max(delta, 0), max(-delta, 0)
+        # What the user holds above the final amount was forgiven up to the
+        # standing write-off: only the rest is short; a write-off no longer
+        # needed is written back (a correction never charges it again).
+        short, written_back = max(excess - standing, 0), max(standing - excess, 0)
+        lines.append(line(booked_part=booked_part, final=final, top_up=top_up,
+                          carried=0 if write_off else short,
+                          written_off=short if write_off else 0, written_back=written_back,
+                          held=0))
+    return lines
+
+
+def take_owed_from_top_ups(computed, owed):
+    """Take each user's balance (owed before, plus what this settlement
+    carries) back from their top-ups, in day and property order, never below
+    zero: the lines' `deducted`.  -> [(pool, lines)] with it set."""
+    remaining = collections.Counter(owed)
+    for _, lines in computed:
+        for line in lines:
+            if line.carried:
+                remaining[line.user_id] += line.carried
+    if not +remaining:
+        return computed  # no one owes: nothing to take (most settlements)
+    taken = []
+    for pool, lines in computed:
+        new_lines = []
+        for line in lines:
+            user = line.user_id
+            deducted = min(remaining[user], line.top_up)
+            if deducted:
+                remaining[user] -= deducted
+                line = line._replace(deducted=deducted)
+            new_lines.append(line)
+        taken.append((pool, new_lines))
+    return taken
+
+
+def add_part(users, share, user, sessions, estimated, paid, held):
+    """One part of a pool added to its users (see Pool.users).  The final
+    shares of the runs are summed weighted by sessions and by estimates, so
+    that pool_lines applies them in proportion to either."""
+    entry = users.get(user)
+    if entry is None:
+        users[user] = PoolUser(sessions, estimated, paid, share * sessions, share * estimated,
+                               held=user in held)
+    else:
+        entry.sessions += sessions
+        entry.estimated += estimated
+        entry.paid += paid
+        entry.share_by_sessions += share * sessions
+        entry.share_by_estimates += share * estimated
+
+
+def add_earlier_settlements(conn, pools):
+    """To the users of each pool settled before: what their earlier lines of
+    the pool moved (top-ups less balances carried), their standing
+    write-off, and whether they were held then (a user settled as held stays
+    out of the pool's sharing); balances of the pool written off for their
+    age count as written off at settlement.  Two queries over every pool."""
+    by_key = {(pool.day, pool.property_id): pool.users for pool in pools}
+    keys = json.dumps(sorted(by_key))
+    for day, prop, user, adjustment, written_off, held in conn.execute(
+            SETTLEMENTS_SQL["earlier_pool_lines"], (keys,)):
+        if (entry := by_key[day, prop].get(user)) is not None:
+            entry.adjustment = (entry.adjustment or 0) + adjustment
+            entry.standing += written_off
+            entry.held = entry.held or bool(held)
+    for day, prop, user, written_off in conn.execute(SETTLEMENTS_SQL["pools_balance_write_offs"], (keys,)):
+        if (entry := by_key[day, prop].get(user)) is not None:
+            entry.adjustment = (entry.adjustment or 0) + written_off
+            entry.standing += written_off
+
+
+def paid_days(conn, days, last, booked_days):
+    """The days of `booked_days` whose sessions were all paid by the
+    ledger's runs: none received after the last run, none before the
+    ledger took over (paid another way: never settled here).  One query."""
+    bounds = [[day, *day_bounds_us(day, days)] for day in sorted(booked_days)]
+    taken_over_after = conn.execute(RUNS_SQL["first_run"]).fetchone()[1]
+    return {day for day, end, oldest, newest in conn.execute(
+                SETTLEMENTS_SQL["sessions_of_days"], (json.dumps(bounds),))
+            # None after the last run (a clock step), none before the ledger took over.
+            if end <= last[2] and (newest is None or newest <= last[1])
+            and (oldest is None or oldest > taken_over_after)}
+
+
+def pending_without_booked(conn, booked, paid):
+    """What stays pending because no booked row can ever settle it: on each
+    paid day (of the set `paid`) booked by property, the parts of a property
+    (or of sessions without one) that has no booked row.  -> [record], by
+    day and property.  One query over every run and day."""
+    booked_props = collections.defaultdict(set)
+    for day, prop, *_ in booked:
+        booked_props[day].add(prop)
+    # A whole-day pool takes every property.
+    days = {day for day, props in booked_props.items() if props != {""} and day in paid}
+    sums = collections.defaultdict(lambda: [0, 0, 0])
+    for day, prop, *amounts in conn.execute(SETTLEMENTS_SQL["run_day_property_parts"],
+                                            (json.dumps(sorted(days)),)):
+        if prop not in booked_props[day]:
+            sums[day, prop] = [a + b for a, b in zip(sums[day, prop], amounts)]
+    return [{"day": day, "property-id": prop, "sessions": n,
+             "estimated-revenue": nanos_to_usd(estimated), "paid-now": nanos_to_usd(paid_now),
+             "why": "no booked row for this property on a day booked by property"
+             if prop else "sessions without a property-id, on a day whose booked rows "
+             "all have one"} for (day, prop), (n, estimated, paid_now) in sorted(sums.items())]
+
+
+def users_by_pool(conn, keys, by_property_days):
+    """{(day, property): {user: PoolUser}} of the pools `keys`, from every
+    run's parts of their days: a day booked by property pools each
+    property's parts apart (a property without a pool stays pending), a
+    whole day pools all of them under property ''.  One query over every
+    run and day."""
+    final_millionths = {run: share_millionths(share)
+                        for run, share in conn.execute(SETTLEMENTS_SQL["run_final_shares"])}
+    held = {user for (user,) in conn.execute(ADJUSTMENTS_SQL["held_users"])}
+    pools = {key: {} for key in keys}
+    for run, day, prop, user, sessions, estimated, paid in conn.execute(
+            SETTLEMENTS_SQL["parts_of_days"], (json.dumps(sorted({day for day, _ in keys})),)):
+        if (users := pools.get((day, prop if day in by_property_days else ""))) is not None:
+            add_part(users, final_millionths[run], user, sessions, estimated, paid, held)
+    return pools
+
+
+def last_settled(conn, days):
+    """How `days` were last settled: ({day: by_property}, {(day, property):
+    (booked, sessions, estimated)}), each of its newest settlement.  One query."""
+    newest_of_day, newest_of_pool = {}, {}
+    for day, prop, settlement_id, by_property, *state in conn.execute(
+            SETTLEMENTS_SQL["settled_pools_of_days"], (json.dumps(sorted(days)),)):
+        if newest_of_day.get(day, (0,))[0] < settlement_id:
+            newest_of_day[day] = (settlement_id, by_property)
+        if newest_of_pool.get((day, prop), (0,))[0] < settlement_id:
+            newest_of_pool[day, prop] = (settlement_id, tuple(state))
+    return ({day: by_property for day, (_, by_property) in newest_of_day.items()},
+            {key: state for key, (_, state) in newest_of_pool.items()})
+
+
+def dropped_pools(conn, booked, blocked_days):
+    """[Unsettled] of each pool settled before whose booked row a revision
+    dropped (its users were paid on it); a blocked day is named once already."""
+    booked_keys = {(day, prop) for day, prop, *_ in booked}
+    return [Unsettled(day, prop, "was settled against booked revenue that is no longer "
+                      "stored: re-import its report with that row (with 0 if it truly earned "
+                      "nothing)")
+            for day, prop in conn.execute(SETTLEMENTS_SQL["settled_pool_keys"])
+            if (day, prop) not in booked_keys and day not in blocked_days]
+
+
+def pending_warning(pending):
+    """A pending_without_booked record as settle's warning."""
+    where = f" property {pending['property-id']}" if pending["property-id"] else ""
+    return (f"{pending['day']}{where}: {pending['sessions']} sessions estimated at "
+            f"{pending['estimated-revenue']} (paid now {pending['paid-now']}) stay pending: "
+            f"{pending['why']}")
+
+
+@dataclass
+class Settleable:
+    """What settle_pools finds on a snapshot."""
+
+    fingerprint: tuple  # (last run id, last settlement id): record_settlement checks it
+    offset: int  # the newest report offset, recorded with the settlement
+    pools: list  # [Pool] to settle: new, or changed since their last settlement
+    problems: list = dataclasses.field(default_factory=list)  # [Unsettled]: left alone, and why
+    warnings: list = dataclasses.field(default_factory=list)  # [str]
+
+
+def settle_pools(conn):
+    """On a read snapshot: the Settleable of every report day (and property)
+    with booked revenue whose sessions were all paid in runs and that is new
+    or changed since its last settlement; the pools that cannot be settled,
+    each with why; what stays pending for want of a booked row, and booked
+    rows that match no session, as warnings.  A bounded number of queries,
+    each over every pool (not one per run per pool)."""
+    last = conn.execute(RUNS_SQL["last_run"]).fetchone()
+    last_settlement = conn.execute(SETTLEMENTS_SQL["last_settlement"]).fetchone()[0]
+    if last is None:
+        return Settleable((None, last_settlement), 0, [])
+    run_id, _, _, offset = last
+    days = report_days_of(conn.execute(RUNS_SQL["report_offsets"]).fetchall(), offset)
+    booked = conn.execute(SETTLEMENTS_SQL["booked_pools"]).fetchall()
+    paid = paid_days(conn, days, last, {day for day, *_ in booked})
+    days_by_property = {day for day, prop, *_ in booked if prop != ""}
+    users = users_by_pool(conn, {(day, prop) for day, prop, *_ in booked if day in paid},
+                          days_by_property)
+    settled_by_property, settled_pools = last_settled(conn, paid)
+    found = Settleable((run_id, last_settlement), offset, [])
+    blocked_days = set()
+    for day, prop, whole, rest in booked:
+        if day in blocked_days or day not in paid:
+            continue
+        by_property = int(day in days_by_property)
+        pool = Pool(day, prop, by_property, joined_nanos(whole, rest), users[day, prop])
+        if not pool.users and pool.booked:
+            found.warnings.append(str(Unsettled(
+                day, prop, f"booked {nanos_to_usd(pool.booked)} that matches no session paid: "
+                "all of it is the margin's (is the property-id written as in the postbacks?)")))
+        # Per day, not per pool: an import with the other breakdown replaces
+        # the day's rows, so its pools are new keys that would pay it twice.
+        if settled_by_property.get(day, by_property) != by_property:
+            how = "by property" if settled_by_property[day] else "as a whole day"
+            found.problems.append(Unsettled(day, "", f"was settled {how} but its booked rows "
+                                            "now are not: re-import its report as it was"))
+            blocked_days.add(day)
+            continue
+        if settled_pools.get((day, prop)) == (pool.booked, *pool.totals()[:2]):
+            continue  # settled, and nothing changed since
+        found.pools.append(pool)
+    add_earlier_settlements(conn, [pool for pool in found.pools
+                                   if (pool.day, pool.property_id) in settled_pools])
+    found.problems += dropped_pools(conn, booked, blocked_days)
+    found.warnings += map(pending_warning, pending_without_booked(conn, booked, paid))
+    return found
+
+
+@dataclass(frozen=True)
+class Unsettled:
+    """A pool (or day) that settle left alone, and why."""
+
+    day: str
+    property_id: str
+    why: str
+
+    def __str__(self):
+        return f"{self.day}{f' property {self.property_id}' if self.property_id else ''} {self.why}"
+
+
+def settlement_line_rows(computed):
+    """The lines of every pool, to be staged in user-id order (then day and
+    property): both the primary key and settlement_lines_by_user then grow
+    at a few places, so a staged chunk writes few pages (in pool order, each
+    chunk would rewrite index pages all over the table; see docs/performance.md)."""
+    rows = list(itertools.chain.from_iterable(lines for _, lines in computed))
+    rows.sort(key=operator.attrgetter("user_id"))  # stable: a user's pools stay in day, property order
+    return rows
+
+
+def settled_pool_rows(settlement_id, computed):
+    """The settlement_days rows of the computed pools: each pool's state and
+    its final, top-up, carried and (net of written back) written-off amounts
+    summed over its lines."""
+    return [SettlementDay(pool.day, pool.property_id, settlement_id, pool.by_property,
+                          pool.booked, *pool.totals(), sum(line.final for line in lines),
+                          sum(line.top_up for line in lines),
+                          sum(line.carried for line in lines),
+                          sum(line.written_off - line.written_back for line in lines))
+            for pool, lines in computed]
+
+
+def balance_changes(computed):
+    """[(user, carried - deducted)] over every pool, in user-id order, where
+    not zero: one statement per user keeps the last transaction short."""
+    change = collections.Counter()
+    for _, lines in computed:
+        for line in lines:
+            if line.carried or line.deducted:
+                change[line.user_id] += line.carried - line.deducted
+    return sorted((user, nanos) for user, nanos in change.items() if nanos)
+
+
+def record_settlement(fingerprint, offset, settlement_id, pools, pool_rows, changes, deducted,
+                      write_off, conn, created_at_us):
+    """The write op that makes a staged settlement real: its header, its
+    pools and the balances carried and taken back, in one transaction;
+    LedgerMoved if a run, a settlement or a booked figure of its pools changed
+    since it was computed."""
+    last = conn.execute(RUNS_SQL["last_run"]).fetchone()
+    now_print = (last and last[0], conn.execute(SETTLEMENTS_SQL["last_settlement"]).fetchone()[0])
+    if now_print != fingerprint or any(
+            joined_nanos(*conn.execute(SETTLEMENTS_SQL["booked_pool"], (p.day, p.property_id)).fetchone())
+            != p.booked for p in pools):
+        raise LedgerMoved()
+    conn.execute(SETTLEMENTS_SQL["insert_settlement"], (
+        settlement_id, created_at_us, offset, int(write_off), len(pools),
+        sum(pool.booked for pool in pools), sum(row.top_up for row in pool_rows),
+        sum(row.carried for row in pool_rows), sum(row.written_off for row in pool_rows),
+        deducted))
+    conn.executemany(SETTLEMENTS_SQL["insert_settlement_day"], pool_rows)
+    conn.executemany(SETTLEMENTS_SQL["add_owed"], ((u, n) for u, n in changes if n > 0))
+    conn.executemany(RUNS_SQL["take_owed"], ((-n, u) for u, n in changes if n < 0))
+    return settlement_id
+
+
+def settle(store, write_off=False, problems=None, warnings=None, **lock):
+    """Settle what can be settled: -> the new settlement's id, or None when
+    there was nothing to settle.  Staged like a run (see pay_run).  The
+    pools it could not settle, and its warnings, are added to the two
+    lists (see settle_pools).  `lock`: ledger_lock's options."""
+    with ledger_step(store, **lock) as journal:
+        for _ in range(LEDGER_RETRIES):
+            with store.snapshot() as conn:
+                check_booked_bound(conn)
+                found = settle_pools(conn)
+                owed = dict(owed_balances(conn))
+            for given, new in ((problems, found.problems), (warnings, found.warnings)):
+                if given is not None:
+                    given[:] = new
+            if not found.pools:
+                return None
+            clear_unfinished(store)
+            settlement_id = (found.fingerprint[1] or 0) + 1
+            computed = take_owed_from_top_ups(
+                [(pool, pool_lines(pool, write_off, settlement_id)) for pool in found.pools],
+                owed)
+            write_in_chunks(store, SETTLEMENTS_SQL["insert_settlement_line"], settlement_line_rows(computed))
+            try:
+                store.write(functools.partial(
+                    record_settlement, found.fingerprint, found.offset, settlement_id, found.pools,
+                    settled_pool_rows(settlement_id, computed), balance_changes(computed),
+                    sum(line.deducted for _, lines in computed for line in lines), write_off))
+            except LedgerMoved:
+                continue
+            journal.record("settlement", settlement_id)
+            return settlement_id
+    raise StoreUnavailable("other ledger steps kept committing meanwhile; run it again")
+
+
+def line_kind(user, correction, held):
+    """A settlement line's kind, each from its own column: `unattributed` for
+    a user UNCREDITED_USERS names (their booked part is the margin's), `held`
+    for a user held when settled (sharing nothing), else `correction` for a
+    pool settled before (settlement_lines.correction is only that), or
+    `settlement`."""
+    if user in UNCREDITED_USERS:
+        return "unattributed"
+    return "held" if held else "correction" if correction else "settlement"
+
+
+def settlement_values(row):
+    """A settlement_lines row -> its values in the order of SETTLEMENT_COLUMNS."""
+    (settlement_id, day, prop, user, sessions, estimated, booked_part, final, paid, top_up,
+     carried, written_off, correction, deducted, written_back, held) = row
+    return (settlement_id, day, prop, user, sessions, nanos_to_usd(estimated),
+            nanos_to_usd(booked_part), nanos_to_usd(final), nanos_to_usd(paid),
+            nanos_to_usd(top_up - deducted), nanos_to_usd(carried),
+            signed_usd(written_off - written_back), line_kind(user, correction, held),
+            nanos_to_usd(deducted))
+
+
+def settlement_record(row):
+    return dict(zip(SETTLEMENT_COLUMNS, settlement_values(row)))
+
+
+def settlement_output(store, settlement_id, fmt):
+    """A settlement's lines (per day, property and user) as CSV or NDJSON: the
+    top-ups to credit, the balances carried."""
+    rows = map(settlement_values, store.stream(SETTLEMENTS_SQL["settlement_lines_of"], (settlement_id,)))
+    if fmt == "csv":
+        rows = ((sid, day, spreadsheet_text(prop), spreadsheet_text(user), *rest)
+                for sid, day, prop, user, *rest in rows)
+    return in_chunks(encode_values(rows, SETTLEMENT_COLUMNS, fmt))
+
+
+def build_settle_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py settle",
+        description="Settle every report day (and property, where the booked rows have one) "
+        "with booked revenue whose sessions were all paid in runs and that is not settled "
+        "yet, or whose booked figure changed since (a correcting line). Writes the "
+        "settlement's lines (per day, property and user; top-up is what to credit) to stdout. "
+        "Safe while the server runs. " + LEDGER_EXIT_HELP,
+    )
+    add_db_option(parser, environ, "SQLite database file; never created")
+    parser.add_argument("--settlement", type=positive_int, metavar="ID",
+                        help="settle nothing; write the lines of settlement ID again (after "
+                        "a crash between its commit and its output, say)")
+    parser.add_argument("--write-off", action="store_true",
+                        help="write off what a user was paid above their final amount, "
+                        "instead of carrying it as a balance taken back from later runs")
+    add_lines_format_option(parser)
+    add_lock_wait_option(parser, environ)
+    return parser
+
+
+def run_settle(argv, environ, out):
+    parser = build_settle_parser(environ)
+    args = parse_arguments(parser, argv)
+    if args.write_off and args.settlement is not None:
+        return ledger_refusal(parser.prog, Invalid(
+            "write-off", "settle --settlement ID prints a recorded settlement again and "
+            "settles nothing, so it cannot write anything off"))
+
+    def recorded(store):
+        if not store.read(FRAME_SQL["settlement_exists"], (args.settlement,)):
+            raise Invalid("settlement", f"there is no settlement {args.settlement}")
+        return None, settlement_output(store, args.settlement, args.format)
+
+    def look(store):  # read-only: the journal checked first, as the step does
+        if ("settlement", args.settlement) in check_journal_read_only(store):
+            return None  # not journaled yet: the step journals it, then prints it
+        return recorded(store)
+
+    unsettled, warnings = [], []
+
+    def step(store):
+        if args.settlement is not None:
+            # A restored copy's settlement may be another one: checked first.
+            with ledger_step(store, **ledger_lock_options(parser.prog, args)):
+                return recorded(store)
+        settlement_id = settle(store, args.write_off, unsettled, warnings,
+                               **ledger_lock_options(parser.prog, args))
+        for line in [f"warning: {w}" for w in warnings] + [f"not settled: {u}" for u in unsettled]:
+            say(f"{parser.prog}: {line}")
+        if settlement_id is None:
+            if not unsettled:
+                [(newest,)] = store.read(SETTLEMENTS_SQL["last_settlement"])
+                again = (f" (settlement {newest} is the newest: settle --settlement {newest} "
+                         "prints it again)") if newest else ""
+                say(f"{parser.prog}: nothing to settle{again}")
+            return None, settlement_output(store, settlement_id, args.format)
+        return (f"settlement {settlement_id} is committed (settle --settlement "
+                f"{settlement_id} prints it again)",
+                settlement_output(store, settlement_id, args.format))
+
+    status = run_on_database(parser.prog, args.db, out, step,
+                             look=look if args.settlement is not None else None)
+    return EXIT_PARTLY_SETTLED if status == 0 and unsettled else status
+
+
+# ---------------------------------------------------------------------------
+# Payout ledger, adjustments: write-offs, holds, suspects, erasure (their commands)
+# ---------------------------------------------------------------------------
+
+ADJUSTMENTS_SQL = {
+    # Users held now: whose newest hold event is a hold.
+    "held_users": """
+        SELECT user_id FROM ledger_holds h
+        WHERE id = (SELECT max(id) FROM ledger_holds n WHERE n.user_id = h.user_id)
+          AND action = 'hold' ORDER BY user_id""",
+    "carried_lines_of_owing": """
+        SELECT l.user_id, s.created_at_us, l.day, l.property_id, l.carried_nano
+        FROM settlement_lines l JOIN settlements s ON s.id = l.settlement_id
+        WHERE l.carried_nano > 0
+          AND l.user_id IN (SELECT user_id FROM ledger_balances WHERE owed_nano > 0)
+        ORDER BY l.user_id, l.settlement_id, l.day, l.property_id""",
+    "next_balance_write_off": "SELECT coalesce(max(id), 0) + 1 FROM balance_write_offs",
+    "insert_balance_write_off": """
+        INSERT INTO balance_write_offs (id, created_at_us, older_than_us, users, written_off_nano)
+        VALUES (?, ?, ?, ?, ?)""",
+    "insert_balance_write_off_line": """
+        INSERT INTO balance_write_off_lines (write_off_id, user_id, day, property_id,
+                                             written_off_nano)
+        VALUES (?, ?, ?, ?, ?)""",
+    "balance_write_off_lines_of": """
+        SELECT user_id, day, property_id, written_off_nano FROM balance_write_off_lines
+        WHERE write_off_id = ? ORDER BY user_id, day, property_id""",
+    "user_hold_state": """
+        SELECT id, user_id, action, at_us, reason, amount_nano FROM ledger_holds
+        WHERE user_id = ? ORDER BY id DESC LIMIT 1""",
+    "user_withheld": """
+        SELECT (SELECT coalesce(sum(withheld_nano), 0) FROM payout_withheld WHERE user_id = :user)
+               - (SELECT coalesce(sum(amount_nano), 0) FROM ledger_holds WHERE user_id = :user)""",
+    "insert_hold": """
+        INSERT INTO ledger_holds (user_id, action, at_us, reason, amount_nano)
+        VALUES (?, ?, ?, ?, ?) RETURNING id, user_id, action, at_us, reason, amount_nano""",
+    # Per user a hold can apply to (not UNCREDITED_USERS) in a window: sessions,
+    # days with a session, revenue, duration summed over the sessions that
+    # have one, and their number.
+    "suspect_figures": f"""
+        SELECT user_id, count(*), count(DISTINCT received_at_us / 86400000000),
+               sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000),
+               coalesce(sum(duration_s), 0), count(duration_s)
+        FROM sessions INDEXED BY sessions_by_time
+        WHERE received_at_us >= ? AND received_at_us < ? AND user_id NOT IN {SQL_UNCREDITED}
+        GROUP BY user_id ORDER BY user_id""",
+    "user_unpaid_sessions": """
+        SELECT count(*) FROM sessions INDEXED BY sessions_by_user
+        WHERE user_id = ? AND id > (SELECT coalesce(max(last_session_id), 0) FROM payout_runs)""",
+    "erase_sessions": "UPDATE sessions SET user_id = ?, raw_body = '' WHERE user_id = ?",
+    # Conflicts over the erased user's sessions (found by the pseudonym just set).
+    "erase_session_conflicts": """
+        DELETE FROM conflicts WHERE session_id IN (
+            SELECT session_id FROM sessions INDEXED BY sessions_by_user WHERE user_id = ?)""",
+    "erase_hold_reasons": "UPDATE ledger_holds SET reason = replace(reason, ?, ?) WHERE user_id = ?",
+    "insert_erasure": "INSERT INTO erasures (erased_at_us, sessions, forced) VALUES (?, ?, ?)",
+}
+
+
+# --- Balances that end: what is owed past a chosen age written off ---
+
+BALANCE_WRITE_OFF_COLUMNS = ["write-off-id", "user-id", "day", "property-id", "written-off"]
+
+
+def aged_balance_lines(carried_lines, owed_by_user, cutoff_us):
+    """[(user, day, property, nanos)] of the balances carried before
+    `cutoff_us` and still owed.  A user's balance is taken back oldest first,
+    so what is still owed is the newest carried lines: walk them oldest first,
+    skipping what was taken back."""
+    aged = []
+    for user, lines in itertools.groupby(carried_lines, key=operator.itemgetter(0)):
+        lines = list(lines)
+        taken_back = sum(line[4] for line in lines) - owed_by_user.get(user, 0)
+        for _, created_at_us, day, prop, carried in lines:
+            left = max(carried - max(taken_back, 0), 0)
+            taken_back -= carried
+            if left and created_at_us < cutoff_us:
+                aged.append((user, day, prop, left))
+    return aged
+
+
+def write_off_aged(older_than_us, conn, created_at_us):
+    """The write op of write-off-balances: every balance carried more than
+    `older_than_us` ago and still owed, written off in one transaction and
+    recorded per user and pool.  -> the write-off's id, or None for nothing."""
+    owed = dict(owed_balances(conn))
+    aged = aged_balance_lines(conn.execute(ADJUSTMENTS_SQL["carried_lines_of_owing"]), owed,
+                              created_at_us - older_than_us)
+    if not aged:
+        return None
+    [(write_off_id,)] = conn.execute(ADJUSTMENTS_SQL["next_balance_write_off"]).fetchall()
+    per_user = collections.Counter()
+    for user, _, _, nanos in aged:
+        per_user[user] += nanos
+    conn.execute(ADJUSTMENTS_SQL["insert_balance_write_off"], (write_off_id, created_at_us, older_than_us,
+                                                   len(per_user), sum(per_user.values())))
+    conn.executemany(ADJUSTMENTS_SQL["insert_balance_write_off_line"],
+                     ((write_off_id, *line) for line in aged))
+    conn.executemany(RUNS_SQL["take_owed"], ((nanos, user) for user, nanos in sorted(per_user.items())))
+    return write_off_id
+
+
+def write_off_balances(store, older_than_us):
+    with ledger_step(store) as journal:
+        write_off_id = store.write(functools.partial(write_off_aged, older_than_us))
+        if write_off_id is not None:
+            journal.record("balance-write-off", write_off_id)
+        return write_off_id
+
+
+def balance_write_off_output(store, write_off_id, fmt):
+    escape = spreadsheet_text if fmt == "csv" else str
+    rows = ((write_off_id, escape(user), day, escape(prop), nanos_to_usd(nanos))
+            for user, day, prop, nanos in store.stream(ADJUSTMENTS_SQL["balance_write_off_lines_of"],
+                                                       (write_off_id or 0,)))
+    return in_chunks(encode_values(rows, BALANCE_WRITE_OFF_COLUMNS, fmt))
+
+
+def build_write_off_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py write-off-balances",
+        description="Write off every carried balance older than --older-than that is still "
+        "owed (taken back oldest first): the users keep it, and it is recorded per user and "
+        "day, shown in their statements and in the ledger's written-off total. Writes the "
+        "lines written off to stdout; nothing older: only the header, and 'nothing to write "
+        "off' on stderr. Run again, it writes off only what aged since. " + LEDGER_EXIT_HELP,
+    )
+    add_db_option(parser, environ, "SQLite database file; never created")
+    parser.add_argument("--older-than", required=True,
+                        help="age of a balance (since the settlement that carried it), "
+                        "such as 90d")
+    add_lines_format_option(parser)
+    return parser
+
+
+def run_write_off_balances(argv, environ, out):
+    parser = build_write_off_parser(environ)
+    args = parse_arguments(parser, argv)
+
+    def step(store):
+        older_than_us = parse_duration(args.older_than, "older-than") * 1_000_000
+        write_off_id = write_off_balances(store, older_than_us)
+        if write_off_id is None:
+            say(f"{parser.prog}: nothing to write off")
+            return None, balance_write_off_output(store, None, args.format)
+        return (f"write-off {write_off_id} is committed (statements and the ledger show it)",
+                balance_write_off_output(store, write_off_id, args.format))
+
+    return run_on_database(parser.prog, args.db, out, step)
+
+
+# --- Holds: a suspect user's pay-now withheld until released or written off ---
+
+
+def change_hold(user_id, action, reason, conn, at_us):
+    """The write op of hold and release: -> the ledger_holds row recorded, or
+    the same row again when the user's newest event already is this action
+    (asked again after a crash: nothing is done twice).  A release credits
+    what was withheld; a write-off of it leaves it to the publisher."""
+    if not reason.strip():
+        raise Invalid("reason", "must say why: it is recorded with the hold")
+    if user_id in UNCREDITED_USERS:  # never paid: no pay-now to withhold, no share to take
+        raise Invalid("user-id", f"{shown(user_id)} is {UNCREDITED_NOTES[user_id]}: "
+                      "there is nothing to hold")
+    newest = conn.execute(ADJUSTMENTS_SQL["user_hold_state"], (user_id,)).fetchone()
+    if newest is not None and newest[2] == action:
+        return newest
+    if action != "hold" and (newest is None or newest[2] != "hold"):
+        raise Invalid("user-id", "is not held: only a held user is released")
+    [(withheld,)] = conn.execute(ADJUSTMENTS_SQL["user_withheld"], {"user": user_id}).fetchall()
+    amount = 0 if action == "hold" else withheld
+    return conn.execute(ADJUSTMENTS_SQL["insert_hold"], (user_id, action, at_us, reason, amount)).fetchone()
+
+
+def hold_user(store, user_id, action, reason):
+    """Hold, release or write off (action) under the ledger lock: a run or a
+    settlement sees the user held or not, never half."""
+    with ledger_step(store) as journal:
+        row = store.write(functools.partial(change_hold, user_id, action, reason))
+        journal.record("hold", row[0])  # asked again: already journaled, nothing twice
+        return row
+
+
+HOLD_COLUMNS = ["hold-id", "user-id", "action", "at", "reason", "amount"]
+
+
+UNCREDITED_NOTES = {
+    "": "sessions without a sub: never paid; their share of booked revenue is the margin's",
+    DEPLOY_CHECK_USER: "the deploy check's test user (docs/deploy.md): never paid nor reported",
+}
+
+
+def hold_record(row):
+    hold_id, user, action, at, reason, amount = row
+    return {"hold-id": hold_id, "user-id": user, "action": action, "at": iso_utc(at),
+            "reason": reason, "amount": nanos_to_usd(amount)}
+
+
+def hold_output(row, fmt):
+    values = hold_record(row)
+    if fmt == "csv":  # the reason is the publisher's text, the id a user's: both escaped
+        values["user-id"], values["reason"] = map(spreadsheet_text,
+                                                  (values["user-id"], values["reason"]))
+    return in_chunks(encode_values([tuple(values.values())], HOLD_COLUMNS, fmt))
+
+
+def build_hold_parser(environ, action):
+    what = {"hold": "Hold a suspect user: from the next run on, their pay-now is withheld "
+                    "(recorded in the run, shown in their statement), and at settlement their "
+                    "estimates take no share of the booked revenue.",
+            "release": "Release a held user: what was withheld is to be credited to them "
+                       "(the amount column); with --write-off it is kept by the publisher "
+                       "instead. Later runs pay the user again."}[action]
+    parser = HelpfulParser(
+        prog=f"spp_server.py {action}",
+        description=what + " Recorded with its time and reason, and written to stdout (one "
+        "line, CSV or NDJSON). Asked again, it prints the same record and changes nothing. "
+        + LEDGER_EXIT_HELP,
+    )
+    parser.add_argument("user_id", metavar="USER-ID")
+    add_db_option(parser, environ, "SQLite database file; never created")
+    parser.add_argument("--reason", required=True, help="why: recorded with the event")
+    if action == "release":
+        parser.add_argument("--write-off", action="store_true",
+                            help="write off what was withheld (the user is not paid it)")
+    add_lines_format_option(parser)
+    return parser
+
+
+def run_hold(argv, environ, out, action="hold"):
+    parser = build_hold_parser(environ, action)
+    args = parse_arguments(parser, argv)
+    if getattr(args, "write_off", False):
+        action = "write-off"
+
+    def step(store):
+        row = hold_user(store, args.user_id, action, args.reason)
+        return f"the {action} is committed (asked again, it prints it again)", hold_output(
+            row, args.format)
+
+    return run_on_database(parser.prog, args.db, out, step)
+
+
+# --- Users worth a look: figures far outside the publisher's own distribution ---
+
+# A figure is far outside when it is further from the median of all users
+# than SUSPECT_SPREADS times the spread (the median absolute deviation, scaled
+# to a standard deviation for normal data, and at least a tenth of the
+# median, so that a crowd of identical users does not flag every other one).
+SUSPECT_SPREADS = 5
+SUSPECT_MIN_USERS = 5  # fewer: no distribution to compare with
+SUSPECT_FIGURES = (("sessions-per-day", 2), ("revenue-per-session", 9), ("mean-duration-s", 1))
+
+
+def median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def spread(values, centre):
+    mad = median([abs(v - centre) for v in values]) * Fraction(14826, 10000)
+    return max(mad, abs(centre) / 10, Fraction(1, 10**9))
+
+
+def user_figures(row):
+    """A suspect_figures row -> {figure: Fraction} (None where unknown)."""
+    user, sessions, days, whole, nanos, duration, timed = row
+    return {"sessions-per-day": Fraction(sessions, days),
+            "revenue-per-session": Fraction(whole * NANOS_PER_USD + nanos, sessions * 10**9),
+            "mean-duration-s": Fraction(duration, timed) if timed else None}
+
+
+def suspects(store, since_us, until_us):
+    """Every user whose sessions per day, revenue per session or mean session
+    duration in [since, until) is far outside the distribution of all users,
+    with the figures, the medians and how many spreads away: a reason to hold
+    someone (or not)."""
+    with store.snapshot() as conn:
+        rows = conn.execute(ADJUSTMENTS_SQL["suspect_figures"], (since_us, until_us)).fetchall()
+        held = {user for (user,) in conn.execute(ADJUSTMENTS_SQL["held_users"])}
+    figures = {row[0]: (row, user_figures(row)) for row in rows}
+    typical, found = {}, []
+    for name, places in SUSPECT_FIGURES:
+        values = [f[name] for _, f in figures.values() if f[name] is not None]
+        if len(values) >= SUSPECT_MIN_USERS:
+            centre = median(values)
+            typical[name] = (centre, spread(values, centre))
+    for user, (row, figure) in figures.items():
+        outside = []
+        for name, places in SUSPECT_FIGURES:
+            if name in typical and figure[name] is not None:
+                centre, width = typical[name]
+                away = abs(figure[name] - centre) / width
+                if away > SUSPECT_SPREADS:
+                    outside.append({"figure": name, "spreads": floor_places(away, 1),
+                                    "direction": "above" if figure[name] > centre else "below"})
+        if outside:
+            found.append((max(Fraction(o["spreads"]) for o in outside), user, row, figure, outside))
+    found.sort(key=lambda f: (-f[0], f[1]))
+    return {"since": iso_utc(since_us), "until": iso_utc(until_us), "users": len(figures),
+            "typical": {name: {"median": floor_places(abs(c), places), "spread": floor_places(w, places)}
+                        for name, places in SUSPECT_FIGURES if name in typical
+                        for c, w in [typical[name]]},
+            "suspects": [{"user-id": user, "held": user in held, "sessions": row[1],
+                          "days": row[2],
+                          **{name: None if figure[name] is None else floor_places(figure[name], places)
+                             for name, places in SUSPECT_FIGURES},
+                          "outside": outside}
+                         for _, user, row, figure, outside in found]}
+
+
+def build_suspects_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py suspects",
+        description="Write the users worth a look to stdout as JSON: those whose sessions "
+        "per day, revenue per session or mean session duration in the window is more than "
+        f"{SUSPECT_SPREADS} spreads from the median of all users (at least "
+        f"{SUSPECT_MIN_USERS} users), with the figures; a reason to hold one (spp_server.py "
+        "hold). Reads only.",
+    )
+    add_db_option(parser, environ, DB_HELP_REPORT)
+    parser.add_argument("--since", help=f"start of the window [default: 30 days before "
+                        f"--until]: {TIME_FORMS_HELP}")
+    parser.add_argument("--until", help="end of the window, excluded [default: now]; same forms")
+    return parser
+
+
+def run_suspects(argv, environ, out):
+    parser = build_suspects_parser(environ)
+    args = parse_arguments(parser, argv)
+    try:
+        until = now_us() if args.until is None else parse_instant(args.until)
+        since = until - 30 * DAY_US if args.since is None else parse_instant(args.since)
+    except ValueError:  # a usage error, as export's and reconcile's
+        parser.error(f"--since/--until: must be {TIME_FORMS_HELP}")
+    return print_report(parser.prog, args.db, out,
+                        lambda store: [json_output(suspects(store, since, until))])
+
+
+# --- Erasure: what identifies a user removed on request (GDPR Art. 17) ---
+
+# Every ledger table with a user id: renamed to the pseudonym, so that every
+# sum (a run's, a settlement's, a pool's) stays exactly what it was.
+ERASE_RENAMES = ("payout_parts", "payout_lines", "payout_deductions", "payout_withheld",
+                 "settlement_lines", "ledger_balances", "ledger_holds", "balance_write_off_lines")
+
+
+def erasure_blockers(conn, user_id):
+    """What the user is still to be paid or to give back, as words; [] when
+    nothing: erasing them would leave an amount no one can credit."""
+    sums = dict(zip(LEDGER_TOTALS, conn.execute(STATEMENTS_SQL["user_ledger_sums"], {"user": user_id}).fetchone()))
+    [(unpaid,)] = conn.execute(ADJUSTMENTS_SQL["user_unpaid_sessions"], (user_id,)).fetchall()
+    blockers = [f"{nanos_to_usd(sums[key])} {key}" for key in ("pending", "owed", "withheld")
+                if sums.get(key)]
+    if unpaid:
+        blockers.append(f"{unpaid} session(s) not paid in a run yet")
+    return blockers
+
+
+def names_user(body, user_id):
+    """Whether a stored postback body (text or bytes) carries `user_id`: as
+    its user-id field (escaped or not), anywhere as a JSON string, or, in a
+    body that is not JSON (cut short, say), anywhere at all.  Another user's
+    id that merely contains this one ("a" in "bob") is no match in JSON."""
+    raw = body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")
+    quoted = {json.dumps(user_id, ensure_ascii=ascii).encode("utf-8", "surrogatepass")
+              for ascii in (False, True)}
+    if any(form in raw for form in quoted):
+        return True
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, RecursionError):
+        return user_id.encode("utf-8", "surrogatepass") in raw
+    return isinstance(parsed, dict) and parsed.get("user-id") == user_id
+
+
+def erase_user(user_id, force, pseudonym, conn, erased_at_us):
+    """The write op of `erase`: every row of the user renamed to a random
+    pseudonym (it cannot be reversed: nothing derives it from the id), raw
+    bodies cleared, rejected and conflicting postbacks naming them deleted,
+    and the erasure recorded without the id.  -> counts, or Invalid while
+    the user has amounts pending or owed (unless forced)."""
+    if not user_id:
+        raise Invalid("user-id", "must not be empty: '' stands for every session without a sub")
+    if user_id == DEPLOY_CHECK_USER:  # under a pseudonym its sessions would be paid and reported
+        raise Invalid("user-id", f"{user_id} is the deploy check's test user, no person: "
+                      "nothing to erase")
+    blockers = erasure_blockers(conn, user_id)
+    if blockers and not force:
+        raise Invalid("user-id", f"the user still has {', '.join(blockers)}: settle or release "
+                      "it first, or erase anyway with --even-if-owed")
+    counts = {"sessions": conn.execute(ADJUSTMENTS_SQL["erase_sessions"], (pseudonym, user_id)).rowcount}
+    of_sessions = conn.execute(ADJUSTMENTS_SQL["erase_session_conflicts"], (pseudonym,)).rowcount
+    for table in ERASE_RENAMES:
+        conn.execute(f"UPDATE {table} SET user_id = ? WHERE user_id = ?", (pseudonym, user_id))
+    for table, id_column, bodies in (("rejected", "id", "raw_body"),
+                                     ("conflicts", "id", "stored_body, new_body")):
+        doomed = [(row[0],) for row in conn.execute(f"SELECT {id_column}, {bodies} FROM {table}")
+                  if any(names_user(body, user_id) for body in row[1:])]
+        conn.executemany(f"DELETE FROM {table} WHERE {id_column} = ?", doomed)
+        counts[table] = len(doomed) + (of_sessions if table == "conflicts" else 0)
+    conn.execute(ADJUSTMENTS_SQL["erase_hold_reasons"], (user_id, pseudonym, pseudonym))
+    if any(counts.values()):  # a second erase of the same id (after a crash) records nothing
+        conn.execute(ADJUSTMENTS_SQL["insert_erasure"], (erased_at_us, counts["sessions"], int(bool(blockers))))
+    return counts
+
+
+def compact_after_erasure(path):
+    """Leave no copy of erased bytes in the file: VACUUM rewrites it without
+    free pages or free space inside pages, and a TRUNCATE checkpoint empties
+    the WAL, whose older frames still hold pages as they were.  StoreUnavailable
+    if a reader kept the WAL from being emptied."""
+    conn = connect(path, DEFAULTS["busy_timeout_ms"])
+    try:
+        conn.execute("VACUUM")
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.close()
+    if busy:
+        raise StoreUnavailable("the WAL could not be emptied (a reader kept it busy): run the "
+                               "same erase again")
+
+
+def erase(store, user_id, force=False):
+    """Erase a user (see erase_user), in the database and then in its ledger
+    journal under the same pseudonym, then compact both files: -> counts.
+    As a ledger step: no run or settlement is computed meanwhile, and a
+    restored copy is refused until it is replayed."""
+    pseudonym = "erased:" + secrets.token_hex(16)  # random: nothing derives it from the id
+    with ledger_step(store) as journal:
+        counts = store.write(functools.partial(erase_user, user_id, force, pseudonym))
+        journal.rename_user(user_id, pseudonym)
+    compact_after_erasure(store.path)
+    return counts
+
+
+def build_erase_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py erase",
+        description="Erase a user on request: their id is replaced by a random pseudonym "
+        "in every session and ledger row (every sum stays exact), their raw bodies are "
+        "cleared, rejected and conflicting postbacks naming them are deleted, and the file "
+        "is compacted (VACUUM, then the WAL emptied) so that no copy of the id is left in "
+        "it. Refused while the user is owed or owes anything. The erasure is recorded, "
+        "never whose. Backups made before still hold the id (docs/ledger.md). "
+        + LEDGER_EXIT_HELP,
+    )
+    parser.add_argument("user_id", metavar="USER-ID")
+    add_db_option(parser, environ, "SQLite database file; never created")
+    parser.add_argument("--even-if-owed", action="store_true",
+                        help="erase although the user has amounts pending, owed or withheld "
+                        "(they stay in the ledger under the pseudonym; recorded as forced)")
+    return parser
+
+
+def run_erase(argv, environ, out):
+    parser = build_erase_parser(environ)
+    args = parse_arguments(parser, argv)
+
+    def step(store):
+        counts = erase(store, args.user_id, args.even_if_owed)
+        summary = (f"erased: {counts['sessions']} session(s), {counts['rejected']} rejected "
+                   f"and {counts['conflicts']} conflicting postback(s); the file is compacted\n")
+        return "the erasure is committed", [summary.encode()]
+
+    return run_on_database(parser.prog, args.db, out, step)
+
+
+# ---------------------------------------------------------------------------
+# Payout ledger, statements: accounts and the ledger's state (statement, ledger)
+# ---------------------------------------------------------------------------
+
+STATEMENTS_SQL = {
+    "ledger_steps": """
+        SELECT 'run', id, until_us FROM payout_runs
+        UNION ALL SELECT 'settlement', id, NULL FROM settlements ORDER BY 1, 2""",
+    "user_run_lines": """
+        SELECT l.run_id, r.until_us, l.sessions, l.estimated_nano, l.paid_now_nano,
+               coalesce(d.deducted_nano, 0), coalesce(w.withheld_nano, 0)
+        FROM payout_lines l JOIN payout_runs r ON r.id = l.run_id
+        LEFT JOIN payout_deductions d ON d.run_id = l.run_id AND d.user_id = l.user_id
+        LEFT JOIN payout_withheld w ON w.run_id = l.run_id AND w.user_id = l.user_id
+        WHERE l.user_id = ? ORDER BY l.run_id""",
+    "user_settlement_lines": """
+        SELECT settlement_id, day, property_id, sessions, estimated_nano, booked_part_nano,
+               final_nano, paid_now_nano, top_up_nano, carried_nano, written_off_nano, correction,
+               deducted_nano, written_back_nano, held
+        FROM settlement_lines
+        WHERE user_id = ? AND settlement_id <= (SELECT coalesce(max(id), 0) FROM settlements)
+        ORDER BY settlement_id, day, property_id""",
+    "runs": f"""
+        SELECT id, until_us, created_at_us, pay_now_share, final_share, report_utc_offset, users,
+               sessions, estimated_nano, paid_now_nano, deducted_nano, withheld_nano,
+               moved_sessions, moved_to_day,
+               (SELECT coalesce(sum(sessions), 0) FROM payout_lines l
+                WHERE l.run_id = r.id AND l.user_id IN {SQL_UNCREDITED}),
+               (SELECT coalesce(sum(estimated_nano), 0) FROM payout_lines l
+                WHERE l.run_id = r.id AND l.user_id IN {SQL_UNCREDITED})
+        FROM payout_runs r ORDER BY id""",
+    "settlements": """
+        SELECT id, created_at_us, report_utc_offset, write_off, pools, booked_nano, top_up_nano,
+               carried_nano, written_off_nano, deducted_nano
+        FROM settlements ORDER BY id""",
+    # Each settled pool as of its newest settlement; released: the top-ups
+    # less the balances carried, over all its settlements.
+    "settled_pools": f"""
+        SELECT day, property_id, settlement_id, by_property, booked_nano, paid_now_nano,
+               released + coalesce((SELECT sum(written_off_nano) FROM balance_write_off_lines w
+                                    WHERE w.day = p.day AND w.property_id = p.property_id), 0),
+               (SELECT coalesce(sum(booked_part_nano), 0) FROM settlement_lines l
+                WHERE l.settlement_id = p.settlement_id AND l.day = p.day
+                  AND l.property_id = p.property_id AND l.user_id IN {SQL_UNCREDITED})
+        FROM (SELECT *, sum(top_up_nano - carried_nano) OVER pool AS released,
+                     row_number() OVER (pool ORDER BY settlement_id DESC) AS newest
+              FROM settlement_days WINDOW pool AS (PARTITION BY day, property_id)) p
+        WHERE newest = 1 ORDER BY day, property_id""",
+    # Pools whose newest settlement found booked revenue and no session: all margin.
+    "settled_without_sessions": """
+        SELECT day, property_id, booked_nano FROM settlement_days d
+        WHERE sessions = 0 AND booked_nano > 0
+          AND settlement_id = (SELECT max(settlement_id) FROM settlement_days n
+                               WHERE n.day = d.day AND n.property_id = d.property_id)
+        ORDER BY day, property_id""",
+    # Totals in the order of LEDGER_TOTALS.  Pending: paid now (before
+    # deductions) less what the newest settlement of each pool found paid now.
+    "ledger_sums": """
+        SELECT (SELECT coalesce(sum(paid_now_nano - deducted_nano - withheld_nano), 0)
+                FROM payout_runs),
+               (SELECT coalesce(sum(deducted_nano), 0) FROM payout_runs)
+               + (SELECT coalesce(sum(deducted_nano), 0) FROM settlements),
+               (SELECT coalesce(sum(top_up_nano - deducted_nano), 0) FROM settlements),
+               (SELECT coalesce(sum(carried_nano), 0) FROM settlements),
+               (SELECT coalesce(sum(written_off_nano), 0) FROM settlements)
+               + (SELECT coalesce(sum(written_off_nano), 0) FROM balance_write_offs),
+               (SELECT coalesce(sum(owed_nano), 0) FROM ledger_balances),
+               (SELECT coalesce(sum(paid_now_nano), 0) FROM payout_runs)
+               - (SELECT coalesce(sum(paid_now_nano), 0) FROM settlement_days d
+                  WHERE settlement_id = (SELECT max(settlement_id) FROM settlement_days n
+                                         WHERE n.day = d.day AND n.property_id = d.property_id)),
+               (SELECT coalesce(sum(withheld_nano), 0) FROM payout_runs)
+               - (SELECT coalesce(sum(amount_nano), 0) FROM ledger_holds),
+               (SELECT coalesce(sum(amount_nano), 0) FROM ledger_holds WHERE action = 'release'),
+               (SELECT coalesce(sum(amount_nano), 0) FROM ledger_holds WHERE action = 'write-off')""",
+    "user_ledger_sums": """
+        WITH runs AS (SELECT coalesce(max(id), 0) AS last FROM payout_runs),
+             settled AS (SELECT coalesce(max(id), 0) AS last FROM settlements),
+             deductions AS (SELECT coalesce(sum(deducted_nano), 0) AS nano
+                            FROM payout_deductions WHERE user_id = :user),
+             paid AS (SELECT coalesce(sum(paid_now_nano), 0) AS nano FROM payout_lines
+                      WHERE user_id = :user AND run_id <= (SELECT last FROM runs)),
+             withheld AS (SELECT coalesce(sum(withheld_nano), 0) AS nano FROM payout_withheld
+                          WHERE user_id = :user),
+             holds AS (SELECT * FROM ledger_holds WHERE user_id = :user),
+             lines AS (SELECT * FROM settlement_lines
+                       WHERE user_id = :user AND settlement_id <= (SELECT last FROM settled))
+        SELECT (SELECT nano FROM paid) - (SELECT nano FROM deductions) - (SELECT nano FROM withheld),
+               (SELECT nano FROM deductions) + (SELECT coalesce(sum(deducted_nano), 0) FROM lines),
+               (SELECT coalesce(sum(top_up_nano - deducted_nano), 0) FROM lines),
+               (SELECT coalesce(sum(carried_nano), 0) FROM lines),
+               (SELECT coalesce(sum(written_off_nano - written_back_nano), 0) FROM lines)
+               + (SELECT coalesce(sum(written_off_nano), 0) FROM balance_write_off_lines
+                  WHERE user_id = :user
+                    AND write_off_id <= (SELECT coalesce(max(id), 0) FROM balance_write_offs)),
+               (SELECT coalesce(sum(owed_nano), 0) FROM ledger_balances WHERE user_id = :user),
+               (SELECT nano FROM paid) - (SELECT coalesce(sum(paid_now_nano), 0) FROM lines l
+                  WHERE settlement_id = (SELECT max(settlement_id) FROM lines n
+                                         WHERE n.day = l.day AND n.property_id = l.property_id)),
+               (SELECT nano FROM withheld) - (SELECT coalesce(sum(amount_nano), 0) FROM holds),
+               (SELECT coalesce(sum(amount_nano), 0) FROM holds WHERE action = 'release'),
+               (SELECT coalesce(sum(amount_nano), 0) FROM holds WHERE action = 'write-off')""",
+    "user_holds": """
+        SELECT id, user_id, action, at_us, reason, amount_nano FROM ledger_holds
+        WHERE user_id = ? ORDER BY id""",
+    "user_balance_write_offs": """
+        SELECT w.id, w.created_at_us, l.day, l.property_id, l.written_off_nano
+        FROM balance_write_off_lines l JOIN balance_write_offs w ON w.id = l.write_off_id
+        WHERE l.user_id = ? ORDER BY w.id, l.day, l.property_id""",
+    "last_run_times": "SELECT created_at_us, until_us FROM payout_runs ORDER BY id DESC LIMIT 1",
+    "last_settlement_times": """
+        SELECT s.created_at_us, s.report_utc_offset,
+               (SELECT max(day) FROM settlement_days WHERE settlement_id = s.id)
+        FROM settlements s ORDER BY s.id DESC LIMIT 1""",
+    "run_offsets": "SELECT id, report_utc_offset FROM payout_runs ORDER BY id",
+    "next_paid_day": "SELECT min(day) FROM payout_parts WHERE run_id = ? AND day > ?",
+    "settled_days": "SELECT DISTINCT day FROM settlement_days",
+}
+
+
+def statement(store, user_id):
+    """Every run line and settlement line of one user, what is pending and owed."""
+    with store.snapshot() as conn:
+        runs = [{"run-id": run, "until": iso_utc(until), "sessions": sessions,
+                 "estimated-revenue": nanos_to_usd(estimated),
+                 "paid-now": nanos_to_usd(paid - deducted - withheld),
+                 "deducted": nanos_to_usd(deducted), "withheld": nanos_to_usd(withheld)}
+                for run, until, sessions, estimated, paid, deducted, withheld
+                in conn.execute(STATEMENTS_SQL["user_run_lines"], (user_id,))]
+        lines = [settlement_record((row[0], row[1], row[2], user_id, *row[3:]))
+                 for row in conn.execute(STATEMENTS_SQL["user_settlement_lines"], (user_id,))]
+        holds = [hold_record(row) for row in conn.execute(STATEMENTS_SQL["user_holds"], (user_id,))]
+        write_offs = [{"write-off-id": wid, "created-at": iso_utc(created), "day": day,
+                       "property-id": prop, "written-off": nanos_to_usd(nanos)}
+                      for wid, created, day, prop, nanos
+                      in conn.execute(STATEMENTS_SQL["user_balance_write_offs"], (user_id,))]
+        sums = conn.execute(STATEMENTS_SQL["user_ledger_sums"], {"user": user_id}).fetchone()
+    record = {"user-id": user_id, "runs": runs, "settlements": lines, "holds": holds,
+              "balance-write-offs": write_offs, "totals": ledger_totals(sums)}
+    if user_id in UNCREDITED_USERS:
+        record["unattributed"] = UNCREDITED_NOTES[user_id]
+    return record
+
+
+LEDGER_TOTALS = ("paid-now", "deducted", "topped-up", "carried", "written-off", "owed", "pending",
+                 "withheld", "released", "withheld-written-off")
+
+
+def ledger_totals(sums):
+    """SQL's user_ledger_sums / ledger_sums row -> exact decimal strings."""
+    return dict(zip(LEDGER_TOTALS, map(nanos_to_usd, sums)))
+
+
+STEP_COLUMNS = ["step", "id", "until"]
+
+
+def ledger_steps(store):
+    """One CSV line per recorded step, runs then settlements, oldest first:
+    what the routines check their delivered files against (docs/ledger.md)."""
+    rows = ((step, step_id, "" if until is None else iso_utc(until))
+            for step, step_id, until in store.stream(STATEMENTS_SQL["ledger_steps"], ()))
+    return in_chunks(encode_values(rows, STEP_COLUMNS, "csv"))
+
+
+def ledger_summary(store):
+    """Per run and per settlement: paid now, held back, released; per settled
+    pool: booked, paid in total, the publisher's margin; and the totals."""
+    with store.snapshot() as conn:
+        runs = [{"run-id": run, "until": iso_utc(until), "created-at": iso_utc(created),
+                 "pay-now-share": pay_now, "final-share": final,
+                 "report-utc-offset": utc_offset_text(offset), "users": users,
+                 "sessions": sessions, "estimated-revenue": nanos_to_usd(estimated),
+                 "paid-now": nanos_to_usd(paid - deducted - withheld),
+                 "deducted": nanos_to_usd(deducted),
+                 "held-back": signed_usd(
+                     rewardable_nanos(estimated, decimal.Decimal(final)) - paid),
+                 "withheld": nanos_to_usd(withheld), "moved-sessions": moved,
+                 "moved-to-day": moved_to, "unattributed-sessions": uncredited,
+                 "unattributed-estimated-revenue": nanos_to_usd(uncredited_estimated)}
+                for run, until, created, pay_now, final, offset, users, sessions, estimated,
+                paid, deducted, withheld, moved, moved_to, uncredited, uncredited_estimated
+                in conn.execute(STATEMENTS_SQL["runs"])]
+        settlements = [{"settlement-id": sid, "created-at": iso_utc(created),
+                        "report-utc-offset": utc_offset_text(offset), "write-off": bool(off),
+                        "pools": pools, "booked-revenue": nanos_to_usd(booked),
+                        "released": nanos_to_usd(top_up), "carried": nanos_to_usd(carried),
+                        "written-off": signed_usd(written_off), "deducted": nanos_to_usd(deducted)}
+                       for sid, created, offset, off, pools, booked, top_up, carried,
+                       written_off, deducted in conn.execute(STATEMENTS_SQL["settlements"])]
+        days = [{"day": day, "property-id": prop, "by-property": bool(by_property),
+                 "settlement-id": sid, "booked-revenue": nanos_to_usd(booked),
+                 "paid-now": nanos_to_usd(paid), "paid-in-total": nanos_to_usd(paid + released),
+                 "margin": signed_usd(booked - paid - released),
+                 "unattributed-booked": nanos_to_usd(uncredited)}
+                for day, prop, sid, by_property, booked, paid, released, uncredited
+                in conn.execute(STATEMENTS_SQL["settled_pools"])]
+        sums = conn.execute(STATEMENTS_SQL["ledger_sums"]).fetchone()
+        pending = unmatched_pending(conn)
+        booked_alone = [{"day": day, "property-id": prop, "booked-revenue": nanos_to_usd(booked)}
+                        for day, prop, booked in conn.execute(STATEMENTS_SQL["settled_without_sessions"])]
+    return {"runs": runs, "settlements": settlements, "days": days,
+            "margin": honest_margin(days, sums[LEDGER_TOTALS.index("owed")]),
+            "totals": ledger_totals(sums), "pending-without-booked": pending,
+            "booked-without-sessions": booked_alone}
+
+
+def unmatched_pending(conn):
+    """pending_without_booked over the ledger as it stands (for the summary)."""
+    last = conn.execute(RUNS_SQL["last_run"]).fetchone()
+    if last is None:
+        return []
+    days = report_days_of(conn.execute(RUNS_SQL["report_offsets"]).fetchall(), last[3])
+    booked = conn.execute(SETTLEMENTS_SQL["booked_pools"]).fetchall()
+    return pending_without_booked(conn, booked, paid_days(conn, days, last,
+                                                          {day for day, *_ in booked}))
+
+
+def honest_margin(days, owed):
+    """The margin over every settled pool, counting carried balances as
+    recovered (as each day's margin does) and without what is still owed:
+    a balance is money paid out until it is taken back."""
+    booked = sum(usd_to_nanos(decimal.Decimal(d["booked-revenue"])) for d in days)
+    paid = sum(usd_to_nanos(decimal.Decimal(d["paid-in-total"])) for d in days)
+    return {"booked-revenue": nanos_to_usd(booked), "paid-in-total": nanos_to_usd(paid),
+            "margin": signed_usd(booked - paid), "owed": nanos_to_usd(owed),
+            "margin-without-owed": signed_usd(booked - paid - owed)}
+
+
+def oldest_unsettled_paid_day(conn):
+    """The start (receive time) of the oldest report day with a part in a
+    run and no settlement, or None: each run's days are walked in its key
+    order, one index search per day, never its parts one by one."""
+    settled = {day for (day,) in conn.execute(STATEMENTS_SQL["settled_days"])}
+    days = report_days_of(conn.execute(RUNS_SQL["report_offsets"]).fetchall(), 0)
+    oldest = None
+    for run_id, _ in conn.execute(STATEMENTS_SQL["run_offsets"]).fetchall():
+        day = ""
+        while (day := conn.execute(STATEMENTS_SQL["next_paid_day"], (run_id, day)).fetchone()[0]) is not None:
+            if day not in settled:
+                start = day_bounds_us(day, days)[0]
+                oldest = start if oldest is None else min(oldest, start)
+                break
+    return oldest
+
+
+def ledger_state(store):
+    """What /metrics tells of the ledger: times in receive-time microseconds
+    (None before the first run or settlement), totals as decimal strings."""
+    with store.snapshot() as conn:
+        run = conn.execute(STATEMENTS_SQL["last_run_times"]).fetchone()
+        settlement = conn.execute(STATEMENTS_SQL["last_settlement_times"]).fetchone()
+        sums = ledger_totals(conn.execute(STATEMENTS_SQL["ledger_sums"]).fetchone())
+        oldest = oldest_unsettled_paid_day(conn)
+        days = report_days_of(conn.execute(RUNS_SQL["report_offsets"]).fetchall(), 0)
+    settled_until = None
+    if settlement is not None and settlement[2] is not None:
+        settled_until = day_bounds_us(settlement[2], days)[1]
+    return {"run_at": run and run[0], "run_until": run and run[1],
+            "settlement_at": settlement and settlement[0], "settlement_until": settled_until,
+            "oldest_unsettled": oldest, "pending": sums["pending"], "owed": sums["owed"]}
+
+
+def build_statement_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py statement",
+        description="Write one user's ledger statement (what GET /users/<id>/statement "
+        "answers) to stdout as JSON.",
+    )
+    parser.add_argument("user_id", metavar="USER-ID")
+    add_db_option(parser, environ, DB_HELP_REPORT)
+    return parser
+
+
+def refuse_dashed_argument(parser, argv):
+    """A user id such as '-x' reads as an unknown option to argparse, which
+    then says the id is missing: say instead how to write it."""
+    for arg in itertools.takewhile(lambda a: a != "--", argv):
+        if arg.startswith("-") and arg.split("=")[0] not in parser._option_string_actions:
+            parser.error(f"{shown(arg)} is not an option; a user id that starts with '-' is "
+                         f"written after '--': {parser.prog} [options] -- {arg}")
+
+
+def run_statement(argv, environ, out):
+    parser = build_statement_parser(environ)
+    refuse_dashed_argument(parser, argv)
+    args = parse_arguments(parser, argv)
+    return print_report(parser.prog, args.db, out,
+                        lambda store: [json_output(statement(store, args.user_id))],
+                        check_journal_read_only)
+
+
+def build_ledger_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py ledger",
+        description="Write the ledger summary (what GET /ledger answers) to stdout as JSON: "
+        "per run, per settlement and per settled day, and the totals.",
+    )
+    add_db_option(parser, environ, DB_HELP_REPORT)
+    parser.add_argument("--steps", action="store_true",
+                        help="write instead one CSV line per recorded step (step,id,until: "
+                        "run,1,2026-11-30T00:00:00Z or settlement,1,), runs then settlements, "
+                        "oldest first: what a routine checks its delivered files against")
+    return parser
+
+
+def run_ledger(argv, environ, out):
+    parser = build_ledger_parser(environ)
+    args = parse_arguments(parser, argv)
+    if args.steps:
+        return print_report(parser.prog, args.db, out, ledger_steps, check_journal_read_only)
+    return print_report(parser.prog, args.db, out,
+                        lambda store: [json_output(ledger_summary(store))], check_journal_read_only)
+
+
+# ---------------------------------------------------------------------------
+# Payout ledger, replay: steps a restore lost, put back (ledger-replay)
+# ---------------------------------------------------------------------------
+
 @dataclass
 class ReplayPosition:
     """Where the restored copy's sessions stop being the ones the journal's
@@ -5164,7 +5694,7 @@ def replayed_range(store, journal, header, position):
         if anchor is None or (held and session_digest(*held[0]) == anchor):
             position.last = after
         else:  # the copy predates the cut-over session: its end by receive time
-            [(newest,)] = store.read(SQL["last_session_before"], (created,))
+            [(newest,)] = store.read(RUNS_SQL["last_session_before"], (created,))
             position.last, position.broken = min(newest or 0, after), True
     if position.broken or after != position.last:
         position.broken = True
@@ -5179,18 +5709,18 @@ def put_back_run(store, journal, header, position):
     _, parts, lines, deducted, withheld, offsets = STEP_ROWS["run"]
     run_id = header[0]
     after, last = replayed_range(store, journal, header, position)
-    write_in_chunks(store, SQL["insert_part"], journal.lost_rows(*parts, run_id))
-    write_in_chunks(store, SQL["insert_line"], journal.lost_rows(*lines, run_id))
+    write_in_chunks(store, RUNS_SQL["insert_part"], journal.lost_rows(*parts, run_id))
+    write_in_chunks(store, RUNS_SQL["insert_line"], journal.lost_rows(*lines, run_id))
     deductions = journal.lost_rows(*deducted, run_id).fetchall()
     withheld_rows = journal.lost_rows(*withheld, run_id).fetchall()
     offset_rows = journal.lost_rows(*offsets, run_id).fetchall()
 
     def op(conn, _):
-        conn.execute(SQL["insert_run"], (run_id, after, last, *header[3:]))
-        conn.executemany(SQL["take_owed"], ((nanos, user) for _, user, nanos in deductions))
-        conn.executemany(SQL["insert_deduction"], deductions)
-        conn.executemany(SQL["insert_withheld"], withheld_rows)
-        conn.executemany(SQL["insert_report_offset"], offset_rows)
+        conn.execute(RUNS_SQL["insert_run"], (run_id, after, last, *header[3:]))
+        conn.executemany(RUNS_SQL["take_owed"], ((nanos, user) for _, user, nanos in deductions))
+        conn.executemany(RUNS_SQL["insert_deduction"], deductions)
+        conn.executemany(RUNS_SQL["insert_withheld"], withheld_rows)
+        conn.executemany(RUNS_SQL["insert_report_offset"], offset_rows)
 
     store.write(op)
 
@@ -5198,7 +5728,7 @@ def put_back_run(store, journal, header, position):
 def put_back_settlement(store, journal, header):
     (_, days, lines) = STEP_ROWS["settlement"]
     settlement_id = header[0]
-    write_in_chunks(store, SQL["insert_settlement_line"],
+    write_in_chunks(store, SETTLEMENTS_SQL["insert_settlement_line"],
                     journal.lost_rows(*lines, settlement_id))
     pools = journal.lost_rows(*days, settlement_id).fetchall()
     # The balances as record_settlement changed them: carried less taken back.
@@ -5208,10 +5738,10 @@ def put_back_settlement(store, journal, header):
         (settlement_id,)).fetchall()
 
     def op(conn, _):
-        conn.execute(SQL["insert_settlement"], header)
-        conn.executemany(SQL["insert_settlement_day"], pools)
-        conn.executemany(SQL["add_owed"], ((u, n) for u, n in changes if n > 0))
-        conn.executemany(SQL["take_owed"], ((-n, u) for u, n in changes if n < 0))
+        conn.execute(SETTLEMENTS_SQL["insert_settlement"], header)
+        conn.executemany(SETTLEMENTS_SQL["insert_settlement_day"], pools)
+        conn.executemany(SETTLEMENTS_SQL["add_owed"], ((u, n) for u, n in changes if n > 0))
+        conn.executemany(RUNS_SQL["take_owed"], ((-n, u) for u, n in changes if n < 0))
 
     store.write(op)
 
@@ -5223,9 +5753,9 @@ def put_back_balance_write_off(store, journal, header):
         per_user[user] += nanos
 
     def op(conn, _):  # as write_off_aged wrote it
-        conn.execute(SQL["insert_balance_write_off"], header)
-        conn.executemany(SQL["insert_balance_write_off_line"], lines)
-        conn.executemany(SQL["take_owed"], ((n, user) for user, n in sorted(per_user.items())))
+        conn.execute(ADJUSTMENTS_SQL["insert_balance_write_off"], header)
+        conn.executemany(ADJUSTMENTS_SQL["insert_balance_write_off_line"], lines)
+        conn.executemany(RUNS_SQL["take_owed"], ((n, user) for user, n in sorted(per_user.items())))
 
     store.write(op)
 
@@ -5241,7 +5771,7 @@ def replay_ledger(store):
             if not lost:
                 return []
             clear_unfinished(store)
-            last = store.read(SQL["last_run"])
+            last = store.read(RUNS_SQL["last_run"])
             position = ReplayPosition(last[0][1] if last else None)
             for kind, step_id in journal.lost_steps(lost):
                 table, key, columns = STEP_ROWS[kind][0]
@@ -5261,9 +5791,195 @@ def replay_ledger(store):
             journal.close()
 
 
+def build_replay_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py ledger-replay",
+        description="After the database was restored from a backup: put back the ledger's "
+        "steps recorded after the backup (runs, settlements, holds and releases, balance "
+        "write-offs), from the ledger journal beside the database "
+        "(<database>-ledger-journal), so that no session is paid twice and no id names two "
+        "steps. Every ledger step refuses until then. Writes what it put back to "
+        "stdout. Safe while the server runs. Exit status 0 when done (or nothing was "
+        "missing); 1, with one line on stderr, when the database or the journal cannot be "
+        "read or written, or the two disagree; 3 when what it put back is committed but "
+        "its output could not be written.",
+    )
+    add_db_option(parser, environ, "SQLite database file; never created")
+    return parser
+
+
+def run_ledger_replay(argv, environ, out):
+    parser = build_replay_parser(environ)
+    args = parse_arguments(parser, argv)
+
+    def step(store):
+        put_back = replay_ledger(store)
+        if not put_back:
+            return None, [b"nothing to put back: the database holds every step of its "
+                          b"ledger journal\n"]
+        return (f"{step_names(put_back)} put back (committed)",
+                [f"put back {step_names(put_back)} from the ledger journal\n".encode()])
+
+    return run_on_database(parser.prog, args.db, out, step)
+
+
+# ---------------------------------------------------------------------------
+# Retention: clearing old raw bodies, deleting old refusals (prune)
+# ---------------------------------------------------------------------------
+
+RETENTION_SQL = {
+    # Ids grow with receive times, so each table is cut
+    # at the first id received on or after the date, then cleared in id ranges;
+    # each range checks the receive time too, because after the clock steps
+    # back ids and receive times disagree.
+    "first_session_id_from": """
+        SELECT id FROM sessions INDEXED BY sessions_by_time
+        WHERE received_at_us >= ? ORDER BY received_at_us, id LIMIT 1""",
+    "session_ids": "SELECT coalesce(min(id), 0), coalesce(max(id), -1) FROM sessions",
+    "prunable_bodies": """
+        SELECT count(*), coalesce(sum(length(CAST(raw_body AS BLOB))), 0) FROM sessions
+        WHERE id >= ? AND id < ? AND received_at_us < ? AND raw_body != ''""",
+    "clear_bodies": """
+        UPDATE sessions SET raw_body = ''
+        WHERE id >= ? AND id < ? AND received_at_us < ? AND raw_body != ''""",
+    "first_rejected_id_from": "SELECT min(id) FROM rejected WHERE received_at_us >= ?",
+    "rejected_ids": "SELECT coalesce(min(id), 0), coalesce(max(id), -1) FROM rejected",
+    "prunable_rejected": """
+        SELECT count(*), coalesce(sum(length(raw_body)), 0) FROM rejected
+        WHERE id >= ? AND id < ? AND received_at_us < ?""",
+    "delete_rejected": "DELETE FROM rejected WHERE id >= ? AND id < ? AND received_at_us < ?",
+    "first_conflicts_id_from": "SELECT min(id) FROM conflicts WHERE received_at_us >= ?",
+    "conflicts_ids": "SELECT coalesce(min(id), 0), coalesce(max(id), -1) FROM conflicts",
+    "prunable_conflicts": """
+        SELECT count(*), coalesce(sum(length(CAST(stored_body AS BLOB))
+                                      + length(CAST(new_body AS BLOB))), 0)
+        FROM conflicts WHERE id >= ? AND id < ? AND received_at_us < ?""",
+    "delete_conflicts": "DELETE FROM conflicts WHERE id >= ? AND id < ? AND received_at_us < ?",
+}
+
+PRUNE_BATCH_ROWS = 1000  # rows per transaction: a postback waits behind one batch at most
+# What `prune` can clear -> the SQL names of: the table's first and last ids,
+# its first id received on or after a time, the rows and bytes received
+# before a time in an id range, and clearing or deleting those.
+PRUNABLE = {
+    "raw bodies": ("session_ids", "first_session_id_from", "prunable_bodies", "clear_bodies"),
+    "rejected": ("rejected_ids", "first_rejected_id_from", "prunable_rejected", "delete_rejected"),
+    "conflicts": ("conflicts_ids", "first_conflicts_id_from", "prunable_conflicts",
+                  "delete_conflicts"),
+}
+
+
+def prune_range(store, what, before_us):
+    """The ids [first, end) of `what` received before `before_us`: ids grow
+    with receive times, so the range ends at the first id received later."""
+    ids_sql, from_sql, *_ = PRUNABLE[what]
+    [(first, last)] = store.read(RETENTION_SQL[ids_sql])
+    later = store.read(RETENTION_SQL[from_sql], (before_us,))
+    end = later[0][0] if later and later[0][0] is not None else last + 1
+    return first, max(first, end)
+
+
+def count_prunable(store, what, before_us):
+    """(rows, bytes) that prune would clear or delete, changing nothing."""
+    first, end = prune_range(store, what, before_us)
+    [(rows, size)] = store.read(RETENTION_SQL[PRUNABLE[what][2]], (first, end, before_us))
+    return rows, size
+
+
+def prune(store, what, before_us):
+    """Clear or delete what was received before `before_us`, one short
+    transaction per PRUNE_BATCH_ROWS ids, through the server's write path (so
+    it is safe while the server runs).  Returns (rows, bytes)."""
+    first, end = prune_range(store, what, before_us)
+    total_rows = total_bytes = 0
+    for lo in range(first, end, PRUNE_BATCH_ROWS):
+        hi = min(lo + PRUNE_BATCH_ROWS, end)
+        rows, size = store.write(functools.partial(prune_batch, what, lo, hi, before_us))
+        total_rows, total_bytes = total_rows + rows, total_bytes + size
+    return total_rows, total_bytes
+
+
+@write_op
+def prune_batch(what, lo, hi, before_us, conn, received_at_us):
+    """One transaction of prune: ids [lo, hi) received before `before_us`."""
+    count_sql, change_sql = (RETENTION_SQL[name] for name in PRUNABLE[what][2:])
+    [(rows, size)] = conn.execute(count_sql, (lo, hi, before_us)).fetchall()
+    conn.execute(change_sql, (lo, hi, before_us))
+    return rows, size
+
+
+def build_prune_parser(environ):
+    parser = HelpfulParser(
+        prog="spp_server.py prune",
+        description="Keep the database bounded: clear old raw bodies (the parsed fields, "
+        "sums and deduplication stay, so earnings and duplicates are unaffected) and delete "
+        "old refused and conflicting postbacks. Safe while the server runs: short "
+        "transactions of at most 1,000 rows each.",
+    )
+    add_db_option(parser, environ, "SQLite database file; never created")
+    parser.add_argument(
+        "--raw-bodies-before",
+        help=f"clear the raw body of each session received before this time: {TIME_FORMS_HELP}")
+    parser.add_argument(
+        "--rejected-before",
+        help="delete the rejected and conflicts rows received before this time; same forms")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what would be cleared and deleted; change nothing")
+    return parser
+
+
+PRUNE_OPTIONS = (("raw_bodies_before", ["raw bodies"]), ("rejected_before", ["rejected", "conflicts"]))
+
+
+def prune_line(what, before, rows, size, would=""):
+    done = "cleared" if what == "raw bodies" else "deleted"
+    return f"{what} received before {iso_utc(before)}: {rows} {would}{done}, {size} bytes\n"
+
+
+def run_prune(argv, environ, out):
+    parser = build_prune_parser(environ)
+    args = parse_arguments(parser, argv)
+    plan = []
+    for option, whats in PRUNE_OPTIONS:
+        text = getattr(args, option)
+        if text:
+            try:
+                plan += [(what, parse_instant(text)) for what in whats]
+            except ValueError:
+                parser.error(f"--{option.replace('_', '-')}: {TIME_FORMS_HELP}, not {shown(text)}")
+    if not plan:
+        parser.error("give --raw-bodies-before, --rejected-before or both")
+    if args.dry_run:
+        return print_report(parser.prog, args.db, out, lambda store: (
+            prune_line(what, before, *count_prunable(store, what, before), "would be ")
+            for what, before in plan))
+
+    def step(store):
+        lines, freed = [], 0
+        try:
+            for what, before in plan:
+                rows, size = prune(store, what, before)
+                lines.append(prune_line(what, before, rows, size))
+                freed += rows
+        except StoreUnavailable as exc:
+            raise CommandFailed(f"{exc} (batches already done stay done; run it again)") from None
+        if freed:  # the hint only when this run freed something to give back
+            # Under systemd the socket would start the server again: stop both.
+            lines.append("Freed pages are reused by new rows; the file keeps its size. To shrink "
+                         "it, stop the server (under systemd: systemctl stop spp.socket "
+                         f"spp.service) and run: sqlite3 {args.db} VACUUM\n")
+        return "the pruning is committed", lines
+
+    return run_on_database(parser.prog, args.db, out, step)
+
+
 # ---------------------------------------------------------------------------
 # HTTP
 # ---------------------------------------------------------------------------
+
+HTTP_SQL = {
+    "last_received": "SELECT max(received_at_us) FROM sessions",
+}
 
 JSON_TYPE = "application/json"
 ERROR_STATUSES = (400, 401, 404, 405, 410, 413, 500, 503)
@@ -5606,7 +6322,7 @@ def ledger_lines(what, exists_sql, output, step_id):
     unreleased = check_journal_read_only(request.app.store)
     # Bottle's int filter takes any length; SQLite's integers stop at 2**63.
     if not 0 < step_id < 2**63 or (what, step_id) in unreleased or not request.app.store.read(
-            SQL[exists_sql], (step_id,)):
+            FRAME_SQL[exists_sql], (step_id,)):
         raise ApiError(404, f"no {what} {step_id}", f"{what}-id")
     return stream_response(output(request.app.store, step_id, fmt), fmt)
 
@@ -5679,7 +6395,7 @@ def parse_duration(text, field):
 
 def last_received_age_s(store):
     """Whole seconds since the newest stored session was received; None before the first."""
-    [(last,)] = store.read(SQL["last_received"])
+    [(last,)] = store.read(HTTP_SQL["last_received"])
     return age_s(last)
 
 
@@ -5768,6 +6484,37 @@ def create_app(config):
 # figure; each page names the call that gives it.  HTML built here with
 # every value escaped, charts drawn as inline SVG, one static style sheet
 # (view.css): no script at all, nothing from another origin.
+
+VIEW_SQL = {
+    # Where the view's rollup stands: the newest id, and the session at the
+    # id it has read up to (a restored backup puts another one there).
+    "rollup_mark": """
+        SELECT (SELECT max(id) FROM sessions), (SELECT session_id FROM sessions WHERE id = ?)""",
+    "session_id_at": "SELECT session_id FROM sessions WHERE id = ?",
+    # The sessions added since the rollup's last read, by the primary key.
+    "rollup_rows": """
+        SELECT (received_at_us + :offset_us) / 86400000000, property_id, country, count(*),
+               coalesce(sum(ads_viewed), 0), coalesce(sum(duration_s), 0),
+               sum(revenue_nano / 1000000000), sum(revenue_nano % 1000000000)
+        FROM sessions WHERE id > :after AND id <= :last GROUP BY 1, 2, 3""",
+    # The ranking only (total() is a float: it orders, it never shows): the
+    # figures on the page come from user_earnings, as the API's do.
+    "users_by_revenue": """
+        SELECT user_id FROM (
+            SELECT user_id, total(revenue_nano) AS revenue
+            FROM sessions INDEXED BY sessions_by_user
+            WHERE received_at_us >= :since AND received_at_us < :until GROUP BY user_id)
+        ORDER BY revenue DESC, user_id""",
+    "first_user_from": """
+        SELECT user_id FROM sessions INDEXED BY sessions_by_user
+        WHERE user_id >= ? ORDER BY user_id LIMIT 1""",
+    "next_user_after": """
+        SELECT user_id FROM sessions INDEXED BY sessions_by_user
+        WHERE user_id > ? ORDER BY user_id LIMIT 1""",
+    "newest_sessions": """
+        SELECT received_at_us, session_id, user_id, raw_body FROM sessions INDEXED BY sessions_by_time
+        WHERE received_at_us < :before ORDER BY received_at_us DESC LIMIT :limit""",
+}
 
 VIEW_CSS_PATH = Path(__file__).with_name("view.css")
 VIEW_ICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
@@ -5955,7 +6702,7 @@ def view_page(title, api_calls, body, here):
 class Rollup:
     """Sessions summed per report day, property and country, kept in memory
     for the month page and caught up by row id: sessions are only added, in
-    id order (see SQL['session_feed']), so each load reads only the rows
+    id order (see FEED_SQL['session_feed']), so each load reads only the rows
     added since the last one.  The first load reads them all once."""
 
     # More distinct (day, property, country) than that (property ids come
@@ -5990,7 +6737,7 @@ class Rollup:
                 conn.set_progress_handler(None, 0)
 
     def _catch_up(self, conn):
-        [(newest, at_last)] = conn.execute(SQL["rollup_mark"], (self.last_id,)).fetchall()
+        [(newest, at_last)] = conn.execute(VIEW_SQL["rollup_mark"], (self.last_id,)).fetchall()
         if at_last != self.last_session_id or (newest or 0) < self.last_id:
             self._reset()  # a restored backup: ids mean other sessions now
         if newest is None or newest == self.last_id:
@@ -5998,13 +6745,13 @@ class Rollup:
         params = {"after": self.last_id, "last": newest,
                   "offset_us": self.offset_minutes * 60 * 1_000_000}
         # Every row read before any is added: a read cut short adds nothing.
-        added = conn.execute(SQL["rollup_rows"], params).fetchall()
+        added = conn.execute(VIEW_SQL["rollup_rows"], params).fetchall()
         for day, prop, country, sessions, ads, duration, whole, rest in added:
             cell = self.cells.setdefault((day, prop, country), [0, 0, 0, 0])
             for i, value in enumerate((sessions, ads, duration, joined_nanos(whole, rest))):
                 cell[i] += value
         self.last_id = newest
-        self.last_session_id = conn.execute(SQL["session_id_at"], (newest,)).fetchone()[0]
+        self.last_session_id = conn.execute(VIEW_SQL["session_id_at"], (newest,)).fetchone()[0]
         if len(self.cells) > self.MAX_CELLS:
             self.too_many = True
             self._reset()
@@ -6056,7 +6803,7 @@ class Ranking:
             now = time.monotonic()
             if self._window != window or now - self._built > self.RANKING_TTL_S:
                 self._window, self._ids = None, []  # the old list can go first
-                self._ids = [row[0] for row in store.read(SQL["users_by_revenue"],
+                self._ids = [row[0] for row in store.read(VIEW_SQL["users_by_revenue"],
                                                           window.params())]
                 self._window, self._built = window, now
             return self._ids
@@ -6357,8 +7104,8 @@ def search_users(store, prefix, limit):
     seek each on sessions_by_user."""
     found = []
     while len(found) < limit:
-        rows = (store.read(SQL["next_user_after"], (found[-1],)) if found
-                else store.read(SQL["first_user_from"], (prefix,)))
+        rows = (store.read(VIEW_SQL["next_user_after"], (found[-1],)) if found
+                else store.read(VIEW_SQL["first_user_from"], (prefix,)))
         if not rows or not rows[0][0].startswith(prefix):
             break
         found.append(rows[0][0])
@@ -6464,7 +7211,7 @@ def recent_postbacks(app, outcome, limit, before=2**63 - 1):
     if outcome in (None, "recorded"):
         items += [(received, "recorded", session_id, user_id, None, body)
                   for received, session_id, user_id, body
-                  in app.store.read(SQL["newest_sessions"], {"limit": limit, "before": before})]
+                  in app.store.read(VIEW_SQL["newest_sessions"], {"limit": limit, "before": before})]
     if outcome in (None, "duplicate"):
         items += [(received, "duplicate", session_id, user_id, None, body)
                   for received, session_id, user_id, body in list(app.recent_duplicates)
@@ -6610,9 +7357,8 @@ def drain(server):
 
 
 # ---------------------------------------------------------------------------
-# Server and command line
+# Server and command line: serving, and what every command shares
 # ---------------------------------------------------------------------------
-
 
 def waitress_settings(config, sockets):
     """Every waitress limit set on purpose (see docs/api.md, "Limits")."""
@@ -6964,24 +7710,6 @@ def build_parser(environ):
     return parser
 
 
-def build_export_parser(environ):
-    parser = HelpfulParser(
-        prog="spp_server.py export",
-        description="Write the payout export (what GET /earnings answers) to stdout, "
-        "reading the database directly; safe while the server runs. Exit status 1, "
-        "with one line on stderr, when the database cannot be read to the end.",
-    )
-    add_shared_options(parser, environ, DB_HELP_REPORT)
-    parser.add_argument("--since", required=True,
-                        help=f"start of the window on receive times, included: {TIME_FORMS_HELP}")
-    parser.add_argument("--until", required=True, help="end of the window, excluded; same forms")
-    parser.add_argument("--property-id", help="only sessions of this property")
-    parser.add_argument("--format", choices=list(EXPORT_FORMATS), default="ndjson",
-                        help="ndjson (one JSON object per line) or csv (with a header row) "
-                        "[default %(default)s]")
-    return parser
-
-
 def build_config(args, environ):
     return {
         "db": args.db,
@@ -6993,20 +7721,6 @@ def build_config(args, environ):
         "postback_tokens": load_tokens("SPP_POSTBACK_TOKEN", "postback-token", environ),
         "read_tokens": load_tokens("SPP_READ_TOKEN", "read-token", environ),
     }
-
-
-def run_export(argv, environ, out):
-    parser = build_export_parser(environ)
-    args = parse_arguments(parser, argv)
-    try:
-        window = parse_window(args.since, args.until, required=True)
-    except Invalid as invalid:
-        parser.error(f"--{invalid.field}: {invalid.message}")
-    return print_report(
-        parser.prog, args.db, out,
-        lambda store: export_earnings(store, window, args.property_id, args.reward_share,
-                                      args.format),
-    )
 
 
 # Exit statuses of the commands (README, "Commands"): 0 done; 1 failed (for
@@ -7167,9 +7881,6 @@ def print_report(prog, db, out, chunks_of, check=None):
     return run_on_database(prog, db, out, step, read_only=True)
 
 
-# --- Booked revenue and reconciliation: import-booked, reconcile ---
-
-
 def utc_offset_option(text):
     try:
         return parse_utc_offset(text)
@@ -7200,646 +7911,6 @@ def add_report_offset_option(parser, environ, role):
                         help=REPORT_OFFSET_HELP[role])
     if role == "reconcile":
         parser.set_defaults(configured_offset=from_environment)
-
-
-def metric_column(text):
-    """--metric: a column other than those the rows are keyed by."""
-    taken = {key for meaning, key in booked_columns("revenue").items() if meaning != "revenue"}
-    if not column_key(text) or column_key(text) in taken:
-        raise argparse.ArgumentTypeError(
-            f"must name the revenue column, not {shown(text)} (the rows' keys are "
-            f"{', '.join(sorted(taken))})")
-    return text
-
-
-def build_import_parser(environ):
-    parser = HelpfulParser(
-        prog="spp_server.py import-booked",
-        description="Store a Gamezop revenue report (the Ad Revenue Reports API's JSON, "
-        "or CSV with date and revenue columns) as booked revenue, one row per day, "
-        "property and country. It replaces everything stored for the days it covers, "
-        "whatever breakdown or metric that was imported with: with property ids, for the "
-        "properties it names (and the rows without one); without, for every property. "
-        "It prints how many rows were new, replaced, unchanged and removed. All or nothing; "
-        "safe while the server runs.",
-    )
-    parser.add_argument("file", help="the report file")
-    add_db_option(parser, environ, "SQLite database file")
-    parser.add_argument(
-        "--metric", default="revenue", type=metric_column,
-        help="the column or key holding your share of the revenue, in USD "
-        "(matched ignoring case, '-', '_' and spaces) [default %(default)s]",
-    )
-    return parser
-
-
-def build_reconcile_parser(environ):
-    parser = HelpfulParser(
-        prog="spp_server.py reconcile",
-        description="Write the reconciliation (what GET /reconciliation answers) to stdout: "
-        "per report day, SPP's estimates against the imported booked revenue.",
-        epilog="A record with estimates but no booked figure is flagged no-booked-revenue, "
-        "one with booked revenue but no postbacks no-postbacks; the summary counts both, and "
-        "its warnings say when paid-out exceeds booked-revenue over the window. Totals with "
-        "nothing to add up are null. median-ratio is the median of the records' exact ratios "
-        "(booked / estimated as fractions, not the rounded ratio column), rounded down to 6 "
-        "places. suggested-reward-share counts days: a day is safe at a share when, on every "
-        "record of that day with both figures, the share paid out (rounded down to the "
-        "nano-USD) no more than was booked.",
-    )
-    add_shared_options(parser, environ, DB_HELP_REPORT, "adds each record's paid-out (the "
-                       "estimate times the share, rounded down) and margin (booked minus paid-out)")
-    add_report_offset_option(parser, environ, "reconcile")
-    parser.add_argument("--since", required=True, help="first report day, included (YYYY-MM-DD)")
-    parser.add_argument("--until", required=True, help="report day that ends the window, excluded")
-    parser.add_argument("--property-id", help="only this property")
-    parser.add_argument("--quantile", help="fraction of the days with both figures the suggested "
-                        "share must have been safe on (a day is safe when every record on it is): "
-                        "a decimal above 0 and at most 1, with at most 6 places "
-                        "[default 1: every day]")
-    parser.add_argument("--format", choices=list(RECONCILIATION_FORMATS), default="json")
-    return parser
-
-
-def build_prune_parser(environ):
-    parser = HelpfulParser(
-        prog="spp_server.py prune",
-        description="Keep the database bounded: clear old raw bodies (the parsed fields, "
-        "sums and deduplication stay, so earnings and duplicates are unaffected) and delete "
-        "old refused and conflicting postbacks. Safe while the server runs: short "
-        "transactions of at most 1,000 rows each.",
-    )
-    add_db_option(parser, environ, "SQLite database file; never created")
-    parser.add_argument(
-        "--raw-bodies-before",
-        help=f"clear the raw body of each session received before this time: {TIME_FORMS_HELP}")
-    parser.add_argument(
-        "--rejected-before",
-        help="delete the rejected and conflicts rows received before this time; same forms")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print what would be cleared and deleted; change nothing")
-    return parser
-
-
-PRUNE_OPTIONS = (("raw_bodies_before", ["raw bodies"]), ("rejected_before", ["rejected", "conflicts"]))
-
-
-def run_prune(argv, environ, out):
-    parser = build_prune_parser(environ)
-    args = parse_arguments(parser, argv)
-    plan = []
-    for option, whats in PRUNE_OPTIONS:
-        text = getattr(args, option)
-        if text:
-            try:
-                plan += [(what, parse_instant(text)) for what in whats]
-            except ValueError:
-                parser.error(f"--{option.replace('_', '-')}: {TIME_FORMS_HELP}, not {shown(text)}")
-    if not plan:
-        parser.error("give --raw-bodies-before, --rejected-before or both")
-    if args.dry_run:
-        return print_report(parser.prog, args.db, out, lambda store: (
-            prune_line(what, before, *count_prunable(store, what, before), "would be ")
-            for what, before in plan))
-
-    def step(store):
-        lines, freed = [], 0
-        try:
-            for what, before in plan:
-                rows, size = prune(store, what, before)
-                lines.append(prune_line(what, before, rows, size))
-                freed += rows
-        except StoreUnavailable as exc:
-            raise CommandFailed(f"{exc} (batches already done stay done; run it again)") from None
-        if freed:  # the hint only when this run freed something to give back
-            # Under systemd the socket would start the server again: stop both.
-            lines.append("Freed pages are reused by new rows; the file keeps its size. To shrink "
-                         "it, stop the server (under systemd: systemctl stop spp.socket "
-                         f"spp.service) and run: sqlite3 {args.db} VACUUM\n")
-        return "the pruning is committed", lines
-
-    return run_on_database(parser.prog, args.db, out, step)
-
-
-def prune_line(what, before, rows, size, would=""):
-    done = "cleared" if what == "raw bodies" else "deleted"
-    return f"{what} received before {iso_utc(before)}: {rows} {would}{done}, {size} bytes\n"
-
-
-# Far above a year of a daily report by property and country (~50 bytes a row).
-MAX_REPORT_BYTES = 256 * 2**20
-
-
-IMPORT_PROG = "spp_server.py import-booked"
-
-
-def run_import_booked(argv, environ, out):
-    args = parse_arguments(build_import_parser(environ), argv)
-    name = IMPORT_PROG
-    try:
-        with open(args.file, "rb") as report:
-            data = report.read(MAX_REPORT_BYTES + 1)
-    except OSError as exc:
-        return failed(name, f"cannot read {args.file}: {exc.strerror or exc}")
-    if len(data) > MAX_REPORT_BYTES:  # /dev/zero, or a wrong file: not read to the end
-        return failed(name, f"{args.file}: is larger than {MAX_REPORT_BYTES // 2**20} MiB, more "
-                      "than any report; import it in parts (by date); nothing imported")
-    try:
-        rows = parse_booked_report(data, args.metric)
-    except BookedFileError as exc:
-        return failed(name, f"{args.file}: {exc}; nothing imported")
-
-    def step(store):
-        try:
-            # Committed when it returns, failed (nothing changed) when it raises:
-            # a command's write has no deadline (InlineWriter).
-            counts = import_booked(store, rows, os.path.basename(args.file))
-        except BookedFileError as exc:
-            raise CommandFailed(f"{args.file}: {exc}; nothing imported") from None
-        except StoreUnavailable as exc:
-            raise CommandFailed(f"{exc}; nothing imported (running it again is safe)") from None
-        # Imported all the same if these cannot be read: settle names such rows again.
-        with contextlib.suppress(StoreUnavailable):
-            for warning in booked_without_sessions(store, rows):
-                say(f"{name}: {args.file}: warning: {warning}")
-        return f"{args.file} is imported (committed)", [import_summary(args.file, rows, counts)]
-
-    return run_on_database(name, args.db, out, step)
-
-
-def run_reconcile(argv, environ, out):
-    parser = build_reconcile_parser(environ)
-    args = parse_arguments(parser, argv)
-    try:
-        q = reconciliation_query(args.since, args.until, args.property_id,
-                                 args.report_utc_offset, args.quantile, args.reward_share,
-                                 args.configured_offset)
-    except Invalid as invalid:
-        parser.error(f"--{invalid.field}: {invalid.message}")
-    return print_report(parser.prog, args.db, out,
-                        lambda store: [reconciliation_output(store, q, args.format)])
-
-
-# --- Payout ledger: pay, settle, statement, ledger ---
-
-LEDGER_EXIT_HELP = ("Exit status 0 when done; 1, with one line on stderr, when the database "
-                    "cannot be read or written (nothing is half-written: run it again); 2 when "
-                    "an option is refused (nothing changed); 3 when the step is recorded but "
-                    "its lines could not be written (the line says how to print them again); "
-                    "4 (settle) when it settled what it could but a line names pools it could "
-                    "not (partly settled); "
-                    "141 when the reader closed the pipe before any step was recorded.")
-
-
-LEDGER_OPTIONS = ("until", "pay-now-share", "final-share", "report-utc-offset", "settlement",
-                  "write-off", "reason", "older-than", "from")
-
-
-def add_lines_format_option(parser):
-    """--format of the ledger steps' lines: CSV by default, for a spreadsheet or awk."""
-    parser.add_argument("--format", choices=list(EXPORT_FORMATS), default="csv",
-                        help="csv (with a header row) or ndjson [default %(default)s]")
-
-
-def add_lock_wait_option(parser, environ):
-    """How long pay or settle waits for another step (see ledger_lock)."""
-    wait = DEFAULTS["ledger_lock_wait_s"]
-    parser.add_argument("--lock-wait", type=lock_wait_seconds, metavar="SECONDS",
-                        default=env_default(environ, "SPP_LEDGER_LOCK_WAIT", lock_wait_seconds,
-                                            wait),
-                        help="while another pay or settle runs on the database, say so on "
-                        "stderr and wait this long for it, then give up with status 1 "
-                        f"[SPP_LEDGER_LOCK_WAIT, default {wait}]")
-
-
-def lock_wait_seconds(text):
-    return whole_number(text, 0, 86_400, "a whole number of seconds from 0 to 86400")
-
-
-def ledger_lock_options(prog, args):
-    """ledger_lock's options for a command: its --lock-wait, and one line on
-    stderr when it has to wait."""
-    def waiting(path):
-        say(f"{prog}: waiting for another pay or settle to release {path} "
-            f"(at most {args.lock_wait} s, --lock-wait)")
-    return {"wait_s": args.lock_wait, "waiting": waiting}
-
-
-def build_pay_parser(environ):
-    parser = HelpfulParser(
-        prog="spp_server.py pay",
-        description="Pay a run: every session received since the end of the last run up to "
-        "--until, each in exactly one run. Writes the run's lines (one per user, ordered by "
-        "user-id; paid-now is what to credit) to stdout. Asked again with the same --until "
-        "and shares, it writes the recorded run again, byte for byte, and pays nothing. "
-        "Safe while the server runs. " + LEDGER_EXIT_HELP,
-    )
-    add_db_option(parser, environ, "SQLite database file; never created")
-    parser.add_argument("--until", required=True,
-                        help=f"end of the run, excluded, in the past: {TIME_FORMS_HELP}")
-    parser.add_argument("--pay-now-share", required=True,
-                        help="share of the estimated revenue paid now, from 0 to 1, at most "
-                        "6 places, e.g. 0.6; at most --final-share")
-    parser.add_argument("--final-share", required=True,
-                        help="share of the booked revenue users get in the end, e.g. 0.9: "
-                        "settle pays the rest of it (recorded with the run)")
-    parser.add_argument("--from", dest="start", metavar="FROM",
-                        help="the first run only: where the ledger takes over from window "
-                        "exports or the feed, a feed cursor or an instant (sessions received "
-                        "before it are never paid by the ledger); without it a first run "
-                        f"refuses sessions received more than {FIRST_RUN_WINDOW_US // DAY_US} "
-                        "days before --until")
-    add_report_offset_option(parser, environ, "pay")
-    add_lines_format_option(parser)
-    add_lock_wait_option(parser, environ)
-    return parser
-
-
-def build_replay_parser(environ):
-    parser = HelpfulParser(
-        prog="spp_server.py ledger-replay",
-        description="After the database was restored from a backup: put back the ledger's "
-        "steps recorded after the backup (runs, settlements, holds and releases, balance "
-        "write-offs), from the ledger journal beside the database "
-        "(<database>-ledger-journal), so that no session is paid twice and no id names two "
-        "steps. Every ledger step refuses until then. Writes what it put back to "
-        "stdout. Safe while the server runs. Exit status 0 when done (or nothing was "
-        "missing); 1, with one line on stderr, when the database or the journal cannot be "
-        "read or written, or the two disagree; 3 when what it put back is committed but "
-        "its output could not be written.",
-    )
-    add_db_option(parser, environ, "SQLite database file; never created")
-    return parser
-
-
-def build_settle_parser(environ):
-    parser = HelpfulParser(
-        prog="spp_server.py settle",
-        description="Settle every report day (and property, where the booked rows have one) "
-        "with booked revenue whose sessions were all paid in runs and that is not settled "
-        "yet, or whose booked figure changed since (a correcting line). Writes the "
-        "settlement's lines (per day, property and user; top-up is what to credit) to stdout. "
-        "Safe while the server runs. " + LEDGER_EXIT_HELP,
-    )
-    add_db_option(parser, environ, "SQLite database file; never created")
-    parser.add_argument("--settlement", type=positive_int, metavar="ID",
-                        help="settle nothing; write the lines of settlement ID again (after "
-                        "a crash between its commit and its output, say)")
-    parser.add_argument("--write-off", action="store_true",
-                        help="write off what a user was paid above their final amount, "
-                        "instead of carrying it as a balance taken back from later runs")
-    add_lines_format_option(parser)
-    add_lock_wait_option(parser, environ)
-    return parser
-
-
-def build_statement_parser(environ):
-    parser = HelpfulParser(
-        prog="spp_server.py statement",
-        description="Write one user's ledger statement (what GET /users/<id>/statement "
-        "answers) to stdout as JSON.",
-    )
-    parser.add_argument("user_id", metavar="USER-ID")
-    add_db_option(parser, environ, DB_HELP_REPORT)
-    return parser
-
-
-def build_ledger_parser(environ):
-    parser = HelpfulParser(
-        prog="spp_server.py ledger",
-        description="Write the ledger summary (what GET /ledger answers) to stdout as JSON: "
-        "per run, per settlement and per settled day, and the totals.",
-    )
-    add_db_option(parser, environ, DB_HELP_REPORT)
-    parser.add_argument("--steps", action="store_true",
-                        help="write instead one CSV line per recorded step (step,id,until: "
-                        "run,1,2026-11-30T00:00:00Z or settlement,1,), runs then settlements, "
-                        "oldest first: what a routine checks its delivered files against")
-    return parser
-
-
-LEDGER_SCHEMA_VERSION = 5  # the first with the ledger's tables
-
-
-def look_before_writing(prog, db, out, look):
-    """Run look(store) on `db` opened read-only, any schema from the
-    ledger's first on: it refuses an option (Invalid) before the file is
-    touched (not even upgraded), or gives (what is recorded, chunks) of a
-    recorded step to print again, which needs no write access (a read-only
-    file system), or None: the step must run.  -> an exit status, or None."""
-    try:
-        store = ReadOnlyStore(db, oldest=1)
-    except StoreUnavailable:
-        return None  # opening it for writing says why, or works (a -wal to join)
-    try:
-        found = look(store) if store.version >= LEDGER_SCHEMA_VERSION else None
-        if found is None or store.version < latest_schema_version():
-            return None  # the step prints it, after the upgrade its reads expect
-        return write_output(prog, db, out, store, *found)
-    except Invalid as invalid:
-        return ledger_refusal(prog, invalid)
-    except (StoreUnavailable, sqlite3.Error):
-        return None  # the step reads it again, and says what fails
-    finally:
-        store.close()
-
-
-def ledger_refusal(prog, invalid):
-    where = f"--{invalid.field}" if invalid.field in LEDGER_OPTIONS else invalid.field
-    say(f"{prog}: {where}: {invalid.message}; nothing changed")
-    return 2
-
-
-def run_pay(argv, environ, out):
-    parser = build_pay_parser(environ)
-    args = parse_arguments(parser, argv)
-    try:
-        until = parse_instant(args.until)
-    except ValueError:
-        return ledger_refusal(parser.prog, Invalid(
-            "until", f"must be {TIME_FORMS_HELP}, not {shown(args.until)}"))
-
-    try:  # refused before the database is opened, as an older schema would be upgraded
-        shares = (parse_ledger_share(args.pay_now_share, "pay-now-share"),
-                  parse_ledger_share(args.final_share, "final-share"))
-        check_shares(until, *shares)
-        start = None if args.start is None else parse_ledger_start(args.start)
-    except Invalid as invalid:
-        return ledger_refusal(parser.prog, invalid)
-
-    def committed(run_id):
-        return f"run {run_id} is committed (the same --until prints it again)"
-
-    def look(store):
-        # A restored copy's run may be another one, and a run not journaled
-        # yet has not released its lines: both are left to the step.
-        unreleased = check_journal_read_only(store)
-        with store.snapshot() as conn:
-            run_id = check_run(conn, until, *shares, args.report_utc_offset, start)
-        if run_id is None or ("run", run_id) in unreleased:
-            return None
-        return committed(run_id), run_output(store, run_id, args.format)
-
-    def step(store):
-        run_id = pay_run(store, until, *shares, args.report_utc_offset, start,
-                         FIRST_RUN_WINDOW_US, **ledger_lock_options(parser.prog, args))
-        for first, offset in store.read(SQL["offset_change_of_run"], (run_id,)):
-            begins = iso_utc(ReportDays.fixed(offset).start_us(report_day_number(first)))
-            say(f"{parser.prog}: run {run_id} recorded the report offset "
-                f"{utc_offset_text(offset)} from report day {first} on (it starts at {begins}; "
-                "the day before ends there)")
-        [(moved, moved_to)] = store.read(SQL["run_moved"], (run_id,))
-        if moved:
-            say(f"{parser.prog}: run {run_id}: {moved} session(s) received on report days "
-                f"already settled (a clock step backwards?) are paid in the pool of "
-                f"{moved_to}, not charged to the settled days' users")
-        return committed(run_id), run_output(store, run_id, args.format)
-
-    return run_on_database(parser.prog, args.db, out, step, look=look)
-
-
-def run_settle(argv, environ, out):
-    parser = build_settle_parser(environ)
-    args = parse_arguments(parser, argv)
-    if args.write_off and args.settlement is not None:
-        return ledger_refusal(parser.prog, Invalid(
-            "write-off", "settle --settlement ID prints a recorded settlement again and "
-            "settles nothing, so it cannot write anything off"))
-
-    def recorded(store):
-        if not store.read(SQL["settlement_exists"], (args.settlement,)):
-            raise Invalid("settlement", f"there is no settlement {args.settlement}")
-        return None, settlement_output(store, args.settlement, args.format)
-
-    def look(store):  # read-only: the journal checked first, as the step does
-        if ("settlement", args.settlement) in check_journal_read_only(store):
-            return None  # not journaled yet: the step journals it, then prints it
-        return recorded(store)
-
-    unsettled, warnings = [], []
-
-    def step(store):
-        if args.settlement is not None:
-            # A restored copy's settlement may be another one: checked first.
-            with ledger_step(store, **ledger_lock_options(parser.prog, args)):
-                return recorded(store)
-        settlement_id = settle(store, args.write_off, unsettled, warnings,
-                               **ledger_lock_options(parser.prog, args))
-        for line in [f"warning: {w}" for w in warnings] + [f"not settled: {u}" for u in unsettled]:
-            say(f"{parser.prog}: {line}")
-        if settlement_id is None:
-            if not unsettled:
-                [(newest,)] = store.read(SQL["last_settlement"])
-                again = (f" (settlement {newest} is the newest: settle --settlement {newest} "
-                         "prints it again)") if newest else ""
-                say(f"{parser.prog}: nothing to settle{again}")
-            return None, settlement_output(store, settlement_id, args.format)
-        return (f"settlement {settlement_id} is committed (settle --settlement "
-                f"{settlement_id} prints it again)",
-                settlement_output(store, settlement_id, args.format))
-
-    status = run_on_database(parser.prog, args.db, out, step,
-                             look=look if args.settlement is not None else None)
-    return EXIT_PARTLY_SETTLED if status == 0 and unsettled else status
-
-
-def refuse_dashed_argument(parser, argv):
-    """A user id such as '-x' reads as an unknown option to argparse, which
-    then says the id is missing: say instead how to write it."""
-    for arg in itertools.takewhile(lambda a: a != "--", argv):
-        if arg.startswith("-") and arg.split("=")[0] not in parser._option_string_actions:
-            parser.error(f"{shown(arg)} is not an option; a user id that starts with '-' is "
-                         f"written after '--': {parser.prog} [options] -- {arg}")
-
-
-def run_ledger_replay(argv, environ, out):
-    parser = build_replay_parser(environ)
-    args = parse_arguments(parser, argv)
-
-    def step(store):
-        put_back = replay_ledger(store)
-        if not put_back:
-            return None, [b"nothing to put back: the database holds every step of its "
-                          b"ledger journal\n"]
-        return (f"{step_names(put_back)} put back (committed)",
-                [f"put back {step_names(put_back)} from the ledger journal\n".encode()])
-
-    return run_on_database(parser.prog, args.db, out, step)
-
-
-def run_statement(argv, environ, out):
-    parser = build_statement_parser(environ)
-    refuse_dashed_argument(parser, argv)
-    args = parse_arguments(parser, argv)
-    return print_report(parser.prog, args.db, out,
-                        lambda store: [json_output(statement(store, args.user_id))],
-                        check_journal_read_only)
-
-
-def run_ledger(argv, environ, out):
-    parser = build_ledger_parser(environ)
-    args = parse_arguments(parser, argv)
-    if args.steps:
-        return print_report(parser.prog, args.db, out, ledger_steps, check_journal_read_only)
-    return print_report(parser.prog, args.db, out,
-                        lambda store: [json_output(ledger_summary(store))], check_journal_read_only)
-
-
-def build_write_off_parser(environ):
-    parser = HelpfulParser(
-        prog="spp_server.py write-off-balances",
-        description="Write off every carried balance older than --older-than that is still "
-        "owed (taken back oldest first): the users keep it, and it is recorded per user and "
-        "day, shown in their statements and in the ledger's written-off total. Writes the "
-        "lines written off to stdout; nothing older: only the header, and 'nothing to write "
-        "off' on stderr. Run again, it writes off only what aged since. " + LEDGER_EXIT_HELP,
-    )
-    add_db_option(parser, environ, "SQLite database file; never created")
-    parser.add_argument("--older-than", required=True,
-                        help="age of a balance (since the settlement that carried it), "
-                        "such as 90d")
-    add_lines_format_option(parser)
-    return parser
-
-
-def run_write_off_balances(argv, environ, out):
-    parser = build_write_off_parser(environ)
-    args = parse_arguments(parser, argv)
-
-    def step(store):
-        older_than_us = parse_duration(args.older_than, "older-than") * 1_000_000
-        write_off_id = write_off_balances(store, older_than_us)
-        if write_off_id is None:
-            say(f"{parser.prog}: nothing to write off")
-            return None, balance_write_off_output(store, None, args.format)
-        return (f"write-off {write_off_id} is committed (statements and the ledger show it)",
-                balance_write_off_output(store, write_off_id, args.format))
-
-    return run_on_database(parser.prog, args.db, out, step)
-
-
-def build_suspects_parser(environ):
-    parser = HelpfulParser(
-        prog="spp_server.py suspects",
-        description="Write the users worth a look to stdout as JSON: those whose sessions "
-        "per day, revenue per session or mean session duration in the window is more than "
-        f"{SUSPECT_SPREADS} spreads from the median of all users (at least "
-        f"{SUSPECT_MIN_USERS} users), with the figures; a reason to hold one (spp_server.py "
-        "hold). Reads only.",
-    )
-    add_db_option(parser, environ, DB_HELP_REPORT)
-    parser.add_argument("--since", help=f"start of the window [default: 30 days before "
-                        f"--until]: {TIME_FORMS_HELP}")
-    parser.add_argument("--until", help="end of the window, excluded [default: now]; same forms")
-    return parser
-
-
-def run_suspects(argv, environ, out):
-    parser = build_suspects_parser(environ)
-    args = parse_arguments(parser, argv)
-    try:
-        until = now_us() if args.until is None else parse_instant(args.until)
-        since = until - 30 * DAY_US if args.since is None else parse_instant(args.since)
-    except ValueError:  # a usage error, as export's and reconcile's
-        parser.error(f"--since/--until: must be {TIME_FORMS_HELP}")
-    return print_report(parser.prog, args.db, out,
-                        lambda store: [json_output(suspects(store, since, until))])
-
-
-def build_hold_parser(environ, action):
-    what = {"hold": "Hold a suspect user: from the next run on, their pay-now is withheld "
-                    "(recorded in the run, shown in their statement), and at settlement their "
-                    "estimates take no share of the booked revenue.",
-            "release": "Release a held user: what was withheld is to be credited to them "
-                       "(the amount column); with --write-off it is kept by the publisher "
-                       "instead. Later runs pay the user again."}[action]
-    parser = HelpfulParser(
-        prog=f"spp_server.py {action}",
-        description=what + " Recorded with its time and reason, and written to stdout (one "
-        "line, CSV or NDJSON). Asked again, it prints the same record and changes nothing. "
-        + LEDGER_EXIT_HELP,
-    )
-    parser.add_argument("user_id", metavar="USER-ID")
-    add_db_option(parser, environ, "SQLite database file; never created")
-    parser.add_argument("--reason", required=True, help="why: recorded with the event")
-    if action == "release":
-        parser.add_argument("--write-off", action="store_true",
-                            help="write off what was withheld (the user is not paid it)")
-    add_lines_format_option(parser)
-    return parser
-
-
-def run_hold(argv, environ, out, action="hold"):
-    parser = build_hold_parser(environ, action)
-    args = parse_arguments(parser, argv)
-    if getattr(args, "write_off", False):
-        action = "write-off"
-
-    def step(store):
-        row = hold_user(store, args.user_id, action, args.reason)
-        return f"the {action} is committed (asked again, it prints it again)", hold_output(
-            row, args.format)
-
-    return run_on_database(parser.prog, args.db, out, step)
-
-
-def build_erase_parser(environ):
-    parser = HelpfulParser(
-        prog="spp_server.py erase",
-        description="Erase a user on request: their id is replaced by a random pseudonym "
-        "in every session and ledger row (every sum stays exact), their raw bodies are "
-        "cleared, rejected and conflicting postbacks naming them are deleted, and the file "
-        "is compacted (VACUUM, then the WAL emptied) so that no copy of the id is left in "
-        "it. Refused while the user is owed or owes anything. The erasure is recorded, "
-        "never whose. Backups made before still hold the id (docs/ledger.md). "
-        + LEDGER_EXIT_HELP,
-    )
-    parser.add_argument("user_id", metavar="USER-ID")
-    add_db_option(parser, environ, "SQLite database file; never created")
-    parser.add_argument("--even-if-owed", action="store_true",
-                        help="erase although the user has amounts pending, owed or withheld "
-                        "(they stay in the ledger under the pseudonym; recorded as forced)")
-    return parser
-
-
-def run_erase(argv, environ, out):
-    parser = build_erase_parser(environ)
-    args = parse_arguments(parser, argv)
-
-    def step(store):
-        counts = erase(store, args.user_id, args.even_if_owed)
-        summary = (f"erased: {counts['sessions']} session(s), {counts['rejected']} rejected "
-                   f"and {counts['conflicts']} conflicting postback(s); the file is compacted\n")
-        return "the erasure is committed", [summary.encode()]
-
-    return run_on_database(parser.prog, args.db, out, step)
-
-
-def build_void_oversized_parser(environ):
-    parser = HelpfulParser(
-        prog="spp_server.py void-oversized",
-        description=f"Set aside the estimates above {MAX_ESTIMATE} USD that no run has paid: "
-        "stored before the receiver refused them, they are no real SPP estimates, and pay "
-        "refuses to pay them. Each is kept in rejected (its body, and its session-id, user-id "
-        "and amount in the reason) and its session's estimate set to 0; the session still "
-        "counts. Restart the server afterwards: the web view and /metrics keep running totals. "
-        "Exit 0, or 1 when the database cannot be written.",
-    )
-    add_db_option(parser, environ, "SQLite database file; never created")
-    return parser
-
-
-def run_void_oversized(argv, environ, out):
-    parser = build_void_oversized_parser(environ)
-    args = parse_arguments(parser, argv)
-
-    def step(store):
-        voided = store.write(void_oversized)
-        return "the change is committed", [
-            f"{plural(voided, 'session')} above {MAX_ESTIMATE} USD set to 0, kept in rejected\n"
-            .encode()]
-
-    return run_on_database(parser.prog, args.db, out, step)
 
 
 def setup_logging(level="info"):

@@ -43,7 +43,7 @@ def span(end_us=None):
 
 
 def rows(n, start_us, end_us, seed):
-    """The n rows, in the column order of spp_server.SQL['insert_session']."""
+    """The n rows, in the column order of spp_server.STORE_SQL['insert_session']."""
     rng = random.Random(seed)
     special = dict.fromkeys(rng.sample(range(n), HEAVY_SESSIONS + LIGHT_SESSIONS), HEAVY_USER)
     for position in list(special)[HEAVY_SESSIONS:]:
@@ -85,7 +85,7 @@ def fill(path, sessions, seed=1, end_us=None):
         conn.execute("PRAGMA synchronous = OFF")
         conn.execute("PRAGMA cache_size = -1048576")  # 1 GiB, so the index is built in memory
         conn.execute("BEGIN")
-        conn.executemany(spp_server.SQL["insert_session"], rows(sessions, start_us, end_us, seed))
+        conn.executemany(spp_server.STORE_SQL["insert_session"], rows(sessions, start_us, end_us, seed))
         conn.execute("COMMIT")
         count = conn.execute("SELECT count(*) FROM sessions").fetchone()[0]
         conn.execute("PRAGMA journal_mode = WAL")
