@@ -77,6 +77,262 @@ if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
 # Helpers
 # ---------------------------------------------------------------------------
 
+@pytest.fixture
+def db(tmp_path):
+    return str(tmp_path / "spp.db")
+
+
+@pytest.fixture
+def make_client(db):
+    """make_client(**config) -> TestApp on a fresh app (database `db` by default)."""
+    apps = []
+
+    def make(**config):
+        app = spp_server.create_app({"db": db, "writer": "thread", **config})
+        apps.append(app)
+        return TestApp(app)
+
+    yield make
+    for app in apps:
+        app.store.close()
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The receive time the server stamps on writes, set by the test."""
+
+    class Clock:
+        us = spp_server.parse_instant("2026-11-23T10:00:00Z")
+
+        def set(self, text):
+            self.us = spp_server.parse_instant(text)
+
+    fake = Clock()
+    monkeypatch.setattr(spp_server, "now_us", lambda: fake.us)
+    return fake
+
+
+@pytest.fixture
+def fake_serve(monkeypatch):
+    """Replace the waitress loop: main() runs up to serving and records how."""
+    calls = ServeCalls()
+    monkeypatch.setattr(spp_server, "serve", lambda app, config, sockets: calls.append(config))
+    monkeypatch.setattr(spp_server, "setup_logging", calls.log_levels.append)
+    return calls
+
+
+@pytest.fixture
+def real_server(tmp_path):
+    servers = []
+
+    def start(db=None, **kwargs):
+        server = RealServer(db or str(tmp_path / "spp.db"), **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+@pytest.fixture
+def command_lines(client, db, tmp_path):
+    """Each command's argv on a database with a session and a refusal."""
+    post(client, SAMPLE)
+    post(client, b"x", status=400)
+    report = tmp_path / "r.csv"
+    report.write_text("date,revenue\n2026-11-01,1\n")
+    window = ["--since", "2000-01-01", "--until", "2100-01-01"]
+    return {
+        "export": ["export", "--db", db, *window],
+        "reconcile": ["reconcile", "--db", db, *window],
+        "import-booked": ["import-booked", str(report), "--db", db],
+        "prune": ["prune", "--db", db, "--rejected-before", "2100-01-01"],
+        "prune --dry-run": ["prune", "--db", db, "--rejected-before", "2100-01-01", "--dry-run"],
+        "--help": ["--help"],
+        "export --help": ["export", "--help"],
+        # A run of no session is recorded too: its header row is its output.
+        "pay": ["pay", "--db", db, "--until", "2000-01-01", "--pay-now-share", "0.5",
+                "--final-share", "0.9"],
+        "statement": ["statement", "sub1", "--db", db],
+        "ledger": ["ledger", "--db", db],
+        "settle": ["settle", "--db", db],
+    }
+
+
+@pytest.fixture
+def nearly_full_output(tmp_path):
+    """A file on a real 256 KiB tmpfs filled but for its last 16 bytes: the
+    next write(2) of more than that returns a short count, as on a nearly
+    full disk (/dev/full fails the first write whole).  Needs root, as CI."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        output = mount / "out"
+        output.write_bytes(b"-" * (256 * 1024 - 16))
+        yield output
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture(scope="session")
+def nobody_spp():
+    """-> spp(*args): the argv that runs spp_server.py as nobody.  The checkout
+    and its venv may sit in a directory only root may enter (a clone in a
+    mkdtemp folder, Python under /root), so the module, its schema and the
+    two packages it imports are copied to a directory anyone can read, and
+    run by the first interpreter nobody can start."""
+    import bottle
+    import waitress
+    runtime = Path(tempfile.mkdtemp(prefix="spp-nobody-"))
+    runtime.chmod(0o755)
+    for source in [SERVER, HERE / "schema.sql", Path(bottle.__file__)]:
+        shutil.copy(source, runtime / source.name)
+    shutil.copytree(Path(waitress.__file__).parent, runtime / "waitress")
+    for path in runtime.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    env = ["env", "-i", f"PYTHONPATH={runtime}", "PYTHONDONTWRITEBYTECODE=1"]
+    for python in [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3"]:
+        probe = subprocess.run(as_nobody(*env, python, "-c", "import bottle, waitress"),
+                               capture_output=True, cwd="/", timeout=30)
+        if probe.returncode == 0:
+            break
+    else:
+        pytest.skip("no Python interpreter that the user nobody may run")
+    yield lambda *args: as_nobody(*env, python, str(runtime / "spp_server.py"), *args)
+    shutil.rmtree(runtime)
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory another user can reach (tmp_path is root's, mode 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="spp-shared-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.fixture
+def store(db):
+    store = spp_server.Store(db, writer="thread")
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def view_client(make_client):
+    return make_client(read_tokens=(READ.encode(),), reward_share=D("0.7"))
+
+
+@pytest.fixture(scope="module")
+def view_site(tmp_path_factory):
+    """One real server with a month of data, a ledger and hostile postbacks,
+    one browser: shared by the browser tests, each of which opens its pages."""
+    sync_playwright = browser_or_skip()
+    folder = tmp_path_factory.mktemp("view")
+    db = str(folder / "spp.db")
+    # The month of October 2020 and its ledger, written with a fixed clock and
+    # fixed session ids, so that the screenshots come out the same each run.
+    real_now, spp_server.now_us = spp_server.now_us, lambda: at(61)
+    store = spp_server.Store(db, writer="thread")
+    try:
+        store.write(lambda conn, _: conn.executemany(spp_server.STORE_SQL["insert_session"], [
+            (f"oct-{n:03d}", f"user-{n % 37:02d}", ["1234", "5678"][n % 2], "IN", 1, 10,
+             (n % 11 + 1) * 1_000_000, at(n % 20, n % 24), "{}") for n in range(600)]))
+        book_rows(store, [(day_text(d), "", 165_000_000 + d * 2_000_000) for d in range(18)])
+        pay(store, at(10))
+        pay(store, at(25))
+        spp_server.settle(store)
+    finally:
+        store.close()
+        spp_server.now_us = real_now
+    other = OtherOrigin()
+    server = RealServer(db, env={"SPP_READ_TOKEN": READ})
+    hostile = BROWSER_HOSTILE_IDS
+    for n, user_id in enumerate(hostile):
+        assert server.post(postback(user_id=user_id, session_id=f"hostile-{n}"))[0] == 200
+    long_id = "<b>" + "\u0645" * 5000 + "</b>"  # 10 KB: refused, its body kept in rejected
+    assert server.post(postback(user_id=long_id, session_id="long"))[0] == 400
+    first = postback(user_id=hostile[0], session_id="twice")
+    server.post(first)
+    server.post(first)  # a duplicate
+    server.post({**first, "country": "BR"})  # a conflict
+    playwright = sync_playwright().start()
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        *CHROMIUM_FLAGS, f"--host-resolver-rules=MAP other.test:80 127.0.0.1:{other.port}"])
+    site = types_namespace(server=server, other=other, browser=browser, hostile=hostile,
+                           long_id=long_id, origin=f"http://127.0.0.1:{server.port}")
+    yield site
+    browser.close()
+    playwright.stop()
+    other.server.shutdown()
+    server.stop()
+
+
+@pytest.fixture
+def process_client(db):
+    """A TestApp whose writes go to a writer process, as the server's do."""
+    app = spp_server.create_app({"db": db, "writer": "process", "threads": 4})
+    yield TestApp(app)
+    app.store.close()
+
+
+@pytest.fixture
+def test_ops(monkeypatch):
+    """The write ops of these tests, registered, so that a writer process
+    forked afterwards may run them."""
+    for op in (slow_write, violate_a_constraint, insert_then_raise_a_bug,
+               return_what_json_cannot_hold, fail_at_commit):
+        monkeypatch.setitem(spp_server.WRITE_OPS, op.__name__, op)
+
+
+@pytest.fixture
+def process_store(db, test_ops):
+    """make(**kwargs) -> a Store with a writer process, closed after the test."""
+    stores = []
+
+    def make(**kwargs):
+        stores.append(spp_server.Store(db, writer="process", **kwargs))
+        return stores[-1]
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+@pytest.fixture
+def counting_clock(monkeypatch):
+    """now_us counts 1, 2, 3, ...: each transaction takes one receive time
+    (also in a writer process forked afterwards)."""
+    ticks = itertools.count(1)
+    monkeypatch.setattr(spp_server, "now_us", lambda: next(ticks))
+
+
+@pytest.fixture(scope="module")
+def doc_sandboxes(tmp_path_factory):
+    """page -> (DocSandbox, blocks already run): one server per page, module-wide."""
+    sandboxes = {}
+
+    def sandbox(page):
+        if page not in sandboxes:
+            directory = tmp_path_factory.mktemp(re.sub(r"\W", "-", page))
+            sandboxes[page] = [DocSandbox(directory, DOC_PAGES[page]), set()]
+        return sandboxes[page]
+
+    yield sandbox
+    for box, _ in sandboxes.values():
+        box.close()
+
 
 def postback(**fields):
     """SAMPLE with fields replaced (None removes the key) and a fresh session-id."""
@@ -126,47 +382,7 @@ def assert_error(res, status, field=None):
     assert res.json["field"] == field
 
 
-@pytest.fixture
-def db(tmp_path):
-    return str(tmp_path / "spp.db")
-
-
-@pytest.fixture
-def make_client(db):
-    """make_client(**config) -> TestApp on a fresh app (database `db` by default)."""
-    apps = []
-
-    def make(**config):
-        app = spp_server.create_app({"db": db, "writer": "thread", **config})
-        apps.append(app)
-        return TestApp(app)
-
-    yield make
-    for app in apps:
-        app.store.close()
-
-
-@pytest.fixture
-def client(make_client):
-    return make_client()
-
-
 SCHEMA_VERSIONS = [v for v, _ in spp_server.schema_versions(spp_server.SCHEMA_PATH.read_text())]
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    """The receive time the server stamps on writes, set by the test."""
-
-    class Clock:
-        us = spp_server.parse_instant("2026-11-23T10:00:00Z")
-
-        def set(self, text):
-            self.us = spp_server.parse_instant(text)
-
-    fake = Clock()
-    monkeypatch.setattr(spp_server, "now_us", lambda: fake.us)
-    return fake
 
 
 def post_at(client, clock, when, **fields):
@@ -187,7 +403,7 @@ AWKWARD_IDS = ['comma,id', 'quote"id', "new\nline", "cr\r\nlf", " spaced ", "=1+
 
 
 def query_plan(db, name, params):
-    sql = spp_server.totals_sql(name) if isinstance(name, list) else spp_server.SQL[name]
+    sql = spp_server.totals_sql(name) if isinstance(name, list) else queries_holding(name)[name]
     return " / ".join(row[-1] for row in rows(db, "EXPLAIN QUERY PLAN " + sql, params))
 
 
@@ -197,15 +413,6 @@ class ServeCalls(list):
     def __init__(self):
         super().__init__()
         self.log_levels = []
-
-
-@pytest.fixture
-def fake_serve(monkeypatch):
-    """Replace the waitress loop: main() runs up to serving and records how."""
-    calls = ServeCalls()
-    monkeypatch.setattr(spp_server, "serve", lambda app, config, sockets: calls.append(config))
-    monkeypatch.setattr(spp_server, "setup_logging", calls.log_levels.append)
-    return calls
 
 
 def http_request(port, method, path, body=None, headers=None, timeout=10):
@@ -278,22 +485,6 @@ class RealServer:
         return Path(self.db).with_suffix(".log").read_text()
 
 
-@pytest.fixture
-def real_server(tmp_path):
-    servers = []
-
-    def start(db=None, **kwargs):
-        server = RealServer(db or str(tmp_path / "spp.db"), **kwargs)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
-
-
 @contextlib.contextmanager
 def server_with_notify_socket(tmp_path, db, env=None):
     """A real server told to notify a datagram socket this test holds, as
@@ -332,127 +523,268 @@ def send_raw(client, body):
     return client.post("/postback", body, expect_errors=True)
 
 
-# ---------------------------------------------------------------------------
-# POST /postback: recording and deduplication
-# ---------------------------------------------------------------------------
+def queries_holding(name):
+    """The module's query dict (one per section, NAME_SQL) that holds `name`."""
+    [queries] = [value for key, value in vars(spp_server).items()
+                 if key.endswith("_SQL") and isinstance(value, dict) and name in value]
+    return queries
 
 
-def test_sample_postback_is_recorded_with_every_field(client, db):
-    res = post(client, SAMPLE)
-    assert res.json == {"status": "recorded"}
-    assert res.content_type == "application/json"
-    stored = rows(
-        db,
-        "SELECT session_id, user_id, property_id, country, ads_viewed, duration_s, "
-        "revenue_nano, raw_body FROM sessions",
-    )
-    assert stored == [
-        (SAMPLE["session-id"], "sub1", "1234", "IN", 1, 163, 12_000, json.dumps(SAMPLE))
+# ---------------------------------------------------------------------------
+# Configuration: tokens for postbacks and reads
+# ---------------------------------------------------------------------------
+
+OLD_POSTBACK_TOKEN = "pb-old-Zq81xTr"
+
+
+NEW_POSTBACK_TOKEN = "pb-new-Wk27yMd"
+
+
+READ_TOKEN = "rd-Hh55vPc"
+
+
+def test_postback_without_the_token_is_401_and_stores_nothing(make_client, db):
+    client = make_client(postback_tokens=(b"s3cret",))
+    for headers in [{}, bearer("wrong"), bearer("s3cre"), bearer("s3cret!"),
+                    {"Authorization": "Bearer "}, {"Authorization": "Basic czNjcmV0Og=="},
+                    {"Authorization": "s3cret"}]:
+        res = post(client, postback(), status=401, headers=headers)
+        assert_error(res, 401)
+        assert res.headers["WWW-Authenticate"].startswith("Bearer")
+    client.post("/postback?token=s3cret", json.dumps(postback()), status=401)
+    assert count(db, "sessions") == count(db, "rejected") == 0
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+def test_bearer_scheme_is_case_insensitive(make_client, scheme):
+    client = make_client(postback_tokens=(b"s3cret",))
+    post(client, postback(), headers={"Authorization": f"{scheme} s3cret"})
+
+
+def test_every_configured_token_is_accepted_during_rotation(make_client, db):
+    client = make_client(postback_tokens=(b"old", b"new"))
+    post(client, postback(), headers=bearer("old"))
+    post(client, postback(), headers=bearer("new"))
+    post(client, postback(), headers=bearer("newer"), status=401)
+    assert count(db, "sessions") == 2
+
+
+def test_unauthenticated_bad_body_is_not_kept(make_client, db):
+    client = make_client(postback_tokens=(b"s3cret",))
+    post(client, b"junk", status=401)
+    assert count(db, "rejected") == 0
+    post(client, b"junk", status=400, headers=bearer("s3cret"))
+    assert count(db, "rejected") == 1
+
+
+def test_reads_need_the_read_token_when_one_is_set(make_client):
+    client = make_client(read_tokens=(b"reader",), postback_tokens=(b"poster",))
+    post(client, SAMPLE, headers=bearer("poster"))
+    assert_error(earnings(client, "sub1", status=401), 401)
+    assert_error(earnings(client, "sub1", status=401, headers=bearer("poster")), 401)
+    assert earnings(client, "sub1", headers=bearer("reader")).json["sessions"] == 1
+
+
+def test_token_comparison_uses_hmac_compare_digest(monkeypatch):
+    calls = []
+    monkeypatch.setattr(spp_server.hmac, "compare_digest", lambda a, b: calls.append(b) or False)
+    assert not spp_server.token_accepted(b"x", (b"one", b"two"))
+    assert calls == [b"one", b"two"]  # every token compared, no early exit
+
+
+def test_real_server_refuses_bad_tokens_alike_and_never_logs_a_token(real_server, db):
+    server = real_server(db, env={
+        "SPP_POSTBACK_TOKEN": f"{OLD_POSTBACK_TOKEN},{NEW_POSTBACK_TOKEN}",
+        "SPP_READ_TOKEN": READ_TOKEN,
+        "SPP_LOG_LEVEL": "debug",  # the most the log ever says
+    })
+
+    def send(headers=None, path="/postback", payload=None):
+        body = json.dumps(payload or postback(user_id="auth")).encode()
+        return http_request(server.port, "POST", path, body, headers)
+
+    # Rotation: both configured tokens work; the scheme is case-insensitive.
+    for headers in [bearer(OLD_POSTBACK_TOKEN), bearer(NEW_POSTBACK_TOKEN),
+                    {"Authorization": f"bearer {OLD_POSTBACK_TOKEN}"},
+                    {"Authorization": f"BEARER {NEW_POSTBACK_TOKEN}"}]:
+        status, _, body = send(headers)
+        assert (status, json.loads(body)) == (200, {"status": "recorded"}), headers
+    basic = base64.b64encode(f"{OLD_POSTBACK_TOKEN}:".encode()).decode()
+    refused = [
+        send(),
+        send(bearer("wrong")),
+        send(bearer(OLD_POSTBACK_TOKEN[:-1])),  # a prefix
+        send(bearer(OLD_POSTBACK_TOKEN + "x")),  # one character more
+        send(bearer(NEW_POSTBACK_TOKEN + NEW_POSTBACK_TOKEN)),  # another length
+        send(bearer("p")),
+        send({"Authorization": "Bearer "}),
+        send({"Authorization": "Bearer"}),
+        send({"Authorization": f"Basic {basic}"}),
+        send({"Authorization": f"Basic {OLD_POSTBACK_TOKEN}"}),
+        send({"Authorization": OLD_POSTBACK_TOKEN}),
+        send({"Authorization": f"Token {OLD_POSTBACK_TOKEN}"}),
+        send(bearer(f"{OLD_POSTBACK_TOKEN},{NEW_POSTBACK_TOKEN}")),  # the whole setting
+        send(bearer(READ_TOKEN)),  # the read token does not post
+        send(path=f"/postback?token={OLD_POSTBACK_TOKEN}"),
+        send(path=f"/postback?access_token={NEW_POSTBACK_TOKEN}"),
+        send({"X-Api-Key": OLD_POSTBACK_TOKEN}),
     ]
-
-
-def test_received_at_is_the_time_of_receipt_in_utc_microseconds(client, db):
-    before = time.time_ns() // 1000
-    post(client, SAMPLE)
-    after = time.time_ns() // 1000
-    [(received,)] = rows(db, "SELECT received_at_us FROM sessions")
-    assert before <= received <= after
-
-
-def test_duplicate_is_answered_200_and_counted_once(client, db):
-    assert post(client, SAMPLE).json == {"status": "recorded"}
-    assert post(client, SAMPLE).json == {"status": "duplicate"}
-    assert count(db, "sessions") == 1
-    assert count(db, "conflicts") == 0
-    assert earnings(client, "sub1").json["estimated-revenue"] == "0.000012"
-
-
-def test_conflicting_duplicate_keeps_first_copy_and_records_both_bodies(client, db, caplog):
-    caplog.set_level(logging.INFO, logger="spp")
-    first = postback(your_estimated_revenue="0.5")
-    second = {**first, "your-estimated-revenue": "0.7"}
-    post(client, first)
-    assert post(client, second).json == {"status": "duplicate"}
-    assert earnings(client, "sub1").json["estimated-revenue"] == "0.5"
-    assert rows(db, "SELECT session_id, stored_body, new_body FROM conflicts") == [
-        (first["session-id"], json.dumps(first), json.dumps(second))
-    ]
-    assert any(
-        r.levelno == logging.WARNING and first["session-id"] in r.getMessage()
-        for r in caplog.records
-    )
-
-
-def test_duplicate_with_only_extra_keys_added_is_not_a_conflict(client, db):
-    first = postback()
-    post(client, first)
-    post(client, {**first, "new-field": 1})
-    assert count(db, "conflicts") == 0
-
-
-def test_concurrent_duplicates_from_many_threads_store_one_row(make_client, db):
-    client = make_client()
-    body = json.dumps(postback()).encode()
-    barrier = threading.Barrier(8)
-    outcomes = []
-
-    def send():
-        own = TestApp(client.app)  # one TestApp per thread, one shared app
-        barrier.wait()
-        for _ in range(5):
-            outcomes.append(post(own, body).json["status"])
-
-    threads = [threading.Thread(target=send) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(outcomes) == ["duplicate"] * 39 + ["recorded"]
-    assert count(db, "sessions") == 1
-
-
-def test_trailing_slash_works_the_same(client, db):
-    res = client.post("/postback/", json.dumps(SAMPLE), status=200)
-    assert res.json == {"status": "recorded"}
-    assert count(db, "sessions") == 1
-
-
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", ""])
-def test_body_is_parsed_whatever_the_content_type(client, db, content_type):
-    client.post(
-        "/postback", json.dumps(SAMPLE), headers={"Content-Type": content_type}, status=200
-    )
-    assert count(db, "sessions") == 1
-
-
-@pytest.mark.parametrize("method", ["get", "put", "delete", "patch"])
-def test_other_methods_get_405_json(client, method):
-    res = getattr(client, method)("/postback", status=405)
-    assert_error(res, 405)
-    assert "POST" in res.headers["Allow"]
-
-
-def test_unknown_path_gets_404_json(client):
-    assert_error(client.get("/nowhere", status=404), 404)
-
-
-def test_every_answer_is_committed_after_duplicates_and_conflicts(client, db):
-    """The duplicate check reads and may write on the write connection; a
-    transaction left open there would hold back the commit of later postbacks."""
-    first = postback(user_id="seen")
-    assert post(client, first).json == {"status": "recorded"}
-    assert post(client, first).json == {"status": "duplicate"}
-    assert count(db, "sessions") == 1
-    assert post(client, {**first, "user-id": "changed"}).json == {"status": "duplicate"}
-    assert count(db, "conflicts") == 1
-    assert post(client, postback(user_id="next")).json == {"status": "recorded"}
-    assert count(db, "sessions") == 2  # read by another connection, at once
+    first_status, first_headers, first_body = refused[0]
+    assert first_status == 401
+    assert set(json.loads(first_body)) == {"error", "field"}
+    for status, headers, body in refused:  # refused the same way, whatever was wrong
+        assert (status, body) == (first_status, first_body)
+        assert headers["WWW-Authenticate"] == first_headers["WWW-Authenticate"]
+    # A bad body and an oversized one, with a good token: refused, token still unlogged.
+    assert send(bearer(NEW_POSTBACK_TOKEN), payload={"session-id": ""})[0] == 400
+    big = postback(padding="x" * spp_server.MAX_BODY_BYTES)
+    assert send(bearer(NEW_POSTBACK_TOKEN), payload=big)[0] == 413
+    # Reads: only the read token, in the header.
+    for headers, path in [({}, "/stats"), (bearer(OLD_POSTBACK_TOKEN), "/stats"),
+                          ({}, f"/stats?token={READ_TOKEN}"), (bearer(READ_TOKEN + "x"), "/stats"),
+                          (bearer(READ_TOKEN[:-1]), "/users/auth/earnings")]:
+        assert http_request(server.port, "GET", path, headers=headers)[0] == 401
+    status, _, body = http_request(server.port, "GET", "/users/auth/earnings",
+                                   headers={"Authorization": f"bearer {READ_TOKEN}"})
+    assert (status, json.loads(body)["sessions"]) == (200, 4)
+    assert server.stop() == 0
+    assert count(db, "sessions") == 4
+    assert count(db, "rejected") == 1  # only the authenticated bad body
+    log_text = server.log_text()
+    assert log_text.count("postback unauthorized") == len(refused)  # the log was captured
+    assert log_text.count("postback recorded") == 4
+    for secret in [OLD_POSTBACK_TOKEN, NEW_POSTBACK_TOKEN, READ_TOKEN, basic,
+                   "Zq81x", "Wk27y", "Hh55v"]:  # not even part of one
+        assert secret not in log_text, secret
 
 
 # ---------------------------------------------------------------------------
-# POST /postback: body and field validation, hostile bodies
+# Money and time: exact sums, exact strings
 # ---------------------------------------------------------------------------
 
+TOTAL_KEYS = ["user-id", "sessions", "ads-viewed", "session-duration", "estimated-revenue"]
+
+
+NANO_DECIMAL = Decimal("1e-9")
+
+
+REVENUES = st.decimals(min_value=0, max_value=spp_server.MAX_ESTIMATE, places=9,
+                       allow_nan=False, allow_infinity=False)
+
+
+def revenue_literal(amount, form):
+    """An accepted way of writing `amount` in a postback."""
+    plain = format(amount, "f")
+    return {
+        "string": json.dumps(plain),
+        "string-exponent": json.dumps(format(amount, "e")),
+        "string-trailing-zeros": json.dumps(plain + ("000" if "." in plain else ".000")),
+        "number": plain,
+        "number-exponent": format(amount, "e"),
+        "integer": str(int(amount)) if amount == amount.to_integral_value() else plain,
+    }[form]
+
+
+REVENUE_FORMS = ["string", "string-exponent", "string-trailing-zeros", "number",
+                 "number-exponent", "integer"]
+
+
+def test_many_tenths_add_up_exactly(client):
+    for _ in range(30):
+        post(client, postback(user_id="tenths", your_estimated_revenue="0.1"))
+    assert earnings(client, "tenths").json["estimated-revenue"] == "3"
+
+
+def test_earnings_sum_is_exact_for_awkward_amounts(client):
+    amounts = ["0.000012", "0.000000001", "3.456789012", "0.3", "9.999999999", "7"]
+    for amount in amounts:
+        post(client, postback(user_id="mix", your_estimated_revenue=amount))
+    revenue = earnings(client, "mix").json["estimated-revenue"]
+    assert DECIMAL_STRING.match(revenue)
+    assert Decimal(revenue) == sum(Decimal(a) for a in amounts)
+
+
+def test_earnings_totals_every_counter_and_treats_null_as_zero(client):
+    post(client, postback(user_id="u", count_of_ads_viewed=2, session_duration=60))
+    post(client, postback(user_id="u", count_of_ads_viewed=None, session_duration=None))
+    post(client, postback(user_id="u", count_of_ads_viewed=3, session_duration=40))
+    post(client, postback(user_id="someone-else"))
+    res = earnings(client, "u").json
+    assert {k: res[k] for k in TOTAL_KEYS} == {
+        "user-id": "u",
+        "sessions": 3,
+        "ads-viewed": 5,
+        "session-duration": 100,
+        "estimated-revenue": "0.000036",
+    }
+
+
+def test_user_without_sessions_gets_zeros(client):
+    assert earnings(client, "nobody").json == {
+        "user-id": "nobody",
+        "sessions": 0,
+        "ads-viewed": 0,
+        "session-duration": 0,
+        "estimated-revenue": "0",
+        "first-received-at": None,
+        "last-received-at": None,
+        "since": None,
+        "until": None,
+    }
+
+
+def test_sums_beyond_64_bit_nano_usd_stay_exact(client, db):
+    # 10,000 sessions at the largest revenue: 10^19 nano-USD, past SQLite's int64.
+    big = 999_999_999_999_999
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.executemany(
+            "INSERT INTO sessions (session_id, user_id, revenue_nano, received_at_us, raw_body) "
+            "VALUES (?, 'whale', ?, 1, '{}')", ((f"w{i}", big) for i in range(10_000)))
+    assert earnings(client, "whale").json["estimated-revenue"] == spp_server.nanos_to_usd(
+        big * 10_000) == "9999999999.99999"
+    line = client.get("/earnings", params={"since": "0", "until": "2"}).body
+    assert json.loads(line)["estimated-revenue"] == "9999999999.99999"
+
+
+@pytest.mark.parametrize(
+    "nanos, text",
+    [(0, "0"), (1, "0.000000001"), (12_000, "0.000012"), (10**9, "1"), (1_500_000_000, "1.5"),
+     (10**24 + 7, "1000000000000000.000000007")],
+)
+def test_nanos_are_written_as_exact_decimal_strings(nanos, text):
+    assert spp_server.nanos_to_usd(nanos) == text
+
+
+def test_earnings_are_the_exact_sum_of_the_accepted_revenues(client, db):
+    @settings(max_examples=100, **HOSTILE_SETTINGS)
+    @given(entries=st.lists(st.tuples(REVENUES, st.sampled_from(REVENUE_FORMS)), min_size=1,
+                            max_size=8),
+           resend=st.integers(0, 7), noise=st.sampled_from(['"-1"', '"1e6"', '"abc"', "true"]))
+    def check(entries, resend, noise):
+        user = f"sum-{next(_ids)}"
+        bodies = []
+        for amount, form in entries:
+            text = json.dumps(postback(user_id=user, your_estimated_revenue="__REV__"))
+            bodies.append(text.replace('"__REV__"', revenue_literal(amount, form)).encode())
+        for body in bodies:
+            assert send_raw(client, body).json == {"status": "recorded"}
+        # A re-send and a refused postback change nothing.
+        assert send_raw(client, bodies[resend % len(bodies)]).json == {"status": "duplicate"}
+        bad = json.dumps(postback(user_id=user, your_estimated_revenue="__REV__"))
+        assert send_raw(client, bad.replace('"__REV__"', noise).encode()).status_int == 400
+        res = earnings(client, user).json
+        assert res["sessions"] == len(entries)
+        assert DECIMAL_STRING.match(res["estimated-revenue"])
+        exact = sum((amount for amount, _ in entries), Decimal(0))
+        assert exact == exact.quantize(NANO_DECIMAL, rounding=ROUND_HALF_EVEN)  # nothing rounded
+        assert Decimal(res["estimated-revenue"]) == exact
+
+    check()
+
+
+# ---------------------------------------------------------------------------
+# Validation of a postback body: field validation, hostile bodies
+# ---------------------------------------------------------------------------
 
 class CountingStream:
     """An endless request body that counts what was read from it."""
@@ -949,263 +1281,1403 @@ def test_no_postback_error_shows_python_internals(client, db):
 
 
 # ---------------------------------------------------------------------------
-# Money: exact sums, exact strings
+# Storage: files, schema, opening, the write connection, failing writes
 # ---------------------------------------------------------------------------
 
-
-TOTAL_KEYS = ["user-id", "sessions", "ads-viewed", "session-duration", "estimated-revenue"]
-
-
-NANO_DECIMAL = Decimal("1e-9")
+OPEN_STORE = "import sys, spp_server; spp_server.Store(sys.argv[1], writer='thread').close()"
 
 
-REVENUES = st.decimals(min_value=0, max_value=spp_server.MAX_ESTIMATE, places=9,
-                       allow_nan=False, allow_infinity=False)
+def writer_pragma(app, sql):
+    """Run a PRAGMA on the writer's own connection (max_page_count is per connection)."""
+    return app.store.write(lambda conn, now: conn.execute(sql).fetchone()[0])
 
 
-def revenue_literal(amount, form):
-    """An accepted way of writing `amount` in a postback."""
-    plain = format(amount, "f")
+@contextlib.contextmanager
+def write_connection_held(store):
+    """Keep the write connection busy inside a write of its own."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold(conn, now):
+        entered.set()
+        assert gate.wait(10)
+
+    def write():
+        with contextlib.suppress(spp_server.StoreUnavailable):  # it may outlast its own wait
+            store.write(hold)
+
+    holder = threading.Thread(target=write)
+    holder.start()
+    assert entered.wait(5)
+    try:
+        yield
+    finally:
+        gate.set()
+        holder.join(10)
+
+
+def test_locked_database_gets_503_then_recovers(make_client, db):
+    client = make_client(busy_timeout_ms=100)
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # holds the write lock
+    try:
+        started = time.monotonic()
+        assert_error(post(client, SAMPLE, status=503), 503)
+        assert time.monotonic() - started < 5
+        assert_error(client.get("/healthz", status=503), 503)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert count(db, "sessions") == 0
+    assert post(client, SAMPLE).json == {"status": "recorded"}
+    assert client.get("/healthz").json == {"status": "ok"}
+
+
+def test_database_files_are_private_whatever_the_umask(client, db):
+    old = os.umask(0)
+    try:
+        post(client, SAMPLE)
+    finally:
+        os.umask(old)
+    for path in [db, db + "-wal"]:
+        assert os.stat(path).st_mode & 0o077 == 0, path
+
+
+def test_writes_are_committed_with_synchronous_full(client):
+    # FULL: a committed postback survives a power cut, not just a killed process.
+    pragma = client.app.store.write(lambda conn, now: conn.execute("PRAGMA synchronous").fetchone())
+    assert pragma == (2,)
+
+
+def test_database_is_in_wal_mode_with_latest_schema(client, db):
+    latest = spp_server.schema_versions(spp_server.SCHEMA_PATH.read_text())[-1][0]
+    assert rows(db, "PRAGMA journal_mode") == [("wal",)]
+    assert rows(db, "PRAGMA user_version") == [(latest,)]
+
+
+def test_reopening_keeps_rows_and_does_not_reapply_the_schema(make_client, db):
+    post(make_client(), SAMPLE)
+    client = make_client()
+    assert earnings(client, "sub1").json["sessions"] == 1
+
+
+@pytest.mark.parametrize("old_version", SCHEMA_VERSIONS[:-1])
+def test_older_database_is_upgraded_in_place_keeping_rows(db, old_version):
+    conn = spp_server.connect(db, 1000)
+    spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=old_version)
+    conn.execute(
+        "INSERT INTO sessions (session_id, user_id, revenue_nano, received_at_us, raw_body) "
+        "VALUES ('old-session', 'sub1', 5000, 1, '{}')"
+    )
+    conn.close()
+    assert rows(db, "PRAGMA user_version") == [(old_version,)]
+    app = spp_server.create_app({"db": db, "writer": "thread"})
+    try:
+        client = TestApp(app)
+        assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSIONS[-1],)]
+        post(client, SAMPLE)
+        assert earnings(client, "sub1").json["estimated-revenue"] == "0.000017"
+    finally:
+        app.store.close()
+
+
+@pytest.mark.parametrize("old_version", [0, 1])  # a new file; one from the first release
+def test_processes_opening_one_database_together_all_succeed(tmp_path, old_version):
+    """An overlapping restart, or an export while the server starts."""
+    for attempt in range(4):
+        db = str(tmp_path / f"race-{attempt}.db")
+        if old_version:
+            conn = sqlite3.connect(db, isolation_level=None)  # rollback journal, as SQLite's default
+            spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=old_version)
+            conn.close()
+        starts = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, db], cwd=HERE,
+                                   stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        for start in starts:
+            _, err = start.communicate(timeout=30)
+            assert start.returncode == 0, err
+        assert rows(db, "PRAGMA journal_mode") == [("wal",)]
+        assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSIONS[-1],)]
+
+
+def test_opening_waits_for_a_writer_in_the_way_of_wal_mode(db):
+    """Switching to WAL needs the file alone for a moment, and SQLite applies
+    no busy timeout to it: a write transaction in the way (another process
+    creating the schema in rollback-journal mode) must be waited for."""
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE t (x)")
+    release = threading.Timer(0.3, other.execute, ["COMMIT"])
+    release.start()
+    try:
+        spp_server.Store(db, writer="thread").close()
+    finally:
+        release.join()
+        other.close()
+    assert rows(db, "PRAGMA journal_mode") == [("wal",)]
+
+
+def test_a_database_that_cannot_be_in_wal_mode_is_refused(tmp_path):
+    conn = spp_server.connect(":memory:", 100)  # :memory: keeps journal_mode 'memory'
+    with pytest.raises(sqlite3.OperationalError, match="WAL"):
+        spp_server.enable_wal(conn, 1)
+
+
+def test_a_failing_migration_reports_its_own_error_and_changes_nothing(db):
+    conn = spp_server.connect(db, 1000)
+    broken = "-- version 1\nCREATE TABLE a (x);\n-- version 2\nCREATE TABLE a (x);\n"
+    with pytest.raises(sqlite3.OperationalError, match="already exists"):
+        spp_server.migrate(conn, broken)
+    assert not conn.in_transaction
+    assert conn.execute("PRAGMA user_version").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
+    conn.close()
+
+
+def test_schema_sections_are_numbered_in_increasing_order():
+    assert SCHEMA_VERSIONS == sorted(set(SCHEMA_VERSIONS)) and SCHEMA_VERSIONS[0] == 1
+
+
+def test_full_database_gets_503_then_recovers_without_restart(make_client, db, monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 3600)  # health tells of the last write
+    client = make_client()
+    app = client.app
+    post(client, postback(user_id="full"))
+    pages = writer_pragma(app, "PRAGMA page_count")
+    assert writer_pragma(app, f"PRAGMA max_page_count = {pages}") == pages
+    big = postback(user_id="full", padding="x" * 20_000)  # needs pages the file may not grow
+    started = time.monotonic()
+    res = post(client, big, status=503)
+    assert time.monotonic() - started < 5
+    assert_error(res, 503)
+    assert "full" in res.json["error"]
+    health = client.get("/healthz", status=503)
+    assert_error(health, 503)
+    assert "full" in health.json["error"]
+    # A bad body that cannot be kept is not a 500 either.
+    res = post(client, b"x" * 30_000, status="*")
+    assert res.status_int in (400, 503) and res.content_type == "application/json"
+    assert earnings(client, "full").json["sessions"] == 1  # reads still answer
+    assert count(db, "sessions") == 1
+
+    writer_pragma(app, "PRAGMA max_page_count = 1073741823")  # room again, same process
+    assert post(client, big).json == {"status": "recorded"}
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert earnings(client, "full").json["sessions"] == 2
+    assert rows(db, "SELECT raw_body FROM sessions WHERE session_id = ?",
+                (big["session-id"],)) == [(json.dumps(big),)]
+
+
+def test_database_made_unwritable_gets_503_never_200_then_recovers(make_client, db):
+    """Read-only database.  The tests run as root, which chmod does not stop, so
+    the database file and its WAL are made immutable (chattr +i), which stops
+    root too: every write to them fails (EPERM, SQLite's "disk I/O error").
+    The -shm file is left alone: it is mmap'd, and writes to an immutable
+    mapping kill the process with SIGBUS, as they would any SQLite program."""
+    client = make_client(busy_timeout_ms=200)
+    post(client, postback(user_id="ro"))
+    files = [db, db + "-wal"]
+    assert all(os.path.exists(f) for f in files)
+    try:
+        made = chattr("+i", *files)
+        if made.returncode != 0:
+            pytest.skip(f"cannot make files immutable here (chattr +i): {made.stderr.strip()}")
+        for _ in range(3):
+            started = time.monotonic()
+            res = post(client, postback(user_id="ro"), status="*")
+            assert time.monotonic() - started < 3  # never a hang past the busy timeout
+            assert_error(res, 503)
+        assert_error(client.get("/healthz", status=503), 503)
+        assert earnings(client, "ro").json["sessions"] == 1
+    finally:
+        chattr("-i", *files)
+    assert count(db, "sessions") == 1
+    assert post(client, postback(user_id="ro")).json == {"status": "recorded"}
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_a_write_waits_for_the_one_in_progress_then_commits(make_client, db):
+    store = make_client().app.store
+    body = json.dumps(postback(user_id="waiter"))
+    op = spp_server.record_session(spp_server.parse_postback(body.encode()), body)
+    result = []
+    with write_connection_held(store):
+        waiter = threading.Thread(target=lambda: result.append(store.write(op)))
+        waiter.start()
+        waiter.join(0.2)  # bounded look: nothing else may write meanwhile
+        assert waiter.is_alive() and count(db, "sessions") == 0
+    waiter.join(10)
+    assert result == ["recorded"] and count(db, "sessions") == 1
+
+
+def test_closing_waits_for_the_write_in_progress_then_refuses_writes(make_client, db):
+    store = make_client().app.store
+    with write_connection_held(store):
+        closer = threading.Thread(target=store.close)
+        closer.start()
+        closer.join(0.2)  # bounded look: the connection is still in use
+        assert closer.is_alive()
+    closer.join(10)
+    assert not closer.is_alive()
+    with pytest.raises(spp_server.StoreUnavailable, match="shutting down"):
+        store.write(lambda conn, now: "never runs")
+
+
+def test_a_write_that_cannot_get_the_connection_in_time_is_unavailable(make_client, db):
+    store = make_client(busy_timeout_ms=100).app.store
+    with write_connection_held(store):
+        started = time.monotonic()
+        with pytest.raises(spp_server.StoreUnavailable, match="did not answer in time"):
+            store.write(lambda conn, now: "never runs")
+        assert time.monotonic() - started < 5
+    assert count(db, "sessions") == 0
+
+
+def test_a_failed_write_is_rolled_back_and_the_next_one_commits(make_client, db, monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 3600)  # health tells of the last write
+    client = make_client()
+    store = client.app.store
+
+    def insert_then_violate_a_constraint(conn, now):
+        body = json.dumps(postback(user_id="half"))
+        spp_server.record_session(spp_server.parse_postback(body.encode()), body)(conn, now)
+        conn.execute("INSERT INTO sessions (session_id) VALUES ('no user, no revenue')")
+
+    with pytest.raises(spp_server.StoreUnavailable, match="refused the write"):
+        store.write(insert_then_violate_a_constraint)
+    assert count(db, "sessions") == 0  # not even the first half
+    assert client.get("/healthz", status=503).json["error"].startswith("the last write failed")
+    assert post(client, postback()).json == {"status": "recorded"}
+    assert client.get("/healthz").json == {"status": "ok"}
+
+
+def test_an_error_from_a_write_op_that_is_not_sqlites_propagates_and_rolls_back(client, db):
+    store = client.app.store
+
+    class Mistake(Exception):
+        pass
+
+    def insert_then_fail(conn, now):
+        body = json.dumps(postback(user_id="half"))
+        spp_server.record_session(spp_server.parse_postback(body.encode()), body)(conn, now)
+        raise Mistake("a bug in the op, not a database error")
+
+    with pytest.raises(Mistake):
+        store.write(insert_then_fail)
+    assert count(db, "sessions") == 0
+    assert post(client, postback()).json == {"status": "recorded"}  # the connection still works
+    assert count(db, "sessions") == 1
+
+
+# --- Only spp-receiver databases: every entry point checks the file first ---
+
+
+LATEST = SCHEMA_VERSIONS[-1]
+
+
+def make_not_ours(path, kind):
+    """A file that is not an spp-receiver database this code may use -> the
+    words the refusal must hold (besides the file's name and this code's version)."""
+    if kind == "empty":
+        path.write_bytes(b"")
+        return ["empty"]
+    if kind == "text":
+        path.write_bytes(b"date,revenue\n2026-11-01,1\n" * 100)
+        return ["not an SQLite file"]
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        if kind == "newer":
+            spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text())
+            conn.execute("PRAGMA user_version = 99")
+            return ["newer", "99"]
+        if kind.startswith("foreign-sessions-"):
+            # Another program's `sessions` table (a common name) at a version this code has.
+            version = int(kind.rsplit("-", 1)[1])
+            conn.execute("CREATE TABLE sessions (id INTEGER PRIMARY KEY, token TEXT, expires INT)")
+            conn.execute("INSERT INTO sessions (token) VALUES ('abc')")
+            conn.execute(f"PRAGMA user_version = {version}")
+            return ["another program's", "sessions", f"version {version}"]
+        conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.execute("INSERT INTO notes VALUES ('mine')")
+        if kind == "foreign-versioned":
+            conn.execute("PRAGMA user_version = 3")
+            return ["another program's", "notes", "version 3"]
+        return ["another program's", "notes", "version 0"]
+
+
+NOT_OURS = ["empty", "text", "foreign", "foreign-versioned", "newer",
+            *(f"foreign-sessions-{v}" for v in SCHEMA_VERSIONS)]
+
+
+def run_entry_point(entry, db, tmp_path):
+    """One command on `db`, in-process -> exit status."""
+    report = tmp_path / "r.csv"
+    report.write_text("date,revenue\n2026-11-01,1\n")
+    window = ["--since", "2026-11-01", "--until", "2026-11-02"]
     return {
-        "string": json.dumps(plain),
-        "string-exponent": json.dumps(format(amount, "e")),
-        "string-trailing-zeros": json.dumps(plain + ("000" if "." in plain else ".000")),
-        "number": plain,
-        "number-exponent": format(amount, "e"),
-        "integer": str(int(amount)) if amount == amount.to_integral_value() else plain,
-    }[form]
+        "import-booked": lambda: spp_server.run_import_booked([str(report), "--db", db], {},
+                                                              io.StringIO()),
+        "prune": lambda: spp_server.run_prune(["--db", db, "--rejected-before", "2100-01-01"], {},
+                                              io.StringIO()),
+        "prune --dry-run": lambda: spp_server.run_prune(
+            ["--db", db, "--rejected-before", "2100-01-01", "--dry-run"], {}, io.StringIO()),
+        "export": lambda: spp_server.run_export(["--db", db, *window], {}, io.BytesIO()),
+        "reconcile": lambda: spp_server.run_reconcile(["--db", db, *window], {}, io.BytesIO()),
+        "pay": lambda: spp_server.run_pay(["--db", db, "--until", "2000-01-01", "--pay-now-share",
+                                           "0.5", "--final-share", "0.9"], {}, io.BytesIO()),
+        "settle": lambda: spp_server.run_settle(["--db", db], {}, io.BytesIO()),
+        "statement": lambda: spp_server.run_statement(["u", "--db", db], {}, io.BytesIO()),
+        "ledger": lambda: spp_server.run_ledger(["--db", db], {}, io.BytesIO()),
+        "write-off-balances": lambda: spp_server.run_write_off_balances(
+            ["--db", db, "--older-than", "90d"], {}, io.BytesIO()),
+        "suspects": lambda: spp_server.run_suspects(["--db", db], {}, io.BytesIO()),
+        "hold": lambda: spp_server.run_hold(["u", "--reason", "r", "--db", db], {}, io.BytesIO()),
+        "release": lambda: spp_server.run_hold(["u", "--reason", "r", "--db", db], {}, io.BytesIO())
+        or spp_server.run_hold(["u", "--reason", "r", "--db", db], {}, io.BytesIO(), "release"),
+        "erase": lambda: spp_server.run_erase(["u", "--db", db], {}, io.BytesIO()),
+        "ledger-replay": lambda: spp_server.run_ledger_replay(["--db", db], {}, io.BytesIO()),
+        "void-oversized": lambda: spp_server.run_void_oversized(["--db", db], {}, io.BytesIO()),
+    }[entry]()
 
 
-REVENUE_FORMS = ["string", "string-exponent", "string-trailing-zeros", "number",
-                 "number-exponent", "integer"]
+@pytest.mark.parametrize("kind", NOT_OURS)
+@pytest.mark.parametrize("entry", [*spp_server.COMMANDS, "prune --dry-run"])
+def test_every_command_refuses_a_file_that_is_not_its_database_and_changes_nothing(
+        tmp_path, capsys, kind, entry):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    db = folder / "x.db"
+    words = make_not_ours(db, kind)
+    before = file_state(folder)
+    assert run_entry_point(entry, str(db), tmp_path) == 1
+    one_line_error(capsys, str(db), f"this code's{' schema is version' if kind != 'newer' else ''} "
+                   f"{LATEST}", *words)
+    assert file_state(folder) == before  # no table, no WAL switch, no -wal or -shm
 
 
-def test_many_tenths_add_up_exactly(client):
-    for _ in range(30):
-        post(client, postback(user_id="tenths", your_estimated_revenue="0.1"))
-    assert earnings(client, "tenths").json["estimated-revenue"] == "3"
+def command_argv(command, db, tmp_path):
+    """`command`'s argv from EVERY_COMMAND, on `db`, its report file real."""
+    report = tmp_path / "r.csv"
+    report.write_text("date,revenue\n2026-11-01,1\n")
+    [argv] = [a for a in EVERY_COMMAND if a[:1] == [command]]
+    return [str(report) if a == "r.csv" else a for a in argv[1:]] + ["--db", str(db)]
 
 
-def test_earnings_sum_is_exact_for_awkward_amounts(client):
-    amounts = ["0.000012", "0.000000001", "3.456789012", "0.3", "9.999999999", "7"]
-    for amount in amounts:
-        post(client, postback(user_id="mix", your_estimated_revenue=amount))
-    revenue = earnings(client, "mix").json["estimated-revenue"]
-    assert DECIMAL_STRING.match(revenue)
-    assert Decimal(revenue) == sum(Decimal(a) for a in amounts)
+def run_command(command, argv, out):
+    """COMMANDS[command] in-process -> (exit status, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = spp_server.COMMANDS[command][0](argv, {}, out)
+    return status, err.getvalue()
 
 
-def test_earnings_totals_every_counter_and_treats_null_as_zero(client):
-    post(client, postback(user_id="u", count_of_ads_viewed=2, session_duration=60))
-    post(client, postback(user_id="u", count_of_ads_viewed=None, session_duration=None))
-    post(client, postback(user_id="u", count_of_ads_viewed=3, session_duration=40))
-    post(client, postback(user_id="someone-else"))
-    res = earnings(client, "u").json
-    assert {k: res[k] for k in TOTAL_KEYS} == {
-        "user-id": "u",
-        "sessions": 3,
-        "ads-viewed": 5,
-        "session-duration": 100,
-        "estimated-revenue": "0.000036",
-    }
+@pytest.mark.parametrize("failure", ["missing", "no folder", "directory", "text"])
+@pytest.mark.parametrize("command", list(spp_server.COMMANDS))
+def test_every_command_says_an_unusable_database_in_the_same_line_and_status(
+        tmp_path, command, failure):
+    """One driver opens the database for every command: the same failure is
+    the same line, naming the command and the file, and status 1 (a
+    directory was "no database at" to a report, SQLite's "unable to open
+    database file" to a step; import-booked added "; nothing imported")."""
+    db = tmp_path / ("none/x.db" if failure == "no folder" else "x.db")
+    if failure == "directory":
+        db.mkdir()
+    elif failure == "text":
+        make_not_ours(db, "text")
+    said = {"missing": f"no database at {db}", "no folder": f"no database at {db}",
+            "directory": f"cannot open the database {db}: it is a directory",
+            "text": f"{db} is not an spp-receiver database: not an SQLite file (this code's "
+                    f"schema is version {LATEST})"}[failure]
+    status, err = run_command(command, command_argv(command, db, tmp_path), io.BytesIO())
+    assert (status, err) == (1, f"spp_server.py {command}: {said}\n")
+    assert not (tmp_path / "none").exists() and not Path(f"{db}-wal").exists()
 
 
-def test_user_without_sessions_gets_zeros(client):
-    assert earnings(client, "nobody").json == {
-        "user-id": "nobody",
-        "sessions": 0,
-        "ads-viewed": 0,
-        "session-duration": 0,
-        "estimated-revenue": "0",
-        "first-received-at": None,
-        "last-received-at": None,
-        "since": None,
-        "until": None,
-    }
+@pytest.mark.parametrize("kind", NOT_OURS[1:])
+def test_the_server_refuses_a_file_that_is_not_its_database(fake_serve, tmp_path, caplog, kind):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    db = folder / "x.db"
+    words = make_not_ours(db, kind)
+    before = db.read_bytes()
+    assert spp_server.main(["--db", str(db)], environ={}) == 1
+    assert fake_serve == []
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and str(db) in errors[0] and str(LATEST) in errors[0]
+    assert all(word in errors[0] for word in words), errors
+    assert db.read_bytes() == before
 
 
-def test_sums_beyond_64_bit_nano_usd_stay_exact(client, db):
-    # 10,000 sessions at the largest revenue: 10^19 nano-USD, past SQLite's int64.
-    big = 999_999_999_999_999
-    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
-        conn.executemany(
-            "INSERT INTO sessions (session_id, user_id, revenue_nano, received_at_us, raw_body) "
-            "VALUES (?, 'whale', ?, 1, '{}')", ((f"w{i}", big) for i in range(10_000)))
-    assert earnings(client, "whale").json["estimated-revenue"] == spp_server.nanos_to_usd(
-        big * 10_000) == "9999999999.99999"
-    line = client.get("/earnings", params={"since": "0", "until": "2"}).body
-    assert json.loads(line)["estimated-revenue"] == "9999999999.99999"
+def test_the_server_makes_an_empty_file_its_database(fake_serve, tmp_path):
+    """What it may have left itself: the file is created (0600) before SQLite
+    writes the schema, so a stop in between leaves it empty."""
+    db = tmp_path / "x.db"
+    db.write_bytes(b"")
+    assert spp_server.main(["--db", str(db)], environ={}) == 0
+    assert rows(str(db), "PRAGMA user_version") == [(LATEST,)]
+    assert rows(str(db), "PRAGMA journal_mode") == [("wal",)]
 
 
-@pytest.mark.parametrize(
-    "nanos, text",
-    [(0, "0"), (1, "0.000000001"), (12_000, "0.000012"), (10**9, "1"), (1_500_000_000, "1.5"),
-     (10**24 + 7, "1000000000000000.000000007")],
-)
-def test_nanos_are_written_as_exact_decimal_strings(nanos, text):
-    assert spp_server.nanos_to_usd(nanos) == text
+def test_commands_use_an_older_database_the_server_upgrades(db, tmp_path, capsys):
+    """The check lets an older spp-receiver schema through to the server's
+    upgrade; the read-only reports refuse it, naming both versions."""
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=1)
+    assert run_entry_point("export", db, tmp_path) == 1
+    one_line_error(capsys, "schema version 1", f"older than this code's {LATEST}")
+    assert run_entry_point("import-booked", db, tmp_path) == 0
+    assert rows(db, "PRAGMA user_version") == [(LATEST,)]
 
 
-def test_earnings_are_the_exact_sum_of_the_accepted_revenues(client, db):
-    @settings(max_examples=100, **HOSTILE_SETTINGS)
-    @given(entries=st.lists(st.tuples(REVENUES, st.sampled_from(REVENUE_FORMS)), min_size=1,
-                            max_size=8),
-           resend=st.integers(0, 7), noise=st.sampled_from(['"-1"', '"1e6"', '"abc"', "true"]))
-    def check(entries, resend, noise):
-        user = f"sum-{next(_ids)}"
-        bodies = []
-        for amount, form in entries:
-            text = json.dumps(postback(user_id=user, your_estimated_revenue="__REV__"))
-            bodies.append(text.replace('"__REV__"', revenue_literal(amount, form)).encode())
-        for body in bodies:
-            assert send_raw(client, body).json == {"status": "recorded"}
-        # A re-send and a refused postback change nothing.
-        assert send_raw(client, bodies[resend % len(bodies)]).json == {"status": "duplicate"}
-        bad = json.dumps(postback(user_id=user, your_estimated_revenue="__REV__"))
-        assert send_raw(client, bad.replace('"__REV__"', noise).encode()).status_int == 400
-        res = earnings(client, user).json
-        assert res["sessions"] == len(entries)
-        assert DECIMAL_STRING.match(res["estimated-revenue"])
-        exact = sum((amount for amount, _ in entries), Decimal(0))
-        assert exact == exact.quantize(NANO_DECIMAL, rounding=ROUND_HALF_EVEN)  # nothing rounded
-        assert Decimal(res["estimated-revenue"]) == exact
+def design_upgrade_lists():
+    """docs/design.md's two lists: the commands that upgrade an older
+    database, and those that refuse one."""
+    text = " ".join((HERE / "docs" / "design.md").read_text().split())
+    upgrade, refuse = re.search(r"keeps its rows\. (.*?) upgrade it the same way; (.*?), which "
+                                r"only read, refuse an older one", text).groups()
+    return re.findall(r"`([a-z-]+)`", upgrade), re.findall(r"`([a-z-]+)`", refuse)
 
-    check()
+
+@pytest.mark.parametrize("command", list(spp_server.COMMANDS))
+def test_every_command_upgrades_an_older_database_or_refuses_it_as_design_md_says(
+        db, tmp_path, capsys, command):
+    upgrading, refusing = design_upgrade_lists()
+    assert command in upgrading + refusing, "design.md does not say what it does"
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=1)
+    status = run_entry_point(command, db, tmp_path)
+    if command in refusing:
+        assert status == 1
+        one_line_error(capsys, "schema version 1", f"older than this code's {LATEST}")
+        assert rows(db, "PRAGMA user_version") == [(1,)]
+    else:
+        assert status == 0 and rows(db, "PRAGMA user_version") == [(LATEST,)]
+
+
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
+def test_a_database_of_ours_missing_a_table_or_column_of_its_version_is_refused(
+        db, tmp_path, capsys, version):
+    """The version alone does not make a database ours: what that version's
+    sections create must be there (a table dropped, a column renamed by hand)."""
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=version)
+        conn.execute("ALTER TABLE sessions RENAME COLUMN revenue_nano TO revenue")
+    before = Path(db).read_bytes()
+    assert run_entry_point("import-booked", db, tmp_path) == 1
+    one_line_error(capsys, db, "another program's", f"version {version}", "sessions")
+    assert Path(db).read_bytes() == before
 
 
 # ---------------------------------------------------------------------------
-# Auth: tokens for postbacks and reads
+# The writer: group commit, the writer thread and the writer process
 # ---------------------------------------------------------------------------
 
-
-OLD_POSTBACK_TOKEN = "pb-old-Zq81xTr"
-
-
-NEW_POSTBACK_TOKEN = "pb-new-Wk27yMd"
+# --- Group commit: the writer thread and the writer process ---
 
 
-READ_TOKEN = "rd-Hh55vPc"
+def queued_writes(store, ops):
+    """Queue `ops` while the writer is held, so that they form one batch once
+    it is released: -> the outcome of each ("raised: ..." for an exception)."""
+    outcomes = [None] * len(ops)
+
+    def write(i, op):
+        try:
+            outcomes[i] = store.write(op)
+        except spp_server.StoreUnavailable as exc:
+            outcomes[i] = f"raised: {exc}"
+
+    threads = [threading.Thread(target=write, args=(i, op)) for i, op in enumerate(ops)]
+    with write_connection_held(store):
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while len(store.writer._queue) < len(ops):  # bounded wait for all of them to queue
+            assert time.monotonic() < deadline, "the writes did not queue"
+            time.sleep(0.005)
+    for thread in threads:
+        thread.join(10)
+    return outcomes
 
 
-def test_postback_without_the_token_is_401_and_stores_nothing(make_client, db):
-    client = make_client(postback_tokens=(b"s3cret",))
-    for headers in [{}, bearer("wrong"), bearer("s3cre"), bearer("s3cret!"),
-                    {"Authorization": "Bearer "}, {"Authorization": "Basic czNjcmV0Og=="},
-                    {"Authorization": "s3cret"}]:
-        res = post(client, postback(), status=401, headers=headers)
-        assert_error(res, 401)
-        assert res.headers["WWW-Authenticate"].startswith("Bearer")
-    client.post("/postback?token=s3cret", json.dumps(postback()), status=401)
-    assert count(db, "sessions") == count(db, "rejected") == 0
+def session_op(**fields):
+    body = json.dumps(postback(**fields))
+    return spp_server.record_session(spp_server.parse_postback(body.encode()), body)
 
 
-@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
-def test_bearer_scheme_is_case_insensitive(make_client, scheme):
-    client = make_client(postback_tokens=(b"s3cret",))
-    post(client, postback(), headers={"Authorization": f"{scheme} s3cret"})
+def test_writes_waiting_together_commit_as_one_transaction(make_client, db):
+    store = make_client().app.store
+    outcomes = queued_writes(store, [session_op(user_id=f"batch-{i}") for i in range(5)])
+    assert outcomes == ["recorded"] * 5
+    # One transaction: one receive time for all five (the clock is real here).
+    assert rows(db, "SELECT count(*), count(DISTINCT received_at_us) FROM sessions") == [(5, 1)]
 
 
-def test_every_configured_token_is_accepted_during_rotation(make_client, db):
-    client = make_client(postback_tokens=(b"old", b"new"))
-    post(client, postback(), headers=bearer("old"))
-    post(client, postback(), headers=bearer("new"))
-    post(client, postback(), headers=bearer("newer"), status=401)
-    assert count(db, "sessions") == 2
+def test_a_failing_write_in_a_batch_fails_alone(make_client, db):
+    store = make_client().app.store
+
+    def violate_a_constraint(conn, now):
+        conn.execute("INSERT INTO sessions (session_id) VALUES ('no user, no revenue')")
+
+    outcomes = queued_writes(store, [session_op(user_id="a"), violate_a_constraint,
+                                     session_op(user_id="b")])
+    assert outcomes[0] == outcomes[2] == "recorded"
+    assert outcomes[1].startswith("raised: the database refused the write")
+    assert sorted(rows(db, "SELECT user_id FROM sessions")) == [("a",), ("b",)]
 
 
-def test_unauthenticated_bad_body_is_not_kept(make_client, db):
-    client = make_client(postback_tokens=(b"s3cret",))
-    post(client, b"junk", status=401)
-    assert count(db, "rejected") == 0
-    post(client, b"junk", status=400, headers=bearer("s3cret"))
-    assert count(db, "rejected") == 1
+def test_a_duplicate_in_the_same_batch_is_a_duplicate_and_a_changed_one_a_conflict(make_client, db):
+    store = make_client().app.store
+    first = postback(user_id="same")
+    body = json.dumps(first)
+    changed = json.dumps({**first, "country": "BR"})
+    ops = [spp_server.record_session(spp_server.parse_postback(b.encode()), b)
+           for b in (body, body, changed)]
+    assert queued_writes(store, ops) == ["recorded", "duplicate", "conflict"]
+    assert count(db, "sessions") == 1 and count(db, "conflicts") == 1
 
 
-def test_reads_need_the_read_token_when_one_is_set(make_client):
-    client = make_client(read_tokens=(b"reader",), postback_tokens=(b"poster",))
-    post(client, SAMPLE, headers=bearer("poster"))
-    assert_error(earnings(client, "sub1", status=401), 401)
-    assert_error(earnings(client, "sub1", status=401, headers=bearer("poster")), 401)
-    assert earnings(client, "sub1", headers=bearer("reader")).json["sessions"] == 1
+def test_with_a_writer_process_every_200_is_committed_before_the_answer(process_client, db):
+    def post_and_check(n):
+        for i in range(10):
+            payload = postback(user_id=f"proc-{n}")
+            assert post(process_client, payload).json == {"status": "recorded"}
+            # A connection of its own sees the row: committed, not just queued.
+            assert rows(db, "SELECT count(*) FROM sessions WHERE session_id = ?",
+                        (payload["session-id"],)) == [(1,)]
+            assert post(process_client, payload).json == {"status": "duplicate"}
+
+    threads = [threading.Thread(target=post_and_check, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    assert count(db, "sessions") == 40
+    assert count(db, "conflicts") == 0  # an exact duplicate is no conflict, sent as JSON too
+    assert process_client.get("/healthz").json == {"status": "ok"}
 
 
-def test_token_comparison_uses_hmac_compare_digest(monkeypatch):
-    calls = []
-    monkeypatch.setattr(spp_server.hmac, "compare_digest", lambda a, b: calls.append(b) or False)
-    assert not spp_server.token_accepted(b"x", (b"one", b"two"))
-    assert calls == [b"one", b"two"]  # every token compared, no early exit
+def test_with_a_writer_process_a_refusal_and_a_conflict_are_kept(process_client, db):
+    bad = json.dumps(postback(your_estimated_revenue="-1")).encode()
+    assert_error(process_client.post("/postback", bad, status=400), 400, "your-estimated-revenue")
+    payload = postback()
+    post(process_client, payload)
+    assert post(process_client, {**payload, "country": "BR"}).json == {"status": "duplicate"}
+    assert (count(db, "rejected"), count(db, "conflicts")) == (1, 1)
 
 
-def test_real_server_refuses_bad_tokens_alike_and_never_logs_a_token(real_server, db):
-    server = real_server(db, env={
-        "SPP_POSTBACK_TOKEN": f"{OLD_POSTBACK_TOKEN},{NEW_POSTBACK_TOKEN}",
-        "SPP_READ_TOKEN": READ_TOKEN,
-        "SPP_LOG_LEVEL": "debug",  # the most the log ever says
-    })
+def test_closing_the_store_ends_its_writer_process(db):
+    store = spp_server.Store(db, writer="process", channels=2)
+    pid = store.writer.pid
+    assert store.writer.alive()
+    store.close()
+    assert not store.writer.alive() and store.writer.exit_status() == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # reaped, not left behind
+    with pytest.raises(spp_server.StoreUnavailable, match="shutting down"):
+        store.write(spp_server.write_health_probe)
 
-    def send(headers=None, path="/postback", payload=None):
-        body = json.dumps(payload or postback(user_id="auth")).encode()
-        return http_request(server.port, "POST", path, body, headers)
 
-    # Rotation: both configured tokens work; the scheme is case-insensitive.
-    for headers in [bearer(OLD_POSTBACK_TOKEN), bearer(NEW_POSTBACK_TOKEN),
-                    {"Authorization": f"bearer {OLD_POSTBACK_TOKEN}"},
-                    {"Authorization": f"BEARER {NEW_POSTBACK_TOKEN}"}]:
-        status, _, body = send(headers)
-        assert (status, json.loads(body)) == (200, {"status": "recorded"}), headers
-    basic = base64.b64encode(f"{OLD_POSTBACK_TOKEN}:".encode()).decode()
-    refused = [
-        send(),
-        send(bearer("wrong")),
-        send(bearer(OLD_POSTBACK_TOKEN[:-1])),  # a prefix
-        send(bearer(OLD_POSTBACK_TOKEN + "x")),  # one character more
-        send(bearer(NEW_POSTBACK_TOKEN + NEW_POSTBACK_TOKEN)),  # another length
-        send(bearer("p")),
-        send({"Authorization": "Bearer "}),
-        send({"Authorization": "Bearer"}),
-        send({"Authorization": f"Basic {basic}"}),
-        send({"Authorization": f"Basic {OLD_POSTBACK_TOKEN}"}),
-        send({"Authorization": OLD_POSTBACK_TOKEN}),
-        send({"Authorization": f"Token {OLD_POSTBACK_TOKEN}"}),
-        send(bearer(f"{OLD_POSTBACK_TOKEN},{NEW_POSTBACK_TOKEN}")),  # the whole setting
-        send(bearer(READ_TOKEN)),  # the read token does not post
-        send(path=f"/postback?token={OLD_POSTBACK_TOKEN}"),
-        send(path=f"/postback?access_token={NEW_POSTBACK_TOKEN}"),
-        send({"X-Api-Key": OLD_POSTBACK_TOKEN}),
-    ]
-    first_status, first_headers, first_body = refused[0]
-    assert first_status == 401
-    assert set(json.loads(first_body)) == {"error", "field"}
-    for status, headers, body in refused:  # refused the same way, whatever was wrong
-        assert (status, body) == (first_status, first_body)
-        assert headers["WWW-Authenticate"] == first_headers["WWW-Authenticate"]
-    # A bad body and an oversized one, with a good token: refused, token still unlogged.
-    assert send(bearer(NEW_POSTBACK_TOKEN), payload={"session-id": ""})[0] == 400
-    big = postback(padding="x" * spp_server.MAX_BODY_BYTES)
-    assert send(bearer(NEW_POSTBACK_TOKEN), payload=big)[0] == 413
-    # Reads: only the read token, in the header.
-    for headers, path in [({}, "/stats"), (bearer(OLD_POSTBACK_TOKEN), "/stats"),
-                          ({}, f"/stats?token={READ_TOKEN}"), (bearer(READ_TOKEN + "x"), "/stats"),
-                          (bearer(READ_TOKEN[:-1]), "/users/auth/earnings")]:
-        assert http_request(server.port, "GET", path, headers=headers)[0] == 401
-    status, _, body = http_request(server.port, "GET", "/users/auth/earnings",
-                                   headers={"Authorization": f"bearer {READ_TOKEN}"})
-    assert (status, json.loads(body)["sessions"]) == (200, 4)
+@pytest.mark.parametrize("cpus, kind", [({0}, "WriterThread"), ({0, 1}, "WriterProcess"),
+                                        ({1, 2, 3}, "WriterProcess")])
+def test_the_servers_writer_is_a_thread_on_one_cpu_a_process_on_more(
+        db, monkeypatch, caplog, cpus, kind):
+    """writer="auto", the default: decided by the CPUs this process may use
+    when the store opens, and said in the log when it is the thread."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus)
+    caplog.set_level(logging.INFO, logger="spp")
+    store = spp_server.Store(db)
+    try:
+        assert type(store.writer).__name__ == kind
+        assert store.write(spp_server.write_health_probe) is None
+    finally:
+        store.close()
+    said = "one CPU allowed: writes commit in a thread of the web process" in caplog.text
+    assert said == (kind == "WriterThread")
+
+
+@pytest.mark.parametrize("writer", ["processes", "", None, True])
+def test_a_writer_that_is_none_of_the_four_is_refused(db, writer):
+    with pytest.raises(ValueError, match="writer must be one of auto, process, thread, command"):
+        spp_server.Store(db, writer=writer)
+    assert not os.path.exists(db)
+
+
+@EACH_WRITER
+def test_the_real_server_commits_in_a_thread_on_one_cpu_and_in_a_process_on_more(
+        real_server, db, cpus):
+    server = real_server(db, cpus=cpus)
+    assert server.post(postback())[0] == 200
+    pid = server.process.pid
+    one = len(cpus or os.sched_getaffinity(0)) == 1
+    assert len(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()) == (0 if one else 1)
+    assert ("writes commit in a thread of the web process" in server.log_text()) == one
     assert server.stop() == 0
-    assert count(db, "sessions") == 4
-    assert count(db, "rejected") == 1  # only the authenticated bad body
-    log_text = server.log_text()
-    assert log_text.count("postback unauthorized") == len(refused)  # the log was captured
-    assert log_text.count("postback recorded") == 4
-    for secret in [OLD_POSTBACK_TOKEN, NEW_POSTBACK_TOKEN, READ_TOKEN, basic,
-                   "Zq81x", "Wk27y", "Hh55v"]:  # not even part of one
-        assert secret not in log_text, secret
+    assert count(db, "sessions") == 1
+
+
+def test_a_dead_writer_process_makes_writes_unavailable_not_hang(db):
+    store = spp_server.Store(db, writer="process", channels=2)
+    try:
+        os.kill(store.writer.pid, signal.SIGKILL)
+        with pytest.raises(spp_server.StoreUnavailable, match="writer process"):
+            store.write(spp_server.write_health_probe)
+        assert store.health_problem()
+        deadline = time.monotonic() + 10
+        while store.writer.alive():  # bounded wait for the kernel to report the exit
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert store.writer.exit_status() == -signal.SIGKILL
+    finally:
+        store.close()
+
+
+def process_runs(pid):
+    """Whether pid exists and is not a zombie (exited, not yet reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def writer_pid_of(server):
+    [child] = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+    return int(child)
+
+
+def test_real_server_stops_with_status_1_when_its_writer_process_dies(real_server, db):
+    server = real_server(db)
+    assert server.post(postback())[0] == 200
+    os.kill(writer_pid_of(server), signal.SIGKILL)
+    assert server.process.wait(15) == 1  # so that systemd restarts it (Restart=on-failure)
+    assert "the writer process exited" in server.log_text()
+    assert count(db, "sessions") == 1
+
+
+def test_real_server_writer_process_ignores_sigterm_and_ends_after_the_drain(real_server, db):
+    server = real_server(db)
+    writer = writer_pid_of(server)
+    os.kill(writer, signal.SIGTERM)  # systemd signals the whole control group
+    assert server.post(postback())[0] == 200  # still writing
+    assert server.stop(signal.SIGTERM) == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(writer, 0)
+    assert count(db, "sessions") == 1
+
+
+def slow_write(seconds, conn, received_at_us):
+    """A write op (module level, so that it reaches a writer process) that
+    takes `seconds`: the behaviour under test is a write slower than its wait."""
+    time.sleep(seconds)
+    return "slow"
+
+
+def test_a_late_answer_is_not_taken_for_the_next_writes(db, monkeypatch):
+    """One channel: the first write times out, and its answer arrives while
+    the second waits; the second gets its own answer, on a new channel."""
+    monkeypatch.setitem(spp_server.WRITE_OPS, "slow_write", slow_write)
+    store = spp_server.Store(db, busy_timeout_ms=100, writer="process", channels=1)
+    try:
+        [first] = store.writer._sockets
+        with pytest.raises(spp_server.StoreUnavailable, match="did not answer in time"):
+            store.write(functools.partial(slow_write, 1.5))  # the wait is 1.1 s
+        assert first.fileno() == -1  # retired, not reused
+        op = session_op(user_id="after-the-late-one")
+        assert store.write(op) == "recorded"
+        assert store.write(op) == "duplicate"
+    finally:
+        store.close()
+
+
+def test_the_server_does_not_start_when_no_write_commits(fake_serve, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(spp_server.Store, "health_problem", lambda self: "the disk is full")
+    with caplog.at_level(logging.ERROR, logger="spp"):
+        assert spp_server.main(["--db", str(tmp_path / "spp.db")], environ={}) == 1
+    assert fake_serve == []  # never served, so never told systemd it was ready
+    assert "cannot write to the database" in caplog.text and "the disk is full" in caplog.text
+
+
+def test_the_writer_process_ends_when_the_server_is_killed(real_server, db):
+    server = real_server(db)
+    writer = writer_pid_of(server)
+    assert server.post(postback())[0] == 200
+    server.stop(signal.SIGKILL)  # no drain: the writer must notice on its own
+    deadline = time.monotonic() + 10
+    while process_runs(writer):
+        assert time.monotonic() < deadline, "the writer process outlived the server"
+        time.sleep(0.01)  # bounded wait for it to see EOF and exit
+    assert count(db, "sessions") == 1
+
+
+# --- The writer process: its messages, its channels, its failures ---
+
+
+def violate_a_constraint(conn, received_at_us):
+    conn.execute("INSERT INTO sessions (session_id) VALUES ('no user, no revenue')")
+
+
+def insert_then_raise_a_bug(user_id, conn, received_at_us):
+    conn.execute("INSERT INTO sessions (session_id, user_id, revenue_nano, received_at_us, "
+                 "raw_body) VALUES (?, ?, 0, ?, '{}')", (user_id, user_id, received_at_us))
+    raise ValueError("a bug in the op, not a database error")
+
+
+def return_what_json_cannot_hold(conn, received_at_us):
+    return {"a set"}
+
+
+def fail_at_commit(conn, received_at_us):
+    """Leaves a deferred foreign key unmet: each statement succeeds and COMMIT
+    fails (SQLite then keeps the transaction open)."""
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS parent (id INTEGER PRIMARY KEY)")
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS child (parent_id INTEGER "
+                 "REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)")
+    conn.execute("INSERT INTO child VALUES (1)")
+
+
+def closed_by_the_writer(sock):
+    """Whether the other end closed (a reset when it left our bytes unread)."""
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def request_frame(payload):
+    return spp_server.FRAME.pack(len(payload)) + payload
+
+
+class CreatesAFile:
+    """Unpickling this creates a file: what a pickle can make its reader do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_an_unregistered_op_is_refused_before_anything_is_sent():
+    for op in (lambda conn, now: None, functools.partial(os.system, "true"),
+               functools.partial(spp_server.insert_rejected, "f", "r", b"x", conn=None)):
+        with pytest.raises(TypeError, match="not a write op"):
+            spp_server.encode_request(op)
+
+
+@given(st.lists(st.one_of(st.none(), st.integers(), st.text(), st.binary(),
+                          st.lists(st.one_of(st.integers(), st.text(), st.none()))), max_size=4))
+def test_a_request_carries_its_arguments_exactly(args):
+    op = spp_server.decode_request(
+        spp_server.encode_request(functools.partial(spp_server.insert_session, *args)))
+    assert op.func is spp_server.insert_session and list(op.args) == args
+
+
+class ErrorOfAnotherModule(sqlite3.OperationalError):
+    pass
+
+
+@pytest.mark.parametrize("error, name, code", [
+    (sqlite3.OperationalError("database is locked"), "OperationalError", sqlite3.SQLITE_BUSY),
+    (sqlite3.OperationalError("busy, said otherwise"), "OperationalError", sqlite3.SQLITE_BUSY),
+    (sqlite3.IntegrityError("NOT NULL constraint failed: sessions.user_id"), "IntegrityError",
+     sqlite3.SQLITE_CONSTRAINT_NOTNULL),
+    (sqlite3.OperationalError("disk I/O error"), "OperationalError", sqlite3.SQLITE_IOERR),
+    (ErrorOfAnotherModule("database is full"), "Error", sqlite3.SQLITE_FULL),
+])
+def test_a_database_error_reaches_the_web_process_as_itself(error, name, code):
+    error.sqlite_errorcode = code
+    ok, value = spp_server.decode_reply(spp_server.encode_reply(False, error))
+    assert not ok and type(value).__name__ == name and isinstance(value, sqlite3.Error)
+    assert str(value) == str(error) and value.sqlite_errorcode == code
+    assert spp_server.is_busy(value) == (code == sqlite3.SQLITE_BUSY)
+
+
+def test_another_error_reaches_the_web_process_as_a_bug_naming_it():
+    ok, value = spp_server.decode_reply(spp_server.encode_reply(False, KeyError("x")))
+    assert not ok and type(value) is RuntimeError and str(value) == "KeyError: 'x'"
+    for result in ([3, 4], "recorded", "duplicate", "conflict", None, "other"):
+        assert spp_server.decode_reply(spp_server.encode_reply(True, result)) == (True, result)
+
+
+def write_loop_in_thread(db, channels):
+    spp_server.Store(db, writer="thread").close()  # the schema
+    conn = spp_server.connect(db, 1000)
+    thread = threading.Thread(target=spp_server.write_loop, args=(conn, channels))
+    thread.start()
+    return thread, conn
+
+
+@pytest.mark.parametrize("garbage", [
+    b"POST /postback HTTP/1.1\r\nHost: x\r\n\r\n",  # a length of 1.3 GB, never waited for
+    request_frame(b"{not json"),
+    request_frame(b"\xff\xfe"),
+    request_frame(b'["system", ["touch /tmp/x"]]'),  # no such op
+    request_frame(b'["insert_rejected", [{"bytes": "not base64!"}, 1, 2]]'),
+    request_frame(b'{"op": "insert_session"}'),
+    request_frame(b"[]"),
+    request_frame(b"null"),
+    request_frame(b"[" * 200_000),  # nested deeper than json's recursion allows
+    request_frame(b'["insert_rejected", ' + b'{"a": ' * 60_000 + b"]"),
+    spp_server.FRAME.pack(100) + b"cut short",
+])
+def test_a_channel_that_sends_no_request_is_dropped_and_the_others_commit(db, garbage):
+    (bad, bad_end), (good, good_end) = socket.socketpair(), socket.socketpair()
+    thread, conn = write_loop_in_thread(db, [bad_end, good_end])
+    try:
+        good.settimeout(5)
+        good.sendall(request_frame(spp_server.encode_request(session_op(user_id="good"))))
+        bad.sendall(garbage)  # while the good one is read or committed
+        if garbage.endswith(b"cut short"):
+            bad.shutdown(socket.SHUT_WR)  # the frame ends here
+        assert spp_server.decode_reply(spp_server.receive_frame(good)) == (True, "recorded")
+        assert closed_by_the_writer(bad)
+        good.sendall(request_frame(spp_server.encode_request(session_op(user_id="next"))))
+        assert spp_server.decode_reply(spp_server.receive_frame(good)) == (True, "recorded")
+    finally:
+        good.close()
+        bad.close()
+        thread.join(5)
+        conn.close()
+    assert not thread.is_alive()  # it ended because its channels closed, not on the garbage
+    assert rows(db, "SELECT user_id FROM sessions ORDER BY id") == [("good",), ("next",)]
+
+
+@given(st.one_of(
+    st.binary(max_size=200),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+                 lambda inner: st.lists(inner, max_size=4)
+                 | st.dictionaries(st.text(max_size=5), inner, max_size=4)).map(
+        lambda value: json.dumps(value).encode()),
+    st.integers(1, 300_000).map(lambda depth: b"[" * depth + b"]" * (depth % 3))))
+@settings(max_examples=200, deadline=None, database=None)
+def test_decoding_any_frame_gives_a_write_op_or_a_value_error(data):
+    """What write_loop catches to drop one channel: any other exception would
+    end the writer process, and every postback with it."""
+    try:
+        op = spp_server.decode_request(data)
+    except ValueError:
+        return
+    assert op.func in spp_server.WRITE_OPS.values()
+
+
+def test_a_pickle_sent_to_the_writer_process_is_never_unpickled(process_store, db, tmp_path):
+    target = tmp_path / "created-by-unpickling"
+    payload = pickle.dumps(CreatesAFile(str(target)))
+    pickle.loads(pickle.dumps(CreatesAFile(str(tmp_path / "proof"))))
+    assert (tmp_path / "proof").exists()  # the payload is what it claims to be
+    store = process_store(channels=2)
+    channel = store.writer._channels.get()
+    channel.sendall(request_frame(payload))
+    assert closed_by_the_writer(channel)  # this channel only
+    assert not target.exists()
+    assert store.write(session_op(user_id="next")) == "recorded"  # on the other channel
+    assert store.writer.alive()
+    store.writer._channels.put(channel)  # the dropped channel back in the pool:
+    with pytest.raises(spp_server.StoreUnavailable, match="writer process"):
+        store.write(session_op(user_id="on-the-dropped-channel"))  # 503 once, and replaced
+    assert channel.fileno() == -1 and len(store.writer._sockets) == 2
+    assert store.write(session_op(user_id="after")) == "recorded"
+    assert store.write(session_op(user_id="again")) == "recorded"
+    assert not target.exists()
+
+
+def test_a_send_cut_short_by_its_timeout_retires_the_channel(process_store, db, monkeypatch):
+    """A partial frame left in a channel would make the next request's bytes
+    the end of this one: the channel must never be used again."""
+    store = process_store(channels=1)
+    [first] = store.writer._sockets
+    send_frame = spp_server.send_frame
+
+    def send_half_then_time_out(sock, data):
+        whole = spp_server.FRAME.pack(len(data)) + data
+        sock.sendall(whole[: len(whole) // 2])
+        monkeypatch.setattr(spp_server, "send_frame", send_frame)  # once
+        raise socket.timeout("timed out")
+
+    monkeypatch.setattr(spp_server, "send_frame", send_half_then_time_out)
+    with pytest.raises(spp_server.StoreUnavailable, match="did not answer in time"):
+        store.write(session_op(user_id="cut"))
+    assert first.fileno() == -1  # closed, not back in the pool
+    [replacement] = store.writer._sockets
+    assert replacement is not first
+    for n in range(3):
+        assert store.write(session_op(user_id=f"after-{n}")) == "recorded"
+    assert store.writer.alive()
+    assert rows(db, "SELECT user_id FROM sessions ORDER BY id") == [
+        ("after-0",), ("after-1",), ("after-2",)]
+
+
+def test_when_no_channel_can_be_replaced_the_writer_counts_as_lost(process_store, monkeypatch,
+                                                                    caplog):
+    store = process_store(channels=2)
+
+    def refuse(*args):
+        raise OSError(24, "Too many open files")
+
+    def time_out(sock, data):
+        raise socket.timeout("timed out")
+
+    monkeypatch.setattr(spp_server.socket, "send_fds", refuse)
+    monkeypatch.setattr(spp_server, "send_frame", time_out)
+    with caplog.at_level(logging.ERROR, logger="spp"):
+        for left in (1, 0):
+            with pytest.raises(spp_server.StoreUnavailable, match="did not answer in time"):
+                store.write(spp_server.write_health_probe)
+            assert f"{left} left" in caplog.text
+            assert store.writer.alive() == bool(left)
+    assert store.writer.loss() == "no channel to the writer process is left"
+    with pytest.raises(spp_server.StoreUnavailable, match="no channel"):
+        store.write(spp_server.write_health_probe)
+    stopping = threading.Event()
+    assert spp_server.run_until({}, stopping, store.writer) is False  # the server stops
+
+
+def test_a_failing_write_through_the_writer_process_fails_alone(process_store, db):
+    store = process_store(channels=2)
+    with pytest.raises(spp_server.StoreUnavailable, match="refused the write: NOT NULL"):
+        store.write(violate_a_constraint)
+    assert store.write(session_op(user_id="next")) == "recorded"
+    assert rows(db, "SELECT user_id FROM sessions") == [("next",)]
+
+
+def test_a_locked_database_is_a_busy_error_through_the_writer_process(process_store, db):
+    store = process_store(busy_timeout_ms=100)
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        ok, error = store.writer._submit(spp_server.write_health_probe, 5)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert not ok and isinstance(error, sqlite3.OperationalError) and spp_server.is_busy(error)
+    assert store.write(spp_server.write_health_probe) is None
+
+
+def test_an_error_that_is_not_the_databases_in_the_writer_process_is_a_bug_not_a_crash(
+        process_store, db):
+    store = process_store(channels=2)
+    with pytest.raises(RuntimeError, match="ValueError: a bug in the op"):
+        store.write(functools.partial(insert_then_raise_a_bug, "half"))
+    with pytest.raises(RuntimeError, match="TypeError"):
+        store.write(return_what_json_cannot_hold)
+    assert count(db, "sessions") == 0  # rolled back
+    assert store.write(session_op(user_id="next")) == "recorded"
+    assert store.writer.alive()
+
+
+def outcome_of(store, op):
+    try:
+        return store.write(op)
+    except spp_server.StoreUnavailable as exc:
+        return f"raised: {exc}"
+
+
+@contextlib.contextmanager
+def sent_while_locked(db, calls, monkeypatch):
+    """Run each of `calls` in a thread of its own while another connection
+    holds the write lock; yields, once each has handed its write to the
+    writer process, the list their results fill once the lock is let go."""
+    sent = threading.Semaphore(0)
+    send_frame = spp_server.send_frame
+
+    def send_and_count(sock, data):
+        send_frame(sock, data)
+        sent.release()
+
+    monkeypatch.setattr(spp_server, "send_frame", send_and_count)
+    results = []
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    threads = [threading.Thread(target=lambda call=call: results.append(call())) for call in calls]
+    try:
+        for thread in threads:
+            thread.start()
+        for _ in calls:
+            assert sent.acquire(timeout=5)
+        yield results
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        for thread in threads:
+            thread.join(10)
+
+
+def test_the_writer_process_commits_writes_waiting_together_as_one_transaction(
+        process_store, db, counting_clock, monkeypatch):
+    store = process_store(channels=6)
+    calls = [functools.partial(outcome_of, store, session_op(user_id=f"w{i}")) for i in range(6)]
+    with sent_while_locked(db, calls, monkeypatch) as outcomes:
+        pass
+    assert outcomes == ["recorded"] * 6
+    # The first write may have been taken alone before the others arrived;
+    # all the others waited together and share one transaction.
+    assert rows(db, "SELECT count(DISTINCT received_at_us) FROM sessions") in ([(1,)], [(2,)])
+
+
+def test_the_writer_process_dying_while_a_postback_waits_is_a_503(process_client, db,
+                                                                   monkeypatch):
+    store = process_client.app.store
+    post_it = functools.partial(process_client.post, "/postback", json.dumps(postback()),
+                                status="*")
+    with sent_while_locked(db, [post_it], monkeypatch) as answers:
+        os.kill(store.writer.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not answers:  # bounded wait for the answer while the lock is still held
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    [res] = answers
+    assert_error(res, 503)
+    assert "writer process" in res.json["error"]
+    assert count(db, "sessions") == 0
+
+
+def test_a_commit_that_fails_fails_every_write_of_its_batch_and_the_next_one_commits(
+        make_client, db):
+    client = make_client()
+    store = client.app.store
+    outcomes = queued_writes(store, [session_op(user_id="a"), fail_at_commit,
+                                     session_op(user_id="b")])
+    assert all(o.startswith("raised: the database refused the write: FOREIGN KEY") for o in outcomes)
+    assert count(db, "sessions") == 0  # nothing half-stored
+    assert post(client, postback(user_id="next")).json == {"status": "recorded"}
+    assert rows(db, "SELECT user_id FROM sessions") == [("next",)]
+
+
+def test_a_commit_that_fails_in_the_writer_process_leaves_no_transaction_open(process_store, db):
+    store = process_store(channels=2)
+    with pytest.raises(spp_server.StoreUnavailable, match="FOREIGN KEY"):
+        store.write(fail_at_commit)
+    assert store.write(session_op(user_id="next")) == "recorded"
+    assert count(db, "sessions") == 1
+
+
+def test_closing_kills_and_reaps_a_writer_process_that_does_not_stop(db):
+    spp_server.Store(db, writer="thread").close()
+    writer = spp_server.WriterProcess(db, 100, 0.3, 1)
+    os.kill(writer.pid, signal.SIGSTOP)  # it can no longer see its channels close
+    started = time.monotonic()
+    writer.close()
+    assert time.monotonic() - started < 2 * 0.3 + 1
+    assert writer.exit_status() == -signal.SIGKILL  # collected: no zombie left
+    assert not process_runs(writer.pid)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(writer.pid, os.WNOHANG)
+
+
+@pytest.mark.parametrize("open_fds, keep, released", [
+    ([0, 1, 2, 3, 4, 5], {4}, [3, 5]),
+    ([0, 1, 2], set(), []),
+    ([2, 9, 7, 8], {7, 8}, [9]),
+])
+def test_the_writer_process_lets_go_of_all_but_stdio_and_its_channels(open_fds, keep, released):
+    assert spp_server.descriptors_to_release(open_fds, keep) == released
+
+
+class FakeDescriptors:
+    """os.listdir("/proc/self/fd") and os.dup2 as the forked writer sees them,
+    without touching this process's descriptors."""
+
+    def __init__(self, monkeypatch, listing, refused=()):
+        self.pointed = []  # the descriptors pointed at /dev/null
+        self.devnull = set()  # what they were pointed at
+
+        def listdir(path):
+            assert path == "/proc/self/fd"
+            if isinstance(listing, Exception):
+                raise listing
+            return [str(fd) for fd in listing]
+
+        def dup2(fd, to):
+            self.devnull.add(fd)
+            if to in refused:
+                raise OSError(9, "Bad file descriptor")
+            self.pointed.append(to)
+
+        monkeypatch.setattr(spp_server.os, "listdir", listdir)
+        monkeypatch.setattr(spp_server.os, "dup2", dup2)
+
+
+def test_a_writer_process_that_cannot_list_its_descriptors_says_so_and_goes_on(
+        monkeypatch, caplog):
+    fake = FakeDescriptors(monkeypatch, FileNotFoundError(2, "No such file or directory"))
+    with caplog.at_level(logging.WARNING, logger="spp"):
+        spp_server.release_inherited_descriptors({5})
+    assert fake.pointed == []
+    assert caplog.messages == ["the writer process keeps its inherited descriptors: "
+                               "[Errno 2] No such file or directory"]
+
+
+def test_a_descriptor_the_writer_process_cannot_release_does_not_stop_the_others(monkeypatch):
+    fake = FakeDescriptors(monkeypatch, [0, 1, 2, 3, 4, 5, 6, 7], refused={4})
+    spp_server.release_inherited_descriptors({6})
+    assert fake.pointed == [3, 5, 7]  # not 4 (refused), 6 (kept), nor stdio
+    [devnull] = fake.devnull
+    with pytest.raises(OSError):
+        os.fstat(devnull)  # closed once done
+
+
+def socket_inodes(pid):
+    links = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            links.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+    return {link for link in links if link.startswith("socket:")}
+
+
+def test_the_writer_process_does_not_hold_systemds_listening_socket(db, tmp_path):
+    listener = socket.create_server(("127.0.0.1", 0))
+    inode = f"socket:[{os.fstat(listener.fileno()).st_ino}]"
+    with activated_server_until_sigterm(db, listener) as process:
+        assert json.loads(http_request(listener.getsockname()[1], "POST", "/postback",
+                                       json.dumps(SAMPLE), timeout=15)[2]) == {"status": "recorded"}
+        [writer] = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        assert inode in socket_inodes(process.pid)
+        writer_sockets = socket_inodes(writer)
+        assert inode not in writer_sockets
+        # Its channels (one per request thread and the watchdog) and the control socket only.
+        assert len(writer_sockets) == spp_server.DEFAULTS["threads"] + 2
+
+
+class FakeAffinity:
+    def __init__(self, monkeypatch, cpus, error=None):
+        self.set_calls = []
+        monkeypatch.setattr(spp_server.os, "sched_getaffinity", lambda pid: set(cpus))
+
+        def setaffinity(pid, cpus):
+            if error:
+                raise error
+            self.set_calls.append((pid, set(cpus)))
+
+        monkeypatch.setattr(spp_server.os, "sched_setaffinity", setaffinity)
+
+
+def fake_writer_process(pid=4242):
+    writer = object.__new__(spp_server.WriterProcess)
+    writer.pid = pid
+    return writer
+
+
+def test_on_several_cpus_the_web_process_keeps_to_one_and_the_writer_to_the_others(monkeypatch):
+    affinity = FakeAffinity(monkeypatch, {3, 1, 2})
+    spp_server.keep_to_cpus(fake_writer_process())
+    assert affinity.set_calls == [(4242, {2, 3}), (0, {1})]
+
+
+def test_on_one_cpu_or_with_a_writer_thread_nothing_is_pinned(monkeypatch):
+    affinity = FakeAffinity(monkeypatch, {0})
+    spp_server.keep_to_cpus(fake_writer_process())
+    affinity = FakeAffinity(monkeypatch, {0, 1})
+    spp_server.keep_to_cpus(object())
+    assert affinity.set_calls == []
+
+
+def test_when_pinning_is_refused_the_server_goes_on(monkeypatch, caplog):
+    FakeAffinity(monkeypatch, {0, 1}, error=PermissionError(1, "Operation not permitted"))
+    with caplog.at_level(logging.INFO, logger="spp"):
+        spp_server.keep_to_cpus(fake_writer_process())
+    assert "not keeping the web process to one CPU" in caplog.text
 
 
 # ---------------------------------------------------------------------------
-# Read side: user ids in paths, windows, payout export, totals, sessions, operator views
+# The store: recording and deduplication
 # ---------------------------------------------------------------------------
 
+def test_sample_postback_is_recorded_with_every_field(client, db):
+    res = post(client, SAMPLE)
+    assert res.json == {"status": "recorded"}
+    assert res.content_type == "application/json"
+    stored = rows(
+        db,
+        "SELECT session_id, user_id, property_id, country, ads_viewed, duration_s, "
+        "revenue_nano, raw_body FROM sessions",
+    )
+    assert stored == [
+        (SAMPLE["session-id"], "sub1", "1234", "IN", 1, 163, 12_000, json.dumps(SAMPLE))
+    ]
+
+
+def test_received_at_is_the_time_of_receipt_in_utc_microseconds(client, db):
+    before = time.time_ns() // 1000
+    post(client, SAMPLE)
+    after = time.time_ns() // 1000
+    [(received,)] = rows(db, "SELECT received_at_us FROM sessions")
+    assert before <= received <= after
+
+
+def test_duplicate_is_answered_200_and_counted_once(client, db):
+    assert post(client, SAMPLE).json == {"status": "recorded"}
+    assert post(client, SAMPLE).json == {"status": "duplicate"}
+    assert count(db, "sessions") == 1
+    assert count(db, "conflicts") == 0
+    assert earnings(client, "sub1").json["estimated-revenue"] == "0.000012"
+
+
+def test_conflicting_duplicate_keeps_first_copy_and_records_both_bodies(client, db, caplog):
+    caplog.set_level(logging.INFO, logger="spp")
+    first = postback(your_estimated_revenue="0.5")
+    second = {**first, "your-estimated-revenue": "0.7"}
+    post(client, first)
+    assert post(client, second).json == {"status": "duplicate"}
+    assert earnings(client, "sub1").json["estimated-revenue"] == "0.5"
+    assert rows(db, "SELECT session_id, stored_body, new_body FROM conflicts") == [
+        (first["session-id"], json.dumps(first), json.dumps(second))
+    ]
+    assert any(
+        r.levelno == logging.WARNING and first["session-id"] in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_duplicate_with_only_extra_keys_added_is_not_a_conflict(client, db):
+    first = postback()
+    post(client, first)
+    post(client, {**first, "new-field": 1})
+    assert count(db, "conflicts") == 0
+
+
+def test_concurrent_duplicates_from_many_threads_store_one_row(make_client, db):
+    client = make_client()
+    body = json.dumps(postback()).encode()
+    barrier = threading.Barrier(8)
+    outcomes = []
+
+    def send():
+        own = TestApp(client.app)  # one TestApp per thread, one shared app
+        barrier.wait()
+        for _ in range(5):
+            outcomes.append(post(own, body).json["status"])
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["duplicate"] * 39 + ["recorded"]
+    assert count(db, "sessions") == 1
+
+
+def test_trailing_slash_works_the_same(client, db):
+    res = client.post("/postback/", json.dumps(SAMPLE), status=200)
+    assert res.json == {"status": "recorded"}
+    assert count(db, "sessions") == 1
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", ""])
+def test_body_is_parsed_whatever_the_content_type(client, db, content_type):
+    client.post(
+        "/postback", json.dumps(SAMPLE), headers={"Content-Type": content_type}, status=200
+    )
+    assert count(db, "sessions") == 1
+
+
+@pytest.mark.parametrize("method", ["get", "put", "delete", "patch"])
+def test_other_methods_get_405_json(client, method):
+    res = getattr(client, method)("/postback", status=405)
+    assert_error(res, 405)
+    assert "POST" in res.headers["Allow"]
+
+
+def test_unknown_path_gets_404_json(client):
+    assert_error(client.get("/nowhere", status=404), 404)
+
+
+def test_every_answer_is_committed_after_duplicates_and_conflicts(client, db):
+    """The duplicate check reads and may write on the write connection; a
+    transaction left open there would hold back the commit of later postbacks."""
+    first = postback(user_id="seen")
+    assert post(client, first).json == {"status": "recorded"}
+    assert post(client, first).json == {"status": "duplicate"}
+    assert count(db, "sessions") == 1
+    assert post(client, {**first, "user-id": "changed"}).json == {"status": "duplicate"}
+    assert count(db, "conflicts") == 1
+    assert post(client, postback(user_id="next")).json == {"status": "recorded"}
+    assert count(db, "sessions") == 2  # read by another connection, at once
+
+
+# ---------------------------------------------------------------------------
+# Output formats: CSV quoted for spreadsheets, NDJSON streamed
+# ---------------------------------------------------------------------------
+
+def test_export_csv_quotes_awkward_user_ids(make_client, clock):
+    client = make_client(reward_share=Decimal("0.7"))
+    for user in AWKWARD_IDS:
+        post_at(client, clock, "2026-11-23T10:00:00Z", user_id=user)
+    res = export(client, format="csv", **DAY)
+    assert res.content_type == "text/csv"
+    assert res.body.endswith(b"\r\n")
+    table = list(csv.reader(io.StringIO(res.body.decode(), newline="")))
+    assert table[0][:6] == ["user-id", "sessions", "ads-viewed", "session-duration",
+                            "estimated-revenue", "rewardable-revenue"]
+    assert [row[0] for row in table[1:]] == sorted(AWKWARD_IDS, key=lambda u: u.encode())
+    assert all(row[1] == "1" and row[5] == "0.0000084" for row in table[1:])
+
+
+def test_totals_as_csv(client, clock):
+    post_at(client, clock, "2026-11-23T10:00:00Z", country="IN")
+    res = client.get("/totals", params={"group-by": "day,country", "format": "csv"}, status=200)
+    assert res.content_type == "text/csv"
+    assert res.body.decode().splitlines() == [
+        "day,country,sessions,ads-viewed,session-duration,estimated-revenue",
+        "2026-11-23,IN,1,1,163,0.000012"]
+
+
+def test_the_ndjson_feed_streams_without_building_a_list():
+    pulled = []
+
+    class Rows:
+        def read(self, sql, params):
+            return [(None, 0)]  # the cursor's row and the newest id: an empty database
+
+        def stream(self, sql, params):
+            for i in range(100_000):
+                pulled.append(i)
+                yield (f"s-{i}", None, None, 0, None, None, 1, i + 1, "u")
+
+    first = next(spp_server.session_feed_stream(Rows(), "0"))
+    assert first.startswith(b'{"cursor": "1-')
+    assert b'"user-id": "u", "session-id": "s-0"' in first
+    assert len(pulled) < 2_000  # one chunk's worth, not every session
+
+
+def test_the_ledger_csv_escapes_ids_a_spreadsheet_would_run_as_formulas(client, db):
+    store = client.app.store
+    users = ['=HYPERLINK("http://x","y")', "+1", "-2", "@SUM(1)", "\tt", "'quoted", "plain"]
+    add_sessions(store, [(user, "=p", 1000, at(0)) for user in users])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "=p", 7000)])
+    spp_server.settle(store)
+    escaped = {user: (user if user == "plain" else "'" + user) for user in users}
+    for text in (run_text(store, 1), client.get("/ledger/runs/1?format=csv").body):
+        lines = list(csv.DictReader(io.StringIO(text.decode())))
+        assert sorted(line["user-id"] for line in lines) == sorted(escaped.values())
+    for text in (b"".join(spp_server.settlement_output(store, 1, "csv")),
+                 client.get("/ledger/settlements/1?format=csv").body):
+        lines = list(csv.DictReader(io.StringIO(text.decode())))
+        assert sorted(line["user-id"] for line in lines) == sorted(escaped.values())
+        assert {line["property-id"] for line in lines} == {"'=p"}
+    # A hold's id and reason, a balance write-off's ids: escaped the same way.
+    code, out, _ = ledger_command(spp_server.run_hold, db, users[0], "--reason", "@SUM(1)")
+    [line] = csv.DictReader(io.StringIO(out.decode()))
+    assert (code, line["user-id"], line["reason"]) == (0, "'" + users[0], "'@SUM(1)")
+    code, out, _ = ledger_command(spp_server.run_hold, db, users[0], "--reason", "@SUM(1)",
+                                  "--format", "ndjson")
+    assert (code, json.loads(out)["user-id"], json.loads(out)["reason"]) == (0, users[0], "@SUM(1)")
+    add_sessions(store, [("+1", "=p", 10**9, at(2))])
+    pay(store, at(3, 0), pay_now="0.8")
+    book_rows(store, [(day_text(2), "=p", 1000)])
+    spp_server.settle(store)  # '+1' owes what was paid above its final amount
+    write_off_id = spp_server.write_off_balances(store, -1)
+    [line] = csv.DictReader(io.StringIO(b"".join(
+        spp_server.balance_write_off_output(store, write_off_id, "csv")).decode()))
+    assert (line["user-id"], line["property-id"]) == ("'+1", "'=p")
+    # NDJSON, for an app, has the ids exactly; one leading quote removed gives them back.
+    ndjson = run_text(store, 1, "ndjson").splitlines()
+    assert sorted(json.loads(line)["user-id"] for line in ndjson) == sorted(users) == sorted(
+        v[1:] if v.startswith("'") else v for v in escaped.values())
+
+
+# ---------------------------------------------------------------------------
+# Reads for the API: user ids in paths, windows, payout export, totals, sessions, export
+# ---------------------------------------------------------------------------
 
 # Every string a postback accepts as a user id: any text but lone surrogates.
 USER_IDS = st.text(st.characters(blacklist_categories=["Cs"]), max_size=spp_server.MAX_USER_ID_CHARS)
@@ -1609,20 +3081,6 @@ def test_export_of_an_empty_window_is_empty(client):
         "first-received-at,last-received-at,since,until"]
 
 
-def test_export_csv_quotes_awkward_user_ids(make_client, clock):
-    client = make_client(reward_share=Decimal("0.7"))
-    for user in AWKWARD_IDS:
-        post_at(client, clock, "2026-11-23T10:00:00Z", user_id=user)
-    res = export(client, format="csv", **DAY)
-    assert res.content_type == "text/csv"
-    assert res.body.endswith(b"\r\n")
-    table = list(csv.reader(io.StringIO(res.body.decode(), newline="")))
-    assert table[0][:6] == ["user-id", "sessions", "ads-viewed", "session-duration",
-                            "estimated-revenue", "rewardable-revenue"]
-    assert [row[0] for row in table[1:]] == sorted(AWKWARD_IDS, key=lambda u: u.encode())
-    assert all(row[1] == "1" and row[5] == "0.0000084" for row in table[1:])
-
-
 def test_export_property_filter(client, clock):
     post_at(client, clock, "2026-11-23T10:00:00Z", user_id="a", property_id="1")
     post_at(client, clock, "2026-11-23T10:00:00Z", user_id="b", property_id="2")
@@ -1665,15 +3123,6 @@ def test_totals_group_by_day_property_and_country(client, clock):
     assert overall["totals"] == [{"sessions": 3, "ads-viewed": 6, "session-duration": 50,
                                   "estimated-revenue": "0.9"}]
     assert (overall["since"], overall["until"]) == ("2026-11-23T00:00:00Z", "2026-11-24T00:00:00Z")
-
-
-def test_totals_as_csv(client, clock):
-    post_at(client, clock, "2026-11-23T10:00:00Z", country="IN")
-    res = client.get("/totals", params={"group-by": "day,country", "format": "csv"}, status=200)
-    assert res.content_type == "text/csv"
-    assert res.body.decode().splitlines() == [
-        "day,country,sessions,ads-viewed,session-duration,estimated-revenue",
-        "2026-11-23,IN,1,1,163,0.000012"]
 
 
 @pytest.mark.parametrize("params, field", [({"group-by": "user"}, "group-by"),
@@ -1764,24 +3213,6 @@ def test_the_feed_as_ndjson_streams_all_that_follows_the_cursor(client, clock):
     lines = [json.loads(line) for line in res.text.splitlines()]
     assert lines == feed_page(client, after=pages["sessions"][0]["cursor"], limit=1000).json["sessions"]
     assert len(lines) == 4
-
-
-def test_the_ndjson_feed_streams_without_building_a_list():
-    pulled = []
-
-    class Rows:
-        def read(self, sql, params):
-            return [(None, 0)]  # the cursor's row and the newest id: an empty database
-
-        def stream(self, sql, params):
-            for i in range(100_000):
-                pulled.append(i)
-                yield (f"s-{i}", None, None, 0, None, None, 1, i + 1, "u")
-
-    first = next(spp_server.session_feed_stream(Rows(), "0"))
-    assert first.startswith(b'{"cursor": "1-')
-    assert b'"user-id": "u", "session-id": "s-0"' in first
-    assert len(pulled) < 2_000  # one chunk's worth, not every session
 
 
 @pytest.mark.parametrize("params, field", [
@@ -2316,11 +3747,6 @@ def test_an_instant_outside_years_1_to_9999_is_a_400_naming_it(client, param, va
     assert "0001-01-01T00:00:00Z" in res.json["error"]
 
 
-# ---------------------------------------------------------------------------
-# The export command: read-only, one-line errors
-# ---------------------------------------------------------------------------
-
-
 def run_export_command(db, out=None):
     """`spp_server.py export` over all time: (exit status, output bytes)."""
     out = io.BytesIO() if out is None else out
@@ -2556,31 +3982,6 @@ def test_a_prune_whose_report_cannot_be_written_finishes_and_says_it_is_committe
     one_line_error(capsys, "incomplete", "No space left on device")
 
 
-@pytest.fixture
-def command_lines(client, db, tmp_path):
-    """Each command's argv on a database with a session and a refusal."""
-    post(client, SAMPLE)
-    post(client, b"x", status=400)
-    report = tmp_path / "r.csv"
-    report.write_text("date,revenue\n2026-11-01,1\n")
-    window = ["--since", "2000-01-01", "--until", "2100-01-01"]
-    return {
-        "export": ["export", "--db", db, *window],
-        "reconcile": ["reconcile", "--db", db, *window],
-        "import-booked": ["import-booked", str(report), "--db", db],
-        "prune": ["prune", "--db", db, "--rejected-before", "2100-01-01"],
-        "prune --dry-run": ["prune", "--db", db, "--rejected-before", "2100-01-01", "--dry-run"],
-        "--help": ["--help"],
-        "export --help": ["export", "--help"],
-        # A run of no session is recorded too: its header row is its output.
-        "pay": ["pay", "--db", db, "--until", "2000-01-01", "--pay-now-share", "0.5",
-                "--final-share", "0.9"],
-        "statement": ["statement", "sub1", "--db", db],
-        "ledger": ["ledger", "--db", db],
-        "settle": ["settle", "--db", db],
-    }
-
-
 COMMITTED = spp_server.EXIT_COMMITTED_OUTPUT_LOST
 CLOSED = spp_server.EXIT_OUTPUT_CLOSED
 
@@ -2714,23 +4115,6 @@ def test_help_with_stdout_closed_says_so_without_a_traceback(argv):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and "stdout is closed" in result.stderr
 
-@pytest.fixture
-def nearly_full_output(tmp_path):
-    """A file on a real 256 KiB tmpfs filled but for its last 16 bytes: the
-    next write(2) of more than that returns a short count, as on a nearly
-    full disk (/dev/full fails the first write whole).  Needs root, as CI."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]).returncode:
-        pytest.skip("mounting a small tmpfs needs root")
-    try:
-        output = mount / "out"
-        output.write_bytes(b"-" * (256 * 1024 - 16))
-        yield output
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-
 
 EVERY_OUTPUT_COMMAND = ["export", "reconcile", "import-booked", "prune", "prune --dry-run",
                         "--help", "export --help", "pay", "settle", "statement", "ledger"]
@@ -2784,43 +4168,6 @@ def as_nobody(*argv):
     if not shutil.which("setpriv"):
         pytest.skip("setpriv (util-linux) is needed to run a command as nobody")
     return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
-
-
-@pytest.fixture(scope="session")
-def nobody_spp():
-    """-> spp(*args): the argv that runs spp_server.py as nobody.  The checkout
-    and its venv may sit in a directory only root may enter (a clone in a
-    mkdtemp folder, Python under /root), so the module, its schema and the
-    two packages it imports are copied to a directory anyone can read, and
-    run by the first interpreter nobody can start."""
-    import bottle
-    import waitress
-    runtime = Path(tempfile.mkdtemp(prefix="spp-nobody-"))
-    runtime.chmod(0o755)
-    for source in [SERVER, HERE / "schema.sql", Path(bottle.__file__)]:
-        shutil.copy(source, runtime / source.name)
-    shutil.copytree(Path(waitress.__file__).parent, runtime / "waitress")
-    for path in runtime.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    env = ["env", "-i", f"PYTHONPATH={runtime}", "PYTHONDONTWRITEBYTECODE=1"]
-    for python in [sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3"]:
-        probe = subprocess.run(as_nobody(*env, python, "-c", "import bottle, waitress"),
-                               capture_output=True, cwd="/", timeout=30)
-        if probe.returncode == 0:
-            break
-    else:
-        pytest.skip("no Python interpreter that the user nobody may run")
-    yield lambda *args: as_nobody(*env, python, str(runtime / "spp_server.py"), *args)
-    shutil.rmtree(runtime)
-
-
-@pytest.fixture
-def shared_dir():
-    """A directory another user can reach (tmp_path is root's, mode 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="spp-shared-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
 
 
 def make_backup(make_client, folder, live=False):
@@ -2930,9 +4277,8 @@ def test_a_backup_that_changes_while_it_is_read_is_no_report(make_client, tmp_pa
 
 
 # ---------------------------------------------------------------------------
-# Reconciliation: booked revenue imported, held against the estimates
+# Booked revenue: reports imported, in steps, never half seen
 # ---------------------------------------------------------------------------
-
 
 def parse_booked(text, metric="revenue"):
     data = text if isinstance(text, bytes) else text.encode("utf-8")
@@ -3505,6 +4851,10 @@ def test_two_imports_through_a_symlink_take_turns(client, db, tmp_path):
     assert count(db, "booked_revenue") == 1
 
 
+# ---------------------------------------------------------------------------
+# Reconciliation: booked revenue held against the estimates
+# ---------------------------------------------------------------------------
+
 def test_many_small_estimates_and_the_ratio_are_exact(make_client, clock):
     client = make_client(reward_share=Decimal("0.7"))
     post_day(client, clock, "2026-11-01T10:00:00Z", *["0.1"] * 100)
@@ -4057,7 +5407,7 @@ def test_report_offset_comes_from_flag_or_environment(fake_serve, db, capsys):
                                   spp_server.ReportDays.fixed(0).changed_to(330, 10**15)])
 @pytest.mark.parametrize("name", ["estimates_by_day", "estimates_by_day_and_property"])
 def test_per_day_estimates_search_the_receive_time_index(client, db, name, days):
-    sql = "EXPLAIN QUERY PLAN " + spp_server.SQL[name].format(day=days.sql())
+    sql = "EXPLAIN QUERY PLAN " + queries_holding(name)[name].format(day=days.sql())
     plan = " / ".join(row[-1] for row in rows(db, sql, spp_server.Window(1, 2).params()))
     assert plan.startswith("SEARCH sessions USING COVERING INDEX sessions_by_time "
                            "(received_at_us>? AND received_at_us<?)")
@@ -4073,7 +5423,286 @@ def test_booked_days_search_the_primary_key(client, db):
 
 
 # ---------------------------------------------------------------------------
-# Payout ledger: runs, settlements, statements
+# Payout ledger, the frame: kill -9 at chosen points, one step at a time
+# ---------------------------------------------------------------------------
+
+# --- The commands and the read endpoints ---
+
+
+def ledger_command(run, db, *args):
+    """Run a ledger command in-process: (exit status, stdout bytes, stderr text)."""
+    out, err = io.BytesIO(), io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run([*args, "--db", db], {}, out)
+    return code, out.getvalue(), err.getvalue()
+
+
+def pay_args(until="2020-10-03T00:00:00Z", pay_now="0.6", final="0.9", *more):
+    return ["--until", until, "--pay-now-share", pay_now, "--final-share", final, *more]
+
+
+# --- kill -9 at chosen points of a real command ---
+
+# Runs a command of spp_server.py in a process that SIGKILLs itself just
+# before or just after one of its functions runs.
+KILL_AT = """
+import os, signal, sys
+import spp_server
+name, when = sys.argv[1], sys.argv[2]
+original = getattr(spp_server, name)
+def killing(*args, **kwargs):
+    if when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    result = original(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+setattr(spp_server, name, killing)
+sys.exit(spp_server.main(sys.argv[3:]))
+"""
+
+
+def ledger_month(db):
+    """Two paid days, one to come, booked figures for two: a ledger to kill steps of."""
+    store = spp_server.Store(db, writer="thread")
+    try:
+        add_sessions(store, [(f"u{i % 7}", ("p1", "p2", None)[i % 3], 1000 * i + 1, at(i % 4, i % 24))
+                             for i in range(200)])
+        pay(store, at(1, 0))
+        book_rows(store, [(day_text(0), "p1", 90_000), (day_text(1), "p2", 5_000_000)])
+    finally:
+        store.close()
+
+
+LEDGER_TABLES = ("payout_runs", "payout_parts", "payout_lines", "payout_deductions", "settlements",
+                 "settlement_days", "settlement_lines", "ledger_balances")
+# Detail rows are staged before their step's header row: readers see those of a header only.
+STAGED = {"payout_parts": "run_id <= (SELECT coalesce(max(id), 0) FROM payout_runs)",
+          "payout_lines": "run_id <= (SELECT coalesce(max(id), 0) FROM payout_runs)",
+          "settlement_lines": "settlement_id <= (SELECT coalesce(max(id), 0) FROM settlements)"}
+
+
+def ledger_rows(db, staged=True):
+    """Every ledger row (only those readers see, unless `staged`), but the
+    times of creation, which differ between two databases."""
+    state = {t: rows(db, f"SELECT * FROM {t} WHERE {'1' if staged else STAGED.get(t, '1')} "
+                         "ORDER BY 1, 2") for t in LEDGER_TABLES}
+    for table in ("payout_runs", "settlements"):
+        state[table] = [row[:4] + row[5:] if table == "payout_runs" else row[:1] + row[2:]
+                        for row in state[table]]
+    return state
+
+
+@pytest.mark.parametrize("command, name, when", [
+    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "plan_run", "after"),
+    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "write_in_chunks", "after"),  # parts staged
+    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "record_run", "after"),  # before COMMIT
+    # After COMMIT, before the ledger journal holds it (its lines not released yet).
+    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "journal_step", "before"),
+    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "run_output", "before"),  # after COMMIT
+    (["settle"], "settle_pools", "after"),
+    (["settle"], "write_in_chunks", "after"),  # lines staged
+    (["settle"], "record_settlement", "after"),
+    (["settle"], "journal_step", "before"),
+    (["settle"], "settlement_output", "before"),
+])
+def test_a_ledger_step_killed_at_any_point_is_whole_or_absent_and_a_rerun_completes_it(
+        tmp_path, command, name, when):
+    db, reference = str(tmp_path / "spp.db"), str(tmp_path / "reference.db")
+    ledger_month(db)
+    shutil.copy(db, reference)
+    run = {"pay": spp_server.run_pay, "settle": spp_server.run_settle}[command[0]]
+    expected = ledger_command(run, reference, *command[1:])
+    assert expected[0] == 0 and expected[1].count(b"\n") > 1
+    before = ledger_rows(db, staged=False)
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, name, when, *command, "--db", db],
+                            cwd=HERE, capture_output=True, timeout=15)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert killed.stdout == b""
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+    committed = name in ("run_output", "settlement_output", "journal_step")
+    assert ledger_rows(db, staged=False) == (ledger_rows(reference) if committed else before)
+    if name == "write_in_chunks":  # rows of the step were staged, and stay unseen
+        assert ledger_rows(db) != ledger_rows(db, staged=False)
+    # A re-run completes it; once committed, pay prints the run again, settle
+    # prints the settlement again when asked for it by id.
+    again = ["--settlement", "1"] if committed and command == ["settle"] else []
+    code, out, err = ledger_command(run, db, *command[1:], *again)
+    if again:  # printing it again repeats no warning about what stays pending
+        expected = (*expected[:2], "".join(line for line in expected[2].splitlines(True)
+                                           if ": warning: " not in line))
+    assert (code, out, err) == expected
+    assert ledger_rows(db) == ledger_rows(reference)
+    # And the journal holds the step: a restore of the copy before it is seen.
+    assert journal_steps(db) == journal_steps(reference)
+
+
+def journal_steps(db):
+    return rows(spp_server.journal_path(db), "SELECT kind, id FROM steps ORDER BY seq")
+
+
+@pytest.mark.parametrize("command, name, when, committed", [
+    (["erase", "u3", "--even-if-owed"], "erase_user", "after", False),  # before COMMIT
+    (["erase", "u3", "--even-if-owed"], "compact_after_erasure", "before", True),
+    (["hold", "u3", "--reason", "r"], "change_hold", "after", False),
+    (["release", "u3", "--reason", "r"], "change_hold", "after", False),
+    (["write-off-balances", "--older-than", "1d"], "write_off_aged", "after", False),
+])
+def test_the_other_ledger_commands_killed_at_any_point_leave_all_or_nothing_and_rerun_safely(
+        tmp_path, command, name, when, committed):
+    db = str(tmp_path / "spp.db")
+    ledger_month(db)
+    if command[0] == "release":
+        assert ledger_command(spp_server.run_hold, db, "u3", "--reason", "r")[0] == 0
+    if command[0] == "write-off-balances":  # balances carried long ago
+        assert ledger_command(spp_server.run_settle, db)[0] == 0
+        for path in (db, spp_server.journal_path(db)):  # the journal's copy of it too
+            with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+                conn.execute("UPDATE settlements SET created_at_us = 0")
+        assert rows(db, "SELECT count(*) FROM ledger_balances WHERE owed_nano > 0")[0][0] > 0
+    before = ledger_rows(db) | {t: rows(db, f"SELECT * FROM {t}") for t in
+                               ("ledger_holds", "balance_write_offs", "erasures")}
+    killed = subprocess.run([sys.executable, "-c", KILL_AT, name, when, *command, "--db", db],
+                            cwd=HERE, capture_output=True, timeout=15)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+    after = ledger_rows(db) | {t: rows(db, f"SELECT * FROM {t}") for t in
+                              ("ledger_holds", "balance_write_offs", "erasures")}
+    assert (after != before) == committed
+    run = {"erase": spp_server.run_erase, "hold": spp_server.run_hold,
+           "release": functools.partial(spp_server.run_hold, action="release"),
+           "write-off-balances": spp_server.run_write_off_balances}[command[0]]
+    assert ledger_command(run, db, *command[1:])[0] == 0
+    assert ledger_command(run, db, *command[1:])[0] == 0  # and again: nothing twice
+    if command[0] == "erase":
+        assert b"u3" not in file_bytes(db) and count(db, "erasures") == 1
+    if command[0] in ("hold", "release"):
+        assert count(db, "ledger_holds") == (1 if command[0] == "hold" else 2)
+    if command[0] == "write-off-balances":
+        assert count(db, "balance_write_offs") == 1
+        assert rows(db, "SELECT count(*) FROM ledger_balances WHERE owed_nano > 0") == [(0,)]
+
+
+# --- One step at a time, whatever path names the database ---
+# A real pay that stops after staging its parts (its step alive, its rows
+# staged and unseen) until a line comes on its stdin.
+PAUSED_PAY = """
+import sys
+import spp_server
+original = spp_server.write_in_chunks
+def pausing(*args, **kwargs):
+    original(*args, **kwargs)
+    spp_server.write_in_chunks = original
+    print("staged", file=sys.stderr, flush=True)
+    sys.stdin.readline()
+spp_server.write_in_chunks = pausing
+sys.exit(spp_server.main(sys.argv[1:]))
+"""
+
+
+@contextlib.contextmanager
+def paused_pay(db):
+    """A real `pay` process holding the ledger lock with its parts staged: -> the Popen,
+    resumed at the end of the block (its output read by proc.communicate)."""
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_PAY, "pay", *pay_args(), "--db", db],
+                            cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr.readline() == b"staged\n"
+        yield proc
+    finally:
+        if proc.poll() is None and not proc.stdin.closed:
+            proc.stdin.write(b"\n")
+            proc.stdin.flush()
+
+
+def other_name(db, how, tmp_path):
+    """Another way to name the database `db`: -> (path to pass, working directory)."""
+    if how == "symlink":
+        os.symlink(db, tmp_path / "alias.db")
+        return str(tmp_path / "alias.db"), HERE
+    if how == "symlinked directory":
+        os.symlink(tmp_path, tmp_path.parent / f"{tmp_path.name}-link")
+        return str(tmp_path.parent / f"{tmp_path.name}-link" / "spp.db"), HERE
+    if how == "hard link":
+        os.link(db, tmp_path / "linked.db")
+        return str(tmp_path / "linked.db"), HERE
+    assert how == "relative"
+    (tmp_path / "sub").mkdir()
+    return os.path.join("sub", "..", os.path.basename(db)), tmp_path
+
+
+@pytest.mark.parametrize("how, command", [
+    *((how, ["pay", *pay_args()]) for how in ("symlink", "symlinked directory", "hard link", "relative")),
+    ("symlink", ["settle"])])
+def test_one_ledger_step_at_a_time_whatever_path_names_the_database(tmp_path, db, how, command):
+    """While a real pay has staged rows, a second step through another name
+    of the same database waits and gives up (here at once): it deletes none of
+    the live step's rows, and the first completes whole."""
+    ledger_month(db)  # run 1 paid up to October 2nd
+    reference = str(tmp_path / "reference.db")
+    shutil.copy(db, reference)
+    expected = ledger_command(spp_server.run_pay, reference, *pay_args())
+    with paused_pay(db) as first:
+        staged = ledger_rows(db)
+        path, cwd = other_name(db, how, tmp_path)
+        second = subprocess.run([sys.executable, str(SERVER), *command, "--db", path,
+                                 "--lock-wait", "0"], cwd=cwd, capture_output=True, text=True,
+                                timeout=15)
+        assert (second.returncode, second.stdout) == (1, "")
+        if how == "hard link":  # another lock by name: refused, whichever name
+            assert "has 2 hard links" in second.stderr and second.stderr.count("\n") == 1
+        else:
+            assert second.stderr.splitlines() == [
+                f"spp_server.py {command[0]}: waiting for another pay or settle to release "
+                f"{os.path.realpath(db)}-ledger-lock (at most 0 s, --lock-wait)",
+                f"spp_server.py {command[0]}: another pay or settle held "
+                f"{os.path.realpath(db)}-ledger-lock for 0 s (--lock-wait); nothing changed: "
+                "run it again once that step is done"]
+        assert ledger_rows(db) == staged  # the live step's staged rows are all there
+    out, err = first.communicate(timeout=15)
+    assert (first.returncode, out, err) == (0, expected[1], b"")
+    assert ledger_rows(db) == ledger_rows(reference)
+
+
+def test_a_step_waiting_for_another_says_so_and_goes_on_once_it_is_done(tmp_path, db):
+    ledger_month(db)
+    os.symlink(db, tmp_path / "alias.db")
+    with paused_pay(db) as first:
+        second = subprocess.Popen([sys.executable, str(SERVER), "pay", *pay_args(),
+                                   "--db", str(tmp_path / "alias.db")],
+                                  env={**os.environ, "SPP_LEDGER_LOCK_WAIT": "60"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert second.stderr.readline().decode() == (
+            "spp_server.py pay: waiting for another pay or settle to release "
+            f"{os.path.realpath(db)}-ledger-lock (at most 60 s, --lock-wait)\n")
+    out, err = first.communicate(timeout=15)
+    assert (first.returncode, err) == (0, b"")
+    assert second.wait(15) == 0 and second.stderr.read() == b""
+    assert second.stdout.read() == out  # the run it asked for, recorded by the first
+    assert count(db, "payout_runs") == 2
+
+
+def test_the_lock_wait_is_a_whole_number_of_seconds(db, capsys):
+    with pytest.raises(SystemExit) as exited:
+        spp_server.run_settle(["--lock-wait", "1.5", "--db", db], {}, io.BytesIO())
+    assert exited.value.code == 2
+    assert "--lock-wait: must be a whole number of seconds from 0 to 86400" in capsys.readouterr().err
+
+
+def test_ledger_steps_lists_every_recorded_step_for_the_routines(store, db):
+    assert ledger_command(spp_server.run_ledger, db, "--steps") == (0, b"step,id,until\r\n", "")
+    add_sessions(store, [("a", None, 1000, at(0)), ("b", None, 2000, at(2))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "", 900)])
+    spp_server.settle(store)
+    pay(store, at(3, 0))
+    code, out, err = ledger_command(spp_server.run_ledger, db, "--steps")
+    assert (code, err) == (0, "")
+    assert out.decode().splitlines() == ["step,id,until", "run,1,2020-10-02T00:00:00Z",
+                                         "run,2,2020-10-04T00:00:00Z", "settlement,1,"]
+
+
+# ---------------------------------------------------------------------------
+# Payout ledger, runs: each session paid once, one report offset, limits and refusals
 # ---------------------------------------------------------------------------
 
 # A month safely in the past: a run's until must be.
@@ -4090,7 +5719,7 @@ def add_sessions(store, sessions):
         ids = []
         for user, prop, nanos, at in sessions:
             sid = f"l-{next(_ids)}"
-            conn.execute(spp_server.SQL["insert_session"],
+            conn.execute(spp_server.STORE_SQL["insert_session"],
                          (sid, user, prop, "IN", 1, 10, nanos, at, "{}"))
             ids.append(conn.execute("SELECT last_insert_rowid()").fetchone()[0])
         return ids
@@ -4131,13 +5760,6 @@ def settlement_lines(store, settlement_id):
 
 def nanos(text):
     return spp_server.usd_to_nanos(D(text))
-
-
-@pytest.fixture
-def store(db):
-    store = spp_server.Store(db, writer="thread")
-    yield store
-    store.close()
 
 
 def ledger_counts(db):
@@ -4689,6 +6311,513 @@ def test_a_ledger_that_keeps_moving_is_one_line_and_status_1(store, db, monkeypa
     assert count(db, "settlements") == 0
 
 
+# --- Only users who can be credited are paid (issue 22, 2) ---
+
+
+def test_sessions_without_a_sub_and_the_deploy_check_are_never_paid(client, db):
+    store = client.app.store
+    check = spp_server.DEPLOY_CHECK_USER
+    add_sessions(store, [("a", None, 3000, at(0)), ("", None, 1000, at(0)), ("", None, 1000, at(0)),
+                         (check, None, 0, at(0))])
+    pay(store, at(1, 0), pay_now="0.5", final="1")
+    assert [line["user-id"] for line in run_lines(store, 1)] == ["a"]
+    [run] = spp_server.ledger_summary(store)["runs"]
+    assert (run["users"], run["sessions"], run["paid-now"]) == (1, 1, "0.0000015")
+    assert (run["unattributed-sessions"], run["unattributed-estimated-revenue"]) == (2, "0.000002")
+    book_rows(store, [(day_text(0), "", 10_000)])  # 3 : 2 by the estimates
+    lines = settlement_lines(store, spp_server.settle(store))
+    assert b"".join(spp_server.settlement_output(store, 1, "csv")).decode().replace("\r\n", "\n") \
+        == ledger_illustration("csv", ("illustration", "unattributed"))  # docs/ledger.md
+    assert [(line["user-id"], line["booked-part"], line["final"], line["top-up"], line["kind"])
+            for line in lines] == [
+        ("", "0.000004", "0", "0", "unattributed"), ("a", "0.000006", "0.000006", "0.0000045",
+                                                      "settlement")]
+    [pool] = spp_server.ledger_summary(store)["days"]
+    assert (pool["paid-in-total"], pool["margin"], pool["unattributed-booked"]) == (
+        "0.000006", "0.000004", "0.000004")
+    for user in ("", check):
+        got = spp_server.statement(store, user)
+        assert got["totals"]["paid-now"] == "0" and "unattributed" in got
+    assert "unattributed" not in spp_server.statement(store, "a")
+    # The deploy check stays out of the reports too, but its own earnings show it.
+    window = {"since": "2020-10-01", "until": "2020-10-02"}
+    assert check not in {json.loads(line)["user-id"]
+                         for line in export(client, **window).body.splitlines()}
+    assert client.get("/totals", params=window).json["totals"][0]["sessions"] == 3
+    recon_ = recon(client, **window).json
+    assert recon_["summary"]["sessions"] == 3
+    assert client.get(f"/users/{check}/earnings").json["sessions"] == 1
+    # Paid nothing, they have nothing to hold; '' is no one and the deploy
+    # check no person: neither is erased (renamed, its sessions would be paid).
+    for user in ("", check):
+        code, out, err = ledger_command(spp_server.run_hold, db, user, "--reason", "x")
+        assert (code, out) == (2, b"") and "nothing to hold" in err
+    code, _, err = ledger_command(spp_server.run_erase, db, check, "--even-if-owed")
+    assert code == 2 and "nothing to erase" in err
+    assert count(db, "ledger_holds") == count(db, "erasures") == 0
+    assert spp_server.suspects(store, at(0, 0), at(2, 0))["users"] == 1  # only 'a'
+
+
+# --- Limits and refusals (issue 22, 6) ---
+
+
+@pytest.mark.parametrize("option", ["--until", "--pay-now-share", "--final-share"])
+def test_a_long_bad_value_is_cut_short_in_the_refusal(store, db, option):
+    args = dict(zip(["--until", "--pay-now-share", "--final-share"], pay_args()[1::2]))
+    args[option] = "9" * 100_000
+    code, out, err = ledger_command(spp_server.run_pay, db,
+                                    *itertools.chain.from_iterable(args.items()))
+    assert (code, out, err.count("\n")) == (2, b"", 1)
+    assert err.startswith(f"spp_server.py pay: {option}: ") and len(err) < 300
+
+
+def test_write_off_with_a_settlement_to_print_again_is_refused_not_ignored(store, db):
+    add_sessions(store, [("a", None, 1000, at(0))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "", 500)])
+    spp_server.settle(store)
+    code, out, err = ledger_command(spp_server.run_settle, db, "--settlement", "1", "--write-off")
+    assert (code, out) == (2, b"") and err.startswith("spp_server.py settle: --write-off: ")
+    assert "nothing changed" in err
+
+
+@pytest.mark.parametrize("url", ["/ledger/runs/1?format=", "/ledger/settlements/1?format=",
+                                 "/earnings?since=2020-10-01&until=2020-10-02&format=",
+                                 "/reconciliation?since=2020-10-01&until=2020-10-02"
+                                 "&report-utc-offset="])
+def test_an_empty_format_or_offset_is_refused_like_an_empty_since(client, url):
+    store = client.app.store
+    add_sessions(store, [("a", None, 1000, at(0))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "", 500)])
+    spp_server.settle(store)
+    assert_error(client.get(url, status=400), 400, url.rsplit("&", 1)[-1].split("?")[-1][:-1])
+
+
+def test_a_user_id_that_starts_with_a_dash_is_told_to_follow_two_dashes(store, db, capsys):
+    add_sessions(store, [("-x", None, 1000, at(0))])
+    pay(store, at(1, 0))
+    with pytest.raises(SystemExit) as exited:
+        spp_server.run_statement(["-x", "--db", db], {}, io.BytesIO())
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "'--'" in err and "-- -x" in err and "required" not in err
+    out = io.BytesIO()
+    assert spp_server.run_statement(["--db", db, "--", "-x"], {}, out) == 0
+    assert json.loads(out.getvalue())["runs"][0]["run-id"] == 1
+
+
+def test_printing_a_recorded_run_or_settlement_again_needs_no_write_access(
+        make_client, shared_dir, nobody_spp):
+    db = make_backup(make_client, shared_dir / "ro")
+    store = spp_server.Store(str(db), writer="thread")
+    add_sessions(store, [("a", None, 1000, at(0)), ("b", None, 3000, at(0))])
+    pay(store, at(1, 0))
+    book_rows(store, [(day_text(0), "", 2000)])
+    spp_server.settle(store)
+    run, settled = run_text(store, 1), b"".join(spp_server.settlement_output(store, 1, "csv"))
+    store.close()
+    db.chmod(0o444)
+    # Its ledger journal too, as readable as the database (the reprint checks it).
+    Path(spp_server.journal_path(str(db))).chmod(0o444)
+    before = db.read_bytes()
+    for args, expected in [(["pay", *pay_args("2020-10-02T00:00:00Z")], run),
+                           (["settle", "--settlement", "1"], settled)]:
+        done = subprocess.run(nobody_spp(*args, "--db", str(db)), capture_output=True, timeout=30)
+        assert (done.returncode, done.stdout, done.stderr) == (0, expected, b"")
+    assert db.read_bytes() == before
+
+
+@pytest.mark.parametrize("age", [1, 2])
+@pytest.mark.parametrize("args, field", [
+    (pay_args(pay_now="0.95"), "--pay-now-share"),
+    (pay_args(final="x" * 50), "--final-share"),
+    (pay_args(until="2020-10-02T00:00:00Z", pay_now="0.5"), "--pay-now-share"),
+])
+def test_an_older_schema_is_not_upgraded_by_a_step_that_refuses(db, args, field, age):
+    version = SCHEMA_VERSIONS[-1] - age
+    if "0.5" in args and version < spp_server.LEDGER_SCHEMA_VERSION:
+        pytest.skip("no ledger yet: no run to differ from")
+    conn = sqlite3.connect(db, isolation_level=None)
+    spp_server.enable_wal(conn, 1)
+    spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=version)
+    if version >= spp_server.LEDGER_SCHEMA_VERSION:  # a run recorded for that until, at 0.6
+        conn.execute("INSERT INTO payout_runs VALUES "
+                     "(1, 0, 0, ?, 0, '0.6', '0.9', 0, 0, 0, 0, 0, 0)",
+                     (spp_server.parse_instant("2020-10-02T00:00:00Z"),))
+    conn.close()
+    code, out, err = ledger_command(spp_server.run_pay, db, *args)
+    assert (code, out) == (2, b"") and err.startswith(f"spp_server.py pay: {field}: "), err
+    assert rows(db, "PRAGMA user_version") == [(version,)]
+
+
+# ---------------------------------------------------------------------------
+# Payout ledger, settlements: the buffer released, properties over random months
+# ---------------------------------------------------------------------------
+
+# --- Nothing pending without a word (issue 22, 5) ---
+
+
+def test_what_no_booked_row_can_settle_is_named_at_settle_in_the_summary_and_at_import(
+        store, db, tmp_path):
+    add_sessions(store, [("a", "1234", 3000, at(0)), ("b", "p2", 1000, at(0)),
+                         ("c", None, 2000, at(0)), ("a", "1234", 5000, at(1))])
+    pay(store, at(2, 0), pay_now="0.5", final="1")
+    report = tmp_path / "booked.csv"
+    report.write_text(booked_csv((day_text(0), "01234", "", "0.000004"),
+                                 (day_text(1), "1234", "", "0.000004")))
+    out = io.StringIO()
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert spp_server.run_import_booked([str(report), "--db", db], {}, out) == 0
+    [warning] = err.getvalue().splitlines()
+    assert f"{day_text(0)} property 01234: booked 0.000004" in warning and "1234, p2" in warning
+    code, lines, err = ledger_command(spp_server.run_settle, db)
+    assert code == 0  # settled what it could; the rest is named
+    assert err == ledger_illustration("text", ("illustration", "pending"))  # docs/ledger.md
+    named = err.splitlines()
+    assert any(f"{day_text(0)} property 01234 booked 0.000004 that matches no session" in line
+               for line in named)
+    for prop, sessions, estimated, paid in [("1234", 1, "0.000003", "0.0000015"),
+                                            ("p2", 1, "0.000001", "0.0000005")]:
+        assert any(f"{day_text(0)} property {prop}: {sessions} sessions estimated at {estimated} "
+                   f"(paid now {paid}) stay pending" in line for line in named), named
+    assert any(f"{day_text(0)}: 1 sessions estimated at 0.000002" in line for line in named)
+    summary = spp_server.ledger_summary(store)
+    assert [(p["day"], p["property-id"], p["sessions"])
+            for p in summary["pending-without-booked"]] == [
+        (day_text(0), "", 1), (day_text(0), "1234", 1), (day_text(0), "p2", 1)]
+    assert summary["booked-without-sessions"] == [
+        {"day": day_text(0), "property-id": "01234", "booked-revenue": "0.000004"}]
+
+
+# --- Properties over random months ---
+
+LEDGER_SETTINGS = settings(max_examples=15, deadline=None, database=None,
+                           suppress_health_check=list(HealthCheck))
+
+
+def share_strategy():
+    return st.integers(0, 10**6).map(lambda n: nanos_to_text(n * 1000))
+
+
+@st.composite
+def months(draw):
+    """Random sessions over ten days, runs cutting them, booked figures with revisions."""
+    sessions = draw(st.lists(st.tuples(
+        st.sampled_from(["a", "b", "c", "d", "é"]), st.integers(0, 9), st.integers(0, 23),
+        st.sampled_from([None, "p1", "p2"]),
+        # Up to the largest estimate a postback may give.
+        st.one_of(st.integers(0, 10**7), st.integers(0, spp_server.MAX_ESTIMATE_NANOS))),
+        max_size=40))
+    order = draw(st.sampled_from(["time", "clock steps"]))
+    cuts = sorted(set(draw(st.lists(st.integers(1, 11 * 24), min_size=1, max_size=4))))
+    final = draw(share_strategy())
+    pay_nows = [draw(share_strategy().filter(lambda s: D(s) <= D(final))) for _ in cuts]
+    by_property = draw(st.booleans())
+    booked = draw(st.dictionaries(
+        st.tuples(st.integers(0, 9), st.sampled_from(["p1", "p2", ""] if by_property else [""])),
+        st.one_of(st.integers(0, 1000), st.integers(0, 10**13)), max_size=12))
+    revisions = draw(st.dictionaries(st.sampled_from(sorted(booked)), st.integers(0, 10**13),
+                                     max_size=4)) if booked else {}
+    write_off = draw(st.booleans())
+    # Issue 22: sessions that reach days after they were settled (a clock step
+    # backwards), users held (and then released or not), balances written off
+    # for their age, a user erased.
+    late = draw(st.lists(st.tuples(st.sampled_from(["a", "b", "é"]), st.integers(0, 9),
+                                   st.sampled_from([None, "p1"]), st.integers(0, 10**9)),
+                         max_size=5))
+    held = draw(st.sets(st.sampled_from(["a", "b", "c", "d", "é"]), max_size=2))
+    hold_from = draw(st.integers(0, len(cuts) - 1))
+    release = draw(st.sampled_from([None, "release", "write-off"]))
+    age_off = draw(st.booleans())
+    erased = draw(st.sampled_from([None, "a", "c"]))
+    return (sessions, order, cuts, final, pay_nows, booked, revisions, write_off,
+            late, held, hold_from, release, age_off, erased)
+
+
+def check_ledger(store, db, final, write_off):
+    """Every property the ledger promises, from the tables and from the sessions."""
+    runs = rows(db, "SELECT id, after_session_id, last_session_id, sessions, estimated_nano, "
+                    "paid_now_nano, deducted_nano, withheld_nano FROM payout_runs ORDER BY id")
+    # Runs meet end to start; every session up to the last is in exactly one run.
+    for previous, run in zip([(0, 0, 0)] + runs, runs):
+        assert run[1] == previous[2]
+    last = runs[-1][2] if runs else 0
+    sessions = rows(db, "SELECT id, user_id, coalesce(property_id, ''), revenue_nano FROM sessions")
+    for run_id, after, last_id, n, estimated, paid, deducted, withheld in runs:
+        # A run's totals are its lines': no user it cannot credit (issue 22, 2).
+        mine = [s for s in sessions if after < s[0] <= last_id
+                and s[1] not in spp_server.UNCREDITED_USERS]
+        assert (n, estimated) == (len(mine), sum(s[3] for s in mine))
+        lines = run_lines(store, run_id)
+        assert sum(int(line["sessions"]) for line in lines) == n
+        assert sum(nanos(line["estimated-revenue"]) for line in lines) == estimated
+        assert sum(nanos(line["paid-now"]) for line in lines) == paid - deducted - withheld
+        assert sum(nanos(line["deducted"]) for line in lines) == deducted
+        assert sum(nanos(line["withheld"]) for line in lines) == withheld
+        # A held user is paid nothing now, and nothing is taken from them.
+        assert all(nanos(line["deducted"]) == 0 for line in lines if nanos(line["withheld"]))
+    assert rows(db, "SELECT coalesce(sum(sessions), 0) FROM payout_parts") == [
+        (len([s for s in sessions if s[0] <= last and s[1] != spp_server.DEPLOY_CHECK_USER]),)]
+    # Every settled pool: users get the final share of booked, less under a nano each.
+    pools = rows(db, "SELECT day, property_id, by_property, booked_nano, sessions, "
+                     "max(settlement_id) FROM settlement_days GROUP BY day, property_id")
+    for day, prop, by_property, booked, settled_sessions, newest in pools:
+        where = "day = ?" + (" AND property_id = ?" if by_property else "")
+        params = (day, prop) if by_property else (day,)
+        # A session that reached a settled day later (a clock step) is paid in
+        # a later pool: a settled pool's sessions never change.
+        assert rows(db, f"SELECT coalesce(sum(sessions), 0) FROM payout_parts WHERE {where}",
+                    params) == [(settled_sessions,)]
+        paid = dict(rows(db, f"SELECT user_id, sum(paid_now_nano) FROM payout_parts "
+                             f"WHERE {where} GROUP BY user_id", params))
+        lines = rows(db, "SELECT user_id, top_up_nano - carried_nano, written_off_nano - "
+                         "written_back_nano, held FROM settlement_lines WHERE day = ? AND "
+                         "property_id = ?", (day, prop))
+        # A balance written off for its age: the user keeps it, as if written off when settled.
+        aged = dict(rows(db, "SELECT user_id, sum(written_off_nano) FROM balance_write_off_lines "
+                             "WHERE day = ? AND property_id = ? GROUP BY user_id", (day, prop)))
+        held = {user for user, _, _, was_held in lines if was_held}
+        # A held user's line moves nothing: their fate is the publisher's (release).
+        assert all(moved == standing == 0 for _, moved, standing, was_held in lines if was_held)
+        # Held users share nothing; the uncredited take their share to the margin.
+        counted = [u for u in paid if u not in held]
+        users = [u for u in counted if u not in spp_server.UNCREDITED_USERS]
+        aged = sum(n for u, n in aged.items() if u not in held)
+        moved = sum(m for u, m, _, _ in lines if u not in held) + aged
+        standing = sum(w for u, _, w, _ in lines if u not in held) + aged
+        parts = rows(db, "SELECT coalesce(sum(booked_part_nano), 0) FROM settlement_lines "
+                         "WHERE settlement_id = ? AND day = ? AND property_id = ?", (newest, day, prop))
+        if counted:
+            assert parts == [(booked,)]
+        # The share of the users who cannot be credited is the margin's (issue 22, 2).
+        [(uncredited,)] = rows(
+            db, f"SELECT coalesce(sum(booked_part_nano), 0) FROM settlement_lines "
+                f"WHERE settlement_id = ? AND day = ? AND property_id = ? "
+                f"AND user_id IN {spp_server.SQL_UNCREDITED}", (newest, day, prop))
+        total = sum(paid[u] for u in users) + moved  # now + top-ups - balances carried
+        due = Fraction(D(final)) * (booked - uncredited) if users else 0
+        # What stands written off is what users hold above their final amounts:
+        # a correction never charges it again, nor leaves it forgiven twice.
+        assert due - len(users) <= total - standing <= due
+        if not write_off:  # only balances written off for their age, maybe written back
+            assert 0 <= standing <= aged
+    # The statements add up to the ledger.
+    summary = spp_server.ledger_summary(store)
+    users = [u for (u,) in rows(db, "SELECT DISTINCT user_id FROM sessions")]
+    statements = [spp_server.statement(store, u)["totals"] for u in users]
+    for key in spp_server.LEDGER_TOTALS:
+        assert sum(nanos(s[key]) for s in statements) == nanos(summary["totals"][key]), key
+    owed = dict(rows(db, "SELECT user_id, owed_nano FROM ledger_balances"))
+    for u in users:
+        carried = rows(db, "SELECT coalesce(sum(carried_nano), 0) FROM settlement_lines "
+                           "WHERE user_id = ?", (u,))[0][0]
+        deducted = rows(db, "SELECT (SELECT coalesce(sum(deducted_nano), 0) FROM payout_deductions "
+                            "WHERE user_id = :u) + (SELECT coalesce(sum(deducted_nano), 0) FROM "
+                            "settlement_lines WHERE user_id = :u) + (SELECT coalesce(sum("
+                            "written_off_nano), 0) FROM balance_write_off_lines WHERE user_id = :u)",
+                        {"u": u})[0][0]
+        assert owed.get(u, 0) == carried - deducted >= 0
+        # A balance is taken back from top-ups too: a user who still owes was
+        # credited no top-up in their last settlement.
+        if owed.get(u, 0):
+            assert rows(db, "SELECT count(*) FROM settlement_lines WHERE user_id = ? AND "
+                            "top_up_nano > deducted_nano AND settlement_id = (SELECT "
+                            "max(settlement_id) FROM settlement_lines WHERE user_id = ?)",
+                        (u, u)) == [(0,)]
+
+
+@contextlib.contextmanager
+def month_in_store(sessions, order, booked):
+    """A fresh database holding a random month's sessions (in time order, or
+    in the drawn order: clock steps) and booked figures -> (store, db)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db = os.path.join(tmp, "spp.db")
+        store = spp_server.Store(db, writer="thread")
+        try:
+            timed = [(user, prop, nanos_, at(day, hour)) for user, day, hour, prop, nanos_ in sessions]
+            if order == "time":
+                timed.sort(key=lambda s: s[3])
+            add_sessions(store, timed)
+            book_rows(store, [(day_text(day), prop, n) for (day, prop), n in booked.items()])
+            yield store, db
+        finally:
+            store.close()
+
+
+def uncredited_month(month):
+    """A random month where 'd' posted without a sub and 'c' is the deploy
+    check: the month's holds and erasure name them too, when they do."""
+    rename = {"d": "", "c": spp_server.DEPLOY_CHECK_USER}
+    (sessions, order, cuts, final, pay_nows, booked, revisions, write_off,
+     late, held, hold_from, release, age_off, erased) = month
+    return ([(rename.get(user, user), *more) for user, *more in sessions], order, cuts, final,
+            pay_nows, booked, revisions, write_off, late, {rename.get(u, u) for u in held},
+            hold_from, release, age_off, rename.get(erased, erased))
+
+
+def held_if_credited(store, held):
+    """Hold the users of `held` (a set) that can be held -> those.  A user
+    the ledger cannot credit has nothing to hold: refused (issue 22, 2 and 4)."""
+    for user in sorted(held & set(spp_server.UNCREDITED_USERS)):
+        with pytest.raises(spp_server.Invalid, match="nothing to hold"):
+            spp_server.hold_user(store, user, "hold", "suspect")
+    held = held - set(spp_server.UNCREDITED_USERS)
+    for user in sorted(held):
+        spp_server.hold_user(store, user, "hold", "suspect")
+    return held
+
+
+@given(st.one_of(months(), months().map(uncredited_month)))
+@LEDGER_SETTINGS
+def test_ledger_properties_hold_over_random_months(month):
+    (sessions, order, cuts, final, pay_nows, booked, revisions, write_off,
+     late, held, hold_from, release, age_off, erased) = month
+    with month_in_store(sessions, order, booked) as (store, db):
+        outputs = {}
+        for i, (cut, pay_now) in enumerate(zip(cuts, pay_nows)):
+            if i == hold_from:
+                held = held_if_credited(store, held)
+            run_id = pay(store, OCT + cut * HOUR_US, pay_now, final)
+            outputs[run_id] = run_text(store, run_id)
+            if cut % 2:
+                spp_server.settle(store, write_off)
+            if i == 0:  # the clock steps back: sessions on days maybe settled already
+                add_sessions(store, [(u, prop, n, at(day, 23)) for u, day, prop, n in late])
+        pays = len(outputs)
+        run_id = pay(store, OCT + 12 * 24 * HOUR_US, pay_nows[-1], final)  # pays the late ones
+        outputs[run_id] = run_text(store, run_id)
+        cuts, pay_nows = [*cuts, 12 * 24], [*pay_nows, pay_nows[-1]]
+        assert pays + 1 == len(outputs)
+        spp_server.settle(store, write_off)
+        if release:
+            for user in sorted(held):
+                spp_server.hold_user(store, user, release, "checked")
+        if age_off:  # every balance counts as aged: a cutoff after now
+            spp_server.write_off_balances(store, -1)
+        # A revised report gives its days again whole, in the same breakdown.
+        revised = {key: revisions.get(key, n) for key, n in booked.items()
+                   if key[0] in {day for day, _ in revisions}}
+        book_rows(store, [(day_text(day), prop, n) for (day, prop), n in revised.items()])
+        spp_server.settle(store, write_off)
+        for run_id, cut, pay_now in zip(outputs, cuts, pay_nows):
+            assert pay(store, OCT + cut * HOUR_US, pay_now, final) == run_id
+            assert run_text(store, run_id) == outputs[run_id]
+        check_ledger(store, db, final, write_off)
+        if erased in spp_server.UNCREDITED_USERS:  # the deploy check is no person
+            with pytest.raises(spp_server.Invalid, match="nothing to erase"):
+                spp_server.erase(store, erased, force=True)
+        elif erased:  # every total stays exact under the pseudonym
+            summary = spp_server.ledger_summary(store)
+            spp_server.erase(store, erased, force=True)
+            assert spp_server.ledger_summary(store) == summary
+            assert rows(db, "SELECT count(*) FROM sessions WHERE user_id = ?", (erased,)) == [(0,)]
+            check_ledger(store, db, final, write_off)
+
+
+OFFSETS = st.sampled_from([None, 0, 330, -180, 840, -720])
+
+
+@given(months(), st.lists(OFFSETS, min_size=4, max_size=4))
+@LEDGER_SETTINGS
+def test_report_offset_changes_keep_every_ledger_property_over_random_months(month, offsets):
+    """Runs asking for other offsets: each session is paid in one part, on
+    the day the recorded offsets give its receive time, and every ledger
+    property still holds (issue 22, 1).  A session that reached a day
+    already settled (a clock step) is paid on its run's last report day, as
+    the offsets recorded cut it (issue 22, 3)."""
+    sessions, order, cuts, final, pay_nows, booked, _, write_off, late, *_ = month
+    with month_in_store(sessions, order, booked) as (store, db):
+        settled_before = {}  # run -> the days settled when it was computed
+        for i, (cut, pay_now, offset) in enumerate(zip([*cuts, 12 * 24], [*pay_nows, final],
+                                                       [*offsets[:len(cuts)], None])):
+            settled = {day for (day,) in rows(db, "SELECT day FROM settlement_days")}
+            try:
+                run_id = pay(store, OCT + cut * HOUR_US, pay_now, final, offset)
+            except spp_server.Invalid as refused:  # a change that has not started yet
+                assert refused.field == "report-utc-offset"
+                run_id = pay(store, OCT + cut * HOUR_US, pay_now, final, None)
+            settled_before[run_id] = settled
+            if cut % 2:
+                spp_server.settle(store, write_off)
+            if i == 0:  # the clock steps back: sessions on days maybe settled already
+                add_sessions(store, [(u, prop, n, at(day, 23)) for u, day, prop, n in late])
+        spp_server.settle(store, write_off)
+        days = spp_server.recorded_report_days(store, 0)
+        runs = rows(db, "SELECT id, after_session_id, last_session_id, until_us FROM payout_runs")
+        expected = Counter()
+        for sid, user, prop, t, day in rows(
+                db, f"SELECT id, user_id, coalesce(property_id, ''), received_at_us, "
+                    f"{days.sql()} FROM sessions"):
+            assert days.start_us(day) <= t < days.start_us(day + 1) and days.day_of(t) == day
+            run = [(r, until) for r, after, last, until in runs if after < sid <= last]
+            if run:
+                [(run_id, until)] = run
+                if day_text(day - OCT // spp_server.DAY_US) in settled_before[run_id]:
+                    day = days.day_of(until - 1)
+                expected[run_id, day_text(day - OCT // spp_server.DAY_US), prop, user] += 1
+        assert dict(expected) == {tuple(key): n for *key, n in rows(
+            db, "SELECT run_id, day, property_id, user_id, sessions FROM payout_parts")}
+        check_ledger(store, db, final, write_off)
+
+
+@given(months().map(uncredited_month))
+@LEDGER_SETTINGS
+def test_only_users_who_can_be_credited_are_paid_over_random_months(month):
+    """Issue 22, 2: no run line, pay-now, top-up or balance for '' or the
+    deploy check; ''s share of a booked figure is the margin's; the deploy
+    check's sessions are in no part at all."""
+    sessions, order, cuts, final, pay_nows, booked, _, write_off, *_ = month
+    with month_in_store(sessions, order, booked) as (store, db):
+        for cut, pay_now in zip(cuts, pay_nows):
+            run_id = pay(store, OCT + cut * HOUR_US, pay_now, final)
+            assert {line["user-id"] for line in run_lines(store, run_id)}.isdisjoint(
+                {"", spp_server.DEPLOY_CHECK_USER})
+            if cut % 2:
+                spp_server.settle(store, write_off)
+        spp_server.settle(store, write_off)
+        uncredited = ("", spp_server.DEPLOY_CHECK_USER)
+        assert rows(db, "SELECT count(*) FROM payout_parts WHERE user_id = ?",
+                    (spp_server.DEPLOY_CHECK_USER,)) == [(0,)]
+        for table in ("payout_parts", "settlement_lines"):
+            assert rows(db, f"SELECT coalesce(sum(paid_now_nano), 0) FROM {table} "
+                            "WHERE user_id IN (?, ?)", uncredited) == [(0,)]
+        assert rows(db, "SELECT coalesce(sum(final_nano + top_up_nano + carried_nano "
+                        "+ written_off_nano), 0) FROM settlement_lines WHERE user_id IN (?, ?)",
+                    uncredited) == [(0,)]
+        for (settlement_id,) in rows(db, "SELECT id FROM settlements"):  # each line its kind
+            assert all((line["kind"] == "unattributed") == (line["user-id"] in uncredited)
+                       for line in settlement_lines(store, settlement_id))
+        assert rows(db, "SELECT count(*) FROM ledger_balances WHERE user_id IN (?, ?)",
+                    uncredited) == [(0,)]
+        summary = spp_server.ledger_summary(store)
+        for run in summary["runs"]:  # a run's totals are its lines'; '' is shown apart
+            unpaid = rows(db, "SELECT count(*), coalesce(sum(revenue_nano), 0) FROM sessions s "
+                              "JOIN payout_runs r ON s.id > r.after_session_id "
+                              "AND s.id <= r.last_session_id WHERE r.id = ? AND s.user_id = ''",
+                          (run["run-id"],))[0]
+            assert (run["unattributed-sessions"], nanos(run["unattributed-estimated-revenue"])) \
+                == unpaid
+        for pool in summary["days"]:  # what '' would have had is the margin's
+            credited = rows(db, "SELECT coalesce(sum(booked_part_nano), 0), count(*) "
+                                "FROM settlement_lines WHERE settlement_id = ? AND day = ? "
+                                "AND property_id = ? AND user_id <> ''",
+                            (pool["settlement-id"], pool["day"], pool["property-id"]))[0]
+            paid_in_total = nanos(pool["paid-in-total"])
+            assert nanos(pool["unattributed-booked"]) + credited[0] in (
+                nanos(pool["booked-revenue"]), 0)
+            if not write_off and credited[1]:
+                assert paid_in_total <= Fraction(D(final)) * credited[0] or any(
+                    n for (n,) in rows(db, "SELECT count(*) FROM settlement_days WHERE day = ? "
+                                           "AND property_id = ? AND settlement_id < ?",
+                                       (pool["day"], pool["property-id"], pool["settlement-id"])))
+        check_ledger(store, db, final, write_off)
+
+
+# ---------------------------------------------------------------------------
+# Payout ledger, adjustments: balances that end, holds, erasure
+# ---------------------------------------------------------------------------
+
 # --- Balances that end, and an honest margin (issue 22, section 3) ---
 
 
@@ -4859,7 +6988,7 @@ def test_the_users_worth_a_look_are_those_far_outside_the_others_with_the_figure
     sessions += [session("bot", 1) for _ in range(50)]
     sessions += [session("whale", day, nanos=1_000_000) for day in range(3) for _ in range(2)]
     sessions += [session("quick", day, duration=3) for day in range(3) for _ in range(2)]
-    store.write(lambda conn, _: conn.executemany(spp_server.SQL["insert_session"], sessions))
+    store.write(lambda conn, _: conn.executemany(spp_server.STORE_SQL["insert_session"], sessions))
     hold(db, "hold", "bot")
     code, out, err = ledger_command(spp_server.run_suspects, db, "--since",
                                     spp_server.iso_utc(at(0, 0)), "--until", spp_server.iso_utc(at(3, 0)))
@@ -4920,20 +7049,127 @@ def test_at_settlement_a_held_users_estimates_take_no_share_of_the_others(store,
         "0.000002", "0", "held")
 
 
-# --- The commands and the read endpoints ---
+# --- Erasure on request (issue 22, section 7) ---
+
+ERASED = "erase-me-7f3aé"
 
 
-def ledger_command(run, db, *args):
-    """Run a ledger command in-process: (exit status, stdout bytes, stderr text)."""
-    out, err = io.BytesIO(), io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = run([*args, "--db", db], {}, out)
-    return code, out.getvalue(), err.getvalue()
+def file_bytes(db):
+    """The database file, its WAL and shared-memory files and its ledger
+    journal, as they are on disk."""
+    return b"".join(Path(path).read_bytes() for path in (
+        db, db + "-wal", db + "-shm", spp_server.journal_path(db)) if os.path.exists(path))
 
 
-def pay_args(until="2020-10-03T00:00:00Z", pay_now="0.6", final="0.9", *more):
-    return ["--until", until, "--pay-now-share", pay_now, "--final-share", final, *more]
+def erasable_month(client, clock, store, db):
+    """ERASED and 'keep' with sessions paid and settled (nothing pending or
+    owed), a conflicting duplicate and a rejected postback of ERASED, and the
+    id left in free space by an older version that deleted without zeroing."""
+    clock.set("2020-10-01T10:00:00Z")
+    first = postback(user_id=ERASED, your_estimated_revenue="0.001", property_id=None)
+    post(client, first)
+    post(client, {**first, "your-estimated-revenue": "0.002"})  # a conflict
+    post(client, postback(user_id=ERASED, your_estimated_revenue="0.003", property_id=None))
+    post(client, postback(user_id="keep", your_estimated_revenue="0.004", property_id=None))
+    escaped = json.dumps(postback(user_id=ERASED, your_estimated_revenue="x"), ensure_ascii=True)
+    post(client, escaped.replace("erase", "\\u0065rase"), status=400)
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as raw:
+        raw.execute("PRAGMA secure_delete = OFF")
+        raw.execute("INSERT INTO rejected (received_at_us, field, reason, raw_body) "
+                    "VALUES (1, 'x', 'y', ?)", (ERASED.encode() * 50,))
+        raw.execute("DELETE FROM rejected WHERE received_at_us = 1")
+    clock.set("2026-11-23T10:00:00Z")
+    hold(db, "hold", ERASED, f"{ERASED}: too many sessions?")  # a reason that names them
+    hold(db, "release", ERASED, "fine")
+    pay(store, at(1, 0), pay_now="0.5", final="0.9")
+    book_rows(store, [(day_text(0), "", 8_000_000)])
+    spp_server.settle(store)
+    assert ERASED.encode() in file_bytes(db)
+    assert ERASED.encode() in Path(spp_server.journal_path(db)).read_bytes()  # its lines
 
+
+def test_an_erased_user_leaves_no_trace_in_the_file_and_every_total_stays_exact(
+        client, clock, store, db):
+    erasable_month(client, clock, store, db)
+    before = spp_server.ledger_summary(store)
+    keep = spp_server.statement(store, "keep")
+    run_before = run_lines(store, 1)
+    code, out, err = ledger_command(spp_server.run_erase, db, ERASED)
+    assert (code, err) == (0, "")
+    assert out == b"erased: 2 session(s), 1 rejected and 1 conflicting postback(s); the file is compacted\n"
+    for text in (ERASED, json.dumps(ERASED), ERASED.encode("utf-16-le").decode("latin-1")):
+        assert text.encode("utf-8") not in file_bytes(db)
+    assert not os.path.exists(db + "-wal") or os.path.getsize(db + "-wal") == 0
+    # Every money figure is what it was; the user is a pseudonym no one can reverse.
+    assert spp_server.ledger_summary(store) == before
+    assert spp_server.statement(store, "keep") == keep
+    run_after = run_lines(store, 1)
+    assert [{**line, "user-id": ""} for line in run_after] == [
+        {**line, "user-id": ""} for line in run_before]
+    [pseudonym] = {line["user-id"] for line in run_after} - {"keep"}
+    assert pseudonym.startswith("erased:") and ERASED not in pseudonym
+    assert rows(db, "SELECT count(*), min(raw_body) FROM sessions WHERE user_id = ?",
+                (pseudonym,)) == [(2, "")]
+    assert spp_server.statement(store, ERASED)["runs"] == []
+    # Recorded, but not whose.
+    assert rows(db, "SELECT sessions, forced FROM erasures") == [(2, 0)]
+    # Asked again (after a crash before the compaction, say): nothing more, no second record.
+    code, out, _ = ledger_command(spp_server.run_erase, db, ERASED)
+    assert (code, out) == (0, b"erased: 0 session(s), 0 rejected and 0 conflicting postback(s); "
+                              b"the file is compacted\n")
+    assert count(db, "erasures") == 1
+
+
+def test_a_cleared_body_is_overwritten_not_left_in_free_space(store, db):
+    marker = "cleared-body-marker-" * 20
+
+    def op(conn, _):
+        conn.execute(spp_server.STORE_SQL["insert_session"],
+                     ("c-1", "u", None, "IN", 1, 10, 5, at(0), marker))
+    with contextlib.closing(spp_server.connect(db, 5000)) as conn:
+        store.write(op)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the body is in the file itself
+        assert marker.encode() in file_bytes(db)
+        store.write(lambda conn, _: conn.execute(spp_server.RETENTION_SQL["clear_bodies"], (0, 10, at(1))))
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert marker.encode() not in file_bytes(db)
+
+
+@pytest.mark.parametrize("body, names", [
+    (b'{"user-id": "a", "session-id": "s"}', True),
+    (b'{"user-id": "\\u0061", "x": 1}', True),
+    (b'{"user-id": "bob", "session-id": "a-1"}', False),  # "a" inside other strings
+    (b'{"user-id": "bob", "note": "a"}', True),           # "a" as a string of its own
+    (b'{"user-id": "a', True),                            # cut short: not JSON
+    (b'\xff\xfe not json, no such letter', False),
+    (b'\xff\xfe not json, and the letter a', True),    # not JSON: any occurrence, to be safe
+])
+def test_an_erasure_finds_the_postbacks_that_name_the_user_and_only_those(body, names):
+    assert spp_server.names_user(body, "a") is names
+
+
+def test_erasing_a_user_still_owed_or_owing_is_refused_unless_forced(store, db):
+    add_sessions(store, [("u", None, 1000, at(0)), ("u", None, 1000, at(3))])
+    pay(store, at(1, 0))
+    ledger_before = ledger_counts(db)
+    code, out, err = ledger_command(spp_server.run_erase, db, "u")
+    assert (code, out) == (2, b"")
+    assert "0.0000006 pending" in err and "1 session(s) not paid" in err and "nothing changed" in err
+    assert ledger_counts(db) == ledger_before and count(db, "erasures") == 0
+    assert rows(db, "SELECT count(*) FROM sessions WHERE user_id = 'u'") == [(2,)]
+    code, _, err = ledger_command(spp_server.run_erase, db, "u", "--even-if-owed")
+    assert (code, err) == (0, "")
+    assert rows(db, "SELECT count(*) FROM sessions WHERE user_id = 'u'") == [(0,)]
+    assert rows(db, "SELECT sessions, forced FROM erasures") == [(2, 1)]
+    # The unattributed '' is no one: never erased.
+    add_sessions(store, [("", None, 5, at(0))])
+    code, _, err = ledger_command(spp_server.run_erase, db, "", "--even-if-owed")
+    assert code == 2 and "must not be empty" in err and count(db, "erasures") == 1
+
+
+# ---------------------------------------------------------------------------
+# Payout ledger, statements: the commands, the read endpoints, the documented routine
+# ---------------------------------------------------------------------------
 
 def test_pay_and_settle_commands_print_the_lines_and_asking_again_pays_nothing(store, db):
     add_sessions(store, [("a", None, 1_000_000, at(0)), ("b,c", None, 3_000_000, at(1))])
@@ -5035,596 +7271,6 @@ def test_ledger_reads_use_their_indexes(store, db):
         assert any(step.startswith("SEARCH") for step in steps), (name, steps)
         assert [step for step in steps if step.startswith("SCAN") and "VIRTUAL TABLE" not in step
                 and not step.startswith("SCAN r")] == [], (name, steps)
-
-
-# --- Erasure on request (issue 22, section 7) ---
-
-ERASED = "erase-me-7f3aé"
-
-
-def file_bytes(db):
-    """The database file, its WAL and shared-memory files and its ledger
-    journal, as they are on disk."""
-    return b"".join(Path(path).read_bytes() for path in (
-        db, db + "-wal", db + "-shm", spp_server.journal_path(db)) if os.path.exists(path))
-
-
-def erasable_month(client, clock, store, db):
-    """ERASED and 'keep' with sessions paid and settled (nothing pending or
-    owed), a conflicting duplicate and a rejected postback of ERASED, and the
-    id left in free space by an older version that deleted without zeroing."""
-    clock.set("2020-10-01T10:00:00Z")
-    first = postback(user_id=ERASED, your_estimated_revenue="0.001", property_id=None)
-    post(client, first)
-    post(client, {**first, "your-estimated-revenue": "0.002"})  # a conflict
-    post(client, postback(user_id=ERASED, your_estimated_revenue="0.003", property_id=None))
-    post(client, postback(user_id="keep", your_estimated_revenue="0.004", property_id=None))
-    escaped = json.dumps(postback(user_id=ERASED, your_estimated_revenue="x"), ensure_ascii=True)
-    post(client, escaped.replace("erase", "\\u0065rase"), status=400)
-    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as raw:
-        raw.execute("PRAGMA secure_delete = OFF")
-        raw.execute("INSERT INTO rejected (received_at_us, field, reason, raw_body) "
-                    "VALUES (1, 'x', 'y', ?)", (ERASED.encode() * 50,))
-        raw.execute("DELETE FROM rejected WHERE received_at_us = 1")
-    clock.set("2026-11-23T10:00:00Z")
-    hold(db, "hold", ERASED, f"{ERASED}: too many sessions?")  # a reason that names them
-    hold(db, "release", ERASED, "fine")
-    pay(store, at(1, 0), pay_now="0.5", final="0.9")
-    book_rows(store, [(day_text(0), "", 8_000_000)])
-    spp_server.settle(store)
-    assert ERASED.encode() in file_bytes(db)
-    assert ERASED.encode() in Path(spp_server.journal_path(db)).read_bytes()  # its lines
-
-
-def test_an_erased_user_leaves_no_trace_in_the_file_and_every_total_stays_exact(
-        client, clock, store, db):
-    erasable_month(client, clock, store, db)
-    before = spp_server.ledger_summary(store)
-    keep = spp_server.statement(store, "keep")
-    run_before = run_lines(store, 1)
-    code, out, err = ledger_command(spp_server.run_erase, db, ERASED)
-    assert (code, err) == (0, "")
-    assert out == b"erased: 2 session(s), 1 rejected and 1 conflicting postback(s); the file is compacted\n"
-    for text in (ERASED, json.dumps(ERASED), ERASED.encode("utf-16-le").decode("latin-1")):
-        assert text.encode("utf-8") not in file_bytes(db)
-    assert not os.path.exists(db + "-wal") or os.path.getsize(db + "-wal") == 0
-    # Every money figure is what it was; the user is a pseudonym no one can reverse.
-    assert spp_server.ledger_summary(store) == before
-    assert spp_server.statement(store, "keep") == keep
-    run_after = run_lines(store, 1)
-    assert [{**line, "user-id": ""} for line in run_after] == [
-        {**line, "user-id": ""} for line in run_before]
-    [pseudonym] = {line["user-id"] for line in run_after} - {"keep"}
-    assert pseudonym.startswith("erased:") and ERASED not in pseudonym
-    assert rows(db, "SELECT count(*), min(raw_body) FROM sessions WHERE user_id = ?",
-                (pseudonym,)) == [(2, "")]
-    assert spp_server.statement(store, ERASED)["runs"] == []
-    # Recorded, but not whose.
-    assert rows(db, "SELECT sessions, forced FROM erasures") == [(2, 0)]
-    # Asked again (after a crash before the compaction, say): nothing more, no second record.
-    code, out, _ = ledger_command(spp_server.run_erase, db, ERASED)
-    assert (code, out) == (0, b"erased: 0 session(s), 0 rejected and 0 conflicting postback(s); "
-                              b"the file is compacted\n")
-    assert count(db, "erasures") == 1
-
-
-def test_a_cleared_body_is_overwritten_not_left_in_free_space(store, db):
-    marker = "cleared-body-marker-" * 20
-
-    def op(conn, _):
-        conn.execute(spp_server.SQL["insert_session"],
-                     ("c-1", "u", None, "IN", 1, 10, 5, at(0), marker))
-    with contextlib.closing(spp_server.connect(db, 5000)) as conn:
-        store.write(op)
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the body is in the file itself
-        assert marker.encode() in file_bytes(db)
-        store.write(lambda conn, _: conn.execute(spp_server.SQL["clear_bodies"], (0, 10, at(1))))
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    assert marker.encode() not in file_bytes(db)
-
-
-@pytest.mark.parametrize("body, names", [
-    (b'{"user-id": "a", "session-id": "s"}', True),
-    (b'{"user-id": "\\u0061", "x": 1}', True),
-    (b'{"user-id": "bob", "session-id": "a-1"}', False),  # "a" inside other strings
-    (b'{"user-id": "bob", "note": "a"}', True),           # "a" as a string of its own
-    (b'{"user-id": "a', True),                            # cut short: not JSON
-    (b'\xff\xfe not json, no such letter', False),
-    (b'\xff\xfe not json, and the letter a', True),    # not JSON: any occurrence, to be safe
-])
-def test_an_erasure_finds_the_postbacks_that_name_the_user_and_only_those(body, names):
-    assert spp_server.names_user(body, "a") is names
-
-
-def test_erasing_a_user_still_owed_or_owing_is_refused_unless_forced(store, db):
-    add_sessions(store, [("u", None, 1000, at(0)), ("u", None, 1000, at(3))])
-    pay(store, at(1, 0))
-    ledger_before = ledger_counts(db)
-    code, out, err = ledger_command(spp_server.run_erase, db, "u")
-    assert (code, out) == (2, b"")
-    assert "0.0000006 pending" in err and "1 session(s) not paid" in err and "nothing changed" in err
-    assert ledger_counts(db) == ledger_before and count(db, "erasures") == 0
-    assert rows(db, "SELECT count(*) FROM sessions WHERE user_id = 'u'") == [(2,)]
-    code, _, err = ledger_command(spp_server.run_erase, db, "u", "--even-if-owed")
-    assert (code, err) == (0, "")
-    assert rows(db, "SELECT count(*) FROM sessions WHERE user_id = 'u'") == [(0,)]
-    assert rows(db, "SELECT sessions, forced FROM erasures") == [(2, 1)]
-    # The unattributed '' is no one: never erased.
-    add_sessions(store, [("", None, 5, at(0))])
-    code, _, err = ledger_command(spp_server.run_erase, db, "", "--even-if-owed")
-    assert code == 2 and "must not be empty" in err and count(db, "erasures") == 1
-
-
-# --- Only users who can be credited are paid (issue 22, 2) ---
-
-
-def test_sessions_without_a_sub_and_the_deploy_check_are_never_paid(client, db):
-    store = client.app.store
-    check = spp_server.DEPLOY_CHECK_USER
-    add_sessions(store, [("a", None, 3000, at(0)), ("", None, 1000, at(0)), ("", None, 1000, at(0)),
-                         (check, None, 0, at(0))])
-    pay(store, at(1, 0), pay_now="0.5", final="1")
-    assert [line["user-id"] for line in run_lines(store, 1)] == ["a"]
-    [run] = spp_server.ledger_summary(store)["runs"]
-    assert (run["users"], run["sessions"], run["paid-now"]) == (1, 1, "0.0000015")
-    assert (run["unattributed-sessions"], run["unattributed-estimated-revenue"]) == (2, "0.000002")
-    book_rows(store, [(day_text(0), "", 10_000)])  # 3 : 2 by the estimates
-    lines = settlement_lines(store, spp_server.settle(store))
-    assert b"".join(spp_server.settlement_output(store, 1, "csv")).decode().replace("\r\n", "\n") \
-        == ledger_illustration("csv", ("illustration", "unattributed"))  # docs/ledger.md
-    assert [(line["user-id"], line["booked-part"], line["final"], line["top-up"], line["kind"])
-            for line in lines] == [
-        ("", "0.000004", "0", "0", "unattributed"), ("a", "0.000006", "0.000006", "0.0000045",
-                                                      "settlement")]
-    [pool] = spp_server.ledger_summary(store)["days"]
-    assert (pool["paid-in-total"], pool["margin"], pool["unattributed-booked"]) == (
-        "0.000006", "0.000004", "0.000004")
-    for user in ("", check):
-        got = spp_server.statement(store, user)
-        assert got["totals"]["paid-now"] == "0" and "unattributed" in got
-    assert "unattributed" not in spp_server.statement(store, "a")
-    # The deploy check stays out of the reports too, but its own earnings show it.
-    window = {"since": "2020-10-01", "until": "2020-10-02"}
-    assert check not in {json.loads(line)["user-id"]
-                         for line in export(client, **window).body.splitlines()}
-    assert client.get("/totals", params=window).json["totals"][0]["sessions"] == 3
-    recon_ = recon(client, **window).json
-    assert recon_["summary"]["sessions"] == 3
-    assert client.get(f"/users/{check}/earnings").json["sessions"] == 1
-    # Paid nothing, they have nothing to hold; '' is no one and the deploy
-    # check no person: neither is erased (renamed, its sessions would be paid).
-    for user in ("", check):
-        code, out, err = ledger_command(spp_server.run_hold, db, user, "--reason", "x")
-        assert (code, out) == (2, b"") and "nothing to hold" in err
-    code, _, err = ledger_command(spp_server.run_erase, db, check, "--even-if-owed")
-    assert code == 2 and "nothing to erase" in err
-    assert count(db, "ledger_holds") == count(db, "erasures") == 0
-    assert spp_server.suspects(store, at(0, 0), at(2, 0))["users"] == 1  # only 'a'
-
-
-# --- Nothing pending without a word (issue 22, 5) ---
-
-
-def test_what_no_booked_row_can_settle_is_named_at_settle_in_the_summary_and_at_import(
-        store, db, tmp_path):
-    add_sessions(store, [("a", "1234", 3000, at(0)), ("b", "p2", 1000, at(0)),
-                         ("c", None, 2000, at(0)), ("a", "1234", 5000, at(1))])
-    pay(store, at(2, 0), pay_now="0.5", final="1")
-    report = tmp_path / "booked.csv"
-    report.write_text(booked_csv((day_text(0), "01234", "", "0.000004"),
-                                 (day_text(1), "1234", "", "0.000004")))
-    out = io.StringIO()
-    with contextlib.redirect_stderr(io.StringIO()) as err:
-        assert spp_server.run_import_booked([str(report), "--db", db], {}, out) == 0
-    [warning] = err.getvalue().splitlines()
-    assert f"{day_text(0)} property 01234: booked 0.000004" in warning and "1234, p2" in warning
-    code, lines, err = ledger_command(spp_server.run_settle, db)
-    assert code == 0  # settled what it could; the rest is named
-    assert err == ledger_illustration("text", ("illustration", "pending"))  # docs/ledger.md
-    named = err.splitlines()
-    assert any(f"{day_text(0)} property 01234 booked 0.000004 that matches no session" in line
-               for line in named)
-    for prop, sessions, estimated, paid in [("1234", 1, "0.000003", "0.0000015"),
-                                            ("p2", 1, "0.000001", "0.0000005")]:
-        assert any(f"{day_text(0)} property {prop}: {sessions} sessions estimated at {estimated} "
-                   f"(paid now {paid}) stay pending" in line for line in named), named
-    assert any(f"{day_text(0)}: 1 sessions estimated at 0.000002" in line for line in named)
-    summary = spp_server.ledger_summary(store)
-    assert [(p["day"], p["property-id"], p["sessions"])
-            for p in summary["pending-without-booked"]] == [
-        (day_text(0), "", 1), (day_text(0), "1234", 1), (day_text(0), "p2", 1)]
-    assert summary["booked-without-sessions"] == [
-        {"day": day_text(0), "property-id": "01234", "booked-revenue": "0.000004"}]
-
-
-# --- Limits and refusals (issue 22, 6) ---
-
-
-@pytest.mark.parametrize("option", ["--until", "--pay-now-share", "--final-share"])
-def test_a_long_bad_value_is_cut_short_in_the_refusal(store, db, option):
-    args = dict(zip(["--until", "--pay-now-share", "--final-share"], pay_args()[1::2]))
-    args[option] = "9" * 100_000
-    code, out, err = ledger_command(spp_server.run_pay, db,
-                                    *itertools.chain.from_iterable(args.items()))
-    assert (code, out, err.count("\n")) == (2, b"", 1)
-    assert err.startswith(f"spp_server.py pay: {option}: ") and len(err) < 300
-
-
-def test_write_off_with_a_settlement_to_print_again_is_refused_not_ignored(store, db):
-    add_sessions(store, [("a", None, 1000, at(0))])
-    pay(store, at(1, 0))
-    book_rows(store, [(day_text(0), "", 500)])
-    spp_server.settle(store)
-    code, out, err = ledger_command(spp_server.run_settle, db, "--settlement", "1", "--write-off")
-    assert (code, out) == (2, b"") and err.startswith("spp_server.py settle: --write-off: ")
-    assert "nothing changed" in err
-
-
-@pytest.mark.parametrize("url", ["/ledger/runs/1?format=", "/ledger/settlements/1?format=",
-                                 "/earnings?since=2020-10-01&until=2020-10-02&format=",
-                                 "/reconciliation?since=2020-10-01&until=2020-10-02"
-                                 "&report-utc-offset="])
-def test_an_empty_format_or_offset_is_refused_like_an_empty_since(client, url):
-    store = client.app.store
-    add_sessions(store, [("a", None, 1000, at(0))])
-    pay(store, at(1, 0))
-    book_rows(store, [(day_text(0), "", 500)])
-    spp_server.settle(store)
-    assert_error(client.get(url, status=400), 400, url.rsplit("&", 1)[-1].split("?")[-1][:-1])
-
-
-def test_a_user_id_that_starts_with_a_dash_is_told_to_follow_two_dashes(store, db, capsys):
-    add_sessions(store, [("-x", None, 1000, at(0))])
-    pay(store, at(1, 0))
-    with pytest.raises(SystemExit) as exited:
-        spp_server.run_statement(["-x", "--db", db], {}, io.BytesIO())
-    assert exited.value.code == 2
-    err = capsys.readouterr().err
-    assert "'--'" in err and "-- -x" in err and "required" not in err
-    out = io.BytesIO()
-    assert spp_server.run_statement(["--db", db, "--", "-x"], {}, out) == 0
-    assert json.loads(out.getvalue())["runs"][0]["run-id"] == 1
-
-
-def test_printing_a_recorded_run_or_settlement_again_needs_no_write_access(
-        make_client, shared_dir, nobody_spp):
-    db = make_backup(make_client, shared_dir / "ro")
-    store = spp_server.Store(str(db), writer="thread")
-    add_sessions(store, [("a", None, 1000, at(0)), ("b", None, 3000, at(0))])
-    pay(store, at(1, 0))
-    book_rows(store, [(day_text(0), "", 2000)])
-    spp_server.settle(store)
-    run, settled = run_text(store, 1), b"".join(spp_server.settlement_output(store, 1, "csv"))
-    store.close()
-    db.chmod(0o444)
-    # Its ledger journal too, as readable as the database (the reprint checks it).
-    Path(spp_server.journal_path(str(db))).chmod(0o444)
-    before = db.read_bytes()
-    for args, expected in [(["pay", *pay_args("2020-10-02T00:00:00Z")], run),
-                           (["settle", "--settlement", "1"], settled)]:
-        done = subprocess.run(nobody_spp(*args, "--db", str(db)), capture_output=True, timeout=30)
-        assert (done.returncode, done.stdout, done.stderr) == (0, expected, b"")
-    assert db.read_bytes() == before
-
-
-@pytest.mark.parametrize("age", [1, 2])
-@pytest.mark.parametrize("args, field", [
-    (pay_args(pay_now="0.95"), "--pay-now-share"),
-    (pay_args(final="x" * 50), "--final-share"),
-    (pay_args(until="2020-10-02T00:00:00Z", pay_now="0.5"), "--pay-now-share"),
-])
-def test_an_older_schema_is_not_upgraded_by_a_step_that_refuses(db, args, field, age):
-    version = SCHEMA_VERSIONS[-1] - age
-    if "0.5" in args and version < spp_server.LEDGER_SCHEMA_VERSION:
-        pytest.skip("no ledger yet: no run to differ from")
-    conn = sqlite3.connect(db, isolation_level=None)
-    spp_server.enable_wal(conn, 1)
-    spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=version)
-    if version >= spp_server.LEDGER_SCHEMA_VERSION:  # a run recorded for that until, at 0.6
-        conn.execute("INSERT INTO payout_runs VALUES "
-                     "(1, 0, 0, ?, 0, '0.6', '0.9', 0, 0, 0, 0, 0, 0)",
-                     (spp_server.parse_instant("2020-10-02T00:00:00Z"),))
-    conn.close()
-    code, out, err = ledger_command(spp_server.run_pay, db, *args)
-    assert (code, out) == (2, b"") and err.startswith(f"spp_server.py pay: {field}: "), err
-    assert rows(db, "PRAGMA user_version") == [(version,)]
-
-
-def test_the_ledger_csv_escapes_ids_a_spreadsheet_would_run_as_formulas(client, db):
-    store = client.app.store
-    users = ['=HYPERLINK("http://x","y")', "+1", "-2", "@SUM(1)", "\tt", "'quoted", "plain"]
-    add_sessions(store, [(user, "=p", 1000, at(0)) for user in users])
-    pay(store, at(1, 0))
-    book_rows(store, [(day_text(0), "=p", 7000)])
-    spp_server.settle(store)
-    escaped = {user: (user if user == "plain" else "'" + user) for user in users}
-    for text in (run_text(store, 1), client.get("/ledger/runs/1?format=csv").body):
-        lines = list(csv.DictReader(io.StringIO(text.decode())))
-        assert sorted(line["user-id"] for line in lines) == sorted(escaped.values())
-    for text in (b"".join(spp_server.settlement_output(store, 1, "csv")),
-                 client.get("/ledger/settlements/1?format=csv").body):
-        lines = list(csv.DictReader(io.StringIO(text.decode())))
-        assert sorted(line["user-id"] for line in lines) == sorted(escaped.values())
-        assert {line["property-id"] for line in lines} == {"'=p"}
-    # A hold's id and reason, a balance write-off's ids: escaped the same way.
-    code, out, _ = ledger_command(spp_server.run_hold, db, users[0], "--reason", "@SUM(1)")
-    [line] = csv.DictReader(io.StringIO(out.decode()))
-    assert (code, line["user-id"], line["reason"]) == (0, "'" + users[0], "'@SUM(1)")
-    code, out, _ = ledger_command(spp_server.run_hold, db, users[0], "--reason", "@SUM(1)",
-                                  "--format", "ndjson")
-    assert (code, json.loads(out)["user-id"], json.loads(out)["reason"]) == (0, users[0], "@SUM(1)")
-    add_sessions(store, [("+1", "=p", 10**9, at(2))])
-    pay(store, at(3, 0), pay_now="0.8")
-    book_rows(store, [(day_text(2), "=p", 1000)])
-    spp_server.settle(store)  # '+1' owes what was paid above its final amount
-    write_off_id = spp_server.write_off_balances(store, -1)
-    [line] = csv.DictReader(io.StringIO(b"".join(
-        spp_server.balance_write_off_output(store, write_off_id, "csv")).decode()))
-    assert (line["user-id"], line["property-id"]) == ("'+1", "'=p")
-    # NDJSON, for an app, has the ids exactly; one leading quote removed gives them back.
-    ndjson = run_text(store, 1, "ndjson").splitlines()
-    assert sorted(json.loads(line)["user-id"] for line in ndjson) == sorted(users) == sorted(
-        v[1:] if v.startswith("'") else v for v in escaped.values())
-
-
-# --- kill -9 at chosen points of a real command ---
-
-# Runs a command of spp_server.py in a process that SIGKILLs itself just
-# before or just after one of its functions runs.
-KILL_AT = """
-import os, signal, sys
-import spp_server
-name, when = sys.argv[1], sys.argv[2]
-original = getattr(spp_server, name)
-def killing(*args, **kwargs):
-    if when == "before":
-        os.kill(os.getpid(), signal.SIGKILL)
-    result = original(*args, **kwargs)
-    os.kill(os.getpid(), signal.SIGKILL)
-setattr(spp_server, name, killing)
-sys.exit(spp_server.main(sys.argv[3:]))
-"""
-
-
-def ledger_month(db):
-    """Two paid days, one to come, booked figures for two: a ledger to kill steps of."""
-    store = spp_server.Store(db, writer="thread")
-    try:
-        add_sessions(store, [(f"u{i % 7}", ("p1", "p2", None)[i % 3], 1000 * i + 1, at(i % 4, i % 24))
-                             for i in range(200)])
-        pay(store, at(1, 0))
-        book_rows(store, [(day_text(0), "p1", 90_000), (day_text(1), "p2", 5_000_000)])
-    finally:
-        store.close()
-
-
-LEDGER_TABLES = ("payout_runs", "payout_parts", "payout_lines", "payout_deductions", "settlements",
-                 "settlement_days", "settlement_lines", "ledger_balances")
-# Detail rows are staged before their step's header row: readers see those of a header only.
-STAGED = {"payout_parts": "run_id <= (SELECT coalesce(max(id), 0) FROM payout_runs)",
-          "payout_lines": "run_id <= (SELECT coalesce(max(id), 0) FROM payout_runs)",
-          "settlement_lines": "settlement_id <= (SELECT coalesce(max(id), 0) FROM settlements)"}
-
-
-def ledger_rows(db, staged=True):
-    """Every ledger row (only those readers see, unless `staged`), but the
-    times of creation, which differ between two databases."""
-    state = {t: rows(db, f"SELECT * FROM {t} WHERE {'1' if staged else STAGED.get(t, '1')} "
-                         "ORDER BY 1, 2") for t in LEDGER_TABLES}
-    for table in ("payout_runs", "settlements"):
-        state[table] = [row[:4] + row[5:] if table == "payout_runs" else row[:1] + row[2:]
-                        for row in state[table]]
-    return state
-
-
-@pytest.mark.parametrize("command, name, when", [
-    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "plan_run", "after"),
-    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "write_in_chunks", "after"),  # parts staged
-    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "record_run", "after"),  # before COMMIT
-    # After COMMIT, before the ledger journal holds it (its lines not released yet).
-    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "journal_step", "before"),
-    (["pay", *pay_args(until="2020-10-04T00:00:00Z")], "run_output", "before"),  # after COMMIT
-    (["settle"], "settle_pools", "after"),
-    (["settle"], "write_in_chunks", "after"),  # lines staged
-    (["settle"], "record_settlement", "after"),
-    (["settle"], "journal_step", "before"),
-    (["settle"], "settlement_output", "before"),
-])
-def test_a_ledger_step_killed_at_any_point_is_whole_or_absent_and_a_rerun_completes_it(
-        tmp_path, command, name, when):
-    db, reference = str(tmp_path / "spp.db"), str(tmp_path / "reference.db")
-    ledger_month(db)
-    shutil.copy(db, reference)
-    run = {"pay": spp_server.run_pay, "settle": spp_server.run_settle}[command[0]]
-    expected = ledger_command(run, reference, *command[1:])
-    assert expected[0] == 0 and expected[1].count(b"\n") > 1
-    before = ledger_rows(db, staged=False)
-    killed = subprocess.run([sys.executable, "-c", KILL_AT, name, when, *command, "--db", db],
-                            cwd=HERE, capture_output=True, timeout=15)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert killed.stdout == b""
-    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
-    committed = name in ("run_output", "settlement_output", "journal_step")
-    assert ledger_rows(db, staged=False) == (ledger_rows(reference) if committed else before)
-    if name == "write_in_chunks":  # rows of the step were staged, and stay unseen
-        assert ledger_rows(db) != ledger_rows(db, staged=False)
-    # A re-run completes it; once committed, pay prints the run again, settle
-    # prints the settlement again when asked for it by id.
-    again = ["--settlement", "1"] if committed and command == ["settle"] else []
-    code, out, err = ledger_command(run, db, *command[1:], *again)
-    if again:  # printing it again repeats no warning about what stays pending
-        expected = (*expected[:2], "".join(line for line in expected[2].splitlines(True)
-                                           if ": warning: " not in line))
-    assert (code, out, err) == expected
-    assert ledger_rows(db) == ledger_rows(reference)
-    # And the journal holds the step: a restore of the copy before it is seen.
-    assert journal_steps(db) == journal_steps(reference)
-
-
-def journal_steps(db):
-    return rows(spp_server.journal_path(db), "SELECT kind, id FROM steps ORDER BY seq")
-
-
-@pytest.mark.parametrize("command, name, when, committed", [
-    (["erase", "u3", "--even-if-owed"], "erase_user", "after", False),  # before COMMIT
-    (["erase", "u3", "--even-if-owed"], "compact_after_erasure", "before", True),
-    (["hold", "u3", "--reason", "r"], "change_hold", "after", False),
-    (["release", "u3", "--reason", "r"], "change_hold", "after", False),
-    (["write-off-balances", "--older-than", "1d"], "write_off_aged", "after", False),
-])
-def test_the_other_ledger_commands_killed_at_any_point_leave_all_or_nothing_and_rerun_safely(
-        tmp_path, command, name, when, committed):
-    db = str(tmp_path / "spp.db")
-    ledger_month(db)
-    if command[0] == "release":
-        assert ledger_command(spp_server.run_hold, db, "u3", "--reason", "r")[0] == 0
-    if command[0] == "write-off-balances":  # balances carried long ago
-        assert ledger_command(spp_server.run_settle, db)[0] == 0
-        for path in (db, spp_server.journal_path(db)):  # the journal's copy of it too
-            with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
-                conn.execute("UPDATE settlements SET created_at_us = 0")
-        assert rows(db, "SELECT count(*) FROM ledger_balances WHERE owed_nano > 0")[0][0] > 0
-    before = ledger_rows(db) | {t: rows(db, f"SELECT * FROM {t}") for t in
-                               ("ledger_holds", "balance_write_offs", "erasures")}
-    killed = subprocess.run([sys.executable, "-c", KILL_AT, name, when, *command, "--db", db],
-                            cwd=HERE, capture_output=True, timeout=15)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
-    after = ledger_rows(db) | {t: rows(db, f"SELECT * FROM {t}") for t in
-                              ("ledger_holds", "balance_write_offs", "erasures")}
-    assert (after != before) == committed
-    run = {"erase": spp_server.run_erase, "hold": spp_server.run_hold,
-           "release": functools.partial(spp_server.run_hold, action="release"),
-           "write-off-balances": spp_server.run_write_off_balances}[command[0]]
-    assert ledger_command(run, db, *command[1:])[0] == 0
-    assert ledger_command(run, db, *command[1:])[0] == 0  # and again: nothing twice
-    if command[0] == "erase":
-        assert b"u3" not in file_bytes(db) and count(db, "erasures") == 1
-    if command[0] in ("hold", "release"):
-        assert count(db, "ledger_holds") == (1 if command[0] == "hold" else 2)
-    if command[0] == "write-off-balances":
-        assert count(db, "balance_write_offs") == 1
-        assert rows(db, "SELECT count(*) FROM ledger_balances WHERE owed_nano > 0") == [(0,)]
-
-
-# --- One step at a time, whatever path names the database ---
-# A real pay that stops after staging its parts (its step alive, its rows
-# staged and unseen) until a line comes on its stdin.
-PAUSED_PAY = """
-import sys
-import spp_server
-original = spp_server.write_in_chunks
-def pausing(*args, **kwargs):
-    original(*args, **kwargs)
-    spp_server.write_in_chunks = original
-    print("staged", file=sys.stderr, flush=True)
-    sys.stdin.readline()
-spp_server.write_in_chunks = pausing
-sys.exit(spp_server.main(sys.argv[1:]))
-"""
-
-
-@contextlib.contextmanager
-def paused_pay(db):
-    """A real `pay` process holding the ledger lock with its parts staged: -> the Popen,
-    resumed at the end of the block (its output read by proc.communicate)."""
-    proc = subprocess.Popen([sys.executable, "-c", PAUSED_PAY, "pay", *pay_args(), "--db", db],
-                            cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    try:
-        assert proc.stderr.readline() == b"staged\n"
-        yield proc
-    finally:
-        if proc.poll() is None and not proc.stdin.closed:
-            proc.stdin.write(b"\n")
-            proc.stdin.flush()
-
-
-def other_name(db, how, tmp_path):
-    """Another way to name the database `db`: -> (path to pass, working directory)."""
-    if how == "symlink":
-        os.symlink(db, tmp_path / "alias.db")
-        return str(tmp_path / "alias.db"), HERE
-    if how == "symlinked directory":
-        os.symlink(tmp_path, tmp_path.parent / f"{tmp_path.name}-link")
-        return str(tmp_path.parent / f"{tmp_path.name}-link" / "spp.db"), HERE
-    if how == "hard link":
-        os.link(db, tmp_path / "linked.db")
-        return str(tmp_path / "linked.db"), HERE
-    assert how == "relative"
-    (tmp_path / "sub").mkdir()
-    return os.path.join("sub", "..", os.path.basename(db)), tmp_path
-
-
-@pytest.mark.parametrize("how, command", [
-    *((how, ["pay", *pay_args()]) for how in ("symlink", "symlinked directory", "hard link", "relative")),
-    ("symlink", ["settle"])])
-def test_one_ledger_step_at_a_time_whatever_path_names_the_database(tmp_path, db, how, command):
-    """While a real pay has staged rows, a second step through another name
-    of the same database waits and gives up (here at once): it deletes none of
-    the live step's rows, and the first completes whole."""
-    ledger_month(db)  # run 1 paid up to October 2nd
-    reference = str(tmp_path / "reference.db")
-    shutil.copy(db, reference)
-    expected = ledger_command(spp_server.run_pay, reference, *pay_args())
-    with paused_pay(db) as first:
-        staged = ledger_rows(db)
-        path, cwd = other_name(db, how, tmp_path)
-        second = subprocess.run([sys.executable, str(SERVER), *command, "--db", path,
-                                 "--lock-wait", "0"], cwd=cwd, capture_output=True, text=True,
-                                timeout=15)
-        assert (second.returncode, second.stdout) == (1, "")
-        if how == "hard link":  # another lock by name: refused, whichever name
-            assert "has 2 hard links" in second.stderr and second.stderr.count("\n") == 1
-        else:
-            assert second.stderr.splitlines() == [
-                f"spp_server.py {command[0]}: waiting for another pay or settle to release "
-                f"{os.path.realpath(db)}-ledger-lock (at most 0 s, --lock-wait)",
-                f"spp_server.py {command[0]}: another pay or settle held "
-                f"{os.path.realpath(db)}-ledger-lock for 0 s (--lock-wait); nothing changed: "
-                "run it again once that step is done"]
-        assert ledger_rows(db) == staged  # the live step's staged rows are all there
-    out, err = first.communicate(timeout=15)
-    assert (first.returncode, out, err) == (0, expected[1], b"")
-    assert ledger_rows(db) == ledger_rows(reference)
-
-
-def test_a_step_waiting_for_another_says_so_and_goes_on_once_it_is_done(tmp_path, db):
-    ledger_month(db)
-    os.symlink(db, tmp_path / "alias.db")
-    with paused_pay(db) as first:
-        second = subprocess.Popen([sys.executable, str(SERVER), "pay", *pay_args(),
-                                   "--db", str(tmp_path / "alias.db")],
-                                  env={**os.environ, "SPP_LEDGER_LOCK_WAIT": "60"},
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert second.stderr.readline().decode() == (
-            "spp_server.py pay: waiting for another pay or settle to release "
-            f"{os.path.realpath(db)}-ledger-lock (at most 60 s, --lock-wait)\n")
-    out, err = first.communicate(timeout=15)
-    assert (first.returncode, err) == (0, b"")
-    assert second.wait(15) == 0 and second.stderr.read() == b""
-    assert second.stdout.read() == out  # the run it asked for, recorded by the first
-    assert count(db, "payout_runs") == 2
-
-
-def test_the_lock_wait_is_a_whole_number_of_seconds(db, capsys):
-    with pytest.raises(SystemExit) as exited:
-        spp_server.run_settle(["--lock-wait", "1.5", "--db", db], {}, io.BytesIO())
-    assert exited.value.code == 2
-    assert "--lock-wait: must be a whole number of seconds from 0 to 86400" in capsys.readouterr().err
-
-
-def test_ledger_steps_lists_every_recorded_step_for_the_routines(store, db):
-    assert ledger_command(spp_server.run_ledger, db, "--steps") == (0, b"step,id,until\r\n", "")
-    add_sessions(store, [("a", None, 1000, at(0)), ("b", None, 2000, at(2))])
-    pay(store, at(1, 0))
-    book_rows(store, [(day_text(0), "", 900)])
-    spp_server.settle(store)
-    pay(store, at(3, 0))
-    code, out, err = ledger_command(spp_server.run_ledger, db, "--steps")
-    assert (code, err) == (0, "")
-    assert out.decode().splitlines() == ["step,id,until", "run,1,2020-10-02T00:00:00Z",
-                                         "run,2,2020-10-04T00:00:00Z", "settlement,1,"]
 
 
 # --- The documented routine, run as written ---
@@ -6105,333 +7751,9 @@ def test_systemd_accepts_the_documented_ledger_units(tmp_path):
     assert problems == [], "\n".join(problems)
 
 
-# --- Properties over random months ---
-
-LEDGER_SETTINGS = settings(max_examples=15, deadline=None, database=None,
-                           suppress_health_check=list(HealthCheck))
-
-def share_strategy():
-    return st.integers(0, 10**6).map(lambda n: nanos_to_text(n * 1000))
-
-
-@st.composite
-def months(draw):
-    """Random sessions over ten days, runs cutting them, booked figures with revisions."""
-    sessions = draw(st.lists(st.tuples(
-        st.sampled_from(["a", "b", "c", "d", "é"]), st.integers(0, 9), st.integers(0, 23),
-        st.sampled_from([None, "p1", "p2"]),
-        # Up to the largest estimate a postback may give.
-        st.one_of(st.integers(0, 10**7), st.integers(0, spp_server.MAX_ESTIMATE_NANOS))),
-        max_size=40))
-    order = draw(st.sampled_from(["time", "clock steps"]))
-    cuts = sorted(set(draw(st.lists(st.integers(1, 11 * 24), min_size=1, max_size=4))))
-    final = draw(share_strategy())
-    pay_nows = [draw(share_strategy().filter(lambda s: D(s) <= D(final))) for _ in cuts]
-    by_property = draw(st.booleans())
-    booked = draw(st.dictionaries(
-        st.tuples(st.integers(0, 9), st.sampled_from(["p1", "p2", ""] if by_property else [""])),
-        st.one_of(st.integers(0, 1000), st.integers(0, 10**13)), max_size=12))
-    revisions = draw(st.dictionaries(st.sampled_from(sorted(booked)), st.integers(0, 10**13),
-                                     max_size=4)) if booked else {}
-    write_off = draw(st.booleans())
-    # Issue 22: sessions that reach days after they were settled (a clock step
-    # backwards), users held (and then released or not), balances written off
-    # for their age, a user erased.
-    late = draw(st.lists(st.tuples(st.sampled_from(["a", "b", "é"]), st.integers(0, 9),
-                                   st.sampled_from([None, "p1"]), st.integers(0, 10**9)),
-                         max_size=5))
-    held = draw(st.sets(st.sampled_from(["a", "b", "c", "d", "é"]), max_size=2))
-    hold_from = draw(st.integers(0, len(cuts) - 1))
-    release = draw(st.sampled_from([None, "release", "write-off"]))
-    age_off = draw(st.booleans())
-    erased = draw(st.sampled_from([None, "a", "c"]))
-    return (sessions, order, cuts, final, pay_nows, booked, revisions, write_off,
-            late, held, hold_from, release, age_off, erased)
-
-
-def check_ledger(store, db, final, write_off):
-    """Every property the ledger promises, from the tables and from the sessions."""
-    runs = rows(db, "SELECT id, after_session_id, last_session_id, sessions, estimated_nano, "
-                    "paid_now_nano, deducted_nano, withheld_nano FROM payout_runs ORDER BY id")
-    # Runs meet end to start; every session up to the last is in exactly one run.
-    for previous, run in zip([(0, 0, 0)] + runs, runs):
-        assert run[1] == previous[2]
-    last = runs[-1][2] if runs else 0
-    sessions = rows(db, "SELECT id, user_id, coalesce(property_id, ''), revenue_nano FROM sessions")
-    for run_id, after, last_id, n, estimated, paid, deducted, withheld in runs:
-        # A run's totals are its lines': no user it cannot credit (issue 22, 2).
-        mine = [s for s in sessions if after < s[0] <= last_id
-                and s[1] not in spp_server.UNCREDITED_USERS]
-        assert (n, estimated) == (len(mine), sum(s[3] for s in mine))
-        lines = run_lines(store, run_id)
-        assert sum(int(line["sessions"]) for line in lines) == n
-        assert sum(nanos(line["estimated-revenue"]) for line in lines) == estimated
-        assert sum(nanos(line["paid-now"]) for line in lines) == paid - deducted - withheld
-        assert sum(nanos(line["deducted"]) for line in lines) == deducted
-        assert sum(nanos(line["withheld"]) for line in lines) == withheld
-        # A held user is paid nothing now, and nothing is taken from them.
-        assert all(nanos(line["deducted"]) == 0 for line in lines if nanos(line["withheld"]))
-    assert rows(db, "SELECT coalesce(sum(sessions), 0) FROM payout_parts") == [
-        (len([s for s in sessions if s[0] <= last and s[1] != spp_server.DEPLOY_CHECK_USER]),)]
-    # Every settled pool: users get the final share of booked, less under a nano each.
-    pools = rows(db, "SELECT day, property_id, by_property, booked_nano, sessions, "
-                     "max(settlement_id) FROM settlement_days GROUP BY day, property_id")
-    for day, prop, by_property, booked, settled_sessions, newest in pools:
-        where = "day = ?" + (" AND property_id = ?" if by_property else "")
-        params = (day, prop) if by_property else (day,)
-        # A session that reached a settled day later (a clock step) is paid in
-        # a later pool: a settled pool's sessions never change.
-        assert rows(db, f"SELECT coalesce(sum(sessions), 0) FROM payout_parts WHERE {where}",
-                    params) == [(settled_sessions,)]
-        paid = dict(rows(db, f"SELECT user_id, sum(paid_now_nano) FROM payout_parts "
-                             f"WHERE {where} GROUP BY user_id", params))
-        lines = rows(db, "SELECT user_id, top_up_nano - carried_nano, written_off_nano - "
-                         "written_back_nano, held FROM settlement_lines WHERE day = ? AND "
-                         "property_id = ?", (day, prop))
-        # A balance written off for its age: the user keeps it, as if written off when settled.
-        aged = dict(rows(db, "SELECT user_id, sum(written_off_nano) FROM balance_write_off_lines "
-                             "WHERE day = ? AND property_id = ? GROUP BY user_id", (day, prop)))
-        held = {user for user, _, _, was_held in lines if was_held}
-        # A held user's line moves nothing: their fate is the publisher's (release).
-        assert all(moved == standing == 0 for _, moved, standing, was_held in lines if was_held)
-        # Held users share nothing; the uncredited take their share to the margin.
-        counted = [u for u in paid if u not in held]
-        users = [u for u in counted if u not in spp_server.UNCREDITED_USERS]
-        aged = sum(n for u, n in aged.items() if u not in held)
-        moved = sum(m for u, m, _, _ in lines if u not in held) + aged
-        standing = sum(w for u, _, w, _ in lines if u not in held) + aged
-        parts = rows(db, "SELECT coalesce(sum(booked_part_nano), 0) FROM settlement_lines "
-                         "WHERE settlement_id = ? AND day = ? AND property_id = ?", (newest, day, prop))
-        if counted:
-            assert parts == [(booked,)]
-        # The share of the users who cannot be credited is the margin's (issue 22, 2).
-        [(uncredited,)] = rows(
-            db, f"SELECT coalesce(sum(booked_part_nano), 0) FROM settlement_lines "
-                f"WHERE settlement_id = ? AND day = ? AND property_id = ? "
-                f"AND user_id IN {spp_server.SQL_UNCREDITED}", (newest, day, prop))
-        total = sum(paid[u] for u in users) + moved  # now + top-ups - balances carried
-        due = Fraction(D(final)) * (booked - uncredited) if users else 0
-        # What stands written off is what users hold above their final amounts:
-        # a correction never charges it again, nor leaves it forgiven twice.
-        assert due - len(users) <= total - standing <= due
-        if not write_off:  # only balances written off for their age, maybe written back
-            assert 0 <= standing <= aged
-    # The statements add up to the ledger.
-    summary = spp_server.ledger_summary(store)
-    users = [u for (u,) in rows(db, "SELECT DISTINCT user_id FROM sessions")]
-    statements = [spp_server.statement(store, u)["totals"] for u in users]
-    for key in spp_server.LEDGER_TOTALS:
-        assert sum(nanos(s[key]) for s in statements) == nanos(summary["totals"][key]), key
-    owed = dict(rows(db, "SELECT user_id, owed_nano FROM ledger_balances"))
-    for u in users:
-        carried = rows(db, "SELECT coalesce(sum(carried_nano), 0) FROM settlement_lines "
-                           "WHERE user_id = ?", (u,))[0][0]
-        deducted = rows(db, "SELECT (SELECT coalesce(sum(deducted_nano), 0) FROM payout_deductions "
-                            "WHERE user_id = :u) + (SELECT coalesce(sum(deducted_nano), 0) FROM "
-                            "settlement_lines WHERE user_id = :u) + (SELECT coalesce(sum("
-                            "written_off_nano), 0) FROM balance_write_off_lines WHERE user_id = :u)",
-                        {"u": u})[0][0]
-        assert owed.get(u, 0) == carried - deducted >= 0
-        # A balance is taken back from top-ups too: a user who still owes was
-        # credited no top-up in their last settlement.
-        if owed.get(u, 0):
-            assert rows(db, "SELECT count(*) FROM settlement_lines WHERE user_id = ? AND "
-                            "top_up_nano > deducted_nano AND settlement_id = (SELECT "
-                            "max(settlement_id) FROM settlement_lines WHERE user_id = ?)",
-                        (u, u)) == [(0,)]
-
-
-@contextlib.contextmanager
-def month_in_store(sessions, order, booked):
-    """A fresh database holding a random month's sessions (in time order, or
-    in the drawn order: clock steps) and booked figures -> (store, db)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        db = os.path.join(tmp, "spp.db")
-        store = spp_server.Store(db, writer="thread")
-        try:
-            timed = [(user, prop, nanos_, at(day, hour)) for user, day, hour, prop, nanos_ in sessions]
-            if order == "time":
-                timed.sort(key=lambda s: s[3])
-            add_sessions(store, timed)
-            book_rows(store, [(day_text(day), prop, n) for (day, prop), n in booked.items()])
-            yield store, db
-        finally:
-            store.close()
-
-
-def uncredited_month(month):
-    """A random month where 'd' posted without a sub and 'c' is the deploy
-    check: the month's holds and erasure name them too, when they do."""
-    rename = {"d": "", "c": spp_server.DEPLOY_CHECK_USER}
-    (sessions, order, cuts, final, pay_nows, booked, revisions, write_off,
-     late, held, hold_from, release, age_off, erased) = month
-    return ([(rename.get(user, user), *more) for user, *more in sessions], order, cuts, final,
-            pay_nows, booked, revisions, write_off, late, {rename.get(u, u) for u in held},
-            hold_from, release, age_off, rename.get(erased, erased))
-
-
-def held_if_credited(store, held):
-    """Hold the users of `held` (a set) that can be held -> those.  A user
-    the ledger cannot credit has nothing to hold: refused (issue 22, 2 and 4)."""
-    for user in sorted(held & set(spp_server.UNCREDITED_USERS)):
-        with pytest.raises(spp_server.Invalid, match="nothing to hold"):
-            spp_server.hold_user(store, user, "hold", "suspect")
-    held = held - set(spp_server.UNCREDITED_USERS)
-    for user in sorted(held):
-        spp_server.hold_user(store, user, "hold", "suspect")
-    return held
-
-
-@given(st.one_of(months(), months().map(uncredited_month)))
-@LEDGER_SETTINGS
-def test_ledger_properties_hold_over_random_months(month):
-    (sessions, order, cuts, final, pay_nows, booked, revisions, write_off,
-     late, held, hold_from, release, age_off, erased) = month
-    with month_in_store(sessions, order, booked) as (store, db):
-        outputs = {}
-        for i, (cut, pay_now) in enumerate(zip(cuts, pay_nows)):
-            if i == hold_from:
-                held = held_if_credited(store, held)
-            run_id = pay(store, OCT + cut * HOUR_US, pay_now, final)
-            outputs[run_id] = run_text(store, run_id)
-            if cut % 2:
-                spp_server.settle(store, write_off)
-            if i == 0:  # the clock steps back: sessions on days maybe settled already
-                add_sessions(store, [(u, prop, n, at(day, 23)) for u, day, prop, n in late])
-        pays = len(outputs)
-        run_id = pay(store, OCT + 12 * 24 * HOUR_US, pay_nows[-1], final)  # pays the late ones
-        outputs[run_id] = run_text(store, run_id)
-        cuts, pay_nows = [*cuts, 12 * 24], [*pay_nows, pay_nows[-1]]
-        assert pays + 1 == len(outputs)
-        spp_server.settle(store, write_off)
-        if release:
-            for user in sorted(held):
-                spp_server.hold_user(store, user, release, "checked")
-        if age_off:  # every balance counts as aged: a cutoff after now
-            spp_server.write_off_balances(store, -1)
-        # A revised report gives its days again whole, in the same breakdown.
-        revised = {key: revisions.get(key, n) for key, n in booked.items()
-                   if key[0] in {day for day, _ in revisions}}
-        book_rows(store, [(day_text(day), prop, n) for (day, prop), n in revised.items()])
-        spp_server.settle(store, write_off)
-        for run_id, cut, pay_now in zip(outputs, cuts, pay_nows):
-            assert pay(store, OCT + cut * HOUR_US, pay_now, final) == run_id
-            assert run_text(store, run_id) == outputs[run_id]
-        check_ledger(store, db, final, write_off)
-        if erased in spp_server.UNCREDITED_USERS:  # the deploy check is no person
-            with pytest.raises(spp_server.Invalid, match="nothing to erase"):
-                spp_server.erase(store, erased, force=True)
-        elif erased:  # every total stays exact under the pseudonym
-            summary = spp_server.ledger_summary(store)
-            spp_server.erase(store, erased, force=True)
-            assert spp_server.ledger_summary(store) == summary
-            assert rows(db, "SELECT count(*) FROM sessions WHERE user_id = ?", (erased,)) == [(0,)]
-            check_ledger(store, db, final, write_off)
-
-
-OFFSETS = st.sampled_from([None, 0, 330, -180, 840, -720])
-
-
-@given(months(), st.lists(OFFSETS, min_size=4, max_size=4))
-@LEDGER_SETTINGS
-def test_report_offset_changes_keep_every_ledger_property_over_random_months(month, offsets):
-    """Runs asking for other offsets: each session is paid in one part, on
-    the day the recorded offsets give its receive time, and every ledger
-    property still holds (issue 22, 1).  A session that reached a day
-    already settled (a clock step) is paid on its run's last report day, as
-    the offsets recorded cut it (issue 22, 3)."""
-    sessions, order, cuts, final, pay_nows, booked, _, write_off, late, *_ = month
-    with month_in_store(sessions, order, booked) as (store, db):
-        settled_before = {}  # run -> the days settled when it was computed
-        for i, (cut, pay_now, offset) in enumerate(zip([*cuts, 12 * 24], [*pay_nows, final],
-                                                       [*offsets[:len(cuts)], None])):
-            settled = {day for (day,) in rows(db, "SELECT day FROM settlement_days")}
-            try:
-                run_id = pay(store, OCT + cut * HOUR_US, pay_now, final, offset)
-            except spp_server.Invalid as refused:  # a change that has not started yet
-                assert refused.field == "report-utc-offset"
-                run_id = pay(store, OCT + cut * HOUR_US, pay_now, final, None)
-            settled_before[run_id] = settled
-            if cut % 2:
-                spp_server.settle(store, write_off)
-            if i == 0:  # the clock steps back: sessions on days maybe settled already
-                add_sessions(store, [(u, prop, n, at(day, 23)) for u, day, prop, n in late])
-        spp_server.settle(store, write_off)
-        days = spp_server.recorded_report_days(store, 0)
-        runs = rows(db, "SELECT id, after_session_id, last_session_id, until_us FROM payout_runs")
-        expected = Counter()
-        for sid, user, prop, t, day in rows(
-                db, f"SELECT id, user_id, coalesce(property_id, ''), received_at_us, "
-                    f"{days.sql()} FROM sessions"):
-            assert days.start_us(day) <= t < days.start_us(day + 1) and days.day_of(t) == day
-            run = [(r, until) for r, after, last, until in runs if after < sid <= last]
-            if run:
-                [(run_id, until)] = run
-                if day_text(day - OCT // spp_server.DAY_US) in settled_before[run_id]:
-                    day = days.day_of(until - 1)
-                expected[run_id, day_text(day - OCT // spp_server.DAY_US), prop, user] += 1
-        assert dict(expected) == {tuple(key): n for *key, n in rows(
-            db, "SELECT run_id, day, property_id, user_id, sessions FROM payout_parts")}
-        check_ledger(store, db, final, write_off)
-
-
-@given(months().map(uncredited_month))
-@LEDGER_SETTINGS
-def test_only_users_who_can_be_credited_are_paid_over_random_months(month):
-    """Issue 22, 2: no run line, pay-now, top-up or balance for '' or the
-    deploy check; ''s share of a booked figure is the margin's; the deploy
-    check's sessions are in no part at all."""
-    sessions, order, cuts, final, pay_nows, booked, _, write_off, *_ = month
-    with month_in_store(sessions, order, booked) as (store, db):
-        for cut, pay_now in zip(cuts, pay_nows):
-            run_id = pay(store, OCT + cut * HOUR_US, pay_now, final)
-            assert {line["user-id"] for line in run_lines(store, run_id)}.isdisjoint(
-                {"", spp_server.DEPLOY_CHECK_USER})
-            if cut % 2:
-                spp_server.settle(store, write_off)
-        spp_server.settle(store, write_off)
-        uncredited = ("", spp_server.DEPLOY_CHECK_USER)
-        assert rows(db, "SELECT count(*) FROM payout_parts WHERE user_id = ?",
-                    (spp_server.DEPLOY_CHECK_USER,)) == [(0,)]
-        for table in ("payout_parts", "settlement_lines"):
-            assert rows(db, f"SELECT coalesce(sum(paid_now_nano), 0) FROM {table} "
-                            "WHERE user_id IN (?, ?)", uncredited) == [(0,)]
-        assert rows(db, "SELECT coalesce(sum(final_nano + top_up_nano + carried_nano "
-                        "+ written_off_nano), 0) FROM settlement_lines WHERE user_id IN (?, ?)",
-                    uncredited) == [(0,)]
-        for (settlement_id,) in rows(db, "SELECT id FROM settlements"):  # each line its kind
-            assert all((line["kind"] == "unattributed") == (line["user-id"] in uncredited)
-                       for line in settlement_lines(store, settlement_id))
-        assert rows(db, "SELECT count(*) FROM ledger_balances WHERE user_id IN (?, ?)",
-                    uncredited) == [(0,)]
-        summary = spp_server.ledger_summary(store)
-        for run in summary["runs"]:  # a run's totals are its lines'; '' is shown apart
-            unpaid = rows(db, "SELECT count(*), coalesce(sum(revenue_nano), 0) FROM sessions s "
-                              "JOIN payout_runs r ON s.id > r.after_session_id "
-                              "AND s.id <= r.last_session_id WHERE r.id = ? AND s.user_id = ''",
-                          (run["run-id"],))[0]
-            assert (run["unattributed-sessions"], nanos(run["unattributed-estimated-revenue"])) \
-                == unpaid
-        for pool in summary["days"]:  # what '' would have had is the margin's
-            credited = rows(db, "SELECT coalesce(sum(booked_part_nano), 0), count(*) "
-                                "FROM settlement_lines WHERE settlement_id = ? AND day = ? "
-                                "AND property_id = ? AND user_id <> ''",
-                            (pool["settlement-id"], pool["day"], pool["property-id"]))[0]
-            paid_in_total = nanos(pool["paid-in-total"])
-            assert nanos(pool["unattributed-booked"]) + credited[0] in (
-                nanos(pool["booked-revenue"]), 0)
-            if not write_off and credited[1]:
-                assert paid_in_total <= Fraction(D(final)) * credited[0] or any(
-                    n for (n,) in rows(db, "SELECT count(*) FROM settlement_days WHERE day = ? "
-                                           "AND property_id = ? AND settlement_id < ?",
-                                       (pool["day"], pool["property-id"], pool["settlement-id"])))
-        check_ledger(store, db, final, write_off)
-
-
 # ---------------------------------------------------------------------------
-# Payout ledger: the journal, restores, and where the ledger takes over
+# Payout ledger, replay: steps a restore lost put back; where the ledger takes over
 # ---------------------------------------------------------------------------
-
 
 def backup_of(db, path):
     """A copy taken as docs/operating.md says: `sqlite3 DB ".backup PATH"`
@@ -6737,6 +8059,7 @@ def test_a_backup_older_than_the_cut_over_leaves_its_sessions_unpaid_and_pays_th
     assert model.runs[2].decode().splitlines()[1:] == ["2,new,3,0.000003,0.0000018,0,0"]
     model.check()
 
+
 def test_the_ledger_journal_is_private_and_owned_like_the_database(db):
     add_day_sessions(db, 0, 3)
     old = os.umask(0)
@@ -6863,6 +8186,7 @@ def test_the_weekly_routine_refuses_history_until_told_where_the_ledger_takes_ov
     # starts after the one before it.
     assert rows(db, "SELECT after_session_id FROM payout_runs WHERE id = 1") == rows(
         db, "SELECT max(id) FROM sessions WHERE received_at_us < ?", (at(25, 0),))
+
 
 # --- Real processes: the routines as written, a kill -9 at each point, the restore as written ---
 
@@ -7216,6 +8540,450 @@ def suspects_of(store):
     return spp_server.suspects(store, OCT, at(30))["users"]
 
 
+# ---------------------------------------------------------------------------
+# Retention: prune clears old raw bodies and deletes old refusals
+# ---------------------------------------------------------------------------
+
+def run_prune(db, *args):
+    """`spp_server.py prune` in-process: (exit code, stdout)."""
+    out = io.StringIO()
+    code = spp_server.run_prune(["--db", db, *args], {}, out)
+    return code, out.getvalue()
+
+
+def bytes_of(db, sql):
+    return sum(len(value.encode() if isinstance(value, str) else value)
+               for (value,) in rows(db, sql))
+
+
+def test_prune_clears_old_raw_bodies_and_keeps_earnings_and_deduplication(client, clock, db):
+    old = [post_at(client, clock, f"2026-11-0{day}T12:00:00Z", user_id="u",
+                   your_estimated_revenue="0.1") for day in range(1, 5)]
+    new = post_at(client, clock, "2026-11-05T00:00:00Z", user_id="u", your_estimated_revenue="0.2")
+    before = earnings(client, "u").json
+    old_bytes = bytes_of(db, "SELECT raw_body FROM sessions WHERE received_at_us < "
+                             f"{spp_server.parse_instant('2026-11-05')}")
+    code, out = run_prune(db, "--raw-bodies-before", "2026-11-05")
+    assert code == 0
+    assert f"raw bodies received before 2026-11-05T00:00:00Z: 4 cleared, {old_bytes} bytes" in out
+    assert "VACUUM" in out
+    assert rows(db, "SELECT session_id FROM sessions WHERE raw_body != ''") == [(new["session-id"],)]
+    assert earnings(client, "u").json == before
+    assert post(client, old[0]).json == {"status": "duplicate"}  # still deduplicated
+    assert count(db, "sessions") == 5
+    assert run_prune(db, "--raw-bodies-before", "2026-11-05")[1].startswith(
+        "raw bodies received before 2026-11-05T00:00:00Z: 0 cleared, 0 bytes")
+
+
+def test_prune_works_in_short_transactions_through_the_write_path(client, clock, db, monkeypatch):
+    for n in range(5):
+        post_at(client, clock, f"2026-11-01T00:00:0{n}Z")
+    monkeypatch.setattr(spp_server, "PRUNE_BATCH_ROWS", 2)
+    batches = []
+    write = spp_server.Store.write
+    monkeypatch.setattr(spp_server.Store, "write", lambda self, op: batches.append(
+        write(self, op)) or batches[-1])
+    assert spp_server.prune(client.app.store, "raw bodies", spp_server.parse_instant("2027-01-01"))[0] == 5
+    assert [rows_ for rows_, _ in batches] == [2, 2, 1]
+
+
+PRUNE_OPTION = {"raw bodies": "--raw-bodies-before", "rejected": "--rejected-before",
+                "conflicts": "--rejected-before"}
+KEPT = {"raw bodies": "SELECT received_at_us FROM sessions WHERE raw_body != ''",
+        "rejected": "SELECT received_at_us FROM rejected",
+        "conflicts": "SELECT received_at_us FROM conflicts"}
+
+
+def store_one_of_each(conn, n, received_at_us):
+    """A session, a refusal and a conflict received at `received_at_us`."""
+    conn.execute("INSERT INTO sessions (session_id, user_id, revenue_nano, received_at_us, "
+                 "raw_body) VALUES (?, 'u', 0, ?, '{}')", (f"s{n}", received_at_us))
+    conn.execute("INSERT INTO rejected (received_at_us, field, reason, raw_body) "
+                 "VALUES (?, NULL, 'r', x'00')", (received_at_us,))
+    conn.execute("INSERT INTO conflicts (session_id, received_at_us, stored_body, new_body) "
+                 "VALUES (?, ?, '{}', '{}')", (f"s{n}", received_at_us))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hours=st.lists(st.integers(0, 47), min_size=1, max_size=12), cut=st.integers(0, 48),
+       what=st.sampled_from(list(PRUNE_OPTION)))
+def test_prune_touches_nothing_received_after_the_cut_whatever_the_id_order(
+        db, hours, cut, what):
+    """Receive times out of id order (the clock stepped back): prune clears
+    or deletes what was received before the cut (at the worst leaving some
+    of it for the next run), never anything received later."""
+    if not os.path.exists(db):
+        spp_server.Store(db, writer="thread").close()
+    start = spp_server.parse_instant("2026-11-01")
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.execute("PRAGMA synchronous = OFF")  # test data: no fsync
+        conn.execute("BEGIN")
+        for table in ("sessions", "rejected", "conflicts"):
+            conn.execute(f"DELETE FROM {table}")
+        for n, hour in enumerate(hours):
+            store_one_of_each(conn, n, start + hour * 3_600_000_000)
+        conn.execute("COMMIT")
+    cut_us = start + cut * 3_600_000_000
+    before = sorted(t for (t,) in rows(db, KEPT[what]))
+    code, out = run_prune(db, PRUNE_OPTION[what], spp_server.iso_utc(cut_us))
+    assert code == 0
+    after = sorted(t for (t,) in rows(db, KEPT[what]))
+    assert [t for t in after if t >= cut_us] == [t for t in before if t >= cut_us]
+    gone = len(before) - len(after)
+    assert f"{what} received before {spp_server.iso_utc(cut_us)}: {gone} " in out
+    if hours == sorted(hours):  # in order: all of it
+        assert [t for t in after if t < cut_us] == []
+
+
+def test_prune_after_the_clock_stepped_back_keeps_what_came_after_the_cut(client, clock, db):
+    # The cut falls at the first receipt on or after it (the 3rd id), but the
+    # 2nd id came later still.
+    for when in ["2026-11-01T00:00:00Z", "2026-11-03T00:00:00Z", "2026-11-02T18:00:00Z"]:
+        post_at(client, clock, when, user_id=when)
+    code, out = run_prune(db, "--raw-bodies-before", "2026-11-02T12:00:00Z")
+    assert code == 0 and "1 cleared" in out
+    assert rows(db, "SELECT user_id FROM sessions WHERE raw_body = ''") == [("2026-11-01T00:00:00Z",)]
+
+
+def test_prune_deletes_old_refusals_and_conflicts(client, clock, db):
+    clock.set("2026-11-01T00:00:00Z")
+    post(client, b"not json", status=400)
+    first = postback()
+    post(client, first)
+    post(client, {**first, "user-id": "changed"})
+    clock.set("2026-11-03T00:00:00Z")
+    post(client, b"[]", status=400)
+    sizes = (bytes_of(db, "SELECT raw_body FROM rejected WHERE id = 1"),
+             bytes_of(db, "SELECT stored_body FROM conflicts") + bytes_of(db, "SELECT new_body FROM conflicts"))
+    code, out = run_prune(db, "--rejected-before", "2026-11-02")
+    assert code == 0
+    assert f"rejected received before 2026-11-02T00:00:00Z: 1 deleted, {sizes[0]} bytes" in out
+    assert f"conflicts received before 2026-11-02T00:00:00Z: 1 deleted, {sizes[1]} bytes" in out
+    assert rows(db, "SELECT raw_body FROM rejected") == [(b"[]",)]
+    assert count(db, "conflicts") == 0 and count(db, "sessions") == 1
+
+
+def test_prune_dry_run_counts_and_changes_nothing(client, clock, db):
+    post_at(client, clock, "2026-11-01T00:00:00Z")
+    post(client, b"x", status=400)
+    state = file_state(Path(db).parent)["spp.db"]
+    code, out = run_prune(db, "--raw-bodies-before", "2027-01-01", "--rejected-before", "2027-01-01",
+                          "--dry-run")
+    assert code == 0
+    assert "raw bodies received before 2027-01-01T00:00:00Z: 1 would be cleared" in out
+    assert "rejected received before 2027-01-01T00:00:00Z: 1 would be deleted, 1 bytes" in out
+    assert rows(db, "SELECT count(*) FROM sessions WHERE raw_body != ''") == [(1,)]
+    assert count(db, "rejected") == 1
+    assert file_state(Path(db).parent)["spp.db"] == state
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_prune_hints_at_vacuum_only_after_clearing_something(client, clock, db, dry_run):
+    """The hint names the socket (under systemd it would start the server
+    again), and a dry run or a prune that cleared nothing gives no hint."""
+    post_at(client, clock, "2026-11-01T00:00:00Z")
+    flags = ["--dry-run"] if dry_run else []
+    assert "VACUUM" not in run_prune(db, "--raw-bodies-before", "2026-10-01", *flags)[1]
+    assert "VACUUM" not in run_prune(db, "--rejected-before", "2027-01-01", *flags)[1]
+    out = run_prune(db, "--raw-bodies-before", "2027-01-01", *flags)[1]
+    if dry_run:
+        assert "VACUUM" not in out
+    else:
+        assert "systemctl stop spp.socket spp.service" in out
+        assert f"sqlite3 {db} VACUUM" in out
+        # Run again: nothing left to clear, so no hint.
+        assert "VACUUM" not in run_prune(db, "--raw-bodies-before", "2027-01-01")[1]
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], ["--raw-bodies-before", "--rejected-before"]),
+    (["--raw-bodies-before", "soon"], ["--raw-bodies-before", "soon"]),
+])
+def test_prune_usage_errors(db, capsys, args, words):
+    with pytest.raises(SystemExit) as exit_:
+        run_prune(db, *args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert all(word in err for word in words), err
+
+
+def test_prune_finds_its_cut_through_the_receive_time_index(client, db):
+    plan = query_plan(db, "first_session_id_from", (0,))
+    assert plan.startswith("SEARCH sessions USING COVERING INDEX sessions_by_time"), plan
+    assert "SEARCH sessions USING INTEGER PRIMARY KEY" in query_plan(db, "prunable_bodies", (0, 1, 0))
+
+
+def test_prune_of_a_missing_database_creates_nothing(tmp_path, capsys):
+    db = str(tmp_path / "nope.db")
+    assert run_prune(db, "--raw-bodies-before", "2026-11-01") == (1, "")
+    one_line_error(capsys, "no database at")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# HTTP: errors, health, the watchdog, logs
+# ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def write_lock_held_by_another_connection(db):
+    """What an operator's sqlite3 shell does with BEGIN IMMEDIATE."""
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+def test_unexpected_exception_is_logged_and_answered_500_json(client, monkeypatch, caplog):
+    def boom(body):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(spp_server, "parse_postback", boom)
+    res = post(client, SAMPLE, status=500)
+    assert_error(res, 500)
+    assert "Traceback" not in res.text and "bug" not in res.text
+    assert any(r.exc_info and "bug" in str(r.exc_info[1]) for r in caplog.records)
+    monkeypatch.undo()
+    post(client, SAMPLE, status=200)
+
+
+def broken_sql(monkeypatch, db, name):
+    """Writes through SQL[name] fail with a database error."""
+    monkeypatch.setitem(queries_holding(name), name, "INSERT INTO no_such_table VALUES (1)")
+    return contextlib.nullcontext()
+
+
+def failing_op(monkeypatch, db, name):
+    """The write op `name` raises an error that is not the database's: a bug."""
+    def fail(*args):
+        raise RuntimeError("bug in the op")
+    monkeypatch.setattr(spp_server, name, fail)
+    return contextlib.nullcontext()
+
+
+def failing_parse(monkeypatch, db, body):
+    def fail(body):
+        raise KeyError("bug in the parser")
+    monkeypatch.setattr(spp_server, "parse_postback", fail)
+    return contextlib.nullcontext()
+
+
+# How a postback can fail on the server's side -> (status, outcome counted,
+# whether its session-id is known when it fails).
+POSTBACK_FAILURES = {
+    "write lock held": (lambda mp, db, _: write_lock_held_by_another_connection(db), 503,
+                        "unavailable", True),
+    "insert refused": (lambda mp, db, _: broken_sql(mp, db, "insert_session"), 503,
+                       "unavailable", True),
+    "refusal's insert refused": (lambda mp, db, _: broken_sql(mp, db, "insert_rejected"), 503,
+                                 "unavailable", "invalid"),
+    "insert op raises": (lambda mp, db, _: failing_op(mp, db, "insert_session"), 500, "error",
+                         True),
+    "refusal's op raises": (lambda mp, db, _: failing_op(mp, db, "insert_rejected"), 500,
+                            "error", "invalid"),
+    "parser raises": (failing_parse, 500, "error", False),
+}
+
+
+@pytest.mark.parametrize("failure", sorted(POSTBACK_FAILURES))
+def test_postbacks_answered_503_or_500_are_counted_and_logged_by_outcome(
+        make_client, db, monkeypatch, caplog, failure):
+    make_failure, status, outcome, known = POSTBACK_FAILURES[failure]
+    client = make_client(busy_timeout_ms=100)
+    post(client, postback())
+    bodies = [postback(user_id=f"lost-{n}") for n in range(3)]
+    if known == "invalid":  # a refusal whose row cannot be stored
+        bodies = [{**body, "country": "not a country"} for body in bodies]
+    with monkeypatch.context() as mp, make_failure(mp, db, None):
+        for body in bodies:
+            assert_error(post(client, body, status=status), status)
+    stats = client.get("/stats").json
+    expected = {**dict.fromkeys(spp_server.PostbackCounters.OUTCOMES, 0), "recorded": 1,
+                outcome: len(bodies)}
+    assert stats["since-start"] == expected
+    _, samples = scrape(client)
+    assert {dict(labels)["outcome"]: value for (name, labels), value in samples.items()
+            if name == "spp_postbacks_total"} == expected
+    lines = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith(f"postback {outcome} status={status}")]
+    assert len(lines) == len(bodies)
+    for line, body in zip(lines, bodies):
+        assert line.endswith(f'session-id="{body["session-id"]}" user-id="{body["user-id"]}"'
+                             if known else "session-id=- user-id=-")
+    assert stats["sessions"] == 1 and stats["rejected"] == 0  # nothing of them was kept
+
+
+def test_healthz_is_ok_and_needs_no_auth(make_client):
+    client = make_client(read_tokens=(b"reader",), postback_tokens=(b"poster",))
+    assert client.get("/healthz", status=200).json == {"status": "ok"}
+
+
+def test_health_is_the_databases_state_now_not_the_last_postbacks(make_client, db, monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 0)  # every check looks afresh
+    client = make_client(busy_timeout_ms=100)
+    assert client.get("/healthz").json == {"status": "ok"}  # healthy before any postback
+    with write_lock_held_by_another_connection(db):
+        assert_error(post(client, SAMPLE, status=503), 503)
+        assert_error(client.get("/healthz", status=503), 503)
+    # The fault is gone; no postback since: healthy again.
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert count(db, "sessions") == 0
+    assert count(db, "health_probe") == 1  # what told it: a probe commit
+
+
+def test_a_fresh_write_answers_for_health_without_a_probe(make_client, db, monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 3600)
+    client = make_client(busy_timeout_ms=100)
+    post(client, SAMPLE)
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert count(db, "health_probe") == 0  # a busy server is never probed
+    with write_lock_held_by_another_connection(db):
+        post(client, postback(), status=503)
+    health = client.get("/healthz", status=503)  # the failure is fresh: no probe needed
+    assert health.json["error"].startswith("the last write failed")
+
+
+def test_watchdog_pings_a_quiet_server_and_again_once_a_fault_is_gone(make_client, db, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 0)
+    store = make_client(busy_timeout_ms=100).app.store
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(10)
+    environ = {"WATCHDOG_USEC": "100000", "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    stopping = threading.Event()
+    watchdog = spp_server.start_watchdog(store, environ, stopping)
+    try:
+        assert notify.recv(100) == b"WATCHDOG=1"  # no postback ever: still pinged
+        with write_lock_held_by_another_connection(db):
+            notify.settimeout(1)
+            pings = []
+            for _ in range(3):  # one ping already on its way may still arrive
+                try:
+                    pings.append(notify.recv(100))
+                except socket.timeout:
+                    break
+            assert len(pings) < 3  # then none while no write can commit
+        notify.settimeout(10)
+        assert notify.recv(100) == b"WATCHDOG=1"  # and again once it can, without a postback
+    finally:
+        stopping.set()
+        watchdog.join(5)
+        notify.close()
+    assert not watchdog.is_alive()
+
+
+@pytest.mark.parametrize("within, seconds", [("90s", 90), ("30m", 1800), ("2h", 7200),
+                                             ("1d", 86400)])
+def test_healthz_with_postbacks_within_is_silent_past_that_age(client, clock, within, seconds):
+    assert client.get(f"/healthz?postbacks-within={within}", status=503).json == {
+        "status": "silent", "last-received-age-seconds": None}  # nothing ever received
+    post_at(client, clock, "2026-11-23T10:00:00Z")
+    clock.us += seconds * 1_000_000  # exactly that old: still within
+    assert client.get(f"/healthz?postbacks-within={within}", status=200).json == {
+        "status": "ok", "last-received-age-seconds": seconds}
+    clock.us += 1_000_000
+    assert client.get(f"/healthz?postbacks-within={within}", status=503).json == {
+        "status": "silent", "last-received-age-seconds": seconds + 1}
+    assert client.get("/healthz", status=200).json == {"status": "ok"}  # plain health ignores it
+
+
+def test_silence_is_judged_on_stored_sessions_not_refused_postbacks(make_client, clock):
+    client = make_client(postback_tokens=(b"t",))
+    clock.set("2026-11-23T10:00:00Z")
+    post(client, postback(), headers=bearer("t"))
+    clock.set("2026-11-23T11:00:00Z")
+    post(client, SAMPLE, status=401)  # a token rotated on one side only
+    post(client, b"[]", status=400, headers=bearer("t"))
+    assert client.get("/healthz?postbacks-within=30m", status=503).json["status"] == "silent"
+
+
+@pytest.mark.parametrize("bad", ["", "30", "0m", "m", "30x", "1.5h", "-1h", " 30m", "99999999s"])
+def test_a_bad_postbacks_within_is_a_400_naming_it(client, bad):
+    assert_error(client.get(f"/healthz?postbacks-within={quote(bad)}", status=400), 400,
+                 "postbacks-within")
+
+
+def test_the_silence_check_needs_no_token_and_shows_no_data(make_client, clock):
+    client = make_client(read_tokens=(b"r",), postback_tokens=(b"t",))
+    clock.set("2026-11-23T10:00:00Z")
+    post(client, postback(), headers=bearer("t"))
+    assert set(client.get("/healthz?postbacks-within=1h").json) == {
+        "status", "last-received-age-seconds"}
+
+
+def test_debug_logs_one_line_per_postback_without_secrets(make_client, caplog):
+    caplog.set_level(logging.DEBUG, logger="spp")
+    client = make_client(postback_tokens=(b"tok-123",))
+    post(client, SAMPLE, headers=bearer("tok-123"))
+    post(client, SAMPLE, headers=bearer("tok-123"))
+    post(client, b"{}", status=400, headers=bearer("tok-123"))
+    post(client, SAMPLE, status=401, headers=bearer("tok-12"))
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records
+             if r.getMessage().startswith("postback ")]
+    assert [(level, line.split()[1]) for level, line in lines] == [
+        ("DEBUG", "recorded"), ("DEBUG", "duplicate"), ("WARNING", "rejected"),
+        ("INFO", "unauthorized")]
+    assert f'session-id="{SAMPLE["session-id"]}" user-id="sub1"' in lines[0][1]
+    assert "status=200" in lines[0][1] and "status=401" in lines[3][1]
+    assert "tok-12" not in caplog.text
+
+
+def test_info_logs_only_the_postbacks_that_need_attention(client, caplog):
+    caplog.set_level(logging.INFO, logger="spp")
+    post(client, SAMPLE)
+    post(client, SAMPLE)
+    post(client, postback(session_id=SAMPLE["session-id"], user_id="changed"))
+    post(client, b"{}", status=400)
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split()[:2] for line in lines] == [
+        ["postback", f'session-id="{SAMPLE["session-id"]}"'], ["postback", "rejected"]]
+    assert "repeats a stored session with different fields" in lines[0]
+
+
+@pytest.mark.parametrize("fields, field, session_id, user_id", [
+    ({"count_of_ads_viewed": "many"}, "count-of-ads-viewed", "s-known", "u-known"),
+    ({"user_id": 42}, "user-id", "s-known", None),
+    ({"session_id": "", "user_id": "u\nx"}, "session-id", None, "u\nx"),
+    ({"session_id": None}, "session-id", None, "u-known"),
+])
+def test_a_refused_postbacks_log_line_says_why_and_whose_it_was(
+        client, caplog, fields, field, session_id, user_id):
+    body = {**postback(session_id="s-known", user_id="u-known"),
+            **{k.replace("_", "-"): v for k, v in fields.items()}}
+    body = {k: v for k, v in body.items() if v is not None}
+    reason = post(client, body, status=400).json["error"]
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert line == (f"postback rejected status=400 field={json.dumps(field)} "
+                    f"reason={json.dumps(reason)} "
+                    f"session-id={json.dumps(session_id) if session_id else '-'} "
+                    f"user-id={json.dumps(user_id) if user_id else '-'}")
+
+
+@pytest.mark.parametrize("body", [b"not json", b"x" * (spp_server.MAX_BODY_BYTES + 1)])
+def test_a_postback_refused_before_its_fields_logs_the_reason(client, caplog, body):
+    reason = post(client, body, status="4*").json["error"]
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"reason={json.dumps(reason)}" in line and line.endswith("session-id=- user-id=-")
+
+
+def test_log_line_cannot_be_forged_with_a_newline(client, caplog):
+    caplog.set_level(logging.INFO, logger="spp")
+    post(client, postback(user_id="x\nINFO spp: postback recorded"))
+    assert all("\n" not in r.getMessage() for r in caplog.records)
+
+
+def test_waitress_queue_depth_warnings_are_kept_out_of_the_log():
+    queue_logger = logging.getLogger("waitress.queue")
+    old_level = queue_logger.level
+    try:
+        spp_server.setup_logging()
+        assert not queue_logger.isEnabledFor(logging.WARNING)
+    finally:
+        queue_logger.setLevel(old_level)
+
 
 # ---------------------------------------------------------------------------
 # Web view: read-only pages, the same figures as the API
@@ -7271,11 +9039,6 @@ def chart_titles(res, chart_title):
     [svg] = [s for s in soup.find_all("svg") if s.get("aria-label") == chart_title]
     return dict(rect.title.text.split(" · ", 1)[0:1] + [rect.title.text.rsplit(": ", 1)[1]]
                 for rect in svg.find_all("rect"))
-
-
-@pytest.fixture
-def view_client(make_client):
-    return make_client(read_tokens=(READ.encode(),), reward_share=D("0.7"))
 
 
 def test_view_asks_a_browser_for_the_read_token_as_a_basic_password(view_client):
@@ -7712,51 +9475,6 @@ BROWSER_HOSTILE_IDS = [f'<img src="{OTHER_HOST}/img" onerror="alert(1)">',
                        "w" * 255]
 
 
-@pytest.fixture(scope="module")
-def view_site(tmp_path_factory):
-    """One real server with a month of data, a ledger and hostile postbacks,
-    one browser: shared by the browser tests, each of which opens its pages."""
-    sync_playwright = browser_or_skip()
-    folder = tmp_path_factory.mktemp("view")
-    db = str(folder / "spp.db")
-    # The month of October 2020 and its ledger, written with a fixed clock and
-    # fixed session ids, so that the screenshots come out the same each run.
-    real_now, spp_server.now_us = spp_server.now_us, lambda: at(61)
-    store = spp_server.Store(db, writer="thread")
-    try:
-        store.write(lambda conn, _: conn.executemany(spp_server.SQL["insert_session"], [
-            (f"oct-{n:03d}", f"user-{n % 37:02d}", ["1234", "5678"][n % 2], "IN", 1, 10,
-             (n % 11 + 1) * 1_000_000, at(n % 20, n % 24), "{}") for n in range(600)]))
-        book_rows(store, [(day_text(d), "", 165_000_000 + d * 2_000_000) for d in range(18)])
-        pay(store, at(10))
-        pay(store, at(25))
-        spp_server.settle(store)
-    finally:
-        store.close()
-        spp_server.now_us = real_now
-    other = OtherOrigin()
-    server = RealServer(db, env={"SPP_READ_TOKEN": READ})
-    hostile = BROWSER_HOSTILE_IDS
-    for n, user_id in enumerate(hostile):
-        assert server.post(postback(user_id=user_id, session_id=f"hostile-{n}"))[0] == 200
-    long_id = "<b>" + "\u0645" * 5000 + "</b>"  # 10 KB: refused, its body kept in rejected
-    assert server.post(postback(user_id=long_id, session_id="long"))[0] == 400
-    first = postback(user_id=hostile[0], session_id="twice")
-    server.post(first)
-    server.post(first)  # a duplicate
-    server.post({**first, "country": "BR"})  # a conflict
-    playwright = sync_playwright().start()
-    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-        *CHROMIUM_FLAGS, f"--host-resolver-rules=MAP other.test:80 127.0.0.1:{other.port}"])
-    site = types_namespace(server=server, other=other, browser=browser, hostile=hostile,
-                           long_id=long_id, origin=f"http://127.0.0.1:{server.port}")
-    yield site
-    browser.close()
-    playwright.stop()
-    other.server.shutdown()
-    server.stop()
-
-
 def types_namespace(**fields):
     import types
 
@@ -7910,1690 +9628,34 @@ def test_browser_keyboard_reaches_every_link_and_form(view_site):
 
 
 # ---------------------------------------------------------------------------
-# Errors, health, the watchdog, logs
+# Waitress's internals: only one section touches them, those of the pinned version
 # ---------------------------------------------------------------------------
 
-
-@contextlib.contextmanager
-def write_lock_held_by_another_connection(db):
-    """What an operator's sqlite3 shell does with BEGIN IMMEDIATE."""
-    blocker = sqlite3.connect(db, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
+# What of waitress is not its public API (create_server and its settings).
+WAITRESS_INTERNALS = re.compile(r"\b(wasyncore|HTTPChannel|BaseWSGIServer|MultiSocketServer|"
+                                r"task_dispatcher)\b|\._map\b")
 
 
-def test_unexpected_exception_is_logged_and_answered_500_json(client, monkeypatch, caplog):
-    def boom(body):
-        raise RuntimeError("bug")
-
-    monkeypatch.setattr(spp_server, "parse_postback", boom)
-    res = post(client, SAMPLE, status=500)
-    assert_error(res, 500)
-    assert "Traceback" not in res.text and "bug" not in res.text
-    assert any(r.exc_info and "bug" in str(r.exc_info[1]) for r in caplog.records)
-    monkeypatch.undo()
-    post(client, SAMPLE, status=200)
+def test_only_the_waitress_internals_section_touches_waitress_internals():
+    source = SERVER.read_text(encoding="utf-8")
+    sections = re.split(r"^# -{75}\n# (.*)\n# -{75}\n", source, flags=re.M)
+    touching = {name for name, body in zip(sections[1::2], sections[2::2])
+                if WAITRESS_INTERNALS.search(body)}
+    assert WAITRESS_INTERNALS.search(sections[0]) is None  # the imports
+    assert touching == {"Waitress's internals: the only code that touches them"}
 
 
-def broken_sql(monkeypatch, db, name):
-    """Writes through SQL[name] fail with a database error."""
-    monkeypatch.setitem(spp_server.SQL, name, "INSERT INTO no_such_table VALUES (1)")
-    return contextlib.nullcontext()
-
-
-def failing_op(monkeypatch, db, name):
-    """The write op `name` raises an error that is not the database's: a bug."""
-    def fail(*args):
-        raise RuntimeError("bug in the op")
-    monkeypatch.setattr(spp_server, name, fail)
-    return contextlib.nullcontext()
-
-
-def failing_parse(monkeypatch, db, body):
-    def fail(body):
-        raise KeyError("bug in the parser")
-    monkeypatch.setattr(spp_server, "parse_postback", fail)
-    return contextlib.nullcontext()
-
-
-# How a postback can fail on the server's side -> (status, outcome counted,
-# whether its session-id is known when it fails).
-POSTBACK_FAILURES = {
-    "write lock held": (lambda mp, db, _: write_lock_held_by_another_connection(db), 503,
-                        "unavailable", True),
-    "insert refused": (lambda mp, db, _: broken_sql(mp, db, "insert_session"), 503,
-                       "unavailable", True),
-    "refusal's insert refused": (lambda mp, db, _: broken_sql(mp, db, "insert_rejected"), 503,
-                                 "unavailable", "invalid"),
-    "insert op raises": (lambda mp, db, _: failing_op(mp, db, "insert_session"), 500, "error",
-                         True),
-    "refusal's op raises": (lambda mp, db, _: failing_op(mp, db, "insert_rejected"), 500,
-                            "error", "invalid"),
-    "parser raises": (failing_parse, 500, "error", False),
-}
-
-
-@pytest.mark.parametrize("failure", sorted(POSTBACK_FAILURES))
-def test_postbacks_answered_503_or_500_are_counted_and_logged_by_outcome(
-        make_client, db, monkeypatch, caplog, failure):
-    make_failure, status, outcome, known = POSTBACK_FAILURES[failure]
-    client = make_client(busy_timeout_ms=100)
-    post(client, postback())
-    bodies = [postback(user_id=f"lost-{n}") for n in range(3)]
-    if known == "invalid":  # a refusal whose row cannot be stored
-        bodies = [{**body, "country": "not a country"} for body in bodies]
-    with monkeypatch.context() as mp, make_failure(mp, db, None):
-        for body in bodies:
-            assert_error(post(client, body, status=status), status)
-    stats = client.get("/stats").json
-    expected = {**dict.fromkeys(spp_server.PostbackCounters.OUTCOMES, 0), "recorded": 1,
-                outcome: len(bodies)}
-    assert stats["since-start"] == expected
-    _, samples = scrape(client)
-    assert {dict(labels)["outcome"]: value for (name, labels), value in samples.items()
-            if name == "spp_postbacks_total"} == expected
-    lines = [r.getMessage() for r in caplog.records
-             if r.getMessage().startswith(f"postback {outcome} status={status}")]
-    assert len(lines) == len(bodies)
-    for line, body in zip(lines, bodies):
-        assert line.endswith(f'session-id="{body["session-id"]}" user-id="{body["user-id"]}"'
-                             if known else "session-id=- user-id=-")
-    assert stats["sessions"] == 1 and stats["rejected"] == 0  # nothing of them was kept
-
-
-def test_healthz_is_ok_and_needs_no_auth(make_client):
-    client = make_client(read_tokens=(b"reader",), postback_tokens=(b"poster",))
-    assert client.get("/healthz", status=200).json == {"status": "ok"}
-
-
-def test_health_is_the_databases_state_now_not_the_last_postbacks(make_client, db, monkeypatch):
-    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 0)  # every check looks afresh
-    client = make_client(busy_timeout_ms=100)
-    assert client.get("/healthz").json == {"status": "ok"}  # healthy before any postback
-    with write_lock_held_by_another_connection(db):
-        assert_error(post(client, SAMPLE, status=503), 503)
-        assert_error(client.get("/healthz", status=503), 503)
-    # The fault is gone; no postback since: healthy again.
-    assert client.get("/healthz").json == {"status": "ok"}
-    assert count(db, "sessions") == 0
-    assert count(db, "health_probe") == 1  # what told it: a probe commit
-
-
-def test_a_fresh_write_answers_for_health_without_a_probe(make_client, db, monkeypatch):
-    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 3600)
-    client = make_client(busy_timeout_ms=100)
-    post(client, SAMPLE)
-    assert client.get("/healthz").json == {"status": "ok"}
-    assert count(db, "health_probe") == 0  # a busy server is never probed
-    with write_lock_held_by_another_connection(db):
-        post(client, postback(), status=503)
-    health = client.get("/healthz", status=503)  # the failure is fresh: no probe needed
-    assert health.json["error"].startswith("the last write failed")
-
-
-def test_watchdog_pings_a_quiet_server_and_again_once_a_fault_is_gone(make_client, db, tmp_path,
-                                                                      monkeypatch):
-    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 0)
-    store = make_client(busy_timeout_ms=100).app.store
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify"))
-    notify.settimeout(10)
-    environ = {"WATCHDOG_USEC": "100000", "NOTIFY_SOCKET": str(tmp_path / "notify")}
-    stopping = threading.Event()
-    watchdog = spp_server.start_watchdog(store, environ, stopping)
-    try:
-        assert notify.recv(100) == b"WATCHDOG=1"  # no postback ever: still pinged
-        with write_lock_held_by_another_connection(db):
-            notify.settimeout(1)
-            pings = []
-            for _ in range(3):  # one ping already on its way may still arrive
-                try:
-                    pings.append(notify.recv(100))
-                except socket.timeout:
-                    break
-            assert len(pings) < 3  # then none while no write can commit
-        notify.settimeout(10)
-        assert notify.recv(100) == b"WATCHDOG=1"  # and again once it can, without a postback
-    finally:
-        stopping.set()
-        watchdog.join(5)
-        notify.close()
-    assert not watchdog.is_alive()
-
-
-@pytest.mark.parametrize("within, seconds", [("90s", 90), ("30m", 1800), ("2h", 7200),
-                                             ("1d", 86400)])
-def test_healthz_with_postbacks_within_is_silent_past_that_age(client, clock, within, seconds):
-    assert client.get(f"/healthz?postbacks-within={within}", status=503).json == {
-        "status": "silent", "last-received-age-seconds": None}  # nothing ever received
-    post_at(client, clock, "2026-11-23T10:00:00Z")
-    clock.us += seconds * 1_000_000  # exactly that old: still within
-    assert client.get(f"/healthz?postbacks-within={within}", status=200).json == {
-        "status": "ok", "last-received-age-seconds": seconds}
-    clock.us += 1_000_000
-    assert client.get(f"/healthz?postbacks-within={within}", status=503).json == {
-        "status": "silent", "last-received-age-seconds": seconds + 1}
-    assert client.get("/healthz", status=200).json == {"status": "ok"}  # plain health ignores it
-
-
-def test_silence_is_judged_on_stored_sessions_not_refused_postbacks(make_client, clock):
-    client = make_client(postback_tokens=(b"t",))
-    clock.set("2026-11-23T10:00:00Z")
-    post(client, postback(), headers=bearer("t"))
-    clock.set("2026-11-23T11:00:00Z")
-    post(client, SAMPLE, status=401)  # a token rotated on one side only
-    post(client, b"[]", status=400, headers=bearer("t"))
-    assert client.get("/healthz?postbacks-within=30m", status=503).json["status"] == "silent"
-
-
-@pytest.mark.parametrize("bad", ["", "30", "0m", "m", "30x", "1.5h", "-1h", " 30m", "99999999s"])
-def test_a_bad_postbacks_within_is_a_400_naming_it(client, bad):
-    assert_error(client.get(f"/healthz?postbacks-within={quote(bad)}", status=400), 400,
-                 "postbacks-within")
-
-
-def test_the_silence_check_needs_no_token_and_shows_no_data(make_client, clock):
-    client = make_client(read_tokens=(b"r",), postback_tokens=(b"t",))
-    clock.set("2026-11-23T10:00:00Z")
-    post(client, postback(), headers=bearer("t"))
-    assert set(client.get("/healthz?postbacks-within=1h").json) == {
-        "status", "last-received-age-seconds"}
-
-
-def test_debug_logs_one_line_per_postback_without_secrets(make_client, caplog):
-    caplog.set_level(logging.DEBUG, logger="spp")
-    client = make_client(postback_tokens=(b"tok-123",))
-    post(client, SAMPLE, headers=bearer("tok-123"))
-    post(client, SAMPLE, headers=bearer("tok-123"))
-    post(client, b"{}", status=400, headers=bearer("tok-123"))
-    post(client, SAMPLE, status=401, headers=bearer("tok-12"))
-    lines = [(r.levelname, r.getMessage()) for r in caplog.records
-             if r.getMessage().startswith("postback ")]
-    assert [(level, line.split()[1]) for level, line in lines] == [
-        ("DEBUG", "recorded"), ("DEBUG", "duplicate"), ("WARNING", "rejected"),
-        ("INFO", "unauthorized")]
-    assert f'session-id="{SAMPLE["session-id"]}" user-id="sub1"' in lines[0][1]
-    assert "status=200" in lines[0][1] and "status=401" in lines[3][1]
-    assert "tok-12" not in caplog.text
-
-
-def test_info_logs_only_the_postbacks_that_need_attention(client, caplog):
-    caplog.set_level(logging.INFO, logger="spp")
-    post(client, SAMPLE)
-    post(client, SAMPLE)
-    post(client, postback(session_id=SAMPLE["session-id"], user_id="changed"))
-    post(client, b"{}", status=400)
-    lines = [r.getMessage() for r in caplog.records]
-    assert [line.split()[:2] for line in lines] == [
-        ["postback", f'session-id="{SAMPLE["session-id"]}"'], ["postback", "rejected"]]
-    assert "repeats a stored session with different fields" in lines[0]
-
-
-@pytest.mark.parametrize("fields, field, session_id, user_id", [
-    ({"count_of_ads_viewed": "many"}, "count-of-ads-viewed", "s-known", "u-known"),
-    ({"user_id": 42}, "user-id", "s-known", None),
-    ({"session_id": "", "user_id": "u\nx"}, "session-id", None, "u\nx"),
-    ({"session_id": None}, "session-id", None, "u-known"),
-])
-def test_a_refused_postbacks_log_line_says_why_and_whose_it_was(
-        client, caplog, fields, field, session_id, user_id):
-    body = {**postback(session_id="s-known", user_id="u-known"),
-            **{k.replace("_", "-"): v for k, v in fields.items()}}
-    body = {k: v for k, v in body.items() if v is not None}
-    reason = post(client, body, status=400).json["error"]
-    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert line == (f"postback rejected status=400 field={json.dumps(field)} "
-                    f"reason={json.dumps(reason)} "
-                    f"session-id={json.dumps(session_id) if session_id else '-'} "
-                    f"user-id={json.dumps(user_id) if user_id else '-'}")
-
-
-@pytest.mark.parametrize("body", [b"not json", b"x" * (spp_server.MAX_BODY_BYTES + 1)])
-def test_a_postback_refused_before_its_fields_logs_the_reason(client, caplog, body):
-    reason = post(client, body, status="4*").json["error"]
-    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert f"reason={json.dumps(reason)}" in line and line.endswith("session-id=- user-id=-")
-
-
-def test_log_line_cannot_be_forged_with_a_newline(client, caplog):
-    caplog.set_level(logging.INFO, logger="spp")
-    post(client, postback(user_id="x\nINFO spp: postback recorded"))
-    assert all("\n" not in r.getMessage() for r in caplog.records)
-
-
-def test_waitress_queue_depth_warnings_are_kept_out_of_the_log():
-    queue_logger = logging.getLogger("waitress.queue")
-    old_level = queue_logger.level
-    try:
-        spp_server.setup_logging()
-        assert not queue_logger.isEnabledFor(logging.WARNING)
-    finally:
-        queue_logger.setLevel(old_level)
+def test_the_waitress_internals_are_those_of_the_pinned_waitress():
+    """The section names the version it was written against: the one
+    requirements.txt pins, and the one installed."""
+    import importlib.metadata
+    [pinned] = re.findall(r"^waitress==(\S+)$", (HERE / "requirements.txt").read_text(), re.M)
+    assert spp_server.WAITRESS_PINNED == pinned == importlib.metadata.version("waitress")
 
 
 # ---------------------------------------------------------------------------
-# Storage: files, schema, opening, the write connection, failing writes
+# Server and command line: configuration, options, commands
 # ---------------------------------------------------------------------------
-
-
-OPEN_STORE = "import sys, spp_server; spp_server.Store(sys.argv[1], writer='thread').close()"
-
-
-def writer_pragma(app, sql):
-    """Run a PRAGMA on the writer's own connection (max_page_count is per connection)."""
-    return app.store.write(lambda conn, now: conn.execute(sql).fetchone()[0])
-
-
-@contextlib.contextmanager
-def write_connection_held(store):
-    """Keep the write connection busy inside a write of its own."""
-    entered, gate = threading.Event(), threading.Event()
-
-    def hold(conn, now):
-        entered.set()
-        assert gate.wait(10)
-
-    def write():
-        with contextlib.suppress(spp_server.StoreUnavailable):  # it may outlast its own wait
-            store.write(hold)
-
-    holder = threading.Thread(target=write)
-    holder.start()
-    assert entered.wait(5)
-    try:
-        yield
-    finally:
-        gate.set()
-        holder.join(10)
-
-
-def test_locked_database_gets_503_then_recovers(make_client, db):
-    client = make_client(busy_timeout_ms=100)
-    blocker = sqlite3.connect(db, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")  # holds the write lock
-    try:
-        started = time.monotonic()
-        assert_error(post(client, SAMPLE, status=503), 503)
-        assert time.monotonic() - started < 5
-        assert_error(client.get("/healthz", status=503), 503)
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
-    assert count(db, "sessions") == 0
-    assert post(client, SAMPLE).json == {"status": "recorded"}
-    assert client.get("/healthz").json == {"status": "ok"}
-
-
-def test_database_files_are_private_whatever_the_umask(client, db):
-    old = os.umask(0)
-    try:
-        post(client, SAMPLE)
-    finally:
-        os.umask(old)
-    for path in [db, db + "-wal"]:
-        assert os.stat(path).st_mode & 0o077 == 0, path
-
-
-def test_writes_are_committed_with_synchronous_full(client):
-    # FULL: a committed postback survives a power cut, not just a killed process.
-    pragma = client.app.store.write(lambda conn, now: conn.execute("PRAGMA synchronous").fetchone())
-    assert pragma == (2,)
-
-
-def test_database_is_in_wal_mode_with_latest_schema(client, db):
-    latest = spp_server.schema_versions(spp_server.SCHEMA_PATH.read_text())[-1][0]
-    assert rows(db, "PRAGMA journal_mode") == [("wal",)]
-    assert rows(db, "PRAGMA user_version") == [(latest,)]
-
-
-def test_reopening_keeps_rows_and_does_not_reapply_the_schema(make_client, db):
-    post(make_client(), SAMPLE)
-    client = make_client()
-    assert earnings(client, "sub1").json["sessions"] == 1
-
-
-@pytest.mark.parametrize("old_version", SCHEMA_VERSIONS[:-1])
-def test_older_database_is_upgraded_in_place_keeping_rows(db, old_version):
-    conn = spp_server.connect(db, 1000)
-    spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=old_version)
-    conn.execute(
-        "INSERT INTO sessions (session_id, user_id, revenue_nano, received_at_us, raw_body) "
-        "VALUES ('old-session', 'sub1', 5000, 1, '{}')"
-    )
-    conn.close()
-    assert rows(db, "PRAGMA user_version") == [(old_version,)]
-    app = spp_server.create_app({"db": db, "writer": "thread"})
-    try:
-        client = TestApp(app)
-        assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSIONS[-1],)]
-        post(client, SAMPLE)
-        assert earnings(client, "sub1").json["estimated-revenue"] == "0.000017"
-    finally:
-        app.store.close()
-
-
-@pytest.mark.parametrize("old_version", [0, 1])  # a new file; one from the first release
-def test_processes_opening_one_database_together_all_succeed(tmp_path, old_version):
-    """An overlapping restart, or an export while the server starts."""
-    for attempt in range(4):
-        db = str(tmp_path / f"race-{attempt}.db")
-        if old_version:
-            conn = sqlite3.connect(db, isolation_level=None)  # rollback journal, as SQLite's default
-            spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=old_version)
-            conn.close()
-        starts = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, db], cwd=HERE,
-                                   stderr=subprocess.PIPE, text=True) for _ in range(3)]
-        for start in starts:
-            _, err = start.communicate(timeout=30)
-            assert start.returncode == 0, err
-        assert rows(db, "PRAGMA journal_mode") == [("wal",)]
-        assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSIONS[-1],)]
-
-
-def test_opening_waits_for_a_writer_in_the_way_of_wal_mode(db):
-    """Switching to WAL needs the file alone for a moment, and SQLite applies
-    no busy timeout to it: a write transaction in the way (another process
-    creating the schema in rollback-journal mode) must be waited for."""
-    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
-    other.execute("BEGIN IMMEDIATE")
-    other.execute("CREATE TABLE t (x)")
-    release = threading.Timer(0.3, other.execute, ["COMMIT"])
-    release.start()
-    try:
-        spp_server.Store(db, writer="thread").close()
-    finally:
-        release.join()
-        other.close()
-    assert rows(db, "PRAGMA journal_mode") == [("wal",)]
-
-
-def test_a_database_that_cannot_be_in_wal_mode_is_refused(tmp_path):
-    conn = spp_server.connect(":memory:", 100)  # :memory: keeps journal_mode 'memory'
-    with pytest.raises(sqlite3.OperationalError, match="WAL"):
-        spp_server.enable_wal(conn, 1)
-
-
-def test_a_failing_migration_reports_its_own_error_and_changes_nothing(db):
-    conn = spp_server.connect(db, 1000)
-    broken = "-- version 1\nCREATE TABLE a (x);\n-- version 2\nCREATE TABLE a (x);\n"
-    with pytest.raises(sqlite3.OperationalError, match="already exists"):
-        spp_server.migrate(conn, broken)
-    assert not conn.in_transaction
-    assert conn.execute("PRAGMA user_version").fetchone() == (0,)
-    assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
-    conn.close()
-
-
-def test_schema_sections_are_numbered_in_increasing_order():
-    assert SCHEMA_VERSIONS == sorted(set(SCHEMA_VERSIONS)) and SCHEMA_VERSIONS[0] == 1
-
-
-def test_full_database_gets_503_then_recovers_without_restart(make_client, db, monkeypatch):
-    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 3600)  # health tells of the last write
-    client = make_client()
-    app = client.app
-    post(client, postback(user_id="full"))
-    pages = writer_pragma(app, "PRAGMA page_count")
-    assert writer_pragma(app, f"PRAGMA max_page_count = {pages}") == pages
-    big = postback(user_id="full", padding="x" * 20_000)  # needs pages the file may not grow
-    started = time.monotonic()
-    res = post(client, big, status=503)
-    assert time.monotonic() - started < 5
-    assert_error(res, 503)
-    assert "full" in res.json["error"]
-    health = client.get("/healthz", status=503)
-    assert_error(health, 503)
-    assert "full" in health.json["error"]
-    # A bad body that cannot be kept is not a 500 either.
-    res = post(client, b"x" * 30_000, status="*")
-    assert res.status_int in (400, 503) and res.content_type == "application/json"
-    assert earnings(client, "full").json["sessions"] == 1  # reads still answer
-    assert count(db, "sessions") == 1
-
-    writer_pragma(app, "PRAGMA max_page_count = 1073741823")  # room again, same process
-    assert post(client, big).json == {"status": "recorded"}
-    assert client.get("/healthz").json == {"status": "ok"}
-    assert earnings(client, "full").json["sessions"] == 2
-    assert rows(db, "SELECT raw_body FROM sessions WHERE session_id = ?",
-                (big["session-id"],)) == [(json.dumps(big),)]
-
-
-def test_database_made_unwritable_gets_503_never_200_then_recovers(make_client, db):
-    """Read-only database.  The tests run as root, which chmod does not stop, so
-    the database file and its WAL are made immutable (chattr +i), which stops
-    root too: every write to them fails (EPERM, SQLite's "disk I/O error").
-    The -shm file is left alone: it is mmap'd, and writes to an immutable
-    mapping kill the process with SIGBUS, as they would any SQLite program."""
-    client = make_client(busy_timeout_ms=200)
-    post(client, postback(user_id="ro"))
-    files = [db, db + "-wal"]
-    assert all(os.path.exists(f) for f in files)
-    try:
-        made = chattr("+i", *files)
-        if made.returncode != 0:
-            pytest.skip(f"cannot make files immutable here (chattr +i): {made.stderr.strip()}")
-        for _ in range(3):
-            started = time.monotonic()
-            res = post(client, postback(user_id="ro"), status="*")
-            assert time.monotonic() - started < 3  # never a hang past the busy timeout
-            assert_error(res, 503)
-        assert_error(client.get("/healthz", status=503), 503)
-        assert earnings(client, "ro").json["sessions"] == 1
-    finally:
-        chattr("-i", *files)
-    assert count(db, "sessions") == 1
-    assert post(client, postback(user_id="ro")).json == {"status": "recorded"}
-    assert client.get("/healthz").json == {"status": "ok"}
-    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
-
-
-def test_a_write_waits_for_the_one_in_progress_then_commits(make_client, db):
-    store = make_client().app.store
-    body = json.dumps(postback(user_id="waiter"))
-    op = spp_server.record_session(spp_server.parse_postback(body.encode()), body)
-    result = []
-    with write_connection_held(store):
-        waiter = threading.Thread(target=lambda: result.append(store.write(op)))
-        waiter.start()
-        waiter.join(0.2)  # bounded look: nothing else may write meanwhile
-        assert waiter.is_alive() and count(db, "sessions") == 0
-    waiter.join(10)
-    assert result == ["recorded"] and count(db, "sessions") == 1
-
-
-def test_closing_waits_for_the_write_in_progress_then_refuses_writes(make_client, db):
-    store = make_client().app.store
-    with write_connection_held(store):
-        closer = threading.Thread(target=store.close)
-        closer.start()
-        closer.join(0.2)  # bounded look: the connection is still in use
-        assert closer.is_alive()
-    closer.join(10)
-    assert not closer.is_alive()
-    with pytest.raises(spp_server.StoreUnavailable, match="shutting down"):
-        store.write(lambda conn, now: "never runs")
-
-
-def test_a_write_that_cannot_get_the_connection_in_time_is_unavailable(make_client, db):
-    store = make_client(busy_timeout_ms=100).app.store
-    with write_connection_held(store):
-        started = time.monotonic()
-        with pytest.raises(spp_server.StoreUnavailable, match="did not answer in time"):
-            store.write(lambda conn, now: "never runs")
-        assert time.monotonic() - started < 5
-    assert count(db, "sessions") == 0
-
-
-def test_a_failed_write_is_rolled_back_and_the_next_one_commits(make_client, db, monkeypatch):
-    monkeypatch.setattr(spp_server, "HEALTH_FRESH_S", 3600)  # health tells of the last write
-    client = make_client()
-    store = client.app.store
-
-    def insert_then_violate_a_constraint(conn, now):
-        body = json.dumps(postback(user_id="half"))
-        spp_server.record_session(spp_server.parse_postback(body.encode()), body)(conn, now)
-        conn.execute("INSERT INTO sessions (session_id) VALUES ('no user, no revenue')")
-
-    with pytest.raises(spp_server.StoreUnavailable, match="refused the write"):
-        store.write(insert_then_violate_a_constraint)
-    assert count(db, "sessions") == 0  # not even the first half
-    assert client.get("/healthz", status=503).json["error"].startswith("the last write failed")
-    assert post(client, postback()).json == {"status": "recorded"}
-    assert client.get("/healthz").json == {"status": "ok"}
-
-
-def test_an_error_from_a_write_op_that_is_not_sqlites_propagates_and_rolls_back(client, db):
-    store = client.app.store
-
-    class Mistake(Exception):
-        pass
-
-    def insert_then_fail(conn, now):
-        body = json.dumps(postback(user_id="half"))
-        spp_server.record_session(spp_server.parse_postback(body.encode()), body)(conn, now)
-        raise Mistake("a bug in the op, not a database error")
-
-    with pytest.raises(Mistake):
-        store.write(insert_then_fail)
-    assert count(db, "sessions") == 0
-    assert post(client, postback()).json == {"status": "recorded"}  # the connection still works
-    assert count(db, "sessions") == 1
-
-
-# --- Only spp-receiver databases: every entry point checks the file first ---
-
-
-LATEST = SCHEMA_VERSIONS[-1]
-
-
-def make_not_ours(path, kind):
-    """A file that is not an spp-receiver database this code may use -> the
-    words the refusal must hold (besides the file's name and this code's version)."""
-    if kind == "empty":
-        path.write_bytes(b"")
-        return ["empty"]
-    if kind == "text":
-        path.write_bytes(b"date,revenue\n2026-11-01,1\n" * 100)
-        return ["not an SQLite file"]
-    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        if kind == "newer":
-            spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text())
-            conn.execute("PRAGMA user_version = 99")
-            return ["newer", "99"]
-        if kind.startswith("foreign-sessions-"):
-            # Another program's `sessions` table (a common name) at a version this code has.
-            version = int(kind.rsplit("-", 1)[1])
-            conn.execute("CREATE TABLE sessions (id INTEGER PRIMARY KEY, token TEXT, expires INT)")
-            conn.execute("INSERT INTO sessions (token) VALUES ('abc')")
-            conn.execute(f"PRAGMA user_version = {version}")
-            return ["another program's", "sessions", f"version {version}"]
-        conn.execute("CREATE TABLE notes (body TEXT)")
-        conn.execute("INSERT INTO notes VALUES ('mine')")
-        if kind == "foreign-versioned":
-            conn.execute("PRAGMA user_version = 3")
-            return ["another program's", "notes", "version 3"]
-        return ["another program's", "notes", "version 0"]
-
-
-NOT_OURS = ["empty", "text", "foreign", "foreign-versioned", "newer",
-            *(f"foreign-sessions-{v}" for v in SCHEMA_VERSIONS)]
-
-
-def run_entry_point(entry, db, tmp_path):
-    """One command on `db`, in-process -> exit status."""
-    report = tmp_path / "r.csv"
-    report.write_text("date,revenue\n2026-11-01,1\n")
-    window = ["--since", "2026-11-01", "--until", "2026-11-02"]
-    return {
-        "import-booked": lambda: spp_server.run_import_booked([str(report), "--db", db], {},
-                                                              io.StringIO()),
-        "prune": lambda: spp_server.run_prune(["--db", db, "--rejected-before", "2100-01-01"], {},
-                                              io.StringIO()),
-        "prune --dry-run": lambda: spp_server.run_prune(
-            ["--db", db, "--rejected-before", "2100-01-01", "--dry-run"], {}, io.StringIO()),
-        "export": lambda: spp_server.run_export(["--db", db, *window], {}, io.BytesIO()),
-        "reconcile": lambda: spp_server.run_reconcile(["--db", db, *window], {}, io.BytesIO()),
-        "pay": lambda: spp_server.run_pay(["--db", db, "--until", "2000-01-01", "--pay-now-share",
-                                           "0.5", "--final-share", "0.9"], {}, io.BytesIO()),
-        "settle": lambda: spp_server.run_settle(["--db", db], {}, io.BytesIO()),
-        "statement": lambda: spp_server.run_statement(["u", "--db", db], {}, io.BytesIO()),
-        "ledger": lambda: spp_server.run_ledger(["--db", db], {}, io.BytesIO()),
-        "write-off-balances": lambda: spp_server.run_write_off_balances(
-            ["--db", db, "--older-than", "90d"], {}, io.BytesIO()),
-        "suspects": lambda: spp_server.run_suspects(["--db", db], {}, io.BytesIO()),
-        "hold": lambda: spp_server.run_hold(["u", "--reason", "r", "--db", db], {}, io.BytesIO()),
-        "release": lambda: spp_server.run_hold(["u", "--reason", "r", "--db", db], {}, io.BytesIO())
-        or spp_server.run_hold(["u", "--reason", "r", "--db", db], {}, io.BytesIO(), "release"),
-        "erase": lambda: spp_server.run_erase(["u", "--db", db], {}, io.BytesIO()),
-        "ledger-replay": lambda: spp_server.run_ledger_replay(["--db", db], {}, io.BytesIO()),
-        "void-oversized": lambda: spp_server.run_void_oversized(["--db", db], {}, io.BytesIO()),
-    }[entry]()
-
-
-@pytest.mark.parametrize("kind", NOT_OURS)
-@pytest.mark.parametrize("entry", [*spp_server.COMMANDS, "prune --dry-run"])
-def test_every_command_refuses_a_file_that_is_not_its_database_and_changes_nothing(
-        tmp_path, capsys, kind, entry):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    db = folder / "x.db"
-    words = make_not_ours(db, kind)
-    before = file_state(folder)
-    assert run_entry_point(entry, str(db), tmp_path) == 1
-    one_line_error(capsys, str(db), f"this code's{' schema is version' if kind != 'newer' else ''} "
-                   f"{LATEST}", *words)
-    assert file_state(folder) == before  # no table, no WAL switch, no -wal or -shm
-
-
-def command_argv(command, db, tmp_path):
-    """`command`'s argv from EVERY_COMMAND, on `db`, its report file real."""
-    report = tmp_path / "r.csv"
-    report.write_text("date,revenue\n2026-11-01,1\n")
-    [argv] = [a for a in EVERY_COMMAND if a[:1] == [command]]
-    return [str(report) if a == "r.csv" else a for a in argv[1:]] + ["--db", str(db)]
-
-
-def run_command(command, argv, out):
-    """COMMANDS[command] in-process -> (exit status, stderr)."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        status = spp_server.COMMANDS[command][0](argv, {}, out)
-    return status, err.getvalue()
-
-
-@pytest.mark.parametrize("failure", ["missing", "no folder", "directory", "text"])
-@pytest.mark.parametrize("command", list(spp_server.COMMANDS))
-def test_every_command_says_an_unusable_database_in_the_same_line_and_status(
-        tmp_path, command, failure):
-    """One driver opens the database for every command: the same failure is
-    the same line, naming the command and the file, and status 1 (a
-    directory was "no database at" to a report, SQLite's "unable to open
-    database file" to a step; import-booked added "; nothing imported")."""
-    db = tmp_path / ("none/x.db" if failure == "no folder" else "x.db")
-    if failure == "directory":
-        db.mkdir()
-    elif failure == "text":
-        make_not_ours(db, "text")
-    said = {"missing": f"no database at {db}", "no folder": f"no database at {db}",
-            "directory": f"cannot open the database {db}: it is a directory",
-            "text": f"{db} is not an spp-receiver database: not an SQLite file (this code's "
-                    f"schema is version {LATEST})"}[failure]
-    status, err = run_command(command, command_argv(command, db, tmp_path), io.BytesIO())
-    assert (status, err) == (1, f"spp_server.py {command}: {said}\n")
-    assert not (tmp_path / "none").exists() and not Path(f"{db}-wal").exists()
-
-
-@pytest.mark.parametrize("kind", NOT_OURS[1:])
-def test_the_server_refuses_a_file_that_is_not_its_database(fake_serve, tmp_path, caplog, kind):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    db = folder / "x.db"
-    words = make_not_ours(db, kind)
-    before = db.read_bytes()
-    assert spp_server.main(["--db", str(db)], environ={}) == 1
-    assert fake_serve == []
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and str(db) in errors[0] and str(LATEST) in errors[0]
-    assert all(word in errors[0] for word in words), errors
-    assert db.read_bytes() == before
-
-
-def test_the_server_makes_an_empty_file_its_database(fake_serve, tmp_path):
-    """What it may have left itself: the file is created (0600) before SQLite
-    writes the schema, so a stop in between leaves it empty."""
-    db = tmp_path / "x.db"
-    db.write_bytes(b"")
-    assert spp_server.main(["--db", str(db)], environ={}) == 0
-    assert rows(str(db), "PRAGMA user_version") == [(LATEST,)]
-    assert rows(str(db), "PRAGMA journal_mode") == [("wal",)]
-
-
-def test_commands_use_an_older_database_the_server_upgrades(db, tmp_path, capsys):
-    """The check lets an older spp-receiver schema through to the server's
-    upgrade; the read-only reports refuse it, naming both versions."""
-    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
-        spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=1)
-    assert run_entry_point("export", db, tmp_path) == 1
-    one_line_error(capsys, "schema version 1", f"older than this code's {LATEST}")
-    assert run_entry_point("import-booked", db, tmp_path) == 0
-    assert rows(db, "PRAGMA user_version") == [(LATEST,)]
-
-
-def design_upgrade_lists():
-    """docs/design.md's two lists: the commands that upgrade an older
-    database, and those that refuse one."""
-    text = " ".join((HERE / "docs" / "design.md").read_text().split())
-    upgrade, refuse = re.search(r"keeps its rows\. (.*?) upgrade it the same way; (.*?), which "
-                                r"only read, refuse an older one", text).groups()
-    return re.findall(r"`([a-z-]+)`", upgrade), re.findall(r"`([a-z-]+)`", refuse)
-
-
-@pytest.mark.parametrize("command", list(spp_server.COMMANDS))
-def test_every_command_upgrades_an_older_database_or_refuses_it_as_design_md_says(
-        db, tmp_path, capsys, command):
-    upgrading, refusing = design_upgrade_lists()
-    assert command in upgrading + refusing, "design.md does not say what it does"
-    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
-        spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=1)
-    status = run_entry_point(command, db, tmp_path)
-    if command in refusing:
-        assert status == 1
-        one_line_error(capsys, "schema version 1", f"older than this code's {LATEST}")
-        assert rows(db, "PRAGMA user_version") == [(1,)]
-    else:
-        assert status == 0 and rows(db, "PRAGMA user_version") == [(LATEST,)]
-
-
-@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
-def test_a_database_of_ours_missing_a_table_or_column_of_its_version_is_refused(
-        db, tmp_path, capsys, version):
-    """The version alone does not make a database ours: what that version's
-    sections create must be there (a table dropped, a column renamed by hand)."""
-    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
-        spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=version)
-        conn.execute("ALTER TABLE sessions RENAME COLUMN revenue_nano TO revenue")
-    before = Path(db).read_bytes()
-    assert run_entry_point("import-booked", db, tmp_path) == 1
-    one_line_error(capsys, db, "another program's", f"version {version}", "sessions")
-    assert Path(db).read_bytes() == before
-
-
-# --- Group commit: the writer thread and the writer process ---
-
-
-def queued_writes(store, ops):
-    """Queue `ops` while the writer is held, so that they form one batch once
-    it is released: -> the outcome of each ("raised: ..." for an exception)."""
-    outcomes = [None] * len(ops)
-
-    def write(i, op):
-        try:
-            outcomes[i] = store.write(op)
-        except spp_server.StoreUnavailable as exc:
-            outcomes[i] = f"raised: {exc}"
-
-    threads = [threading.Thread(target=write, args=(i, op)) for i, op in enumerate(ops)]
-    with write_connection_held(store):
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 10
-        while len(store.writer._queue) < len(ops):  # bounded wait for all of them to queue
-            assert time.monotonic() < deadline, "the writes did not queue"
-            time.sleep(0.005)
-    for thread in threads:
-        thread.join(10)
-    return outcomes
-
-
-def session_op(**fields):
-    body = json.dumps(postback(**fields))
-    return spp_server.record_session(spp_server.parse_postback(body.encode()), body)
-
-
-def test_writes_waiting_together_commit_as_one_transaction(make_client, db):
-    store = make_client().app.store
-    outcomes = queued_writes(store, [session_op(user_id=f"batch-{i}") for i in range(5)])
-    assert outcomes == ["recorded"] * 5
-    # One transaction: one receive time for all five (the clock is real here).
-    assert rows(db, "SELECT count(*), count(DISTINCT received_at_us) FROM sessions") == [(5, 1)]
-
-
-def test_a_failing_write_in_a_batch_fails_alone(make_client, db):
-    store = make_client().app.store
-
-    def violate_a_constraint(conn, now):
-        conn.execute("INSERT INTO sessions (session_id) VALUES ('no user, no revenue')")
-
-    outcomes = queued_writes(store, [session_op(user_id="a"), violate_a_constraint,
-                                     session_op(user_id="b")])
-    assert outcomes[0] == outcomes[2] == "recorded"
-    assert outcomes[1].startswith("raised: the database refused the write")
-    assert sorted(rows(db, "SELECT user_id FROM sessions")) == [("a",), ("b",)]
-
-
-def test_a_duplicate_in_the_same_batch_is_a_duplicate_and_a_changed_one_a_conflict(make_client, db):
-    store = make_client().app.store
-    first = postback(user_id="same")
-    body = json.dumps(first)
-    changed = json.dumps({**first, "country": "BR"})
-    ops = [spp_server.record_session(spp_server.parse_postback(b.encode()), b)
-           for b in (body, body, changed)]
-    assert queued_writes(store, ops) == ["recorded", "duplicate", "conflict"]
-    assert count(db, "sessions") == 1 and count(db, "conflicts") == 1
-
-
-@pytest.fixture
-def process_client(db):
-    """A TestApp whose writes go to a writer process, as the server's do."""
-    app = spp_server.create_app({"db": db, "writer": "process", "threads": 4})
-    yield TestApp(app)
-    app.store.close()
-
-
-def test_with_a_writer_process_every_200_is_committed_before_the_answer(process_client, db):
-    def post_and_check(n):
-        for i in range(10):
-            payload = postback(user_id=f"proc-{n}")
-            assert post(process_client, payload).json == {"status": "recorded"}
-            # A connection of its own sees the row: committed, not just queued.
-            assert rows(db, "SELECT count(*) FROM sessions WHERE session_id = ?",
-                        (payload["session-id"],)) == [(1,)]
-            assert post(process_client, payload).json == {"status": "duplicate"}
-
-    threads = [threading.Thread(target=post_and_check, args=(n,)) for n in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(15)
-    assert count(db, "sessions") == 40
-    assert count(db, "conflicts") == 0  # an exact duplicate is no conflict, sent as JSON too
-    assert process_client.get("/healthz").json == {"status": "ok"}
-
-
-def test_with_a_writer_process_a_refusal_and_a_conflict_are_kept(process_client, db):
-    bad = json.dumps(postback(your_estimated_revenue="-1")).encode()
-    assert_error(process_client.post("/postback", bad, status=400), 400, "your-estimated-revenue")
-    payload = postback()
-    post(process_client, payload)
-    assert post(process_client, {**payload, "country": "BR"}).json == {"status": "duplicate"}
-    assert (count(db, "rejected"), count(db, "conflicts")) == (1, 1)
-
-
-def test_closing_the_store_ends_its_writer_process(db):
-    store = spp_server.Store(db, writer="process", channels=2)
-    pid = store.writer.pid
-    assert store.writer.alive()
-    store.close()
-    assert not store.writer.alive() and store.writer.exit_status() == 0
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)  # reaped, not left behind
-    with pytest.raises(spp_server.StoreUnavailable, match="shutting down"):
-        store.write(spp_server.write_health_probe)
-
-
-@pytest.mark.parametrize("cpus, kind", [({0}, "WriterThread"), ({0, 1}, "WriterProcess"),
-                                        ({1, 2, 3}, "WriterProcess")])
-def test_the_servers_writer_is_a_thread_on_one_cpu_a_process_on_more(
-        db, monkeypatch, caplog, cpus, kind):
-    """writer="auto", the default: decided by the CPUs this process may use
-    when the store opens, and said in the log when it is the thread."""
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus)
-    caplog.set_level(logging.INFO, logger="spp")
-    store = spp_server.Store(db)
-    try:
-        assert type(store.writer).__name__ == kind
-        assert store.write(spp_server.write_health_probe) is None
-    finally:
-        store.close()
-    said = "one CPU allowed: writes commit in a thread of the web process" in caplog.text
-    assert said == (kind == "WriterThread")
-
-
-@pytest.mark.parametrize("writer", ["processes", "", None, True])
-def test_a_writer_that_is_none_of_the_four_is_refused(db, writer):
-    with pytest.raises(ValueError, match="writer must be one of auto, process, thread, command"):
-        spp_server.Store(db, writer=writer)
-    assert not os.path.exists(db)
-
-
-@EACH_WRITER
-def test_the_real_server_commits_in_a_thread_on_one_cpu_and_in_a_process_on_more(
-        real_server, db, cpus):
-    server = real_server(db, cpus=cpus)
-    assert server.post(postback())[0] == 200
-    pid = server.process.pid
-    one = len(cpus or os.sched_getaffinity(0)) == 1
-    assert len(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()) == (0 if one else 1)
-    assert ("writes commit in a thread of the web process" in server.log_text()) == one
-    assert server.stop() == 0
-    assert count(db, "sessions") == 1
-
-
-def test_a_dead_writer_process_makes_writes_unavailable_not_hang(db):
-    store = spp_server.Store(db, writer="process", channels=2)
-    try:
-        os.kill(store.writer.pid, signal.SIGKILL)
-        with pytest.raises(spp_server.StoreUnavailable, match="writer process"):
-            store.write(spp_server.write_health_probe)
-        assert store.health_problem()
-        deadline = time.monotonic() + 10
-        while store.writer.alive():  # bounded wait for the kernel to report the exit
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        assert store.writer.exit_status() == -signal.SIGKILL
-    finally:
-        store.close()
-
-
-def process_runs(pid):
-    """Whether pid exists and is not a zombie (exited, not yet reaped)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
-def writer_pid_of(server):
-    [child] = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
-    return int(child)
-
-
-def test_real_server_stops_with_status_1_when_its_writer_process_dies(real_server, db):
-    server = real_server(db)
-    assert server.post(postback())[0] == 200
-    os.kill(writer_pid_of(server), signal.SIGKILL)
-    assert server.process.wait(15) == 1  # so that systemd restarts it (Restart=on-failure)
-    assert "the writer process exited" in server.log_text()
-    assert count(db, "sessions") == 1
-
-
-def test_real_server_writer_process_ignores_sigterm_and_ends_after_the_drain(real_server, db):
-    server = real_server(db)
-    writer = writer_pid_of(server)
-    os.kill(writer, signal.SIGTERM)  # systemd signals the whole control group
-    assert server.post(postback())[0] == 200  # still writing
-    assert server.stop(signal.SIGTERM) == 0
-    with pytest.raises(ProcessLookupError):
-        os.kill(writer, 0)
-    assert count(db, "sessions") == 1
-
-
-def slow_write(seconds, conn, received_at_us):
-    """A write op (module level, so that it reaches a writer process) that
-    takes `seconds`: the behaviour under test is a write slower than its wait."""
-    time.sleep(seconds)
-    return "slow"
-
-
-def test_a_late_answer_is_not_taken_for_the_next_writes(db, monkeypatch):
-    """One channel: the first write times out, and its answer arrives while
-    the second waits; the second gets its own answer, on a new channel."""
-    monkeypatch.setitem(spp_server.WRITE_OPS, "slow_write", slow_write)
-    store = spp_server.Store(db, busy_timeout_ms=100, writer="process", channels=1)
-    try:
-        [first] = store.writer._sockets
-        with pytest.raises(spp_server.StoreUnavailable, match="did not answer in time"):
-            store.write(functools.partial(slow_write, 1.5))  # the wait is 1.1 s
-        assert first.fileno() == -1  # retired, not reused
-        op = session_op(user_id="after-the-late-one")
-        assert store.write(op) == "recorded"
-        assert store.write(op) == "duplicate"
-    finally:
-        store.close()
-
-
-def test_the_server_does_not_start_when_no_write_commits(fake_serve, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(spp_server.Store, "health_problem", lambda self: "the disk is full")
-    with caplog.at_level(logging.ERROR, logger="spp"):
-        assert spp_server.main(["--db", str(tmp_path / "spp.db")], environ={}) == 1
-    assert fake_serve == []  # never served, so never told systemd it was ready
-    assert "cannot write to the database" in caplog.text and "the disk is full" in caplog.text
-
-
-def test_the_writer_process_ends_when_the_server_is_killed(real_server, db):
-    server = real_server(db)
-    writer = writer_pid_of(server)
-    assert server.post(postback())[0] == 200
-    server.stop(signal.SIGKILL)  # no drain: the writer must notice on its own
-    deadline = time.monotonic() + 10
-    while process_runs(writer):
-        assert time.monotonic() < deadline, "the writer process outlived the server"
-        time.sleep(0.01)  # bounded wait for it to see EOF and exit
-    assert count(db, "sessions") == 1
-
-
-# --- The writer process: its messages, its channels, its failures ---
-
-
-def violate_a_constraint(conn, received_at_us):
-    conn.execute("INSERT INTO sessions (session_id) VALUES ('no user, no revenue')")
-
-
-def insert_then_raise_a_bug(user_id, conn, received_at_us):
-    conn.execute("INSERT INTO sessions (session_id, user_id, revenue_nano, received_at_us, "
-                 "raw_body) VALUES (?, ?, 0, ?, '{}')", (user_id, user_id, received_at_us))
-    raise ValueError("a bug in the op, not a database error")
-
-
-def return_what_json_cannot_hold(conn, received_at_us):
-    return {"a set"}
-
-
-def fail_at_commit(conn, received_at_us):
-    """Leaves a deferred foreign key unmet: each statement succeeds and COMMIT
-    fails (SQLite then keeps the transaction open)."""
-    conn.execute("CREATE TEMP TABLE IF NOT EXISTS parent (id INTEGER PRIMARY KEY)")
-    conn.execute("CREATE TEMP TABLE IF NOT EXISTS child (parent_id INTEGER "
-                 "REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)")
-    conn.execute("INSERT INTO child VALUES (1)")
-
-
-@pytest.fixture
-def test_ops(monkeypatch):
-    """The write ops of these tests, registered, so that a writer process
-    forked afterwards may run them."""
-    for op in (slow_write, violate_a_constraint, insert_then_raise_a_bug,
-               return_what_json_cannot_hold, fail_at_commit):
-        monkeypatch.setitem(spp_server.WRITE_OPS, op.__name__, op)
-
-
-@pytest.fixture
-def process_store(db, test_ops):
-    """make(**kwargs) -> a Store with a writer process, closed after the test."""
-    stores = []
-
-    def make(**kwargs):
-        stores.append(spp_server.Store(db, writer="process", **kwargs))
-        return stores[-1]
-
-    yield make
-    for store in stores:
-        store.close()
-
-
-def closed_by_the_writer(sock):
-    """Whether the other end closed (a reset when it left our bytes unread)."""
-    sock.settimeout(5)
-    try:
-        return sock.recv(1) == b""
-    except ConnectionResetError:
-        return True
-
-
-def request_frame(payload):
-    return spp_server.FRAME.pack(len(payload)) + payload
-
-
-class CreatesAFile:
-    """Unpickling this creates a file: what a pickle can make its reader do."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return open, (self.path, "w")
-
-
-def test_an_unregistered_op_is_refused_before_anything_is_sent():
-    for op in (lambda conn, now: None, functools.partial(os.system, "true"),
-               functools.partial(spp_server.insert_rejected, "f", "r", b"x", conn=None)):
-        with pytest.raises(TypeError, match="not a write op"):
-            spp_server.encode_request(op)
-
-
-@given(st.lists(st.one_of(st.none(), st.integers(), st.text(), st.binary(),
-                          st.lists(st.one_of(st.integers(), st.text(), st.none()))), max_size=4))
-def test_a_request_carries_its_arguments_exactly(args):
-    op = spp_server.decode_request(
-        spp_server.encode_request(functools.partial(spp_server.insert_session, *args)))
-    assert op.func is spp_server.insert_session and list(op.args) == args
-
-
-class ErrorOfAnotherModule(sqlite3.OperationalError):
-    pass
-
-
-@pytest.mark.parametrize("error, name, code", [
-    (sqlite3.OperationalError("database is locked"), "OperationalError", sqlite3.SQLITE_BUSY),
-    (sqlite3.OperationalError("busy, said otherwise"), "OperationalError", sqlite3.SQLITE_BUSY),
-    (sqlite3.IntegrityError("NOT NULL constraint failed: sessions.user_id"), "IntegrityError",
-     sqlite3.SQLITE_CONSTRAINT_NOTNULL),
-    (sqlite3.OperationalError("disk I/O error"), "OperationalError", sqlite3.SQLITE_IOERR),
-    (ErrorOfAnotherModule("database is full"), "Error", sqlite3.SQLITE_FULL),
-])
-def test_a_database_error_reaches_the_web_process_as_itself(error, name, code):
-    error.sqlite_errorcode = code
-    ok, value = spp_server.decode_reply(spp_server.encode_reply(False, error))
-    assert not ok and type(value).__name__ == name and isinstance(value, sqlite3.Error)
-    assert str(value) == str(error) and value.sqlite_errorcode == code
-    assert spp_server.is_busy(value) == (code == sqlite3.SQLITE_BUSY)
-
-
-def test_another_error_reaches_the_web_process_as_a_bug_naming_it():
-    ok, value = spp_server.decode_reply(spp_server.encode_reply(False, KeyError("x")))
-    assert not ok and type(value) is RuntimeError and str(value) == "KeyError: 'x'"
-    for result in ([3, 4], "recorded", "duplicate", "conflict", None, "other"):
-        assert spp_server.decode_reply(spp_server.encode_reply(True, result)) == (True, result)
-
-
-def write_loop_in_thread(db, channels):
-    spp_server.Store(db, writer="thread").close()  # the schema
-    conn = spp_server.connect(db, 1000)
-    thread = threading.Thread(target=spp_server.write_loop, args=(conn, channels))
-    thread.start()
-    return thread, conn
-
-
-@pytest.mark.parametrize("garbage", [
-    b"POST /postback HTTP/1.1\r\nHost: x\r\n\r\n",  # a length of 1.3 GB, never waited for
-    request_frame(b"{not json"),
-    request_frame(b"\xff\xfe"),
-    request_frame(b'["system", ["touch /tmp/x"]]'),  # no such op
-    request_frame(b'["insert_rejected", [{"bytes": "not base64!"}, 1, 2]]'),
-    request_frame(b'{"op": "insert_session"}'),
-    request_frame(b"[]"),
-    request_frame(b"null"),
-    request_frame(b"[" * 200_000),  # nested deeper than json's recursion allows
-    request_frame(b'["insert_rejected", ' + b'{"a": ' * 60_000 + b"]"),
-    spp_server.FRAME.pack(100) + b"cut short",
-])
-def test_a_channel_that_sends_no_request_is_dropped_and_the_others_commit(db, garbage):
-    (bad, bad_end), (good, good_end) = socket.socketpair(), socket.socketpair()
-    thread, conn = write_loop_in_thread(db, [bad_end, good_end])
-    try:
-        good.settimeout(5)
-        good.sendall(request_frame(spp_server.encode_request(session_op(user_id="good"))))
-        bad.sendall(garbage)  # while the good one is read or committed
-        if garbage.endswith(b"cut short"):
-            bad.shutdown(socket.SHUT_WR)  # the frame ends here
-        assert spp_server.decode_reply(spp_server.receive_frame(good)) == (True, "recorded")
-        assert closed_by_the_writer(bad)
-        good.sendall(request_frame(spp_server.encode_request(session_op(user_id="next"))))
-        assert spp_server.decode_reply(spp_server.receive_frame(good)) == (True, "recorded")
-    finally:
-        good.close()
-        bad.close()
-        thread.join(5)
-        conn.close()
-    assert not thread.is_alive()  # it ended because its channels closed, not on the garbage
-    assert rows(db, "SELECT user_id FROM sessions ORDER BY id") == [("good",), ("next",)]
-
-
-@given(st.one_of(
-    st.binary(max_size=200),
-    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10),
-                 lambda inner: st.lists(inner, max_size=4)
-                 | st.dictionaries(st.text(max_size=5), inner, max_size=4)).map(
-        lambda value: json.dumps(value).encode()),
-    st.integers(1, 300_000).map(lambda depth: b"[" * depth + b"]" * (depth % 3))))
-@settings(max_examples=200, deadline=None, database=None)
-def test_decoding_any_frame_gives_a_write_op_or_a_value_error(data):
-    """What write_loop catches to drop one channel: any other exception would
-    end the writer process, and every postback with it."""
-    try:
-        op = spp_server.decode_request(data)
-    except ValueError:
-        return
-    assert op.func in spp_server.WRITE_OPS.values()
-
-
-def test_a_pickle_sent_to_the_writer_process_is_never_unpickled(process_store, db, tmp_path):
-    target = tmp_path / "created-by-unpickling"
-    payload = pickle.dumps(CreatesAFile(str(target)))
-    pickle.loads(pickle.dumps(CreatesAFile(str(tmp_path / "proof"))))
-    assert (tmp_path / "proof").exists()  # the payload is what it claims to be
-    store = process_store(channels=2)
-    channel = store.writer._channels.get()
-    channel.sendall(request_frame(payload))
-    assert closed_by_the_writer(channel)  # this channel only
-    assert not target.exists()
-    assert store.write(session_op(user_id="next")) == "recorded"  # on the other channel
-    assert store.writer.alive()
-    store.writer._channels.put(channel)  # the dropped channel back in the pool:
-    with pytest.raises(spp_server.StoreUnavailable, match="writer process"):
-        store.write(session_op(user_id="on-the-dropped-channel"))  # 503 once, and replaced
-    assert channel.fileno() == -1 and len(store.writer._sockets) == 2
-    assert store.write(session_op(user_id="after")) == "recorded"
-    assert store.write(session_op(user_id="again")) == "recorded"
-    assert not target.exists()
-
-
-def test_a_send_cut_short_by_its_timeout_retires_the_channel(process_store, db, monkeypatch):
-    """A partial frame left in a channel would make the next request's bytes
-    the end of this one: the channel must never be used again."""
-    store = process_store(channels=1)
-    [first] = store.writer._sockets
-    send_frame = spp_server.send_frame
-
-    def send_half_then_time_out(sock, data):
-        whole = spp_server.FRAME.pack(len(data)) + data
-        sock.sendall(whole[: len(whole) // 2])
-        monkeypatch.setattr(spp_server, "send_frame", send_frame)  # once
-        raise socket.timeout("timed out")
-
-    monkeypatch.setattr(spp_server, "send_frame", send_half_then_time_out)
-    with pytest.raises(spp_server.StoreUnavailable, match="did not answer in time"):
-        store.write(session_op(user_id="cut"))
-    assert first.fileno() == -1  # closed, not back in the pool
-    [replacement] = store.writer._sockets
-    assert replacement is not first
-    for n in range(3):
-        assert store.write(session_op(user_id=f"after-{n}")) == "recorded"
-    assert store.writer.alive()
-    assert rows(db, "SELECT user_id FROM sessions ORDER BY id") == [
-        ("after-0",), ("after-1",), ("after-2",)]
-
-
-def test_when_no_channel_can_be_replaced_the_writer_counts_as_lost(process_store, monkeypatch,
-                                                                    caplog):
-    store = process_store(channels=2)
-
-    def refuse(*args):
-        raise OSError(24, "Too many open files")
-
-    def time_out(sock, data):
-        raise socket.timeout("timed out")
-
-    monkeypatch.setattr(spp_server.socket, "send_fds", refuse)
-    monkeypatch.setattr(spp_server, "send_frame", time_out)
-    with caplog.at_level(logging.ERROR, logger="spp"):
-        for left in (1, 0):
-            with pytest.raises(spp_server.StoreUnavailable, match="did not answer in time"):
-                store.write(spp_server.write_health_probe)
-            assert f"{left} left" in caplog.text
-            assert store.writer.alive() == bool(left)
-    assert store.writer.loss() == "no channel to the writer process is left"
-    with pytest.raises(spp_server.StoreUnavailable, match="no channel"):
-        store.write(spp_server.write_health_probe)
-    stopping = threading.Event()
-    assert spp_server.run_until({}, stopping, store.writer) is False  # the server stops
-
-
-def test_a_failing_write_through_the_writer_process_fails_alone(process_store, db):
-    store = process_store(channels=2)
-    with pytest.raises(spp_server.StoreUnavailable, match="refused the write: NOT NULL"):
-        store.write(violate_a_constraint)
-    assert store.write(session_op(user_id="next")) == "recorded"
-    assert rows(db, "SELECT user_id FROM sessions") == [("next",)]
-
-
-def test_a_locked_database_is_a_busy_error_through_the_writer_process(process_store, db):
-    store = process_store(busy_timeout_ms=100)
-    blocker = sqlite3.connect(db, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
-        ok, error = store.writer._submit(spp_server.write_health_probe, 5)
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
-    assert not ok and isinstance(error, sqlite3.OperationalError) and spp_server.is_busy(error)
-    assert store.write(spp_server.write_health_probe) is None
-
-
-def test_an_error_that_is_not_the_databases_in_the_writer_process_is_a_bug_not_a_crash(
-        process_store, db):
-    store = process_store(channels=2)
-    with pytest.raises(RuntimeError, match="ValueError: a bug in the op"):
-        store.write(functools.partial(insert_then_raise_a_bug, "half"))
-    with pytest.raises(RuntimeError, match="TypeError"):
-        store.write(return_what_json_cannot_hold)
-    assert count(db, "sessions") == 0  # rolled back
-    assert store.write(session_op(user_id="next")) == "recorded"
-    assert store.writer.alive()
-
-
-@pytest.fixture
-def counting_clock(monkeypatch):
-    """now_us counts 1, 2, 3, ...: each transaction takes one receive time
-    (also in a writer process forked afterwards)."""
-    ticks = itertools.count(1)
-    monkeypatch.setattr(spp_server, "now_us", lambda: next(ticks))
-
-
-def outcome_of(store, op):
-    try:
-        return store.write(op)
-    except spp_server.StoreUnavailable as exc:
-        return f"raised: {exc}"
-
-
-@contextlib.contextmanager
-def sent_while_locked(db, calls, monkeypatch):
-    """Run each of `calls` in a thread of its own while another connection
-    holds the write lock; yields, once each has handed its write to the
-    writer process, the list their results fill once the lock is let go."""
-    sent = threading.Semaphore(0)
-    send_frame = spp_server.send_frame
-
-    def send_and_count(sock, data):
-        send_frame(sock, data)
-        sent.release()
-
-    monkeypatch.setattr(spp_server, "send_frame", send_and_count)
-    results = []
-    blocker = sqlite3.connect(db, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    threads = [threading.Thread(target=lambda call=call: results.append(call())) for call in calls]
-    try:
-        for thread in threads:
-            thread.start()
-        for _ in calls:
-            assert sent.acquire(timeout=5)
-        yield results
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
-        for thread in threads:
-            thread.join(10)
-
-
-def test_the_writer_process_commits_writes_waiting_together_as_one_transaction(
-        process_store, db, counting_clock, monkeypatch):
-    store = process_store(channels=6)
-    calls = [functools.partial(outcome_of, store, session_op(user_id=f"w{i}")) for i in range(6)]
-    with sent_while_locked(db, calls, monkeypatch) as outcomes:
-        pass
-    assert outcomes == ["recorded"] * 6
-    # The first write may have been taken alone before the others arrived;
-    # all the others waited together and share one transaction.
-    assert rows(db, "SELECT count(DISTINCT received_at_us) FROM sessions") in ([(1,)], [(2,)])
-
-
-def test_the_writer_process_dying_while_a_postback_waits_is_a_503(process_client, db,
-                                                                   monkeypatch):
-    store = process_client.app.store
-    post_it = functools.partial(process_client.post, "/postback", json.dumps(postback()),
-                                status="*")
-    with sent_while_locked(db, [post_it], monkeypatch) as answers:
-        os.kill(store.writer.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while not answers:  # bounded wait for the answer while the lock is still held
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-    [res] = answers
-    assert_error(res, 503)
-    assert "writer process" in res.json["error"]
-    assert count(db, "sessions") == 0
-
-
-def test_a_commit_that_fails_fails_every_write_of_its_batch_and_the_next_one_commits(
-        make_client, db):
-    client = make_client()
-    store = client.app.store
-    outcomes = queued_writes(store, [session_op(user_id="a"), fail_at_commit,
-                                     session_op(user_id="b")])
-    assert all(o.startswith("raised: the database refused the write: FOREIGN KEY") for o in outcomes)
-    assert count(db, "sessions") == 0  # nothing half-stored
-    assert post(client, postback(user_id="next")).json == {"status": "recorded"}
-    assert rows(db, "SELECT user_id FROM sessions") == [("next",)]
-
-
-def test_a_commit_that_fails_in_the_writer_process_leaves_no_transaction_open(process_store, db):
-    store = process_store(channels=2)
-    with pytest.raises(spp_server.StoreUnavailable, match="FOREIGN KEY"):
-        store.write(fail_at_commit)
-    assert store.write(session_op(user_id="next")) == "recorded"
-    assert count(db, "sessions") == 1
-
-
-def test_closing_kills_and_reaps_a_writer_process_that_does_not_stop(db):
-    spp_server.Store(db, writer="thread").close()
-    writer = spp_server.WriterProcess(db, 100, 0.3, 1)
-    os.kill(writer.pid, signal.SIGSTOP)  # it can no longer see its channels close
-    started = time.monotonic()
-    writer.close()
-    assert time.monotonic() - started < 2 * 0.3 + 1
-    assert writer.exit_status() == -signal.SIGKILL  # collected: no zombie left
-    assert not process_runs(writer.pid)
-    with pytest.raises(ChildProcessError):
-        os.waitpid(writer.pid, os.WNOHANG)
-
-
-@pytest.mark.parametrize("open_fds, keep, released", [
-    ([0, 1, 2, 3, 4, 5], {4}, [3, 5]),
-    ([0, 1, 2], set(), []),
-    ([2, 9, 7, 8], {7, 8}, [9]),
-])
-def test_the_writer_process_lets_go_of_all_but_stdio_and_its_channels(open_fds, keep, released):
-    assert spp_server.descriptors_to_release(open_fds, keep) == released
-
-
-class FakeDescriptors:
-    """os.listdir("/proc/self/fd") and os.dup2 as the forked writer sees them,
-    without touching this process's descriptors."""
-
-    def __init__(self, monkeypatch, listing, refused=()):
-        self.pointed = []  # the descriptors pointed at /dev/null
-        self.devnull = set()  # what they were pointed at
-
-        def listdir(path):
-            assert path == "/proc/self/fd"
-            if isinstance(listing, Exception):
-                raise listing
-            return [str(fd) for fd in listing]
-
-        def dup2(fd, to):
-            self.devnull.add(fd)
-            if to in refused:
-                raise OSError(9, "Bad file descriptor")
-            self.pointed.append(to)
-
-        monkeypatch.setattr(spp_server.os, "listdir", listdir)
-        monkeypatch.setattr(spp_server.os, "dup2", dup2)
-
-
-def test_a_writer_process_that_cannot_list_its_descriptors_says_so_and_goes_on(
-        monkeypatch, caplog):
-    fake = FakeDescriptors(monkeypatch, FileNotFoundError(2, "No such file or directory"))
-    with caplog.at_level(logging.WARNING, logger="spp"):
-        spp_server.release_inherited_descriptors({5})
-    assert fake.pointed == []
-    assert caplog.messages == ["the writer process keeps its inherited descriptors: "
-                               "[Errno 2] No such file or directory"]
-
-
-def test_a_descriptor_the_writer_process_cannot_release_does_not_stop_the_others(monkeypatch):
-    fake = FakeDescriptors(monkeypatch, [0, 1, 2, 3, 4, 5, 6, 7], refused={4})
-    spp_server.release_inherited_descriptors({6})
-    assert fake.pointed == [3, 5, 7]  # not 4 (refused), 6 (kept), nor stdio
-    [devnull] = fake.devnull
-    with pytest.raises(OSError):
-        os.fstat(devnull)  # closed once done
-
-
-def socket_inodes(pid):
-    links = []
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            links.append(os.readlink(f"/proc/{pid}/fd/{name}"))
-    return {link for link in links if link.startswith("socket:")}
-
-
-def test_the_writer_process_does_not_hold_systemds_listening_socket(db, tmp_path):
-    listener = socket.create_server(("127.0.0.1", 0))
-    inode = f"socket:[{os.fstat(listener.fileno()).st_ino}]"
-    with activated_server_until_sigterm(db, listener) as process:
-        assert json.loads(http_request(listener.getsockname()[1], "POST", "/postback",
-                                       json.dumps(SAMPLE), timeout=15)[2]) == {"status": "recorded"}
-        [writer] = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-        assert inode in socket_inodes(process.pid)
-        writer_sockets = socket_inodes(writer)
-        assert inode not in writer_sockets
-        # Its channels (one per request thread and the watchdog) and the control socket only.
-        assert len(writer_sockets) == spp_server.DEFAULTS["threads"] + 2
-
-
-class FakeAffinity:
-    def __init__(self, monkeypatch, cpus, error=None):
-        self.set_calls = []
-        monkeypatch.setattr(spp_server.os, "sched_getaffinity", lambda pid: set(cpus))
-
-        def setaffinity(pid, cpus):
-            if error:
-                raise error
-            self.set_calls.append((pid, set(cpus)))
-
-        monkeypatch.setattr(spp_server.os, "sched_setaffinity", setaffinity)
-
-
-def fake_writer_process(pid=4242):
-    writer = object.__new__(spp_server.WriterProcess)
-    writer.pid = pid
-    return writer
-
-
-def test_on_several_cpus_the_web_process_keeps_to_one_and_the_writer_to_the_others(monkeypatch):
-    affinity = FakeAffinity(monkeypatch, {3, 1, 2})
-    spp_server.keep_to_cpus(fake_writer_process())
-    assert affinity.set_calls == [(4242, {2, 3}), (0, {1})]
-
-
-def test_on_one_cpu_or_with_a_writer_thread_nothing_is_pinned(monkeypatch):
-    affinity = FakeAffinity(monkeypatch, {0})
-    spp_server.keep_to_cpus(fake_writer_process())
-    affinity = FakeAffinity(monkeypatch, {0, 1})
-    spp_server.keep_to_cpus(object())
-    assert affinity.set_calls == []
-
-
-def test_when_pinning_is_refused_the_server_goes_on(monkeypatch, caplog):
-    FakeAffinity(monkeypatch, {0, 1}, error=PermissionError(1, "Operation not permitted"))
-    with caplog.at_level(logging.INFO, logger="spp"):
-        spp_server.keep_to_cpus(fake_writer_process())
-    assert "not keeping the web process to one CPU" in caplog.text
-
-
-
-# ---------------------------------------------------------------------------
-# Retention: prune clears old raw bodies and deletes old refusals
-# ---------------------------------------------------------------------------
-
-
-def run_prune(db, *args):
-    """`spp_server.py prune` in-process: (exit code, stdout)."""
-    out = io.StringIO()
-    code = spp_server.run_prune(["--db", db, *args], {}, out)
-    return code, out.getvalue()
-
-
-def bytes_of(db, sql):
-    return sum(len(value.encode() if isinstance(value, str) else value)
-               for (value,) in rows(db, sql))
-
-
-def test_prune_clears_old_raw_bodies_and_keeps_earnings_and_deduplication(client, clock, db):
-    old = [post_at(client, clock, f"2026-11-0{day}T12:00:00Z", user_id="u",
-                   your_estimated_revenue="0.1") for day in range(1, 5)]
-    new = post_at(client, clock, "2026-11-05T00:00:00Z", user_id="u", your_estimated_revenue="0.2")
-    before = earnings(client, "u").json
-    old_bytes = bytes_of(db, "SELECT raw_body FROM sessions WHERE received_at_us < "
-                             f"{spp_server.parse_instant('2026-11-05')}")
-    code, out = run_prune(db, "--raw-bodies-before", "2026-11-05")
-    assert code == 0
-    assert f"raw bodies received before 2026-11-05T00:00:00Z: 4 cleared, {old_bytes} bytes" in out
-    assert "VACUUM" in out
-    assert rows(db, "SELECT session_id FROM sessions WHERE raw_body != ''") == [(new["session-id"],)]
-    assert earnings(client, "u").json == before
-    assert post(client, old[0]).json == {"status": "duplicate"}  # still deduplicated
-    assert count(db, "sessions") == 5
-    assert run_prune(db, "--raw-bodies-before", "2026-11-05")[1].startswith(
-        "raw bodies received before 2026-11-05T00:00:00Z: 0 cleared, 0 bytes")
-
-
-def test_prune_works_in_short_transactions_through_the_write_path(client, clock, db, monkeypatch):
-    for n in range(5):
-        post_at(client, clock, f"2026-11-01T00:00:0{n}Z")
-    monkeypatch.setattr(spp_server, "PRUNE_BATCH_ROWS", 2)
-    batches = []
-    write = spp_server.Store.write
-    monkeypatch.setattr(spp_server.Store, "write", lambda self, op: batches.append(
-        write(self, op)) or batches[-1])
-    assert spp_server.prune(client.app.store, "raw bodies", spp_server.parse_instant("2027-01-01"))[0] == 5
-    assert [rows_ for rows_, _ in batches] == [2, 2, 1]
-
-
-PRUNE_OPTION = {"raw bodies": "--raw-bodies-before", "rejected": "--rejected-before",
-                "conflicts": "--rejected-before"}
-KEPT = {"raw bodies": "SELECT received_at_us FROM sessions WHERE raw_body != ''",
-        "rejected": "SELECT received_at_us FROM rejected",
-        "conflicts": "SELECT received_at_us FROM conflicts"}
-
-
-def store_one_of_each(conn, n, received_at_us):
-    """A session, a refusal and a conflict received at `received_at_us`."""
-    conn.execute("INSERT INTO sessions (session_id, user_id, revenue_nano, received_at_us, "
-                 "raw_body) VALUES (?, 'u', 0, ?, '{}')", (f"s{n}", received_at_us))
-    conn.execute("INSERT INTO rejected (received_at_us, field, reason, raw_body) "
-                 "VALUES (?, NULL, 'r', x'00')", (received_at_us,))
-    conn.execute("INSERT INTO conflicts (session_id, received_at_us, stored_body, new_body) "
-                 "VALUES (?, ?, '{}', '{}')", (f"s{n}", received_at_us))
-
-
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(hours=st.lists(st.integers(0, 47), min_size=1, max_size=12), cut=st.integers(0, 48),
-       what=st.sampled_from(list(PRUNE_OPTION)))
-def test_prune_touches_nothing_received_after_the_cut_whatever_the_id_order(
-        db, hours, cut, what):
-    """Receive times out of id order (the clock stepped back): prune clears
-    or deletes what was received before the cut (at the worst leaving some
-    of it for the next run), never anything received later."""
-    if not os.path.exists(db):
-        spp_server.Store(db, writer="thread").close()
-    start = spp_server.parse_instant("2026-11-01")
-    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as conn:
-        conn.execute("PRAGMA synchronous = OFF")  # test data: no fsync
-        conn.execute("BEGIN")
-        for table in ("sessions", "rejected", "conflicts"):
-            conn.execute(f"DELETE FROM {table}")
-        for n, hour in enumerate(hours):
-            store_one_of_each(conn, n, start + hour * 3_600_000_000)
-        conn.execute("COMMIT")
-    cut_us = start + cut * 3_600_000_000
-    before = sorted(t for (t,) in rows(db, KEPT[what]))
-    code, out = run_prune(db, PRUNE_OPTION[what], spp_server.iso_utc(cut_us))
-    assert code == 0
-    after = sorted(t for (t,) in rows(db, KEPT[what]))
-    assert [t for t in after if t >= cut_us] == [t for t in before if t >= cut_us]
-    gone = len(before) - len(after)
-    assert f"{what} received before {spp_server.iso_utc(cut_us)}: {gone} " in out
-    if hours == sorted(hours):  # in order: all of it
-        assert [t for t in after if t < cut_us] == []
-
-
-def test_prune_after_the_clock_stepped_back_keeps_what_came_after_the_cut(client, clock, db):
-    # The cut falls at the first receipt on or after it (the 3rd id), but the
-    # 2nd id came later still.
-    for when in ["2026-11-01T00:00:00Z", "2026-11-03T00:00:00Z", "2026-11-02T18:00:00Z"]:
-        post_at(client, clock, when, user_id=when)
-    code, out = run_prune(db, "--raw-bodies-before", "2026-11-02T12:00:00Z")
-    assert code == 0 and "1 cleared" in out
-    assert rows(db, "SELECT user_id FROM sessions WHERE raw_body = ''") == [("2026-11-01T00:00:00Z",)]
-
-
-def test_prune_deletes_old_refusals_and_conflicts(client, clock, db):
-    clock.set("2026-11-01T00:00:00Z")
-    post(client, b"not json", status=400)
-    first = postback()
-    post(client, first)
-    post(client, {**first, "user-id": "changed"})
-    clock.set("2026-11-03T00:00:00Z")
-    post(client, b"[]", status=400)
-    sizes = (bytes_of(db, "SELECT raw_body FROM rejected WHERE id = 1"),
-             bytes_of(db, "SELECT stored_body FROM conflicts") + bytes_of(db, "SELECT new_body FROM conflicts"))
-    code, out = run_prune(db, "--rejected-before", "2026-11-02")
-    assert code == 0
-    assert f"rejected received before 2026-11-02T00:00:00Z: 1 deleted, {sizes[0]} bytes" in out
-    assert f"conflicts received before 2026-11-02T00:00:00Z: 1 deleted, {sizes[1]} bytes" in out
-    assert rows(db, "SELECT raw_body FROM rejected") == [(b"[]",)]
-    assert count(db, "conflicts") == 0 and count(db, "sessions") == 1
-
-
-def test_prune_dry_run_counts_and_changes_nothing(client, clock, db):
-    post_at(client, clock, "2026-11-01T00:00:00Z")
-    post(client, b"x", status=400)
-    state = file_state(Path(db).parent)["spp.db"]
-    code, out = run_prune(db, "--raw-bodies-before", "2027-01-01", "--rejected-before", "2027-01-01",
-                          "--dry-run")
-    assert code == 0
-    assert "raw bodies received before 2027-01-01T00:00:00Z: 1 would be cleared" in out
-    assert "rejected received before 2027-01-01T00:00:00Z: 1 would be deleted, 1 bytes" in out
-    assert rows(db, "SELECT count(*) FROM sessions WHERE raw_body != ''") == [(1,)]
-    assert count(db, "rejected") == 1
-    assert file_state(Path(db).parent)["spp.db"] == state
-
-
-@pytest.mark.parametrize("dry_run", [False, True])
-def test_prune_hints_at_vacuum_only_after_clearing_something(client, clock, db, dry_run):
-    """The hint names the socket (under systemd it would start the server
-    again), and a dry run or a prune that cleared nothing gives no hint."""
-    post_at(client, clock, "2026-11-01T00:00:00Z")
-    flags = ["--dry-run"] if dry_run else []
-    assert "VACUUM" not in run_prune(db, "--raw-bodies-before", "2026-10-01", *flags)[1]
-    assert "VACUUM" not in run_prune(db, "--rejected-before", "2027-01-01", *flags)[1]
-    out = run_prune(db, "--raw-bodies-before", "2027-01-01", *flags)[1]
-    if dry_run:
-        assert "VACUUM" not in out
-    else:
-        assert "systemctl stop spp.socket spp.service" in out
-        assert f"sqlite3 {db} VACUUM" in out
-        # Run again: nothing left to clear, so no hint.
-        assert "VACUUM" not in run_prune(db, "--raw-bodies-before", "2027-01-01")[1]
-
-
-@pytest.mark.parametrize("args, words", [
-    ([], ["--raw-bodies-before", "--rejected-before"]),
-    (["--raw-bodies-before", "soon"], ["--raw-bodies-before", "soon"]),
-])
-def test_prune_usage_errors(db, capsys, args, words):
-    with pytest.raises(SystemExit) as exit_:
-        run_prune(db, *args)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert all(word in err for word in words), err
-
-
-def test_prune_finds_its_cut_through_the_receive_time_index(client, db):
-    plan = query_plan(db, "first_session_id_from", (0,))
-    assert plan.startswith("SEARCH sessions USING COVERING INDEX sessions_by_time"), plan
-    assert "SEARCH sessions USING INTEGER PRIMARY KEY" in query_plan(db, "prunable_bodies", (0, 1, 0))
-
-
-def test_prune_of_a_missing_database_creates_nothing(tmp_path, capsys):
-    db = str(tmp_path / "nope.db")
-    assert run_prune(db, "--raw-bodies-before", "2026-11-01") == (1, "")
-    one_line_error(capsys, "no database at")
-    assert list(tmp_path.iterdir()) == []
-
-
-# ---------------------------------------------------------------------------
-# Configuration and command line
-# ---------------------------------------------------------------------------
-
 
 def test_defaults(fake_serve, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -9906,21 +9968,7 @@ def test_importing_the_module_has_no_side_effects(tmp_path):
 # A real server process: crash, SIGTERM drain, load, slow clients
 # ---------------------------------------------------------------------------
 
-
 CONNECTION_ERRORS = (OSError, http.client.HTTPException)  # refused, reset, closed early
-
-# What of waitress is not its public API (create_server and its settings).
-WAITRESS_INTERNALS = re.compile(r"\b(wasyncore|HTTPChannel|BaseWSGIServer|MultiSocketServer|"
-                                r"task_dispatcher)\b|\._map\b")
-
-
-def test_only_the_waitress_internals_section_touches_waitress_internals():
-    source = SERVER.read_text(encoding="utf-8")
-    sections = re.split(r"^# -{75}\n# (.*)\n# -{75}\n", source, flags=re.M)
-    touching = {name for name, body in zip(sections[1::2], sections[2::2])
-                if WAITRESS_INTERNALS.search(body)}
-    assert WAITRESS_INTERNALS.search(sections[0]) is None  # the imports
-    assert touching == {"Waitress's internals: the only code that touches them"}
 
 
 def section_titles(source):
@@ -9936,14 +9984,6 @@ def test_the_module_docstring_lists_its_sections_in_order():
     assert len(listed) == len(titles) > 10
     for name, title in zip(listed, titles):
         assert title == name or title.startswith(name + ":"), (name, title)
-
-
-def test_the_waitress_internals_are_those_of_the_pinned_waitress():
-    """The section names the version it was written against: the one
-    requirements.txt pins, and the one installed."""
-    import importlib.metadata
-    [pinned] = re.findall(r"^waitress==(\S+)$", (HERE / "requirements.txt").read_text(), re.M)
-    assert spp_server.WAITRESS_PINNED == pinned == importlib.metadata.version("waitress")
 
 
 def resident_kb(pid):
@@ -10301,7 +10341,6 @@ def test_stalled_and_oversized_clients_do_not_hold_up_other_clients(real_server,
 # systemd: socket activation, readiness, watchdog
 # ---------------------------------------------------------------------------
 
-
 SYSTEMD_LIKE_EXEC = """
 import os, sys
 fd = int(sys.argv[1])
@@ -10374,7 +10413,6 @@ def test_inherited_sockets_are_ignored_when_meant_for_another_process():
 # ---------------------------------------------------------------------------
 # systemd units: accepted by systemd, tightly sandboxed, in step with the code
 # ---------------------------------------------------------------------------
-
 
 SERVICE = HERE / "spp.service"
 
@@ -10497,10 +10535,13 @@ def test_no_sql_statement_is_named_twice():
     would run where another was meant."""
     import ast
     tree = ast.parse(SERVER.read_text(encoding="utf-8"))
-    [sql] = [node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
-             and any(getattr(target, "id", None) == "SQL" for target in node.targets)]
-    names = [key.value for key in sql.keys]
-    assert len(names) > 50 and sorted({n for n in names if names.count(n) > 1}) == []
+    # One query dict per section (STORE_SQL, RUNS_SQL, ...): no name twice
+    # in one dict, nor in two of them.
+    dicts = [node.value for node in tree.body if isinstance(node, ast.Assign)
+             and any(getattr(target, "id", "").endswith("_SQL") for target in node.targets)]
+    names = [key.value for sql in dicts for key in sql.keys]
+    assert len(dicts) > 5 and len(names) > 50
+    assert sorted({n for n in names if names.count(n) > 1}) == []
 
 
 def test_stop_timeout_leaves_room_for_the_longest_stop():
@@ -10704,22 +10745,6 @@ def doc_examples():
     return [(page, line) for page in DOC_PAGES if (HERE / page).exists()
             for line, language, options, _ in doc_blocks(page)
             if language == "console" or "file" in options]
-
-
-@pytest.fixture(scope="module")
-def doc_sandboxes(tmp_path_factory):
-    """page -> (DocSandbox, blocks already run): one server per page, module-wide."""
-    sandboxes = {}
-
-    def sandbox(page):
-        if page not in sandboxes:
-            directory = tmp_path_factory.mktemp(re.sub(r"\W", "-", page))
-            sandboxes[page] = [DocSandbox(directory, DOC_PAGES[page]), set()]
-        return sandboxes[page]
-
-    yield sandbox
-    for box, _ in sandboxes.values():
-        box.close()
 
 
 DOC_EXAMPLES = doc_examples()
