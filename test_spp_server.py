@@ -9986,6 +9986,35 @@ def test_the_module_docstring_lists_its_sections_in_order():
         assert title == name or title.startswith(name + ":"), (name, title)
 
 
+# This file's sections that test no one section of the module, each with the
+# module section it comes after here (None: first).
+TEST_ONLY_SECTIONS = {
+    "Helpers": None,
+    "Limits": "Payout ledger, replay",
+    "A real server process": "Server and command line",
+    "systemd": "Server and command line",
+    "systemd units": "Server and command line",
+    "Documentation examples": "Server and command line",
+}
+
+
+def test_the_test_file_follows_the_modules_map():
+    """A rule and its test are found the same way: this file's section headers
+    are the module's sections (their names, before the colon), in the module's
+    order, each once, and the test-only sections stand where they are declared."""
+    listed = re.findall(r"^- (.+)$", spp_server.__doc__.split("Sections", 1)[1], flags=re.M)
+    names = [entry.split(":")[0] for entry in listed]
+    after, tested = {}, []
+    for title in section_titles(Path(__file__).read_text(encoding="utf-8")):
+        name = title.split(":")[0]
+        if name in TEST_ONLY_SECTIONS:
+            after[name] = tested[-1] if tested else None
+        else:
+            tested.append(name)
+    assert tested == names
+    assert after == TEST_ONLY_SECTIONS
+
+
 def resident_kb(pid):
     """VmRSS of pid and its children (the writer process), summed."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
