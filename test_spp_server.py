@@ -9194,6 +9194,31 @@ def test_view_month_rollup_starts_over_when_the_ids_mean_other_sessions(view_cli
         "2026-11-02": "1", "2026-11-03": "1"}
 
 
+def test_the_view_sums_hold_the_last_92_days_and_older_months_are_read_with_sql(view_client,
+                                                                             clock):
+    rollup = view_client.app.rollup
+    post_at(view_client, clock, "2026-08-05T10:00:00Z", user_id="a")
+    post_at(view_client, clock, "2026-11-05T10:00:00Z", user_id="b")
+    clock.set("2026-11-20T00:00:00Z")  # the horizon: 2026-08-20
+    sessions_per_day = lambda month: chart_titles(  # noqa: E731
+        view(view_client, "/view/", month=month), f"Sessions per report day, {month}")
+    assert sessions_per_day("2026-11") == {"2026-11-05": "1"}
+    assert sessions_per_day("2026-08") == {"2026-08-05": "1"}  # before it: from SQL
+    assert [key[0] for key in rollup.cells] == [spp_server.report_day_number("2026-11-05")]
+    clock.set("2027-02-10T00:00:00Z")  # the horizon moves on to 2026-11-10
+    post_at(view_client, clock, "2027-02-10T01:00:00Z", user_id="c")
+    assert sessions_per_day("2027-02") == {"2027-02-10": "1"}
+    assert [key[0] for key in rollup.cells] == [spp_server.report_day_number("2027-02-10")]
+    assert sessions_per_day("2026-11") == {"2026-11-05": "1"}  # now from SQL, the same
+
+
+def test_a_catch_up_reads_only_the_new_sessions_by_their_ids(store, db):
+    store_sessions(db, 2000)
+    params = {"after": 1990, "last": 2000, "offset_us": 0, "horizon_us": 0}
+    assert query_plan(db, "rollup_rows", params).startswith(
+        "SEARCH sessions USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)")
+
+
 def test_the_view_sums_are_caught_up_in_the_background_at_the_lowest_priority(view_client, clock):
     app = view_client.app
     newest = lambda: app.store.read("SELECT max(id) FROM sessions")[0][0]  # noqa: E731
@@ -9213,7 +9238,8 @@ def test_the_view_sums_are_caught_up_in_the_background_at_the_lowest_priority(vi
     assert not thread.is_alive()
 
 
-def test_a_catch_up_cut_short_changes_none_of_the_sums(view_client, db):
+def test_a_catch_up_cut_short_changes_none_of_the_sums(view_client, db, clock):
+    clock.set("2023-11-15T00:00:00Z")
     store_sessions(db, 3000)  # far more SQLite steps than between two looks
     rollup = view_client.app.rollup
     looks = []
@@ -9239,7 +9265,8 @@ class StopsOnceLookedAt(threading.Event):
 
 
 def test_the_background_catch_up_ends_when_the_server_stops_even_mid_read(view_client, db,
-                                                                        caplog):
+                                                                        caplog, clock):
+    clock.set("2023-11-15T00:00:00Z")
     store_sessions(db, 3000)
     stopping = StopsOnceLookedAt()
     thread = spp_server.start_rollup_refresh(view_client.app, stopping, interval=3600)
