@@ -7288,7 +7288,8 @@ def documented_scripts():
 # command is a process forked from it, handed the argv, environment, working
 # directory, umask, standard streams and process group of the $SPP the
 # routine started (ROUTINE_SHIM), which exits with the command's status.
-# Each command counts the commands run (in a file), and SIGKILLs the
+# The documentation's examples run their commands this way too (DocSandbox).
+# In a routine, each command counts the commands run (in a file), and SIGKILLs the
 # routine's whole process group and itself just before the command numbered
 # SHIM_KILL_AT, just after the step it runs is committed (before its lines
 # are written), or just after it.
@@ -7303,11 +7304,13 @@ def command(argv, env, cwd, umask, group):
     os.umask(umask)
     os.environ.clear()
     os.environ.update(env)
-    counter, kill_at, when = env["SHIM_COUNT"], env.get("SHIM_KILL_AT"), env.get("SHIM_WHEN")
-    n = int(open(counter).read()) if os.path.exists(counter) else 0
-    with open(counter, "w") as f:
-        f.write(str(n + 1))
-    kill = kill_at is not None and int(kill_at) == n
+    counter, kill_at, when = env.get("SHIM_COUNT"), env.get("SHIM_KILL_AT"), env.get("SHIM_WHEN")
+    kill = False
+    if counter:  # the routines count their commands (the docs' examples do not)
+        n = int(open(counter).read()) if os.path.exists(counter) else 0
+        with open(counter, "w") as f:
+            f.write(str(n + 1))
+        kill = kill_at is not None and int(kill_at) == n
     def die():
         sys.stdout.flush()
         os.killpg(group, signal.SIGKILL)
@@ -10738,7 +10741,21 @@ class DocSandbox:
         self.dir = Path(directory)
         (self.dir / ".venv" / "bin").mkdir(parents=True, exist_ok=True)
         python = self.dir / ".venv" / "bin" / "python"
-        python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+        # `python spp_server.py COMMAND …` (a first argument that is not an
+        # option, as the script itself tells a command from a server start)
+        # runs the command in a process of its own forked by routine_commands(),
+        # with the streams, environment and directory the block gave it: the
+        # module is not compiled and imported again for each command.  A server
+        # start and everything else run in the interpreter itself.
+        python.write_text(
+            "#!/bin/sh\n"
+            'case "$1 $2" in\n'
+            '"spp_server.py "[!-]*)\n'
+            "    shift\n"
+            f"    SHIM_COMMANDS={shlex.quote(routine_commands())} exec"
+            f' {shlex.quote(sys.executable)} -I -S -c {shlex.quote(ROUTINE_SHIM)} "$@";;\n'
+            "esac\n"
+            f'exec {shlex.quote(sys.executable)} "$@"\n')
         python.chmod(0o755)
         for name in ("spp_server.py", "schema.sql"):
             if not (self.dir / name).exists():
