@@ -1286,6 +1286,38 @@ def test_no_postback_error_shows_python_internals(client, db):
 
 OPEN_STORE = "import sys, spp_server; spp_server.Store(sys.argv[1], writer='thread').close()"
 
+# Three processes opening each database named in argv at once: forked from
+# one that imported spp_server (each a process of its own, with its own
+# connections), held at a gate until all three exist, then let go together.
+# Exits 1, with the tracebacks, if any of them failed.
+OPEN_STORE_TOGETHER = """
+import os, sys, traceback
+import spp_server
+failed = 0
+for db in sys.argv[1:]:
+    gate, release = os.pipe()
+    children = []
+    for _ in range(3):
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                os.close(release)
+                os.read(gate, 1)  # until the parent closes the gate: all three start together
+                spp_server.Store(db, writer="thread").close()
+                status = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        children.append(pid)
+    os.close(gate)
+    os.close(release)
+    for pid in children:
+        failed |= os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0
+sys.exit(failed)
+"""
+
 
 def writer_pragma(app, sql):
     """Run a PRAGMA on the writer's own connection (max_page_count is per connection)."""
@@ -1382,18 +1414,18 @@ def test_older_database_is_upgraded_in_place_keeping_rows(db, old_version):
 
 @pytest.mark.parametrize("old_version", [0, 1])  # a new file; one from the first release
 def test_processes_opening_one_database_together_all_succeed(tmp_path, old_version):
-    """An overlapping restart, or an export while the server starts."""
-    for attempt in range(4):
-        db = str(tmp_path / f"race-{attempt}.db")
+    """An overlapping restart, or an export while the server starts: three
+    processes open each of four databases at the same moment."""
+    dbs = [str(tmp_path / f"race-{attempt}.db") for attempt in range(4)]
+    for db in dbs:
         if old_version:
             conn = sqlite3.connect(db, isolation_level=None)  # rollback journal, as SQLite's default
             spp_server.migrate(conn, spp_server.SCHEMA_PATH.read_text(), target=old_version)
             conn.close()
-        starts = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, db], cwd=HERE,
-                                   stderr=subprocess.PIPE, text=True) for _ in range(3)]
-        for start in starts:
-            _, err = start.communicate(timeout=30)
-            assert start.returncode == 0, err
+    together = subprocess.run([sys.executable, "-c", OPEN_STORE_TOGETHER, *dbs], cwd=HERE,
+                              stderr=subprocess.PIPE, text=True, timeout=30)
+    assert together.returncode == 0, together.stderr
+    for db in dbs:
         assert rows(db, "PRAGMA journal_mode") == [("wal",)]
         assert rows(db, "PRAGMA user_version") == [(SCHEMA_VERSIONS[-1],)]
 
@@ -7288,7 +7320,8 @@ def documented_scripts():
 # command is a process forked from it, handed the argv, environment, working
 # directory, umask, standard streams and process group of the $SPP the
 # routine started (ROUTINE_SHIM), which exits with the command's status.
-# Each command counts the commands run (in a file), and SIGKILLs the
+# The documentation's examples run their commands this way too (DocSandbox).
+# In a routine, each command counts the commands run (in a file), and SIGKILLs the
 # routine's whole process group and itself just before the command numbered
 # SHIM_KILL_AT, just after the step it runs is committed (before its lines
 # are written), or just after it.
@@ -7303,11 +7336,13 @@ def command(argv, env, cwd, umask, group):
     os.umask(umask)
     os.environ.clear()
     os.environ.update(env)
-    counter, kill_at, when = env["SHIM_COUNT"], env.get("SHIM_KILL_AT"), env.get("SHIM_WHEN")
-    n = int(open(counter).read()) if os.path.exists(counter) else 0
-    with open(counter, "w") as f:
-        f.write(str(n + 1))
-    kill = kill_at is not None and int(kill_at) == n
+    counter, kill_at, when = env.get("SHIM_COUNT"), env.get("SHIM_KILL_AT"), env.get("SHIM_WHEN")
+    kill = False
+    if counter:  # the routines count their commands (the docs' examples do not)
+        n = int(open(counter).read()) if os.path.exists(counter) else 0
+        with open(counter, "w") as f:
+            f.write(str(n + 1))
+        kill = kill_at is not None and int(kill_at) == n
     def die():
         sys.stdout.flush()
         os.killpg(group, signal.SIGKILL)
@@ -10738,7 +10773,21 @@ class DocSandbox:
         self.dir = Path(directory)
         (self.dir / ".venv" / "bin").mkdir(parents=True, exist_ok=True)
         python = self.dir / ".venv" / "bin" / "python"
-        python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+        # `python spp_server.py COMMAND …` (a first argument that is not an
+        # option, as the script itself tells a command from a server start)
+        # runs the command in a process of its own forked by routine_commands(),
+        # with the streams, environment and directory the block gave it: the
+        # module is not compiled and imported again for each command.  A server
+        # start and everything else run in the interpreter itself.
+        python.write_text(
+            "#!/bin/sh\n"
+            'case "$1 $2" in\n'
+            '"spp_server.py "[!-]*)\n'
+            "    shift\n"
+            f"    SHIM_COMMANDS={shlex.quote(routine_commands())} exec"
+            f' {shlex.quote(sys.executable)} -I -S -c {shlex.quote(ROUTINE_SHIM)} "$@";;\n'
+            "esac\n"
+            f'exec {shlex.quote(sys.executable)} "$@"\n')
         python.chmod(0o755)
         for name in ("spp_server.py", "schema.sql"):
             if not (self.dir / name).exists():
