@@ -6627,6 +6627,7 @@ def svg_chart(title, y_label, x_label, labels, series, line=None):
         values.append(line[1])
     top_value = max(values, default=0) or 1
     def y_of(value):
+        # A pixel position only: the exact figure is each bar's text (<title>).
         return top + plot_h - float(value / top_value) * plot_h
     slot = plot_w / max(len(labels), 1)
     bar_w = max(slot * 0.8 / max(len(series), 1), 1)
